@@ -1,0 +1,90 @@
+"""Attention step metadata and the attention backends the model calls (reference or Pallas kernels).
+
+A step runs `n` packed tokens belonging to `rows` requests. Every array is an explicit argument of the
+jitted step; `decode_only` (one token per request, token i belongs to row i) is static.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from kernels.pallas import reference
+
+
+@struct.dataclass
+class AttentionMetadata:
+    positions: Any  # [n] int32: each token's position in its request
+    token_req: Any  # [n] int32: row of slot_table the token belongs to
+    write_slots: Any  # [n] int32: KV slot the token's key/value is written to (scratch slot for padding)
+    slot_table: Any  # [rows, width] int32: request row → KV slot of each position
+    context_lens: Any  # [rows] int32: keys visible to the row's last token after this step
+    query_start: Any  # [rows] int32: index of the row's first token in the packed batch
+    query_lens: Any  # [rows] int32: tokens the row brings this step (0 for a padding row)
+    logits_index: Any  # [rows] int32: packed index of the token whose next-token logits are sampled
+    decode_only: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def for_sequences(
+        cls, chunks: list[tuple[int, int]], slot_rows: list[list[int]], scratch_slot: int, width: int
+    ) -> "AttentionMetadata":
+        """Host-side builder, no padding: `chunks[r] = (start_position, n_new_tokens)` per request,
+        `slot_rows[r]` its KV slots for positions 0..start+n. Used by tests and simple callers."""
+        positions, token_req, write_slots, starts, lens, last = [], [], [], [], [], []
+        table = np.full((len(chunks), width), scratch_slot, np.int32)
+        for row, ((start, count), slots) in enumerate(zip(chunks, slot_rows)):
+            table[row, : len(slots)] = slots
+            starts.append(len(positions))
+            lens.append(count)
+            for p in range(start, start + count):
+                positions.append(p)
+                token_req.append(row)
+                write_slots.append(slots[p])
+            last.append(len(positions) - 1)
+        as_i32 = lambda xs: jnp.asarray(np.asarray(xs, np.int32))  # noqa: E731
+        return cls(
+            positions=as_i32(positions),
+            token_req=as_i32(token_req),
+            write_slots=as_i32(write_slots),
+            slot_table=jnp.asarray(table),
+            context_lens=as_i32([s + c for s, c in chunks]),
+            query_start=as_i32(starts),
+            query_lens=as_i32(lens),
+            logits_index=as_i32(last),
+            decode_only=all(c == 1 for _, c in chunks),
+        )
+
+
+class AttentionBackend(Protocol):
+    """What a layer needs from attention: a cache format, a write, and a read."""
+
+    def init_layer_cache(self, num_slots: int, kv_heads: int, head_dim: int, dtype) -> tuple: ...
+
+    def write(self, layer_cache: tuple, k, v, meta: AttentionMetadata) -> tuple: ...
+
+    def attend(self, q, layer_cache: tuple, meta: AttentionMetadata, scale: float): ...
+
+
+class ReferenceAttention:
+    """Plain-JAX attention (kernels/pallas/reference.py): the CPU path and the kernels' ground truth."""
+
+    name = "reference"
+
+    def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
+        # One extra scratch slot at the end for padded tokens.
+        shape = (num_slots + 1, kv_heads, head_dim)
+        return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def write(self, layer_cache, k, v, meta):
+        return reference.write_kv(*layer_cache, k, v, meta.write_slots)
+
+    def attend(self, q, layer_cache, meta, scale):
+        k_cache, v_cache = layer_cache
+        if meta.decode_only:
+            return reference.decode_attention(q, k_cache, v_cache, meta.slot_table, meta.context_lens, scale)
+        return reference.paged_attention(
+            q, k_cache, v_cache, meta.token_req, meta.positions, meta.slot_table, scale
+        )
