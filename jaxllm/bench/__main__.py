@@ -1,0 +1,94 @@
+"""CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from jaxllm.bench.stats import format_table, summarize
+from jaxllm.bench.workload import WorkloadSpec, build_workload
+
+
+def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-prompts", type=int, default=100)
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (minimum with --input-len-max)")
+    p.add_argument("--input-len-max", type=int, default=None, help="uniform random prompt lengths up to this")
+    p.add_argument("--output-len", type=int, default=128, help="new tokens (minimum with --output-len-max)")
+    p.add_argument("--output-len-max", type=int, default=None)
+    p.add_argument("--dataset", type=str, default=None, help='JSONL file: {"prompt": str, "output_len"?: int}')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-json", type=str, default=None, help="also write the results here")
+
+
+def _spec(ns: argparse.Namespace) -> WorkloadSpec:
+    return WorkloadSpec(
+        num_prompts=ns.num_prompts, input_len=ns.input_len, output_len=ns.output_len,
+        input_len_max=ns.input_len_max, output_len_max=ns.output_len_max, dataset=ns.dataset, seed=ns.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="load-test a running server")
+    serve.add_argument("--base-url", default="http://127.0.0.1:8000")
+    serve.add_argument("--api", choices=["lightllm", "openai"], default="lightllm")
+    serve.add_argument("--model", default="default", help="model name sent with the OpenAI API")
+    serve.add_argument("--tokenizer", required=True, help="model directory whose tokenizer makes the prompts")
+    serve.add_argument("--request-rate", type=float, default=float("inf"),
+                       help="Poisson arrival rate in requests/s (inf: all at once)")
+    serve.add_argument("--max-concurrency", type=int, default=None)
+    _add_workload_flags(serve)
+    offline = sub.add_parser("offline", help="throughput of the in-process engine; extra flags go to the engine",
+                             epilog="Any jaxllm.serve flag may follow, e.g. --max_total_token_num 200000.")
+    offline.add_argument("--model_dir", required=True)
+    _add_workload_flags(offline)
+    return parser
+
+
+def _engine_overrides(argv: list[str]) -> dict:
+    """jaxllm.serve flags given after the benchmark's own, as keyword overrides for `jaxllm.LLM`."""
+    from jaxllm.args import build_parser as server_parser
+
+    parser = server_parser()
+    ns = parser.parse_args(argv)
+    return {k: v for k, v in vars(ns).items() if v != parser.get_default(k) and k != "model_dir"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns, extra = build_parser().parse_known_args(argv)
+    spec = _spec(ns)
+    if ns.command == "serve":
+        if extra:
+            raise SystemExit(f"jaxllm.bench: unknown arguments {extra}")
+        from jaxllm.bench.client import run_load
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ns.tokenizer)
+        requests = list(build_workload(spec, tokenizer))
+        prompts = [r.prompt_text or tokenizer.decode(r.prompt_ids) for r in requests]
+        timings, duration = asyncio.run(run_load(
+            ns.base_url, requests, prompts, api=ns.api, model=ns.model,
+            request_rate=ns.request_rate, max_concurrency=ns.max_concurrency, seed=ns.seed,
+        ))
+        result = summarize(timings, duration)
+        table = format_table(result)
+    else:
+        from jaxllm import LLM
+        from jaxllm.bench.offline import format_offline_table, run_offline
+
+        llm = LLM(ns.model_dir, **_engine_overrides(extra))
+        requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
+        result = run_offline(llm, requests)
+        table = format_offline_table(result)
+    if ns.result_json:
+        with open(ns.result_json, "w") as f:
+            json.dump(result, f, indent=2)
+    print(table)
+    return 0 if result.get("failed", 0) == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

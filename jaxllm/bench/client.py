@@ -1,0 +1,97 @@
+"""Asynchronous load generator: sends a workload to a running server (LightLLM or OpenAI API), streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import numpy as np
+from tqdm import tqdm
+
+from jaxllm.bench.stats import RequestTiming
+from jaxllm.bench.workload import BenchRequest
+
+
+def _lightllm_body(prompt: str, req: BenchRequest) -> tuple[str, dict]:
+    return "/generate_stream", {
+        "inputs": prompt,
+        "parameters": {"max_new_tokens": req.output_len, "ignore_eos": True},
+    }
+
+
+def _openai_body(prompt: str, req: BenchRequest, model: str) -> tuple[str, dict]:
+    return "/v1/completions", {
+        "model": model, "prompt": prompt, "max_tokens": req.output_len, "stream": True,
+        "ignore_eos": True, "temperature": 0.0,
+    }
+
+
+async def _one_request(session, base_url, api, model, prompt, req: BenchRequest) -> RequestTiming:
+    path, body = _lightllm_body(prompt, req) if api == "lightllm" else _openai_body(prompt, req, model)
+    timing = RequestTiming(ok=False, prompt_tokens=len(req.prompt_ids))
+    start = last = time.perf_counter()
+    try:
+        async with session.post(base_url + path, json=body) as resp:
+            if resp.status != 200:
+                timing.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return timing
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                now = time.perf_counter()
+                if timing.output_tokens == 0:
+                    timing.ttft = now - start
+                else:
+                    timing.itl.append(now - last)
+                last = now
+                timing.output_tokens += 1
+                if api == "lightllm":
+                    timing.prompt_tokens = event["token"].get("prompt_tokens", timing.prompt_tokens)
+        timing.latency = time.perf_counter() - start
+        timing.ok = timing.output_tokens > 0
+        if not timing.ok:
+            timing.error = "empty stream"
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, KeyError) as exc:
+        timing.error = f"{type(exc).__name__}: {exc}"
+    return timing
+
+
+async def run_load(
+    base_url: str,
+    requests: list[BenchRequest],
+    prompts: list[str],
+    *,
+    api: str = "lightllm",
+    model: str = "default",
+    request_rate: float = float("inf"),
+    max_concurrency: int | None = None,
+    seed: int = 0,
+) -> tuple[list[RequestTiming], float]:
+    """Send every request (Poisson arrivals at `request_rate` req/s, or all at once); returns timings and
+    the run's wall time."""
+    rng = np.random.default_rng(seed)
+    limit = asyncio.Semaphore(max_concurrency or len(requests))
+    bar = tqdm(total=len(requests), desc="requests", unit="req")
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def guarded(prompt, req):
+            async with limit:
+                result = await _one_request(session, base_url, api, model, prompt, req)
+            bar.update(1)
+            return result
+
+        tasks = []
+        start = time.perf_counter()
+        for prompt, req in zip(prompts, requests):
+            tasks.append(asyncio.create_task(guarded(prompt, req)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(float(rng.exponential(1.0 / request_rate)))
+        timings = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    bar.close()
+    return list(timings), duration

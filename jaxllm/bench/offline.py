@@ -1,0 +1,41 @@
+"""Offline throughput: the whole workload through the in-process engine (`jaxllm.LLM`), no HTTP."""
+
+from __future__ import annotations
+
+import time
+
+from jaxllm.bench.workload import BenchRequest
+
+
+def run_offline(llm, requests: list[BenchRequest]) -> dict:
+    """Generate every request at once (the engine batches them); returns throughput figures."""
+    from jaxllm import SamplingParams
+
+    prompts = [list(r.prompt_ids) for r in requests]
+    params = [SamplingParams(max_new_tokens=r.output_len, ignore_eos=True) for r in requests]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    duration = time.perf_counter() - start
+    total_in = sum(len(p) for p in prompts)
+    total_out = sum(len(o.token_ids) for o in outputs)
+    return {
+        "completed": len(outputs),
+        "duration_s": duration,
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": len(outputs) / duration,
+        "output_throughput": total_out / duration,
+        "total_token_throughput": (total_in + total_out) / duration,
+    }
+
+
+def format_offline_table(result: dict) -> str:
+    rows = [
+        ("requests", str(result["completed"])),
+        ("duration (s)", f"{result['duration_s']:.2f}"),
+        ("request throughput (req/s)", f"{result['request_throughput']:.2f}"),
+        ("output throughput (tok/s)", f"{result['output_throughput']:.1f}"),
+        ("total throughput (tok/s)", f"{result['total_token_throughput']:.1f}"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

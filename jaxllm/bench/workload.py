@@ -1,0 +1,61 @@
+"""Benchmark workloads: prompts with target output lengths, fixed, random or from a JSONL file, fed by grain."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import grain
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRequest:
+    prompt_ids: tuple[int, ...]
+    output_len: int
+    prompt_text: str | None = None  # set for JSONL datasets; else the server gets the decoded ids
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkloadSpec:
+    num_prompts: int
+    input_len: int = 128
+    output_len: int = 128
+    input_len_max: int | None = None  # with *_max set, lengths are uniform in [len, len_max]
+    output_len_max: int | None = None
+    dataset: str | None = None  # JSONL: {"prompt": str, "output_len"?: int} per line
+    seed: int = 0
+    vocab_low: int = 100  # random ids avoid the low special-token range of most vocabularies
+    vocab_high: int = 30000
+
+
+def _random_request(spec: WorkloadSpec, index: int) -> BenchRequest:
+    rng = np.random.default_rng((spec.seed, index))
+    n_in = int(rng.integers(spec.input_len, (spec.input_len_max or spec.input_len) + 1))
+    n_out = int(rng.integers(spec.output_len, (spec.output_len_max or spec.output_len) + 1))
+    ids = tuple(int(t) for t in rng.integers(spec.vocab_low, spec.vocab_high, size=n_in))
+    return BenchRequest(prompt_ids=ids, output_len=n_out)
+
+
+def _dataset_request(spec: WorkloadSpec, tokenizer, record: dict) -> BenchRequest:
+    text = record["prompt"]
+    return BenchRequest(
+        prompt_ids=tuple(tokenizer.encode(text)),
+        output_len=int(record.get("output_len", spec.output_len)),
+        prompt_text=text,
+    )
+
+
+def build_workload(spec: WorkloadSpec, tokenizer=None) -> grain.MapDataset:
+    """A grain MapDataset of BenchRequest, deterministic for a given seed."""
+    if spec.dataset is None:
+        return grain.MapDataset.range(spec.num_prompts).map(lambda i: _random_request(spec, int(i)))
+    if tokenizer is None:
+        raise ValueError("a JSONL dataset needs a tokenizer to count prompt tokens")
+    lines = [line for line in Path(spec.dataset).read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    if not records:
+        raise ValueError(f"dataset {spec.dataset} is empty")
+    dataset = grain.MapDataset.source(records).shuffle(seed=spec.seed).repeat()
+    return dataset[: spec.num_prompts].map(lambda r: _dataset_request(spec, tokenizer, r))
