@@ -1,0 +1,1 @@
+"""Offline tools around the server: weight conversion (`python -m tools.convert`)."""
