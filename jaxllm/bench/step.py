@@ -1,0 +1,148 @@
+"""Model-step microbenchmark: jitted decode (or prefill) steps with random weights, against the roofline.
+
+Roofline per step: max(bytes read / HBM bandwidth, FLOPs / matmul rate), bytes = weights + the KV read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import ModelConfig
+from jaxllm.models import build_model
+from jaxllm.models.attention import AttentionMetadata
+from jaxllm.parallel import make_mesh
+from jaxllm.weights import DATA_TYPES, random_params
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCase:
+    batch: int
+    context: int  # tokens already in each request's KV (decode) or prompt length (prefill)
+    prefill: bool = False
+
+
+def measure_hbm_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
+    """Bytes/s of a `jnp.sum` over `gib` GiB of bf16 (one read of every byte): how the issues quote it."""
+    x = jax.random.normal(jax.random.PRNGKey(1), (int(gib * 2**30 / 2),), jnp.bfloat16)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / float(np.median(times))
+
+
+def measure_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
+    """bf16 FLOP/s of an n³ matrix product on random data."""
+    a = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(3), (n, n), jnp.bfloat16)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times))
+
+
+def _metadata(case: StepCase, num_slots: int) -> tuple[jnp.ndarray, AttentionMetadata]:
+    """Each request owns a contiguous run of slots; decode adds token `context` to each."""
+    rng = np.random.default_rng(0)
+    per_req = case.context + 1
+    rows = [list(range(r * per_req, (r + 1) * per_req)) for r in range(case.batch)]
+    if case.prefill:
+        chunks = [(0, case.context) for _ in range(case.batch)]
+        rows = [row[: case.context] for row in rows]
+    else:
+        chunks = [(case.context, 1) for _ in range(case.batch)]
+    meta = AttentionMetadata.for_sequences(chunks, rows, scratch_slot=num_slots, width=per_req)
+    n = int(meta.positions.shape[0])
+    return jnp.asarray(rng.integers(0, 1000, size=n), jnp.int32), meta
+
+
+def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -> float:
+    """Median seconds of one jitted step (KV cache donated, as in the engine)."""
+    num_slots = case.batch * (case.context + 1)
+    cache = tuple(
+        model.backend.init_layer_cache(num_slots, config.num_kv_heads, config.head_dim, model.dtype)
+        for _ in range(config.num_layers)
+    )
+    tokens, meta = _metadata(case, num_slots)
+    step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c), donate_argnums=(3,))
+    logits, cache = step(params, tokens, meta, cache)
+    logits.block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        logits, cache = step(params, tokens, meta, cache)
+        logits.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float) -> dict:
+    tokens = case.batch * (case.context if case.prefill else 1)
+    weight_bytes = config.num_params * itemsize
+    kv_bytes = 2 * config.num_layers * case.batch * case.context * config.num_kv_heads * config.head_dim * itemsize
+    flops = 2 * config.num_params * tokens
+    return {
+        "weight_bytes": weight_bytes,
+        "kv_bytes": kv_bytes,
+        "bytes_s": (weight_bytes + kv_bytes) / bandwidth,
+        "flops_s": flops / flops_rate,
+        "floor_s": max((weight_bytes + kv_bytes) / bandwidth, flops / flops_rate),
+    }
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m jaxllm.bench.step", description=__doc__)
+    p.add_argument("--config", required=True, help="a config.json (random weights are generated)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--prefill", action="store_true", help="time prefill of --context tokens per request")
+    p.add_argument("--data_type", default="bfloat16", choices=sorted(DATA_TYPES))
+    p.add_argument("--mode", nargs="*", default=[], help="attention kernel modes (as jaxllm.serve --mode)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--result-json", default=None)
+    ns = p.parse_args(argv)
+
+    config = ModelConfig.from_hf_dict(json.loads(Path(ns.config).read_text()))
+    dtype = DATA_TYPES[ns.data_type]
+    from jaxllm.models.backends import attention_backend
+
+    backend = attention_backend(ns.mode, jax.devices()[0].platform)
+    model = build_model(config, dtype, backend)
+    params = random_params(model, make_mesh(1), 1)
+    bandwidth, rate = measure_hbm_bandwidth(), measure_matmul_rate()
+    print(f"device {jax.devices()[0].device_kind}: HBM read {bandwidth / 1e12:.2f} TB/s, "
+          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s, backend {getattr(backend, 'name', type(backend).__name__)}")
+    rows = []
+    for batch in ns.batch:
+        case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
+        seconds = run_case(model, params, config, case, ns.repeats)
+        roof = roofline(config, case, jnp.dtype(dtype).itemsize, bandwidth, rate)
+        rows.append({**dataclasses.asdict(case), "step_ms": seconds * 1e3, "floor_ms": roof["floor_s"] * 1e3,
+                     "ratio": roof["floor_s"] / seconds, "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds})
+    if ns.result_json:
+        Path(ns.result_json).write_text(json.dumps({"bandwidth": bandwidth, "matmul": rate, "rows": rows}, indent=2))
+    print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'floor ms':>9} {'of floor':>9} {'tok/s':>10}")
+    for r in rows:
+        print(f"{r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} "
+              f"{r['ratio']:>9.2f} {r['tokens_per_s']:>10.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
