@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import time
 from pathlib import Path
 
@@ -70,8 +72,22 @@ def _metadata(case: StepCase, num_slots: int) -> tuple[jnp.ndarray, AttentionMet
     return jnp.asarray(rng.integers(0, 1000, size=n), jnp.int32), meta
 
 
+_HLO_ARRAY = re.compile(r"= (bf16|f16|f32|s8|s32)\[([\d,]+)\]\S* (copy|transpose)\(")
+_ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "s8": 1, "s32": 4}
+
+
+def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
+    """Copies and transposes of at least `min_bytes` in optimized HLO: weights or KV moved every step."""
+    found = []
+    for line in hlo_text.splitlines():
+        m = _HLO_ARRAY.search(line)
+        if m and _ITEMSIZE[m.group(1)] * math.prod(int(d) for d in m.group(2).split(",")) >= min_bytes:
+            found.append(line.strip()[:160])
+    return found
+
+
 def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -> float:
-    """Median seconds of one jitted step (KV cache donated, as in the engine)."""
+    """Median seconds of one jitted step (KV cache donated, as in the engine); warns of large copies."""
     num_slots = case.batch * (case.context + 1)
     cache = tuple(
         model.backend.init_layer_cache(num_slots, config.num_kv_heads, config.head_dim, model.dtype)
@@ -79,6 +95,8 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
     )
     tokens, meta = _metadata(case, num_slots)
     step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c), donate_argnums=(3,))
+    for line in large_copies(step.lower(params, tokens, meta, cache).compile().as_text()):
+        print(f"  large copy in batch-{case.batch} step: {line}")
     logits, cache = step(params, tokens, meta, cache)
     logits.block_until_ready()
     times = []
