@@ -16,7 +16,6 @@ LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
-    "load_way",
     "nccl_port",
     "trust_remote_code",
     "use_dynamic_prompt_cache",
@@ -211,6 +210,8 @@ def _check_consistency(v: dict[str, Any]) -> None:
         raise ValueError("--use_dynamic_prompt_cache cannot be combined with --beam_mode or --token_healing_mode")
     if (v["beam_mode"] or v["diverse_mode"]) and v["router_token_ratio"] != 0.0:
         raise ValueError("--beam_mode and --diverse_mode need --router_token_ratio 0.0")
+    if v["load_way"] not in ("HF", "DS"):
+        raise ValueError(f"--load_way must be HF or DS, not {v['load_way']!r}")
     if v["tp"] < 1:
         raise ValueError("--tp must be at least 1")
     for key in v["grouping_key"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import logical_rules
+from jaxllm.torch_pickle import load_torch_file
 
 DATA_TYPES = {
     "fp16": jnp.float16,
@@ -128,35 +129,86 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
+def hf_weight_files(model_dir: Path) -> list[Path]:
+    """LightLLM's HF rule: `*.safetensors` (through the index when sharded) if any, else `*.bin`."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+        raise FileNotFoundError(f"no *.safetensors or *.bin weights in {model_dir}")
     return files
 
 
-def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int):
-    """Load HF safetensors weights, cast to the model's dtype, each device receiving only its shard."""
+def read_weight_file(path: Path) -> dict[str, np.ndarray]:
+    """name → array of one `.safetensors` or torch `.bin` file."""
+    return read_safetensors(path) if path.suffix == ".safetensors" else load_torch_file(path)
+
+
+def _hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    files = hf_weight_files(model_dir)
+    for file in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
+        yield from read_weight_file(file).items()
+
+
+_DS_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt$")
+_DS_CONCAT_OUT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split along the output dim
+_DS_CONCAT_IN = ("o_proj", "down_proj")  # split along the input dim
+
+
+def _ds_tensors(model_dir: Path, num_layers: int) -> Iterator[tuple[str, np.ndarray]]:
+    """DeepSpeed pipeline files → HF names: layer 1 embeddings, 3..3+L-1 blocks, L+4 norm, L+5 lm_head;
+    the model_MM shards of one layer are concatenated (LightLLM's DS layout)."""
+    by_layer: dict[int, list[tuple[int, Path]]] = {}
+    for file in model_dir.iterdir():
+        m = _DS_FILE.match(file.name)
+        if m:
+            by_layer.setdefault(int(m.group(1)), []).append((int(m.group(2)), file))
+    if not by_layer:
+        raise FileNotFoundError(f"no DeepSpeed layer_NN-model_MM-model_states.pt files in {model_dir}")
+    for layer in tqdm(sorted(by_layer), desc="loading DS layers", unit="layer"):
+        merged: dict[str, np.ndarray] = {}
+        for _, file in sorted(by_layer[layer]):
+            for key, array in load_torch_file(file).items():
+                if key in merged and any(p in key for p in _DS_CONCAT_OUT):
+                    array = np.concatenate([merged[key], array], axis=0)
+                elif key in merged and any(p in key for p in _DS_CONCAT_IN):
+                    array = np.concatenate([merged[key], array], axis=1)
+                merged[key] = array
+        for key, array in merged.items():
+            if layer == 1:
+                yield "model.embed_tokens.weight", array
+            elif 3 <= layer < 3 + num_layers:
+                yield f"model.layers.{layer - 3}.{key}", array
+            elif layer == num_layers + 4:
+                yield "model.norm.weight", array
+            elif layer == num_layers + 5:
+                yield "lm_head.weight", array
+
+
+def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "HF"):
+    """Load Hugging Face-named weights (HF files, or DeepSpeed files with `load_way="DS"`), cast to the
+    model's dtype, each device receiving only its shard."""
     model_dir = Path(model_dir)
+    config = model.config
+    if load_way == "DS":
+        if config.model_type != "llama":
+            raise ValueError("--load_way DS supports Llama models only")
+        tensors = _ds_tensors(model_dir, config.num_layers)
+    else:
+        tensors = _hf_tensors(model_dir)
     shardings = param_shardings(model, mesh, tp)
-    table = _hf_to_ours(model.config)
+    table = _hf_to_ours(config)
     params: dict = {}
     seen = set()
-    files = safetensors_files(model_dir)
-    for file in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
-        for name, array in read_safetensors(file).items():
-            if name not in table:
-                if re.search(r"rotary_emb\.inv_freq$", name):
-                    continue
-                raise ValueError(f"{file.name}: unexpected tensor {name} for {model.config.model_type}")
-            path, transform = table[name]
-            host = np.asarray(transform(array))
-            sharding = _get(shardings, path)
-            _set(params, path, _place(host, model.dtype, sharding))
-            seen.add(name)
+    for name, array in tensors:
+        if name not in table:
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            raise ValueError(f"{model_dir}: unexpected tensor {name} for {config.model_type}")
+        path, transform = table[name]
+        _set(params, path, _place(np.asarray(transform(array)), model.dtype, _get(shardings, path)))
+        seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
         raise ValueError(f"weights in {model_dir} lack {len(missing)} tensors, e.g. {missing[:3]}")
@@ -209,11 +261,14 @@ def load_orbax(model, model_dir: str | Path, mesh: Mesh, tp: int):
         return checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target)
 
 
-def load_params(model, model_dir: str | Path, mesh: Mesh, tp: int, load_format: str = "auto", seed: int = 0):
-    """Weights by format: "dummy" (random), "orbax", "hf", or "auto" (orbax dir if present, else HF)."""
+def load_params(
+    model, model_dir: str | Path, mesh: Mesh, tp: int, load_format: str = "auto", seed: int = 0, load_way: str = "HF"
+):
+    """Weights by format: "dummy" (random), "orbax", "hf", or "auto" (orbax dir if present, else HF);
+    `load_way` ("HF" or "DS") picks the file layout of Hugging Face-named weights."""
     model_dir = Path(model_dir)
     if load_format == "dummy":
         return random_params(model, mesh, tp, seed)
     if load_format == "orbax" or (load_format == "auto" and (model_dir / ORBAX_SUBDIR).is_dir()):
         return load_orbax(model, model_dir, mesh, tp)
-    return load_hf(model, model_dir, mesh, tp)
+    return load_hf(model, model_dir, mesh, tp, load_way)

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from jaxllm.config import ModelConfig
-from jaxllm.weights import read_safetensors, safetensors_files
+from jaxllm.weights import hf_weight_files, read_weight_file
 from tools.convert.checkpoint import Checkpoint, ConvertError, LazyTensor, dtype_name
 
 # Tokenizer files of any HF tokenizer flavour (fast, sentencepiece, BPE), copied when present.
@@ -39,12 +39,12 @@ def _read_config(src: Path) -> dict:
 
 def _tensors(src: Path) -> dict[str, LazyTensor]:
     try:
-        files = safetensors_files(src)
+        files = hf_weight_files(src)
     except FileNotFoundError as err:
         raise ConvertError(str(err)) from err
     tensors = {}
     for file in files:
-        for name, array in read_safetensors(file).items():
+        for name, array in read_weight_file(file).items():
             tensors[name] = LazyTensor(tuple(array.shape), array.dtype, lambda a=array: a)
     return tensors
 
