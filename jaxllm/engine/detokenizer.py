@@ -91,7 +91,11 @@ class IncrementalDetokenizer:
 
     Each token costs one or two decodes of a short window: `_ids[_prefix:_read]` is text already emitted (kept as
     context), `_ids[_read:]` tokens not yet emitted; a window whose text ends in U+FFFD (an incomplete UTF-8
-    character split across byte-level tokens) is held back until a later token completes it.
+    character split across byte-level tokens) is held back until a later token completes it, so text that
+    ends incomplete at the finish is never emitted. Invalid bytes (not merely incomplete ones) come out as
+    U+FFFD as decode() gives them, except that SentencePiece's ByteFallback decoder, which turns a whole run of
+    byte tokens into U+FFFD when any is invalid, may blank fewer characters here than in a whole decode.
+    Feed the tokens that belong in the text: the caller drops an eos it does not print.
     """
 
     def __init__(

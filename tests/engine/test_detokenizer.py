@@ -296,7 +296,7 @@ def first_stop_reference(stops, text):
 
 
 def stream_with_stops(tok, text, stops):
-    """The engine's pipeline: tokens → IncrementalDetokenizer → StopMatcher; returns (text, stopped, tokens used)."""
+    """The engine's pipeline: tokens → IncrementalDetokenizer → StopMatcher; (text, stopped, tokens used)."""
     det, matcher, out = IncrementalDetokenizer(tok, tok.encode("Q:")), StopMatcher(stops), []
     ids = tok.encode(text, add_special_tokens=False)
     for n, token_id in enumerate(ids, 1):
