@@ -307,9 +307,9 @@ class MetricsPusher:
 
 
 class StatsLogger:
-    """Logs one line of engine statistics every `interval_s` seconds. `stats` returns the engine's counters:
-    running, waiting, paused (requests), kv_used, kv_total (KV token slots), prompt_tokens, generated_tokens
-    (totals since start), and, if it tracks them, prompt_cache_hit_tokens and prompt_cache_query_tokens (totals:
+    """Logs one line of engine statistics every `interval_s` seconds. `stats` returns the engine's counters
+    (Engine.stats()): running, waiting, paused (requests), kv_used, kv_total (KV token slots), prefill_tokens
+    (prompt tokens computed), decode_tokens (tokens generated) (totals since start), and, if it tracks them, prompt_cache_hit_tokens and prompt_cache_query_tokens (totals:
     cached tokens found, prompt tokens looked up); without those the hit rate comes from `metrics`' prompt-cache
     counters when given, else it reads "n/a". Throughputs and the hit rate are over the interval."""
 
@@ -380,8 +380,8 @@ def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s:
     else:
         hit_rate = "n/a"
     return (
-        f"prompt throughput: {rate('prompt_tokens'):.1f} tokens/s, "
-        f"generation throughput: {rate('generated_tokens'):.1f} tokens/s, "
+        f"prompt throughput: {rate('prefill_tokens'):.1f} tokens/s, "
+        f"generation throughput: {rate('decode_tokens'):.1f} tokens/s, "
         f"running: {cur['running']:.0f} reqs, waiting: {cur['waiting']:.0f} reqs, paused: {cur['paused']:.0f} reqs, "
         f"KV cache usage: {kv_pct:.1f}%, prompt cache hit rate: {hit_rate}"
     )

@@ -294,15 +294,15 @@ def test_pusher_from_args(gateway, monkeypatch):
 
 def engine_stats(**overrides):
     stats = {"running": 3, "waiting": 1, "paused": 0, "kv_used": 1500, "kv_total": 6000,
-             "prompt_tokens": 0, "generated_tokens": 0}
+             "prefill_tokens": 0, "decode_tokens": 0}
     stats.update(overrides)
     return stats
 
 
 def test_format_stats():
-    prev = engine_stats(prompt_tokens=1000, generated_tokens=200, prompt_cache_hit_tokens=100,
+    prev = engine_stats(prefill_tokens=1000, decode_tokens=200, prompt_cache_hit_tokens=100,
                         prompt_cache_query_tokens=800)
-    cur = engine_stats(prompt_tokens=3000, generated_tokens=700, prompt_cache_hit_tokens=400,
+    cur = engine_stats(prefill_tokens=3000, decode_tokens=700, prompt_cache_hit_tokens=400,
                        prompt_cache_query_tokens=1800)
     assert format_stats(prev, cur, 10.0) == (
         "prompt throughput: 200.0 tokens/s, generation throughput: 50.0 tokens/s, "
@@ -315,15 +315,15 @@ def test_format_stats():
 
 def test_stats_logger_rates_between_lines_and_metrics_hit_rate():
     now = [100.0]
-    counters = {"prompt_tokens": 0, "generated_tokens": 0}
+    counters = {"prefill_tokens": 0, "decode_tokens": 0}
     m = Metrics(1000, 2000)
     stats = StatsLogger(lambda: engine_stats(**counters), interval_s=5, metrics=m, clock=lambda: now[0])
-    now[0], counters["prompt_tokens"], counters["generated_tokens"] = 105.0, 500, 100
+    now[0], counters["prefill_tokens"], counters["decode_tokens"] = 105.0, 500, 100
     m.prompt_cache(hit_tokens=50, prompt_tokens=200)
     line = stats.log_once()
     assert "prompt throughput: 100.0 tokens/s, generation throughput: 20.0 tokens/s" in line
     assert line.endswith("prompt cache hit rate: 25.0%")
-    now[0], counters["generated_tokens"] = 107.0, 120
+    now[0], counters["decode_tokens"] = 107.0, 120
     line = stats.log_once()
     assert "prompt throughput: 0.0 tokens/s, generation throughput: 10.0 tokens/s" in line
     assert line.endswith("prompt cache hit rate: 0.0%")
@@ -334,7 +334,7 @@ def test_stats_logger_thread_logs_every_interval(caplog):
 
     def stats():
         calls.append(time.monotonic())
-        return engine_stats(generated_tokens=10 * len(calls))
+        return engine_stats(decode_tokens=10 * len(calls))
 
     logger = StatsLogger(stats, interval_s=0.05)
     with caplog.at_level(logging.INFO, logger="jaxllm.metrics"):

@@ -69,10 +69,21 @@ def sp_tokenizers():
     return {"unigram_metaspace": _unigram_metaspace(), "bpe_byte_fallback": _bpe_byte_fallback()}
 
 
-@pytest.fixture(scope="module", params=["smollm2", "unigram_metaspace", "bpe_byte_fallback"])
+@pytest.fixture(scope="module")
+def byt5_dir(tmp_path_factory):
+    """A model directory whose tokenizer exists only as a slow (Python) class: ByT5, one token per UTF-8 byte,
+    which needs no vocabulary file and whose decode() drops incomplete bytes instead of writing U+FFFD."""
+    path = tmp_path_factory.mktemp("byt5")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ByT5Tokenizer"}))
+    return path
+
+
+@pytest.fixture(scope="module", params=["smollm2", "unigram_metaspace", "bpe_byte_fallback", "byt5_slow"])
 def tokenizer(request, sp_tokenizers):
     if request.param == "smollm2":
         return request.getfixturevalue("smollm2")
+    if request.param == "byt5_slow":
+        return load_tokenizer(str(request.getfixturevalue("byt5_dir")), "slow")
     return sp_tokenizers[request.param]
 
 
@@ -125,7 +136,7 @@ def chat_prompt(tok, user):
     if tok.chat_template:
         return tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
                                        tokenize=True, return_dict=False)
-    return [tok.bos_token_id] + tok.encode(user, add_special_tokens=False)
+    return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(user, add_special_tokens=False)
 
 
 # ---------------------------------------------------------------- load_tokenizer
@@ -149,6 +160,15 @@ def test_slow_mode_falls_back_to_fast_with_one_warning(tmp_path, sp_tokenizers, 
     assert first.is_fast and second.is_fast
     ids = first.encode("The quick brown fox")
     assert first.decode(ids) == sp_tokenizers["unigram_metaspace"].decode(ids) == "The quick brown fox"
+
+
+def test_slow_only_tokenizer(byt5_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="jaxllm.engine.detokenizer"):
+        assert not load_tokenizer(str(byt5_dir), "slow").is_fast
+        assert not load_tokenizer(str(byt5_dir), "auto").is_fast  # auto: fast if there is one, else slow
+    assert not [r for r in caplog.records if r.name == "jaxllm.engine.detokenizer"]
+    with pytest.raises(ValueError, match="no fast tokenizer"):
+        load_tokenizer(str(byt5_dir), "fast")
 
 
 def test_load_tokenizer_errors(tmp_path):
@@ -187,7 +207,8 @@ def random_output(tok, rng, length, fragments):
     SentencePiece's ByteFallback decoder turns a whole run of byte tokens into U+FFFD when any byte in it is
     invalid, so for it bytes come only as complete characters."""
     vocab = len(tok)
-    stray_bytes_ok = "ByteFallback" not in str(tok.backend_tokenizer.decoder)
+    backend = getattr(tok, "backend_tokenizer", None)  # None for a slow (Python) tokenizer
+    stray_bytes_ok = backend is None or "ByteFallback" not in str(backend.decoder)
     ordinary = range(vocab) if stray_bytes_ok else sorted(set(range(vocab)) - set(fragments))
     specials = sorted(tok.added_tokens_decoder)
     out = []
