@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_MODES = ("slow", "fast", "auto")
 REPLACEMENT_CHAR = "\ufffd"
-# Prompt tokens kept as decoding context for the first generated tokens (a SentencePiece word-initial space,
-# a character whose bytes began in the prompt).
+# Prompt tokens kept as decoding context for the first generated tokens, so that they decode as they would
+# after the whole prompt (a SentencePiece word-initial space is kept, not stripped as at the start of a text).
 _CONTEXT_TOKENS = 6
 
 _warned_no_slow: set[str] = set()
