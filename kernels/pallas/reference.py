@@ -3,6 +3,7 @@
 KV layout (one pair of buffers per layer): `k_cache`, `v_cache` are `[num_slots + 1, kv_heads, head_dim]`;
 the last slot is a scratch slot that padded tokens write to and padded table entries point at.
 A request's keys live at `slot_table[r, 0..length)`, position p at column p.
+int8 caches add one float32 scale per token per head, `[num_slots + 1, kv_heads]` (symmetric, round to nearest).
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ _QUERY_BLOCK = 64
 def write_kv(k_cache, v_cache, k, v, slots):
     """Scatter new keys/values `[n, kv_heads, head_dim]` into their slots `[n]`."""
     return k_cache.at[slots].set(k.astype(k_cache.dtype)), v_cache.at[slots].set(v.astype(v_cache.dtype))
+
+
+def quantize_kv(x):
+    """Symmetric int8 per token per head: x [n, kv_heads, head_dim] → (int8 [n, kv_heads, head_dim],
+    float32 scale [n, kv_heads]) with x ≈ int8 * scale. An all-zero vector gets scale 0."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0  # [n, kv_heads]
+    safe = jnp.where(scale > 0, scale, 1.0)
+    x_i8 = jnp.clip(jnp.round(x32 / safe[..., None]), -127, 127).astype(jnp.int8)
+    return x_i8, scale
+
+
+def dequantize_kv(x_i8, scale):
+    """Inverse of `quantize_kv`: int8 [..., head_dim] × scale [...] → float32."""
+    return x_i8.astype(jnp.float32) * scale[..., None]
+
+
+def write_kv_int8(k_cache, v_cache, k_scale, v_scale, k, v, slots):
+    """Quantise new keys/values `[n, kv_heads, head_dim]` and scatter them (and their scales) into `slots`."""
+    k_i8, ks = quantize_kv(k)
+    v_i8, vs = quantize_kv(v)
+    return (
+        k_cache.at[slots].set(k_i8),
+        v_cache.at[slots].set(v_i8),
+        k_scale.at[slots].set(ks),
+        v_scale.at[slots].set(vs),
+    )
 
 
 def _attend_one_token(q, keys, values, position, scale):
@@ -36,21 +64,43 @@ def paged_attention(q, k_cache, v_cache, token_req, positions, slot_table, scale
     position: it sees keys at positions 0..positions[i], its own included, already written);
     slot_table [rows, width]. Returns [n, heads, head_dim] in q's dtype.
     """
+    gather = lambda slots: (k_cache[slots], v_cache[slots])  # noqa: E731
+    return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale)
+
+
+def _paged(q, gather, kv_heads, token_req, positions, slot_table, scale):
+    # gather(slots [width]) -> keys, values [width, kv_heads, head_dim]
     n, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
     grouped = q.reshape(n, kv_heads, heads // kv_heads, head_dim)
 
     def one_token(args):
         q_tok, req, pos = args
-        slots = slot_table[req]  # [width]
-        return _attend_one_token(q_tok, k_cache[slots], v_cache[slots], pos, scale)
+        keys, values = gather(slot_table[req])
+        return _attend_one_token(q_tok, keys, values, pos, scale)
 
     # lax.map vmaps `one_token` over blocks of _QUERY_BLOCK tokens: bounded gathered-key memory.
     out = jax.lax.map(one_token, (grouped, token_req, positions), batch_size=_QUERY_BLOCK)
     return out.reshape(n, heads, head_dim).astype(q.dtype)
 
 
+def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, positions, slot_table, scale):
+    """`paged_attention` over an int8 cache: keys/values are dequantised with their per-token scales."""
+
+    def gather(slots):
+        return dequantize_kv(k_cache[slots], k_scale[slots]), dequantize_kv(v_cache[slots], v_scale[slots])
+
+    return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale)
+
+
 def decode_attention(q, k_cache, v_cache, slot_table, lengths, scale):
     """One query token per request: q [b, heads, head_dim], lengths [b] (keys incl. the new one)."""
     b = q.shape[0]
     return paged_attention(q, k_cache, v_cache, jnp.arange(b), lengths - 1, slot_table, scale)
+
+
+def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, slot_table, lengths, scale):
+    """`decode_attention` over an int8 cache."""
+    b = q.shape[0]
+    return paged_attention_int8(
+        q, k_cache, v_cache, k_scale, v_scale, jnp.arange(b), lengths - 1, slot_table, scale
+    )

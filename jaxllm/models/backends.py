@@ -1,0 +1,187 @@
+"""LightLLM's `--mode` list → the attention backend, resolved once at start-up: Pallas kernels on the GPU,
+the plain-JAX reference on the CPU (bf16/fp16 or int8 KV either way). Under `--tp` the kernels run per
+device under `shard_map`, split on the KV-head axis like the cache (`jaxllm/parallel.py: kv_cache_spec`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from jaxllm.models.attention import AttentionBackend, AttentionMetadata, ReferenceAttention
+from jaxllm.parallel import TP_AXIS
+from kernels.pallas import attention_triton, plan, reference
+
+# LightLLM mode → what runs here. GQA grouping is always on (with MHA it is a group of one).
+INT8_MODES = frozenset({"triton_int8kv", "ppl_int8kv"})
+SPLIT_MODES = {  # mode → split-K policy of decode
+    "triton_flashdecoding": "always",
+    "triton_gqa_flashdecoding": "always",
+    "triton_gqa_attention": "never",
+    "ppl_fp16": "auto",
+}
+# LightLLM's weight-quantisation modes: not built yet.
+NOT_BUILT = frozenset(
+    {"triton_w4a16", "triton_w8a16", "triton_w8a8", "lmdeploy_w4a16", "ppl_w4a16", "ppl_w8a8", "ppl_w8a8_mixdown"}
+)
+GPU_PLATFORMS = frozenset({"gpu", "cuda"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeChoice:
+    """What the `--mode` list asks of attention."""
+
+    int8_kv: bool = False
+    split: str = "auto"  # split-K policy of decode: "auto" | "always" | "never"
+
+
+def resolve_modes(modes: Sequence[str]) -> ModeChoice:
+    """Validate LightLLM's `--mode` values; ValueError names the first one that cannot run."""
+    int8_kv, split = False, None
+    for mode in modes:
+        if mode in INT8_MODES:
+            int8_kv = True
+        elif mode in SPLIT_MODES:
+            wanted = SPLIT_MODES[mode]
+            if split is not None and split != wanted and "auto" not in (split, wanted):
+                raise ValueError(f"--mode {mode} conflicts with another --mode's split-K choice")
+            if split in (None, "auto"):
+                split = wanted
+        elif mode in NOT_BUILT:
+            raise ValueError(f"--mode {mode} is not supported yet")
+        else:
+            raise ValueError(f"--mode {mode} is not supported yet (unknown mode)")
+    return ModeChoice(int8_kv=int8_kv, split=split or "auto")
+
+
+class ReferenceInt8Attention:
+    """Plain-JAX attention over an int8 KV cache: (k_i8, v_i8, k_scale, v_scale) per layer."""
+
+    name = "reference_int8"
+
+    def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
+        return _int8_cache(num_slots, kv_heads, head_dim)
+
+    def write(self, layer_cache, k, v, meta):
+        return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
+
+    def attend(self, q, layer_cache, meta, scale):
+        if meta.decode_only:
+            return reference.decode_attention_int8(q, *layer_cache, meta.slot_table, meta.context_lens, scale)
+        return reference.paged_attention_int8(
+            q, *layer_cache, meta.token_req, meta.positions, meta.slot_table, scale
+        )
+
+
+def _int8_cache(num_slots, kv_heads, head_dim):
+    # One extra scratch slot at the end for padded tokens; one float32 scale per token per head.
+    data = (num_slots + 1, kv_heads, head_dim)
+    scales = (num_slots + 1, kv_heads)
+    return (jnp.zeros(data, jnp.int8), jnp.zeros(data, jnp.int8), jnp.zeros(scales, jnp.float32),
+            jnp.zeros(scales, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes and launch settings of the Triton-lowered kernel (tuned on the H100, docs/perf.md)."""
+
+    decode_block_k: int = 64
+    decode_warps: int = 4
+    decode_stages: int = 2
+    prefill_rows: int = 64  # query rows per program: tokens × the KV head's query-head group
+    prefill_block_k: int = 64
+    prefill_warps: int = 4
+    prefill_stages: int = 2
+
+
+class PallasAttention:
+    """The kernels (kernels/pallas) behind the AttentionBackend protocol; bf16/fp16 or int8 KV."""
+
+    def __init__(
+        self,
+        int8_kv: bool = False,
+        split: str = "auto",
+        interpret: bool = False,
+        mesh: Mesh | None = None,
+        config: KernelConfig = KernelConfig(),
+    ):
+        self.int8_kv, self.split, self.interpret, self.mesh, self.config = int8_kv, split, interpret, mesh, config
+        self.name = "pallas_int8" if int8_kv else "pallas"
+
+    def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
+        if self.int8_kv:
+            return _int8_cache(num_slots, kv_heads, head_dim)
+        return ReferenceAttention().init_layer_cache(num_slots, kv_heads, head_dim, dtype)
+
+    def write(self, layer_cache, k, v, meta):
+        # An XLA scatter of n rows into the donated buffers: in place, fused with the quantisation.
+        if self.int8_kv:
+            return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
+        return reference.write_kv(*layer_cache, k, v, meta.write_slots)
+
+    def attend(self, q, layer_cache, meta: AttentionMetadata, scale):
+        mesh = self.mesh
+        tp = mesh.shape[TP_AXIS] if mesh is not None and TP_AXIS in mesh.shape else 1
+        if tp == 1:
+            return self._attend_local(q, layer_cache, meta, scale)
+        kv_heads = layer_cache[0].shape[1]
+        if kv_heads % tp:
+            # KV heads replicated (fewer than devices): each device's query heads may straddle KV groups.
+            return self._reference(q, layer_cache, meta, scale)
+        heads = PartitionSpec(None, TP_AXIS, None)
+        cache_specs = tuple(PartitionSpec(None, TP_AXIS, *([None] * (a.ndim - 2))) for a in layer_cache)
+        meta_specs = jax.tree.map(lambda _: PartitionSpec(), meta)
+        local = jax.shard_map(
+            lambda q, cache, meta: self._attend_local(q, cache, meta, scale),
+            mesh=mesh,
+            in_specs=(heads, cache_specs, meta_specs),
+            out_specs=heads,
+            check_vma=False,
+        )
+        return local(q, layer_cache, meta)
+
+    def _reference(self, q, layer_cache, meta, scale):
+        backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
+        return backend.attend(q, layer_cache, meta, scale)
+
+    def _attend_local(self, q, layer_cache, meta: AttentionMetadata, scale):
+        c = self.config
+        n, heads, head_dim = q.shape
+        kv_heads = layer_cache[0].shape[1]
+        group = heads // kv_heads
+        if self.int8_kv:
+            k_cache, v_cache, k_scale, v_scale = layer_cache
+        else:
+            (k_cache, v_cache), k_scale, v_scale = layer_cache, None, None
+        rows, width = meta.slot_table.shape
+        if meta.decode_only:
+            splits = plan.decode_splits(rows * kv_heads, width, c.decode_block_k, self.split)
+            launch = dict(block_q=1, block_k=c.decode_block_k, splits=splits, num_warps=c.decode_warps,
+                          num_stages=c.decode_stages)
+            blocks = plan.decode_blocks(rows)
+        else:
+            block_q = max(1, c.prefill_rows // group)
+            launch = dict(block_q=block_q, block_k=c.prefill_block_k, num_warps=c.prefill_warps,
+                          num_stages=c.prefill_stages)
+            blocks = plan.ragged_blocks(meta.query_start, meta.query_lens, n, block_q)
+        return attention_triton.paged_attention(
+            q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale,
+            k_scale=k_scale, v_scale=v_scale, interpret=self.interpret, **launch,
+        )
+
+
+def attention_backend(
+    modes: Sequence[str], platform: str, interpret: bool = False, mesh: Mesh | None = None
+) -> AttentionBackend:
+    """The backend for LightLLM's `--mode` list on `platform` ("gpu"/"cuda" → Pallas kernels; other
+    platforms → the plain-JAX reference, or the kernels in Pallas interpret mode when `interpret`).
+    `mesh`: the `--tp` mesh, so the kernels run per device under shard_map. Raises ValueError for a mode
+    that cannot run."""
+    choice = resolve_modes(modes)
+    if platform in GPU_PLATFORMS or interpret:
+        return PallasAttention(int8_kv=choice.int8_kv, split=choice.split, interpret=interpret, mesh=mesh)
+    return ReferenceInt8Attention() if choice.int8_kv else ReferenceAttention()

@@ -1,0 +1,238 @@
+"""Paged attention over the token-level KV cache as a Pallas kernel lowered through Triton (`pallas.triton`).
+
+One kernel serves decode (one query token per row), split-K decode and ragged causal prefill, for bf16/fp16
+and int8 caches. A program owns (query block, KV head, key split): its query rows are the block's tokens ×
+the KV head's group of query heads, so every key and value byte is read once per block (GQA).
+
+Why Triton and not Mosaic GPU here: keys are gathered token by token through the slot table. Triton
+emits those gathers as coalesced 16-byte loads per thread; Mosaic GPU on Hopper has no gather (its TMA
+gather is Blackwell-only), so its kernel (`attention_mosaic.py`) needs one TMA per token wherever the
+slots are not contiguous. The Triton lowering is deprecated since JAX 0.11.0 but builds and runs on the
+H100 with JAX 0.11.2; `docs/perf.md` ("## Attention kernels") records the H100 comparison of the two.
+This kernel also runs in Pallas interpret mode on CPU (`interpret=True`), which is how CI tests it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from kernels.pallas import plan
+
+_LOG2E = math.log2(math.e)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _rows(ref, idx, width: int):
+    """ref.at[idx, :] spelled with two broadcast index arrays: masked loads/stores need that in interpret mode."""
+    return ref.at[idx[:, None], jnp.arange(width, dtype=jnp.int32)[None, :]]
+
+
+def _kernel(
+    blk_row_ref,  # [blocks] int32
+    blk_start_ref,  # [blocks] int32
+    blk_count_ref,  # [blocks] int32
+    positions_ref,  # [n] int32
+    table_ref,  # [rows, width] int32 (width a multiple of block_k)
+    q_ref,  # [n * heads, head_dim]
+    k_ref,  # [(slots + 1) * kv_heads, head_dim]
+    v_ref,  # [(slots + 1) * kv_heads, head_dim]
+    ks_ref,  # [(slots + 1) * kv_heads] float32, or None (float cache)
+    vs_ref,  # likewise
+    *out_refs,  # o [n * heads, head_dim]; split-K: o [splits * n * heads, head_dim] f32, lse [splits * n * heads]
+    heads: int,
+    kv_heads: int,
+    rows_m: int,
+    block_q: int,
+    block_k: int,
+    split_len: int,
+    num_tokens: int,
+    scale: float,
+    split: bool,
+):
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    group = heads // kv_heads
+    row = blk_row_ref[b]
+    start = blk_start_ref[b]
+    count = blk_count_ref[b]
+
+    r = jnp.arange(rows_m, dtype=jnp.int32)  # query row = (token i, head g of the group)
+    i, g = r // group, r % group
+    valid = (i < count) & (i < block_q)  # [M]
+    token = start + jnp.minimum(i, jnp.maximum(count - 1, 0))  # clamped: invalid rows reuse a real token
+    q_idx = token * heads + h * group + g  # [M] row of q_ref / o_ref
+    head_dim = q_ref.shape[1]
+    q = pltriton.load(_rows(q_ref, q_idx, head_dim), mask=valid[:, None], other=0)  # [M, D]
+    pos = positions_ref[token]  # [M]
+    last_pos = positions_ref[start + jnp.maximum(count - 1, 0)]  # keys 0..last_pos matter to this block
+
+    lo = s * split_len
+    hi = jnp.where(count > 0, jnp.minimum(lo + split_len, last_pos + 1), lo)
+    num_kb = jnp.maximum(hi - lo + block_k - 1, 0) // block_k
+    qk_scale = scale * _LOG2E  # scores in base 2
+    f32 = q.dtype == jnp.float32
+    compute_dtype = q.dtype
+
+    def body(kb, carry):
+        acc, m, l = carry
+        col0 = lo + kb * block_k
+        cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] key positions
+        slots = table_ref[row, pl.ds(col0, block_k)]  # [T]
+        kv_idx = slots * kv_heads + h
+        k = k_ref[kv_idx, :]  # [T, D] gathered rows
+        v = v_ref[kv_idx, :]
+        if ks_ref is not None:
+            k, v = k.astype(compute_dtype), v.astype(compute_dtype)  # int8 → bf16 is exact
+        scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
+        if ks_ref is not None:
+            scores = scores * ks_ref[kv_idx][None, :]
+        scores = scores * qk_scale
+        visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < hi)
+        scores = jnp.where(visible, scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet stay at 0
+        p = jnp.exp2(scores - m_safe[:, None])
+        alpha = jnp.exp2(m - m_safe)
+        l = l * alpha + p.sum(axis=1)
+        if vs_ref is not None:
+            p = p * vs_ref[kv_idx][None, :]
+        pv = pltriton.dot(p.astype(compute_dtype), v, allow_tf32=False if f32 else None)  # [M, D]
+        return acc * alpha[:, None] + pv, m_new, l
+
+    acc0 = jnp.zeros((rows_m, head_dim), jnp.float32)
+    m0 = jnp.full((rows_m,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((rows_m,), jnp.float32)
+    acc, m, l = lax.fori_loop(0, num_kb, body, (acc0, m0, l0))
+    safe_l = jnp.where(l > 0, l, 1.0)
+    out = acc / safe_l[:, None]
+    # Invalid rows store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
+    # valid row's index would undo that row's write; on the GPU masked lanes touch nothing.
+    out_rows = out_refs[0].shape[0]
+    if not split:
+        (o_ref,) = out_refs
+        dst = jnp.where(valid, q_idx, out_rows + r)
+        pltriton.store(_rows(o_ref, dst, head_dim), out.astype(o_ref.dtype), mask=valid[:, None])
+        return
+    o_ref, lse_ref = out_refs
+    dst = jnp.where(valid, s * (num_tokens * heads) + q_idx, out_rows + r)
+    pltriton.store(_rows(o_ref, dst, head_dim), out, mask=valid[:, None])
+    lse = jnp.where(l > 0, m + jnp.log2(safe_l), -jnp.inf)  # base-2 log-sum-exp of the split
+    pltriton.store(lse_ref.at[dst], lse, mask=valid)
+
+
+def paged_attention(
+    q,  # [n, heads, head_dim]
+    k_cache,  # [slots + 1, kv_heads, head_dim] bf16/fp16/f32 or int8
+    v_cache,
+    positions,  # [n] int32
+    slot_table,  # [rows, width] int32
+    blocks: plan.QueryBlocks,
+    *,
+    scale: float,
+    block_q: int,
+    k_scale=None,  # [slots + 1, kv_heads] float32 for int8 caches
+    v_scale=None,
+    block_k: int = 64,
+    splits: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+):
+    """Causal attention of packed query tokens over their rows' cached keys (already written).
+
+    `blocks` says which tokens each program owns (plan.decode_blocks / plan.ragged_blocks, built with the
+    same `block_q`). Token t of a block sees keys at table columns 0..positions[t]. Tokens outside every
+    block come back as zeros. `splits` > 1 is split-K (flash-decoding): each split covers a range of keys and
+    `splitk.combine` merges them. Returns [n, heads, head_dim] in q's dtype.
+    """
+    n, heads, head_dim = q.shape
+    num_slots, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim {head_dim} must be a power of two ≥ 16 for the Triton kernel")
+    if num_slots * kv_heads * head_dim >= 2**31:
+        raise ValueError("a KV buffer of 2**31 elements or more overflows the kernel's int32 offsets")
+    rows_m = max(16, _next_pow2(block_q * group))
+    table = plan.pad_table(slot_table, block_k, num_slots - 1)
+    width = table.shape[1]
+    split_len = plan.split_length(width, splits, block_k)
+    num_blocks = blocks.row.shape[0]
+    quantised = k_scale is not None
+
+    kernel = functools.partial(
+        _kernel,
+        heads=heads,
+        kv_heads=kv_heads,
+        rows_m=rows_m,
+        block_q=block_q,
+        block_k=block_k,
+        split_len=split_len,
+        num_tokens=n,
+        scale=scale,
+        split=splits > 1,
+    )
+    if not quantised:
+        kernel = functools.partial(_drop_scales, kernel)
+    if splits > 1:
+        out_shape = (
+            jax.ShapeDtypeStruct((splits * n * heads, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((splits * n * heads,), jnp.float32),
+        )
+    else:
+        out_shape = (jax.ShapeDtypeStruct((n * heads, head_dim), q.dtype),)
+    args = [
+        blocks.row,
+        blocks.start,
+        blocks.count,
+        positions.astype(jnp.int32),
+        table,
+        q.reshape(n * heads, head_dim),
+        k_cache.reshape(num_slots * kv_heads, head_dim),
+        v_cache.reshape(num_slots * kv_heads, head_dim),
+    ]
+    if quantised:
+        args += [k_scale.reshape(-1).astype(jnp.float32), v_scale.reshape(-1).astype(jnp.float32)]
+    # Outputs start as zeros (aliased inputs) so tokens no block owns, and empty splits, read back as 0.
+    inits = [jnp.zeros(o.shape, o.dtype) for o in out_shape]
+    if splits > 1:
+        inits[1] = jnp.full(out_shape[1].shape, -jnp.inf, jnp.float32)
+    first_out = len(args)
+    outs = pl.pallas_call(
+        functools.partial(_with_inits, kernel, len(inits)),
+        out_shape=out_shape,
+        grid=(num_blocks, kv_heads, splits),
+        input_output_aliases={first_out + j: j for j in range(len(inits))},
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="paged_attention_int8" if quantised else "paged_attention",
+    )(*args, *inits)
+    if splits == 1:
+        return outs[0].reshape(n, heads, head_dim)
+    o_part, lse = outs
+    from kernels.pallas import splitk
+
+    return splitk.combine(
+        o_part.reshape(splits, n, heads, head_dim), lse.reshape(splits, n, heads)
+    ).astype(q.dtype)
+
+
+def _drop_scales(kernel, *refs):
+    # Float caches have no scale inputs: pass None where the kernel expects them.
+    return kernel(*refs[:8], None, None, *refs[8:])
+
+
+def _with_inits(kernel, num_inits, *refs):
+    # Aliased init inputs sit between the real inputs and the outputs; the kernel never reads them.
+    ins, outs = refs[: -2 * num_inits], refs[-num_inits:]
+    return kernel(*ins, *outs)

@@ -1,0 +1,139 @@
+"""The Triton-lowered paged attention kernel against reference.py, in Pallas interpret mode on the CPU:
+decode (one and several key splits), ragged prefill over cached prefixes, MHA and GQA, head dims 64 and
+128, bf16/float32 and int8 caches, with a padding row on the scratch slot."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.pallas import attention_triton, plan, reference
+from tests.kernels.conftest import Case
+
+SCALE = 0.3
+
+
+def rel_err(out, ref):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all()
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize(
+    "kv_heads,group,head_dim,dtype,splits",
+    [
+        (4, 1, 64, jnp.float32, 1),  # MHA
+        (2, 4, 128, jnp.bfloat16, 1),  # GQA
+        (1, 3, 64, jnp.float32, 3),  # MQA-like group of 3 (SmolLM2's), split-K
+        (2, 4, 128, jnp.bfloat16, 2),
+    ],
+)
+def test_decode_matches_reference(rng, kv_heads, group, head_dim, dtype, splits):
+    lengths = [37, 0, 70, 1, 16]  # row 1 pads: context 1 on the scratch slot
+    case = Case(rng, lengths, kv_heads, head_dim, width=80)
+    heads = kv_heads * group
+    q = jnp.asarray(rng.standard_normal((len(lengths), heads, head_dim)), dtype)
+    k, v = jnp.asarray(case.k, dtype), jnp.asarray(case.v, dtype)
+    ctx = jnp.asarray(case.lengths, jnp.int32)
+    out = attention_triton.paged_attention(
+        q, k, v, ctx - 1, jnp.asarray(case.table), plan.decode_blocks(len(lengths)), scale=SCALE,
+        block_q=1, block_k=16, splits=splits, interpret=True,
+    )
+    ref = reference.decode_attention(q, k, v, jnp.asarray(case.table), ctx, SCALE)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def _chunks_case(rng, chunks, kv_heads, head_dim, width):
+    """Rows bringing `(start, count)` new tokens after `start` cached ones; returns case and packed metadata."""
+    case = Case(rng, [s + c for s, c in chunks], kv_heads, head_dim, width)
+    positions = np.concatenate([np.arange(s, s + c) for s, c in chunks]).astype(np.int32)
+    token_req = np.concatenate([[r] * c for r, (s, c) in enumerate(chunks)]).astype(np.int32)
+    lens = np.array([c for _, c in chunks], np.int32)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+    return case, positions, token_req, starts, lens
+
+
+@pytest.mark.parametrize(
+    "kv_heads,group,head_dim,dtype,block_q",
+    [
+        (2, 1, 64, jnp.float32, 8),  # MHA
+        (2, 4, 128, jnp.bfloat16, 4),  # GQA: 4 tokens × 4 heads per program
+        (1, 3, 64, jnp.float32, 5),  # group of 3, blocks that straddle nothing
+    ],
+)
+def test_prefill_matches_reference(rng, kv_heads, group, head_dim, dtype, block_q):
+    # New prompts, a splitfuse chunk after 50 cached tokens, a prompt-cache hit with 3 new tokens, a decode.
+    chunks = [(0, 21), (50, 13), (9, 3), (30, 1)]
+    case, positions, token_req, starts, lens = _chunks_case(rng, chunks, kv_heads, head_dim, width=64)
+    n, heads = len(positions), kv_heads * group
+    q = jnp.asarray(rng.standard_normal((n, heads, head_dim)), dtype)
+    k, v = jnp.asarray(case.k, dtype), jnp.asarray(case.v, dtype)
+    blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, block_q)
+    out = attention_triton.paged_attention(
+        q, k, v, jnp.asarray(positions), jnp.asarray(case.table), blocks, scale=SCALE,
+        block_q=block_q, block_k=16, interpret=True,
+    )
+    ref = reference.paged_attention(
+        q, k, v, jnp.asarray(token_req), jnp.asarray(positions), jnp.asarray(case.table), SCALE
+    )
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_prefill_leaves_unowned_tokens_zero(rng):
+    """Padding tokens after the rows' chunks belong to no block: they come back as zeros, never garbage."""
+    chunks = [(0, 5), (3, 2)]
+    case, positions, token_req, starts, lens = _chunks_case(rng, chunks, 1, 64, width=16)
+    n = len(positions) + 3  # three padding tokens at the end
+    positions = np.concatenate([positions, np.zeros(3, np.int32)])
+    q = jnp.asarray(rng.standard_normal((n, 2, 64)), jnp.float32)
+    blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, 4)
+    out = attention_triton.paged_attention(
+        q, jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(positions), jnp.asarray(case.table), blocks,
+        scale=SCALE, block_q=4, block_k=16, interpret=True,
+    )
+    assert np.all(np.asarray(out[-3:]) == 0)
+    ref = reference.paged_attention(
+        q[:-3], jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(token_req), jnp.asarray(positions[:-3]),
+        jnp.asarray(case.table), SCALE,
+    )
+    assert rel_err(out[:-3], ref) < 1e-5
+
+
+@pytest.mark.parametrize("head_dim,splits", [(64, 1), (128, 2)])
+def test_int8_decode_matches_reference(rng, head_dim, splits):
+    lengths = [45, 0, 3]
+    case = Case(rng, lengths, 2, head_dim, width=48)
+    k8, ks = reference.quantize_kv(jnp.asarray(case.k))
+    v8, vs = reference.quantize_kv(jnp.asarray(case.v))
+    q = jnp.asarray(rng.standard_normal((3, 8, head_dim)), jnp.bfloat16)
+    ctx = jnp.asarray(case.lengths, jnp.int32)
+    table = jnp.asarray(case.table)
+    out = attention_triton.paged_attention(
+        q, k8, v8, ctx - 1, table, plan.decode_blocks(3), scale=SCALE, block_q=1, block_k=16, splits=splits,
+        k_scale=ks, v_scale=vs, interpret=True,
+    )
+    ref = reference.decode_attention_int8(q, k8, v8, ks, vs, table, ctx, SCALE)
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_int8_prefill_matches_reference(rng):
+    chunks = [(0, 9), (20, 6)]
+    case, positions, token_req, starts, lens = _chunks_case(rng, chunks, 2, 64, width=32)
+    k8, ks = reference.quantize_kv(jnp.asarray(case.k))
+    v8, vs = reference.quantize_kv(jnp.asarray(case.v))
+    n = len(positions)
+    q = jnp.asarray(rng.standard_normal((n, 4, 64)), jnp.float32)
+    blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, 4)
+    out = attention_triton.paged_attention(
+        q, k8, v8, jnp.asarray(positions), jnp.asarray(case.table), blocks, scale=SCALE, block_q=4,
+        block_k=16, k_scale=ks, v_scale=vs, interpret=True,
+    )
+    ref = reference.paged_attention_int8(
+        q, k8, v8, ks, vs, jnp.asarray(token_req), jnp.asarray(positions), jnp.asarray(case.table), SCALE
+    )
+    assert rel_err(out, ref) < 1e-5

@@ -1,0 +1,111 @@
+"""`--mode` → attention backend, and the kernel backend inside the model: a tiny Llama step on the CPU
+with the kernels in interpret mode (tp 1 and, under shard_map, tp 2) against the reference backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.config import ModelConfig
+from jaxllm.models import build_model
+from jaxllm.models.attention import AttentionMetadata, ReferenceAttention
+from jaxllm.models.backends import (
+    NOT_BUILT,
+    ModeChoice,
+    PallasAttention,
+    ReferenceInt8Attention,
+    attention_backend,
+    resolve_modes,
+)
+from jaxllm.parallel import make_mesh
+from jaxllm.weights import random_params
+
+
+@pytest.mark.parametrize(
+    "modes,choice",
+    [
+        ([], ModeChoice()),
+        (["triton_int8kv"], ModeChoice(int8_kv=True)),
+        (["ppl_int8kv", "triton_flashdecoding"], ModeChoice(int8_kv=True, split="always")),
+        (["triton_gqa_flashdecoding"], ModeChoice(split="always")),
+        (["triton_gqa_attention"], ModeChoice(split="never")),
+        (["ppl_fp16"], ModeChoice()),
+    ],
+)
+def test_mode_table(modes, choice):
+    assert resolve_modes(modes) == choice
+    backend = attention_backend(modes, "gpu")
+    assert isinstance(backend, PallasAttention)
+    assert (backend.int8_kv, backend.split) == (choice.int8_kv, choice.split)
+
+
+@pytest.mark.parametrize("mode", sorted(NOT_BUILT) + ["triton_bogus"])
+def test_unsupported_modes_name_themselves(mode):
+    with pytest.raises(ValueError, match=f"--mode {mode} is not supported yet"):
+        attention_backend(["triton_int8kv", mode], "gpu")
+
+
+def test_conflicting_split_modes():
+    with pytest.raises(ValueError, match="triton_flashdecoding"):
+        resolve_modes(["triton_gqa_attention", "triton_flashdecoding"])
+
+
+def test_cpu_uses_the_reference():
+    assert isinstance(attention_backend([], "cpu"), ReferenceAttention)
+    assert isinstance(attention_backend(["ppl_int8kv"], "cpu"), ReferenceInt8Attention)
+    assert isinstance(attention_backend(["ppl_int8kv"], "cpu", interpret=True), PallasAttention)
+
+
+def test_int8_cache_holds_twice_the_tokens():
+    fp = jax.eval_shape(lambda: ReferenceAttention().init_layer_cache(1000, 8, 128, jnp.bfloat16))
+    q8 = jax.eval_shape(lambda: ReferenceInt8Attention().init_layer_cache(1000, 8, 128, jnp.bfloat16))
+    size = lambda tree: sum(a.size * a.dtype.itemsize for a in tree)  # noqa: E731
+    assert 1.9 < size(fp) / size(q8) < 2.0
+
+
+CONFIG = dict(
+    model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+    rope_theta=10000.0,
+)
+
+
+def _run(backend, tp, prompts, steps=2):
+    """Packed prefill of `prompts` then `steps` decode steps; logits of every step stacked [steps+1, rows, V]."""
+    config = ModelConfig.from_hf_dict(CONFIG)
+    mesh = make_mesh(tp)
+    model = build_model(config, jnp.float32, backend=backend)
+    params = random_params(model, mesh, tp, seed=3)
+    width = 32
+    capacity = [len(p) + steps for p in prompts]
+    starts = np.cumsum([0] + capacity[:-1])
+    slot_rows = [list(range(s, s + c))[::-1] for s, c in zip(starts, capacity)]  # descending: not contiguous
+    scratch = sum(capacity)
+    cache = tuple(model.backend.init_layer_cache(scratch, config.num_kv_heads, config.head_dim, jnp.float32)
+                  for _ in range(config.num_layers))
+    step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c))
+    meta = AttentionMetadata.for_sequences([(0, len(p)) for p in prompts], slot_rows, scratch, width)
+    logits, cache = step(params, jnp.asarray(np.concatenate(prompts), jnp.int32), meta, cache)
+    out = [logits]
+    for t in range(steps):
+        tokens = jnp.argmax(out[-1], axis=-1).astype(jnp.int32)
+        meta = AttentionMetadata.for_sequences([(len(p) + t, 1) for p in prompts], slot_rows, scratch, width)
+        logits, cache = step(params, tokens, meta, cache)
+        out.append(logits)
+    return np.stack([np.asarray(x) for x in out])
+
+
+PROMPTS = [[5, 9, 2, 77, 31, 4, 8], [100, 3], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
+
+
+@pytest.mark.parametrize("tp,int8", [(1, False), (2, True)])
+def test_kernel_backend_in_model_matches_reference(tp, int8):
+    mesh = make_mesh(tp)
+    modes = ["triton_int8kv"] if int8 else []
+    kernels = attention_backend(modes, "cpu", interpret=True, mesh=mesh)
+    reference = attention_backend(modes, "cpu")
+    got = _run(kernels, tp, PROMPTS)
+    want = _run(reference, tp, PROMPTS)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
