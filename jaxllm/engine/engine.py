@@ -1,0 +1,364 @@
+"""The engine loop: one background thread runs schedule → dispatch step N+1 → read step N → postprocess,
+and streams TokenEvents to each request's consumer (asyncio or plain threads). Postprocess is the only
+place a token is appended, a stop checked and KV freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
+from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
+from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_prompt
+from jaxllm.engine.stream import RequestStream
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class Engine:
+    """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
+
+    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None):
+        """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: at most this
+        many step shapes compiled at start-up (None: all)."""
+        from jaxllm.parallel import kv_cache_spec
+
+        self.args = args
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.kv = KVCache(args.max_total_token_num, args.running_max_req_size)
+        self.scheduler = Scheduler(SchedulerConfig.from_args(args), self.kv)
+        enable_compilation_cache()
+        self.runner = ModelRunner(
+            model, params, mesh, kv_cache_spec(model.config, args.tp), self.kv,
+            max_len=args.max_req_total_len, max_prefill_tokens=args.batch_max_tokens,
+            eos_ids=tuple(args.eos_id),
+        )
+        self.runner.warmup(warmup)
+        self._eos = frozenset(args.eos_id)
+        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._requests: dict[str, Request] = {}
+        self._arrivals = 0
+        self._arrival_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
+                          "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0}
+        self._snapshot = self._take_snapshot()
+        self._last_log = (time.monotonic(), 0, 0)
+
+    @classmethod
+    def from_args(cls, args, *, warmup: int | None = None) -> "Engine":
+        """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
+        from jaxllm.config import ModelConfig
+        from jaxllm.models import build_model
+        from jaxllm.parallel import make_mesh
+        from jaxllm.weights import DATA_TYPES, load_params
+
+        if args.model_dir is None:
+            raise ValueError("--model_dir is required")
+        if args.mode:
+            raise ValueError(f"--mode {' '.join(args.mode)} is not supported yet")
+        config = ModelConfig.from_model_dir(args.model_dir)
+        model = build_model(config, DATA_TYPES[args.data_type])
+        mesh = make_mesh(args.tp)
+        params = load_params(model, args.model_dir, mesh, args.tp, args.load_format)
+        tokenizer = None
+        if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
+            from jaxllm.engine.detokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode)
+        return cls(args, model, params, mesh, tokenizer, warmup=warmup)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; requests still queued or running end with finish_reason "abort"."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # --- API (any thread) ----------------------------------------------------------------------
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt to run (truncated per --long_truncation_mode) or ValueError with the reason."""
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        return check_prompt(list(prompt_ids), params, self.args)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Queue one sequence (a caller wanting best_of samples submits best_of times); never blocks.
+        Raises ValueError for invalid parameters or lengths."""
+        params = params.normalized()
+        params.validate()
+        if params.stop_sequences and self.tokenizer is None:
+            raise ValueError("stop_sequences: this engine has no tokenizer to match them")
+        prompt_ids = self.check_prompt(prompt_ids, params)
+        with self._arrival_lock:
+            arrival = self._arrivals
+            self._arrivals += 1
+        req = Request(
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_ids=prompt_ids,
+            params=params,
+            seed=params.seed % 2**64 if params.seed is not None else secrets.randbits(64),
+            arrival=arrival,
+        )
+        self._attach_text_state(req)
+        req.stream = RequestStream(req.request_id)
+        self._inbox.put(("add", req))
+        self._wake.set()
+        return req.stream
+
+    def abort(self, request_id: str) -> None:
+        """End a request: its KV is freed within one step and its stream ends with "abort"."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def token_load(self) -> dict:
+        return dict(self._snapshot["token_load"])
+
+    def stats(self) -> dict:
+        return dict(self._snapshot)
+
+    # --- the loop (engine thread) --------------------------------------------------------------
+    def _loop(self) -> None:
+        inflight: StepHandle | None = None
+        while True:
+            self._take_inbox()
+            if self._stopping:
+                break
+            handle = None
+            if self.scheduler.has_work():
+                batch = self.scheduler.schedule()
+                self._counters["preemptions"] += len(batch.preempted)
+                if batch.chunks:
+                    handle = self._dispatch(batch)
+            if inflight is not None:
+                self._postprocess(inflight)
+            inflight = handle
+            self._snapshot = self._take_snapshot()
+            self._maybe_log_stats()
+            if inflight is None:
+                idle = not self.scheduler.has_work()
+                self._wake.wait(timeout=1.0 if idle else 0.001)
+                self._wake.clear()
+        if inflight is not None:
+            self._postprocess(inflight)
+        for req in list(self._requests.values()):
+            self._end(req, "abort")
+        self._snapshot = self._take_snapshot()
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                if item.request_id in self._requests:
+                    self._emit(item, _final_event(item, "error", f"request id {item.request_id} is in use"))
+                    continue
+                self._requests[item.request_id] = item
+                self.scheduler.add(item)
+            elif item in self._requests:
+                self._end(self._requests[item], "abort")
+
+    def _dispatch(self, batch: SchedulerOutput) -> StepHandle | None:
+        try:
+            handle = self.runner.dispatch(batch)
+        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
+            self._fail_step(batch, exc)
+            return None
+        for chunk in batch.chunks:
+            if chunk.samples:
+                chunk.request.num_pending += 1
+        c = self._counters
+        c["steps"] += 1
+        c[f"{batch.kind}_steps"] += 1
+        c[f"{batch.kind}_tokens"] += batch.num_tokens
+        return handle
+
+    def _postprocess(self, handle: StepHandle) -> None:
+        """Read a step's results: append tokens, check stops, free what finished."""
+        batch = handle.batch
+        try:
+            result = self.runner.fetch(handle)
+        except Exception as exc:  # noqa: BLE001
+            for chunk in batch.chunks:
+                if chunk.samples:
+                    chunk.request.num_pending -= 1
+            self._fail_step(batch, exc)
+            return
+        for i, chunk in enumerate(batch.chunks):
+            req = chunk.request
+            if chunk.samples:
+                req.num_pending -= 1
+            if req.finished:
+                continue
+            try:
+                if chunk.prompt_logprobs:
+                    offset = result.token_offsets[i]
+                    self._add_prompt_logprobs(req, chunk.start, chunk.num_tokens, result.prompt_logprobs[offset:])
+                if chunk.samples:
+                    self._append_token(req, int(result.sampled[i]), float(result.logprobs[i]))
+            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
+                log.exception("request %s failed in postprocess", req.request_id)
+                self._end(req, "error", f"{type(exc).__name__}: {exc}")
+
+    def _append_token(self, req: Request, token: int, logprob: float) -> None:
+        params = req.params
+        req.output_ids.append(token)
+        req.output_logprobs.append(logprob)
+        is_eos = token in self._eos
+        reason = None
+        if is_eos and not params.ignore_eos:
+            reason = "stop"
+        elif len(req.output_ids) >= params.max_new_tokens:
+            reason = "length"
+        text = ""
+        if req.detokenizer is not None and (params.print_eos_token or not is_eos):
+            text = req.detokenizer.add(token)
+        stop_sequence = None
+        if req.stop_matcher is not None:
+            text, stopped = req.stop_matcher.feed(text)
+            if stopped:
+                reason = "stop"
+                stop_sequence = next((s for s in params.stop_sequences if text.endswith(s)), None)
+            elif reason is not None:
+                text += req.stop_matcher.flush()
+        event = TokenEvent(
+            token_id=token, text=text, logprob=logprob, special=token in self._special,
+            count_output_tokens=len(req.output_ids), prompt_tokens=req.prompt_len,
+            finished=reason is not None, finish_reason=reason, stop_sequence=stop_sequence,
+        )
+        if len(req.output_ids) == 1 and params.prompt_logprobs:
+            event.prompt_logprobs = req.prompt_logprobs
+        if reason is not None:
+            self._retire(req, reason)
+        self._emit(req, event)
+
+    def _add_prompt_logprobs(self, req: Request, start: int, count: int, logprobs: np.ndarray) -> None:
+        """[[token_id, {"<next_id>": logprob}], ...] for prompt positions start.. (all but the last)."""
+        entries = req.prompt_logprobs if req.prompt_logprobs is not None else []
+        prompt = req.prompt_ids
+        for j, pos in enumerate(range(start, min(start + count, len(prompt) - 1))):
+            entries.append([prompt[pos], {str(prompt[pos + 1]): float(logprobs[j])}])
+        req.prompt_logprobs = entries
+
+    def _fail_step(self, batch: SchedulerOutput, exc: Exception) -> None:
+        """A step failed: its requests end with an error; if the device state was consumed, the other
+        running requests are paused (recomputed later) on fresh buffers."""
+        log.error("step failed (%s: %s); failing its %d requests", type(exc).__name__, exc, len(batch.chunks),
+                  exc_info=exc)
+        self._counters["failed_steps"] += 1
+        message = f"{type(exc).__name__}: {exc}"
+        for chunk in batch.chunks:
+            if not chunk.request.finished:
+                self._end(chunk.request, "error", message)
+        if self.runner.device_state_lost():
+            self.runner.reset_device_state()
+            self._counters["preemptions"] += len(self.scheduler.pause_all())
+
+    def _end(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Finish a request that gets no more tokens (abort, error, shutdown)."""
+        if req.finished:
+            return
+        self._retire(req, reason)
+        self._emit(req, _final_event(req, reason, error))
+
+    def _retire(self, req: Request, reason: str) -> None:
+        self.scheduler.finish(req, reason)
+        self._requests.pop(req.request_id, None)
+        self._counters["finished"] += 1
+
+    def _emit(self, req: Request, event: TokenEvent) -> None:
+        if not req.stream.put(event) and not req.finished:  # the consumer's event loop is gone
+            self._end(req, "abort")
+
+    def _attach_text_state(self, req: Request) -> None:
+        if self.tokenizer is None:
+            return
+        from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+
+        p = req.params
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.add_spaces_between_special_tokens,
+        )
+        if p.stop_sequences:
+            req.stop_matcher = StopMatcher(p.stop_sequences)
+
+    # --- stats ---------------------------------------------------------------------------------
+    def _take_snapshot(self) -> dict:
+        total = self.kv.num_slots
+        used = self.kv.num_used
+        peak = self.scheduler.estimated_peak() if self.scheduler.running else 0
+        waiting = self.scheduler.waiting
+        paused = sum(1 for r in waiting if r.status is RequestStatus.PAUSED)
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(waiting) - paused,
+            "paused": paused,
+            "kv_used": used,
+            "kv_total": total,
+            "token_load": {
+                "current_load": used / total,
+                "logical_max_load": peak / total,
+                "dynamic_max_load": peak / total,
+            },
+            **self._counters,
+        }
+
+    def _maybe_log_stats(self) -> None:
+        if self.args.disable_log_stats:
+            return
+        now = time.monotonic()
+        last_time, last_prefill, last_decode = self._last_log
+        elapsed = now - last_time
+        if elapsed < self.args.log_stats_interval:
+            return
+        s = self._snapshot
+        if (s["prefill_tokens"], s["decode_tokens"]) != (last_prefill, last_decode):
+            log.info(
+                "prefill %.1f tok/s, decode %.1f tok/s | running %d, waiting %d, paused %d | "
+                "KV %d/%d tokens (%.1f%%)",
+                (s["prefill_tokens"] - last_prefill) / elapsed, (s["decode_tokens"] - last_decode) / elapsed,
+                s["running"], s["waiting"], s["paused"], s["kv_used"], s["kv_total"],
+                100.0 * s["kv_used"] / s["kv_total"],
+            )
+        self._last_log = (now, s["prefill_tokens"], s["decode_tokens"])
+
+
+def _final_event(req: Request, reason: str, error: str | None = None) -> TokenEvent:
+    return TokenEvent(
+        token_id=-1, text="", logprob=0.0, special=False, count_output_tokens=len(req.output_ids),
+        prompt_tokens=req.prompt_len, finished=True, finish_reason=reason, error=error,
+    )

@@ -1,0 +1,213 @@
+"""Token-level KV memory: which slots are free, which request holds which (per token, like LightLLM's
+TokenAttention), and the device buffers: one cache tuple per layer plus the request→slot and
+request→token tables that the jitted steps update in place.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.engine.request import Request
+
+
+class KVCacheFull(RuntimeError):
+    """Fewer free slots than asked for; nothing was allocated."""
+
+
+class KVCache:
+    """Host-side accounting of `num_slots` token slots and `num_rows` table rows.
+
+    A request holds exactly one slot per computed token. Slots are handed out so that a request's
+    positions fill consecutive slots of `page_size`-aligned pages when the cache allows it (a request's
+    first slot starts a free page; it grows into the rest of its page, then into another free page),
+    but any free slot is used before an allocation fails: pages cost no capacity.
+    """
+
+    def __init__(self, num_slots: int, num_rows: int, page_size: int = 16):
+        if num_slots < 1 or num_rows < 1:
+            raise ValueError("the KV cache needs at least one slot and one row")
+        self.num_slots = num_slots
+        self.num_rows = num_rows
+        self.page_size = page_size
+        self.scratch_slot = num_slots  # padded tokens write here; padded table entries point here
+        self.scratch_row = num_rows  # padded rows of a step read this row (all scratch slots)
+        self._free = np.ones(num_slots, bool)
+        self._num_free = num_slots
+        num_pages = -(-num_slots // page_size)
+        sizes = np.full(num_pages, page_size, np.int64)
+        sizes[-1] = num_slots - page_size * (num_pages - 1)
+        self._page_size_of = sizes
+        self._page_free = sizes.copy()  # free slots per page
+        self._free_pages = list(range(num_pages - 1, -1, -1))  # stack of pages that may be wholly free
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+
+    # --- accounting ------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    @property
+    def num_used(self) -> int:
+        return self.num_slots - self._num_free
+
+    @property
+    def num_free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self._num_free
+
+    # --- allocation ------------------------------------------------------------------------------
+    def allocate(self, req: Request, n: int) -> list[int]:
+        """Give `req` n more slots (appended to req.slots, and a table row if it has none)."""
+        if n > self._num_free:
+            raise KVCacheFull(f"{n} KV slots asked for, {self._num_free} free")
+        if req.kv_row < 0:
+            if not self._free_rows:
+                raise KVCacheFull("no free request row")
+            req.kv_row = self._free_rows.pop()
+        new: list[int] = []
+        if req.slots:
+            new += self._extend_run(req.slots[-1] + 1, n)
+        while len(new) < n:
+            page = self._pop_free_page()
+            if page is None:
+                break
+            new += self._extend_run(page * self.page_size, n - len(new))
+        if len(new) < n:  # fragmented: any free slots, from the top (others' runs grow upwards)
+            rest = np.flatnonzero(self._free)[::-1][: n - len(new)]
+            self._take(rest)
+            new += rest.tolist()
+        req.slots += new
+        return new
+
+    def allocate_one_each(self, reqs: list[Request]) -> None:
+        """One more slot for each request (a decode step), the next slot of its run where free."""
+        if len(reqs) > self._num_free:
+            raise KVCacheFull(f"{len(reqs)} KV slots asked for, {self._num_free} free")
+        nxt = np.fromiter((r.slots[-1] + 1 for r in reqs), np.int64, len(reqs))
+        in_page = (nxt % self.page_size != 0) & (nxt < self.num_slots)
+        ok = in_page.copy()
+        ok[in_page] = self._free[nxt[in_page]]
+        self._take(nxt[ok])
+        for req, slot, good in zip(reqs, nxt.tolist(), ok.tolist()):
+            if good:
+                req.slots.append(slot)
+            else:
+                self.allocate(req, 1)
+
+    def release(self, req: Request) -> None:
+        """Return all of `req`'s slots and its row (finish, abort, error, preemption)."""
+        if req.slots:
+            slots = np.asarray(req.slots, np.int64)
+            if not self._free[slots].any() and len(np.unique(slots)) == len(slots):
+                self._give(slots)
+            else:
+                raise AssertionError(f"request {req.request_id} releases a slot twice")
+            req.slots = []
+        if req.kv_row >= 0:
+            self._free_rows.append(req.kv_row)
+            req.kv_row = -1
+        req.num_computed = 0
+
+    def check(self, holders: list[Request]) -> None:
+        """Assert the invariants: held + free = total, no slot or row held twice (tests, debugging)."""
+        held = np.concatenate([np.asarray(r.slots, np.int64) for r in holders] or [np.zeros(0, np.int64)])
+        assert len(np.unique(held)) == len(held), "a KV slot is held twice"
+        assert not self._free[held].any(), "a held KV slot is marked free"
+        assert len(held) + self._num_free == self.num_slots, (
+            f"{self.num_slots - self._num_free - len(held)} KV slots leaked"
+        )
+        assert int(self._free.sum()) == self._num_free
+        rows = [r.kv_row for r in holders if r.kv_row >= 0]
+        assert len(set(rows)) == len(rows) and len(rows) + len(self._free_rows) == self.num_rows, "rows leaked"
+        pages = np.add.reduceat(self._free, np.arange(0, self.num_slots, self.page_size))
+        assert (pages == self._page_free).all()
+
+    # --- internals -------------------------------------------------------------------------------
+    def _extend_run(self, start: int, n: int) -> list[int]:
+        """Take up to n free slots start, start+1, ... without leaving start's page; a run that reaches a
+        page's first slot continues only into a wholly free page."""
+        if n <= 0 or start >= self.num_slots:
+            return []
+        page = start // self.page_size
+        if start % self.page_size == 0 and self._page_free[page] != self._page_size_of[page]:
+            return []
+        stop = min(start + n, (page + 1) * self.page_size, self.num_slots)
+        free = self._free[start:stop]
+        count = len(free) if free.all() else int(np.argmin(free))
+        if count == 0:
+            return []
+        run = np.arange(start, start + count)
+        self._take(run)
+        return run.tolist()
+
+    def _pop_free_page(self) -> int | None:
+        while self._free_pages:
+            page = self._free_pages.pop()
+            if self._page_free[page] == self._page_size_of[page]:
+                return page
+        return None
+
+    def _take(self, slots: np.ndarray) -> None:
+        if len(slots) == 0:
+            return
+        self._free[slots] = False
+        self._num_free -= len(slots)
+        np.subtract.at(self._page_free, slots // self.page_size, 1)
+
+    def _give(self, slots: np.ndarray) -> None:
+        self._free[slots] = True
+        self._num_free += len(slots)
+        pages, counts = np.unique(slots // self.page_size, return_counts=True)
+        self._page_free[pages] += counts
+        whole = pages[self._page_free[pages] == self._page_size_of[pages]]
+        self._free_pages.extend(whole.tolist())
+        if len(self._free_pages) > 2 * len(self._page_free):  # drop stale entries now and then
+            full = np.flatnonzero(self._page_free == self._page_size_of)
+            self._free_pages = full[::-1].tolist()
+
+
+@struct.dataclass
+class DeviceKV:
+    """The device state the steps donate and update in place."""
+
+    layers: tuple  # one backend cache tuple per layer (opaque to the engine)
+    slot_table: jax.Array  # [num_rows + 1, width] int32: row → KV slot of each position
+    token_table: jax.Array  # [num_rows + 1, width] int32: row → token id of each position (penalties)
+
+
+def cache_array_spec(ndim: int, kv_spec: PartitionSpec) -> PartitionSpec:
+    """Per-layer cache arrays are [slots, kv_heads, ...]: split like kv_spec on the head axis when they
+    have one, replicated otherwise (per-slot scales of quantised caches, say)."""
+    if ndim < 2:
+        return PartitionSpec()
+    return PartitionSpec(None, kv_spec[1], *([None] * (ndim - 2)))
+
+
+def init_device_kv(model, num_slots: int, num_rows: int, width: int, mesh: Mesh, kv_spec: PartitionSpec):
+    """Allocate the per-layer caches (with the scratch slot) and the two tables, placed on the mesh."""
+    c = model.config
+    abstract = jax.eval_shape(
+        lambda: model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype)
+    )
+    layer_shardings = tuple(NamedSharding(mesh, cache_array_spec(a.ndim, kv_spec)) for a in abstract)
+    table = NamedSharding(mesh, PartitionSpec())
+    shardings = DeviceKV(
+        layers=tuple(layer_shardings for _ in range(c.num_layers)), slot_table=table, token_table=table
+    )
+
+    def build():
+        layers = tuple(
+            model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype)
+            for _ in range(c.num_layers)
+        )
+        slot_table = jnp.full((num_rows + 1, width), num_slots, jnp.int32)
+        token_table = jnp.zeros((num_rows + 1, width), jnp.int32)
+        return DeviceKV(layers=layers, slot_table=slot_table, token_table=token_table)
+
+    return jax.jit(build, out_shardings=shardings)(), shardings

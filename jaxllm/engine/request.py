@@ -1,0 +1,181 @@
+"""A request's whole state (ids, sampling parameters, KV slots, output) and the events its stream yields.
+
+`SamplingParams` carries LightLLM's parameter names and defaults; `Request` is the one object the scheduler,
+KV cache, runner and engine loop share; `TokenEvent` is what a consumer receives per generated token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+# A temperature below this is greedy decoding (LightLLM's rule).
+_GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """LightLLM's generation parameters (same names and defaults), plus `seed` and `prompt_logprobs`."""
+
+    best_of: int = 1
+    n: int = 1
+    do_sample: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    exponential_decay_length_penalty: tuple[int, float] = (1, 1.0)  # (start index, factor)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    ignore_eos: bool = False
+    max_new_tokens: int = 16
+    min_new_tokens: int = 1
+    stop_sequences: tuple[str, ...] = ()
+    skip_special_tokens: bool = True
+    add_spaces_between_special_tokens: bool = True
+    print_eos_token: bool = False
+    input_penalty: bool = False  # count the prompt's tokens in the penalties too
+    seed: int | None = None  # ours: a reproducible sample stream (OpenAI / TGI `seed`)
+    prompt_logprobs: bool = False  # ours: logprob of every prompt token given its prefix
+
+    def __post_init__(self):
+        # Accept lists and a lone string where tuples are declared (JSON bodies give lists).
+        stops = self.stop_sequences
+        if stops is None:
+            stops = ()
+        elif isinstance(stops, str):
+            stops = (stops,)
+        object.__setattr__(self, "stop_sequences", tuple(stops))
+        decay = self.exponential_decay_length_penalty
+        if isinstance(decay, list):
+            object.__setattr__(self, "exponential_decay_length_penalty", tuple(decay))
+
+    def normalized(self) -> "SamplingParams":
+        """do_sample False, or a temperature in [0, 1e-5), means greedy: temperature 1, top_p 1, top_k 1."""
+        greedy = not self.do_sample or 0 <= self.temperature < _GREEDY_TEMPERATURE
+        if not greedy:
+            return self
+        return dataclasses.replace(self, do_sample=False, temperature=1.0, top_p=1.0, top_k=1)
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+    def validate(self) -> None:
+        """Raise ValueError("<field>: reason") for the first value outside LightLLM's accepted ranges."""
+        checks = [
+            ("best_of", 1 <= self.best_of <= 8, "must be between 1 and 8"),
+            ("n", self.n == self.best_of, "must equal best_of"),
+            ("presence_penalty", self.presence_penalty >= 0.0, "must be >= 0"),
+            ("frequency_penalty", self.frequency_penalty >= 0.0, "must be >= 0"),
+            ("repetition_penalty", self.repetition_penalty >= 1.0, "must be >= 1.0"),
+            ("temperature", self.temperature > 0.0, "must be > 0 (or do_sample false for greedy)"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 1, "must be -1 (no limit) or >= 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("min_new_tokens", 1 <= self.min_new_tokens <= self.max_new_tokens,
+             "must be between 1 and max_new_tokens"),
+            ("exponential_decay_length_penalty", _valid_decay(self.exponential_decay_length_penalty),
+             "must be a pair [start index >= 0, factor >= 1.0]"),
+            ("stop_sequences", all(isinstance(s, str) and s for s in self.stop_sequences),
+             "must be non-empty strings"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**64),
+             "must be an integer in [0, 2**64)"),
+        ]
+        for name, ok, reason in checks:
+            if not ok:
+                raise ValueError(f"{name}: {reason} (got {getattr(self, name)!r})")
+
+
+def _valid_decay(value: Any) -> bool:
+    if not isinstance(value, tuple) or len(value) != 2:
+        return False
+    start, factor = value
+    return isinstance(start, int) and not isinstance(start, bool) and start >= 0 and float(factor) >= 1.0
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, in order. An abort or error that comes with no token has token_id -1."""
+
+    token_id: int
+    text: str  # new text: "" for held-back text (incomplete UTF-8, a possible stop string), specials, eos
+    logprob: float
+    special: bool
+    count_output_tokens: int
+    prompt_tokens: int
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
+    prompt_logprobs: list | None = None  # first event only: [[token_id, {"<next_id>": logprob}], ...]
+    error: str | None = None
+    stop_sequence: str | None = None  # the stop string the text ends with, when one ended the request
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued, never run
+    RUNNING = "running"  # holds KV and a table row
+    PAUSED = "paused"  # preempted: KV returned, back in the queue, recomputed when readmitted
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """A request's state. Positions 0..num_tokens: the prompt, then the outputs; the last `num_pending`
+    outputs were sampled on the device and are not read yet. `num_computed` positions have their KV
+    written (or written by a dispatched step), in `slots[0:num_computed]`."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int  # params.seed, or one drawn at submit: every request samples from its own stream
+    arrival: int  # submission order: the youngest has the largest
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    num_pending: int = 0
+    num_computed: int = 0
+    slots: list[int] = field(default_factory=list)
+    kv_row: int = -1  # row of the device slot table, while RUNNING
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    prompt_logprobs: list | None = None  # filled by the first prefill when params.prompt_logprobs
+    stream: Any = None  # where TokenEvents go (engine.RequestStream)
+    detokenizer: Any = None  # IncrementalDetokenizer, when the engine has a tokenizer
+    stop_matcher: Any = None  # StopMatcher, when params.stop_sequences
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output(self) -> int:
+        """Output tokens sampled so far, read or not."""
+        return len(self.output_ids) + self.num_pending
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + self.num_output
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose ids the host has."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Host-known ids of positions start..stop."""
+        p = len(self.prompt_ids)
+        if stop <= p:
+            return self.prompt_ids[start:stop]
+        if start >= p:
+            return self.output_ids[start - p : stop - p]
+        return self.prompt_ids[start:] + self.output_ids[: stop - p]
+
+    @property
+    def wants_token(self) -> bool:
+        """Still short of max_new_tokens counting the tokens in flight (an eos may end it sooner)."""
+        return self.num_output < self.params.max_new_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED

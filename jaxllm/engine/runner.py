@@ -1,0 +1,327 @@
+"""Runs scheduled steps on the device: one jitted function (model + sampler) over bucketed shapes, KV state
+donated, dispatched asynchronously. Sampled ids stay on the device as the next step's inputs; the host
+reads each step's results later (`fetch`), while the device runs the following step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from jaxllm.engine.kv_cache import KVCache, init_device_kv
+from jaxllm.engine.request import Request
+from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sample, sampling_row, seed_words
+from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.models.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+def enable_compilation_cache() -> str:
+    """Turn on JAX's persistent compilation cache (~/.cache/jaxllm/jax unless a directory is set)."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxllm" / "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def pow2_buckets(max_value: int, minimum: int = 1) -> list[int]:
+    """minimum, 2·minimum, … up to the first power of two ≥ max_value."""
+    buckets = [minimum]
+    while buckets[-1] < max_value:
+        buckets.append(buckets[-1] * 2)
+    return buckets
+
+
+def pick_bucket(buckets: list[int], n: int) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@struct.dataclass
+class StepInputs:
+    """One step's host-prepared arrays, padded: T tokens (packed rows), R rows."""
+
+    tokens: jax.Array  # [T] i32: host-known ids (0 where the id comes from the device)
+    token_src: jax.Array  # [T] i32: -1, or the row of the previous step whose sampled id is this token
+    positions: jax.Array  # [T] i32
+    token_row: jax.Array  # [T] i32: the token's row in this step
+    write_slots: jax.Array  # [T] i32: KV slot written (the scratch slot for padding)
+    target_ids: jax.Array  # [T] i32: next prompt id, for prompt logprobs
+    kv_rows: jax.Array  # [R] i32: each row's row of the device tables (the scratch row for padding)
+    context_lens: jax.Array  # [R] i32
+    query_start: jax.Array  # [R] i32
+    query_lens: jax.Array  # [R] i32
+    logits_index: jax.Array  # [R] i32
+    sampling: SamplingBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    tokens: int
+    rows: int
+    width: int
+    decode_only: bool
+    all_logits: bool
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step: its schedule and its (device) results."""
+
+    batch: SchedulerOutput
+    sampled: jax.Array  # [R] i32
+    logprobs: jax.Array  # [R] f32
+    prompt_logprobs: jax.Array  # [T] f32 (zeros unless the step computed all-position logits)
+    token_offsets: list[int]  # each chunk's first index in the packed tokens
+
+
+@dataclasses.dataclass
+class StepResult:
+    sampled: np.ndarray  # [rows of the batch]
+    logprobs: np.ndarray
+    prompt_logprobs: np.ndarray
+    token_offsets: list[int]
+
+
+def _step(model, eos_ids, params, kv, last_tokens, inp: StepInputs, *, width, decode_only, all_logits):
+    """The jitted step: table updates, model, sampler. kv and last_tokens are donated."""
+    from_device = inp.token_src >= 0
+    tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
+    token_kv_rows = inp.kv_rows[inp.token_row]  # [T]
+    slot_table = kv.slot_table.at[token_kv_rows, inp.positions].set(inp.write_slots)
+    token_table = kv.token_table.at[token_kv_rows, inp.positions].set(tokens)
+    meta = AttentionMetadata(
+        positions=inp.positions,
+        token_req=inp.token_row,
+        write_slots=inp.write_slots,
+        slot_table=slot_table[inp.kv_rows, :width],  # [R, width]
+        context_lens=inp.context_lens,
+        query_start=inp.query_start,
+        query_lens=inp.query_lens,
+        logits_index=inp.logits_index,
+        decode_only=decode_only,
+    )
+    logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits)
+    if all_logits:  # logits [T, V]: every position's next-token logprob, then the sampled rows
+        all_lp = jax.nn.log_softmax(logits, axis=-1)
+        prompt_lp = jnp.take_along_axis(all_lp, inp.target_ids[:, None], axis=-1)[:, 0]
+        logits = logits[inp.logits_index]
+    else:
+        prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
+    history = token_table[inp.kv_rows, :width]  # [R, width]
+    sampled, logprobs = sample(logits, inp.sampling, history, inp.context_lens, eos_ids)
+    last = jnp.zeros_like(last_tokens).at[: sampled.shape[0]].set(sampled)
+    new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
+    return new_kv, last, sampled, logprobs, prompt_lp
+
+
+class ModelRunner:
+    """Owns the device state (params, KV, last sampled ids) and the compiled step per shape bucket."""
+
+    def __init__(
+        self,
+        model,
+        params,
+        mesh: Mesh,
+        kv_spec: PartitionSpec,
+        kv: KVCache,
+        *,
+        max_len: int,
+        max_prefill_tokens: int,
+        eos_ids: tuple[int, ...],
+        min_width: int = 16,
+        min_prefill_tokens: int = 16,
+    ):
+        self.model = model
+        self.params = params
+        self.mesh = mesh
+        self.host_kv = kv
+        self.vocab_size = model.config.vocab_size
+        self.eos_ids = tuple(int(e) for e in eos_ids if 0 <= e < self.vocab_size)
+        self.row_buckets = pow2_buckets(kv.num_rows + 1)  # + a padding row for a prefill of every row
+        self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
+        self.width_buckets = pow2_buckets(max_len, min(min_width, pow2_buckets(max_len)[-1]))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._kv_spec = kv_spec
+        kv_shardings = self._init_device_state()
+        rep = self._replicated
+        self._jitted = jax.jit(
+            functools.partial(_step, model, self.eos_ids),
+            static_argnames=("width", "decode_only", "all_logits"),
+            donate_argnums=(1, 2),
+            out_shardings=(kv_shardings, rep, rep, rep, rep),
+        )
+        self.shapes_seen: set[StepShape] = set()
+
+    # --- shapes --------------------------------------------------------------------------------
+    def shape_of(self, batch: SchedulerOutput) -> StepShape:
+        chunks = batch.chunks
+        n_tokens = batch.num_tokens
+        decode_only = all(c.num_tokens == 1 for c in chunks)
+        if decode_only:
+            tokens = rows = pick_bucket(self.row_buckets, len(chunks))
+        else:
+            tokens = pick_bucket(self.token_buckets, n_tokens)
+            rows = pick_bucket(self.row_buckets, len(chunks) + (tokens > n_tokens))
+        width = pick_bucket(self.width_buckets, max(c.start + c.num_tokens for c in chunks))
+        all_logits = any(c.prompt_logprobs for c in chunks)
+        return StepShape(tokens, rows, width, decode_only, all_logits)
+
+    def warmup_shapes(self) -> list[StepShape]:
+        """Start-up shapes, most used first: decodes at every row count and width, then one-request
+        prefills of each token bucket."""
+        shapes = [StepShape(r, r, w, True, False) for r in self.row_buckets for w in self.width_buckets]
+        for t in self.token_buckets:
+            w = pick_bucket(self.width_buckets, min(t, self.width_buckets[-1]))
+            shapes.append(StepShape(t, min(2, self.row_buckets[-1]), w, False, False))
+        return shapes
+
+    def warmup(self, limit: int | None = None) -> int:
+        """Compile (and run on padding only) the first `limit` start-up shapes; returns how many."""
+        shapes = self.warmup_shapes()[: limit if limit is not None else None]
+        for shape in tqdm(shapes, desc="compiling steps", unit="shape", disable=not shapes):
+            inputs = self._padding_inputs(shape)
+            self._run(inputs, shape)
+        jax.block_until_ready(self._last_tokens)
+        return len(shapes)
+
+    # --- steps ---------------------------------------------------------------------------------
+    def dispatch(self, batch: SchedulerOutput) -> StepHandle:
+        """Prepare and enqueue one step; returns at once (the device runs it in the background)."""
+        shape = self.shape_of(batch)
+        host, offsets, rows = self._prepare(batch, shape)
+        sampled, logprobs, prompt_lp = self._run(host, shape)
+        for array in (sampled, logprobs, prompt_lp):
+            array.copy_to_host_async()
+        self._last_rows = rows
+        return StepHandle(batch, sampled, logprobs, prompt_lp, offsets)
+
+    def fetch(self, handle: StepHandle) -> StepResult:
+        """Wait for a dispatched step's results on the host."""
+        n = len(handle.batch.chunks)
+        return StepResult(
+            sampled=np.asarray(handle.sampled)[:n],
+            logprobs=np.asarray(handle.logprobs)[:n],
+            prompt_logprobs=np.asarray(handle.prompt_logprobs),
+            token_offsets=handle.token_offsets,
+        )
+
+    def _run(self, host: StepInputs, shape: StepShape):
+        inputs = jax.device_put(host, self._replicated)
+        self.shapes_seen.add(shape)
+        self.kv, self._last_tokens, sampled, logprobs, prompt_lp = self._jitted(
+            self.params, self.kv, self._last_tokens, inputs,
+            width=shape.width, decode_only=shape.decode_only, all_logits=shape.all_logits,
+        )
+        return sampled, logprobs, prompt_lp
+
+    def _init_device_state(self):
+        kv = self.host_kv
+        self.kv, shardings = init_device_kv(
+            self.model, kv.num_slots, kv.num_rows, self.width_buckets[-1], self.mesh, self._kv_spec
+        )
+        self._last_tokens = jax.device_put(np.zeros(self.row_buckets[-1], np.int32), self._replicated)
+        self._last_rows = {}
+        return shardings
+
+    def device_state_lost(self) -> bool:
+        """Whether a failed step consumed the donated buffers."""
+        return any(a.is_deleted() for a in jax.tree.leaves((self.kv, self._last_tokens)))
+
+    def reset_device_state(self) -> None:
+        """Fresh KV buffers after a failed step consumed them: every request's KV is gone."""
+        self._init_device_state()
+
+    def _padding_inputs(self, shape: StepShape) -> StepInputs:
+        return self._prepare(SchedulerOutput([], [], "idle"), shape)[0]
+
+    def _prepare(self, batch: SchedulerOutput, shape: StepShape):
+        """Host arrays for `batch` padded to `shape`: padding tokens write the scratch slot and belong to
+        padding rows, which read the scratch row with context length 1."""
+        kv = self.host_kv
+        tokens, src, positions, token_row, write_slots, targets = [], [], [], [], [], []
+        kv_rows, context, q_start, q_lens, logits_index, samp, seeds = [], [], [], [], [], [], []
+        offsets: list[int] = []
+        rows: dict[str, int] = {}
+        for i, chunk in enumerate(batch.chunks):
+            req: Request = chunk.request
+            start, n = chunk.start, chunk.num_tokens
+            stop = start + n
+            q = len(tokens)
+            offsets.append(q)
+            known = req.num_known
+            ids = req.token_ids(start, min(stop, known))
+            tokens += ids
+            src += [-1] * len(ids)
+            if stop > known:  # the one token sampled by the previous step, still on the device
+                if stop != known + 1 or req.request_id not in self._last_rows:
+                    raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
+                tokens.append(0)
+                src.append(self._last_rows[req.request_id])
+            positions += range(start, stop)
+            token_row += [i] * n
+            write_slots += req.slots[start:stop]
+            if chunk.prompt_logprobs:
+                nxt = req.prompt_ids[start + 1 : stop + 1]
+                targets += nxt + [0] * (n - len(nxt))
+            else:
+                targets += [0] * n
+            kv_rows.append(req.kv_row)
+            context.append(stop)
+            q_start.append(q)
+            q_lens.append(n)
+            logits_index.append(q + n - 1)
+            samp.append(sampling_row(req, self.vocab_size))
+            seeds.append(seed_words(req.seed))
+            if chunk.samples:
+                rows[req.request_id] = i
+        real_tokens, real_rows = len(tokens), len(batch.chunks)
+        pad_tokens, pad_rows = shape.tokens - real_tokens, shape.rows - real_rows
+        if pad_tokens < 0 or pad_rows < 0 or (pad_tokens and not pad_rows):
+            raise ValueError(f"batch of {real_tokens} tokens, {real_rows} rows does not fit {shape}")
+        # Padding token j belongs to padding row min(j, pad_rows - 1).
+        pad_owner = [real_rows + min(j, pad_rows - 1) for j in range(pad_tokens)]
+        tokens += [0] * pad_tokens
+        src += [-1] * pad_tokens
+        positions += [0] * pad_tokens
+        token_row += pad_owner
+        write_slots += [kv.scratch_slot] * pad_tokens
+        targets += [0] * pad_tokens
+        for r in range(pad_rows):
+            first = real_tokens + r if r < pad_tokens else shape.tokens
+            count = (1 if r < pad_rows - 1 else pad_tokens - r) if r < pad_tokens else 0
+            kv_rows.append(kv.scratch_row)
+            context.append(1)
+            q_start.append(first)
+            q_lens.append(count)
+            logits_index.append(min(first, shape.tokens - 1))
+            samp.append(PADDING_ROW)
+            seeds.append((0, 0))
+        i32 = functools.partial(np.asarray, dtype=np.int32)
+        columns = list(zip(*samp))
+        sampling = SamplingBatch(
+            **{name: np.asarray(col, dtype) for (name, dtype), col in zip(SamplingBatch.FIELDS, columns)},
+            seed=np.asarray(seeds, np.uint32),
+        )
+        host = StepInputs(
+            tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
+            write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
+            context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
+            logits_index=i32(logits_index), sampling=sampling,
+        )
+        return host, offsets, rows

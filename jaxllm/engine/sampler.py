@@ -1,0 +1,184 @@
+"""Next-token sampling as a pure JAX function, jitted inside the step (no host sync), in LightLLM's order:
+penalties → eos length penalty → min_new_tokens eos mask → temperature → softmax → top-p → top-k → draw.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxllm.engine.request import Request
+
+# Filtered rows draw from the `_FAST_K` most likely tokens when that is exact (every dropped token lies
+# beyond the top-p or top-k cut); otherwise from a full sort of the vocabulary.
+_FAST_K = 128
+_EOS_MASK = -1000000.0  # LightLLM's value for an eos logit masked by min_new_tokens
+
+
+@struct.dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of one step, every field [rows]."""
+
+    temperature: jax.Array  # f32
+    top_p: jax.Array  # f32
+    top_k: jax.Array  # i32, the vocabulary size for "no limit"
+    repetition_penalty: jax.Array  # f32
+    frequency_penalty: jax.Array  # f32
+    presence_penalty: jax.Array  # f32
+    decay_start: jax.Array  # i32: exponential_decay_length_penalty[0]
+    decay_factor: jax.Array  # f32: exponential_decay_length_penalty[1]
+    min_new_tokens: jax.Array  # i32
+    prompt_len: jax.Array  # i32
+    penalty_start: jax.Array  # i32: first position counted by the penalties (0 with input_penalty)
+    seed: jax.Array  # u32 [rows, 2]: the request's 64-bit seed as two words
+
+    # Fields in order, for building the host arrays.
+    FIELDS = (
+        ("temperature", np.float32), ("top_p", np.float32), ("top_k", np.int32),
+        ("repetition_penalty", np.float32), ("frequency_penalty", np.float32),
+        ("presence_penalty", np.float32), ("decay_start", np.int32), ("decay_factor", np.float32),
+        ("min_new_tokens", np.int32), ("prompt_len", np.int32), ("penalty_start", np.int32),
+    )
+
+
+def sampling_row(req: Request, vocab_size: int) -> tuple:
+    """A request's values of SamplingBatch.FIELDS (without the seed)."""
+    p = req.params
+    start, factor = p.exponential_decay_length_penalty
+    top_k = vocab_size if p.top_k == -1 else min(p.top_k, vocab_size)
+    return (
+        p.temperature, p.top_p, top_k, p.repetition_penalty, p.frequency_penalty, p.presence_penalty,
+        start, factor, p.min_new_tokens, req.prompt_len, 0 if p.input_penalty else req.prompt_len,
+    )
+
+
+# A padding row: greedy, no penalty, so it never turns on the costlier paths.
+PADDING_ROW = (1.0, 1.0, 1, 1.0, 0.0, 0.0, 0, 1.0, 1, 0, 0)
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+    return seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+
+
+def apply_penalties(logits, history, counted, repetition, frequency, presence):
+    """LightLLM's penalties over each row's counted tokens.
+
+    logits [R, V] f32; history [R, W] token ids; counted [R, W] bool (which history entries count);
+    per-row penalties [R]. A token seen c > 0 times: logit → (logit > 0 ? logit / rep : logit × rep)
+    − frequency × c − presence.
+    """
+    rows, vocab = logits.shape
+    counts = jnp.zeros((rows, vocab), jnp.int32)
+    counts = counts.at[jnp.arange(rows)[:, None], history].add(counted.astype(jnp.int32))
+    rep = repetition[:, None]
+    penalized = jnp.where(logits > 0, logits / rep, logits * rep)
+    penalized = penalized - frequency[:, None] * counts - presence[:, None]
+    return jnp.where(counts > 0, penalized, logits)
+
+
+def apply_eos_rules(logits, out_len, decay_start, decay_factor, min_new_tokens, eos_ids):
+    """Exponential decay length penalty on the eos logits, then eos masked before min_new_tokens.
+
+    out_len [R]: tokens generated before the one being sampled.
+    """
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    eos_logits = logits[:, eos]  # [R, E]
+    idx = jnp.maximum(out_len - decay_start, 0).astype(jnp.float32)
+    scale = jnp.power(decay_factor, idx) - 1.0  # exactly 0 for the default factor 1.0
+    eos_logits = eos_logits + jnp.abs(eos_logits) * scale[:, None]
+    masked = (out_len < min_new_tokens - 1)[:, None]
+    eos_logits = jnp.where(masked, _EOS_MASK, eos_logits)
+    return logits.at[:, eos].set(eos_logits)
+
+
+def _mix32(x):
+    """MurmurHash3's 32-bit finaliser: a bijection whose every output bit depends on every input bit."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seed, out_len):
+    """One uniform in [0, 1) per row, a function of the request's seed [R, 2] (u32 words) and its output
+    index [R] only: a seeded request draws the same numbers whatever batch it runs in."""
+    h = _mix32(out_len.astype(jnp.uint32) + jnp.uint32(0x9E3779B9))
+    h = _mix32(h ^ seed[:, 0])
+    h = _mix32(h ^ _mix32(seed[:, 1] + jnp.uint32(0x7F4A7C15)))
+    return (h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
+
+
+def _draw_sorted(probs_sorted, index_sorted, top_p, top_k, u):
+    """Draw from descending probabilities after LightLLM's top-p and top-k cuts (no renormalisation
+    needed: the draw scales u by the kept mass). [R, K] inputs; returns token ids [R]."""
+    k = probs_sorted.shape[-1]
+    before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # mass of the more likely tokens
+    keep = (before <= top_p[:, None]) & (jnp.arange(k)[None, :] < top_k[:, None])
+    kept = jnp.where(keep, probs_sorted, 0.0)
+    cum = jnp.cumsum(kept, axis=-1)
+    choice = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
+    choice = jnp.minimum(choice, jnp.sum(keep, axis=-1) - 1)  # keep is a prefix; never past its end
+    return jnp.take_along_axis(index_sorted, choice[:, None], axis=-1)[:, 0]
+
+
+def _draw(probs, top_p, top_k, u):
+    """Token ids [R] drawn from probs [R, V] with top-p / top-k."""
+    vocab = probs.shape[-1]
+    # Rows without a cut: inverse CDF over the vocabulary in id order, no sort needed.
+    cum = jnp.cumsum(probs, axis=-1)
+    plain = jnp.minimum(jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1), vocab - 1)
+    uncut = (top_p >= 1.0) & (top_k >= vocab)
+
+    def cut_fast():
+        vals, idx = jax.lax.top_k(probs, min(_FAST_K, vocab))
+        return _draw_sorted(vals, idx, top_p, top_k, u)
+
+    def cut_full():
+        idx = jnp.argsort(-probs, axis=-1, stable=True)
+        vals = jnp.take_along_axis(probs, idx, axis=-1)
+        return _draw_sorted(vals, idx, top_p, top_k, u)
+
+    if vocab <= _FAST_K:
+        cut = cut_fast()
+    else:
+        head = jax.lax.top_k(probs, _FAST_K)[0]
+        exact = uncut | (top_k <= _FAST_K) | (jnp.sum(head, axis=-1) > top_p)
+        cut = jax.lax.cond(jnp.all(exact), cut_fast, cut_full)
+    return jnp.where(uncut, plain, cut).astype(jnp.int32)
+
+
+def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int, ...]):
+    """Next tokens and their logprobs.
+
+    logits [R, V] f32; history [R, W] token ids of each row's positions (W ≥ context_lens);
+    context_lens [R]: positions already in the row (the sampled token goes at this position).
+    Returns (token ids [R] int32, logprobs [R] f32): the log of the chosen token's probability after
+    penalties and temperature, before the top-p / top-k cuts.
+    """
+    out_len = context_lens - sb.prompt_len  # [R]
+    cols = jnp.arange(history.shape[-1])[None, :]
+    counted = (cols >= sb.penalty_start[:, None]) & (cols < context_lens[:, None])  # [R, W]
+    any_penalty = jnp.any(
+        (sb.repetition_penalty != 1.0) | (sb.frequency_penalty != 0.0) | (sb.presence_penalty != 0.0)
+    )
+    logits = jax.lax.cond(
+        any_penalty,
+        lambda x: apply_penalties(
+            x, history, counted, sb.repetition_penalty, sb.frequency_penalty, sb.presence_penalty
+        ),
+        lambda x: x,
+        logits,
+    )
+    if eos_ids:
+        logits = apply_eos_rules(logits, out_len, sb.decay_start, sb.decay_factor, sb.min_new_tokens, eos_ids)
+    logprobs = jax.nn.log_softmax(logits / sb.temperature[:, None], axis=-1)  # [R, V]
+    greedy = jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+    tokens = jax.lax.cond(
+        jnp.all(sb.top_k == 1),
+        lambda: greedy,
+        lambda: _draw(jnp.exp(logprobs), sb.top_p, sb.top_k, row_uniforms(sb.seed, out_len)),
+    )
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
