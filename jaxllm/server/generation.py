@@ -1,0 +1,182 @@
+"""One HTTP request's generation on the engine: prompt checks, best_of independent engine requests per prompt,
+their events collected or merged into one stream, and every unfinished engine request aborted on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from typing import AsyncIterator
+
+from jaxllm.engine.request import SamplingParams, TokenEvent
+from jaxllm.server.errors import ApiError, invalid
+
+SEED_LIMIT = 2**64  # seeds are 64-bit; best_of samples get seed, seed + 1, ... modulo this
+
+
+def check_prompt(engine, prompt_ids: list[int], params: SamplingParams, param: str = "inputs") -> list[int]:
+    """The engine's checks (empty, lengths, vocabulary) and --long_truncation_mode (400 with the reason)."""
+    try:
+        return engine.check_prompt(prompt_ids, params)
+    except ValueError as exc:
+        raise invalid(f"{param}: {exc}", param) from None
+
+
+def fan_out(params: SamplingParams) -> list[SamplingParams]:
+    """best_of single-sample requests of the same prompt; with a seed, sample i uses seed + i."""
+    one = dataclasses.replace(params, best_of=1, n=1)
+    if one.seed is None:
+        return [one] * params.best_of
+    return [dataclasses.replace(one, seed=(one.seed + i) % SEED_LIMIT) for i in range(params.best_of)]
+
+
+@dataclasses.dataclass
+class Sequence:
+    """Everything one engine request produced."""
+
+    params: SamplingParams  # this sample's own (its seed among them)
+    events: list[TokenEvent]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    @property
+    def last(self) -> TokenEvent:
+        return self.events[-1]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.last.finish_reason
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob for e in self.events)
+
+    @property
+    def prompt_logprobs(self) -> list | None:
+        return self.events[0].prompt_logprobs
+
+
+def failure(event: TokenEvent) -> ApiError | None:
+    """The error to answer for an engine request that ended without finishing normally."""
+    if event.finish_reason == "error":
+        return ApiError(500, f"generation failed: {event.error or 'engine error'}")
+    if event.finish_reason == "abort":
+        return ApiError(503, "generation aborted by the server")
+    return None
+
+
+class Generation:
+    """The engine requests of one HTTP request: best_of samples of each prompt, indexed prompt-major.
+    Use once, through collect() or events(). It notes when it was submitted, its first and last token and
+    how many tokens came (for the metrics)."""
+
+    def __init__(self, engine, prompts: list[list[int]], params: SamplingParams) -> None:
+        self.engine = engine
+        self.prompts = prompts
+        self.params = params
+        self.samples = [(ids, sample) for ids in prompts for sample in fan_out(params)]
+        self.request_ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(self.samples))]
+        self.submitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.generated_tokens = 0
+        self._open: set[str] = set()
+
+    @property
+    def input_len(self) -> int:
+        return sum(len(ids) for ids in self.prompts)
+
+    def _submit(self) -> list:
+        self.submitted_at = time.monotonic()
+        streams = []
+        for request_id, (ids, sample) in zip(self.request_ids, self.samples):
+            try:
+                streams.append(self.engine.submit(ids, sample, request_id=request_id))
+            except ValueError as exc:
+                self._abort_open()
+                raise invalid(str(exc)) from None
+            self._open.add(request_id)
+        return streams
+
+    def _note(self, event: TokenEvent, index: int) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.generated_tokens += 1
+        if event.finished:
+            self._open.discard(self.request_ids[index])
+            if not self._open:
+                self.finished_at = now
+
+    def _abort_open(self) -> None:
+        for request_id in self.request_ids:
+            if request_id in self._open:
+                self.engine.abort(request_id)
+        self._open.clear()
+
+    async def collect(self) -> list[Sequence]:
+        """Every sample to its end; a failed sample fails the whole request (the others are aborted)."""
+        events: list[list[TokenEvent]] = [[] for _ in self.samples]
+        async with contextlib.aclosing(self.events()) as stream:
+            async for index, event in stream:
+                events[index].append(event)
+        sequences = [Sequence(sample, evs) for (_, sample), evs in zip(self.samples, events)]
+        for seq in sequences:
+            err = failure(seq.last) if seq.events else ApiError(500, "generation ended without a token")
+            if err is not None:
+                raise err
+        return sequences
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(sample index, event) as they come, samples interleaved; closing it aborts what is unfinished."""
+        streams = self._submit()
+        try:
+            if len(streams) == 1:
+                async for event in streams[0]:
+                    self._note(event, 0)
+                    yield 0, event
+                    if event.finished:
+                        break
+            else:
+                async for index, event in _merged(streams):
+                    self._note(event, index)
+                    yield index, event
+        finally:
+            self._abort_open()
+
+
+async def _merged(streams: list) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """The events of several streams as they arrive, each stream read up to its finished event."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for event in stream:
+                queue.put_nowait((index, event))
+                if event.finished:
+                    break
+        except Exception as exc:  # handed to the consumer, which raises it
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, event = await queue.get()
+            if event is None:
+                running -= 1
+            elif isinstance(event, Exception):
+                raise event
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,214 @@
+"""OpenAI-compatible answers: /v1/chat/completions and /v1/completions (JSON and streamed chunks ending in
+`data: [DONE]`), /v1/models; usage, finish_reason, logprobs, n/best_of, and matched stop strings dropped.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from quart import Response
+
+from jaxllm.engine.request import TokenEvent
+from jaxllm.server.errors import openai_error_body
+from jaxllm.server.generation import Generation, Sequence, failure
+from jaxllm.server.jsonio import finite_logprob, json_response
+from jaxllm.server.openai_request import OpenAIRequest, parse_chat, parse_completion
+from jaxllm.server.sse import DONE, event, stream_response
+from jaxllm.server.state import ServerState
+
+
+def without_stop(text: str, last: TokenEvent) -> str:
+    """OpenAI leaves a matched stop string out of the text (the engine's events keep it)."""
+    stop = last.stop_sequence
+    return text[: -len(stop)] if last.finished and stop and text.endswith(stop) else text
+
+
+def finish_reason(last: TokenEvent) -> str:
+    return "length" if last.finish_reason == "length" else "stop"
+
+
+def _token_events(state: ServerState, seq: Sequence) -> list[TokenEvent]:
+    """The tokens a client sees logprobs for: all but an eos that ended the sequence."""
+    events = seq.events
+    last = events[-1]
+    if last.finish_reason == "stop" and state.is_eos(last.token_id) and not seq.params.ignore_eos:
+        return events[:-1]
+    return events
+
+
+def _chat_logprob(state: ServerState, e: TokenEvent) -> dict:
+    token = state.tokenizer.decode([e.token_id])
+    return {"token": token, "logprob": finite_logprob(e.logprob), "bytes": list(token.encode("utf-8")),
+            "top_logprobs": []}
+
+
+def _completion_logprobs(state: ServerState, events: list[TokenEvent], offset: int) -> dict:
+    tokens, logprobs, offsets = [], [], []
+    for e in events:
+        tokens.append(state.tokenizer.decode([e.token_id]))
+        logprobs.append(finite_logprob(e.logprob))
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": tokens, "token_logprobs": logprobs,
+            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+
+
+def chosen(req: OpenAIRequest, sequences: list[Sequence]) -> list[tuple[int, Sequence]]:
+    """(prompt index, sequence) of the choices returned: per prompt, the n of best_of samples with the
+    highest mean logprob (all of them, in order, when best_of == n)."""
+    best_of = req.params.best_of
+    out = []
+    for p in range(len(req.prompts)):
+        group = sequences[p * best_of:(p + 1) * best_of]
+        if best_of > req.n:
+            group = sorted(group, key=lambda s: s.cumulative_logprob / len(s.events), reverse=True)[: req.n]
+        out.extend((p, s) for s in group)
+    return out
+
+
+def usage(req: OpenAIRequest, completion_tokens: int) -> dict:
+    prompt_tokens = sum(len(ids) for ids in req.prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _envelope(kind: str, req: OpenAIRequest, rid: str, created: int, choices: list, **extra) -> dict:
+    return {"id": rid, "object": kind, "created": created, "model": req.model, "choices": choices, **extra}
+
+
+def chat_body(state: ServerState, req: OpenAIRequest, sequences: list[Sequence], rid: str, created: int) -> dict:
+    choices, completion_tokens = [], 0
+    for i, (_, seq) in enumerate(chosen(req, sequences)):
+        completion_tokens += seq.last.count_output_tokens
+        logprobs = None
+        if req.logprobs:
+            logprobs = {"content": [_chat_logprob(state, e) for e in _token_events(state, seq)]}
+        choices.append({
+            "index": i,
+            "message": {"role": "assistant", "content": without_stop(seq.text, seq.last)},
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(seq.last),
+        })
+    return _envelope("chat.completion", req, rid, created, choices, usage=usage(req, completion_tokens))
+
+
+def completion_body(state: ServerState, req: OpenAIRequest, sequences: list[Sequence], rid: str,
+                    created: int) -> dict:
+    choices, completion_tokens = [], 0
+    for i, (p, seq) in enumerate(chosen(req, sequences)):
+        completion_tokens += seq.last.count_output_tokens
+        prefix = req.prompt_texts[p] if req.echo else ""
+        logprobs = None
+        if req.logprobs:
+            logprobs = _completion_logprobs(state, _token_events(state, seq), len(prefix))
+        choices.append({
+            "index": i,
+            "text": prefix + without_stop(seq.text, seq.last),
+            "logprobs": logprobs,
+            "finish_reason": finish_reason(seq.last),
+        })
+    return _envelope("text_completion", req, rid, created, choices, usage=usage(req, completion_tokens))
+
+
+def _stream_chunks(state: ServerState, req: OpenAIRequest, generation: Generation, chat: bool, rid: str,
+                   created: int, track) -> AsyncIterator[bytes]:
+    """One chunk per token and choice (chat opens each choice with the assistant role), a last chunk per
+    choice with its finish_reason, the usage chunk if asked, then [DONE]."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index: int, piece: str | None, *, logprobs=None, finish=None) -> bytes:
+        if chat:
+            delta = {} if piece is None else {"content": piece}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
+        return event(_envelope(kind, req, rid, created, [choice]), space=True)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        offsets = [0] * len(generation.samples)
+        completion_tokens = 0
+        try:
+            for i, (p, _) in enumerate(chosen_indices(req)):
+                if chat:
+                    opening = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}
+                    yield event(_envelope(kind, req, rid, created, [opening]), space=True)
+                elif req.echo:
+                    yield chunk(i, req.prompt_texts[p])
+                    offsets[i] = len(req.prompt_texts[p])
+            async for i, e in generation.events():
+                err = failure(e)
+                if err is not None:
+                    raise err
+                piece = without_stop(e.text, e)
+                eos = e.finished and e.finish_reason == "stop" and state.is_eos(e.token_id) and not req.params.ignore_eos
+                logprobs = None
+                if req.logprobs and not eos:
+                    if chat:
+                        logprobs = {"content": [_chat_logprob(state, e)]}
+                    else:
+                        logprobs = _completion_logprobs(state, [e], offsets[i])
+                offsets[i] += len(e.text)
+                if piece or logprobs is not None:
+                    yield chunk(i, piece, logprobs=logprobs)
+                if e.finished:
+                    completion_tokens += e.count_output_tokens
+                    yield chunk(i, None, finish=finish_reason(e))
+            if req.include_usage:
+                yield event(_envelope(kind, req, rid, created, [], usage=usage(req, completion_tokens)), space=True)
+            yield DONE
+            track.ok = True
+        finally:
+            track.end()
+
+    return chunks()
+
+
+def chosen_indices(req: OpenAIRequest) -> list[tuple[int, int]]:
+    """(prompt index, sample index) of every streamed choice (streams have best_of == n)."""
+    return [(p, s) for p in range(len(req.prompts)) for s in range(req.n)]
+
+
+async def _answer(state: ServerState, body: Any, *, chat: bool) -> Response:
+    track = state.track()
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    try:
+        req = parse_chat(state.engine, body) if chat else parse_completion(state.engine, body)
+        generation = track.start(Generation(state.engine, req.prompts, req.params))
+    except BaseException:
+        track.end()
+        raise
+    if req.stream:
+        chunks = _stream_chunks(state, req, generation, chat, rid, created, track)
+        return stream_response(chunks, lambda err: event(openai_error_body(err), space=True))
+    try:
+        sequences = await generation.collect()
+        track.ok = True
+    finally:
+        track.end()
+    build = chat_body if chat else completion_body
+    return json_response(build(state, req, sequences, rid, created))
+
+
+async def chat_completions(state: ServerState, body: Any) -> Response:
+    return await _answer(state, body, chat=True)
+
+
+async def completions(state: ServerState, body: Any) -> Response:
+    return await _answer(state, body, chat=False)
+
+
+def models(state: ServerState, created: int) -> dict:
+    return {
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "jaxllm",
+            "max_model_len": state.args.max_req_total_len,
+        }],
+    }

@@ -1,0 +1,224 @@
+"""OpenAI request bodies → prompts and SamplingParams: /v1/chat/completions (the tokenizer's chat template)
+and /v1/completions, with LightLLM's extras (do_sample, top_k, ignore_eos); unsupported features are a 400.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxllm.engine.request import SamplingParams
+from jaxllm.server.errors import ApiError, invalid
+from jaxllm.server.generation import check_prompt
+from jaxllm.server.validation import (
+    boolean,
+    integer,
+    nullable,
+    number,
+    obj,
+    require,
+    sampling_params,
+    stop_strings,
+    string,
+)
+
+# Fields both endpoints take, with LightLLM's extras; null means "default" as OpenAI clients send it.
+COMMON_FIELDS = {
+    "temperature": nullable(number),
+    "top_p": nullable(number),
+    "n": nullable(integer),
+    "stream": nullable(boolean),
+    "stream_options": nullable(obj),
+    "stop": stop_strings,
+    "max_tokens": nullable(integer),
+    "presence_penalty": nullable(number),
+    "frequency_penalty": nullable(number),
+    "seed": nullable(integer),
+    "user": nullable(string),
+    "do_sample": nullable(boolean),
+    "top_k": nullable(integer),
+    "ignore_eos": nullable(boolean),
+}
+CHAT_FIELDS = {
+    **COMMON_FIELDS,
+    "max_completion_tokens": nullable(integer),
+    "logprobs": nullable(boolean),
+    "top_logprobs": nullable(integer),
+}
+COMPLETION_FIELDS = {
+    **COMMON_FIELDS,
+    "logprobs": nullable(integer),
+    "echo": nullable(boolean),
+    "best_of": nullable(integer),
+}
+# Our SamplingParams names → the OpenAI field a client sent (chat has no best_of: n is its sample count).
+_COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop", "n": "best_of"}
+_CHAT_NAMES = {**_COMPLETION_NAMES, "best_of": "n", "n": "n"}
+
+
+@dataclasses.dataclass
+class OpenAIRequest:
+    model: str
+    prompts: list[list[int]]  # one per prompt (chat: exactly one)
+    prompt_texts: list[str]
+    params: SamplingParams  # best_of samples per prompt
+    n: int  # choices returned per prompt (the best n of best_of)
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    echo: bool = False
+
+
+def _any(name: str, value: Any) -> Any:
+    return value
+
+
+def _fields(body: dict, schema: dict) -> dict:
+    """The known fields, type-checked; others are ignored, as LightLLM's (pydantic) models did."""
+    return {k: schema[k](k, v) for k, v in body.items() if k in schema}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    if body.get("logit_bias") is not None:
+        raise invalid("logit_bias: not supported", "logit_bias")
+    if body.get("function_call") not in (None, "none"):
+        raise invalid("function_call: function calling is not supported", "function_call")
+    for name in ("functions", "tools"):
+        if body.get(name):
+            raise invalid(f"{name}: tool and function calling are not supported", name)
+    if body.get("tool_choice") not in (None, "none"):
+        raise invalid("tool_choice: tool calling is not supported", "tool_choice")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise invalid("response_format: only {\"type\": \"text\"} is supported", "response_format")
+    if body.get("suffix") is not None:
+        raise invalid("suffix: not supported", "suffix")
+
+
+def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str]) -> SamplingParams:
+    temperature = f.get("temperature")
+    do_sample = f.get("do_sample")
+    if do_sample is None:  # OpenAI clients expect a positive temperature to sample
+        do_sample = temperature is not None and temperature > 0
+    fields = {
+        "do_sample": do_sample,
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": 1.0 if f.get("top_p") is None else f["top_p"],
+        "top_k": -1 if f.get("top_k") is None else f["top_k"],
+        "presence_penalty": f.get("presence_penalty") or 0.0,
+        "frequency_penalty": f.get("frequency_penalty") or 0.0,
+        "ignore_eos": bool(f.get("ignore_eos")),
+        "max_new_tokens": max_tokens,
+        "stop_sequences": f.get("stop", ()),
+        "best_of": best_of,
+        "n": best_of,
+        "seed": f.get("seed"),
+    }
+    try:
+        return sampling_params(fields)
+    except ApiError as err:
+        name = names.get(err.param or "", err.param)
+        message = err.message if name == err.param else f"{name}{err.message[len(err.param):]}"
+        raise invalid(message, name) from None
+
+
+def _common(body: dict, f: dict) -> tuple[str, int, bool, bool]:
+    model = require(body, "model", string)
+    n = 1 if f.get("n") is None else f["n"]
+    stream = bool(f.get("stream"))
+    include_usage = bool((f.get("stream_options") or {}).get("include_usage"))
+    return model, n, stream, include_usage
+
+
+def _message_text(i: int, message: Any) -> dict:
+    where = f"messages[{i}]"
+    message = obj(where, message)
+    role = require(message, "role", string, where)
+    content = message.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):  # content parts: text only
+        texts = []
+        for j, part in enumerate(content):
+            part = obj(f"{where}.content[{j}]", part)
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"{where}.content[{j}]: only text parts are supported", f"{where}.content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    elif not isinstance(content, str):
+        raise invalid(f"{where}.content: expected a string or a list of text parts", f"{where}.content")
+    return {"role": role, "content": content}
+
+
+def chat_prompt(tokenizer, messages: Any) -> tuple[str, list[int]]:
+    """The tokenizer's chat template applied to the messages, with the assistant's turn opened."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages: expected a non-empty list of messages", "messages")
+    conversation = [_message_text(i, m) for i, m in enumerate(messages)]
+    if not getattr(tokenizer, "chat_template", None):
+        raise invalid("messages: this model's tokenizer has no chat template; use /v1/completions", "messages")
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja raises TemplateError (and others) for conversations a template refuses
+        raise invalid(f"messages: the chat template refused them: {exc}", "messages") from None
+    # The template writes the special tokens itself.
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def parse_chat(engine, body: Any) -> OpenAIRequest:
+    body = obj("body", body)
+    _refuse_unsupported(body)
+    f = _fields(body, CHAT_FIELDS)
+    model, n, stream, include_usage = _common(body, f)
+    if f.get("top_logprobs"):
+        raise invalid("top_logprobs: only 0 is supported (each token's own logprob is returned)", "top_logprobs")
+    max_tokens = f.get("max_tokens") if f.get("max_tokens") is not None else f.get("max_completion_tokens")
+    params = _sampling(f, max_tokens=16 if max_tokens is None else max_tokens, best_of=n, names=_CHAT_NAMES)
+    text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any))
+    ids = check_prompt(engine, ids, params, "messages")
+    return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")))
+
+
+def _prompts(tokenizer, prompt: Any) -> tuple[list[str], list[list[int]]]:
+    """OpenAI's prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise invalid("prompt: expected a string, a list of strings or token ids, or a list of those", "prompt")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]
+    texts, ids = [], []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            texts.append(p)
+            ids.append(tokenizer.encode(p))
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            vocab = len(tokenizer)
+            if not all(0 <= t < vocab for t in p):
+                raise invalid(f"prompt[{i}]: token ids must be in [0, {vocab})", "prompt")
+            texts.append(tokenizer.decode(p))
+            ids.append(list(p))
+        else:
+            raise invalid(f"prompt[{i}]: expected a non-empty string or a non-empty list of token ids", "prompt")
+    return texts, ids
+
+
+def parse_completion(engine, body: Any) -> OpenAIRequest:
+    body = obj("body", body)
+    _refuse_unsupported(body)
+    f = _fields(body, COMPLETION_FIELDS)
+    model, n, stream, include_usage = _common(body, f)
+    best_of = n if f.get("best_of") is None else f["best_of"]
+    if best_of < n:
+        raise invalid(f"best_of: must be >= n ({n}), got {best_of}", "best_of")
+    if stream and best_of != n:
+        raise invalid("best_of: streaming requires best_of == n", "best_of")
+    logprobs = f.get("logprobs")
+    if logprobs not in (None, 0):
+        raise invalid("logprobs: only 0 is supported (each sampled token's own logprob)", "logprobs")
+    echo = bool(f.get("echo"))
+    max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
+    params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=_COMPLETION_NAMES)
+    texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
+    prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
+    return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo)

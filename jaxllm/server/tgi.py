@@ -1,0 +1,212 @@
+"""Hugging Face text-generation-inference's wire format (--use_tgi_api): TGI's `parameters` mapped onto ours,
+/generate as a JSON list (best sequence first) with TGI's `details`, and TGI stream events.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, AsyncIterator
+
+from quart import Response
+
+from jaxllm.engine.request import TokenEvent
+from jaxllm.server.errors import invalid, tgi_error_body
+from jaxllm.server.generation import SEED_LIMIT, Generation, Sequence, failure
+from jaxllm.server.jsonio import finite_logprob, json_response
+from jaxllm.server.lightllm import GenerateRequest, prepare, token_dict
+from jaxllm.server.sse import event, stream_response
+from jaxllm.server.state import ServerState
+from jaxllm.server.validation import (
+    LIGHTLLM_PARAMETERS,
+    boolean,
+    integer,
+    number,
+    obj,
+    read_fields,
+    require,
+    stop_strings,
+    string,
+)
+
+
+def _null_only(name: str, value: Any) -> None:
+    raise invalid(f"{name}: not supported by this server", name)
+
+
+# TGI's names (its client sends every one, null meaning "default"), on top of LightLLM's, which pass too.
+TGI_PARAMETERS = {
+    **LIGHTLLM_PARAMETERS,
+    "return_details": boolean,
+    "details": boolean,
+    "stop": stop_strings,
+    "decoder_input_details": boolean,
+    "return_full_text": boolean,
+    "seed": integer,
+    "truncate": integer,
+    "typical_p": number,
+    "watermark": boolean,
+    "top_n_tokens": integer,
+    "grammar": _null_only,
+    "adapter_id": _null_only,
+}
+
+
+@dataclasses.dataclass
+class TgiOptions:
+    """What TGI asks for beyond the generation itself."""
+
+    decoder_input_details: bool
+    return_full_text: bool
+    seeded: bool  # a seed was sent or chosen (sampling): report it in details
+
+
+def _tgi_fields(parameters: dict) -> tuple[dict, TgiOptions, int | None]:
+    """TGI's parameters → our sampling fields, TGI-only options and the truncate length (400/422 on bad ones)."""
+    given = {k: v for k, v in parameters.items() if v is not None}  # TGI's null = default
+    fields = read_fields(given, TGI_PARAMETERS, "parameters")
+    if "details" in fields:
+        fields.setdefault("return_details", fields.pop("details"))
+    if "stop" in fields:
+        fields.setdefault("stop_sequences", fields.pop("stop"))
+    if fields.pop("watermark", False):
+        raise invalid("watermark: watermarking is not supported", "watermark")
+    if fields.pop("typical_p", 1.0) != 1.0:
+        raise invalid("typical_p: typical decoding is not supported (only 1.0)", "typical_p")
+    if fields.pop("top_n_tokens", 0) != 0:
+        raise invalid("top_n_tokens: returning the most likely tokens is not supported", "top_n_tokens")
+    truncate = fields.pop("truncate", None)
+    if truncate is not None and truncate < 1:
+        raise invalid("truncate: must be at least 1", "truncate")
+    if fields.get("seed") is None and fields.get("do_sample", False):
+        fields["seed"] = random.randrange(SEED_LIMIT)  # reported back, so the sample can be reproduced
+    options = TgiOptions(
+        decoder_input_details=fields.pop("decoder_input_details", False),
+        return_full_text=fields.pop("return_full_text", False),
+        seeded=fields.get("seed") is not None,
+    )
+    return fields, options, truncate
+
+
+def parse(state: ServerState, body: Any, *, stream: bool) -> tuple[GenerateRequest, TgiOptions]:
+    body = obj("body", body)
+    require(body, "inputs", string)
+    parameters = body.get("parameters")
+    parameters = {} if parameters is None else obj("parameters", parameters)
+    fields, options, truncate = _tgi_fields(parameters)
+    return_details = fields.pop("return_details", False)
+    fields["prompt_logprobs"] = state.args.return_all_prompt_logprobs or options.decoder_input_details
+    req = prepare(state, body, stream=stream, fields=fields, return_details=return_details, truncate=truncate)
+    return req, options
+
+
+def finish_reason(state: ServerState, req: GenerateRequest, last: TokenEvent) -> str:
+    """TGI's finish reasons: length, eos_token or stop_sequence."""
+    if last.finish_reason == "length":
+        return "length"
+    if state.is_eos(last.token_id) and not req.params.ignore_eos:
+        return "eos_token"
+    return "stop_sequence"
+
+
+def prefill(state: ServerState, req: GenerateRequest, seq: Sequence) -> list[dict]:
+    """TGI's decoder input details: each prompt token with the logprob the model gave it (none for the first)."""
+    logprobs = {}
+    for position, (_, nxt) in enumerate(seq.prompt_logprobs or []):
+        logprobs[position + 1] = next(iter(nxt.values()))
+    out = []
+    for position, token_id in enumerate(req.prompt_ids):
+        lp = logprobs.get(position)
+        out.append({
+            "id": token_id,
+            "text": state.tokenizer.decode([token_id]),
+            "logprob": None if lp is None else finite_logprob(lp),
+        })
+    return out
+
+
+def _details(state: ServerState, req: GenerateRequest, opts: TgiOptions, seq: Sequence, prefill_tokens: list) -> dict:
+    return {
+        "finish_reason": finish_reason(state, req, seq.last),
+        "generated_tokens": seq.last.count_output_tokens,
+        "seed": seq.params.seed if opts.seeded else None,
+        "prefill": prefill_tokens,
+        "tokens": [token_dict(e, prompt_tokens=False) for e in seq.events],
+    }
+
+
+def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, sequences: list[Sequence]) -> list:
+    """TGI's answer: one object per sequence, the most likely first, whose details list the others."""
+    ranked = sorted(sequences, key=lambda s: s.cumulative_logprob, reverse=True)
+    prefill_tokens = prefill(state, req, ranked[0]) if opts.decoder_input_details else []
+    prefix = req.prompt if opts.return_full_text else ""
+    out = []
+    for seq in ranked:
+        item = {
+            "generated_text": prefix + seq.text,
+            "count_output_tokens": seq.last.count_output_tokens,
+            "finish_reason": seq.finish_reason,
+        }
+        if req.return_details:
+            item["details"] = _details(state, req, opts, seq, prefill_tokens)
+        if state.args.return_all_prompt_logprobs:
+            item["prompt_token_ids"] = req.prompt_ids
+            item["prompt_logprobs"] = seq.prompt_logprobs
+        out.append(item)
+    if req.return_details and len(out) > 1:
+        others = [{"generated_text": o["generated_text"], **o["details"]} for o in out[1:]]
+        out[0]["details"]["best_of_sequences"] = others
+    return out
+
+
+async def generate(state: ServerState, body: Any) -> Response:
+    track = state.track()
+    try:
+        req, opts = parse(state, body, stream=False)
+        generation = track.start(Generation(state.engine, [req.prompt_ids], req.params))
+        sequences = await generation.collect()
+        track.ok = True
+    finally:
+        track.end()
+    return json_response(generate_body(state, req, opts, sequences))
+
+
+async def generate_stream(state: ServerState, body: Any) -> Response:
+    track = state.track()
+    try:
+        req, opts = parse(state, body, stream=True)
+    except BaseException:
+        track.end()
+        raise
+    generation = track.start(Generation(state.engine, [req.prompt_ids], req.params))
+    prefix = req.prompt if opts.return_full_text else ""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        pieces = []
+        try:
+            async for _, e in generation.events():
+                err = failure(e)
+                if err is not None:
+                    raise err
+                pieces.append(e.text)
+                chunk = {
+                    "token": token_dict(e, prompt_tokens=False),
+                    "generated_text": None,
+                    "finished": e.finished,
+                    "finish_reason": e.finish_reason if e.finished else None,
+                    "details": None,
+                }
+                if e.finished:
+                    chunk["generated_text"] = prefix + "".join(pieces)
+                    if req.return_details:
+                        chunk["details"] = {
+                            "finish_reason": finish_reason(state, req, e),
+                            "generated_tokens": e.count_output_tokens,
+                            "seed": req.params.seed if opts.seeded else None,
+                        }
+                yield event(chunk)
+            track.ok = True
+        finally:
+            track.end()
+
+    return stream_response(chunks(), lambda err: event(tgi_error_body(err)))

@@ -1,0 +1,111 @@
+"""The real server (`python -m jaxllm.serve`) as a subprocess on a free loopback port, and small HTTP helpers
+for its routes (the standard library only, so the tests see the bytes the server sends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from email.message import Message
+from pathlib import Path
+
+# Small limits: few step shapes to compile, quick answers on CPU.
+SERVER_FLAGS = [
+    "--data_type", "float32",
+    "--max_total_token_num", "1024",
+    "--batch_max_tokens", "128",
+    "--max_req_input_len", "96",
+    "--max_req_total_len", "128",
+    "--running_max_req_size", "7",
+    "--log_stats_interval", "5",
+]
+START_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running `python -m jaxllm.serve`, with small helpers for its routes."""
+
+    def __init__(self, model_dir: Path, flags: list[str], log_path: Path):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = dict(os.environ)
+        env.pop("XLA_FLAGS", None)  # the test session's 8 fake devices are not the server's business
+        env["JAX_PLATFORMS"] = "cpu"
+        command = [sys.executable, "-m", "jaxllm.serve", "--model_dir", str(model_dir), "--port", str(self.port),
+                   *SERVER_FLAGS, *flags]
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def log_tail(self, n: int = 3000) -> str:
+        return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.get("/liveness")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the server did not start within {START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def request(self, method: str, path: str, body=None, *, raw: bytes | None = None, headers=None,
+                timeout: float = 120) -> tuple[int, bytes, Message]:
+        """(status, body bytes, headers) of one request; `body` is sent as JSON, `raw` as is."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, r.read(), r.headers
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), err.headers
+
+    def get(self, path: str) -> tuple[int, object]:
+        status, data, _ = self.request("GET", path)
+        return status, json.loads(data)
+
+    def post(self, path: str, body=None, **kw) -> tuple[int, object]:
+        status, data, _ = self.request("POST", path, body, **kw)
+        return status, json.loads(data)
+
+    def stream(self, path: str, body) -> tuple[int, list[dict]]:
+        """A streamed POST: (status, the JSON of every `data:` event but [DONE])."""
+        status, data, headers = self.request("POST", path, body)
+        if status != 200:
+            return status, [json.loads(data)]
+        assert headers["Content-Type"].startswith("text/event-stream")
+        events = []
+        for chunk in data.decode().split("\n\n"):
+            if chunk and chunk.removeprefix("data:").strip() != "[DONE]":
+                assert chunk.startswith("data:"), chunk
+                events.append(json.loads(chunk.removeprefix("data:")))
+        return status, events
+
+
+def chat_text(tokenizer, user: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
