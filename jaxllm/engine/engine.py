@@ -9,17 +9,23 @@ import logging
 import queue
 import secrets
 import threading
-import time
 import uuid
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from jaxllm.config import ModelConfig
+from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher, load_tokenizer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_prompt
 from jaxllm.engine.stream import RequestStream
+from jaxllm.models import build_model
+from jaxllm.models.backends import attention_backend
+from jaxllm.parallel import kv_cache_spec, make_mesh
+from jaxllm.weights import DATA_TYPES, load_params
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +36,8 @@ class Engine:
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
     def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None):
-        """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: at most this
-        many step shapes compiled at start-up (None: all)."""
-        from jaxllm.parallel import kv_cache_spec
-
+        """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: how many step
+        shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met)."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
@@ -58,28 +62,19 @@ class Engine:
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0}
         self._snapshot = self._take_snapshot()
-        self._last_log = (time.monotonic(), 0, 0)
 
     @classmethod
     def from_args(cls, args, *, warmup: int | None = None) -> "Engine":
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
-        from jaxllm.config import ModelConfig
-        from jaxllm.models import build_model
-        from jaxllm.parallel import make_mesh
-        from jaxllm.weights import DATA_TYPES, load_params
-
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
-        if args.mode:
-            raise ValueError(f"--mode {' '.join(args.mode)} is not supported yet")
         config = ModelConfig.from_model_dir(args.model_dir)
-        model = build_model(config, DATA_TYPES[args.data_type])
         mesh = make_mesh(args.tp)
+        backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
+        model = build_model(config, DATA_TYPES[args.data_type], backend)
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-            from jaxllm.engine.detokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode)
         return cls(args, model, params, mesh, tokenizer, warmup=warmup)
 
@@ -116,6 +111,18 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue one sequence (a caller wanting best_of samples submits best_of times); never blocks.
         Raises ValueError for invalid parameters or lengths."""
+        return self.submit_many([(prompt_ids, params, request_id)])[0]
+
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams, str | None]]) -> list[RequestStream]:
+        """Queue several sequences at once: the engine sees them together (one admission decision), so the
+        same submission to an idle engine always runs as the same steps. All are checked before any is
+        queued."""
+        built = [self._new_request(list(ids), params, rid) for ids, params, rid in requests]
+        self._inbox.put(("add", built))
+        self._wake.set()
+        return [req.stream for req in built]
+
+    def _new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> Request:
         params = params.normalized()
         params.validate()
         if params.stop_sequences and self.tokenizer is None:
@@ -133,9 +140,7 @@ class Engine:
         )
         self._attach_text_state(req)
         req.stream = RequestStream(req.request_id)
-        self._inbox.put(("add", req))
-        self._wake.set()
-        return req.stream
+        return req
 
     def abort(self, request_id: str) -> None:
         """End a request: its KV is freed within one step and its stream ends with "abort"."""
@@ -165,7 +170,6 @@ class Engine:
                 self._postprocess(inflight)
             inflight = handle
             self._snapshot = self._take_snapshot()
-            self._maybe_log_stats()
             if inflight is None:
                 idle = not self.scheduler.has_work()
                 self._wake.wait(timeout=1.0 if idle else 0.001)
@@ -183,11 +187,13 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                if item.request_id in self._requests:
-                    self._emit(item, _final_event(item, "error", f"request id {item.request_id} is in use"))
-                    continue
-                self._requests[item.request_id] = item
-                self.scheduler.add(item)
+                for req in item:
+                    if req.request_id in self._requests:
+                        req.status, req.finish_reason = RequestStatus.FINISHED, "error"
+                        self._emit(req, _final_event(req, "error", f"request id {req.request_id} is in use"))
+                        continue
+                    self._requests[req.request_id] = req
+                    self.scheduler.add(req)
             elif item in self._requests:
                 self._end(self._requests[item], "abort")
 
@@ -298,6 +304,7 @@ class Engine:
         self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)
         self._counters["finished"] += 1
+        self._snapshot = self._take_snapshot()  # readers see the KV freed once the final event is out
 
     def _emit(self, req: Request, event: TokenEvent) -> None:
         if not req.stream.put(event) and not req.finished:  # the consumer's event loop is gone
@@ -306,8 +313,6 @@ class Engine:
     def _attach_text_state(self, req: Request) -> None:
         if self.tokenizer is None:
             return
-        from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-
         p = req.params
         req.detokenizer = IncrementalDetokenizer(
             self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens,
@@ -336,25 +341,6 @@ class Engine:
             },
             **self._counters,
         }
-
-    def _maybe_log_stats(self) -> None:
-        if self.args.disable_log_stats:
-            return
-        now = time.monotonic()
-        last_time, last_prefill, last_decode = self._last_log
-        elapsed = now - last_time
-        if elapsed < self.args.log_stats_interval:
-            return
-        s = self._snapshot
-        if (s["prefill_tokens"], s["decode_tokens"]) != (last_prefill, last_decode):
-            log.info(
-                "prefill %.1f tok/s, decode %.1f tok/s | running %d, waiting %d, paused %d | "
-                "KV %d/%d tokens (%.1f%%)",
-                (s["prefill_tokens"] - last_prefill) / elapsed, (s["decode_tokens"] - last_decode) / elapsed,
-                s["running"], s["waiting"], s["paused"], s["kv_used"], s["kv_total"],
-                100.0 * s["kv_used"] / s["kv_total"],
-            )
-        self._last_log = (now, s["prefill_tokens"], s["decode_tokens"])
 
 
 def _final_event(req: Request, reason: str, error: str | None = None) -> TokenEvent:

@@ -144,7 +144,7 @@ class ModelRunner:
         max_len: int,
         max_prefill_tokens: int,
         eos_ids: tuple[int, ...],
-        min_width: int = 16,
+        min_width: int = 64,
         min_prefill_tokens: int = 16,
     ):
         self.model = model
@@ -183,20 +183,25 @@ class ModelRunner:
         return StepShape(tokens, rows, width, decode_only, all_logits)
 
     def warmup_shapes(self) -> list[StepShape]:
-        """Start-up shapes, most used first: decodes at every row count and width, then one-request
-        prefills of each token bucket."""
-        shapes = [StepShape(r, r, w, True, False) for r in self.row_buckets for w in self.width_buckets]
+        """Every start-up shape, most used first: decodes at every row count with the narrowest table and
+        one-request prefills of every token bucket (the default start-up set), then decodes at the wider
+        tables."""
+        narrow, *wider = self.width_buckets
+        shapes = [StepShape(r, r, narrow, True, False) for r in self.row_buckets]
         for t in self.token_buckets:
             w = pick_bucket(self.width_buckets, min(t, self.width_buckets[-1]))
             shapes.append(StepShape(t, min(2, self.row_buckets[-1]), w, False, False))
+        shapes += [StepShape(r, r, w, True, False) for w in wider for r in self.row_buckets]
         return shapes
 
     def warmup(self, limit: int | None = None) -> int:
-        """Compile (and run on padding only) the first `limit` start-up shapes; returns how many."""
-        shapes = self.warmup_shapes()[: limit if limit is not None else None]
+        """Compile (running them on padding only) the first `limit` start-up shapes, by default the
+        start-up set; other shapes compile when first met. Returns how many were compiled."""
+        if limit is None:
+            limit = len(self.row_buckets) + len(self.token_buckets)
+        shapes = self.warmup_shapes()[:limit]
         for shape in tqdm(shapes, desc="compiling steps", unit="shape", disable=not shapes):
-            inputs = self._padding_inputs(shape)
-            self._run(inputs, shape)
+            self._run(self._padding_inputs(shape), shape)
         jax.block_until_ready(self._last_tokens)
         return len(shapes)
 

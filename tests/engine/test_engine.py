@@ -1,0 +1,215 @@
+"""The engine end to end on a tiny random model (float32, CPU): exact greedy outputs against a plain loop,
+preemption, abort, step failures, asyncio streams, prompt logprobs, steady-state compilation, --tp."""
+
+import asyncio
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from engine_helpers import GreedyReference, make_engine, random_prompts
+from jaxllm.engine.request import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine):
+    return GreedyReference(tiny_engine.runner.model, tiny_engine.runner.params)
+
+
+def run_all(engine, prompts, params):
+    """Submit together, wait for every stream; returns the events of each request."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    streams = engine.submit_many([(p, sp, None) for p, sp in zip(prompts, params)])
+    return [list(s) for s in streams]
+
+
+def tokens_of(events):
+    return [e.token_id for e in events]
+
+
+def assert_idle_and_empty(engine):
+    engine.kv.check([])
+    assert engine.kv.num_free == engine.kv.num_slots
+    assert not engine.scheduler.has_work()
+
+
+def test_batched_ragged_greedy_matches_a_plain_loop(tiny_engine, reference):
+    prompts = random_prompts(seed=0, count=12)
+    lengths = [int(n) for n in np.random.default_rng(1).integers(1, 25, size=12)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    results = run_all(tiny_engine, prompts, params)
+    for prompt, n, events in zip(prompts, lengths, results):
+        assert tokens_of(events) == reference.generate(prompt, n)
+        assert events[-1].finished and events[-1].finish_reason == "length"
+        assert [e.count_output_tokens for e in events] == list(range(1, n + 1))
+        assert all(e.prompt_tokens == len(prompt) for e in events)
+    assert_idle_and_empty(tiny_engine)
+
+
+def test_logprobs_are_those_of_the_chosen_tokens(tiny_engine, reference):
+    prompt = random_prompts(seed=2, count=1)[0]
+    events = run_all(tiny_engine, [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+    seq = list(prompt)
+    for event in events:
+        logits = reference.logits(seq)[-1]
+        logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        assert event.logprob == pytest.approx(float(logp[event.token_id]), abs=1e-4)
+        seq.append(event.token_id)
+
+
+def test_eos_stops_with_reason_stop(tiny_engine, reference):
+    prompt = random_prompts(seed=3, count=1)[0]
+    expected = reference.generate(prompt, 6)
+    eos = expected[2]
+    engine_eos = tiny_engine._eos
+    tiny_engine._eos = frozenset({eos})
+    try:
+        events = run_all(tiny_engine, [prompt], SamplingParams(max_new_tokens=6))[0]
+    finally:
+        tiny_engine._eos = engine_eos
+    assert tokens_of(events) == expected[: expected.index(eos) + 1]
+    assert events[-1].finish_reason == "stop"
+
+
+def test_prompt_logprobs_cover_every_prompt_position_but_the_last(tiny_engine, reference):
+    prompt = random_prompts(seed=4, count=1, max_len=20)[0] + [9, 10]
+    events = run_all(tiny_engine, [prompt], SamplingParams(max_new_tokens=2, prompt_logprobs=True))[0]
+    entries = events[0].prompt_logprobs
+    assert events[1].prompt_logprobs is None
+    logits = reference.logits(prompt)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    assert len(entries) == len(prompt) - 1
+    for pos, (token, nxt) in enumerate(entries):
+        assert token == prompt[pos]
+        ((key, value),) = nxt.items()
+        assert key == str(prompt[pos + 1])
+        assert value == pytest.approx(float(logp[pos, prompt[pos + 1]]), abs=1e-4)
+
+
+def test_streams_work_from_asyncio(tiny_engine, reference):
+    prompts = random_prompts(seed=5, count=3)
+
+    async def consume():
+        streams = [tiny_engine.submit(p, SamplingParams(max_new_tokens=4, ignore_eos=True)) for p in prompts]
+
+        async def read(stream):
+            return [e.token_id async for e in stream]
+
+        return await asyncio.gather(*(read(s) for s in streams))
+
+    got = asyncio.run(consume())
+    assert got == [reference.generate(p, 4) for p in prompts]
+
+
+def test_a_seeded_sample_is_the_same_alone_or_in_a_batch(tiny_engine):
+    prompt = random_prompts(seed=6, count=1)[0]
+    params = SamplingParams(do_sample=True, temperature=1.5, top_p=0.9, max_new_tokens=8, ignore_eos=True, seed=7)
+    alone = tokens_of(run_all(tiny_engine, [prompt], params)[0])
+    others = random_prompts(seed=7, count=3)
+    mixed = run_all(tiny_engine, others[:2] + [prompt] + others[2:],
+                    [SamplingParams(do_sample=True, max_new_tokens=8)] * 2 + [params]
+                    + [SamplingParams(do_sample=True, max_new_tokens=8)])
+    assert tokens_of(mixed[2]) == alone
+    assert len(set(tuple(tokens_of(m)) for m in mixed)) > 1
+
+
+def test_abort_frees_the_request_at_once(tiny_engine):
+    prompt = random_prompts(seed=8, count=1)[0][:10]
+    running = tiny_engine.submit(prompt, SamplingParams(max_new_tokens=50, ignore_eos=True), request_id="long")
+    first = next(running)
+    assert first.count_output_tokens == 1 and not first.finished
+    tiny_engine.abort("long")
+    rest = list(running)
+    assert rest[-1].finished and rest[-1].finish_reason == "abort" and rest[-1].token_id == -1
+    assert len(rest) < 50
+    assert_idle_and_empty(tiny_engine)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_engine, reference, monkeypatch):
+    prompts = random_prompts(seed=9, count=3)
+    steady = [tiny_engine.submit(p, SamplingParams(max_new_tokens=20, ignore_eos=True)) for p in prompts[:2]]
+    firsts = [next(s) for s in steady]  # both running before the bad request arrives
+    real_prepare = tiny_engine.runner._prepare
+
+    def prepare(batch, shape):
+        if any(c.request.request_id == "boom" for c in batch.chunks):
+            raise RuntimeError("injected failure")
+        return real_prepare(batch, shape)
+
+    monkeypatch.setattr(tiny_engine.runner, "_prepare", prepare)
+    bad = list(tiny_engine.submit(prompts[2], SamplingParams(max_new_tokens=5), request_id="boom"))
+    assert len(bad) == 1 and bad[0].finish_reason == "error" and "injected failure" in bad[0].error
+    for prompt, first, stream in zip(prompts, firsts, steady):
+        assert [first.token_id] + tokens_of(stream) == reference.generate(prompt, 20)
+    monkeypatch.undo()
+    again = run_all(tiny_engine, [prompts[2]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
+    assert tokens_of(again) == reference.generate(prompts[2], 3)
+    assert tiny_engine.stats()["failed_steps"] >= 1
+    assert_idle_and_empty(tiny_engine)
+
+
+def test_invalid_requests_are_refused_with_a_reason(tiny_engine):
+    with pytest.raises(ValueError, match="max_req_input_len"):
+        tiny_engine.submit(list(range(3, 50)), SamplingParams())
+    with pytest.raises(ValueError, match="max_req_total_len"):
+        tiny_engine.submit([5] * 30, SamplingParams(max_new_tokens=40))
+    with pytest.raises(ValueError, match="vocabulary"):
+        tiny_engine.submit([5, 999], SamplingParams())
+    with pytest.raises(ValueError, match="^top_p"):
+        tiny_engine.submit([5], SamplingParams(do_sample=True, top_p=1.5))
+    with pytest.raises(ValueError, match="stop_sequences"):
+        tiny_engine.submit([5], SamplingParams(stop_sequences=("x",)))
+
+
+def test_token_load_reports_use_while_running(tiny_engine):
+    stream = tiny_engine.submit([5] * 20, SamplingParams(max_new_tokens=30, ignore_eos=True))
+    next(stream)
+    load = tiny_engine.token_load()
+    assert 0 < load["current_load"] <= load["logical_max_load"] <= 1
+    list(stream)
+    assert tiny_engine.token_load()["current_load"] == 0
+
+
+def test_no_compilation_in_steady_state(tiny_engine):
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    prompts = random_prompts(seed=10, count=10)
+    params = [SamplingParams(max_new_tokens=int(n), ignore_eos=True)
+              for n in np.random.default_rng(11).integers(1, 20, size=10)]
+    first = run_all(tiny_engine, prompts, params)  # may compile shapes not seen yet
+    compiles.clear()
+    second = run_all(tiny_engine, prompts, params)
+    assert compiles == []
+    assert [tokens_of(e) for e in first] == [tokens_of(e) for e in second]
+
+
+def test_preemption_under_a_tiny_cache_keeps_outputs_exact(tiny_model_dir, reference):
+    """64 concurrent requests wanting ~1700 KV tokens in a 70-token cache: optimistic admission (not busy
+    below 100% use, 1 expected new token) overfills it, so requests are paused and recomputed."""
+    engine = make_engine(tiny_model_dir, max_total_token_num=70, router_token_ratio=1.0,
+                         router_max_new_token_len=1, router_max_wait_tokens=2)
+    prompts = random_prompts(seed=12, count=64, max_len=12)
+    with engine:
+        results = run_all(engine, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+        assert engine.stats()["preemptions"] > 0
+        assert_idle_and_empty(engine)
+    for prompt, events in zip(prompts, results):
+        assert tokens_of(events) == reference.generate(prompt, 20)
+
+
+def test_tensor_parallel_engine_gives_the_same_tokens(tiny_model_dir, reference):
+    engine = make_engine(tiny_model_dir, tp=2)
+    assert len(engine.runner.mesh.devices.ravel()) == 2
+    prompts = random_prompts(seed=13, count=4)
+    with engine:
+        results = run_all(engine, prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    for prompt, events in zip(prompts, results):
+        assert tokens_of(events) == reference.generate(prompt, 6)

@@ -1,0 +1,85 @@
+"""The offline API (`from jaxllm import LLM, SamplingParams`) on the converted SmolLM2-135M-Instruct, float32."""
+
+import pytest
+
+from jaxllm import LLM, SamplingParams
+from jaxllm.offline import server_args
+
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.", "Hi!",
+    "Explain gravity in one sentence.", "What is 2 + 2?", "Name a color.", "Translate 'cat' to French.",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    with LLM(str(smollm2_dir), data_type="float32", max_total_token_num=4096, max_req_input_len=128,
+             max_req_total_len=192, running_max_req_size=64, batch_max_tokens=1024, warmup=0,
+             disable_log_stats=True) as model:
+        yield model
+
+
+def chat_prompts(llm, count):
+    texts = [f"{QUESTIONS[i % len(QUESTIONS)]}" + " Please answer briefly." * (i // len(QUESTIONS))
+             for i in range(count)]
+    return [llm.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                              add_generation_prompt=True) for t in texts]
+
+
+def test_flags_are_the_servers_by_keyword(tmp_path):
+    args = server_args(str(tmp_path), data_type="float32", max_total_token_num=9000, eos_id=[2, 5])
+    assert (args.data_type, args.max_total_token_num, args.eos_id) == ("float32", 9000, [2, 5])
+    assert args.batch_max_tokens == 3072  # resolved like the CLI's default
+    with pytest.raises(TypeError, match="no_such_flag"):
+        server_args(str(tmp_path), no_such_flag=1)
+    with pytest.raises(ValueError, match="data_type"):
+        server_args(str(tmp_path), data_type="float8")
+    with pytest.raises(ValueError, match="splitfuse_mode"):
+        server_args(str(tmp_path), splitfuse_mode=True)
+
+
+def test_generate_text_and_token_prompts(llm):
+    prompts = chat_prompts(llm, 4)
+    outputs = llm.generate(prompts, SamplingParams(max_new_tokens=16), use_tqdm=False)
+    assert len(outputs) == 4
+    for prompt, out in zip(prompts, outputs):
+        assert out.prompt_token_ids == llm.tokenizer.encode(prompt)
+        assert out.finish_reason in ("stop", "length") and 1 <= len(out.token_ids) <= 16
+        assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        assert len(out.logprobs) == len(out.token_ids) and all(lp <= 0 for lp in out.logprobs)
+    assert "Paris" in outputs[0].text
+    # The same prompts as token ids give the same tokens (greedy).
+    again = llm.generate([o.prompt_token_ids for o in outputs], SamplingParams(max_new_tokens=16), use_tqdm=False)
+    assert [o.token_ids for o in again] == [o.token_ids for o in outputs]
+
+
+def test_stop_sequences_end_the_text_and_stay_in_it(llm):
+    prompt = chat_prompts(llm, 1)
+    free = llm.generate(prompt, SamplingParams(max_new_tokens=24), use_tqdm=False)[0]
+    stop = free.text.split()[2]  # a word from the middle of the free answer
+    out = llm.generate(prompt, SamplingParams(max_new_tokens=24, stop_sequences=[stop]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.text.endswith(stop) and out.text == free.text[: free.text.index(stop) + len(stop)]
+
+
+def test_prompt_logprobs(llm):
+    prompt = chat_prompts(llm, 1)[0]
+    out = llm.generate([prompt], SamplingParams(max_new_tokens=1, prompt_logprobs=True), use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    assert [entry[0] for entry in out.prompt_logprobs] == ids[:-1]
+    assert [list(entry[1]) for entry in out.prompt_logprobs] == [[str(t)] for t in ids[1:]]
+    assert all(lp <= 0 for entry in out.prompt_logprobs for lp in entry[1].values())
+
+
+def test_batch_invariance_48_mixed_requests(llm):
+    """48 greedy requests of mixed lengths, submitted together, give exactly the tokens each gives alone."""
+    prompts = chat_prompts(llm, 48)
+    params = [SamplingParams(max_new_tokens=2 + i % 3, ignore_eos=True) for i in range(48)]
+    together = llm.generate(prompts, params, use_tqdm=False)
+    alone = [llm.generate([p], [sp], use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_n_above_one_is_refused(llm):
+    with pytest.raises(ValueError, match="best_of"):
+        llm.generate(["hi"], SamplingParams(best_of=2, n=2, do_sample=True), use_tqdm=False)
