@@ -1,0 +1,106 @@
+"""The OpenAI routes against the real server through the official `openai` client: chat and completions,
+streamed and not, give /generate's greedy text; n, stop, logprobs, seed, usage, /v1/models and error objects."""
+
+import openai
+import pytest
+from e2e_server import chat_text
+
+QUESTION = "Name three colours of the rainbow."
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def client(lightllm_server):
+    return openai.OpenAI(base_url=lightllm_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(lightllm_server, tokenizer):
+    """/generate's greedy answer to the chat-templated question."""
+    status, out = lightllm_server.post("/generate", {"inputs": chat_text(tokenizer, QUESTION), "parameters": {
+        "max_new_tokens": MAX_TOKENS}})
+    assert status == 200
+    return out
+
+
+def test_chat_gives_the_greedy_text(client, reference, tokenizer):
+    reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=MAX_TOKENS)
+    choice, = reply.choices
+    assert choice.message.role == "assistant" and choice.message.content == reference["generated_text"][0]
+    assert choice.finish_reason == reference["finish_reason"] and reply.id.startswith("chatcmpl-")
+    assert reply.object == "chat.completion" and reply.model == "smollm2"
+    prompt_tokens = len(tokenizer.encode(chat_text(tokenizer, QUESTION)))
+    assert reply.usage.prompt_tokens == prompt_tokens == reference["prompt_tokens"]
+    assert reply.usage.completion_tokens == reference["count_output_tokens"]
+    assert reply.usage.total_tokens == prompt_tokens + reference["count_output_tokens"]
+
+
+def test_chat_stream_gives_the_greedy_text(client, reference):
+    stream = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}],
+                                            max_tokens=MAX_TOKENS, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reference["generated_text"][0]
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [reference["finish_reason"]]
+    assert chunks[-1].usage.completion_tokens == reference["count_output_tokens"]
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_give_the_greedy_text(client, reference, tokenizer):
+    prompt = chat_text(tokenizer, QUESTION)
+    reply = client.completions.create(model="smollm2", prompt=prompt, max_tokens=MAX_TOKENS)
+    assert reply.choices[0].text == reference["generated_text"][0] and reply.id.startswith("cmpl-")
+    assert reply.usage.prompt_tokens == reference["prompt_tokens"]
+    streamed = client.completions.create(model="smollm2", prompt=prompt, max_tokens=MAX_TOKENS, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == reference["generated_text"][0]
+
+
+def test_stop_string_is_dropped(client, reference):
+    text = reference["generated_text"][0]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    expected = text[: text.index(stop)]
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS, stop=[stop])
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS, stop=stop,
+                                            stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected
+
+
+def test_n_seed_and_logprobs(client):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    kwargs = dict(model="m", messages=messages, max_tokens=6, temperature=1.2, seed=1234, logprobs=True)
+    first = client.chat.completions.create(n=3, **kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.completion_tokens == sum(len(c.logprobs.content) for c in first.choices)
+    again = client.chat.completions.create(n=3, **kwargs)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in first.choices]
+    assert len({c.message.content for c in first.choices}) > 1  # seeds seed, seed+1, seed+2
+    for choice in first.choices:
+        assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+        assert all(t.logprob <= 0 for t in choice.logprobs.content)
+    completion = client.completions.create(model="m", prompt="Once upon a time", max_tokens=4, logprobs=0)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == 4 and lp.text_offset[0] == 0
+
+
+def test_models(client, smollm2_dir):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [smollm2_dir.name]
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 9}, "n"),
+    ({"presence_penalty": -0.5}, "presence_penalty"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"max_tokens": 500}, "messages"),
+])
+def test_bad_requests_raise_openai_errors(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], **kwargs)
+    assert info.value.status_code == 400 and info.value.body["param"] == param and info.value.body["message"]
