@@ -9,6 +9,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -59,8 +60,12 @@ class Engine:
         self._arrival_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Totals since start. host_s: time the loop spent on the host (scheduling, preparing, dispatching,
+        # postprocessing); device_wait_s: time it waited for results, the device still busy.
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
-                          "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0}
+                          "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
+                          "host_s": 0.0, "device_wait_s": 0.0}
+        self._peak, self._peak_at = 0, 0.0
         self._snapshot = self._take_snapshot()
 
     @classmethod
@@ -157,6 +162,7 @@ class Engine:
     def _loop(self) -> None:
         inflight: StepHandle | None = None
         while True:
+            started = time.perf_counter()
             self._take_inbox()
             if self._stopping:
                 break
@@ -164,12 +170,15 @@ class Engine:
             if self.scheduler.has_work():
                 batch = self.scheduler.schedule()
                 self._counters["preemptions"] += len(batch.preempted)
+                if batch.kind == "prefill" or batch.preempted:
+                    self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
                 if batch.chunks:
                     handle = self._dispatch(batch)
             if inflight is not None:
                 self._postprocess(inflight)
             inflight = handle
             self._snapshot = self._take_snapshot()
+            self._counters["host_s"] += time.perf_counter() - started
             if inflight is None:
                 idle = not self.scheduler.has_work()
                 self._wake.wait(timeout=1.0 if idle else 0.001)
@@ -215,13 +224,19 @@ class Engine:
     def _postprocess(self, handle: StepHandle) -> None:
         """Read a step's results: append tokens, check stops, free what finished."""
         batch = handle.batch
+        started, failure = time.perf_counter(), None
         try:
             result = self.runner.fetch(handle)
         except Exception as exc:  # noqa: BLE001
+            failure = exc
+        waited = time.perf_counter() - started
+        self._counters["device_wait_s"] += waited
+        self._counters["host_s"] -= waited
+        if failure is not None:
             for chunk in batch.chunks:
                 if chunk.samples:
                     chunk.request.num_pending -= 1
-            self._fail_step(batch, exc)
+            self._fail_step(batch, failure)
             return
         for i, chunk in enumerate(batch.chunks):
             req = chunk.request
@@ -323,9 +338,16 @@ class Engine:
 
     # --- stats ---------------------------------------------------------------------------------
     def _take_snapshot(self) -> dict:
+        """What stats() and token_load() return. The peak estimate (a sort over the running requests) is
+        refreshed every 50 ms at most."""
         total = self.kv.num_slots
         used = self.kv.num_used
-        peak = self.scheduler.estimated_peak() if self.scheduler.running else 0
+        now = time.monotonic()
+        if not self.scheduler.running:
+            self._peak = 0
+        elif now - self._peak_at > 0.05:
+            self._peak, self._peak_at = self.scheduler.estimated_peak(), now
+        peak = self._peak
         waiting = self.scheduler.waiting
         paused = sum(1 for r in waiting if r.status is RequestStatus.PAUSED)
         return {

@@ -37,7 +37,7 @@ class SamplingParams:
     add_spaces_between_special_tokens: bool = True
     print_eos_token: bool = False
     input_penalty: bool = False  # count the prompt's tokens in the penalties too
-    seed: int | None = None  # ours: a reproducible sample stream (OpenAI / TGI `seed`)
+    seed: int | None = None  # ours: a reproducible sample stream (OpenAI / TGI `seed`), taken modulo 2**64
     prompt_logprobs: bool = False  # ours: logprob of every prompt token given its prefix
 
     def __post_init__(self):
@@ -61,7 +61,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.top_k == 1
+        """Whether decoding is greedy (after normalisation: always the most likely token)."""
+        return self.normalized().top_k == 1
 
     def validate(self) -> None:
         """Raise ValueError("<field>: reason") for the first value outside LightLLM's accepted ranges."""
@@ -81,8 +82,8 @@ class SamplingParams:
              "must be a pair [start index >= 0, factor >= 1.0]"),
             ("stop_sequences", all(isinstance(s, str) and s for s in self.stop_sequences),
              "must be non-empty strings"),
-            ("seed", self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**64),
-             "must be an integer in [0, 2**64)"),
+            ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
+             "must be an integer"),
         ]
         for name, ok, reason in checks:
             if not ok:
