@@ -22,7 +22,7 @@ from jaxllm.server.validation import obj, require, string
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a larger body is a 413
-HEALTH_TIMEOUT_S = 60.0  # a health generation slower than this counts as a failure
+HEALTH_TIMEOUT_S = 50.0  # a slower health generation is a failure (answered before a 60 s probe gives up)
 HEALTH_PROMPT = "Hello"
 LOAD_REFRESH_S = 1.0  # how often the load gauges are copied from the engine
 

@@ -80,7 +80,8 @@ class Generation:
         self.prompts = prompts
         self.params = params
         self.samples = [(ids, sample) for ids in prompts for sample in fan_out(params)]
-        self.request_ids = [f"{uuid.uuid4().hex}-{i}" for i in range(len(self.samples))]
+        self.group_id = uuid.uuid4().hex
+        self.request_ids = [f"{self.group_id}-{i}" for i in range(len(self.samples))]
         self.submitted_at: float | None = None
         self.first_token_at: float | None = None
         self.finished_at: float | None = None

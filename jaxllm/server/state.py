@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any
 
+from quart import has_request_context, request
+
 from jaxllm.args import ServerArgs
 from jaxllm.server.generation import Generation
+
+log = logging.getLogger("jaxllm.server")
 
 
 @dataclasses.dataclass
@@ -40,14 +45,18 @@ class ServerState:
         """Start the clock of one generation request (counted as received in the metrics)."""
         if self.metrics is not None:
             self.metrics.request_received()
-        return Tracker(self.metrics)
+        headers = request.headers if has_request_context() else {}
+        label = " ".join(f"{h}:{headers[h]}" for h in ("X-Request-Id", "X-Session-Id") if h in headers)
+        return Tracker(self.metrics, label)
 
 
 class Tracker:
-    """One generation request from arrival to answer: set `ok` when it succeeded, call end() once it is over."""
+    """One generation request from arrival to answer: set `ok` when it succeeded, call end() once it is over
+    (it feeds the metrics and logs one line per request, with the client's X-Request-Id / X-Session-Id)."""
 
-    def __init__(self, metrics: Any) -> None:
+    def __init__(self, metrics: Any, label: str = "") -> None:
         self.metrics = metrics
+        self.label = label
         self.received_at = time.monotonic()
         self.generation: Generation | None = None
         self.ok = False
@@ -59,8 +68,7 @@ class Tracker:
         return generation
 
     def end(self) -> None:
-        if self._ended or self.metrics is None:
-            self._ended = True
+        if self._ended:
             return
         self._ended = True
         now = time.monotonic()
@@ -68,6 +76,14 @@ class Tracker:
         submitted = g.submitted_at if g is not None and g.submitted_at is not None else now
         first = g.first_token_at if g is not None and g.first_token_at is not None else now
         last = g.finished_at if g is not None and g.finished_at is not None else now
+        if g is not None:
+            log.info("%s%s: %d prompt tokens, %d generated, first token %.1f ms, total %.1f ms%s",
+                     f"{self.label} " if self.label else "", g.group_id, g.input_len,
+                     g.generated_tokens, 1000 * (first - self.received_at), 1000 * (now - self.received_at),
+                     "" if self.ok else " (failed or aborted)")
+        if self.metrics is None:
+            return
+        # The engine does not report admission times: queue_s is submission → first token (prefill included).
         self.metrics.request_finished(
             success=self.ok,
             duration_s=now - self.received_at,
