@@ -17,7 +17,7 @@ from jaxllm.server.errors import ApiError, lightllm_error_body, openai_error_bod
 from jaxllm.server.generation import Generation
 from jaxllm.server.jsonio import json_response, parse_json
 from jaxllm.server.state import ServerState
-from jaxllm.server.validation import obj, require, string
+from jaxllm.server.validation import boolean, nullable, obj, require, string
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ def create_app(state: ServerState) -> Quart:
     """The app serving `state.engine` with the routes LightLLM's api_server has, plus /v1."""
     app = Quart("jaxllm")
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60)
-    app.extensions["jaxllm"] = state
     fmt = tgi if state.args.use_tgi_api else lightllm
     started = int(time.time())
 
@@ -63,9 +62,7 @@ def create_app(state: ServerState) -> Quart:
     @app.post("/")
     async def compat_generate() -> Response:
         body = await read_json()
-        stream = isinstance(body, dict) and body.pop("stream", False)
-        if stream not in (True, False, None):
-            raise ApiError(422, "stream: expected true or false", param="stream")
+        stream = nullable(boolean)("stream", body.pop("stream", None)) if isinstance(body, dict) else None
         return await (fmt.generate_stream if stream else fmt.generate)(state, body)
 
     @app.post("/get_score")

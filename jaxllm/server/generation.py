@@ -144,9 +144,10 @@ class Generation:
                     if event.finished:
                         break
             else:
-                async for index, event in _merged(streams):
-                    self._note(event, index)
-                    yield index, event
+                async with contextlib.aclosing(_merged(streams)) as merged:
+                    async for index, event in merged:
+                        self._note(event, index)
+                        yield index, event
         finally:
             self._abort_open()
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from quart import Response
 
-from jaxllm.server.errors import ApiError, invalid
+from jaxllm.server.errors import invalid
 
 # OpenAI's and vLLM's floor for a logprob that underflowed to -inf: JSON has no infinities.
 LOGPROB_FLOOR = -9999.0
@@ -65,7 +65,3 @@ def dumps(value: Any) -> str:
 
 def json_response(value: Any, status: int = 200) -> Response:
     return Response(dumps(value), status=status, content_type="application/json")
-
-
-def error_response(err: ApiError, body: dict) -> Response:
-    return json_response(body, err.status)

@@ -4,6 +4,7 @@ and the /generate_stream events, field by field as LightLLM's api_server writes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, AsyncIterator
 
@@ -11,7 +12,7 @@ from quart import Response
 
 from jaxllm.engine.request import SamplingParams, TokenEvent
 from jaxllm.server.errors import ApiError, invalid, lightllm_error_body
-from jaxllm.server.generation import Generation, Sequence, check_prompt, failure
+from jaxllm.server.generation import Generation, Sequence, check_prompt
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.sse import event, stream_response
 from jaxllm.server.state import ServerState
@@ -118,10 +119,10 @@ async def generate(state: ServerState, body: Any) -> Response:
     track = state.track()
     try:
         req = parse(state, body, stream=False)
-        sequences = await track.start(Generation(state.engine, [req.prompt_ids], req.params)).collect()
-        track.ok = True
-    finally:
+    except BaseException:
         track.end()
+        raise
+    sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params))
     return json_response(generate_body(req, sequences, prompt_logprobs=state.args.return_all_prompt_logprobs))
 
 
@@ -132,17 +133,11 @@ async def generate_stream(state: ServerState, body: Any) -> Response:
     except BaseException:
         track.end()
         raise
-    generation = track.start(Generation(state.engine, [req.prompt_ids], req.params))
+    generation = Generation(state.engine, [req.prompt_ids], req.params)
 
     async def chunks() -> AsyncIterator[bytes]:
-        try:
-            async for _, e in generation.events():
-                err = failure(e)
-                if err is not None:
-                    raise err
+        async with contextlib.aclosing(track.events(generation)) as events:
+            async for _, e in events:
                 yield event(stream_event(e))
-            track.ok = True
-        finally:
-            track.end()
 
     return stream_response(chunks(), lambda err: event(lightllm_error_body(err)))

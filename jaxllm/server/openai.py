@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -12,7 +13,7 @@ from quart import Response
 
 from jaxllm.engine.request import TokenEvent
 from jaxllm.server.errors import openai_error_body
-from jaxllm.server.generation import Generation, Sequence, failure
+from jaxllm.server.generation import Generation, Sequence
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.openai_request import OpenAIRequest, parse_chat, parse_completion
 from jaxllm.server.sse import DONE, event, stream_response
@@ -29,13 +30,15 @@ def finish_reason(last: TokenEvent) -> str:
     return "length" if last.finish_reason == "length" else "stop"
 
 
+def _ends_with_eos(state: ServerState, e: TokenEvent, ignore_eos: bool) -> bool:
+    return e.finished and e.finish_reason == "stop" and state.is_eos(e.token_id) and not ignore_eos
+
+
 def _token_events(state: ServerState, seq: Sequence) -> list[TokenEvent]:
     """The tokens a client sees logprobs for: all but an eos that ended the sequence."""
-    events = seq.events
-    last = events[-1]
-    if last.finish_reason == "stop" and state.is_eos(last.token_id) and not seq.params.ignore_eos:
-        return events[:-1]
-    return events
+    if _ends_with_eos(state, seq.last, seq.params.ignore_eos):
+        return seq.events[:-1]
+    return seq.events
 
 
 def _chat_logprob(state: ServerState, e: TokenEvent) -> dict:
@@ -112,63 +115,50 @@ def completion_body(state: ServerState, req: OpenAIRequest, sequences: list[Sequ
     return _envelope("text_completion", req, rid, created, choices, usage=usage(req, completion_tokens))
 
 
-def _stream_chunks(state: ServerState, req: OpenAIRequest, generation: Generation, chat: bool, rid: str,
-                   created: int, track) -> AsyncIterator[bytes]:
+def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator, chat: bool, rid: str,
+                   created: int) -> AsyncIterator[bytes]:
     """One chunk per token and choice (chat opens each choice with the assistant role), a last chunk per
     choice with its finish_reason, the usage chunk if asked, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, piece: str | None, *, logprobs=None, finish=None) -> bytes:
+    def chunk(index: int, piece: str | None, *, logprobs=None, finish=None, role: bool = False) -> bytes:
         if chat:
-            delta = {} if piece is None else {"content": piece}
+            delta = {"role": "assistant", "content": ""} if role else {} if piece is None else {"content": piece}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
         return event(_envelope(kind, req, rid, created, [choice]), space=True)
 
     async def chunks() -> AsyncIterator[bytes]:
-        offsets = [0] * len(generation.samples)
+        # Streams have best_of == n: choice i is sample i, of prompt i // n.
+        offsets = [0] * (len(req.prompts) * req.n)
+        for i in range(len(offsets)):
+            if chat:
+                yield chunk(i, None, role=True)
+            elif req.echo:
+                yield chunk(i, req.prompt_texts[i // req.n])
+                offsets[i] = len(req.prompt_texts[i // req.n])
         completion_tokens = 0
-        try:
-            for i, (p, _) in enumerate(chosen_indices(req)):
-                if chat:
-                    opening = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None}
-                    yield event(_envelope(kind, req, rid, created, [opening]), space=True)
-                elif req.echo:
-                    yield chunk(i, req.prompt_texts[p])
-                    offsets[i] = len(req.prompt_texts[p])
-            async for i, e in generation.events():
-                err = failure(e)
-                if err is not None:
-                    raise err
-                piece = without_stop(e.text, e)
-                eos = e.finished and e.finish_reason == "stop" and state.is_eos(e.token_id) and not req.params.ignore_eos
+        async with contextlib.aclosing(events) as stream:
+            async for i, e in stream:
                 logprobs = None
-                if req.logprobs and not eos:
+                if req.logprobs and not _ends_with_eos(state, e, req.params.ignore_eos):
                     if chat:
                         logprobs = {"content": [_chat_logprob(state, e)]}
                     else:
                         logprobs = _completion_logprobs(state, [e], offsets[i])
                 offsets[i] += len(e.text)
+                piece = without_stop(e.text, e)
                 if piece or logprobs is not None:
                     yield chunk(i, piece, logprobs=logprobs)
                 if e.finished:
                     completion_tokens += e.count_output_tokens
                     yield chunk(i, None, finish=finish_reason(e))
-            if req.include_usage:
-                yield event(_envelope(kind, req, rid, created, [], usage=usage(req, completion_tokens)), space=True)
-            yield DONE
-            track.ok = True
-        finally:
-            track.end()
+        if req.include_usage:
+            yield event(_envelope(kind, req, rid, created, [], usage=usage(req, completion_tokens)), space=True)
+        yield DONE
 
     return chunks()
-
-
-def chosen_indices(req: OpenAIRequest) -> list[tuple[int, int]]:
-    """(prompt index, sample index) of every streamed choice (streams have best_of == n)."""
-    return [(p, s) for p in range(len(req.prompts)) for s in range(req.n)]
 
 
 async def _answer(state: ServerState, body: Any, *, chat: bool) -> Response:
@@ -177,18 +167,14 @@ async def _answer(state: ServerState, body: Any, *, chat: bool) -> Response:
     created = int(time.time())
     try:
         req = parse_chat(state.engine, body) if chat else parse_completion(state.engine, body)
-        generation = track.start(Generation(state.engine, req.prompts, req.params))
     except BaseException:
         track.end()
         raise
+    generation = Generation(state.engine, req.prompts, req.params)
     if req.stream:
-        chunks = _stream_chunks(state, req, generation, chat, rid, created, track)
+        chunks = _stream_chunks(state, req, track.events(generation), chat, rid, created)
         return stream_response(chunks, lambda err: event(openai_error_body(err), space=True))
-    try:
-        sequences = await generation.collect()
-        track.ok = True
-    finally:
-        track.end()
+    sequences = await track.collect(generation)
     build = chat_body if chat else completion_body
     return json_response(build(state, req, sequences, rid, created))
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, AsyncIterator
 
 from quart import has_request_context, request
 
 from jaxllm.args import ServerArgs
-from jaxllm.server.generation import Generation
+from jaxllm.engine.request import TokenEvent
+from jaxllm.server.generation import Generation, Sequence, failure
 
 log = logging.getLogger("jaxllm.server")
 
@@ -51,8 +53,9 @@ class ServerState:
 
 
 class Tracker:
-    """One generation request from arrival to answer: set `ok` when it succeeded, call end() once it is over
-    (it feeds the metrics and logs one line per request, with the client's X-Request-Id / X-Session-Id)."""
+    """One generation request from arrival to answer, run through collect() or events() once it is valid (or
+    end()ed when it is not): it feeds the metrics and logs one line per request, with the client's
+    X-Request-Id / X-Session-Id."""
 
     def __init__(self, metrics: Any, label: str = "") -> None:
         self.metrics = metrics
@@ -62,10 +65,30 @@ class Tracker:
         self.ok = False
         self._ended = False
 
-    def start(self, generation: Generation) -> Generation:
-        """The request passed validation and is about to reach the engine."""
+    async def collect(self, generation: Generation) -> list[Sequence]:
+        """Every sequence of a valid request (see Generation.collect), then end()."""
         self.generation = generation
-        return generation
+        try:
+            sequences = await generation.collect()
+            self.ok = True
+            return sequences
+        finally:
+            self.end()
+
+    async def events(self, generation: Generation) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """The events of a valid request (see Generation.events); an engine request that ends in an error or
+        an abort raises its ApiError; end() when the stream is over or closed."""
+        self.generation = generation
+        try:
+            async with contextlib.aclosing(generation.events()) as events:
+                async for index, event in events:
+                    err = failure(event)
+                    if err is not None:
+                        raise err
+                    yield index, event
+            self.ok = True
+        finally:
+            self.end()
 
     def end(self) -> None:
         if self._ended:

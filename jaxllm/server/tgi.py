@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from typing import Any, AsyncIterator
@@ -12,7 +13,7 @@ from quart import Response
 
 from jaxllm.engine.request import TokenEvent
 from jaxllm.server.errors import invalid, tgi_error_body
-from jaxllm.server.generation import SEED_LIMIT, Generation, Sequence, failure
+from jaxllm.server.generation import SEED_LIMIT, Generation, Sequence
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.lightllm import GenerateRequest, prepare, token_dict
 from jaxllm.server.sse import event, stream_response
@@ -163,11 +164,10 @@ async def generate(state: ServerState, body: Any) -> Response:
     track = state.track()
     try:
         req, opts = parse(state, body, stream=False)
-        generation = track.start(Generation(state.engine, [req.prompt_ids], req.params))
-        sequences = await generation.collect()
-        track.ok = True
-    finally:
+    except BaseException:
         track.end()
+        raise
+    sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params))
     return json_response(generate_body(state, req, opts, sequences))
 
 
@@ -178,16 +178,13 @@ async def generate_stream(state: ServerState, body: Any) -> Response:
     except BaseException:
         track.end()
         raise
-    generation = track.start(Generation(state.engine, [req.prompt_ids], req.params))
+    generation = Generation(state.engine, [req.prompt_ids], req.params)
     prefix = req.prompt if opts.return_full_text else ""
 
     async def chunks() -> AsyncIterator[bytes]:
         pieces = []
-        try:
-            async for _, e in generation.events():
-                err = failure(e)
-                if err is not None:
-                    raise err
+        async with contextlib.aclosing(track.events(generation)) as events:
+            async for _, e in events:
                 pieces.append(e.text)
                 chunk = {
                     "token": token_dict(e, prompt_tokens=False),
@@ -205,8 +202,5 @@ async def generate_stream(state: ServerState, body: Any) -> Response:
                             "seed": req.params.seed if opts.seeded else None,
                         }
                 yield event(chunk)
-            track.ok = True
-        finally:
-            track.end()
 
     return stream_response(chunks(), lambda err: event(tgi_error_body(err)))
