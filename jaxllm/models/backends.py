@@ -14,7 +14,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata, ReferenceAttention
 from jaxllm.parallel import TP_AXIS
-from kernels.pallas import attention_triton, plan, reference
+from kernels.pallas import attention_mosaic, attention_triton, plan, reference
 
 # LightLLM mode → what runs here. GQA grouping is always on (with MHA it is a group of one).
 INT8_MODES = frozenset({"triton_int8kv", "ppl_int8kv"})
@@ -87,19 +87,21 @@ def _int8_cache(num_slots, kv_heads, head_dim):
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Block sizes and launch settings of the Triton-lowered kernel (tuned on the H100, docs/perf.md)."""
+    """Launch settings of the Triton-lowered kernel per step kind (defaults tuned on the H100, docs/perf.md)."""
 
-    decode_block_k: int = 64
-    decode_warps: int = 4
-    decode_stages: int = 2
-    prefill_rows: int = 64  # query rows per program: tokens × the KV head's query-head group
-    prefill_block_k: int = 64
-    prefill_warps: int = 4
-    prefill_stages: int = 2
+    decode: attention_triton.Launch = attention_triton.DECODE
+    decode_int8: attention_triton.Launch = attention_triton.DECODE_INT8
+    prefill: attention_triton.Launch = attention_triton.PREFILL
+    prefill_int8: attention_triton.Launch = attention_triton.PREFILL_INT8
 
 
 class PallasAttention:
-    """The kernels (kernels/pallas) behind the AttentionBackend protocol; bf16/fp16 or int8 KV."""
+    """The kernels (kernels/pallas) behind the AttentionBackend protocol; bf16/fp16 or int8 KV.
+
+    `impl`: "triton" (kernels/pallas/attention_triton.py, any cache) or "mosaic"
+    (attention_mosaic.py: bf16/fp16 caches only; int8 caches use the Triton kernel either way).
+    Float caches get up to 7 extra rows past the scratch slot (a multiple of 8 rows, the Mosaic TMA tiling).
+    """
 
     def __init__(
         self,
@@ -108,14 +110,19 @@ class PallasAttention:
         interpret: bool = False,
         mesh: Mesh | None = None,
         config: KernelConfig = KernelConfig(),
+        impl: str = "triton",
     ):
+        if impl not in ("triton", "mosaic"):
+            raise ValueError(f"unknown kernel implementation {impl!r}")
         self.int8_kv, self.split, self.interpret, self.mesh, self.config = int8_kv, split, interpret, mesh, config
-        self.name = "pallas_int8" if int8_kv else "pallas"
+        self.impl = impl
+        self.name = "pallas_int8" if int8_kv else f"pallas_{impl}"
 
     def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
         if self.int8_kv:
             return _int8_cache(num_slots, kv_heads, head_dim)
-        return ReferenceAttention().init_layer_cache(num_slots, kv_heads, head_dim, dtype)
+        shape = (attention_mosaic.cache_rows(num_slots), kv_heads, head_dim)
+        return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def write(self, layer_cache, k, v, meta):
         # An XLA scatter of n rows into the donated buffers: in place, fused with the quantisation.
@@ -158,19 +165,29 @@ class PallasAttention:
         else:
             (k_cache, v_cache), k_scale, v_scale = layer_cache, None, None
         rows, width = meta.slot_table.shape
+        if self.impl == "mosaic" and not self.int8_kv:
+            block_k = attention_mosaic.BLOCK_K
+            if meta.decode_only:
+                splits = plan.decode_splits(rows * kv_heads, width, block_k, self.split)
+                blocks = plan.decode_blocks(rows)
+            else:
+                splits = 1
+                blocks = plan.ragged_blocks(meta.query_start, meta.query_lens, n, attention_mosaic.ROWS // group)
+            return attention_mosaic.paged_attention(
+                q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale, splits=splits
+            )
         if meta.decode_only:
-            splits = plan.decode_splits(rows * kv_heads, width, c.decode_block_k, self.split)
-            launch = dict(block_q=1, block_k=c.decode_block_k, splits=splits, num_warps=c.decode_warps,
-                          num_stages=c.decode_stages)
-            blocks = plan.decode_blocks(rows)
+            launch = c.decode_int8 if self.int8_kv else c.decode
+            splits = plan.decode_splits(rows * kv_heads, width, launch.block_k, self.split)
+            block_q, blocks, owns_all = 1, plan.decode_blocks(rows), True
         else:
-            block_q = max(1, c.prefill_rows // group)
-            launch = dict(block_q=block_q, block_k=c.prefill_block_k, num_warps=c.prefill_warps,
-                          num_stages=c.prefill_stages)
+            launch = c.prefill_int8 if self.int8_kv else c.prefill
+            splits, block_q, owns_all = 1, max(1, launch.rows // group), False
             blocks = plan.ragged_blocks(meta.query_start, meta.query_lens, n, block_q)
         return attention_triton.paged_attention(
-            q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale,
-            k_scale=k_scale, v_scale=v_scale, interpret=self.interpret, **launch,
+            q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale, block_q=block_q,
+            k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
+            num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
         )
 
 

@@ -14,6 +14,7 @@ This kernel also runs in Pallas interpret mode on CPU (`interpret=True`), which 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -26,6 +27,24 @@ from jax.experimental.pallas import triton as pltriton
 from kernels.pallas import plan
 
 _LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Block sizes and launch settings. `rows`: query rows per program in prefill (tokens × the KV head's
+    group of query heads); decode always takes one token per program."""
+
+    block_k: int
+    num_warps: int
+    num_stages: int
+    rows: int = 64
+
+
+# Tuned on the H100 (JAX 0.11.2; docs/perf.md "## Attention kernels" has the sweeps).
+DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96 of 2.98 TB/s at batch 64, context 4096
+DECODE_INT8 = Launch(block_k=32, num_warps=4, num_stages=4)  # int8 → bf16 in registers: deeper pipeline
+PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64)
+PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64)
 
 
 def _next_pow2(x: int) -> int:
@@ -145,13 +164,15 @@ def paged_attention(
     splits: int = 1,
     num_warps: int = 4,
     num_stages: int = 2,
+    owns_all_tokens: bool = False,
     interpret: bool = False,
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
     `blocks` says which tokens each program owns (plan.decode_blocks / plan.ragged_blocks, built with the
     same `block_q`). Token t of a block sees keys at table columns 0..positions[t]. Tokens outside every
-    block come back as zeros. `splits` > 1 is split-K (flash-decoding): each split covers a range of keys and
+    block come back as zeros, unless `owns_all_tokens` says there are none (decode), which saves clearing
+    the output. `splits` > 1 is split-K (flash-decoding): each split covers a range of keys and
     `splitk.combine` merges them. Returns [n, heads, head_dim] in q's dtype.
     """
     n, heads, head_dim = q.shape
@@ -203,10 +224,12 @@ def paged_attention(
     ]
     if quantised:
         args += [k_scale.reshape(-1).astype(jnp.float32), v_scale.reshape(-1).astype(jnp.float32)]
-    # Outputs start as zeros (aliased inputs) so tokens no block owns, and empty splits, read back as 0.
-    inits = [jnp.zeros(o.shape, o.dtype) for o in out_shape]
-    if splits > 1:
-        inits[1] = jnp.full(out_shape[1].shape, -jnp.inf, jnp.float32)
+    # Outputs start as zeros (aliased inputs) so tokens no block owns read back as 0 (and as empty splits).
+    inits = []
+    if not owns_all_tokens:
+        inits = [jnp.zeros(o.shape, o.dtype) for o in out_shape]
+        if splits > 1:
+            inits[1] = jnp.full(out_shape[1].shape, -jnp.inf, jnp.float32)
     first_out = len(args)
     outs = pl.pallas_call(
         functools.partial(_with_inits, kernel, len(inits)),
@@ -234,5 +257,7 @@ def _drop_scales(kernel, *refs):
 
 def _with_inits(kernel, num_inits, *refs):
     # Aliased init inputs sit between the real inputs and the outputs; the kernel never reads them.
+    if not num_inits:
+        return kernel(*refs)
     ins, outs = refs[: -2 * num_inits], refs[-num_inits:]
     return kernel(*ins, *outs)

@@ -1,9 +1,10 @@
 """The Triton-lowered paged attention kernel against reference.py, in Pallas interpret mode on the CPU:
 decode (one and several key splits), ragged prefill over cached prefixes, MHA and GQA, head dims 64 and
-128, bf16/float32 and int8 caches, with a padding row on the scratch slot."""
+128, bf16/float32 and int8 caches, with a padding row on the scratch slot. On a GPU the compiled kernel."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,13 @@ from kernels.pallas import attention_triton, plan, reference
 from tests.kernels.conftest import Case
 
 SCALE = 0.3
+INTERPRET = jax.default_backend() == "cpu"  # compiled on the GPU, interpreted on the CPU
+
+
+def reference_call(fn, *args):
+    """The reference in full float32 (the GPU's default float32 matmul is TF32)."""
+    with jax.default_matmul_precision("highest"):
+        return fn(*args)
 
 
 def rel_err(out, ref):
@@ -41,9 +49,9 @@ def test_decode_matches_reference(rng, kv_heads, group, head_dim, dtype, splits)
     ctx = jnp.asarray(case.lengths, jnp.int32)
     out = attention_triton.paged_attention(
         q, k, v, ctx - 1, jnp.asarray(case.table), plan.decode_blocks(len(lengths)), scale=SCALE,
-        block_q=1, block_k=16, splits=splits, interpret=True,
+        block_q=1, block_k=16, splits=splits, owns_all_tokens=splits > 1, interpret=INTERPRET,
     )
-    ref = reference.decode_attention(q, k, v, jnp.asarray(case.table), ctx, SCALE)
+    ref = reference_call(reference.decode_attention, q, k, v, jnp.asarray(case.table), ctx, SCALE)
     assert out.shape == q.shape and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
 
@@ -76,10 +84,11 @@ def test_prefill_matches_reference(rng, kv_heads, group, head_dim, dtype, block_
     blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, block_q)
     out = attention_triton.paged_attention(
         q, k, v, jnp.asarray(positions), jnp.asarray(case.table), blocks, scale=SCALE,
-        block_q=block_q, block_k=16, interpret=True,
+        block_q=block_q, block_k=16, interpret=INTERPRET,
     )
-    ref = reference.paged_attention(
-        q, k, v, jnp.asarray(token_req), jnp.asarray(positions), jnp.asarray(case.table), SCALE
+    ref = reference_call(
+        reference.paged_attention, q, k, v, jnp.asarray(token_req), jnp.asarray(positions),
+        jnp.asarray(case.table), SCALE,
     )
     assert rel_err(out, ref) < TOL[dtype]
 
@@ -94,12 +103,12 @@ def test_prefill_leaves_unowned_tokens_zero(rng):
     blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, 4)
     out = attention_triton.paged_attention(
         q, jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(positions), jnp.asarray(case.table), blocks,
-        scale=SCALE, block_q=4, block_k=16, interpret=True,
+        scale=SCALE, block_q=4, block_k=16, interpret=INTERPRET,
     )
     assert np.all(np.asarray(out[-3:]) == 0)
-    ref = reference.paged_attention(
-        q[:-3], jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(token_req), jnp.asarray(positions[:-3]),
-        jnp.asarray(case.table), SCALE,
+    ref = reference_call(
+        reference.paged_attention, q[:-3], jnp.asarray(case.k), jnp.asarray(case.v), jnp.asarray(token_req),
+        jnp.asarray(positions[:-3]), jnp.asarray(case.table), SCALE,
     )
     assert rel_err(out[:-3], ref) < 1e-5
 
@@ -115,9 +124,9 @@ def test_int8_decode_matches_reference(rng, head_dim, splits):
     table = jnp.asarray(case.table)
     out = attention_triton.paged_attention(
         q, k8, v8, ctx - 1, table, plan.decode_blocks(3), scale=SCALE, block_q=1, block_k=16, splits=splits,
-        k_scale=ks, v_scale=vs, interpret=True,
+        k_scale=ks, v_scale=vs, interpret=INTERPRET,
     )
-    ref = reference.decode_attention_int8(q, k8, v8, ks, vs, table, ctx, SCALE)
+    ref = reference_call(reference.decode_attention_int8, q, k8, v8, ks, vs, table, ctx, SCALE)
     assert rel_err(out, ref) < 1e-2
 
 
@@ -131,9 +140,10 @@ def test_int8_prefill_matches_reference(rng):
     blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, 4)
     out = attention_triton.paged_attention(
         q, k8, v8, jnp.asarray(positions), jnp.asarray(case.table), blocks, scale=SCALE, block_q=4,
-        block_k=16, k_scale=ks, v_scale=vs, interpret=True,
+        block_k=16, k_scale=ks, v_scale=vs, interpret=INTERPRET,
     )
-    ref = reference.paged_attention_int8(
-        q, k8, v8, ks, vs, jnp.asarray(token_req), jnp.asarray(positions), jnp.asarray(case.table), SCALE
+    ref = reference_call(
+        reference.paged_attention_int8, q, k8, v8, ks, vs, jnp.asarray(token_req), jnp.asarray(positions),
+        jnp.asarray(case.table), SCALE,
     )
     assert rel_err(out, ref) < 1e-5

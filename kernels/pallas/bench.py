@@ -1,0 +1,241 @@
+"""`python -m kernels.pallas.bench`: each attention kernel against its physical limit, medians, one short table.
+
+Decode is memory-bound: its limit is the K/V bytes it must read over HBM bandwidth (the issues' 2.98 TB/s,
+and the bandwidth measured in the same run). Prefill is matmul-bound: FLOPs over the bf16 matmul rate.
+Times are per call of the whole wrapper (planning, query packing and the split-K combine included).
+`--smoke` runs tiny shapes in interpret mode on the CPU (Triton kernel only), to keep this script working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.pallas import attention_mosaic, attention_triton, plan, reference
+
+ISSUE_BANDWIDTH = 2.98e12  # bytes/s: H100 HBM read, measured for the issues (November 2026)
+
+
+def timed(fn: Callable, args, repeats: int = 20, trials: int = 7) -> float:
+    """Median seconds per call: `repeats` asynchronous calls per trial, synchronised at the end."""
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    per_call = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per_call.append((time.perf_counter() - start) / repeats)
+    return statistics.median(per_call)
+
+
+def hbm_bandwidth(gib: float) -> float:
+    """Read bandwidth: a float32-accumulated sum over `gib` GiB of bf16."""
+    x = jnp.ones((int(gib * 2**30) // 2,), jnp.bfloat16)
+    seconds = timed(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), (x,), repeats=5, trials=5)
+    return x.size * 2 / seconds
+
+
+def matmul_rate(n: int) -> float:
+    """bf16 matmul FLOP/s on random n×n×n."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    return 2 * n**3 / timed(jax.jit(jnp.matmul), (a, b), repeats=5, trials=5)
+
+
+def make_table(rows: int, length: int, width: int, contiguous: bool, seed: int) -> np.ndarray:
+    """Slot table of `rows` rows of `length` keys each over rows × length slots (scratch slot after them)."""
+    total = rows * length
+    slots = np.arange(total) if contiguous else np.random.default_rng(seed).permutation(total)
+    table = np.full((rows, width), total, np.int32)
+    table[:, :length] = slots.reshape(rows, length)
+    return table
+
+
+def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int):
+    rows = attention_mosaic.cache_rows(slots)
+    k = jax.random.normal(jax.random.key(seed), (rows, kv_heads, head_dim), dtype)
+    v = jax.random.normal(jax.random.key(seed + 1), (rows, kv_heads, head_dim), dtype)
+    return k, v
+
+
+class Bench:
+    def __init__(self, bandwidth: float, flops: float, interpret: bool):
+        self.bandwidth, self.flops, self.interpret, self.rows = bandwidth, flops, interpret, []
+
+    def decode(self, name, impl, batch, context, heads, kv_heads, head_dim, *, contiguous=True, int8=False,
+               split="auto", splits=None, launch=None):
+        dtype = jnp.bfloat16
+        launch = launch or (attention_triton.DECODE_INT8 if int8 else attention_triton.DECODE)
+        block_k = attention_mosaic.BLOCK_K if impl == "mosaic" else launch.block_k
+        slots = batch * context
+        k, v = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context)
+        scales = {}
+        if int8:
+            k, ks = reference.quantize_kv(k)
+            v, vs = reference.quantize_kv(v)
+            scales = dict(k_scale=ks, v_scale=vs)
+        width = -(-context // 64) * 64
+        table = jnp.asarray(make_table(batch, context, width, contiguous, seed=batch))
+        q = jax.random.normal(jax.random.key(7), (batch, heads, head_dim), dtype)
+        positions = jnp.full((batch,), context - 1, jnp.int32)
+        if splits is None:
+            splits = plan.decode_splits(batch * kv_heads, width, block_k, split)
+        blocks = plan.decode_blocks(batch)
+        if impl == "mosaic":
+            fn = jax.jit(lambda q, k, v, p, t: attention_mosaic.paged_attention(
+                q, k, v, p, t, blocks, scale=0.088, splits=splits))
+        else:
+            fn = jax.jit(lambda q, k, v, p, t, s: attention_triton.paged_attention(
+                q, k, v, p, t, blocks, scale=0.088, block_q=1, block_k=block_k, splits=splits,
+                num_warps=launch.num_warps, num_stages=launch.num_stages, owns_all_tokens=True,
+                interpret=self.interpret, **s))
+        args = (q, k, v, positions, table) + (() if impl == "mosaic" else (scales,))
+        seconds = timed(fn, args)
+        kv_bytes = 2 * slots * kv_heads * head_dim * jnp.dtype(k.dtype).itemsize
+        if int8:
+            kv_bytes += 2 * slots * kv_heads * 4
+        config = f"split {splits}" + ("" if impl == "mosaic" else f", {_describe(launch, decode=True)}")
+        config += ", contiguous" if contiguous else ", scattered"
+        self._row(name, impl, config, seconds, bytes_=kv_bytes)
+
+    def prefill(self, name, impl, rows, new, cached, heads, kv_heads, head_dim, *, int8=False, launch=None):
+        dtype = jnp.bfloat16
+        launch = launch or (attention_triton.PREFILL_INT8 if int8 else attention_triton.PREFILL)
+        length = new + cached
+        k, v = random_cache(rows * length, kv_heads, head_dim, dtype, seed=3)
+        scales = {}
+        if int8:
+            k, ks = reference.quantize_kv(k)
+            v, vs = reference.quantize_kv(v)
+            scales = dict(k_scale=ks, v_scale=vs)
+        width = -(-length // 64) * 64
+        table = jnp.asarray(make_table(rows, length, width, True, seed=rows))
+        n = rows * new
+        q = jax.random.normal(jax.random.key(8), (n, heads, head_dim), dtype)
+        positions = jnp.asarray(np.tile(np.arange(cached, length), rows), jnp.int32)
+        starts = jnp.arange(rows, dtype=jnp.int32) * new
+        lens = jnp.full((rows,), new, jnp.int32)
+        group = heads // kv_heads
+        if impl == "mosaic":
+            block_q = attention_mosaic.ROWS // group
+            fn = jax.jit(lambda q, k, v, p, t, st, ln: attention_mosaic.paged_attention(
+                q, k, v, p, t, plan.ragged_blocks(st, ln, n, block_q), scale=0.088))
+            args = (q, k, v, positions, table, starts, lens)
+        else:
+            block_q = max(1, launch.rows // group)
+            fn = jax.jit(lambda q, k, v, p, t, st, ln, s: attention_triton.paged_attention(
+                q, k, v, p, t, plan.ragged_blocks(st, ln, n, block_q), scale=0.088, block_q=block_q,
+                block_k=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
+                interpret=self.interpret, **s))
+            args = (q, k, v, positions, table, starts, lens, scales)
+        seconds = timed(fn, args, repeats=5)
+        visible = rows * sum(cached + i + 1 for i in range(new))  # keys summed over query tokens
+        flops = 4 * visible * heads * head_dim
+        config = "" if impl == "mosaic" else _describe(launch, decode=False)
+        self._row(name, impl, config, seconds, flops=flops)
+
+    def guarded(self, method: str, *args, **kwargs):
+        """Run one case; a failure (a kernel that does not build here, say) is reported as a row, not raised."""
+        try:
+            getattr(self, method)(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001: report and go on to the next case
+            message = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            print(f"FAILED {args[0]} {args[1]}: {message}", flush=True)
+            self.rows.append((args[0], args[1], "FAILED", "-", "-", message.replace("|", "/")))
+
+    def _row(self, name, impl, config, seconds, bytes_=None, flops=None):
+        if bytes_ is not None:
+            rate = f"{bytes_ / seconds / 1e12:.2f} TB/s"
+            ratio = f"{bytes_ / ISSUE_BANDWIDTH / seconds:.2f} of 2.98 TB/s ({bytes_ / self.bandwidth / seconds:.2f} of run's)"
+        else:
+            rate = f"{flops / seconds / 1e12:.0f} TFLOP/s"
+            ratio = f"{flops / self.flops / seconds:.2f} of run's matmul"
+        row = (name, impl, config, f"{seconds * 1e6:.1f}", rate, ratio)
+        self.rows.append(row)
+        print(" | ".join(row), flush=True)
+
+    def table(self) -> str:
+        head = ("case", "kernel", "config", "median µs", "rate", "of limit")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def run(args) -> Bench:
+    if args.smoke:
+        bench = Bench(bandwidth=ISSUE_BANDWIDTH, flops=700e12, interpret=True)
+        small = attention_triton.Launch(block_k=32, num_warps=4, num_stages=2, rows=16)
+        bench.guarded("decode", "decode smoke", "triton", 2, 128, 8, 2, 64, launch=small)
+        bench.guarded("decode", "decode int8 smoke", "triton", 2, 128, 8, 2, 64, int8=True, split="always",
+                      launch=small)
+        bench.guarded("prefill", "prefill smoke", "triton", 1, 32, 16, 8, 2, 64, launch=small)
+        return bench
+    bandwidth, flops = hbm_bandwidth(4), matmul_rate(8192)
+    print(f"measured: HBM read {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+    bench = Bench(bandwidth, flops, interpret=False)
+    llama8b = dict(heads=32, kv_heads=8, head_dim=128)
+    for impl in args.impl:
+        if impl == "mosaic":
+            bench.guarded("decode", "decode b64 ctx4096", "mosaic", 64, 4096, **llama8b)
+            bench.guarded("decode", "decode b64 ctx4096", "mosaic", 64, 4096, contiguous=False, **llama8b)
+            bench.guarded("decode", "decode b1 ctx32768", "mosaic", 1, 32768, **llama8b)
+            bench.guarded("prefill", "prefill 1×4096", "mosaic", 1, 4096, 0, **llama8b)
+            bench.guarded("prefill", "prefill 8×512 after 3584", "mosaic", 8, 512, 3584, **llama8b)
+            continue
+        for launch in args.decode_configs:
+            bench.guarded("decode", "decode b64 ctx4096", "triton", 64, 4096, launch=launch, **llama8b)
+        bench.guarded("decode", "decode b64 ctx4096", "triton", 64, 4096, contiguous=False, **llama8b)
+        bench.guarded("decode", "decode b1 ctx32768", "triton", 1, 32768, split="never", **llama8b)
+        for splits in args.b1_splits:
+            bench.guarded("decode", "decode b1 ctx32768", "triton", 1, 32768, splits=splits, **llama8b)
+        for launch in args.int8_configs:
+            bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, launch=launch,
+                          **llama8b)
+        bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, splits=2, **llama8b)
+        bench.guarded("decode", "decode int8 b1 ctx32768", "triton", 1, 32768, int8=True, **llama8b)
+        for launch in args.prefill_configs:
+            bench.guarded("prefill", "prefill 1×4096", "triton", 1, 4096, 0, launch=launch, **llama8b)
+        bench.guarded("prefill", "prefill 8×512 after 3584", "triton", 8, 512, 3584, **llama8b)
+        bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, **llama8b)
+    return bench
+
+
+def _describe(launch, decode: bool) -> str:
+    text = f"block_k {launch.block_k}, warps {launch.num_warps}/{launch.num_stages}"
+    return text if decode else f"rows {launch.rows}, {text}"
+
+
+def _launches(text: str) -> list:
+    """"block_k/warps/stages[/rows],..." → Launch list; "" → [None] (the kernel's tuned default)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        values = [int(x) for x in item.split("/")]
+        out.append(attention_triton.Launch(*values[:3], *values[3:]))
+    return out or [None]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--impl", nargs="+", default=["triton", "mosaic"], choices=["triton", "mosaic"])
+    parser.add_argument("--decode-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages,... for a Triton decode sweep (default: the tuned one)")
+    parser.add_argument("--prefill-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages/rows,... for a Triton prefill sweep")
+    parser.add_argument("--int8-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages,... for a Triton int8 decode sweep")
+    parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
+                        help="key splits to try for batch-1 decode (default: the heuristic's)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    bench = run(parser.parse_args(argv))
+    print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}\n{bench.table()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""`python -m kernels.pallas.bench --smoke`: the benchmark script runs (tiny shapes, interpret mode) and
+prints one row per case."""
+
+from __future__ import annotations
+
+from kernels.pallas import bench
+
+
+def test_bench_smoke(capsys):
+    bench.main(["--smoke"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "smoke" in line]
+    assert len(rows) == 3 and not any("FAILED" in row for row in rows)
