@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 from quart import Response
 
 from jaxllm.engine.request import SamplingParams, TokenEvent
-from jaxllm.server.errors import ApiError, invalid, lightllm_error_body
+from jaxllm.server.errors import invalid, lightllm_error_body
 from jaxllm.server.generation import Generation, Sequence, check_prompt
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.sse import event, stream_response
@@ -67,7 +67,7 @@ def parse(state: ServerState, body: Any, *, stream: bool) -> GenerateRequest:
     parameters = dict(require(body, "parameters", obj))
     return_details = boolean("return_details", parameters.pop("return_details", False))
     fields = read_fields(parameters, LIGHTLLM_PARAMETERS, "parameters")
-    fields["prompt_logprobs"] = state.args.return_all_prompt_logprobs
+    fields["prompt_logprobs"] = state.args.return_all_prompt_logprobs and not stream  # streams do not carry them
     return prepare(state, body, stream=stream, fields=fields, return_details=return_details)
 
 

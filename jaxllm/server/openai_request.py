@@ -218,7 +218,8 @@ def parse_completion(engine, body: Any) -> OpenAIRequest:
         raise invalid("logprobs: only 0 is supported (each sampled token's own logprob)", "logprobs")
     echo = bool(f.get("echo"))
     max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
-    params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=_COMPLETION_NAMES)
+    names = _CHAT_NAMES if f.get("best_of") is None else _COMPLETION_NAMES  # name what the client sent
+    params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names)
     texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
     prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
     return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo)

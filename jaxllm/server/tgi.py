@@ -96,7 +96,8 @@ def parse(state: ServerState, body: Any, *, stream: bool) -> tuple[GenerateReque
     parameters = {} if parameters is None else obj("parameters", parameters)
     fields, options, truncate = _tgi_fields(parameters)
     return_details = fields.pop("return_details", False)
-    fields["prompt_logprobs"] = state.args.return_all_prompt_logprobs or options.decoder_input_details
+    # only /generate answers carry prompt logprobs (prefill, --return_all_prompt_logprobs)
+    fields["prompt_logprobs"] = not stream and (state.args.return_all_prompt_logprobs or options.decoder_input_details)
     req = prepare(state, body, stream=stream, fields=fields, return_details=return_details, truncate=truncate)
     return req, options
 
@@ -112,18 +113,11 @@ def finish_reason(state: ServerState, req: GenerateRequest, last: TokenEvent) ->
 
 def prefill(state: ServerState, req: GenerateRequest, seq: Sequence) -> list[dict]:
     """TGI's decoder input details: each prompt token with the logprob the model gave it (none for the first)."""
-    logprobs = {}
-    for position, (_, nxt) in enumerate(seq.prompt_logprobs or []):
-        logprobs[position + 1] = next(iter(nxt.values()))
-    out = []
-    for position, token_id in enumerate(req.prompt_ids):
-        lp = logprobs.get(position)
-        out.append({
-            "id": token_id,
-            "text": state.tokenizer.decode([token_id]),
-            "logprob": None if lp is None else finite_logprob(lp),
-        })
-    return out
+    # prompt_logprobs[i] = [id_i, {"<id_i+1>": logprob of id_i+1}]: position p's logprob is in entry p - 1
+    logprobs = [None] + [finite_logprob(next(iter(nxt.values()))) for _, nxt in seq.prompt_logprobs or []]
+    logprobs += [None] * (len(req.prompt_ids) - len(logprobs))
+    return [{"id": token_id, "text": state.tokenizer.decode([token_id]), "logprob": lp}
+            for token_id, lp in zip(req.prompt_ids, logprobs)]
 
 
 def _details(state: ServerState, req: GenerateRequest, opts: TgiOptions, seq: Sequence, prefill_tokens: list) -> dict:

@@ -156,6 +156,8 @@ def test_models(make_client, smollm2_dir):
     ("/v1/completions", {"model": "m", "prompt": "Hi", "logprobs": 2}, "logprobs"),
     ("/v1/completions", {"model": "m", "prompt": "Hi", "best_of": 2, "n": 3}, "best_of"),
     ("/v1/completions", {"model": "m", "prompt": "Hi", "suffix": "x"}, "suffix"),
+    ("/v1/completions", {"model": "m", "prompt": "Hi", "n": 9}, "n"),
+    ("/v1/completions", {"model": "m", "prompt": "Hi", "n": 2, "best_of": 9}, "best_of"),
 ])
 def test_errors_are_openai_error_objects(make_client, path, body, param):
     client, state = make_client()
