@@ -165,6 +165,8 @@ class PallasAttention:
         else:
             (k_cache, v_cache), k_scale, v_scale = layer_cache, None, None
         rows, width = meta.slot_table.shape
+        if meta.decode_only and n != rows:
+            raise ValueError(f"a decode-only step has one token per row: {n} tokens for {rows} rows")
         if self.impl == "mosaic" and not self.int8_kv:
             block_k = attention_mosaic.BLOCK_K
             if meta.decode_only:
@@ -189,6 +191,15 @@ class PallasAttention:
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
         )
+
+
+def cache_bytes_per_slot(backend: AttentionBackend, kv_heads: int, head_dim: int, dtype) -> float:
+    """Bytes one KV slot costs per layer in `backend`'s cache (int8: data + scales), for sizing the cache."""
+    size = lambda slots: sum(  # noqa: E731
+        a.size * a.dtype.itemsize
+        for a in jax.eval_shape(lambda: backend.init_layer_cache(slots, kv_heads, head_dim, dtype))
+    )
+    return (size(1024 + 1023) - size(1023)) / 1024
 
 
 def attention_backend(

@@ -7,8 +7,11 @@ group of query heads, packed by XLA). Keys come in blocks of 64 table columns, d
   and V, straight into swizzled shared memory;
 - any other block is gathered with one TMA per token into a staging buffer and re-laid out through
   registers (Hopper's TMA has no gather), so correctness never depends on contiguity.
-Not testable in interpret mode (the interpreter has no transposed WGMMA operand): tests/kernels run it
-against reference.py on the H100 only, and docs/perf.md records that run.
+Not the default: the Triton-lowered kernel (`attention_triton.py`) measured faster on the H100 in every case
+(docs/perf.md, "## Attention kernels"); `PallasAttention(impl="mosaic")` selects this one. It cannot run in
+interpret mode (Pallas' GPU interpreter has no `plgpu.load` and no transposed WGMMA operand):
+tests/kernels/test_attention_mosaic.py runs it against reference.py where a GPU is the backend, and
+docs/perf.md records the H100 run.
 """
 
 from __future__ import annotations

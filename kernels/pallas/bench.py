@@ -153,7 +153,8 @@ class Bench:
     def _row(self, name, impl, config, seconds, bytes_=None, flops=None):
         if bytes_ is not None:
             rate = f"{bytes_ / seconds / 1e12:.2f} TB/s"
-            ratio = f"{bytes_ / ISSUE_BANDWIDTH / seconds:.2f} of 2.98 TB/s ({bytes_ / self.bandwidth / seconds:.2f} of run's)"
+            issue, run = bytes_ / ISSUE_BANDWIDTH / seconds, bytes_ / self.bandwidth / seconds
+            ratio = f"{issue:.2f} of 2.98 TB/s ({run:.2f} of run's)"
         else:
             rate = f"{flops / seconds / 1e12:.0f} TFLOP/s"
             ratio = f"{flops / self.flops / seconds:.2f} of run's matmul"

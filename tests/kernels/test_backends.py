@@ -17,6 +17,7 @@ from jaxllm.models.backends import (
     PallasAttention,
     ReferenceInt8Attention,
     attention_backend,
+    cache_bytes_per_slot,
     resolve_modes,
 )
 from jaxllm.parallel import make_mesh
@@ -59,10 +60,10 @@ def test_cpu_uses_the_reference():
 
 
 def test_int8_cache_holds_twice_the_tokens():
-    fp = jax.eval_shape(lambda: ReferenceAttention().init_layer_cache(1000, 8, 128, jnp.bfloat16))
-    q8 = jax.eval_shape(lambda: ReferenceInt8Attention().init_layer_cache(1000, 8, 128, jnp.bfloat16))
-    size = lambda tree: sum(a.size * a.dtype.itemsize for a in tree)  # noqa: E731
-    assert 1.9 < size(fp) / size(q8) < 2.0
+    fp = cache_bytes_per_slot(attention_backend([], "gpu"), 8, 128, jnp.bfloat16)
+    q8 = cache_bytes_per_slot(attention_backend(["triton_int8kv"], "gpu"), 8, 128, jnp.bfloat16)
+    assert (fp, q8) == (8 * 128 * 2 * 2, 8 * (128 + 4) * 2)
+    assert cache_bytes_per_slot(ReferenceInt8Attention(), 8, 128, jnp.bfloat16) == q8
 
 
 CONFIG = dict(
