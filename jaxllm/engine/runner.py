@@ -70,13 +70,46 @@ class StepInputs:
     sampling: SamplingBatch
 
 
+def pack(host: StepInputs):
+    """All of a step's host arrays in two buffers (int32, float32): two transfers instead of two dozen.
+    Returns (ints, floats, layout); `layout` (static) lets the step unpack them."""
+    leaves, treedef = jax.tree.flatten(host)
+    ints = [a.view(np.int32).ravel() for a in leaves if a.dtype.kind in "iu"]
+    floats = [a.ravel() for a in leaves if a.dtype.kind == "f"]
+    layout = (treedef, tuple((a.shape, a.dtype.str) for a in leaves))
+    return np.concatenate(ints), np.concatenate(floats).astype(np.float32), layout
+
+
+def unpack(ints, floats, layout) -> StepInputs:
+    """Inside the step: the StepInputs that `pack` flattened."""
+    treedef, specs = layout
+    leaves, at = [], {"i": 0, "f": 0}
+    for shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape))
+        kind = "f" if dtype.kind == "f" else "i"
+        buffer = floats if kind == "f" else ints
+        leaf = buffer[at[kind] : at[kind] + size].reshape(shape)
+        at[kind] += size
+        leaves.append(jax.lax.bitcast_convert_type(leaf, dtype) if kind == "i" and dtype != np.int32 else leaf)
+    return jax.tree.unflatten(treedef, leaves)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepShape:
+    """What a compiled step is specialised on: bucket sizes and the static switches."""
+
     tokens: int
     rows: int
     width: int
     decode_only: bool
-    all_logits: bool
+    all_logits: bool = False  # some row wants prompt logprobs
+    penalties: bool = False  # some row has a repetition / frequency / presence penalty
+    sampling: bool = False  # some row is not greedy
+
+    def static_args(self) -> dict:
+        """The step function's static arguments (sizes come with the arrays)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("tokens", "rows")}
 
 
 @dataclasses.dataclass
@@ -98,8 +131,10 @@ class StepResult:
     token_offsets: list[int]
 
 
-def _step(model, eos_ids, params, kv, last_tokens, inp: StepInputs, *, width, decode_only, all_logits):
+def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
+          penalties, sampling):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated."""
+    inp = unpack(ints, floats, layout)
     from_device = inp.token_src >= 0
     tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
     token_kv_rows = inp.kv_rows[inp.token_row]  # [T]
@@ -124,7 +159,9 @@ def _step(model, eos_ids, params, kv, last_tokens, inp: StepInputs, *, width, de
     else:
         prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
     history = token_table[inp.kv_rows, :width]  # [R, width]
-    sampled, logprobs = sample(logits, inp.sampling, history, inp.context_lens, eos_ids)
+    sampled, logprobs = sample(
+        logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties, sampling=sampling
+    )
     last = jnp.zeros_like(last_tokens).at[: sampled.shape[0]].set(sampled)
     new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
     return new_kv, last, sampled, logprobs, prompt_lp
@@ -162,7 +199,7 @@ class ModelRunner:
         rep = self._replicated
         self._jitted = jax.jit(
             functools.partial(_step, model, self.eos_ids),
-            static_argnames=("width", "decode_only", "all_logits"),
+            static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling"),
             donate_argnums=(1, 2),
             out_shardings=(kv_shardings, rep, rep, rep, rep),
         )
@@ -179,19 +216,24 @@ class ModelRunner:
             tokens = pick_bucket(self.token_buckets, n_tokens)
             rows = pick_bucket(self.row_buckets, len(chunks) + (tokens > n_tokens))
         width = pick_bucket(self.width_buckets, max(c.start + c.num_tokens for c in chunks))
-        all_logits = any(c.prompt_logprobs for c in chunks)
-        return StepShape(tokens, rows, width, decode_only, all_logits)
+        params = [c.request.params for c in chunks]
+        return StepShape(
+            tokens, rows, width, decode_only,
+            all_logits=any(c.prompt_logprobs for c in chunks),
+            penalties=any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params),
+            sampling=any(p.top_k != 1 for p in params),
+        )
 
     def warmup_shapes(self) -> list[StepShape]:
         """Every start-up shape, most used first: decodes at every row count with the narrowest table and
         one-request prefills of every token bucket (the default start-up set), then decodes at the wider
         tables."""
         narrow, *wider = self.width_buckets
-        shapes = [StepShape(r, r, narrow, True, False) for r in self.row_buckets]
+        shapes = [StepShape(r, r, narrow, True) for r in self.row_buckets]
         for t in self.token_buckets:
             w = pick_bucket(self.width_buckets, min(t, self.width_buckets[-1]))
-            shapes.append(StepShape(t, min(2, self.row_buckets[-1]), w, False, False))
-        shapes += [StepShape(r, r, w, True, False) for w in wider for r in self.row_buckets]
+            shapes.append(StepShape(t, min(2, self.row_buckets[-1]), w, False))
+        shapes += [StepShape(r, r, w, True) for w in wider for r in self.row_buckets]
         return shapes
 
     def warmup(self, limit: int | None = None) -> int:
@@ -227,11 +269,11 @@ class ModelRunner:
         )
 
     def _run(self, host: StepInputs, shape: StepShape):
-        inputs = jax.device_put(host, self._replicated)
+        ints, floats, layout = pack(host)
+        ints, floats = jax.device_put((ints, floats), self._replicated)
         self.shapes_seen.add(shape)
         self.kv, self._last_tokens, sampled, logprobs, prompt_lp = self._jitted(
-            self.params, self.kv, self._last_tokens, inputs,
-            width=shape.width, decode_only=shape.decode_only, all_logits=shape.all_logits,
+            self.params, self.kv, self._last_tokens, ints, floats, layout=layout, **shape.static_args()
         )
         return sampled, logprobs, prompt_lp
 

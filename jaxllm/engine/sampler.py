@@ -11,9 +11,8 @@ from flax import struct
 
 from jaxllm.engine.request import Request
 
-# Filtered rows draw from the `_FAST_K` most likely tokens when that is exact (every dropped token lies
-# beyond the top-p or top-k cut); otherwise from a full sort of the vocabulary.
-_FAST_K = 128
+# float32 bit patterns of [0, 1] span fewer than 2**30 values: 30 halvings find the exact threshold.
+_BISECTION_STEPS = 30
 _EOS_MASK = -1000000.0  # LightLLM's value for an eos logit masked by min_new_tokens
 
 
@@ -111,74 +110,63 @@ def row_uniforms(seed, out_len):
     return (h >> 8).astype(jnp.float32) * (1.0 / (1 << 24))
 
 
-def _draw_sorted(probs_sorted, index_sorted, top_p, top_k, u):
-    """Draw from descending probabilities after LightLLM's top-p and top-k cuts (no renormalisation
-    needed: the draw scales u by the kept mass). [R, K] inputs; returns token ids [R]."""
-    k = probs_sorted.shape[-1]
-    before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted  # mass of the more likely tokens
-    keep = (before <= top_p[:, None]) & (jnp.arange(k)[None, :] < top_k[:, None])
-    kept = jnp.where(keep, probs_sorted, 0.0)
+def cut_mask(probs, top_p, top_k):
+    """LightLLM's top-p then top-k cut as a mask [R, V], without sorting (no data-dependent control flow,
+    so the step stays asynchronous on GPUs): a sorted token is kept while the mass of the more likely
+    tokens is ≤ top_p and fewer than top_k are more likely. That holds exactly for the tokens whose
+    probability is at least a per-row threshold, found by bisection on the float32 bit patterns of [0, 1].
+    """
+
+    def holds(tau):  # [R] → [R] bool: the condition for a token of probability tau
+        above = probs > tau[:, None]
+        mass = jnp.sum(jnp.where(above, probs, 0.0), axis=-1)
+        return (mass <= top_p) & (jnp.sum(above, axis=-1) < top_k)
+
+    rows = probs.shape[0]
+    keep_all = holds(jnp.zeros(rows, jnp.float32))
+    lo = jnp.zeros(rows, jnp.int32)  # holds(lo) is false (unless keep_all), holds(hi) is true
+    hi = jnp.full(rows, jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32))
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) // 2
+        ok = holds(jax.lax.bitcast_convert_type(mid, jnp.float32))
+        lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    threshold = jnp.where(keep_all, 0.0, jax.lax.bitcast_convert_type(hi, jnp.float32))
+    return probs >= threshold[:, None]
+
+
+def draw(probs, top_p, top_k, u):
+    """Token ids [R] drawn from probs [R, V] after the cuts, by inverse CDF in id order with the row's
+    uniform u [R] (scaled by the kept mass, so no renormalisation)."""
+    kept = jnp.where(cut_mask(probs, top_p, top_k), probs, 0.0)
     cum = jnp.cumsum(kept, axis=-1)
     choice = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
-    choice = jnp.minimum(choice, jnp.sum(keep, axis=-1) - 1)  # keep is a prefix; never past its end
-    return jnp.take_along_axis(index_sorted, choice[:, None], axis=-1)[:, 0]
+    return jnp.minimum(choice, probs.shape[-1] - 1).astype(jnp.int32)
 
 
-def _draw(probs, top_p, top_k, u):
-    """Token ids [R] drawn from probs [R, V] with top-p / top-k."""
-    vocab = probs.shape[-1]
-    # Rows without a cut: inverse CDF over the vocabulary in id order, no sort needed.
-    cum = jnp.cumsum(probs, axis=-1)
-    plain = jnp.minimum(jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1), vocab - 1)
-    uncut = (top_p >= 1.0) & (top_k >= vocab)
-
-    def cut_fast():
-        vals, idx = jax.lax.top_k(probs, min(_FAST_K, vocab))
-        return _draw_sorted(vals, idx, top_p, top_k, u)
-
-    def cut_full():
-        idx = jnp.argsort(-probs, axis=-1, stable=True)
-        vals = jnp.take_along_axis(probs, idx, axis=-1)
-        return _draw_sorted(vals, idx, top_p, top_k, u)
-
-    if vocab <= _FAST_K:
-        cut = cut_fast()
-    else:
-        head = jax.lax.top_k(probs, _FAST_K)[0]
-        exact = uncut | (top_k <= _FAST_K) | (jnp.sum(head, axis=-1) > top_p)
-        cut = jax.lax.cond(jnp.all(exact), cut_fast, cut_full)
-    return jnp.where(uncut, plain, cut).astype(jnp.int32)
-
-
-def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int, ...]):
+def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int, ...], *,
+           penalties: bool = True, sampling: bool = True):
     """Next tokens and their logprobs.
 
     logits [R, V] f32; history [R, W] token ids of each row's positions (W ≥ context_lens);
     context_lens [R]: positions already in the row (the sampled token goes at this position).
+    Static switches, set by the caller from the rows' parameters: `penalties` (some row has one),
+    `sampling` (some row is not greedy); off, their work is left out of the compiled step.
     Returns (token ids [R] int32, logprobs [R] f32): the log of the chosen token's probability after
     penalties and temperature, before the top-p / top-k cuts.
     """
     out_len = context_lens - sb.prompt_len  # [R]
-    cols = jnp.arange(history.shape[-1])[None, :]
-    counted = (cols >= sb.penalty_start[:, None]) & (cols < context_lens[:, None])  # [R, W]
-    any_penalty = jnp.any(
-        (sb.repetition_penalty != 1.0) | (sb.frequency_penalty != 0.0) | (sb.presence_penalty != 0.0)
-    )
-    logits = jax.lax.cond(
-        any_penalty,
-        lambda x: apply_penalties(
-            x, history, counted, sb.repetition_penalty, sb.frequency_penalty, sb.presence_penalty
-        ),
-        lambda x: x,
-        logits,
-    )
+    if penalties:
+        cols = jnp.arange(history.shape[-1])[None, :]
+        counted = (cols >= sb.penalty_start[:, None]) & (cols < context_lens[:, None])  # [R, W]
+        logits = apply_penalties(
+            logits, history, counted, sb.repetition_penalty, sb.frequency_penalty, sb.presence_penalty
+        )
     if eos_ids:
         logits = apply_eos_rules(logits, out_len, sb.decay_start, sb.decay_factor, sb.min_new_tokens, eos_ids)
     logprobs = jax.nn.log_softmax(logits / sb.temperature[:, None], axis=-1)  # [R, V]
-    greedy = jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
-    tokens = jax.lax.cond(
-        jnp.all(sb.top_k == 1),
-        lambda: greedy,
-        lambda: _draw(jnp.exp(logprobs), sb.top_p, sb.top_k, row_uniforms(sb.seed, out_len)),
-    )
+    tokens = jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+    if sampling:  # greedy rows (top_k 1) keep their argmax
+        drawn = draw(jnp.exp(logprobs), sb.top_p, sb.top_k, row_uniforms(sb.seed, out_len))
+        tokens = jnp.where(sb.top_k == 1, tokens, drawn)
     return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+
