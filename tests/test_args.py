@@ -7,7 +7,8 @@ import pytest
 
 from jaxllm.args import ServerArgs, build_parser, parse_args
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "api_server_args.rst"
+# A copy of ../shared/seed/api_server_args.rst (LightLLM docs at b3d4f1de), the document the flags come from.
+SEED = Path(__file__).resolve().parent / "assets" / "api_server_args.rst"
 
 
 def seed_flags() -> dict[str, str | None]:
