@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from jaxllm.engine.request import Request
 from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sample, sampling_row, seed_words
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.models.attention import AttentionMetadata
-
-log = logging.getLogger(__name__)
 
 
 def enable_compilation_cache() -> str:
@@ -119,7 +116,7 @@ class StepHandle:
     batch: SchedulerOutput
     sampled: jax.Array  # [R] i32
     logprobs: jax.Array  # [R] f32
-    prompt_logprobs: jax.Array  # [T] f32 (zeros unless the step computed all-position logits)
+    prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
 
 
@@ -127,7 +124,7 @@ class StepHandle:
 class StepResult:
     sampled: np.ndarray  # [rows of the batch]
     logprobs: np.ndarray
-    prompt_logprobs: np.ndarray
+    prompt_logprobs: np.ndarray | None
     token_offsets: list[int]
 
 
@@ -192,7 +189,7 @@ class ModelRunner:
         self.eos_ids = tuple(int(e) for e in eos_ids if 0 <= e < self.vocab_size)
         self.row_buckets = pow2_buckets(kv.num_rows + 1)  # + a padding row for a prefill of every row
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
-        self.width_buckets = pow2_buckets(max_len, min(min_width, pow2_buckets(max_len)[-1]))
+        self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
         kv_shardings = self._init_device_state()
@@ -253,8 +250,11 @@ class ModelRunner:
         shape = self.shape_of(batch)
         host, offsets, rows = self._prepare(batch, shape)
         sampled, logprobs, prompt_lp = self._run(host, shape)
+        if not shape.all_logits:
+            prompt_lp = None
         for array in (sampled, logprobs, prompt_lp):
-            array.copy_to_host_async()
+            if array is not None:
+                array.copy_to_host_async()
         self._last_rows = rows
         return StepHandle(batch, sampled, logprobs, prompt_lp, offsets)
 
@@ -264,7 +264,7 @@ class ModelRunner:
         return StepResult(
             sampled=np.asarray(handle.sampled)[:n],
             logprobs=np.asarray(handle.logprobs)[:n],
-            prompt_logprobs=np.asarray(handle.prompt_logprobs),
+            prompt_logprobs=None if handle.prompt_logprobs is None else np.asarray(handle.prompt_logprobs),
             token_offsets=handle.token_offsets,
         )
 
