@@ -61,7 +61,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         # Totals since start. host_s: time the loop spent on the host (scheduling, preparing, dispatching,
-        # postprocessing); device_wait_s: time it waited for results, the device still busy.
+        # postprocessing, and compiling a shape met for the first time); device_wait_s: time it waited for
+        # results, the device still busy. Host time per step below device time per step: device-bound.
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0}
