@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     offline = sub.add_parser("offline", help="throughput of the in-process engine; extra flags go to the engine",
                              epilog="Any jaxllm.serve flag may follow, e.g. --max_total_token_num 200000.")
     offline.add_argument("--model_dir", required=True)
+    offline.add_argument("--warmup", type=int, default=None,
+                         help="start-up shapes to compile before timing (default: the engine's set; 0: none)")
+    offline.add_argument("--warmup-pass", action="store_true",
+                         help="run the whole workload once untimed first, so no compilation is timed")
     _add_workload_flags(offline)
     return parser
 
@@ -79,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from jaxllm import LLM
         from jaxllm.bench.offline import format_offline_table, run_offline
 
-        llm = LLM(ns.model_dir, **_engine_overrides(extra))
+        llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
         requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
+        if ns.warmup_pass:
+            run_offline(llm, requests)  # compiles every shape the workload meets; the persistent cache keeps them
         result = run_offline(llm, requests)
         table = format_offline_table(result)
     if ns.result_json:

@@ -13,12 +13,19 @@ def run_offline(llm, requests: list[BenchRequest]) -> dict:
 
     prompts = [list(r.prompt_ids) for r in requests]
     params = [SamplingParams(max_new_tokens=r.output_len, ignore_eos=True) for r in requests]
+    before = llm.engine.stats()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     duration = time.perf_counter() - start
     total_in = sum(len(p) for p in prompts)
     total_out = sum(len(o.token_ids) for o in outputs)
+    after = llm.engine.stats()
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "host_s", "device_wait_s")}
+    steps = max(delta["steps"], 1)
     return {
+        "steps": delta["steps"],
+        "host_ms_per_step": 1e3 * delta["host_s"] / steps,
+        "device_wait_ms_per_step": 1e3 * delta["device_wait_s"] / steps,
         "completed": len(outputs),
         "duration_s": duration,
         "total_input_tokens": total_in,
@@ -36,6 +43,8 @@ def format_offline_table(result: dict) -> str:
         ("request throughput (req/s)", f"{result['request_throughput']:.2f}"),
         ("output throughput (tok/s)", f"{result['output_throughput']:.1f}"),
         ("total throughput (tok/s)", f"{result['total_token_throughput']:.1f}"),
+        ("engine steps", str(result["steps"])),
+        ("host / device-wait per step (ms)", f"{result['host_ms_per_step']:.2f} / {result['device_wait_ms_per_step']:.2f}"),
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

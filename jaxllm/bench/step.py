@@ -95,8 +95,12 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
     )
     tokens, meta = _metadata(case, num_slots)
     step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c), donate_argnums=(3,))
-    for line in large_copies(step.lower(params, tokens, meta, cache).compile().as_text()):
+    step = step.lower(params, tokens, meta, cache).compile()
+    copies = large_copies(step.as_text())
+    for line in copies[:8]:
         print(f"  large copy in batch-{case.batch} step: {line}")
+    if len(copies) > 8:
+        print(f"  ... {len(copies) - 8} more large copies")
     logits, cache = step(params, tokens, meta, cache)
     logits.block_until_ready()
     times = []
