@@ -35,6 +35,8 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         ("vocab", TP_AXIS if split_vocab else None),
         ("embed", None),
         ("head_dim", None),
+        ("qkv", None),
+        ("stack", None),
         ("norm", None),
     )
 

@@ -6,10 +6,11 @@ Every loader returns the same pytree of plain arrays, each placed with the shard
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -77,36 +78,53 @@ def random_params(model, mesh: Mesh, tp: int, seed: int = 0):
 
 # --- Hugging Face layout -------------------------------------------------------------------------
 
-def _hf_to_ours(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]]:
-    """HF tensor name → (our param path, transform of the HF array to our layout)."""
-    h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
-    heads_in = lambda n: lambda w: w.T.reshape(w.shape[1], n, d)  # noqa: E731  [n*d, D] → [D, n, d]
-    heads_bias = lambda n: lambda b: b.reshape(n, d)  # noqa: E731
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """Where one HF tensor goes: our param `path`, `transform` to our layout, and for a fused param the
+    index of its part (`part`) among `parts` parts."""
+
+    path: tuple[str, ...]
+    transform: Callable[[np.ndarray], np.ndarray]
+    part: Any = None
+    parts: int = 1
+
+
+def _hf_to_ours(config: ModelConfig) -> dict[str, _Target]:
+    """HF tensor name → its target. q/k/v fill one `qkv_proj` [D, kv, group + 2, d] (heads grouped per KV
+    head) and gate/up one `gate_up_proj` [D, 2, F]."""
+    h, kv, g, d = config.num_heads, config.num_kv_heads, config.group_size, config.head_dim
+    q_in = lambda w: w.T.reshape(w.shape[1], kv, g, d)  # noqa: E731  [h*d, D] → [D, kv, g, d]
+    kv_in = lambda w: w.T.reshape(w.shape[1], kv, d)  # noqa: E731  [kv*d, D] → [D, kv, d]
     same = lambda w: w  # noqa: E731
+    qkv = lambda part: (slice(None), slice(None), part)  # noqa: E731  index into [D, kv, g + 2, d]
+    qkv_bias = lambda part: (slice(None), part)  # noqa: E731  index into [kv, g + 2, d]
     table = {
-        "model.embed_tokens.weight": (("embed_tokens",), same),
-        "model.norm.weight": (("norm", "weight"), same),
+        "model.embed_tokens.weight": _Target(("embed_tokens",), same),
+        "model.norm.weight": _Target(("norm", "weight"), same),
     }
     if not config.tie_word_embeddings:
-        table["lm_head.weight"] = (("lm_head",), lambda w: w.T)
+        table["lm_head.weight"] = _Target(("lm_head",), lambda w: w.T)
     for i in range(config.num_layers):
-        hf, ours = f"model.layers.{i}.", f"layers_{i}"
+        hf, attn, mlp = f"model.layers.{i}.", (f"layers_{i}", "self_attn"), (f"layers_{i}", "mlp")
         table.update({
-            hf + "self_attn.q_proj.weight": ((ours, "self_attn", "q_proj"), heads_in(h)),
-            hf + "self_attn.k_proj.weight": ((ours, "self_attn", "k_proj"), heads_in(kv)),
-            hf + "self_attn.v_proj.weight": ((ours, "self_attn", "v_proj"), heads_in(kv)),
-            hf + "self_attn.o_proj.weight": ((ours, "self_attn", "o_proj"), lambda w: w.T.reshape(h, d, w.shape[0])),
-            hf + "mlp.gate_proj.weight": ((ours, "mlp", "gate_proj"), lambda w: w.T),
-            hf + "mlp.up_proj.weight": ((ours, "mlp", "up_proj"), lambda w: w.T),
-            hf + "mlp.down_proj.weight": ((ours, "mlp", "down_proj"), lambda w: w.T),
-            hf + "input_layernorm.weight": ((ours, "input_layernorm", "weight"), same),
-            hf + "post_attention_layernorm.weight": ((ours, "post_attention_layernorm", "weight"), same),
+            hf + "self_attn.q_proj.weight": _Target(attn + ("qkv_proj",), q_in, qkv(slice(0, g)), 3),
+            hf + "self_attn.k_proj.weight": _Target(attn + ("qkv_proj",), kv_in, qkv(g), 3),
+            hf + "self_attn.v_proj.weight": _Target(attn + ("qkv_proj",), kv_in, qkv(g + 1), 3),
+            hf + "self_attn.o_proj.weight": _Target(attn + ("o_proj",), lambda w: w.T.reshape(h, d, w.shape[0])),
+            hf + "mlp.gate_proj.weight": _Target(mlp + ("gate_up_proj",), lambda w: w.T, (slice(None), 0), 2),
+            hf + "mlp.up_proj.weight": _Target(mlp + ("gate_up_proj",), lambda w: w.T, (slice(None), 1), 2),
+            hf + "mlp.down_proj.weight": _Target(mlp + ("down_proj",), lambda w: w.T),
+            hf + "input_layernorm.weight": _Target((f"layers_{i}", "input_layernorm", "weight"), same),
+            hf + "post_attention_layernorm.weight": _Target(
+                (f"layers_{i}", "post_attention_layernorm", "weight"), same),
         })
         if config.qkv_bias:
             table.update({
-                hf + "self_attn.q_proj.bias": ((ours, "self_attn", "q_bias"), heads_bias(h)),
-                hf + "self_attn.k_proj.bias": ((ours, "self_attn", "k_bias"), heads_bias(kv)),
-                hf + "self_attn.v_proj.bias": ((ours, "self_attn", "v_bias"), heads_bias(kv)),
+                hf + "self_attn.q_proj.bias": _Target(
+                    attn + ("qkv_bias",), lambda b: b.reshape(kv, g, d), qkv_bias(slice(0, g)), 3),
+                hf + "self_attn.k_proj.bias": _Target(attn + ("qkv_bias",), lambda b: b.reshape(kv, d), qkv_bias(g), 3),
+                hf + "self_attn.v_proj.bias": _Target(
+                    attn + ("qkv_bias",), lambda b: b.reshape(kv, d), qkv_bias(g + 1), 3),
             })
     return table
 
@@ -198,16 +216,29 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
     else:
         tensors = _hf_tensors(model_dir)
     shardings = param_shardings(model, mesh, tp)
+    shapes = nn.unbox(abstract_params(model))
     table = _hf_to_ours(config)
     params: dict = {}
     seen = set()
+    pending: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # fused params: host buffer, parts still missing
     for name, array in tensors:
         if name not in table:
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
             raise ValueError(f"{model_dir}: unexpected tensor {name} for {config.model_type}")
-        path, transform = table[name]
-        _set(params, path, _place(np.asarray(transform(array)), model.dtype, _get(shardings, path)))
+        target = table[name]
+        host = np.asarray(target.transform(array))
+        if target.parts > 1:
+            shape = _get(shapes, target.path).shape
+            buffer, missing = pending.get(target.path, (np.empty(shape, host.dtype), target.parts))
+            buffer[target.part] = host
+            if missing > 1:
+                pending[target.path] = (buffer, missing - 1)
+                seen.add(name)
+                continue
+            pending.pop(target.path, None)
+            host = buffer
+        _set(params, target.path, _place(host, model.dtype, _get(shardings, target.path)))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:

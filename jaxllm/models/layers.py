@@ -72,19 +72,19 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, meta: AttentionMetadata, layer_cache):  # x [n, hidden]
         c = self.config
-        heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
-        wq = param(self, "q_proj", (c.hidden_size, heads, d), ("embed", "heads", "head_dim"), self.dtype)
-        wk = param(self, "k_proj", (c.hidden_size, kv_heads, d), ("embed", "kv_heads", "head_dim"), self.dtype)
-        wv = param(self, "v_proj", (c.hidden_size, kv_heads, d), ("embed", "kv_heads", "head_dim"), self.dtype)
-        wo = param(self, "o_proj", (heads, d, c.hidden_size), ("heads", "head_dim", "embed"), self.dtype)
-        q = jnp.einsum("nd,dhk->nhk", x, wq)
-        k = jnp.einsum("nd,dhk->nhk", x, wk)
-        v = jnp.einsum("nd,dhk->nhk", x, wv)
+        kv_heads, group, d = c.num_kv_heads, c.group_size, c.head_dim
+        # q, k and v in one product (at batch 1 three small products cost twice one fused one). Heads are
+        # grouped per KV head, [kv_heads, group + 2, head_dim], so splitting on KV heads keeps each
+        # device's query heads with their own keys and values.
+        wqkv = param(self, "qkv_proj", (c.hidden_size, kv_heads, group + 2, d),
+                     ("embed", "kv_heads", "qkv", "head_dim"), self.dtype)
+        wo = param(self, "o_proj", (c.num_heads, d, c.hidden_size), ("heads", "head_dim", "embed"), self.dtype)
+        qkv = jnp.einsum("nd,dkjh->nkjh", x, wqkv)  # [n, kv_heads, group + 2, head_dim]
         if c.qkv_bias:
-            zeros = nn.initializers.zeros
-            q = q + param(self, "q_bias", (heads, d), ("heads", "head_dim"), self.dtype, zeros)
-            k = k + param(self, "k_bias", (kv_heads, d), ("kv_heads", "head_dim"), self.dtype, zeros)
-            v = v + param(self, "v_bias", (kv_heads, d), ("kv_heads", "head_dim"), self.dtype, zeros)
+            qkv = qkv + param(self, "qkv_bias", (kv_heads, group + 2, d), ("kv_heads", "qkv", "head_dim"),
+                              self.dtype, nn.initializers.zeros)
+        q = qkv[:, :, :group].reshape(x.shape[0], c.num_heads, d)  # head h = kv * group + g, as in HF
+        k, v = qkv[:, :, group], qkv[:, :, group + 1]  # [n, kv_heads, head_dim]
         inv_freq = rope_inv_freq(d, c.rope_theta, c.rope_scaling)
         q = apply_rope(q, meta.positions, inv_freq)
         k = apply_rope(k, meta.positions, inv_freq)
@@ -100,7 +100,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):  # x [n, hidden]
         c = self.config
-        gate = param(self, "gate_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), self.dtype)
-        up = param(self, "up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), self.dtype)
+        # gate and up in one product: [hidden, 2, intermediate], split on the intermediate axis under --tp.
+        gate_up = param(self, "gate_up_proj", (c.hidden_size, 2, c.intermediate_size), ("embed", "stack", "mlp"),
+                        self.dtype)
         down = param(self, "down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), self.dtype)
-        return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+        h = jnp.einsum("nd,dsf->nsf", x, gate_up)  # [n, 2, intermediate]
+        return (jax.nn.silu(h[:, 0]) * h[:, 1]) @ down
