@@ -18,9 +18,6 @@ LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
 UNSUPPORTED_FLAGS = (
     "nccl_port",
     "trust_remote_code",
-    "use_dynamic_prompt_cache",
-    "splitfuse_mode",
-    "splitfuse_block_size",
     "beam_mode",
     "diverse_mode",
     "token_healing_mode",

@@ -1,4 +1,6 @@
-"""The offline API (`from jaxllm import LLM, SamplingParams`) on the converted SmolLM2-135M-Instruct, float32."""
+"""The offline API (`from jaxllm import LLM, SamplingParams`) on the converted SmolLM2-135M-Instruct, float32:
+text and token prompts, stops, logprobs, batch invariance, and the same greedy tokens with --splitfuse_mode or
+--use_dynamic_prompt_cache as without."""
 
 import pytest
 
@@ -11,11 +13,17 @@ QUESTIONS = [
 ]
 
 
+FLAGS = {"data_type": "float32", "max_total_token_num": 4096, "max_req_input_len": 128, "max_req_total_len": 192,
+         "running_max_req_size": 64, "batch_max_tokens": 1024, "warmup": 0, "disable_log_stats": True}
+# A long system message that half of the mixed prompts share (≈ 90 tokens with the chat template).
+SYSTEM = ("You are a concise assistant for a geography and science quiz. Answer in one short sentence, without "
+          "lists, and never repeat the question back to the user. Prefer plain words over jargon, give numbers "
+          "with their units, and if a question has no single answer, name the most common one.")
+
+
 @pytest.fixture(scope="module")
 def llm(smollm2_dir):
-    with LLM(str(smollm2_dir), data_type="float32", max_total_token_num=4096, max_req_input_len=128,
-             max_req_total_len=192, running_max_req_size=64, batch_max_tokens=1024, warmup=0,
-             disable_log_stats=True) as model:
+    with LLM(str(smollm2_dir), **FLAGS) as model:
         yield model
 
 
@@ -26,6 +34,20 @@ def chat_prompts(llm, count):
                                               add_generation_prompt=True) for t in texts]
 
 
+def mixed_prompts(llm, count):
+    """Chat prompts of 30–110 tokens: even ones open with the shared system message, odd ones with the
+    template's default one and a question padded to various lengths."""
+    prompts = []
+    for i in range(count):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        if i % 2:
+            messages = [{"role": "user", "content": question + " Please answer briefly." * (i % 11)}]
+        else:
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        prompts.append(llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return prompts
+
+
 def test_flags_are_the_servers_by_keyword(tmp_path):
     args = server_args(str(tmp_path), data_type="float32", max_total_token_num=9000, eos_id=[2, 5])
     assert (args.data_type, args.max_total_token_num, args.eos_id) == ("float32", 9000, [2, 5])
@@ -34,8 +56,9 @@ def test_flags_are_the_servers_by_keyword(tmp_path):
         server_args(str(tmp_path), no_such_flag=1)
     with pytest.raises(ValueError, match="data_type"):
         server_args(str(tmp_path), data_type="float8")
-    with pytest.raises(ValueError, match="splitfuse_mode"):
-        server_args(str(tmp_path), splitfuse_mode=True)
+    with pytest.raises(ValueError, match="beam_mode"):
+        server_args(str(tmp_path), beam_mode=True)
+    assert server_args(str(tmp_path), splitfuse_mode=True, use_dynamic_prompt_cache=True).splitfuse_mode
 
 
 def test_generate_text_and_token_prompts(llm):
@@ -83,3 +106,38 @@ def test_batch_invariance_48_mixed_requests(llm):
 def test_n_above_one_is_refused(llm):
     with pytest.raises(ValueError, match="best_of"):
         llm.generate(["hi"], SamplingParams(best_of=2, n=2, do_sample=True), use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def mixed_default(llm):
+    """32 mixed prompts (32–80 tokens; 16 share an ≈ 70-token prefix) and their greedy tokens by default."""
+    prompts = mixed_prompts(llm, 32)
+    return prompts, [o.token_ids for o in llm.generate(prompts, MIXED_PARAMS, use_tqdm=False)]
+
+
+MIXED_PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+
+@pytest.mark.parametrize("flags", [{"splitfuse_mode": True, "splitfuse_block_size": 48},
+                                   {"use_dynamic_prompt_cache": True}], ids=["splitfuse", "prompt-cache"])
+def test_32_mixed_requests_give_the_same_tokens_with_the_flag(mixed_default, smollm2_dir, flags):
+    prompts, expected = mixed_default
+    with LLM(str(smollm2_dir), **FLAGS, **flags) as other:
+        got = other.generate(prompts, MIXED_PARAMS, use_tqdm=False)
+        stats = other.engine.stats()
+    assert [o.token_ids for o in got] == expected
+    lengths = [len(o.prompt_token_ids) for o in got]
+    if "use_dynamic_prompt_cache" in flags:  # later prefill batches reuse what the first one cached
+        assert stats["prompt_cache_hit_tokens"] > 1000
+        assert stats["prefill_tokens"] == sum(lengths) - stats["prompt_cache_hit_tokens"]
+    else:  # prompts longer than a block were prefilled over several steps
+        assert sum(n > 48 for n in lengths) >= 20 and stats["prefill_steps"] >= sum(lengths) // 48
+
+
+def test_print_eos_token_prints_the_eos_text_even_when_specials_are_skipped(llm):
+    prompt = chat_prompts(llm, 6)[5]  # "What is 2 + 2?"
+    quiet, loud = (llm.generate([prompt], SamplingParams(max_new_tokens=48, print_eos_token=flag), use_tqdm=False)[0]
+                   for flag in (False, True))
+    assert quiet.finish_reason == loud.finish_reason == "stop" and quiet.token_ids == loud.token_ids
+    assert loud.token_ids[-1] == llm.tokenizer.eos_token_id
+    assert loud.text == quiet.text + llm.tokenizer.eos_token and "<|im_end|>" not in quiet.text

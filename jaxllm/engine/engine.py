@@ -5,6 +5,7 @@ place a token is appended, a stop checked and KV freed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import secrets
@@ -14,14 +15,16 @@ import uuid
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher, load_tokenizer
+from jaxllm.engine.detokenizer import load_tokenizer
+from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_prompt
+from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend
@@ -33,6 +36,29 @@ log = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """One step, as step listeners (Engine.add_step_listener) see it once its results are read."""
+
+    method: str  # "prefill" when the step computed any prefill chunk, else "decode"
+    duration_s: float  # from its preparation to its results on the host
+    prefill_requests: int
+    decode_requests: int
+    prefill_tokens: int
+    decode_tokens: int
+
+    @property
+    def batch_size(self) -> int:
+        """The metrics' batch size: the prefilled requests of a prefill step, the decoded ones otherwise."""
+        return self.prefill_requests if self.method == "prefill" else self.decode_requests
+
+
+def build_scheduler(args, kv: KVCache) -> Scheduler:
+    """The policy the flags ask for: LightLLM's router, or its splitfuse variant."""
+    policy = SplitFuseScheduler if args.splitfuse_mode else Scheduler
+    return policy(SchedulerConfig.from_args(args), kv)
+
+
 class Engine:
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
@@ -42,17 +68,17 @@ class Engine:
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
-        self.kv = KVCache(args.max_total_token_num, args.running_max_req_size)
-        self.scheduler = Scheduler(SchedulerConfig.from_args(args), self.kv)
+        prefix_cache = PrefixCache() if args.use_dynamic_prompt_cache else None
+        self.kv = KVCache(args.max_total_token_num, args.running_max_req_size, prefix_cache=prefix_cache)
+        self.scheduler = build_scheduler(args, self.kv)
         enable_compilation_cache()
         self.runner = ModelRunner(
             model, params, mesh, kv_cache_spec(model.config, args.tp), self.kv,
-            max_len=args.max_req_total_len, max_prefill_tokens=args.batch_max_tokens,
+            max_len=args.max_req_total_len, max_prefill_tokens=self.scheduler.max_step_tokens,
             eos_ids=tuple(args.eos_id),
         )
         self.runner.warmup(warmup)
-        self._eos = frozenset(args.eos_id)
-        self._special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._requests: dict[str, Request] = {}
@@ -60,12 +86,15 @@ class Engine:
         self._arrival_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._step_listeners: list = []
         # Totals since start. host_s: time the loop spent on the host (scheduling, preparing, dispatching,
         # postprocessing, and compiling a shape met for the first time); device_wait_s: time it waited for
         # results, the device still busy. Host time per step below device time per step: device-bound.
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0}
+        if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
+            self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
         self._peak, self._peak_at = 0, 0.0
         self._snapshot = self._take_snapshot()
 
@@ -78,7 +107,7 @@ class Engine:
         mesh = make_mesh(args.tp)
         backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend)
-        params = load_params(model, args.model_dir, mesh, args.tp, args.load_format)
+        params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
             tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode)
@@ -144,7 +173,7 @@ class Engine:
             seed=params.seed % 2**64 if params.seed is not None else secrets.randbits(64),
             arrival=arrival,
         )
-        self._attach_text_state(req)
+        self._events.attach(req)
         req.stream = RequestStream(req.request_id)
         return req
 
@@ -159,6 +188,10 @@ class Engine:
     def stats(self) -> dict:
         return dict(self._snapshot)
 
+    def add_step_listener(self, listener) -> None:
+        """Call `listener(StepReport)` on the engine thread after every step's results are read (metrics)."""
+        self._step_listeners.append(listener)
+
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
         inflight: StepHandle | None = None
@@ -170,6 +203,7 @@ class Engine:
             handle = None
             if self.scheduler.has_work():
                 batch = self.scheduler.schedule()
+                self._note_admissions(batch)
                 self._counters["preemptions"] += len(batch.preempted)
                 if batch.kind == "prefill" or batch.preempted:
                     self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
@@ -200,7 +234,7 @@ class Engine:
                 for req in item:
                     if req.request_id in self._requests:
                         req.status, req.finish_reason = RequestStatus.FINISHED, "error"
-                        self._emit(req, _final_event(req, "error", f"request id {req.request_id} is in use"))
+                        self._emit(req, final_event(req, "error", f"request id {req.request_id} is in use"))
                         continue
                     self._requests[req.request_id] = req
                     self.scheduler.add(req)
@@ -216,11 +250,24 @@ class Engine:
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
+        self.scheduler.step_dispatched(batch)
         c = self._counters
         c["steps"] += 1
         c[f"{batch.kind}_steps"] += 1
-        c[f"{batch.kind}_tokens"] += batch.num_tokens
+        c["prefill_tokens"] += batch.num_prefill_tokens
+        c["decode_tokens"] += batch.num_decode_tokens
         return handle
+
+    def _note_admissions(self, batch: SchedulerOutput) -> None:
+        """Queue time and prompt-cache hits of requests scheduled for the first time."""
+        now = time.monotonic()
+        for chunk in batch.chunks:
+            req = chunk.request
+            if req.scheduled_at is None:
+                req.scheduled_at = now
+                if "prompt_cache_query_tokens" in self._counters:
+                    self._counters["prompt_cache_hit_tokens"] += req.cache_hit or 0
+                    self._counters["prompt_cache_query_tokens"] += req.prompt_len
 
     def _postprocess(self, handle: StepHandle) -> None:
         """Read a step's results: append tokens, check stops, free what finished."""
@@ -239,6 +286,7 @@ class Engine:
                     chunk.request.num_pending -= 1
             self._fail_step(batch, failure)
             return
+        self._report_step(batch, time.perf_counter() - handle.dispatched_at)
         for i, chunk in enumerate(batch.chunks):
             req = chunk.request
             if chunk.samples:
@@ -248,52 +296,33 @@ class Engine:
             try:
                 if chunk.prompt_logprobs:
                     offset = result.token_offsets[i]
-                    self._add_prompt_logprobs(req, chunk.start, chunk.num_tokens, result.prompt_logprobs[offset:])
+                    self._events.add_prompt_logprobs(req, chunk.start, chunk.num_tokens, result.prompt_logprobs[offset:])
                 if chunk.samples:
                     self._append_token(req, int(result.sampled[i]), float(result.logprobs[i]))
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
                 log.exception("request %s failed in postprocess", req.request_id)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")
 
-    def _append_token(self, req: Request, token: int, logprob: float) -> None:
-        params = req.params
-        req.output_ids.append(token)
-        req.output_logprobs.append(logprob)
-        is_eos = token in self._eos
-        reason = None
-        if is_eos and not params.ignore_eos:
-            reason = "stop"
-        elif len(req.output_ids) >= params.max_new_tokens:
-            reason = "length"
-        text = ""
-        if req.detokenizer is not None and (params.print_eos_token or not is_eos):
-            text = req.detokenizer.add(token)
-        stop_sequence = None
-        if req.stop_matcher is not None:
-            text, stopped = req.stop_matcher.feed(text)
-            if stopped:
-                reason = "stop"
-                stop_sequence = next((s for s in params.stop_sequences if text.endswith(s)), None)
-            elif reason is not None:
-                text += req.stop_matcher.flush()
-        event = TokenEvent(
-            token_id=token, text=text, logprob=logprob, special=token in self._special,
-            count_output_tokens=len(req.output_ids), prompt_tokens=req.prompt_len,
-            finished=reason is not None, finish_reason=reason, stop_sequence=stop_sequence,
+    def _report_step(self, batch: SchedulerOutput, duration_s: float) -> None:
+        if not self._step_listeners:
+            return
+        decodes = batch.num_decode_tokens
+        report = StepReport(
+            method="prefill" if batch.num_prefill_tokens else "decode", duration_s=duration_s,
+            prefill_requests=len(batch.chunks) - decodes, decode_requests=decodes,
+            prefill_tokens=batch.num_prefill_tokens, decode_tokens=decodes,
         )
-        if len(req.output_ids) == 1 and params.prompt_logprobs:
-            event.prompt_logprobs = req.prompt_logprobs
-        if reason is not None:
-            self._retire(req, reason)
-        self._emit(req, event)
+        for listener in self._step_listeners:
+            try:
+                listener(report)
+            except Exception:  # noqa: BLE001 - a listener must not stop the engine
+                log.exception("step listener %r failed", listener)
 
-    def _add_prompt_logprobs(self, req: Request, start: int, count: int, logprobs: np.ndarray) -> None:
-        """[[token_id, {"<next_id>": logprob}], ...] for prompt positions start.. (all but the last)."""
-        entries = req.prompt_logprobs if req.prompt_logprobs is not None else []
-        prompt = req.prompt_ids
-        for j, pos in enumerate(range(start, min(start + count, len(prompt) - 1))):
-            entries.append([prompt[pos], {str(prompt[pos + 1]): float(logprobs[j])}])
-        req.prompt_logprobs = entries
+    def _append_token(self, req: Request, token: int, logprob: float) -> None:
+        event = self._events.token(req, token, logprob)
+        if event.finished:
+            self._retire(req, event.finish_reason)
+        self._emit(req, event)
 
     def _fail_step(self, batch: SchedulerOutput, exc: Exception) -> None:
         """A step failed: its requests end with an error; if the device state was consumed, the other
@@ -305,7 +334,7 @@ class Engine:
         for chunk in batch.chunks:
             if not chunk.request.finished:
                 self._end(chunk.request, "error", message)
-        if self.runner.device_state_lost():
+        if self.runner.device_state_lost():  # every KV is gone, the prompt cache's too
             self.runner.reset_device_state()
             self._counters["preemptions"] += len(self.scheduler.pause_all())
 
@@ -314,7 +343,7 @@ class Engine:
         if req.finished:
             return
         self._retire(req, reason)
-        self._emit(req, _final_event(req, reason, error))
+        self._emit(req, final_event(req, reason, error))
 
     def _retire(self, req: Request, reason: str) -> None:
         self.scheduler.finish(req, reason)
@@ -325,17 +354,6 @@ class Engine:
     def _emit(self, req: Request, event: TokenEvent) -> None:
         if not req.stream.put(event) and not req.finished:  # the consumer's event loop is gone
             self._end(req, "abort")
-
-    def _attach_text_state(self, req: Request) -> None:
-        if self.tokenizer is None:
-            return
-        p = req.params
-        req.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens,
-            spaces_between_special_tokens=p.add_spaces_between_special_tokens,
-        )
-        if p.stop_sequences:
-            req.stop_matcher = StopMatcher(p.stop_sequences)
 
     # --- stats ---------------------------------------------------------------------------------
     def _take_snapshot(self) -> dict:
@@ -357,6 +375,7 @@ class Engine:
             "paused": paused,
             "kv_used": used,
             "kv_total": total,
+            "kv_cached": self.kv.num_cached,
             "token_load": {
                 "current_load": used / total,
                 "logical_max_load": peak / total,
@@ -365,9 +384,3 @@ class Engine:
             **self._counters,
         }
 
-
-def _final_event(req: Request, reason: str, error: str | None = None) -> TokenEvent:
-    return TokenEvent(
-        token_id=-1, text="", logprob=0.0, special=False, count_output_tokens=len(req.output_ids),
-        prompt_tokens=req.prompt_len, finished=True, finish_reason=reason, error=error,
-    )

@@ -1,6 +1,6 @@
 """Token-level KV memory: which slots are free, which request holds which (per token, like LightLLM's
-TokenAttention), and the device buffers: one cache tuple per layer plus the request→slot and
-request→token tables that the jitted steps update in place.
+TokenAttention), the prompt cache's share of them (--use_dynamic_prompt_cache), and the device buffers: one
+cache tuple per layer plus the request→slot and request→token tables that the jitted steps update in place.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request
 
 
@@ -25,14 +26,21 @@ class KVCache:
     positions fill consecutive slots of `page_size`-aligned pages when the cache allows it (a request's
     first slot starts a free page; it grows into the rest of its page, then into another free page),
     but any free slot is used before an allocation fails: pages cost no capacity.
+
+    With a `prefix_cache`, every slot is free, owned by the prompt cache, or private to one request
+    (prefix_cache.py's rule): a request starts on the cache's slots of its longest cached prefix
+    (`attach_prefix`, locked while it runs), hands its computed tokens to the cache (`share_prefix` while
+    it runs, `release` when it ends) and frees only its private slots. Unlocked cached slots count as
+    available: an allocation that finds too few free slots evicts the least recently used ones.
     """
 
-    def __init__(self, num_slots: int, num_rows: int, page_size: int = 16):
+    def __init__(self, num_slots: int, num_rows: int, page_size: int = 16, prefix_cache: PrefixCache | None = None):
         if num_slots < 1 or num_rows < 1:
             raise ValueError("the KV cache needs at least one slot and one row")
         self.num_slots = num_slots
         self.num_rows = num_rows
         self.page_size = page_size
+        self.prefix = prefix_cache
         self.scratch_slot = num_slots  # padded tokens write here; padded table entries point here
         self.scratch_row = num_rows  # padded rows of a step read this row (all scratch slots)
         self._free = np.ones(num_slots, bool)
@@ -48,27 +56,43 @@ class KVCache:
     # --- accounting ------------------------------------------------------------------------------
     @property
     def num_free(self) -> int:
+        """Slots in no one's hands (the prompt cache's evictable slots are not among them)."""
         return self._num_free
 
     @property
+    def num_available(self) -> int:
+        """Slots an allocation can get: free ones plus the prompt cache's unlocked ones."""
+        return self._num_free + (self.prefix.evictable_tokens if self.prefix is not None else 0)
+
+    @property
     def num_used(self) -> int:
-        return self.num_slots - self._num_free
+        """Slots in use by requests: their private slots and the cached prefixes they lock."""
+        return self.num_slots - self.num_available
+
+    @property
+    def num_cached(self) -> int:
+        """Slots the prompt cache owns, locked or not."""
+        return self.prefix.cached_tokens if self.prefix is not None else 0
+
+    @property
+    def num_locked(self) -> int:
+        """Cached slots locked by running requests: shared prefixes, each counted once."""
+        return self.prefix.locked_tokens if self.prefix is not None else 0
 
     @property
     def num_free_rows(self) -> int:
         return len(self._free_rows)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= self._num_free
+        return n <= self.num_available
 
     # --- allocation ------------------------------------------------------------------------------
     def allocate(self, req: Request, n: int) -> list[int]:
         """Give `req` n more slots (appended to req.slots, and a table row if it has none)."""
-        if n > self._num_free:
-            raise KVCacheFull(f"{n} KV slots asked for, {self._num_free} free")
+        if req.kv_row < 0 and not self._free_rows:
+            raise KVCacheFull("no free request row")
+        self._reserve(n)
         if req.kv_row < 0:
-            if not self._free_rows:
-                raise KVCacheFull("no free request row")
             req.kv_row = self._free_rows.pop()
         new: list[int] = []
         if req.slots:
@@ -87,8 +111,7 @@ class KVCache:
 
     def allocate_one_each(self, reqs: list[Request]) -> None:
         """One more slot for each request (a decode step), the next slot of its run where free."""
-        if len(reqs) > self._num_free:
-            raise KVCacheFull(f"{len(reqs)} KV slots asked for, {self._num_free} free")
+        self._reserve(len(reqs))
         nxt = np.fromiter((r.slots[-1] + 1 for r in reqs), np.int64, len(reqs))
         in_page = (nxt % self.page_size != 0) & (nxt < self.num_slots)
         ok = in_page.copy()
@@ -100,33 +123,104 @@ class KVCache:
             else:
                 self.allocate(req, 1)
 
-    def release(self, req: Request) -> None:
-        """Return all of `req`'s slots and its row (finish, abort, error, preemption)."""
-        if req.slots:
-            slots = np.asarray(req.slots, np.int64)
-            if not self._free[slots].any() and len(np.unique(slots)) == len(slots):
-                self._give(slots)
-            else:
+    def release(self, req: Request, *, cache: bool = True) -> None:
+        """Return `req`'s private slots and its row (finish, abort, error, preemption). With the prompt cache,
+        its computed tokens whose ids are known are cached first (unless `cache` is False: their KV may never
+        have been written, after a failed step) and its lock is released."""
+        slots, private_from = req.slots, req.num_cached
+        to_free = slots[private_from:]
+        if self.prefix is not None:
+            keep = min(req.num_computed, req.num_known, len(slots)) if cache else 0
+            if keep > private_from:
+                already = self.prefix.insert(req.token_ids(0, keep), slots[:keep])
+                # The cache now owns slots[already:keep]; ours for [private_from, already) were duplicates.
+                to_free = slots[private_from:already] + slots[keep:]
+            if req.cache_node is not None:
+                self.prefix.unlock(req.cache_node)
+        if to_free:
+            freed = np.asarray(to_free, np.int64)
+            if self._free[freed].any() or len(np.unique(freed)) != len(freed):
                 raise AssertionError(f"request {req.request_id} releases a slot twice")
-            req.slots = []
+            self._give(freed)
+        req.slots, req.num_cached, req.cache_node = [], 0, None
         if req.kv_row >= 0:
             self._free_rows.append(req.kv_row)
             req.kv_row = -1
         req.num_computed = 0
 
+    # --- the prompt cache --------------------------------------------------------------------------
+    def attach_prefix(self, req: Request) -> int:
+        """Start `req` (holding nothing) on the longest cached prefix of its sequence but the last token, which
+        is computed for its logits: req.slots are the cache's slots, locked until `release`. Returns the
+        prefix length (0 without the prompt cache, and for requests that want prompt logprobs)."""
+        if req.slots or req.num_cached:
+            raise ValueError(f"request {req.request_id} already holds KV")
+        if self.prefix is None or req.params.prompt_logprobs:
+            return 0
+        match = self.prefix.match_prefix(req.token_ids(0, req.num_known), max_length=req.num_tokens - 1)
+        if match.length == 0:
+            return 0
+        self.prefix.lock(match.node)
+        req.cache_node, req.num_cached = match.node, match.length
+        req.slots = match.slots.tolist()
+        req.num_computed = match.length
+        return match.length
+
+    def share_prefix(self, req: Request) -> None:
+        """Cache `req`'s computed tokens while it runs (after the step computing them is dispatched), so that
+        requests admitted later reuse them; the cache takes the slots over and req keeps them locked. When
+        another request cached part of them meanwhile, req's copies stay private until `release`."""
+        if self.prefix is None:
+            return
+        k = min(req.num_computed, req.num_known)
+        if k <= req.num_cached:
+            return
+        ids = req.token_ids(0, k)
+        if self.prefix.match_prefix(ids).length > req.num_cached:
+            return
+        self.prefix.insert(ids, req.slots[:k])
+        node = self.prefix.match_prefix(ids).node
+        self.prefix.lock(node)
+        if req.cache_node is not None:
+            self.prefix.unlock(req.cache_node)
+        req.cache_node, req.num_cached = node, k
+
+    def clear_prefix_cache(self) -> None:
+        """Free every cached slot (their KV was lost); no request may hold a lock."""
+        if self.prefix is None:
+            return
+        if self.prefix.locked_tokens:
+            raise ValueError("the prompt cache is cleared while requests lock part of it")
+        self._give(self.prefix.evict(self.prefix.cached_tokens).astype(np.int64))
+
+    def _reserve(self, n: int) -> None:
+        """Make n slots free, evicting unlocked cached ones if needed; KVCacheFull if it cannot."""
+        if n > self.num_available:
+            raise KVCacheFull(f"{n} KV slots asked for, {self.num_available} available")
+        if n > self._num_free:
+            self._give(self.prefix.evict(n - self._num_free).astype(np.int64))
+
     def check(self, holders: list[Request]) -> None:
-        """Assert the invariants: held + free = total, no slot or row held twice (tests, debugging)."""
-        held = np.concatenate([np.asarray(r.slots, np.int64) for r in holders] or [np.zeros(0, np.int64)])
-        assert len(np.unique(held)) == len(held), "a KV slot is held twice"
-        assert not self._free[held].any(), "a held KV slot is marked free"
-        assert len(held) + self._num_free == self.num_slots, (
-            f"{self.num_slots - self._num_free - len(held)} KV slots leaked"
+        """Assert the invariants: private + cached + free = total, no slot or row held twice, no slot in use
+        marked free (tests, debugging)."""
+        empty = np.zeros(0, np.int64)
+        private = np.concatenate([np.asarray(r.slots[r.num_cached:], np.int64) for r in holders] or [empty])
+        shared = np.concatenate([np.asarray(r.slots[: r.num_cached], np.int64) for r in holders] or [empty])
+        assert len(np.unique(private)) == len(private), "a KV slot is held twice"
+        assert not self._free[private].any() and not self._free[shared].any(), "a KV slot in use is marked free"
+        assert not np.isin(shared, private).any(), "a cached KV slot is also private"
+        assert len(private) + self.num_cached + self._num_free == self.num_slots, (
+            f"{self.num_slots - self._num_free - self.num_cached - len(private)} KV slots leaked"
         )
         assert int(self._free.sum()) == self._num_free
         rows = [r.kv_row for r in holders if r.kv_row >= 0]
         assert len(set(rows)) == len(rows) and len(rows) + len(self._free_rows) == self.num_rows, "rows leaked"
         pages = np.add.reduceat(self._free, np.arange(0, self.num_slots, self.page_size))
         assert (pages == self._page_free).all()
+        if self.prefix is not None:
+            self.prefix.check_invariants()
+            locks = sum(r.cache_node is not None for r in holders)
+            assert locks or not self.prefix.locked_tokens, "the prompt cache holds locks no request owns"
 
     # --- internals -------------------------------------------------------------------------------
     def _extend_run(self, start: int, n: int) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,8 @@ class TokenEvent:
     prompt_logprobs: list | None = None  # first event only: [[token_id, {"<next_id>": logprob}], ...]
     error: str | None = None
     stop_sequence: str | None = None  # the stop string the text ends with, when one ended the request
+    queue_s: float | None = None  # first event only: seconds from submit to first scheduled
+    cached_tokens: int | None = None  # first event only, with the prompt cache on: prompt tokens found cached
 
 
 class RequestStatus(enum.Enum):
@@ -125,7 +128,9 @@ class RequestStatus(enum.Enum):
 class Request:
     """A request's state. Positions 0..num_tokens: the prompt, then the outputs; the last `num_pending`
     outputs were sampled on the device and are not read yet. `num_computed` positions have their KV
-    written (or written by a dispatched step), in `slots[0:num_computed]`."""
+    written (or written by a dispatched step), in `slots[0:num_computed]`; the first `num_cached` of those
+    slots belong to the prompt cache (locked through `cache_node` while the request runs), the rest to the
+    request."""
 
     request_id: str
     prompt_ids: list[int]
@@ -138,6 +143,11 @@ class Request:
     num_computed: int = 0
     slots: list[int] = field(default_factory=list)
     kv_row: int = -1  # row of the device slot table, while RUNNING
+    num_cached: int = 0  # leading slots owned by the prompt cache (see KVCache)
+    cache_node: Any = None  # the prompt cache's lock handle covering slots[:num_cached]
+    submitted_at: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None  # first admission (time.monotonic)
+    cache_hit: int | None = None  # prompt tokens found in the prompt cache at first admission
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     prompt_logprobs: list | None = None  # filled by the first prefill when params.prompt_logprobs
@@ -171,6 +181,16 @@ class Request:
         if start >= p:
             return self.output_ids[start - p : stop - p]
         return self.prompt_ids[start:] + self.output_ids[: stop - p]
+
+    @property
+    def remaining(self) -> int:
+        """Positions whose KV is still to compute (the last sampled token's included)."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def decoding(self) -> bool:
+        """Past its prefill: only the last sampled token is left to compute."""
+        return self.num_output > 0 and self.remaining == 1
 
     @property
     def wants_token(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -118,6 +119,7 @@ class StepHandle:
     logprobs: jax.Array  # [R] f32
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
+    dispatched_at: float = 0.0  # time.perf_counter() when its preparation began
 
 
 @dataclasses.dataclass
@@ -164,6 +166,14 @@ def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, widt
     return new_kv, last, sampled, logprobs, prompt_lp
 
 
+def _fill_tables(kv, rows, positions, slots, tokens):
+    """Point table rows at KV computed by earlier requests (prompt-cache prefixes). All args [F] i32."""
+    return kv.replace(
+        slot_table=kv.slot_table.at[rows, positions].set(slots),
+        token_table=kv.token_table.at[rows, positions].set(tokens),
+    )
+
+
 class ModelRunner:
     """Owns the device state (params, KV, last sampled ids) and the compiled step per shape bucket."""
 
@@ -200,6 +210,7 @@ class ModelRunner:
             donate_argnums=(1, 2),
             out_shardings=(kv_shardings, rep, rep, rep, rep),
         )
+        self._fill = jax.jit(_fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
         self.shapes_seen: set[StepShape] = set()
 
     # --- shapes --------------------------------------------------------------------------------
@@ -247,7 +258,11 @@ class ModelRunner:
     # --- steps ---------------------------------------------------------------------------------
     def dispatch(self, batch: SchedulerOutput) -> StepHandle:
         """Prepare and enqueue one step; returns at once (the device runs it in the background)."""
+        started = time.perf_counter()
         shape = self.shape_of(batch)
+        fills = [c for c in batch.chunks if c.cached_prefix]
+        if fills:
+            self._fill_cached_prefixes(fills)
         host, offsets, rows = self._prepare(batch, shape)
         sampled, logprobs, prompt_lp = self._run(host, shape)
         if not shape.all_logits:
@@ -256,7 +271,7 @@ class ModelRunner:
             if array is not None:
                 array.copy_to_host_async()
         self._last_rows = rows
-        return StepHandle(batch, sampled, logprobs, prompt_lp, offsets)
+        return StepHandle(batch, sampled, logprobs, prompt_lp, offsets, started)
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Wait for a dispatched step's results on the host."""
@@ -276,6 +291,19 @@ class ModelRunner:
             self.params, self.kv, self._last_tokens, ints, floats, layout=layout, **shape.static_args()
         )
         return sampled, logprobs, prompt_lp
+
+    def _fill_cached_prefixes(self, chunks) -> None:
+        """Before a step: the table rows of requests starting on a cached prefix get its slots and token ids
+        (positions [0, cached_prefix)); padded to a power of two (≥ 64) of entries writing the scratch row."""
+        kv = self.host_kv
+        parts = [(np.full(c.cached_prefix, c.request.kv_row), np.arange(c.cached_prefix),
+                  c.request.slots[: c.cached_prefix], c.request.token_ids(0, c.cached_prefix)) for c in chunks]
+        count = sum(c.cached_prefix for c in chunks)
+        size = max(64, 1 << (count - 1).bit_length())
+        pad = (np.full(size - count, kv.scratch_row), np.zeros(size - count), np.full(size - count, kv.scratch_slot),
+               np.zeros(size - count))
+        columns = [np.concatenate([np.asarray(p[i], np.int32) for p in [*parts, pad]]) for i in range(4)]
+        self.kv = self._fill(self.kv, *jax.device_put(tuple(columns), self._replicated))
 
     def _init_device_state(self):
         kv = self.host_kv

@@ -1,6 +1,7 @@
 """Admission, batching and preemption with LightLLM's router semantics (the `--router_*`, `--batch_max_tokens`,
-`--running_max_req_size` flags), plus the prompt-length checks. A step is a plain list of
-(request, tokens this step): prefill, decode and, later, splitfuse are policies over the same output.
+`--running_max_req_size` flags), plus the prompt-length checks. A step is a plain list of chunks (request,
+positions computed this step) of any mix: this default policy and splitfuse (splitfuse.py) differ only in
+how they fill it; the prompt cache only moves where a request's first chunk starts.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class SchedulerConfig:
     router_token_ratio: float
     router_max_new_token_len: int
     router_max_wait_tokens: int
+    splitfuse_block_size: int = 256
 
     @classmethod
     def from_args(cls, args) -> "SchedulerConfig":
@@ -40,17 +42,27 @@ class ScheduledChunk:
     num_tokens: int
     samples: bool = True
     prompt_logprobs: bool = False  # this chunk's positions also report prompt logprobs
+    decode: bool = False  # the one last sampled token of a running request (else part of a prefill)
+    cached_prefix: int = 0  # positions [0, cached_prefix) come from the prompt cache (the first chunk only)
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Request]
-    kind: str  # "prefill" | "decode" | "idle"
+    kind: str  # "prefill" (some chunk is a prefill, decodes may come along) | "decode" | "idle"
 
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(c.decode for c in self.chunks)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_tokens - self.num_decode_tokens
 
 
 def check_prompt(prompt_ids: list[int], params: SamplingParams, args) -> list[int]:
@@ -94,7 +106,9 @@ class Scheduler:
     KV returned) and put back at the head of the queue, to be recomputed when readmitted.
 
     Host view is one step behind the device: a request's last `num_pending` tokens are sampled but not
-    read, so counts use `num_tokens`/`num_output`, which include them.
+    read, so counts use `num_tokens`/`num_output`, which include them. With the prompt cache, a request
+    starts at its longest cached prefix and its estimates count only its private slots; the cached
+    prefixes that running requests lock are counted once.
     """
 
     def __init__(self, config: SchedulerConfig, kv: KVCache):
@@ -104,18 +118,24 @@ class Scheduler:
         self.running: list[Request] = []
         self._decode_steps_since_admit = 0
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step computes."""
+        return self.config.batch_max_tokens
+
     # --- queue ---------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
     def finish(self, req: Request, reason: str) -> None:
-        """Take `req` out of the queues and return its KV at once (finish, abort or error)."""
+        """Take `req` out of the queues and return its KV at once (finish, abort or error). An error's
+        computed tokens are not cached: the failed step may never have written them."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status in (RequestStatus.WAITING, RequestStatus.PAUSED):
             self.waiting.remove(req)
-        self.kv.release(req)
+        self.kv.release(req, cache=reason != "error")
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 
@@ -126,11 +146,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def step_dispatched(self, out: SchedulerOutput) -> None:
+        """`out` is on the device: the prompt cache may lend its prefill chunks' tokens to later requests."""
+        for chunk in out.chunks:
+            if not chunk.decode:
+                self.kv.share_prefix(chunk.request)
+
     # --- the policy ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         if not self.running or self._decode_steps_since_admit >= self.config.router_max_wait_tokens:
             self._decode_steps_since_admit = 0
-            admitted = self._admit()
+            admitted = self._admit(self.config.batch_max_tokens, chunked=False)
             if admitted:
                 return SchedulerOutput(admitted, [], "prefill")
         decoding = [r for r in self.running if r.wants_token]
@@ -139,90 +165,113 @@ class Scheduler:
         preempted = self._make_room(decoding)
         if preempted:
             decoding = [r for r in decoding if r.status is RequestStatus.RUNNING]
-        self.kv.allocate_one_each(decoding)
-        chunks = []
-        for req in decoding:
-            chunks.append(ScheduledChunk(req, req.num_computed, 1))
-            req.num_computed += 1
+        chunks = self._decode(decoding)
         self._decode_steps_since_admit += 1
         return SchedulerOutput(chunks, preempted, "decode")
 
-    # --- building blocks (a splitfuse policy reuses them) ----------------------------------------
-    def _admit(self) -> list[ScheduledChunk]:
-        """Queue head → a prefill batch, while LightLLM's estimated peak KV use fits and the prompt
-        tokens stay within batch_max_tokens."""
+    # --- building blocks (the splitfuse policy reuses them) --------------------------------------
+    def _decode(self, decoding: list[Request]) -> list[ScheduledChunk]:
+        """One decode chunk per request (its last sampled token), slots allocated."""
+        self.kv.allocate_one_each(decoding)
+        chunks = []
+        for req in decoding:
+            chunks.append(ScheduledChunk(req, req.num_computed, 1, decode=True))
+            req.num_computed += 1
+        return chunks
+
+    def _prefill_chunk(self, req: Request, n: int, cached_prefix: int = 0) -> ScheduledChunk:
+        """The next n positions of a running request's prefill (slots allocated)."""
+        self.kv.allocate(req, n)
+        start = req.num_computed
+        req.num_computed += n
+        wants_lp = req.params.prompt_logprobs and req.num_output == 0 and start < req.prompt_len - 1
+        return ScheduledChunk(req, start, n, samples=req.num_computed == req.num_tokens,
+                              prompt_logprobs=wants_lp, cached_prefix=cached_prefix)
+
+    def _admit(self, budget: int, chunked: bool) -> list[ScheduledChunk]:
+        """Queue head → running, while LightLLM's estimated peak KV use fits, with a first chunk each: the
+        whole uncached rest of its sequence, within `budget` tokens in all; `chunked`: as much of it as
+        the budget and the free KV allow."""
         cfg = self.config
-        busy = self.kv.num_used / cfg.max_total_token_num >= cfg.router_token_ratio
+        busy = self._busy()
         estimates = [self._estimate(r, busy) for r in self.running]
         paused_left = self.num_paused
         admitted: list[ScheduledChunk] = []
-        batch_tokens = 0
-        while self.waiting:
+        while self.waiting and budget > 0:
             req = self.waiting[0]
             if req.num_pending:  # preempted while its last token was in flight: wait for it
                 break
-            n = req.num_tokens
+            cached = self.kv.attach_prefix(req)
+            todo = req.num_tokens - cached
+            n = min(todo, budget, self.kv.num_available) if chunked else todo
             estimates.append(self._estimate(req, busy))
-            if req.status is RequestStatus.PAUSED:
-                paused_left -= 1
-            fits = _peak_tokens(estimates) < cfg.max_total_token_num
-            room = len(estimates) + paused_left <= cfg.running_max_req_size
-            if not (fits and room and batch_tokens + n <= cfg.batch_max_tokens and self.kv.can_allocate(n)):
+            paused = req.status is RequestStatus.PAUSED
+            fits = _peak_tokens(estimates) + self.kv.num_locked < cfg.max_total_token_num
+            room = len(estimates) + paused_left - paused <= cfg.running_max_req_size
+            if not (fits and room and 0 < n <= budget and self.kv.can_allocate(n)):
+                self.kv.release(req, cache=False)  # back to holding nothing: the prefix lock goes
                 break
             self.waiting.popleft()
-            self.kv.allocate(req, n)
+            paused_left -= paused
             req.status = RequestStatus.RUNNING
-            req.num_computed = n
             self.running.append(req)
-            batch_tokens += n
-            wants_lp = req.params.prompt_logprobs and req.prompt_logprobs is None
-            admitted.append(ScheduledChunk(req, 0, n, prompt_logprobs=wants_lp))
+            budget -= n
+            if req.cache_hit is None:
+                req.cache_hit = cached
+            admitted.append(self._prefill_chunk(req, n, cached_prefix=cached))
         return admitted
 
     def _make_room(self, decoding: list[Request]) -> list[Request]:
         """Pause the youngest running requests until each remaining decode gets a slot."""
         need = len(decoding)
+        pending = {id(r) for r in decoding}
         victims = []
         by_age = sorted(self.running, key=lambda r: r.arrival)
-        while need > self.kv.num_free and by_age:
+        while need > self.kv.num_available and by_age:
             victim = by_age.pop()
-            need -= victim.wants_token
+            need -= id(victim) in pending
             self._pause([victim])
             victims.append(victim)
         return victims
 
     def pause_all(self) -> list[Request]:
-        """Pause every running request (their KV is lost, e.g. after a failed step)."""
+        """Pause every running request and empty the prompt cache: the device lost the KV (a failed step)."""
         victims = sorted(self.running, key=lambda r: r.arrival, reverse=True)
-        self._pause(victims)
+        self._pause(victims, cache=False)
+        self.kv.clear_prefix_cache()
         return victims
 
-    def _pause(self, victims: list[Request]) -> None:
-        """Running → head of the queue, oldest first; KV returned; recomputed when readmitted."""
+    def _pause(self, victims: list[Request], cache: bool = True) -> None:
+        """Running → head of the queue, oldest first; KV returned (its computed tokens cached when the prompt
+        cache is on); recomputed, or resumed from the cache, when readmitted."""
         for victim in victims:
             self.running.remove(victim)
-            self.kv.release(victim)
+            self.kv.release(victim, cache=cache)
             victim.status = RequestStatus.PAUSED
         for victim in sorted(victims, key=lambda r: r.arrival, reverse=True):
             self.waiting.appendleft(victim)
         if victims:
             self._decode_steps_since_admit = 0
 
+    def _busy(self) -> bool:
+        return self.kv.num_used / self.config.max_total_token_num >= self.config.router_token_ratio
+
     def _estimate(self, req: Request, busy: bool) -> tuple[int, int]:
-        """(tokens held once it runs, tokens it may still add): LightLLM's get_tuple_tokens."""
+        """(private tokens held once it runs, tokens it may still add): LightLLM's get_tuple_tokens."""
         cfg = self.config
         out = req.num_output
         max_new = req.params.max_new_tokens
         if not (busy or req.params.ignore_eos):
             max_new = min(max_new, max(int(1.1 * out), cfg.router_max_new_token_len))
+        held = req.num_tokens - req.num_cached
         if req.status is RequestStatus.RUNNING:
-            return req.num_tokens, max(0, max_new - out - 1)
-        return req.num_tokens + 1, max(0, max_new - out - 2)
+            return held, max(0, max_new - out - 1)
+        return held + 1, max(0, max_new - out - 2)
 
     def estimated_peak(self) -> int:
-        """LightLLM's estimate of the running requests' peak KV use, in tokens."""
-        busy = self.kv.num_used / self.config.max_total_token_num >= self.config.router_token_ratio
-        return _peak_tokens([self._estimate(r, busy) for r in self.running])
+        """LightLLM's estimate of the running requests' peak KV use, in tokens (locked cached prefixes once)."""
+        busy = self._busy()
+        return _peak_tokens([self._estimate(r, busy) for r in self.running]) + self.kv.num_locked
 
 
 def _peak_tokens(estimates: list[tuple[int, int]]) -> int:

@@ -72,8 +72,8 @@ def failure(event: TokenEvent) -> ApiError | None:
 
 class Generation:
     """The engine requests of one HTTP request: best_of samples of each prompt, indexed prompt-major.
-    Use once, through collect() or events(). It notes when it was submitted, its first and last token and
-    how many tokens came (for the metrics)."""
+    Use once, through collect() or events(). It notes when it was submitted, its first and last token, how
+    many tokens came, its queue time and prompt-cache hits as the engine reports them (for the metrics)."""
 
     def __init__(self, engine, prompts: list[list[int]], params: SamplingParams) -> None:
         self.engine = engine
@@ -86,6 +86,8 @@ class Generation:
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.generated_tokens = 0
+        self.queue_s: float | None = None  # the first sample's submit → first scheduled, per the engine
+        self.prompt_cache_lookups: list[tuple[int, int]] = []  # (cached tokens, prompt tokens) per sample
         self._open: set[str] = set()
 
     @property
@@ -108,6 +110,10 @@ class Generation:
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
+        if event.queue_s is not None and self.queue_s is None:
+            self.queue_s = event.queue_s
+        if event.cached_tokens is not None:
+            self.prompt_cache_lookups.append((event.cached_tokens, event.prompt_tokens))
         self.generated_tokens += 1
         if event.finished:
             self._open.discard(self.request_ids[index])

@@ -24,6 +24,14 @@ class ServerState:
     args: ServerArgs
     metrics: Any = None  # jaxllm.metrics.Metrics, or None
 
+    def __post_init__(self) -> None:
+        # Every engine step feeds the batch metrics (engines without step reports, like the server tests'
+        # scripted one, have no add_step_listener).
+        listen = getattr(self.engine, "add_step_listener", None)
+        if self.metrics is not None and listen is not None:
+            metrics = self.metrics
+            listen(lambda step: metrics.batch_step(step.method, step.duration_s, step.batch_size))
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer
@@ -106,13 +114,17 @@ class Tracker:
                      "" if self.ok else " (failed or aborted)")
         if self.metrics is None:
             return
-        # The engine does not report admission times: queue_s is submission → first token (prefill included).
+        # Queue time: submission → first scheduled, as the engine reports it with the first token (from an engine
+        # that reports none, or with no token: submission → first token or now).
+        queue_s = g.queue_s if g is not None and g.queue_s is not None else first - submitted
+        for hit_tokens, prompt_tokens in g.prompt_cache_lookups if g is not None else ():
+            self.metrics.prompt_cache(hit_tokens, prompt_tokens)
         self.metrics.request_finished(
             success=self.ok,
             duration_s=now - self.received_at,
             validation_s=submitted - self.received_at,
             inference_s=last - submitted,
-            queue_s=first - submitted,
+            queue_s=queue_s,
             first_token_s=first - self.received_at,
             input_len=g.input_len if g is not None else 0,
             generated_tokens=g.generated_tokens if g is not None else 0,

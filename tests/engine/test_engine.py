@@ -63,12 +63,12 @@ def test_eos_stops_with_reason_stop(tiny_engine, reference):
     prompt = random_prompts(seed=3, count=1)[0]
     expected = reference.generate(prompt, 6)
     eos = expected[2]
-    engine_eos = tiny_engine._eos
-    tiny_engine._eos = frozenset({eos})
+    engine_eos = tiny_engine._events.eos
+    tiny_engine._events.eos = frozenset({eos})
     try:
         events = run_all(tiny_engine, [prompt], SamplingParams(max_new_tokens=6))[0]
     finally:
-        tiny_engine._eos = engine_eos
+        tiny_engine._events.eos = engine_eos
     assert tokens_of(events) == expected[: expected.index(eos) + 1]
     assert events[-1].finish_reason == "stop"
 

@@ -5,43 +5,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from jaxllm.engine.kv_cache import KVCache
-from jaxllm.engine.request import Request, RequestStatus, SamplingParams
-from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, _peak_tokens, check_prompt
-
-EOS = 2
-
-
-def make_scheduler(capacity=1000, **overrides) -> Scheduler:
-    cfg = dict(max_total_token_num=capacity, batch_max_tokens=capacity, running_max_req_size=64,
-               router_token_ratio=0.0, router_max_new_token_len=1024, router_max_wait_tokens=10)
-    cfg.update(overrides)
-    config = SchedulerConfig(**cfg)
-    return Scheduler(config, KVCache(capacity, config.running_max_req_size))
-
-
-def request(i, prompt_len, max_new=16, **params):
-    return Request(f"r{i}", [7] * prompt_len, SamplingParams(max_new_tokens=max_new, **params), seed=i, arrival=i)
-
-
-def run_step(sched: Scheduler, out, tokens) -> None:
-    """What the engine does with a step's results: tokens appended, stops checked, KV freed."""
-    for chunk in out.chunks:
-        req = chunk.request
-        req.num_pending -= 1
-        if req.finished:
-            continue
-        token = tokens(req)
-        req.output_ids.append(token)
-        if token == EOS and not req.params.ignore_eos:
-            sched.finish(req, "stop")
-        elif len(req.output_ids) >= req.params.max_new_tokens:
-            sched.finish(req, "length")
-
-
-def dispatch(out) -> None:
-    for chunk in out.chunks:
-        chunk.request.num_pending += 1
+from jaxllm.engine.request import RequestStatus, SamplingParams
+from jaxllm.engine.scheduler import _peak_tokens, check_prompt
+from sched_helpers import EOS, dispatch, make_scheduler, request, run_step
 
 
 # --- prompt checks -----------------------------------------------------------------------------------
@@ -113,13 +79,13 @@ def test_new_requests_wait_router_max_wait_tokens_decode_steps():
     sched = make_scheduler(router_max_wait_tokens=3)
     sched.add(request(0, 4, max_new=50))
     out = sched.schedule()
-    dispatch(out)
+    dispatch(sched, out)
     sched.add(request(1, 4, max_new=50))
     kinds = []
     for _ in range(5):
         out = sched.schedule()
         kinds.append(out.kind)
-        dispatch(out)
+        dispatch(sched, out)
         run_step(sched, out, lambda r: 9)
     assert kinds == ["decode", "decode", "decode", "prefill", "decode"]
 
@@ -133,7 +99,7 @@ def test_cache_shortage_pauses_the_youngest_and_resumes_it_by_recomputation():
     assert len(out.chunks) == 3
     paused = None
     for _ in range(12):
-        dispatch(out)
+        dispatch(sched, out)
         run_step(sched, out, lambda r: 9)
         out = sched.schedule()
         if out.preempted:
@@ -147,7 +113,7 @@ def test_cache_shortage_pauses_the_youngest_and_resumes_it_by_recomputation():
     # Run the others to completion; the victim comes back with prompt + generated tokens recomputed.
     resumed = None
     while resumed is None:
-        dispatch(out)
+        dispatch(sched, out)
         run_step(sched, out, lambda r: 9)
         out = sched.schedule()
         resumed = next((c for c in out.chunks if c.request is victim), None)
@@ -180,7 +146,7 @@ def test_thousands_of_random_requests_finish_without_leaking():
         out = sched.schedule() if sched.has_work() else None
         if out is not None:
             preempted += len(out.preempted)
-            dispatch(out)
+            dispatch(sched, out)
             for req in sched.running:
                 assert len(req.slots) == req.num_computed
         if inflight is not None:

@@ -1,0 +1,89 @@
+"""What a request's consumer receives: each sampled token as a TokenEvent (text, eos and stop checks, the first
+event's extras), the prompt logprobs gathered per position, and the final event of a request ended early."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from jaxllm.engine.request import Request, TokenEvent
+
+
+class EventMaker:
+    """Turns a request's sampled tokens into its TokenEvents, per LightLLM's text rules."""
+
+    def __init__(self, tokenizer, eos_ids, *, prompt_cache: bool = False):
+        self.tokenizer = tokenizer
+        self.eos = frozenset(eos_ids)
+        self.special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self.prompt_cache = prompt_cache  # first events report the prompt tokens found cached
+
+    def attach(self, req: Request) -> None:
+        """Give a new request its text state (a detokenizer, a stop matcher), when there is a tokenizer."""
+        if self.tokenizer is None:
+            return
+        p = req.params
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens,
+            spaces_between_special_tokens=p.add_spaces_between_special_tokens,
+        )
+        if p.stop_sequences:
+            req.stop_matcher = StopMatcher(p.stop_sequences)
+
+    def token(self, req: Request, token: int, logprob: float) -> TokenEvent:
+        """Append `token` to req's output and make its event; event.finished says whether req is done. The eos
+        text is "" unless print_eos_token, which prints it even when skip_special_tokens drops specials."""
+        params = req.params
+        req.output_ids.append(token)
+        req.output_logprobs.append(logprob)
+        is_eos = token in self.eos
+        reason = None
+        if is_eos and not params.ignore_eos:
+            reason = "stop"
+        elif len(req.output_ids) >= params.max_new_tokens:
+            reason = "length"
+        text = ""
+        if req.detokenizer is not None and (params.print_eos_token or not is_eos):
+            text = req.detokenizer.add(token)
+            if is_eos and params.skip_special_tokens and token in self.special:
+                text += self.tokenizer.decode([token], skip_special_tokens=False)
+        stop_sequence = None
+        if req.stop_matcher is not None:
+            text, stopped = req.stop_matcher.feed(text)
+            if stopped:
+                reason = "stop"
+                stop_sequence = next((s for s in params.stop_sequences if text.endswith(s)), None)
+            elif reason is not None:
+                text += req.stop_matcher.flush()
+        event = TokenEvent(
+            token_id=token, text=text, logprob=logprob, special=token in self.special,
+            count_output_tokens=len(req.output_ids), prompt_tokens=req.prompt_len,
+            finished=reason is not None, finish_reason=reason, stop_sequence=stop_sequence,
+        )
+        if len(req.output_ids) == 1:
+            if params.prompt_logprobs:
+                event.prompt_logprobs = req.prompt_logprobs
+            if req.scheduled_at is not None:
+                event.queue_s = req.scheduled_at - req.submitted_at
+            if self.prompt_cache:
+                event.cached_tokens = req.cache_hit or 0
+        return event
+
+    @staticmethod
+    def add_prompt_logprobs(req: Request, start: int, count: int, logprobs: np.ndarray) -> None:
+        """[[token_id, {"<next_id>": logprob}], ...] for prompt positions start.. (all but the last); positions
+        already there (a prefill recomputed after a preemption) are kept."""
+        entries = req.prompt_logprobs if req.prompt_logprobs is not None else []
+        prompt = req.prompt_ids
+        for j, pos in enumerate(range(start, min(start + count, len(prompt) - 1))):
+            if pos == len(entries):
+                entries.append([prompt[pos], {str(prompt[pos + 1]): float(logprobs[j])}])
+        req.prompt_logprobs = entries
+
+
+def final_event(req: Request, reason: str, error: str | None = None) -> TokenEvent:
+    """The last event of a request that ends without a token (abort, error, shutdown)."""
+    return TokenEvent(
+        token_id=-1, text="", logprob=0.0, special=False, count_output_tokens=len(req.output_ids),
+        prompt_tokens=req.prompt_len, finished=True, finish_reason=reason, error=error,
+    )

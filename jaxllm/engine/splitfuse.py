@@ -1,0 +1,60 @@
+"""--splitfuse_mode: every step decodes one token of every running request past its prefill and packs up to
+`--splitfuse_block_size` prompt tokens beside them (chunks of running prefills, then of newly admitted
+requests), so that a long prompt is prefilled over several steps and never stalls the running streams.
+"""
+
+from __future__ import annotations
+
+from jaxllm.engine.request import Request, RequestStatus
+from jaxllm.engine.scheduler import Scheduler, SchedulerOutput
+
+
+class SplitFuseScheduler(Scheduler):
+    """The router's admission estimates and preemption, with mixed steps instead of separate prefill and decode
+    steps. A request's prefill advances by chunks: each chunk's KV is written before the next chunk reads
+    it (the prefill-over-prefix attention), and only the chunk that completes it samples a token."""
+
+    def __init__(self, config, kv):
+        if config.splitfuse_block_size < 1:
+            raise ValueError(f"--splitfuse_block_size must be at least 1 (got {config.splitfuse_block_size})")
+        super().__init__(config, kv)
+
+    @property
+    def block_size(self) -> int:
+        """Prompt tokens per step (LightLLM's splitfuse queue caps a step at the block; --batch_max_tokens,
+        when set lower, caps it too)."""
+        return min(self.config.splitfuse_block_size, self.config.batch_max_tokens)
+
+    @property
+    def max_step_tokens(self) -> int:
+        return self.block_size + self.config.running_max_req_size
+
+    def schedule(self) -> SchedulerOutput:
+        preempted: list[Request] = []
+        while True:
+            decoding = [r for r in self.running if r.decoding and r.wants_token]
+            victims = self._make_room(decoding)
+            if victims:
+                preempted += victims
+                decoding = [r for r in decoding if r.status is RequestStatus.RUNNING]
+            chunks = self._decode(decoding)
+            budget = self.block_size
+            for req in [r for r in self.running if not r.decoding and r.remaining > 0]:  # oldest first
+                n = min(req.remaining, budget, self.kv.num_available)
+                if n > 0:
+                    chunks.append(self._prefill_chunk(req, n))
+                    budget -= n
+            chunks += self._admit(budget, chunked=True)
+            if chunks or not self._stalled():
+                kind = "prefill" if any(not c.decode for c in chunks) else ("decode" if chunks else "idle")
+                return SchedulerOutput(chunks, preempted, kind)
+            # Prefills hold the KV that they all still need: the youngest gives its share back.
+            victim = max(self.running, key=lambda r: r.arrival)
+            self._pause([victim])
+            preempted.append(victim)
+
+    def _stalled(self) -> bool:
+        """Some running prefill can get no slot, and no result on its way may free one."""
+        if self.kv.num_available or any(r.num_pending for r in self.running):
+            return False
+        return any(not r.decoding and r.remaining > 0 for r in self.running)
