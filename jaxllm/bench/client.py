@@ -24,7 +24,7 @@ def _lightllm_body(prompt: str, req: BenchRequest) -> tuple[str, dict]:
 def _openai_body(prompt: str, req: BenchRequest, model: str) -> tuple[str, dict]:
     return "/v1/completions", {
         "model": model, "prompt": prompt, "max_tokens": req.output_len, "stream": True,
-        "ignore_eos": True, "temperature": 0.0,
+        "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
     }
 
 
@@ -32,6 +32,7 @@ async def _one_request(session, base_url, api, model, prompt, req: BenchRequest)
     path, body = _lightllm_body(prompt, req) if api == "lightllm" else _openai_body(prompt, req, model)
     timing = RequestTiming(ok=False, prompt_tokens=len(req.prompt_ids))
     start = last = time.perf_counter()
+    usage_tokens = None
     try:
         async with session.post(base_url + path, json=body) as resp:
             if resp.status != 200:
@@ -42,6 +43,11 @@ async def _one_request(session, base_url, api, model, prompt, req: BenchRequest)
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[5:])
+                if api == "openai" and event.get("usage"):  # the last chunk: exact counts
+                    timing.prompt_tokens = event["usage"]["prompt_tokens"]
+                    usage_tokens = event["usage"]["completion_tokens"]
+                if api == "openai" and not any(c.get("finish_reason") is None for c in event.get("choices", [])):
+                    continue  # the finish and usage chunks carry no new token
                 now = time.perf_counter()
                 if timing.output_tokens == 0:
                     timing.ttft = now - start
@@ -51,6 +57,8 @@ async def _one_request(session, base_url, api, model, prompt, req: BenchRequest)
                 timing.output_tokens += 1
                 if api == "lightllm":
                     timing.prompt_tokens = event["token"].get("prompt_tokens", timing.prompt_tokens)
+        if usage_tokens is not None:
+            timing.output_tokens = usage_tokens
         timing.latency = time.perf_counter() - start
         timing.ok = timing.output_tokens > 0
         if not timing.ok:
