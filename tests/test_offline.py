@@ -15,10 +15,9 @@ QUESTIONS = [
 
 FLAGS = {"data_type": "float32", "max_total_token_num": 4096, "max_req_input_len": 128, "max_req_total_len": 192,
          "running_max_req_size": 64, "batch_max_tokens": 1024, "warmup": 0, "disable_log_stats": True}
-# A long system message that half of the mixed prompts share (≈ 90 tokens with the chat template).
-SYSTEM = ("You are a concise assistant for a geography and science quiz. Answer in one short sentence, without "
-          "lists, and never repeat the question back to the user. Prefer plain words over jargon, give numbers "
-          "with their units, and if a question has no single answer, name the most common one.")
+# A system message that half of the mixed prompts share (≈ 45 tokens with the chat template).
+SYSTEM = ("You are a concise assistant for a geography and science quiz. Answer in one short sentence, "
+          "without lists, and never repeat the question back to the user.")
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +34,13 @@ def chat_prompts(llm, count):
 
 
 def mixed_prompts(llm, count):
-    """Chat prompts of 30–110 tokens: even ones open with the shared system message, odd ones with the
+    """Chat prompts of 38–62 tokens: even ones open with the shared system message, odd ones with the
     template's default one and a question padded to various lengths."""
     prompts = []
     for i in range(count):
         question = QUESTIONS[i % len(QUESTIONS)]
         if i % 2:
-            messages = [{"role": "user", "content": question + " Please answer briefly." * (i % 11)}]
+            messages = [{"role": "user", "content": question + " Please answer briefly." * (i % 7)}]
         else:
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
         prompts.append(llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
@@ -110,7 +109,7 @@ def test_n_above_one_is_refused(llm):
 
 @pytest.fixture(scope="module")
 def mixed_default(llm):
-    """32 mixed prompts (32–80 tokens; 16 share an ≈ 70-token prefix) and their greedy tokens by default."""
+    """32 mixed prompts and their greedy tokens in the default mode."""
     prompts = mixed_prompts(llm, 32)
     return prompts, [o.token_ids for o in llm.generate(prompts, MIXED_PARAMS, use_tqdm=False)]
 
@@ -128,10 +127,10 @@ def test_32_mixed_requests_give_the_same_tokens_with_the_flag(mixed_default, smo
     assert [o.token_ids for o in got] == expected
     lengths = [len(o.prompt_token_ids) for o in got]
     if "use_dynamic_prompt_cache" in flags:  # later prefill batches reuse what the first one cached
-        assert stats["prompt_cache_hit_tokens"] > 1000
+        assert stats["prompt_cache_hit_tokens"] > 500
         assert stats["prefill_tokens"] == sum(lengths) - stats["prompt_cache_hit_tokens"]
     else:  # prompts longer than a block were prefilled over several steps
-        assert sum(n > 48 for n in lengths) >= 20 and stats["prefill_steps"] >= sum(lengths) // 48
+        assert sum(n > 48 for n in lengths) >= 12 and stats["prefill_steps"] >= sum(lengths) // 48
 
 
 def test_print_eos_token_prints_the_eos_text_even_when_specials_are_skipped(llm):

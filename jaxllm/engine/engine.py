@@ -192,6 +192,9 @@ class Engine:
         """Call `listener(StepReport)` on the engine thread after every step's results are read (metrics)."""
         self._step_listeners.append(listener)
 
+    def remove_step_listener(self, listener) -> None:
+        self._step_listeners.remove(listener)
+
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
         inflight: StepHandle | None = None

@@ -192,6 +192,8 @@ class Scheduler:
         """Queue head → running, while LightLLM's estimated peak KV use fits, with a first chunk each: the
         whole uncached rest of its sequence, within `budget` tokens in all; `chunked`: as much of it as
         the budget and the free KV allow."""
+        if not self.waiting or budget <= 0:
+            return []
         cfg = self.config
         busy = self._busy()
         estimates = [self._estimate(r, busy) for r in self.running]

@@ -1,6 +1,6 @@
-"""Splitfuse and the prompt cache in the running engine (tiny random model, float32, CPU): exact greedy outputs
-(also with int8 KV and --tp 2), no stream stalled by a 2,000-token prefill, a shared 1,000-token system prompt
-computed once, aborts that release their prefix locks."""
+"""Splitfuse and the prompt cache in the running engine (tiny random model, CPU): exact greedy outputs (float32
+under preemption, eviction and aborts; int8 KV with --tp 2), no stream stalled by a 2,000-token prefill, a
+shared 1,000-token system prompt computed once, aborts that release their prefix locks."""
 
 import numpy as np
 import pytest
@@ -34,11 +34,12 @@ def assert_idle_with_nothing_leaked(engine):
     assert engine.kv.num_free + engine.kv.num_cached == engine.kv.num_slots
 
 
-@pytest.mark.parametrize("flags", [{}, {"mode": ["triton_int8kv"], "tp": 2}], ids=["float32", "int8kv-tp2"])
-def test_splitfuse_with_the_prompt_cache_gives_exact_greedy_outputs(tiny_model_dir, flags):
-    """Prompts of up to 40 tokens in blocks of 8, beside up to 4 decodes: every step fits one token bucket."""
+def test_splitfuse_with_the_prompt_cache_gives_exact_greedy_outputs_with_int8_kv_and_tp(tiny_model_dir):
+    """Prompts of up to 40 tokens in blocks of 8, beside up to 4 decodes (every step fits one token bucket),
+    int8 KV, two devices; the reference runs the same int8 model on whole sequences."""
     engine = make_engine(tiny_model_dir, splitfuse_mode=True, splitfuse_block_size=8, use_dynamic_prompt_cache=True,
-                         running_max_req_size=4, **flags)
+                         running_max_req_size=4, mode=["triton_int8kv"], tp=2)
+    assert len(engine.runner.mesh.devices.ravel()) == 2
     reference = GreedyReference(engine.runner.model, engine.runner.params)
     prompts = shared_prefix_prompts(seed=20, count=12)
     lengths = [int(n) for n in np.random.default_rng(21).integers(1, 13, size=12)]
@@ -52,6 +53,31 @@ def test_splitfuse_with_the_prompt_cache_gives_exact_greedy_outputs(tiny_model_d
     assert stats["prefill_tokens"] == sum(map(len, prompts)) - stats["prompt_cache_hit_tokens"]
     for prompt, n, got in zip(prompts, lengths, first + second):
         assert got == reference.generate(prompt, n)
+
+
+def test_preemption_eviction_and_aborts_in_a_tiny_cache_keep_outputs_exact(tiny_model_dir):
+    """48 requests sharing prefixes in a 90-slot cache, admitted optimistically: requests are paused (their
+    tokens cached), cached prefixes evicted and reused, a few aborted; the others' tokens stay exact."""
+    engine = make_engine(tiny_model_dir, splitfuse_mode=True, splitfuse_block_size=8, use_dynamic_prompt_cache=True,
+                         max_total_token_num=90, router_token_ratio=1.0, router_max_new_token_len=1)
+    reference = GreedyReference(engine.runner.model, engine.runner.params)
+    prompts = shared_prefix_prompts(seed=26, count=48)
+    lengths = [int(n) for n in np.random.default_rng(27).integers(1, 20, size=48)]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]
+    aborted = {3, 17, 30}
+    with engine:
+        streams = engine.submit_many([(p, sp, f"q{i}") for i, (p, sp) in enumerate(zip(prompts, params))])
+        for i in aborted:
+            engine.abort(f"q{i}")
+        results = [[e.token_id for e in s] for s in streams]
+        stats = engine.stats()
+        assert_idle_with_nothing_leaked(engine)
+    assert stats["preemptions"] > 0 and stats["prompt_cache_hit_tokens"] > 100
+    for i, (prompt, n, got) in enumerate(zip(prompts, lengths, results)):
+        if i in aborted:
+            assert got[-1] == -1
+        else:
+            assert got == reference.generate(prompt, n)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +100,7 @@ def test_a_2000_token_prefill_never_stalls_the_running_streams(long_engine):
     long = long_engine.submit(random_prompts(seed=23, count=1, max_len=1)[0] * 2000,
                                    SamplingParams(max_new_tokens=2, ignore_eos=True))
     assert len(list(long)) == 2
+    long_engine.remove_step_listener(steps.append)
     while_prefilling = [s for s in steps if s.prefill_tokens]
     assert [s.prefill_tokens for s in while_prefilling] == [256] * 7 + [2000 - 7 * 256]
     assert all(s.decode_requests == 3 and s.method == "prefill" for s in while_prefilling)
