@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--router_max_new_token_len", type=int, default=1024,
         help="cap on a request's expected new tokens when the router estimates future KV use")
     add("--router_max_wait_tokens", type=int, default=10,
-        help="try to admit new requests after this many decode steps")
+        help="try to admit new requests after this many decode steps (with --splitfuse_mode new requests "
+             "are admitted at every step, as prompt chunks ride along with the decodes)")
     add("--use_dynamic_prompt_cache", action="store_true",
         help="reuse the KV of shared prompt prefixes across requests (radix-tree prompt cache)")
     add("--splitfuse_block_size", type=int, default=256, help="prompt tokens per splitfuse step")
@@ -209,6 +210,9 @@ def _check_consistency(v: dict[str, Any]) -> None:
         raise ValueError("--beam_mode and --diverse_mode need --router_token_ratio 0.0")
     if v["load_way"] not in ("HF", "DS"):
         raise ValueError(f"--load_way must be HF or DS, not {v['load_way']!r}")
+    for name in ("splitfuse_block_size", "running_max_req_size", "max_total_token_num", "router_max_wait_tokens"):
+        if v[name] < 1:
+            raise ValueError(f"--{name} must be at least 1")
     if v["tp"] < 1:
         raise ValueError("--tp must be at least 1")
     for key in v["grouping_key"]:

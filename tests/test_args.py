@@ -76,6 +76,8 @@ def test_parsed_values_and_resolved_batch_max_tokens():
         (["--max_total_token_num", "1000"], "max_total_token_num"),
         (["--batch_max_tokens", "100"], "batch_max_tokens"),
         (["--grouping_key", "novalue"], "grouping_key"),
+        (["--splitfuse_block_size", "0"], "splitfuse_block_size"),
+        (["--running_max_req_size", "0"], "running_max_req_size"),
     ],
 )
 def test_startup_checks_fail_with_a_reason(argv, reason):

@@ -116,23 +116,13 @@ def stream_event(e: TokenEvent) -> dict:
 
 
 async def generate(state: ServerState, body: Any) -> Response:
-    track = state.track()
-    try:
-        req = parse(state, body, stream=False)
-    except BaseException:
-        track.end()
-        raise
+    track, req = state.track_parsed(parse, state, body, stream=False)
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params))
     return json_response(generate_body(req, sequences, prompt_logprobs=state.args.return_all_prompt_logprobs))
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
-    track = state.track()
-    try:
-        req = parse(state, body, stream=True)
-    except BaseException:
-        track.end()
-        raise
+    track, req = state.track_parsed(parse, state, body, stream=True)
     generation = Generation(state.engine, [req.prompt_ids], req.params)
 
     async def chunks() -> AsyncIterator[bytes]:

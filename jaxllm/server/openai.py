@@ -162,14 +162,9 @@ def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator
 
 
 async def _answer(state: ServerState, body: Any, *, chat: bool) -> Response:
-    track = state.track()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    try:
-        req = parse_chat(state.engine, body) if chat else parse_completion(state.engine, body)
-    except BaseException:
-        track.end()
-        raise
+    track, req = state.track_parsed(parse_chat if chat else parse_completion, state.engine, body)
     generation = Generation(state.engine, req.prompts, req.params)
     if req.stream:
         chunks = _stream_chunks(state, req, track.events(generation), chat, rid, created)

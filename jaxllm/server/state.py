@@ -7,13 +7,15 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from quart import has_request_context, request
 
 from jaxllm.args import ServerArgs
 from jaxllm.engine.request import TokenEvent
 from jaxllm.server.generation import Generation, Sequence, failure
+
+T = TypeVar("T")
 
 log = logging.getLogger("jaxllm.server")
 
@@ -58,6 +60,16 @@ class ServerState:
         headers = request.headers if has_request_context() else {}
         label = " ".join(f"{h}:{headers[h]}" for h in ("X-Request-Id", "X-Session-Id") if h in headers)
         return Tracker(self.metrics, label)
+
+    def track_parsed(self, parse: Callable[..., T], *args, **kwargs) -> tuple["Tracker", T]:
+        """Start the clock, then validate the request with `parse(*args, **kwargs)`; a request that fails
+        validation is ended (counted, logged) before its error propagates."""
+        track = self.track()
+        try:
+            return track, parse(*args, **kwargs)
+        except BaseException:
+            track.end()
+            raise
 
 
 class Tracker:

@@ -155,23 +155,13 @@ def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, se
 
 
 async def generate(state: ServerState, body: Any) -> Response:
-    track = state.track()
-    try:
-        req, opts = parse(state, body, stream=False)
-    except BaseException:
-        track.end()
-        raise
+    track, (req, opts) = state.track_parsed(parse, state, body, stream=False)
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params))
     return json_response(generate_body(state, req, opts, sequences))
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
-    track = state.track()
-    try:
-        req, opts = parse(state, body, stream=True)
-    except BaseException:
-        track.end()
-        raise
+    track, (req, opts) = state.track_parsed(parse, state, body, stream=True)
     generation = Generation(state.engine, [req.prompt_ids], req.params)
     prefix = req.prompt if opts.return_full_text else ""
 
