@@ -216,7 +216,22 @@ class _PeriodicThread:
                 return
 
 
-class MetricsPusher:
+class _PeriodicWorker:
+    """What a periodic daemon worker exposes: its interval and whether its thread runs."""
+
+    _thread: _PeriodicThread
+
+    @property
+    def interval_s(self) -> float:
+        return self._thread.interval_s
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker's thread is alive."""
+        return self._thread.running
+
+
+class MetricsPusher(_PeriodicWorker):
     """Pushes a registry to a Prometheus push gateway every `interval_s` seconds (PUT /metrics/job/<job>/<k>/<v>…),
     with HTTP basic auth from $USERNAME / $PASSWORD when `auth`. A failed push is logged and retried at the next
     interval (LightLLM's pusher died on the first failure)."""
@@ -282,15 +297,6 @@ class MetricsPusher:
         """Stop pushing (waits for a push in flight)."""
         self._thread.stop(self.timeout_s + 1.0)
 
-    @property
-    def interval_s(self) -> float:
-        return self._thread.interval_s
-
-    @property
-    def running(self) -> bool:
-        """Whether the push thread is alive."""
-        return self._thread.running
-
     def _push_logged(self) -> None:
         try:
             self.push()
@@ -306,7 +312,7 @@ class MetricsPusher:
             logger.info("metrics push to %s works again", self.gateway)
 
 
-class StatsLogger:
+class StatsLogger(_PeriodicWorker):
     """Logs one line of engine statistics every `interval_s` seconds. `stats` returns the engine's counters
     (Engine.stats()): running, waiting, paused (requests), kv_used, kv_total (KV token slots), prefill_tokens
     (prompt tokens computed), decode_tokens (tokens generated) (totals since start), and, if it tracks them, prompt_cache_hit_tokens and prompt_cache_query_tokens (totals:
@@ -338,15 +344,6 @@ class StatsLogger:
     def stop(self) -> None:
         """Stop logging."""
         self._thread.stop()
-
-    @property
-    def interval_s(self) -> float:
-        return self._thread.interval_s
-
-    @property
-    def running(self) -> bool:
-        """Whether the logging thread is alive."""
-        return self._thread.running
 
     def log_once(self) -> str:
         """Read the stats, log the line (rates since the previous line, or since start) and return it."""
