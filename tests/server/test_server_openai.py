@@ -1,20 +1,11 @@
 """The OpenAI-compatible routes over a ScriptedEngine: request mapping (chat template, do_sample default,
 max_tokens, n/best_of, seed), answers and chunks, stop strings left out, logprobs, usage, error objects."""
 
-import asyncio
 import json
 
 import pytest
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def post(client, path, body, *, raw=False):
-    response = await client.post(path, json=body)
-    data = await response.get_data()
-    return response.status_code, data if raw else json.loads(data)
+from app_client import post_json as post
+from app_client import run
 
 
 def chunks(raw: bytes) -> list:

@@ -1,20 +1,11 @@
 """The TGI wire format (--use_tgi_api) over a ScriptedEngine: TGI's parameter names and nulls, the JSON list
 answer with TGI's details, stream events, truncate/seed/return_full_text/decoder_input_details, errors."""
 
-import asyncio
 import json
 
 import pytest
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def post(client, path, body, *, raw=False):
-    response = await client.post(path, json=body)
-    data = await response.get_data()
-    return response.status_code, data if raw else json.loads(data)
+from app_client import post_json as post
+from app_client import run
 
 
 # What Hugging Face's text-generation client sends: every parameter, unset ones as null.
