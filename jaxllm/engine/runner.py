@@ -24,6 +24,8 @@ from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sample, sampling_r
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.models.attention import AttentionMetadata
 
+_PADDING_SAMPLING = (*PADDING_ROW, 0, 0)  # a padding row's sampling values and seed words
+
 
 def enable_compilation_cache() -> str:
     """Turn on JAX's persistent compilation cache (~/.cache/jaxllm/jax unless a directory is set)."""
@@ -312,6 +314,7 @@ class ModelRunner:
         )
         self._last_tokens = jax.device_put(np.zeros(self.row_buckets[-1], np.int32), self._replicated)
         self._last_rows = {}
+        self._sampling_rows: dict[str, tuple] = {}  # request id → (request, its sampling values)
         return shardings
 
     def device_state_lost(self) -> bool:
@@ -325,12 +328,33 @@ class ModelRunner:
     def _padding_inputs(self, shape: StepShape) -> StepInputs:
         return self._prepare(SchedulerOutput([], [], "idle"), shape)[0]
 
+    def _sampling(self, batch: SchedulerOutput, pad_rows: int) -> SamplingBatch:
+        """The step's SamplingBatch: each request's row (its SamplingBatch.FIELDS values and seed words) is
+        computed once, when it first enters a step, and kept while it keeps being scheduled."""
+        cache, kept = self._sampling_rows, {}
+        rows = []
+        for chunk in batch.chunks:
+            req = chunk.request
+            entry = cache.get(req.request_id)
+            if entry is None or entry[0] is not req:
+                entry = (req, (*sampling_row(req, self.vocab_size), *seed_words(req.seed)))
+            kept[req.request_id] = entry
+            rows.append(entry[1])
+        self._sampling_rows = kept
+        rows += [_PADDING_SAMPLING] * pad_rows
+        table = np.array(rows, np.float64)  # [R, fields + 2]: every value is exact in float64
+        fields = SamplingBatch.FIELDS
+        columns = {name: table[:, k].astype(dtype) for k, (name, dtype) in enumerate(fields)}
+        return SamplingBatch(**columns, seed=table[:, len(fields):].astype(np.uint32))
+
     def _prepare(self, batch: SchedulerOutput, shape: StepShape):
         """Host arrays for `batch` padded to `shape`: padding tokens write the scratch slot and belong to
         padding rows, which read the scratch row with context length 1."""
+        if shape.decode_only and batch.chunks:
+            return self._prepare_decode(batch, shape)
         kv = self.host_kv
         tokens, src, positions, token_row, write_slots, targets = [], [], [], [], [], []
-        kv_rows, context, q_start, q_lens, logits_index, samp, seeds = [], [], [], [], [], [], []
+        kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
         offsets: list[int] = []
         rows: dict[str, int] = {}
         for i, chunk in enumerate(batch.chunks):
@@ -361,8 +385,6 @@ class ModelRunner:
             q_start.append(q)
             q_lens.append(n)
             logits_index.append(q + n - 1)
-            samp.append(sampling_row(req, self.vocab_size))
-            seeds.append(seed_words(req.seed))
             if chunk.samples:
                 rows[req.request_id] = i
         real_tokens, real_rows = len(tokens), len(batch.chunks)
@@ -385,18 +407,52 @@ class ModelRunner:
             q_start.append(first)
             q_lens.append(count)
             logits_index.append(min(first, shape.tokens - 1))
-            samp.append(PADDING_ROW)
-            seeds.append((0, 0))
         i32 = functools.partial(np.asarray, dtype=np.int32)
-        columns = list(zip(*samp))
-        sampling = SamplingBatch(
-            **{name: np.asarray(col, dtype) for (name, dtype), col in zip(SamplingBatch.FIELDS, columns)},
-            seed=np.asarray(seeds, np.uint32),
-        )
         host = StepInputs(
             tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
-            logits_index=i32(logits_index), sampling=sampling,
+            logits_index=i32(logits_index), sampling=self._sampling(batch, pad_rows),
         )
         return host, offsets, rows
+
+    def _prepare_decode(self, batch: SchedulerOutput, shape: StepShape):
+        """`_prepare` for a step of one token per row (tokens = rows = shape.rows): the same arrays, built
+        from one tuple of scalars per row; padding row r holds padding token r."""
+        kv, last_rows = self.host_kv, self._last_rows
+        n, size = len(batch.chunks), shape.rows
+        if size < n or shape.tokens != size:
+            raise ValueError(f"batch of {n} rows does not fit {shape}")
+        per_row, rows = [], {}
+        for i, chunk in enumerate(batch.chunks):
+            req: Request = chunk.request
+            pos = chunk.start
+            known = req.num_known
+            if pos < known:
+                token, src = req.token_ids(pos, pos + 1)[0], -1
+            elif pos == known and req.request_id in last_rows:
+                token, src = 0, last_rows[req.request_id]
+            else:
+                raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
+            target = 0
+            if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
+                target = req.prompt_ids[pos + 1]
+            per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
+            if chunk.samples:
+                rows[req.request_id] = i
+        real = np.array(per_row, np.int64).reshape(n, 6)
+        column = np.zeros((6, size), np.int32)  # tokens, src, positions, write_slots, targets, kv_rows
+        column[:, :n] = real.T
+        column[1, n:] = -1
+        column[3, n:] = kv.scratch_slot
+        column[5, n:] = kv.scratch_row
+        index = np.arange(size, dtype=np.int32)  # token i is row i's only token
+        context = np.ones(size, np.int32)
+        context[:n] = column[2, :n] + 1
+        host = StepInputs(
+            tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
+            write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
+            query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
+            sampling=self._sampling(batch, size - n),
+        )
+        return host, list(range(n)), rows
