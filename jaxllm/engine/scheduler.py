@@ -271,9 +271,21 @@ class Scheduler:
         return held + 1, max(0, max_new - out - 2)
 
     def estimated_peak(self) -> int:
-        """LightLLM's estimate of the running requests' peak KV use, in tokens (locked cached prefixes once)."""
-        busy = self._busy()
-        return _peak_tokens([self._estimate(r, busy) for r in self.running]) + self.kv.num_locked
+        """LightLLM's estimate of the running requests' peak KV use, in tokens (locked cached prefixes once):
+        `_estimate` of every running request, computed over arrays."""
+        if not self.running:
+            return self.kv.num_locked
+        cfg, busy = self.config, self._busy()
+        fields = np.array([(len(r.output_ids) + r.num_pending, r.params.max_new_tokens, r.params.ignore_eos,
+                            len(r.prompt_ids) - r.num_cached, r.status is RequestStatus.RUNNING)
+                           for r in self.running], np.int64)  # [running, 5]
+        out, max_new, ignore_eos, prompt_held, running = fields.T
+        if not busy:
+            capped = np.minimum(max_new, np.maximum((1.1 * out).astype(np.int64), cfg.router_max_new_token_len))
+            max_new = np.where(ignore_eos == 1, max_new, capped)
+        held = prompt_held + out + 1 - running
+        left = np.maximum(0, max_new - out - 2 + running)
+        return _peak_tokens_of(held, left) + self.kv.num_locked
 
 
 def _peak_tokens(estimates: list[tuple[int, int]]) -> int:
@@ -281,7 +293,11 @@ def _peak_tokens(estimates: list[tuple[int, int]]) -> int:
     over the requests sorted by tokens left, longest first."""
     if not estimates:
         return 0
-    ordered = sorted(estimates, key=lambda e: -e[1])
-    held = np.cumsum([e[0] for e in ordered])
-    left = np.array([e[1] for e in ordered])
-    return int((left * np.arange(1, len(ordered) + 1) + held).max())
+    held, left = np.array(estimates, np.int64).reshape(-1, 2).T
+    return _peak_tokens_of(held, left)
+
+
+def _peak_tokens_of(held: np.ndarray, left: np.ndarray) -> int:
+    """`_peak_tokens` of the estimates (held[i], left[i]), all [n] i64, n > 0."""
+    order = np.argsort(-left, kind="stable")
+    return int((left[order] * np.arange(1, len(order) + 1) + np.cumsum(held[order])).max())

@@ -23,12 +23,14 @@ class RequestStream:
         self._ready = threading.Condition(self._lock)
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None
         self._done = False  # the final event was taken by the reader
+        self._sleepers = 0  # blocking readers waiting on _ready
 
     def put(self, event: TokenEvent) -> bool:
         """Engine side. False when the async reader's event loop is closed (nobody will read)."""
         with self._lock:
             self._events.append(event)
-            self._ready.notify_all()
+            if self._sleepers:
+                self._ready.notify_all()
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, future = waiter
@@ -52,7 +54,11 @@ class RequestStream:
             if self._done:
                 raise StopIteration
             while not self._events:
-                self._ready.wait()
+                self._sleepers += 1
+                try:
+                    self._ready.wait()
+                finally:
+                    self._sleepers -= 1
             return self._take()
 
     # --- asyncio -------------------------------------------------------------------------------

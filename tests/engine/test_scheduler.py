@@ -44,6 +44,29 @@ def test_peak_estimate_matches_lightllm_formula():
     assert _peak_tokens([]) == 0
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.9])
+def test_vectorised_peak_estimate_equals_the_per_request_formula(ratio):
+    rng = np.random.default_rng(1)
+    sched = make_scheduler(capacity=2000, router_token_ratio=ratio, router_max_new_token_len=8)
+    for i in range(12):
+        sched.add(request(i, int(rng.integers(1, 60)), max_new=int(rng.integers(1, 90)),
+                          ignore_eos=bool(i % 3 == 0)))
+    inflight, checked = None, 0
+    while sched.has_work() or inflight is not None:
+        out = sched.schedule() if sched.has_work() else None
+        if out is not None:
+            dispatch(sched, out)
+        if sched.running:
+            busy = sched._busy()
+            expected = _peak_tokens([sched._estimate(r, busy) for r in sched.running]) + sched.kv.num_locked
+            assert sched.estimated_peak() == expected
+            checked += 1
+        if inflight is not None:
+            run_step(sched, inflight, lambda r: EOS if rng.random() < 0.05 else 9)
+        inflight = out if out is not None and out.chunks else None
+    assert checked > 20
+
+
 def test_prefill_batch_is_capped_by_batch_max_tokens():
     sched = make_scheduler(batch_max_tokens=64)
     for i in range(5):
