@@ -290,6 +290,7 @@ class Engine:
             self._fail_step(batch, failure)
             return
         self._report_step(batch, time.perf_counter() - handle.dispatched_at)
+        sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
         for i, chunk in enumerate(batch.chunks):
             req = chunk.request
             if chunk.samples:
@@ -301,7 +302,7 @@ class Engine:
                     offset = result.token_offsets[i]
                     self._events.add_prompt_logprobs(req, chunk.start, chunk.num_tokens, result.prompt_logprobs[offset:])
                 if chunk.samples:
-                    self._append_token(req, int(result.sampled[i]), float(result.logprobs[i]))
+                    self._append_token(req, sampled[i], logprobs[i])
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
                 log.exception("request %s failed in postprocess", req.request_id)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")
