@@ -58,11 +58,15 @@ def make_table(rows: int, length: int, width: int, contiguous: bool, seed: int) 
     return table
 
 
-def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int):
+def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int, int8: bool = False):
+    """Random K/V buffers (int8 ones quantised, with their scales as kernel keyword arguments)."""
     rows = attention_mosaic.cache_rows(slots)
     k = jax.random.normal(jax.random.key(seed), (rows, kv_heads, head_dim), dtype)
     v = jax.random.normal(jax.random.key(seed + 1), (rows, kv_heads, head_dim), dtype)
-    return k, v
+    if not int8:
+        return k, v, {}
+    (k, k_scale), (v, v_scale) = reference.quantize_kv(k), reference.quantize_kv(v)
+    return k, v, dict(k_scale=k_scale, v_scale=v_scale)
 
 
 class Bench:
@@ -75,12 +79,7 @@ class Bench:
         launch = launch or (attention_triton.DECODE_INT8 if int8 else attention_triton.DECODE)
         block_k = attention_mosaic.BLOCK_K if impl == "mosaic" else launch.block_k
         slots = batch * context
-        k, v = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context)
-        scales = {}
-        if int8:
-            k, ks = reference.quantize_kv(k)
-            v, vs = reference.quantize_kv(v)
-            scales = dict(k_scale=ks, v_scale=vs)
+        k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8)
         width = -(-context // 64) * 64
         table = jnp.asarray(make_table(batch, context, width, contiguous, seed=batch))
         q = jax.random.normal(jax.random.key(7), (batch, heads, head_dim), dtype)
@@ -109,12 +108,7 @@ class Bench:
         dtype = jnp.bfloat16
         launch = launch or (attention_triton.PREFILL_INT8 if int8 else attention_triton.PREFILL)
         length = new + cached
-        k, v = random_cache(rows * length, kv_heads, head_dim, dtype, seed=3)
-        scales = {}
-        if int8:
-            k, ks = reference.quantize_kv(k)
-            v, vs = reference.quantize_kv(v)
-            scales = dict(k_scale=ks, v_scale=vs)
+        k, v, scales = random_cache(rows * length, kv_heads, head_dim, dtype, seed=3, int8=int8)
         width = -(-length // 64) * 64
         table = jnp.asarray(make_table(rows, length, width, True, seed=rows))
         n = rows * new
