@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from jaxllm.bench.stats import format_rows
 from jaxllm.bench.workload import BenchRequest
 
 
@@ -46,5 +47,4 @@ def format_offline_table(result: dict) -> str:
         ("engine steps", str(result["steps"])),
         ("host / device-wait per step (ms)", f"{result['host_ms_per_step']:.2f} / {result['device_wait_ms_per_step']:.2f}"),
     ]
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+    return format_rows(rows)

@@ -64,5 +64,10 @@ def format_table(result: dict) -> str:
         if key in result:
             s = result[key]
             rows.append((f"{label} mean / median / p99 (ms)", f"{s['mean']:.2f} / {s['median']:.2f} / {s['p99']:.2f}"))
+    return format_rows(rows)
+
+
+def format_rows(rows: list[tuple[str, str]]) -> str:
+    """(label, value) rows as a two-column text table, labels left-aligned."""
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)

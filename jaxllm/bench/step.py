@@ -11,6 +11,7 @@ import math
 import re
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,17 +31,22 @@ class StepCase:
     prefill: bool = False
 
 
+def median_seconds(call: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `call()` with its result ready, after one untimed call (compilation, warm-up)."""
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
 def measure_hbm_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
     """Bytes/s of a `jnp.sum` over `gib` GiB of bf16 (one read of every byte): how the issues quote it."""
     x = jax.random.normal(jax.random.PRNGKey(1), (int(gib * 2**30 / 2),), jnp.bfloat16)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return x.nbytes / float(np.median(times))
+    return x.nbytes / median_seconds(lambda: total(x), repeats)
 
 
 def measure_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
@@ -48,13 +54,7 @@ def measure_matmul_rate(n: int = 8192, repeats: int = 10) -> float:
     a = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.PRNGKey(3), (n, n), jnp.bfloat16)
     mm = jax.jit(jnp.matmul)
-    mm(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times))
+    return 2 * n**3 / median_seconds(lambda: mm(a, b), repeats)
 
 
 def _metadata(case: StepCase, num_slots: int) -> tuple[jnp.ndarray, AttentionMetadata]:
@@ -101,15 +101,13 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
         print(f"  large copy in batch-{case.batch} step: {line}")
     if len(copies) > 8:
         print(f"  ... {len(copies) - 8} more large copies")
-    logits, cache = step(params, tokens, meta, cache)
-    logits.block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        logits, cache = step(params, tokens, meta, cache)
-        logits.block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    state = {"cache": cache}  # donated every step: each call consumes the previous call's cache
+
+    def one_step():
+        logits, state["cache"] = step(params, tokens, meta, state["cache"])
+        return logits
+
+    return median_seconds(one_step, repeats)
 
 
 def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float) -> dict:
