@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxllm.config import ModelConfig
+from jaxllm.models import init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import logical_rules
 from jaxllm.torch_pickle import load_torch_file
@@ -48,12 +49,8 @@ _SAFETENSORS_DTYPES = {
 
 def _dummy_inputs(model):
     """The smallest valid step (one token, one scratch slot) for tracing `init`."""
-    c = model.config
     meta = AttentionMetadata.for_sequences([(0, 1)], [[0]], scratch_slot=1, width=1)
-    cache = tuple(
-        model.backend.init_layer_cache(1, c.num_kv_heads, c.head_dim, model.dtype) for _ in range(c.num_layers)
-    )
-    return jnp.zeros((1,), jnp.int32), meta, cache
+    return jnp.zeros((1,), jnp.int32), meta, init_kv_cache(model, 1)
 
 
 def abstract_params(model):

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import build_model
+from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.torch_pickle import load_torch_file
@@ -48,8 +48,7 @@ def logits_of(model_dir, load_way, tokens):
     config = ModelConfig.from_model_dir(model_dir)
     model = build_model(config, jnp.float32)
     params = load_params(model, model_dir, make_mesh(1), 1, load_way=load_way)
-    cache = tuple(model.backend.init_layer_cache(16, config.num_kv_heads, config.head_dim, jnp.float32)
-                  for _ in range(config.num_layers))
+    cache = init_kv_cache(model, 16)
     meta = AttentionMetadata.for_sequences([(0, len(tokens))], [list(range(len(tokens)))], 16, 16)
     logits, _ = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))(
         params, jnp.asarray(tokens, jnp.int32), meta, cache)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import build_model
+from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import DATA_TYPES, random_params
@@ -89,10 +89,7 @@ def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
 def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -> float:
     """Median seconds of one jitted step (KV cache donated, as in the engine); warns of large copies."""
     num_slots = case.batch * (case.context + 1)
-    cache = tuple(
-        model.backend.init_layer_cache(num_slots, config.num_kv_heads, config.head_dim, model.dtype)
-        for _ in range(config.num_layers)
-    )
+    cache = init_kv_cache(model, num_slots)
     tokens, meta = _metadata(case, num_slots)
     step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c), donate_argnums=(3,))
     step = step.lower(params, tokens, meta, cache).compile()

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request
+from jaxllm.models import init_kv_cache
 
 
 class KVCacheFull(RuntimeError):
@@ -286,9 +287,7 @@ def cache_array_spec(ndim: int, kv_spec: PartitionSpec) -> PartitionSpec:
 def init_device_kv(model, num_slots: int, num_rows: int, width: int, mesh: Mesh, kv_spec: PartitionSpec):
     """Allocate the per-layer caches (with the scratch slot) and the two tables, placed on the mesh."""
     c = model.config
-    abstract = jax.eval_shape(
-        lambda: model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype)
-    )
+    abstract = jax.eval_shape(lambda: init_kv_cache(model, num_slots))[0]
     layer_shardings = tuple(NamedSharding(mesh, cache_array_spec(a.ndim, kv_spec)) for a in abstract)
     table = NamedSharding(mesh, PartitionSpec())
     shardings = DeviceKV(
@@ -296,10 +295,7 @@ def init_device_kv(model, num_slots: int, num_rows: int, width: int, mesh: Mesh,
     )
 
     def build():
-        layers = tuple(
-            model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype)
-            for _ in range(c.num_layers)
-        )
+        layers = init_kv_cache(model, num_slots)
         slot_table = jnp.full((num_rows + 1, width), num_slots, jnp.int32)
         token_table = jnp.zeros((num_rows + 1, width), jnp.int32)
         return DeviceKV(layers=layers, slot_table=slot_table, token_table=token_table)

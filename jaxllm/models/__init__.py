@@ -9,6 +9,14 @@ from jaxllm.models.llama import LlamaForCausalLM
 _FAMILIES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
 
 
+def init_kv_cache(model, num_slots: int) -> tuple:
+    """A fresh KV cache for `model`: one backend cache tuple per layer, `num_slots` slots (+ the scratch slot)."""
+    c = model.config
+    return tuple(
+        model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype) for _ in range(c.num_layers)
+    )
+
+
 def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None):
     """The Flax module for `config.model_type`, computing in `dtype`."""
     family = _FAMILIES[config.model_type]

@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxllm.args import parse_args
 from jaxllm.engine.engine import Engine
+from jaxllm.models import init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 
 TINY_CONFIG = {
@@ -55,12 +56,8 @@ class GreedyReference:
     LENGTH = 64
 
     def __init__(self, model, params):
-        c = model.config
         self.model, self.params = model, params
-        self.cache = tuple(
-            model.backend.init_layer_cache(self.LENGTH, c.num_kv_heads, c.head_dim, model.dtype)
-            for _ in range(c.num_layers)
-        )
+        self.cache = init_kv_cache(model, self.LENGTH)
 
     @functools.partial(jax.jit, static_argnums=0)
     def _logits(self, tokens, count):  # tokens [LENGTH]; returns every position's logits [LENGTH, vocab]

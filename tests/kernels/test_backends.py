@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import build_model
+from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata, ReferenceAttention
 from jaxllm.models.backends import (
     NOT_BUILT,
@@ -84,8 +84,7 @@ def _run(backend, tp, prompts, steps=2):
     starts = np.cumsum([0] + capacity[:-1])
     slot_rows = [list(range(s, s + c))[::-1] for s, c in zip(starts, capacity)]  # descending: not contiguous
     scratch = sum(capacity)
-    cache = tuple(model.backend.init_layer_cache(scratch, config.num_kv_heads, config.head_dim, jnp.float32)
-                  for _ in range(config.num_layers))
+    cache = init_kv_cache(model, scratch)
     step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c))
     meta = AttentionMetadata.for_sequences([(0, len(p)) for p in prompts], slot_rows, scratch, width)
     logits, cache = step(params, jnp.asarray(np.concatenate(prompts), jnp.int32), meta, cache)

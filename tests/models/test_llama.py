@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import build_model
+from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf
@@ -70,8 +70,7 @@ def test_logits_match_transformers(variant, tp):
     tokens = np.random.default_rng(tp).integers(0, config.vocab_size, size=37)
     with torch.no_grad():
         expected = hf_model(torch.tensor(tokens)[None]).logits[0].numpy()
-    cache = tuple(model.backend.init_layer_cache(64, config.num_kv_heads, config.head_dim, jnp.float32)
-                  for _ in range(config.num_layers))
+    cache = init_kv_cache(model, 64)
     step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
     logits, _ = step(params, jnp.asarray(tokens, jnp.int32), full_prefill_meta(len(tokens), 64), cache)
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
@@ -88,8 +87,7 @@ def test_chunked_prefill_and_decode_over_cache_match_one_pass(variant):
     slots = [int(s) for s in rng.permutation(100)[:24]]  # non-contiguous slots
     with torch.no_grad():
         expected = hf_model(torch.tensor(tokens)[None]).logits[0].numpy()
-    cache = tuple(model.backend.init_layer_cache(100, config.num_kv_heads, config.head_dim, jnp.float32)
-                  for _ in range(config.num_layers))
+    cache = init_kv_cache(model, 100)
     step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c))
     got = []
     for start, count in [(0, 10), (10, 8)] + [(p, 1) for p in range(18, 24)]:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import build_model
+from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_params
@@ -67,10 +67,7 @@ def jaxllm_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
     starts = np.cumsum([0] + capacity[:-1])
     slot_rows = [list(range(s, s + c)) for s, c in zip(starts, capacity)]
     scratch = sum(capacity)
-    cache = tuple(
-        model.backend.init_layer_cache(scratch, config.num_kv_heads, config.head_dim, jnp.float32)
-        for _ in range(config.num_layers)
-    )
+    cache = init_kv_cache(model, scratch)
 
     @jax.jit
     def step(params, tokens, meta, cache):

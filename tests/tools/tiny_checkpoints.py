@@ -75,7 +75,7 @@ def jaxllm_logits(model_dir: Path, tokens: list[int], tp: int = 1, load_format: 
     import jax.numpy as jnp
 
     from jaxllm.config import ModelConfig
-    from jaxllm.models import build_model
+    from jaxllm.models import build_model, init_kv_cache
     from jaxllm.models.attention import AttentionMetadata
     from jaxllm.parallel import make_mesh
     from jaxllm.weights import load_params
@@ -85,10 +85,7 @@ def jaxllm_logits(model_dir: Path, tokens: list[int], tp: int = 1, load_format: 
     params = load_params(model, model_dir, make_mesh(tp), tp, load_format=load_format)
     n = len(tokens)
     meta = AttentionMetadata.for_sequences([(0, n)], [list(range(n))], scratch_slot=n, width=n)
-    cache = tuple(
-        model.backend.init_layer_cache(n, config.num_kv_heads, config.head_dim, jnp.float32)
-        for _ in range(config.num_layers)
-    )
+    cache = init_kv_cache(model, n)
     logits, _ = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32), meta, cache, all_logits=True)
     return np.asarray(logits)
 
