@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from tokenizers import Tokenizer, decoders
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TokenizersBackend
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,9 @@ def load_tokenizer(model_dir: str, mode: str = "slow", *, trust_remote_code: boo
 class _VocabInfo:
     special: frozenset[int]   # ids dropped by skip_special_tokens
     added: dict[int, str]     # added-vocabulary ids → their literal text (special or not)
+    backend: Tokenizer | None  # the Rust tokenizer that decode() calls, when its class adds nothing else
+    bpe: bool                 # the backend's model is BPE (transformers then skips clean_up_tokenization)
+    byte_level: bool          # the backend's decoder is a bare ByteLevel one
 
 
 _vocab_cache: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, _VocabInfo]]" = weakref.WeakKeyDictionary()
@@ -76,9 +81,35 @@ def _vocab_info(tokenizer: PreTrainedTokenizerBase) -> _VocabInfo:
         added[token_id] = token.content
         if token.special:
             special.add(token_id)
-    info = _VocabInfo(frozenset(special), added)
+    cls = type(tokenizer)
+    backend = None
+    if (isinstance(tokenizer, TokenizersBackend) and cls.decode is PreTrainedTokenizerBase.decode
+            and cls._decode is TokenizersBackend._decode):
+        backend = tokenizer.backend_tokenizer
+    bpe = backend is not None and type(backend.model).__name__ == "BPE"
+    byte_level = backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
+    info = _VocabInfo(frozenset(special), added, backend, bpe, byte_level)
     _vocab_cache[tokenizer] = (size, info)
     return info
+
+
+def _decoder(tokenizer: PreTrainedTokenizerBase, vocab: _VocabInfo) -> tuple[Callable[[list[int]], str], bool]:
+    """(`decode`, `byte_level`): `decode(ids)` is `tokenizer.decode(ids, skip_special_tokens=False)` for a list of
+    ints. For a fast tokenizer whose class keeps transformers' decode, it is the Rust backend's decode plus the
+    post-processing of TokenizersBackend._decode (clean_up_tokenization when asked for, except for BPE models
+    unless forced): the same text without transformers' Python overhead per call (several times the Rust
+    decode's own cost). `byte_level`: the text is the UTF-8 of the tokens' bytes and nothing else (a bare
+    ByteLevel decoder: each token's bytes, whatever its neighbours, all read as one lossy UTF-8 string)."""
+    if vocab.backend is None:
+        return partial(tokenizer.decode, skip_special_tokens=False), False
+    rust = partial(vocab.backend.decode, skip_special_tokens=False)
+    cleanup = tokenizer.clean_up_tokenization_spaces and (
+        not vocab.bpe or tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output
+    )
+    if cleanup:
+        clean_up = tokenizer.clean_up_tokenization
+        return (lambda ids: clean_up(rust(ids))), False
+    return rust, vocab.byte_level
 
 
 class IncrementalDetokenizer:
@@ -89,12 +120,13 @@ class IncrementalDetokenizer:
     `spaces_between_special_tokens` (LightLLM's and the slow HF tokenizers' rule) each added token (special or
     not, unless skipped) is a piece of its own and the output's non-empty pieces are joined with one space.
 
-    Each token costs one or two decodes of a short window: `_ids[_prefix:_read]` is text already emitted (kept as
-    context), `_ids[_read:]` tokens not yet emitted; a window whose text ends in U+FFFD (an incomplete UTF-8
-    character split across byte-level tokens) is held back until a later token completes it, so text that
-    ends incomplete at the finish is never emitted. Invalid bytes (not merely incomplete ones) come out as
-    U+FFFD as decode() gives them, except that SentencePiece's ByteFallback decoder, which turns a whole run of
-    byte tokens into U+FFFD when any is invalid, may blank fewer characters here than in a whole decode.
+    Each token costs one or two decodes of a short window (one with a byte-level decoder): `_ids[:_read]` is
+    text already emitted (kept as context), `_ids[_read:]` tokens not yet emitted; a window whose text ends in
+    U+FFFD (an incomplete UTF-8 character split across byte-level tokens) is held back until a later token
+    completes it, so text that ends incomplete at the finish is never emitted. Invalid bytes (not merely
+    incomplete ones) come out as U+FFFD as decode() gives them, except that SentencePiece's ByteFallback
+    decoder, which turns a whole run of byte tokens into U+FFFD when any is invalid, may blank fewer characters
+    here than in a whole decode.
     Feed the tokens that belong in the text: the caller drops an eos it does not print.
     """
 
@@ -105,17 +137,16 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
     ):
-        self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._spaces = spaces_between_special_tokens
         self._vocab = _vocab_info(tokenizer)
+        self._decode_ids, self._byte_level = _decoder(tokenizer, self._vocab)
         context = [int(i) for i in prompt_ids if not self._skipped(int(i))]
         if self._spaces:
             # Pieces split at added tokens: the context is the prompt's last run of ordinary tokens.
             last_added = max((k for k, i in enumerate(context) if i in self._vocab.added), default=-1)
             context = context[last_added + 1:]
         self._ids: list[int] = context[-_CONTEXT_TOKENS:]
-        self._prefix = 0
         self._read = len(self._ids)
         self._prefix_text = self._decode(self._ids)
         self._pieces = 0              # non-empty pieces emitted so far (spaces mode)
@@ -140,32 +171,37 @@ class IncrementalDetokenizer:
             out = self._run_text(self._pending_text())
             out += (" " if self._pieces else "") + self._vocab.added[token_id]
             self._pieces += 1
-            self._ids, self._prefix, self._read, self._prefix_text = [], 0, 0, ""
+            self._ids, self._read, self._prefix_text = [], 0, ""
             self._run_has_text = False
             return self._emit(out)
         self._ids.append(token_id)
-        new_text = self._decode(self._ids[self._prefix:])
-        if len(new_text) <= len(self._prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+        new_text = self._decode_ids(self._ids)
+        prefix_len = len(self._prefix_text)
+        if len(new_text) <= prefix_len or new_text.endswith(REPLACEMENT_CHAR):
             return ""
-        delta = new_text[len(self._prefix_text):]
+        delta = new_text[prefix_len:]
         # What was just emitted becomes the context of the next window; older tokens are dropped.
         del self._ids[:self._read]
-        self._prefix, self._read = 0, len(self._ids)
-        self._prefix_text = self._decode(self._ids)
+        self._read = len(self._ids)
+        if self._byte_level and not self._prefix_text.endswith(REPLACEMENT_CHAR):
+            # The context's bytes ended on a complete character, so lossy UTF-8 decoding restarted there:
+            # the window's text is the context's text then the emitted tokens' own text, `delta`.
+            self._prefix_text = delta
+        else:
+            self._prefix_text = self._decode(self._ids)
         return self._emit(self._run_text(delta))
 
     def _skipped(self, token_id: int) -> bool:
         return self._skip_special and token_id in self._vocab.special
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+        return self._decode_ids(ids) if ids else ""
 
     def _pending_text(self) -> str:
         """The held-back text of the current run, as decoded (with U+FFFD for bytes that never completed)."""
         if len(self._ids) == self._read:
             return ""
-        new_text = self._decode(self._ids[self._prefix:])
-        return new_text[len(self._prefix_text):]
+        return self._decode(self._ids)[len(self._prefix_text):]
 
     def _run_text(self, delta: str) -> str:
         """`delta` of the current run, preceded by the separator when it opens a new piece (spaces mode)."""

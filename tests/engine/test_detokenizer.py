@@ -1,5 +1,6 @@
 """Tokenizer loading, incremental detokenization (checked against whole-sequence decode) and stop strings."""
 
+import copy
 import json
 import logging
 import random
@@ -8,7 +9,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher, load_tokenizer
+from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher, _decoder, _vocab_info, load_tokenizer
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog. It wasn't me, she said!",
@@ -284,17 +285,127 @@ class RecordingTokenizer:
         return getattr(self._tok, name)
 
 
+class RecordingBackend(RecordingTokenizer):
+    """The Rust tokenizer of a fast tokenizer, recording its decode() calls."""
+
+
+def recording_fast(tok):
+    """A copy of the fast tokenizer `tok` whose Rust backend records its decode() calls."""
+    fast = copy.copy(tok)
+    fast._tokenizer = RecordingBackend(tok.backend_tokenizer)
+    return fast
+
+
 def test_cost_per_token_is_constant(smollm2):
     long_text = " ".join(SENTENCES) * 20
     output = smollm2.encode(long_text, add_special_tokens=False)
     assert len(output) > 1500
+    prompt = chat_prompt(smollm2, "Go on.")
+    # Through transformers' decode (any tokenizer): a window of a few tokens, at most two decodes per token.
     recorder = RecordingTokenizer(smollm2)
-    det = IncrementalDetokenizer(recorder, chat_prompt(smollm2, "Go on."))
+    det = IncrementalDetokenizer(recorder, prompt)
     for token_id in output:
         det.add(token_id)
     assert det.text == long_text
     assert max(recorder.window_lengths) <= 12
     assert len(recorder.window_lengths) <= 2 * len(output) + 1
+    # A fast byte-level tokenizer: its Rust decode alone, once per token.
+    fast = recording_fast(smollm2)
+    det = IncrementalDetokenizer(fast, prompt)
+    for token_id in output:
+        det.add(token_id)
+    assert det.text == long_text
+    calls = fast.backend_tokenizer.window_lengths
+    assert max(calls) <= 12 and len(calls) <= len(output) + 1
+
+
+# ---------------------------------------------------------------- the Rust decode path against transformers' decode
+
+
+def _with_cleanup(tok, forced=False):
+    """A copy of `tok` asking for clean_up_tokenization_spaces (which transformers ignores for BPE unless forced)."""
+    tok = copy.copy(tok)
+    tok.clean_up_tokenization_spaces = True
+    tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = forced
+    return tok
+
+
+@pytest.fixture(scope="module", params=["smollm2", "unigram_metaspace", "bpe_byte_fallback", "unigram_cleanup",
+                                        "smollm2_cleanup_ignored", "smollm2_cleanup_forced"])
+def fast_tokenizer(request, sp_tokenizers):
+    name = request.param
+    if name.startswith("smollm2"):
+        smollm2 = request.getfixturevalue("smollm2")
+        return {"smollm2": smollm2, "smollm2_cleanup_ignored": _with_cleanup(smollm2),
+                "smollm2_cleanup_forced": _with_cleanup(smollm2, forced=True)}[name]
+    if name == "unigram_cleanup":
+        return _with_cleanup(sp_tokenizers["unigram_metaspace"])
+    return sp_tokenizers[name]
+
+
+def test_fast_tokenizers_take_the_rust_path(smollm2, sp_tokenizers):
+    for tok in (smollm2, *sp_tokenizers.values()):
+        assert _vocab_info(tok).backend is tok.backend_tokenizer
+    assert _decoder(smollm2, _vocab_info(smollm2))[1]                      # ByteLevel: one decode per token
+    assert not _decoder(_with_cleanup(smollm2, forced=True), _vocab_info(smollm2))[1]
+    for tok in sp_tokenizers.values():                                      # SentencePiece-style decoders
+        assert not _decoder(tok, _vocab_info(tok))[1]
+    assert _vocab_info(RecordingTokenizer(smollm2)).backend is None         # not a TokenizersBackend
+
+
+def test_cleanup_is_applied_as_transformers_does(smollm2, sp_tokenizers):
+    ids = smollm2.encode("Hi , there .", add_special_tokens=False)
+    assert _with_cleanup(smollm2).decode(ids) == smollm2.decode(ids) == "Hi , there ."    # ignored for BPE
+    assert detokenize(_with_cleanup(smollm2), [], ids)[0] == "Hi , there ."
+    assert detokenize(_with_cleanup(smollm2, forced=True), [], ids)[0] == "Hi, there."
+    uni = _with_cleanup(sp_tokenizers["unigram_metaspace"])
+    ids = uni.encode("it , is .", add_special_tokens=False)
+    assert uni.decode(ids) == "it, is."
+    assert detokenize(uni, [], ids) == detokenize(RecordingTokenizer(uni), [], ids)
+
+
+def test_overridden_decode_is_respected(sp_tokenizers):
+    class Shouting(PreTrainedTokenizerFast):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    tok = Shouting(tokenizer_object=sp_tokenizers["unigram_metaspace"].backend_tokenizer, unk_token="<unk>")
+    assert _vocab_info(tok).backend is None
+    ids = tok.encode("quick fox", add_special_tokens=False)
+    assert detokenize(tok, [], ids)[0] == "QUICK FOX"
+
+
+def _fragments(tok):
+    """Ids whose text alone is partial UTF-8."""
+    backend = tok.backend_tokenizer
+    return [i for i in range(len(tok)) if "\ufffd" in backend.decode([i], skip_special_tokens=False)]
+
+
+@pytest.mark.parametrize("skip,spaces", FLAGS)
+def test_rust_path_streams_as_transformers_decode(fast_tokenizer, skip, spaces):
+    """Every add()'s piece, on random prompts and outputs (partial and invalid UTF-8, special and added tokens,
+    contexts that end inside a character, outputs that end held back), is that of the same algorithm decoding
+    with transformers' tokenizer.decode (a tokenizer wrapper that is no TokenizersBackend), and the text is
+    that of whole-sequence decodes (but for clean_up_tokenization, which an incremental decode cannot match:
+    it applies to each window's text)."""
+    tok = fast_tokenizer
+    rng = random.Random(99 + 2 * skip + spaces)
+    fragments = _fragments(tok)
+    for _ in range(40):
+        prompt = chat_prompt(tok, rng.choice(SENTENCES)) + random_output(tok, rng, rng.randint(0, 6), fragments)
+        output = random_output(tok, rng, rng.randint(1, 60), fragments)
+        split = rng.random() < 0.3  # a character's tokens split between the prompt's end and the output's start
+        if split:
+            char = tok.encode(rng.choice("家🙂€👨‍👩‍👧日本"), add_special_tokens=False)
+            cut = rng.randint(1, len(char))
+            prompt, output = prompt + char[:cut], char[cut:] + output
+        _, fast_pieces = detokenize(tok, prompt, output, skip, spaces)
+        _, pieces = detokenize(RecordingTokenizer(tok), prompt, output, skip, spaces)
+        assert fast_pieces == pieces, (prompt, output)
+        if not (split or tok.clean_up_tokenization_spaces):
+            output.append(tok.encode(".", add_special_tokens=False)[-1])  # ends any held-back character
+            text, _ = detokenize(tok, prompt, output, skip, spaces)
+            assert text == reference_text(tok, prompt, output, skip, spaces), (prompt, output)
 
 
 # ---------------------------------------------------------------- stop strings
