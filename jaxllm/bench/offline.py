@@ -18,15 +18,16 @@ def run_offline(llm, requests: list[BenchRequest]) -> dict:
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     duration = time.perf_counter() - start
+    llm.engine.wait_idle(timeout=10.0)
     total_in = sum(len(p) for p in prompts)
     total_out = sum(len(o.token_ids) for o in outputs)
     after = llm.engine.stats()
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "host_s", "device_wait_s")}
+    timers = ("host", "device_wait", "schedule", "dispatch", "launch", "postprocess")
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", *(f"{t}_s" for t in timers))}
     steps = max(delta["steps"], 1)
     return {
         "steps": delta["steps"],
-        "host_ms_per_step": 1e3 * delta["host_s"] / steps,
-        "device_wait_ms_per_step": 1e3 * delta["device_wait_s"] / steps,
+        **{f"{t}_ms_per_step": 1e3 * delta[f"{t}_s"] / steps for t in timers},
         "completed": len(outputs),
         "duration_s": duration,
         "total_input_tokens": total_in,
@@ -46,5 +47,8 @@ def format_offline_table(result: dict) -> str:
         ("total throughput (tok/s)", f"{result['total_token_throughput']:.1f}"),
         ("engine steps", str(result["steps"])),
         ("host / device-wait per step (ms)", f"{result['host_ms_per_step']:.2f} / {result['device_wait_ms_per_step']:.2f}"),
+        ("host: schedule / dispatch (launch) / postprocess (ms)",
+         f"{result['schedule_ms_per_step']:.2f} / {result['dispatch_ms_per_step']:.2f} "
+         f"({result['launch_ms_per_step']:.2f}) / {result['postprocess_ms_per_step']:.2f}"),
     ]
     return format_rows(rows)

@@ -81,6 +81,7 @@ class Engine:
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
         self._requests: dict[str, Request] = {}
         self._arrivals = 0
         self._arrival_lock = threading.Lock()
@@ -90,9 +91,12 @@ class Engine:
         # Totals since start. host_s: time the loop spent on the host (scheduling, preparing, dispatching,
         # postprocessing, and compiling a shape met for the first time); device_wait_s: time it waited for
         # results, the device still busy. Host time per step below device time per step: device-bound.
+        # Parts of host_s: schedule_s (the scheduler), dispatch_s (building inputs and enqueueing a step;
+        # launch_s of it is the transfer and the jitted call alone), postprocess_s (tokens, text, stops).
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
-                          "host_s": 0.0, "device_wait_s": 0.0}
+                          "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
+                          "launch_s": 0.0, "postprocess_s": 0.0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
         self._peak, self._peak_at = 0, 0.0
@@ -182,6 +186,11 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until the loop has no work left and has finished the bookkeeping of its last step (the
+        counters in stats() then include every step). False if `timeout` seconds passed first."""
+        return self._idle.wait(timeout)
+
     def token_load(self) -> dict:
         return dict(self._snapshot["token_load"])
 
@@ -205,7 +214,10 @@ class Engine:
                 break
             handle = None
             if self.scheduler.has_work():
+                self._idle.clear()
+                scheduled = time.perf_counter()
                 batch = self.scheduler.schedule()
+                self._counters["schedule_s"] += time.perf_counter() - scheduled
                 self._note_admissions(batch)
                 self._counters["preemptions"] += len(batch.preempted)
                 if batch.kind == "prefill" or batch.preempted:
@@ -215,10 +227,12 @@ class Engine:
             if inflight is not None:
                 self._postprocess(inflight)
             inflight = handle
-            self._snapshot = self._take_snapshot()
             self._counters["host_s"] += time.perf_counter() - started
+            self._snapshot = self._take_snapshot()
             if inflight is None:
                 idle = not self.scheduler.has_work()
+                if idle:
+                    self._idle.set()
                 self._wake.wait(timeout=1.0 if idle else 0.001)
                 self._wake.clear()
         if inflight is not None:
@@ -245,11 +259,15 @@ class Engine:
                 self._end(self._requests[item], "abort")
 
     def _dispatch(self, batch: SchedulerOutput) -> StepHandle | None:
+        started = time.perf_counter()
         try:
             handle = self.runner.dispatch(batch)
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
             self._fail_step(batch, exc)
             return None
+        finally:
+            self._counters["dispatch_s"] += time.perf_counter() - started
+        self._counters["launch_s"] += handle.launch_s
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
@@ -290,6 +308,10 @@ class Engine:
             self._fail_step(batch, failure)
             return
         self._report_step(batch, time.perf_counter() - handle.dispatched_at)
+        self._read_results(batch, result)
+        self._counters["postprocess_s"] += time.perf_counter() - started - waited
+
+    def _read_results(self, batch: SchedulerOutput, result) -> None:
         sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
         for i, chunk in enumerate(batch.chunks):
             req = chunk.request

@@ -79,6 +79,7 @@ class StepHandle:
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
     dispatched_at: float = 0.0  # time.perf_counter() when its preparation began
+    launch_s: float = 0.0  # host time of the transfer and the jitted call (the rest of dispatch: inputs)
 
 
 @dataclasses.dataclass
@@ -223,14 +224,16 @@ class ModelRunner:
         if fills:
             self._fill_cached_prefixes(fills)
         host, offsets, rows = self._prepare(batch, shape)
+        launched = time.perf_counter()
         sampled, logprobs, prompt_lp = self._run(host, shape)
+        launch_s = time.perf_counter() - launched
         if not shape.all_logits:
             prompt_lp = None
         for array in (sampled, logprobs, prompt_lp):
             if array is not None:
                 array.copy_to_host_async()
         self._last_rows = rows
-        return StepHandle(batch, sampled, logprobs, prompt_lp, offsets, started)
+        return StepHandle(batch, sampled, logprobs, prompt_lp, offsets, started, launch_s)
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Wait for a dispatched step's results on the host."""

@@ -1,0 +1,32 @@
+"""`jaxllm.bench offline` on the converted SmolLM2 (float32): every request completes with its token count,
+and the host-time breakdown adds up (its parts never exceed the host time they split)."""
+
+import pytest
+
+from jaxllm import LLM
+from jaxllm.bench.offline import format_offline_table, run_offline
+from jaxllm.bench.workload import WorkloadSpec, build_workload
+
+FLAGS = {"data_type": "float32", "max_total_token_num": 2048, "max_req_input_len": 64, "max_req_total_len": 160, "running_max_req_size": 16,
+         "batch_max_tokens": 512, "warmup": 0, "disable_log_stats": True}
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    with LLM(str(smollm2_dir), **FLAGS) as model:
+        yield model
+
+
+def test_offline_counts_tokens_and_splits_host_time(llm):
+    spec = WorkloadSpec(num_prompts=12, input_len=8, input_len_max=40, output_len=4, output_len_max=12, seed=3)
+    requests = list(build_workload(spec))
+    result = run_offline(llm, requests)
+    assert result["completed"] == 12
+    assert result["total_output_tokens"] == sum(r.output_len for r in requests)
+    assert result["total_input_tokens"] == sum(len(r.prompt_ids) for r in requests)
+    assert result["steps"] >= max(r.output_len for r in requests)
+    parts = [result[f"{t}_ms_per_step"] for t in ("schedule", "dispatch", "postprocess")]
+    assert all(p > 0 for p in parts)
+    assert 0 < result["launch_ms_per_step"] <= result["dispatch_ms_per_step"]
+    assert sum(parts) <= result["host_ms_per_step"] * 1.001
+    assert "schedule / dispatch (launch) / postprocess" in format_offline_table(result)
