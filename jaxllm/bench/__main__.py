@@ -18,6 +18,8 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="new tokens (minimum with --output-len-max)")
     p.add_argument("--output-len-max", type=int, default=None)
     p.add_argument("--dataset", type=str, default=None, help='JSONL file: {"prompt": str, "output_len"?: int}')
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="random prompts all open with the same this many tokens (before their --input-len own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", type=str, default=None, help="also write the results here")
 
@@ -26,6 +28,7 @@ def _spec(ns: argparse.Namespace) -> WorkloadSpec:
     return WorkloadSpec(
         num_prompts=ns.num_prompts, input_len=ns.input_len, output_len=ns.output_len,
         input_len_max=ns.input_len_max, output_len_max=ns.output_len_max, dataset=ns.dataset, seed=ns.seed,
+        shared_prefix_len=ns.shared_prefix_len,
     )
 
 

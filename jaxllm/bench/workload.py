@@ -10,6 +10,9 @@ import grain
 import numpy as np
 
 
+_PREFIX_STREAM = 2**32 - 1  # the shared prefix's random stream, apart from every request index's
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchRequest:
     prompt_ids: tuple[int, ...]
@@ -26,6 +29,7 @@ class WorkloadSpec:
     output_len_max: int | None = None
     dataset: str | None = None  # JSONL: {"prompt": str, "output_len"?: int} per line
     seed: int = 0
+    shared_prefix_len: int = 0  # random prompts open with the same this many tokens (prompt-cache workloads)
     vocab_low: int = 100  # random ids avoid the low special-token range of most vocabularies
     vocab_high: int = 30000
 
@@ -35,7 +39,13 @@ def _random_request(spec: WorkloadSpec, index: int) -> BenchRequest:
     n_in = int(rng.integers(spec.input_len, (spec.input_len_max or spec.input_len) + 1))
     n_out = int(rng.integers(spec.output_len, (spec.output_len_max or spec.output_len) + 1))
     ids = tuple(int(t) for t in rng.integers(spec.vocab_low, spec.vocab_high, size=n_in))
-    return BenchRequest(prompt_ids=ids, output_len=n_out)
+    return BenchRequest(prompt_ids=shared_prefix(spec) + ids, output_len=n_out)
+
+
+def shared_prefix(spec: WorkloadSpec) -> tuple[int, ...]:
+    """The opening every random prompt of `spec` shares (empty unless shared_prefix_len)."""
+    rng = np.random.default_rng((spec.seed, _PREFIX_STREAM))
+    return tuple(int(t) for t in rng.integers(spec.vocab_low, spec.vocab_high, size=spec.shared_prefix_len))
 
 
 def _dataset_request(spec: WorkloadSpec, tokenizer, record: dict) -> BenchRequest:
@@ -50,6 +60,8 @@ def _dataset_request(spec: WorkloadSpec, tokenizer, record: dict) -> BenchReques
 def build_workload(spec: WorkloadSpec, tokenizer=None) -> grain.MapDataset:
     """A grain MapDataset of BenchRequest, deterministic for a given seed."""
     if spec.dataset is None:
+        if spec.shared_prefix_len < 0:
+            raise ValueError("shared_prefix_len must be ≥ 0")
         return grain.MapDataset.range(spec.num_prompts).map(lambda i: _random_request(spec, int(i)))
     if tokenizer is None:
         raise ValueError("a JSONL dataset needs a tokenizer to count prompt tokens")

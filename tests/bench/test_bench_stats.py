@@ -1,5 +1,6 @@
 """Benchmark metric definitions (vLLM's) and workload generation."""
 
+import dataclasses
 import json
 
 import pytest
@@ -36,6 +37,15 @@ def test_random_workload_is_deterministic_and_within_bounds():
     assert len({len(r.prompt_ids) for r in first}) > 1
     other = list(build_workload(WorkloadSpec(num_prompts=20, input_len=8, seed=4)))
     assert other[0].prompt_ids != first[0].prompt_ids
+
+
+def test_shared_prefix_workload_opens_every_prompt_with_the_same_tokens():
+    spec = WorkloadSpec(num_prompts=6, input_len=5, input_len_max=9, shared_prefix_len=40, seed=2)
+    requests = list(build_workload(spec))
+    prefix = requests[0].prompt_ids[:40]
+    assert all(r.prompt_ids[:40] == prefix and 45 <= len(r.prompt_ids) <= 49 for r in requests)
+    assert len(set(prefix)) > 20 and len({r.prompt_ids[40:] for r in requests}) == 6
+    assert list(build_workload(dataclasses.replace(spec, seed=3)))[0].prompt_ids[:40] != prefix
 
 
 class CharTokenizer:
