@@ -15,6 +15,7 @@ def run_offline(llm, requests: list[BenchRequest]) -> dict:
     prompts = [list(r.prompt_ids) for r in requests]
     params = [SamplingParams(max_new_tokens=r.output_len, ignore_eos=True) for r in requests]
     before = llm.engine.stats()
+    shapes_before = len(llm.engine.runner.shapes_seen)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     duration = time.perf_counter() - start
@@ -27,6 +28,7 @@ def run_offline(llm, requests: list[BenchRequest]) -> dict:
     steps = max(delta["steps"], 1)
     return {
         "steps": delta["steps"],
+        "new_step_shapes": len(llm.engine.runner.shapes_seen) - shapes_before,  # compiled while timed
         **{f"{t}_ms_per_step": 1e3 * delta[f"{t}_s"] / steps for t in timers},
         "completed": len(outputs),
         "duration_s": duration,
@@ -45,7 +47,7 @@ def format_offline_table(result: dict) -> str:
         ("request throughput (req/s)", f"{result['request_throughput']:.2f}"),
         ("output throughput (tok/s)", f"{result['output_throughput']:.1f}"),
         ("total throughput (tok/s)", f"{result['total_token_throughput']:.1f}"),
-        ("engine steps", str(result["steps"])),
+        ("engine steps (new shapes compiled)", f"{result['steps']} ({result['new_step_shapes']})"),
         ("host / device-wait per step (ms)", f"{result['host_ms_per_step']:.2f} / {result['device_wait_ms_per_step']:.2f}"),
         ("host: schedule / dispatch (launch) / postprocess (ms)",
          f"{result['schedule_ms_per_step']:.2f} / {result['dispatch_ms_per_step']:.2f} "

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -35,6 +36,11 @@ def enable_compilation_cache() -> str:
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxllm" / "jax")
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+def _compile_threads() -> int:
+    """Start-up shapes compiled at once: one per core, at most 8 (each compile holds its own memory)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def pow2_buckets(max_value: int, minimum: int = 1) -> list[int]:
@@ -205,15 +211,29 @@ class ModelRunner:
         return shapes
 
     def warmup(self, limit: int | None = None) -> int:
-        """Compile (running them on padding only) the first `limit` start-up shapes, by default the
-        start-up set; other shapes compile when first met. Returns how many were compiled."""
+        """Compile the first `limit` start-up shapes (by default the start-up set), several at once, then
+        run each once on padding; other shapes compile when first met. Returns how many were compiled."""
         if limit is None:
             limit = len(self.row_buckets) + len(self.token_buckets)
         shapes = self.warmup_shapes()[:limit]
-        for shape in tqdm(shapes, desc="compiling steps", unit="shape", disable=not shapes):
-            self._run(self._padding_inputs(shape), shape)
+        inputs = [self._padding_inputs(shape) for shape in shapes]
+        # XLA compiles with the GIL released: the shapes compile in parallel, and the jit's own
+        # compilation cache then holds them for the runs below.
+        with ThreadPoolExecutor(max_workers=_compile_threads()) as pool:
+            compiled = pool.map(self._compile, inputs, shapes)
+            for _ in tqdm(compiled, total=len(shapes), desc="compiling steps", unit="shape", disable=not shapes):
+                pass
+        for host, shape in zip(inputs, shapes):
+            self._run(host, shape)
         jax.block_until_ready(self._last_tokens)
         return len(shapes)
+
+    def _compile(self, host: StepInputs, shape: StepShape) -> None:
+        ints, floats, layout = pack(host)
+        ints, floats = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated) for a in (ints, floats))
+        self._jitted.lower(
+            self.params, self.kv, self._last_tokens, ints, floats, layout=layout, **shape.static_args()
+        ).compile()
 
     # --- steps ---------------------------------------------------------------------------------
     def dispatch(self, batch: SchedulerOutput) -> StepHandle:

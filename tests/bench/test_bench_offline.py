@@ -30,3 +30,5 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     assert 0 < result["launch_ms_per_step"] <= result["dispatch_ms_per_step"]
     assert sum(parts) <= result["host_ms_per_step"] * 1.001
     assert "schedule / dispatch (launch) / postprocess" in format_offline_table(result)
+    assert result["new_step_shapes"] > 0  # warmup=0: the first run compiles what it meets
+    assert run_offline(llm, requests)["new_step_shapes"] == 0  # the same workload again compiles nothing

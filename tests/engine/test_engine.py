@@ -191,6 +191,33 @@ def test_no_compilation_in_steady_state(tiny_engine):
     assert [tokens_of(e) for e in first] == [tokens_of(e) for e in second]
 
 
+def test_warmup_compiles_each_startup_shape_once_and_steps_then_reuse_them(tiny_model_dir):
+    """The start-up shapes compile in parallel threads; the padding runs after, and a request within the
+    start-up set (a one-row prefill, then one-row decodes), find them in the jit's cache."""
+    compiles = []  # executables built or read from the persistent cache
+
+    def on_duration(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    def on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
+    engine = make_engine(tiny_model_dir, warmup=None, max_total_token_num=512)
+    step_shapes = len(engine.runner.shapes_seen)
+    assert step_shapes == len(engine.runner.row_buckets) + len(engine.runner.token_buckets)
+    assert step_shapes <= len(compiles) <= step_shapes + 4  # + the few small jits of start-up
+    compiles.clear()
+    with engine:
+        prompt = [int(t) for t in np.random.default_rng(12).integers(1, 200, size=9)]
+        events = list(engine.submit(prompt, SamplingParams(max_new_tokens=5, ignore_eos=True)))
+        assert events[-1].finish_reason == "length" and len(events) == 5
+    assert compiles == []
+
+
 def test_preemption_under_a_tiny_cache_keeps_outputs_exact(tiny_model_dir, reference):
     """64 concurrent requests wanting ~1700 KV tokens in a 70-token cache: optimistic admission (not busy
     below 100% use, 1 expected new token) overfills it, so requests are paused and recomputed."""

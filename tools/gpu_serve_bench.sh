@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU serving run (issues 7 and 8) in one device call, on a random-weight real config:
+#   start-up time cold and with the persistent compilation cache; `jaxllm.bench serve` at several request
+#   rates; TTFT of requests sharing a 2k-token prefix without and with --use_dynamic_prompt_cache; p99
+#   inter-token latency of a steady stream of long prompts in the default mode and with --splitfuse_mode.
+# Every serve bench writes JSON under $OUT; a table comes last.
+# Usage on the device machine (carry .whl and the tokenizer dir):
+#   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_serve_bench.sh
+set -uo pipefail
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
+OUT=${OUT:-/tmp/jaxllm-serve-bench}; mkdir -p "$OUT"
+CONFIG=${CONFIG:-tests/assets/configs/llama-3-8b.json}
+MODEL=$(mktemp -d); cp "$CONFIG" "$MODEL/config.json"; cp "$TOKENIZER_DIR"/* "$MODEL/"
+PORT=${PORT:-8011}
+URL=http://127.0.0.1:$PORT
+SERVER_FLAGS=(--model_dir "$MODEL" --load_format dummy --data_type bf16 --port "$PORT"
+  --max_total_token_num ${KV_TOKENS:-262144} --running_max_req_size 256 --batch_max_tokens 8192
+  --max_req_input_len 3584 --max_req_total_len 4096 --disable_log_stats)
+SERVER_PID=
+
+http_get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('$URL' + sys.argv[1], timeout=5).read().decode())" "$1"; }
+start_server() {  # start_server LABEL [extra flags]: prints "LABEL start-up S s" once /health answers
+  local label=$1; shift
+  local t0=$(date +%s.%N)
+  $PY -m jaxllm.serve "${SERVER_FLAGS[@]}" "$@" > "$OUT/server_$label.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 600); do
+    if http_get /health > /dev/null 2>&1; then
+      echo "$label start-up $($PY -c "import time; print(f'{time.time() - $t0:.1f}')") s" | tee -a "$OUT/startup.txt"
+      return 0
+    fi
+    kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$OUT/server_$label.log"; return 1; }
+    sleep 0.5
+  done
+  echo "$label: no /health after 300 s"; return 1
+}
+stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
+trap stop_server EXIT
+bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run, its table kept in $OUT/NAME.txt
+  local name=$1; shift
+  timeout ${BENCH_TIMEOUT:-150} $PY -m jaxllm.bench serve --base-url "$URL" --tokenizer "$MODEL" \
+    --result-json "$OUT/$name.json" "$@" 2> /dev/null > "$OUT/$name.txt"
+  echo "== $name"; grep -E "throughput|TTFT|TPOT|ITL|completed|failed" "$OUT/$name.txt"
+}
+MIXED=(--input-len 128 --input-len-max 1024 --output-len 128 --output-len-max 512)
+LONG=(--input-len 1536 --input-len-max 2560 --output-len 128 --output-len-max 256)
+PREFIX=(--shared-prefix-len 2048 --input-len 16 --input-len-max 48 --output-len 8 --max-concurrency 1)
+
+echo "== start-up (cold: empty compilation cache; warm: the cache the cold start wrote)"
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jaxllm/jax}
+rm -rf "$JAX_COMPILATION_CACHE_DIR"
+start_server cold || exit 1; stop_server
+start_server warm || exit 1
+
+bench warmup_mixed "${MIXED[@]}" --num-prompts 64 > /dev/null  # compiles the shapes the mixed runs meet
+for rate in ${RATES:-4 16 inf}; do
+  bench "serve_rate_$rate" "${MIXED[@]}" --num-prompts ${SERVE_PROMPTS:-200} --request-rate "$rate" --seed 1
+done
+bench warmup_long "${LONG[@]}" --num-prompts 24 > /dev/null
+bench long_default "${LONG[@]}" --num-prompts ${LONG_PROMPTS:-48} --request-rate ${LONG_RATE:-2} --seed 2
+bench prefix_nocache "${PREFIX[@]}" --num-prompts 24 --seed 3
+stop_server
+
+start_server prompt_cache --use_dynamic_prompt_cache || exit 1
+# One request caches the prefix (and compiles the table fill); the timed ones share only the prefix with it.
+bench prefix_cache_first "${PREFIX[@]}" --num-prompts 1 --seed 3 > /dev/null
+bench prefix_cache "${PREFIX[@]}" --num-prompts 24 --seed 3
+http_get /metrics | grep -E "^lightllm_prompt_cache_(hit|prompt)_tokens" | tee "$OUT/prompt_cache_metrics.txt"
+stop_server
+
+start_server splitfuse --splitfuse_mode || exit 1
+bench warmup_long_splitfuse "${LONG[@]}" --num-prompts 24 > /dev/null
+bench long_splitfuse "${LONG[@]}" --num-prompts ${LONG_PROMPTS:-48} --request-rate ${LONG_RATE:-2} --seed 2
+stop_server
+
+echo "== summary"
+$PY - "$OUT" << 'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+print((out / "startup.txt").read_text().strip())
+print(f"{'run':<20}{'req/s':>8}{'out tok/s':>11}{'TTFT med':>10}{'TTFT p99':>10}{'TPOT med':>10}{'ITL p99':>9}")
+for f in sorted(out.glob("*.json")):
+    if f.stem.startswith(("warmup", "prefix_cache_first")):
+        continue
+    r = json.loads(f.read_text())
+    print(f"{f.stem:<20}{r['request_throughput']:>8.2f}{r['output_throughput']:>11.1f}{r['ttft_ms']['median']:>10.1f}"
+          f"{r['ttft_ms']['p99']:>10.1f}{r['tpot_ms']['median']:>10.2f}{r['itl_ms']['p99']:>9.1f}")
+EOF
