@@ -1,33 +1,69 @@
 #!/usr/bin/env bash
-# The GPU performance run (issue 8) in one device call: model-step decode against the roofline, Hugging Face
-# transformers' generate as the sanity floor, and offline engine throughput. JSON under $OUT, a table last.
+# The GPU engine run (issue 8) in one device call: model-step decode against the roofline (with the measured
+# HBM bandwidth and matmul rate), Hugging Face transformers' generate as the sanity floor, and the offline
+# engine: batch-1 decode, 512 × (128 in / 128 out), and 1,000 mixed requests (in 128–1024, out 128–512).
+# Every offline run first runs its workload once untimed (--warmup-pass), so no compilation is timed.
+# CB_FLAGS: an XLA_FLAGS value to compare against the defaults (model step and batch-1 decode run twice).
+# JSON under $OUT, a table last.
 # Usage on the device machine (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_bench.sh
 set -uo pipefail
-if [ -d .whl ]; then
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD || exit 1
 fi
+PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 OUT=${OUT:-/tmp/jaxllm-bench}; mkdir -p "$OUT"
 CONFIG=${CONFIG:-tests/assets/configs/llama-3-8b.json}
 DTYPE=${DTYPE:-bf16}
 MODEL=$(mktemp -d); cp "$CONFIG" "$MODEL/config.json"; cp "$TOKENIZER_DIR"/* "$MODEL/"
-quiet() { grep -v -E "Warning|warn\(|DeprecationWarning" ; }
+quiet() { grep -v -E "Warning|warn\(|DeprecationWarning|it/s\]|req/s\]|shape/s\]" ; }
+ENGINE=(--load_format dummy --data_type "$DTYPE" --max_total_token_num ${KV_TOKENS:-262144}
+  --running_max_req_size ${MAX_RUNNING:-256} --batch_max_tokens 8192 --max_req_input_len 2048 --max_req_total_len 3072)
 
-echo "== model step (Pallas attention), decode at 1k context"
-timeout "${STEP_TIMEOUT:-260}" python3 -m jaxllm.bench.step --config "$CONFIG" --batch ${STEP_BATCHES:-1 64 256} \
-  --context ${STEP_CONTEXT:-1024} --repeats 20 --result-json "$OUT/step.json" 2>&1 | quiet | tee "$OUT/step.txt"
+step() {  # step NAME [XLA_FLAGS]
+  echo "== model step $1 (Pallas attention, decode at ${STEP_CONTEXT:-1024} context) XLA_FLAGS=${2:-}"
+  XLA_FLAGS="${2:-}" timeout "${STEP_TIMEOUT:-150}" $PY -m jaxllm.bench.step --config "$CONFIG" \
+    --batch ${STEP_BATCHES:-1 64 256} --context ${STEP_CONTEXT:-1024} --repeats 20 --result-json "$OUT/step_$1.json" \
+    2>&1 | quiet | tee "$OUT/step_$1.txt"
+}
+offline() {  # offline NAME XLA_FLAGS [bench flags]
+  local name=$1 flags=$2; shift 2
+  echo "== offline $name XLA_FLAGS=$flags"
+  XLA_FLAGS="$flags" timeout "${OFFLINE_TIMEOUT:-240}" $PY -m jaxllm.bench offline --model_dir "$MODEL" --warmup-pass \
+    --result-json "$OUT/offline_$name.json" "$@" "${ENGINE[@]}" 2>&1 | quiet | tail -9 | tee "$OUT/offline_$name.txt"
+}
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2> /dev/null
+$PY -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices()[0].device_kind)"
+step default
+[ -n "${CB_FLAGS:-}" ] && STEP_BATCHES="1 256" step cb "$CB_FLAGS"
 
 echo "== Hugging Face transformers generate (sanity floor)"
-timeout "${HF_TIMEOUT:-120}" python3 -m tools.hf_baseline --config "$CONFIG" --batch 1 64 --input-len 128 \
+timeout "${HF_TIMEOUT:-150}" $PY -m tools.hf_baseline --config "$CONFIG" --batch 1 64 --input-len 128 \
   --output-len ${HF_OUTPUT_LEN:-256} --result-json "$OUT/hf.json" 2>&1 | quiet | tail -3 | tee "$OUT/hf.txt"
 
-echo "== offline engine throughput, 128 in / 128 out"
-timeout "${OFFLINE_TIMEOUT:-240}" python3 -m jaxllm.bench offline --model_dir "$MODEL" --warmup 0 \
-  --num-prompts ${OFFLINE_PROMPTS:-512} --input-len 128 --output-len 128 --result-json "$OUT/offline.json" \
-  --load_format dummy --data_type "$DTYPE" --max_total_token_num ${KV_TOKENS:-262144} \
-  --running_max_req_size ${MAX_RUNNING:-256} --batch_max_tokens 8192 --max_req_total_len 3072 2>&1 | quiet \
-  | tail -9 | tee "$OUT/offline.txt"
+offline b1 "" --num-prompts 1 --input-len 128 --output-len 256
+[ -n "${CB_FLAGS:-}" ] && offline b1_cb "$CB_FLAGS" --num-prompts 1 --input-len 128 --output-len 256
+offline 512x128 "" --num-prompts 512 --input-len 128 --output-len 128
+[ -n "${SKIP_MIXED:-}" ] || OFFLINE_TIMEOUT=${MIXED_TIMEOUT:-300} offline mixed1000 "" --num-prompts 1000 \
+  --input-len 128 --input-len-max 1024 --output-len 128 --output-len-max 512 --seed 0
 
 echo "== summary"
-cat "$OUT/step.txt" | tail -4; cat "$OUT/hf.txt"; cat "$OUT/offline.txt"
+$PY - "$OUT" << 'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for f in sorted(out.glob("step_*.json")):
+    r = json.loads(f.read_text())
+    print(f"{f.stem}: HBM {r['bandwidth'] / 1e12:.2f} TB/s, matmul {r['matmul'] / 1e12:.0f} TFLOP/s; " + "; ".join(
+        f"b{x['batch']} {x['step_ms']:.2f} ms ({x['ratio']:.2f} of roofline, enqueue {x['enqueue_ms']:.2f} ms)"
+        for x in r["rows"]))
+for f in sorted(out.glob("offline_*.json")):
+    r = json.loads(f.read_text())
+    print(f"{f.stem}: {r['output_throughput']:.1f} out tok/s, {r['total_token_throughput']:.1f} total tok/s, "
+          f"{r['steps']} steps ({r['new_step_shapes']} new shapes), host {r['host_ms_per_step']:.2f} "
+          f"(launch {r['launch_ms_per_step']:.2f}) / wait {r['device_wait_ms_per_step']:.2f} ms per step")
+if (out / "hf.json").exists():
+    print("hf:", (out / "hf.txt").read_text().strip().replace("\n", " | "))
+EOF

@@ -86,8 +86,9 @@ def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
     return found
 
 
-def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -> float:
-    """Median seconds of one jitted step (KV cache donated, as in the engine); warns of large copies."""
+def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -> tuple[float, float]:
+    """Median seconds of one jitted step (KV cache donated, as in the engine), and the median host time the
+    call takes to return (enqueueing the step's kernels); warns of large copies."""
     num_slots = case.batch * (case.context + 1)
     cache = init_kv_cache(model, num_slots)
     tokens, meta = _metadata(case, num_slots)
@@ -98,13 +99,16 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
         print(f"  large copy in batch-{case.batch} step: {line}")
     if len(copies) > 8:
         print(f"  ... {len(copies) - 8} more large copies")
-    state = {"cache": cache}  # donated every step: each call consumes the previous call's cache
+    state = {"cache": cache, "enqueue": []}  # the cache is donated: each call consumes the previous one's
 
     def one_step():
+        t0 = time.perf_counter()
         logits, state["cache"] = step(params, tokens, meta, state["cache"])
+        state["enqueue"].append(time.perf_counter() - t0)
         return logits
 
-    return median_seconds(one_step, repeats)
+    seconds = median_seconds(one_step, repeats)
+    return seconds, float(np.median(state["enqueue"]))
 
 
 def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float) -> dict:
@@ -148,16 +152,17 @@ def main(argv=None) -> int:
     rows = []
     for batch in ns.batch:
         case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
-        seconds = run_case(model, params, config, case, ns.repeats)
+        seconds, enqueue = run_case(model, params, config, case, ns.repeats)
         roof = roofline(config, case, jnp.dtype(dtype).itemsize, bandwidth, rate)
         rows.append({**dataclasses.asdict(case), "step_ms": seconds * 1e3, "floor_ms": roof["floor_s"] * 1e3,
-                     "ratio": roof["floor_s"] / seconds, "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds})
+                     "ratio": roof["floor_s"] / seconds, "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds,
+                     "enqueue_ms": enqueue * 1e3})
     if ns.result_json:
         Path(ns.result_json).write_text(json.dumps({"bandwidth": bandwidth, "matmul": rate, "rows": rows}, indent=2))
-    print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'floor ms':>9} {'of floor':>9} {'tok/s':>10}")
+    print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'floor ms':>9} {'of floor':>9} {'tok/s':>10} {'enqueue ms':>11}")
     for r in rows:
         print(f"{r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} "
-              f"{r['ratio']:>9.2f} {r['tokens_per_s']:>10.0f}")
+              f"{r['ratio']:>9.2f} {r['tokens_per_s']:>10.0f} {r['enqueue_ms']:>11.2f}")
     return 0
 
 
