@@ -163,9 +163,15 @@ class ModelRunner:
         self.host_kv = kv
         self.vocab_size = model.config.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids if 0 <= e < self.vocab_size)
-        self.row_buckets = pow2_buckets(kv.num_rows + 1)  # + a padding row for a prefill of every row
+        # Step shapes: decodes by row count; prefill (and mixed) steps by token count alone, with as many
+        # rows as tokens up to every request row + a padding row; slot-table widths bucketed only when the
+        # attention's cost follows the width.
+        self.row_buckets = pow2_buckets(kv.num_rows)
+        self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
         self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
+        if not model.backend.cost_follows_width:
+            self.width_buckets = self.width_buckets[-1:]
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
         kv_shardings = self._init_device_state()
@@ -188,7 +194,7 @@ class ModelRunner:
             tokens = rows = pick_bucket(self.row_buckets, len(chunks))
         else:
             tokens = pick_bucket(self.token_buckets, n_tokens)
-            rows = pick_bucket(self.row_buckets, len(chunks) + (tokens > n_tokens))
+            rows = self.prefill_rows(tokens)
         width = pick_bucket(self.width_buckets, max(c.start + c.num_tokens for c in chunks))
         params = [c.request.params for c in chunks]
         return StepShape(
@@ -198,15 +204,20 @@ class ModelRunner:
             sampling=any(p.top_k != 1 for p in params),
         )
 
+    def prefill_rows(self, tokens: int) -> int:
+        """Rows of a step with prefill chunks of `tokens` (bucketed) tokens: room for a row per token (each
+        chunk has one or more) and a padding row, capped at every request row + the padding row."""
+        return min(tokens, self.max_rows)
+
     def warmup_shapes(self) -> list[StepShape]:
         """Every start-up shape, most used first: decodes at every row count with the narrowest table and
-        one-request prefills of every token bucket (the default start-up set), then decodes at the wider
-        tables."""
+        prefills of every token bucket (the default start-up set: every greedy shape when widths are not
+        bucketed), then decodes at the wider tables."""
         narrow, *wider = self.width_buckets
         shapes = [StepShape(r, r, narrow, True) for r in self.row_buckets]
         for t in self.token_buckets:
             w = pick_bucket(self.width_buckets, min(t, self.width_buckets[-1]))
-            shapes.append(StepShape(t, min(2, self.row_buckets[-1]), w, False))
+            shapes.append(StepShape(t, self.prefill_rows(t), w, False))
         shapes += [StepShape(r, r, w, True) for w in wider for r in self.row_buckets]
         return shapes
 
@@ -292,7 +303,7 @@ class ModelRunner:
         self.kv, shardings = init_device_kv(
             self.model, kv.num_slots, kv.num_rows, self.width_buckets[-1], self.mesh, self._kv_spec
         )
-        self._last_tokens = jax.device_put(np.zeros(self.row_buckets[-1], np.int32), self._replicated)
+        self._last_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
         self._last_rows = {}
         self._sampling_rows: dict[str, tuple] = {}  # request id → (request, its sampling values)
         return shardings

@@ -67,11 +67,16 @@ class AttentionBackend(Protocol):
 
     def attend(self, q, layer_cache: tuple, meta: AttentionMetadata, scale: float): ...
 
+    # Whether a step's cost grows with its slot-table width (so the runner buckets widths) or only with
+    # the context lengths (one width: fewer step shapes to compile).
+    cost_follows_width: bool
+
 
 class ReferenceAttention:
     """Plain-JAX attention (kernels/pallas/reference.py): the CPU path and the kernels' ground truth."""
 
     name = "reference"
+    cost_follows_width = True  # gathers every column of the slot table
 
     def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
         # One extra scratch slot at the end for padded tokens.

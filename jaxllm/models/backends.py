@@ -6,6 +6,7 @@ device under `shard_map`, split on the KV-head axis like the cache (`jaxllm/para
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -62,6 +63,7 @@ class ReferenceInt8Attention:
     """Plain-JAX attention over an int8 KV cache: (k_i8, v_i8, k_scale, v_scale) per layer."""
 
     name = "reference_int8"
+    cost_follows_width = True
 
     def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
         return _int8_cache(num_slots, kv_heads, head_dim)
@@ -117,6 +119,8 @@ class PallasAttention:
         self.int8_kv, self.split, self.interpret, self.mesh, self.config = int8_kv, split, interpret, mesh, config
         self.impl = impl
         self.name = "pallas_int8" if int8_kv else f"pallas_{impl}"
+        # The kernels loop over each row's own context; interpret mode visits the whole table.
+        self.cost_follows_width = interpret
 
     def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
         if self.int8_kv:
@@ -131,6 +135,11 @@ class PallasAttention:
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
     def attend(self, q, layer_cache, meta: AttentionMetadata, scale):
+        # One nested jit: the layers of a step share one trace and one lowering of the kernels (tracing
+        # and lowering the Pallas kernels once per layer made each step shape seconds slower to build).
+        return _jitted_attend(self, q, layer_cache, meta, scale)
+
+    def _attend(self, q, layer_cache, meta: AttentionMetadata, scale):
         mesh = self.mesh
         tp = mesh.shape[TP_AXIS] if mesh is not None and TP_AXIS in mesh.shape else 1
         if tp == 1:
@@ -191,6 +200,11 @@ class PallasAttention:
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
         )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _jitted_attend(backend: "PallasAttention", q, layer_cache, meta: AttentionMetadata, scale: float):
+    return backend._attend(q, layer_cache, meta, scale)
 
 
 def cache_bytes_per_slot(backend: AttentionBackend, kv_heads: int, head_dim: int, dtype) -> float:
