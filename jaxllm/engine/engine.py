@@ -25,7 +25,7 @@ from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenE
 from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_prompt
 from jaxllm.engine.splitfuse import SplitFuseScheduler
-from jaxllm.engine.stream import RequestStream
+from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend
 from jaxllm.parallel import kv_cache_spec, make_mesh
@@ -82,6 +82,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
+        self._wakes: WakeBatch | None = None  # async consumers' wake-ups, gathered while a step is read
         self._requests: dict[str, Request] = {}
         self._arrivals = 0
         self._arrival_lock = threading.Lock()
@@ -308,7 +309,14 @@ class Engine:
             self._fail_step(batch, failure)
             return
         self._report_step(batch, time.perf_counter() - handle.dispatched_at)
-        self._read_results(batch, result)
+        self._wakes = WakeBatch()
+        try:
+            self._read_results(batch, result)
+        finally:
+            orphaned, self._wakes = self._wakes.send(), None
+        for request_id in orphaned:  # their consumers' event loops are gone
+            if request_id in self._requests:
+                self._end(self._requests[request_id], "abort")
         self._counters["postprocess_s"] += time.perf_counter() - started - waited
 
     def _read_results(self, batch: SchedulerOutput, result) -> None:
@@ -378,7 +386,9 @@ class Engine:
         self._snapshot = self._take_snapshot()  # readers see the KV freed once the final event is out
 
     def _emit(self, req: Request, event: TokenEvent) -> None:
-        if not req.stream.put(event) and not req.finished:  # the consumer's event loop is gone
+        """Hand `event` to req's consumer; while a step's results are read, async consumers are woken
+        together once the step's events are all out (self._wakes)."""
+        if not req.stream.put(event, self._wakes) and not req.finished:  # the consumer's event loop is gone
             self._end(req, "abort")
 
     # --- stats ---------------------------------------------------------------------------------

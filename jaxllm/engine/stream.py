@@ -25,8 +25,9 @@ class RequestStream:
         self._done = False  # the final event was taken by the reader
         self._sleepers = 0  # blocking readers waiting on _ready
 
-    def put(self, event: TokenEvent) -> bool:
-        """Engine side. False when the async reader's event loop is closed (nobody will read)."""
+    def put(self, event: TokenEvent, wakes: "WakeBatch | None" = None) -> bool:
+        """Engine side. False when the async reader's event loop is closed (nobody will read). With `wakes`,
+        an async reader's wake-up joins the batch (sent by `wakes.send()`) instead of being sent now."""
         with self._lock:
             self._events.append(event)
             if self._sleepers:
@@ -34,6 +35,9 @@ class RequestStream:
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             loop, future = waiter
+            if wakes is not None:
+                wakes.add(loop, future, self.request_id)
+                return True
             try:
                 loop.call_soon_threadsafe(_wake, future)
             except RuntimeError:
@@ -81,3 +85,33 @@ class RequestStream:
 def _wake(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _wake_all(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        _wake(future)
+
+
+class WakeBatch:
+    """Wake-ups of async readers gathered over one engine step, sent once per event loop: one
+    `call_soon_threadsafe` (a self-pipe write and one wake of the loop's thread, which then competes for the
+    GIL) per loop and step, instead of one per token."""
+
+    def __init__(self):
+        self._by_loop: dict[asyncio.AbstractEventLoop, tuple[list[asyncio.Future], list[str]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future, request_id: str) -> None:
+        futures, ids = self._by_loop.setdefault(loop, ([], []))
+        futures.append(future)
+        ids.append(request_id)
+
+    def send(self) -> list[str]:
+        """Wake every gathered reader; returns the request ids whose event loop is closed (nobody reads)."""
+        orphaned = []
+        for loop, (futures, ids) in self._by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_wake_all, futures)
+            except RuntimeError:
+                orphaned += ids
+        self._by_loop.clear()
+        return orphaned
