@@ -8,16 +8,8 @@
 # JSON under $OUT, a table last.
 # Usage on the device machine (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_bench.sh
 set -uo pipefail
-if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
-PY=${PY:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
-OUT=${OUT:-/tmp/jaxllm-bench}; mkdir -p "$OUT"
-CONFIG=${CONFIG:-tests/assets/configs/llama-3-8b.json}
+source tools/device_env.sh /tmp/jaxllm-bench
 DTYPE=${DTYPE:-bf16}
-MODEL=$(mktemp -d); cp "$CONFIG" "$MODEL/config.json"; cp "$TOKENIZER_DIR"/* "$MODEL/"
 quiet() { grep -v -E "Warning|warn\(|DeprecationWarning|it/s\]|req/s\]|shape/s\]" ; }
 ENGINE=(--load_format dummy --data_type "$DTYPE" --max_total_token_num ${KV_TOKENS:-262144}
   --running_max_req_size ${MAX_RUNNING:-256} --batch_max_tokens 8192 --max_req_input_len 2048 --max_req_total_len 3072)

@@ -7,15 +7,7 @@
 # Usage on the device machine (carry .whl and the tokenizer dir):
 #   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_serve_bench.sh
 set -uo pipefail
-if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-fi
-PY=${PY:-python3}
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
-OUT=${OUT:-/tmp/jaxllm-serve-bench}; mkdir -p "$OUT"
-CONFIG=${CONFIG:-tests/assets/configs/llama-3-8b.json}
-MODEL=$(mktemp -d); cp "$CONFIG" "$MODEL/config.json"; cp "$TOKENIZER_DIR"/* "$MODEL/"
+source tools/device_env.sh /tmp/jaxllm-serve-bench
 PORT=${PORT:-8011}
 URL=http://127.0.0.1:$PORT
 SERVER_FLAGS=(--model_dir "$MODEL" --load_format dummy --data_type bf16 --port "$PORT"
