@@ -38,6 +38,9 @@ def enable_compilation_cache() -> str:
     return path
 
 
+_PREFILL_ROWS = 256  # rows of a prefill step, unless it holds more chunks (see ModelRunner.prefill_rows)
+
+
 def _compile_threads() -> int:
     """Start-up shapes compiled at once: one per core, at most 8 (each compile holds its own memory)."""
     return max(1, min(8, os.cpu_count() or 1))
@@ -166,7 +169,7 @@ class ModelRunner:
         # Step shapes: decodes by row count; prefill (and mixed) steps by token count alone, with as many
         # rows as tokens up to every request row + a padding row; slot-table widths bucketed only when the
         # attention's cost follows the width.
-        self.row_buckets = pow2_buckets(kv.num_rows)
+        self.row_buckets = pow2_buckets(kv.num_rows)[:-1] + [kv.num_rows]  # the last one: every request row
         self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
         self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
@@ -194,7 +197,7 @@ class ModelRunner:
             tokens = rows = pick_bucket(self.row_buckets, len(chunks))
         else:
             tokens = pick_bucket(self.token_buckets, n_tokens)
-            rows = self.prefill_rows(tokens)
+            rows = self.prefill_rows(tokens, len(chunks))
         width = pick_bucket(self.width_buckets, max(c.start + c.num_tokens for c in chunks))
         params = [c.request.params for c in chunks]
         return StepShape(
@@ -204,29 +207,32 @@ class ModelRunner:
             sampling=any(p.top_k != 1 for p in params),
         )
 
-    def prefill_rows(self, tokens: int) -> int:
-        """Rows of a step with prefill chunks of `tokens` (bucketed) tokens: room for a row per token (each
-        chunk has one or more) and a padding row, capped at every request row + the padding row."""
-        return min(tokens, self.max_rows)
+    def prefill_rows(self, tokens: int, chunks: int = 0) -> int:
+        """Rows of a step with prefill chunks of `tokens` (bucketed) tokens: a row per token (each chunk has
+        one or more) up to _PREFILL_ROWS, or, when `chunks` and a padding row need more, up to every request
+        row and the padding row. Every row's logits are computed: the cap bounds them."""
+        rows = min(tokens, self.max_rows, _PREFILL_ROWS)
+        return rows if chunks < rows else min(tokens, self.max_rows)
 
-    def warmup_shapes(self) -> list[StepShape]:
-        """Every start-up shape, most used first: decodes at every row count with the narrowest table and
-        prefills of every token bucket (the default start-up set: every greedy shape when widths are not
-        bucketed), then decodes at the wider tables."""
+    def warmup_shapes(self) -> tuple[list[StepShape], int]:
+        """Every start-up shape, most used first, and how many make the default start-up set: decodes at every
+        row count with the narrowest table, prefills of every token bucket and those with more rows than
+        _PREFILL_ROWS (the start-up set: every greedy shape when widths are not bucketed), then decodes at
+        the wider tables."""
         narrow, *wider = self.width_buckets
         shapes = [StepShape(r, r, narrow, True) for r in self.row_buckets]
         for t in self.token_buckets:
             w = pick_bucket(self.width_buckets, min(t, self.width_buckets[-1]))
-            shapes.append(StepShape(t, self.prefill_rows(t), w, False))
-        shapes += [StepShape(r, r, w, True) for w in wider for r in self.row_buckets]
-        return shapes
+            for rows in dict.fromkeys((self.prefill_rows(t), self.prefill_rows(t, self.max_rows))):
+                shapes.append(StepShape(t, rows, w, False))
+        startup = len(shapes)
+        return shapes + [StepShape(r, r, w, True) for w in wider for r in self.row_buckets], startup
 
     def warmup(self, limit: int | None = None) -> int:
         """Compile the first `limit` start-up shapes (by default the start-up set), several at once, then
         run each once on padding; other shapes compile when first met. Returns how many were compiled."""
-        if limit is None:
-            limit = len(self.row_buckets) + len(self.token_buckets)
-        shapes = self.warmup_shapes()[:limit]
+        shapes, startup = self.warmup_shapes()
+        shapes = shapes[: startup if limit is None else limit]
         inputs = [self._padding_inputs(shape) for shape in shapes]
         # XLA compiles with the GIL released: the shapes compile in parallel, and the jit's own
         # compilation cache then holds them for the runs below.

@@ -194,28 +194,42 @@ def test_no_compilation_in_steady_state(tiny_engine):
 def test_warmup_compiles_each_startup_shape_once_and_steps_then_reuse_them(tiny_model_dir):
     """The start-up shapes compile in parallel threads; the padding runs after, and a request within the
     start-up set (a one-row prefill, then one-row decodes), find them in the jit's cache."""
-    compiles = []  # executables built or read from the persistent cache
+    compiles = []  # executables built, or read from the persistent cache (that also records this event)
 
     def on_duration(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
-    def on_event(event, **kwargs):
-        if event == "/jax/compilation_cache/cache_hits":
-            compiles.append(event)
-
     jax.monitoring.register_event_duration_secs_listener(on_duration)
-    jax.monitoring.register_event_listener(on_event)
-    engine = make_engine(tiny_model_dir, warmup=None, max_total_token_num=512)
-    step_shapes = len(engine.runner.shapes_seen)
+    engine = make_engine(tiny_model_dir, warmup=0, max_total_token_num=512)
+    compiles.clear()  # the start-up's small jits (weights, caches)
+    step_shapes = engine.runner.warmup()
+    assert step_shapes == len(engine.runner.shapes_seen) == engine.runner.warmup_shapes()[1]
     assert step_shapes == len(engine.runner.row_buckets) + len(engine.runner.token_buckets)
-    assert step_shapes <= len(compiles) <= step_shapes + 4  # + the few small jits of start-up
+    assert len(compiles) == step_shapes  # each shape built (or read from the persistent cache) once
     compiles.clear()
     with engine:
         prompt = [int(t) for t in np.random.default_rng(12).integers(1, 200, size=9)]
         events = list(engine.submit(prompt, SamplingParams(max_new_tokens=5, ignore_eos=True)))
         assert events[-1].finish_reason == "length" and len(events) == 5
     assert compiles == []
+
+
+def test_prefill_steps_with_more_chunks_than_the_row_cap_get_every_row(tiny_model_dir):
+    """300 two-token prompts admitted together: the prefill step (600 tokens, bucket 1024) needs 301 rows
+    (the cap is 256), and every request still gets the greedy tokens it gets alone."""
+    engine = make_engine(tiny_model_dir, running_max_req_size=300, max_total_token_num=2048, batch_max_tokens=1024)
+    runner = engine.runner
+    assert (runner.prefill_rows(16), runner.prefill_rows(1024), runner.prefill_rows(1024, 300)) == (16, 256, 301)
+    shapes, startup = runner.warmup_shapes()
+    assert {(s.tokens, s.rows) for s in shapes[:startup] if not s.decode_only} >= {(1024, 256), (1024, 301)}
+    prompts = [[int(t) for t in pair] for pair in np.random.default_rng(13).integers(1, 200, size=(300, 2))]
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    with engine:
+        together = [[e.token_id for e in s] for s in engine.submit_many([(p, params, None) for p in prompts])]
+        alone = [[e.token_id for e in engine.submit(p, params)] for p in prompts[:3]]
+    assert (1024, 301) in {(s.tokens, s.rows) for s in runner.shapes_seen if not s.decode_only}
+    assert together[:3] == alone and all(len(t) == 2 for t in together)
 
 
 def test_preemption_under_a_tiny_cache_keeps_outputs_exact(tiny_model_dir, reference):
