@@ -186,7 +186,7 @@ class ModelRunner:
             out_shardings=(kv_shardings, rep, rep, rep, rep),
         )
         self._fill = jax.jit(_fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
-        self.shapes_seen: set[StepShape] = set()
+        self.shapes_seen: set[StepShape] = set()  # compiled at start-up or met by a step
 
     # --- shapes --------------------------------------------------------------------------------
     def shape_of(self, batch: SchedulerOutput) -> StepShape:
@@ -229,23 +229,21 @@ class ModelRunner:
         return shapes + [StepShape(r, r, w, True) for w in wider for r in self.row_buckets], startup
 
     def warmup(self, limit: int | None = None) -> int:
-        """Compile the first `limit` start-up shapes (by default the start-up set), several at once, then
-        run each once on padding; other shapes compile when first met. Returns how many were compiled."""
+        """Compile the first `limit` start-up shapes (by default the start-up set), several at once; other
+        shapes compile when first met. Returns how many were compiled."""
         shapes, startup = self.warmup_shapes()
         shapes = shapes[: startup if limit is None else limit]
         inputs = [self._padding_inputs(shape) for shape in shapes]
-        # XLA compiles with the GIL released: the shapes compile in parallel, and the jit's own
-        # compilation cache then holds them for the runs below.
+        # XLA compiles with the GIL released, so the shapes compile in parallel. The jit keeps their traces,
+        # lowerings and executables: a shape's first step finds them (no need to run each on padding).
         with ThreadPoolExecutor(max_workers=_compile_threads()) as pool:
             compiled = pool.map(self._compile, inputs, shapes)
             for _ in tqdm(compiled, total=len(shapes), desc="compiling steps", unit="shape", disable=not shapes):
                 pass
-        for host, shape in zip(inputs, shapes):
-            self._run(host, shape)
-        jax.block_until_ready(self._last_tokens)
         return len(shapes)
 
     def _compile(self, host: StepInputs, shape: StepShape) -> None:
+        self.shapes_seen.add(shape)
         ints, floats, layout = pack(host)
         ints, floats = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated) for a in (ints, floats))
         self._jitted.lower(

@@ -192,8 +192,8 @@ def test_no_compilation_in_steady_state(tiny_engine):
 
 
 def test_warmup_compiles_each_startup_shape_once_and_steps_then_reuse_them(tiny_model_dir):
-    """The start-up shapes compile in parallel threads; the padding runs after, and a request within the
-    start-up set (a one-row prefill, then one-row decodes), find them in the jit's cache."""
+    """The start-up shapes compile in parallel threads; a request within the start-up set (a one-row
+    prefill, then one-row decodes) finds them in the jit's cache."""
     compiles = []  # executables built, or read from the persistent cache (that also records this event)
 
     def on_duration(event, duration, **kwargs):
@@ -204,7 +204,7 @@ def test_warmup_compiles_each_startup_shape_once_and_steps_then_reuse_them(tiny_
     engine = make_engine(tiny_model_dir, warmup=0, max_total_token_num=512)
     compiles.clear()  # the start-up's small jits (weights, caches)
     step_shapes = engine.runner.warmup()
-    assert step_shapes == len(engine.runner.shapes_seen) == engine.runner.warmup_shapes()[1]
+    assert step_shapes == engine.runner.warmup_shapes()[1] == len(engine.runner.shapes_seen)
     assert step_shapes == len(engine.runner.row_buckets) + len(engine.runner.token_buckets)
     assert len(compiles) == step_shapes  # each shape built (or read from the persistent cache) once
     compiles.clear()
