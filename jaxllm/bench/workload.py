@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def _random_request(spec: WorkloadSpec, index: int) -> BenchRequest:
     return BenchRequest(prompt_ids=shared_prefix(spec) + ids, output_len=n_out)
 
 
+@functools.lru_cache(maxsize=4)
 def shared_prefix(spec: WorkloadSpec) -> tuple[int, ...]:
     """The opening every random prompt of `spec` shares (empty unless shared_prefix_len)."""
     rng = np.random.default_rng((spec.seed, _PREFIX_STREAM))
@@ -63,6 +65,8 @@ def build_workload(spec: WorkloadSpec, tokenizer=None) -> grain.MapDataset:
         if spec.shared_prefix_len < 0:
             raise ValueError("shared_prefix_len must be ≥ 0")
         return grain.MapDataset.range(spec.num_prompts).map(lambda i: _random_request(spec, int(i)))
+    if spec.shared_prefix_len:
+        raise ValueError("shared_prefix_len applies to random prompts, not to a JSONL dataset")
     if tokenizer is None:
         raise ValueError("a JSONL dataset needs a tokenizer to count prompt tokens")
     lines = [line for line in Path(spec.dataset).read_text().splitlines() if line.strip()]

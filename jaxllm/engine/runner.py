@@ -166,9 +166,8 @@ class ModelRunner:
         self.host_kv = kv
         self.vocab_size = model.config.vocab_size
         self.eos_ids = tuple(int(e) for e in eos_ids if 0 <= e < self.vocab_size)
-        # Step shapes: decodes by row count; prefill (and mixed) steps by token count alone, with as many
-        # rows as tokens up to every request row + a padding row; slot-table widths bucketed only when the
-        # attention's cost follows the width.
+        # Step shapes: decodes by row count; prefill (and mixed) steps by token count alone (their rows:
+        # prefill_rows); slot-table widths bucketed only when the attention's cost follows the width.
         self.row_buckets = pow2_buckets(kv.num_rows)[:-1] + [kv.num_rows]  # the last one: every request row
         self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)

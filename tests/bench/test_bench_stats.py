@@ -46,6 +46,8 @@ def test_shared_prefix_workload_opens_every_prompt_with_the_same_tokens():
     assert all(r.prompt_ids[:40] == prefix and 45 <= len(r.prompt_ids) <= 49 for r in requests)
     assert len(set(prefix)) > 20 and len({r.prompt_ids[40:] for r in requests}) == 6
     assert list(build_workload(dataclasses.replace(spec, seed=3)))[0].prompt_ids[:40] != prefix
+    with pytest.raises(ValueError, match="not to a JSONL dataset"):
+        build_workload(dataclasses.replace(spec, dataset="prompts.jsonl"), object())
 
 
 class CharTokenizer:
