@@ -226,6 +226,8 @@ class Scheduler:
     def _make_room(self, decoding: list[Request]) -> list[Request]:
         """Pause the youngest running requests until each remaining decode gets a slot."""
         need = len(decoding)
+        if need <= self.kv.num_available:  # the common case: no sort of the running requests
+            return []
         pending = {id(r) for r in decoding}
         victims = []
         by_age = sorted(self.running, key=lambda r: r.arrival)
