@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import jax
@@ -82,6 +83,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
+        self._launching: Future | None = None  # the launch of the step after the one being read
         self._wakes: WakeBatch | None = None  # async consumers' wake-ups, gathered while a step is read
         self._requests: dict[str, Request] = {}
         self._arrivals = 0
@@ -92,8 +94,9 @@ class Engine:
         # Totals since start. host_s: time the loop spent on the host (scheduling, preparing, dispatching,
         # postprocessing, and compiling a shape met for the first time); device_wait_s: time it waited for
         # results, the device still busy. Host time per step below device time per step: device-bound.
-        # Parts of host_s: schedule_s (the scheduler), dispatch_s (building inputs and enqueueing a step;
-        # launch_s of it is the transfer and the jitted call alone), postprocess_s (tokens, text, stops).
+        # Parts of host_s: schedule_s (the scheduler), dispatch_s (building a step's inputs, and waiting for
+        # its launch once the previous step's results are read), postprocess_s (tokens, text, stops).
+        # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess).
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
@@ -208,36 +211,42 @@ class Engine:
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
         inflight: StepHandle | None = None
-        while True:
-            started = time.perf_counter()
-            self._take_inbox()
-            if self._stopping:
-                break
-            handle = None
-            if self.scheduler.has_work():
-                self._idle.clear()
-                scheduled = time.perf_counter()
-                batch = self.scheduler.schedule()
-                self._counters["schedule_s"] += time.perf_counter() - scheduled
-                self._note_admissions(batch)
-                self._counters["preemptions"] += len(batch.preempted)
-                if batch.kind == "prefill" or batch.preempted:
-                    self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
-                if batch.chunks:
-                    handle = self._dispatch(batch)
+        # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
+        # reading of the previous step's results.
+        launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
+        try:
+            while True:
+                started = time.perf_counter()
+                self._take_inbox()
+                if self._stopping:
+                    break
+                launching = None
+                if self.scheduler.has_work():
+                    self._idle.clear()
+                    scheduled = time.perf_counter()
+                    batch = self.scheduler.schedule()
+                    self._counters["schedule_s"] += time.perf_counter() - scheduled
+                    self._note_admissions(batch)
+                    self._counters["preemptions"] += len(batch.preempted)
+                    if batch.kind == "prefill" or batch.preempted:
+                        self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
+                    if batch.chunks:
+                        launching = self._start_dispatch(batch, launcher)
+                if inflight is not None:
+                    self._postprocess(inflight)
+                inflight = self._finish_dispatch(*launching) if launching else None
+                self._counters["host_s"] += time.perf_counter() - started
+                self._snapshot = self._take_snapshot()
+                if inflight is None:
+                    idle = not self.scheduler.has_work()
+                    if idle:
+                        self._idle.set()
+                    self._wake.wait(timeout=1.0 if idle else 0.001)
+                    self._wake.clear()
             if inflight is not None:
                 self._postprocess(inflight)
-            inflight = handle
-            self._counters["host_s"] += time.perf_counter() - started
-            self._snapshot = self._take_snapshot()
-            if inflight is None:
-                idle = not self.scheduler.has_work()
-                if idle:
-                    self._idle.set()
-                self._wake.wait(timeout=1.0 if idle else 0.001)
-                self._wake.clear()
-        if inflight is not None:
-            self._postprocess(inflight)
+        finally:
+            launcher.shutdown()
         for req in list(self._requests.values()):
             self._end(req, "abort")
         self._snapshot = self._take_snapshot()
@@ -259,19 +268,39 @@ class Engine:
             elif item in self._requests:
                 self._end(self._requests[item], "abort")
 
-    def _dispatch(self, batch: SchedulerOutput) -> StepHandle | None:
+    def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor):
+        """Prepare `batch`'s inputs here and launch it on `launcher`; returns (batch, the launch's future) for
+        _finish_dispatch, or None when the preparation failed."""
         started = time.perf_counter()
         try:
-            handle = self.runner.dispatch(batch)
+            prepared = self.runner.prepare(batch)
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
             self._fail_step(batch, exc)
             return None
         finally:
             self._counters["dispatch_s"] += time.perf_counter() - started
-        self._counters["launch_s"] += handle.launch_s
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
+        self._launching = launcher.submit(self.runner.launch, prepared)
+        return batch, self._launching
+
+    def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
+        """Wait for the launch begun by _start_dispatch: the step is on the device (its handle), or failed."""
+        started = time.perf_counter()
+        try:
+            handle = launch.result()
+        except Exception as exc:  # noqa: BLE001
+            self._launching = None
+            for chunk in batch.chunks:
+                if chunk.samples:
+                    chunk.request.num_pending -= 1
+            self._fail_step(batch, exc)
+            return None
+        finally:
+            self._counters["dispatch_s"] += time.perf_counter() - started
+        self._launching = None
+        self._counters["launch_s"] += handle.launch_s
         self.scheduler.step_dispatched(batch)
         c = self._counters
         c["steps"] += 1
@@ -365,6 +394,8 @@ class Engine:
                   exc_info=exc)
         self._counters["failed_steps"] += 1
         message = f"{type(exc).__name__}: {exc}"
+        if self._launching is not None:  # the next step's launch is under way: the device state is its
+            wait([self._launching])
         for chunk in batch.chunks:
             if not chunk.request.finished:
                 self._end(chunk.request, "error", message)

@@ -79,6 +79,19 @@ class StepShape:
 
 
 @dataclasses.dataclass
+class PreparedStep:
+    """A scheduled step's host inputs, ready to launch (ModelRunner.prepare → ModelRunner.launch)."""
+
+    batch: SchedulerOutput
+    shape: StepShape
+    host: StepInputs
+    offsets: list[int]  # each chunk's first index in the packed tokens
+    rows: dict[str, int]  # request id → its row, for the requests this step samples
+    prefix_columns: tuple[np.ndarray, ...] | None  # prompt-cache table fills to run first (see _fill_tables)
+    prepared_at: float  # time.perf_counter() when its preparation began
+
+
+@dataclasses.dataclass
 class StepHandle:
     """A dispatched step: its schedule and its (device) results."""
 
@@ -87,7 +100,7 @@ class StepHandle:
     logprobs: jax.Array  # [R] f32
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
-    dispatched_at: float = 0.0  # time.perf_counter() when its preparation began
+    dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
     launch_s: float = 0.0  # host time of the transfer and the jitted call (the rest of dispatch: inputs)
 
 
@@ -252,22 +265,34 @@ class ModelRunner:
     # --- steps ---------------------------------------------------------------------------------
     def dispatch(self, batch: SchedulerOutput) -> StepHandle:
         """Prepare and enqueue one step; returns at once (the device runs it in the background)."""
+        return self.launch(self.prepare(batch))
+
+    def prepare(self, batch: SchedulerOutput) -> PreparedStep:
+        """The host half of dispatch: `batch`'s padded input arrays. Reads the requests; touches no device
+        state, so it may run while another thread launches the previous step."""
         started = time.perf_counter()
         shape = self.shape_of(batch)
         fills = [c for c in batch.chunks if c.cached_prefix]
-        if fills:
-            self._fill_cached_prefixes(fills)
         host, offsets, rows = self._prepare(batch, shape)
+        prefix_columns = self._cached_prefix_columns(fills) if fills else None
+        return PreparedStep(batch, shape, host, offsets, rows, prefix_columns, started)
+
+    def launch(self, step: PreparedStep) -> StepHandle:
+        """The device half of dispatch: transfer the inputs and enqueue the jitted step. Reads no request, so
+        it may run on another thread while the engine reads the previous step's results (the jitted call
+        releases the GIL while it enqueues the kernels)."""
         launched = time.perf_counter()
-        sampled, logprobs, prompt_lp = self._run(host, shape)
+        if step.prefix_columns is not None:
+            self.kv = self._fill(self.kv, *jax.device_put(step.prefix_columns, self._replicated))
+        sampled, logprobs, prompt_lp = self._run(step.host, step.shape)
         launch_s = time.perf_counter() - launched
-        if not shape.all_logits:
+        if not step.shape.all_logits:
             prompt_lp = None
         for array in (sampled, logprobs, prompt_lp):
             if array is not None:
                 array.copy_to_host_async()
-        self._last_rows = rows
-        return StepHandle(batch, sampled, logprobs, prompt_lp, offsets, started, launch_s)
+        self._last_rows = step.rows
+        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, step.prepared_at, launch_s)
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Wait for a dispatched step's results on the host."""
@@ -288,9 +313,10 @@ class ModelRunner:
         )
         return sampled, logprobs, prompt_lp
 
-    def _fill_cached_prefixes(self, chunks) -> None:
-        """Before a step: the table rows of requests starting on a cached prefix get its slots and token ids
-        (positions [0, cached_prefix)); padded to a power of two (≥ 64) of entries writing the scratch row."""
+    def _cached_prefix_columns(self, chunks) -> tuple[np.ndarray, ...]:
+        """Table entries for requests starting on a cached prefix: their rows get its slots and token ids
+        (positions [0, cached_prefix)); padded to a power of two (≥ 64) of entries writing the scratch row.
+        Returns (rows, positions, slots, tokens) for `_fill_tables`, run before the step."""
         kv = self.host_kv
         parts = [(np.full(c.cached_prefix, c.request.kv_row), np.arange(c.cached_prefix),
                   c.request.slots[: c.cached_prefix], c.request.token_ids(0, c.cached_prefix)) for c in chunks]
@@ -298,8 +324,7 @@ class ModelRunner:
         size = max(64, 1 << (count - 1).bit_length())
         pad = (np.full(size - count, kv.scratch_row), np.zeros(size - count), np.full(size - count, kv.scratch_slot),
                np.zeros(size - count))
-        columns = [np.concatenate([np.asarray(p[i], np.int32) for p in [*parts, pad]]) for i in range(4)]
-        self.kv = self._fill(self.kv, *jax.device_put(tuple(columns), self._replicated))
+        return tuple(np.concatenate([np.asarray(p[i], np.int32) for p in [*parts, pad]]) for i in range(4))
 
     def _init_device_state(self):
         kv = self.host_kv

@@ -147,9 +147,10 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def step_dispatched(self, out: SchedulerOutput) -> None:
-        """`out` is on the device: the prompt cache may lend its prefill chunks' tokens to later requests."""
+        """`out` is on the device: the prompt cache may lend its prefill chunks' tokens to later requests
+        (not those of a request that ended while `out` was launched)."""
         for chunk in out.chunks:
-            if not chunk.decode:
+            if not chunk.decode and not chunk.request.finished:
                 self.kv.share_prefix(chunk.request)
 
     # --- the policy ----------------------------------------------------------------------------
