@@ -97,10 +97,11 @@ class Engine:
         # Parts of host_s: schedule_s (the scheduler), dispatch_s (building a step's inputs, and waiting for
         # its launch once the previous step's results are read), postprocess_s (tokens, text, stops).
         # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess).
+        # steps_after_idle: steps launched after the unread step before them had finished (the device idled).
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
-                          "launch_s": 0.0, "postprocess_s": 0.0}
+                          "launch_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
         self._peak, self._peak_at = 0, 0.0
@@ -231,7 +232,7 @@ class Engine:
                     if batch.kind == "prefill" or batch.preempted:
                         self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
                     if batch.chunks:
-                        launching = self._start_dispatch(batch, launcher)
+                        launching = self._start_dispatch(batch, launcher, inflight)
                 if inflight is not None:
                     self._postprocess(inflight)
                 inflight = self._finish_dispatch(*launching) if launching else None
@@ -268,9 +269,9 @@ class Engine:
             elif item in self._requests:
                 self._end(self._requests[item], "abort")
 
-    def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor):
-        """Prepare `batch`'s inputs here and launch it on `launcher`; returns (batch, the launch's future) for
-        _finish_dispatch, or None when the preparation failed."""
+    def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor, unread: StepHandle | None):
+        """Prepare `batch`'s inputs here and launch it on `launcher` (`unread`: the step in flight before it);
+        returns (batch, the launch's future) for _finish_dispatch, or None when the preparation failed."""
         started = time.perf_counter()
         try:
             prepared = self.runner.prepare(batch)
@@ -282,7 +283,7 @@ class Engine:
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
-        self._launching = launcher.submit(self.runner.launch, prepared)
+        self._launching = launcher.submit(self.runner.launch, prepared, unread)
         return batch, self._launching
 
     def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
@@ -301,6 +302,7 @@ class Engine:
             self._counters["dispatch_s"] += time.perf_counter() - started
         self._launching = None
         self._counters["launch_s"] += handle.launch_s
+        self._counters["steps_after_idle"] += handle.after_idle
         self.scheduler.step_dispatched(batch)
         c = self._counters
         c["steps"] += 1

@@ -102,6 +102,9 @@ class StepHandle:
     token_offsets: list[int]  # each chunk's first index in the packed tokens
     dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
     launch_s: float = 0.0  # host time of the transfer and the jitted call (the rest of dispatch: inputs)
+    # The step before it, not yet read, had already finished when this one was launched: the device waited
+    # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
+    after_idle: bool = False
 
 
 @dataclasses.dataclass
@@ -285,11 +288,13 @@ class ModelRunner:
         prefix_columns = self._cached_prefix_columns(fills) if fills else None
         return PreparedStep(batch, shape, host, offsets, rows, prefix_columns, started)
 
-    def launch(self, step: PreparedStep) -> StepHandle:
+    def launch(self, step: PreparedStep, unread: StepHandle | None = None) -> StepHandle:
         """The device half of dispatch: transfer the inputs and enqueue the jitted step. Reads no request, so
         it may run on another thread while the engine reads the previous step's results (the jitted call
-        releases the GIL while it enqueues the kernels)."""
+        releases the GIL while it enqueues the kernels). `unread`: the step before, whose results are not
+        read yet (the handle says whether it had finished: the device idled waiting for this launch)."""
         launched = time.perf_counter()
+        after_idle = unread is not None and unread.sampled.is_ready()
         if step.prefix_columns is not None:
             self.kv = self._fill(self.kv, *jax.device_put(step.prefix_columns, self._replicated))
         sampled, logprobs, prompt_lp = self._run(step.host, step.shape)
@@ -300,7 +305,8 @@ class ModelRunner:
             if array is not None:
                 array.copy_to_host_async()
         self._last_rows = step.rows
-        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, step.prepared_at, launch_s)
+        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, step.prepared_at, launch_s,
+                          after_idle)
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Wait for a dispatched step's results on the host."""

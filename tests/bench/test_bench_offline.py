@@ -27,8 +27,10 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     assert result["steps"] >= max(r.output_len for r in requests)
     parts = [result[f"{t}_ms_per_step"] for t in ("schedule", "dispatch", "postprocess")]
     assert all(p > 0 for p in parts)
-    assert 0 < result["launch_ms_per_step"] <= result["dispatch_ms_per_step"]
+    # The launch runs on its own thread while the loop reads the previous step's results, then joins it.
+    assert 0 < result["launch_ms_per_step"] <= sum(parts[1:]) + result["device_wait_ms_per_step"]
     assert sum(parts) <= result["host_ms_per_step"] * 1.001
-    assert "schedule / dispatch (launch) / postprocess" in format_offline_table(result)
+    assert 0 <= result["steps_after_idle"] <= result["steps"]
+    assert "schedule / dispatch / postprocess" in format_offline_table(result)
     assert result["new_step_shapes"] > 0  # warmup=0: the first run compiles what it meets
     assert run_offline(llm, requests)["new_step_shapes"] == 0  # the same workload again compiles nothing
