@@ -128,18 +128,21 @@ def test_abort_frees_the_request_at_once(tiny_engine):
     assert_idle_and_empty(tiny_engine)
 
 
-def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_engine, reference, monkeypatch):
+@pytest.mark.parametrize("where", ["prepare", "launch"])  # the host half (engine thread), the launch thread
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_engine, reference, monkeypatch, where):
     prompts = random_prompts(seed=9, count=3)
     steady = [tiny_engine.submit(p, SamplingParams(max_new_tokens=20, ignore_eos=True)) for p in prompts[:2]]
     firsts = [next(s) for s in steady]  # both running before the bad request arrives
-    real_prepare = tiny_engine.runner._prepare
+    failed_before = tiny_engine.stats()["failed_steps"]
+    real = getattr(tiny_engine.runner, where)
 
-    def prepare(batch, shape):
+    def failing(step, *args):  # prepare(batch) or launch(prepared step, unread step)
+        batch = step if where == "prepare" else step.batch
         if any(c.request.request_id == "boom" for c in batch.chunks):
             raise RuntimeError("injected failure")
-        return real_prepare(batch, shape)
+        return real(step, *args)
 
-    monkeypatch.setattr(tiny_engine.runner, "_prepare", prepare)
+    monkeypatch.setattr(tiny_engine.runner, where, failing)
     bad = list(tiny_engine.submit(prompts[2], SamplingParams(max_new_tokens=5), request_id="boom"))
     assert len(bad) == 1 and bad[0].finish_reason == "error" and "injected failure" in bad[0].error
     for prompt, first, stream in zip(prompts, firsts, steady):
@@ -147,7 +150,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_eng
     monkeypatch.undo()
     again = run_all(tiny_engine, [prompts[2]], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
     assert tokens_of(again) == reference.generate(prompts[2], 3)
-    assert tiny_engine.stats()["failed_steps"] >= 1
+    assert tiny_engine.stats()["failed_steps"] > failed_before
     assert_idle_and_empty(tiny_engine)
 
 
@@ -193,12 +196,15 @@ def test_no_compilation_in_steady_state(tiny_engine):
 
 def test_warmup_compiles_each_startup_shape_once_and_steps_then_reuse_them(tiny_model_dir):
     """The start-up shapes compile in parallel threads; a request within the start-up set (a one-row
-    prefill, then one-row decodes) finds them in the jit's cache."""
+    prefill, then one-row decodes) calls their compiled executables: nothing is traced or compiled again."""
     compiles = []  # executables built, or read from the persistent cache (that also records this event)
+    traces = []  # functions traced to jaxprs (the step, and the start-up's small jits)
 
     def on_duration(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
+        elif event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
 
     jax.monitoring.register_event_duration_secs_listener(on_duration)
     engine = make_engine(tiny_model_dir, warmup=0, max_total_token_num=512)
@@ -208,11 +214,12 @@ def test_warmup_compiles_each_startup_shape_once_and_steps_then_reuse_them(tiny_
     assert step_shapes == len(engine.runner.row_buckets) + len(engine.runner.token_buckets)
     assert len(compiles) == step_shapes  # each shape built (or read from the persistent cache) once
     compiles.clear()
+    traces.clear()
     with engine:
         prompt = [int(t) for t in np.random.default_rng(12).integers(1, 200, size=9)]
         events = list(engine.submit(prompt, SamplingParams(max_new_tokens=5, ignore_eos=True)))
         assert events[-1].finish_reason == "length" and len(events) == 5
-    assert compiles == []
+    assert compiles == [] and traces == []
 
 
 def test_prefill_steps_with_more_chunks_than_the_row_cap_get_every_row(tiny_model_dir):
