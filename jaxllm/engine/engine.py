@@ -1,6 +1,6 @@
-"""The engine loop: one background thread runs schedule → dispatch step N+1 → read step N → postprocess,
-and streams TokenEvents to each request's consumer (asyncio or plain threads). Postprocess is the only
-place a token is appended, a stop checked and KV freed.
+"""The engine loop: one background thread runs schedule → prepare step N+1 → read step N and postprocess it,
+while a launch thread enqueues step N+1 on the device; it streams TokenEvents to each request's consumer
+(asyncio or plain threads). Postprocess is the only place a token is appended, a stop checked and KV freed.
 """
 
 from __future__ import annotations
