@@ -7,7 +7,7 @@
 # The batch-1 and 512 runs first run their workload once untimed (--warmup-pass); the 1,000-request run does
 # not, and reports how many step shapes compiled while timed. CB_FLAGS: an XLA_FLAGS value whose model step
 # (batch 1 and 256) is compared with the default's at the end.
-# JSON under $OUT, a table last.
+# JSON under $OUT (logs under $LOGS), a table last.
 # Usage on the device machine (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_bench.sh
 set -uo pipefail
 source tools/device_env.sh /tmp/jaxllm-bench
@@ -20,13 +20,13 @@ step() {  # step NAME [XLA_FLAGS]
   echo "== model step $1 (Pallas attention, decode at ${STEP_CONTEXT:-1024} context) XLA_FLAGS=${2:-}"
   XLA_FLAGS="${2:-}" timeout "${STEP_TIMEOUT:-150}" $PY -m jaxllm.bench.step --config "$CONFIG" \
     --batch ${STEP_BATCHES:-1 64 256} --context ${STEP_CONTEXT:-1024} --repeats 20 --result-json "$OUT/step_$1.json" \
-    2>&1 | quiet | tee "$OUT/step_$1.txt"
+    2>&1 | quiet | tee "$LOGS/step_$1.txt"
 }
 offline() {  # offline NAME XLA_FLAGS [bench flags]
   local name=$1 flags=$2; shift 2
   echo "== offline $name XLA_FLAGS=$flags"
   XLA_FLAGS="$flags" timeout "${OFFLINE_TIMEOUT:-240}" $PY -m jaxllm.bench offline --model_dir "$MODEL" ${WARMUP_PASS---warmup-pass} \
-    --result-json "$OUT/offline_$name.json" "$@" "${ENGINE[@]}" 2>&1 | quiet | tail -11 | tee "$OUT/offline_$name.txt"
+    --result-json "$OUT/offline_$name.json" "$@" "${ENGINE[@]}" 2>&1 | quiet | tail -11 | tee "$LOGS/offline_$name.txt"
 }
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2> /dev/null
@@ -36,7 +36,7 @@ step default
 if [ -z "${SKIP_HF:-}" ]; then
   echo "== Hugging Face transformers generate (sanity floor)"
   timeout "${HF_TIMEOUT:-150}" $PY -m tools.hf_baseline --config "$CONFIG" --batch 1 64 --input-len 128 \
-    --output-len ${HF_OUTPUT_LEN:-256} --result-json "$OUT/hf.json" 2>&1 | quiet | tail -3 | tee "$OUT/hf.txt"
+    --output-len ${HF_OUTPUT_LEN:-256} --result-json "$OUT/hf.json" 2>&1 | quiet | tail -3 | tee "$LOGS/hf.txt"
 fi
 
 offline b1 "" --num-prompts 1 --input-len 128 --output-len 256
@@ -49,10 +49,10 @@ STEP_BATCHES=256 STEP_CONTEXT=384 step b256_ctx384
 [ -n "${CB_FLAGS:-}" ] && STEP_BATCHES="1 256" step cb "$CB_FLAGS"
 
 echo "== summary"
-$PY - "$OUT" << 'EOF'
+$PY - "$OUT" "$LOGS" << 'EOF'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, logs = Path(sys.argv[1]), Path(sys.argv[2])
 for f in sorted(out.glob("step_*.json")):
     r = json.loads(f.read_text())
     print(f"{f.stem}: HBM {r['bandwidth'] / 1e12:.2f} TB/s, matmul {r['matmul'] / 1e12:.0f} TFLOP/s; " + "; ".join(
@@ -65,5 +65,5 @@ for f in sorted(out.glob("offline_*.json")):
           f"{1e3 * r['duration_s'] / r['steps']:.2f} ms per step: host {r['host_ms_per_step']:.2f} "
           f"(launch thread {r['launch_ms_per_step']:.2f}) / wait {r['device_wait_ms_per_step']:.2f}")
 if (out / "hf.json").exists():
-    print("hf:", (out / "hf.txt").read_text().strip().replace("\n", " | "))
+    print("hf:", (logs / "hf.txt").read_text().strip().replace("\n", " | "))
 EOF

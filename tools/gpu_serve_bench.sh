@@ -3,7 +3,8 @@
 #   start-up time cold and with the persistent compilation cache; `jaxllm.bench serve` at several request
 #   rates; TTFT of requests sharing a 2k-token prefix without and with --use_dynamic_prompt_cache; p99
 #   inter-token latency of a steady stream of long prompts in the default mode and with --splitfuse_mode.
-# Every serve bench writes JSON under $OUT; a table comes last.
+# Every timed serve bench writes JSON under $OUT (tables, warm-up runs and server logs under $LOGS); a table
+# comes last.
 # Usage on the device machine (carry .whl and the tokenizer dir):
 #   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_serve_bench.sh
 set -uo pipefail
@@ -19,25 +20,27 @@ http_get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request
 start_server() {  # start_server LABEL [extra flags]: prints "LABEL start-up S s" once /health answers
   local label=$1; shift
   local t0=$(date +%s.%N)
-  $PY -m jaxllm.serve "${SERVER_FLAGS[@]}" "$@" > "$OUT/server_$label.log" 2>&1 &
+  $PY -m jaxllm.serve "${SERVER_FLAGS[@]}" "$@" > "$LOGS/server_$label.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 600); do
     if http_get /health > /dev/null 2>&1; then
       echo "$label start-up $($PY -c "import time; print(f'{time.time() - $t0:.1f}')") s" | tee -a "$OUT/startup.txt"
       return 0
     fi
-    kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$OUT/server_$label.log"; return 1; }
+    kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$LOGS/server_$label.log"; return 1; }
     sleep 0.5
   done
   echo "$label: no /health after 300 s"; return 1
 }
 stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
 trap stop_server EXIT
-bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run, its table kept in $OUT/NAME.txt
+bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run, its table kept in $LOGS/NAME.txt
   local name=$1; shift
+  local results=$OUT
+  case $name in warmup* | prefix_cache_first) results=$LOGS ;; esac  # untimed: not results
   timeout ${BENCH_TIMEOUT:-150} $PY -m jaxllm.bench serve --base-url "$URL" --tokenizer "$MODEL" \
-    --result-json "$OUT/$name.json" "$@" 2> /dev/null > "$OUT/$name.txt"
-  echo "== $name"; grep -E "throughput|TTFT|TPOT|ITL|completed|failed" "$OUT/$name.txt"
+    --result-json "$results/$name.json" "$@" 2> /dev/null > "$LOGS/$name.txt"
+  echo "== $name"; grep -E "throughput|TTFT|TPOT|ITL|completed|failed" "$LOGS/$name.txt"
 }
 MIXED=(--input-len 128 --input-len-max 1024 --output-len 128 --output-len-max 512)
 LONG=(--input-len 1536 --input-len-max 2560 --output-len 128 --output-len-max 256)
@@ -62,7 +65,7 @@ start_server prompt_cache --use_dynamic_prompt_cache || exit 1
 # One request caches the prefix (and compiles the table fill); the timed ones share only the prefix with it.
 bench prefix_cache_first "${PREFIX[@]}" --num-prompts 1 --seed 3 > /dev/null
 bench prefix_cache "${PREFIX[@]}" --num-prompts 24 --seed 3
-http_get /metrics | grep -E "^lightllm_prompt_cache_(hit|prompt)_tokens" | tee "$OUT/prompt_cache_metrics.txt"
+http_get /metrics | grep -E "^lightllm_prompt_cache_(hit|prompt)_tokens" | tee "$LOGS/prompt_cache_metrics.txt"
 stop_server
 
 start_server splitfuse --splitfuse_mode || exit 1
@@ -78,8 +81,6 @@ out = Path(sys.argv[1])
 print((out / "startup.txt").read_text().strip())
 print(f"{'run':<20}{'req/s':>8}{'out tok/s':>11}{'TTFT med':>10}{'TTFT p99':>10}{'TPOT med':>10}{'ITL p99':>9}")
 for f in sorted(out.glob("*.json")):
-    if f.stem.startswith(("warmup", "prefix_cache_first")):
-        continue
     r = json.loads(f.read_text())
     print(f"{f.stem:<20}{r['request_throughput']:>8.2f}{r['output_throughput']:>11.1f}{r['ttft_ms']['median']:>10.1f}"
           f"{r['ttft_ms']['p99']:>10.1f}{r['tpot_ms']['median']:>10.2f}{r['itl_ms']['p99']:>9.1f}")
