@@ -101,7 +101,7 @@ class StepHandle:
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
     dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
-    launch_s: float = 0.0  # host time of the transfer and the jitted call (the rest of dispatch: inputs)
+    launch_s: float = 0.0  # time of the transfer and the step call, on the thread that launched it
     # The step before it, not yet read, had already finished when this one was launched: the device waited
     # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
     after_idle: bool = False
