@@ -274,13 +274,9 @@ class ModelRunner:
         return executable
 
     # --- steps ---------------------------------------------------------------------------------
-    def dispatch(self, batch: SchedulerOutput) -> StepHandle:
-        """Prepare and enqueue one step; returns at once (the device runs it in the background)."""
-        return self.launch(self.prepare(batch))
-
     def prepare(self, batch: SchedulerOutput) -> PreparedStep:
-        """The host half of dispatch: `batch`'s padded input arrays. Reads the requests; touches no device
-        state, so it may run while another thread launches the previous step."""
+        """The host half of a step (`launch` is the other): `batch`'s padded input arrays. Reads the requests
+        and touches no device state, so it may run while another thread launches the previous step."""
         started = time.perf_counter()
         shape = self.shape_of(batch)
         fills = [c for c in batch.chunks if c.cached_prefix]
@@ -289,10 +285,11 @@ class ModelRunner:
         return PreparedStep(batch, shape, host, offsets, rows, prefix_columns, started)
 
     def launch(self, step: PreparedStep, unread: StepHandle | None = None) -> StepHandle:
-        """The device half of dispatch: transfer the inputs and enqueue the jitted step. Reads no request, so
-        it may run on another thread while the engine reads the previous step's results (the jitted call
-        releases the GIL while it enqueues the kernels). `unread`: the step before, whose results are not
-        read yet (the handle says whether it had finished: the device idled waiting for this launch)."""
+        """The device half of a step: transfer the inputs and enqueue the compiled step; returns at once (the
+        device runs it in the background). Reads no request, so it may run on another thread while the engine
+        reads the previous step's results (the call releases the GIL while it enqueues the kernels).
+        `unread`: the step before, whose results are not read yet (the handle says whether it had finished:
+        the device idled waiting for this launch)."""
         launched = time.perf_counter()
         after_idle = unread is not None and unread.sampled.is_ready()
         if step.prefix_columns is not None:
