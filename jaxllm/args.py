@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 DATA_TYPE_CHOICES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
 LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
+TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.server.tool_parsers
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--load_format", type=str, choices=LOAD_FORMATS, default="auto",
         help="jaxllm: weights from HF safetensors (hf), an orbax checkpoint (orbax), whichever the model "
              "directory holds (auto), or random weights on the device for a config-only directory (dummy)")
+    add("--tool_call_parser", type=str, choices=TOOL_CALL_PARSERS, default="auto",
+        help="jaxllm (not LightLLM's): the tool-call format the model writes, parsed into OpenAI tool_calls: "
+             "hermes (<tool_call> tags: Hermes, Qwen 2.5+), llama3_json (Llama 3.1+ JSON calls), mistral "
+             "([TOOL_CALLS]), or auto (guessed from the chat template; hermes when it names none)")
     return p
 
 
@@ -158,6 +163,7 @@ class ServerArgs:
     push_interval: int
     enable_monitor_auth: bool
     load_format: str
+    tool_call_parser: str = "auto"
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
