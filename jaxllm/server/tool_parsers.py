@@ -10,6 +10,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from jaxllm.engine.grammar import JSON_OPTIONS
+
 _DECODER = json.JSONDecoder()
 
 
@@ -75,7 +77,8 @@ class ToolFormat:
             "required": ["name", self.args_key],
             "additionalProperties": False,
         } for t in tools]
-        return options[0] if len(options) == 1 else {"anyOf": options}
+        schema = options[0] if len(options) == 1 else {"anyOf": options}
+        return {**schema, "x-guidance": JSON_OPTIONS}  # llguidance's JSON options inside a Lark grammar
 
     def grammar(self, tools: list[dict], marker: str) -> str:
         """Lark text forcing at least one call; `marker` is the marker as a Lark term (a literal, or a special

@@ -101,7 +101,8 @@ def _marker_term(tokenizer, marker: str) -> str:
     """The marker as a Lark term: its special token (by id) when the tokenizer has one, else the text."""
     token_id = tokenizer.convert_tokens_to_ids(marker) if tokenizer is not None else None
     special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    if isinstance(token_id, int) and token_id in special:
+    # (an unknown token converts to the unknown token's id, a special one too)
+    if isinstance(token_id, int) and token_id in special and tokenizer.convert_ids_to_tokens(token_id) == marker:
         return f"<[{token_id}]>"
     return lark_literal(marker)
 

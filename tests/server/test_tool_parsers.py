@@ -113,3 +113,10 @@ def test_auto_guesses_the_format_from_the_chat_template():
     assert guess_format("<|start_header_id|>ipython<|end_header_id|>").name == "llama3_json"
     assert guess_format(None).name == "hermes"
     assert TOOL_CALL_PARSERS == ["auto", *TOOL_FORMATS]
+
+
+def test_a_marker_is_a_special_token_only_when_the_tokenizer_has_one(lltokenizer):
+    from jaxllm.server.tools import _marker_term
+    tok, _ = lltokenizer
+    assert _marker_term(tok, "<tool_call>") == '"<tool_call>"'  # unknown: not the unknown token's id
+    assert _marker_term(tok, "<|im_end|>") == f"<[{tok.convert_tokens_to_ids('<|im_end|>')}]>"
