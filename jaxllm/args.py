@@ -34,7 +34,8 @@ def _truncation_mode(value: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `python -m jaxllm.serve`: LightLLM's api_server flags plus `--load_format`."""
+    """The argparse parser of `python -m jaxllm.serve`: LightLLM's api_server flags plus `--load_format` and
+    `--api_key`."""
     p = argparse.ArgumentParser(
         prog="python -m jaxllm.serve",
         description="Serve a Llama-family model over LightLLM's HTTP API (JAX, Pallas GPU kernels).",
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--load_format", type=str, choices=LOAD_FORMATS, default="auto",
         help="jaxllm: weights from HF safetensors (hf), an orbax checkpoint (orbax), whichever the model "
              "directory holds (auto), or random weights on the device for a config-only directory (dummy)")
+    add("--api_key", action="append", default=[], metavar="KEY",
+        help="jaxllm, not LightLLM (vLLM's name): every route but /health, /healthz, /liveness, /readiness "
+             "and /metrics then demands the header `Authorization: Bearer KEY` (401 otherwise); repeat the "
+             "flag to accept several keys. Keys are never logged")
     return p
 
 
@@ -158,6 +163,7 @@ class ServerArgs:
     push_interval: int
     enable_monitor_auth: bool
     load_format: str
+    api_key: list[str] = dataclasses.field(repr=False)  # secrets: kept out of reprs and logs
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
@@ -218,6 +224,9 @@ def _check_consistency(v: dict[str, Any]) -> None:
     for key in v["grouping_key"]:
         if "=" not in key:
             raise ValueError(f"--grouping_key {key!r} must have the form key=value")
+    for i, key in enumerate(v["api_key"]):
+        if not key or not all("!" <= c <= "~" for c in key):  # what an HTTP header can carry after "Bearer "
+            raise ValueError(f"--api_key number {i + 1} must be printable ASCII without spaces (not shown)")
 
 
 def _resolve_batch_max_tokens(v: dict[str, Any]) -> int:
