@@ -1,12 +1,14 @@
 """--api_key against the real server (one per module, started with two keys): the official `openai` client
 with either key works, streamed too, and with a wrong key gets a 401 AuthenticationError; LightLLM's routes need
-the header, the probes and /metrics do not; no key reaches the server's log."""
+the header, the probes and /metrics do not; `jaxllm.bench serve --api-key`; no key reaches the server's log."""
 
 import json
 
 import openai
 import pytest
 from e2e_server import running_server
+
+from jaxllm.bench.__main__ import main as bench_main
 
 KEYS = ["e2e-key-one", "e2e-key-two"]
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
@@ -49,6 +51,15 @@ def test_lightllm_routes_need_the_header_and_probes_do_not(keyed_server):
     assert status == 200 and json.loads(data)["count_output_tokens"] == 2
     for path in ("/health", "/healthz", "/liveness", "/readiness", "/metrics"):
         assert keyed_server.request("GET", path)[0] == 200, path
+
+
+def test_the_benchmark_client_sends_its_key(keyed_server, smollm2_dir, tmp_path):
+    flags = ["serve", "--base-url", keyed_server.base, "--tokenizer", str(smollm2_dir), "--num-prompts", "2",
+             "--input-len", "8", "--output-len", "2", "--result-json", str(tmp_path / "result.json")]
+    assert bench_main([*flags, "--api-key", KEYS[0]]) == 0
+    assert json.loads((tmp_path / "result.json").read_text())["completed"] == 2
+    assert bench_main([*flags, "--api", "openai"]) == 1  # no key: every request refused
+    assert json.loads((tmp_path / "result.json").read_text())["failed"] == 2
 
 
 def test_no_key_reaches_the_log(keyed_server):
