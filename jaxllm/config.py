@@ -155,7 +155,34 @@ def common_fields(raw: dict[str, Any]) -> dict[str, Any]:
         rope=rope_from_hf(raw, head_dim),
         qkv_bias=bool(raw.get("attention_bias", False)),
         o_bias=bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        activation=activation_from_hf(raw.get("hidden_act") or raw.get("hidden_activation") or "silu"),
+        layer_windows=layer_windows_from_hf(raw, raw["num_hidden_layers"]),
     )
+
+
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                   "gelu": "gelu"}
+
+
+def activation_from_hf(name: str) -> str:
+    """A Hugging Face activation name → ours ("silu", "gelu_tanh", "gelu")."""
+    if name not in _HF_ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported ({', '.join(_HF_ACTIVATIONS)})")
+    return _HF_ACTIVATIONS[name]
+
+
+def layer_windows_from_hf(raw: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding windows: from `layer_types` where the config lists them (Gemma-2/3, Qwen), else
+    `sliding_window` on every layer (Mistral, Phi-3, StarCoder-2); () when no layer has one."""
+    window = raw.get("sliding_window")
+    if not window:
+        return ()
+    types = raw.get("layer_types")
+    if types is None:
+        return (int(window),) * num_layers
+    windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return windows if any(windows) else ()
 
 
 def rope_params(raw: dict[str, Any]) -> dict[str, Any]:
