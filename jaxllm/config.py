@@ -120,8 +120,17 @@ class ModelConfig:
         return config_from_hf(raw)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        return cls.from_hf_dict(read_hf_config(model_dir))
+    def from_model_dir(cls, model_dir: str | Path, trust_remote_code: bool = False) -> "ModelConfig":
+        """The config of `model_dir`. A config that names its own Python code (`auto_map`) is refused unless
+        `trust_remote_code` (LightLLM's flag) allows it; even then no code of the checkpoint runs here: the
+        family module reads the config's fields."""
+        raw = read_hf_config(model_dir)
+        if "auto_map" in raw and not trust_remote_code:
+            raise ValueError(
+                f"{model_dir} ships its own model code (config.json has 'auto_map'); "
+                "pass --trust_remote_code to load it"
+            )
+        return cls.from_hf_dict(raw)
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
