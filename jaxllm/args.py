@@ -17,7 +17,6 @@ LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
     "nccl_port",
-    "trust_remote_code",
     "beam_mode",
     "diverse_mode",
     "token_healing_mode",
@@ -69,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
              "quantisation modes triton_w4a16 | triton_w8a16 | triton_w8a8 | lmdeploy_w4a16 | ppl_w4a16 | "
              "ppl_w8a8 | ppl_w8a8_mixdown")
     add("--trust_remote_code", action="store_true",
-        help="allow model code shipped with the checkpoint (custom architectures)")
+        help="load model directories that ship their own code (config auto_map: InternLM2, Baichuan, Qwen-1, ...); "
+             "the config is read by jaxllm's family module, the tokenizer's code runs in transformers")
     add("--disable_log_stats", action="store_true", help="do not log throughput statistics")
     add("--log_stats_interval", type=int, default=10, help="seconds between statistics log lines")
     add("--router_token_ratio", type=float, default=0.0,
