@@ -118,14 +118,14 @@ class Engine:
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
-        config = ModelConfig.from_model_dir(args.model_dir)
+        config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
         mesh = make_mesh(args.tp)
         backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend)
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-            tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode)
+            tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
         return cls(args, model, params, mesh, tokenizer, warmup=warmup)
 
     # --- lifecycle -----------------------------------------------------------------------------

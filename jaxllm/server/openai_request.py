@@ -136,7 +136,10 @@ def _common(body: dict, f: dict) -> tuple[str, int, bool, bool]:
     model = require(body, "model", string)
     n = 1 if f.get("n") is None else f["n"]
     stream = bool(f.get("stream"))
-    include_usage = bool((f.get("stream_options") or {}).get("include_usage"))
+    options = f.get("stream_options")
+    if options is not None and not stream:
+        raise invalid("stream_options: only allowed when stream is true", "stream_options")
+    include_usage = bool(nullable(boolean)("stream_options.include_usage", (options or {}).get("include_usage")))
     return model, n, stream, include_usage
 
 
