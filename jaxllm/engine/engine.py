@@ -22,6 +22,7 @@ from jaxllm.engine.detokenizer import load_tokenizer
 from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
+from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
@@ -83,6 +84,7 @@ class Engine:
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None)
         self._grammars: GrammarCompiler | None = None  # built with the first constrained request
+        self._healer = TokenHealer(tokenizer, self.config.vocab_size) if args.token_healing_mode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
@@ -190,6 +192,9 @@ class Engine:
         )
         if params.guided is not None:
             req.constraint = self.grammars().constraint(params.guided)
+        elif self._healer is not None:  # a grammar decides the text itself: no healing under one
+            req.prompt_ids, req.healing = self._healer.heal(prompt_ids)
+            req.constraint = req.healing
         self._events.attach(req)
         req.stream = RequestStream(req.request_id)
         return req
