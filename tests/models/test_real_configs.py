@@ -32,6 +32,7 @@ def test_config_builds_its_published_parameter_count(name):
     one, two = _count(config, 1), _count(config, 2)
     count = one + (config.num_layers - 1) * (two - one)
     assert count == pytest.approx(PUBLISHED[name], rel=1e-4)
+    assert config.num_params == count  # the roofline of jaxllm.bench.step counts the same weights
     assert config.num_params == pytest.approx(count, rel=1e-4)
 
 
