@@ -99,7 +99,7 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, steps, splits):
         cols = pl.ds((first + step) * block_k, block_k)
         x = x_ref[:, cols]
         w = w_ref[cols, :].astype(x.dtype)  # int8 → 16-bit is exact
-        return acc + pltriton.dot(x, w)
+        return acc + pltriton.dot(x, w, allow_tf32=False if x.dtype == jnp.float32 else None)
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
     _store(o_ref, acc, s_ref[...][None, :], splits)
@@ -129,7 +129,8 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_
         for j in range(8):  # nibble j of row r is input 8r + j
             x = x_ref[:, pl.ds(j * k8 + r0, block_r)]
             q = (lax.shift_right_logical(packed, jnp.int32(4 * j)) & 0xF).astype(jnp.float32)
-            acc = acc + pltriton.dot(x, ((q - zero) * scale).astype(x.dtype))
+            acc = acc + pltriton.dot(x, ((q - zero) * scale).astype(x.dtype),
+                                    allow_tf32=False if x.dtype == jnp.float32 else None)
         return acc
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
