@@ -6,11 +6,10 @@ Every loader returns the same pytree of plain arrays, each placed with the shard
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import flax.linen as nn
 import jax
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from jaxllm.config import ModelConfig
 from jaxllm.models import init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
+from jaxllm.models.registry import family_of
 from jaxllm.parallel import logical_rules
 from jaxllm.torch_pickle import load_torch_file
 
@@ -73,58 +73,7 @@ def random_params(model, mesh: Mesh, tp: int, seed: int = 0):
     return init(jax.random.PRNGKey(seed))
 
 
-# --- Hugging Face layout -------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """Where one HF tensor goes: our param `path`, `transform` to our layout, and for a fused param the
-    index of its part (`part`) among `parts` parts."""
-
-    path: tuple[str, ...]
-    transform: Callable[[np.ndarray], np.ndarray]
-    part: Any = None
-    parts: int = 1
-
-
-def _hf_to_ours(config: ModelConfig) -> dict[str, _Target]:
-    """HF tensor name → its target. q/k/v fill one `qkv_proj` [D, kv, group + 2, d] (heads grouped per KV
-    head) and gate/up one `gate_up_proj` [D, 2, F]."""
-    h, kv, g, d = config.num_heads, config.num_kv_heads, config.group_size, config.head_dim
-    q_in = lambda w: w.T.reshape(w.shape[1], kv, g, d)  # noqa: E731  [h*d, D] → [D, kv, g, d]
-    kv_in = lambda w: w.T.reshape(w.shape[1], kv, d)  # noqa: E731  [kv*d, D] → [D, kv, d]
-    same = lambda w: w  # noqa: E731
-    qkv = lambda part: (slice(None), slice(None), part)  # noqa: E731  index into [D, kv, g + 2, d]
-    qkv_bias = lambda part: (slice(None), part)  # noqa: E731  index into [kv, g + 2, d]
-    table = {
-        "model.embed_tokens.weight": _Target(("embed_tokens",), same),
-        "model.norm.weight": _Target(("norm", "weight"), same),
-    }
-    if not config.tie_word_embeddings:
-        table["lm_head.weight"] = _Target(("lm_head",), lambda w: w.T)
-    for i in range(config.num_layers):
-        hf, attn, mlp = f"model.layers.{i}.", (f"layers_{i}", "self_attn"), (f"layers_{i}", "mlp")
-        table.update({
-            hf + "self_attn.q_proj.weight": _Target(attn + ("qkv_proj",), q_in, qkv(slice(0, g)), 3),
-            hf + "self_attn.k_proj.weight": _Target(attn + ("qkv_proj",), kv_in, qkv(g), 3),
-            hf + "self_attn.v_proj.weight": _Target(attn + ("qkv_proj",), kv_in, qkv(g + 1), 3),
-            hf + "self_attn.o_proj.weight": _Target(attn + ("o_proj",), lambda w: w.T.reshape(h, d, w.shape[0])),
-            hf + "mlp.gate_proj.weight": _Target(mlp + ("gate_up_proj",), lambda w: w.T, (slice(None), 0), 2),
-            hf + "mlp.up_proj.weight": _Target(mlp + ("gate_up_proj",), lambda w: w.T, (slice(None), 1), 2),
-            hf + "mlp.down_proj.weight": _Target(mlp + ("down_proj",), lambda w: w.T),
-            hf + "input_layernorm.weight": _Target((f"layers_{i}", "input_layernorm", "weight"), same),
-            hf + "post_attention_layernorm.weight": _Target(
-                (f"layers_{i}", "post_attention_layernorm", "weight"), same),
-        })
-        if config.qkv_bias:
-            table.update({
-                hf + "self_attn.q_proj.bias": _Target(
-                    attn + ("qkv_bias",), lambda b: b.reshape(kv, g, d), qkv_bias(slice(0, g)), 3),
-                hf + "self_attn.k_proj.bias": _Target(attn + ("qkv_bias",), lambda b: b.reshape(kv, d), qkv_bias(g), 3),
-                hf + "self_attn.v_proj.bias": _Target(
-                    attn + ("qkv_bias",), lambda b: b.reshape(kv, d), qkv_bias(g + 1), 3),
-            })
-    return table
-
+# --- Hugging Face layout (each family says where its tensors go: jaxllm/models/<family>.py) ----------
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Memory-mapped arrays of one .safetensors file (bf16 included, which numpy alone cannot read)."""
@@ -206,21 +155,22 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
     model's dtype, each device receiving only its shard."""
     model_dir = Path(model_dir)
     config = model.config
+    family = family_of(config.model_type)
     if load_way == "DS":
-        if config.model_type != "llama":
-            raise ValueError("--load_way DS supports Llama models only")
+        if not family.deepspeed:
+            raise ValueError(f"--load_way DS supports the Llama layout only, not {config.model_type}")
         tensors = _ds_tensors(model_dir, config.num_layers)
     else:
         tensors = _hf_tensors(model_dir)
     shardings = param_shardings(model, mesh, tp)
     shapes = nn.unbox(abstract_params(model))
-    table = _hf_to_ours(config)
+    table = family.weights(config)
     params: dict = {}
     seen = set()
     pending: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # fused params: host buffer, parts still missing
     for name, array in tensors:
         if name not in table:
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
+            if family.ignored(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
             raise ValueError(f"{model_dir}: unexpected tensor {name} for {config.model_type}")
         target = table[name]

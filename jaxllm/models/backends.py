@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxllm.models.attention import AttentionBackend, AttentionMetadata, ReferenceAttention
+from jaxllm.models.attention import (
+    AttentionBackend, AttentionMetadata, AttentionSpec, ReferenceAttention, reference_options,
+)
 from jaxllm.parallel import TP_AXIS
 from kernels.pallas import attention_mosaic, attention_triton, plan, reference
 
@@ -71,11 +73,14 @@ class ReferenceInt8Attention:
     def write(self, layer_cache, k, v, meta):
         return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
 
-    def attend(self, q, layer_cache, meta, scale):
+    def attend(self, q, layer_cache, meta, spec, alibi_slopes=None):
+        options = reference_options(spec, alibi_slopes)
         if meta.decode_only:
-            return reference.decode_attention_int8(q, *layer_cache, meta.slot_table, meta.context_lens, scale)
+            return reference.decode_attention_int8(
+                q, *layer_cache, meta.slot_table, meta.context_lens, spec.scale, **options
+            )
         return reference.paged_attention_int8(
-            q, *layer_cache, meta.token_req, meta.positions, meta.slot_table, scale
+            q, *layer_cache, meta.token_req, meta.positions, meta.slot_table, spec.scale, **options
         )
 
 
@@ -134,10 +139,12 @@ class PallasAttention:
             return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
-    def attend(self, q, layer_cache, meta: AttentionMetadata, scale):
+    def attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None):
+        if spec.window is not None or spec.softcap is not None or alibi_slopes is not None:
+            raise ValueError("the Pallas attention kernels do not take sliding windows, soft-capping or ALiBi yet")
         # One nested jit: the layers of a step share one trace and one lowering of the kernels (once per
         # layer, a 32-layer step shape took 1.0 s to trace and lower instead of 0.3 s).
-        return _jitted_attend(self, q, layer_cache, meta, scale)
+        return _jitted_attend(self, q, layer_cache, meta, spec.scale)
 
     def _attend(self, q, layer_cache, meta: AttentionMetadata, scale):
         mesh = self.mesh
@@ -162,7 +169,7 @@ class PallasAttention:
 
     def _reference(self, q, layer_cache, meta, scale):
         backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
-        return backend.attend(q, layer_cache, meta, scale)
+        return backend.attend(q, layer_cache, meta, AttentionSpec(scale))
 
     def _attend_local(self, q, layer_cache, meta: AttentionMetadata, scale):
         c = self.config
