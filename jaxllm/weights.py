@@ -6,6 +6,7 @@ Every loader returns the same pytree of plain arrays, each placed with the shard
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import init_kv_cache
+from jaxllm.models import init_kv_cache, quant
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.models.registry import family_of
 from jaxllm.parallel import logical_rules
@@ -185,7 +186,11 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
                 continue
             pending.pop(target.path, None)
             host = buffer
-        _set(params, target.path, _place(host, model.dtype, _get(shardings, target.path)))
+        like, sharding = _get(shapes, target.path), _get(shardings, target.path)
+        if quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
+            _set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
+        else:
+            _set(params, target.path, _place(host, model.dtype, sharding))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
@@ -197,6 +202,18 @@ def _place(host: np.ndarray, dtype, sharding: NamedSharding):
     return jax.make_array_from_callback(
         host.shape, sharding, lambda index: np.asarray(host[index]).astype(dtype)
     )
+
+
+def _place_quantised(host: np.ndarray, like, shardings, dtype):
+    """Quantise on the devices: the 16-bit twin placed like the quantised fields, then quantised in place."""
+    twin = _place(host, dtype, jax.tree.leaves(shardings)[0])
+    return _quantiser(like, shardings)(twin)  # `like`: ShapeDtypeStructs, hashable
+
+
+@functools.lru_cache(maxsize=None)
+def _quantiser(like, shardings):
+    # One jitted quantiser per weight layout and sharding: the layers of a model share them.
+    return jax.jit(lambda w: quant.quantize_like(w, like), out_shardings=shardings)
 
 
 def _get(tree, path):
@@ -232,9 +249,7 @@ def load_orbax(model, model_dir: str | Path, mesh: Mesh, tp: int):
 
     abstract = nn.unbox(abstract_params(model))
     shardings = param_shardings(model, mesh, tp)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, model.dtype, sharding=s), abstract, shardings
-    )
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target)
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import build_model, init_kv_cache
+from jaxllm.models import build_model, init_kv_cache, quant
+from jaxllm.models.quant import with_weight_mode
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import DATA_TYPES, random_params
@@ -111,9 +112,11 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
     return seconds, float(np.median(state["enqueue"]))
 
 
-def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float) -> dict:
+def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float,
+             weight_bytes: int | None = None) -> dict:
+    """Floor of one step; `weight_bytes`: the weights as stored (quantised ones smaller), default 16-bit."""
     tokens = case.batch * (case.context if case.prefill else 1)
-    weight_bytes = config.num_params * itemsize
+    weight_bytes = weight_bytes or config.num_params * itemsize
     kv_bytes = 2 * config.num_layers * case.batch * case.context * config.num_kv_heads * config.head_dim * itemsize
     flops = 2 * config.num_params * tokens
     return {
@@ -134,15 +137,17 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prefill", action="store_true", help="time prefill of --context tokens per request")
     p.add_argument("--data_type", default="bfloat16", choices=sorted(DATA_TYPES))
-    p.add_argument("--mode", nargs="*", default=[], help="attention kernel modes (as jaxllm.serve --mode)")
+    p.add_argument("--mode", nargs="*", default=[],
+                   help="kernel and weight-quantisation modes (as jaxllm.serve --mode; weights quantised at load)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--result-json", default=None)
     ns = p.parse_args(argv)
 
-    config = ModelConfig.from_hf_dict(json.loads(Path(ns.config).read_text()))
-    dtype = DATA_TYPES[ns.data_type]
-    from jaxllm.models.backends import attention_backend
+    raw = json.loads(Path(ns.config).read_text())
+    from jaxllm.models.backends import attention_backend, resolve_modes
 
+    config = with_weight_mode(ModelConfig.from_hf_dict(raw), resolve_modes(ns.mode).weight_mode, raw)
+    dtype = DATA_TYPES[ns.data_type]
     backend = attention_backend(ns.mode, jax.devices()[0].platform)
     model = build_model(config, dtype, backend)
     params = random_params(model, make_mesh(1), 1)
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
     for batch in ns.batch:
         case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
         seconds, enqueue = run_case(model, params, config, case, ns.repeats)
-        roof = roofline(config, case, jnp.dtype(dtype).itemsize, bandwidth, rate)
+        roof = roofline(config, case, jnp.dtype(dtype).itemsize, bandwidth, rate, quant.nbytes(params))
         rows.append({**dataclasses.asdict(case), "step_ms": seconds * 1e3, "floor_ms": roof["floor_s"] * 1e3,
                      "ratio": roof["floor_s"] / seconds, "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds,
                      "enqueue_ms": enqueue * 1e3})

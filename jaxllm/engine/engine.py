@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, read_hf_config
 from jaxllm.engine.detokenizer import load_tokenizer
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.kv_cache import KVCache
@@ -28,7 +28,8 @@ from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput,
 from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.models import build_model
-from jaxllm.models.backends import attention_backend
+from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.quant import with_weight_mode
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
 
@@ -112,7 +113,9 @@ class Engine:
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
-        config = ModelConfig.from_model_dir(args.model_dir)
+        raw_config = read_hf_config(args.model_dir)
+        config = with_weight_mode(ModelConfig.from_hf_dict(raw_config), resolve_modes(args.mode).weight_mode,
+                                  raw_config)
         mesh = make_mesh(args.tp)
         backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend)

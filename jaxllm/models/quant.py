@@ -66,12 +66,58 @@ class WeightQuant:
         return cls("w8a8", keep_16bit_down=frozenset(int(i) for i in layers))
 
 
+QUANT_METHOD = "jaxllm"  # config.json's quantization_config.quant_method of `tools.convert --quant` output
+
+
+def checkpoint_quant(raw: dict) -> WeightQuant | None:
+    """The weight quantisation a config.json's `quantization_config` says its checkpoint holds (None: 16-bit
+    weights). ValueError for a quantisation method that cannot be loaded."""
+    qc = raw.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == QUANT_METHOD:
+        return WeightQuant(qc["scheme"], int(qc.get("group_size", GROUP_SIZE)),
+                           frozenset(int(i) for i in qc.get("keep_16bit_down", ())))
+    raise ValueError(f"quantization_config.quant_method {method!r} is not supported yet")
+
+
+def quantization_config(quant: WeightQuant) -> dict:
+    """config.json's `quantization_config` for a checkpoint written with `quant` (read by checkpoint_quant)."""
+    return {"quant_method": QUANT_METHOD, "scheme": quant.scheme, "group_size": quant.group_size,
+            "keep_16bit_down": sorted(quant.keep_16bit_down)}
+
+
+def with_weight_mode(config, weight_mode: str | None, raw: dict):
+    """`config` (a ModelConfig) with the weights a `--mode` asks for (quantised at load). A checkpoint that
+    is already quantised keeps its own layout, if it is the scheme asked for; ValueError otherwise."""
+    if weight_mode is None:
+        return config
+    wanted = WeightQuant.from_mode(weight_mode, config.num_layers, raw.get("mixdown"))
+    held = config.weight_quant
+    if held is not None:
+        if (held.scheme, held.keep_16bit_down) != (wanted.scheme, wanted.keep_16bit_down):
+            raise ValueError(f"--mode {weight_mode} asks for {wanted.scheme} weights, but the checkpoint holds "
+                             f"{held.scheme} weights")
+        return config
+    return dataclasses.replace(config, weight_quant=wanted)
+
+
 @struct.dataclass
 class Int8Weight:
     data: jax.Array  # int8 [*in, *out]
     scale: jax.Array  # float32 [*out]
     in_axes: int = struct.field(pytree_node=False, default=1)
     int8_activations: bool = struct.field(pytree_node=False, default=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The 16-bit twin's shape."""
+        return tuple(self.data.shape)
+
+    def field_axes(self, axes):
+        """Logical axes of each field, from the twin's."""
+        return {"data": axes, "scale": axes[self.in_axes:]}
 
 
 @struct.dataclass
@@ -86,12 +132,28 @@ class Int4Weight:
         axis = self.in_axes - 1
         return self.packed.shape[axis] * 8 // self.scale.shape[axis]
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.packed.shape)
+        shape[self.in_axes - 1] *= 8
+        return tuple(shape)
+
+    def field_axes(self, axes):
+        return {"packed": axes, "scale": axes, "zero": axes}
+
 
 @struct.dataclass
 class Fp8Weight:
     data: jax.Array  # float8_e4m3fn [*in, *out]
     scale: jax.Array  # float32 [*out]
     in_axes: int = struct.field(pytree_node=False, default=1)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    def field_axes(self, axes):
+        return {"data": axes, "scale": axes[self.in_axes:]}
 
 
 QUANTISED_TYPES = (Int8Weight, Int4Weight, Fp8Weight)
@@ -188,9 +250,43 @@ def quantize(w, quant: WeightQuant, in_axes: int = 1):
     return quantize_int4(w, in_axes, quant.group_size)
 
 
-def quantised_shapes(shape, in_axes: int, quant: WeightQuant, dtype):
-    """ShapeDtypeStructs of the quantised form of a `shape` weight (what `quantize` returns)."""
-    return jax.eval_shape(lambda: quantize(jnp.zeros(shape, dtype), quant, in_axes))
+def quantize_like(w, like):
+    """Quantise the 16-bit `w` into the type and shapes of `like` (a quantised weight or its abstract form):
+    how loaders fill a param whose type the model declared."""
+    if isinstance(like, Int8Weight):
+        return quantize_int8(w, like.in_axes, like.int8_activations)
+    if isinstance(like, Fp8Weight):
+        return quantize_fp8(w, like.in_axes)
+    if isinstance(like, Int4Weight):
+        return quantize_int4(w, like.in_axes, like.group_size, like.scale.dtype)
+    raise TypeError(f"{type(like).__name__} is not a quantised weight")
+
+
+# Matmul weights stored quantised, by param name → how many leading axes are inputs. Embeddings and the
+# LM head stay 16-bit (as in LightLLM's weight-only modes): a gather, and the logits' precision.
+QUANTISED_WEIGHTS = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "up_proj": 1, "down_proj": 1}
+
+
+def declared_quant(module, name: str) -> tuple[WeightQuant, int] | None:
+    """(scheme, input axes) when the Flax `module`'s weight `name` is declared quantised, else None: its
+    config's `weight_quant` says the scheme, the param's path says which layer it belongs to."""
+    quant = getattr(module.config, "weight_quant", None)
+    if quant is None or name not in QUANTISED_WEIGHTS:
+        return None
+    layer = next((int(p.split("_")[1]) for p in module.path if p.startswith("layers_")), None)
+    return (quant, QUANTISED_WEIGHTS[name]) if quant.quantises(layer, name) else None
+
+
+def quantised_param(module, name, shape, axes, dtype, init, quant: WeightQuant, in_axes: int):
+    """Declare a quantised weight: random init is the 16-bit twin's init quantised; each field carries the
+    logical axes that follow from the twin's `axes` (so it shards like the twin)."""
+    from flax import linen as nn
+
+    def init_quantised(key, shape, dtype):
+        q = quantize(init(key, shape, jnp.float32).astype(dtype), quant, in_axes)
+        return q.replace(**{f: nn.Partitioned(getattr(q, f), names) for f, names in q.field_axes(axes).items()})
+
+    return module.param(name, init_quantised, shape, dtype)
 
 
 def nbytes(params) -> int:
