@@ -61,8 +61,24 @@ def abstract_params(model):
 
 def param_shardings(model, mesh: Mesh, tp: int):
     """NamedSharding for every weight, from its declared logical axes."""
-    specs = nn.get_partition_spec(abstract_params(model))
-    return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(model.config, tp))
+    abstract = abstract_params(model)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, logical_rules(model.config, tp))
+    _check_quantised_split(nn.unbox(abstract), shardings, tp)
+    return shardings
+
+
+def _check_quantised_split(abstract, shardings, tp: int) -> None:
+    """A quantised weight's scales (int4: per group of inputs) must split over --tp like its data."""
+    for path, weight in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=quant.is_quantised)[0]:
+        if not quant.is_quantised(weight):
+            continue
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        sharding = _get(shardings, tuple(getattr(k, "key", k) for k in path))
+        for field, spec in zip(jax.tree.leaves(weight), jax.tree.leaves(sharding)):
+            for size, axis in zip(field.shape, spec.spec):
+                if axis is not None and size % tp:
+                    raise ValueError(f"{name}: a {type(weight).__name__} field of shape {field.shape} cannot be "
+                                     f"split over --tp {tp} (int4 groups of {getattr(weight, 'group_size', '-')})")
 
 
 def random_params(model, mesh: Mesh, tp: int, seed: int = 0):

@@ -1,9 +1,10 @@
 """`dot(x, w)`: the one product of activations and a weight in the models, whatever the weight's type.
 
 x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
-(`jaxllm/models/quant.py`) runs the Pallas kernels of `kernels/pallas/quant_matmul.py` on a single GPU and
-an XLA dot of the dequantised (or, for w8a8 / fp8, integer / fp8) operands elsewhere: on the CPU, and under
-`--tp` > 1, where XLA's partitioner splits the product like its 16-bit twin's.
+(`jaxllm/models/quant.py`) runs the Pallas kernels of `kernels/pallas/quant_matmul.py` on a single GPU for
+decode-sized row counts, and an XLA dot of the dequantised (or, for w8a8 / fp8, integer / fp8) operands
+otherwise: larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits the product like its
+16-bit twin's (the kernels under shard_map are not built yet).
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ def dot(x, w):
     return out.reshape(n, *out_shape)
 
 
+# Up to this many rows the Pallas kernels run on the GPU; above it XLA's dot of dequantised weights (w8a16,
+# w4a16) or of int8 operands (w8a8) measured faster on the H200 (docs/perf.md, "Quantised matmuls").
+KERNEL_MAX_ROWS = 64
+
+
 def _matmul_2d(x, w, k: int, n: int):  # x [m, k] → [m, n]
-    kernels = kernels_enabled()
+    kernels = kernels_enabled() and x.shape[0] <= KERNEL_MAX_ROWS
     if isinstance(w, Int8Weight):
         data, scale = w.data.reshape(k, n), w.scale.reshape(n)
         if w.int8_activations:
