@@ -1,12 +1,15 @@
 """Quantised weights as pytree types, the schemes that make them, and quantise / dequantise.
 
-A quantised weight has its 16-bit twin's layout, input axes first and output axes after (`in_axes` of
-them are inputs), so it is declared with the same logical axes and shards the same way under `--tp`:
-- `Int8Weight`: int8 data [*in, *out], float32 scale per output channel [*out] (absmax / 127, round to
-  nearest); `int8_activations` makes it w8a8 (activations quantised per token at run time).
+A quantised weight is declared with its 16-bit twin's logical axes (the twin has input axes first, `in_axes`
+of them, then output axes), so it shards the same way under `--tp`:
+- `Int8Weight`: int8 data stored output-major [*out, *in] (the integer tensor-core GEMMs want the inputs
+  contiguous in both operands; XLA transposed [in, out] int8 weights every step), float32 scale per output
+  channel [*out] (absmax / 127, round to nearest); `int8_activations` makes it w8a8 (activations quantised
+  per token at run time).
 - `Int4Weight`: unsigned int4 with a zero point in groups along the last input axis (w = (q - zero) * scale),
-  8 consecutive inputs of that axis packed per int32 (input 8r + j in bits 4j of row r).
-- `Fp8Weight`: float8 e4m3 data, float32 scale per output channel (absmax / 448), activations e4m3 per token.
+  8 consecutive inputs of that axis packed per int32 (input 8r + j in bits 4j of row r), input-major.
+- `Fp8Weight`: float8 e4m3 data, output-major like int8, float32 scale per output channel (absmax / 448);
+  activations e4m3 per token.
 `jaxllm/models/qdot.py` multiplies activations by any of these or by a plain array.
 """
 
@@ -103,21 +106,37 @@ def with_weight_mode(config, weight_mode: str | None, raw: dict):
     return dataclasses.replace(config, weight_quant=wanted)
 
 
-@struct.dataclass
-class Int8Weight:
-    data: jax.Array  # int8 [*in, *out]
-    scale: jax.Array  # float32 [*out]
-    in_axes: int = struct.field(pytree_node=False, default=1)
-    int8_activations: bool = struct.field(pytree_node=False, default=False)
+class _OutputMajor:
+    """Data stored [*out, *in] with a scale per output channel [*out] (Int8Weight, Fp8Weight)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The 16-bit twin's shape."""
-        return tuple(self.data.shape)
+        """The 16-bit twin's shape [*in, *out]."""
+        n_out = self.data.ndim - self.in_axes
+        return tuple(self.data.shape[n_out:]) + tuple(self.data.shape[:n_out])
 
     def field_axes(self, axes):
         """Logical axes of each field, from the twin's."""
-        return {"data": axes, "scale": axes[self.in_axes:]}
+        return {"data": tuple(axes[self.in_axes:]) + tuple(axes[: self.in_axes]), "scale": axes[self.in_axes:]}
+
+
+def _output_major(w, in_axes: int):
+    """[*in, *out] → [*out, *in]."""
+    return jnp.transpose(w, tuple(range(in_axes, w.ndim)) + tuple(range(in_axes)))
+
+
+def _input_major(data, in_axes: int):
+    """[*out, *in] → [*in, *out]."""
+    n_out = data.ndim - in_axes
+    return jnp.transpose(data, tuple(range(n_out, data.ndim)) + tuple(range(n_out)))
+
+
+@struct.dataclass
+class Int8Weight(_OutputMajor):
+    data: jax.Array  # int8 [*out, *in]
+    scale: jax.Array  # float32 [*out]
+    in_axes: int = struct.field(pytree_node=False, default=1)
+    int8_activations: bool = struct.field(pytree_node=False, default=False)
 
 
 @struct.dataclass
@@ -143,17 +162,10 @@ class Int4Weight:
 
 
 @struct.dataclass
-class Fp8Weight:
-    data: jax.Array  # float8_e4m3fn [*in, *out]
+class Fp8Weight(_OutputMajor):
+    data: jax.Array  # float8_e4m3fn [*out, *in]
     scale: jax.Array  # float32 [*out]
     in_axes: int = struct.field(pytree_node=False, default=1)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.data.shape)
-
-    def field_axes(self, axes):
-        return {"data": axes, "scale": axes[self.in_axes:]}
 
 
 QUANTISED_TYPES = (Int8Weight, Int4Weight, Fp8Weight)
@@ -183,7 +195,7 @@ def quantize_int8(w, in_axes: int = 1, int8_activations: bool = False) -> Int8We
     scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes)) / 127.0  # [*out]
     safe = jnp.where(scale > 0, scale, 1.0)
     data = jnp.clip(jnp.round(w32 / safe), -127, 127).astype(jnp.int8)
-    return Int8Weight(data, scale, in_axes, int8_activations)
+    return Int8Weight(_output_major(data, in_axes), scale, in_axes, int8_activations)
 
 
 def quantize_fp8(w, in_axes: int = 1) -> Fp8Weight:
@@ -191,7 +203,7 @@ def quantize_fp8(w, in_axes: int = 1) -> Fp8Weight:
     w32 = w.astype(jnp.float32)
     scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes)) / FP8_MAX
     safe = jnp.where(scale > 0, scale, 1.0)
-    return Fp8Weight((w32 / safe).astype(jnp.float8_e4m3fn), scale, in_axes)
+    return Fp8Weight(_output_major((w32 / safe).astype(jnp.float8_e4m3fn), in_axes), scale, in_axes)
 
 
 def quantize_int4(w, in_axes: int = 1, group_size: int = GROUP_SIZE, scale_dtype=None) -> Int4Weight:
@@ -225,10 +237,8 @@ def pack_int4(q, axis: int = 0):
 
 def dequantize(w, dtype=jnp.float32):
     """Any weight → a plain array of its twin's layout in `dtype`."""
-    if isinstance(w, Int8Weight):
-        return (w.data.astype(jnp.float32) * w.scale).astype(dtype)
-    if isinstance(w, Fp8Weight):
-        return (w.data.astype(jnp.float32) * w.scale).astype(dtype)
+    if isinstance(w, (Int8Weight, Fp8Weight)):
+        return (_input_major(w.data, w.in_axes).astype(jnp.float32) * w.scale).astype(dtype)
     if isinstance(w, Int4Weight):
         axis = w.in_axes - 1
         first = lambda a: jnp.moveaxis(a, axis, 0)  # noqa: E731

@@ -184,7 +184,8 @@ def run(args) -> Bench:
     print(f"measured: HBM read {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
     bench = Bench(bandwidth, flops, interpret=False)
     if args.quant:
-        return bench_quant.run(bench, timed, rows=args.quant_rows, launches=args.quant_launches)
+        shapes = [s for s in bench_quant.SHAPES if not args.quant_shapes or s[0].split()[0] in args.quant_shapes]
+        return bench_quant.run(bench, timed, rows=args.quant_rows, shapes=shapes, launches=args.quant_launches)
     llama8b = dict(heads=32, kv_heads=8, head_dim=128)
     for impl in args.impl:
         if impl == "mosaic":
@@ -244,6 +245,8 @@ def main(argv=None) -> None:
                         help="block_n/block_k/warps/stages/target_programs,... (or auto) for our quantised matmuls")
     parser.add_argument("--quant-rows", type=lambda t: [int(x) for x in t.split(",")], default=bench_quant.ROWS,
                         help="row counts of the quantised matmuls")
+    parser.add_argument("--quant-shapes", type=lambda t: t.split(","), default=None,
+                        help="which Llama-3-8B products (qkv,gate_up,down; default all)")
     bench = run(parser.parse_args(argv))
     print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}\n{bench.table()}")
 

@@ -2,11 +2,12 @@
 
 x [m, k] @ w [k, n] for any row count m (rows are padded to the row block); the weights stay quantised in
 memory and are dequantised in registers, block by block:
-- `int8_matmul`: int8 weights, one scale per output column (w8a16).
+- `int8_matmul`: int8 weights [n, k] (output-major), one scale per output (w8a16).
 - `int4_matmul`: unsigned int4 weights packed 8 per int32 along the input (GPTQ's order), scale and zero
   point per group of inputs (w4a16).
-- `int8_int8_matmul`: int8 activations (one scale per row) × int8 weights, int32 accumulation on the
-  integer tensor cores, both scales applied in the epilogue (w8a8).
+- `int8_int8_matmul`: int8 activations (one scale per row) × int8 weights [n, k], int32 accumulation on
+  the integer tensor cores, both scales applied in the epilogue (w8a8). XLA's int8 GEMM measured faster on
+  the H200 (docs/perf.md), so the model uses that; this kernel stays for the side-by-side.
 The definitions are in `reference.py`. A program owns (row block, column block, input split); with more than
 one split (small m, where few column blocks would leave most multiprocessors idle) the float32 partial sums
 are added outside. The Triton lowering (not Mosaic GPU) because it runs in interpret mode on the CPU, which is
@@ -92,16 +93,16 @@ def _store(o_ref, acc, scale_row, splits):
 
 
 def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, steps, splits):
-    # x_ref [bm, k]; w_ref [k, bn] int8; s_ref [bn] f32; o_ref [bm, bn] (or [1, bm, bn] f32 partials)
+    # x_ref [bm, k]; w_ref [bn, k] int8; s_ref [bn] f32; o_ref [bm, bn] (or [1, bm, bn] f32 partials)
     first = pl.program_id(2) * steps
 
     def body(step, acc):
         cols = pl.ds((first + step) * block_k, block_k)
         x = x_ref[:, cols]
-        w = w_ref[cols, :].astype(x.dtype)  # int8 → 16-bit is exact
-        return acc + pltriton.dot(x, w, allow_tf32=False if x.dtype == jnp.float32 else None)
+        w = w_ref[:, cols].astype(x.dtype)  # int8 → 16-bit is exact
+        return acc + pltriton.dot(x, w, trans_b=True, allow_tf32=False if x.dtype == jnp.float32 else None)
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[0]), jnp.float32))
     _store(o_ref, acc, s_ref[...][None, :], splits)
 
 
@@ -138,14 +139,14 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_
 
 
 def _int8_int8_kernel(x_ref, xs_ref, w_ref, s_ref, o_ref, *, block_k, steps, splits):
-    # x_ref [bm, k] int8; xs_ref [bm] f32; w_ref [k, bn] int8; s_ref [bn] f32
+    # x_ref [bm, k] int8; xs_ref [bm] f32; w_ref [bn, k] int8; s_ref [bn] f32
     first = pl.program_id(2) * steps
 
     def body(step, acc):
         cols = pl.ds((first + step) * block_k, block_k)
-        return acc + pltriton.dot(x_ref[:, cols], w_ref[cols, :])  # int32 accumulation
+        return acc + pltriton.dot(x_ref[:, cols], w_ref[:, cols], trans_b=True)  # int32 accumulation
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.int32))
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[0]), jnp.int32))
     scales = xs_ref[...][:, None] * s_ref[...][None, :]
     _store(o_ref, acc.astype(jnp.float32), scales, splits)
 
@@ -185,6 +186,10 @@ def _col_spec(rows, block_n):
     return pl.BlockSpec((rows, block_n), lambda i, j, s: (0, j))
 
 
+def _nk_spec(block_n, k):
+    return pl.BlockSpec((block_n, k), lambda i, j, s: (j, 0))
+
+
 def _vec_spec(block_n):
     return pl.BlockSpec((block_n,), lambda i, j, s: (j,))
 
@@ -195,14 +200,14 @@ def pick_launch(m: int) -> Launch:
 
 @functools.partial(jax.jit, static_argnames=("launch", "interpret"))
 def int8_matmul(x, w, scale, *, launch: Launch | None = None, interpret: bool = False):
-    """x [m, k] (16-bit or float32) @ (int8 w [k, n] * float32 scale [n]) → [m, n] in x's dtype."""
-    (m, k), n = x.shape, w.shape[1]
+    """x [m, k] (16-bit or float32) @ (int8 w [n, k] * float32 scale [n])ᵀ → [m, n] in x's dtype."""
+    (m, k), n = x.shape, w.shape[0]
     launch = launch or pick_launch(m)
     block_m, block_n, block_k, splits = _plan(m, k, n, launch, launch.block_k)
     steps = k // block_k // splits
     m_pad = -(-m // block_m) * block_m
     kernel = functools.partial(_int8_kernel, block_k=block_k, steps=steps, splits=splits)
-    specs = [_row_spec(block_m, k), _col_spec(k, block_n), _vec_spec(block_n)]
+    specs = [_row_spec(block_m, k), _nk_spec(block_n, k), _vec_spec(block_n)]
     out, _ = _call(kernel, (_pad_rows(x, m_pad), w, scale.astype(jnp.float32)), specs, m, n, block_m, block_n,
                    splits, x.dtype, launch, interpret, "int8_matmul")
     if splits > 1:
@@ -238,14 +243,14 @@ def int4_matmul(x, packed, scale, zero, *, launch: Launch | None = None, interpr
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "launch", "interpret"))
 def int8_int8_matmul(x_q, x_scale, w, w_scale, *, out_dtype, launch: Launch | None = None, interpret=False):
-    """int8 x [m, k] with scale [m] @ int8 w [k, n] with scale [n] → [m, n] in `out_dtype`."""
-    (m, k), n = x_q.shape, w.shape[1]
+    """int8 x [m, k] with scale [m] @ int8 w [n, k]ᵀ with scale [n] → [m, n] in `out_dtype`."""
+    (m, k), n = x_q.shape, w.shape[0]
     launch = launch or pick_launch(m)
     block_m, block_n, block_k, splits = _plan(m, k, n, launch, max(32, launch.block_k), k_floor=32)
     steps = k // block_k // splits
     m_pad = -(-m // block_m) * block_m
     kernel = functools.partial(_int8_int8_kernel, block_k=block_k, steps=steps, splits=splits)
-    specs = [_row_spec(block_m, k), pl.BlockSpec((block_m,), lambda i, j, s: (i,)), _col_spec(k, block_n),
+    specs = [_row_spec(block_m, k), pl.BlockSpec((block_m,), lambda i, j, s: (i,)), _nk_spec(block_n, k),
              _vec_spec(block_n)]
     inputs = (_pad_rows(x_q, m_pad), _pad_rows(x_scale.astype(jnp.float32), m_pad), w, w_scale.astype(jnp.float32))
     out, _ = _call(kernel, inputs, specs, m, n, block_m, block_n, splits, out_dtype, launch, interpret,

@@ -119,9 +119,10 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, slot_table, len
 
 
 # --- quantised matmuls -----------------------------------------------------------------------------
-# Weights are [k, n] (input × output). int8: one float32 scale per output column. int4: unsigned 0..15
-# values, 8 consecutive inputs per int32 (input 8r + j in bits 4j..4j+3 of row r, GPTQ's order), with a
-# scale and a zero point per group of `group` inputs: w = (q - zero) * scale.
+# int8 weights are [n, k] (output-major: the inputs contiguous, as the integer tensor cores want both operands),
+# one float32 scale per output. int4 weights are [k / 8, n]: unsigned 0..15 values, 8 consecutive inputs per
+# int32 (input 8r + j in bits 4j..4j+3 of row r, GPTQ's order), with a scale and a zero point per group of
+# `group` inputs: w = (q - zero) * scale.
 
 
 def quantize_rows_int8(x):
@@ -148,9 +149,15 @@ def dequantize_int4(packed, scale, zero):
     return (q - expand(zero)) * expand(scale)
 
 
+def dot_nk(x, w, out_dtype):
+    """x [m, k] @ w[n, k]ᵀ → [m, n], accumulated in `out_dtype`."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
 def int8_matmul(x, w, scale):
-    """w8a16: x [m, k] @ (int8 w [k, n] * scale [n]) → [m, n] in x's dtype (float32 accumulation)."""
-    out = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+    """w8a16: x [m, k] @ (int8 w [n, k] * scale [n])ᵀ → [m, n] in x's dtype (float32 accumulation)."""
+    with jax.default_matmul_precision("highest"):
+        out = dot_nk(x.astype(jnp.float32), w.astype(jnp.float32), jnp.float32)
     return (out * scale[None, :]).astype(x.dtype)
 
 
@@ -161,6 +168,6 @@ def int4_matmul(x, packed, scale, zero):
 
 
 def int8_int8_matmul(x_q, x_scale, w, w_scale, out_dtype):
-    """w8a8: int8 x [m, k] (scale [m]) @ int8 w [k, n] (scale [n]), int32 accumulation → [m, n]."""
-    acc = jnp.dot(x_q, w, preferred_element_type=jnp.int32)
+    """w8a8: int8 x [m, k] (scale [m]) @ int8 w [n, k]ᵀ (scale [n]), int32 accumulation → [m, n]."""
+    acc = dot_nk(x_q, w, jnp.int32)
     return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(out_dtype)

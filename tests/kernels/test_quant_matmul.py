@@ -44,6 +44,8 @@ def test_int8_matmul(rng, m, k, n, dtype, launch):
     ref = reference.int8_matmul(x, q.data, q.scale)
     assert out.shape == (m, n) and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
+    with jax.default_matmul_precision("highest"):  # the reference is the product with the dequantised weights
+        assert rel_err(ref, x.astype(jnp.float32) @ quant.dequantize(q)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("m,k,n,group,dtype,launch", [

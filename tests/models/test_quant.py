@@ -28,6 +28,13 @@ RAW = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size
 TOKENS = np.random.default_rng(5).integers(0, 256, size=23)
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """On a GPU, XLA's float32 dots default to TF32; the comparisons here want float32 (as on the CPU)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("quant_llama")
@@ -104,8 +111,10 @@ def test_tp2_matches_tp1(checkpoint, scheme):
     qconfig, params1 = load(path, config, scheme, tp=1)
     _, params2 = load(path, config, scheme, tp=2)
     down = params2["layers_0"]["mlp"]["down_proj"]  # row-parallel: its input axis (and int4 groups) split
-    field = down.packed if scheme == "w4a16" else down.data
-    assert field.sharding.spec[0] == "tp"
+    if scheme == "w4a16":
+        assert down.packed.sharding.spec[0] == "tp" and down.scale.sharding.spec[0] == "tp"
+    else:  # int8 data is stored [out, in]
+        assert tuple(down.data.sharding.spec) == (None, "tp")
     np.testing.assert_allclose(logits_of(qconfig, params2), logits_of(qconfig, params1), atol=1e-4, rtol=0)
 
 
@@ -142,7 +151,7 @@ def test_dot_of_each_type_matches_its_reference():
         np.testing.assert_allclose(jax.jit(qdot.dot)(x, q), einsum(x, quant.dequantize(q)), atol=1e-5)
     q8 = quant.quantize_int8(w, 2, int8_activations=True)
     x_q, x_scale = reference.quantize_rows_int8(x.reshape(5, -1))
-    expected = reference.int8_int8_matmul(x_q, x_scale, q8.data.reshape(128, 48), q8.scale, jnp.float32)
+    expected = reference.int8_int8_matmul(x_q, x_scale, q8.data.reshape(48, 128), q8.scale, jnp.float32)
     np.testing.assert_allclose(jax.jit(qdot.dot)(x, q8), expected, atol=1e-6)
     f8 = quant.quantize_fp8(w, 2)  # e4m3 activations: three mantissa bits
     x_f8, x_f8_scale = qdot.quantize_rows_fp8(x.reshape(5, -1))
