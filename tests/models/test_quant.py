@@ -158,3 +158,26 @@ def test_dot_of_each_type_matches_its_reference():
     fake = (x_f8.astype(jnp.float32) * x_f8_scale[:, None]).reshape(x.shape)
     np.testing.assert_allclose(jax.jit(qdot.dot)(x, f8), einsum(fake, quant.dequantize(f8)), atol=1e-5)
     assert np.abs(np.asarray(jax.jit(qdot.dot)(x, f8)) - plain).max() < 0.1 * np.abs(plain).max()
+
+
+def test_engine_serves_a_weight_mode(checkpoint):
+    """The offline engine with `--mode triton_w4a16` (quantised at load, real scheduler and runner): its greedy
+    tokens are the argmax of the quantised model's own logits, recomputed over the whole sequence."""
+    from jaxllm import LLM, SamplingParams
+
+    path, config = checkpoint
+    qconfig, params = load(path, config, "w4a16")
+    prompts = [[int(t) for t in TOKENS[:9]], [int(t) for t in TOKENS[5:12]]]
+    flags = dict(mode=["triton_w4a16"], data_type="float32", max_total_token_num=512, max_req_input_len=64,
+                 max_req_total_len=96, batch_max_tokens=256, warmup=0, disable_log_stats=True, eos_id=[-1])
+    with LLM(str(path), **flags) as llm:
+        assert llm.engine.config.weight_quant == quant.WeightQuant("w4a16")
+        outputs = llm.generate(prompts, SamplingParams(max_new_tokens=6))
+    model, step = _step(qconfig)
+    for prompt, out in zip(prompts, outputs):
+        ids = list(prompt)
+        for _ in range(6):
+            meta = full_prefill_meta(len(ids), 32)
+            logits, _ = step(params, jnp.asarray(ids, jnp.int32), meta, init_kv_cache(model, 32))
+            ids.append(int(np.asarray(logits)[-1].argmax()))
+        assert out.token_ids == ids[len(prompt):]
