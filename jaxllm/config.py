@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jaxllm.models.quant import WeightQuant
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 # Each norm layout's per-block norms, by param name (Hugging Face's names in Llama-style checkpoints).
@@ -95,6 +98,8 @@ class ModelConfig:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     final_softcap: float | None = None
+    # How the matmul weights are stored (jaxllm/models/quant.py); None: in the model's 16-bit dtype.
+    weight_quant: "WeightQuant | None" = None
 
     @property
     def group_size(self) -> int:
@@ -125,9 +130,10 @@ class ModelConfig:
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         """The family of `raw["model_type"]` normalises its config; ValueError lists the supported types."""
         # Imported here: the family modules import this one.
+        from jaxllm.models.quant import checkpoint_quant
         from jaxllm.models.registry import config_from_hf
 
-        return config_from_hf(raw)
+        return dataclasses.replace(config_from_hf(raw), weight_quant=checkpoint_quant(raw))
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, trust_remote_code: bool = False) -> "ModelConfig":
