@@ -18,8 +18,6 @@ LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
 UNSUPPORTED_FLAGS = (
     "nccl_port",
     "trust_remote_code",
-    "beam_mode",
-    "diverse_mode",
     "token_healing_mode",
     "enable_multimodal",
     "cache_capacity",

@@ -37,6 +37,10 @@ class SequenceGroup:
         """The member that computes (and holds, for the accounting) the shared prompt: the first unfinished."""
         return next((m for m in self.members if not m.finished), self.members[0])
 
+    def holds_a_sequence(self, member: Request) -> bool:
+        """False for the members a beam search left without a beam (fewer live beams than members)."""
+        return self.beam is None or self.members.index(member) < self.beam.live
+
     def shared_prefix(self, req: Request) -> int:
         """Positions of `req` held by the leader for the whole group (the prompt), counted once: the leader's."""
         return 0 if req is self.leader else self.prompt_len

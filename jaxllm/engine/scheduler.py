@@ -214,6 +214,8 @@ class Scheduler:
         for member in group.members:
             if member.status is not RequestStatus.RUNNING or not member.awaits_fork:
                 continue
+            if not group.holds_a_sequence(member):
+                continue
             self.kv.fork(leader, member, group.prompt_len)
             self._fills.append(TableFill(member, 0, group.prompt_len))
             if member.num_output == 0:
