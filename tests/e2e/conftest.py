@@ -3,19 +3,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from e2e_server import Server
-
-
-def _serve(model_dir: Path, flags: list[str], tmp_path_factory, name: str):
-    server = Server(model_dir, flags, tmp_path_factory.mktemp(name) / "server.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+from e2e_server import serve as _serve
 
 
 @pytest.fixture(scope="session")

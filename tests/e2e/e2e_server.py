@@ -106,6 +106,16 @@ class Server:
         return status, events
 
 
+def serve(model_dir: Path, flags: list[str], tmp_path_factory, name: str):
+    """A fixture body: the server with `flags`, ready, stopped after its scope."""
+    server = Server(model_dir, flags, tmp_path_factory.mktemp(name) / "server.log")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 def chat_text(tokenizer, user: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
