@@ -13,11 +13,11 @@ from typing import Any, Sequence
 
 DATA_TYPE_CHOICES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
 LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
+TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.server.tool_parsers
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
     "nccl_port",
-    "trust_remote_code",
     "token_healing_mode",
     "enable_multimodal",
     "cache_capacity",
@@ -32,7 +32,8 @@ def _truncation_mode(value: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `python -m jaxllm.serve`: LightLLM's api_server flags plus `--load_format`."""
+    """The argparse parser of `python -m jaxllm.serve`: LightLLM's api_server flags plus `--load_format` and
+    `--api_key`."""
     p = argparse.ArgumentParser(
         prog="python -m jaxllm.serve",
         description="Serve a Llama-family model over LightLLM's HTTP API (JAX, Pallas GPU kernels).",
@@ -63,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel modes: triton_int8kv | ppl_int8kv (int8 KV cache, about twice the tokens), "
              "ppl_fp16 (fp16 decode attention), triton_flashdecoding (split-K decode for long contexts), "
              "triton_gqa_attention | triton_gqa_flashdecoding (grouped-query kernels), and the weight "
-             "quantisation modes triton_w4a16 | triton_w8a16 | triton_w8a8 | lmdeploy_w4a16 | ppl_w4a16 | "
-             "ppl_w8a8 | ppl_w8a8_mixdown")
+             "quantisation modes, weights quantised at load from 16-bit ones: triton_w8a16 (int8 per output "
+             "channel), triton_w4a16 | lmdeploy_w4a16 | ppl_w4a16 (int4 with zero points, groups of 128), "
+             "triton_w8a8 | ppl_w8a8 (int8 weights and per-token int8 activations), ppl_w8a8_mixdown (w8a8, "
+             "the MLP down-projection 16-bit in config.json's `mixdown` layers, all when absent); and "
+             "fp8_w8a8 (jaxllm's, not a LightLLM mode: float8 e4m3 weights and activations, per-channel and "
+             "per-token scales)")
     add("--trust_remote_code", action="store_true",
-        help="allow model code shipped with the checkpoint (custom architectures)")
+        help="load model directories that ship their own code (config auto_map: InternLM2, Baichuan, Qwen-1, ...); "
+             "the config is read by jaxllm's family module, the tokenizer's code runs in transformers")
     add("--disable_log_stats", action="store_true", help="do not log throughput statistics")
     add("--log_stats_interval", type=int, default=10, help="seconds between statistics log lines")
     add("--router_token_ratio", type=float, default=0.0,
@@ -110,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--load_format", type=str, choices=LOAD_FORMATS, default="auto",
         help="jaxllm: weights from HF safetensors (hf), an orbax checkpoint (orbax), whichever the model "
              "directory holds (auto), or random weights on the device for a config-only directory (dummy)")
+    add("--api_key", action="append", default=[], metavar="KEY",
+        help="jaxllm, not LightLLM (vLLM's name): every route but /health, /healthz, /liveness, /readiness "
+             "and /metrics then demands the header `Authorization: Bearer KEY` (401 otherwise); repeat the "
+             "flag to accept several keys. Keys are never logged")
+    add("--tool_call_parser", type=str, choices=TOOL_CALL_PARSERS, default="auto",
+        help="jaxllm (not LightLLM's): the tool-call format the model writes, parsed into OpenAI tool_calls: "
+             "hermes (<tool_call> tags: Hermes, Qwen 2.5+), llama3_json (Llama 3.1+ JSON calls), mistral "
+             "([TOOL_CALLS]), or auto (guessed from the chat template; hermes when it names none)")
     return p
 
 
@@ -156,6 +170,8 @@ class ServerArgs:
     push_interval: int
     enable_monitor_auth: bool
     load_format: str
+    api_key: list[str] = dataclasses.field(repr=False)  # secrets: kept out of reprs and logs
+    tool_call_parser: str = "auto"
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
@@ -216,6 +232,9 @@ def _check_consistency(v: dict[str, Any]) -> None:
     for key in v["grouping_key"]:
         if "=" not in key:
             raise ValueError(f"--grouping_key {key!r} must have the form key=value")
+    for i, key in enumerate(v["api_key"]):
+        if not key or not all("!" <= c <= "~" for c in key):  # what an HTTP header can carry after "Bearer "
+            raise ValueError(f"--api_key number {i + 1} must be printable ASCII without spaces (not shown)")
 
 
 def _resolve_batch_max_tokens(v: dict[str, Any]) -> int:

@@ -1,24 +1,59 @@
-"""Hugging Face `config.json` → `ModelConfig`: the normalised fields the Llama family needs."""
+"""Hugging Face `config.json` → `ModelConfig`: the normalised architecture every family module is built from.
+
+The fields most configs share are read here; each family (`jaxllm/models/<family>.py`) turns its own
+config keys into the remaining fields (norm kind, activation, biases, soft-capping, per-layer windows…).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# model_type values served by jaxllm/models/llama.py; qwen2 adds q/k/v biases.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+if TYPE_CHECKING:
+    from jaxllm.models.quant import WeightQuant
+
+ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# Each norm layout's per-block norms, by param name (Hugging Face's names in Llama-style checkpoints).
+LAYOUT_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "parallel": ("input_layernorm",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.1 style frequency rescaling ("rope_type": "llama3")."""
+    """Rotary frequency rescaling, by `kind` ("linear", "dynamic", "llama3", "yarn", "longrope"), with the
+    parameters of Hugging Face's `rope_parameters` / `rope_scaling` that the kind reads."""
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    kind: str = "llama3"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 0  # llama3, yarn, longrope, dynamic (the trained length)
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn, longrope: cos/sin multiplier (derived from factor if None)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] = ()  # longrope
+    long_factor: tuple[float, ...] = ()  # longrope
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of one layer: base `theta`, the first `rotary_dim` dims of each head rotated,
+    halves (Llama) or interleaved pairs (GPT-J, Cohere), optional rescaling."""
+
+    theta: float = 10000.0
+    rotary_dim: int = 0  # 0: the whole head
+    interleaved: bool = False
+    scaling: RopeScaling | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,89 +66,192 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
+    norm_eps: float
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool
-    rope_scaling: RopeScaling | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # --- positions: "rope" (with `rope`, or `layer_ropes` per layer), "alibi", or "learned" (absolute table)
+    position: str = "rope"
+    rope: Rope = Rope()
+    layer_ropes: tuple[Rope, ...] = ()  # per-layer rotary (Gemma-3: local and global layers differ); () = `rope`
+    # --- norms
+    norm: str = "rms"  # "rms" | "layer"
+    norm_bias: bool = False  # LayerNorm with a bias
+    norm_plus_one: bool = False  # Gemma: the weight is stored as w - 1
+    norm_layout: str = "pre"  # "pre" | "sandwich" (also after attn/MLP) | "post" (only after) | "parallel"
+    embed_norm: bool = False  # a norm right after the embedding (Bloom)
+    qk_norm: str | None = None  # "head" (a norm per head, shared weights) | "all" (over all heads) | None
+    qk_norm_per_head_weights: bool = False  # "head" norms with weights [heads, head_dim] (Cohere, StableLM)
+    # --- attention
+    qkv_bias: bool = False
+    o_bias: bool = False
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    layer_windows: tuple[int | None, ...] = ()  # per-layer sliding window (keys within `window` positions); () = none
+    # --- MLP
+    mlp_gated: bool = True
+    mlp_bias: bool = False
+    activation: str = "silu"  # "silu" | "gelu_tanh" | "gelu"
+    # --- scalars of the residual stream and the head
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logit_scale: float = 1.0
+    final_softcap: float | None = None
+    # How the matmul weights are stored (jaxllm/models/quant.py); None: in the model's 16-bit dtype.
+    weight_quant: "WeightQuant | None" = None
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head (1 for MHA)."""
         return self.num_heads // self.num_kv_heads
 
+    def layer_rope(self, layer: int) -> Rope:
+        return self.layer_ropes[layer] if self.layer_ropes else self.rope
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
+
     @property
     def num_params(self) -> int:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
-        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
-        layer = attn + 3 * d * f + 2 * d
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        mlp = (3 if self.mlp_gated else 2) * d * f + ((2 * f if self.mlp_gated else f) + d if self.mlp_bias else 0)
+        norm = d * (2 if self.norm_bias else 1)
+        qk_norms = {None: 0, "all": q + kv, "head": (q + kv) if self.qk_norm_per_head_weights else 2 * self.head_dim}
+        layer = attn + mlp + len(LAYOUT_NORMS[self.norm_layout]) * norm + qk_norms[self.qk_norm]
         head = 0 if self.tie_word_embeddings else v * d
-        return v * d + self.num_layers * layer + d + head
+        positions = self.max_position_embeddings * d if self.position == "learned" else 0
+        return v * d + positions + (norm if self.embed_norm else 0) + self.num_layers * layer + norm + head
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        model_type = raw.get("model_type", "llama")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {model_type!r} is not supported; jaxllm serves {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        num_heads = raw["num_attention_heads"]
-        hidden = raw["hidden_size"]
-        eos = raw.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        return cls(
-            model_type=model_type,
-            vocab_size=raw["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or hidden // num_heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(raw),
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
-            qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
-            rope_scaling=_rope_scaling(raw),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
+        """The family of `raw["model_type"]` normalises its config; ValueError lists the supported types."""
+        # Imported here: the family modules import this one.
+        from jaxllm.models.quant import checkpoint_quant
+        from jaxllm.models.registry import config_from_hf
+
+        return dataclasses.replace(config_from_hf(raw), weight_quant=checkpoint_quant(raw))
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json in {model_dir}")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+    def from_model_dir(cls, model_dir: str | Path, trust_remote_code: bool = False) -> "ModelConfig":
+        """The config of `model_dir`. A config that names its own Python code (`auto_map`) is refused unless
+        `trust_remote_code` (LightLLM's flag) allows it; even then no code of the checkpoint runs here: the
+        family module reads the config's fields."""
+        raw = read_hf_config(model_dir)
+        if "auto_map" in raw and not trust_remote_code:
+            raise ValueError(
+                f"{model_dir} ships its own model code (config.json has 'auto_map'); "
+                "pass --trust_remote_code to load it"
+            )
+        return cls.from_hf_dict(raw)
 
 
-def _rope_params(raw: dict[str, Any]) -> dict[str, Any]:
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    return json.loads(path.read_text())
+
+
+def common_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` fields read the same way in most families (Llama's key names)."""
+    num_heads = raw["num_attention_heads"]
+    hidden = raw["hidden_size"]
+    head_dim = raw.get("head_dim") or hidden // num_heads
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    return dict(
+        model_type=raw.get("model_type", "llama"),
+        vocab_size=raw["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        norm_eps=raw.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        rope=rope_from_hf(raw, head_dim),
+        qkv_bias=bool(raw.get("attention_bias", False)),
+        o_bias=bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        activation=activation_from_hf(raw.get("hidden_act") or raw.get("hidden_activation") or "silu"),
+        layer_windows=layer_windows_from_hf(raw, raw["num_hidden_layers"]),
+    )
+
+
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                   "gelu": "gelu"}
+
+
+def activation_from_hf(name: str) -> str:
+    """A Hugging Face activation name → ours ("silu", "gelu_tanh", "gelu")."""
+    if name not in _HF_ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported ({', '.join(_HF_ACTIVATIONS)})")
+    return _HF_ACTIVATIONS[name]
+
+
+def layer_windows_from_hf(raw: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding windows: from `layer_types` where the config lists them (Gemma-2/3, Qwen), else
+    `sliding_window` on every layer (Mistral, Phi-3, StarCoder-2); () when no layer has one."""
+    window = raw.get("sliding_window")
+    if not window:
+        return ()
+    types = raw.get("layer_types")
+    if types is None:
+        return (int(window),) * num_layers
+    windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return windows if any(windows) else ()
+
+
+def rope_params(raw: dict[str, Any]) -> dict[str, Any]:
     # transformers 5 folds rope_theta and rope_scaling into "rope_parameters".
     return raw.get("rope_scaling") or raw.get("rope_parameters") or {}
 
 
-def _rope_theta(raw: dict[str, Any]) -> float:
-    if "rope_theta" in raw:
-        return float(raw["rope_theta"])
-    return float(_rope_params(raw).get("rope_theta", 10000.0))
+def rope_from_hf(raw: dict[str, Any], head_dim: int, params: dict[str, Any] | None = None,
+                 interleaved: bool = False) -> Rope:
+    """The `Rope` of a config (or of one of its per-layer-type `params` dicts)."""
+    params = rope_params(raw) if params is None else params
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    return Rope(
+        theta=float(theta), rotary_dim=int(head_dim * partial), interleaved=interleaved,
+        scaling=rope_scaling_from_hf(raw, params),
+    )
 
 
-def _rope_scaling(raw: dict[str, Any]) -> RopeScaling | None:
-    params = _rope_params(raw)
+def rope_scaling_from_hf(raw: dict[str, Any], params: dict[str, Any]) -> RopeScaling | None:
     kind = params.get("rope_type", params.get("type"))
     if kind in (None, "default"):
         return None
-    if kind != "llama3":
-        raise ValueError(f"rope scaling {kind!r} is not supported (only 'llama3')")
+    if kind not in ROPE_KINDS:
+        raise ValueError(f"rope scaling {kind!r} is not supported (supported: {', '.join(ROPE_KINDS[1:])})")
+    original = raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    if kind == "dynamic":
+        original = raw.get("max_position_embeddings", 4096)
+    original = int(original or raw.get("max_position_embeddings", 4096))
+    factor = params.get("factor")
+    if factor is None:
+        factor = raw.get("max_position_embeddings", original) / original
     return RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        kind=kind,
+        factor=float(factor),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
+        short_factor=tuple(params.get("short_factor") or ()),
+        long_factor=tuple(params.get("long_factor") or ()),
     )

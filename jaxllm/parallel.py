@@ -38,6 +38,7 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         ("qkv", None),
         ("stack", None),
         ("norm", None),
+        ("positions", None),
     )
 
 

@@ -6,11 +6,11 @@ Every loader returns the same pytree of plain arrays, each placed with the shard
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import flax.linen as nn
 import jax
@@ -21,8 +21,9 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import init_kv_cache
+from jaxllm.models import init_kv_cache, quant
 from jaxllm.models.attention import AttentionMetadata
+from jaxllm.models.registry import family_of
 from jaxllm.parallel import logical_rules
 from jaxllm.torch_pickle import load_torch_file
 
@@ -60,8 +61,24 @@ def abstract_params(model):
 
 def param_shardings(model, mesh: Mesh, tp: int):
     """NamedSharding for every weight, from its declared logical axes."""
-    specs = nn.get_partition_spec(abstract_params(model))
-    return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(model.config, tp))
+    abstract = abstract_params(model)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, logical_rules(model.config, tp))
+    _check_quantised_split(nn.unbox(abstract), shardings, tp)
+    return shardings
+
+
+def _check_quantised_split(abstract, shardings, tp: int) -> None:
+    """A quantised weight's scales (int4: per group of inputs) must split over --tp like its data."""
+    for path, weight in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=quant.is_quantised)[0]:
+        if not quant.is_quantised(weight):
+            continue
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        sharding = _get(shardings, tuple(getattr(k, "key", k) for k in path))
+        for field, spec in zip(jax.tree.leaves(weight), jax.tree.leaves(sharding)):
+            for size, axis in zip(field.shape, spec.spec):
+                if axis is not None and size % tp:
+                    raise ValueError(f"{name}: a {type(weight).__name__} field of shape {field.shape} cannot be "
+                                     f"split over --tp {tp} (int4 groups of {getattr(weight, 'group_size', '-')})")
 
 
 def random_params(model, mesh: Mesh, tp: int, seed: int = 0):
@@ -73,58 +90,7 @@ def random_params(model, mesh: Mesh, tp: int, seed: int = 0):
     return init(jax.random.PRNGKey(seed))
 
 
-# --- Hugging Face layout -------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """Where one HF tensor goes: our param `path`, `transform` to our layout, and for a fused param the
-    index of its part (`part`) among `parts` parts."""
-
-    path: tuple[str, ...]
-    transform: Callable[[np.ndarray], np.ndarray]
-    part: Any = None
-    parts: int = 1
-
-
-def _hf_to_ours(config: ModelConfig) -> dict[str, _Target]:
-    """HF tensor name → its target. q/k/v fill one `qkv_proj` [D, kv, group + 2, d] (heads grouped per KV
-    head) and gate/up one `gate_up_proj` [D, 2, F]."""
-    h, kv, g, d = config.num_heads, config.num_kv_heads, config.group_size, config.head_dim
-    q_in = lambda w: w.T.reshape(w.shape[1], kv, g, d)  # noqa: E731  [h*d, D] → [D, kv, g, d]
-    kv_in = lambda w: w.T.reshape(w.shape[1], kv, d)  # noqa: E731  [kv*d, D] → [D, kv, d]
-    same = lambda w: w  # noqa: E731
-    qkv = lambda part: (slice(None), slice(None), part)  # noqa: E731  index into [D, kv, g + 2, d]
-    qkv_bias = lambda part: (slice(None), part)  # noqa: E731  index into [kv, g + 2, d]
-    table = {
-        "model.embed_tokens.weight": _Target(("embed_tokens",), same),
-        "model.norm.weight": _Target(("norm", "weight"), same),
-    }
-    if not config.tie_word_embeddings:
-        table["lm_head.weight"] = _Target(("lm_head",), lambda w: w.T)
-    for i in range(config.num_layers):
-        hf, attn, mlp = f"model.layers.{i}.", (f"layers_{i}", "self_attn"), (f"layers_{i}", "mlp")
-        table.update({
-            hf + "self_attn.q_proj.weight": _Target(attn + ("qkv_proj",), q_in, qkv(slice(0, g)), 3),
-            hf + "self_attn.k_proj.weight": _Target(attn + ("qkv_proj",), kv_in, qkv(g), 3),
-            hf + "self_attn.v_proj.weight": _Target(attn + ("qkv_proj",), kv_in, qkv(g + 1), 3),
-            hf + "self_attn.o_proj.weight": _Target(attn + ("o_proj",), lambda w: w.T.reshape(h, d, w.shape[0])),
-            hf + "mlp.gate_proj.weight": _Target(mlp + ("gate_up_proj",), lambda w: w.T, (slice(None), 0), 2),
-            hf + "mlp.up_proj.weight": _Target(mlp + ("gate_up_proj",), lambda w: w.T, (slice(None), 1), 2),
-            hf + "mlp.down_proj.weight": _Target(mlp + ("down_proj",), lambda w: w.T),
-            hf + "input_layernorm.weight": _Target((f"layers_{i}", "input_layernorm", "weight"), same),
-            hf + "post_attention_layernorm.weight": _Target(
-                (f"layers_{i}", "post_attention_layernorm", "weight"), same),
-        })
-        if config.qkv_bias:
-            table.update({
-                hf + "self_attn.q_proj.bias": _Target(
-                    attn + ("qkv_bias",), lambda b: b.reshape(kv, g, d), qkv_bias(slice(0, g)), 3),
-                hf + "self_attn.k_proj.bias": _Target(attn + ("qkv_bias",), lambda b: b.reshape(kv, d), qkv_bias(g), 3),
-                hf + "self_attn.v_proj.bias": _Target(
-                    attn + ("qkv_bias",), lambda b: b.reshape(kv, d), qkv_bias(g + 1), 3),
-            })
-    return table
-
+# --- Hugging Face layout (each family says where its tensors go: jaxllm/models/<family>.py) ----------
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Memory-mapped arrays of one .safetensors file (bf16 included, which numpy alone cannot read)."""
@@ -206,21 +172,24 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
     model's dtype, each device receiving only its shard."""
     model_dir = Path(model_dir)
     config = model.config
+    family = family_of(config.model_type)
     if load_way == "DS":
-        if config.model_type != "llama":
-            raise ValueError("--load_way DS supports Llama models only")
+        if not family.deepspeed:
+            raise ValueError(f"--load_way DS supports the Llama layout only, not {config.model_type}")
         tensors = _ds_tensors(model_dir, config.num_layers)
     else:
         tensors = _hf_tensors(model_dir)
     shardings = param_shardings(model, mesh, tp)
     shapes = nn.unbox(abstract_params(model))
-    table = _hf_to_ours(config)
+    table = family.weights(config)
     params: dict = {}
     seen = set()
     pending: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # fused params: host buffer, parts still missing
     for name, array in tensors:
+        if name not in table and family.base_prefix + name in table:
+            name = family.base_prefix + name
         if name not in table:
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and config.tie_word_embeddings):
+            if family.ignored(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
             raise ValueError(f"{model_dir}: unexpected tensor {name} for {config.model_type}")
         target = table[name]
@@ -235,7 +204,11 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
                 continue
             pending.pop(target.path, None)
             host = buffer
-        _set(params, target.path, _place(host, model.dtype, _get(shardings, target.path)))
+        like, sharding = _get(shapes, target.path), _get(shardings, target.path)
+        if quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
+            _set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
+        else:
+            _set(params, target.path, _place(host, model.dtype, sharding))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
@@ -247,6 +220,18 @@ def _place(host: np.ndarray, dtype, sharding: NamedSharding):
     return jax.make_array_from_callback(
         host.shape, sharding, lambda index: np.asarray(host[index]).astype(dtype)
     )
+
+
+def _place_quantised(host: np.ndarray, like, shardings, dtype):
+    """Quantise on the devices: the 16-bit twin placed like the quantised fields, then quantised in place."""
+    twin = _place(host, dtype, jax.tree.leaves(shardings)[0])
+    return _quantiser(like, shardings)(twin)  # `like`: ShapeDtypeStructs, hashable
+
+
+@functools.lru_cache(maxsize=None)
+def _quantiser(like, shardings):
+    # One jitted quantiser per weight layout and sharding: the layers of a model share them.
+    return jax.jit(lambda w: quant.quantize_like(w, like), out_shardings=shardings)
 
 
 def _get(tree, path):
@@ -282,9 +267,7 @@ def load_orbax(model, model_dir: str | Path, mesh: Mesh, tp: int):
 
     abstract = nn.unbox(abstract_params(model))
     shardings = param_shardings(model, mesh, tp)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, model.dtype, sharding=s), abstract, shardings
-    )
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target)
 

@@ -17,6 +17,20 @@ _GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # the most alternatives a generated position reports (OpenAI's chat limit)
 
 
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
+
+
+@dataclass(frozen=True)
+class Guided:
+    """A constraint on the generated text (ours: not LightLLM's). kind: one of GUIDED_KINDS; value: the JSON
+    schema as JSON text, the regular expression, the choices as a JSON list of strings, the Lark grammar
+    ("" for json_object). field: the request field it came from, named in errors."""
+
+    kind: str
+    value: str = ""
+    field: str = "guided"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """LightLLM's generation parameters (same names and defaults), plus `seed` and `prompt_logprobs`."""
@@ -42,6 +56,7 @@ class SamplingParams:
     seed: int | None = None  # ours: a reproducible sample stream (OpenAI / TGI `seed`), taken modulo 2**64
     prompt_logprobs: bool = False  # ours: logprob of every prompt token given its prefix
     top_logprobs: int = 0  # ours: the k most likely tokens' logprobs at each generated position (k <= 20)
+    guided: Guided | None = None  # ours: the grammar the output must follow (constrained decoding)
 
     def __post_init__(self):
         # Accept lists and a lone string where tuples are declared (JSON bodies give lists).
@@ -85,6 +100,8 @@ class SamplingParams:
              "must be a pair [start index >= 0, factor >= 1.0]"),
             ("stop_sequences", all(isinstance(s, str) and s for s in self.stop_sequences),
              "must be non-empty strings"),
+            ("guided", self.guided is None or (isinstance(self.guided, Guided) and self.guided.kind in GUIDED_KINDS),
+             f"must be one of {', '.join(GUIDED_KINDS)}"),
             ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
              "must be an integer"),
             ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be between 0 and {MAX_TOP_LOGPROBS}"),
@@ -160,6 +177,7 @@ class Request:
     detokenizer: Any = None  # IncrementalDetokenizer, when the engine has a tokenizer
     stop_matcher: Any = None  # StopMatcher, when params.stop_sequences
     group: Any = None  # the SequenceGroup of best_of > 1 sequences sharing this prompt (group.py)
+    constraint: Any = None  # the allowed-token rule of its next tokens (engine.constraints.TokenConstraint)
 
     @property
     def prompt_len(self) -> int:

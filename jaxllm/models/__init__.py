@@ -1,12 +1,11 @@
-"""Model families, selected by config.json's model_type."""
+"""Model families, selected by config.json's model_type: every family runs the one decoder of
+`transformer.py` with its own config normalisation and weight map (`registry.py` lists them)."""
 
 from __future__ import annotations
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionBackend, ReferenceAttention
-from jaxllm.models.llama import LlamaForCausalLM
-
-_FAMILIES = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM, "qwen2": LlamaForCausalLM}
+from jaxllm.models.transformer import CausalLM
 
 
 def init_kv_cache(model, num_slots: int) -> tuple:
@@ -18,6 +17,5 @@ def init_kv_cache(model, num_slots: int) -> tuple:
 
 
 def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None):
-    """The Flax module for `config.model_type`, computing in `dtype`."""
-    family = _FAMILIES[config.model_type]
-    return family(config=config, dtype=dtype, backend=backend or ReferenceAttention())
+    """The Flax module for `config` (any supported family), computing in `dtype`."""
+    return CausalLM(config=config, dtype=dtype, backend=backend or ReferenceAttention())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -58,14 +60,25 @@ class AttentionMetadata:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """How one layer attends (static): score scale, sliding window (a token sees the keys of its last
+    `window` positions, its own included), soft-capping of the scores (`cap * tanh(s / cap)`)."""
+
+    scale: float
+    window: int | None = None
+    softcap: float | None = None
+
+
 class AttentionBackend(Protocol):
-    """What a layer needs from attention: a cache format, a write, and a read."""
+    """What a layer needs from attention: a cache format, a write, and a read. `alibi_slopes` [heads]
+    float32, when given, adds `slope * (key position - query position)` to each head's scores."""
 
     def init_layer_cache(self, num_slots: int, kv_heads: int, head_dim: int, dtype) -> tuple: ...
 
     def write(self, layer_cache: tuple, k, v, meta: AttentionMetadata) -> tuple: ...
 
-    def attend(self, q, layer_cache: tuple, meta: AttentionMetadata, scale: float): ...
+    def attend(self, q, layer_cache: tuple, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None): ...
 
     # Whether a step's cost grows with its slot-table width (so the runner buckets widths) or only with
     # the context lengths (one width: fewer step shapes to compile).
@@ -86,10 +99,18 @@ class ReferenceAttention:
     def write(self, layer_cache, k, v, meta):
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
-    def attend(self, q, layer_cache, meta, scale):
+    def attend(self, q, layer_cache, meta, spec, alibi_slopes=None):
         k_cache, v_cache = layer_cache
+        options = reference_options(spec, alibi_slopes)
         if meta.decode_only:
-            return reference.decode_attention(q, k_cache, v_cache, meta.slot_table, meta.context_lens, scale)
+            return reference.decode_attention(
+                q, k_cache, v_cache, meta.slot_table, meta.context_lens, spec.scale, **options
+            )
         return reference.paged_attention(
-            q, k_cache, v_cache, meta.token_req, meta.positions, meta.slot_table, scale
+            q, k_cache, v_cache, meta.token_req, meta.positions, meta.slot_table, spec.scale, **options
         )
+
+
+def reference_options(spec: AttentionSpec, alibi_slopes) -> dict:
+    """The keyword arguments of `kernels/pallas/reference.py`'s attention for a layer's spec."""
+    return dict(window=spec.window, softcap=spec.softcap, alibi_slopes=alibi_slopes)

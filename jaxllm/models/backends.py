@@ -1,6 +1,7 @@
-"""LightLLM's `--mode` list → the attention backend, resolved once at start-up: Pallas kernels on the GPU,
-the plain-JAX reference on the CPU (bf16/fp16 or int8 KV either way). Under `--tp` the kernels run per
-device under `shard_map`, split on the KV-head axis like the cache (`jaxllm/parallel.py: kv_cache_spec`).
+"""LightLLM's `--mode` list → the attention backend and the weight quantisation, resolved once at start-up:
+Pallas kernels on the GPU, the plain-JAX reference on the CPU (bf16/fp16 or int8 KV either way). Under `--tp`
+the kernels run per device under `shard_map`, split on the KV-head axis like the cache
+(`jaxllm/parallel.py: kv_cache_spec`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxllm.models.attention import AttentionBackend, AttentionMetadata, ReferenceAttention
+from jaxllm.models.attention import (
+    AttentionBackend, AttentionMetadata, AttentionSpec, ReferenceAttention, reference_options,
+)
+from jaxllm.models.quant import WEIGHT_MODES
 from jaxllm.parallel import TP_AXIS
 from kernels.pallas import attention_mosaic, attention_triton, plan, reference
 
@@ -25,26 +29,27 @@ SPLIT_MODES = {  # mode → split-K policy of decode
     "triton_gqa_attention": "never",
     "ppl_fp16": "auto",
 }
-# LightLLM's weight-quantisation modes: not built yet.
-NOT_BUILT = frozenset(
-    {"triton_w4a16", "triton_w8a16", "triton_w8a8", "lmdeploy_w4a16", "ppl_w4a16", "ppl_w8a8", "ppl_w8a8_mixdown"}
-)
 GPU_PLATFORMS = frozenset({"gpu", "cuda"})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModeChoice:
-    """What the `--mode` list asks of attention."""
+    """What the `--mode` list asks of attention, and of the weights (a key of quant.WEIGHT_MODES or None)."""
 
     int8_kv: bool = False
     split: str = "auto"  # split-K policy of decode: "auto" | "always" | "never"
+    weight_mode: str | None = None
 
 
 def resolve_modes(modes: Sequence[str]) -> ModeChoice:
     """Validate LightLLM's `--mode` values; ValueError names the first one that cannot run."""
-    int8_kv, split = False, None
+    int8_kv, split, weight_mode = False, None, None
     for mode in modes:
-        if mode in INT8_MODES:
+        if mode in WEIGHT_MODES:
+            if weight_mode is not None and WEIGHT_MODES[weight_mode] != WEIGHT_MODES[mode]:
+                raise ValueError(f"--mode {mode} conflicts with --mode {weight_mode} (one weight quantisation)")
+            weight_mode = mode
+        elif mode in INT8_MODES:
             int8_kv = True
         elif mode in SPLIT_MODES:
             wanted = SPLIT_MODES[mode]
@@ -52,11 +57,9 @@ def resolve_modes(modes: Sequence[str]) -> ModeChoice:
                 raise ValueError(f"--mode {mode} conflicts with another --mode's split-K choice")
             if split in (None, "auto"):
                 split = wanted
-        elif mode in NOT_BUILT:
-            raise ValueError(f"--mode {mode} is not supported yet")
         else:
             raise ValueError(f"--mode {mode} is not supported yet (unknown mode)")
-    return ModeChoice(int8_kv=int8_kv, split=split or "auto")
+    return ModeChoice(int8_kv=int8_kv, split=split or "auto", weight_mode=weight_mode)
 
 
 class ReferenceInt8Attention:
@@ -71,11 +74,14 @@ class ReferenceInt8Attention:
     def write(self, layer_cache, k, v, meta):
         return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
 
-    def attend(self, q, layer_cache, meta, scale):
+    def attend(self, q, layer_cache, meta, spec, alibi_slopes=None):
+        options = reference_options(spec, alibi_slopes)
         if meta.decode_only:
-            return reference.decode_attention_int8(q, *layer_cache, meta.slot_table, meta.context_lens, scale)
+            return reference.decode_attention_int8(
+                q, *layer_cache, meta.slot_table, meta.context_lens, spec.scale, **options
+            )
         return reference.paged_attention_int8(
-            q, *layer_cache, meta.token_req, meta.positions, meta.slot_table, scale
+            q, *layer_cache, meta.token_req, meta.positions, meta.slot_table, spec.scale, **options
         )
 
 
@@ -134,38 +140,40 @@ class PallasAttention:
             return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
-    def attend(self, q, layer_cache, meta: AttentionMetadata, scale):
+    def attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None):
         # One nested jit: the layers of a step share one trace and one lowering of the kernels (once per
         # layer, a 32-layer step shape took 1.0 s to trace and lower instead of 0.3 s).
-        return _jitted_attend(self, q, layer_cache, meta, scale)
+        return _jitted_attend(self, q, layer_cache, meta, spec, alibi_slopes)
 
-    def _attend(self, q, layer_cache, meta: AttentionMetadata, scale):
+    def _attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
         mesh = self.mesh
         tp = mesh.shape[TP_AXIS] if mesh is not None and TP_AXIS in mesh.shape else 1
         if tp == 1:
-            return self._attend_local(q, layer_cache, meta, scale)
+            return self._attend_local(q, layer_cache, meta, spec, slopes)
         kv_heads = layer_cache[0].shape[1]
         if kv_heads % tp:
             # KV heads replicated (fewer than devices): each device's query heads may straddle KV groups.
-            return self._reference(q, layer_cache, meta, scale)
+            return self._reference(q, layer_cache, meta, spec, slopes)
         heads = PartitionSpec(None, TP_AXIS, None)
         cache_specs = tuple(PartitionSpec(None, TP_AXIS, *([None] * (a.ndim - 2))) for a in layer_cache)
         meta_specs = jax.tree.map(lambda _: PartitionSpec(), meta)
+        slopes_spec = None if slopes is None else PartitionSpec(TP_AXIS)  # each device's heads' slopes
         local = jax.shard_map(
-            lambda q, cache, meta: self._attend_local(q, cache, meta, scale),
+            lambda q, cache, meta, slopes: self._attend_local(q, cache, meta, spec, slopes),
             mesh=mesh,
-            in_specs=(heads, cache_specs, meta_specs),
+            in_specs=(heads, cache_specs, meta_specs, slopes_spec),
             out_specs=heads,
             check_vma=False,
         )
-        return local(q, layer_cache, meta)
+        return local(q, layer_cache, meta, slopes)
 
-    def _reference(self, q, layer_cache, meta, scale):
+    def _reference(self, q, layer_cache, meta, spec, slopes):
         backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
-        return backend.attend(q, layer_cache, meta, scale)
+        return backend.attend(q, layer_cache, meta, spec, slopes)
 
-    def _attend_local(self, q, layer_cache, meta: AttentionMetadata, scale):
+    def _attend_local(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
         c = self.config
+        scale = spec.scale
         n, heads, head_dim = q.shape
         kv_heads = layer_cache[0].shape[1]
         group = heads // kv_heads
@@ -176,7 +184,10 @@ class PallasAttention:
         rows, width = meta.slot_table.shape
         if meta.decode_only and n != rows:
             raise ValueError(f"a decode-only step has one token per row: {n} tokens for {rows} rows")
-        if self.impl == "mosaic" and not self.int8_kv:
+        plain = spec.window is None and spec.softcap is None and slopes is None
+        # The Mosaic kernel has no windows, soft-caps or ALiBi, and takes head dims of multiples of 64 only:
+        # other layers run the Triton kernel.
+        if self.impl == "mosaic" and not self.int8_kv and plain and head_dim % 64 == 0:
             block_k = attention_mosaic.BLOCK_K
             if meta.decode_only:
                 splits = plan.decode_splits(rows * kv_heads, width, block_k, self.split)
@@ -199,12 +210,13 @@ class PallasAttention:
             q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale, block_q=block_q,
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
+            window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
         )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _jitted_attend(backend: "PallasAttention", q, layer_cache, meta: AttentionMetadata, scale: float):
-    return backend._attend(q, layer_cache, meta, scale)
+def _jitted_attend(backend: "PallasAttention", q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
+    return backend._attend(q, layer_cache, meta, spec, slopes)
 
 
 def cache_bytes_per_slot(backend: AttentionBackend, kv_heads: int, head_dim: int, dtype) -> float:

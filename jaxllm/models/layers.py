@@ -1,6 +1,8 @@
-"""Shared Flax layers of the Llama family: RMSNorm, rotary embedding, attention over the KV cache, MLP.
+"""Shared Flax layers every family is assembled from: norms, attention over the KV cache (rotary, ALiBi or
+learned positions, q/k norms, biases, soft-capping, sliding windows) and MLPs (gated or plain).
 
 Each weight is declared once, with its logical axes; `jaxllm/parallel.py` maps those axes onto the mesh.
+Every product with a weight goes through `dense`.
 """
 
 from __future__ import annotations
@@ -11,86 +13,149 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxllm.config import ModelConfig, RopeScaling
-from jaxllm.models.attention import AttentionBackend, AttentionMetadata
+from jaxllm.config import ModelConfig
+from jaxllm.models import qdot, quant, rope
+from jaxllm.models.attention import AttentionBackend, AttentionMetadata, AttentionSpec
 
 _INIT = nn.initializers.normal(stddev=0.02)
+_ZEROS = nn.initializers.zeros
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=_INIT):
-    """Declare one weight with its logical axes (for sharding, loading and random init alike)."""
+    """Declare one weight with its logical axes (for sharding, loading and random init alike); a matmul weight
+    of a model whose config says `weight_quant` is declared in its quantised type (`jaxllm/models/quant.py`)."""
+    declared = quant.declared_quant(module, name)
+    if declared is not None:
+        return quant.quantised_param(module, name, shape, axes, dtype, init, *declared)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-class RMSNorm(nn.Module):
-    eps: float
+def dense(x, w, equation: str):
+    """The one product of activations with a weight (`einsum` spelled by the caller). A quantised weight's
+    product contracts x's trailing axes with its leading ones, which every equation given one spells."""
+    if quant.is_quantised(w):
+        return qdot.dot(x, w)
+    return jnp.einsum(equation, x, w)
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def activation(name: str):
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported ({', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last axis (with or without a bias; Gemma's weight stored as w - 1).
+    `weight_shape` / `axes` default to the last axis (per-head q/k norms pass [heads, head_dim]); `bias`
+    defaults to the config's."""
+
+    config: ModelConfig
     dtype: Any
+    weight_shape: tuple[int, ...] | None = None
+    axes: tuple[str, ...] = ("norm",)
+    bias: bool | None = None
 
     @nn.compact
-    def __call__(self, x):  # x [n, hidden]
-        weight = param(self, "weight", (x.shape[-1],), ("norm",), self.dtype, nn.initializers.ones)
+    def __call__(self, x):
+        c = self.config
+        shape = self.weight_shape or (x.shape[-1],)
+        init = _ZEROS if c.norm_plus_one else nn.initializers.ones
+        weight = param(self, "weight", shape, self.axes, self.dtype, init).astype(jnp.float32)
+        if c.norm_plus_one:
+            weight = 1.0 + weight
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * weight.astype(jnp.float32)).astype(self.dtype)
+        if c.norm == "layer":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        elif c.norm != "rms":
+            raise ValueError(f"norm {c.norm!r} is not supported")
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps) * weight
+        if c.norm_bias if self.bias is None else self.bias:
+            normed = normed + param(self, "bias", shape, self.axes, self.dtype, _ZEROS).astype(jnp.float32)
+        return normed.astype(self.dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> jnp.ndarray:
-    """Inverse frequencies [head_dim // 2], with Llama-3's long-context rescaling when configured."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if scaling is None:
-        return inv_freq
-    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
-    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    is_medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
-    return jnp.where(is_medium, smoothed, scaled)
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes [heads] (Press et al.; the non-power-of-two rule of Bloom and Baichuan)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** i for i in range(1, closest + 1)]
+    if closest != num_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** i for i in range(1, 2 * (num_heads - closest), 2)]
+    return np.asarray(slopes, np.float32)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half rotary embedding (Hugging Face's layout). x [n, heads, head_dim]; positions [n]."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [n, head_dim/2]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
-    x32 = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    x1, x2 = x32[..., :half], x32[..., half:]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+def soft_cap(x, cap: float | None):
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Attention(nn.Module):
     config: ModelConfig
+    layer: int
     dtype: Any
     backend: AttentionBackend
 
     @nn.compact
     def __call__(self, x, meta: AttentionMetadata, layer_cache):  # x [n, hidden]
         c = self.config
+        n = x.shape[0]
         kv_heads, group, d = c.num_kv_heads, c.group_size, c.head_dim
         # q, k and v in one product (at batch 1 three small products cost twice one fused one). Heads are
         # grouped per KV head, [kv_heads, group + 2, head_dim], so splitting on KV heads keeps each
         # device's query heads with their own keys and values.
         wqkv = param(self, "qkv_proj", (c.hidden_size, kv_heads, group + 2, d),
                      ("embed", "kv_heads", "qkv", "head_dim"), self.dtype)
-        wo = param(self, "o_proj", (c.num_heads, d, c.hidden_size), ("heads", "head_dim", "embed"), self.dtype)
-        qkv = jnp.einsum("nd,dkjh->nkjh", x, wqkv)  # [n, kv_heads, group + 2, head_dim]
+        qkv = dense(x, wqkv, "nd,dkjh->nkjh")  # [n, kv_heads, group + 2, head_dim]
         if c.qkv_bias:
             qkv = qkv + param(self, "qkv_bias", (kv_heads, group + 2, d), ("kv_heads", "qkv", "head_dim"),
-                              self.dtype, nn.initializers.zeros)
-        q = qkv[:, :, :group].reshape(x.shape[0], c.num_heads, d)  # head h = kv * group + g, as in HF
+                              self.dtype, _ZEROS)
+        q = qkv[:, :, :group].reshape(n, c.num_heads, d)  # head h = kv * group + g, as in HF
         k, v = qkv[:, :, group], qkv[:, :, group + 1]  # [n, kv_heads, head_dim]
-        inv_freq = rope_inv_freq(d, c.rope_theta, c.rope_scaling)
-        q = apply_rope(q, meta.positions, inv_freq)
-        k = apply_rope(k, meta.positions, inv_freq)
+        q, k = self._qk_norm(q, k)
+        if c.position == "rope":
+            r = c.layer_rope(self.layer)
+            cos, sin = rope.cos_sin(r, d, meta.positions, c.max_position_embeddings)
+            q = rope.apply_rope(q, cos, sin, r.interleaved)
+            k = rope.apply_rope(k, cos, sin, r.interleaved)
+        spec = AttentionSpec(
+            scale=c.attn_scale if c.attn_scale is not None else 1.0 / math.sqrt(d),
+            window=c.layer_window(self.layer),
+            softcap=c.attn_softcap,
+        )
+        slopes = jnp.asarray(alibi_slopes(c.num_heads)) if c.position == "alibi" else None
         layer_cache = self.backend.write(layer_cache, k, v, meta)
-        out = self.backend.attend(q, layer_cache, meta, 1.0 / math.sqrt(d))  # [n, heads, d]
-        return jnp.einsum("nhk,hkd->nd", out, wo), layer_cache
+        out = self.backend.attend(q, layer_cache, meta, spec, slopes)  # [n, heads, d]
+        wo = param(self, "o_proj", (c.num_heads, d, c.hidden_size), ("heads", "head_dim", "embed"), self.dtype)
+        out = dense(out, wo, "nhk,hkd->nd")
+        if c.o_bias:
+            out = out + param(self, "o_bias", (c.hidden_size,), ("norm",), self.dtype, _ZEROS)
+        return out, layer_cache
+
+    def _qk_norm(self, q, k):
+        c = self.config
+        if c.qk_norm is None:
+            return q, k
+        if c.qk_norm == "all":  # one norm over all heads' features (OLMo-2)
+            n = q.shape[0]
+            q = Norm(c, self.dtype, bias=False, name="q_norm")(q.reshape(n, -1)).reshape(q.shape)
+            k = Norm(c, self.dtype, bias=False, name="k_norm")(k.reshape(n, -1)).reshape(k.shape)
+            return q, k
+        if c.qk_norm_per_head_weights:
+            q_norm = Norm(c, self.dtype, (c.num_heads, c.head_dim), ("heads", "head_dim"), False, name="q_norm")
+            k_norm = Norm(c, self.dtype, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), False, name="k_norm")
+        else:
+            q_norm = Norm(c, self.dtype, axes=("head_dim",), bias=False, name="q_norm")
+            k_norm = Norm(c, self.dtype, axes=("head_dim",), bias=False, name="k_norm")
+        return q_norm(q), k_norm(k)
 
 
 class MLP(nn.Module):
@@ -100,9 +165,23 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):  # x [n, hidden]
         c = self.config
-        # gate and up in one product: [hidden, 2, intermediate], split on the intermediate axis under --tp.
-        gate_up = param(self, "gate_up_proj", (c.hidden_size, 2, c.intermediate_size), ("embed", "stack", "mlp"),
-                        self.dtype)
+        act = activation(c.activation)
+        if c.mlp_gated:
+            # gate and up in one product: [hidden, 2, intermediate], split on the intermediate axis under --tp.
+            gate_up = param(self, "gate_up_proj", (c.hidden_size, 2, c.intermediate_size), ("embed", "stack", "mlp"),
+                            self.dtype)
+            h = dense(x, gate_up, "nd,dsf->nsf")  # [n, 2, intermediate]
+            if c.mlp_bias:
+                h = h + param(self, "gate_up_bias", (2, c.intermediate_size), ("stack", "mlp"), self.dtype, _ZEROS)
+            h = act(h[:, 0]) * h[:, 1]
+        else:
+            up = param(self, "up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), self.dtype)
+            h = dense(x, up, "nd,df->nf")
+            if c.mlp_bias:
+                h = h + param(self, "up_bias", (c.intermediate_size,), ("mlp",), self.dtype, _ZEROS)
+            h = act(h)
         down = param(self, "down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), self.dtype)
-        h = jnp.einsum("nd,dsf->nsf", x, gate_up)  # [n, 2, intermediate]
-        return (jax.nn.silu(h[:, 0]) * h[:, 1]) @ down
+        out = dense(h, down, "nf,fd->nd")
+        if c.mlp_bias:
+            out = out + param(self, "down_bias", (c.hidden_size,), ("norm",), self.dtype, _ZEROS)
+        return out

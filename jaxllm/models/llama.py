@@ -1,62 +1,70 @@
-"""The Llama family as one Flax module: llama 1/2/3 (with Llama-3 rope scaling), mistral, qwen2, SmolLM2.
-
-`__call__(tokens [n], meta, kv_cache) -> (logits, kv_cache)`: one step over packed tokens of any mix of
-prefill chunks and decodes. Layers are unrolled (a scanned stack made XLA copy weight slices per step).
-"""
+"""The Llama layout and its close kin (same tensor names, a few config fields apart): llama 1/2/3,
+mistral, qwen2 (q/k/v biases), qwen3 (q/k norms), granite (residual multipliers), olmo2 (post-norms,
+q/k norms over all heads), SmolLM2, and checkpoints that ship Llama's layout under their own name
+(Yi, InternLM v1)."""
 
 from __future__ import annotations
 
-from typing import Any
 
-import flax.linen as nn
-import jax.numpy as jnp
-
-from jaxllm.config import ModelConfig
-from jaxllm.models.attention import AttentionBackend, AttentionMetadata
-from jaxllm.models.layers import MLP, Attention, RMSNorm, param
+from jaxllm.config import LAYOUT_NORMS, ModelConfig, common_fields
+from jaxllm.models import hf_map
+from jaxllm.models.family import Family
 
 
-class DecoderLayer(nn.Module):
-    config: ModelConfig
-    dtype: Any
-    backend: AttentionBackend
-
-    @nn.compact
-    def __call__(self, x, meta, layer_cache):
-        c = self.config
-        attn_out, layer_cache = Attention(c, self.dtype, self.backend, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), meta, layer_cache
+def config(raw: dict) -> ModelConfig:
+    fields = common_fields(raw)
+    model_type = fields["model_type"]
+    if model_type == "qwen2":
+        fields.update(qkv_bias=True, o_bias=False)
+    elif model_type == "qwen3":
+        fields.update(qk_norm="head")
+    elif model_type == "internlm":  # InternLM v1: `bias` switches the q/k/v/o biases
+        fields.update(qkv_bias=bool(raw.get("bias", True)), o_bias=bool(raw.get("bias", True)))
+    elif model_type == "granite":
+        fields.update(
+            embed_scale=float(raw["embedding_multiplier"]), residual_scale=float(raw["residual_multiplier"]),
+            attn_scale=float(raw["attention_multiplier"]), logit_scale=1.0 / float(raw["logits_scaling"]),
         )
-        x = x + attn_out
-        x = x + MLP(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
-        return x, layer_cache
+    elif model_type == "olmo2":
+        fields.update(norm_layout="post", qk_norm="all")
+    return ModelConfig(**fields)
 
 
-class LlamaForCausalLM(nn.Module):
-    config: ModelConfig
-    dtype: Any
-    backend: AttentionBackend
+def layer_weights(config: ModelConfig, i: int, hf: str) -> hf_map.WeightMap:
+    """One Llama-named block (`hf` = "model.layers.{i}."): q/k/v/o, optional q/k norms, the gated MLP and
+    the norms of the config's layout."""
+    attn, mlp = hf_map.layer_path(i, "self_attn"), hf_map.layer_path(i, "mlp")
+    table = {
+        **hf_map.separate_qkv(config, hf + "self_attn.q_proj", hf + "self_attn.k_proj", hf + "self_attn.v_proj",
+                              attn, config.qkv_bias),
+        **hf_map.out_proj(config, hf + "self_attn.o_proj", attn, config.o_bias),
+        **hf_map.gated_mlp(config, hf + "mlp.gate_proj", hf + "mlp.up_proj", hf + "mlp.down_proj", mlp),
+        **block_norms(config, i, hf),
+    }
+    if config.qk_norm is not None:
+        for name in ("q_norm", "k_norm"):
+            table[f"{hf}self_attn.{name}.weight"] = hf_map.Target(attn + (name, "weight"), hf_map.same)
+    return table
 
-    @nn.compact
-    def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False):
-        """tokens [n] int32; kv_cache: one backend cache tuple per layer.
 
-        Returns logits float32 [rows, vocab] at `meta.logits_index` ([n, vocab] with `all_logits`)
-        and the updated cache.
-        """
-        c = self.config
-        embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
-        x = embed[tokens]  # [n, hidden]
-        new_cache = []
-        for i in range(c.num_layers):
-            x, layer_cache = DecoderLayer(c, self.dtype, self.backend, name=f"layers_{i}")(x, meta, kv_cache[i])
-            new_cache.append(layer_cache)
-        if not all_logits:
-            x = x[meta.logits_index]
-        x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
-        if c.tie_word_embeddings:
-            logits = jnp.einsum("nd,vd->nv", x, embed)
-        else:
-            head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.dtype)
-            logits = x @ head
-        return logits.astype(jnp.float32), tuple(new_cache)
+def block_norms(config: ModelConfig, i: int, hf: str) -> hf_map.WeightMap:
+    """The layout's per-block norms, named as in Llama-style checkpoints."""
+    table = {}
+    for name in LAYOUT_NORMS[config.norm_layout]:
+        table.update(hf_map.norm_targets(hf + name, hf_map.layer_path(i, name), config))
+    return table
+
+
+def weights(config: ModelConfig) -> hf_map.WeightMap:
+    table = hf_map.embeddings_and_head(config, "model.embed_tokens", "model.norm")
+    for i in range(config.num_layers):
+        table.update(layer_weights(config, i, f"model.layers.{i}."))
+    return table
+
+
+FAMILY = Family(
+    model_types=("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "Yi", "internlm"),
+    config=config,
+    weights=weights,
+    deepspeed=True,
+)

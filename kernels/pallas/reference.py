@@ -4,6 +4,9 @@ KV layout (one pair of buffers per layer): `k_cache`, `v_cache` are `[num_slots 
 the last slot is a scratch slot that padded tokens write to and padded table entries point at.
 A request's keys live at `slot_table[r, 0..length)`, position p at column p.
 int8 caches add one float32 scale per token per head, `[num_slots + 1, kv_heads]` (symmetric, round to nearest).
+Per-layer options of every function: `window` (a token sees keys at positions > its own - window),
+`softcap` (scores become `cap * tanh(scores / cap)`), `alibi_slopes` [heads] (scores gain
+`slope * (key position - query position)`).
 """
 
 from __future__ import annotations
@@ -48,16 +51,23 @@ def write_kv_int8(k_cache, v_cache, k_scale, v_scale, k, v, slots):
     )
 
 
-def _attend_one_token(q, keys, values, position, scale):
-    # q [kv, g, d]; keys/values [t, kv, d]; position: scalar
+def _attend_one_token(q, keys, values, position, scale, window=None, softcap=None, slopes=None):
+    # q [kv, g, d]; keys/values [t, kv, d]; position: scalar; slopes [kv, g] or None
     scores = jnp.einsum("kgd,tkd->kgt", q.astype(jnp.float32), keys.astype(jnp.float32)) * scale
-    visible = jnp.arange(keys.shape[0]) <= position  # [t]
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    key_pos = jnp.arange(keys.shape[0])
+    if slopes is not None:
+        scores = scores + slopes[:, :, None] * (key_pos - position).astype(jnp.float32)[None, None, :]
+    visible = key_pos <= position  # [t]
+    if window is not None:
+        visible = visible & (key_pos > position - window)
     scores = jnp.where(visible[None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("kgt,tkd->kgd", probs, values.astype(jnp.float32))
 
 
-def paged_attention(q, k_cache, v_cache, token_req, positions, slot_table, scale):
+def paged_attention(q, k_cache, v_cache, token_req, positions, slot_table, scale, **options):
     """Causal attention of packed query tokens over their requests' cached keys.
 
     q [n, heads, head_dim]; token_req [n] (row of slot_table); positions [n] (the token's own
@@ -65,42 +75,99 @@ def paged_attention(q, k_cache, v_cache, token_req, positions, slot_table, scale
     slot_table [rows, width]. Returns [n, heads, head_dim] in q's dtype.
     """
     gather = lambda slots: (k_cache[slots], v_cache[slots])  # noqa: E731
-    return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale)
+    return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale, **options)
 
 
-def _paged(q, gather, kv_heads, token_req, positions, slot_table, scale):
+def _paged(q, gather, kv_heads, token_req, positions, slot_table, scale, window=None, softcap=None,
+           alibi_slopes=None):
     # gather(slots [width]) -> keys, values [width, kv_heads, head_dim]
     n, heads, head_dim = q.shape
     grouped = q.reshape(n, kv_heads, heads // kv_heads, head_dim)
+    slopes = None if alibi_slopes is None else alibi_slopes.astype(jnp.float32).reshape(kv_heads, heads // kv_heads)
 
     def one_token(args):
         q_tok, req, pos = args
         keys, values = gather(slot_table[req])
-        return _attend_one_token(q_tok, keys, values, pos, scale)
+        return _attend_one_token(q_tok, keys, values, pos, scale, window, softcap, slopes)
 
     # lax.map vmaps `one_token` over blocks of _QUERY_BLOCK tokens: bounded gathered-key memory.
     out = jax.lax.map(one_token, (grouped, token_req, positions), batch_size=_QUERY_BLOCK)
     return out.reshape(n, heads, head_dim).astype(q.dtype)
 
 
-def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, positions, slot_table, scale):
+def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, positions, slot_table, scale, **options):
     """`paged_attention` over an int8 cache: keys/values are dequantised with their per-token scales."""
 
     def gather(slots):
         return dequantize_kv(k_cache[slots], k_scale[slots]), dequantize_kv(v_cache[slots], v_scale[slots])
 
-    return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale)
+    return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale, **options)
 
 
-def decode_attention(q, k_cache, v_cache, slot_table, lengths, scale):
+def decode_attention(q, k_cache, v_cache, slot_table, lengths, scale, **options):
     """One query token per request: q [b, heads, head_dim], lengths [b] (keys incl. the new one)."""
     b = q.shape[0]
-    return paged_attention(q, k_cache, v_cache, jnp.arange(b), lengths - 1, slot_table, scale)
+    return paged_attention(q, k_cache, v_cache, jnp.arange(b), lengths - 1, slot_table, scale, **options)
 
 
-def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, slot_table, lengths, scale):
+def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, slot_table, lengths, scale, **options):
     """`decode_attention` over an int8 cache."""
     b = q.shape[0]
     return paged_attention_int8(
-        q, k_cache, v_cache, k_scale, v_scale, jnp.arange(b), lengths - 1, slot_table, scale
+        q, k_cache, v_cache, k_scale, v_scale, jnp.arange(b), lengths - 1, slot_table, scale, **options
     )
+
+
+# --- quantised matmuls -----------------------------------------------------------------------------
+# int8 weights are [n, k] (output-major: the inputs contiguous, as the integer tensor cores want both operands),
+# one float32 scale per output. int4 weights are [k / 8, n]: unsigned 0..15 values, 8 consecutive inputs per
+# int32 (input 8r + j in bits 4j..4j+3 of row r, GPTQ's order), with a scale and a zero point per group of
+# `group` inputs: w = (q - zero) * scale.
+
+
+def quantize_rows_int8(x):
+    """Symmetric int8 per row (per token): x [m, k] → (int8 [m, k], float32 scale [m]); an all-zero row
+    gets scale 0."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x32 / safe[:, None]), -127, 127).astype(jnp.int8), scale
+
+
+def unpack_int4(packed):
+    """int32 [k / 8, n] → int32 [k, n] values 0..15 (input 8r + j from bits 4j of row r)."""
+    shifts = jnp.arange(8, dtype=jnp.int32) * 4
+    nibbles = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [k / 8, 8, n]
+    return nibbles.reshape(-1, packed.shape[-1])
+
+
+def dequantize_int4(packed, scale, zero):
+    """int4 weights → float32 [k, n]; scale, zero [k / group, n]."""
+    q = unpack_int4(packed).astype(jnp.float32)
+    group = q.shape[0] // scale.shape[0]
+    expand = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)  # noqa: E731
+    return (q - expand(zero)) * expand(scale)
+
+
+def dot_nk(x, w, out_dtype):
+    """x [m, k] @ w[n, k]ᵀ → [m, n], accumulated in `out_dtype`."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def int8_matmul(x, w, scale):
+    """w8a16: x [m, k] @ (int8 w [n, k] * scale [n])ᵀ → [m, n] in x's dtype (float32 accumulation)."""
+    with jax.default_matmul_precision("highest"):
+        out = dot_nk(x.astype(jnp.float32), w.astype(jnp.float32), jnp.float32)
+    return (out * scale[None, :]).astype(x.dtype)
+
+
+def int4_matmul(x, packed, scale, zero):
+    """w4a16: x [m, k] @ dequantised int4 weights → [m, n] in x's dtype."""
+    w = dequantize_int4(packed, scale, zero)
+    return jnp.dot(x.astype(jnp.float32), w, precision="highest").astype(x.dtype)
+
+
+def int8_int8_matmul(x_q, x_scale, w, w_scale, out_dtype):
+    """w8a8: int8 x [m, k] (scale [m]) @ int8 w [n, k]ᵀ (scale [n]), int32 accumulation → [m, n]."""
+    acc = dot_nk(x_q, w, jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(out_dtype)

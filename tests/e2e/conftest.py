@@ -3,8 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from e2e_server import serve as _serve
+from e2e_server import running_server
+
+
+def _serve(model_dir: Path, flags: list[str], tmp_path_factory, name: str):
+    yield from running_server(model_dir, flags, tmp_path_factory.mktemp(name) / "server.log")
 
 
 @pytest.fixture(scope="session")

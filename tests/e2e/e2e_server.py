@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from email.message import Message
 from pathlib import Path
+from typing import Iterator
 
 # Small limits: few step shapes to compile, quick answers on CPU.
 SERVER_FLAGS = [
@@ -106,9 +107,9 @@ class Server:
         return status, events
 
 
-def serve(model_dir: Path, flags: list[str], tmp_path_factory, name: str):
-    """A fixture body: the server with `flags`, ready, stopped after its scope."""
-    server = Server(model_dir, flags, tmp_path_factory.mktemp(name) / "server.log")
+def running_server(model_dir: Path, flags: list[str], log_path: Path) -> Iterator[Server]:
+    """For a fixture to `yield from`: the server with these flags, ready, then stopped."""
+    server = Server(model_dir, flags, log_path)
     try:
         server.wait_ready()
         yield server

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import openai
 import pytest
-from e2e_server import serve
+from e2e_server import running_server
 
 QUESTION = "Name three colours of the rainbow."
 BEAM_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -68,7 +68,7 @@ def test_completions_logprobs_k_best_of_and_echo(client):
 # --- beam search ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def beam_server(smollm2_dir, tmp_path_factory):
-    yield from serve(smollm2_dir, ["--beam_mode"], tmp_path_factory, "beam")
+    yield from running_server(smollm2_dir, ["--beam_mode"], tmp_path_factory.mktemp("beam") / "server.log")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,117 @@
+"""Rotary position embedding: inverse frequencies of every scaling kind (linear, dynamic NTK, Llama-3, YaRN,
+LongRoPE), partial rotary, and the halves (Llama) or interleaved pairs (GPT-J, Cohere) layouts.
+
+Frequencies follow transformers' `modeling_rope_utils` in float32. Two kinds depend on the sequence length
+there (dynamic NTK and LongRoPE pick their frequencies from the longest position of the whole batch); here a
+token's frequencies depend on its own position only, so a key keeps the rotation it was cached with. Up to
+the trained length both agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllm.config import Rope, RopeScaling
+
+
+def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
+    return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+
+
+def _llama3(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def _yarn(theta: float, dim: int, s: RopeScaling) -> tuple[np.ndarray, float]:
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = s.factor
+    attention = s.attention_factor
+    if attention is None:
+        attention = mscale(factor, s.mscale) / mscale(factor, s.mscale_all_dim) if s.mscale and s.mscale_all_dim \
+            else mscale(factor)
+
+    def correction_dim(rotations):
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv.astype(np.float32), float(attention)
+
+
+def _longrope_attention(s: RopeScaling, max_positions: int) -> float:
+    if s.attention_factor is not None:
+        return float(s.attention_factor)
+    factor = s.factor
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(s.original_max_position_embeddings))
+
+
+def cos_sin(rope: Rope, head_dim: int, positions, max_positions: int):
+    """cos, sin [n, rotary_dim // 2] float32 of each token's `positions` [n] (cos/sin already multiplied by
+    the scaling's attention factor, as transformers does)."""
+    dim = rope.rotary_dim or head_dim
+    s = rope.scaling
+    pos = positions.astype(jnp.float32)[:, None]  # [n, 1]
+    attention = 1.0
+    kind = s.kind if s is not None else "default"
+    if kind == "dynamic":
+        # The base grows with the token's own sequence length past the trained one.
+        seq = jnp.maximum(pos + 1, s.original_max_position_embeddings)
+        base = rope.theta * ((s.factor * seq / s.original_max_position_embeddings) - (s.factor - 1)) ** (dim / (dim - 2))
+        exponents = jnp.asarray(np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+        angles = pos / base ** exponents[None, :]
+    elif kind == "longrope":
+        base = jnp.asarray(_base_inv_freq(rope.theta, dim))
+        short = base / jnp.asarray(np.asarray(s.short_factor, np.float32))
+        long = base / jnp.asarray(np.asarray(s.long_factor, np.float32))
+        inv = jnp.where(pos + 1 > s.original_max_position_embeddings, long[None, :], short[None, :])
+        angles = pos * inv
+        attention = _longrope_attention(s, max_positions)
+    else:
+        if kind == "yarn":
+            inv, attention = _yarn(rope.theta, dim, s)
+        else:
+            inv = _base_inv_freq(rope.theta, dim)
+            if kind == "linear":
+                inv = inv / np.float32(s.factor)
+            elif kind == "llama3":
+                inv = _llama3(inv, s)
+        angles = pos * jnp.asarray(inv)[None, :]
+    return jnp.cos(angles) * attention, jnp.sin(angles) * attention
+
+
+def apply_rope(x, cos, sin, interleaved: bool = False):
+    """Rotate the first 2 * cos.shape[-1] dims of each head. x [n, heads, head_dim]; cos, sin [n, dim // 2]."""
+    rot = 2 * cos.shape[-1]
+    x32 = x.astype(jnp.float32)
+    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleaved:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+        rotated = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x_rot.shape)
+    else:
+        half = rot // 2
+        x1, x2 = x_rot[..., :half], x_rot[..., half:]
+        rotated = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)

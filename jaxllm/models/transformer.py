@@ -1,0 +1,95 @@
+"""The decoder every family runs: embedding → unrolled blocks (attention + MLP, with the family's norm
+layout) → final norm → head. A family differs only in its `ModelConfig` fields and its weight map.
+
+`__call__(tokens [n], meta, kv_cache) -> (logits, kv_cache)`: one step over packed tokens of any mix of
+prefill chunks and decodes. Layers are unrolled (a scanned stack made XLA copy weight slices per step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxllm.config import LAYOUT_NORMS, ModelConfig
+from jaxllm.models.attention import AttentionBackend, AttentionMetadata
+from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
+
+
+
+class DecoderLayer(nn.Module):
+    """One block. Norm layouts: "pre" x + f(norm(x)) (Llama); "sandwich" x + norm(f(norm(x))) (Gemma-2/3);
+    "post" x + norm(f(x)) (OLMo-2); "parallel" x + attn(norm(x)) + mlp(norm(x)) (Cohere)."""
+
+    config: ModelConfig
+    layer: int
+    dtype: Any
+    backend: AttentionBackend
+
+    @nn.compact
+    def __call__(self, x, meta, layer_cache):
+        c = self.config
+        attn = Attention(c, self.layer, self.dtype, self.backend, name="self_attn")
+        mlp = MLP(c, self.dtype, name="mlp")
+        norm = lambda name: Norm(c, self.dtype, name=name)  # noqa: E731
+        scale = lambda h: h if c.residual_scale == 1.0 else h * c.residual_scale  # noqa: E731
+        layout = c.norm_layout
+        if layout == "parallel":
+            h = norm("input_layernorm")(x)
+            attn_out, layer_cache = attn(h, meta, layer_cache)
+            return x + scale(attn_out) + scale(mlp(h)), layer_cache
+        if layout == "pre":
+            attn_out, layer_cache = attn(norm("input_layernorm")(x), meta, layer_cache)
+            x = x + scale(attn_out)
+            return x + scale(mlp(norm("post_attention_layernorm")(x))), layer_cache
+        if layout == "sandwich":
+            attn_out, layer_cache = attn(norm("input_layernorm")(x), meta, layer_cache)
+            x = x + scale(norm("post_attention_layernorm")(attn_out))
+            return x + scale(norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))), layer_cache
+        if layout == "post":
+            attn_out, layer_cache = attn(x, meta, layer_cache)
+            x = x + scale(norm("post_attention_layernorm")(attn_out))
+            return x + scale(norm("post_feedforward_layernorm")(mlp(x))), layer_cache
+        raise ValueError(f"norm layout {layout!r} is not one of {', '.join(LAYOUT_NORMS)}")
+
+
+class CausalLM(nn.Module):
+    config: ModelConfig
+    dtype: Any
+    backend: AttentionBackend
+
+    @nn.compact
+    def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False):
+        """tokens [n] int32; kv_cache: one backend cache tuple per layer.
+
+        Returns logits float32 [rows, vocab] at `meta.logits_index` ([n, vocab] with `all_logits`)
+        and the updated cache.
+        """
+        c = self.config
+        embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
+        x = embed[tokens]  # [n, hidden]
+        if c.position == "learned":
+            table = param(self, "embed_positions", (c.max_position_embeddings, c.hidden_size), ("positions", "embed"),
+                          self.dtype)
+            x = x + table[meta.positions]
+        if c.embed_scale != 1.0:
+            x = x * jnp.asarray(c.embed_scale, self.dtype)  # Gemma rounds the scale to the model's dtype
+        if c.embed_norm:
+            x = Norm(c, self.dtype, name="embed_norm")(x)
+        new_cache = []
+        for i in range(c.num_layers):
+            x, layer_cache = DecoderLayer(c, i, self.dtype, self.backend, name=f"layers_{i}")(x, meta, kv_cache[i])
+            new_cache.append(layer_cache)
+        if not all_logits:
+            x = x[meta.logits_index]
+        x = Norm(c, self.dtype, name="norm")(x)
+        if c.tie_word_embeddings:
+            logits = dense(x, embed, "nd,vd->nv")
+        else:
+            head = param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), self.dtype)
+            logits = dense(x, head, "nd,dv->nv")
+        logits = logits.astype(jnp.float32)
+        if c.logit_scale != 1.0:
+            logits = logits * c.logit_scale
+        return soft_cap(logits, c.final_softcap), tuple(new_cache)
