@@ -96,3 +96,21 @@ class BeamSearch:
     def results(self) -> list[Hypothesis]:
         """The finished hypotheses, best score first."""
         return list(self.finished)
+
+
+@dataclasses.dataclass(frozen=True)
+class Move:
+    """What a member holds after a round: its new beam's KV slots (its parent's, shared) and tokens."""
+
+    member: Request
+    slots: list[int]
+    output_ids: list[int]
+    output_logprobs: list[float]
+
+
+def reassignments(members: list[Request], continuations: list[Continuation]) -> list[Move]:
+    """Member j takes continuation j (its parent's computed slots and tokens, plus the new token); members left
+    without one wait, holding nothing. Read from the parents before any member changes."""
+    moves = [Move(member, c.parent.slots[: c.parent.num_computed], c.parent.output_ids + [c.token],
+                  c.parent.output_logprobs + [c.logprob]) for member, c in zip(members, continuations)]
+    return moves + [Move(member, [], [], []) for member in members[len(continuations):]]

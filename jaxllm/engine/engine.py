@@ -19,7 +19,7 @@ import jax
 
 from jaxllm.config import ModelConfig, read_hf_config
 from jaxllm.engine.detokenizer import load_tokenizer
-from jaxllm.engine.beam import BeamSearch
+from jaxllm.engine.beam import BeamSearch, reassignments
 from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
@@ -184,6 +184,8 @@ class Engine:
             return [self.submit(prompt_ids, params, request_ids[0])]
         if self.args.beam_mode and params.stop_sequences:
             raise ValueError("stop_sequences: not supported with --beam_mode (beams end at eos or max_new_tokens)")
+        if self.args.beam_mode and params.guided is not None:
+            raise ValueError(f"{params.guided.field}: constrained decoding is not supported with --beam_mode")
         members = [self._new_request(list(prompt_ids), member_params(params, i), rid)
                    for i, rid in enumerate(request_ids)]
         beam = None
@@ -462,17 +464,10 @@ class Engine:
             for member in group.members:  # no hypothesis left for it (a vocabulary smaller than 2 × width)
                 self._end(member, "stop")
             return
-        moves, outputs = [], []
-        for member, step in zip(group.members, decided.continuations):
-            parent = step.parent
-            moves.append((member, parent.slots[: parent.num_computed]))
-            outputs.append((parent.output_ids + [step.token], parent.output_logprobs + [step.logprob]))
-        for member in group.members[len(moves):]:  # fewer beams than members left: these wait, holding nothing
-            moves.append((member, []))
-            outputs.append(([], []))
-        self.scheduler.reassign(moves)
-        for (member, _), (ids, lps) in zip(moves, outputs):
-            member.output_ids, member.output_logprobs = ids, lps
+        moves = reassignments(group.members, decided.continuations)
+        self.scheduler.reassign([(m.member, m.slots) for m in moves])
+        for move in moves:
+            move.member.output_ids, move.member.output_logprobs = move.output_ids, move.output_logprobs
 
     def _report_step(self, batch: SchedulerOutput, duration_s: float) -> None:
         if not self._step_listeners:

@@ -65,6 +65,23 @@ class Traffic:
         self.sched, self.rng, self.beams = sched, rng, beams
         self.next_id = 0
         self.live: list[Request] = []
+        self.inflight = None  # the dispatched step not read yet
+        self.preempted = 0
+
+    def step(self):
+        """Schedule and dispatch a step, read the one before, check the invariants."""
+        sched = self.sched
+        out = sched.schedule() if sched.has_work() else None
+        if out is not None:
+            self.preempted += len(out.preempted)
+            for chunk in out.chunks:
+                if chunk.samples:
+                    chunk.request.num_pending += 1
+            sched.step_dispatched(out)
+        if self.inflight is not None:
+            self.read(self.inflight)
+        self.inflight = out if out is not None and out.chunks else None
+        self.check()
 
     def submit(self):
         rng = self.rng
@@ -149,36 +166,15 @@ def test_kv_invariants_hold_under_random_traffic_with_groups(policy, prompt_cach
         kwargs.update(policy=SplitFuseScheduler, splitfuse_block_size=24)
     sched = make_scheduler(**kwargs)
     traffic = Traffic(sched, rng, beams)
-    inflight, operations, preempted = None, 0, 0
     for _ in range(600):
         if rng.random() < 0.6:
             traffic.submit()
         if rng.random() < 0.03:
             traffic.abort_one()
-        out = sched.schedule() if sched.has_work() else None
-        if out is not None:
-            preempted += len(out.preempted)
-            for chunk in out.chunks:
-                if chunk.samples:
-                    chunk.request.num_pending += 1
-            sched.step_dispatched(out)
-        if inflight is not None:
-            traffic.read(inflight)
-        inflight = out if out is not None and out.chunks else None
-        traffic.check()
-        operations += 1
-    while sched.has_work() or inflight is not None:  # drain
-        out = sched.schedule() if sched.has_work() else None
-        if out is not None:
-            for chunk in out.chunks:
-                if chunk.samples:
-                    chunk.request.num_pending += 1
-            sched.step_dispatched(out)
-        if inflight is not None:
-            traffic.read(inflight)
-        inflight = out if out is not None and out.chunks else None
-        traffic.check()
-    assert preempted > 0 and traffic.next_id > 200
+        traffic.step()
+    while sched.has_work() or traffic.inflight is not None:  # drain
+        traffic.step()
+    assert traffic.preempted > 0 and traffic.next_id > 200
     kv = sched.kv
     assert kv.num_free + kv.num_cached == kv.num_slots and kv.num_used == 0
     assert (kv._owners == 0).all()
