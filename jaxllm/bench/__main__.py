@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="start-up shapes to compile before timing (default: the engine's set; 0: none)")
     offline.add_argument("--warmup-pass", action="store_true",
                          help="run the whole workload once untimed first, so no compilation is timed")
+    offline.add_argument("--best-of", type=int, default=1,
+                         help="sequences per prompt: a group sharing the prompt's KV (sampled, seeded)")
+    offline.add_argument("--separately", action="store_true",
+                         help="with --best-of: run each prompt's sequences as separate requests instead")
     _add_workload_flags(offline)
     return parser
 
@@ -90,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 
         llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
         requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
-        if ns.warmup_pass:
-            run_offline(llm, requests)  # compiles every shape the workload meets; the persistent cache keeps them
-        result = run_offline(llm, requests)
+        if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
+            run_offline(llm, requests, ns.best_of, ns.separately)
+        result = run_offline(llm, requests, ns.best_of, ns.separately)
         table = format_offline_table(result)
     if ns.result_json:
         with open(ns.result_json, "w") as f:
