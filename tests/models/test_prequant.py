@@ -105,7 +105,18 @@ def logits(model_dir):
     return config, params, np.asarray(out)
 
 
-@pytest.mark.parametrize("fmt", ["awq", "gptq", "gptq_v2"])
+def test_gptq_v2_zero_points_are_stored_as_they_are():
+    """v1 stores each zero point minus one; v2 (and AWQ, in its own nibble order) the zero point itself."""
+    rng = np.random.default_rng(2)
+    for fmt in ("gptq", "gptq_v2", "awq"):
+        tensors, weight = _int4_linear(rng, 16, GROUP, fmt)
+        group = {"." + k: v for k, v in tensors.items() if k != "g_idx"}
+        fields = prequant._int4_fields(group, fmt)
+        dequantised = (fields["codes"] - fields["zero"]) * fields["scale"]
+        np.testing.assert_allclose(dequantised, weight, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq"])
 def test_int4_checkpoints_load_exactly(tmp_path, fmt):
     quantised, ref = build(tmp_path, fmt, np.random.default_rng(len(fmt)))
     config, params, got = logits(quantised)
