@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 DATA_TYPE_CHOICES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
 LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
+TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.server.tool_parsers
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="jaxllm, not LightLLM (vLLM's name): every route but /health, /healthz, /liveness, /readiness "
              "and /metrics then demands the header `Authorization: Bearer KEY` (401 otherwise); repeat the "
              "flag to accept several keys. Keys are never logged")
+    add("--tool_call_parser", type=str, choices=TOOL_CALL_PARSERS, default="auto",
+        help="jaxllm (not LightLLM's): the tool-call format the model writes, parsed into OpenAI tool_calls: "
+             "hermes (<tool_call> tags: Hermes, Qwen 2.5+), llama3_json (Llama 3.1+ JSON calls), mistral "
+             "([TOOL_CALLS]), or auto (guessed from the chat template; hermes when it names none)")
     return p
 
 
@@ -168,6 +173,7 @@ class ServerArgs:
     enable_monitor_auth: bool
     load_format: str
     api_key: list[str] = dataclasses.field(repr=False)  # secrets: kept out of reprs and logs
+    tool_call_parser: str = "auto"
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":

@@ -15,6 +15,14 @@ if TYPE_CHECKING:
     from jaxllm.models.quant import WeightQuant
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# Each norm layout's per-block norms, by param name (Hugging Face's names in Llama-style checkpoints).
+LAYOUT_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "parallel": ("input_layernorm",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +119,12 @@ class ModelConfig:
         kv = self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
         mlp = (3 if self.mlp_gated else 2) * d * f + ((2 * f if self.mlp_gated else f) + d if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * d
+        norm = d * (2 if self.norm_bias else 1)
+        qk_norms = {None: 0, "all": q + kv, "head": (q + kv) if self.qk_norm_per_head_weights else 2 * self.head_dim}
+        layer = attn + mlp + len(LAYOUT_NORMS[self.norm_layout]) * norm + qk_norms[self.qk_norm]
         head = 0 if self.tie_word_embeddings else v * d
         positions = self.max_position_embeddings * d if self.position == "learned" else 0
-        return v * d + positions + self.num_layers * layer + d + head
+        return v * d + positions + (norm if self.embed_norm else 0) + self.num_layers * layer + norm + head
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
