@@ -1,4 +1,5 @@
-"""CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`."""
+"""CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`,
+`python -m jaxllm.bench quality ...` (what the weight-quantisation modes cost in quality)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import sys
 
+from jaxllm.bench import quality
 from jaxllm.bench.stats import format_table, summarize
 from jaxllm.bench.workload import WorkloadSpec, build_workload
 
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     offline.add_argument("--separately", action="store_true",
                          help="with --best-of: run each prompt's sequences as separate requests instead")
     _add_workload_flags(offline)
+    quality.add_arguments(sub.add_parser("quality", help="perplexity, greedy agreement and logit error per weight mode"))
     return parser
 
 
@@ -72,6 +75,10 @@ def _engine_overrides(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ns, extra = build_parser().parse_known_args(argv)
+    if ns.command == "quality":
+        if extra:
+            raise SystemExit(f"jaxllm.bench: unknown arguments {extra}")
+        return quality.run(ns)
     spec = _spec(ns)
     if ns.command == "serve":
         if extra:
