@@ -46,6 +46,25 @@ class Rope:
 
 
 @dataclasses.dataclass(frozen=True)
+class Moe:
+    """A mixture-of-experts MLP (`jaxllm/models/moe.py`): `num_experts` gated experts of `intermediate_size`,
+    `top_k` per token chosen by softmax router scores; the chosen scores are renormalised to sum to 1
+    (`normalize_top_k`) and multiplied by `routed_scale`. Optional shared experts of
+    `shared_intermediate_size` that every token passes through, scaled by a sigmoid gate (`shared_gate`,
+    Qwen2-MoE) or not (DeepSeek). `layers`: the decoder layers with a MoE MLP (the others keep the dense MLP)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    layers: tuple[int, ...]
+    normalize_top_k: bool = True
+    routed_scale: float = 1.0
+    router_float32: bool = False  # the router's product in float32 (DeepSeek keeps its weight in float32)
+    shared_intermediate_size: int = 0
+    shared_gate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -87,6 +106,8 @@ class ModelConfig:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     final_softcap: float | None = None
+    # --- mixture of experts (None: every layer has the dense MLP)
+    moe: Moe | None = None
 
     @property
     def group_size(self) -> int:
@@ -99,17 +120,36 @@ class ModelConfig:
     def layer_window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.layers
+
     @property
     def num_params(self) -> int:
+        return self._count_params(active=False)
+
+    @property
+    def num_active_params(self) -> int:
+        """The params one token reads: every weight but the experts it is not routed to."""
+        return self._count_params(active=True)
+
+    def _count_params(self, active: bool) -> int:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
         mlp = (3 if self.mlp_gated else 2) * d * f + ((2 * f if self.mlp_gated else f) + d if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * d
+        layers = 0
+        for i in range(self.num_layers):
+            layers += attn + 2 * d + (self._moe_params(active) if self.is_moe_layer(i) else mlp)
         head = 0 if self.tie_word_embeddings else v * d
         positions = self.max_position_embeddings * d if self.position == "learned" else 0
-        return v * d + positions + self.num_layers * layer + d + head
+        return v * d + positions + layers + d + head
+
+    def _moe_params(self, active: bool) -> int:
+        m, d = self.moe, self.hidden_size
+        experts = m.top_k if active else m.num_experts
+        shared = 3 * d * m.shared_intermediate_size + (d if m.shared_gate else 0)
+        return d * m.num_experts + experts * 3 * d * m.intermediate_size + shared
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":

@@ -151,8 +151,9 @@ def _ds_tensors(model_dir: Path, num_layers: int) -> Iterator[tuple[str, np.ndar
 
 
 def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "HF"):
-    """Load Hugging Face-named weights (HF files, or DeepSpeed files with `load_way="DS"`), cast to the
-    model's dtype, each device receiving only its shard."""
+    """Load Hugging Face-named weights (HF files, or DeepSpeed files with `load_way="DS"`), cast to each
+    param's declared dtype (the model's, or float32 where a family keeps one so), each device receiving only
+    its shard."""
     model_dir = Path(model_dir)
     config = model.config
     family = family_of(config.model_type)
@@ -185,7 +186,7 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
                 continue
             pending.pop(target.path, None)
             host = buffer
-        _set(params, target.path, _place(host, model.dtype, _get(shardings, target.path)))
+        _set(params, target.path, _place(host, _get(shapes, target.path).dtype, _get(shardings, target.path)))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
@@ -233,7 +234,7 @@ def load_orbax(model, model_dir: str | Path, mesh: Mesh, tp: int):
     abstract = nn.unbox(abstract_params(model))
     shardings = param_shardings(model, mesh, tp)
     target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, model.dtype, sharding=s), abstract, shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target)
