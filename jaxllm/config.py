@@ -65,6 +65,25 @@ class Moe:
 
 
 @dataclasses.dataclass(frozen=True)
+class Mla:
+    """Multi-head latent attention (DeepSeek-V2, `jaxllm/models/mla.py`): every head's key and value are
+    up-projected from one per-token latent of `kv_rank` dims, beside one rotary key of `rope_dim` dims
+    shared by all heads (the KV cache holds these two); queries of `nope_dim + rope_dim` per head come
+    straight from the hidden state or through a `q_rank` latent; values have `v_dim` per head."""
+
+    kv_rank: int
+    rope_dim: int
+    nope_dim: int
+    v_dim: int
+    q_rank: int | None = None
+
+    @property
+    def cache_dim(self) -> int:
+        """Cached values per token and layer."""
+        return self.kv_rank + self.rope_dim
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -108,6 +127,8 @@ class ModelConfig:
     final_softcap: float | None = None
     # --- mixture of experts (None: every layer has the dense MLP)
     moe: Moe | None = None
+    # --- multi-head latent attention (None: attention over per-head keys and values)
+    mla: Mla | None = None
 
     @property
     def group_size(self) -> int:
@@ -137,6 +158,8 @@ class ModelConfig:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        if self.mla is not None:
+            attn = self._mla_params()
         mlp = (3 if self.mlp_gated else 2) * d * f + ((2 * f if self.mlp_gated else f) + d if self.mlp_bias else 0)
         layers = 0
         for i in range(self.num_layers):
@@ -144,6 +167,12 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else v * d
         positions = self.max_position_embeddings * d if self.position == "learned" else 0
         return v * d + positions + layers + d + head
+
+    def _mla_params(self) -> int:
+        a, d, h = self.mla, self.hidden_size, self.num_heads
+        qk = h * (a.nope_dim + a.rope_dim)
+        q = d * qk if a.q_rank is None else d * a.q_rank + a.q_rank + a.q_rank * qk
+        return q + d * a.cache_dim + a.kv_rank + a.kv_rank * h * (a.nope_dim + a.v_dim) + h * a.v_dim * d
 
     def _moe_params(self, active: bool) -> int:
         m, d = self.moe, self.hidden_size

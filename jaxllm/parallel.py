@@ -47,11 +47,15 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         ("positions", None),
         ("experts", None),
         ("expert_mlp", TP_AXIS),
+        ("latent", None),
     )
 
 
 def kv_cache_spec(config: ModelConfig, tp: int) -> PartitionSpec:
-    """KV buffers [slots, kv_heads, head_dim] are split by KV head, like the K/V projections."""
+    """KV buffers [slots, kv_heads, head_dim] are split by KV head, like the K/V projections; a latent
+    cache (one row per token for all heads) is replicated."""
+    if config.mla is not None:
+        return PartitionSpec(None, None, None)
     kv_axis = dict(logical_rules(config, tp))["kv_heads"]
     return PartitionSpec(None, kv_axis, None)
 

@@ -111,11 +111,22 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
     return seconds, float(np.median(state["enqueue"]))
 
 
+def params_read(config: ModelConfig, tokens: int) -> float:
+    """Params a step over `tokens` tokens must read: all but the experts no token is routed to (their expected
+    count under uniform routing; a MoE step of one token reads its top-k experts only)."""
+    m = config.moe
+    if m is None:
+        return config.num_params
+    expert = 3 * config.hidden_size * m.intermediate_size
+    touched = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** tokens)
+    return config.num_active_params + len(m.layers) * (touched - m.top_k) * expert
+
+
 def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float) -> dict:
     tokens = case.batch * (case.context if case.prefill else 1)
-    weight_bytes = config.num_params * itemsize
+    weight_bytes = params_read(config, tokens) * itemsize
     kv_bytes = 2 * config.num_layers * case.batch * case.context * config.num_kv_heads * config.head_dim * itemsize
-    flops = 2 * config.num_params * tokens
+    flops = 2 * config.num_active_params * tokens
     return {
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,

@@ -25,22 +25,23 @@ def route(logits, moe: Moe):
     return weights * moe.routed_scale, experts
 
 
-def routed_experts(x, weights, experts, gate_up, down, act):
+def routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dense):
     """Σ_j weights[t, j] · expert_{experts[t, j]}(x[t]) for every token t.
 
     x [n, D]; weights, experts [n, k]; gate_up [E, D, F, 2] (each expert's gate and up columns interleaved,
     so `--tp`'s split of F keeps each device's gate and up columns together); down [E, F, D].
-    The n·k (token, expert) pairs are sorted by expert and each projection is one grouped matmul.
+    The n·k (token, expert) pairs are sorted by expert and each projection is one grouped matmul
+    (`grouped(x [m, in], w [E, in, out], group_sizes [E])`, `layers.grouped_dense` unless a benchmark swaps it).
     """
     n, k = experts.shape
     num_experts, d, f, _ = gate_up.shape
     flat = experts.reshape(-1)  # [n*k] pair p = token p // k, its (p % k)-th expert
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E] pairs per expert
-    h = grouped_dense(x[order // k], gate_up.reshape(num_experts, d, 2 * f), sizes)  # [n*k, 2F]
+    h = grouped(x[order // k], gate_up.reshape(num_experts, d, 2 * f), sizes)  # [n*k, 2F]
     h = h.reshape(n * k, f, 2)
     h = act(h[..., 0]) * h[..., 1]  # [n*k, F]
-    y = grouped_dense(h, down, sizes)  # [n*k, D]
+    y = grouped(h, down, sizes)  # [n*k, D]
     y = y[jnp.argsort(order)].reshape(n, k, d)  # back to pair order
     return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import llama, mixtral, qwen_moe
+from jaxllm.models import deepseek, llama, mixtral, qwen_moe
 from jaxllm.models.family import Family
 
-_MODULES = (llama, mixtral, qwen_moe)
+_MODULES = (llama, mixtral, qwen_moe, deepseek)
 FAMILIES: dict[str, Family] = {t: m.FAMILY for m in _MODULES for t in m.FAMILY.model_types}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 

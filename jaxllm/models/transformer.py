@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata
 from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
+from jaxllm.models.mla import LatentAttention
 from jaxllm.models.moe import MoE
 
 NORM_LAYOUTS = ("pre", "sandwich", "post", "parallel")
@@ -32,7 +33,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, meta, layer_cache):
         c = self.config
-        attn = Attention(c, self.layer, self.dtype, self.backend, name="self_attn")
+        attn = (LatentAttention if c.mla else Attention)(c, self.layer, self.dtype, self.backend, name="self_attn")
         mlp = MoE(c, self.dtype, name="mlp") if c.is_moe_layer(self.layer) else MLP(c, self.dtype, name="mlp")
         norm = lambda name: Norm(c, self.dtype, name=name)  # noqa: E731
         scale = lambda h: h if c.residual_scale == 1.0 else h * c.residual_scale  # noqa: E731

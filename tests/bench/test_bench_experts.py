@@ -1,0 +1,8 @@
+"""`python -m jaxllm.bench.experts --smoke`: the grouped-matmul benchmark's implementations agree on the CPU."""
+
+from jaxllm.bench import experts
+
+
+def test_smoke_implementations_agree(capsys):
+    assert experts.main(["--smoke"]) == 0
+    assert "33 tokens: dense_loop and gathered agree with ragged_dot" in capsys.readouterr().out

@@ -1,0 +1,38 @@
+"""The MoE layer's pieces on fresh random inputs: the router's choice and weights, and the grouped-matmul
+experts against the padded form (every expert over every token), with ragged routings where some experts
+get no token at all."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.bench.experts import dense_loop, random_layer
+from jaxllm.config import Moe
+from jaxllm.models.layers import activation
+from jaxllm.models.moe import route, routed_experts
+
+
+@pytest.mark.parametrize("normalize,scale", [(True, 1.0), (False, 1.0), (False, 2.5)])
+def test_route_picks_the_top_k_softmax_scores(normalize, scale):
+    logits = jax.random.normal(jax.random.PRNGKey(0), (7, 6)) * 3
+    moe = Moe(num_experts=6, top_k=2, intermediate_size=8, layers=(0,), normalize_top_k=normalize, routed_scale=scale)
+    weights, experts = route(logits, moe)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    expected_ids = np.argsort(-probs, axis=-1)[:, :2]
+    np.testing.assert_array_equal(np.sort(np.asarray(experts), -1), np.sort(expected_ids, -1))
+    chosen = np.take_along_axis(probs, np.asarray(experts), axis=-1)
+    if normalize:
+        chosen = chosen / chosen.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(weights), chosen * scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens,num_experts,top_k", [(1, 8, 2), (3, 8, 2), (17, 4, 3), (40, 6, 1)])
+def test_grouped_experts_match_every_expert_over_every_token(tokens, num_experts, top_k):
+    x, weights, experts, gate_up, down = random_layer(num_experts, 32, 24, tokens, top_k, jnp.float32, seed=tokens)
+    if tokens == 40:  # a skewed routing: experts 0 and 1 only, the others empty
+        experts = jnp.asarray(np.random.default_rng(0).integers(0, 2, size=(tokens, 1)), jnp.int32)
+    act = activation("silu")
+    got = jax.jit(routed_experts, static_argnums=5)(x, weights, experts, gate_up, down, act)
+    expected = jax.jit(dense_loop, static_argnums=5)(x, weights, experts, gate_up, down, act)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)
