@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# transformers 4.x (no torch) beside the test venv: converted model directories must load there too
+VENV_TF4 := .venv-transformers4
+TF4_PY := $(VENV_TF4)/bin/python
 MODEL_DIR := models/SmolLM2-135M-Instruct
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 SERVE_EXTRA := $(if $(HAS_GPU),cuda,)
@@ -26,8 +29,13 @@ $(VENV)/.installed-test: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --no-deps text-generation
 	touch $@
 
+$(VENV_TF4)/.installed: | $(PY)
+	$(PY) -m venv --without-pip $(VENV_TF4)
+	$(PY) -m pip --python $(TF4_PY) install -q --no-compile "transformers>=4.45,<5" tokenizers jinja2
+	touch $@
+
 install-serve: $(VENV)/.installed-serve
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(VENV_TF4)/.installed
 
 model: install-serve
 	$(PY) -m tools.convert.default_model --dst $(MODEL_DIR)
@@ -37,7 +45,7 @@ serve: model
 
 test: install-test
 	$(PY) -m tools.convert.default_model --dst $(MODEL_DIR)
-	$(PY) -m pytest -q tests
+	JAXLLM_TRANSFORMERS4_PYTHON=$(TF4_PY) $(PY) -m pytest -q tests
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_TF4)

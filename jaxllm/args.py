@@ -17,7 +17,6 @@ LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
     "nccl_port",
-    "trust_remote_code",
     "beam_mode",
     "diverse_mode",
     "token_healing_mode",
@@ -34,7 +33,8 @@ def _truncation_mode(value: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser of `python -m jaxllm.serve`: LightLLM's api_server flags plus `--load_format`."""
+    """The argparse parser of `python -m jaxllm.serve`: LightLLM's api_server flags plus `--load_format` and
+    `--api_key`."""
     p = argparse.ArgumentParser(
         prog="python -m jaxllm.serve",
         description="Serve a Llama-family model over LightLLM's HTTP API (JAX, Pallas GPU kernels).",
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
              "quantisation modes triton_w4a16 | triton_w8a16 | triton_w8a8 | lmdeploy_w4a16 | ppl_w4a16 | "
              "ppl_w8a8 | ppl_w8a8_mixdown")
     add("--trust_remote_code", action="store_true",
-        help="allow model code shipped with the checkpoint (custom architectures)")
+        help="load model directories that ship their own code (config auto_map: InternLM2, Baichuan, Qwen-1, ...); "
+             "the config is read by jaxllm's family module, the tokenizer's code runs in transformers")
     add("--disable_log_stats", action="store_true", help="do not log throughput statistics")
     add("--log_stats_interval", type=int, default=10, help="seconds between statistics log lines")
     add("--router_token_ratio", type=float, default=0.0,
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--load_format", type=str, choices=LOAD_FORMATS, default="auto",
         help="jaxllm: weights from HF safetensors (hf), an orbax checkpoint (orbax), whichever the model "
              "directory holds (auto), or random weights on the device for a config-only directory (dummy)")
+    add("--api_key", action="append", default=[], metavar="KEY",
+        help="jaxllm, not LightLLM (vLLM's name): every route but /health, /healthz, /liveness, /readiness "
+             "and /metrics then demands the header `Authorization: Bearer KEY` (401 otherwise); repeat the "
+             "flag to accept several keys. Keys are never logged")
     return p
 
 
@@ -158,6 +163,7 @@ class ServerArgs:
     push_interval: int
     enable_monitor_auth: bool
     load_format: str
+    api_key: list[str] = dataclasses.field(repr=False)  # secrets: kept out of reprs and logs
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
@@ -218,6 +224,9 @@ def _check_consistency(v: dict[str, Any]) -> None:
     for key in v["grouping_key"]:
         if "=" not in key:
             raise ValueError(f"--grouping_key {key!r} must have the form key=value")
+    for i, key in enumerate(v["api_key"]):
+        if not key or not all("!" <= c <= "~" for c in key):  # what an HTTP header can carry after "Bearer "
+            raise ValueError(f"--api_key number {i + 1} must be printable ASCII without spaces (not shown)")
 
 
 def _resolve_batch_max_tokens(v: dict[str, Any]) -> int:

@@ -189,8 +189,17 @@ class ModelConfig:
         return config_from_hf(raw)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ModelConfig":
-        return cls.from_hf_dict(read_hf_config(model_dir))
+    def from_model_dir(cls, model_dir: str | Path, trust_remote_code: bool = False) -> "ModelConfig":
+        """The config of `model_dir`. A config that names its own Python code (`auto_map`) is refused unless
+        `trust_remote_code` (LightLLM's flag) allows it; even then no code of the checkpoint runs here: the
+        family module reads the config's fields."""
+        raw = read_hf_config(model_dir)
+        if "auto_map" in raw and not trust_remote_code:
+            raise ValueError(
+                f"{model_dir} ships its own model code (config.json has 'auto_map'); "
+                "pass --trust_remote_code to load it"
+            )
+        return cls.from_hf_dict(raw)
 
 
 def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
@@ -224,7 +233,34 @@ def common_fields(raw: dict[str, Any]) -> dict[str, Any]:
         rope=rope_from_hf(raw, head_dim),
         qkv_bias=bool(raw.get("attention_bias", False)),
         o_bias=bool(raw.get("attention_bias", False)),
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+        activation=activation_from_hf(raw.get("hidden_act") or raw.get("hidden_activation") or "silu"),
+        layer_windows=layer_windows_from_hf(raw, raw["num_hidden_layers"]),
     )
+
+
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                   "gelu": "gelu"}
+
+
+def activation_from_hf(name: str) -> str:
+    """A Hugging Face activation name → ours ("silu", "gelu_tanh", "gelu")."""
+    if name not in _HF_ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported ({', '.join(_HF_ACTIVATIONS)})")
+    return _HF_ACTIVATIONS[name]
+
+
+def layer_windows_from_hf(raw: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    """Per-layer sliding windows: from `layer_types` where the config lists them (Gemma-2/3, Qwen), else
+    `sliding_window` on every layer (Mistral, Phi-3, StarCoder-2); () when no layer has one."""
+    window = raw.get("sliding_window")
+    if not window:
+        return ()
+    types = raw.get("layer_types")
+    if types is None:
+        return (int(window),) * num_layers
+    windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+    return windows if any(windows) else ()
 
 
 def rope_params(raw: dict[str, Any]) -> dict[str, Any]:

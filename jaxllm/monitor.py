@@ -53,8 +53,10 @@ class Supervisor:
     """Keeps one healthy child running `command`; run() returns when stopped by a signal (0) or when
     `max_failed_starts` children in a row never became healthy (1)."""
 
-    def __init__(self, command: Sequence[str], health_url: str, config: MonitorConfig = MonitorConfig()):
+    def __init__(self, command: Sequence[str], health_url: str, config: MonitorConfig = MonitorConfig(),
+                 secrets: Sequence[str] = ()):
         self.command = list(command)
+        self.secrets = frozenset(secrets)  # values of the command never logged (--api_key)
         self.health_url = health_url
         self.config = config
         self.starts = 0  # children started
@@ -68,7 +70,19 @@ class Supervisor:
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
         host = f"[{host}]" if ":" in host else host
         return cls([sys.executable, "-m", "jaxllm.serve", *flags], f"http://{host}:{args.port}/health",
-                   MonitorConfig.from_env())
+                   MonitorConfig.from_env(), secrets=args.api_key)
+
+    def shown_command(self) -> list[str]:
+        """The command as logged: each secret, alone (`--api_key KEY`) or after `=` (`--api_key=KEY`), as ***."""
+        shown = []
+        for arg in self.command:
+            flag, eq, value = arg.partition("=")
+            if arg in self.secrets:
+                arg = "***"
+            elif eq and flag.startswith("--") and value in self.secrets:
+                arg = f"{flag}=***"
+            shown.append(arg)
+        return shown
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,7 +111,7 @@ class Supervisor:
     def _run_child(self) -> tuple[bool, str]:
         """Start a child and watch it; returns (whether it became healthy, why it is being replaced)."""
         self.starts += 1
-        log.info("starting the server (start %d): %s", self.starts, " ".join(self.command))
+        log.info("starting the server (start %d): %s", self.starts, " ".join(self.shown_command()))
         self.child = subprocess.Popen(self.command)
         try:
             why = self._wait_healthy()

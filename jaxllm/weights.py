@@ -172,6 +172,8 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
     seen = set()
     pending: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # fused params: host buffer, parts still missing
     for name, array in tensors:
+        if name not in table and family.base_prefix + name in table:
+            name = family.base_prefix + name
         if name not in table:
             if family.ignored(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue

@@ -98,3 +98,16 @@ def test_help_lists_every_seed_flag(capsys):
     out = capsys.readouterr().out
     for name in seed_flags():
         assert f"--{name}" in out
+
+
+def test_api_keys_are_repeatable_and_kept_out_of_reprs(capsys):
+    assert parse_args([]).api_key == []
+    args = parse_args(["--api_key", "k-1", "--api_key=k-2"])
+    assert args.api_key == ["k-1", "k-2"] and "k-1" not in repr(args) and "api_key" not in repr(args)
+    for bad in ("", "two words", "tab\tkey", "ключ"):
+        with pytest.raises(ValueError, match="--api_key number 2") as err:
+            parse_args(["--api_key", "fine", "--api_key", bad])
+        assert bad not in str(err.value) or not bad
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    assert "--api_key KEY" in capsys.readouterr().out.replace("\n", " ")

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-rate", type=float, default=float("inf"),
                        help="Poisson arrival rate in requests/s (inf: all at once)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--api-key", default=None,
+                       help="sent as `Authorization: Bearer KEY`, for a server started with --api_key")
     _add_workload_flags(serve)
     offline = sub.add_parser("offline", help="throughput of the in-process engine; extra flags go to the engine",
                              epilog="Any jaxllm.serve flag may follow, e.g. --max_total_token_num 200000.")
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [r.prompt_text or tokenizer.decode(r.prompt_ids) for r in requests]
         timings, duration = asyncio.run(run_load(
             ns.base_url, requests, prompts, api=ns.api, model=ns.model,
-            request_rate=ns.request_rate, max_concurrency=ns.max_concurrency, seed=ns.seed,
+            request_rate=ns.request_rate, max_concurrency=ns.max_concurrency, seed=ns.seed, api_key=ns.api_key,
         ))
         result = summarize(timings, duration)
         table = format_table(result)

@@ -78,14 +78,17 @@ async def run_load(
     request_rate: float = float("inf"),
     max_concurrency: int | None = None,
     seed: int = 0,
+    api_key: str | None = None,
 ) -> tuple[list[RequestTiming], float]:
-    """Send every request (Poisson arrivals at `request_rate` req/s, or all at once); returns timings and
-    the run's wall time."""
+    """Send every request (Poisson arrivals at `request_rate` req/s, or all at once, with the bearer `api_key`
+    if given); returns timings and the run's wall time."""
     rng = np.random.default_rng(seed)
     limit = asyncio.Semaphore(max_concurrency or len(requests))
     bar = tqdm(total=len(requests), desc="requests", unit="req")
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                     headers=headers) as session:
 
         async def guarded(prompt, req):
             async with limit:

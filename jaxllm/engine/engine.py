@@ -19,7 +19,9 @@ import jax
 
 from jaxllm.config import ModelConfig
 from jaxllm.engine.detokenizer import load_tokenizer
+from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
+from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
@@ -80,6 +82,7 @@ class Engine:
         )
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None)
+        self._grammars: GrammarCompiler | None = None  # built with the first constrained request
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
@@ -98,10 +101,13 @@ class Engine:
         # its launch once the previous step's results are read), postprocess_s (tokens, text, stops).
         # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess).
         # steps_after_idle: steps launched after the unread step before them had finished (the device idled).
+        # constrained_steps: steps with allowed-token masks; mask_s: host time building those masks (the
+        # grammar engine's time per step, overlapping the device's model call).
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
-                          "launch_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0}
+                          "launch_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0,
+                          "constrained_steps": 0, "mask_s": 0.0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
         self._peak, self._peak_at = 0, 0.0
@@ -112,14 +118,14 @@ class Engine:
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
-        config = ModelConfig.from_model_dir(args.model_dir)
+        config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
         mesh = make_mesh(args.tp)
         backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend)
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-            tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode)
+            tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
         return cls(args, model, params, mesh, tokenizer, warmup=warmup)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -182,9 +188,17 @@ class Engine:
             seed=params.seed % 2**64 if params.seed is not None else secrets.randbits(64),
             arrival=arrival,
         )
+        if params.guided is not None:
+            req.constraint = self.grammars().constraint(params.guided)
         self._events.attach(req)
         req.stream = RequestStream(req.request_id)
         return req
+
+    def grammars(self) -> GrammarCompiler:
+        """The compiler of guided requests' grammars (ValueError when the engine has no tokenizer)."""
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.args.eos_id, self.runner.mask_words)
+        return self._grammars
 
     def abort(self, request_id: str) -> None:
         """End a request: its KV is freed within one step and its stream ends with "abort"."""
@@ -301,6 +315,15 @@ class Engine:
         finally:
             self._counters["dispatch_s"] += time.perf_counter() - started
         self._launching = None
+        if handle.unsampled is not None:  # the previous step's tokens are read: its masks can be built
+            try:
+                self._sample_constrained(handle)
+            except Exception as exc:  # noqa: BLE001
+                for chunk in batch.chunks:
+                    if chunk.samples:
+                        chunk.request.num_pending -= 1
+                self._fail_step(batch, exc)
+                return None
         self._counters["launch_s"] += handle.launch_s
         self._counters["steps_after_idle"] += handle.after_idle
         self.scheduler.step_dispatched(batch)
@@ -310,6 +333,13 @@ class Engine:
         c["prefill_tokens"] += batch.num_prefill_tokens
         c["decode_tokens"] += batch.num_decode_tokens
         return handle
+
+    def _sample_constrained(self, handle: StepHandle) -> None:
+        started = time.perf_counter()
+        masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
+        self._counters["mask_s"] += time.perf_counter() - started
+        self._counters["constrained_steps"] += 1
+        self.runner.sample_constrained(handle, masks)
 
     def _note_admissions(self, batch: SchedulerOutput) -> None:
         """Queue time and prompt-cache hits of requests scheduled for the first time."""

@@ -37,8 +37,12 @@ class EventMaker:
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
         is_eos = token in self.eos
+        if req.constraint is not None and req.constraint.active:
+            req.constraint.advance(token)
         reason = None
         if is_eos and not params.ignore_eos:
+            reason = "stop"
+        elif req.constraint is not None and req.constraint.complete:  # the grammar allows nothing more
             reason = "stop"
         elif len(req.output_ids) >= params.max_new_tokens:
             reason = "length"

@@ -16,6 +16,20 @@ from typing import Any
 _GREEDY_TEMPERATURE = 1e-5
 
 
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
+
+
+@dataclass(frozen=True)
+class Guided:
+    """A constraint on the generated text (ours: not LightLLM's). kind: one of GUIDED_KINDS; value: the JSON
+    schema as JSON text, the regular expression, the choices as a JSON list of strings, the Lark grammar
+    ("" for json_object). field: the request field it came from, named in errors."""
+
+    kind: str
+    value: str = ""
+    field: str = "guided"
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """LightLLM's generation parameters (same names and defaults), plus `seed` and `prompt_logprobs`."""
@@ -40,6 +54,7 @@ class SamplingParams:
     input_penalty: bool = False  # count the prompt's tokens in the penalties too
     seed: int | None = None  # ours: a reproducible sample stream (OpenAI / TGI `seed`), taken modulo 2**64
     prompt_logprobs: bool = False  # ours: logprob of every prompt token given its prefix
+    guided: Guided | None = None  # ours: the grammar the output must follow (constrained decoding)
 
     def __post_init__(self):
         # Accept lists and a lone string where tuples are declared (JSON bodies give lists).
@@ -83,6 +98,8 @@ class SamplingParams:
              "must be a pair [start index >= 0, factor >= 1.0]"),
             ("stop_sequences", all(isinstance(s, str) and s for s in self.stop_sequences),
              "must be non-empty strings"),
+            ("guided", self.guided is None or (isinstance(self.guided, Guided) and self.guided.kind in GUIDED_KINDS),
+             f"must be one of {', '.join(GUIDED_KINDS)}"),
             ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
              "must be an integer"),
         ]
@@ -154,6 +171,7 @@ class Request:
     stream: Any = None  # where TokenEvents go (engine.RequestStream)
     detokenizer: Any = None  # IncrementalDetokenizer, when the engine has a tokenizer
     stop_matcher: Any = None  # StopMatcher, when params.stop_sequences
+    constraint: Any = None  # the allowed-token rule of its next tokens (engine.constraints.TokenConstraint)
 
     @property
     def prompt_len(self) -> int:

@@ -1,6 +1,8 @@
 """Runs scheduled steps on the device: one jitted function (model + sampler) over bucketed shapes, KV state
 donated, dispatched asynchronously. Sampled ids stay on the device as the next step's inputs; the host
-reads each step's results later (`fetch`), while the device runs the following step.
+reads each step's results later (`fetch`), while the device runs the following step. A step with constrained
+rows (an allowed-token mask) runs in two calls: the model (`launch`), then the sampler with the masks
+(`sample_constrained`), which the host builds from the previous step's tokens while the device runs the model.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class StepShape:
     all_logits: bool = False  # some row wants prompt logprobs
     penalties: bool = False  # some row has a repetition / frequency / presence penalty
     sampling: bool = False  # some row is not greedy
+    constrained: bool = False  # some sampled row has an allowed-token mask: the sampler runs as a second call
 
     def static_args(self) -> dict:
         """The step function's static arguments (sizes come with the arrays)."""
@@ -100,11 +103,19 @@ class StepHandle:
     logprobs: jax.Array  # [R] f32
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
+    # A constrained step until sample_constrained: the sampler's device inputs (logits, history, ints, floats)
+    # and its static arguments; sampled and logprobs are None until then.
+    unsampled: tuple | None = None
     dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
     launch_s: float = 0.0  # time of the transfer and the step call, on the thread that launched it
     # The step before it, not yet read, had already finished when this one was launched: the device waited
     # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
     after_idle: bool = False
+
+    @property
+    def rows(self) -> int:
+        """The step's rows, padding included."""
+        return (self.sampled if self.unsampled is None else self.unsampled[0]).shape[0]
 
 
 @dataclasses.dataclass
@@ -116,8 +127,9 @@ class StepResult:
 
 
 def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
-          penalties, sampling):
-    """The jitted step: table updates, model, sampler. kv and last_tokens are donated."""
+          penalties, sampling, constrained):
+    """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Constrained, it stops
+    before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt logprobs)."""
     inp = unpack(ints, floats, layout)
     from_device = inp.token_src >= 0
     tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
@@ -143,12 +155,24 @@ def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, widt
     else:
         prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
     history = token_table[inp.kv_rows, :width]  # [R, width]
+    new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
+    if constrained:
+        return new_kv, last_tokens, logits, history if penalties else jnp.zeros((1,), jnp.int32), prompt_lp
     sampled, logprobs = sample(
         logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties, sampling=sampling
     )
     last = jnp.zeros_like(last_tokens).at[: sampled.shape[0]].set(sampled)
-    new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
     return new_kv, last, sampled, logprobs, prompt_lp
+
+
+def _sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *, layout, penalties, sampling):
+    """The second call of a constrained step: the sampler over the model's logits [R, V] with each row's
+    allowed-token mask [R, ceil(V / 32)]. last_tokens is donated."""
+    inp = unpack(ints, floats, layout)
+    sampled, logprobs = sample(logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties,
+                               sampling=sampling, mask=mask)
+    last = jnp.zeros_like(last_tokens).at[: sampled.shape[0]].set(sampled)
+    return last, sampled, logprobs
 
 
 def _fill_tables(kv, rows, positions, slots, tokens):
@@ -196,10 +220,16 @@ class ModelRunner:
         rep = self._replicated
         self._jitted = jax.jit(
             functools.partial(_step, model, self.eos_ids),
-            static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling"),
+            static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling", "constrained"),
             donate_argnums=(1, 2),
             out_shardings=(kv_shardings, rep, rep, rep, rep),
         )
+        # Compiled per shape when first met: steps without constrained rows never call it.
+        self._sample_masked = jax.jit(
+            functools.partial(_sample_masked, self.eos_ids), static_argnames=("layout", "penalties", "sampling"),
+            donate_argnums=(0,), out_shardings=(rep, rep, rep),
+        )
+        self.mask_words = (self.vocab_size + 31) // 32  # int32 words of a row's allowed-token mask
         self._fill = jax.jit(_fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
         # The compiled step of each shape, called directly: on the GPU the jit's own call path costs ~4 ms
         # more host time per step than its compiled executable's (docs/perf.md, session 3).
@@ -223,6 +253,8 @@ class ModelRunner:
             all_logits=any(c.prompt_logprobs for c in chunks),
             penalties=any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params),
             sampling=any(p.top_k != 1 for p in params),
+            constrained=any(c.samples and c.request.constraint is not None and c.request.constraint.active
+                            for c in chunks),
         )
 
     def prefill_rows(self, tokens: int, chunks: int = 0) -> int:
@@ -294,7 +326,7 @@ class ModelRunner:
         after_idle = unread is not None and unread.sampled.is_ready()
         if step.prefix_columns is not None:
             self.kv = self._fill(self.kv, *jax.device_put(step.prefix_columns, self._replicated))
-        sampled, logprobs, prompt_lp = self._run(step.host, step.shape)
+        sampled, logprobs, prompt_lp, unsampled = self._run(step.host, step.shape)
         launch_s = time.perf_counter() - launched
         if not step.shape.all_logits:
             prompt_lp = None
@@ -302,8 +334,19 @@ class ModelRunner:
             if array is not None:
                 array.copy_to_host_async()
         self._last_rows = step.rows
-        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, step.prepared_at, launch_s,
-                          after_idle)
+        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, unsampled, step.prepared_at,
+                          launch_s, after_idle)
+
+    def sample_constrained(self, handle: StepHandle, mask: np.ndarray) -> None:
+        """Enqueue a constrained step's sampler with each row's allowed-token mask [rows, mask_words] int32
+        (all ones for unconstrained and padding rows); handle.sampled and handle.logprobs then exist."""
+        logits, history, ints, floats, statics = handle.unsampled
+        mask = jax.device_put(mask, self._replicated)
+        self._last_tokens, handle.sampled, handle.logprobs = self._sample_masked(
+            self._last_tokens, logits, history, ints, floats, mask, **statics)
+        handle.unsampled = None
+        handle.sampled.copy_to_host_async()
+        handle.logprobs.copy_to_host_async()
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Wait for a dispatched step's results on the host."""
@@ -317,12 +360,15 @@ class ModelRunner:
 
     def _run(self, host: StepInputs, shape: StepShape):
         executable = self._compile(host, shape)
-        ints, floats, _ = pack(host)
+        ints, floats, layout = pack(host)
         ints, floats = jax.device_put((ints, floats), self._replicated)
-        self.kv, self._last_tokens, sampled, logprobs, prompt_lp = executable(
+        self.kv, self._last_tokens, first, second, prompt_lp = executable(
             self.params, self.kv, self._last_tokens, ints, floats
         )
-        return sampled, logprobs, prompt_lp
+        if not shape.constrained:  # first, second: sampled ids, their logprobs
+            return first, second, prompt_lp, None
+        statics = {"layout": layout, "penalties": shape.penalties, "sampling": shape.sampling}
+        return None, None, prompt_lp, (first, second, ints, floats, statics)  # first, second: logits, history
 
     def _cached_prefix_columns(self, chunks) -> tuple[np.ndarray, ...]:
         """Table entries for requests starting on a cached prefix: their rows get its slots and token ids

@@ -1,5 +1,6 @@
 """Next-token sampling as a pure JAX function, jitted inside the step (no host sync), in LightLLM's order:
-penalties → eos length penalty → min_new_tokens eos mask → temperature → softmax → top-p → top-k → draw.
+penalties → eos length penalty → min_new_tokens eos mask → allowed-token mask (constrained rows) →
+temperature → softmax → top-p → top-k → draw.
 """
 
 from __future__ import annotations
@@ -92,6 +93,15 @@ def apply_eos_rules(logits, out_len, decay_start, decay_factor, min_new_tokens, 
     return logits.at[:, eos].set(eos_logits)
 
 
+def apply_token_mask(logits, mask):
+    """Disallowed tokens to -inf. mask [R, ceil(V / 32)] int32: bit (t % 32) of word t // 32 allows token t
+    (llguidance's bitmask layout; an unconstrained row is all ones)."""
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    words = mask[:, ids >> 5]  # [R, V]
+    allowed = (jax.lax.shift_right_logical(words, jnp.broadcast_to(ids & 31, words.shape)) & 1).astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def _mix32(x):
     """MurmurHash3's 32-bit finaliser: a bijection whose every output bit depends on every input bit."""
     x = x ^ (x >> 16)
@@ -144,13 +154,14 @@ def draw(probs, top_p, top_k, u):
 
 
 def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int, ...], *,
-           penalties: bool = True, sampling: bool = True):
+           penalties: bool = True, sampling: bool = True, mask=None):
     """Next tokens and their logprobs.
 
     logits [R, V] f32; history [R, W] token ids of each row's positions (W ≥ context_lens);
     context_lens [R]: positions already in the row (the sampled token goes at this position).
     Static switches, set by the caller from the rows' parameters: `penalties` (some row has one),
     `sampling` (some row is not greedy); off, their work is left out of the compiled step.
+    mask: None, or each row's allowed tokens (see apply_token_mask).
     Returns (token ids [R] int32, logprobs [R] f32): the log of the chosen token's probability after
     penalties and temperature, before the top-p / top-k cuts.
     """
@@ -163,6 +174,8 @@ def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int,
         )
     if eos_ids:
         logits = apply_eos_rules(logits, out_len, sb.decay_start, sb.decay_factor, sb.min_new_tokens, eos_ids)
+    if mask is not None:
+        logits = apply_token_mask(logits, mask)
     logprobs = jax.nn.log_softmax(logits / sb.temperature[:, None], axis=-1)  # [R, V]
     tokens = jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
     if sampling:  # greedy rows (top_k 1) keep their argmax

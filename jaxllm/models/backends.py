@@ -140,39 +140,39 @@ class PallasAttention:
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
     def attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None):
-        if spec.window is not None or spec.softcap is not None or alibi_slopes is not None:
-            raise ValueError("the Pallas attention kernels do not take sliding windows, soft-capping or ALiBi yet")
         # One nested jit: the layers of a step share one trace and one lowering of the kernels (once per
         # layer, a 32-layer step shape took 1.0 s to trace and lower instead of 0.3 s).
-        return _jitted_attend(self, q, layer_cache, meta, spec.scale)
+        return _jitted_attend(self, q, layer_cache, meta, spec, alibi_slopes)
 
-    def _attend(self, q, layer_cache, meta: AttentionMetadata, scale):
+    def _attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
         mesh = self.mesh
         tp = mesh.shape[TP_AXIS] if mesh is not None and TP_AXIS in mesh.shape else 1
         if tp == 1:
-            return self._attend_local(q, layer_cache, meta, scale)
+            return self._attend_local(q, layer_cache, meta, spec, slopes)
         kv_heads = layer_cache[0].shape[1]
         if kv_heads % tp:
             # KV heads replicated (fewer than devices): each device's query heads may straddle KV groups.
-            return self._reference(q, layer_cache, meta, scale)
+            return self._reference(q, layer_cache, meta, spec, slopes)
         heads = PartitionSpec(None, TP_AXIS, None)
         cache_specs = tuple(PartitionSpec(None, TP_AXIS, *([None] * (a.ndim - 2))) for a in layer_cache)
         meta_specs = jax.tree.map(lambda _: PartitionSpec(), meta)
+        slopes_spec = None if slopes is None else PartitionSpec(TP_AXIS)  # each device's heads' slopes
         local = jax.shard_map(
-            lambda q, cache, meta: self._attend_local(q, cache, meta, scale),
+            lambda q, cache, meta, slopes: self._attend_local(q, cache, meta, spec, slopes),
             mesh=mesh,
-            in_specs=(heads, cache_specs, meta_specs),
+            in_specs=(heads, cache_specs, meta_specs, slopes_spec),
             out_specs=heads,
             check_vma=False,
         )
-        return local(q, layer_cache, meta)
+        return local(q, layer_cache, meta, slopes)
 
-    def _reference(self, q, layer_cache, meta, scale):
+    def _reference(self, q, layer_cache, meta, spec, slopes):
         backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
-        return backend.attend(q, layer_cache, meta, AttentionSpec(scale))
+        return backend.attend(q, layer_cache, meta, spec, slopes)
 
-    def _attend_local(self, q, layer_cache, meta: AttentionMetadata, scale):
+    def _attend_local(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
         c = self.config
+        scale = spec.scale
         n, heads, head_dim = q.shape
         kv_heads = layer_cache[0].shape[1]
         group = heads // kv_heads
@@ -183,7 +183,10 @@ class PallasAttention:
         rows, width = meta.slot_table.shape
         if meta.decode_only and n != rows:
             raise ValueError(f"a decode-only step has one token per row: {n} tokens for {rows} rows")
-        if self.impl == "mosaic" and not self.int8_kv:
+        plain = spec.window is None and spec.softcap is None and slopes is None
+        # The Mosaic kernel has no windows, soft-caps or ALiBi, and takes head dims of multiples of 64 only:
+        # other layers run the Triton kernel.
+        if self.impl == "mosaic" and not self.int8_kv and plain and head_dim % 64 == 0:
             block_k = attention_mosaic.BLOCK_K
             if meta.decode_only:
                 splits = plan.decode_splits(rows * kv_heads, width, block_k, self.split)
@@ -206,12 +209,13 @@ class PallasAttention:
             q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale, block_q=block_q,
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
+            window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
         )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _jitted_attend(backend: "PallasAttention", q, layer_cache, meta: AttentionMetadata, scale: float):
-    return backend._attend(q, layer_cache, meta, scale)
+def _jitted_attend(backend: "PallasAttention", q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
+    return backend._attend(q, layer_cache, meta, spec, slopes)
 
 
 def cache_bytes_per_slot(backend: AttentionBackend, kv_heads: int, head_dim: int, dtype) -> float:

@@ -20,3 +20,5 @@ class Family:
     ignored: Callable[[str], bool] = lambda name: name.endswith("rotary_emb.inv_freq")
     # Whether the family's checkpoints may come as DeepSpeed pipeline files (--load_way DS).
     deepspeed: bool = False
+    # The base model's prefix, which checkpoints saved from the bare base model lack ("transformer.").
+    base_prefix: str = ""

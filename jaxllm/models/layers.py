@@ -54,12 +54,14 @@ def activation(name: str):
 
 class Norm(nn.Module):
     """RMSNorm or LayerNorm over the last axis (with or without a bias; Gemma's weight stored as w - 1).
-    `weight_shape` / `axes` default to the last axis (per-head q/k norms pass [heads, head_dim])."""
+    `weight_shape` / `axes` default to the last axis (per-head q/k norms pass [heads, head_dim]); `bias`
+    defaults to the config's."""
 
     config: ModelConfig
     dtype: Any
     weight_shape: tuple[int, ...] | None = None
     axes: tuple[str, ...] = ("norm",)
+    bias: bool | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -75,7 +77,7 @@ class Norm(nn.Module):
         elif c.norm != "rms":
             raise ValueError(f"norm {c.norm!r} is not supported")
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps) * weight
-        if c.norm_bias:
+        if c.norm_bias if self.bias is None else self.bias:
             normed = normed + param(self, "bias", shape, self.axes, self.dtype, _ZEROS).astype(jnp.float32)
         return normed.astype(self.dtype)
 
@@ -143,15 +145,15 @@ class Attention(nn.Module):
             return q, k
         if c.qk_norm == "all":  # one norm over all heads' features (OLMo-2)
             n = q.shape[0]
-            q = Norm(c, self.dtype, name="q_norm")(q.reshape(n, -1)).reshape(q.shape)
-            k = Norm(c, self.dtype, name="k_norm")(k.reshape(n, -1)).reshape(k.shape)
+            q = Norm(c, self.dtype, bias=False, name="q_norm")(q.reshape(n, -1)).reshape(q.shape)
+            k = Norm(c, self.dtype, bias=False, name="k_norm")(k.reshape(n, -1)).reshape(k.shape)
             return q, k
         if c.qk_norm_per_head_weights:
-            q_norm = Norm(c, self.dtype, (c.num_heads, c.head_dim), ("heads", "head_dim"), name="q_norm")
-            k_norm = Norm(c, self.dtype, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), name="k_norm")
+            q_norm = Norm(c, self.dtype, (c.num_heads, c.head_dim), ("heads", "head_dim"), False, name="q_norm")
+            k_norm = Norm(c, self.dtype, (c.num_kv_heads, c.head_dim), ("kv_heads", "head_dim"), False, name="k_norm")
         else:
-            q_norm = Norm(c, self.dtype, axes=("head_dim",), name="q_norm")
-            k_norm = Norm(c, self.dtype, axes=("head_dim",), name="k_norm")
+            q_norm = Norm(c, self.dtype, axes=("head_dim",), bias=False, name="q_norm")
+            k_norm = Norm(c, self.dtype, axes=("head_dim",), bias=False, name="k_norm")
         return q_norm(q), k_norm(k)
 
 

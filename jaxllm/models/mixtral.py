@@ -10,9 +10,6 @@ from jaxllm.models.family import Family
 
 def config(raw: dict) -> ModelConfig:
     fields = common_fields(raw)
-    window = raw.get("sliding_window")
-    if window:
-        fields["layer_windows"] = (int(window),) * fields["num_layers"]
     fields["moe"] = Moe(
         num_experts=raw["num_local_experts"],
         top_k=raw["num_experts_per_tok"],

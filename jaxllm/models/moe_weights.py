@@ -14,11 +14,7 @@ def llama_blocks(config: ModelConfig, moe_map: Callable[[int, str], hf_map.Weigh
     table = hf_map.embeddings_and_head(config, "model.embed_tokens", "model.norm")
     for i in range(config.num_layers):
         hf = f"model.layers.{i}."
-        block = llama.llama_layer_weights(config, i, hf)
-        if config.qk_norm is not None:
-            for name in ("q_norm", "k_norm"):
-                block[f"{hf}self_attn.{name}.weight"] = hf_map.Target(
-                    hf_map.layer_path(i, "self_attn", name, "weight"), hf_map.same)
+        block = llama.layer_weights(config, i, hf)
         if config.is_moe_layer(i):
             block = {name: t for name, t in block.items() if not name.startswith(hf + "mlp.")}
             block.update(moe_map(i, hf))

@@ -28,8 +28,6 @@ def config(raw: dict) -> ModelConfig:
         fields.update(qkv_bias=bool(raw.get("qkv_bias", True)), o_bias=False)
     else:
         fields.update(qk_norm="head")
-    if raw.get("use_sliding_window") and raw.get("sliding_window"):
-        raise ValueError(f"{fields['model_type']}: use_sliding_window is not supported")
     shared = int(raw.get("shared_expert_intermediate_size") or 0) if qwen2 else 0
     fields["moe"] = Moe(
         num_experts=num_experts(raw),

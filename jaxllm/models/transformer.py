@@ -18,7 +18,14 @@ from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
 from jaxllm.models.mla import LatentAttention
 from jaxllm.models.moe import MoE
 
-NORM_LAYOUTS = ("pre", "sandwich", "post", "parallel")
+# Each norm layout's per-block norms, by param name (Hugging Face's names in Llama-style checkpoints).
+LAYOUT_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "parallel": ("input_layernorm",),
+}
 
 
 class DecoderLayer(nn.Module):
@@ -54,7 +61,7 @@ class DecoderLayer(nn.Module):
             attn_out, layer_cache = attn(x, meta, layer_cache)
             x = x + scale(norm("post_attention_layernorm")(attn_out))
             return x + scale(norm("post_feedforward_layernorm")(mlp(x))), layer_cache
-        raise ValueError(f"norm layout {layout!r} is not one of {NORM_LAYOUTS}")
+        raise ValueError(f"norm layout {layout!r} is not one of {', '.join(LAYOUT_NORMS)}")
 
 
 class CausalLM(nn.Module):

@@ -1,5 +1,6 @@
 """The Quart app: routes of every wire format (LightLLM or TGI on /generate, OpenAI on /v1), the common
-routes (health, load, tokens, metrics) and the error handlers that turn every failure into a JSON reply.
+routes (health, load, tokens, metrics), the --api_key check before each request and the error handlers that
+turn every failure into a JSON reply.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from jaxllm.engine.request import SamplingParams
 from jaxllm.server import lightllm, openai, tgi
+from jaxllm.server.auth import ApiKeys
 from jaxllm.server.errors import ApiError, lightllm_error_body, openai_error_body, tgi_error_body
 from jaxllm.server.generation import Generation
 from jaxllm.server.jsonio import json_response, parse_json
@@ -50,6 +52,16 @@ def create_app(state: ServerState) -> Quart:
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY_BYTES, RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60)
     fmt = tgi if state.args.use_tgi_api else lightllm
     started = int(time.time())
+    api_keys = ApiKeys(state.args.api_key)
+
+    @app.before_request
+    async def require_api_key() -> Response | None:
+        refusal = api_keys.refusal(request.path, request.headers.get("Authorization"))
+        if refusal is None:
+            return None
+        response = json_response(error_body(refusal), refusal.status)
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.post("/generate")
     async def generate() -> Response:

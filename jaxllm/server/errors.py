@@ -7,6 +7,7 @@ from __future__ import annotations
 # OpenAI's `type` for each status we answer with.
 _OPENAI_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -17,13 +18,15 @@ _OPENAI_TYPES = {
 
 
 class ApiError(Exception):
-    """A request the server answers with `status` and a message naming the problem (and the field, if any)."""
+    """A request the server answers with `status` and a message naming the problem (and the field, if any;
+    `code` is OpenAI's machine-readable error code, e.g. "invalid_api_key")."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.code = code
 
 
 def invalid(message: str, param: str | None = None) -> ApiError:
@@ -52,6 +55,6 @@ def openai_error_body(err: ApiError) -> dict:
             "message": err.message,
             "type": _OPENAI_TYPES.get(err.status, "invalid_request_error" if err.status < 500 else "internal_error"),
             "param": err.param,
-            "code": None,
+            "code": err.code,
         }
     }

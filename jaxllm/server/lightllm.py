@@ -16,6 +16,7 @@ from jaxllm.server.generation import Generation, Sequence, check_prompt
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.sse import event, stream_response
 from jaxllm.server.state import ServerState
+from jaxllm.server.guided import GUIDED_CHECKS, check_guided, take_guided
 from jaxllm.server.validation import LIGHTLLM_PARAMETERS, boolean, obj, read_fields, require, sampling_params, string
 
 
@@ -49,7 +50,9 @@ def prepare(state: ServerState, body: Any, *, stream: bool, fields: dict[str, An
     """Shared tail of the LightLLM and TGI formats: build and validate the params, refuse best_of > 1 on a
     stream, check multimodal_params, tokenise, (TGI) truncate, then the engine's length checks."""
     prompt = body["inputs"]
+    take_guided(fields)
     params = sampling_params(fields)
+    check_guided(state.engine, params.guided)
     if stream and params.best_of != 1:
         raise invalid("best_of: streaming requires best_of == 1", "best_of")
     check_multimodal(body)
@@ -66,7 +69,7 @@ def parse(state: ServerState, body: Any, *, stream: bool) -> GenerateRequest:
     require(body, "inputs", string)
     parameters = dict(require(body, "parameters", obj))
     return_details = boolean("return_details", parameters.pop("return_details", False))
-    fields = read_fields(parameters, LIGHTLLM_PARAMETERS, "parameters")
+    fields = read_fields(parameters, {**LIGHTLLM_PARAMETERS, **GUIDED_CHECKS}, "parameters")
     fields["prompt_logprobs"] = state.args.return_all_prompt_logprobs and not stream  # streams do not carry them
     return prepare(state, body, stream=stream, fields=fields, return_details=return_details)
 

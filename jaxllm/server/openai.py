@@ -127,7 +127,8 @@ def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
-        return event(_envelope(kind, req, rid, created, [choice]), space=True)
+        usage_field = {"usage": None} if req.include_usage else {}  # as OpenAI: null until the last chunk
+        return event(_envelope(kind, req, rid, created, [choice], **usage_field), space=True)
 
     async def chunks() -> AsyncIterator[bytes]:
         # Streams have best_of == n: choice i is sample i, of prompt i // n.

@@ -10,6 +10,7 @@ from typing import Any
 from jaxllm.engine.request import SamplingParams
 from jaxllm.server.errors import ApiError, invalid
 from jaxllm.server.generation import check_prompt
+from jaxllm.server.guided import GUIDED_CHECKS, GUIDED_FIELDS, check_guided, response_format, take_guided
 from jaxllm.server.validation import (
     boolean,
     integer,
@@ -38,6 +39,8 @@ COMMON_FIELDS = {
     "do_sample": nullable(boolean),
     "top_k": nullable(integer),
     "ignore_eos": nullable(boolean),
+    "response_format": nullable(response_format),
+    **{name: nullable(check) for name, check in GUIDED_CHECKS.items()},
 }
 CHAT_FIELDS = {
     **COMMON_FIELDS,
@@ -88,9 +91,6 @@ def _refuse_unsupported(body: dict) -> None:
             raise invalid(f"{name}: tool and function calling are not supported", name)
     if body.get("tool_choice") not in (None, "none"):
         raise invalid("tool_choice: tool calling is not supported", "tool_choice")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise invalid("response_format: only {\"type\": \"text\"} is supported", "response_format")
     if body.get("suffix") is not None:
         raise invalid("suffix: not supported", "suffix")
 
@@ -113,7 +113,9 @@ def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str]) 
         "best_of": best_of,
         "n": best_of,
         "seed": f.get("seed"),
+        **{name: f[name] for name in GUIDED_FIELDS if f.get(name) is not None},
     }
+    take_guided(fields)
     try:
         return sampling_params(fields)
     except ApiError as err:
@@ -126,7 +128,10 @@ def _common(body: dict, f: dict) -> tuple[str, int, bool, bool]:
     model = require(body, "model", string)
     n = 1 if f.get("n") is None else f["n"]
     stream = bool(f.get("stream"))
-    include_usage = bool((f.get("stream_options") or {}).get("include_usage"))
+    options = f.get("stream_options")
+    if options is not None and not stream:
+        raise invalid("stream_options: only allowed when stream is true", "stream_options")
+    include_usage = bool(nullable(boolean)("stream_options.include_usage", (options or {}).get("include_usage")))
     return model, n, stream, include_usage
 
 
@@ -174,6 +179,7 @@ def parse_chat(engine, body: Any) -> OpenAIRequest:
         raise invalid("top_logprobs: only 0 is supported (each token's own logprob is returned)", "top_logprobs")
     max_tokens = f.get("max_tokens") if f.get("max_tokens") is not None else f.get("max_completion_tokens")
     params = _sampling(f, max_tokens=16 if max_tokens is None else max_tokens, best_of=n, names=_CHAT_NAMES)
+    check_guided(engine, params.guided)
     text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any))
     ids = check_prompt(engine, ids, params, "messages")
     return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")))
@@ -220,6 +226,7 @@ def parse_completion(engine, body: Any) -> OpenAIRequest:
     max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
     names = _CHAT_NAMES if f.get("best_of") is None else _COMPLETION_NAMES  # name what the client sent
     params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names)
+    check_guided(engine, params.guided)
     texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
     prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
     return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo)

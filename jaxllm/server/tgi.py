@@ -15,6 +15,7 @@ from jaxllm.engine.request import TokenEvent
 from jaxllm.server.errors import invalid, tgi_error_body
 from jaxllm.server.generation import SEED_LIMIT, Generation, Sequence
 from jaxllm.server.jsonio import finite_logprob, json_response
+from jaxllm.server.guided import GUIDED_CHECKS, tgi_grammar
 from jaxllm.server.lightllm import GenerateRequest, prepare, token_dict
 from jaxllm.server.sse import event, stream_response
 from jaxllm.server.state import ServerState
@@ -48,7 +49,8 @@ TGI_PARAMETERS = {
     "typical_p": number,
     "watermark": boolean,
     "top_n_tokens": integer,
-    "grammar": _null_only,
+    **GUIDED_CHECKS,
+    "grammar": tgi_grammar,
     "adapter_id": _null_only,
 }
 

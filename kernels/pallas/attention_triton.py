@@ -69,6 +69,7 @@ def _kernel(
     v_ref,  # [(slots + 1) * kv_heads, head_dim]
     ks_ref,  # [(slots + 1) * kv_heads] float32, or None (float cache)
     vs_ref,  # likewise
+    slopes_ref,  # [heads] float32 ALiBi slopes, or None
     *out_refs,  # o [n * heads, head_dim]; split-K: o [splits * n * heads, head_dim] f32, lse [splits * n * heads]
     heads: int,
     kv_heads: int,
@@ -79,6 +80,9 @@ def _kernel(
     num_tokens: int,
     scale: float,
     split: bool,
+    head_dim: int,
+    window: int | None,
+    softcap: float | None,
 ):
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = heads // kv_heads
@@ -91,17 +95,30 @@ def _kernel(
     valid = (i < count) & (i < block_q)  # [M]
     token = start + jnp.minimum(i, jnp.maximum(count - 1, 0))  # clamped: invalid rows reuse a real token
     q_idx = token * heads + h * group + g  # [M] row of q_ref / o_ref
-    head_dim = q_ref.shape[1]
-    q = pltriton.load(_rows(q_ref, q_idx, head_dim), mask=valid[:, None], other=0)  # [M, D]
+    # A head_dim that is not a power of two is padded to one in registers: its lanes past head_dim are masked.
+    dim_p = q_ref.shape[1] if head_dim is None else _next_pow2(head_dim)
+    dim_ok = jnp.arange(dim_p, dtype=jnp.int32)[None, :] < q_ref.shape[1]
+    row_mask = valid[:, None] if head_dim is None else valid[:, None] & dim_ok  # [M, D] loads/stores of q, o
+    q = pltriton.load(_rows(q_ref, q_idx, dim_p), mask=row_mask, other=0)  # [M, D]
     pos = positions_ref[token]  # [M]
+    first_pos = positions_ref[start]
     last_pos = positions_ref[start + jnp.maximum(count - 1, 0)]  # keys 0..last_pos matter to this block
 
     lo = s * split_len
-    hi = jnp.where(count > 0, jnp.minimum(lo + split_len, last_pos + 1), lo)
+    if window is not None:  # keys before the first token's window matter to no token of the block
+        lo = jnp.maximum(lo, jnp.maximum(first_pos - window + 1, 0) // block_k * block_k)
+    hi = jnp.where(count > 0, jnp.minimum(s * split_len + split_len, last_pos + 1), lo)
     num_kb = jnp.maximum(hi - lo + block_k - 1, 0) // block_k
-    qk_scale = scale * _LOG2E  # scores in base 2
+    plain = softcap is None and slopes_ref is None
+    qk_scale = scale * _LOG2E if plain else scale  # scores in base 2 (after the cap / bias otherwise)
+    slopes = None if slopes_ref is None else slopes_ref[h * group + g]  # [M]
     f32 = q.dtype == jnp.float32
     compute_dtype = q.dtype
+
+    def gather(ref, kv_idx):
+        if head_dim is None:
+            return ref[kv_idx, :]  # [T, D] gathered rows
+        return pltriton.load(_rows(ref, kv_idx, dim_p), mask=dim_ok, other=0)
 
     def body(kb, carry):
         acc, m, l = carry
@@ -109,15 +126,23 @@ def _kernel(
         cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] key positions
         slots = table_ref[row, pl.ds(col0, block_k)]  # [T]
         kv_idx = slots * kv_heads + h
-        k = k_ref[kv_idx, :]  # [T, D] gathered rows
-        v = v_ref[kv_idx, :]
+        k = gather(k_ref, kv_idx)
+        v = gather(v_ref, kv_idx)
         if ks_ref is not None:
             k, v = k.astype(compute_dtype), v.astype(compute_dtype)  # int8 → bf16 is exact
         scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
         if ks_ref is not None:
             scores = scores * ks_ref[kv_idx][None, :]
         scores = scores * qk_scale
+        if softcap is not None:
+            scores = softcap * jnp.tanh(scores / softcap)
+        if slopes is not None:
+            scores = scores + slopes[:, None] * (cols[None, :] - pos[:, None]).astype(jnp.float32)
+        if not plain:
+            scores = scores * _LOG2E
         visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < hi)
+        if window is not None:
+            visible = visible & (cols[None, :] > pos[:, None] - window)
         scores = jnp.where(visible, scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet stay at 0
@@ -129,7 +154,7 @@ def _kernel(
         pv = pltriton.dot(p.astype(compute_dtype), v, allow_tf32=False if f32 else None)  # [M, D]
         return acc * alpha[:, None] + pv, m_new, l
 
-    acc0 = jnp.zeros((rows_m, head_dim), jnp.float32)
+    acc0 = jnp.zeros((rows_m, dim_p), jnp.float32)
     m0 = jnp.full((rows_m,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((rows_m,), jnp.float32)
     acc, m, l = lax.fori_loop(0, num_kb, body, (acc0, m0, l0))
@@ -141,11 +166,11 @@ def _kernel(
     if not split:
         (o_ref,) = out_refs
         dst = jnp.where(valid, q_idx, out_rows + r)
-        pltriton.store(_rows(o_ref, dst, head_dim), out.astype(o_ref.dtype), mask=valid[:, None])
+        pltriton.store(_rows(o_ref, dst, dim_p), out.astype(o_ref.dtype), mask=row_mask)
         return
     o_ref, lse_ref = out_refs
     dst = jnp.where(valid, s * (num_tokens * heads) + q_idx, out_rows + r)
-    pltriton.store(_rows(o_ref, dst, head_dim), out, mask=valid[:, None])
+    pltriton.store(_rows(o_ref, dst, dim_p), out, mask=row_mask)
     lse = jnp.where(l > 0, m + jnp.log2(safe_l), -jnp.inf)  # base-2 log-sum-exp of the split
     pltriton.store(lse_ref.at[dst], lse, mask=valid)
 
@@ -168,6 +193,9 @@ def paged_attention(
     num_stages: int = 2,
     owns_all_tokens: bool = False,
     interpret: bool = False,
+    window: int | None = None,
+    softcap: float | None = None,
+    alibi_slopes=None,  # [heads] float32
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
@@ -175,15 +203,18 @@ def paged_attention(
     same `block_q`). Token t of a block sees keys at table columns 0..positions[t]. Tokens outside every
     block come back as zeros, unless `owns_all_tokens` says there are none (decode), which saves clearing
     the output. `splits` > 1 is split-K (flash-decoding): each split covers a range of keys and
-    `splitk.combine` merges them. Returns [n, heads, head_dim] in q's dtype.
+    `splitk.combine` merges them. Per-layer options as in reference.py: `window` (keys at positions >
+    the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
+    A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
+    Returns [n, heads, head_dim] in q's dtype.
     """
     n, heads, head_dim = q.shape
     num_slots, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim {head_dim} must be a power of two ≥ 16 for the Triton kernel")
+    if head_dim < 16 or head_dim % 16:
+        raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for the Triton kernel")
     if num_slots * kv_heads * head_dim >= 2**31:
         raise ValueError("a KV buffer of 2**31 elements or more overflows the kernel's int32 offsets")
     rows_m = max(16, _next_pow2(block_q * group))
@@ -204,9 +235,11 @@ def paged_attention(
         num_tokens=n,
         scale=scale,
         split=splits > 1,
+        head_dim=None if head_dim & (head_dim - 1) == 0 else head_dim,
+        window=window,
+        softcap=softcap,
     )
-    if not quantised:
-        kernel = functools.partial(_drop_scales, kernel)
+    kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None)
     if splits > 1:
         out_shape = (
             jax.ShapeDtypeStruct((splits * n * heads, head_dim), jnp.float32),
@@ -226,6 +259,8 @@ def paged_attention(
     ]
     if quantised:
         args += [k_scale.reshape(-1).astype(jnp.float32), v_scale.reshape(-1).astype(jnp.float32)]
+    if alibi_slopes is not None:
+        args.append(alibi_slopes.astype(jnp.float32))
     # Outputs start as zeros (aliased inputs) so tokens no block owns read back as 0 (and as empty splits).
     inits = []
     if not owns_all_tokens:
@@ -252,9 +287,13 @@ def paged_attention(
     ).astype(q.dtype)
 
 
-def _drop_scales(kernel, *refs):
-    # Float caches have no scale inputs: pass None where the kernel expects them.
-    return kernel(*refs[:8], None, None, *refs[8:])
+def _with_optional_inputs(kernel, quantised: bool, alibi: bool, *refs):
+    # Float caches have no scale inputs, most models no ALiBi slopes: pass None where the kernel expects them.
+    refs = list(refs)
+    scales = refs[8:10] if quantised else [None, None]
+    rest = refs[10:] if quantised else refs[8:]
+    slopes = rest.pop(0) if alibi else None
+    return kernel(*refs[:8], *scales, slopes, *rest)
 
 
 def _with_inits(kernel, num_inits, *refs):

@@ -6,16 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from e2e_server import Server
+from e2e_server import running_server
 
 
 def _serve(model_dir: Path, flags: list[str], tmp_path_factory, name: str):
-    server = Server(model_dir, flags, tmp_path_factory.mktemp(name) / "server.log")
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
+    yield from running_server(model_dir, flags, tmp_path_factory.mktemp(name) / "server.log")
 
 
 @pytest.fixture(scope="session")

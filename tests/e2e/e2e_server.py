@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from email.message import Message
 from pathlib import Path
+from typing import Iterator
 
 # Small limits: few step shapes to compile, quick answers on CPU.
 SERVER_FLAGS = [
@@ -104,6 +105,16 @@ class Server:
                 assert chunk.startswith("data:"), chunk
                 events.append(json.loads(chunk.removeprefix("data:")))
         return status, events
+
+
+def running_server(model_dir: Path, flags: list[str], log_path: Path) -> Iterator[Server]:
+    """For a fixture to `yield from`: the server with these flags, ready, then stopped."""
+    server = Server(model_dir, flags, log_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def chat_text(tokenizer, user: str) -> str:

@@ -55,8 +55,11 @@ def test_completions_give_the_greedy_text(client, reference, tokenizer):
     reply = client.completions.create(model="smollm2", prompt=prompt, max_tokens=MAX_TOKENS)
     assert reply.choices[0].text == reference["generated_text"][0] and reply.id.startswith("cmpl-")
     assert reply.usage.prompt_tokens == reference["prompt_tokens"]
-    streamed = client.completions.create(model="smollm2", prompt=prompt, max_tokens=MAX_TOKENS, stream=True)
-    assert "".join(c.choices[0].text for c in streamed) == reference["generated_text"][0]
+    streamed = list(client.completions.create(model="smollm2", prompt=prompt, max_tokens=MAX_TOKENS, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed[:-1]) == reference["generated_text"][0]
+    assert all(c.usage is None for c in streamed[:-1])
+    assert streamed[-1].choices == [] and streamed[-1].usage == reply.usage
 
 
 def test_stop_string_is_dropped(client, reference):

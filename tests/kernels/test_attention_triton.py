@@ -16,10 +16,10 @@ SCALE = 0.3
 INTERPRET = jax.default_backend() == "cpu"  # compiled on the GPU, interpreted on the CPU
 
 
-def reference_call(fn, *args):
+def reference_call(fn, *args, **options):
     """The reference in full float32 (the GPU's default float32 matmul is TF32)."""
     with jax.default_matmul_precision("highest"):
-        return fn(*args)
+        return fn(*args, **options)
 
 
 def rel_err(out, ref):
@@ -145,5 +145,56 @@ def test_int8_prefill_matches_reference(rng):
     ref = reference_call(
         reference.paged_attention_int8, q, k8, v8, ks, vs, jnp.asarray(token_req), jnp.asarray(positions),
         jnp.asarray(case.table), SCALE,
+    )
+    assert rel_err(out, ref) < 1e-5
+
+
+# Per-layer options of the families (Gemma-2's window and soft-cap, Bloom's ALiBi, Phi-3's head_dim 96); few
+# cases, as interpret mode is slow: a window alone, and everything at once.
+def _options(rng, heads, everything: bool):
+    if not everything:
+        return dict(window=7, softcap=None, alibi_slopes=None)
+    return dict(window=20, softcap=3.0, alibi_slopes=jnp.asarray(rng.uniform(0.05, 0.5, heads), jnp.float32))
+
+
+@pytest.mark.parametrize(
+    "head_dim,dtype,splits,everything", [(64, jnp.float32, 1, False), (96, jnp.bfloat16, 2, True)]
+)
+def test_decode_options_match_reference(rng, head_dim, dtype, splits, everything):
+    lengths = [37, 0, 50, 5]
+    case = Case(rng, lengths, 2, head_dim, width=64)
+    q = jnp.asarray(rng.standard_normal((len(lengths), 4, head_dim)), dtype)
+    k, v = jnp.asarray(case.k, dtype), jnp.asarray(case.v, dtype)
+    ctx, table = jnp.asarray(case.lengths, jnp.int32), jnp.asarray(case.table)
+    options = _options(rng, 4, everything)
+    out = attention_triton.paged_attention(
+        q, k, v, ctx - 1, table, plan.decode_blocks(len(lengths)), scale=SCALE, block_q=1, block_k=16,
+        splits=splits, owns_all_tokens=splits > 1, interpret=INTERPRET, **options,
+    )
+    ref = reference_call(reference.decode_attention, q, k, v, table, ctx, SCALE, **options)
+    assert out.shape == q.shape
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("head_dim,int8,everything", [(96, False, True), (64, True, True), (64, False, False)])
+def test_prefill_options_match_reference(rng, head_dim, int8, everything):
+    chunks = [(0, 21), (30, 9), (9, 3)]
+    case, positions, token_req, starts, lens = _chunks_case(rng, chunks, 2, head_dim, width=48)
+    n = len(positions)
+    q = jnp.asarray(rng.standard_normal((n, 4, head_dim)), jnp.float32)
+    k, v = jnp.asarray(case.k), jnp.asarray(case.v)
+    options = _options(rng, 4, everything)
+    blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, 8)
+    args = (jnp.asarray(token_req), jnp.asarray(positions), jnp.asarray(case.table), SCALE)
+    if int8:
+        (k, ks), (v, vs) = reference.quantize_kv(k), reference.quantize_kv(v)
+        scales = dict(k_scale=ks, v_scale=vs)
+        ref = reference_call(reference.paged_attention_int8, q, k, v, ks, vs, *args, **options)
+    else:
+        scales = {}
+        ref = reference_call(reference.paged_attention, q, k, v, *args, **options)
+    out = attention_triton.paged_attention(
+        q, k, v, jnp.asarray(positions), jnp.asarray(case.table), blocks, scale=SCALE, block_q=8, block_k=16,
+        interpret=INTERPRET, **scales, **options,
     )
     assert rel_err(out, ref) < 1e-5

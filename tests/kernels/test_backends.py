@@ -3,6 +3,8 @@ with the kernels in interpret mode (tp 1 and, under shard_map, tp 2) against the
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,9 +75,9 @@ CONFIG = dict(
 )
 
 
-def _run(backend, tp, prompts, steps=2):
+def _run(backend, tp, prompts, steps=2, config=None):
     """Packed prefill of `prompts` then `steps` decode steps; logits of every step stacked [steps+1, rows, V]."""
-    config = ModelConfig.from_hf_dict(CONFIG)
+    config = config or ModelConfig.from_hf_dict(CONFIG)
     mesh = make_mesh(tp)
     model = build_model(config, jnp.float32, backend=backend)
     params = random_params(model, mesh, tp, seed=3)
@@ -108,4 +110,15 @@ def test_kernel_backend_in_model_matches_reference(tp, int8):
     reference = attention_backend(modes, "cpu")
     got = _run(kernels, tp, PROMPTS)
     want = _run(reference, tp, PROMPTS)
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+
+
+def test_kernel_backend_takes_the_layers_attention_options():
+    """Bloom's ALiBi (slopes split with the heads under --tp 2), with a window on layer 0 and soft-capped
+    scores as Gemma-2 has them: every per-layer option passes through the backend to the kernel."""
+    bloom = ModelConfig.from_hf_dict(dict(model_type="bloom", vocab_size=128, hidden_size=64, n_layer=2, n_head=4))
+    config = dataclasses.replace(bloom, layer_windows=(4, None), attn_softcap=2.0)
+    mesh = make_mesh(2)
+    got = _run(attention_backend([], "cpu", interpret=True, mesh=mesh), 2, PROMPTS, config=config)
+    want = _run(attention_backend([], "cpu"), 2, PROMPTS, config=config)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)

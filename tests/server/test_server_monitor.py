@@ -1,6 +1,7 @@
 """The --health_monitor supervisor against a small stand-in server process (an HTTP server whose /health
 fails on cue): restart after failed probes, restart after an exit, back-off and giving up, flags passed on."""
 
+import dataclasses
 import sys
 import threading
 import time
@@ -75,3 +76,19 @@ def test_for_server_passes_the_same_flags_without_the_monitor():
     assert sup.command[1:] == ["-m", "jaxllm.serve", "--model_dir", "m", "--port", "8123", "--tp", "1"]
     assert sup.health_url == "http://127.0.0.1:8123/health"
     assert sup.config.interval_s == 88.0 and sup.config.failures == 3
+
+
+def test_api_keys_reach_the_child_but_not_the_log(caplog):
+    argv = ["--model_dir", "m", "--api_key", "s3cret-1", "--health_monitor", "--api_key=s3cret-2"]
+    sup = Supervisor.for_server(argv, parse_args(argv))
+    assert sup.command[3:] == ["--model_dir", "m", "--api_key", "s3cret-1", "--api_key=s3cret-2"]
+    assert sup.shown_command()[3:] == ["--model_dir", "m", "--api_key", "***", "--api_key=***"]
+    sup.command = [sys.executable, "-c", "import sys; sys.exit(3)", *sup.command[3:]]
+    sup.config = dataclasses.replace(FAST, max_failed_starts=1)
+    codes = []
+    with caplog.at_level("INFO", logger="jaxllm.monitor"):
+        thread = threading.Thread(target=lambda: codes.append(sup.run()))  # not the main thread: no signal handlers
+        thread.start()
+        thread.join(30)
+    assert codes == [1]
+    assert "--api_key ***" in caplog.text and "s3cret" not in caplog.text

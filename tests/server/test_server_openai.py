@@ -79,6 +79,31 @@ def test_chat_stream_chunks(make_client, tokenizer):
     assert out[5]["choices"] == [] and out[5]["usage"]["completion_tokens"] == 3
 
 
+def test_stream_usage_counts_every_prompt_and_choice_as_the_whole_answer_does(make_client, tokenizer):
+    client, state = make_client()
+    body = {"model": "m", "prompt": ["Hello", "Good day"], "n": 2, "max_tokens": 3, "temperature": 1.0}
+    status, whole = run(post(client, "/v1/completions", body))
+    assert status == 200
+    prompt_tokens = len(tokenizer.encode("Hello")) + len(tokenizer.encode("Good day"))
+    assert whole["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 12,
+                              "total_tokens": prompt_tokens + 12}
+    status, raw = run(post(client, "/v1/completions",
+                           {**body, "stream": True, "stream_options": {"include_usage": True}}, raw=True))
+    *pieces, last = chunks(raw)
+    assert status == 200 and len(pieces) == 4 * 4  # 3 tokens and a finish_reason for each of 4 choices
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in pieces)
+    assert last["choices"] == [] and last["usage"] == whole["usage"] and last["id"] == pieces[0]["id"]
+
+
+def test_streams_carry_no_usage_unless_asked(make_client):
+    client, _ = make_client()
+    body = {"model": "m", "messages": MESSAGES, "max_tokens": 2, "stream": True}
+    for options in ({}, {"stream_options": None}, {"stream_options": {"include_usage": False}}):
+        status, raw = run(post(client, "/v1/chat/completions", {**body, **options}, raw=True))
+        out = chunks(raw)
+        assert status == 200 and all(c["choices"] and "usage" not in c for c in out)
+
+
 def test_chat_logprobs(make_client, tokenizer):
     client, state = make_client()
     status, out = run(post(client, "/v1/chat/completions",
@@ -149,6 +174,9 @@ def test_models(make_client, smollm2_dir):
     ("/v1/completions", {"model": "m", "prompt": "Hi", "suffix": "x"}, "suffix"),
     ("/v1/completions", {"model": "m", "prompt": "Hi", "n": 9}, "n"),
     ("/v1/completions", {"model": "m", "prompt": "Hi", "n": 2, "best_of": 9}, "best_of"),
+    ("/v1/completions", {"model": "m", "prompt": "Hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/chat/completions", {"model": "m", "messages": MESSAGES, "stream": True,
+                              "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
 ])
 def test_errors_are_openai_error_objects(make_client, path, body, param):
     client, state = make_client()

@@ -19,7 +19,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DST = Path(__file__).resolve().parents[2] / "models" / "SmolLM2-135M-Instruct"
 STAMP_FILE = ".converted-from.json"
 # Bump when the converter's output for this model changes, so existing copies are redone.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 
 def default_gguf() -> Path:

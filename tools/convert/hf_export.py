@@ -1,5 +1,5 @@
 """Write a checkpoint as a Hugging Face model directory: safetensors (one file, or shards with an index),
-config.json, generation_config.json and the tokenizer files (chat template inside tokenizer_config.json)."""
+config.json, generation_config.json and the tokenizer files, all readable by transformers 4.x and 5.x."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tools.convert.checkpoint import DTYPES, Checkpoint, LazyTensor
+from tools.convert.portable import make_tokenizer_portable, portable_config
 
 MAX_SHARD_BYTES = 2 * 1024**3
 SINGLE_FILE = "model.safetensors"
@@ -26,8 +27,6 @@ _SAFETENSORS_NAMES = {
     np.dtype(np.int8): "I8",
     np.dtype(np.uint8): "U8",
 }
-_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
-_LOAD_TIME_KEYS = ("is_local", "local_files_only")  # transformers records how it loaded, not what it is
 
 
 def _target_dtype(tensor: LazyTensor, dtype: np.dtype) -> np.dtype:
@@ -102,8 +101,9 @@ def write_weights(
 
 
 def write_config(dst: Path, checkpoint: Checkpoint, dtype_name: str) -> None:
-    """config.json (recording the stored dtype) and generation_config.json when known."""
-    config = dict(checkpoint.config)
+    """config.json (recording the stored dtype, readable by transformers 4.x and 5.x) and generation_config.json
+    when known."""
+    config = portable_config(checkpoint.config)
     config["torch_dtype"] = dtype_name
     if "dtype" in config:  # transformers >= 5 writes "dtype"
         config["dtype"] = dtype_name
@@ -113,24 +113,12 @@ def write_config(dst: Path, checkpoint: Checkpoint, dtype_name: str) -> None:
 
 
 def write_tokenizer(dst: Path, checkpoint: Checkpoint) -> None:
-    """The source's tokenizer files, then made self-contained: the chat template also inside
-    tokenizer_config.json and a special_tokens_map.json, which older readers expect."""
+    """The source's tokenizer files, made readable by transformers 4.x and 5.x alike."""
     checkpoint.write_tokenizer(dst)
-    config_path = dst / "tokenizer_config.json"
-    if not config_path.is_file():
+    if not (dst / "tokenizer_config.json").is_file():
         print("warning: the source has no tokenizer files; writing weights and config only", file=sys.stderr)
         return
-    config = json.loads(config_path.read_text())
-    for key in _LOAD_TIME_KEYS:
-        config.pop(key, None)
-    template_path = dst / "chat_template.jinja"
-    if "chat_template" not in config and template_path.is_file():
-        config["chat_template"] = template_path.read_text()
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    special_path = dst / "special_tokens_map.json"
-    if not special_path.is_file():
-        special = {key: config[key] for key in _SPECIAL_TOKENS if config.get(key) is not None}
-        special_path.write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    make_tokenizer_portable(dst)
 
 
 def write_hf(dst: Path, checkpoint: Checkpoint, dtype_name: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
