@@ -145,6 +145,12 @@ class ModelConfig:
         return self.moe is not None and layer in self.moe.layers
 
     @property
+    def kv_values_per_token(self) -> int:
+        """Values the KV cache holds per token, all layers (keys and values, or the latent and rotary key)."""
+        per_layer = self.mla.cache_dim if self.mla is not None else 2 * self.num_kv_heads * self.head_dim
+        return self.num_layers * per_layer
+
+    @property
     def num_params(self) -> int:
         return self._count_params(active=False)
 

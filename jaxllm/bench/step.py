@@ -125,7 +125,7 @@ def params_read(config: ModelConfig, tokens: int) -> float:
 def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float) -> dict:
     tokens = case.batch * (case.context if case.prefill else 1)
     weight_bytes = params_read(config, tokens) * itemsize
-    kv_bytes = 2 * config.num_layers * case.batch * case.context * config.num_kv_heads * config.head_dim * itemsize
+    kv_bytes = case.batch * case.context * config.kv_values_per_token * itemsize
     flops = 2 * config.num_active_params * tokens
     return {
         "weight_bytes": weight_bytes,
@@ -134,6 +134,15 @@ def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: floa
         "flops_s": flops / flops_rate,
         "floor_s": max((weight_bytes + kv_bytes) / bandwidth, flops / flops_rate),
     }
+
+
+def _latent_note(config: ModelConfig, itemsize: int) -> str:
+    """For latent attention: the per-token bytes of the per-head keys and values it replaces."""
+    a = config.mla
+    if a is None:
+        return ""
+    full = config.num_layers * config.num_heads * (a.nope_dim + a.rope_dim + a.v_dim) * itemsize
+    return f" (latent; per-head keys and values would take {full / 1024:.1f} KiB, {full / (config.kv_values_per_token * itemsize):.1f}x)"
 
 
 def main(argv=None) -> int:
@@ -160,11 +169,14 @@ def main(argv=None) -> int:
     bandwidth, rate = measure_hbm_bandwidth(), measure_matmul_rate()
     print(f"device {jax.devices()[0].device_kind}: HBM read {bandwidth / 1e12:.2f} TB/s, "
           f"bf16 matmul {rate / 1e12:.0f} TFLOP/s, backend {getattr(backend, 'name', type(backend).__name__)}")
+    itemsize = jnp.dtype(dtype).itemsize
+    print(f"weights {config.num_params / 1e9:.2f} B params ({config.num_active_params / 1e9:.2f} B active per token); "
+          f"KV cache {config.kv_values_per_token * itemsize / 1024:.1f} KiB per token{_latent_note(config, itemsize)}")
     rows = []
     for batch in ns.batch:
         case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
         seconds, enqueue = run_case(model, params, config, case, ns.repeats)
-        roof = roofline(config, case, jnp.dtype(dtype).itemsize, bandwidth, rate)
+        roof = roofline(config, case, itemsize, bandwidth, rate)
         rows.append({**dataclasses.asdict(case), "step_ms": seconds * 1e3, "floor_ms": roof["floor_s"] * 1e3,
                      "ratio": roof["floor_s"] / seconds, "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds,
                      "enqueue_ms": enqueue * 1e3})
