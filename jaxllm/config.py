@@ -59,6 +59,10 @@ class Moe:
     layers: tuple[int, ...]
     normalize_top_k: bool = True
     routed_scale: float = 1.0
+    # Group-limited routing (DeepSeek-V2): experts in `groups` equal groups; a token's top k come from its
+    # `top_groups` groups of highest best score. 1 group: plain top-k.
+    groups: int = 1
+    top_groups: int = 1
     router_float32: bool = False  # the router's product in float32 (DeepSeek keeps its weight in float32)
     shared_intermediate_size: int = 0
     shared_gate: bool = False

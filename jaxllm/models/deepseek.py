@@ -9,8 +9,10 @@ from jaxllm.models.family import Family
 
 
 def config(raw: dict) -> ModelConfig:
-    if raw.get("topk_method", "greedy") != "greedy":
-        raise ValueError(f"deepseek_v2: topk_method {raw['topk_method']!r} is not supported (greedy only)")
+    method = raw.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ValueError(f"deepseek_v2: topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+    grouped = method == "group_limited_greedy"
     if raw.get("attention_bias"):
         raise ValueError("deepseek_v2: attention_bias is not supported")
     fields = common_fields(raw)
@@ -35,6 +37,8 @@ def config(raw: dict) -> ModelConfig:
             normalize_top_k=bool(raw.get("norm_topk_prob", False)),
             routed_scale=float(raw.get("routed_scaling_factor", 1.0)),
             router_float32=True,
+            groups=int(raw["n_group"]) if grouped else 1,
+            top_groups=int(raw["topk_group"]) if grouped else 1,
             shared_intermediate_size=raw["moe_intermediate_size"] * shared,
         ),
     )

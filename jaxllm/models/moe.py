@@ -19,10 +19,22 @@ def route(logits, moe: Moe):
     softmax over all experts, the top k kept, renormalised to sum to 1 if the family does so (which equals
     a softmax over the top-k logits), then scaled."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, moe.top_k)
+    weights, experts = jax.lax.top_k(limit_to_top_groups(probs, moe), moe.top_k)
     if moe.normalize_top_k:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights * moe.routed_scale, experts
+
+
+def limit_to_top_groups(probs, moe: Moe):
+    """probs [n, experts] with the experts outside each token's `top_groups` best groups (by their best
+    expert) set to 0; unchanged with one group."""
+    if moe.groups == 1:
+        return probs
+    n = probs.shape[0]
+    grouped = probs.reshape(n, moe.groups, -1)  # [n, groups, experts per group]
+    _, best = jax.lax.top_k(jnp.max(grouped, axis=-1), moe.top_groups)  # [n, top_groups]
+    keep = jnp.zeros((n, moe.groups), bool).at[jnp.arange(n)[:, None], best].set(True)
+    return jnp.where(keep[:, :, None], grouped, 0.0).reshape(probs.shape)
 
 
 def routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dense):

@@ -27,6 +27,9 @@ FAMILIES = {
 }
 # DeepSeek-V2-Lite's layout: queries straight from the hidden state (no q latent).
 FAMILIES["deepseek_v2-lite"] = dict(FAMILIES["deepseek_v2"], q_lora_rank=None, rope_scaling=None)
+# DeepSeek-V2's group-limited routing: 8 experts in 4 groups, the top 3 from the best 2 groups.
+FAMILIES["deepseek_v2-groups"] = dict(FAMILIES["deepseek_v2-lite"], n_routed_experts=8, num_experts_per_tok=3,
+                                      topk_method="group_limited_greedy", n_group=4, topk_group=2)
 
 
 family = family_fixture(FAMILIES)
