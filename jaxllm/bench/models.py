@@ -1,0 +1,103 @@
+"""One engine, two workloads, against the run's own limits: batch-1 decode against the bandwidth floor of the
+bytes each token reads, and 512 × (128 in / 128 out) against the compute roofline (2 × params FLOPs a token).
+
+`python -m jaxllm.bench.models --model_dir DIR [jaxllm.serve flags] --result-json F` (random weights:
+`--load_format dummy`). One process builds the engine once for both workloads (start-up dominates a GPU run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+
+import jax
+import numpy as np
+
+from jaxllm.bench.offline import run_offline
+from jaxllm.bench.step import measure_hbm_bandwidth, measure_matmul_rate
+from jaxllm.bench.workload import WorkloadSpec, build_workload
+
+
+def decode_bytes_per_token(params, config, context: int) -> float:
+    """Bytes one batch-1 decode step reads: every stored weight byte (quantised leaves at their stored size)
+    except the untied embedding table, of which one row is read, plus the KV cache at `context` tokens."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(leaf.nbytes for _, leaf in leaves)
+    if not config.tie_word_embeddings:
+        for path, leaf in leaves:
+            if "embed" in jax.tree_util.keystr(path) and leaf.shape and leaf.shape[0] == config.vocab_size:
+                total -= leaf.nbytes
+    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * 2
+    return float(total + kv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--result-json", required=True)
+    p.add_argument("--b1-output-len", type=int, default=256)
+    p.add_argument("--offline-prompts", type=int, default=512)
+    p.add_argument("--lock", default=None,
+                   help="a file locked around the timed part, so that several processes can share one GPU: "
+                        "their start-ups overlap, their measurements do not")
+    p.add_argument("--bandwidth-gib", type=float, default=4.0, help="size of the bandwidth probe")
+    p.add_argument("--matmul-n", type=int, default=8192, help="size of the matmul-rate probe")
+    ns, extra = p.parse_known_args(argv)
+
+    from jaxllm import LLM
+    from jaxllm.bench.__main__ import _engine_overrides
+
+    llm = LLM(ns.model_dir, **_engine_overrides(extra))
+    with _exclusive(ns.lock):
+        result = _measure(llm, ns, extra)
+    llm.close()
+    with open(ns.result_json, "w") as f:
+        json.dump(result, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    b, o = result["b1"], result["offline"]
+    print(f"{ns.model_dir} {' '.join(extra)}: HBM {result['bandwidth'] / 1e12:.2f} TB/s, "
+          f"matmul {result['matmul'] / 1e12:.0f} TFLOP/s | "
+          f"b1 {1e3 / b['ms_per_token']:.1f} tok/s = {b['ms_per_token']:.2f} ms/token, floor {b['floor_ms']:.2f} ms "
+          f"({b['of_floor']:.2f}) | 512x128/128 {o['output_throughput']:.0f} out tok/s, "
+          f"{o['total_token_throughput']:.0f} total ({o['of_roofline']:.2f} of roofline)")
+    return 0
+
+
+@contextlib.contextmanager
+def _exclusive(path: str | None):
+    if path is None:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _measure(llm, ns, extra) -> dict:
+    bandwidth, matmul = measure_hbm_bandwidth(ns.bandwidth_gib), measure_matmul_rate(ns.matmul_n)
+    config = llm.engine.runner.model.config
+    result = {"flags": extra, "bandwidth": bandwidth, "matmul": matmul, "num_params": config.num_params}
+
+    b1 = list(build_workload(WorkloadSpec(num_prompts=1, input_len=128, output_len=ns.b1_output_len), None))
+    run_offline(llm, b1)  # untimed: compiles what the workload meets
+    r = run_offline(llm, b1)
+    ms_per_token = 1e3 * r["duration_s"] / r["total_output_tokens"]
+    floor_ms = 1e3 * decode_bytes_per_token(llm.engine.runner.params, config, 128 + ns.b1_output_len // 2) / bandwidth
+    result["b1"] = {**r, "ms_per_token": ms_per_token, "floor_ms": floor_ms, "of_floor": floor_ms / ms_per_token}
+
+    spec = WorkloadSpec(num_prompts=ns.offline_prompts, input_len=128, output_len=128)
+    batch = list(build_workload(spec, None))
+    run_offline(llm, batch)
+    r = run_offline(llm, batch)
+    roofline_tok_s = matmul / (2 * config.num_params)
+    result["offline"] = {**r, "roofline_total_tok_s": roofline_tok_s,
+                         "of_roofline": r["total_token_throughput"] / roofline_tok_s}
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
