@@ -10,7 +10,9 @@ batches are memory-bound) and the FLOPs they must do (large batches).
 - `gathered`: each (token, expert) pair's matrices gathered, one batched product per pair (reads n·k experts).
 - `sliced`: a loop over the pairs, each expert's matrices a dynamic slice of the stacked weights (small
   batches only: n·k products; XLA may feed the slices to the matmuls without copying them).
-`--smoke` runs tiny shapes on the CPU and checks that the implementations agree.
+`--tp N` runs `ragged_dot` on N devices, the experts placed by `--placement`: `split` (each expert's
+intermediate axis split across devices, as `--tp` serves) or `experts` (whole experts per device).
+`--smoke` runs tiny shapes on the CPU and checks that the implementations (and placements) agree.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec
+
 from jaxllm.bench.step import measure_hbm_bandwidth, measure_matmul_rate, median_seconds
 from jaxllm.config import ModelConfig
+from jaxllm.parallel import TP_AXIS, make_mesh
 from jaxllm.models.layers import activation
 from jaxllm.models.moe import routed_experts
 
@@ -106,6 +111,22 @@ def random_layer(num_experts: int, hidden: int, inter: int, tokens: int, top_k: 
             *random_weights(num_experts, hidden, inter, dtype, seed))
 
 
+PLACEMENTS = {  # (gate_up [E, D, F, 2], down [E, F, D]) partition specs
+    "split": (PartitionSpec(None, None, TP_AXIS, None), PartitionSpec(None, TP_AXIS, None)),
+    "experts": (PartitionSpec(TP_AXIS, None, None, None), PartitionSpec(TP_AXIS, None, None)),
+}
+
+
+def placed(args, tp: int, placement: str):
+    """`args` (x, weights, experts, gate_up, down) on a `tp` mesh: routing replicated, experts by `placement`."""
+    mesh = make_mesh(tp)
+    x, weights, experts, gate_up, down = args
+    rep = NamedSharding(mesh, PartitionSpec())
+    gate_up_spec, down_spec = PLACEMENTS[placement]
+    return (*(jax.device_put(a, rep) for a in (x, weights, experts)),
+            jax.device_put(gate_up, NamedSharding(mesh, gate_up_spec)), jax.device_put(down, NamedSharding(mesh, down_spec)))
+
+
 def floor_seconds(experts, hidden, inter, itemsize, bandwidth, rate) -> float:
     """max(bytes of the distinct experts routed to / bandwidth, FLOPs of the routed pairs / matmul rate)."""
     touched = len(np.unique(np.asarray(experts)))
@@ -122,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--mgpu-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(64, 128, 64, 4, 1),
                    help="block_m,block_n,block_k,max_concurrent_steps,grid_block_n of the mgpu kernel")
+    p.add_argument("--tp", type=int, default=1, help="devices (ragged_dot only beyond 1)")
+    p.add_argument("--placement", choices=sorted(PLACEMENTS), default="split", help="experts across --tp devices")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; checks the implementations agree")
     p.add_argument("--result-json", default=None)
@@ -142,17 +165,20 @@ def main(argv=None) -> int:
     layer_weights = random_weights(m.num_experts, config.hidden_size, m.intermediate_size, dtype)
     for tokens in ns.tokens:
         args = (*random_routing(tokens, m.num_experts, config.hidden_size, m.top_k, dtype), *layer_weights)
-        floor = floor_seconds(args[2], config.hidden_size, m.intermediate_size, 2, bandwidth, rate)
+        # Each of --tp devices reads and multiplies its share (perfectly balanced: the floor).
+        floor = floor_seconds(args[2], config.hidden_size, m.intermediate_size, 2, bandwidth, rate) / ns.tp
+        if ns.tp > 1:
+            args = placed(args, ns.tp, ns.placement)
         for name in ns.impl:
-            if name == "sliced" and tokens > 64:
-                continue  # one product per pair: only for small batches
+            if (name == "sliced" and tokens > 64) or (ns.tp > 1 and name != "ragged_dot"):
+                continue  # sliced: one product per pair, small batches only; --tp: the model's path only
             fn = jax.jit(lambda *a, _f=implementation(name, ns.mgpu_block): _f(*a, act))
             try:
                 seconds = median_seconds(lambda: fn(*args), ns.repeats)
             except Exception as e:  # noqa: BLE001  one implementation failing must not hide the others' rows
                 print(f"  {name} at {tokens} tokens failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            rows.append({"impl": name, "tokens": tokens, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
+            rows.append({"impl": name, "tp": ns.tp, "placement": ns.placement, "tokens": tokens, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
                          "of_floor": floor / seconds})
     print(f"{'impl':>11} {'tokens':>7} {'ms':>9} {'floor ms':>9} {'of floor':>9}")
     for r in rows:
@@ -172,6 +198,11 @@ def smoke(ns) -> int:
             got = np.asarray(jax.jit(implementation(name, None), static_argnums=5)(*args, act))
             np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"{name} at {tokens} tokens")
         print(f"{tokens} tokens: dense_loop, gathered and sliced agree with ragged_dot")
+        if len(jax.devices()) >= 2:
+            for placement in PLACEMENTS:
+                got = np.asarray(jax.jit(routed_experts, static_argnums=5)(*placed(args, 2, placement), act))
+                np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"tp 2, {placement}")
+            print(f"{tokens} tokens: ragged_dot on 2 devices (experts split, experts placed) agrees")
     return 0
 
 
