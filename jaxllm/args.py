@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 DATA_TYPE_CHOICES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
 LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
+TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.server.tool_parsers
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
@@ -65,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel modes: triton_int8kv | ppl_int8kv (int8 KV cache, about twice the tokens), "
              "ppl_fp16 (fp16 decode attention), triton_flashdecoding (split-K decode for long contexts), "
              "triton_gqa_attention | triton_gqa_flashdecoding (grouped-query kernels), and the weight "
-             "quantisation modes triton_w4a16 | triton_w8a16 | triton_w8a8 | lmdeploy_w4a16 | ppl_w4a16 | "
-             "ppl_w8a8 | ppl_w8a8_mixdown")
+             "quantisation modes, weights quantised at load from 16-bit ones: triton_w8a16 (int8 per output "
+             "channel), triton_w4a16 | lmdeploy_w4a16 | ppl_w4a16 (int4 with zero points, groups of 128), "
+             "triton_w8a8 | ppl_w8a8 (int8 weights and per-token int8 activations), ppl_w8a8_mixdown (w8a8, "
+             "the MLP down-projection 16-bit in config.json's `mixdown` layers, all when absent); and "
+             "fp8_w8a8 (jaxllm's, not a LightLLM mode: float8 e4m3 weights and activations, per-channel and "
+             "per-token scales)")
     add("--trust_remote_code", action="store_true",
         help="load model directories that ship their own code (config auto_map: InternLM2, Baichuan, Qwen-1, ...); "
              "the config is read by jaxllm's family module, the tokenizer's code runs in transformers")
@@ -117,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="jaxllm, not LightLLM (vLLM's name): every route but /health, /healthz, /liveness, /readiness "
              "and /metrics then demands the header `Authorization: Bearer KEY` (401 otherwise); repeat the "
              "flag to accept several keys. Keys are never logged")
+    add("--tool_call_parser", type=str, choices=TOOL_CALL_PARSERS, default="auto",
+        help="jaxllm (not LightLLM's): the tool-call format the model writes, parsed into OpenAI tool_calls: "
+             "hermes (<tool_call> tags: Hermes, Qwen 2.5+), llama3_json (Llama 3.1+ JSON calls), mistral "
+             "([TOOL_CALLS]), or auto (guessed from the chat template; hermes when it names none)")
     return p
 
 
@@ -164,6 +173,7 @@ class ServerArgs:
     enable_monitor_auth: bool
     load_format: str
     api_key: list[str] = dataclasses.field(repr=False)  # secrets: kept out of reprs and logs
+    tool_call_parser: str = "auto"
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":

@@ -9,9 +9,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jaxllm.models.quant import WeightQuant
 
 ROPE_KINDS = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+# Each norm layout's per-block norms, by param name (Hugging Face's names in Llama-style checkpoints).
+LAYOUT_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "parallel": ("input_layernorm",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +140,8 @@ class ModelConfig:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     final_softcap: float | None = None
+    # How the matmul weights are stored (jaxllm/models/quant.py); None: in the model's 16-bit dtype.
+    weight_quant: "WeightQuant | None" = None
     # --- mixture of experts (None: every layer has the dense MLP)
     moe: Moe | None = None
     # --- multi-head latent attention (None: attention over per-head keys and values)
@@ -171,12 +184,13 @@ class ModelConfig:
         if self.mla is not None:
             attn = self._mla_params()
         mlp = (3 if self.mlp_gated else 2) * d * f + ((2 * f if self.mlp_gated else f) + d if self.mlp_bias else 0)
-        layers = 0
-        for i in range(self.num_layers):
-            layers += attn + 2 * d + (self._moe_params(active) if self.is_moe_layer(i) else mlp)
+        norm = d * (2 if self.norm_bias else 1)
+        qk_norms = {None: 0, "all": q + kv, "head": (q + kv) if self.qk_norm_per_head_weights else 2 * self.head_dim}
+        block = attn + len(LAYOUT_NORMS[self.norm_layout]) * norm + qk_norms[self.qk_norm]
+        layers = sum(block + (self._moe_params(active) if self.is_moe_layer(i) else mlp) for i in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else v * d
         positions = self.max_position_embeddings * d if self.position == "learned" else 0
-        return v * d + positions + layers + d + head
+        return v * d + positions + (norm if self.embed_norm else 0) + layers + norm + head
 
     def _mla_params(self) -> int:
         a, d, h = self.mla, self.hidden_size, self.num_heads
@@ -194,9 +208,10 @@ class ModelConfig:
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         """The family of `raw["model_type"]` normalises its config; ValueError lists the supported types."""
         # Imported here: the family modules import this one.
+        from jaxllm.models.quant import checkpoint_quant
         from jaxllm.models.registry import config_from_hf
 
-        return config_from_hf(raw)
+        return dataclasses.replace(config_from_hf(raw), weight_quant=checkpoint_quant(raw))
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, trust_remote_code: bool = False) -> "ModelConfig":

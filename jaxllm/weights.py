@@ -6,6 +6,7 @@ Every loader returns the same pytree of plain arrays, each placed with the shard
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import init_kv_cache
+from jaxllm.models import init_kv_cache, quant
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.models.registry import family_of
 from jaxllm.parallel import logical_rules
@@ -60,8 +61,24 @@ def abstract_params(model):
 
 def param_shardings(model, mesh: Mesh, tp: int):
     """NamedSharding for every weight, from its declared logical axes."""
-    specs = nn.get_partition_spec(abstract_params(model))
-    return nn.logical_to_mesh_sharding(specs, mesh, logical_rules(model.config, tp))
+    abstract = abstract_params(model)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, logical_rules(model.config, tp))
+    _check_quantised_split(nn.unbox(abstract), shardings, tp)
+    return shardings
+
+
+def _check_quantised_split(abstract, shardings, tp: int) -> None:
+    """A quantised weight's scales (int4: per group of inputs) must split over --tp like its data."""
+    for path, weight in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=quant.is_quantised)[0]:
+        if not quant.is_quantised(weight):
+            continue
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        sharding = _get(shardings, tuple(getattr(k, "key", k) for k in path))
+        for field, spec in zip(jax.tree.leaves(weight), jax.tree.leaves(sharding)):
+            for size, axis in zip(field.shape, spec.spec):
+                if axis is not None and size % tp:
+                    raise ValueError(f"{name}: a {type(weight).__name__} field of shape {field.shape} cannot be "
+                                     f"split over --tp {tp} (int4 groups of {getattr(weight, 'group_size', '-')})")
 
 
 def random_params(model, mesh: Mesh, tp: int, seed: int = 0):
@@ -190,7 +207,11 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
                 continue
             pending.pop(target.path, None)
             host = buffer
-        _set(params, target.path, _place(host, _get(shapes, target.path).dtype, _get(shardings, target.path)))
+        like, sharding = _get(shapes, target.path), _get(shardings, target.path)
+        if quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
+            _set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
+        else:  # the declared dtype: the model's, or float32 where a family keeps one so (DeepSeek's router)
+            _set(params, target.path, _place(host, like.dtype, sharding))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
@@ -202,6 +223,18 @@ def _place(host: np.ndarray, dtype, sharding: NamedSharding):
     return jax.make_array_from_callback(
         host.shape, sharding, lambda index: np.asarray(host[index]).astype(dtype)
     )
+
+
+def _place_quantised(host: np.ndarray, like, shardings, dtype):
+    """Quantise on the devices: the 16-bit twin placed like the quantised fields, then quantised in place."""
+    twin = _place(host, dtype, jax.tree.leaves(shardings)[0])
+    return _quantiser(like, shardings)(twin)  # `like`: ShapeDtypeStructs, hashable
+
+
+@functools.lru_cache(maxsize=None)
+def _quantiser(like, shardings):
+    # One jitted quantiser per weight layout and sharding: the layers of a model share them.
+    return jax.jit(lambda w: quant.quantize_like(w, like), out_shardings=shardings)
 
 
 def _get(tree, path):
@@ -237,9 +270,7 @@ def load_orbax(model, model_dir: str | Path, mesh: Mesh, tp: int):
 
     abstract = nn.unbox(abstract_params(model))
     shardings = param_shardings(model, mesh, tp)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, read_hf_config
 from jaxllm.engine.detokenizer import load_tokenizer
 from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
@@ -30,7 +30,8 @@ from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput,
 from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.models import build_model
-from jaxllm.models.backends import attention_backend
+from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.quant import with_weight_mode
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
 
@@ -119,6 +120,7 @@ class Engine:
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
         config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
+        config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         mesh = make_mesh(args.tp)
         backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend)

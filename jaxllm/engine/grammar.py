@@ -18,14 +18,14 @@ from jaxllm.engine.request import Guided
 _CACHE_SIZE = 256  # distinct compiled grammars kept
 # JSON as OpenAI's structured outputs write it: ", " and ": " between items, no other whitespace (free
 # whitespace lets a sampled answer spend its tokens on blanks). A schema's "x-guidance" may override it.
-_JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def grammar_text(spec: Guided) -> str:
     """llguidance's grammar for a spec; ValueError("<field>: reason") for a malformed value."""
     kind, value = spec.kind, spec.value
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if kind == "json_schema":
         try:
             schema = json.loads(value)
@@ -33,7 +33,7 @@ def grammar_text(spec: Guided) -> str:
             raise ValueError(f"{spec.field}: the JSON schema is not valid JSON: {exc}") from None
         if not isinstance(schema, (dict, bool)):
             raise ValueError(f"{spec.field}: a JSON schema must be an object")
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     if kind == "choice":

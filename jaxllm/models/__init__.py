@@ -20,9 +20,12 @@ def init_kv_cache(model, num_slots: int) -> tuple:
 
 
 def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None):
-    """The Flax module for `config` (any supported family), computing in `dtype`. Latent attention keeps
-    its own cache format (bf16/fp32 latents): ValueError for an int8 KV backend."""
+    """The Flax module for `config` (any supported family), computing in `dtype`. ValueError for what is not
+    built: an int8 KV backend with latent attention (its own cache format), quantised weights with experts."""
     backend = backend or ReferenceAttention()
     if config.mla is not None and "int8" in getattr(backend, "name", ""):
         raise ValueError(f"the int8 KV --mode values are not built for latent attention ({config.model_type})")
+    if config.moe is not None and config.weight_quant is not None:
+        raise ValueError(f"quantised weights ({config.weight_quant.scheme}: a weight --mode or a quantised "
+                         f"checkpoint) are not built for mixtures of experts ({config.model_type})")
     return CausalLM(config=config, dtype=dtype, backend=backend)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import rope
+from jaxllm.models import qdot, quant, rope
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata, AttentionSpec
 
 _INIT = nn.initializers.normal(stddev=0.02)
@@ -24,12 +24,19 @@ _ZEROS = nn.initializers.zeros
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], dtype, init=_INIT):
-    """Declare one weight with its logical axes (for sharding, loading and random init alike)."""
+    """Declare one weight with its logical axes (for sharding, loading and random init alike); a matmul weight
+    of a model whose config says `weight_quant` is declared in its quantised type (`jaxllm/models/quant.py`)."""
+    declared = quant.declared_quant(module, name)
+    if declared is not None:
+        return quant.quantised_param(module, name, shape, axes, dtype, init, *declared)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
 def dense(x, w, equation: str):
-    """The one product of activations with a weight (`einsum` spelled by the caller)."""
+    """The one product of activations with a weight (`einsum` spelled by the caller). A quantised weight's
+    product contracts x's trailing axes with its leading ones, which every equation given one spells."""
+    if quant.is_quantised(w):
+        return qdot.dot(x, w)
     return jnp.einsum(equation, x, w)
 
 

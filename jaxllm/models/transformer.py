@@ -12,20 +12,12 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import LAYOUT_NORMS, ModelConfig
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata
 from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
 from jaxllm.models.mla import LatentAttention
 from jaxllm.models.moe import MoE
 
-# Each norm layout's per-block norms, by param name (Hugging Face's names in Llama-style checkpoints).
-LAYOUT_NORMS = {
-    "pre": ("input_layernorm", "post_attention_layernorm"),
-    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm"),
-    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
-    "parallel": ("input_layernorm",),
-}
 
 
 class DecoderLayer(nn.Module):

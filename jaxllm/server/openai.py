@@ -88,12 +88,10 @@ def chat_body(state: ServerState, req: OpenAIRequest, sequences: list[Sequence],
         logprobs = None
         if req.logprobs:
             logprobs = {"content": [_chat_logprob(state, e) for e in _token_events(state, seq)]}
-        choices.append({
-            "index": i,
-            "message": {"role": "assistant", "content": without_stop(seq.text, seq.last)},
-            "logprobs": logprobs,
-            "finish_reason": finish_reason(seq.last),
-        })
+        message, finish = {"role": "assistant", "content": without_stop(seq.text, seq.last)}, finish_reason(seq.last)
+        if req.tools is not None:
+            message, finish = req.tools.message(message["content"], finish)
+        choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
     return _envelope("chat.completion", req, rid, created, choices, usage=usage(req, completion_tokens))
 
 
@@ -121,9 +119,11 @@ def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator
     choice with its finish_reason, the usage chunk if asked, then [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, piece: str | None, *, logprobs=None, finish=None, role: bool = False) -> bytes:
+    def chunk(index: int, piece: str | None, *, logprobs=None, finish=None, role: bool = False,
+              delta: dict | None = None) -> bytes:
         if chat:
-            delta = {"role": "assistant", "content": ""} if role else {} if piece is None else {"content": piece}
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else {} if piece is None else {"content": piece}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": finish}
@@ -133,6 +133,7 @@ def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator
     async def chunks() -> AsyncIterator[bytes]:
         # Streams have best_of == n: choice i is sample i, of prompt i // n.
         offsets = [0] * (len(req.prompts) * req.n)
+        tool_streams = [req.tools.stream() for _ in offsets] if chat and req.tools is not None else None
         for i in range(len(offsets)):
             if chat:
                 yield chunk(i, None, role=True)
@@ -150,11 +151,20 @@ def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator
                         logprobs = _completion_logprobs(state, [e], offsets[i])
                 offsets[i] += len(e.text)
                 piece = without_stop(e.text, e)
-                if piece or logprobs is not None:
+                finish = finish_reason(e) if e.finished else None
+                if tool_streams is not None:  # content and tool_calls deltas as the parser finds them
+                    deltas = tool_streams[i].feed(piece)
+                    if e.finished:
+                        more, called = tool_streams[i].finish()
+                        deltas += more
+                        finish = "tool_calls" if called and finish == "stop" else finish
+                    for delta in deltas:
+                        yield chunk(i, None, delta=delta)
+                elif piece or logprobs is not None:
                     yield chunk(i, piece, logprobs=logprobs)
                 if e.finished:
                     completion_tokens += e.count_output_tokens
-                    yield chunk(i, None, finish=finish_reason(e))
+                    yield chunk(i, None, finish=finish)
         if req.include_usage:
             yield event(_envelope(kind, req, rid, created, [], usage=usage(req, completion_tokens)), space=True)
         yield DONE

@@ -10,6 +10,16 @@ from typing import Any
 from jaxllm.engine.request import SamplingParams
 from jaxllm.server.errors import ApiError, invalid
 from jaxllm.server.generation import check_prompt
+from jaxllm.server.tool_parsers import TOOL_FORMATS, ToolFormat
+from jaxllm.server.tools import (
+    ToolCalling,
+    assistant_tool_calls,
+    calls_as_text,
+    parse_tools,
+    template_messages,
+    tool_format,
+    tool_grammar,
+)
 from jaxllm.server.guided import GUIDED_CHECKS, GUIDED_FIELDS, check_guided, response_format, take_guided
 from jaxllm.server.validation import (
     boolean,
@@ -70,6 +80,7 @@ class OpenAIRequest:
     include_usage: bool
     logprobs: bool
     echo: bool = False
+    tools: ToolCalling | None = None  # chat with tools: the answer is parsed into tool_calls
 
 
 def _any(name: str, value: Any) -> Any:
@@ -86,11 +97,8 @@ def _refuse_unsupported(body: dict) -> None:
         raise invalid("logit_bias: not supported", "logit_bias")
     if body.get("function_call") not in (None, "none"):
         raise invalid("function_call: function calling is not supported", "function_call")
-    for name in ("functions", "tools"):
-        if body.get(name):
-            raise invalid(f"{name}: tool and function calling are not supported", name)
-    if body.get("tool_choice") not in (None, "none"):
-        raise invalid("tool_choice: tool calling is not supported", "tool_choice")
+    if body.get("functions"):
+        raise invalid("functions: the legacy function calling is not supported (use tools)", "functions")
     if body.get("suffix") is not None:
         raise invalid("suffix: not supported", "suffix")
 
@@ -135,7 +143,7 @@ def _common(body: dict, f: dict) -> tuple[str, int, bool, bool]:
     return model, n, stream, include_usage
 
 
-def _message_text(i: int, message: Any) -> dict:
+def _message_text(i: int, message: Any, fmt: ToolFormat, template: str) -> dict:
     where = f"messages[{i}]"
     message = obj(where, message)
     role = require(message, "role", string, where)
@@ -152,18 +160,32 @@ def _message_text(i: int, message: Any) -> dict:
         content = "".join(texts)
     elif not isinstance(content, str):
         raise invalid(f"{where}.content: expected a string or a list of text parts", f"{where}.content")
-    return {"role": role, "content": content}
+    out = {"role": role, "content": content}
+    calls = assistant_tool_calls(where, message) if role == "assistant" else None
+    if calls and "tool_calls" in template:
+        out["tool_calls"] = calls
+    elif calls:  # the template does not render calls: write them as the model would have
+        out["content"] = "\n".join(filter(None, (content, calls_as_text(fmt, calls))))
+    for key in ("tool_call_id", "name"):
+        if role == "tool" and isinstance(message.get(key), str):
+            out[key] = message[key]
+    return out
 
 
-def chat_prompt(tokenizer, messages: Any) -> tuple[str, list[int]]:
-    """The tokenizer's chat template applied to the messages, with the assistant's turn opened."""
+def chat_prompt(tokenizer, messages: Any, tools: ToolCalling | None = None,
+                fmt: ToolFormat | None = None) -> tuple[str, list[int]]:
+    """The tokenizer's chat template applied to the messages (and tools), with the assistant's turn opened."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: expected a non-empty list of messages", "messages")
-    conversation = [_message_text(i, m) for i, m in enumerate(messages)]
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise invalid("messages: this model's tokenizer has no chat template; use /v1/completions", "messages")
+    fmt = fmt or (tools.fmt if tools else TOOL_FORMATS["hermes"])
+    conversation = [_message_text(i, m, fmt, template) for i, m in enumerate(messages)]
+    conversation = template_messages(conversation, tools, template)
+    extra = {"tools": [{"type": "function", "function": f} for f in tools.functions]} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # jinja raises TemplateError (and others) for conversations a template refuses
         raise invalid(f"messages: the chat template refused them: {exc}", "messages") from None
     # The template writes the special tokens itself.
@@ -179,10 +201,25 @@ def parse_chat(engine, body: Any) -> OpenAIRequest:
         raise invalid("top_logprobs: only 0 is supported (each token's own logprob is returned)", "top_logprobs")
     max_tokens = f.get("max_tokens") if f.get("max_tokens") is not None else f.get("max_completion_tokens")
     params = _sampling(f, max_tokens=16 if max_tokens is None else max_tokens, best_of=n, names=_CHAT_NAMES)
+    tools = parse_tools(engine, body)
+    if tools is not None:
+        params = _with_tools(engine, params, tools)
     check_guided(engine, params.guided)
-    text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any))
+    text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine))
     ids = check_prompt(engine, ids, params, "messages")
-    return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")))
+    return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")),
+                         tools=tools)
+
+
+def _with_tools(engine, params: SamplingParams, tools: ToolCalling) -> SamplingParams:
+    """A forced call's grammar; special tokens kept in the text (a family's call marker may be one)."""
+    changes: dict[str, Any] = {"skip_special_tokens": False}
+    if tools.forced:
+        if params.guided is not None:
+            raise invalid(f"tool_choice: a forced tool call cannot be combined with {params.guided.field}",
+                          "tool_choice")
+        changes["guided"] = tool_grammar(engine, tools)
+    return dataclasses.replace(params, **changes)
 
 
 def _prompts(tokenizer, prompt: Any) -> tuple[list[str], list[list[int]]]:

@@ -126,3 +126,58 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, slot_table, len
     return paged_attention_int8(
         q, k_cache, v_cache, k_scale, v_scale, jnp.arange(b), lengths - 1, slot_table, scale, **options
     )
+
+
+# --- quantised matmuls -----------------------------------------------------------------------------
+# int8 weights are [n, k] (output-major: the inputs contiguous, as the integer tensor cores want both operands),
+# one float32 scale per output. int4 weights are [k / 8, n]: unsigned 0..15 values, 8 consecutive inputs per
+# int32 (input 8r + j in bits 4j..4j+3 of row r, GPTQ's order), with a scale and a zero point per group of
+# `group` inputs: w = (q - zero) * scale.
+
+
+def quantize_rows_int8(x):
+    """Symmetric int8 per row (per token): x [m, k] → (int8 [m, k], float32 scale [m]); an all-zero row
+    gets scale 0."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x32 / safe[:, None]), -127, 127).astype(jnp.int8), scale
+
+
+def unpack_int4(packed):
+    """int32 [k / 8, n] → int32 [k, n] values 0..15 (input 8r + j from bits 4j of row r)."""
+    shifts = jnp.arange(8, dtype=jnp.int32) * 4
+    nibbles = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [k / 8, 8, n]
+    return nibbles.reshape(-1, packed.shape[-1])
+
+
+def dequantize_int4(packed, scale, zero):
+    """int4 weights → float32 [k, n]; scale, zero [k / group, n]."""
+    q = unpack_int4(packed).astype(jnp.float32)
+    group = q.shape[0] // scale.shape[0]
+    expand = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)  # noqa: E731
+    return (q - expand(zero)) * expand(scale)
+
+
+def dot_nk(x, w, out_dtype):
+    """x [m, k] @ w[n, k]ᵀ → [m, n], accumulated in `out_dtype`."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def int8_matmul(x, w, scale):
+    """w8a16: x [m, k] @ (int8 w [n, k] * scale [n])ᵀ → [m, n] in x's dtype (float32 accumulation)."""
+    with jax.default_matmul_precision("highest"):
+        out = dot_nk(x.astype(jnp.float32), w.astype(jnp.float32), jnp.float32)
+    return (out * scale[None, :]).astype(x.dtype)
+
+
+def int4_matmul(x, packed, scale, zero):
+    """w4a16: x [m, k] @ dequantised int4 weights → [m, n] in x's dtype."""
+    w = dequantize_int4(packed, scale, zero)
+    return jnp.dot(x.astype(jnp.float32), w, precision="highest").astype(x.dtype)
+
+
+def int8_int8_matmul(x_q, x_scale, w, w_scale, out_dtype):
+    """w8a8: int8 x [m, k] (scale [m]) @ int8 w [n, k]ᵀ (scale [n]), int32 accumulation → [m, n]."""
+    acc = dot_nk(x_q, w, jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(out_dtype)

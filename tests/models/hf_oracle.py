@@ -58,10 +58,12 @@ def prefill_meta(length: int, width: int) -> AttentionMetadata:
 
 
 def assert_logits_match(path, hf_model, tp: int) -> ModelConfig:
-    """Our model loaded from `path` at `tp` gives transformers' logits on 37 random tokens."""
+    """Our model loaded from `path` at `tp` gives transformers' logits on 37 random tokens (and declares
+    `config.num_params` weights)."""
     config = ModelConfig.from_model_dir(path)
     model = build_model(config, jnp.float32)
     params = load_hf(model, path, make_mesh(tp), tp)
+    assert config.num_params == sum(p.size for p in jax.tree.leaves(params))  # the benchmarks' roofline count
     tokens = np.random.default_rng(tp).integers(0, config.vocab_size, size=37)
     with torch.no_grad():
         expected = hf_model(torch.tensor(tokens)[None]).logits[0].numpy()

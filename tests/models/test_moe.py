@@ -36,3 +36,20 @@ def test_grouped_experts_match_every_expert_over_every_token(tokens, num_experts
     got = jax.jit(routed_experts, static_argnums=5)(x, weights, experts, gate_up, down, act)
     expected = jax.jit(dense_loop, static_argnums=5)(x, weights, experts, gate_up, down, act)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_what_is_not_built_is_refused_by_name():
+    """Weight quantisation of experts and an int8 latent cache are not built: building such a model fails
+    with the reason, it does not run half-quantised."""
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import build_model
+    from jaxllm.models.backends import attention_backend
+    from jaxllm.models.quant import with_weight_mode
+    from tests.models.test_moe_families import FAMILIES
+
+    mixtral = ModelConfig.from_hf_dict(FAMILIES["mixtral"])
+    with pytest.raises(ValueError, match="not built for mixtures of experts"):
+        build_model(with_weight_mode(mixtral, "triton_w8a16", FAMILIES["mixtral"]), jnp.bfloat16)
+    deepseek = ModelConfig.from_hf_dict(FAMILIES["deepseek_v2"])
+    with pytest.raises(ValueError, match="int8 KV --mode values are not built for latent attention"):
+        build_model(deepseek, jnp.bfloat16, attention_backend(["triton_int8kv"], "cpu"))

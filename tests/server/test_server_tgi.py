@@ -96,7 +96,7 @@ def test_stream_events(make_client, tokenizer):
     ({"watermark": True}, 400, "watermark"),
     ({"typical_p": 0.5}, 400, "typical_p"),
     ({"top_n_tokens": 3}, 400, "top_n_tokens"),
-    ({"grammar": {"type": "json", "value": {}}}, 400, "grammar"),
+    ({"grammar": {"type": "xml", "value": "<a/>"}}, 400, "grammar"),
     ({"truncate": 0}, 400, "truncate"),
     ({"bogus": 1}, 422, "unknown field 'bogus'"),
     ({"temperature": "hot"}, 422, "temperature"),
