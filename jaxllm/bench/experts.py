@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     bandwidth, rate = measure_hbm_bandwidth(), measure_matmul_rate()
     print(f"device {jax.devices()[0].device_kind}: HBM read {bandwidth / 1e12:.2f} TB/s, "
           f"bf16 matmul {rate / 1e12:.0f} TFLOP/s; experts {m.num_experts} x [{config.hidden_size}, "
-          f"{m.intermediate_size}], top {m.top_k}")
+          f"{m.intermediate_size}], top {m.top_k}; tp {ns.tp}" + (f" (experts {ns.placement})" if ns.tp > 1 else ""))
     rows = []
     layer_weights = random_weights(m.num_experts, config.hidden_size, m.intermediate_size, dtype)
     for tokens in ns.tokens:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
         if ns.tp > 1:
             args = placed(args, ns.tp, ns.placement)
         for name in ns.impl:
-            if (name == "sliced" and tokens > 64) or (ns.tp > 1 and name != "ragged_dot"):
+            if (name == "sliced" and tokens * m.top_k > 128) or (ns.tp > 1 and name != "ragged_dot"):
                 continue  # sliced: one product per pair, small batches only; --tp: the model's path only
             fn = jax.jit(lambda *a, _f=implementation(name, ns.mgpu_block): _f(*a, act))
             try:
