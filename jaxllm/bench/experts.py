@@ -5,6 +5,8 @@ batches are memory-bound) and the FLOPs they must do (large batches).
 - `ragged_dot`: the model's path (pairs sorted by expert, `jax.lax.ragged_dot` per projection) as XLA lowers
   it. On GPU, XLA rewrites a ragged dot into a dense one over every expert unless cuDNN takes it: run once
   more with `XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true`.
+- `pallas`: the same path with our Triton-lowered Pallas kernel (`kernels/pallas/grouped_matmul.py`: tiles of
+  one expert's rows, experts without rows skipped) as the grouped matmul.
 - `mgpu`: the same path with JAX's Pallas Mosaic GPU ragged-dot kernel (Hopper) as the grouped matmul.
 - `dense_loop`: every expert over every token, unrouted pairs weighted 0 (the padded form, for comparison).
 - `gathered`: each (token, expert) pair's matrices gathered, one batched product per pair (reads n·k experts).
@@ -33,8 +35,9 @@ from jaxllm.config import ModelConfig
 from jaxllm.parallel import TP_AXIS, make_mesh
 from jaxllm.models.layers import activation
 from jaxllm.models.moe import routed_experts
+from kernels.pallas.grouped_matmul import grouped_matmul
 
-IMPLEMENTATIONS = ("ragged_dot", "mgpu", "dense_loop", "gathered", "sliced")
+IMPLEMENTATIONS = ("ragged_dot", "pallas", "mgpu", "dense_loop", "gathered", "sliced")
 
 
 def dense_loop(x, weights, experts, gate_up, down, act):
@@ -80,9 +83,17 @@ def mgpu_grouped(block: tuple[int, int, int, int, int]):
     return grouped
 
 
-def implementation(name: str, mgpu_block):
+def pallas_grouped(block: tuple[int, int, int, int, int], interpret: bool = False):
+    block_m, block_n, block_k, warps, stages = block
+    return functools.partial(grouped_matmul, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps,
+                             num_stages=stages, interpret=interpret)
+
+
+def implementation(name: str, mgpu_block=None, pallas_block=None, interpret: bool = False):
     if name == "ragged_dot":
         return routed_experts
+    if name == "pallas":
+        return functools.partial(routed_experts, grouped=pallas_grouped(pallas_block, interpret))
     if name == "mgpu":
         return functools.partial(routed_experts, grouped=mgpu_grouped(mgpu_block))
     return {"dense_loop": dense_loop, "gathered": gathered, "sliced": sliced}[name]
@@ -143,6 +154,8 @@ def main(argv=None) -> int:
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--mgpu-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(64, 128, 64, 4, 1),
                    help="block_m,block_n,block_k,max_concurrent_steps,grid_block_n of the mgpu kernel")
+    p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(16, 128, 64, 4, 3),
+                   help="block_m,block_n,block_k,num_warps,num_stages of our Pallas kernel")
     p.add_argument("--tp", type=int, default=1, help="devices (ragged_dot only beyond 1)")
     p.add_argument("--placement", choices=sorted(PLACEMENTS), default="split", help="experts across --tp devices")
     p.add_argument("--repeats", type=int, default=20)
@@ -172,7 +185,7 @@ def main(argv=None) -> int:
         for name in ns.impl:
             if (name == "sliced" and tokens * m.top_k > 128) or (ns.tp > 1 and name != "ragged_dot"):
                 continue  # sliced: one product per pair, small batches only; --tp: the model's path only
-            fn = jax.jit(lambda *a, _f=implementation(name, ns.mgpu_block): _f(*a, act))
+            fn = jax.jit(lambda *a, _f=implementation(name, ns.mgpu_block, ns.pallas_block): _f(*a, act))
             try:
                 seconds = median_seconds(lambda: fn(*args), ns.repeats)
             except Exception as e:  # noqa: BLE001  one implementation failing must not hide the others' rows
@@ -194,10 +207,11 @@ def smoke(ns) -> int:
     for tokens in (1, 5):
         args = random_layer(4, 32, 48, tokens, 2, jnp.float32, seed=tokens)
         expected = np.asarray(jax.jit(routed_experts, static_argnums=5)(*args, act))
-        for name in ("dense_loop", "gathered", "sliced"):
-            got = np.asarray(jax.jit(implementation(name, None), static_argnums=5)(*args, act))
+        for name in ("dense_loop", "gathered", "sliced", "pallas"):
+            impl = implementation(name, pallas_block=(16, 16, 16, 4, 1), interpret=True)
+            got = np.asarray(jax.jit(impl, static_argnums=5)(*args, act))
             np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"{name} at {tokens} tokens")
-        print(f"{tokens} tokens: dense_loop, gathered and sliced agree with ragged_dot")
+        print(f"{tokens} tokens: dense_loop, gathered, sliced and pallas agree with ragged_dot")
         if len(jax.devices()) >= 2:
             for placement in PLACEMENTS:
                 got = np.asarray(jax.jit(routed_experts, static_argnums=5)(*placed(args, 2, placement), act))
