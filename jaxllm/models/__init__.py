@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionBackend, ReferenceAttention
+from jaxllm.models.layers import grouped_dense
 from jaxllm.models.mla import init_latent_cache
 from jaxllm.models.transformer import CausalLM
 
@@ -19,13 +20,14 @@ def init_kv_cache(model, num_slots: int) -> tuple:
     )
 
 
-def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None):
+def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None, grouped_matmul=None):
     """The Flax module for `config` (any supported family), computing in `dtype`. ValueError for what is not
-    built: an int8 KV backend with latent attention (its own cache format), quantised weights with experts."""
+    built: an int8 KV backend with latent attention (its own cache format), quantised weights with experts.
+    `grouped_matmul`: the experts' grouped matmul in place of `layers.grouped_dense` (benchmarks)."""
     backend = backend or ReferenceAttention()
     if config.mla is not None and "int8" in getattr(backend, "name", ""):
         raise ValueError(f"the int8 KV --mode values are not built for latent attention ({config.model_type})")
     if config.moe is not None and config.weight_quant is not None:
         raise ValueError(f"quantised weights ({config.weight_quant.scheme}: a weight --mode or a quantised "
                          f"checkpoint) are not built for mixtures of experts ({config.model_type})")
-    return CausalLM(config=config, dtype=dtype, backend=backend)
+    return CausalLM(config=config, dtype=dtype, backend=backend, grouped_matmul=grouped_matmul or grouped_dense)

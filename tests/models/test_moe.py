@@ -53,3 +53,24 @@ def test_what_is_not_built_is_refused_by_name():
     deepseek = ModelConfig.from_hf_dict(FAMILIES["deepseek_v2"])
     with pytest.raises(ValueError, match="int8 KV --mode values are not built for latent attention"):
         build_model(deepseek, jnp.bfloat16, attention_backend(["triton_int8kv"], "cpu"))
+
+
+def test_model_with_the_pallas_grouped_matmul_gives_the_same_logits():
+    """`build_model(..., grouped_matmul=...)` swaps the experts' grouped matmul (as `bench.step --experts
+    pallas` does): our Pallas kernel (interpret mode) in a whole Mixtral step gives ragged_dot's logits."""
+    from jaxllm.bench.experts import pallas_grouped
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import build_model, init_kv_cache
+    from jaxllm.parallel import make_mesh
+    from jaxllm.weights import random_params
+    from tests.models.hf_oracle import prefill_meta
+    from tests.models.test_moe_families import FAMILIES
+
+    config = ModelConfig.from_hf_dict(dict(FAMILIES["mixtral"], num_hidden_layers=1))
+    served = build_model(config, jnp.float32)
+    swapped = build_model(config, jnp.float32, grouped_matmul=pallas_grouped((16, 64, 32, 4, 1), interpret=True))
+    params = random_params(served, make_mesh(1), 1, seed=5)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=11), jnp.int32)
+    outs = [jax.jit(lambda p, m=model: m.apply({"params": p}, tokens, prefill_meta(11, 16), init_kv_cache(m, 16),
+                                             all_logits=True)[0])(params) for model in (served, swapped)]
+    np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), atol=1e-4, rtol=1e-4)
