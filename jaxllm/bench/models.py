@@ -37,7 +37,7 @@ def decode_bytes_per_token(params, config, context: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)  # --mode is not --model_dir
     p.add_argument("--model_dir", required=True)
     p.add_argument("--result-json", required=True)
     p.add_argument("--b1-output-len", type=int, default=256)
