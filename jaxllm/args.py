@@ -18,8 +18,6 @@ TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.serve
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
     "nccl_port",
-    "beam_mode",
-    "diverse_mode",
     "enable_multimodal",
     "cache_capacity",
     "cache_reserved_ratio",
@@ -65,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel modes: triton_int8kv | ppl_int8kv (int8 KV cache, about twice the tokens), "
              "ppl_fp16 (fp16 decode attention), triton_flashdecoding (split-K decode for long contexts), "
              "triton_gqa_attention | triton_gqa_flashdecoding (grouped-query kernels), and the weight "
-             "quantisation modes triton_w4a16 | triton_w8a16 | triton_w8a8 | lmdeploy_w4a16 | ppl_w4a16 | "
-             "ppl_w8a8 | ppl_w8a8_mixdown")
+             "quantisation modes, weights quantised at load from 16-bit ones: triton_w8a16 (int8 per output "
+             "channel), triton_w4a16 | lmdeploy_w4a16 | ppl_w4a16 (int4 with zero points, groups of 128), "
+             "triton_w8a8 | ppl_w8a8 (int8 weights and per-token int8 activations), ppl_w8a8_mixdown (w8a8, "
+             "the MLP down-projection 16-bit in config.json's `mixdown` layers, all when absent); and "
+             "fp8_w8a8 (jaxllm's, not a LightLLM mode: float8 e4m3 weights and activations, per-channel and "
+             "per-token scales)")
     add("--trust_remote_code", action="store_true",
         help="load model directories that ship their own code (config auto_map: InternLM2, Baichuan, Qwen-1, ...); "
              "the config is read by jaxllm's family module, the tokenizer's code runs in transformers")

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
-from jaxllm.models import build_model, init_kv_cache
+from jaxllm.models import build_model, init_kv_cache, quant
+from jaxllm.models.quant import with_weight_mode
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import DATA_TYPES, random_params
@@ -111,11 +112,26 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
     return seconds, float(np.median(state["enqueue"]))
 
 
-def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float) -> dict:
+def params_read(config: ModelConfig, tokens: int) -> float:
+    """Params a step over `tokens` tokens must read: all but the experts no token is routed to (their expected
+    count under uniform routing; a MoE step of one token reads its top-k experts only)."""
+    m = config.moe
+    if m is None:
+        return config.num_params
+    expert = 3 * config.hidden_size * m.intermediate_size
+    touched = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** tokens)
+    return config.num_active_params + len(m.layers) * (touched - m.top_k) * expert
+
+
+def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float,
+             weight_bytes: int | None = None) -> dict:
+    """Floor of one step; `weight_bytes`: the weights as stored (quantised ones smaller), default 16-bit, of
+    which the step reads the share `params_read` gives (MoE: the experts its tokens are routed to)."""
     tokens = case.batch * (case.context if case.prefill else 1)
-    weight_bytes = config.num_params * itemsize
-    kv_bytes = 2 * config.num_layers * case.batch * case.context * config.num_kv_heads * config.head_dim * itemsize
-    flops = 2 * config.num_params * tokens
+    stored = weight_bytes or config.num_params * itemsize
+    weight_bytes = stored * params_read(config, tokens) / config.num_params
+    kv_bytes = case.batch * case.context * config.kv_values_per_token * itemsize
+    flops = 2 * config.num_active_params * tokens
     return {
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,
@@ -123,6 +139,23 @@ def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: floa
         "flops_s": flops / flops_rate,
         "floor_s": max((weight_bytes + kv_bytes) / bandwidth, flops / flops_rate),
     }
+
+
+def _grouped_matmul(ns):
+    if ns.experts == "ragged_dot":
+        return None  # the model's own (layers.grouped_dense)
+    from jaxllm.bench.experts import pallas_grouped  # imported here: that module imports this one
+
+    return pallas_grouped(ns.pallas_block, interpret=jax.devices()[0].platform == "cpu")
+
+
+def _latent_note(config: ModelConfig, itemsize: int) -> str:
+    """For latent attention: the per-token bytes of the per-head keys and values it replaces."""
+    a = config.mla
+    if a is None:
+        return ""
+    full = config.num_layers * config.num_heads * (a.nope_dim + a.rope_dim + a.v_dim) * itemsize
+    return f" (latent; per-head keys and values would take {full / 1024:.1f} KiB, {full / (config.kv_values_per_token * itemsize):.1f}x)"
 
 
 def main(argv=None) -> int:
@@ -134,35 +167,60 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--prefill", action="store_true", help="time prefill of --context tokens per request")
     p.add_argument("--data_type", default="bfloat16", choices=sorted(DATA_TYPES))
-    p.add_argument("--mode", nargs="*", default=[], help="attention kernel modes (as jaxllm.serve --mode)")
+    p.add_argument("--mode", nargs="*", default=[],
+                   help="kernel and weight-quantisation modes (as jaxllm.serve --mode; weights quantised at load)")
+    p.add_argument("--weights", nargs="+", default=None, metavar="MODE",
+                   help="compare weight modes in one run: 16bit and/or weight-quantisation modes (e.g. 16bit "
+                        "triton_w8a16 triton_w4a16), each added to --mode; the table gives each one's speed-up")
+    p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a shorter model)")
+    p.add_argument("--experts", choices=["ragged_dot", "pallas"], default="ragged_dot",
+                   help="MoE models: the experts' grouped matmul (XLA's ragged dot as served, or our Pallas kernel)")
+    p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(16, 128, 64, 4, 3),
+                   help="with --experts pallas: block_m,block_n,block_k,num_warps,num_stages")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--result-json", default=None)
     ns = p.parse_args(argv)
 
-    config = ModelConfig.from_hf_dict(json.loads(Path(ns.config).read_text()))
-    dtype = DATA_TYPES[ns.data_type]
-    from jaxllm.models.backends import attention_backend
+    raw = json.loads(Path(ns.config).read_text())
+    if ns.layers:
+        raw["num_hidden_layers"] = ns.layers
+    from jaxllm.models.backends import attention_backend, resolve_modes
 
-    backend = attention_backend(ns.mode, jax.devices()[0].platform)
-    model = build_model(config, dtype, backend)
-    params = random_params(model, make_mesh(1), 1)
+    dtype = DATA_TYPES[ns.data_type]
     bandwidth, rate = measure_hbm_bandwidth(), measure_matmul_rate()
     print(f"device {jax.devices()[0].device_kind}: HBM read {bandwidth / 1e12:.2f} TB/s, "
-          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s, backend {getattr(backend, 'name', type(backend).__name__)}")
+          f"bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     rows = []
-    for batch in ns.batch:
-        case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
-        seconds, enqueue = run_case(model, params, config, case, ns.repeats)
-        roof = roofline(config, case, jnp.dtype(dtype).itemsize, bandwidth, rate)
-        rows.append({**dataclasses.asdict(case), "step_ms": seconds * 1e3, "floor_ms": roof["floor_s"] * 1e3,
-                     "ratio": roof["floor_s"] / seconds, "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds,
-                     "enqueue_ms": enqueue * 1e3})
+    for weights in ns.weights or [None]:
+        modes = ns.mode + ([weights] if weights not in (None, "16bit") else [])
+        config = with_weight_mode(ModelConfig.from_hf_dict(raw), resolve_modes(modes).weight_mode, raw)
+        backend = attention_backend(modes, jax.devices()[0].platform)
+        model = build_model(config, dtype, backend, grouped_matmul=_grouped_matmul(ns))
+        params = random_params(model, make_mesh(1), 1)
+        print(f"modes {modes or '(none)'}: backend {getattr(backend, 'name', type(backend).__name__)}, "
+              f"weights {quant.nbytes(params) / 1e9:.2f} GB", flush=True)
+        itemsize = jnp.dtype(dtype).itemsize
+        print(f"  {config.num_params / 1e9:.2f} B params ({config.num_active_params / 1e9:.2f} B active per token); "
+              f"KV cache {config.kv_values_per_token * itemsize / 1024:.1f} KiB per token"
+              f"{_latent_note(config, itemsize)}")
+        for batch in ns.batch:
+            case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
+            seconds, enqueue = run_case(model, params, config, case, ns.repeats)
+            roof = roofline(config, case, itemsize, bandwidth, rate, quant.nbytes(params))
+            rows.append({"weights": weights or "as --mode", **dataclasses.asdict(case), "step_ms": seconds * 1e3,
+                         "floor_ms": roof["floor_s"] * 1e3, "ratio": roof["floor_s"] / seconds,
+                         "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds,
+                         "enqueue_ms": enqueue * 1e3})
+        del params
     if ns.result_json:
         Path(ns.result_json).write_text(json.dumps({"bandwidth": bandwidth, "matmul": rate, "rows": rows}, indent=2))
-    print(f"{'batch':>6} {'context':>8} {'step ms':>9} {'floor ms':>9} {'of floor':>9} {'tok/s':>10} {'enqueue ms':>11}")
+    base = {r["batch"]: r["step_ms"] for r in rows if r["weights"] == "16bit"}
+    print(f"{'weights':>18} {'batch':>6} {'context':>8} {'step ms':>9} {'floor ms':>9} {'of floor':>9} {'tok/s':>10} "
+          f"{'enqueue ms':>11} {'vs 16bit':>9}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} "
-              f"{r['ratio']:>9.2f} {r['tokens_per_s']:>10.0f} {r['enqueue_ms']:>11.2f}")
+        speedup = f"{base[r['batch']] / r['step_ms']:.2f}x" if r["batch"] in base else "-"
+        print(f"{r['weights']:>18} {r['batch']:>6} {r['context']:>8} {r['step_ms']:>9.2f} {r['floor_ms']:>9.2f} "
+              f"{r['ratio']:>9.2f} {r['tokens_per_s']:>10.0f} {r['enqueue_ms']:>11.2f} {speedup:>9}")
     return 0
 
 

@@ -1,6 +1,7 @@
-"""LightLLM's `--mode` list → the attention backend, resolved once at start-up: Pallas kernels on the GPU,
-the plain-JAX reference on the CPU (bf16/fp16 or int8 KV either way). Under `--tp` the kernels run per
-device under `shard_map`, split on the KV-head axis like the cache (`jaxllm/parallel.py: kv_cache_spec`).
+"""LightLLM's `--mode` list → the attention backend and the weight quantisation, resolved once at start-up:
+Pallas kernels on the GPU, the plain-JAX reference on the CPU (bf16/fp16 or int8 KV either way). Under `--tp`
+the kernels run per device under `shard_map`, split on the KV-head axis like the cache
+(`jaxllm/parallel.py: kv_cache_spec`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxllm.models.attention import (
     AttentionBackend, AttentionMetadata, AttentionSpec, ReferenceAttention, reference_options,
 )
+from jaxllm.models.quant import WEIGHT_MODES
 from jaxllm.parallel import TP_AXIS
 from kernels.pallas import attention_mosaic, attention_triton, plan, reference
 
@@ -27,26 +29,27 @@ SPLIT_MODES = {  # mode → split-K policy of decode
     "triton_gqa_attention": "never",
     "ppl_fp16": "auto",
 }
-# LightLLM's weight-quantisation modes: not built yet.
-NOT_BUILT = frozenset(
-    {"triton_w4a16", "triton_w8a16", "triton_w8a8", "lmdeploy_w4a16", "ppl_w4a16", "ppl_w8a8", "ppl_w8a8_mixdown"}
-)
 GPU_PLATFORMS = frozenset({"gpu", "cuda"})
 
 
 @dataclasses.dataclass(frozen=True)
 class ModeChoice:
-    """What the `--mode` list asks of attention."""
+    """What the `--mode` list asks of attention, and of the weights (a key of quant.WEIGHT_MODES or None)."""
 
     int8_kv: bool = False
     split: str = "auto"  # split-K policy of decode: "auto" | "always" | "never"
+    weight_mode: str | None = None
 
 
 def resolve_modes(modes: Sequence[str]) -> ModeChoice:
     """Validate LightLLM's `--mode` values; ValueError names the first one that cannot run."""
-    int8_kv, split = False, None
+    int8_kv, split, weight_mode = False, None, None
     for mode in modes:
-        if mode in INT8_MODES:
+        if mode in WEIGHT_MODES:
+            if weight_mode is not None and WEIGHT_MODES[weight_mode] != WEIGHT_MODES[mode]:
+                raise ValueError(f"--mode {mode} conflicts with --mode {weight_mode} (one weight quantisation)")
+            weight_mode = mode
+        elif mode in INT8_MODES:
             int8_kv = True
         elif mode in SPLIT_MODES:
             wanted = SPLIT_MODES[mode]
@@ -54,11 +57,9 @@ def resolve_modes(modes: Sequence[str]) -> ModeChoice:
                 raise ValueError(f"--mode {mode} conflicts with another --mode's split-K choice")
             if split in (None, "auto"):
                 split = wanted
-        elif mode in NOT_BUILT:
-            raise ValueError(f"--mode {mode} is not supported yet")
         else:
             raise ValueError(f"--mode {mode} is not supported yet (unknown mode)")
-    return ModeChoice(int8_kv=int8_kv, split=split or "auto")
+    return ModeChoice(int8_kv=int8_kv, split=split or "auto", weight_mode=weight_mode)
 
 
 class ReferenceInt8Attention:

@@ -6,10 +6,9 @@ q/k norms over all heads), SmolLM2, and checkpoints that ship Llama's layout und
 from __future__ import annotations
 
 
-from jaxllm.config import ModelConfig, common_fields
+from jaxllm.config import LAYOUT_NORMS, ModelConfig, common_fields
 from jaxllm.models import hf_map
 from jaxllm.models.family import Family
-from jaxllm.models.transformer import LAYOUT_NORMS
 
 
 def config(raw: dict) -> ModelConfig:

@@ -7,23 +7,17 @@ prefill chunks and decodes. Layers are unrolled (a scanned stack made XLA copy w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import LAYOUT_NORMS, ModelConfig
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata
-from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
+from jaxllm.models.layers import MLP, Attention, Norm, dense, grouped_dense, param, soft_cap
+from jaxllm.models.mla import LatentAttention
+from jaxllm.models.moe import MoE
 
-# Each norm layout's per-block norms, by param name (Hugging Face's names in Llama-style checkpoints).
-LAYOUT_NORMS = {
-    "pre": ("input_layernorm", "post_attention_layernorm"),
-    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                 "post_feedforward_layernorm"),
-    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
-    "parallel": ("input_layernorm",),
-}
 
 
 class DecoderLayer(nn.Module):
@@ -34,12 +28,16 @@ class DecoderLayer(nn.Module):
     layer: int
     dtype: Any
     backend: AttentionBackend
+    grouped_matmul: Callable = grouped_dense  # the experts' grouped matmul (MoE layers)
 
     @nn.compact
     def __call__(self, x, meta, layer_cache):
         c = self.config
-        attn = Attention(c, self.layer, self.dtype, self.backend, name="self_attn")
-        mlp = MLP(c, self.dtype, name="mlp")
+        attn = (LatentAttention if c.mla else Attention)(c, self.layer, self.dtype, self.backend, name="self_attn")
+        if c.is_moe_layer(self.layer):
+            mlp = MoE(c, self.dtype, self.grouped_matmul, name="mlp")
+        else:
+            mlp = MLP(c, self.dtype, name="mlp")
         norm = lambda name: Norm(c, self.dtype, name=name)  # noqa: E731
         scale = lambda h: h if c.residual_scale == 1.0 else h * c.residual_scale  # noqa: E731
         layout = c.norm_layout
@@ -66,6 +64,7 @@ class CausalLM(nn.Module):
     config: ModelConfig
     dtype: Any
     backend: AttentionBackend
+    grouped_matmul: Callable = grouped_dense  # the experts' grouped matmul (MoE layers; benchmarks swap it)
 
     @nn.compact
     def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False):
@@ -87,7 +86,8 @@ class CausalLM(nn.Module):
             x = Norm(c, self.dtype, name="embed_norm")(x)
         new_cache = []
         for i in range(c.num_layers):
-            x, layer_cache = DecoderLayer(c, i, self.dtype, self.backend, name=f"layers_{i}")(x, meta, kv_cache[i])
+            layer = DecoderLayer(c, i, self.dtype, self.backend, self.grouped_matmul, name=f"layers_{i}")
+            x, layer_cache = layer(x, meta, kv_cache[i])
             new_cache.append(layer_cache)
         if not all_logits:
             x = x[meta.logits_index]

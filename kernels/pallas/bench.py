@@ -1,4 +1,5 @@
-"""`python -m kernels.pallas.bench`: each attention kernel against its physical limit, medians, one short table.
+"""`python -m kernels.pallas.bench`: each attention kernel (`--quant`: each quantised-weight matmul,
+`bench_quant.py`) against its physical limit, medians, one short table.
 
 Decode is memory-bound: its limit is the K/V bytes it must read over HBM bandwidth (the issues' 2.98 TB/s,
 and the bandwidth measured in the same run). Prefill is matmul-bound: FLOPs over the bf16 matmul rate.
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.pallas import attention_mosaic, attention_triton, plan, reference
+from kernels.pallas import attention_mosaic, attention_triton, bench_quant, plan, reference
 
 ISSUE_BANDWIDTH = 2.98e12  # bytes/s: H100 HBM read, measured for the issues (November 2026)
 
@@ -140,18 +141,23 @@ class Bench:
         try:
             getattr(self, method)(*args, **kwargs)
         except Exception as err:  # noqa: BLE001: report and go on to the next case
-            message = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-            print(f"FAILED {args[0]} {args[1]}: {message}", flush=True)
-            self.rows.append((args[0], args[1], "FAILED", "-", "-", message.replace("|", "/")))
+            self.failed(args[0], args[1], err)
 
-    def _row(self, name, impl, config, seconds, bytes_=None, flops=None):
+    def failed(self, name, impl, err: Exception):
+        message = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        print(f"FAILED {name} {impl}: {message}", flush=True)
+        self.rows.append((name, impl, "FAILED", "-", "-", message.replace("|", "/")))
+
+    def _row(self, name, impl, config, seconds, bytes_=None, flops=None, limit=None):
+        """One result: `bytes_` read (against the bandwidth) or `flops` (against `limit`, default the bf16
+        matmul rate)."""
         if bytes_ is not None:
             rate = f"{bytes_ / seconds / 1e12:.2f} TB/s"
             issue, run = bytes_ / ISSUE_BANDWIDTH / seconds, bytes_ / self.bandwidth / seconds
             ratio = f"{issue:.2f} of 2.98 TB/s ({run:.2f} of run's)"
         else:
             rate = f"{flops / seconds / 1e12:.0f} TFLOP/s"
-            ratio = f"{flops / self.flops / seconds:.2f} of run's matmul"
+            ratio = f"{flops / (limit or self.flops) / seconds:.2f} of run's " + ("int8 dot" if limit else "matmul")
         row = (name, impl, config, f"{seconds * 1e6:.1f}", rate, ratio)
         self.rows.append(row)
         print(" | ".join(row), flush=True)
@@ -171,10 +177,15 @@ def run(args) -> Bench:
         bench.guarded("decode", "decode int8 smoke", "triton", 2, 128, 8, 2, 64, int8=True, split="always",
                       launch=small)
         bench.guarded("prefill", "prefill smoke", "triton", 1, 32, 16, 8, 2, 64, launch=small)
+        bench_quant.run(bench, timed, rows=(3,), shapes=(("quant smoke 256×64", 256, 64),), ops8=1e12,
+                        layers=1)
         return bench
     bandwidth, flops = hbm_bandwidth(4), matmul_rate(8192)
     print(f"measured: HBM read {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
     bench = Bench(bandwidth, flops, interpret=False)
+    if args.quant:
+        shapes = [s for s in bench_quant.SHAPES if not args.quant_shapes or s[0].split()[0] in args.quant_shapes]
+        return bench_quant.run(bench, timed, rows=args.quant_rows, shapes=shapes, launches=args.quant_launches)
     llama8b = dict(heads=32, kv_heads=8, head_dim=128)
     for impl in args.impl:
         if impl == "mosaic":
@@ -228,6 +239,14 @@ def main(argv=None) -> None:
     parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
                         help="key splits to try for batch-1 decode (default: the heuristic's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    parser.add_argument("--quant", action="store_true",
+                        help="the quantised-weight matmuls (bench_quant.py) instead of attention")
+    parser.add_argument("--quant-launches", type=bench_quant.parse_launches, default=[None],
+                        help="block_n/block_k/warps/stages/target_programs,... (or auto) for our quantised matmuls")
+    parser.add_argument("--quant-rows", type=lambda t: [int(x) for x in t.split(",")], default=bench_quant.ROWS,
+                        help="row counts of the quantised matmuls")
+    parser.add_argument("--quant-shapes", type=lambda t: t.split(","), default=None,
+                        help="which Llama-3-8B products (qkv,gate_up,down; default all)")
     bench = run(parser.parse_args(argv))
     print(f"\n{jax.devices()[0].device_kind}, JAX {jax.__version__}\n{bench.table()}")
 

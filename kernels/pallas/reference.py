@@ -92,7 +92,7 @@ def _paged(q, gather, kv_heads, token_req, positions, slot_table, scale, window=
 
     # lax.map vmaps `one_token` over blocks of _QUERY_BLOCK tokens: bounded gathered-key memory.
     out = jax.lax.map(one_token, (grouped, token_req, positions), batch_size=_QUERY_BLOCK)
-    return out.reshape(n, heads, head_dim).astype(q.dtype)
+    return out.reshape(n, heads, -1).astype(q.dtype)  # values may be narrower than keys (latent attention)
 
 
 def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, positions, slot_table, scale, **options):
@@ -102,6 +102,16 @@ def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, posit
         return dequantize_kv(k_cache[slots], k_scale[slots]), dequantize_kv(v_cache[slots], v_scale[slots])
 
     return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale, **options)
+
+
+def latent_attention(q, cache, token_req, positions, slot_table, scale, kv_rank: int):
+    """Multi-head latent attention in the latent space (DeepSeek-V2, key and value up-projections absorbed
+    into the query and the output): one cache row per token, its latent then its rotary key,
+    cache [num_slots + 1, 1, kv_rank + rope_dim]; q [n, heads, kv_rank + rope_dim] (the no-rope query times
+    the key up-projection, then the rotary query). Scores are q · row, values the rows' latent part.
+    Returns [n, heads, kv_rank] in q's dtype."""
+    gather = lambda slots: (cache[slots], cache[slots][..., :kv_rank])  # noqa: E731
+    return _paged(q, gather, 1, token_req, positions, slot_table, scale)
 
 
 def decode_attention(q, k_cache, v_cache, slot_table, lengths, scale, **options):
@@ -116,3 +126,58 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, slot_table, len
     return paged_attention_int8(
         q, k_cache, v_cache, k_scale, v_scale, jnp.arange(b), lengths - 1, slot_table, scale, **options
     )
+
+
+# --- quantised matmuls -----------------------------------------------------------------------------
+# int8 weights are [n, k] (output-major: the inputs contiguous, as the integer tensor cores want both operands),
+# one float32 scale per output. int4 weights are [k / 8, n]: unsigned 0..15 values, 8 consecutive inputs per
+# int32 (input 8r + j in bits 4j..4j+3 of row r, GPTQ's order), with a scale and a zero point per group of
+# `group` inputs: w = (q - zero) * scale.
+
+
+def quantize_rows_int8(x):
+    """Symmetric int8 per row (per token): x [m, k] → (int8 [m, k], float32 scale [m]); an all-zero row
+    gets scale 0."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return jnp.clip(jnp.round(x32 / safe[:, None]), -127, 127).astype(jnp.int8), scale
+
+
+def unpack_int4(packed):
+    """int32 [k / 8, n] → int32 [k, n] values 0..15 (input 8r + j from bits 4j of row r)."""
+    shifts = jnp.arange(8, dtype=jnp.int32) * 4
+    nibbles = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [k / 8, 8, n]
+    return nibbles.reshape(-1, packed.shape[-1])
+
+
+def dequantize_int4(packed, scale, zero):
+    """int4 weights → float32 [k, n]; scale, zero [k / group, n]."""
+    q = unpack_int4(packed).astype(jnp.float32)
+    group = q.shape[0] // scale.shape[0]
+    expand = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)  # noqa: E731
+    return (q - expand(zero)) * expand(scale)
+
+
+def dot_nk(x, w, out_dtype):
+    """x [m, k] @ w[n, k]ᵀ → [m, n], accumulated in `out_dtype`."""
+    return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
+def int8_matmul(x, w, scale):
+    """w8a16: x [m, k] @ (int8 w [n, k] * scale [n])ᵀ → [m, n] in x's dtype (float32 accumulation)."""
+    with jax.default_matmul_precision("highest"):
+        out = dot_nk(x.astype(jnp.float32), w.astype(jnp.float32), jnp.float32)
+    return (out * scale[None, :]).astype(x.dtype)
+
+
+def int4_matmul(x, packed, scale, zero):
+    """w4a16: x [m, k] @ dequantised int4 weights → [m, n] in x's dtype."""
+    w = dequantize_int4(packed, scale, zero)
+    return jnp.dot(x.astype(jnp.float32), w, precision="highest").astype(x.dtype)
+
+
+def int8_int8_matmul(x_q, x_scale, w, w_scale, out_dtype):
+    """w8a8: int8 x [m, k] (scale [m]) @ int8 w [n, k]ᵀ (scale [n]), int32 accumulation → [m, n]."""
+    acc = dot_nk(x_q, w, jnp.int32)
+    return (acc.astype(jnp.float32) * x_scale[:, None] * w_scale[None, :]).astype(out_dtype)

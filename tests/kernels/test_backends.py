@@ -14,7 +14,6 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata, ReferenceAttention
 from jaxllm.models.backends import (
-    NOT_BUILT,
     ModeChoice,
     PallasAttention,
     ReferenceInt8Attention,
@@ -35,6 +34,8 @@ from jaxllm.weights import random_params
         (["triton_gqa_flashdecoding"], ModeChoice(split="always")),
         (["triton_gqa_attention"], ModeChoice(split="never")),
         (["ppl_fp16"], ModeChoice()),
+        (["triton_w8a16", "triton_int8kv"], ModeChoice(int8_kv=True, weight_mode="triton_w8a16")),
+        (["ppl_w8a8_mixdown"], ModeChoice(weight_mode="ppl_w8a8_mixdown")),
     ],
 )
 def test_mode_table(modes, choice):
@@ -44,10 +45,16 @@ def test_mode_table(modes, choice):
     assert (backend.int8_kv, backend.split) == (choice.int8_kv, choice.split)
 
 
-@pytest.mark.parametrize("mode", sorted(NOT_BUILT) + ["triton_bogus"])
-def test_unsupported_modes_name_themselves(mode):
+@pytest.mark.parametrize("mode", ["triton_bogus", "w8a16"])
+def test_unknown_modes_name_themselves(mode):
     with pytest.raises(ValueError, match=f"--mode {mode} is not supported yet"):
         attention_backend(["triton_int8kv", mode], "gpu")
+
+
+def test_two_weight_quantisations_conflict():
+    with pytest.raises(ValueError, match="triton_w4a16 conflicts with --mode triton_w8a16"):
+        resolve_modes(["triton_w8a16", "triton_w4a16"])
+    assert resolve_modes(["triton_w4a16", "ppl_w4a16"]).weight_mode == "ppl_w4a16"  # the same scheme twice
 
 
 def test_conflicting_split_modes():

@@ -1,7 +1,8 @@
 """Families LightLLM served through remote code (InternLM2, Baichuan-7B / 13B, Qwen-1), which no outside
 oracle runs: a random transformers model of the same architecture is written into the family's tensor
 layout and config, and our logits must equal transformers' for the original (float32). Baichuan-13B's
-oracle is a Llama with its rotary turned off and ALiBi added to the attention scores through the mask.
+oracle is a Llama with its rotary turned off and ALiBi added to the attention scores through the mask;
+Baichuan 2's, a Llama whose head rows are unit vectors, stored scaled in the Baichuan 2 checkpoint.
 Also: `--trust_remote_code` gates such directories, and an unsupported model_type is refused by the CLI."""
 
 import json
@@ -18,6 +19,7 @@ from jaxllm import serve
 from jaxllm.config import ModelConfig
 from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
+from jaxllm.models.baichuan import BAICHUAN2_VOCAB
 from jaxllm.models.layers import alibi_slopes
 from jaxllm.models.registry import SUPPORTED_MODEL_TYPES
 from jaxllm.parallel import make_mesh
@@ -75,7 +77,7 @@ def internlm2(sd, raw):
     return tensors, config
 
 
-def baichuan(sd, raw, alibi: bool):
+def baichuan(sd, raw, alibi: bool, head_scales=None):
     def rename(i, t):
         p = f"model.layers.{i}."
         packed = np.concatenate([t[f"self_attn.{x}_proj.weight"] for x in "qkv"])
@@ -83,7 +85,10 @@ def baichuan(sd, raw, alibi: bool):
         return {p + "self_attn.W_pack.weight": packed, **rest}
 
     tensors = {k: v for k, v in sd.items() if not k.startswith("model.layers.")} | layers(sd, rename)
-    config = {k: raw[k] for k in LLAMA} | dict(model_type="baichuan", num_key_value_heads=4)
+    if head_scales is not None:  # Baichuan 2 stores its head unnormalised: rows scaled, the oracle's are unit
+        tensors["lm_head.weight"] = tensors["lm_head.weight"] * head_scales[:, None]
+    config = {k: raw[k] for k in LLAMA} | dict(model_type="baichuan", num_key_value_heads=4,
+                                               vocab_size=raw["vocab_size"])
     if alibi:  # the 13B configs: model_max_length instead of max_position_embeddings
         del config["max_position_embeddings"]
         config["model_max_length"] = 256
@@ -106,6 +111,12 @@ def qwen(sd, raw):
                   num_attention_heads=4, kv_channels=16, layer_norm_epsilon=1e-5, rotary_emb_base=10000.0,
                   rotary_pct=1.0, seq_length=256, no_bias=True, use_dynamic_ntk=True, use_logn_attn=True)
     return tensors, config
+
+
+def unit_rows_head(model):
+    with torch.no_grad():
+        model.lm_head.weight.div_(model.lm_head.weight.norm(dim=1, keepdim=True))
+    return model
 
 
 def alibi_mask(length: int, heads: int) -> torch.Tensor:
@@ -132,6 +143,11 @@ CASES = {  # name → (oracle class, config class, oracle fields, layout writer,
                     lambda sd, raw: baichuan(sd, raw, alibi=False), False),
     "baichuan-13b": (transformers.LlamaForCausalLM, transformers.LlamaConfig, dict(num_key_value_heads=4),
                      lambda sd, raw: baichuan(sd, raw, alibi=True), True),
+    "baichuan2-7b": (transformers.LlamaForCausalLM, transformers.LlamaConfig,
+                     dict(num_key_value_heads=4, vocab_size=BAICHUAN2_VOCAB),
+                     lambda sd, raw: baichuan(sd, raw, alibi=False,
+                                              head_scales=np.linspace(0.5, 3.0, BAICHUAN2_VOCAB, dtype=np.float32)),
+                     False),
     "qwen": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config, dict(num_key_value_heads=4), qwen, False),
 }
 
@@ -141,11 +157,13 @@ def remote_family(request, tmp_path_factory):
     cls, config_cls, fields, write, alibi = CASES[request.param]
     raw = LLAMA | fields
     model = random_model(cls, config_cls, **raw)
+    if raw["vocab_size"] == BAICHUAN2_VOCAB:
+        unit_rows_head(model)
     tensors, config = write(state(model), raw)
     path = tmp_path_factory.mktemp(request.param)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config | {"auto_map": AUTO_MAP}))
-    tokens = np.random.default_rng(0).integers(0, 256, size=LENGTH)
+    tokens = np.random.default_rng(0).integers(0, 256, size=LENGTH)  # (Baichuan 2's vocabulary is larger)
     return path, tokens, oracle_logits(model, tokens, alibi)
 
 

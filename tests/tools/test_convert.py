@@ -247,3 +247,42 @@ def test_hf_source_tokenizer_is_copied_and_completed(tiny_gguf, tmp_path):
     special = json.loads((second / "special_tokens_map.json").read_text())
     assert (special["bos_token"], special["eos_token"]) == ("<|im_start|>", "<|im_end|>")
     assert json.loads((second / "generation_config.json").read_text())["bos_token_id"] == 1
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
+def test_quantised_conversion_loads_without_requantising(tiny_hf, tmp_path, scheme):
+    """`--quant`: an orbax directory whose config.json names the scheme; it loads as quantised params and gives
+    the logits of quantising at load (`--mode`)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import build_model, quant
+    from jaxllm.parallel import make_mesh
+    from jaxllm.weights import load_hf, load_params
+
+    src, _ = tiny_hf
+    assert main(["--src", str(src), "--dst", str(tmp_path / "out"), "--quant", scheme]) == 0
+    dst = tmp_path / "out"
+    config = ModelConfig.from_model_dir(dst)
+    assert config.weight_quant == quant.WeightQuant(scheme)
+    restored = load_params(build_model(config, jnp.float32), dst, make_mesh(1), 1)
+    at_load = load_hf(build_model(dataclasses.replace(ModelConfig.from_model_dir(src), weight_quant=config.weight_quant),
+                                  jnp.float32), src, make_mesh(1), 1)
+    down = restored["layers_1"]["mlp"]["down_proj"]
+    assert isinstance(down, quant.Int4Weight if scheme == "w4a16" else quant.Int8Weight)
+    for a, b in zip(jax_leaves(restored), jax_leaves(at_load)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if scheme == "w8a8":
+        np.testing.assert_allclose(jaxllm_logits(dst, PROMPT), jaxllm_logits(dst, PROMPT, tp=2), rtol=0,
+                                   atol=TOLERANCE)
+    else:  # intermediate 128: one group of 128 along the down-projection's input cannot be split in two
+        with pytest.raises(ValueError, match="layers_0/mlp/down_proj.* cannot be split over --tp 2"):
+            jaxllm_logits(dst, PROMPT, tp=2)
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)

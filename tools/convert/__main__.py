@@ -1,5 +1,5 @@
 """The converter's CLI: `python -m tools.convert --src (HF dir | file.gguf) --dst DIR [--dtype D]
-[--format hf|orbax] [--tp N] [--force]`; errors print one line and exit with status 2."""
+[--format hf|orbax] [--tp N] [--quant SCHEME] [--force]`; errors print one line and exit with status 2."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from tools.convert.checkpoint import DTYPES, ConvertError
-from tools.convert.convert import FORMATS
+from tools.convert.convert import FORMATS, SCHEMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tp", type=int, default=1, help="tensor-parallel degree: checked against the model; the orbax save mesh"
     )
+    parser.add_argument(
+        "--quant", choices=SCHEMES, default=None,
+        help="store the matmul weights quantised (as --mode's weight modes do at load): an orbax checkpoint "
+        "(--format is orbax) that loads without re-quantising",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing model directory at --dst")
     return parser.parse_args(argv)
 
@@ -42,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from tools.convert.convert import convert
 
     try:
-        dst = convert(args.src, args.dst, dtype=args.dtype, fmt=args.format, tp=args.tp, force=args.force)
+        dst = convert(args.src, args.dst, dtype=args.dtype, fmt=args.format, tp=args.tp, force=args.force,
+                      quant=args.quant)
     except ConvertError as err:
         print(f"tools.convert: error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from tools.convert.hf_export import MAX_SHARD_BYTES, write_hf
 from tools.convert.hf_import import read_hf
 
 FORMATS = ("hf", "orbax")
+SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8_w8a8")  # jaxllm.models.quant.SCHEMES (not imported: no jax here)
 
 
 def read_source(src: str | Path) -> Checkpoint:
@@ -58,8 +59,14 @@ def convert(
     tp: int = 1,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    quant: str | None = None,
 ) -> Path:
-    """Convert `src` into the model directory `dst`; `dtype=None` keeps the source's (float32 for GGUF)."""
+    """Convert `src` into the model directory `dst`; `dtype=None` keeps the source's (float32 for GGUF).
+    `quant` (one of SCHEMES) stores the matmul weights quantised, in an orbax checkpoint."""
+    if quant is not None:
+        if quant not in SCHEMES:
+            raise ConvertError(f"unknown quantisation {quant!r} (choose {', '.join(SCHEMES)})")
+        fmt = "orbax"
     if fmt not in FORMATS:
         raise ConvertError(f"unknown format {fmt!r} (choose {', '.join(FORMATS)})")
     if dtype is not None and dtype not in DTYPES:
@@ -76,7 +83,7 @@ def convert(
         if fmt == "orbax":
             from tools.convert.orbax_export import write_orbax
 
-            write_orbax(staging, checkpoint, dtype_name, tp)
+            write_orbax(staging, checkpoint, dtype_name, tp, quant)
         else:
             write_hf(staging, checkpoint, dtype_name, max_shard_bytes)
         _replace(staging, dst)

@@ -100,10 +100,10 @@ def write_weights(
     return [dst / n for n in names]
 
 
-def write_config(dst: Path, checkpoint: Checkpoint, dtype_name: str) -> None:
-    """config.json (recording the stored dtype, readable by transformers 4.x and 5.x) and generation_config.json
-    when known."""
-    config = portable_config(checkpoint.config)
+def write_config(dst: Path, checkpoint: Checkpoint, dtype_name: str, extra: dict | None = None) -> None:
+    """config.json (recording the stored dtype, plus the `extra` keys; readable by transformers 4.x and 5.x)
+    and generation_config.json when known."""
+    config = {**portable_config(checkpoint.config), **(extra or {})}
     config["torch_dtype"] = dtype_name
     if "dtype" in config:  # transformers >= 5 writes "dtype"
         config["dtype"] = dtype_name

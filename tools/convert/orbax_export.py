@@ -12,21 +12,24 @@ from tools.convert.hf_export import write_config, write_tokenizer, write_weights
 _STAGING_WEIGHTS = "_safetensors"  # HF weights written first, read back by jaxllm, then removed
 
 
-def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int) -> Path:
-    """config.json, tokenizer files and `dst/orbax` (params in `dtype_name`) in `dst` (existing, empty)."""
+def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, quant: str | None = None) -> Path:
+    """config.json, tokenizer files and `dst/orbax` (params in `dtype_name`) in `dst` (existing, empty);
+    `quant`: the matmul weights quantised with that scheme (config.json's `quantization_config` says so)."""
     import jax.numpy as jnp
 
     from jaxllm.config import ModelConfig
     from jaxllm.models import build_model
+    from jaxllm.models.quant import WeightQuant, quantization_config
     from jaxllm.parallel import make_mesh
     from jaxllm.weights import load_hf, save_orbax
 
-    write_config(dst, checkpoint, dtype_name)
+    extra = {} if quant is None else {"quantization_config": quantization_config(WeightQuant(quant))}
+    write_config(dst, checkpoint, dtype_name, extra)
     write_tokenizer(dst, checkpoint)
     staging = dst / _STAGING_WEIGHTS
     staging.mkdir()
     write_weights(staging, checkpoint.tensors, DTYPES[dtype_name])
-    model = build_model(ModelConfig.from_hf_dict(checkpoint.config), jnp.dtype(dtype_name))
+    model = build_model(ModelConfig.from_hf_dict({**checkpoint.config, **extra}), jnp.dtype(dtype_name))
     try:
         params = load_hf(model, staging, make_mesh(tp), tp)
     except ValueError as err:

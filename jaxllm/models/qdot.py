@@ -1,0 +1,75 @@
+"""`dot(x, w)`: the one product of activations and a weight in the models, whatever the weight's type.
+
+x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
+(`jaxllm/models/quant.py`) runs, for the weight-only schemes, the Pallas kernels of
+`kernels/pallas/quant_matmul.py` on a single GPU at decode-sized row counts, and an XLA dot of the
+dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits
+the product like its 16-bit twin's: the kernels under shard_map are not built yet); w8a8 and fp8 run XLA's
+int8 / fp8 GEMMs on per-token quantised activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models.quant import FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, is_quantised
+from kernels.pallas import quant_matmul, reference
+
+
+def dot(x, w):
+    """x [n, *in] @ w [*in, *out] → [n, *out] (the contraction of x's trailing axes with w's leading ones)."""
+    if not is_quantised(w):
+        return jnp.tensordot(x, w, axes=x.ndim - 1)
+    n, k = x.shape[0], math.prod(x.shape[1:])
+    out_shape = w.shape[w.in_axes:]
+    out = _matmul_2d(x.reshape(n, k), w, k, math.prod(out_shape))
+    return out.reshape(n, *out_shape)
+
+
+# Up to this many rows the Pallas kernels run on the GPU for weight-only schemes; above it XLA's dot of
+# dequantised weights measured faster on the H200 (docs/perf.md, "Quantised matmuls"). w8a8 and fp8 always
+# take XLA's integer / fp8 GEMMs, which measured faster than our int8 × int8 kernel at every row count.
+KERNEL_MAX_ROWS = 64
+
+
+def _matmul_2d(x, w, k: int, n: int):  # x [m, k] → [m, n]
+    kernels = kernels_enabled() and x.shape[0] <= KERNEL_MAX_ROWS
+    if isinstance(w, Int8Weight):
+        data, scale = w.data.reshape(n, k), w.scale.reshape(n)
+        if w.int8_activations:
+            x_q, x_scale = reference.quantize_rows_int8(x)
+            return reference.int8_int8_matmul(x_q, x_scale, data, scale, x.dtype)
+        if kernels and quant_matmul.supports(k, n):
+            return quant_matmul.int8_matmul(x, data, scale)
+        out = reference.dot_nk(x, data.astype(x.dtype), jnp.float32)
+        return (out * scale[None, :]).astype(x.dtype)
+    if isinstance(w, Int4Weight):
+        packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
+        if kernels and quant_matmul.supports(k, n, group=w.group_size):
+            return quant_matmul.int4_matmul(x, packed, scale, zero)
+        weights = reference.dequantize_int4(packed, scale, zero).astype(x.dtype)
+        return jnp.dot(x, weights, preferred_element_type=jnp.float32).astype(x.dtype)
+    if isinstance(w, Fp8Weight):
+        x_q, x_scale = quantize_rows_fp8(x)
+        out = reference.dot_nk(x_q, w.data.reshape(n, k), jnp.float32)
+        return (out * x_scale[:, None] * w.scale.reshape(1, n)).astype(x.dtype)
+    raise TypeError(f"no matmul for a weight of type {type(w).__name__}")
+
+
+def quantize_rows_fp8(x):
+    """float8 e4m3 per row: x [m, k] → (e4m3 [m, k], float32 scale [m]) with x ≈ q * scale."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / FP8_MAX
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return (x32 / safe[:, None]).astype(jnp.float8_e4m3fn), scale
+
+
+def kernels_enabled() -> bool:
+    """Pallas kernels on a single GPU (no mesh, or a mesh of one device, in context); XLA otherwise."""
+    if jax.default_backend() != "gpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.device_count() == 1 if mesh.empty else mesh.size == 1

@@ -1,0 +1,177 @@
+"""`python -m kernels.pallas.bench --quant`: quantised-weight matmuls side by side, against their limits.
+
+For each Llama-3-8B product shape and row count: the bf16 XLA dot; XLA's dot on weights dequantised
+outside a kernel; our kernels (`quant_matmul.py`); jax's `hopper_mixed_type_matmul_mgpu` (int8 × bf16,
+Mosaic GPU); XLA's int8 × int8 → int32 and fp8 dots. Small row counts are memory-bound: bytes read
+(weights + scales + activations) over the measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS
+for int8) over the measured bf16 rate (and the int8 rate for int8 tensor cores).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels.pallas import quant_matmul, reference
+
+# (name, k, n) of Llama-3-8B's products: fused q/k/v, fused gate/up, down.
+SHAPES = (("qkv 4096×6144", 4096, 6144), ("gate_up 4096×28672", 4096, 28672), ("down 14336×4096", 14336, 4096))
+ROWS = (1, 16, 64, 256, 2048)
+MEMORY_BOUND_ROWS = 64  # up to this many rows the table reports bytes/s
+
+
+def int8_rate(n: int, timed) -> float:
+    """int8 × int8 → int32 ops/s of XLA's dot on random n×n×n."""
+    a = jax.random.randint(jax.random.key(0), (n, n), -127, 127, jnp.int8)
+    b = jax.random.randint(jax.random.key(1), (n, n), -127, 127, jnp.int8)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.int32))
+    return 2 * n**3 / timed(dot, (a, b), repeats=5, trials=5)
+
+
+LAYERS = 8  # distinct weights per timed call: more than the L2 holds, and one dispatch for all of them
+
+
+def _quantised(k: int, n: int, key):
+    """Random bf16 weights [k, n] and their int8 / int4 / fp8 forms (plain arrays, no jaxllm types)."""
+    w = jax.random.normal(key, (k, n), jnp.float32) * 0.02
+    scale8 = jnp.max(jnp.abs(w), axis=0) / 127.0
+    w8 = jnp.clip(jnp.round(w / scale8), -127, 127).astype(jnp.int8)
+    q4 = jax.random.randint(key, (k, n), 0, 16, jnp.int32)
+    shifts = jnp.arange(8, dtype=jnp.uint32) * 4
+    packed = jax.lax.bitcast_convert_type(
+        jnp.sum(q4.astype(jnp.uint32).reshape(k // 8, 8, n) << shifts[None, :, None], axis=1, dtype=jnp.uint32),
+        jnp.int32)
+    groups = k // 128
+    scale4 = jnp.full((groups, n), 0.003, jnp.bfloat16)
+    zero4 = jnp.full((groups, n), 8, jnp.bfloat16)
+    scale_f8 = jnp.max(jnp.abs(w), axis=0) / 448.0
+    w_f8 = (w / scale_f8).astype(jnp.float8_e4m3fn)
+    # int8 and fp8 weights output-major [n, k], as jaxllm stores them; int4 input-major (packed along k)
+    return dict(w16=(w.astype(jnp.bfloat16),), w8=(w8.T, scale8), w4=(packed, scale4, zero4), f8=(w_f8.T, scale_f8))
+
+
+def layered(fn, layers: int):
+    """One jitted call applying `fn(x, *weights)` to each of `layers` weight sets (tuples of arrays)."""
+    return jax.jit(lambda x, stacks: tuple(fn(x, *[a[i] for a in stacks]) for i in range(layers)))
+
+
+def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), layers: int = LAYERS):
+    """(kernel name, jitted fn, args, bytes read, int8 tensor cores?) for one product shape, each call over
+    `layers` distinct weights (bytes and times are per product); our kernels once per launch in `launches`
+    (None: the kernel's own choice); `interpret`: only our kernels (interpret mode) and the XLA dots."""
+    per_layer = [_quantised(k, n, jax.random.key(k + n + i)) for i in range(layers)]
+    weights = {name: tuple(tuple(d[name][j] for d in per_layer) for j in range(len(per_layer[0][name])))
+               for name in per_layer[0]}
+    x = jax.random.normal(jax.random.key(m), (m, k), jnp.bfloat16)
+    x_q, x_s = reference.quantize_rows_int8(x)
+    act = m * k * 2 + m * n * 2
+    b16, b8, b4 = k * n * 2 + act, k * n + n * 4 + act, k * n // 2 + 2 * (k // 128) * n * 2 + act
+
+    def ours(kernel, launch, **kw):
+        return functools.partial(kernel, launch=launch, interpret=interpret, **kw)
+
+    def w8a8_xla(x, w, s):
+        xq, xs = reference.quantize_rows_int8(x)
+        return reference.int8_int8_matmul(xq, xs, w, s, jnp.bfloat16)
+
+    def w8a8_ours(launch):
+        def fn(x, w, s):
+            xq, xs = reference.quantize_rows_int8(x)
+            return quant_matmul.int8_int8_matmul(xq, xs, w, s, out_dtype=jnp.bfloat16, launch=launch,
+                                                 interpret=interpret)
+        return fn
+
+    table = [
+        ("bf16 XLA dot", jnp.dot, "w16", b16, False),
+        ("w8a16 XLA dot, dequantised outside", _dequant8, "w8", b8, False),
+        ("w8a16 XLA dot, int8 converted in the dot", _convert8, "w8", b8, False),
+        *[(f"w8a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int8_matmul, launch), "w8", b8, False)
+          for launch in launches],
+        ("w8a16 hopper_mixed_type_matmul_mgpu", _mgpu_int8(m), "w8", b8, False),
+        ("w4a16 XLA dot, dequantised outside", _dequant4, "w4", b4, False),
+        *[(f"w4a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int4_matmul, launch), "w4", b4, False)
+          for launch in launches],
+        ("w8a8 XLA int8 dot (+ x quantisation)", w8a8_xla, "w8", b8, True),
+        *[(f"w8a8 ours (Triton, + x quantisation){_describe(launch)}", w8a8_ours(launch), "w8", b8, True)
+          for launch in launches],
+        ("fp8 XLA dot (+ x quantisation)", _fp8_dot, "f8", b8, False),
+    ]
+    if interpret:
+        table = [case for case in table if "mgpu" not in case[0] and "fp8" not in case[0]]
+    return [(name, layered(fn, layers), (x, weights[kind]), bytes_, int8)
+            for name, fn, kind, bytes_, int8 in table]
+
+
+def _dequant8(x, w, s):  # w [n, k]
+    return reference.dot_nk(x, (w.astype(jnp.float32) * s[:, None]).astype(jnp.bfloat16), jnp.bfloat16)
+
+
+def _convert8(x, w, s):  # jaxllm's XLA path: the int8 → bf16 convert is the dot's operand, the scale after it
+    return (reference.dot_nk(x, w.astype(jnp.bfloat16), jnp.float32) * s[None, :]).astype(jnp.bfloat16)
+
+
+def _dequant4(x, p, s, z):
+    return jnp.dot(x, reference.dequantize_int4(p, s, z).astype(jnp.bfloat16))
+
+
+def _describe(launch) -> str:
+    if launch is None:
+        return ""
+    return f" n{launch.block_n} k{launch.block_k} w{launch.num_warps}/{launch.num_stages} p{launch.target_programs}"
+
+
+def parse_launches(text: str) -> list:
+    """"block_n/block_k/warps/stages/target_programs,..." → Launch list ("auto" or "": None, the kernels'
+    own choice)."""
+    out = [None if item == "auto" else quant_matmul.Launch(*[int(v) for v in item.split("/")])
+           for item in filter(None, text.split(","))]
+    return out or [None]
+
+
+def _fp8_dot(x, w, scale):  # w [n, k] e4m3
+    x32 = x.astype(jnp.float32)
+    xs = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 448.0
+    xq = (x32 / jnp.where(xs > 0, xs, 1.0)).astype(jnp.float8_e4m3fn)
+    return (reference.dot_nk(xq, w, jnp.float32) * xs * scale).astype(jnp.bfloat16)
+
+
+def _mgpu_int8(m: int):
+    """jax's Mosaic GPU mixed-type kernel: it takes the int8 operand on the left, so out^T = w^T @ x^T (the
+    rows of x padded to its tile)."""
+    from jax.experimental.pallas.ops.gpu import hopper_mixed_type_matmul_mgpu as mixed
+
+    tile = 128  # its column tile (our rows); it asked for a multiple of 2 × the tile (two warpgroups along N)
+    config = mixed.TuningConfig(tile_m=128, tile_n=tile, tile_k=64, max_concurrent_steps=4)
+
+    def fn(x, w8_t, scale):  # w8_t [n, k], as jaxllm stores int8 weights
+        m_pad = -(-x.shape[0] // (2 * tile)) * 2 * tile
+        xt = jnp.pad(x, ((0, m_pad - x.shape[0]), (0, 0))).T  # [k, m_pad]
+        out_t = mixed.mixed_matmul_kernel(w8_t, xt, out_dtype=jnp.float32, config=config)  # [n, m_pad]
+        return (out_t[:, : x.shape[0]].T * scale[None, :]).astype(jnp.bfloat16)
+
+    return fn
+
+
+def run(bench, timed, rows=ROWS, shapes=SHAPES, ops8: float | None = None, launches=(None,), layers=LAYERS):
+    """Add every case's row to `bench` (a kernels.pallas.bench.Bench with the measured limits); `ops8`: the
+    int8 dot rate (measured here when not given)."""
+    if ops8 is None:
+        ops8 = int8_rate(8192, timed)
+        print(f"measured: int8 dot {ops8 / 1e12:.0f} TOPS", flush=True)
+    for name, k, n in shapes:
+        for m in rows:
+            for kernel, fn, args, bytes_, int8 in cases(m, k, n, bench.interpret, launches, layers):
+                label = f"{name}, {m} rows"
+                try:
+                    seconds = timed(fn, args)
+                except Exception as err:  # noqa: BLE001: a kernel that does not build here is a row, not a stop
+                    bench.failed(label, kernel, err)
+                    continue
+                per_product = seconds / layers
+                if m <= MEMORY_BOUND_ROWS:
+                    bench._row(label, kernel, "", per_product, bytes_=bytes_)
+                else:
+                    bench._row(label, kernel, "", per_product, flops=2 * m * k * n, limit=ops8 if int8 else None)
+    return bench

@@ -1,0 +1,184 @@
+"""Quantised weights in the model: a tiny random HF Llama quantised at load (w8a16, w4a16, w8a8, fp8_w8a8)
+against the same model with those weights dequantised back to float32; tp 2 on fake CPU devices against tp 1;
+ppl_w8a8_mixdown's 16-bit down-projections; each product of `qdot.dot` against its reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.config import ModelConfig
+from jaxllm.models import build_model, init_kv_cache, qdot, quant
+from jaxllm.models.backends import resolve_modes
+from jaxllm.parallel import make_mesh
+from jaxllm.weights import load_hf
+from kernels.pallas import reference
+from tests.models.hf_oracle import prefill_meta
+from tests.models.test_llama import save_random_hf_model
+
+# intermediate 256: int4 groups of 128 along the down-projection's input, split in two under tp 2;
+# hidden 64 and head_dim 16: smaller groups where the input axis is shorter than 128.
+RAW = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=128,
+           rope_theta=10000.0)
+TOKENS = np.random.default_rng(5).integers(0, 256, size=23)
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """On a GPU, XLA's float32 dots default to TF32; the comparisons here want float32 (as on the CPU)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quant_llama")
+    save_random_hf_model(RAW, path)
+    return path, ModelConfig.from_model_dir(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _step(config):
+    model = build_model(config, jnp.float32)
+    return model, jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
+
+
+def logits_of(config, params):
+    model, step = _step(config)
+    meta = prefill_meta(len(TOKENS), 32)
+    logits, _ = step(params, jnp.asarray(TOKENS, jnp.int32), meta, init_kv_cache(model, 32))
+    return np.asarray(logits)
+
+
+@pytest.fixture(scope="module")
+def original_logits(checkpoint):
+    path, config = checkpoint
+    return logits_of(config, load(path, config)[1])
+
+
+def load(path, config, scheme=None, tp=1, keep_16bit_down=frozenset()):
+    if scheme is not None:
+        config = dataclasses.replace(config, weight_quant=quant.WeightQuant(scheme, keep_16bit_down=keep_16bit_down))
+    return config, load_hf(build_model(config, jnp.float32), path, make_mesh(tp), tp)
+
+
+def dequantised(params):
+    return jax.tree.map(lambda w: quant.dequantize(w) if quant.is_quantised(w) else w, params,
+                        is_leaf=quant.is_quantised)
+
+
+EXPECTED_TYPES = {"w8a16": quant.Int8Weight, "w4a16": quant.Int4Weight, "w8a8": quant.Int8Weight,
+                  "fp8_w8a8": quant.Fp8Weight}
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_weight_only_logits_match_dequantised_weights(checkpoint, original_logits, scheme):
+    path, config = checkpoint
+    qconfig, params = load(path, config, scheme)
+    layer = params["layers_1"]
+    for weight in (layer["self_attn"]["qkv_proj"], layer["self_attn"]["o_proj"], layer["mlp"]["gate_up_proj"],
+                   layer["mlp"]["down_proj"]):
+        assert isinstance(weight, EXPECTED_TYPES[scheme])
+    assert not quant.is_quantised(params["embed_tokens"]) and not quant.is_quantised(params["lm_head"])
+    logits = logits_of(qconfig, params)
+    expected = logits_of(config, dequantised(params))
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    # and the quantisation itself loses little against the 16-bit weights
+    original = original_logits
+    assert np.abs(logits - original).max() < (0.05 if scheme == "w8a16" else 0.5) * np.abs(original).max()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8"])  # fp8: tests/models/test_prequant.py
+def test_quantised_activation_logits_stay_close(checkpoint, scheme):
+    """w8a8 / fp8 also quantise activations per token: close to the dequantised-weight model, not equal."""
+    path, config = checkpoint
+    qconfig, params = load(path, config, scheme)
+    assert isinstance(params["layers_0"]["mlp"]["down_proj"], EXPECTED_TYPES[scheme])
+    logits = logits_of(qconfig, params)
+    expected = logits_of(config, dequantised(params))
+    assert np.abs(logits - expected).max() < 0.05 * np.abs(expected).max()
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() > 0.8
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
+def test_tp2_matches_tp1(checkpoint, scheme):
+    path, config = checkpoint
+    qconfig, params1 = load(path, config, scheme, tp=1)
+    _, params2 = load(path, config, scheme, tp=2)
+    down = params2["layers_0"]["mlp"]["down_proj"]  # row-parallel: its input axis (and int4 groups) split
+    if scheme == "w4a16":
+        assert down.packed.sharding.spec[0] == "tp" and down.scale.sharding.spec[0] == "tp"
+    else:  # int8 data is stored [out, in]
+        assert tuple(down.data.sharding.spec) == (None, "tp")
+    np.testing.assert_allclose(logits_of(qconfig, params2), logits_of(qconfig, params1), atol=1e-4, rtol=0)
+
+
+def test_mixdown_keeps_listed_down_projections_16bit(checkpoint):
+    path, config = checkpoint
+    raw = dict(RAW, mixdown=[1])
+    qconfig = quant.with_weight_mode(config, resolve_modes(["ppl_w8a8_mixdown"]).weight_mode, raw)
+    assert qconfig.weight_quant == quant.WeightQuant("w8a8", keep_16bit_down=frozenset({1}))
+    params = load_hf(build_model(qconfig, jnp.float32), path, make_mesh(1), 1)
+    assert isinstance(params["layers_0"]["mlp"]["down_proj"], quant.Int8Weight)
+    assert not quant.is_quantised(params["layers_1"]["mlp"]["down_proj"])
+    assert isinstance(params["layers_1"]["mlp"]["gate_up_proj"], quant.Int8Weight)
+    every = quant.with_weight_mode(config, "ppl_w8a8_mixdown", RAW)  # no list: every layer's stays 16-bit
+    assert every.weight_quant.keep_16bit_down == frozenset({0, 1})
+
+
+def test_mode_and_checkpoint_must_agree(checkpoint):
+    _, config = checkpoint
+    held = dataclasses.replace(config, weight_quant=quant.WeightQuant("w4a16"))
+    assert quant.with_weight_mode(held, "ppl_w4a16", RAW) is held
+    with pytest.raises(ValueError, match="asks for w8a16 weights, but the checkpoint holds w4a16"):
+        quant.with_weight_mode(held, "triton_w8a16", RAW)
+
+
+def test_dot_of_each_type_matches_its_reference():
+    """x [n, heads, head_dim] @ o_proj-like [heads, head_dim, out]: two input axes flattened the same way."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((5, 4, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((4, 32, 48)) * 0.1, jnp.float32)
+    einsum = jax.jit(lambda x, w: jnp.einsum("nhk,hkd->nd", x, w))
+    plain = np.asarray(einsum(x, w))
+    for quantize in (quant.quantize_int8, quant.quantize_int4):  # weight-only: exact up to float32 rounding
+        q = quantize(w, 2)
+        np.testing.assert_allclose(jax.jit(qdot.dot)(x, q), einsum(x, quant.dequantize(q)), atol=1e-5)
+    q8 = quant.quantize_int8(w, 2, int8_activations=True)
+    x_q, x_scale = reference.quantize_rows_int8(x.reshape(5, -1))
+    expected = reference.int8_int8_matmul(x_q, x_scale, q8.data.reshape(48, 128), q8.scale, jnp.float32)
+    np.testing.assert_allclose(jax.jit(qdot.dot)(x, q8), expected, atol=1e-6)
+    f8 = quant.quantize_fp8(w, 2)  # e4m3 activations: three mantissa bits
+    x_f8, x_f8_scale = qdot.quantize_rows_fp8(x.reshape(5, -1))
+    fake = (x_f8.astype(jnp.float32) * x_f8_scale[:, None]).reshape(x.shape)
+    np.testing.assert_allclose(jax.jit(qdot.dot)(x, f8), einsum(fake, quant.dequantize(f8)), atol=1e-5)
+    assert np.abs(np.asarray(jax.jit(qdot.dot)(x, f8)) - plain).max() < 0.1 * np.abs(plain).max()
+
+
+def test_engine_serves_a_weight_mode(checkpoint):
+    """The offline engine with `--mode triton_w4a16` (quantised at load, real scheduler and runner): its greedy
+    tokens are the argmax of the quantised model's own logits, recomputed over the whole sequence."""
+    from jaxllm import LLM, SamplingParams
+
+    path, config = checkpoint
+    qconfig, params = load(path, config, "w4a16")
+    prompts = [[int(t) for t in TOKENS[:9]], [int(t) for t in TOKENS[5:12]]]
+    flags = dict(mode=["triton_w4a16"], data_type="float32", max_total_token_num=512, max_req_input_len=64,
+                 max_req_total_len=96, batch_max_tokens=256, warmup=0, disable_log_stats=True, eos_id=[-1])
+    with LLM(str(path), **flags) as llm:
+        assert llm.engine.config.weight_quant == quant.WeightQuant("w4a16")
+        outputs = llm.generate(prompts, SamplingParams(max_new_tokens=6))
+    model, step = _step(qconfig)
+    for prompt, out in zip(prompts, outputs):
+        ids = list(prompt)
+        for _ in range(6):
+            meta = prefill_meta(len(ids), 32)
+            logits, _ = step(params, jnp.asarray(ids, jnp.int32), meta, init_kv_cache(model, 32))
+            ids.append(int(np.asarray(logits)[-1].argmax()))
+        assert out.token_ids == ids[len(prompt):]
