@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.pallas import plan
+
 
 def tile_plan(group_sizes, rows: int, block_m: int):
     """Per tile: its group, first row and row count (0 for an unused tile), int32 [tiles] each."""
@@ -61,12 +63,10 @@ def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, o_ref, *, block_m: in
 
 def fitted_block(dim: int, wanted: int) -> int:
     """The largest power-of-two block from `wanted` down to 16 that divides `dim`; ValueError if none does."""
-    block = wanted
-    while block >= 16:
-        if dim % block == 0:
-            return block
-        block //= 2
-    raise ValueError(f"grouped_matmul: no block of 16 or more divides {dim}")
+    block = plan.pow2_divisor(dim, wanted, 16)
+    if block is None:
+        raise ValueError(f"grouped_matmul: no block of 16 or more divides {dim}")
+    return block
 
 
 def grouped_matmul(x, w, group_sizes, *, block_m: int | None = None, block_n: int = 128, block_k: int = 64,
