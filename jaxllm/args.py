@@ -18,8 +18,6 @@ TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.serve
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
     "nccl_port",
-    "beam_mode",
-    "diverse_mode",
     "token_healing_mode",
     "enable_multimodal",
     "cache_capacity",

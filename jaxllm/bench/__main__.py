@@ -1,4 +1,5 @@
-"""CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`."""
+"""CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`,
+`python -m jaxllm.bench quality ...` (what the weight-quantisation modes cost in quality)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import sys
 
+from jaxllm.bench import quality
 from jaxllm.bench.stats import format_table, summarize
 from jaxllm.bench.workload import WorkloadSpec, build_workload
 
@@ -53,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="start-up shapes to compile before timing (default: the engine's set; 0: none)")
     offline.add_argument("--warmup-pass", action="store_true",
                          help="run the whole workload once untimed first, so no compilation is timed")
+    offline.add_argument("--best-of", type=int, default=1,
+                         help="sequences per prompt: a group sharing the prompt's KV (sampled, seeded)")
+    offline.add_argument("--separately", action="store_true",
+                         help="with --best-of: run each prompt's sequences as separate requests instead")
     _add_workload_flags(offline)
+    quality.add_arguments(sub.add_parser("quality", help="perplexity, greedy agreement and logit error per weight mode"))
     return parser
 
 
@@ -68,6 +75,10 @@ def _engine_overrides(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ns, extra = build_parser().parse_known_args(argv)
+    if ns.command == "quality":
+        if extra:
+            raise SystemExit(f"jaxllm.bench: unknown arguments {extra}")
+        return quality.run(ns)
     spec = _spec(ns)
     if ns.command == "serve":
         if extra:
@@ -90,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
 
         llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
         requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
-        if ns.warmup_pass:
-            run_offline(llm, requests)  # compiles every shape the workload meets; the persistent cache keeps them
-        result = run_offline(llm, requests)
+        if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
+            run_offline(llm, requests, ns.best_of, ns.separately)
+        result = run_offline(llm, requests, ns.best_of, ns.separately)
         table = format_offline_table(result)
     if ns.result_json:
         with open(ns.result_json, "w") as f:

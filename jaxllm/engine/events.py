@@ -12,14 +12,17 @@ from jaxllm.engine.request import Request, TokenEvent
 class EventMaker:
     """Turns a request's sampled tokens into its TokenEvents, per LightLLM's text rules."""
 
-    def __init__(self, tokenizer, eos_ids, *, prompt_cache: bool = False):
+    def __init__(self, tokenizer, eos_ids, *, prompt_cache: bool = False, cumlogprob: bool = False):
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_ids)
         self.special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self.prompt_cache = prompt_cache  # first events report the prompt tokens found cached
+        self.cumlogprob = cumlogprob  # events carry the sum of the sequence's logprobs (LightLLM's group modes)
 
     def attach(self, req: Request) -> None:
-        """Give a new request its text state (a detokenizer, a stop matcher), when there is a tokenizer."""
+        """Give a request fresh text state (a detokenizer, a stop matcher) and an empty output: when new, and
+        when a beam search hands it its final tokens."""
+        req.output_ids, req.output_logprobs = [], []
         if self.tokenizer is None:
             return
         p = req.params
@@ -30,9 +33,10 @@ class EventMaker:
         if p.stop_sequences:
             req.stop_matcher = StopMatcher(p.stop_sequences)
 
-    def token(self, req: Request, token: int, logprob: float) -> TokenEvent:
+    def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> TokenEvent:
         """Append `token` to req's output and make its event; event.finished says whether req is done. The eos
-        text is "" unless print_eos_token, which prints it even when skip_special_tokens drops specials."""
+        text is "" unless print_eos_token, which prints it even when skip_special_tokens drops specials.
+        `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them."""
         params = req.params
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
@@ -63,6 +67,8 @@ class EventMaker:
             token_id=token, text=text, logprob=logprob, special=token in self.special,
             count_output_tokens=len(req.output_ids), prompt_tokens=req.prompt_len,
             finished=reason is not None, finish_reason=reason, stop_sequence=stop_sequence,
+            top_logprobs=top[: params.top_logprobs] if top is not None and params.top_logprobs else None,
+            cumlogprob=float(np.sum(req.output_logprobs)) if self.cumlogprob else None,
         )
         if len(req.output_ids) == 1:
             if params.prompt_logprobs:

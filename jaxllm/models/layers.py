@@ -129,7 +129,7 @@ class Attention(nn.Module):
         q, k = self._qk_norm(q, k)
         if c.position == "rope":
             r = c.layer_rope(self.layer)
-            cos, sin = rope.cos_sin(r, d, meta.positions, c.max_position_embeddings)
+            cos, sin = rope.cos_sin(r, d, meta.positions)
             q = rope.apply_rope(q, cos, sin, r.interleaved)
             k = rope.apply_rope(k, cos, sin, r.interleaved)
         spec = AttentionSpec(
