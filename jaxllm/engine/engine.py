@@ -24,6 +24,7 @@ from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.group import SequenceGroup, member_params
+from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
@@ -33,6 +34,7 @@ from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.expert_kernels import experts_kernel
 from jaxllm.models.quant import with_weight_mode
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
@@ -87,6 +89,7 @@ class Engine:
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
         self._grammars: GrammarCompiler | None = None  # built with the first constrained request
+        self._healer = TokenHealer(tokenizer, self.config.vocab_size) if args.token_healing_mode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
@@ -125,8 +128,9 @@ class Engine:
         config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         mesh = make_mesh(args.tp)
-        backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
-        model = build_model(config, DATA_TYPES[args.data_type], backend)
+        platform = jax.devices()[0].platform
+        backend = attention_backend(args.mode, platform, mesh=mesh)
+        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
@@ -224,6 +228,9 @@ class Engine:
         )
         if params.guided is not None:
             req.constraint = self.grammars().constraint(params.guided)
+        elif self._healer is not None:  # a grammar decides the text itself: no healing under one
+            req.prompt_ids, req.healing = self._healer.heal(prompt_ids)
+            req.constraint = req.healing
         self._events.attach(req)
         req.stream = RequestStream(req.request_id)
         return req

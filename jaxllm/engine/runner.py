@@ -228,7 +228,7 @@ class ModelRunner:
         self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
         self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
-        if not model.backend.cost_follows_width:
+        if not model.backend.cost_follows_width and model.config.mla is None:  # latent attention: reference path
             self.width_buckets = self.width_buckets[-1:]
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
