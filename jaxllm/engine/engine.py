@@ -170,8 +170,6 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue one sequence (best_of 1; see submit_group); never blocks. Raises ValueError for invalid
         parameters or lengths."""
-        if params.best_of != 1:
-            raise ValueError("best_of: submit() runs one sequence; submit_group() runs best_of of them")
         return self.submit_many([(prompt_ids, params, request_id)])[0]
 
     def submit_group(self, prompt_ids: list[int], params: SamplingParams,
@@ -205,6 +203,8 @@ class Engine:
         """Queue several sequences at once: the engine sees them together (one admission decision), so the
         same submission to an idle engine always runs as the same steps. All are checked before any is
         queued."""
+        if any(params.best_of != 1 for _, params, _ in requests):
+            raise ValueError("best_of: submit() and submit_many() run one sequence each; submit_group() runs best_of")
         built = [self._new_request(list(ids), params, rid) for ids, params, rid in requests]
         self._inbox.put(("add", built))
         self._wake.set()
