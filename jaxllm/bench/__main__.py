@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-rate", type=float, default=float("inf"),
                        help="Poisson arrival rate in requests/s (inf: all at once)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="constrain every answer to the JSON schema in FILE (guided_json): constrained decoding's cost")
     serve.add_argument("--api-key", default=None,
                        help="sent as `Authorization: Bearer KEY`, for a server started with --api_key")
     _add_workload_flags(serve)
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="start-up shapes to compile before timing (default: the engine's set; 0: none)")
     offline.add_argument("--warmup-pass", action="store_true",
                          help="run the whole workload once untimed first, so no compilation is timed")
+    offline.add_argument("--best-of", type=int, default=1,
+                         help="sequences per prompt: a group sharing the prompt's KV (sampled, seeded)")
+    offline.add_argument("--separately", action="store_true",
+                         help="with --best-of: run each prompt's sequences as separate requests instead")
     _add_workload_flags(offline)
     quality.add_arguments(sub.add_parser("quality", help="perplexity, greedy agreement and logit error per weight mode"))
     return parser
@@ -67,6 +73,13 @@ def _engine_overrides(argv: list[str]) -> dict:
     parser = server_parser()
     ns = parser.parse_args(argv)
     return {k: v for k, v in vars(ns).items() if v != parser.get_default(k) and k != "model_dir"}
+
+
+def _read_json(path: str | None):
+    if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         timings, duration = asyncio.run(run_load(
             ns.base_url, requests, prompts, api=ns.api, model=ns.model,
             request_rate=ns.request_rate, max_concurrency=ns.max_concurrency, seed=ns.seed, api_key=ns.api_key,
+            json_schema=_read_json(ns.json_schema),
         ))
         result = summarize(timings, duration)
         table = format_table(result)
@@ -97,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
         llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
         requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
-        if ns.warmup_pass:
-            run_offline(llm, requests)  # compiles every shape the workload meets; the persistent cache keeps them
-        result = run_offline(llm, requests)
+        if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
+            run_offline(llm, requests, ns.best_of, ns.separately)
+        result = run_offline(llm, requests, ns.best_of, ns.separately)
         table = format_offline_table(result)
     if ns.result_json:
         with open(ns.result_json, "w") as f:

@@ -58,7 +58,7 @@ def _yarn(theta: float, dim: int, s: RopeScaling) -> tuple[np.ndarray, float]:
     return inv.astype(np.float32), float(attention)
 
 
-def _longrope_attention(s: RopeScaling, max_positions: int) -> float:
+def _longrope_attention(s: RopeScaling) -> float:
     if s.attention_factor is not None:
         return float(s.attention_factor)
     factor = s.factor
@@ -67,7 +67,7 @@ def _longrope_attention(s: RopeScaling, max_positions: int) -> float:
     return math.sqrt(1 + math.log(factor) / math.log(s.original_max_position_embeddings))
 
 
-def cos_sin(rope: Rope, head_dim: int, positions, max_positions: int):
+def cos_sin(rope: Rope, head_dim: int, positions):
     """cos, sin [n, rotary_dim // 2] float32 of each token's `positions` [n] (cos/sin already multiplied by
     the scaling's attention factor, as transformers does)."""
     dim = rope.rotary_dim or head_dim
@@ -87,7 +87,7 @@ def cos_sin(rope: Rope, head_dim: int, positions, max_positions: int):
         long = base / jnp.asarray(np.asarray(s.long_factor, np.float32))
         inv = jnp.where(pos + 1 > s.original_max_position_embeddings, long[None, :], short[None, :])
         angles = pos * inv
-        attention = _longrope_attention(s, max_positions)
+        attention = _longrope_attention(s)
     else:
         if kind == "yarn":
             inv, attention = _yarn(rope.theta, dim, s)
