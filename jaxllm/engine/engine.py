@@ -34,6 +34,7 @@ from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.expert_kernels import experts_kernel
 from jaxllm.models.quant import with_weight_mode
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
@@ -127,8 +128,9 @@ class Engine:
         config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         mesh = make_mesh(args.tp)
-        backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
-        model = build_model(config, DATA_TYPES[args.data_type], backend)
+        platform = jax.devices()[0].platform
+        backend = attention_backend(args.mode, platform, mesh=mesh)
+        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):

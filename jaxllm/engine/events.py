@@ -73,8 +73,9 @@ class EventMaker:
             cumlogprob=float(np.sum(req.output_logprobs)) if self.cumlogprob else None,
         )
         if len(req.output_ids) == 1:
-            if params.prompt_logprobs:
-                event.prompt_logprobs = req.prompt_logprobs
+            if params.prompt_logprobs:  # a group's are computed by its leader, for every member
+                members = req.group.members if req.group is not None else [req]
+                event.prompt_logprobs = next((m.prompt_logprobs for m in [req, *members] if m.prompt_logprobs), None)
             if req.scheduled_at is not None:
                 event.queue_s = req.scheduled_at - req.submitted_at
             if self.prompt_cache:
