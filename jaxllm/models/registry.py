@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import ModelConfig, ScoreHead
 from jaxllm.models import (baichuan, bloom, cohere, deepseek, gemma, internlm2, llama, mixtral, phi3, qwen,
                            qwen_moe, stablelm, starcoder)
 from jaxllm.models.family import Family
@@ -14,6 +15,14 @@ _FAMILIES = (llama.FAMILY, gemma.FAMILY, phi3.FAMILY, starcoder.STARCODER2, star
              qwen_moe.FAMILY, deepseek.FAMILY)
 FAMILIES: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
+# config.json `architectures` served with a score head instead of the LM head (reward models) → the head's
+# tensor name; `*ForSequenceClassification` heads have `num_labels` outputs, InternLM2's `v_head` one.
+SCORE_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "score",
+    "MistralForSequenceClassification": "score",
+    "Qwen2ForSequenceClassification": "score",
+    "InternLM2ForRewardModel": "v_head",
+}
 
 
 def family_of(model_type: str) -> Family:
@@ -27,7 +36,23 @@ def family_of(model_type: str) -> Family:
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     family = family_of(raw.get("model_type", "llama"))
-    return family.config(with_hf_defaults(raw))
+    config = family.config(with_hf_defaults(raw))
+    return dataclasses.replace(config, score_head=score_head_from_hf(raw))
+
+
+def score_head_from_hf(raw: dict[str, Any]) -> ScoreHead | None:
+    """The score head config.json's `architectures` names (None: a causal LM); ValueError for a
+    classification or reward architecture that is not served."""
+    archs = raw.get("architectures") or []
+    arch = archs[0] if archs else ""
+    if arch in SCORE_ARCHITECTURES:
+        name = SCORE_ARCHITECTURES[arch]
+        labels = 1 if name == "v_head" else len(raw.get("id2label") or {}) or int(raw.get("num_labels", 2))
+        return ScoreHead(labels=labels, hf_name=name)
+    if arch.endswith(("ForSequenceClassification", "ForRewardModel")):
+        raise ValueError(f"architecture {arch!r} is not served as a reward model; jaxllm serves "
+                         f"{', '.join(SCORE_ARCHITECTURES)}")
+    return None
 
 
 def with_hf_defaults(raw: dict[str, Any]) -> dict[str, Any]:
