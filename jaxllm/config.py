@@ -101,11 +101,20 @@ class Mla:
 @dataclasses.dataclass(frozen=True)
 class ScoreHead:
     """A sequence-classification (reward) head in place of the language-model head: `labels` scores per
-    sequence, the head's output at its last token; `hf_name` is its tensor's name in the checkpoint
-    ("score" for transformers' `*ForSequenceClassification`, "v_head" for InternLM2's reward model)."""
+    sequence, the head's output at its last token that is not `pad_token_id` (transformers' pooling; None:
+    the last token); `hf_name` is its tensor's name in the checkpoint ("score" for transformers'
+    `*ForSequenceClassification`, "v_head" for InternLM2's reward model)."""
 
     labels: int
     hf_name: str
+    pad_token_id: int | None = None
+
+    def scored_length(self, token_ids: list[int]) -> int:
+        """How many leading tokens to run: up to the one pooled (the first when all are padding)."""
+        for i in range(len(token_ids) - 1, -1, -1):
+            if token_ids[i] != self.pad_token_id:
+                return i + 1
+        return 1
 
 
 @dataclasses.dataclass(frozen=True)

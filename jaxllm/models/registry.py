@@ -47,8 +47,10 @@ def score_head_from_hf(raw: dict[str, Any]) -> ScoreHead | None:
     arch = archs[0] if archs else ""
     if arch in SCORE_ARCHITECTURES:
         name = SCORE_ARCHITECTURES[arch]
-        labels = 1 if name == "v_head" else len(raw.get("id2label") or {}) or int(raw.get("num_labels", 2))
-        return ScoreHead(labels=labels, hf_name=name)
+        if name == "v_head":  # InternLM2's reward model: one score at the last token
+            return ScoreHead(labels=1, hf_name=name)
+        labels = len(raw.get("id2label") or {}) or int(raw.get("num_labels", 2))
+        return ScoreHead(labels=labels, hf_name=name, pad_token_id=raw.get("pad_token_id"))
     if arch.endswith(("ForSequenceClassification", "ForRewardModel")):
         raise ValueError(f"architecture {arch!r} is not served as a reward model; jaxllm serves "
                          f"{', '.join(SCORE_ARCHITECTURES)}")
