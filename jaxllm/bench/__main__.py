@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-rate", type=float, default=float("inf"),
                        help="Poisson arrival rate in requests/s (inf: all at once)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="constrain every answer to the JSON schema in FILE (guided_json): constrained decoding's cost")
     serve.add_argument("--api-key", default=None,
                        help="sent as `Authorization: Bearer KEY`, for a server started with --api_key")
     _add_workload_flags(serve)
@@ -73,6 +75,13 @@ def _engine_overrides(argv: list[str]) -> dict:
     return {k: v for k, v in vars(ns).items() if v != parser.get_default(k) and k != "model_dir"}
 
 
+def _read_json(path: str | None):
+    if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns, extra = build_parser().parse_known_args(argv)
     if ns.command == "quality":
@@ -92,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         timings, duration = asyncio.run(run_load(
             ns.base_url, requests, prompts, api=ns.api, model=ns.model,
             request_rate=ns.request_rate, max_concurrency=ns.max_concurrency, seed=ns.seed, api_key=ns.api_key,
+            json_schema=_read_json(ns.json_schema),
         ))
         result = summarize(timings, duration)
         table = format_table(result)

@@ -35,7 +35,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.parallel import TP_AXIS, make_mesh
 from jaxllm.models.layers import activation
 from jaxllm.models.moe import routed_experts
-from kernels.pallas.grouped_matmul import grouped_matmul
+from jaxllm.models.expert_kernels import experts_kernel
 
 IMPLEMENTATIONS = ("ragged_dot", "pallas", "mgpu", "dense_loop", "gathered", "sliced")
 
@@ -83,17 +83,21 @@ def mgpu_grouped(block: tuple[int, int, int, int, int]):
     return grouped
 
 
-def pallas_grouped(block: tuple[int, int, int, int, int], interpret: bool = False):
+def pallas_experts(block: tuple[int, int, int, int, int] | None, interpret: bool = False):
+    """The Pallas experts kernel (as served on GPU at --tp 1); `block`: block_m (0: by row count), block_n,
+    block_k, num_warps, num_stages; None: the kernel's defaults."""
+    if block is None:
+        return experts_kernel("gpu", interpret=interpret)
     block_m, block_n, block_k, warps, stages = block
-    return functools.partial(grouped_matmul, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps,
-                             num_stages=stages, interpret=interpret)
+    return experts_kernel("gpu", interpret=interpret, block_m=block_m or None, block_n=block_n, block_k=block_k,
+                          num_warps=warps, num_stages=stages)
 
 
 def implementation(name: str, mgpu_block=None, pallas_block=None, interpret: bool = False):
     if name == "ragged_dot":
         return routed_experts
     if name == "pallas":
-        return functools.partial(routed_experts, grouped=pallas_grouped(pallas_block, interpret))
+        return pallas_experts(pallas_block, interpret)
     if name == "mgpu":
         return functools.partial(routed_experts, grouped=mgpu_grouped(mgpu_block))
     return {"dense_loop": dense_loop, "gathered": gathered, "sliced": sliced}[name]
@@ -154,8 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--mgpu-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(64, 128, 64, 4, 1),
                    help="block_m,block_n,block_k,max_concurrent_steps,grid_block_n of the mgpu kernel")
-    p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(16, 128, 64, 4, 3),
-                   help="block_m,block_n,block_k,num_warps,num_stages of our Pallas kernel")
+    p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
+                   help="block_m,block_n,block_k,num_warps,num_stages of our Pallas kernel (block_m 0: by row "
+                        "count; default: the kernel's, as served)")
     p.add_argument("--tp", type=int, default=1, help="devices (ragged_dot only beyond 1)")
     p.add_argument("--placement", choices=sorted(PLACEMENTS), default="split", help="experts across --tp devices")
     p.add_argument("--repeats", type=int, default=20)

@@ -141,12 +141,12 @@ def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: floa
     }
 
 
-def _grouped_matmul(ns):
+def _experts_kernel(ns):
     if ns.experts == "ragged_dot":
-        return None  # the model's own (layers.grouped_dense)
-    from jaxllm.bench.experts import pallas_grouped  # imported here: that module imports this one
+        return None  # lax.ragged_dot (the model's default)
+    from jaxllm.bench.experts import pallas_experts  # imported here: that module imports this one
 
-    return pallas_grouped(ns.pallas_block, interpret=jax.devices()[0].platform == "cpu")
+    return pallas_experts(ns.pallas_block, interpret=jax.devices()[0].platform == "cpu")
 
 
 def _latent_note(config: ModelConfig, itemsize: int) -> str:
@@ -173,10 +173,11 @@ def main(argv=None) -> int:
                    help="compare weight modes in one run: 16bit and/or weight-quantisation modes (e.g. 16bit "
                         "triton_w8a16 triton_w4a16), each added to --mode; the table gives each one's speed-up")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a shorter model)")
-    p.add_argument("--experts", choices=["ragged_dot", "pallas"], default="ragged_dot",
-                   help="MoE models: the experts' grouped matmul (XLA's ragged dot as served, or our Pallas kernel)")
-    p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(16, 128, 64, 4, 3),
-                   help="with --experts pallas: block_m,block_n,block_k,num_warps,num_stages")
+    p.add_argument("--experts", choices=["pallas", "ragged_dot"], default="pallas",
+                   help="MoE models: the experts' grouped matmul (our Pallas kernel, as served on GPU, or XLA's "
+                        "ragged dot)")
+    p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
+                   help="with --experts pallas: block_m (0: by row count),block_n,block_k,num_warps,num_stages")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--result-json", default=None)
     ns = p.parse_args(argv)
@@ -195,7 +196,7 @@ def main(argv=None) -> int:
         modes = ns.mode + ([weights] if weights not in (None, "16bit") else [])
         config = with_weight_mode(ModelConfig.from_hf_dict(raw), resolve_modes(modes).weight_mode, raw)
         backend = attention_backend(modes, jax.devices()[0].platform)
-        model = build_model(config, dtype, backend, grouped_matmul=_grouped_matmul(ns))
+        model = build_model(config, dtype, backend, experts_kernel=_experts_kernel(ns))
         params = random_params(model, make_mesh(1), 1)
         print(f"modes {modes or '(none)'}: backend {getattr(backend, 'name', type(backend).__name__)}, "
               f"weights {quant.nbytes(params) / 1e9:.2f} GB", flush=True)

@@ -24,6 +24,7 @@ from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.group import SequenceGroup, member_params
+from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
@@ -33,6 +34,7 @@ from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.expert_kernels import experts_kernel
 from jaxllm.models.quant import with_weight_mode
 from jaxllm.models.registry import SCORE_ARCHITECTURES
 from jaxllm.parallel import kv_cache_spec, make_mesh
@@ -60,14 +62,17 @@ class StepReport:
         return self.prefill_requests if self.method == "prefill" else self.decode_requests
 
 
-def check_reward_flag(config: ModelConfig, use_reward_model: bool, model_dir) -> None:
-    """--use_reward_model and a checkpoint with a score head go together (ValueError otherwise)."""
-    if use_reward_model and config.score_head is None:
-        raise ValueError(f"--use_reward_model: {model_dir} is not a reward model (config.json's architectures "
+def check_reward_flags(config: ModelConfig, args) -> None:
+    """--use_reward_model and a checkpoint with a score head go together, without --token_healing_mode (which
+    rewrites prompts for generation); ValueError otherwise."""
+    if args.use_reward_model and config.score_head is None:
+        raise ValueError(f"--use_reward_model: {args.model_dir} is not a reward model (config.json's architectures "
                          f"name no score head; served: {', '.join(SCORE_ARCHITECTURES)})")
-    if config.score_head is not None and not use_reward_model:
-        raise ValueError(f"{model_dir} is a reward model (a score head, no LM head): serve it with "
+    if config.score_head is not None and not args.use_reward_model:
+        raise ValueError(f"{args.model_dir} is a reward model (a score head, no LM head): serve it with "
                          "--use_reward_model")
+    if config.score_head is not None and args.token_healing_mode:
+        raise ValueError("--token_healing_mode: a reward model generates no tokens to heal")
 
 
 def build_scheduler(args, kv: KVCache) -> Scheduler:
@@ -100,6 +105,7 @@ class Engine:
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
         self._grammars: GrammarCompiler | None = None  # built with the first constrained request
+        self._healer = TokenHealer(tokenizer, self.config.vocab_size) if args.token_healing_mode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
@@ -136,11 +142,12 @@ class Engine:
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
         config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
-        check_reward_flag(config, args.use_reward_model, args.model_dir)
+        check_reward_flags(config, args)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         mesh = make_mesh(args.tp)
-        backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
-        model = build_model(config, DATA_TYPES[args.data_type], backend)
+        platform = jax.devices()[0].platform
+        backend = attention_backend(args.mode, platform, mesh=mesh)
+        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
@@ -256,6 +263,9 @@ class Engine:
         )
         if params.guided is not None:
             req.constraint = self.grammars().constraint(params.guided)
+        elif self._healer is not None:  # a grammar decides the text itself: no healing under one
+            req.prompt_ids, req.healing = self._healer.heal(prompt_ids)
+            req.constraint = req.healing
         self._events.attach(req)
         req.stream = RequestStream(req.request_id)
         return req

@@ -49,13 +49,15 @@ class EventMaker:
             reason = "stop"
         elif req.constraint is not None and req.constraint.complete:  # the grammar allows nothing more
             reason = "stop"
-        elif len(req.output_ids) >= params.max_new_tokens:
+        elif req.count_output >= params.max_new_tokens:
             reason = "length"
         text = ""
         if req.detokenizer is not None and (params.print_eos_token or not is_eos):
             text = req.detokenizer.add(token)
             if is_eos and params.skip_special_tokens and token in self.special:
                 text += self.tokenizer.decode([token], skip_special_tokens=False)
+            if req.healing is not None:
+                text = req.healing.skip_prompt_text(text)
         stop_sequence = None
         if req.stop_matcher is not None:
             text, stopped = req.stop_matcher.feed(text)
@@ -66,14 +68,15 @@ class EventMaker:
                 text += req.stop_matcher.flush()
         event = TokenEvent(
             token_id=token, text=text, logprob=logprob, special=token in self.special,
-            count_output_tokens=len(req.output_ids), prompt_tokens=req.prompt_len,
+            count_output_tokens=req.count_output, prompt_tokens=req.caller_prompt_len,
             finished=reason is not None, finish_reason=reason, stop_sequence=stop_sequence,
             top_logprobs=top[: params.top_logprobs] if top is not None and params.top_logprobs else None,
             cumlogprob=float(np.sum(req.output_logprobs)) if self.cumlogprob else None,
         )
         if len(req.output_ids) == 1:
-            if params.prompt_logprobs:
-                event.prompt_logprobs = req.prompt_logprobs
+            if params.prompt_logprobs:  # a group's are computed by its leader, for every member
+                members = req.group.members if req.group is not None else [req]
+                event.prompt_logprobs = next((m.prompt_logprobs for m in [req, *members] if m.prompt_logprobs), None)
             self._first_event_extras(req, event)
         return event
 
@@ -107,6 +110,6 @@ class EventMaker:
 def final_event(req: Request, reason: str, error: str | None = None) -> TokenEvent:
     """The last event of a request that ends without a token (abort, error, shutdown)."""
     return TokenEvent(
-        token_id=-1, text="", logprob=0.0, special=False, count_output_tokens=len(req.output_ids),
-        prompt_tokens=req.prompt_len, finished=True, finish_reason=reason, error=error,
+        token_id=-1, text="", logprob=0.0, special=False, count_output_tokens=req.count_output,
+        prompt_tokens=req.caller_prompt_len, finished=True, finish_reason=reason, error=error,
     )

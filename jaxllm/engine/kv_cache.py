@@ -178,7 +178,7 @@ class KVCache:
     def reassign(self, moves: list[tuple[Request, list[int]]]) -> None:
         """Give each request a new slot list made of slots that requests of its group hold now (beam search:
         a beam continues from its parent's slots). Every new owner is counted before any old one lets go, so
-        no shared slot is freed on the way. Requests keep their rows; no prompt cache here."""
+        no shared slot is freed on the way. Requests keep their rows (one without gets one); no prompt cache here."""
         for req, slots in moves:
             if req.num_cached:
                 raise ValueError(f"request {req.request_id}: slots shared with the prompt cache are not reassigned")
@@ -190,6 +190,8 @@ class KVCache:
             old, req.slots = req.slots, list(slots)
             self._drop(req, old)
             req.num_computed = len(slots)
+            if slots and req.kv_row < 0:  # a member that waited without a beam (and was paused meanwhile)
+                req.kv_row = self._free_rows.pop()
 
     def shares(self, req: Request) -> bool:
         """Whether some of req's private slots are also held by another request."""

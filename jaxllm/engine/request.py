@@ -183,6 +183,7 @@ class Request:
     stop_matcher: Any = None  # StopMatcher, when params.stop_sequences
     group: Any = None  # the SequenceGroup of best_of > 1 sequences sharing this prompt (group.py)
     constraint: Any = None  # the allowed-token rule of its next tokens (engine.constraints.TokenConstraint)
+    healing: Any = None  # its HealingConstraint under --token_healing_mode (prompt_ids is then the backed-up prompt)
 
     @property
     def prompt_len(self) -> int:
@@ -224,7 +225,23 @@ class Request:
     @property
     def wants_token(self) -> bool:
         """Still short of max_new_tokens counting the tokens in flight (an eos may end it sooner)."""
-        return self.num_output < self.params.max_new_tokens
+        return self.num_output - self.outputs_within_prompt < self.params.max_new_tokens
+
+    @property
+    def outputs_within_prompt(self) -> int:
+        """Token healing: read outputs that only re-cover the caller's prompt (max_new_tokens does not count
+        them)."""
+        return 0 if self.healing is None else self.healing.tokens_within_prompt
+
+    @property
+    def caller_prompt_len(self) -> int:
+        """The prompt's length as the caller sent it (token healing runs it backed up)."""
+        return len(self.prompt_ids) + (0 if self.healing is None else self.healing.backed_up)
+
+    @property
+    def count_output(self) -> int:
+        """Read output tokens beyond the caller's prompt."""
+        return len(self.output_ids) - self.outputs_within_prompt
 
     @property
     def finished(self) -> bool:

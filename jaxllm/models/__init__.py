@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionBackend, ReferenceAttention
-from jaxllm.models.layers import grouped_dense
+from jaxllm.models.moe import routed_experts
 from jaxllm.models.mla import init_latent_cache
 from jaxllm.models.transformer import CausalLM
 
@@ -20,14 +20,14 @@ def init_kv_cache(model, num_slots: int) -> tuple:
     )
 
 
-def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None, grouped_matmul=None):
+def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None, experts_kernel=None):
     """The Flax module for `config` (any supported family), computing in `dtype`. ValueError for what is not
     built: an int8 KV backend with latent attention (its own cache format), quantised weights with experts.
-    `grouped_matmul`: the experts' grouped matmul in place of `layers.grouped_dense` (benchmarks)."""
+    `experts_kernel`: MoE layers' routed experts (`expert_kernels.experts_kernel`; default `lax.ragged_dot`)."""
     backend = backend or ReferenceAttention()
     if config.mla is not None and "int8" in getattr(backend, "name", ""):
         raise ValueError(f"the int8 KV --mode values are not built for latent attention ({config.model_type})")
     if config.moe is not None and config.weight_quant is not None:
         raise ValueError(f"quantised weights ({config.weight_quant.scheme}: a weight --mode or a quantised "
                          f"checkpoint) are not built for mixtures of experts ({config.model_type})")
-    return CausalLM(config=config, dtype=dtype, backend=backend, grouped_matmul=grouped_matmul or grouped_dense)
+    return CausalLM(config=config, dtype=dtype, backend=backend, experts_kernel=experts_kernel or routed_experts)

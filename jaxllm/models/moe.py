@@ -61,11 +61,11 @@ def routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dens
 class MoE(nn.Module):
     """The MLP of a MoE layer. Params: `router` [D, E], `experts_gate_up_proj` [E, D, F, 2],
     `experts_down_proj` [E, F, D], and for shared experts `shared_expert` (a dense MLP) with its
-    `shared_expert_gate` [D]. `grouped_matmul`: as `routed_experts`' `grouped`."""
+    `shared_expert_gate` [D]."""
 
     config: ModelConfig
     dtype: Any
-    grouped_matmul: Callable = grouped_dense
+    experts_kernel: Callable[..., Any] = routed_experts  # or its drop-in (`expert_kernels.py`)
 
     @nn.compact
     def __call__(self, x):  # x [n, hidden]
@@ -77,7 +77,7 @@ class MoE(nn.Module):
         gate_up = param(self, "experts_gate_up_proj", (e, d, f, 2), ("experts", "embed", "expert_mlp", "stack"),
                         self.dtype)
         down = param(self, "experts_down_proj", (e, f, d), ("experts", "expert_mlp", "embed"), self.dtype)
-        out = routed_experts(x, weights, experts, gate_up, down, activation(c.activation), self.grouped_matmul)
+        out = self.experts_kernel(x, weights, experts, gate_up, down, activation(c.activation))
         if m.shared_intermediate_size:
             shared = MLP(c, self.dtype, m.shared_intermediate_size, name="shared_expert")(x)
             if m.shared_gate:

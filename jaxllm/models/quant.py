@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kernels.pallas import reference
+from kernels.pallas import plan, reference
 
 # LightLLM's weight modes (and our fp8 addition) → scheme name.
 WEIGHT_MODES = {
@@ -191,12 +191,10 @@ def is_quantised(w) -> bool:
 
 def group_size_for(last_in: int, wanted: int = GROUP_SIZE) -> int:
     """`wanted` if it divides the input axis, else the largest power of two (≥ 8) below it that does."""
-    group = wanted
-    while group >= 8:
-        if last_in % group == 0:
-            return group
-        group //= 2
-    raise ValueError(f"an int4 weight's input axis ({last_in}) must be a multiple of 8")
+    group = plan.pow2_divisor(last_in, wanted, 8)
+    if group is None:
+        raise ValueError(f"an int4 weight's input axis ({last_in}) must be a multiple of 8")
+    return group
 
 
 def _in_axes_tuple(in_axes: int) -> tuple[int, ...]:

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 
 from jaxllm.config import LAYOUT_NORMS, ModelConfig
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata
-from jaxllm.models.layers import MLP, Attention, Norm, dense, grouped_dense, param, soft_cap
+from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
 from jaxllm.models.mla import LatentAttention
-from jaxllm.models.moe import MoE
+from jaxllm.models.moe import MoE, routed_experts
 
 
 
@@ -29,14 +29,14 @@ class DecoderLayer(nn.Module):
     layer: int
     dtype: Any
     backend: AttentionBackend
-    grouped_matmul: Callable = grouped_dense  # the experts' grouped matmul (MoE layers)
+    experts_kernel: Callable = routed_experts  # MoE layers' routed experts (`expert_kernels.py`)
 
     @nn.compact
     def __call__(self, x, meta, layer_cache):
         c = self.config
         attn = (LatentAttention if c.mla else Attention)(c, self.layer, self.dtype, self.backend, name="self_attn")
         if c.is_moe_layer(self.layer):
-            mlp = MoE(c, self.dtype, self.grouped_matmul, name="mlp")
+            mlp = MoE(c, self.dtype, self.experts_kernel, name="mlp")
         else:
             mlp = MLP(c, self.dtype, name="mlp")
         norm = lambda name: Norm(c, self.dtype, name=name)  # noqa: E731
@@ -65,7 +65,7 @@ class CausalLM(nn.Module):
     config: ModelConfig
     dtype: Any
     backend: AttentionBackend
-    grouped_matmul: Callable = grouped_dense  # the experts' grouped matmul (MoE layers; benchmarks swap it)
+    experts_kernel: Callable = routed_experts  # MoE layers' routed experts (`expert_kernels.py`)
 
     @nn.compact
     def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False):
@@ -87,7 +87,7 @@ class CausalLM(nn.Module):
             x = Norm(c, self.dtype, name="embed_norm")(x)
         new_cache = []
         for i in range(c.num_layers):
-            layer = DecoderLayer(c, i, self.dtype, self.backend, self.grouped_matmul, name=f"layers_{i}")
+            layer = DecoderLayer(c, i, self.dtype, self.backend, self.experts_kernel, name=f"layers_{i}")
             x, layer_cache = layer(x, meta, kv_cache[i])
             new_cache.append(layer_cache)
         if not all_logits:

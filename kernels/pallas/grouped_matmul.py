@@ -18,6 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.pallas import plan
+
 
 def tile_plan(group_sizes, rows: int, block_m: int):
     """Per tile: its group, first row and row count (0 for an unused tile), int32 [tiles] each."""
@@ -59,17 +61,26 @@ def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, o_ref, *, block_m: in
     pltriton.store(o_ref.at[dst[:, None], out_cols[None, :]], acc.astype(o_ref.dtype), mask=valid[:, None])
 
 
-def grouped_matmul(x, w, group_sizes, *, block_m: int = 16, block_n: int = 128, block_k: int = 64,
+def fitted_block(dim: int, wanted: int) -> int:
+    """The largest power-of-two block from `wanted` down to 16 that divides `dim`; ValueError if none does."""
+    block = plan.pow2_divisor(dim, wanted, 16)
+    if block is None:
+        raise ValueError(f"grouped_matmul: no block of 16 or more divides {dim}")
+    return block
+
+
+def grouped_matmul(x, w, group_sizes, *, block_m: int | None = None, block_n: int = 128, block_k: int = 64,
                    num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
     """x [m, K] with group g's rows contiguous and in group order, w [groups, K, N], group_sizes [groups]
-    (summing to m) → [m, N] in x's dtype. K must be a multiple of `block_k`, N of `block_n` (both capped
-    at the matrix's size); block sizes at least 16 (Triton's dot)."""
+    (summing to m) → [m, N] in x's dtype. `block_n` / `block_k` shrink to the largest power of two that
+    divides N / K (at least 16, Triton's dot); `block_m` defaults to 16 rows for up to 256 rows (decode:
+    few rows per expert), 64 beyond."""
     m, k_dim = x.shape
     groups, _, n = w.shape
-    block_n, block_k = min(block_n, n), min(block_k, k_dim)
-    if k_dim % block_k or n % block_n or min(block_m, block_n, block_k) < 16:
-        raise ValueError(f"grouped_matmul: K={k_dim} and N={n} must be multiples of block_k={block_k} and "
-                         f"block_n={block_n}, blocks at least 16")
+    block_m = block_m or (16 if m <= 256 else 64)
+    block_n, block_k = fitted_block(n, block_n), fitted_block(k_dim, block_k)
+    if block_m < 16:
+        raise ValueError(f"grouped_matmul: block_m={block_m} is below 16")
     group, start, count = tile_plan(group_sizes, m, block_m)
     kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k)
     return pl.pallas_call(

@@ -34,19 +34,18 @@ def assert_idle_and_empty(engine):
 
 
 def test_seeded_members_sample_like_separate_requests_with_seed_plus_i(tiny_engine):
-    prompts = random_prompts(seed=20, count=3)
+    prompts = random_prompts(seed=20, count=2, max_len=14)
     params = SamplingParams(best_of=3, n=3, max_new_tokens=10, seed=41, **SAMPLED)
     groups = run_groups(tiny_engine, prompts, params)
-    for prompt, members in zip(prompts, groups):
-        for i, got in enumerate(members):
-            alone = SamplingParams(max_new_tokens=10, seed=41 + i, **SAMPLED)
-            assert got == tokens(tiny_engine.submit(prompt, alone))
-        assert len({tuple(m) for m in members}) == 3
+    alone = [(p, SamplingParams(max_new_tokens=10, seed=41 + i, **SAMPLED), None) for p in prompts for i in range(3)]
+    singles = [tokens(s) for s in tiny_engine.submit_many(alone)]
+    assert [m for members in groups for m in members] == singles
+    assert all(len({tuple(m) for m in members}) == 3 for members in groups)
     assert_idle_and_empty(tiny_engine)
 
 
 def test_unseeded_members_differ_and_greedy_members_equal_the_plain_loop(tiny_engine, reference):
-    prompt = random_prompts(seed=21, count=1)[0]
+    prompt = random_prompts(seed=21, count=1, max_len=14)[0]
     sampled = run_groups(tiny_engine, [prompt], SamplingParams(best_of=4, n=4, max_new_tokens=12, **SAMPLED))[0]
     assert len({tuple(m) for m in sampled}) == 4
     greedy = run_groups(tiny_engine, [prompt], SamplingParams(best_of=2, n=2, max_new_tokens=12, ignore_eos=True))[0]
@@ -54,8 +53,8 @@ def test_unseeded_members_differ_and_greedy_members_equal_the_plain_loop(tiny_en
 
 
 def test_groups_paused_and_resumed_give_the_same_tokens(tiny_model_dir, tiny_engine):
-    prompts = random_prompts(seed=22, count=6, max_len=10)
-    params = SamplingParams(best_of=3, n=3, max_new_tokens=14, seed=7, **SAMPLED)
+    prompts = random_prompts(seed=22, count=4, max_len=10)
+    params = SamplingParams(best_of=3, n=3, max_new_tokens=10, seed=7, **SAMPLED)
     expected = run_groups(tiny_engine, prompts, params)
     tight = make_engine(tiny_model_dir, max_total_token_num=70, router_token_ratio=1.0, router_max_new_token_len=1,
                         router_max_wait_tokens=2)
@@ -66,7 +65,7 @@ def test_groups_paused_and_resumed_give_the_same_tokens(tiny_model_dir, tiny_eng
 
 
 def test_aborting_a_member_ends_and_frees_the_whole_group(tiny_engine):
-    prompt = random_prompts(seed=23, count=1)[0]
+    prompt = random_prompts(seed=23, count=1, max_len=14)[0]
     streams = tiny_engine.submit_group(prompt, SamplingParams(best_of=3, n=3, max_new_tokens=40, **SAMPLED))
     next(iter(streams[0]))
     tiny_engine.abort(streams[1].request_id)
@@ -76,7 +75,7 @@ def test_aborting_a_member_ends_and_frees_the_whole_group(tiny_engine):
 
 
 def test_top_logprobs_are_the_most_likely_tokens_of_the_same_distribution(tiny_engine, reference):
-    prompt = random_prompts(seed=24, count=1)[0]
+    prompt = random_prompts(seed=24, count=1, max_len=14)[0]
     events = list(tiny_engine.submit(prompt, SamplingParams(max_new_tokens=4, ignore_eos=True, top_logprobs=5)))
     seq = list(prompt)
     for e in events:
@@ -99,7 +98,7 @@ def diverse_engine(tiny_model_dir):
 
 
 def test_diverse_mode_with_the_prompt_cache(diverse_engine, tiny_engine):
-    prompt = random_prompts(seed=25, count=1, max_len=30)[0] + [5] * 8
+    prompt = random_prompts(seed=25, count=1, max_len=6)[0] + [5] * 8
     params = SamplingParams(best_of=4, n=4, max_new_tokens=8, seed=3, **SAMPLED)
     first = [list(s) for s in diverse_engine.submit_group(prompt, params)]
     again = [list(s) for s in diverse_engine.submit_group(prompt, params)]

@@ -55,21 +55,23 @@ def test_what_is_not_built_is_refused_by_name():
         build_model(deepseek, jnp.bfloat16, attention_backend(["triton_int8kv"], "cpu"))
 
 
-def test_model_with_the_pallas_grouped_matmul_gives_the_same_logits():
-    """`build_model(..., grouped_matmul=...)` swaps the experts' grouped matmul (as `bench.step --experts
-    pallas` does): our Pallas kernel (interpret mode) in a whole Mixtral step gives ragged_dot's logits."""
-    from jaxllm.bench.experts import pallas_grouped
+def test_model_with_the_pallas_experts_kernel_gives_the_same_logits():
+    """The experts kernel served on GPU (`expert_kernels.experts_kernel`: our Pallas grouped matmul, per
+    device under shard_map at --tp 2), in interpret mode, in a whole Mixtral step: ragged_dot's logits."""
     from jaxllm.config import ModelConfig
     from jaxllm.models import build_model, init_kv_cache
+    from jaxllm.models.expert_kernels import experts_kernel
     from jaxllm.parallel import make_mesh
     from jaxllm.weights import random_params
     from tests.models.hf_oracle import prefill_meta
     from tests.models.test_moe_families import FAMILIES
 
     config = ModelConfig.from_hf_dict(dict(FAMILIES["mixtral"], num_hidden_layers=1))
+    tp = 2
+    mesh = make_mesh(tp)
     served = build_model(config, jnp.float32)
-    swapped = build_model(config, jnp.float32, grouped_matmul=pallas_grouped((16, 64, 32, 4, 1), interpret=True))
-    params = random_params(served, make_mesh(1), 1, seed=5)
+    swapped = build_model(config, jnp.float32, experts_kernel=experts_kernel("cpu", mesh, interpret=True))
+    params = random_params(served, mesh, tp, seed=5)
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=11), jnp.int32)
     outs = [jax.jit(lambda p, m=model: m.apply({"params": p}, tokens, prefill_meta(11, 16), init_kv_cache(m, 16),
                                              all_logits=True)[0])(params) for model in (served, swapped)]
