@@ -15,14 +15,24 @@ _FAMILIES = (llama.FAMILY, gemma.FAMILY, phi3.FAMILY, starcoder.STARCODER2, star
              qwen_moe.FAMILY, deepseek.FAMILY)
 FAMILIES: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
-# config.json `architectures` served with a score head instead of the LM head (reward models) → the head's
-# tensor name; `*ForSequenceClassification` heads have `num_labels` outputs, InternLM2's `v_head` one.
+# config.json `architectures` served with a score head instead of the LM head (reward models) → (the
+# model_type it goes with, the head's tensor name); `*ForSequenceClassification` heads have `num_labels`
+# outputs, InternLM2's `v_head` one.
 SCORE_ARCHITECTURES = {
-    "LlamaForSequenceClassification": "score",
-    "MistralForSequenceClassification": "score",
-    "Qwen2ForSequenceClassification": "score",
-    "InternLM2ForRewardModel": "v_head",
+    "LlamaForSequenceClassification": ("llama", "score"),
+    "MistralForSequenceClassification": ("mistral", "score"),
+    "Qwen2ForSequenceClassification": ("qwen2", "score"),
+    "InternLM2ForRewardModel": ("internlm2", "v_head"),
 }
+
+
+def reward_architecture(model_type: str) -> str:
+    """The reward-model architecture served for `model_type` (ValueError if none is)."""
+    for arch, (kind, _) in SCORE_ARCHITECTURES.items():
+        if kind == model_type:
+            return arch
+    raise ValueError(f"no reward model is served for model_type {model_type!r}; jaxllm serves "
+                     f"{', '.join(SCORE_ARCHITECTURES)}")
 
 
 def family_of(model_type: str) -> Family:
@@ -46,7 +56,7 @@ def score_head_from_hf(raw: dict[str, Any]) -> ScoreHead | None:
     archs = raw.get("architectures") or []
     arch = archs[0] if archs else ""
     if arch in SCORE_ARCHITECTURES:
-        name = SCORE_ARCHITECTURES[arch]
+        _, name = SCORE_ARCHITECTURES[arch]
         if name == "v_head":  # InternLM2's reward model: one score at the last token
             return ScoreHead(labels=1, hf_name=name)
         labels = len(raw.get("id2label") or {}) or int(raw.get("num_labels", 2))

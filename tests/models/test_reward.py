@@ -17,7 +17,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
-from jaxllm.weights import load_hf, load_params
+from jaxllm.weights import load_hf
 from tests.models.hf_oracle import random_hf_model, saved_random_hf_model
 from tests.models.test_remote_code import LLAMA, internlm2, state
 
@@ -90,19 +90,6 @@ def test_scores_equal_transformers(reward_checkpoint, tp):
     assert scores.shape == (len(LENGTHS), labels)
     for seq, score in zip(sequences, scores):
         np.testing.assert_allclose(score, oracle_score(hf_model, seq), atol=1e-4, rtol=0)
-
-
-def test_random_weights_build_the_score_head(tmp_path):
-    """--load_format dummy: the head is declared once, so random init gives it too."""
-    raw = dict(LLAMA, model_type="qwen2", architectures=["Qwen2ForSequenceClassification"],
-               id2label={"0": "bad", "1": "good"})
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    config = ModelConfig.from_model_dir(tmp_path)
-    model = build_model(config, jnp.float32)
-    params = load_params(model, tmp_path, make_mesh(2), 2, "dummy")
-    assert params["score"].shape == (LLAMA["hidden_size"], 2) and float(jnp.abs(params["score"]).sum()) > 0
-    scores = our_scores(model, params, [np.arange(5) + 3])
-    assert scores.shape == (1, 2) and np.isfinite(scores).all()
 
 
 def test_unserved_classifier_is_refused(tmp_path):
