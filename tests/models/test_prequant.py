@@ -18,7 +18,8 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import build_model, init_kv_cache, quant
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf
-from tests.models.test_llama import full_prefill_meta, save_random_hf_model
+from tests.models.hf_oracle import prefill_meta
+from tests.models.test_llama import save_random_hf_model
 
 # o_proj's input (4 heads × 32) is one AWQ/GPTQ group of 128: our groups along head_dim (32) hold it exactly.
 RAW = dict(model_type="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -98,7 +99,7 @@ def logits(model_dir):
     config = ModelConfig.from_model_dir(model_dir)
     model = build_model(config, jnp.float32)
     params = load_hf(model, model_dir, make_mesh(1), 1)
-    meta = full_prefill_meta(len(TOKENS), 32)
+    meta = prefill_meta(len(TOKENS), 32)
     with jax.default_matmul_precision("highest"):
         out, _ = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))(
             params, jnp.asarray(TOKENS, jnp.int32), meta, init_kv_cache(model, 32))
