@@ -1,5 +1,6 @@
 """Every dense family against transformers' own implementation (PyTorch, float32, CPU) on a tiny random
-config: logits at tp 1 and 2, and 32 greedy tokens through the engine identical to transformers' generate.
+config: logits at tp 1 and 2, and 32 greedy tokens through the engine identical to transformers' generate
+(variants of a family, e.g. "bloom-6-heads", test what differs: their logits at tp 1).
 
 Norm weights and biases are randomised too (transformers initialises them to ones / zeros), and windows are
 shorter than the test sequences, so every feature of a family shows in its logits.
@@ -86,19 +87,21 @@ def prefill_meta(length: int, width: int) -> AttentionMetadata:
     return AttentionMetadata.for_sequences([(0, length)], [list(range(length))], scratch_slot=width, width=width)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_logits_match_transformers(family, tp):
-    _, path, hf_model = family
+def test_logits_match_transformers(family):
+    """At tp 1 and 2 (a variant of a family, named "family-variant", at tp 1: what differs is not sharding)."""
+    name, path, hf_model = family
     config = ModelConfig.from_model_dir(path)
     model = build_model(config, jnp.float32)
-    params = load_hf(model, path, make_mesh(tp), tp)
-    assert config.num_params == sum(p.size for p in jax.tree.leaves(params))  # the benchmarks' roofline count
-    tokens = np.random.default_rng(tp).integers(0, config.vocab_size, size=37)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=37)
     with torch.no_grad():
         expected = hf_model(torch.tensor(tokens)[None]).logits[0].numpy()
-    step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
-    logits, _ = step(params, jnp.asarray(tokens, jnp.int32), prefill_meta(len(tokens), 64), init_kv_cache(model, 64))
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+    for tp in (1,) if "-" in name else (1, 2):
+        params = load_hf(model, path, make_mesh(tp), tp)
+        assert config.num_params == sum(p.size for p in jax.tree.leaves(params))  # the benchmarks' roofline count
+        step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
+        logits, _ = step(params, jnp.asarray(tokens, jnp.int32), prefill_meta(len(tokens), 64),
+                         init_kv_cache(model, 64))
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0, err_msg=f"tp {tp}")
 
 
 def test_engine_greedy_tokens_match_transformers_generate(family):
