@@ -18,9 +18,6 @@ TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.serve
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
     "nccl_port",
-    "beam_mode",
-    "diverse_mode",
-    "token_healing_mode",
     "enable_multimodal",
     "cache_capacity",
     "cache_reserved_ratio",
@@ -91,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="split long prefills into chunks fused with the running decodes")
     add("--beam_mode", action="store_true", help="beam-search generation mode")
     add("--diverse_mode", action="store_true", help="diverse generation mode")
-    add("--token_healing_mode", action="store_true", help="token-healing mode for code models")
+    add("--token_healing_mode", action="store_true",
+        help="token healing (for code and text that stops mid-token): back the prompt up over its last tokens "
+             "(up to 2) and hold the first generated tokens to ones consistent with the removed text")
     add("--enable_multimodal", action="store_true", help="load the extra models of multimodal checkpoints")
     add("--cache_capacity", type=int, default=200, help="capacity of the multimodal resource cache")
     add("--cache_reserved_ratio", type=float, default=0.5,

@@ -57,6 +57,48 @@ class Rope:
 
 
 @dataclasses.dataclass(frozen=True)
+class Moe:
+    """A mixture-of-experts MLP (`jaxllm/models/moe.py`): `num_experts` gated experts of `intermediate_size`,
+    `top_k` per token chosen by softmax router scores; the chosen scores are renormalised to sum to 1
+    (`normalize_top_k`) and multiplied by `routed_scale`. Optional shared experts of
+    `shared_intermediate_size` that every token passes through, scaled by a sigmoid gate (`shared_gate`,
+    Qwen2-MoE) or not (DeepSeek). `layers`: the decoder layers with a MoE MLP (the others keep the dense MLP)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    layers: tuple[int, ...]
+    normalize_top_k: bool = True
+    routed_scale: float = 1.0
+    # Group-limited routing (DeepSeek-V2): experts in `groups` equal groups; a token's top k come from its
+    # `top_groups` groups of highest best score. 1 group: plain top-k.
+    groups: int = 1
+    top_groups: int = 1
+    router_float32: bool = False  # the router's product in float32 (DeepSeek keeps its weight in float32)
+    shared_intermediate_size: int = 0
+    shared_gate: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Mla:
+    """Multi-head latent attention (DeepSeek-V2, `jaxllm/models/mla.py`): every head's key and value are
+    up-projected from one per-token latent of `kv_rank` dims, beside one rotary key of `rope_dim` dims
+    shared by all heads (the KV cache holds these two); queries of `nope_dim + rope_dim` per head come
+    straight from the hidden state or through a `q_rank` latent; values have `v_dim` per head."""
+
+    kv_rank: int
+    rope_dim: int
+    nope_dim: int
+    v_dim: int
+    q_rank: int | None = None
+
+    @property
+    def cache_dim(self) -> int:
+        """Cached values per token and layer."""
+        return self.kv_rank + self.rope_dim
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -100,6 +142,10 @@ class ModelConfig:
     final_softcap: float | None = None
     # How the matmul weights are stored (jaxllm/models/quant.py); None: in the model's 16-bit dtype.
     weight_quant: "WeightQuant | None" = None
+    # --- mixture of experts (None: every layer has the dense MLP)
+    moe: Moe | None = None
+    # --- multi-head latent attention (None: attention over per-head keys and values)
+    mla: Mla | None = None
 
     @property
     def group_size(self) -> int:
@@ -112,19 +158,51 @@ class ModelConfig:
     def layer_window(self, layer: int) -> int | None:
         return self.layer_windows[layer] if self.layer_windows else None
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and layer in self.moe.layers
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Values the KV cache holds per token, all layers (keys and values, or the latent and rotary key)."""
+        per_layer = self.mla.cache_dim if self.mla is not None else 2 * self.num_kv_heads * self.head_dim
+        return self.num_layers * per_layer
+
     @property
     def num_params(self) -> int:
+        return self._count_params(active=False)
+
+    @property
+    def num_active_params(self) -> int:
+        """The params one token reads: every weight but the experts it is not routed to."""
+        return self._count_params(active=True)
+
+    def _count_params(self, active: bool) -> int:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        if self.mla is not None:
+            attn = self._mla_params()
         mlp = (3 if self.mlp_gated else 2) * d * f + ((2 * f if self.mlp_gated else f) + d if self.mlp_bias else 0)
         norm = d * (2 if self.norm_bias else 1)
         qk_norms = {None: 0, "all": q + kv, "head": (q + kv) if self.qk_norm_per_head_weights else 2 * self.head_dim}
-        layer = attn + mlp + len(LAYOUT_NORMS[self.norm_layout]) * norm + qk_norms[self.qk_norm]
+        block = attn + len(LAYOUT_NORMS[self.norm_layout]) * norm + qk_norms[self.qk_norm]
+        layers = sum(block + (self._moe_params(active) if self.is_moe_layer(i) else mlp) for i in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else v * d
         positions = self.max_position_embeddings * d if self.position == "learned" else 0
-        return v * d + positions + (norm if self.embed_norm else 0) + self.num_layers * layer + norm + head
+        return v * d + positions + (norm if self.embed_norm else 0) + layers + norm + head
+
+    def _mla_params(self) -> int:
+        a, d, h = self.mla, self.hidden_size, self.num_heads
+        qk = h * (a.nope_dim + a.rope_dim)
+        q = d * qk if a.q_rank is None else d * a.q_rank + a.q_rank + a.q_rank * qk
+        return q + d * a.cache_dim + a.kv_rank + a.kv_rank * h * (a.nope_dim + a.v_dim) + h * a.v_dim * d
+
+    def _moe_params(self, active: bool) -> int:
+        m, d = self.moe, self.hidden_size
+        experts = m.top_k if active else m.num_experts
+        shared = 3 * d * m.shared_intermediate_size + (d if m.shared_gate else 0)
+        return d * m.num_experts + experts * 3 * d * m.intermediate_size + shared
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any]) -> "ModelConfig":

@@ -376,9 +376,14 @@ def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s:
         hit_rate = f"{100.0 * hits / looked_up:.1f}%" if looked_up else "0.0%"
     else:
         hit_rate = "n/a"
+    constrained = cur.get("constrained_steps", 0) - prev.get("constrained_steps", 0)
+    grammar = ""
+    if constrained:  # the host time building allowed-token masks (grammars, token healing) per such step
+        per_step_ms = 1000.0 * (cur["mask_s"] - prev.get("mask_s", 0.0)) / constrained
+        grammar = f", token masks: {per_step_ms:.2f} ms/step over {constrained:.0f} constrained steps"
     return (
         f"prompt throughput: {rate('prefill_tokens'):.1f} tokens/s, "
         f"generation throughput: {rate('decode_tokens'):.1f} tokens/s, "
         f"running: {cur['running']:.0f} reqs, waiting: {cur['waiting']:.0f} reqs, paused: {cur['paused']:.0f} reqs, "
-        f"KV cache usage: {kv_pct:.1f}%, prompt cache hit rate: {hit_rate}"
+        f"KV cache usage: {kv_pct:.1f}%, prompt cache hit rate: {hit_rate}{grammar}"
     )

@@ -21,11 +21,17 @@ def make_mesh(tp: int, devices=None) -> Mesh:
 
 def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None], ...]:
     """Logical axis → mesh axis. Query heads and the MLP are split across `tp`; KV heads too when they
-    divide evenly, otherwise they are replicated (GQA with fewer KV heads than devices)."""
+    divide evenly, otherwise they are replicated (GQA with fewer KV heads than devices). Experts: every device
+    holds a slice of each expert's intermediate dimension ("expert_mlp"); the experts axis and the router
+    are replicated."""
     if config.num_heads % tp:
         raise ValueError(f"--tp {tp} must divide num_attention_heads ({config.num_heads})")
     if config.intermediate_size % tp:
         raise ValueError(f"--tp {tp} must divide intermediate_size ({config.intermediate_size})")
+    if config.moe is not None:
+        for name in ("intermediate_size", "shared_intermediate_size"):
+            if getattr(config.moe, name) % tp:
+                raise ValueError(f"--tp {tp} must divide the experts' {name} ({getattr(config.moe, name)})")
     split_kv = config.num_kv_heads % tp == 0
     split_vocab = config.vocab_size % tp == 0
     return (
@@ -39,11 +45,17 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         ("stack", None),
         ("norm", None),
         ("positions", None),
+        ("experts", None),
+        ("expert_mlp", TP_AXIS),
+        ("latent", None),
     )
 
 
 def kv_cache_spec(config: ModelConfig, tp: int) -> PartitionSpec:
-    """KV buffers [slots, kv_heads, head_dim] are split by KV head, like the K/V projections."""
+    """KV buffers [slots, kv_heads, head_dim] are split by KV head, like the K/V projections; a latent
+    cache (one row per token for all heads) is replicated."""
+    if config.mla is not None:
+        return PartitionSpec(None, None, None)
     kv_axis = dict(logical_rules(config, tp))["kv_heads"]
     return PartitionSpec(None, kv_axis, None)
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
 from jaxllm.config import ModelConfig
+from jaxllm import prequant
 from jaxllm.models import init_kv_cache, quant
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.models.registry import family_of
@@ -45,6 +46,7 @@ _SAFETENSORS_DTYPES = {
     "I32": np.int32,
     "I8": np.int8,
     "U8": np.uint8,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
 }
 
 
@@ -87,7 +89,9 @@ def random_params(model, mesh: Mesh, tp: int, seed: int = 0):
     init = jax.jit(
         lambda key: nn.unbox(model.init(key, *_dummy_inputs(model))["params"]), out_shardings=shardings
     )
-    return init(jax.random.PRNGKey(seed))
+    # XLA's RngBitGenerator ("rbg"): threefry's temporaries reached 3.6x the weights (335 GB for Mixtral-8x7B's
+    # 93 GB in XLA's memory analysis), rbg's stay under the largest weight.
+    return init(jax.random.key(seed, impl="rbg"))
 
 
 # --- Hugging Face layout (each family says where its tensors go: jaxllm/models/<family>.py) ----------
@@ -168,8 +172,9 @@ def _ds_tensors(model_dir: Path, num_layers: int) -> Iterator[tuple[str, np.ndar
 
 
 def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "HF"):
-    """Load Hugging Face-named weights (HF files, or DeepSpeed files with `load_way="DS"`), cast to the
-    model's dtype, each device receiving only its shard."""
+    """Load Hugging Face-named weights (HF files, or DeepSpeed files with `load_way="DS"`), cast to each
+    param's declared dtype (the model's, or float32 where a family keeps one so), each device receiving only
+    its shard."""
     model_dir = Path(model_dir)
     config = model.config
     family = family_of(config.model_type)
@@ -179,12 +184,15 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
         tensors = _ds_tensors(model_dir, config.num_layers)
     else:
         tensors = _hf_tensors(model_dir)
+    held = config.weight_quant
+    if held is not None and held.checkpoint_format is not None:  # AWQ / GPTQ / FP8 tensors, read as they are
+        tensors = prequant.regroup(tensors, held.checkpoint_format, held.group_size)
     shardings = param_shardings(model, mesh, tp)
     shapes = nn.unbox(abstract_params(model))
     table = family.weights(config)
     params: dict = {}
     seen = set()
-    pending: dict[tuple[str, ...], tuple[np.ndarray, int]] = {}  # fused params: host buffer, parts still missing
+    pending: dict[tuple[str, ...], tuple] = {}  # fused params: host buffer(s), parts still missing
     for name, array in tensors:
         if name not in table and family.base_prefix + name in table:
             name = family.base_prefix + name
@@ -193,11 +201,13 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
                 continue
             raise ValueError(f"{model_dir}: unexpected tensor {name} for {config.model_type}")
         target = table[name]
-        host = np.asarray(target.transform(array))
+        # A pre-quantised linear is a dict of fields, each in the 16-bit weight's layout (jaxllm/prequant.py).
+        host = _each(array, lambda a: np.asarray(target.transform(a)))
         if target.parts > 1:
             shape = _get(shapes, target.path).shape
-            buffer, missing = pending.get(target.path, (np.empty(shape, host.dtype), target.parts))
-            buffer[target.part] = host
+            buffer, missing = pending.get(target.path, (_each(host, lambda a: np.empty(shape, a.dtype)),
+                                                        target.parts))
+            _each(buffer, lambda b, h: b.__setitem__(target.part, h), host)
             if missing > 1:
                 pending[target.path] = (buffer, missing - 1)
                 seen.add(name)
@@ -205,10 +215,13 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
             pending.pop(target.path, None)
             host = buffer
         like, sharding = _get(shapes, target.path), _get(shardings, target.path)
-        if quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
+        if isinstance(host, dict):
+            weight = prequant.to_weight(host, like)
+            _set(params, target.path, jax.tree.map(lambda h, s: _place(h, h.dtype, s), weight, sharding))
+        elif quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
             _set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
-        else:
-            _set(params, target.path, _place(host, model.dtype, sharding))
+        else:  # the declared dtype: the model's, or float32 where a family keeps one so (DeepSeek's router)
+            _set(params, target.path, _place(host, like.dtype, sharding))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
@@ -220,6 +233,13 @@ def _place(host: np.ndarray, dtype, sharding: NamedSharding):
     return jax.make_array_from_callback(
         host.shape, sharding, lambda index: np.asarray(host[index]).astype(dtype)
     )
+
+
+def _each(value, fn, *others):
+    """`fn` on an array, or on each field of a dict of them (with the same fields of `others`)."""
+    if isinstance(value, dict):
+        return {k: fn(v, *(o[k] for o in others)) for k, v in value.items()}
+    return fn(value, *others)
 
 
 def _place_quantised(host: np.ndarray, like, shardings, dtype):

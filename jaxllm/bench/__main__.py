@@ -1,4 +1,5 @@
-"""CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`."""
+"""CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`,
+`python -m jaxllm.bench quality ...` (what the weight-quantisation modes cost in quality)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import sys
 
+from jaxllm.bench import quality
 from jaxllm.bench.stats import format_table, summarize
 from jaxllm.bench.workload import WorkloadSpec, build_workload
 
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-rate", type=float, default=float("inf"),
                        help="Poisson arrival rate in requests/s (inf: all at once)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--json-schema", default=None, metavar="FILE",
+                       help="constrain every answer to the JSON schema in FILE (guided_json): constrained decoding's cost")
     serve.add_argument("--api-key", default=None,
                        help="sent as `Authorization: Bearer KEY`, for a server started with --api_key")
     _add_workload_flags(serve)
@@ -53,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="start-up shapes to compile before timing (default: the engine's set; 0: none)")
     offline.add_argument("--warmup-pass", action="store_true",
                          help="run the whole workload once untimed first, so no compilation is timed")
+    offline.add_argument("--best-of", type=int, default=1,
+                         help="sequences per prompt: a group sharing the prompt's KV (sampled, seeded)")
+    offline.add_argument("--separately", action="store_true",
+                         help="with --best-of: run each prompt's sequences as separate requests instead")
     _add_workload_flags(offline)
+    quality.add_arguments(sub.add_parser("quality", help="perplexity, greedy agreement and logit error per weight mode"))
     return parser
 
 
@@ -66,8 +75,19 @@ def _engine_overrides(argv: list[str]) -> dict:
     return {k: v for k, v in vars(ns).items() if v != parser.get_default(k) and k != "model_dir"}
 
 
+def _read_json(path: str | None):
+    if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns, extra = build_parser().parse_known_args(argv)
+    if ns.command == "quality":
+        if extra:
+            raise SystemExit(f"jaxllm.bench: unknown arguments {extra}")
+        return quality.run(ns)
     spec = _spec(ns)
     if ns.command == "serve":
         if extra:
@@ -81,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         timings, duration = asyncio.run(run_load(
             ns.base_url, requests, prompts, api=ns.api, model=ns.model,
             request_rate=ns.request_rate, max_concurrency=ns.max_concurrency, seed=ns.seed, api_key=ns.api_key,
+            json_schema=_read_json(ns.json_schema),
         ))
         result = summarize(timings, duration)
         table = format_table(result)
@@ -90,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
         llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
         requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
-        if ns.warmup_pass:
-            run_offline(llm, requests)  # compiles every shape the workload meets; the persistent cache keeps them
-        result = run_offline(llm, requests)
+        if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
+            run_offline(llm, requests, ns.best_of, ns.separately)
+        result = run_offline(llm, requests, ns.best_of, ns.separately)
         table = format_offline_table(result)
     if ns.result_json:
         with open(ns.result_json, "w") as f:

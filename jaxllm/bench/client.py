@@ -14,22 +14,25 @@ from jaxllm.bench.stats import RequestTiming
 from jaxllm.bench.workload import BenchRequest
 
 
-def _lightllm_body(prompt: str, req: BenchRequest) -> tuple[str, dict]:
+def _lightllm_body(prompt: str, req: BenchRequest, extra: dict) -> tuple[str, dict]:
     return "/generate_stream", {
         "inputs": prompt,
-        "parameters": {"max_new_tokens": req.output_len, "ignore_eos": True},
+        "parameters": {"max_new_tokens": req.output_len, "ignore_eos": True, **extra},
     }
 
 
-def _openai_body(prompt: str, req: BenchRequest, model: str) -> tuple[str, dict]:
+def _openai_body(prompt: str, req: BenchRequest, model: str, extra: dict) -> tuple[str, dict]:
     return "/v1/completions", {
         "model": model, "prompt": prompt, "max_tokens": req.output_len, "stream": True,
-        "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
+        "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True}, **extra,
     }
 
 
-async def _one_request(session, base_url, api, model, prompt, req: BenchRequest) -> RequestTiming:
-    path, body = _lightllm_body(prompt, req) if api == "lightllm" else _openai_body(prompt, req, model)
+async def _one_request(session, base_url, api, model, prompt, req: BenchRequest, extra: dict) -> RequestTiming:
+    if api == "lightllm":
+        path, body = _lightllm_body(prompt, req, extra)
+    else:
+        path, body = _openai_body(prompt, req, model, extra)
     timing = RequestTiming(ok=False, prompt_tokens=len(req.prompt_ids))
     start = last = time.perf_counter()
     usage_tokens = None
@@ -79,9 +82,11 @@ async def run_load(
     max_concurrency: int | None = None,
     seed: int = 0,
     api_key: str | None = None,
+    json_schema: dict | None = None,
 ) -> tuple[list[RequestTiming], float]:
     """Send every request (Poisson arrivals at `request_rate` req/s, or all at once, with the bearer `api_key`
-    if given); returns timings and the run's wall time."""
+    if given; each answer constrained to `json_schema` if given); returns timings and the run's wall time."""
+    extra = {} if json_schema is None else {"guided_json": json_schema}
     rng = np.random.default_rng(seed)
     limit = asyncio.Semaphore(max_concurrency or len(requests))
     bar = tqdm(total=len(requests), desc="requests", unit="req")
@@ -92,7 +97,7 @@ async def run_load(
 
         async def guarded(prompt, req):
             async with limit:
-                result = await _one_request(session, base_url, api, model, prompt, req)
+                result = await _one_request(session, base_url, api, model, prompt, req, extra)
             bar.update(1)
             return result
 

@@ -1,5 +1,5 @@
 """One engine, two workloads, against the run's own limits: batch-1 decode against the bandwidth floor of the
-bytes each token reads, and 512 × (128 in / 128 out) against the compute roofline (2 × params FLOPs a token).
+bytes each token reads, and 512 × (128 in / 128 out) against the compute roofline (2 × params FLOPs a token; MoE: the active params).
 
 `python -m jaxllm.bench.models --model_dir DIR [jaxllm.serve flags] --result-json F` (random weights:
 `--load_format dummy`). One process builds the engine once for both workloads (start-up dominates a GPU run).
@@ -22,14 +22,17 @@ from jaxllm.bench.workload import WorkloadSpec, build_workload
 
 def decode_bytes_per_token(params, config, context: int) -> float:
     """Bytes one batch-1 decode step reads: every stored weight byte (quantised leaves at their stored size)
-    except the untied embedding table, of which one row is read, plus the KV cache at `context` tokens."""
+    except the untied embedding table, of which one row is read, and except the experts the token is not
+    routed to (MoE: top_k of each layer's experts are read), plus the KV cache at `context` tokens."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     total = sum(leaf.nbytes for _, leaf in leaves)
-    if not config.tie_word_embeddings:
-        for path, leaf in leaves:
-            if "embed" in jax.tree_util.keystr(path) and leaf.shape and leaf.shape[0] == config.vocab_size:
-                total -= leaf.nbytes
-    kv = 2 * config.num_layers * config.num_kv_heads * config.head_dim * context * 2
+    for path, leaf in leaves:
+        name = jax.tree_util.keystr(path)
+        if not config.tie_word_embeddings and "embed" in name and leaf.shape and leaf.shape[0] == config.vocab_size:
+            total -= leaf.nbytes
+        if config.moe is not None and "experts_" in name:  # [experts, ...] stacked expert weights
+            total -= leaf.nbytes * (1 - config.moe.top_k / config.moe.num_experts)
+    kv = config.kv_values_per_token * context * 2
     return float(total + kv)
 
 
@@ -96,7 +99,7 @@ def _measure(llm, ns, extra) -> dict:
     batch = list(build_workload(spec, None))
     run_offline(llm, batch)
     r = run_offline(llm, batch)
-    roofline_tok_s = matmul / (2 * config.num_params)
+    roofline_tok_s = matmul / (2 * config.num_active_params)  # MoE: the experts a token is routed to
     result["offline"] = {**r, "roofline_total_tok_s": roofline_tok_s,
                          "of_roofline": r["total_token_throughput"] / roofline_tok_s}
     return result

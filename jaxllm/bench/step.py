@@ -112,13 +112,26 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
     return seconds, float(np.median(state["enqueue"]))
 
 
+def params_read(config: ModelConfig, tokens: int) -> float:
+    """Params a step over `tokens` tokens must read: all but the experts no token is routed to (their expected
+    count under uniform routing; a MoE step of one token reads its top-k experts only)."""
+    m = config.moe
+    if m is None:
+        return config.num_params
+    expert = 3 * config.hidden_size * m.intermediate_size
+    touched = m.num_experts * (1 - (1 - m.top_k / m.num_experts) ** tokens)
+    return config.num_active_params + len(m.layers) * (touched - m.top_k) * expert
+
+
 def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: float, flops_rate: float,
              weight_bytes: int | None = None) -> dict:
-    """Floor of one step; `weight_bytes`: the weights as stored (quantised ones smaller), default 16-bit."""
+    """Floor of one step; `weight_bytes`: the weights as stored (quantised ones smaller), default 16-bit, of
+    which the step reads the share `params_read` gives (MoE: the experts its tokens are routed to)."""
     tokens = case.batch * (case.context if case.prefill else 1)
-    weight_bytes = weight_bytes or config.num_params * itemsize
-    kv_bytes = 2 * config.num_layers * case.batch * case.context * config.num_kv_heads * config.head_dim * itemsize
-    flops = 2 * config.num_params * tokens
+    stored = weight_bytes or config.num_params * itemsize
+    weight_bytes = stored * params_read(config, tokens) / config.num_params
+    kv_bytes = case.batch * case.context * config.kv_values_per_token * itemsize
+    flops = 2 * config.num_active_params * tokens
     return {
         "weight_bytes": weight_bytes,
         "kv_bytes": kv_bytes,
@@ -126,6 +139,23 @@ def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: floa
         "flops_s": flops / flops_rate,
         "floor_s": max((weight_bytes + kv_bytes) / bandwidth, flops / flops_rate),
     }
+
+
+def _experts_kernel(ns):
+    if ns.experts == "ragged_dot":
+        return None  # lax.ragged_dot (the model's default)
+    from jaxllm.bench.experts import pallas_experts  # imported here: that module imports this one
+
+    return pallas_experts(ns.pallas_block, interpret=jax.devices()[0].platform == "cpu")
+
+
+def _latent_note(config: ModelConfig, itemsize: int) -> str:
+    """For latent attention: the per-token bytes of the per-head keys and values it replaces."""
+    a = config.mla
+    if a is None:
+        return ""
+    full = config.num_layers * config.num_heads * (a.nope_dim + a.rope_dim + a.v_dim) * itemsize
+    return f" (latent; per-head keys and values would take {full / 1024:.1f} KiB, {full / (config.kv_values_per_token * itemsize):.1f}x)"
 
 
 def main(argv=None) -> int:
@@ -143,6 +173,11 @@ def main(argv=None) -> int:
                    help="compare weight modes in one run: 16bit and/or weight-quantisation modes (e.g. 16bit "
                         "triton_w8a16 triton_w4a16), each added to --mode; the table gives each one's speed-up")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a shorter model)")
+    p.add_argument("--experts", choices=["pallas", "ragged_dot"], default="pallas",
+                   help="MoE models: the experts' grouped matmul (our Pallas kernel, as served on GPU, or XLA's "
+                        "ragged dot)")
+    p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
+                   help="with --experts pallas: block_m (0: by row count),block_n,block_k,num_warps,num_stages")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--result-json", default=None)
     ns = p.parse_args(argv)
@@ -161,14 +196,18 @@ def main(argv=None) -> int:
         modes = ns.mode + ([weights] if weights not in (None, "16bit") else [])
         config = with_weight_mode(ModelConfig.from_hf_dict(raw), resolve_modes(modes).weight_mode, raw)
         backend = attention_backend(modes, jax.devices()[0].platform)
-        model = build_model(config, dtype, backend)
+        model = build_model(config, dtype, backend, experts_kernel=_experts_kernel(ns))
         params = random_params(model, make_mesh(1), 1)
         print(f"modes {modes or '(none)'}: backend {getattr(backend, 'name', type(backend).__name__)}, "
               f"weights {quant.nbytes(params) / 1e9:.2f} GB", flush=True)
+        itemsize = jnp.dtype(dtype).itemsize
+        print(f"  {config.num_params / 1e9:.2f} B params ({config.num_active_params / 1e9:.2f} B active per token); "
+              f"KV cache {config.kv_values_per_token * itemsize / 1024:.1f} KiB per token"
+              f"{_latent_note(config, itemsize)}")
         for batch in ns.batch:
             case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
             seconds, enqueue = run_case(model, params, config, case, ns.repeats)
-            roof = roofline(config, case, jnp.dtype(dtype).itemsize, bandwidth, rate, quant.nbytes(params))
+            roof = roofline(config, case, itemsize, bandwidth, rate, quant.nbytes(params))
             rows.append({"weights": weights or "as --mode", **dataclasses.asdict(case), "step_ms": seconds * 1e3,
                          "floor_ms": roof["floor_s"] * 1e3, "ratio": roof["floor_s"] / seconds,
                          "tokens_per_s": batch * (ns.context if ns.prefill else 1) / seconds,

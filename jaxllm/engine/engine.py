@@ -19,9 +19,12 @@ import jax
 
 from jaxllm.config import ModelConfig, read_hf_config
 from jaxllm.engine.detokenizer import load_tokenizer
+from jaxllm.engine.beam import BeamSearch, reassignments
 from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
+from jaxllm.engine.group import SequenceGroup, member_params
+from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
@@ -31,6 +34,7 @@ from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.expert_kernels import experts_kernel
 from jaxllm.models.quant import with_weight_mode
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
@@ -82,8 +86,10 @@ class Engine:
             eos_ids=tuple(args.eos_id),
         )
         self.runner.warmup(warmup)
-        self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None)
+        self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
+                                  cumlogprob=args.diverse_mode or args.beam_mode)
         self._grammars: GrammarCompiler | None = None  # built with the first constrained request
+        self._healer = TokenHealer(tokenizer, self.config.vocab_size) if args.token_healing_mode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
@@ -122,8 +128,9 @@ class Engine:
         config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         mesh = make_mesh(args.tp)
-        backend = attention_backend(args.mode, jax.devices()[0].platform, mesh=mesh)
-        model = build_model(config, DATA_TYPES[args.data_type], backend)
+        platform = jax.devices()[0].platform
+        backend = attention_backend(args.mode, platform, mesh=mesh)
+        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         tokenizer = None
         if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
@@ -161,9 +168,38 @@ class Engine:
         return check_prompt(list(prompt_ids), params, self.args)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
-        """Queue one sequence (a caller wanting best_of samples submits best_of times); never blocks.
-        Raises ValueError for invalid parameters or lengths."""
+        """Queue one sequence (best_of 1; see submit_group); never blocks. Raises ValueError for invalid
+        parameters or lengths."""
+        if params.best_of != 1:
+            raise ValueError("best_of: submit() runs one sequence; submit_group() runs best_of of them")
         return self.submit_many([(prompt_ids, params, request_id)])[0]
+
+    def submit_group(self, prompt_ids: list[int], params: SamplingParams,
+                     request_ids: list[str] | None = None) -> list[RequestStream]:
+        """Queue the params.best_of sequences of one prompt as a group: the prompt is prefilled once and its KV
+        shared. Members sample independently (member i with seed + i when seeded), or, with --beam_mode, are
+        the beams of a beam search whose streams get their tokens when the search ends, best first. Aborting
+        any member aborts the group. Raises ValueError for invalid parameters or lengths."""
+        count = params.best_of
+        request_ids = request_ids or [None] * count
+        if len(request_ids) != count:
+            raise ValueError(f"{len(request_ids)} request ids for best_of {count}")
+        if count == 1:
+            return [self.submit(prompt_ids, params, request_ids[0])]
+        if self.args.beam_mode and params.stop_sequences:
+            raise ValueError("stop_sequences: not supported with --beam_mode (beams end at eos or max_new_tokens)")
+        if self.args.beam_mode and params.guided is not None:
+            raise ValueError(f"{params.guided.field}: constrained decoding is not supported with --beam_mode")
+        members = [self._new_request(list(prompt_ids), member_params(params, i), rid)
+                   for i, rid in enumerate(request_ids)]
+        beam = None
+        if self.args.beam_mode:
+            p = members[0].params
+            beam = BeamSearch(count, self.args.eos_id, p.max_new_tokens, p.ignore_eos)
+        SequenceGroup(members, beam)
+        self._inbox.put(("add", members))
+        self._wake.set()
+        return [m.stream for m in members]
 
     def submit_many(self, requests: list[tuple[list[int], SamplingParams, str | None]]) -> list[RequestStream]:
         """Queue several sequences at once: the engine sees them together (one admission decision), so the
@@ -192,6 +228,9 @@ class Engine:
         )
         if params.guided is not None:
             req.constraint = self.grammars().constraint(params.guided)
+        elif self._healer is not None:  # a grammar decides the text itself: no healing under one
+            req.prompt_ids, req.healing = self._healer.heal(prompt_ids)
+            req.constraint = req.healing
         self._events.attach(req)
         req.stream = RequestStream(req.request_id)
         return req
@@ -275,8 +314,10 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
+                taken = {id(r) for r in item if r.request_id in self._requests}
+                refused = {id(m) for r in item if id(r) in taken for m in (r.group.members if r.group else [r])}
                 for req in item:
-                    if req.request_id in self._requests:
+                    if id(req) in refused:
                         req.status, req.finish_reason = RequestStatus.FINISHED, "error"
                         self._emit(req, final_event(req, "error", f"request id {req.request_id} is in use"))
                         continue
@@ -384,6 +425,7 @@ class Engine:
 
     def _read_results(self, batch: SchedulerOutput, result) -> None:
         sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
+        beams: dict[int, SequenceGroup] = {}
         for i, chunk in enumerate(batch.chunks):
             req = chunk.request
             if chunk.samples:
@@ -394,11 +436,45 @@ class Engine:
                 if chunk.prompt_logprobs:
                     offset = result.token_offsets[i]
                     self._events.add_prompt_logprobs(req, chunk.start, chunk.num_tokens, result.prompt_logprobs[offset:])
-                if chunk.samples:
-                    self._append_token(req, sampled[i], logprobs[i])
+                if not chunk.samples:
+                    continue
+                if req.group is not None and req.group.beam is not None:
+                    req.group.beam.record(req, result.top_ids[i], result.top_logprobs[i])
+                    beams[id(req.group)] = req.group
+                    continue
+                top = None
+                if req.params.top_logprobs:
+                    top = list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
+                self._append_token(req, sampled[i], logprobs[i], top)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
                 log.exception("request %s failed in postprocess", req.request_id)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")
+        for group in beams.values():
+            try:
+                self._advance_beams(group)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("beam search of %s failed", group.leader.request_id)
+                self._end(group.leader, "error", f"{type(exc).__name__}: {exc}")
+
+    def _advance_beams(self, group: SequenceGroup) -> None:
+        """One round of a group's beam search, once every live beam's results are read: move the beams (each
+        member continues from its new parent's KV, shared by reference), or hand out the results, best first."""
+        live = [m for m in group.members[: group.beam.live] if not m.finished]
+        if not live or not group.beam.ready(live):
+            return
+        decided = group.beam.advance(live)
+        if decided.done:
+            for member, hypothesis in zip(group.members, group.beam.results()):
+                self._events.attach(member)  # fresh output and text state
+                for token, logprob in zip(hypothesis.tokens, hypothesis.logprobs):
+                    self._append_token(member, token, logprob)
+            for member in group.members:  # no hypothesis left for it (a vocabulary smaller than 2 × width)
+                self._end(member, "stop")
+            return
+        moves = reassignments(group.members, decided.continuations)
+        self.scheduler.reassign([(m.member, m.slots) for m in moves])
+        for move in moves:
+            move.member.output_ids, move.member.output_logprobs = move.output_ids, move.output_logprobs
 
     def _report_step(self, batch: SchedulerOutput, duration_s: float) -> None:
         if not self._step_listeners:
@@ -415,8 +491,8 @@ class Engine:
             except Exception:  # noqa: BLE001 - a listener must not stop the engine
                 log.exception("step listener %r failed", listener)
 
-    def _append_token(self, req: Request, token: int, logprob: float) -> None:
-        event = self._events.token(req, token, logprob)
+    def _append_token(self, req: Request, token: int, logprob: float, top=None) -> None:
+        event = self._events.token(req, token, logprob, top)
         if event.finished:
             self._retire(req, event.finish_reason)
         self._emit(req, event)
@@ -438,11 +514,11 @@ class Engine:
             self._counters["preemptions"] += len(self.scheduler.pause_all())
 
     def _end(self, req: Request, reason: str, error: str | None = None) -> None:
-        """Finish a request that gets no more tokens (abort, error, shutdown)."""
-        if req.finished:
-            return
-        self._retire(req, reason)
-        self._emit(req, final_event(req, reason, error))
+        """Finish a request that gets no more tokens (abort, error, shutdown), with its whole group."""
+        for member in req.group.members if req.group is not None else [req]:
+            if not member.finished:
+                self._retire(member, reason)
+                self._emit(member, final_event(member, reason, error))
 
     def _retire(self, req: Request, reason: str) -> None:
         self.scheduler.finish(req, reason)

@@ -12,14 +12,17 @@ from jaxllm.engine.request import Request, TokenEvent
 class EventMaker:
     """Turns a request's sampled tokens into its TokenEvents, per LightLLM's text rules."""
 
-    def __init__(self, tokenizer, eos_ids, *, prompt_cache: bool = False):
+    def __init__(self, tokenizer, eos_ids, *, prompt_cache: bool = False, cumlogprob: bool = False):
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_ids)
         self.special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
         self.prompt_cache = prompt_cache  # first events report the prompt tokens found cached
+        self.cumlogprob = cumlogprob  # events carry the sum of the sequence's logprobs (LightLLM's group modes)
 
     def attach(self, req: Request) -> None:
-        """Give a new request its text state (a detokenizer, a stop matcher), when there is a tokenizer."""
+        """Give a request fresh text state (a detokenizer, a stop matcher) and an empty output: when new, and
+        when a beam search hands it its final tokens."""
+        req.output_ids, req.output_logprobs = [], []
         if self.tokenizer is None:
             return
         p = req.params
@@ -30,9 +33,10 @@ class EventMaker:
         if p.stop_sequences:
             req.stop_matcher = StopMatcher(p.stop_sequences)
 
-    def token(self, req: Request, token: int, logprob: float) -> TokenEvent:
+    def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> TokenEvent:
         """Append `token` to req's output and make its event; event.finished says whether req is done. The eos
-        text is "" unless print_eos_token, which prints it even when skip_special_tokens drops specials."""
+        text is "" unless print_eos_token, which prints it even when skip_special_tokens drops specials.
+        `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them."""
         params = req.params
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
@@ -44,13 +48,15 @@ class EventMaker:
             reason = "stop"
         elif req.constraint is not None and req.constraint.complete:  # the grammar allows nothing more
             reason = "stop"
-        elif len(req.output_ids) >= params.max_new_tokens:
+        elif req.count_output >= params.max_new_tokens:
             reason = "length"
         text = ""
         if req.detokenizer is not None and (params.print_eos_token or not is_eos):
             text = req.detokenizer.add(token)
             if is_eos and params.skip_special_tokens and token in self.special:
                 text += self.tokenizer.decode([token], skip_special_tokens=False)
+            if req.healing is not None:
+                text = req.healing.skip_prompt_text(text)
         stop_sequence = None
         if req.stop_matcher is not None:
             text, stopped = req.stop_matcher.feed(text)
@@ -61,12 +67,15 @@ class EventMaker:
                 text += req.stop_matcher.flush()
         event = TokenEvent(
             token_id=token, text=text, logprob=logprob, special=token in self.special,
-            count_output_tokens=len(req.output_ids), prompt_tokens=req.prompt_len,
+            count_output_tokens=req.count_output, prompt_tokens=req.caller_prompt_len,
             finished=reason is not None, finish_reason=reason, stop_sequence=stop_sequence,
+            top_logprobs=top[: params.top_logprobs] if top is not None and params.top_logprobs else None,
+            cumlogprob=float(np.sum(req.output_logprobs)) if self.cumlogprob else None,
         )
         if len(req.output_ids) == 1:
-            if params.prompt_logprobs:
-                event.prompt_logprobs = req.prompt_logprobs
+            if params.prompt_logprobs:  # a group's are computed by its leader, for every member
+                members = req.group.members if req.group is not None else [req]
+                event.prompt_logprobs = next((m.prompt_logprobs for m in [req, *members] if m.prompt_logprobs), None)
             if req.scheduled_at is not None:
                 event.queue_s = req.scheduled_at - req.submitted_at
             if self.prompt_cache:
@@ -88,6 +97,6 @@ class EventMaker:
 def final_event(req: Request, reason: str, error: str | None = None) -> TokenEvent:
     """The last event of a request that ends without a token (abort, error, shutdown)."""
     return TokenEvent(
-        token_id=-1, text="", logprob=0.0, special=False, count_output_tokens=len(req.output_ids),
-        prompt_tokens=req.prompt_len, finished=True, finish_reason=reason, error=error,
+        token_id=-1, text="", logprob=0.0, special=False, count_output_tokens=req.count_output,
+        prompt_tokens=req.caller_prompt_len, finished=True, finish_reason=reason, error=error,
     )

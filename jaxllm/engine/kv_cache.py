@@ -1,6 +1,7 @@
-"""Token-level KV memory: which slots are free, which request holds which (per token, like LightLLM's
-TokenAttention), the prompt cache's share of them (--use_dynamic_prompt_cache), and the device buffers: one
-cache tuple per layer plus the request→slot and request→token tables that the jitted steps update in place.
+"""Token-level KV memory: which slots are free, which requests hold which (per token, like LightLLM's
+TokenAttention; sequences of one group share slots by reference), the prompt cache's share of them
+(--use_dynamic_prompt_cache), and the device buffers: one cache tuple per layer plus the request→slot and
+request→token tables that the jitted steps update in place.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ class KVCacheFull(RuntimeError):
 class KVCache:
     """Host-side accounting of `num_slots` token slots and `num_rows` table rows.
 
-    A request holds exactly one slot per computed token. Slots are handed out so that a request's
+    A request holds exactly one slot per computed token. Sequences of one group share slots: `fork` gives a
+    request another's leading slots (a copy of its slot list, the table row filled from it by the runner, never
+    a copy of K/V) and counts one more owner on each; a shared slot is freed when its last owner lets it go, and
+    is counted once everywhere. Slots are handed out so that a request's
     positions fill consecutive slots of `page_size`-aligned pages when the cache allows it (a request's
     first slot starts a free page; it grows into the rest of its page, then into another free page),
     but any free slot is used before an allocation fails: pages cost no capacity.
@@ -46,6 +50,7 @@ class KVCache:
         self.scratch_row = num_rows  # padded rows of a step read this row (all scratch slots)
         self._free = np.ones(num_slots, bool)
         self._num_free = num_slots
+        self._owners = np.zeros(num_slots, np.int32)  # requests holding each private slot (0: free or cached)
         num_pages = -(-num_slots // page_size)
         sizes = np.full(num_pages, page_size, np.int64)
         sizes[-1] = num_slots - page_size * (num_pages - 1)
@@ -117,6 +122,9 @@ class KVCache:
         in_page = (nxt % self.page_size != 0) & (nxt < self.num_slots)
         ok = in_page.copy()
         ok[in_page] = self._free[nxt[in_page]]
+        first = np.zeros(len(reqs), bool)  # requests of a group that share their last slot want the same next one
+        first[np.unique(nxt, return_index=True)[1]] = True
+        ok &= first
         self._take(nxt[ok])
         for req, slot, good in zip(reqs, nxt.tolist(), ok.tolist()):
             if good:
@@ -125,29 +133,87 @@ class KVCache:
                 self.allocate(req, 1)
 
     def release(self, req: Request, *, cache: bool = True) -> None:
-        """Return `req`'s private slots and its row (finish, abort, error, preemption). With the prompt cache,
-        its computed tokens whose ids are known are cached first (unless `cache` is False: their KV may never
-        have been written, after a failed step) and its lock is released."""
+        """Let go of `req`'s private slots (freed unless another request of its group still holds them) and its
+        row (finish, abort, error, preemption). With the prompt cache, its computed tokens whose ids are known
+        are cached first, up to the first slot still shared with another request (unless `cache` is False: their
+        KV may never have been written, after a failed step) and its lock is released."""
         slots, private_from = req.slots, req.num_cached
-        to_free = slots[private_from:]
+        to_drop = slots[private_from:]
         if self.prefix is not None:
             keep = min(req.num_computed, req.num_known, len(slots)) if cache else 0
+            keep = min(keep, private_from + self._unshared_run(slots[private_from:keep]))
             if keep > private_from:
                 already = self.prefix.insert(req.token_ids(0, keep), slots[:keep])
                 # The cache now owns slots[already:keep]; ours for [private_from, already) were duplicates.
-                to_free = slots[private_from:already] + slots[keep:]
+                self._owners[np.asarray(slots[already:keep], np.int64)] = 0
+                to_drop = slots[private_from:already] + slots[keep:]
             if req.cache_node is not None:
                 self.prefix.unlock(req.cache_node)
-        if to_free:
-            freed = np.asarray(to_free, np.int64)
-            if self._free[freed].any() or len(np.unique(freed)) != len(freed):
-                raise AssertionError(f"request {req.request_id} releases a slot twice")
-            self._give(freed)
+        self._drop(req, to_drop)
         req.slots, req.num_cached, req.cache_node = [], 0, None
         if req.kv_row >= 0:
             self._free_rows.append(req.kv_row)
             req.kv_row = -1
         req.num_computed = 0
+
+    # --- sharing within a group ------------------------------------------------------------------
+    def fork(self, parent: Request, child: Request, n: int) -> None:
+        """Start `child` (holding nothing) on `parent`'s first n slots, shared by reference, with a table row
+        of its own (which the runner fills from child.slots); child.num_computed = n."""
+        if child.slots or child.num_cached or child.kv_row >= 0:
+            raise ValueError(f"request {child.request_id} already holds KV")
+        if n > min(parent.num_computed, len(parent.slots)):
+            raise ValueError(f"fork of {n} positions, request {parent.request_id} has computed fewer")
+        if not self._free_rows:
+            raise KVCacheFull("no free request row")
+        child.kv_row = self._free_rows.pop()
+        child.num_cached = min(parent.num_cached, n)
+        if child.num_cached:
+            self.prefix.lock(parent.cache_node)
+            child.cache_node = parent.cache_node
+        child.slots = parent.slots[:n]
+        self._owners[np.asarray(child.slots[child.num_cached:], np.int64)] += 1
+        child.num_computed = n
+
+    def reassign(self, moves: list[tuple[Request, list[int]]]) -> None:
+        """Give each request a new slot list made of slots that requests of its group hold now (beam search:
+        a beam continues from its parent's slots). Every new owner is counted before any old one lets go, so
+        no shared slot is freed on the way. Requests keep their rows (one without gets one); no prompt cache here."""
+        for req, slots in moves:
+            if req.num_cached:
+                raise ValueError(f"request {req.request_id}: slots shared with the prompt cache are not reassigned")
+            held = np.asarray(slots, np.int64)
+            if (self._owners[held] == 0).any():
+                raise AssertionError(f"request {req.request_id} is given a slot no request holds")
+            self._owners[held] += 1
+        for req, slots in moves:
+            old, req.slots = req.slots, list(slots)
+            self._drop(req, old)
+            req.num_computed = len(slots)
+            if slots and req.kv_row < 0:  # a member that waited without a beam (and was paused meanwhile)
+                req.kv_row = self._free_rows.pop()
+
+    def shares(self, req: Request) -> bool:
+        """Whether some of req's private slots are also held by another request."""
+        return bool(len(req.slots) > req.num_cached and
+                    (self._owners[np.asarray(req.slots[req.num_cached:], np.int64)] > 1).any())
+
+    def _unshared_run(self, slots: list[int]) -> int:
+        """How many leading slots of `slots` have a single owner."""
+        shared = np.flatnonzero(self._owners[np.asarray(slots, np.int64)] > 1)
+        return int(shared[0]) if len(shared) else len(slots)
+
+    def _drop(self, req: Request, slots: list[int]) -> None:
+        """One owner fewer on each of `slots`; those left without an owner are freed."""
+        if not slots:
+            return
+        dropped = np.asarray(slots, np.int64)
+        if len(np.unique(dropped)) != len(dropped) or (self._owners[dropped] < 1).any():
+            raise AssertionError(f"request {req.request_id} releases a slot twice")
+        self._owners[dropped] -= 1
+        freed = dropped[self._owners[dropped] == 0]
+        if len(freed):
+            self._give(freed)
 
     # --- the prompt cache --------------------------------------------------------------------------
     def attach_prefix(self, req: Request) -> int:
@@ -174,12 +240,13 @@ class KVCache:
         if self.prefix is None:
             return
         k = min(req.num_computed, req.num_known)
-        if k <= req.num_cached:
+        if k <= req.num_cached or self.shares(req):  # group-shared slots are cached by their last owner
             return
         ids = req.token_ids(0, k)
         if self.prefix.match_prefix(ids).length > req.num_cached:
             return
         self.prefix.insert(ids, req.slots[:k])
+        self._owners[np.asarray(req.slots[req.num_cached:k], np.int64)] = 0  # the cache's now
         node = self.prefix.match_prefix(ids).node
         self.prefix.lock(node)
         if req.cache_node is not None:
@@ -202,16 +269,20 @@ class KVCache:
             self._give(self.prefix.evict(n - self._num_free).astype(np.int64))
 
     def check(self, holders: list[Request]) -> None:
-        """Assert the invariants: private + cached + free = total, no slot or row held twice, no slot in use
-        marked free (tests, debugging)."""
+        """Assert the invariants: distinct private + cached + free = total, each private slot's owner count is
+        the number of holders listing it, no row held twice, no slot in use marked free (tests, debugging)."""
         empty = np.zeros(0, np.int64)
         private = np.concatenate([np.asarray(r.slots[r.num_cached:], np.int64) for r in holders] or [empty])
         shared = np.concatenate([np.asarray(r.slots[: r.num_cached], np.int64) for r in holders] or [empty])
-        assert len(np.unique(private)) == len(private), "a KV slot is held twice"
-        assert not self._free[private].any() and not self._free[shared].any(), "a KV slot in use is marked free"
-        assert not np.isin(shared, private).any(), "a cached KV slot is also private"
-        assert len(private) + self.num_cached + self._num_free == self.num_slots, (
-            f"{self.num_slots - self._num_free - self.num_cached - len(private)} KV slots leaked"
+        for r in holders:
+            assert len(set(r.slots)) == len(r.slots), f"request {r.request_id} lists a KV slot twice"
+        held, counts = np.unique(private, return_counts=True)
+        assert (self._owners[held] == counts).all(), "a KV slot's owner count is not its number of holders"
+        assert int(self._owners.sum()) == len(private), "a KV slot counts an owner that does not hold it"
+        assert not self._free[held].any() and not self._free[shared].any(), "a KV slot in use is marked free"
+        assert not np.isin(shared, held).any(), "a cached KV slot is also private"
+        assert len(held) + self.num_cached + self._num_free == self.num_slots, (
+            f"{self.num_slots - self._num_free - self.num_cached - len(held)} KV slots leaked"
         )
         assert int(self._free.sum()) == self._num_free
         rows = [r.kv_row for r in holders if r.kv_row >= 0]
@@ -251,6 +322,7 @@ class KVCache:
     def _take(self, slots: np.ndarray) -> None:
         if len(slots) == 0:
             return
+        self._owners[slots] = 1
         self._free[slots] = False
         self._num_free -= len(slots)
         np.subtract.at(self._page_free, slots // self.page_size, 1)

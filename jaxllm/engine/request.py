@@ -14,6 +14,7 @@ from typing import Any
 
 # A temperature below this is greedy decoding (LightLLM's rule).
 _GREEDY_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # the most alternatives a generated position reports (OpenAI's chat limit)
 
 
 GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
@@ -54,6 +55,7 @@ class SamplingParams:
     input_penalty: bool = False  # count the prompt's tokens in the penalties too
     seed: int | None = None  # ours: a reproducible sample stream (OpenAI / TGI `seed`), taken modulo 2**64
     prompt_logprobs: bool = False  # ours: logprob of every prompt token given its prefix
+    top_logprobs: int = 0  # ours: the k most likely tokens' logprobs at each generated position (k <= 20)
     guided: Guided | None = None  # ours: the grammar the output must follow (constrained decoding)
 
     def __post_init__(self):
@@ -102,6 +104,7 @@ class SamplingParams:
              f"must be one of {', '.join(GUIDED_KINDS)}"),
             ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
              "must be an integer"),
+            ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be between 0 and {MAX_TOP_LOGPROBS}"),
         ]
         for name, ok, reason in checks:
             if not ok:
@@ -132,6 +135,8 @@ class TokenEvent:
     stop_sequence: str | None = None  # the stop string the text ends with, when one ended the request
     queue_s: float | None = None  # first event only: seconds from submit to first scheduled
     cached_tokens: int | None = None  # first event only, with the prompt cache on: prompt tokens found cached
+    top_logprobs: list[tuple[int, float]] | None = None  # params.top_logprobs most likely (id, logprob), best first
+    cumlogprob: float | None = None  # sum of the sequence's logprobs so far (--diverse_mode, --beam_mode details)
 
 
 class RequestStatus(enum.Enum):
@@ -171,7 +176,9 @@ class Request:
     stream: Any = None  # where TokenEvents go (engine.RequestStream)
     detokenizer: Any = None  # IncrementalDetokenizer, when the engine has a tokenizer
     stop_matcher: Any = None  # StopMatcher, when params.stop_sequences
+    group: Any = None  # the SequenceGroup of best_of > 1 sequences sharing this prompt (group.py)
     constraint: Any = None  # the allowed-token rule of its next tokens (engine.constraints.TokenConstraint)
+    healing: Any = None  # its HealingConstraint under --token_healing_mode (prompt_ids is then the backed-up prompt)
 
     @property
     def prompt_len(self) -> int:
@@ -213,8 +220,45 @@ class Request:
     @property
     def wants_token(self) -> bool:
         """Still short of max_new_tokens counting the tokens in flight (an eos may end it sooner)."""
-        return self.num_output < self.params.max_new_tokens
+        return self.num_output - self.outputs_within_prompt < self.params.max_new_tokens
+
+    @property
+    def outputs_within_prompt(self) -> int:
+        """Token healing: read outputs that only re-cover the caller's prompt (max_new_tokens does not count
+        them)."""
+        return 0 if self.healing is None else self.healing.tokens_within_prompt
+
+    @property
+    def caller_prompt_len(self) -> int:
+        """The prompt's length as the caller sent it (token healing runs it backed up)."""
+        return len(self.prompt_ids) + (0 if self.healing is None else self.healing.backed_up)
+
+    @property
+    def count_output(self) -> int:
+        """Read output tokens beyond the caller's prompt."""
+        return len(self.output_ids) - self.outputs_within_prompt
 
     @property
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def shared_prefix(self) -> int:
+        """Leading positions whose KV another sequence of its group holds too (counted once, by the leader)."""
+        return self.group.shared_prefix(self) if self.group is not None else 0
+
+    @property
+    def awaits_fork(self) -> bool:
+        """A group member admitted with its group, waiting for the leader's prefill to share the prompt."""
+        return self.group is not None and not self.slots and self.group.leader is not self
+
+    @property
+    def top_logprobs_wanted(self) -> int:
+        """How many most likely tokens its sampled positions report (its own ask, or its beam search's)."""
+        return max(self.params.top_logprobs, self.group.top_logprobs if self.group is not None else 0)
+
+    @property
+    def awaits_host(self) -> bool:
+        """Its next token is chosen on the host from the last step's results (beam search): not schedulable
+        while a step's results are unread."""
+        return self.group is not None and self.group.beam is not None and self.num_pending > 0

@@ -21,9 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxllm.engine.kv_cache import KVCache, init_device_kv
-from jaxllm.engine.request import Request
+from jaxllm.engine.request import MAX_TOP_LOGPROBS, Request
 from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sample, sampling_row, seed_words
-from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.engine.scheduler import SchedulerOutput, TableFill
 from jaxllm.engine.step_inputs import StepInputs, pack, unpack
 from jaxllm.models.attention import AttentionMetadata
 
@@ -74,6 +74,7 @@ class StepShape:
     all_logits: bool = False  # some row wants prompt logprobs
     penalties: bool = False  # some row has a repetition / frequency / presence penalty
     sampling: bool = False  # some row is not greedy
+    top_logprobs: bool = False  # some row reports its most likely tokens' logprobs (MAX_TOP_LOGPROBS of them)
     constrained: bool = False  # some sampled row has an allowed-token mask: the sampler runs as a second call
 
     def static_args(self) -> dict:
@@ -90,7 +91,7 @@ class PreparedStep:
     host: StepInputs
     offsets: list[int]  # each chunk's first index in the packed tokens
     rows: dict[str, int]  # request id → its row, for the requests this step samples
-    prefix_columns: tuple[np.ndarray, ...] | None  # prompt-cache table fills to run first (see _fill_tables)
+    prefix_columns: tuple[np.ndarray, ...] | None  # table fills to run first: prompt cache, forks (_fill_tables)
     prepared_at: float  # time.perf_counter() when its preparation began
 
 
@@ -103,8 +104,9 @@ class StepHandle:
     logprobs: jax.Array  # [R] f32
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
+    top: tuple[jax.Array, jax.Array] | None = None  # ([R, K] i32 ids, [R, K] f32 logprobs), best first, if asked
     # A constrained step until sample_constrained: the sampler's device inputs (logits, history, ints, floats)
-    # and its static arguments; sampled and logprobs are None until then.
+    # and its static arguments; sampled, logprobs and top are None until then.
     unsampled: tuple | None = None
     dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
     launch_s: float = 0.0  # time of the transfer and the step call, on the thread that launched it
@@ -124,12 +126,16 @@ class StepResult:
     logprobs: np.ndarray
     prompt_logprobs: np.ndarray | None
     token_offsets: list[int]
+    top_ids: np.ndarray | None = None  # [rows of the batch, K]: most likely tokens, when the step reports them
+    top_logprobs: np.ndarray | None = None
 
 
 def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
-          penalties, sampling, constrained):
-    """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Constrained, it stops
-    before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt logprobs)."""
+          penalties, sampling, top_logprobs, constrained):
+    """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
+    sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
+    Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
+    logprobs, None)."""
     inp = unpack(ints, floats, layout)
     from_device = inp.token_src >= 0
     tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
@@ -157,22 +163,32 @@ def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, widt
     history = token_table[inp.kv_rows, :width]  # [R, width]
     new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
     if constrained:
-        return new_kv, last_tokens, logits, history if penalties else jnp.zeros((1,), jnp.int32), prompt_lp
-    sampled, logprobs = sample(
-        logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties, sampling=sampling
+        return new_kv, last_tokens, logits, history if penalties else jnp.zeros((1,), jnp.int32), prompt_lp, None
+    last, sampled, logprobs, top = _sample_rows(eos_ids, last_tokens, logits, history, inp, None,
+                                                penalties=penalties, sampling=sampling, top_logprobs=top_logprobs)
+    return new_kv, last, sampled, logprobs, prompt_lp, top
+
+
+def _sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, sampling, top_logprobs):
+    """The sampler over the rows' logits [R, V]: (last tokens, sampled [R], logprobs [R], top), top = (ids,
+    logprobs) [R, MAX_TOP_LOGPROBS] when `top_logprobs`, else [R, 1] zeros."""
+    sampled, logprobs, *top = sample(
+        logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties, sampling=sampling,
+        mask=mask, top_logprobs=MAX_TOP_LOGPROBS if top_logprobs else 0,
     )
-    last = jnp.zeros_like(last_tokens).at[: sampled.shape[0]].set(sampled)
-    return new_kv, last, sampled, logprobs, prompt_lp
+    rows = sampled.shape[0]
+    top_lp, top_ids = top[0] if top else (jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, 1), jnp.int32))
+    last = jnp.zeros_like(last_tokens).at[:rows].set(sampled)
+    return last, sampled, logprobs, (top_ids, top_lp)
 
 
-def _sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *, layout, penalties, sampling):
+def _sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *, layout, penalties, sampling,
+                   top_logprobs):
     """The second call of a constrained step: the sampler over the model's logits [R, V] with each row's
     allowed-token mask [R, ceil(V / 32)]. last_tokens is donated."""
     inp = unpack(ints, floats, layout)
-    sampled, logprobs = sample(logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties,
-                               sampling=sampling, mask=mask)
-    last = jnp.zeros_like(last_tokens).at[: sampled.shape[0]].set(sampled)
-    return last, sampled, logprobs
+    return _sample_rows(eos_ids, last_tokens, logits, history, inp, mask, penalties=penalties, sampling=sampling,
+                        top_logprobs=top_logprobs)
 
 
 def _fill_tables(kv, rows, positions, slots, tokens):
@@ -212,7 +228,7 @@ class ModelRunner:
         self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
         self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
-        if not model.backend.cost_follows_width:
+        if not model.backend.cost_follows_width and model.config.mla is None:  # latent attention: reference path
             self.width_buckets = self.width_buckets[-1:]
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
@@ -220,14 +236,16 @@ class ModelRunner:
         rep = self._replicated
         self._jitted = jax.jit(
             functools.partial(_step, model, self.eos_ids),
-            static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling", "constrained"),
+            static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling",
+                             "top_logprobs", "constrained"),
             donate_argnums=(1, 2),
-            out_shardings=(kv_shardings, rep, rep, rep, rep),
+            out_shardings=(kv_shardings, rep, rep, rep, rep, rep),
         )
         # Compiled per shape when first met: steps without constrained rows never call it.
         self._sample_masked = jax.jit(
-            functools.partial(_sample_masked, self.eos_ids), static_argnames=("layout", "penalties", "sampling"),
-            donate_argnums=(0,), out_shardings=(rep, rep, rep),
+            functools.partial(_sample_masked, self.eos_ids),
+            static_argnames=("layout", "penalties", "sampling", "top_logprobs"),
+            donate_argnums=(0,), out_shardings=(rep, rep, rep, rep),
         )
         self.mask_words = (self.vocab_size + 31) // 32  # int32 words of a row's allowed-token mask
         self._fill = jax.jit(_fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
@@ -240,7 +258,7 @@ class ModelRunner:
     def shape_of(self, batch: SchedulerOutput) -> StepShape:
         chunks = batch.chunks
         n_tokens = batch.num_tokens
-        decode_only = all(c.num_tokens == 1 for c in chunks)
+        decode_only = all(c.num_tokens == 1 for c in chunks)  # a member's first sample (no tokens) is not
         if decode_only:
             tokens = rows = pick_bucket(self.row_buckets, len(chunks))
         else:
@@ -253,6 +271,7 @@ class ModelRunner:
             all_logits=any(c.prompt_logprobs for c in chunks),
             penalties=any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params),
             sampling=any(p.top_k != 1 for p in params),
+            top_logprobs=any(c.samples and c.request.top_logprobs_wanted for c in chunks),
             constrained=any(c.samples and c.request.constraint is not None and c.request.constraint.active
                             for c in chunks),
         )
@@ -262,7 +281,12 @@ class ModelRunner:
         one or more) up to _PREFILL_ROWS, or, when `chunks` and a padding row need more, up to every request
         row and the padding row. Every row's logits are computed: the cap bounds them."""
         rows = min(tokens, self.max_rows, _PREFILL_ROWS)
-        return rows if chunks < rows else min(tokens, self.max_rows)
+        if chunks < rows:
+            return rows
+        if chunks <= tokens:
+            return min(tokens, self.max_rows)
+        # Group members' first samples are rows without tokens: more rows than tokens.
+        return min(pick_bucket(pow2_buckets(self.max_rows), chunks + 1), self.max_rows)
 
     def warmup_shapes(self) -> tuple[list[StepShape], int]:
         """Every start-up shape, most used first, and how many make the default start-up set: decodes at every
@@ -311,9 +335,9 @@ class ModelRunner:
         and touches no device state, so it may run while another thread launches the previous step."""
         started = time.perf_counter()
         shape = self.shape_of(batch)
-        fills = [c for c in batch.chunks if c.cached_prefix]
+        fills = [TableFill(c.request, 0, c.cached_prefix) for c in batch.chunks if c.cached_prefix] + batch.fills
         host, offsets, rows = self._prepare(batch, shape)
-        prefix_columns = self._cached_prefix_columns(fills) if fills else None
+        prefix_columns = self._table_fills(fills) if fills else None
         return PreparedStep(batch, shape, host, offsets, rows, prefix_columns, started)
 
     def launch(self, step: PreparedStep, unread: StepHandle | None = None) -> StepHandle:
@@ -326,58 +350,66 @@ class ModelRunner:
         after_idle = unread is not None and unread.sampled.is_ready()
         if step.prefix_columns is not None:
             self.kv = self._fill(self.kv, *jax.device_put(step.prefix_columns, self._replicated))
-        sampled, logprobs, prompt_lp, unsampled = self._run(step.host, step.shape)
+        sampled, logprobs, prompt_lp, top, unsampled = self._run(step.host, step.shape)
         launch_s = time.perf_counter() - launched
         if not step.shape.all_logits:
             prompt_lp = None
-        for array in (sampled, logprobs, prompt_lp):
+        if not step.shape.top_logprobs:
+            top = None
+        for array in (sampled, logprobs, prompt_lp, *(top or ())):
             if array is not None:
                 array.copy_to_host_async()
         self._last_rows = step.rows
-        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, unsampled, step.prepared_at,
+        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, step.prepared_at,
                           launch_s, after_idle)
 
     def sample_constrained(self, handle: StepHandle, mask: np.ndarray) -> None:
         """Enqueue a constrained step's sampler with each row's allowed-token mask [rows, mask_words] int32
-        (all ones for unconstrained and padding rows); handle.sampled and handle.logprobs then exist."""
+        (all ones for unconstrained and padding rows); handle.sampled, logprobs (and top) then exist."""
         logits, history, ints, floats, statics = handle.unsampled
         mask = jax.device_put(mask, self._replicated)
-        self._last_tokens, handle.sampled, handle.logprobs = self._sample_masked(
+        self._last_tokens, handle.sampled, handle.logprobs, top = self._sample_masked(
             self._last_tokens, logits, history, ints, floats, mask, **statics)
+        handle.top = top if statics["top_logprobs"] else None
         handle.unsampled = None
-        handle.sampled.copy_to_host_async()
-        handle.logprobs.copy_to_host_async()
+        for array in (handle.sampled, handle.logprobs, *(handle.top or ())):
+            array.copy_to_host_async()
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Wait for a dispatched step's results on the host."""
         n = len(handle.batch.chunks)
+        top_ids, top_lp = (np.asarray(a)[:n] for a in handle.top) if handle.top is not None else (None, None)
         return StepResult(
             sampled=np.asarray(handle.sampled)[:n],
             logprobs=np.asarray(handle.logprobs)[:n],
             prompt_logprobs=None if handle.prompt_logprobs is None else np.asarray(handle.prompt_logprobs),
             token_offsets=handle.token_offsets,
+            top_ids=top_ids,
+            top_logprobs=top_lp,
         )
 
     def _run(self, host: StepInputs, shape: StepShape):
         executable = self._compile(host, shape)
         ints, floats, layout = pack(host)
         ints, floats = jax.device_put((ints, floats), self._replicated)
-        self.kv, self._last_tokens, first, second, prompt_lp = executable(
+        self.kv, self._last_tokens, first, second, prompt_lp, top = executable(
             self.params, self.kv, self._last_tokens, ints, floats
         )
         if not shape.constrained:  # first, second: sampled ids, their logprobs
-            return first, second, prompt_lp, None
-        statics = {"layout": layout, "penalties": shape.penalties, "sampling": shape.sampling}
-        return None, None, prompt_lp, (first, second, ints, floats, statics)  # first, second: logits, history
+            return first, second, prompt_lp, top, None
+        statics = {"layout": layout, "penalties": shape.penalties, "sampling": shape.sampling,
+                   "top_logprobs": shape.top_logprobs}
+        return None, None, prompt_lp, None, (first, second, ints, floats, statics)  # first, second: logits, history
 
-    def _cached_prefix_columns(self, chunks) -> tuple[np.ndarray, ...]:
-        """Table entries for requests starting on a cached prefix: their rows get its slots and token ids
-        (positions [0, cached_prefix)); padded to a power of two (≥ 64) of entries writing the scratch row.
-        Returns (rows, positions, slots, tokens) for `_fill_tables`, run before the step."""
+    def _table_fills(self, fills: list[TableFill]) -> tuple[np.ndarray, ...]:
+        """Table entries pointing rows at KV computed for other rows (prompt-cache prefixes, a group's shared
+        slots): each fill's positions get the request's slots and token ids; padded to a power of two (≥ 64) of
+        entries writing the scratch row. Returns (rows, positions, slots, tokens) for `_fill_tables`, run before
+        the step."""
         kv = self.host_kv
-        parts = [(np.full(c.cached_prefix, c.request.kv_row), np.arange(c.cached_prefix),
-                  c.request.slots[: c.cached_prefix], c.request.token_ids(0, c.cached_prefix)) for c in chunks]
-        count = sum(c.cached_prefix for c in chunks)
+        parts = [(np.full(f.stop - f.start, f.request.kv_row), np.arange(f.start, f.stop),
+                  f.request.slots[f.start : f.stop], f.request.token_ids(f.start, f.stop)) for f in fills]
+        count = sum(f.stop - f.start for f in fills)
         size = max(64, 1 << (count - 1).bit_length())
         pad = (np.full(size - count, kv.scratch_row), np.zeros(size - count), np.full(size - count, kv.scratch_slot),
                np.zeros(size - count))
@@ -433,12 +465,14 @@ class ModelRunner:
         kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
         offsets: list[int] = []
         rows: dict[str, int] = {}
+        last_token: dict[int, int] = {}  # id(request) → packed index of its chunk's last token
         for i, chunk in enumerate(batch.chunks):
             req: Request = chunk.request
             start, n = chunk.start, chunk.num_tokens
             stop = start + n
             q = len(tokens)
             offsets.append(q)
+            last_token[id(req)] = q + n - 1
             known = req.num_known
             ids = req.token_ids(start, min(stop, known))
             tokens += ids
@@ -460,7 +494,7 @@ class ModelRunner:
             context.append(stop)
             q_start.append(q)
             q_lens.append(n)
-            logits_index.append(q + n - 1)
+            logits_index.append(last_token[id(chunk.logits_from)] if chunk.logits_from is not None else q + n - 1)
             if chunk.samples:
                 rows[req.request_id] = i
         real_tokens, real_rows = len(tokens), len(batch.chunks)

@@ -154,7 +154,7 @@ def draw(probs, top_p, top_k, u):
 
 
 def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int, ...], *,
-           penalties: bool = True, sampling: bool = True, mask=None):
+           penalties: bool = True, sampling: bool = True, mask=None, top_logprobs: int = 0):
     """Next tokens and their logprobs.
 
     logits [R, V] f32; history [R, W] token ids of each row's positions (W ≥ context_lens);
@@ -163,7 +163,9 @@ def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int,
     `sampling` (some row is not greedy); off, their work is left out of the compiled step.
     mask: None, or each row's allowed tokens (see apply_token_mask).
     Returns (token ids [R] int32, logprobs [R] f32): the log of the chosen token's probability after
-    penalties and temperature, before the top-p / top-k cuts.
+    penalties and temperature, before the top-p / top-k cuts. With `top_logprobs` k > 0 (static), also
+    (logprobs [R, k] f32, ids [R, k] i32) of each row's k most likely tokens in the same distribution, best
+    first: the cost of a top-k is paid only by steps that ask.
     """
     out_len = context_lens - sb.prompt_len  # [R]
     if penalties:
@@ -181,5 +183,8 @@ def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int,
     if sampling:  # greedy rows (top_k 1) keep their argmax
         drawn = draw(jnp.exp(logprobs), sb.top_p, sb.top_k, row_uniforms(sb.seed, out_len))
         tokens = jnp.where(sb.top_k == 1, tokens, drawn)
-    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    if top_logprobs:
+        return tokens, chosen, jax.lax.top_k(logprobs, top_logprobs)
+    return tokens, chosen
 

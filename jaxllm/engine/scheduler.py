@@ -44,6 +44,19 @@ class ScheduledChunk:
     prompt_logprobs: bool = False  # this chunk's positions also report prompt logprobs
     decode: bool = False  # the one last sampled token of a running request (else part of a prefill)
     cached_prefix: int = 0  # positions [0, cached_prefix) come from the prompt cache (the first chunk only)
+    # A group member's first token, sampled from its leader's last prompt logits: a chunk of no tokens, after
+    # the leader's chunk in the step.
+    logits_from: Request | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TableFill:
+    """Point `request`'s table row, positions [start, stop), at its slots (KV shared with its group, or cached)
+    before the step runs."""
+
+    request: Request
+    start: int
+    stop: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +64,7 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Request]
     kind: str  # "prefill" (some chunk is a prefill, decodes may come along) | "decode" | "idle"
+    fills: list[TableFill] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -96,6 +110,12 @@ def check_prompt(prompt_ids: list[int], params: SamplingParams, args) -> list[in
             f"the prompt + max_new_tokens + 1 = {total + 1} exceeds --max_total_token_num "
             f"{args.max_total_token_num}"
         )
+    group_total = len(prompt_ids) + params.best_of * params.max_new_tokens
+    if params.best_of > 1 and group_total + 1 > args.max_total_token_num:
+        raise ValueError(
+            f"the prompt + best_of × max_new_tokens + 1 = {group_total + 1} exceeds --max_total_token_num "
+            f"{args.max_total_token_num}"
+        )
     return list(prompt_ids)
 
 
@@ -108,7 +128,8 @@ class Scheduler:
     Host view is one step behind the device: a request's last `num_pending` tokens are sampled but not
     read, so counts use `num_tokens`/`num_output`, which include them. With the prompt cache, a request
     starts at its longest cached prefix and its estimates count only its private slots; the cached
-    prefixes that running requests lock are counted once.
+    prefixes that running requests lock are counted once. A group (group.py) is admitted, paused and resumed
+    whole: its leader prefills the prompt, the other members fork from it in the same step.
     """
 
     def __init__(self, config: SchedulerConfig, kv: KVCache):
@@ -117,6 +138,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()  # paused requests at the head, oldest first
         self.running: list[Request] = []
         self._decode_steps_since_admit = 0
+        self._fills: list[TableFill] = []  # forks made since the last step was scheduled
 
     @property
     def max_step_tokens(self) -> int:
@@ -155,22 +177,83 @@ class Scheduler:
 
     # --- the policy ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        if not self.running or self._decode_steps_since_admit >= self.config.router_max_wait_tokens:
+        cfg = self.config
+        if not self.running or self._decode_steps_since_admit >= cfg.router_max_wait_tokens or self._prefilling():
             self._decode_steps_since_admit = 0
-            admitted = self._admit(self.config.batch_max_tokens, chunked=False)
-            if admitted:
-                return SchedulerOutput(admitted, [], "prefill")
-        decoding = [r for r in self.running if r.wants_token]
+            chunks = self._continue_prefills(cfg.batch_max_tokens)
+            chunks += self._admit(cfg.batch_max_tokens - sum(c.num_tokens for c in chunks), chunked=False)
+            if chunks:
+                return self._output(chunks, [], "prefill")
+        decoding = self._decodable()
         if not decoding:
-            return SchedulerOutput([], [], "idle")
+            return self._output([], [], "idle")
         preempted = self._make_room(decoding)
         if preempted:
             decoding = [r for r in decoding if r.status is RequestStatus.RUNNING]
         chunks = self._decode(decoding)
         self._decode_steps_since_admit += 1
-        return SchedulerOutput(chunks, preempted, "decode")
+        return self._output(chunks, preempted, "decode")
+
+    # --- groups --------------------------------------------------------------------------------
+    def reassign(self, moves: list[tuple[Request, list[int]]]) -> None:
+        """Beam search moved beams between members: each member continues from the given slots (held by its
+        group); its table row is refilled where they differ from its old ones, before its next step."""
+        starts = [_common_prefix(req.slots, slots) for req, slots in moves]
+        self.kv.reassign(moves)
+        self._fills += [TableFill(req, start, len(slots)) for (req, slots), start in zip(moves, starts)
+                        if start < len(slots)]
+
+    def _fork_members(self, leader: Request, chunk: ScheduledChunk) -> list[ScheduledChunk]:
+        """The members waiting for `leader`'s prompt share it once `chunk` computes its end: new members sample
+        their first token from the leader's logits in this step; resumed ones recompute their outputs from the
+        next step on (running prefills)."""
+        group = leader.group
+        if group is None or leader is not group.leader or leader.num_computed < group.prompt_len:
+            return []
+        chunks = []
+        for member in group.members:
+            if member.status is not RequestStatus.RUNNING or not member.awaits_fork:
+                continue
+            if not group.holds_a_sequence(member):
+                continue
+            self.kv.fork(leader, member, group.prompt_len)
+            self._fills.append(TableFill(member, 0, group.prompt_len))
+            if member.num_output == 0:
+                if not (chunk.samples and leader.num_output == 0):
+                    raise RuntimeError(f"group member {member.request_id} has no logits to sample from")
+                chunks.append(ScheduledChunk(member, group.prompt_len, 0, logits_from=leader))
+        return chunks
+
+    def _members(self, req: Request) -> list[Request]:
+        """req's group members that are not finished (leader first), or [req]."""
+        if req.group is None:
+            return [req]
+        return [m for m in req.group.members if not m.finished]
+
+    def _output(self, chunks: list[ScheduledChunk], preempted: list[Request], kind: str) -> SchedulerOutput:
+        fills = [f for f in self._fills if f.request.status is RequestStatus.RUNNING and f.request.kv_row >= 0]
+        self._fills = []
+        return SchedulerOutput(chunks, preempted, kind, fills)
 
     # --- building blocks (the splitfuse policy reuses them) --------------------------------------
+    def _decodable(self) -> list[Request]:
+        """Running requests whose next step is one decode token."""
+        return [r for r in self.running if r.decoding and r.wants_token and not r.awaits_host]
+
+    def _prefilling(self) -> bool:
+        """Some running request has positions left to compute beyond a decode token (a resumed group member)."""
+        return any(not r.decoding and r.remaining > 0 and not r.awaits_fork for r in self.running)
+
+    def _continue_prefills(self, budget: int) -> list[ScheduledChunk]:
+        """The next chunks of running prefills, oldest first, within `budget` tokens and the free KV."""
+        chunks = []
+        for req in [r for r in self.running if not r.decoding and r.remaining > 0 and not r.awaits_fork]:
+            n = min(req.remaining, budget, self.kv.num_available)
+            if n > 0:
+                chunks += self._prefill_chunks(req, n)
+                budget -= n
+        return chunks
+
     def _decode(self, decoding: list[Request]) -> list[ScheduledChunk]:
         """One decode chunk per request (its last sampled token), slots allocated."""
         self.kv.allocate_one_each(decoding)
@@ -180,63 +263,72 @@ class Scheduler:
             req.num_computed += 1
         return chunks
 
-    def _prefill_chunk(self, req: Request, n: int, cached_prefix: int = 0) -> ScheduledChunk:
-        """The next n positions of a running request's prefill (slots allocated)."""
+    def _prefill_chunks(self, req: Request, n: int, cached_prefix: int = 0) -> list[ScheduledChunk]:
+        """The next n positions of a running request's prefill (slots allocated), and the chunks of the group
+        members that fork from it in this step."""
         self.kv.allocate(req, n)
         start = req.num_computed
         req.num_computed += n
         wants_lp = req.params.prompt_logprobs and req.num_output == 0 and start < req.prompt_len - 1
-        return ScheduledChunk(req, start, n, samples=req.num_computed == req.num_tokens,
-                              prompt_logprobs=wants_lp, cached_prefix=cached_prefix)
+        chunk = ScheduledChunk(req, start, n, samples=req.num_computed == req.num_tokens,
+                               prompt_logprobs=wants_lp, cached_prefix=cached_prefix)
+        return [chunk, *self._fork_members(req, chunk)]
 
     def _admit(self, budget: int, chunked: bool) -> list[ScheduledChunk]:
-        """Queue head → running, while LightLLM's estimated peak KV use fits, with a first chunk each: the
-        whole uncached rest of its sequence, within `budget` tokens in all; `chunked`: as much of it as
-        the budget and the free KV allow."""
+        """Queue head → running (with its whole group), while LightLLM's estimated peak KV use fits, with a
+        first chunk each: the whole uncached rest of its sequence, within `budget` tokens in all; `chunked`: as
+        much of it as the budget and the free KV allow."""
         if not self.waiting or budget <= 0:
             return []
         cfg = self.config
         busy = self._busy()
-        estimates = [self._estimate(r, busy) for r in self.running]
+        held, left = self._estimates(self.running, busy)
         paused_left = self.num_paused
         admitted: list[ScheduledChunk] = []
         while self.waiting and budget > 0:
-            req = self.waiting[0]
-            if req.num_pending:  # preempted while its last token was in flight: wait for it
+            members = self._members(self.waiting[0])
+            if any(m.num_pending for m in members):  # preempted while a token was in flight: wait for it
                 break
+            req = members[0]
             cached = self.kv.attach_prefix(req)
             todo = req.num_tokens - cached
             n = min(todo, budget, self.kv.num_available) if chunked else todo
-            estimates.append(self._estimate(req, busy))
-            paused = req.status is RequestStatus.PAUSED
-            fits = _peak_tokens(estimates) + self.kv.num_locked < cfg.max_total_token_num
-            room = len(estimates) + paused_left - paused <= cfg.running_max_req_size
+            more_held, more_left = self._estimates(members, busy)
+            held, left = np.concatenate([held, more_held]), np.concatenate([left, more_left])
+            paused = sum(m.status is RequestStatus.PAUSED for m in members)
+            fits = _peak_tokens_of(held, left) + self.kv.num_locked < cfg.max_total_token_num
+            room = len(held) + paused_left - paused <= cfg.running_max_req_size
             if not (fits and room and 0 < n <= budget and self.kv.can_allocate(n)):
                 self.kv.release(req, cache=False)  # back to holding nothing: the prefix lock goes
                 break
-            self.waiting.popleft()
             paused_left -= paused
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            for member in members:
+                self.waiting.remove(member)
+                member.status = RequestStatus.RUNNING
+                self.running.append(member)
             budget -= n
             if req.cache_hit is None:
                 req.cache_hit = cached
-            admitted.append(self._prefill_chunk(req, n, cached_prefix=cached))
+            admitted += self._prefill_chunks(req, n, cached_prefix=cached)
         return admitted
 
     def _make_room(self, decoding: list[Request]) -> list[Request]:
-        """Pause the youngest running requests until each remaining decode gets a slot."""
+        """Pause the youngest running requests (each with its whole group) until each remaining decode gets a
+        slot."""
         need = len(decoding)
         if need <= self.kv.num_available:  # the common case: no sort of the running requests
             return []
         pending = {id(r) for r in decoding}
-        victims = []
+        victims: list[Request] = []
         by_age = sorted(self.running, key=lambda r: r.arrival)
         while need > self.kv.num_available and by_age:
             victim = by_age.pop()
-            need -= id(victim) in pending
-            self._pause([victim])
-            victims.append(victim)
+            if victim.status is not RequestStatus.RUNNING:  # paused with its group already
+                continue
+            group = [m for m in self._members(victim) if m.status is RequestStatus.RUNNING]
+            need -= sum(id(m) in pending for m in group)
+            self._pause(group)
+            victims += group
         return victims
 
     def pause_all(self) -> list[Request]:
@@ -261,46 +353,37 @@ class Scheduler:
     def _busy(self) -> bool:
         return self.kv.num_used / self.config.max_total_token_num >= self.config.router_token_ratio
 
-    def _estimate(self, req: Request, busy: bool) -> tuple[int, int]:
-        """(private tokens held once it runs, tokens it may still add): LightLLM's get_tuple_tokens."""
+    def _estimates(self, reqs: list[Request], busy: bool) -> tuple[np.ndarray, np.ndarray]:
+        """LightLLM's get_tuple_tokens for each request: (private tokens held once it runs, tokens it may still
+        add), both [len(reqs)] i64. A group's shared prompt is held by its leader only."""
         cfg = self.config
-        out = req.num_output
-        max_new = req.params.max_new_tokens
-        if not (busy or req.params.ignore_eos):
-            max_new = min(max_new, max(int(1.1 * out), cfg.router_max_new_token_len))
-        held = req.num_tokens - req.num_cached
-        if req.status is RequestStatus.RUNNING:
-            return held, max(0, max_new - out - 1)
-        return held + 1, max(0, max_new - out - 2)
-
-    def estimated_peak(self) -> int:
-        """LightLLM's estimate of the running requests' peak KV use, in tokens (locked cached prefixes once):
-        `_estimate` of every running request, computed over arrays."""
-        if not self.running:
-            return self.kv.num_locked
-        cfg, busy = self.config, self._busy()
-        fields = np.array([(len(r.output_ids) + r.num_pending, r.params.max_new_tokens, r.params.ignore_eos,
-                            len(r.prompt_ids) - r.num_cached, r.status is RequestStatus.RUNNING)
-                           for r in self.running], np.int64)  # [running, 5]
-        out, max_new, ignore_eos, prompt_held, running = fields.T
+        fields = np.array([(r.num_output, r.params.max_new_tokens, r.params.ignore_eos,
+                            r.num_tokens - max(r.num_cached, r.shared_prefix), r.status is RequestStatus.RUNNING)
+                           for r in reqs], np.int64).reshape(-1, 5)
+        out, max_new, ignore_eos, held, running = fields.T
         if not busy:
             capped = np.minimum(max_new, np.maximum((1.1 * out).astype(np.int64), cfg.router_max_new_token_len))
             max_new = np.where(ignore_eos == 1, max_new, capped)
-        held = prompt_held + out + 1 - running
-        left = np.maximum(0, max_new - out - 2 + running)
-        return _peak_tokens_of(held, left) + self.kv.num_locked
+        return held + 1 - running, np.maximum(0, max_new - out - 2 + running)
 
-
-def _peak_tokens(estimates: list[tuple[int, int]]) -> int:
-    """Peak total KV if requests finish in order of remaining length: max_i (left_i × (i + 1) + Σ_{j≤i} held_j)
-    over the requests sorted by tokens left, longest first."""
-    if not estimates:
-        return 0
-    held, left = np.array(estimates, np.int64).reshape(-1, 2).T
-    return _peak_tokens_of(held, left)
+    def estimated_peak(self) -> int:
+        """LightLLM's estimate of the running requests' peak KV use, in tokens (locked cached prefixes and group
+        prompts once)."""
+        if not self.running:
+            return self.kv.num_locked
+        return _peak_tokens_of(*self._estimates(self.running, self._busy())) + self.kv.num_locked
 
 
 def _peak_tokens_of(held: np.ndarray, left: np.ndarray) -> int:
-    """`_peak_tokens` of the estimates (held[i], left[i]), all [n] i64, n > 0."""
+    """Peak total KV if requests finish in order of remaining length: max_i (left_i × (i + 1) + Σ_{j≤i} held_j)
+    over the requests (held[i], left[i], all [n] i64) sorted by tokens left, longest first."""
+    if len(held) == 0:
+        return 0
     order = np.argsort(-left, kind="stable")
     return int((left[order] * np.arange(1, len(order) + 1) + np.cumsum(held[order])).max())
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n

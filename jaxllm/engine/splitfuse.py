@@ -32,29 +32,25 @@ class SplitFuseScheduler(Scheduler):
     def schedule(self) -> SchedulerOutput:
         preempted: list[Request] = []
         while True:
-            decoding = [r for r in self.running if r.decoding and r.wants_token]
+            decoding = self._decodable()
             victims = self._make_room(decoding)
             if victims:
                 preempted += victims
                 decoding = [r for r in decoding if r.status is RequestStatus.RUNNING]
             chunks = self._decode(decoding)
-            budget = self.block_size
-            for req in [r for r in self.running if not r.decoding and r.remaining > 0]:  # oldest first
-                n = min(req.remaining, budget, self.kv.num_available)
-                if n > 0:
-                    chunks.append(self._prefill_chunk(req, n))
-                    budget -= n
-            chunks += self._admit(budget, chunked=True)
+            chunks += self._continue_prefills(self.block_size)
+            chunks += self._admit(self.block_size - sum(c.num_tokens for c in chunks if not c.decode), chunked=True)
             if chunks or not self._stalled():
                 kind = "prefill" if any(not c.decode for c in chunks) else ("decode" if chunks else "idle")
-                return SchedulerOutput(chunks, preempted, kind)
-            # Prefills hold the KV that they all still need: the youngest gives its share back.
+                return self._output(chunks, preempted, kind)
+            # Prefills hold the KV that they all still need: the youngest gives its share back (with its group).
             victim = max(self.running, key=lambda r: r.arrival)
-            self._pause([victim])
-            preempted.append(victim)
+            group = [m for m in self._members(victim) if m.status is RequestStatus.RUNNING]
+            self._pause(group)
+            preempted += group
 
     def _stalled(self) -> bool:
         """Some running prefill can get no slot, and no result on its way may free one."""
         if self.kv.num_available or any(r.num_pending for r in self.running):
             return False
-        return any(not r.decoding and r.remaining > 0 for r in self.running)
+        return self._prefilling()

@@ -5,17 +5,29 @@ from __future__ import annotations
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionBackend, ReferenceAttention
+from jaxllm.models.moe import routed_experts
+from jaxllm.models.mla import init_latent_cache
 from jaxllm.models.transformer import CausalLM
 
 
 def init_kv_cache(model, num_slots: int) -> tuple:
     """A fresh KV cache for `model`: one backend cache tuple per layer, `num_slots` slots (+ the scratch slot)."""
     c = model.config
+    if c.mla is not None:
+        return tuple(init_latent_cache(c, num_slots, model.dtype) for _ in range(c.num_layers))
     return tuple(
         model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype) for _ in range(c.num_layers)
     )
 
 
-def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None):
-    """The Flax module for `config` (any supported family), computing in `dtype`."""
-    return CausalLM(config=config, dtype=dtype, backend=backend or ReferenceAttention())
+def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None, experts_kernel=None):
+    """The Flax module for `config` (any supported family), computing in `dtype`. ValueError for what is not
+    built: an int8 KV backend with latent attention (its own cache format), quantised weights with experts.
+    `experts_kernel`: MoE layers' routed experts (`expert_kernels.experts_kernel`; default `lax.ragged_dot`)."""
+    backend = backend or ReferenceAttention()
+    if config.mla is not None and "int8" in getattr(backend, "name", ""):
+        raise ValueError(f"the int8 KV --mode values are not built for latent attention ({config.model_type})")
+    if config.moe is not None and config.weight_quant is not None:
+        raise ValueError(f"quantised weights ({config.weight_quant.scheme}: a weight --mode or a quantised "
+                         f"checkpoint) are not built for mixtures of experts ({config.model_type})")
+    return CausalLM(config=config, dtype=dtype, backend=backend, experts_kernel=experts_kernel or routed_experts)

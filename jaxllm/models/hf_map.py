@@ -131,3 +131,20 @@ def embeddings_and_head(config: ModelConfig, embed: str, norm: str, head: str = 
     if not config.tie_word_embeddings:
         table[head + ".weight"] = Target(("lm_head",), transposed)
     return table
+
+
+def experts(config: ModelConfig, prefix: str, gate: str, up: str, down: str, path: Path) -> WeightMap:
+    """Per-expert HF linears `{prefix}{j}.{gate|up|down}.weight` into `experts_gate_up_proj` [E, D, F, 2]
+    (gate at 0, up at 1 of the last axis) and `experts_down_proj` [E, F, D]."""
+    count = config.moe.num_experts
+    table = {}
+    for j in range(count):
+        table[f"{prefix}{j}.{gate}.weight"] = Target(path + ("experts_gate_up_proj",), transposed, (j, ..., 0), 2 * count)
+        table[f"{prefix}{j}.{up}.weight"] = Target(path + ("experts_gate_up_proj",), transposed, (j, ..., 1), 2 * count)
+        table[f"{prefix}{j}.{down}.weight"] = Target(path + ("experts_down_proj",), transposed, j, count)
+    return table
+
+
+def router(name: str, path: Path) -> WeightMap:
+    """The router's HF linear [E, D] → `router` [D, E]."""
+    return {name + ".weight": Target(path + ("router",), transposed)}

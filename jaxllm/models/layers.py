@@ -40,6 +40,12 @@ def dense(x, w, equation: str):
     return jnp.einsum(equation, x, w)
 
 
+def grouped_dense(x, w, group_sizes):
+    """The product of rows grouped by expert with their expert's weight: x [m, in] (group g's rows
+    contiguous, in group order), w [groups, in, out], group_sizes [groups] → [m, out]."""
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -159,28 +165,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The dense MLP; `intermediate_size` overrides the config's (MoE shared experts)."""
+
     config: ModelConfig
     dtype: Any
+    intermediate_size: int | None = None
 
     @nn.compact
     def __call__(self, x):  # x [n, hidden]
         c = self.config
+        f = self.intermediate_size or c.intermediate_size
         act = activation(c.activation)
         if c.mlp_gated:
             # gate and up in one product: [hidden, 2, intermediate], split on the intermediate axis under --tp.
-            gate_up = param(self, "gate_up_proj", (c.hidden_size, 2, c.intermediate_size), ("embed", "stack", "mlp"),
+            gate_up = param(self, "gate_up_proj", (c.hidden_size, 2, f), ("embed", "stack", "mlp"),
                             self.dtype)
             h = dense(x, gate_up, "nd,dsf->nsf")  # [n, 2, intermediate]
             if c.mlp_bias:
-                h = h + param(self, "gate_up_bias", (2, c.intermediate_size), ("stack", "mlp"), self.dtype, _ZEROS)
+                h = h + param(self, "gate_up_bias", (2, f), ("stack", "mlp"), self.dtype, _ZEROS)
             h = act(h[:, 0]) * h[:, 1]
         else:
-            up = param(self, "up_proj", (c.hidden_size, c.intermediate_size), ("embed", "mlp"), self.dtype)
+            up = param(self, "up_proj", (c.hidden_size, f), ("embed", "mlp"), self.dtype)
             h = dense(x, up, "nd,df->nf")
             if c.mlp_bias:
-                h = h + param(self, "up_bias", (c.intermediate_size,), ("mlp",), self.dtype, _ZEROS)
+                h = h + param(self, "up_bias", (f,), ("mlp",), self.dtype, _ZEROS)
             h = act(h)
-        down = param(self, "down_proj", (c.intermediate_size, c.hidden_size), ("mlp", "embed"), self.dtype)
+        down = param(self, "down_proj", (f, c.hidden_size), ("mlp", "embed"), self.dtype)
         out = dense(h, down, "nf,fd->nd")
         if c.mlp_bias:
             out = out + param(self, "down_bias", (c.hidden_size,), ("norm",), self.dtype, _ZEROS)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from kernels.pallas import reference
+from kernels.pallas import plan, reference
 
 # LightLLM's weight modes (and our fp8 addition) → scheme name.
 WEIGHT_MODES = {
@@ -49,6 +49,7 @@ class WeightQuant:
     scheme: str
     group_size: int = GROUP_SIZE
     keep_16bit_down: frozenset[int] = frozenset()
+    checkpoint_format: str | None = None  # "awq" | "gptq" | "gptq_v2" | "fp8": read by jaxllm/prequant.py
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -82,6 +83,19 @@ def checkpoint_quant(raw: dict) -> WeightQuant | None:
     if method == QUANT_METHOD:
         return WeightQuant(qc["scheme"], int(qc.get("group_size", GROUP_SIZE)),
                            frozenset(int(i) for i in qc.get("keep_16bit_down", ())))
+    if method in ("awq", "gptq"):
+        if qc.get("bits") != 4:
+            raise ValueError(f"{method} checkpoints of {qc.get('bits')} bits are not supported (4 bits only)")
+        if method == "awq" and (str(qc.get("version", "gemm")).lower() != "gemm" or not qc.get("zero_point", True)):
+            raise ValueError("AWQ checkpoints other than version 'gemm' with zero points are not supported")
+        if method == "gptq" and qc.get("desc_act"):
+            raise ValueError("GPTQ act-order (desc_act) checkpoints are not supported")
+        fmt = "gptq_v2" if qc.get("checkpoint_format") == "gptq_v2" else method
+        return WeightQuant("w4a16", int(qc.get("group_size", GROUP_SIZE)), checkpoint_format=fmt)
+    if method == "fp8":
+        if qc.get("weight_block_size"):
+            raise ValueError("FP8 checkpoints with block-wise weight scales are not supported")
+        return WeightQuant("fp8_w8a8", checkpoint_format="fp8")
     raise ValueError(f"quantization_config.quant_method {method!r} is not supported yet")
 
 
@@ -177,12 +191,10 @@ def is_quantised(w) -> bool:
 
 def group_size_for(last_in: int, wanted: int = GROUP_SIZE) -> int:
     """`wanted` if it divides the input axis, else the largest power of two (≥ 8) below it that does."""
-    group = wanted
-    while group >= 8:
-        if last_in % group == 0:
-            return group
-        group //= 2
-    raise ValueError(f"an int4 weight's input axis ({last_in}) must be a multiple of 8")
+    group = plan.pow2_divisor(last_in, wanted, 8)
+    if group is None:
+        raise ValueError(f"an int4 weight's input axis ({last_in}) must be a multiple of 8")
+    return group
 
 
 def _in_axes_tuple(in_axes: int) -> tuple[int, ...]:

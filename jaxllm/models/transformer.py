@@ -7,7 +7,7 @@ prefill chunks and decodes. Layers are unrolled (a scanned stack made XLA copy w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jaxllm.config import LAYOUT_NORMS, ModelConfig
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata
 from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
+from jaxllm.models.mla import LatentAttention
+from jaxllm.models.moe import MoE, routed_experts
 
 
 
@@ -26,12 +28,16 @@ class DecoderLayer(nn.Module):
     layer: int
     dtype: Any
     backend: AttentionBackend
+    experts_kernel: Callable = routed_experts  # MoE layers' routed experts (`expert_kernels.py`)
 
     @nn.compact
     def __call__(self, x, meta, layer_cache):
         c = self.config
-        attn = Attention(c, self.layer, self.dtype, self.backend, name="self_attn")
-        mlp = MLP(c, self.dtype, name="mlp")
+        attn = (LatentAttention if c.mla else Attention)(c, self.layer, self.dtype, self.backend, name="self_attn")
+        if c.is_moe_layer(self.layer):
+            mlp = MoE(c, self.dtype, self.experts_kernel, name="mlp")
+        else:
+            mlp = MLP(c, self.dtype, name="mlp")
         norm = lambda name: Norm(c, self.dtype, name=name)  # noqa: E731
         scale = lambda h: h if c.residual_scale == 1.0 else h * c.residual_scale  # noqa: E731
         layout = c.norm_layout
@@ -58,6 +64,7 @@ class CausalLM(nn.Module):
     config: ModelConfig
     dtype: Any
     backend: AttentionBackend
+    experts_kernel: Callable = routed_experts  # MoE layers' routed experts (`expert_kernels.py`)
 
     @nn.compact
     def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False):
@@ -79,7 +86,8 @@ class CausalLM(nn.Module):
             x = Norm(c, self.dtype, name="embed_norm")(x)
         new_cache = []
         for i in range(c.num_layers):
-            x, layer_cache = DecoderLayer(c, i, self.dtype, self.backend, name=f"layers_{i}")(x, meta, kv_cache[i])
+            layer = DecoderLayer(c, i, self.dtype, self.backend, self.experts_kernel, name=f"layers_{i}")
+            x, layer_cache = layer(x, meta, kv_cache[i])
             new_cache.append(layer_cache)
         if not all_logits:
             x = x[meta.logits_index]

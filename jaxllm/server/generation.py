@@ -1,5 +1,6 @@
-"""One HTTP request's generation on the engine: prompt checks, best_of independent engine requests per prompt,
-their events collected or merged into one stream, and every unfinished engine request aborted on exit.
+"""One HTTP request's generation on the engine: prompt checks, one engine sequence group of best_of members per
+prompt (one request when best_of is 1), their events collected or merged into one stream, and every unfinished
+engine request aborted on exit.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from jaxllm.engine.group import SEED_LIMIT, member_params
 from jaxllm.engine.request import SamplingParams, TokenEvent
 from jaxllm.server.errors import ApiError, invalid
 
-SEED_LIMIT = 2**64  # seeds are 64-bit; best_of samples get seed, seed + 1, ... modulo this
+__all__ = ["SEED_LIMIT", "Generation", "Sequence", "check_prompt", "failure"]
 
 
 def check_prompt(engine, prompt_ids: list[int], params: SamplingParams, param: str = "inputs") -> list[int]:
@@ -23,14 +25,6 @@ def check_prompt(engine, prompt_ids: list[int], params: SamplingParams, param: s
         return engine.check_prompt(prompt_ids, params)
     except ValueError as exc:
         raise invalid(f"{param}: {exc}", param) from None
-
-
-def fan_out(params: SamplingParams) -> list[SamplingParams]:
-    """best_of single-sample requests of the same prompt; with a seed, sample i uses seed + i."""
-    one = dataclasses.replace(params, best_of=1, n=1)
-    if one.seed is None:
-        return [one] * params.best_of
-    return [dataclasses.replace(one, seed=(one.seed + i) % SEED_LIMIT) for i in range(params.best_of)]
 
 
 @dataclasses.dataclass
@@ -71,7 +65,7 @@ def failure(event: TokenEvent) -> ApiError | None:
 
 
 class Generation:
-    """The engine requests of one HTTP request: best_of samples of each prompt, indexed prompt-major.
+    """The engine requests of one HTTP request: best_of members of each prompt, indexed prompt-major.
     Use once, through collect() or events(). It notes when it was submitted, its first and last token, how
     many tokens came, its queue time and prompt-cache hits as the engine reports them (for the metrics)."""
 
@@ -79,7 +73,7 @@ class Generation:
         self.engine = engine
         self.prompts = prompts
         self.params = params
-        self.samples = [(ids, sample) for ids in prompts for sample in fan_out(params)]
+        self.samples = [(ids, member_params(params, i)) for ids in prompts for i in range(params.best_of)]
         self.group_id = uuid.uuid4().hex
         self.request_ids = [f"{self.group_id}-{i}" for i in range(len(self.samples))]
         self.submitted_at: float | None = None
@@ -97,13 +91,15 @@ class Generation:
     def _submit(self) -> list:
         self.submitted_at = time.monotonic()
         streams = []
-        for request_id, (ids, sample) in zip(self.request_ids, self.samples):
+        best_of = self.params.best_of
+        for p, ids in enumerate(self.prompts):
+            request_ids = self.request_ids[p * best_of:(p + 1) * best_of]
             try:
-                streams.append(self.engine.submit(ids, sample, request_id=request_id))
+                streams += self.engine.submit_group(ids, self.params, request_ids)
             except ValueError as exc:
                 self._abort_open()
                 raise invalid(str(exc)) from None
-            self._open.add(request_id)
+            self._open.update(request_ids)
         return streams
 
     def _note(self, event: TokenEvent, index: int) -> None:

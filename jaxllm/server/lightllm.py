@@ -85,6 +85,8 @@ def token_dict(e: TokenEvent, *, prompt_tokens: bool = True) -> dict:
     }
     if prompt_tokens:
         out["prompt_tokens"] = e.prompt_tokens
+    if e.cumlogprob is not None:  # --diverse_mode / --beam_mode, as LightLLM's group modes report
+        out["cumlogprob"] = finite_logprob(e.cumlogprob)
     return out
 
 

@@ -41,26 +41,43 @@ def _token_events(state: ServerState, seq: Sequence) -> list[TokenEvent]:
     return seq.events
 
 
+def _chat_token(state: ServerState, token_id: int, logprob: float) -> dict:
+    token = state.tokenizer.decode([token_id])
+    return {"token": token, "logprob": finite_logprob(logprob), "bytes": list(token.encode("utf-8"))}
+
+
 def _chat_logprob(state: ServerState, e: TokenEvent) -> dict:
-    token = state.tokenizer.decode([e.token_id])
-    return {"token": token, "logprob": finite_logprob(e.logprob), "bytes": list(token.encode("utf-8")),
-            "top_logprobs": []}
+    top = [_chat_token(state, t, lp) for t, lp in e.top_logprobs or ()]
+    return {**_chat_token(state, e.token_id, e.logprob), "top_logprobs": top}
+
+
+def _completion_top(state: ServerState, e: TokenEvent, token: str) -> dict:
+    """The position's alternatives as {text: logprob}, most likely first (the chosen token alone when none
+    were asked for); of two tokens with the same text, the more likely is kept."""
+    if not e.top_logprobs:
+        return {token: finite_logprob(e.logprob)}
+    top: dict[str, float] = {}
+    for token_id, logprob in e.top_logprobs:
+        top.setdefault(state.tokenizer.decode([token_id]), finite_logprob(logprob))
+    return top
 
 
 def _completion_logprobs(state: ServerState, events: list[TokenEvent], offset: int) -> dict:
-    tokens, logprobs, offsets = [], [], []
+    tokens, logprobs, tops, offsets = [], [], [], []
     for e in events:
-        tokens.append(state.tokenizer.decode([e.token_id]))
+        token = state.tokenizer.decode([e.token_id])
+        tokens.append(token)
         logprobs.append(finite_logprob(e.logprob))
+        tops.append(_completion_top(state, e, token))
         offsets.append(offset)
         offset += len(e.text)
-    return {"tokens": tokens, "token_logprobs": logprobs,
-            "top_logprobs": [{t: lp} for t, lp in zip(tokens, logprobs)], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chosen(req: OpenAIRequest, sequences: list[Sequence]) -> list[tuple[int, Sequence]]:
     """(prompt index, sequence) of the choices returned: per prompt, the n of best_of samples with the
-    highest mean logprob (all of them, in order, when best_of == n)."""
+    highest mean logprob (all of them, in order, when best_of == n; beam search results come best first by
+    that same score)."""
     best_of = req.params.best_of
     out = []
     for p in range(len(req.prompts)):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxllm.engine.request import SamplingParams
+from jaxllm.engine.request import MAX_TOP_LOGPROBS, SamplingParams
 from jaxllm.server.errors import ApiError, invalid
 from jaxllm.server.generation import check_prompt
 from jaxllm.server.tool_parsers import TOOL_FORMATS, ToolFormat
@@ -49,6 +49,7 @@ COMMON_FIELDS = {
     "do_sample": nullable(boolean),
     "top_k": nullable(integer),
     "ignore_eos": nullable(boolean),
+    "use_beam_search": nullable(boolean),  # vLLM's extra: beam search (this server must run --beam_mode)
     "response_format": nullable(response_format),
     **{name: nullable(check) for name, check in GUIDED_CHECKS.items()},
 }
@@ -80,6 +81,7 @@ class OpenAIRequest:
     include_usage: bool
     logprobs: bool
     echo: bool = False
+    top_logprobs: int = 0  # alternatives reported per token (chat: top_logprobs; completions: logprobs)
     tools: ToolCalling | None = None  # chat with tools: the answer is parsed into tool_calls
 
 
@@ -103,7 +105,28 @@ def _refuse_unsupported(body: dict) -> None:
         raise invalid("suffix: not supported", "suffix")
 
 
-def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str]) -> SamplingParams:
+def _beam_search(engine, f: dict, best_of: int, stream: bool) -> None:
+    """vLLM's use_beam_search: this server's --beam_mode runs every best_of > 1 request as a beam search."""
+    beam_mode = engine.args.beam_mode
+    wanted = f.get("use_beam_search")
+    if wanted and not beam_mode:
+        raise invalid("use_beam_search: this server does not run --beam_mode", "use_beam_search")
+    if wanted and best_of < 2:
+        raise invalid("use_beam_search: beam search needs n (or best_of) > 1: the beam width", "use_beam_search")
+    if beam_mode and best_of > 1 and wanted is False:
+        raise invalid("use_beam_search: this server runs --beam_mode, where n (best_of) > 1 is a beam search",
+                      "use_beam_search")
+    if beam_mode and best_of > 1 and stream:
+        raise invalid("stream: beam search results come when the search ends; streaming needs n == 1", "stream")
+
+
+def _top_logprobs(name: str, k: int | None) -> int:
+    if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+        raise invalid(f"{name}: must be between 0 and {MAX_TOP_LOGPROBS} (got {k})", name)
+    return k or 0
+
+
+def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str], top_logprobs: int = 0) -> SamplingParams:
     temperature = f.get("temperature")
     do_sample = f.get("do_sample")
     if do_sample is None:  # OpenAI clients expect a positive temperature to sample
@@ -121,6 +144,7 @@ def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str]) 
         "best_of": best_of,
         "n": best_of,
         "seed": f.get("seed"),
+        "top_logprobs": top_logprobs,
         **{name: f[name] for name in GUIDED_FIELDS if f.get(name) is not None},
     }
     take_guided(fields)
@@ -197,10 +221,13 @@ def parse_chat(engine, body: Any) -> OpenAIRequest:
     _refuse_unsupported(body)
     f = _fields(body, CHAT_FIELDS)
     model, n, stream, include_usage = _common(body, f)
-    if f.get("top_logprobs"):
-        raise invalid("top_logprobs: only 0 is supported (each token's own logprob is returned)", "top_logprobs")
+    top = _top_logprobs("top_logprobs", f.get("top_logprobs"))
+    if top and not f.get("logprobs"):
+        raise invalid("top_logprobs: needs logprobs: true", "top_logprobs")
+    _beam_search(engine, f, n, stream)
     max_tokens = f.get("max_tokens") if f.get("max_tokens") is not None else f.get("max_completion_tokens")
-    params = _sampling(f, max_tokens=16 if max_tokens is None else max_tokens, best_of=n, names=_CHAT_NAMES)
+    params = _sampling(f, max_tokens=16 if max_tokens is None else max_tokens, best_of=n, names=_CHAT_NAMES,
+                       top_logprobs=top)
     tools = parse_tools(engine, body)
     if tools is not None:
         params = _with_tools(engine, params, tools)
@@ -208,7 +235,7 @@ def parse_chat(engine, body: Any) -> OpenAIRequest:
     text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine))
     ids = check_prompt(engine, ids, params, "messages")
     return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")),
-                         tools=tools)
+                         top_logprobs=top, tools=tools)
 
 
 def _with_tools(engine, params: SamplingParams, tools: ToolCalling) -> SamplingParams:
@@ -257,13 +284,14 @@ def parse_completion(engine, body: Any) -> OpenAIRequest:
     if stream and best_of != n:
         raise invalid("best_of: streaming requires best_of == n", "best_of")
     logprobs = f.get("logprobs")
-    if logprobs not in (None, 0):
-        raise invalid("logprobs: only 0 is supported (each sampled token's own logprob)", "logprobs")
+    top = _top_logprobs("logprobs", logprobs)
+    _beam_search(engine, f, best_of, stream)
     echo = bool(f.get("echo"))
     max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
     names = _CHAT_NAMES if f.get("best_of") is None else _COMPLETION_NAMES  # name what the client sent
-    params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names)
+    params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names, top_logprobs=top)
     check_guided(engine, params.guided)
     texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
     prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
-    return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo)
+    return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo,
+                         top_logprobs=top)

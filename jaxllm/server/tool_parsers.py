@@ -81,8 +81,8 @@ class ToolFormat:
         return {**schema, "x-guidance": JSON_OPTIONS}  # llguidance's JSON options inside a Lark grammar
 
     def grammar(self, tools: list[dict], marker: str) -> str:
-        """Lark text forcing at least one call; `marker` is the marker as a Lark term (a literal, or a special
-        token's id)."""
+        """Lark text forcing one call (complete once it is written: a small model would otherwise run on into
+        more); `marker` is the marker as a Lark term (a literal, or a special token's id)."""
         raise NotImplementedError
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -107,8 +107,7 @@ class HermesFormat(ToolFormat):
     _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
     def grammar(self, tools, marker):
-        return (f"start: call ({lark_literal(chr(10))} call)*\n"
-                f"call: {marker} {lark_literal(chr(10))} body {lark_literal(chr(10) + '</tool_call>')}\n"
+        return (f"start: {marker} {lark_literal(chr(10))} body {lark_literal(chr(10) + '</tool_call>')}\n"
                 f"body: %json {json.dumps(self.call_schema(tools))}\n")
 
     def parse(self, text):
@@ -145,8 +144,7 @@ class Llama3JsonFormat(ToolFormat):
     args_key = "parameters"
 
     def grammar(self, tools, marker):
-        return (f"start: {marker}? call ({lark_literal('; ')} call)*\n"
-                f"call: %json {json.dumps(self.call_schema(tools))}\n")
+        return f"start: {marker}? call\ncall: %json {json.dumps(self.call_schema(tools))}\n"
 
     def parse(self, text):
         body = text.strip()
@@ -171,7 +169,7 @@ class MistralFormat(ToolFormat):
     marker = "[TOOL_CALLS]"
 
     def grammar(self, tools, marker):
-        array = {"type": "array", "minItems": 1, "items": self.call_schema(tools)}
+        array = {"type": "array", "minItems": 1, "maxItems": 1, "items": self.call_schema(tools)}
         return f"start: {marker} {lark_literal(' ')}? calls\ncalls: %json {json.dumps(array)}\n"
 
     def parse(self, text):

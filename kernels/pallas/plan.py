@@ -1,4 +1,4 @@
-"""Work planning shared by the attention kernels: query blocks of a ragged batch, key splits, table padding.
+"""Work planning shared by the kernels: query blocks of a ragged batch, key splits, table padding, block sizes.
 
 Everything here is plain JAX on small int32 arrays (per row or per block), traced into the same jitted step.
 """
@@ -93,3 +93,13 @@ def pad_table(slot_table, multiple: int, fill: int):
     if extra == 0:
         return slot_table
     return jnp.pad(slot_table, ((0, 0), (0, extra)), constant_values=fill)
+
+
+def pow2_divisor(dim: int, wanted: int, minimum: int) -> int | None:
+    """The largest power-of-two block from `wanted` down to `minimum` that divides `dim` (None if none does)."""
+    block = wanted
+    while block >= minimum:
+        if dim % block == 0:
+            return block
+        block //= 2
+    return None

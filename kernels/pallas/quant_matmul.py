@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.pallas import plan
+
 MIN_DOT = 16  # smallest row / column / input block the tensor-core dot takes
 
 
@@ -51,12 +53,7 @@ def _block_m(m: int) -> int:
 
 def _largest_block(size: int, limit: int, floor: int = MIN_DOT) -> int | None:
     """The largest power of two in [floor, limit] dividing `size`, or None."""
-    block = limit
-    while block >= floor:
-        if size % block == 0:
-            return block
-        block //= 2
-    return None
+    return plan.pow2_divisor(size, limit, floor)
 
 
 def supports(k: int, n: int, group: int | None = None, int8_inputs: bool = False) -> bool:

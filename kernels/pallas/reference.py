@@ -92,7 +92,7 @@ def _paged(q, gather, kv_heads, token_req, positions, slot_table, scale, window=
 
     # lax.map vmaps `one_token` over blocks of _QUERY_BLOCK tokens: bounded gathered-key memory.
     out = jax.lax.map(one_token, (grouped, token_req, positions), batch_size=_QUERY_BLOCK)
-    return out.reshape(n, heads, head_dim).astype(q.dtype)
+    return out.reshape(n, heads, -1).astype(q.dtype)  # values may be narrower than keys (latent attention)
 
 
 def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, positions, slot_table, scale, **options):
@@ -102,6 +102,16 @@ def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, posit
         return dequantize_kv(k_cache[slots], k_scale[slots]), dequantize_kv(v_cache[slots], v_scale[slots])
 
     return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale, **options)
+
+
+def latent_attention(q, cache, token_req, positions, slot_table, scale, kv_rank: int):
+    """Multi-head latent attention in the latent space (DeepSeek-V2, key and value up-projections absorbed
+    into the query and the output): one cache row per token, its latent then its rotary key,
+    cache [num_slots + 1, 1, kv_rank + rope_dim]; q [n, heads, kv_rank + rope_dim] (the no-rope query times
+    the key up-projection, then the rotary query). Scores are q · row, values the rows' latent part.
+    Returns [n, heads, kv_rank] in q's dtype."""
+    gather = lambda slots: (cache[slots], cache[slots][..., :kv_rank])  # noqa: E731
+    return _paged(q, gather, 1, token_req, positions, slot_table, scale)
 
 
 def decode_attention(q, k_cache, v_cache, slot_table, lengths, scale, **options):

@@ -34,3 +34,16 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     assert "schedule / dispatch / postprocess" in format_offline_table(result)
     assert result["new_step_shapes"] > 0  # warmup=0: the first run compiles what it meets
     assert run_offline(llm, requests)["new_step_shapes"] == 0  # the same workload again compiles nothing
+
+
+def test_best_of_groups_hold_the_prompt_once(llm):
+    """--best-of 4 on one 40-token prompt: a group holds the prompt once plus 4 outputs; separate requests
+    hold it 4 times."""
+    requests = list(build_workload(WorkloadSpec(num_prompts=1, input_len=40, output_len=6, seed=4)))
+    grouped = run_offline(llm, requests, best_of=4)
+    separate = run_offline(llm, requests, best_of=4, separately=True)
+    for result in (grouped, separate):
+        assert result["completed"] == 4 and result["total_output_tokens"] == 24
+    assert 40 < grouped["peak_kv_tokens"] <= 40 + 4 * 6
+    assert separate["peak_kv_tokens"] > 4 * 40
+    assert "groups" in format_offline_table(grouped) and "separate" in format_offline_table(separate)

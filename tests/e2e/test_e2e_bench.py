@@ -25,3 +25,19 @@ def test_bench_serve_measures_every_request(lightllm_server, smollm2_dir, tmp_pa
     assert "TTFT" in capsys.readouterr().out
     status, load = lightllm_server.get("/token_load")
     assert status == 200 and load["current_load"] == 0
+
+
+def test_bench_serve_sends_json_schema_requests(lightllm_server, smollm2_dir, tmp_path):
+    """--json-schema: every request constrained (guided_json); the records schema outlasts the output length."""
+    from pathlib import Path
+
+    import jaxllm.bench
+
+    schema = Path(jaxllm.bench.__file__).parent / "schemas" / "records.json"
+    result_path = tmp_path / "result.json"
+    code = main(["serve", "--base-url", lightllm_server.base, "--tokenizer", str(smollm2_dir), "--num-prompts", "4",
+                 "--input-len", "12", "--output-len", "6", "--json-schema", str(schema),
+                 "--result-json", str(result_path)])
+    result = json.loads(result_path.read_text())
+    assert code == 0 and (result["completed"], result["failed"]) == (4, 0)
+    assert result["total_output_tokens"] == 4 * 6

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.engine.request import RequestStatus, SamplingParams
-from jaxllm.engine.scheduler import _peak_tokens, check_prompt
+from jaxllm.engine.scheduler import _peak_tokens_of, check_prompt
 from sched_helpers import EOS, dispatch, make_scheduler, request, run_step
 
 
@@ -38,6 +38,22 @@ def test_total_length_checks():
 
 
 # --- admission ---------------------------------------------------------------------------------------
+def _peak_tokens(estimates):
+    held, left = np.array(estimates, np.int64).reshape(-1, 2).T
+    return _peak_tokens_of(held, left)
+
+
+def _lightllm_estimate(sched, req, busy):
+    """LightLLM's get_tuple_tokens for one request, written out plainly."""
+    out, max_new = req.num_output, req.params.max_new_tokens
+    if not (busy or req.params.ignore_eos):
+        max_new = min(max_new, max(int(1.1 * out), sched.config.router_max_new_token_len))
+    held = req.num_tokens - req.num_cached
+    if req.status is RequestStatus.RUNNING:
+        return held, max(0, max_new - out - 1)
+    return held + 1, max(0, max_new - out - 2)
+
+
 def test_peak_estimate_matches_lightllm_formula():
     # Sorted by tokens left: (10 held, 5 left), (20 held, 1 left): max(5·1 + 10, 1·2 + 30) = 32.
     assert _peak_tokens([(20, 1), (10, 5)]) == 32
@@ -45,7 +61,7 @@ def test_peak_estimate_matches_lightllm_formula():
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.9])
-def test_vectorised_peak_estimate_equals_the_per_request_formula(ratio):
+def test_peak_estimate_equals_the_per_request_formula(ratio):
     rng = np.random.default_rng(1)
     sched = make_scheduler(capacity=2000, router_token_ratio=ratio, router_max_new_token_len=8)
     for i in range(12):
@@ -58,7 +74,7 @@ def test_vectorised_peak_estimate_equals_the_per_request_formula(ratio):
             dispatch(sched, out)
         if sched.running:
             busy = sched._busy()
-            expected = _peak_tokens([sched._estimate(r, busy) for r in sched.running]) + sched.kv.num_locked
+            expected = _peak_tokens([_lightllm_estimate(sched, r, busy) for r in sched.running]) + sched.kv.num_locked
             assert sched.estimated_peak() == expected
             checked += 1
         if inflight is not None:

@@ -6,20 +6,9 @@ Norm weights and biases are randomised too (transformers initialises them to one
 shorter than the test sequences, so every feature of a family shows in its logits.
 """
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-import torch
-import transformers
 
-from jaxllm.config import ModelConfig
-from jaxllm.engine.request import SamplingParams
-from jaxllm.models import build_model, init_kv_cache
-from jaxllm.models.attention import AttentionMetadata
-from jaxllm.parallel import make_mesh
-from jaxllm.weights import load_hf
-from tests.engine.engine_helpers import make_engine
+from tests.models.hf_oracle import assert_engine_greedy_matches, assert_logits_match, family_fixture
 
 BASE = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -59,61 +48,18 @@ FAMILIES = {
 }
 
 
-def random_hf_model(raw: dict) -> torch.nn.Module:
-    """A transformers model of `raw` with every weight random, norm weights and biases included, large
-    enough (std 0.15) that attention scores are far from uniform, so windows, soft-caps and ALiBi matter."""
-    config = transformers.AutoConfig.for_model(**raw)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval().float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-            else:
-                p.normal_(0, 0.15)
-    return model
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    hf_model = random_hf_model(FAMILIES[request.param])
-    hf_model.save_pretrained(path, safe_serialization=True)
-    return request.param, path, hf_model
-
-
-def prefill_meta(length: int, width: int) -> AttentionMetadata:
-    return AttentionMetadata.for_sequences([(0, length)], [list(range(length))], scratch_slot=width, width=width)
+family = family_fixture(FAMILIES)
 
 
 def test_logits_match_transformers(family):
     """At tp 1 and 2 (a variant of a family, named "family-variant", at tp 1: what differs is not sharding)."""
     name, path, hf_model = family
-    config = ModelConfig.from_model_dir(path)
-    model = build_model(config, jnp.float32)
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=37)
-    with torch.no_grad():
-        expected = hf_model(torch.tensor(tokens)[None]).logits[0].numpy()
     for tp in (1,) if "-" in name else (1, 2):
-        params = load_hf(model, path, make_mesh(tp), tp)
-        assert config.num_params == sum(p.size for p in jax.tree.leaves(params))  # the benchmarks' roofline count
-        step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
-        logits, _ = step(params, jnp.asarray(tokens, jnp.int32), prefill_meta(len(tokens), 64),
-                         init_kv_cache(model, 64))
-        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0, err_msg=f"tp {tp}")
+        assert_logits_match(path, hf_model, tp)
 
 
 def test_engine_greedy_tokens_match_transformers_generate(family):
-    """32 greedy tokens through the engine (prefill, then decode steps over the paged cache)."""
     name, path, hf_model = family
     if "-" in name:
         pytest.skip("a variant of a family: its logits test covers what differs")
-    prompt = [int(t) for t in np.random.default_rng(0).integers(3, 256, size=21)]
-    with make_engine(path, load_format="auto", warmup=0, max_req_total_len=64) as engine:
-        (stream,) = engine.submit_many([(prompt, SamplingParams(max_new_tokens=32, ignore_eos=True), None)])
-        tokens = [e.token_id for e in stream]
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                pad_token_id=0, eos_token_id=None)
-    assert tokens == out[0, len(prompt):].tolist()
+    assert_engine_greedy_matches(path, hf_model)

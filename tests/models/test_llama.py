@@ -14,6 +14,7 @@ from jaxllm.models import build_model, init_kv_cache
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf
+from tests.models.hf_oracle import assert_logits_match
 
 BASE = dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -57,23 +58,10 @@ def variant(request, tmp_path_factory):
     return path, hf_model
 
 
-def full_prefill_meta(length: int, width: int) -> AttentionMetadata:
-    return AttentionMetadata.for_sequences([(0, length)], [list(range(length))], scratch_slot=width, width=width)
-
-
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_logits_match_transformers(variant, tp):
     path, hf_model = variant
-    config = ModelConfig.from_model_dir(path)
-    model = build_model(config, jnp.float32)
-    params = load_hf(model, path, make_mesh(tp), tp)
-    tokens = np.random.default_rng(tp).integers(0, config.vocab_size, size=37)
-    with torch.no_grad():
-        expected = hf_model(torch.tensor(tokens)[None]).logits[0].numpy()
-    cache = init_kv_cache(model, 64)
-    step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
-    logits, _ = step(params, jnp.asarray(tokens, jnp.int32), full_prefill_meta(len(tokens), 64), cache)
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+    assert_logits_match(path, hf_model, tp)
 
 
 def test_chunked_prefill_and_decode_over_cache_match_one_pass(variant):

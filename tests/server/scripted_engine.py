@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from jaxllm.engine.group import member_params
 from jaxllm.engine.request import SamplingParams, TokenEvent
 from jaxllm.engine.scheduler import check_prompt
 
@@ -83,6 +84,10 @@ class ScriptedEngine:
         self.submitted.append((request_id, list(prompt_ids), params))
         self.streams[request_id] = stream
         return stream
+
+    def submit_group(self, prompt_ids, params, request_ids) -> list[ScriptedStream]:
+        """Independent members, member i with seed + i (the engine's rule)."""
+        return [self.submit(prompt_ids, member_params(params, i), rid) for i, rid in enumerate(request_ids)]
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -45,8 +45,8 @@ def test_generate_details_and_best_of(make_client):
     parameters = {"max_new_tokens": 3, "best_of": 2, "do_sample": True, "return_details": True}
     status, raw = run(post(client, "/generate", {"inputs": "Hi", "parameters": parameters}))
     body = json.loads(raw)
-    assert status == 200 and len(state.engine.submitted) == 2  # best_of independent engine requests
-    assert all(p.best_of == 1 and p.n == 1 for _, _, p in state.engine.submitted)
+    assert status == 200 and len(state.engine.submitted) == 2  # one group of best_of members
+    assert all(p.best_of == 2 and p.n == 2 for _, _, p in state.engine.submitted)
     assert len(body["generated_text"]) == 2
     assert body["count_output_tokens"] == [3, 3] and body["finish_reason"] == ["length", "length"]
     assert isinstance(body["prompt_tokens"], int)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from jaxllm.server.errors import ApiError, lightllm_error_body, openai_error_body, tgi_error_body
-from jaxllm.server.generation import fan_out
+from jaxllm.engine.group import member_params
 from jaxllm.server.jsonio import LOGPROB_FLOOR, finite_logprob, parse_json
 from jaxllm.server.sse import event
 from jaxllm.server.validation import LIGHTLLM_PARAMETERS, read_fields, sampling_params
@@ -115,11 +115,11 @@ def test_decay_pair_accepts_an_integer_factor():
     assert lightllm({"exponential_decay_length_penalty": [3, 2]}).exponential_decay_length_penalty == (3, 2.0)
 
 
-def test_fan_out_gives_single_samples_with_consecutive_seeds():
-    samples = fan_out(lightllm({"best_of": 3, "do_sample": True, "top_k": 5}))
-    assert [(s.best_of, s.n, s.seed) for s in samples] == [(1, 1, None)] * 3
-    seeded = fan_out(sampling_params({"best_of": 2, "do_sample": True, "seed": 2**64 - 1}))
-    assert [s.seed for s in seeded] == [2**64 - 1, 0]
+def test_group_members_get_consecutive_seeds():
+    params = lightllm({"best_of": 3, "do_sample": True, "top_k": 5})
+    assert [member_params(params, i).seed for i in range(3)] == [None] * 3
+    seeded = sampling_params({"best_of": 2, "do_sample": True, "seed": 2**64 - 1})
+    assert [member_params(seeded, i).seed for i in range(2)] == [2**64 - 1, 0]
 
 
 def test_error_bodies_per_format():
