@@ -207,3 +207,17 @@ def test_cli_refuses_an_unsupported_model_type_listing_the_supported_ones(tmp_pa
     err = capsys.readouterr().err
     assert "'mamba' is not supported" in err
     assert all(t in err for t in SUPPORTED_MODEL_TYPES) and "gemma2" in err and "internlm2" in err
+
+
+def test_qwen_refuses_requests_past_its_seq_length(tmp_path, capsys):
+    """Qwen-1's logn attention and dynamic NTK (past seq_length) are not built: longer requests are refused."""
+    raw = dict(model_type="qwen", vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, seq_length=256, use_logn_attn=True, use_dynamic_ntk=True)
+    config = ModelConfig.from_hf_dict(raw)
+    config.check_context(256)
+    with pytest.raises(ValueError, match="--max_req_total_len 257 passes the 256 positions"):
+        config.check_context(257)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert serve.main(["--model_dir", str(tmp_path), "--load_format", "dummy", "--max_req_input_len", "300",
+                       "--max_req_total_len", "400"]) == 2
+    assert "--max_req_total_len 400 passes the 256 positions" in capsys.readouterr().err
