@@ -99,6 +99,25 @@ class Mla:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScoreHead:
+    """A sequence-classification (reward) head in place of the language-model head: `labels` scores per
+    sequence, the head's output at its last token that is not `pad_token_id` (transformers' pooling; None:
+    the last token); `hf_name` is its tensor's name in the checkpoint ("score" for transformers'
+    `*ForSequenceClassification`, "v_head" for InternLM2's reward model)."""
+
+    labels: int
+    hf_name: str
+    pad_token_id: int | None = None
+
+    def scored_length(self, token_ids: list[int]) -> int:
+        """How many leading tokens to run: up to the one pooled (the first when all are padding)."""
+        for i in range(len(token_ids) - 1, -1, -1):
+            if token_ids[i] != self.pad_token_id:
+                return i + 1
+        return 1
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -149,6 +168,8 @@ class ModelConfig:
     moe: Moe | None = None
     # --- multi-head latent attention (None: attention over per-head keys and values)
     mla: Mla | None = None
+    # --- a score head instead of the LM head (reward models, from config.json's `architectures`)
+    score_head: ScoreHead | None = None
 
     @property
     def group_size(self) -> int:
@@ -200,6 +221,8 @@ class ModelConfig:
         block = attn + len(LAYOUT_NORMS[self.norm_layout]) * norm + qk_norms[self.qk_norm]
         layers = sum(block + (self._moe_params(active) if self.is_moe_layer(i) else mlp) for i in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else v * d
+        if self.score_head is not None:
+            head = self.score_head.labels * d
         positions = self.max_position_embeddings * d if self.position == "learned" else 0
         return v * d + positions + (norm if self.embed_norm else 0) + layers + norm + head
 

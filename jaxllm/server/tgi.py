@@ -133,8 +133,10 @@ def _details(state: ServerState, req: GenerateRequest, opts: TgiOptions, seq: Se
 
 
 def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, sequences: list[Sequence]) -> list:
-    """TGI's answer: one object per sequence, the most likely first, whose details list the others."""
-    ranked = sorted(sequences, key=lambda s: s.cumulative_logprob, reverse=True)
+    """TGI's answer: one object per sequence, the most likely first (beam search: the best score first, as the
+    engine ranks them), whose details list the others."""
+    ranked = sequences if state.args.beam_mode else sorted(sequences, key=lambda s: s.cumulative_logprob,
+                                                           reverse=True)
     prefill_tokens = prefill(state, req, ranked[0]) if opts.decoder_input_details else []
     prefix = req.prompt if opts.return_full_text else ""
     out = []

@@ -53,10 +53,11 @@ def test_unseeded_members_differ_and_greedy_members_equal_the_plain_loop(tiny_en
 
 
 def test_groups_paused_and_resumed_give_the_same_tokens(tiny_model_dir, tiny_engine):
-    prompts = random_prompts(seed=22, count=4, max_len=10)
-    params = SamplingParams(best_of=3, n=3, max_new_tokens=10, seed=7, **SAMPLED)
+    prompts = [(p * 8)[:8] for p in random_prompts(seed=22, count=4, max_len=8)]  # two groups need 76 slots
+    # Without ignore_eos the router expects few new tokens (router_max_new_token_len=1): it overcommits the KV.
+    params = SamplingParams(best_of=3, n=3, max_new_tokens=14, seed=7, **{**SAMPLED, "ignore_eos": False})
     expected = run_groups(tiny_engine, prompts, params)
-    tight = make_engine(tiny_model_dir, max_total_token_num=70, router_token_ratio=1.0, router_max_new_token_len=1,
+    tight = make_engine(tiny_model_dir, max_total_token_num=64, router_token_ratio=1.0, router_max_new_token_len=1,
                         router_max_wait_tokens=2)
     with tight:
         assert run_groups(tight, prompts, params) == expected
