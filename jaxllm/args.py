@@ -21,7 +21,6 @@ UNSUPPORTED_FLAGS = (
     "enable_multimodal",
     "cache_capacity",
     "cache_reserved_ratio",
-    "use_reward_model",
 )
 
 

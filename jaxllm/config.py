@@ -99,6 +99,25 @@ class Mla:
 
 
 @dataclasses.dataclass(frozen=True)
+class ScoreHead:
+    """A sequence-classification (reward) head in place of the language-model head: `labels` scores per
+    sequence, the head's output at its last token that is not `pad_token_id` (transformers' pooling; None:
+    the last token); `hf_name` is its tensor's name in the checkpoint ("score" for transformers'
+    `*ForSequenceClassification`, "v_head" for InternLM2's reward model)."""
+
+    labels: int
+    hf_name: str
+    pad_token_id: int | None = None
+
+    def scored_length(self, token_ids: list[int]) -> int:
+        """How many leading tokens to run: up to the one pooled (the first when all are padding)."""
+        for i in range(len(token_ids) - 1, -1, -1):
+            if token_ids[i] != self.pad_token_id:
+                return i + 1
+        return 1
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
     vocab_size: int
@@ -140,17 +159,30 @@ class ModelConfig:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     final_softcap: float | None = None
+    # Positions the model is built for, when its checkpoint changes behaviour past them in a way not built
+    # here (Qwen-1's logn attention and dynamic NTK past `seq_length`); None: no such limit.
+    max_context: int | None = None
     # How the matmul weights are stored (jaxllm/models/quant.py); None: in the model's 16-bit dtype.
     weight_quant: "WeightQuant | None" = None
     # --- mixture of experts (None: every layer has the dense MLP)
     moe: Moe | None = None
     # --- multi-head latent attention (None: attention over per-head keys and values)
     mla: Mla | None = None
+    # --- a score head instead of the LM head (reward models, from config.json's `architectures`)
+    score_head: ScoreHead | None = None
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head (1 for MHA)."""
         return self.num_heads // self.num_kv_heads
+
+    def check_context(self, max_total_len: int) -> None:
+        """ValueError when requests of `max_total_len` tokens (--max_req_total_len) pass `max_context`."""
+        if self.max_context is not None and max_total_len > self.max_context:
+            raise ValueError(
+                f"--max_req_total_len {max_total_len} passes the {self.max_context} positions jaxllm serves "
+                f"{self.model_type} models for (what the checkpoint does past them is not built)"
+            )
 
     def layer_rope(self, layer: int) -> Rope:
         return self.layer_ropes[layer] if self.layer_ropes else self.rope
@@ -189,6 +221,8 @@ class ModelConfig:
         block = attn + len(LAYOUT_NORMS[self.norm_layout]) * norm + qk_norms[self.qk_norm]
         layers = sum(block + (self._moe_params(active) if self.is_moe_layer(i) else mlp) for i in range(self.num_layers))
         head = 0 if self.tie_word_embeddings else v * d
+        if self.score_head is not None:
+            head = self.score_head.labels * d
         positions = self.max_position_embeddings * d if self.position == "learned" else 0
         return v * d + positions + (norm if self.embed_norm else 0) + layers + norm + head
 

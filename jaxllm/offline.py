@@ -1,4 +1,5 @@
-"""Offline batch generation in Python on the serving engine: `LLM(model_dir, **flags).generate(prompts, params)`."""
+"""Offline batch generation in Python on the serving engine: `LLM(model_dir, **flags).generate(prompts, params)`,
+or, for a reward model (use_reward_model=True), `LLM(...).score(prompts)`."""
 
 from __future__ import annotations
 
@@ -77,6 +78,19 @@ class LLM:
                 outputs.append(_collect(prompt_ids, stream))
                 bar.update(1)
         return outputs
+
+    def score(self, prompts: Sequence[str] | Sequence[Sequence[int]], *, use_tqdm: bool = True) -> list[list[float]]:
+        """A reward model's scores of each prompt (the score head's outputs at its last token), in order;
+        prompts are strings or token-id lists, batched by the engine as /get_score's are."""
+        ids = [self._token_ids(p) for p in prompts]
+        streams = [self.engine.submit_score(i) for i in ids]
+        scores = []
+        for stream in tqdm(streams, desc="scoring", unit="req", disable=not use_tqdm):
+            (event,) = list(stream)
+            if event.score is None:
+                raise RuntimeError(f"request {stream.request_id} ended with {event.finish_reason}: {event.error}")
+            scores.append(event.score)
+        return scores
 
     def _token_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -48,6 +48,7 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         ("experts", None),
         ("expert_mlp", TP_AXIS),
         ("latent", None),
+        ("labels", None),
     )
 
 

@@ -87,9 +87,9 @@ def test_startup_checks_fail_with_a_reason(argv, reason):
 
 def test_unbuilt_feature_flags_exit_2_naming_the_flag(capsys):
     with pytest.raises(SystemExit) as exc:
-        ServerArgs.from_argv(["--use_reward_model"])
+        ServerArgs.from_argv(["--enable_multimodal"])
     assert exc.value.code == 2
-    assert "jaxllm: --use_reward_model is not supported yet" in capsys.readouterr().err
+    assert "jaxllm: --enable_multimodal is not supported yet" in capsys.readouterr().err
 
 
 def test_help_lists_every_seed_flag(capsys):

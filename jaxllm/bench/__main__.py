@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sequences per prompt: a group sharing the prompt's KV (sampled, seeded)")
     offline.add_argument("--separately", action="store_true",
                          help="with --best-of: run each prompt's sequences as separate requests instead")
+    offline.add_argument("--score", action="store_true",
+                         help="reward models: the prompts' prefill throughput on --model_dir's causal LM (one new "
+                              "token each), then their scoring throughput on the same config with a random "
+                              "one-label score head (/get_score's engine path); needs --load_format dummy")
     _add_workload_flags(offline)
     quality.add_arguments(sub.add_parser("quality", help="perplexity, greedy agreement and logit error per weight mode"))
     return parser
@@ -107,14 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         table = format_table(result)
     else:
         from jaxllm import LLM
-        from jaxllm.bench.offline import format_offline_table, run_offline
+        from jaxllm.bench.offline import format_offline_table, format_score_table, run_offline, score_against_prefill
 
-        llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
-        requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
-        if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
-            run_offline(llm, requests, ns.best_of, ns.separately)
-        result = run_offline(llm, requests, ns.best_of, ns.separately)
-        table = format_offline_table(result)
+        if ns.score:
+            result = score_against_prefill(ns.model_dir, list(build_workload(spec)), warmup=ns.warmup,
+                                           warmup_pass=ns.warmup_pass, **_engine_overrides(extra))
+            table = format_score_table(result)
+        else:
+            llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
+            requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
+            if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
+                run_offline(llm, requests, ns.best_of, ns.separately)
+            result = run_offline(llm, requests, ns.best_of, ns.separately)
+            table = format_offline_table(result)
     if ns.result_json:
         with open(ns.result_json, "w") as f:
             json.dump(result, f, indent=2)

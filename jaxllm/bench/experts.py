@@ -13,7 +13,8 @@ batches are memory-bound) and the FLOPs they must do (large batches).
 - `sliced`: a loop over the pairs, each expert's matrices a dynamic slice of the stacked weights (small
   batches only: n·k products; XLA may feed the slices to the matmuls without copying them).
 `--tp N` runs `ragged_dot` on N devices, the experts placed by `--placement`: `split` (each expert's
-intermediate axis split across devices, as `--tp` serves) or `experts` (whole experts per device).
+intermediate axis split across devices, as `--tp` serves; `pallas` runs there too, per device as served) or
+`experts` (whole experts per device).
 `--smoke` runs tiny shapes on the CPU and checks that the implementations (and placements) agree.
 """
 
@@ -83,21 +84,21 @@ def mgpu_grouped(block: tuple[int, int, int, int, int]):
     return grouped
 
 
-def pallas_experts(block: tuple[int, int, int, int, int] | None, interpret: bool = False):
-    """The Pallas experts kernel (as served on GPU at --tp 1); `block`: block_m (0: by row count), block_n,
-    block_k, num_warps, num_stages; None: the kernel's defaults."""
+def pallas_experts(block: tuple[int, int, int, int, int] | None, interpret: bool = False, mesh=None):
+    """The Pallas experts kernel as served on GPU (per device under shard_map on a `mesh` of more than one);
+    `block`: block_m (0: by row count), block_n, block_k, num_warps, num_stages; None: the kernel's defaults."""
     if block is None:
-        return experts_kernel("gpu", interpret=interpret)
+        return experts_kernel("gpu", mesh, interpret=interpret)
     block_m, block_n, block_k, warps, stages = block
-    return experts_kernel("gpu", interpret=interpret, block_m=block_m or None, block_n=block_n, block_k=block_k,
-                          num_warps=warps, num_stages=stages)
+    return experts_kernel("gpu", mesh, interpret=interpret, block_m=block_m or None, block_n=block_n,
+                          block_k=block_k, num_warps=warps, num_stages=stages)
 
 
-def implementation(name: str, mgpu_block=None, pallas_block=None, interpret: bool = False):
+def implementation(name: str, mgpu_block=None, pallas_block=None, interpret: bool = False, mesh=None):
     if name == "ragged_dot":
         return routed_experts
     if name == "pallas":
-        return pallas_experts(pallas_block, interpret)
+        return pallas_experts(pallas_block, interpret, mesh)
     if name == "mgpu":
         return functools.partial(routed_experts, grouped=mgpu_grouped(mgpu_block))
     return {"dense_loop": dense_loop, "gathered": gathered, "sliced": sliced}[name]
@@ -150,6 +151,13 @@ def floor_seconds(experts, hidden, inter, itemsize, bandwidth, rate) -> float:
     return max(bytes_ / bandwidth, flops / rate)
 
 
+def _applies(name: str, pairs: int, tp: int, placement: str) -> bool:
+    """sliced: small batches only; beyond one device: XLA's ragged dot, and the Pallas kernel as served."""
+    if name == "sliced" and pairs > 128:
+        return False
+    return tp == 1 or name == "ragged_dot" or (name == "pallas" and placement == "split")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxllm.bench.experts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
                    help="block_m,block_n,block_k,num_warps,num_stages of our Pallas kernel (block_m 0: by row "
                         "count; default: the kernel's, as served)")
-    p.add_argument("--tp", type=int, default=1, help="devices (ragged_dot only beyond 1)")
+    p.add_argument("--tp", type=int, default=1, help="devices (beyond 1: ragged_dot, and pallas when split)")
     p.add_argument("--placement", choices=sorted(PLACEMENTS), default="split", help="experts across --tp devices")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; checks the implementations agree")
@@ -188,9 +196,10 @@ def main(argv=None) -> int:
         if ns.tp > 1:
             args = placed(args, ns.tp, ns.placement)
         for name in ns.impl:
-            if (name == "sliced" and tokens * m.top_k > 128) or (ns.tp > 1 and name != "ragged_dot"):
-                continue  # sliced: one product per pair, small batches only; --tp: the model's path only
-            fn = jax.jit(lambda *a, _f=implementation(name, ns.mgpu_block, ns.pallas_block): _f(*a, act))
+            if not _applies(name, tokens * m.top_k, ns.tp, ns.placement):
+                continue
+            impl = implementation(name, ns.mgpu_block, ns.pallas_block, mesh=make_mesh(ns.tp) if ns.tp > 1 else None)
+            fn = jax.jit(lambda *a, _f=impl: _f(*a, act))
             try:
                 seconds = median_seconds(lambda: fn(*args), ns.repeats)
             except Exception as e:  # noqa: BLE001  one implementation failing must not hide the others' rows

@@ -1,10 +1,16 @@
-"""Offline throughput: the whole workload through the in-process engine (`jaxllm.LLM`), no HTTP."""
+"""Offline throughput: the whole workload through the in-process engine (`jaxllm.LLM`), no HTTP; for reward
+models, scoring throughput against the same prompts' prefill throughput."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
+import json
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from jaxllm.bench.stats import format_rows
 from jaxllm.bench.workload import BenchRequest
@@ -54,15 +60,22 @@ def _generate(llm, requests: list[BenchRequest], best_of: int, separately: bool)
     return [_collect([], s).token_ids for s in streams]
 
 
+def _score(llm, requests: list[BenchRequest]) -> list[list[int]]:
+    """Score every prompt on a reward model: no output tokens."""
+    llm.score([list(r.prompt_ids) for r in requests], use_tqdm=False)
+    return [[] for _ in requests]
+
+
 def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately: bool = False) -> dict:
-    """Generate every request at once (the engine batches them); returns throughput figures and the peak KV
-    use. `best_of` > 1: each prompt as a group of best_of sequences (or best_of separate requests)."""
+    """Generate every request at once (the engine batches them), or on a reward model score every prompt;
+    returns throughput figures and the peak KV use. `best_of` > 1: each prompt as a group of best_of sequences
+    (or best_of separate requests)."""
     prompts = [list(r.prompt_ids) for r in requests]
     before = llm.engine.stats()
     shapes_before = len(llm.engine.runner.shapes_seen)
     start = time.perf_counter()
     with _PeakKV(llm.engine) as kv:
-        outputs = _generate(llm, requests, best_of, separately)
+        outputs = _score(llm, requests) if llm.engine.scoring else _generate(llm, requests, best_of, separately)
     duration = time.perf_counter() - start
     llm.engine.wait_idle(timeout=10.0)
     total_in = sum(len(p) for p in prompts) * (best_of if separately else 1)
@@ -77,6 +90,7 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
         "steps_after_idle": delta["steps_after_idle"],  # launched once the step before had finished
         **{f"{t}_ms_per_step": 1e3 * delta[f"{t}_s"] / steps for t in timers},
         "completed": len(outputs),
+        "scored": llm.engine.scoring,
         "best_of": best_of,
         "separately": separately,
         "peak_kv_tokens": kv.peak,
@@ -89,9 +103,59 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
     }
 
 
+def reward_variant(model_dir: str | Path, dst: Path) -> Path:
+    """A copy of `model_dir`'s config (and tokenizer) as the reward model of its family, one label, for
+    random weights (--load_format dummy): e.g. a Llama-3-8B config with a random one-label head."""
+    from jaxllm.models.registry import reward_architecture
+
+    raw = json.loads((Path(model_dir) / "config.json").read_text())
+    raw = {k: v for k, v in raw.items() if k not in ("auto_map", "pad_token_id", "quantization_config")}
+    raw.update(architectures=[reward_architecture(raw.get("model_type", "llama"))], id2label={"0": "LABEL_0"},
+               label2id={"LABEL_0": 0})
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(raw))
+    for path in Path(model_dir).glob("*token*"):
+        if path.is_file():
+            shutil.copy(path, dst / path.name)
+    return dst
+
+
+def score_against_prefill(model_dir: str, requests: list[BenchRequest], *, warmup: int | None = None,
+                          warmup_pass: bool = False, **flags) -> dict:
+    """The prompts' prefill throughput on the causal LM of `model_dir` (one new token each, so no decode
+    step), then their scoring throughput on the same config with a random one-label score head, one engine
+    after the other (random weights: flags must hold load_format="dummy")."""
+    from jaxllm import LLM
+
+    if flags.get("load_format") != "dummy":
+        raise ValueError("--score compares random-weight models: pass --load_format dummy")
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, directory, extra in [("prefill", model_dir, {}),
+                                       ("score", reward_variant(model_dir, Path(tmp)), {"use_reward_model": True})]:
+            with LLM(str(directory), warmup=warmup, **flags, **extra) as llm:
+                work = [dataclasses.replace(r, output_len=1) for r in requests]
+                if warmup_pass:
+                    run_offline(llm, work)
+                runs[name] = run_offline(llm, work)
+            gc.collect()  # the first engine's weights and KV leave the device before the second loads
+    runs["score_over_prefill"] = runs["score"]["duration_s"] and runs["prefill"]["duration_s"] / runs["score"]["duration_s"]
+    return runs
+
+
+def format_score_table(runs: dict) -> str:
+    rows = [(f"{name}: input throughput (tok/s)", f"{runs[name]['total_input_tokens'] / runs[name]['duration_s']:.1f}")
+            for name in ("prefill", "score")]
+    rows += [(f"{name}: request throughput (req/s)", f"{runs[name]['request_throughput']:.2f}")
+             for name in ("prefill", "score")]
+    rows.append(("scoring speed / prefill speed", f"{runs['score_over_prefill']:.3f}"))
+    return format_rows(rows)
+
+
 def format_offline_table(result: dict) -> str:
     rows = [
-        ("sequences", f"{result['completed']}" + (f" (best_of {result['best_of']}, "
+        ("scored prompts" if result.get("scored") else "sequences",
+         f"{result['completed']}" + (f" (best_of {result['best_of']}, "
                                                   f"{'separate requests' if result['separately'] else 'groups'})"
                                                   if result["best_of"] > 1 else "")),
         ("peak KV in use (tokens)", str(result["peak_kv_tokens"])),

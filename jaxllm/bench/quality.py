@@ -83,6 +83,7 @@ def compare(model_dir: str, modes, dtype, window: int, text: str) -> list[Qualit
 
     ids = load_tokenizer(model_dir, "fast").encode(text)
     chunks = windows(ids, window)
+    print(f"{len(ids)} tokens in {len(chunks)} windows; scoring the unquantised model", flush=True)
     base = Scorer(model_dir, dtype, None)
     base_logits = [base.logits(c) for c in chunks]
     del base
@@ -90,6 +91,7 @@ def compare(model_dir: str, modes, dtype, window: int, text: str) -> list[Qualit
     base_ppl = math.exp(base_nll.mean())
     results = [Quality("16-bit", base_ppl, 0.0, 1.0, 0.0, len(base_nll))]
     for mode in modes:
+        print(f"scoring --mode {mode}", flush=True)
         scorer = Scorer(model_dir, dtype, mode)
         nll, agree, diff = [], [], 0.0
         for chunk, ref in zip(chunks, base_logits):
@@ -100,6 +102,7 @@ def compare(model_dir: str, modes, dtype, window: int, text: str) -> list[Qualit
         ppl = math.exp(np.concatenate(nll).mean())
         results.append(Quality(mode, ppl, ppl / base_ppl - 1, float(np.concatenate(agree).mean()), diff,
                                len(base_nll)))
+        print(format_table(results[-1:]).splitlines()[-1], flush=True)
         del scorer
     return results
 

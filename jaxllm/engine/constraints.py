@@ -29,6 +29,9 @@ class TokenConstraint(Protocol):
     def advance(self, token: int) -> None:
         """Take the sampled token; ValueError if the rule forbade it."""
 
+    # Optionally, a static `fill_many(rows: list[(constraint, row index)], mask)` filling several rows of one
+    # kind at once (e.g. in parallel threads); step_masks uses it when the constraint's class has one.
+
 
 def empty_mask(words: int) -> np.ndarray:
     """One row that allows nothing (a constraint's scratch row)."""
@@ -45,8 +48,15 @@ def step_masks(batch: SchedulerOutput, rows: int, words: int) -> np.ndarray:
     """The allowed-token mask of a step's rows [rows, words]: each sampled row with an active constraint gets
     its rule's set, every other row (and padding) all tokens. Row i is batch.chunks[i]."""
     mask = np.full((rows, words), ALL_ALLOWED, np.int32)
+    together: dict = {}  # fill_many → its rows
     for i, chunk in enumerate(batch.chunks):
         constraint = chunk.request.constraint
         if chunk.samples and constraint is not None and constraint.active and not chunk.request.finished:
-            constraint.fill(mask[i])
+            fill_many = getattr(type(constraint), "fill_many", None)
+            if fill_many is None:
+                constraint.fill(mask[i])
+            else:
+                together.setdefault(fill_many, []).append((constraint, i))
+    for fill_many, entries in together.items():
+        fill_many(entries, mask)
     return mask

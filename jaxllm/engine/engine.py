@@ -27,7 +27,7 @@ from jaxllm.engine.group import SequenceGroup, member_params
 from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
-from jaxllm.engine.request import Request, RequestStatus, SamplingParams, TokenEvent
+from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_prompt
 from jaxllm.engine.splitfuse import SplitFuseScheduler
@@ -36,6 +36,7 @@ from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
 from jaxllm.models.expert_kernels import experts_kernel
 from jaxllm.models.quant import with_weight_mode
+from jaxllm.models.registry import SCORE_ARCHITECTURES
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
 
@@ -61,6 +62,19 @@ class StepReport:
         return self.prefill_requests if self.method == "prefill" else self.decode_requests
 
 
+def check_reward_flags(config: ModelConfig, args) -> None:
+    """--use_reward_model and a checkpoint with a score head go together, without --token_healing_mode (which
+    rewrites prompts for generation); ValueError otherwise."""
+    if args.use_reward_model and config.score_head is None:
+        raise ValueError(f"--use_reward_model: {args.model_dir} is not a reward model (config.json's architectures "
+                         f"name no score head; served: {', '.join(SCORE_ARCHITECTURES)})")
+    if config.score_head is not None and not args.use_reward_model:
+        raise ValueError(f"{args.model_dir} is a reward model (a score head, no LM head): serve it with "
+                         "--use_reward_model")
+    if config.score_head is not None and args.token_healing_mode:
+        raise ValueError("--token_healing_mode: a reward model generates no tokens to heal")
+
+
 def build_scheduler(args, kv: KVCache) -> Scheduler:
     """The policy the flags ask for: LightLLM's router, or its splitfuse variant."""
     policy = SplitFuseScheduler if args.splitfuse_mode else Scheduler
@@ -76,6 +90,8 @@ class Engine:
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
+        # A reward model (a score head): every request is scored (submit_score), none generates.
+        self.scoring = model.config.score_head is not None
         prefix_cache = PrefixCache() if args.use_dynamic_prompt_cache else None
         self.kv = KVCache(args.max_total_token_num, args.running_max_req_size, prefix_cache=prefix_cache)
         self.scheduler = build_scheduler(args, self.kv)
@@ -126,6 +142,8 @@ class Engine:
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
         config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
+        config.check_context(args.max_req_total_len)
+        check_reward_flags(config, args)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         mesh = make_mesh(args.tp)
         platform = jax.devices()[0].platform
@@ -199,6 +217,19 @@ class Engine:
         self._wake.set()
         return [m.stream for m in members]
 
+    def submit_score(self, prompt_ids: list[int], request_id: str | None = None) -> RequestStream:
+        """Queue one prompt to score (a reward model): it is prefilled, batched with the others, and its stream
+        yields one event carrying the score head's outputs at its last token that is not padding (TokenEvent.score;
+        trailing padding is not run); its KV is freed after that step (or kept by the prompt cache). Raises
+        ValueError for an invalid prompt."""
+        prompt_ids = list(prompt_ids)
+        if self.scoring:
+            prompt_ids = prompt_ids[: self.config.score_head.scored_length(prompt_ids)]
+        req = self._new_request(prompt_ids, SCORE_PARAMS, request_id, scoring=True)
+        self._inbox.put(("add", [req]))
+        self._wake.set()
+        return req.stream
+
     def submit_many(self, requests: list[tuple[list[int], SamplingParams, str | None]]) -> list[RequestStream]:
         """Queue several sequences at once: the engine sees them together (one admission decision), so the
         same submission to an idle engine always runs as the same steps. All are checked before any is
@@ -210,7 +241,12 @@ class Engine:
         self._wake.set()
         return [req.stream for req in built]
 
-    def _new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None) -> Request:
+    def _new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
+                     scoring: bool = False) -> Request:
+        if scoring != self.scoring:
+            raise ValueError("this engine serves a reward model: it scores prompts (submit_score), it does not "
+                             "generate" if self.scoring else "this engine serves a generative model: it has no "
+                             "score head to score prompts with (a reward model and --use_reward_model)")
         params = params.normalized()
         params.validate()
         if params.stop_sequences and self.tokenizer is None:
@@ -424,6 +460,9 @@ class Engine:
         self._counters["postprocess_s"] += time.perf_counter() - started - waited
 
     def _read_results(self, batch: SchedulerOutput, result) -> None:
+        if result.scores is not None:
+            self._read_scores(batch, result.scores)
+            return
         sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
         beams: dict[int, SequenceGroup] = {}
         for i, chunk in enumerate(batch.chunks):
@@ -455,6 +494,17 @@ class Engine:
             except Exception as exc:  # noqa: BLE001
                 log.exception("beam search of %s failed", group.leader.request_id)
                 self._end(group.leader, "error", f"{type(exc).__name__}: {exc}")
+
+    def _read_scores(self, batch: SchedulerOutput, scores) -> None:
+        """A reward model's step: each request whose prompt it completed gets its score and ends."""
+        for i, chunk in enumerate(batch.chunks):
+            req = chunk.request
+            if not chunk.samples:
+                continue
+            req.num_pending -= 1
+            if not req.finished:
+                self._retire(req, "stop")
+                self._emit(req, self._events.score(req, scores[i].tolist()))
 
     def _advance_beams(self, group: SequenceGroup) -> None:
         """One round of a group's beam search, once every live beam's results are read: move the beams (each

@@ -1,5 +1,6 @@
 """What a request's consumer receives: each sampled token as a TokenEvent (text, eos and stop checks, the first
-event's extras), the prompt logprobs gathered per position, and the final event of a request ended early."""
+event's extras), the prompt logprobs gathered per position, a reward model's score, and the final event of a
+request ended early."""
 
 from __future__ import annotations
 
@@ -76,10 +77,22 @@ class EventMaker:
             if params.prompt_logprobs:  # a group's are computed by its leader, for every member
                 members = req.group.members if req.group is not None else [req]
                 event.prompt_logprobs = next((m.prompt_logprobs for m in [req, *members] if m.prompt_logprobs), None)
-            if req.scheduled_at is not None:
-                event.queue_s = req.scheduled_at - req.submitted_at
-            if self.prompt_cache:
-                event.cached_tokens = req.cache_hit or 0
+            self._first_event_extras(req, event)
+        return event
+
+    def _first_event_extras(self, req: Request, event: TokenEvent) -> None:
+        """Queue time, and the prompt tokens found cached when the prompt cache is on."""
+        if req.scheduled_at is not None:
+            event.queue_s = req.scheduled_at - req.submitted_at
+        if self.prompt_cache:
+            event.cached_tokens = req.cache_hit or 0
+
+    def score(self, req: Request, score: list[float]) -> TokenEvent:
+        """The one event of a reward model's request: its score (no token), finish_reason "stop", and the first
+        event's extras."""
+        event = final_event(req, "stop")
+        event.score = score
+        self._first_event_extras(req, event)
         return event
 
     @staticmethod

@@ -10,12 +10,14 @@ from collections import OrderedDict
 
 import llguidance
 import llguidance.hf
+import llguidance.numpy
 import numpy as np
 
 from jaxllm.engine.constraints import allow
 from jaxllm.engine.request import Guided
 
 _CACHE_SIZE = 256  # distinct compiled grammars kept
+_EXECUTOR: llguidance.LLExecutor | None = None  # llguidance's thread pool for a step's masks, made when first used
 # JSON as OpenAI's structured outputs write it: ", " and ": " between items, no other whitespace (free
 # whitespace lets a sampled answer spend its tokens on blanks). A schema's "x-guidance" may override it.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -108,6 +110,7 @@ class GrammarConstraint:
         self._eos_ids = eos_ids
         self._words = mask_words
         self._scratch = np.zeros((1, (vocab + 31) // 32), np.int32)
+        self._fills_in_place = self._scratch.shape[1] == mask_words  # llguidance can write a step's row itself
 
     active = True
 
@@ -126,6 +129,24 @@ class GrammarConstraint:
         row[:n] = self._scratch[0, :n]
         if m.is_accepting():
             allow(row, self._eos_ids)
+
+    @staticmethod
+    def fill_many(entries: list[tuple["GrammarConstraint", int]], mask: np.ndarray) -> None:
+        """Several rows of a step's mask [rows, words] at once, in llguidance's threads."""
+        global _EXECUTOR
+        parallel = [(c, i) for c, i in entries if c._fills_in_place and not (c._matcher.is_error()
+                                                                             or c._matcher.is_stopped())]
+        if parallel:
+            if _EXECUTOR is None:
+                _EXECUTOR = llguidance.LLExecutor()
+            llguidance.numpy.fill_next_token_bitmask_par(_EXECUTOR, [(c._matcher, i) for c, i in parallel], mask)
+            for c, i in parallel:
+                if c._matcher.is_accepting():
+                    allow(mask[i], c._eos_ids)
+        done = {i for _, i in parallel}
+        for c, i in entries:
+            if i not in done:
+                c.fill(mask[i])
 
     def advance(self, token: int) -> None:
         if token in self._eos_ids and (self._matcher.is_accepting() or self._matcher.is_stopped()):

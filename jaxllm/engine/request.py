@@ -111,6 +111,10 @@ class SamplingParams:
                 raise ValueError(f"{name}: {reason} (got {getattr(self, name)!r})")
 
 
+# What a reward model's request runs with: its prompt's one step, whose result is a score, not a token.
+SCORE_PARAMS = SamplingParams(max_new_tokens=1).normalized()
+
+
 def _valid_decay(value: Any) -> bool:
     if not isinstance(value, tuple) or len(value) != 2:
         return False
@@ -137,6 +141,7 @@ class TokenEvent:
     cached_tokens: int | None = None  # first event only, with the prompt cache on: prompt tokens found cached
     top_logprobs: list[tuple[int, float]] | None = None  # params.top_logprobs most likely (id, logprob), best first
     cumlogprob: float | None = None  # sum of the sequence's logprobs so far (--diverse_mode, --beam_mode details)
+    score: list[float] | None = None  # a reward model's request: the score head's outputs at its last token
 
 
 class RequestStatus(enum.Enum):

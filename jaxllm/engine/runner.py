@@ -100,7 +100,7 @@ class StepHandle:
     """A dispatched step: its schedule and its (device) results."""
 
     batch: SchedulerOutput
-    sampled: jax.Array  # [R] i32
+    sampled: jax.Array  # [R] i32; a reward model's scores [R, labels] f32
     logprobs: jax.Array  # [R] f32
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
@@ -122,18 +122,20 @@ class StepHandle:
 
 @dataclasses.dataclass
 class StepResult:
-    sampled: np.ndarray  # [rows of the batch]
+    sampled: np.ndarray | None  # [rows of the batch]; None for a reward model, which samples nothing
     logprobs: np.ndarray
     prompt_logprobs: np.ndarray | None
     token_offsets: list[int]
     top_ids: np.ndarray | None = None  # [rows of the batch, K]: most likely tokens, when the step reports them
     top_logprobs: np.ndarray | None = None
+    scores: np.ndarray | None = None  # [rows of the batch, labels]: a reward model's scores
 
 
 def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
           penalties, sampling, top_logprobs, constrained):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
     sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
+    A reward model's step samples nothing: its scores [R, labels] come in place of the sampled ids.
     Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
     logprobs, None)."""
     inp = unpack(ints, floats, layout)
@@ -154,6 +156,9 @@ def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, widt
         decode_only=decode_only,
     )
     logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits)
+    if model.config.score_head is not None:  # a reward model: the rows' scores [R, labels], nothing sampled
+        new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
+        return new_kv, last_tokens, logits, jnp.zeros(logits.shape[:1], jnp.float32), jnp.zeros(tokens.shape), None
     if all_logits:  # logits [T, V]: every position's next-token logprob, then the sampled rows
         all_lp = jax.nn.log_softmax(logits, axis=-1)
         prompt_lp = jnp.take_along_axis(all_lp, inp.target_ids[:, None], axis=-1)[:, 0]
@@ -221,6 +226,7 @@ class ModelRunner:
         self.mesh = mesh
         self.host_kv = kv
         self.vocab_size = model.config.vocab_size
+        self.scoring = model.config.score_head is not None  # a reward model: steps return scores, not tokens
         self.eos_ids = tuple(int(e) for e in eos_ids if 0 <= e < self.vocab_size)
         # Step shapes: decodes by row count; prefill (and mixed) steps by token count alone (their rows:
         # prefill_rows); slot-table widths bucketed only when the attention's cost follows the width.
@@ -379,8 +385,10 @@ class ModelRunner:
         """Wait for a dispatched step's results on the host."""
         n = len(handle.batch.chunks)
         top_ids, top_lp = (np.asarray(a)[:n] for a in handle.top) if handle.top is not None else (None, None)
+        rows = np.asarray(handle.sampled)[:n]
         return StepResult(
-            sampled=np.asarray(handle.sampled)[:n],
+            sampled=None if self.scoring else rows,
+            scores=rows if self.scoring else None,
             logprobs=np.asarray(handle.logprobs)[:n],
             prompt_logprobs=None if handle.prompt_logprobs is None else np.asarray(handle.prompt_logprobs),
             token_offsets=handle.token_offsets,

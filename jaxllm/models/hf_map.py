@@ -127,8 +127,12 @@ def plain_mlp(config: ModelConfig, up: str, down: str, path: Path) -> WeightMap:
 
 
 def embeddings_and_head(config: ModelConfig, embed: str, norm: str, head: str = "lm_head") -> WeightMap:
+    """The embedding, the final norm and the head: the LM head `head` (unless tied to the embedding), or the
+    config's score head (`score` [hidden, labels])."""
     table = {embed + ".weight": Target(("embed_tokens",), same), **norm_targets(norm, ("norm",), config)}
-    if not config.tie_word_embeddings:
+    if config.score_head is not None:
+        table[config.score_head.hf_name + ".weight"] = Target(("score",), transposed)
+    elif not config.tie_word_embeddings:
         table[head + ".weight"] = Target(("lm_head",), transposed)
     return table
 

@@ -61,7 +61,7 @@ class LatentAttention(nn.Module):
         latent = Norm(c, self.dtype, name="kv_a_layernorm")(kv_a[:, : a.kv_rank])  # [n, kv_rank]
         k_rope = kv_a[:, None, a.kv_rank :]  # [n, 1, rope]: one rotary key for all heads
         r = c.layer_rope(self.layer)
-        cos, sin = rope.cos_sin(r, a.rope_dim, meta.positions, c.max_position_embeddings)
+        cos, sin = rope.cos_sin(r, a.rope_dim, meta.positions)
         q_rope = rope.apply_rope(q_rope, cos, sin, r.interleaved)
         k_rope = rope.apply_rope(k_rope, cos, sin, r.interleaved)
         (cache,) = layer_cache

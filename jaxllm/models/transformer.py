@@ -1,5 +1,6 @@
 """The decoder every family runs: embedding → unrolled blocks (attention + MLP, with the family's norm
-layout) → final norm → head. A family differs only in its `ModelConfig` fields and its weight map.
+layout) → final norm → head (the LM head, or a reward model's score head). A family differs only in its
+`ModelConfig` fields and its weight map.
 
 `__call__(tokens [n], meta, kv_cache) -> (logits, kv_cache)`: one step over packed tokens of any mix of
 prefill chunks and decodes. Layers are unrolled (a scanned stack made XLA copy weight slices per step).
@@ -71,7 +72,7 @@ class CausalLM(nn.Module):
         """tokens [n] int32; kv_cache: one backend cache tuple per layer.
 
         Returns logits float32 [rows, vocab] at `meta.logits_index` ([n, vocab] with `all_logits`)
-        and the updated cache.
+        and the updated cache; a model with a score head returns its scores [rows, labels] instead.
         """
         c = self.config
         embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
@@ -92,6 +93,9 @@ class CausalLM(nn.Module):
         if not all_logits:
             x = x[meta.logits_index]
         x = Norm(c, self.dtype, name="norm")(x)
+        if c.score_head is not None:  # a reward model: its scores [rows, labels] in place of logits
+            head = param(self, "score", (c.hidden_size, c.score_head.labels), ("embed", "labels"), self.dtype)
+            return dense(x, head, "nd,dl->nl").astype(jnp.float32), tuple(new_cache)
         if c.tie_word_embeddings:
             logits = dense(x, embed, "nd,vd->nv")
         else:

@@ -13,7 +13,7 @@ from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from jaxllm.engine.request import SamplingParams
-from jaxllm.server import lightllm, openai, tgi
+from jaxllm.server import lightllm, openai, reward, tgi
 from jaxllm.server.auth import ApiKeys
 from jaxllm.server.errors import ApiError, lightllm_error_body, openai_error_body, tgi_error_body
 from jaxllm.server.generation import Generation
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024 * 1024  # a larger body is a 413
 HEALTH_TIMEOUT_S = 50.0  # a slower health generation is a failure (answered before a 60 s probe gives up)
 HEALTH_PROMPT = "Hello"
+# The routes that generate text, refused by a reward model's server.
+GENERATION_ROUTES = ("/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions")
 LOAD_REFRESH_S = 1.0  # how often the load gauges are copied from the engine
 
 
@@ -35,10 +37,11 @@ async def read_json() -> object:
 
 
 async def health_check(state: ServerState) -> bool:
-    """A one-token greedy generation through the engine, within HEALTH_TIMEOUT_S."""
+    """A one-token greedy generation (a reward model: a score) through the engine, within HEALTH_TIMEOUT_S."""
     try:
         ids = state.tokenizer.encode(HEALTH_PROMPT)
-        generation = Generation(state.engine, [ids], SamplingParams(max_new_tokens=1).normalized())
+        generation = Generation(state.engine, [ids], SamplingParams(max_new_tokens=1).normalized(),
+                                scoring=state.args.use_reward_model)
         await asyncio.wait_for(generation.collect(), HEALTH_TIMEOUT_S)
         return True
     except Exception:
@@ -77,10 +80,16 @@ def create_app(state: ServerState) -> Quart:
         stream = nullable(boolean)("stream", body.pop("stream", None)) if isinstance(body, dict) else None
         return await (fmt.generate_stream if stream else fmt.generate)(state, body)
 
+    @app.before_request
+    async def refuse_generation_on_a_reward_model() -> Response | None:
+        if state.args.use_reward_model and request.method == "POST" and request.path in GENERATION_ROUTES:
+            raise ApiError(400, f"{request.path}: this server runs a reward model (--use_reward_model), which "
+                                "scores chats on /get_score and generates no text")
+        return None
+
     @app.post("/get_score")
     async def get_score() -> Response:
-        raise ApiError(400, "/get_score needs a reward model (--use_reward_model); this server runs a "
-                            "generative model")
+        return await reward.get_score(state, await read_json())
 
     @app.route("/tokens", methods=["GET", "POST"])
     async def tokens() -> Response:

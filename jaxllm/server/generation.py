@@ -69,8 +69,10 @@ class Generation:
     Use once, through collect() or events(). It notes when it was submitted, its first and last token, how
     many tokens came, its queue time and prompt-cache hits as the engine reports them (for the metrics)."""
 
-    def __init__(self, engine, prompts: list[list[int]], params: SamplingParams) -> None:
+    def __init__(self, engine, prompts: list[list[int]], params: SamplingParams, *, scoring: bool = False) -> None:
+        """scoring: each prompt is scored by a reward model (Engine.submit_score; params is SCORE_PARAMS)."""
         self.engine = engine
+        self.scoring = scoring
         self.prompts = prompts
         self.params = params
         self.samples = [(ids, member_params(params, i)) for ids in prompts for i in range(params.best_of)]
@@ -95,7 +97,10 @@ class Generation:
         for p, ids in enumerate(self.prompts):
             request_ids = self.request_ids[p * best_of:(p + 1) * best_of]
             try:
-                streams += self.engine.submit_group(ids, self.params, request_ids)
+                if self.scoring:
+                    streams.append(self.engine.submit_score(ids, request_ids[0]))
+                else:
+                    streams += self.engine.submit_group(ids, self.params, request_ids)
             except ValueError as exc:
                 self._abort_open()
                 raise invalid(str(exc)) from None
@@ -110,7 +115,7 @@ class Generation:
             self.queue_s = event.queue_s
         if event.cached_tokens is not None:
             self.prompt_cache_lookups.append((event.cached_tokens, event.prompt_tokens))
-        self.generated_tokens += 1
+        self.generated_tokens += event.score is None  # a score is no generated token
         if event.finished:
             self._open.discard(self.request_ids[index])
             if not self._open:

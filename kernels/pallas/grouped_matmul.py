@@ -48,7 +48,7 @@ def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, o_ref, *, block_m: in
 
     def body(kb, acc):
         cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        xa = x_ref[row[:, None], cols[None, :]]  # [block_m, block_k] gathered rows
+        xa = pltriton.load(x_ref.at[row[:, None], cols[None, :]])  # [block_m, block_k] gathered rows
         wb = w_ref[g, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)]  # [block_k, block_n]
         return acc + pltriton.dot(xa, wb, allow_tf32=False if f32 else None)
 
@@ -81,6 +81,8 @@ def grouped_matmul(x, w, group_sizes, *, block_m: int | None = None, block_n: in
     block_n, block_k = fitted_block(n, block_n), fitted_block(k_dim, block_k)
     if block_m < 16:
         raise ValueError(f"grouped_matmul: block_m={block_m} is below 16")
+    if w.size >= 2**31 or x.size >= 2**31:
+        raise ValueError("grouped_matmul: an operand of 2**31 elements or more overflows the kernel's int32 offsets")
     group, start, count = tile_plan(group_sizes, m, block_m)
     kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k)
     return pl.pallas_call(

@@ -18,13 +18,14 @@ from jaxllm.weights import load_hf
 from tests.engine.engine_helpers import make_engine
 
 
-def random_hf_model(raw: dict) -> torch.nn.Module:
+def random_hf_model(raw: dict, auto_class=transformers.AutoModelForCausalLM) -> torch.nn.Module:
     """A transformers model of `raw` with every weight random, norm weights and biases included, large
-    enough (std 0.15) that attention scores are far from uniform, so windows, soft-caps and ALiBi matter."""
+    enough (std 0.15) that attention scores are far from uniform, so windows, soft-caps and ALiBi matter.
+    `auto_class`: which head (a causal LM, or e.g. AutoModelForSequenceClassification)."""
     config = transformers.AutoConfig.for_model(**raw)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval().float()
+    model = auto_class.from_config(config).eval().float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name:
@@ -34,9 +35,9 @@ def random_hf_model(raw: dict) -> torch.nn.Module:
     return model
 
 
-def saved_random_hf_model(raw: dict, path) -> torch.nn.Module:
-    """`random_hf_model(raw)`, also saved to `path` as a Hugging Face checkpoint (safetensors)."""
-    model = random_hf_model(raw)
+def saved_random_hf_model(raw: dict, path, auto_class=transformers.AutoModelForCausalLM) -> torch.nn.Module:
+    """`random_hf_model(raw, auto_class)`, also saved to `path` as a Hugging Face checkpoint (safetensors)."""
+    model = random_hf_model(raw, auto_class)
     model.save_pretrained(path, safe_serialization=True)
     return model
 

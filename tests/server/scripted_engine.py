@@ -64,6 +64,23 @@ class ScriptedStream:
                 return
 
 
+class ScriptedScore:
+    """A reward model's answer: one event whose two-label score is derived from the prompt's length."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int]):
+        self.request_id, self.prompt_ids = request_id, prompt_ids
+        self.aborted = self.done = False
+
+    def __aiter__(self):
+        return self._score()
+
+    async def _score(self):
+        self.done = True
+        event = TokenEvent(-1, "", 0.0, False, 0, len(self.prompt_ids), True, "stop")
+        event.score = [len(self.prompt_ids) / 10, -1.0]
+        yield event
+
+
 class ScriptedEngine:
     def __init__(self, tokenizer, args, *, script_text: str = SCRIPT_TEXT, delay_s: float = 0.0):
         self.tokenizer = tokenizer
@@ -88,6 +105,10 @@ class ScriptedEngine:
     def submit_group(self, prompt_ids, params, request_ids) -> list[ScriptedStream]:
         """Independent members, member i with seed + i (the engine's rule)."""
         return [self.submit(prompt_ids, member_params(params, i), rid) for i, rid in enumerate(request_ids)]
+
+    def submit_score(self, prompt_ids, request_id=None) -> ScriptedScore:
+        self.streams[request_id] = ScriptedScore(request_id, list(prompt_ids))
+        return self.streams[request_id]
 
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -168,6 +168,14 @@ def test_get_score_needs_a_reward_model(make_client):
     assert status == 400 and "--use_reward_model" in json.loads(raw)["message"]
 
 
+def test_get_score_of_several_labels_is_a_list(make_client, tokenizer):
+    client, _ = make_client("--use_reward_model")
+    status, raw = run(post(client, "/get_score", {"chat": "Is this a good answer?", "parameters": {"x": 1}}))
+    count = len(tokenizer.encode("Is this a good answer?"))
+    assert status == 200 and json.loads(raw) == {"score": [count / 10, -1.0], "prompt_tokens": count,
+                                                 "finish_reason": "stop"}
+
+
 def test_common_routes(make_client, tokenizer):
     client, state = make_client()
 

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Constrained decoding and token healing on the GPU (issues 23 and 15), the Llama-3-8B config with random weights:
+#   TPOT of 64 concurrent JSON-schema requests (jaxllm/bench/schemas/records.json, at least 64 records, so every
+#   answer runs to its length) against 64 unconstrained ones, and the host time the engine spends building the
+#   allowed-token masks per constrained step (the server's stats line: "token masks: X ms/step");
+#   TTFT of single 512-token requests without and with --token_healing_mode.
+# JSON under $OUT (tables and server logs under $LOGS), a table last. The device needs the llguidance wheel.
+# Usage on the device machine (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_constrain_bench.sh
+set -uo pipefail
+source tools/device_env.sh /tmp/jaxllm-constrain
+PORT=${PORT:-8012}
+URL=http://127.0.0.1:$PORT
+SERVER_FLAGS=(--model_dir "$MODEL" --load_format dummy --data_type bf16 --port "$PORT" --tokenizer_mode fast
+  --max_total_token_num ${KV_TOKENS:-262144} --running_max_req_size 256 --batch_max_tokens 8192
+  --max_req_input_len 2048 --max_req_total_len 3072 --log_stats_interval 5)
+SERVER_PID=
+
+http_get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('$URL' + sys.argv[1], timeout=5).read().decode())" "$1"; }
+start_server() {  # start_server LABEL [extra flags]
+  local label=$1; shift
+  $PY -m jaxllm.serve "${SERVER_FLAGS[@]}" "$@" > "$LOGS/server_$label.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 1200); do
+    http_get /health > /dev/null 2>&1 && return 0
+    kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$LOGS/server_$label.log"; return 1; }
+    sleep 0.5
+  done
+  echo "$label: no /health after 600 s"; return 1
+}
+stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
+trap stop_server EXIT
+bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run (warm-up runs keep their JSON in $LOGS)
+  local name=$1; shift
+  local results=$OUT
+  case $name in warmup*) results=$LOGS ;; esac
+  timeout ${BENCH_TIMEOUT:-300} $PY -m jaxllm.bench serve --base-url "$URL" --tokenizer "$MODEL" \
+    --result-json "$results/$name.json" "$@" 2> /dev/null > "$LOGS/$name.txt"
+  echo "== $name"; grep -E "throughput|TTFT|TPOT|completed|failed" "$LOGS/$name.txt"
+}
+SCHEMA=jaxllm/bench/schemas/records.json
+BATCH=(--num-prompts 64 --input-len 256 --output-len 256 --request-rate inf)
+SINGLE=(--num-prompts 32 --input-len 512 --output-len 16 --max-concurrency 1)
+
+start_server constrain || exit 1
+bench warmup_free "${BATCH[@]}" --seed 9 > /dev/null  # compiles the shapes both runs meet
+bench warmup_schema "${BATCH[@]}" --seed 9 --json-schema "$SCHEMA" > /dev/null
+bench free_64 "${BATCH[@]}" --seed 1
+bench schema_64 "${BATCH[@]}" --seed 1 --json-schema "$SCHEMA"
+sleep 6  # one more stats line
+grep -o "token masks: .*" "$LOGS/server_constrain.log" | tail -3 | tee "$LOGS/mask_time.txt"
+bench warmup_single "${SINGLE[@]}" --seed 8 > /dev/null
+bench ttft_plain "${SINGLE[@]}" --seed 2
+stop_server
+
+start_server healing --token_healing_mode || exit 1
+bench warmup_single_healing "${SINGLE[@]}" --seed 8 > /dev/null
+bench ttft_healing "${SINGLE[@]}" --seed 2
+stop_server
+
+echo "== summary"
+$PY - "$OUT" "$LOGS/mask_time.txt" << 'PYEOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+r = {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
+for name in sorted(r):
+    print(f"{name:<14} TTFT med {r[name]['ttft_ms']['median']:8.1f} ms  TPOT med {r[name]['tpot_ms']['median']:7.2f} ms"
+          f"  out {r[name]['output_throughput']:8.1f} tok/s")
+if "free_64" in r and "schema_64" in r:
+    print(f"TPOT schema / free: {r['schema_64']['tpot_ms']['median'] / r['free_64']['tpot_ms']['median']:.3f} (goal <= 1.1)")
+if "ttft_plain" in r and "ttft_healing" in r:
+    print(f"token healing adds {r['ttft_healing']['ttft_ms']['median'] - r['ttft_plain']['ttft_ms']['median']:.1f} ms TTFT (median)")
+print(Path(sys.argv[2]).read_text().strip())
+PYEOF
