@@ -45,7 +45,7 @@ serve: model
 
 test: install-test
 	$(PY) -m tools.convert.default_model --dst $(MODEL_DIR)
-	JAXLLM_TRANSFORMERS4_PYTHON=$(TF4_PY) $(PY) -m pytest -q tests
+	JAXLLM_TRANSFORMERS4_PYTHON=$(TF4_PY) $(PY) -m pytest -q --durations=25 tests
 
 clean-venv:
 	rm -rf $(VENV) $(VENV_TF4)

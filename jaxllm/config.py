@@ -159,6 +159,9 @@ class ModelConfig:
     residual_scale: float = 1.0
     logit_scale: float = 1.0
     final_softcap: float | None = None
+    # Positions the model is built for, when its checkpoint changes behaviour past them in a way not built
+    # here (Qwen-1's logn attention and dynamic NTK past `seq_length`); None: no such limit.
+    max_context: int | None = None
     # How the matmul weights are stored (jaxllm/models/quant.py); None: in the model's 16-bit dtype.
     weight_quant: "WeightQuant | None" = None
     # --- mixture of experts (None: every layer has the dense MLP)
@@ -172,6 +175,14 @@ class ModelConfig:
     def group_size(self) -> int:
         """Query heads per KV head (1 for MHA)."""
         return self.num_heads // self.num_kv_heads
+
+    def check_context(self, max_total_len: int) -> None:
+        """ValueError when requests of `max_total_len` tokens (--max_req_total_len) pass `max_context`."""
+        if self.max_context is not None and max_total_len > self.max_context:
+            raise ValueError(
+                f"--max_req_total_len {max_total_len} passes the {self.max_context} positions jaxllm serves "
+                f"{self.model_type} models for (what the checkpoint does past them is not built)"
+            )
 
     def layer_rope(self, layer: int) -> Rope:
         return self.layer_ropes[layer] if self.layer_ropes else self.rope

@@ -142,6 +142,7 @@ class Engine:
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
         config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
+        config.check_context(args.max_req_total_len)
         check_reward_flags(config, args)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         mesh = make_mesh(args.tp)

@@ -1,7 +1,7 @@
 """Qwen (1) (remote code): RMSNorm pre-norm blocks, q/k/v as [q; k; v] in one `c_attn` with a bias, a
 gated SiLU MLP whose `intermediate_size` counts both halves (`w2` is the gate, `w1` the up projection).
-Its logn attention scaling and dynamic NTK apply past `seq_length` only: positions up to it are exact,
-and the engine's context limit (--max_req_total_len) should stay within `seq_length`."""
+Its logn attention scaling and dynamic NTK act past `seq_length` only and are not built: positions up to
+it are exact, and an engine asked for longer requests (--max_req_total_len) refuses to start."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def config(raw: dict) -> ModelConfig:
         rope=Rope(theta=float(raw.get("rotary_emb_base", 10000.0)),
                   rotary_dim=int(head_dim * raw.get("rotary_pct", 1.0))),
         qkv_bias=True, o_bias=not raw.get("no_bias", True),
+        max_context=raw.get("seq_length", 8192) if raw.get("use_logn_attn") or raw.get("use_dynamic_ntk") else None,
     )
 
 

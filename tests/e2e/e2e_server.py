@@ -28,6 +28,16 @@ SERVER_FLAGS = [
 START_TIMEOUT_S = 600
 
 
+def _die_with_parent() -> None:
+    """In the server process before it starts: SIGTERM when the test process dies, even killed outright (out of
+    memory), so that no server outlives its tests (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,7 +57,8 @@ class Server:
         command = [sys.executable, "-m", "jaxllm.serve", "--model_dir", str(model_dir), "--port", str(self.port),
                    *SERVER_FLAGS, *flags]
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent)
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")

@@ -16,7 +16,7 @@ BEAM_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def client(lightllm_server):
-    return openai.OpenAI(base_url=lightllm_server.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=lightllm_server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
 
 
 def test_chat_n3_with_logprobs_and_top_logprobs(client):
@@ -94,7 +94,7 @@ def hf_beams(model, tokenizer, prompt: str, width: int) -> list[list[int]]:
 def test_beam_search_first_result_equals_transformers(beam_server, hf_model, tokenizer, width):
     for prompt in BEAM_PROMPTS:
         status, out = beam_server.post("/generate", {"inputs": prompt, "parameters": {
-            "best_of": width, "max_new_tokens": BEAM_TOKENS, "return_details": True}})
+            "best_of": width, "max_new_tokens": BEAM_TOKENS, "return_details": True}}, timeout=600)
         assert status == 200, out
         ours = [[t["id"] for t in seq] for seq in out["tokens"]]
         expected = hf_beams(hf_model, tokenizer, prompt, width)
@@ -110,15 +110,16 @@ def test_beam_search_first_result_equals_transformers(beam_server, hf_model, tok
 def test_use_beam_search_and_beam_mode_refusals(beam_server, tokenizer):
     prompt = BEAM_PROMPTS[0]
     status, out = beam_server.post("/v1/completions", {"model": "m", "prompt": prompt, "n": 2, "max_tokens": 8,
-                                                       "use_beam_search": True})
+                                                       "use_beam_search": True}, timeout=600)
     assert status == 200, out
     status, reference = beam_server.post("/generate", {"inputs": prompt, "parameters": {"best_of": 2,
-                                                                                          "max_new_tokens": 8}})
+                                                                                          "max_new_tokens": 8}},
+                                         timeout=600)
     assert [c["text"] for c in out["choices"]] == reference["generated_text"]
     status, out = beam_server.post("/v1/completions", {"model": "m", "prompt": prompt, "n": 2, "stream": True})
     assert status == 400 and out["error"]["param"] == "stream"
     status, out = beam_server.post("/generate", {"inputs": prompt, "parameters": {"best_of": 2,
                                                                                  "stop_sequences": ["."]}})
     assert status == 400 and "beam_mode" in out["message"]
-    status, out = beam_server.post("/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 3}})
+    status, out = beam_server.post("/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 3}}, timeout=600)
     assert status == 200 and len(out["generated_text"]) == 1  # best_of 1: an ordinary greedy request

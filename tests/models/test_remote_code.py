@@ -1,7 +1,7 @@
-"""Families LightLLM served through remote code (InternLM2, Baichuan-7B / 13B, Qwen-1), which no outside
-oracle runs: a random transformers model of the same architecture is written into the family's tensor
-layout and config, and our logits must equal transformers' for the original (float32). Baichuan-13B's
-oracle is a Llama with its rotary turned off and ALiBi added to the attention scores through the mask;
+"""Families LightLLM served through remote code (InternLM, InternLM2, Baichuan-7B / 13B, Baichuan 2, Qwen-1),
+which no outside oracle runs: a random transformers model of the same architecture is written into the
+family's tensor layout and config, and our logits must equal transformers' for the original (float32).
+Baichuan-13B's oracle is a Llama with its rotary turned off and ALiBi added to the scores through the mask;
 Baichuan 2's, a Llama whose head rows are unit vectors, stored scaled in the Baichuan 2 checkpoint.
 Also: `--trust_remote_code` gates such directories, and an unsupported model_type is refused by the CLI."""
 
@@ -53,6 +53,11 @@ def layers(sd: dict, rename) -> dict[str, np.ndarray]:
         prefix = f"model.layers.{i}."
         out.update(rename(i, {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}))
     return out
+
+
+def internlm(sd, raw):
+    """InternLM (v1): Llama's names and layout with q/k/v/o biases, under its own model_type."""
+    return dict(sd), {k: raw[k] for k in LLAMA} | dict(model_type="internlm", bias=True)
 
 
 def internlm2(sd, raw):
@@ -138,6 +143,7 @@ def oracle_logits(model, tokens, alibi: bool = False) -> np.ndarray:
 
 
 CASES = {  # name → (oracle class, config class, oracle fields, layout writer, ALiBi)
+    "internlm": (transformers.LlamaForCausalLM, transformers.LlamaConfig, dict(attention_bias=True), internlm, False),
     "internlm2": (transformers.LlamaForCausalLM, transformers.LlamaConfig, {}, internlm2, False),
     "baichuan-7b": (transformers.LlamaForCausalLM, transformers.LlamaConfig, dict(num_key_value_heads=4),
                     lambda sd, raw: baichuan(sd, raw, alibi=False), False),
@@ -164,23 +170,26 @@ def remote_family(request, tmp_path_factory):
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(config | {"auto_map": AUTO_MAP}))
     tokens = np.random.default_rng(0).integers(0, 256, size=LENGTH)  # (Baichuan 2's vocabulary is larger)
-    return path, tokens, oracle_logits(model, tokens, alibi)
+    return request.param, path, tokens, oracle_logits(model, tokens, alibi)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_layout_gives_the_original_models_logits(remote_family, tp):
-    path, tokens, expected = remote_family
+SHARDED = ("internlm2", "baichuan-13b")  # also at tp 2: KV-group packing, and ALiBi slopes split with the heads
+
+
+def test_layout_gives_the_original_models_logits(remote_family):
+    name, path, tokens, expected = remote_family
     config = ModelConfig.from_model_dir(path, trust_remote_code=True)
     model = build_model(config, jnp.float32)
-    params = load_hf(model, path, make_mesh(tp), tp)
     meta = AttentionMetadata.for_sequences([(0, LENGTH)], [list(range(LENGTH))], scratch_slot=32, width=32)
-    step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
-    logits, _ = step(params, jnp.asarray(tokens, jnp.int32), meta, init_kv_cache(model, 32))
-    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+    for tp in (1, 2) if name in SHARDED else (1,):
+        params = load_hf(model, path, make_mesh(tp), tp)
+        step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
+        logits, _ = step(params, jnp.asarray(tokens, jnp.int32), meta, init_kv_cache(model, 32))
+        np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0, err_msg=f"tp {tp}")
 
 
 def test_remote_code_needs_the_flag(remote_family):
-    path, _, _ = remote_family
+    _, path, _, _ = remote_family
     with pytest.raises(ValueError, match=rf"{path}.*--trust_remote_code"):
         ModelConfig.from_model_dir(path)
 
@@ -198,3 +207,17 @@ def test_cli_refuses_an_unsupported_model_type_listing_the_supported_ones(tmp_pa
     err = capsys.readouterr().err
     assert "'mamba' is not supported" in err
     assert all(t in err for t in SUPPORTED_MODEL_TYPES) and "gemma2" in err and "internlm2" in err
+
+
+def test_qwen_refuses_requests_past_its_seq_length(tmp_path, capsys):
+    """Qwen-1's logn attention and dynamic NTK (past seq_length) are not built: longer requests are refused."""
+    raw = dict(model_type="qwen", vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+               num_attention_heads=4, seq_length=256, use_logn_attn=True, use_dynamic_ntk=True)
+    config = ModelConfig.from_hf_dict(raw)
+    config.check_context(256)
+    with pytest.raises(ValueError, match="--max_req_total_len 257 passes the 256 positions"):
+        config.check_context(257)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert serve.main(["--model_dir", str(tmp_path), "--load_format", "dummy", "--max_req_input_len", "300",
+                       "--max_req_total_len", "400"]) == 2
+    assert "--max_req_total_len 400 passes the 256 positions" in capsys.readouterr().err
