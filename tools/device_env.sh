@@ -1,5 +1,5 @@
 # Sourced by the GPU run scripts (tools/gpu_bench.sh, tools/gpu_serve_bench.sh): installs the carried wheels
-# (.whl, from ../shared/tools/device-wheels.sh) that the device image lacks, sets the Python environment, and
+# (.whl, from `bash ../shared/tools/device-wheels.sh llguidance`) that the device image lacks, sets the Python environment, and
 # makes $MODEL: a model directory with $CONFIG's config.json and the tokenizer files of $TOKENIZER_DIR (weights
 # come from --load_format dummy). NO_WHEELS=1 skips the install (a machine that has the packages); PY picks
 # the interpreter; OUT the results folder (the default given as the first argument): it holds result files

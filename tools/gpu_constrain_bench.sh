@@ -13,30 +13,7 @@ URL=http://127.0.0.1:$PORT
 SERVER_FLAGS=(--model_dir "$MODEL" --load_format dummy --data_type bf16 --port "$PORT" --tokenizer_mode fast
   --max_total_token_num ${KV_TOKENS:-262144} --running_max_req_size 256 --batch_max_tokens 8192
   --max_req_input_len 2048 --max_req_total_len 3072 --log_stats_interval 5)
-SERVER_PID=
-
-http_get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('$URL' + sys.argv[1], timeout=5).read().decode())" "$1"; }
-start_server() {  # start_server LABEL [extra flags]
-  local label=$1; shift
-  $PY -m jaxllm.serve "${SERVER_FLAGS[@]}" "$@" > "$LOGS/server_$label.log" 2>&1 &
-  SERVER_PID=$!
-  for _ in $(seq 1 1200); do
-    http_get /health > /dev/null 2>&1 && return 0
-    kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$LOGS/server_$label.log"; return 1; }
-    sleep 0.5
-  done
-  echo "$label: no /health after 600 s"; return 1
-}
-stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
-trap stop_server EXIT
-bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run (warm-up runs keep their JSON in $LOGS)
-  local name=$1; shift
-  local results=$OUT
-  case $name in warmup*) results=$LOGS ;; esac
-  timeout ${BENCH_TIMEOUT:-300} $PY -m jaxllm.bench serve --base-url "$URL" --tokenizer "$MODEL" \
-    --result-json "$results/$name.json" "$@" 2> /dev/null > "$LOGS/$name.txt"
-  echo "== $name"; grep -E "throughput|TTFT|TPOT|completed|failed" "$LOGS/$name.txt"
-}
+source tools/serve_env.sh
 SCHEMA=jaxllm/bench/schemas/records.json
 BATCH=(--num-prompts 64 --input-len 256 --output-len 256 --request-rate inf)
 SINGLE=(--num-prompts 32 --input-len 512 --output-len 16 --max-concurrency 1)

@@ -14,34 +14,8 @@ URL=http://127.0.0.1:$PORT
 SERVER_FLAGS=(--model_dir "$MODEL" --load_format dummy --data_type bf16 --port "$PORT"
   --max_total_token_num ${KV_TOKENS:-262144} --running_max_req_size 256 --batch_max_tokens 8192
   --max_req_input_len 3584 --max_req_total_len 4096 --disable_log_stats)
-SERVER_PID=
-
-http_get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('$URL' + sys.argv[1], timeout=5).read().decode())" "$1"; }
-start_server() {  # start_server LABEL [extra flags]: prints "LABEL start-up S s" once /health answers
-  local label=$1; shift
-  local t0=$(date +%s.%N)
-  $PY -m jaxllm.serve "${SERVER_FLAGS[@]}" "$@" > "$LOGS/server_$label.log" 2>&1 &
-  SERVER_PID=$!
-  for _ in $(seq 1 600); do
-    if http_get /health > /dev/null 2>&1; then
-      echo "$label start-up $($PY -c "import time; print(f'{time.time() - $t0:.1f}')") s" | tee -a "$OUT/startup.txt"
-      return 0
-    fi
-    kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$LOGS/server_$label.log"; return 1; }
-    sleep 0.5
-  done
-  echo "$label: no /health after 300 s"; return 1
-}
-stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
-trap stop_server EXIT
-bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run, its table kept in $LOGS/NAME.txt
-  local name=$1; shift
-  local results=$OUT
-  case $name in warmup* | prefix_cache_first) results=$LOGS ;; esac  # untimed: not results
-  timeout ${BENCH_TIMEOUT:-150} $PY -m jaxllm.bench serve --base-url "$URL" --tokenizer "$MODEL" \
-    --result-json "$results/$name.json" "$@" 2> /dev/null > "$LOGS/$name.txt"
-  echo "== $name"; grep -E "throughput|TTFT|TPOT|ITL|completed|failed" "$LOGS/$name.txt"
-}
+STARTUP_FILE=$OUT/startup.txt START_TIMEOUT=300 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+source tools/serve_env.sh
 MIXED=(--input-len 128 --input-len-max 1024 --output-len 128 --output-len-max 512)
 LONG=(--input-len 1536 --input-len-max 2560 --output-len 128 --output-len-max 256)
 PREFIX=(--shared-prefix-len 2048 --input-len 16 --input-len-max 48 --output-len 8 --max-concurrency 1)

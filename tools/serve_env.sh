@@ -1,0 +1,33 @@
+# Sourced by the GPU serving scripts (tools/gpu_serve_bench.sh, tools/gpu_constrain_bench.sh) after
+# tools/device_env.sh: one `jaxllm.serve` at a time on $URL with SERVER_FLAGS, and `jaxllm.bench serve` runs
+# against it. STARTUP_FILE collects "LABEL start-up S s" lines; START_TIMEOUT bounds a start-up (s);
+# BENCH_TIMEOUT one bench run (s). Bench runs named warmup* or *_first are untimed: their JSON goes to $LOGS.
+STARTUP_FILE=${STARTUP_FILE:-$LOGS/startup.txt}
+SERVER_PID=
+
+http_get() { $PY -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen('$URL' + sys.argv[1], timeout=5).read().decode())" "$1"; }
+start_server() {  # start_server LABEL [extra flags]
+  local label=$1; shift
+  local t0; t0=$(date +%s.%N)
+  $PY -m jaxllm.serve "${SERVER_FLAGS[@]}" "$@" > "$LOGS/server_$label.log" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 $((2 * ${START_TIMEOUT:-600}))); do
+    if http_get /health > /dev/null 2>&1; then
+      echo "$label start-up $($PY -c "import time; print(f'{time.time() - $t0:.1f}')") s" | tee -a "$STARTUP_FILE"
+      return 0
+    fi
+    kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$LOGS/server_$label.log"; return 1; }
+    sleep 0.5
+  done
+  echo "$label: no /health after ${START_TIMEOUT:-600} s"; return 1
+}
+stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
+trap stop_server EXIT
+bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run, its table kept in $LOGS/NAME.txt
+  local name=$1; shift
+  local results=$OUT
+  case $name in warmup* | *_first) results=$LOGS ;; esac
+  timeout ${BENCH_TIMEOUT:-300} $PY -m jaxllm.bench serve --base-url "$URL" --tokenizer "$MODEL" \
+    --result-json "$results/$name.json" "$@" 2> /dev/null > "$LOGS/$name.txt"
+  echo "== $name"; grep -E "throughput|TTFT|TPOT|ITL|completed|failed" "$LOGS/$name.txt"
+}
