@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ def _json_values(text: str) -> tuple[list[Any], str]:
         values.append(value)
 
 
-class ToolFormat:
+class ToolFormat(ABC):
     """One family's way of writing tool calls. `marker`: the text that opens the calls."""
 
     name: str
@@ -80,23 +81,23 @@ class ToolFormat:
         schema = options[0] if len(options) == 1 else {"anyOf": options}
         return {**schema, "x-guidance": JSON_OPTIONS}  # llguidance's JSON options inside a Lark grammar
 
+    @abstractmethod
     def grammar(self, tools: list[dict], marker: str) -> str:
         """Lark text forcing one call (complete once it is written: a small model would otherwise run on into
         more); `marker` is the marker as a Lark term (a literal, or a special token's id)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a whole answer; text that holds no well-formed call is all content."""
-        raise NotImplementedError
 
     def complete_calls(self, calls_text: str) -> int:
         """How many calls of `calls_text` (the text from the marker on) are complete while it still grows
         (a stream may send those before the answer ends)."""
         return 0
 
+    @abstractmethod
     def example(self) -> str:
         """How a call looks, for a system prompt when the chat template does not render tools."""
-        raise NotImplementedError
 
 
 class HermesFormat(ToolFormat):
