@@ -2,7 +2,8 @@
 
 x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
 (`jaxllm/models/quant.py`) runs, for the weight-only schemes, the Pallas kernels of
-`kernels/pallas/quant_matmul.py` on a single GPU at decode-sized row counts, and an XLA dot of the
+`kernels/pallas/quant_gemv.py` (matrix-vector, up to a few rows) and `kernels/pallas/quant_matmul.py` on a
+single GPU at decode-sized row counts, and an XLA dot of the
 dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits
 the product like its 16-bit twin's: the kernels under shard_map are not built yet); w8a8 and fp8 run XLA's
 int8 / fp8 GEMMs on per-token quantised activations.
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.quant import FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, is_quantised
-from kernels.pallas import quant_matmul, reference
+from kernels.pallas import quant_gemv, quant_matmul, reference
 
 
 def dot(x, w):
@@ -33,21 +34,28 @@ def dot(x, w):
 # dequantised weights measured faster on the H200 (docs/perf.md, "Quantised matmuls"). w8a8 and fp8 always
 # take XLA's integer / fp8 GEMMs, which measured faster than our int8 × int8 kernel at every row count.
 KERNEL_MAX_ROWS = 64
+# Up to quant_gemv.MAX_ROWS rows the matrix-vector kernels run instead (weight-only schemes).
+GEMV_ENABLED = True  # the bench compares both; docs/perf.md has the numbers
 
 
 def _matmul_2d(x, w, k: int, n: int):  # x [m, k] → [m, n]
     kernels = kernels_enabled() and x.shape[0] <= KERNEL_MAX_ROWS
+    gemv = kernels_enabled() and GEMV_ENABLED
     if isinstance(w, Int8Weight):
         data, scale = w.data.reshape(n, k), w.scale.reshape(n)
         if w.int8_activations:
             x_q, x_scale = reference.quantize_rows_int8(x)
             return reference.int8_int8_matmul(x_q, x_scale, data, scale, x.dtype)
+        if gemv and quant_gemv.supports(k, n, x.shape[0]):
+            return quant_gemv.int8_gemv(x, data, scale)
         if kernels and quant_matmul.supports(k, n):
             return quant_matmul.int8_matmul(x, data, scale)
         out = reference.dot_nk(x, data.astype(x.dtype), jnp.float32)
         return (out * scale[None, :]).astype(x.dtype)
     if isinstance(w, Int4Weight):
         packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
+        if gemv and quant_gemv.supports(k, n, x.shape[0], group=w.group_size):
+            return quant_gemv.int4_gemv(x, packed, scale, zero)
         if kernels and quant_matmul.supports(k, n, group=w.group_size):
             return quant_matmul.int4_matmul(x, packed, scale, zero)
         weights = reference.dequantize_int4(packed, scale, zero).astype(x.dtype)

@@ -185,7 +185,12 @@ def run(args) -> Bench:
     bench = Bench(bandwidth, flops, interpret=False)
     if args.quant:
         shapes = [s for s in bench_quant.SHAPES if not args.quant_shapes or s[0].split()[0] in args.quant_shapes]
-        return bench_quant.run(bench, timed, rows=args.quant_rows, shapes=shapes, launches=args.quant_launches)
+        if args.quant_hlo:
+            for _, k, n in shapes:
+                for m in args.quant_rows:
+                    bench_quant.hlo_summary(m, k, n)
+        return bench_quant.run(bench, timed, rows=args.quant_rows, shapes=shapes, launches=args.quant_launches,
+                               gemv_launches=args.quant_gemv_launches, only=args.quant_only)
     llama8b = dict(heads=32, kv_heads=8, head_dim=128)
     for impl in args.impl:
         if impl == "mosaic":
@@ -243,6 +248,13 @@ def main(argv=None) -> None:
                         help="the quantised-weight matmuls (bench_quant.py) instead of attention")
     parser.add_argument("--quant-launches", type=bench_quant.parse_launches, default=[None],
                         help="block_n/block_k/warps/stages/target_programs,... (or auto) for our quantised matmuls")
+    parser.add_argument("--quant-gemv-launches", type=bench_quant.parse_gemv_launches, default=[None],
+                        help="block_n/block_k/warps/stages/target_programs,... (or auto) for the matrix-vector "
+                        "kernels (quant_gemv.py)")
+    parser.add_argument("--quant-only", type=lambda t: t.split(","), default=None,
+                        help="only the quantised-matmul cases whose name contains one of these (comma-separated)")
+    parser.add_argument("--quant-hlo", action="store_true",
+                        help="print the compiled XLA paths' custom calls, fusions and weight transposes first")
     parser.add_argument("--quant-rows", type=lambda t: [int(x) for x in t.split(",")], default=bench_quant.ROWS,
                         help="row counts of the quantised matmuls")
     parser.add_argument("--quant-shapes", type=lambda t: t.split(","), default=None,

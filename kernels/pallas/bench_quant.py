@@ -1,7 +1,7 @@
 """`python -m kernels.pallas.bench --quant`: quantised-weight matmuls side by side, against their limits.
 
 For each Llama-3-8B product shape and row count: the bf16 XLA dot; XLA's dot on weights dequantised
-outside a kernel; our kernels (`quant_matmul.py`); jax's `hopper_mixed_type_matmul_mgpu` (int8 × bf16,
+outside a kernel; our kernels (`quant_matmul.py`, and at a few rows the matrix-vector ones of `quant_gemv.py`); jax's `hopper_mixed_type_matmul_mgpu` (int8 × bf16,
 Mosaic GPU); XLA's int8 × int8 → int32 and fp8 dots. Small row counts are memory-bound: bytes read
 (weights + scales + activations) over the measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS
 for int8) over the measured bf16 rate (and the int8 rate for int8 tensor cores).
@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.pallas import quant_matmul, reference
+from kernels.pallas import quant_gemv, quant_matmul, reference
 
 # (name, k, n) of Llama-3-8B's products: fused q/k/v, fused gate/up, down.
 SHAPES = (("qkv 4096×6144", 4096, 6144), ("gate_up 4096×28672", 4096, 28672), ("down 14336×4096", 14336, 4096))
@@ -57,10 +57,15 @@ def layered(fn, layers: int):
     return jax.jit(lambda x, stacks: tuple(fn(x, *[a[i] for a in stacks]) for i in range(layers)))
 
 
-def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), layers: int = LAYERS):
+GEMV_BENCH_ROWS = 8  # the matrix-vector kernels are timed up to this many rows (the model: quant_gemv.MAX_ROWS)
+
+
+def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), layers: int = LAYERS,
+          gemv_launches=(None,), only=None):
     """(kernel name, jitted fn, args, bytes read, int8 tensor cores?) for one product shape, each call over
     `layers` distinct weights (bytes and times are per product); our kernels once per launch in `launches`
-    (None: the kernel's own choice); `interpret`: only our kernels (interpret mode) and the XLA dots."""
+    (`gemv_launches` for the matrix-vector ones; None: the kernel's own choice); `interpret`: only our kernels
+    (interpret mode) and the XLA dots; `only`: keep the cases whose name contains one of these strings."""
     per_layer = [_quantised(k, n, jax.random.key(k + n + i)) for i in range(layers)]
     weights = {name: tuple(tuple(d[name][j] for d in per_layer) for j in range(len(per_layer[0][name])))
                for name in per_layer[0]}
@@ -90,10 +95,14 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
         ("w8a16 as two int8 digits of int16 x, XLA int8 GEMM", _two_digits8, "w8", b8, False),
         *[(f"w8a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int8_matmul, launch), "w8", b8, False)
           for launch in launches],
+        *[(f"w8a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int8_gemv, launch), "w8", b8, False)
+          for launch in gemv_launches if m <= GEMV_BENCH_ROWS],
         ("w8a16 hopper_mixed_type_matmul_mgpu", _mgpu_int8(m), "w8", b8, False),
         ("w4a16 XLA dot, dequantised outside", _dequant4, "w4", b4, False),
         *[(f"w4a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int4_matmul, launch), "w4", b4, False)
           for launch in launches],
+        *[(f"w4a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int4_gemv, launch), "w4", b4, False)
+          for launch in gemv_launches if m <= GEMV_BENCH_ROWS],
         ("w8a8 XLA int8 dot (+ x quantisation)", w8a8_xla, "w8", b8, True),
         *[(f"w8a8 ours (Triton, + x quantisation){_describe(launch)}", w8a8_ours(launch), "w8", b8, True)
           for launch in launches],
@@ -101,6 +110,8 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
     ]
     if interpret:
         table = [case for case in table if "mgpu" not in case[0] and "fp8" not in case[0]]
+    if only:
+        table = [case for case in table if any(word in case[0] for word in only)]
     return [(name, layered(fn, layers), (x, weights[kind]), bytes_, int8)
             for name, fn, kind, bytes_, int8 in table]
 
@@ -137,12 +148,41 @@ def _describe(launch) -> str:
     return f" n{launch.block_n} k{launch.block_k} w{launch.num_warps}/{launch.num_stages} p{launch.target_programs}"
 
 
-def parse_launches(text: str) -> list:
-    """"block_n/block_k/warps/stages/target_programs,..." → Launch list ("auto" or "": None, the kernels'
+def parse_launches(text: str, kind=quant_matmul.Launch) -> list:
+    """"block_n/block_k/warps/stages/target_programs,..." → `kind` list ("auto" or "": None, the kernels'
     own choice)."""
-    out = [None if item == "auto" else quant_matmul.Launch(*[int(v) for v in item.split("/")])
+    out = [None if item == "auto" else kind(*[int(v) for v in item.split("/")])
            for item in filter(None, text.split(","))]
     return out or [None]
+
+
+def parse_gemv_launches(text: str) -> list:
+    return parse_launches(text, quant_gemv.GemvLaunch)
+
+
+def hlo_summary(m: int, k: int, n: int) -> None:
+    """Print, for the XLA paths the model takes (w8a16 with the convert in the dot, w8a8, fp8), the custom
+    calls and fusions of the compiled product and any transpose / copy of a weight-sized array: whether XLA
+    fused the int8 → bf16 convert into its GEMM, and whether it moves the weights every call."""
+    import re
+
+    w = _quantised(k, n, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (m, k), jnp.bfloat16)
+
+    def w8a8(x, w, s):
+        xq, xs = reference.quantize_rows_int8(x)
+        return reference.int8_int8_matmul(xq, xs, w, s, jnp.bfloat16)
+
+    for name, fn, args in (("w8a16 convert in the dot", _convert8, w["w8"]), ("w8a8", w8a8, w["w8"]),
+                           ("fp8", _fp8_dot, w["f8"])):
+        text = jax.jit(fn).lower(x, *args).compile().as_text()
+        calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', text)))
+        fusions = sorted(set(re.findall(r'kind=(k\w+)', text) + re.findall(r'"kind":"(__\w+)"', text)))
+        big = [line.strip()[:150] for line in text.splitlines()
+               if re.search(r"transpose|copy", line) and "parameter(" not in line
+               and re.search(rf"\[({k},{n}|{n},{k})\]", line)]
+        print(f"HLO {name} {m}×{k}×{n}: custom calls {calls}, fusion kinds {fusions}; weight-sized "
+              f"transposes/copies: {big or 'none'}", flush=True)
 
 
 def _fp8_dot(x, w, scale):  # w [n, k] e4m3
@@ -169,7 +209,8 @@ def _mgpu_int8(m: int):
     return fn
 
 
-def run(bench, timed, rows=ROWS, shapes=SHAPES, ops8: float | None = None, launches=(None,), layers=LAYERS):
+def run(bench, timed, rows=ROWS, shapes=SHAPES, ops8: float | None = None, launches=(None,), layers=LAYERS,
+        gemv_launches=(None,), only=None):
     """Add every case's row to `bench` (a kernels.pallas.bench.Bench with the measured limits); `ops8`: the
     int8 dot rate (measured here when not given)."""
     if ops8 is None:
@@ -177,7 +218,8 @@ def run(bench, timed, rows=ROWS, shapes=SHAPES, ops8: float | None = None, launc
         print(f"measured: int8 dot {ops8 / 1e12:.0f} TOPS", flush=True)
     for name, k, n in shapes:
         for m in rows:
-            for kernel, fn, args, bytes_, int8 in cases(m, k, n, bench.interpret, launches, layers):
+            for kernel, fn, args, bytes_, int8 in cases(m, k, n, bench.interpret, launches, layers, gemv_launches,
+                                                        only):
                 label = f"{name}, {m} rows"
                 try:
                     seconds = timed(fn, args)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxllm.models import quant
-from kernels.pallas import quant_matmul, reference
+from kernels.pallas import quant_gemv, quant_matmul, reference
 
 INTERPRET = jax.default_backend() == "cpu"
 SPLIT = quant_matmul.Launch(block_n=32, block_k=64, num_warps=4, num_stages=2, target_programs=64)
@@ -83,3 +83,23 @@ def test_int4_packing_round_trips(rng):
     q4 = quant.quantize_int4(w)
     step = np.repeat(np.asarray(q4.scale), 128, axis=0)
     assert np.all(np.abs(np.asarray(quant.dequantize(q4)) - np.asarray(w)) <= step / 2 + 1e-6)
+
+
+GEMV_SPLIT = quant_gemv.GemvLaunch(block_n=16, block_k=64, num_warps=4, num_stages=2, target_programs=64)
+GEMV_NO_SPLIT = quant_gemv.GemvLaunch(block_n=32, block_k=128, num_warps=4, num_stages=2, target_programs=1)
+
+
+@pytest.mark.parametrize("m,k,n,group,dtype,launch", [
+    (1, 512, 64, 128, jnp.float32, GEMV_SPLIT),  # split along the inputs
+    (3, 256, 48, 64, jnp.bfloat16, GEMV_NO_SPLIT),  # rows padded to 4; 48 outputs: blocks of 16
+    (4, 384, 32, 128, jnp.float32, None),
+])
+def test_gemv_kernels(rng, m, k, n, group, dtype, launch):
+    """The matrix-vector kernels (a few rows) against the same references as the matmul kernels."""
+    x, w = _inputs(rng, m, k, n, dtype)
+    q8, q4 = quant.quantize_int8(w), quant.quantize_int4(w, group_size=group)
+    out8 = quant_gemv.int8_gemv(x, q8.data, q8.scale, launch=launch, interpret=INTERPRET)
+    out4 = quant_gemv.int4_gemv(x, q4.packed, q4.scale, q4.zero, launch=launch, interpret=INTERPRET)
+    assert out8.shape == out4.shape == (m, n) and out8.dtype == out4.dtype == dtype
+    assert rel_err(out8, reference.int8_matmul(x, q8.data, q8.scale)) < TOL[dtype]
+    assert rel_err(out4, reference.int4_matmul(x, q4.packed, q4.scale, q4.zero)) < TOL[dtype]

@@ -1,0 +1,179 @@
+"""Products of a few 16-bit rows with quantised weights as matrix-vector kernels (Pallas, Triton lowering).
+
+At decode's row counts a quantised product is memory-bound: what matters is streaming the weight bytes at the
+bandwidth, not the tensor cores (whose 16-row minimum `quant_matmul.py` pads one row up to). Here each
+program owns `block_n` outputs, loads [block_n, block_k] int8 weights (or [block_k / 8, block_n] packed int4
+words) per step in wide coalesced loads, dequantises them in registers and multiplies-adds them into float32
+accumulators of the same shape, one per row (no reduction in the loop); the sums along the inputs and the
+scale happen once, at the end. Row counts are padded to a power of two (a handful: each row is one more
+accumulator). With more than one input split (too few column blocks for the multiprocessors) the float32
+partial sums are added outside. Same definitions as `quant_matmul.py` (`reference.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from kernels.pallas import plan
+
+MAX_ROWS = 4  # up to this many rows the model uses these kernels (registers: one accumulator per row)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvLaunch:
+    """`block_n` outputs per program; `block_k` inputs per loop step (int4: 8 × the packed rows per step);
+    split the inputs until the grid has about `target_programs` programs."""
+
+    block_n: int = 16
+    block_k: int = 512
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 528  # four per multiprocessor of an H100 / H200
+
+
+INT8 = GemvLaunch()
+INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3)
+
+
+def supports(k: int, n: int, m: int, group: int | None = None) -> bool:
+    """Whether these kernels take an [m, k] × [k, n] product (else the caller uses quant_matmul / XLA)."""
+    if m > MAX_ROWS or plan.pow2_divisor(n, 16, 8) is None or plan.pow2_divisor(k, 128, 64) is None:
+        return False
+    return group is None or (group % 8 == 0 and k % group == 0)
+
+
+def _rows_pad(m: int) -> int:
+    return 1 << (m - 1).bit_length()
+
+
+def _splits(programs: int, steps: int, target: int) -> int:
+    splits = 1
+    while programs * splits * 2 <= target and steps % (splits * 2) == 0:
+        splits *= 2
+    return splits
+
+
+def _finish(o_ref, rows, scale, splits):
+    """Write each row's [bn] sum into the [rows, bn] (or [1, rows, bn] float32 partial) output block."""
+    row_id = jnp.arange(len(rows), dtype=jnp.int32)[:, None]
+    out = jnp.zeros((len(rows), rows[0].shape[0]), jnp.float32)
+    for i, r in enumerate(rows):
+        out = jnp.where(row_id == i, r[None, :], out)
+    if splits == 1:
+        o_ref[...] = (out * scale).astype(o_ref.dtype)
+    else:
+        o_ref[...] = out[None]
+
+
+def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, rows, block_k, steps, splits):
+    # x_ref [rows, k]; w_ref [bn, k] int8; s_ref [bn] float32; o_ref [rows, bn] (or [1, rows, bn] partials)
+    first = pl.program_id(1) * steps
+
+    def body(step, accs):
+        cols = pl.ds((first + step) * block_k, block_k)
+        w = w_ref[:, cols].astype(jnp.float32)  # [bn, bk]
+        return tuple(acc + w * x_ref[i, cols].astype(jnp.float32)[None, :] for i, acc in enumerate(accs))
+
+    zeros = jnp.zeros((w_ref.shape[0], block_k), jnp.float32)
+    accs = lax.fori_loop(0, steps, body, (zeros,) * rows)
+    _finish(o_ref, [jnp.sum(acc, axis=1) for acc in accs], s_ref[...][None, :], splits)
+
+
+def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, rows_per_group, k8, splits):
+    # x_ref [rows, k] with input 8r + j at column j * k8 + r; w_ref [k / 8, bn] int32; s_ref, z_ref
+    # [k / group, bn]; a step covers block_r packed rows within one group (block_r divides rows_per_group).
+    first = pl.program_id(1) * steps
+
+    def body(step, accs):
+        r0 = (first + step) * block_r
+        packed = w_ref[pl.ds(r0, block_r), :]  # [block_r, bn]
+        g = r0 // rows_per_group
+        scale = s_ref[g, :].astype(jnp.float32)[None, :]
+        zero = z_ref[g, :].astype(jnp.float32)[None, :]
+        accs = list(accs)
+        for j in range(8):  # nibble j of packed row r is input 8r + j
+            q = (lax.shift_right_logical(packed, jnp.int32(4 * j)) & 0xF).astype(jnp.float32)
+            w = (q - zero) * scale
+            for i in range(rows):
+                x = x_ref[i, pl.ds(j * k8 + r0, block_r)].astype(jnp.float32)
+                accs[i] = accs[i] + x[:, None] * w
+        return tuple(accs)
+
+    zeros = jnp.zeros((block_r, w_ref.shape[1]), jnp.float32)
+    accs = lax.fori_loop(0, steps, body, (zeros,) * rows)
+    _finish(o_ref, [jnp.sum(acc, axis=0) for acc in accs], 1.0, splits)
+
+
+def _call(kernel, inputs, in_specs, rows, n, block_n, splits, out_dtype, launch, interpret, name):
+    grid = (n // block_n, splits)
+    if splits == 1:
+        out_shape = jax.ShapeDtypeStruct((rows, n), out_dtype)
+        out_spec = pl.BlockSpec((rows, block_n), lambda j, s: (0, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((splits, rows, n), jnp.float32)
+        out_spec = pl.BlockSpec((1, rows, block_n), lambda j, s: (s, 0, j))
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
+        compiler_params=pltriton.CompilerParams(num_warps=launch.num_warps, num_stages=launch.num_stages),
+        interpret=interpret, name=name,
+    )(*inputs)
+
+
+def _pad_rows(x, rows):
+    return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("launch", "interpret"))
+def int8_gemv(x, w, scale, *, launch: GemvLaunch | None = None, interpret: bool = False):
+    """x [m, k] @ (int8 w [n, k] * float32 scale [n])ᵀ → [m, n] in x's dtype, m ≤ a few rows."""
+    launch = launch or INT8
+    (m, k), n = x.shape, w.shape[0]
+    rows = _rows_pad(m)
+    block_n = plan.pow2_divisor(n, launch.block_n, 1)
+    block_k = plan.pow2_divisor(k, launch.block_k, 16)
+    if block_n is None or block_k is None:
+        raise ValueError(f"no block sizes fit a [{n}, {k}] weight")
+    splits = _splits(n // block_n, k // block_k, launch.target_programs)
+    steps = k // block_k // splits
+    scale = scale.astype(jnp.float32)
+    kernel = functools.partial(_int8_kernel, rows=rows, block_k=block_k, steps=steps, splits=splits)
+    specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0)), pl.BlockSpec((block_n, k), lambda j, s: (j, 0)),
+             pl.BlockSpec((block_n,), lambda j, s: (j,))]
+    out = _call(kernel, (_pad_rows(x, rows), w, scale), specs, rows, n, block_n, splits, x.dtype, launch,
+                interpret, "int8_gemv")
+    if splits > 1:
+        out = (out.sum(0) * scale[None, :]).astype(x.dtype)
+    return out[:m]
+
+
+@functools.partial(jax.jit, static_argnames=("launch", "interpret"))
+def int4_gemv(x, packed, scale, zero, *, launch: GemvLaunch | None = None, interpret: bool = False):
+    """x [m, k] @ int4 weights (packed int32 [k / 8, n], scale and zero [k / group, n]) → [m, n], m ≤ a few."""
+    launch = launch or INT4
+    (m, k), n = x.shape, packed.shape[1]
+    k8, rows_per_group = k // 8, k // 8 // scale.shape[0]
+    rows = _rows_pad(m)
+    block_n = plan.pow2_divisor(n, launch.block_n, 1)
+    block_r = plan.pow2_divisor(rows_per_group, max(1, launch.block_k // 8), 1)  # within one group
+    if block_n is None or block_r is None:
+        raise ValueError(f"no block sizes fit a [{k}, {n}] int4 weight")
+    splits = _splits(n // block_n, k8 // block_r, launch.target_programs)
+    steps = k8 // block_r // splits
+    x_perm = _pad_rows(x, rows).reshape(rows, k8, 8).swapaxes(1, 2).reshape(rows, k)
+    kernel = functools.partial(_int4_kernel, rows=rows, block_r=block_r, steps=steps,
+                               rows_per_group=rows_per_group, k8=k8, splits=splits)
+    groups = scale.shape[0]
+    col = lambda r: pl.BlockSpec((r, block_n), lambda j, s: (0, j))  # noqa: E731
+    specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0)), col(k8), col(groups), col(groups)]
+    out = _call(kernel, (x_perm, packed, scale, zero), specs, rows, n, block_n, splits, x.dtype, launch,
+                interpret, "int4_gemv")
+    if splits > 1:
+        out = out.sum(0).astype(x.dtype)
+    return out[:m]
