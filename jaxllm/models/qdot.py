@@ -30,33 +30,32 @@ def dot(x, w):
     return out.reshape(n, *out_shape)
 
 
-# Up to this many rows the Pallas kernels run on the GPU for weight-only schemes; above it XLA's dot of
-# dequantised weights measured faster on the H200 (docs/perf.md, "Quantised matmuls"). w8a8 and fp8 always
-# take XLA's integer / fp8 GEMMs, which measured faster than our int8 × int8 kernel at every row count.
+# Which kernel per row count (docs/perf.md, "Weight quantisation: one-row products", H200): w8a16 runs our
+# int8 tensor-core kernel up to W8_KERNEL_MAX_ROWS rows (3.1 TB/s at one row, against 2.2 for XLA's dot with
+# the int8 → bf16 convert fused into it) and XLA's fused dot above (faster from 8 rows on); w4a16 runs the
+# matrix-vector kernel up to quant_gemv.MAX_ROWS rows, our int4 tensor-core kernel up to KERNEL_MAX_ROWS and
+# XLA's dot of dequantised weights above. w8a8 and fp8 always take XLA's integer / fp8 GEMMs on [out, in]
+# weights, which measured faster than our int8 × int8 kernel at every row count.
+W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
-# Up to quant_gemv.MAX_ROWS rows the matrix-vector kernels run instead (weight-only schemes).
-GEMV_ENABLED = True  # the bench compares both; docs/perf.md has the numbers
 
 
 def _matmul_2d(x, w, k: int, n: int):  # x [m, k] → [m, n]
-    kernels = kernels_enabled() and x.shape[0] <= KERNEL_MAX_ROWS
-    gemv = kernels_enabled() and GEMV_ENABLED
+    m, kernels = x.shape[0], kernels_enabled()
     if isinstance(w, Int8Weight):
         data, scale = w.data.reshape(n, k), w.scale.reshape(n)
         if w.int8_activations:
             x_q, x_scale = reference.quantize_rows_int8(x)
             return reference.int8_int8_matmul(x_q, x_scale, data, scale, x.dtype)
-        if gemv and quant_gemv.supports(k, n, x.shape[0]):
-            return quant_gemv.int8_gemv(x, data, scale)
-        if kernels and quant_matmul.supports(k, n):
+        if kernels and m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
             return quant_matmul.int8_matmul(x, data, scale)
         out = reference.dot_nk(x, data.astype(x.dtype), jnp.float32)
         return (out * scale[None, :]).astype(x.dtype)
     if isinstance(w, Int4Weight):
         packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
-        if gemv and quant_gemv.supports(k, n, x.shape[0], group=w.group_size):
+        if kernels and quant_gemv.supports(k, n, m, group=w.group_size):
             return quant_gemv.int4_gemv(x, packed, scale, zero)
-        if kernels and quant_matmul.supports(k, n, group=w.group_size):
+        if kernels and m <= KERNEL_MAX_ROWS and quant_matmul.supports(k, n, group=w.group_size):
             return quant_matmul.int4_matmul(x, packed, scale, zero)
         weights = reference.dequantize_int4(packed, scale, zero).astype(x.dtype)
         return jnp.dot(x, weights, preferred_element_type=jnp.float32).astype(x.dtype)
