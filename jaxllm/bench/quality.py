@@ -53,12 +53,10 @@ class Scorer:
         self._step = jax.jit(lambda p, t, m, c: self.model.apply({"params": p}, t, m, c, all_logits=True)[0])
 
     def logits(self, ids: list[int]) -> np.ndarray:  # [len(ids), vocab] float32
-        from jaxllm.models import init_kv_cache
-        from jaxllm.models.attention import AttentionMetadata
+        from jaxllm.models import one_sequence
 
-        n = len(ids)
-        meta = AttentionMetadata.for_sequences([(0, n)], [list(range(n))], scratch_slot=n, width=n)
-        return np.asarray(self._step(self.params, jnp.asarray(ids, jnp.int32), meta, init_kv_cache(self.model, n)))
+        meta, cache = one_sequence(self.model, len(ids))
+        return np.asarray(self._step(self.params, jnp.asarray(ids, jnp.int32), meta, cache))
 
 
 @dataclasses.dataclass
@@ -78,7 +76,9 @@ def _nll(logits: np.ndarray, ids: list[int]) -> np.ndarray:
     return -log_probs[np.arange(len(ids) - 1), ids[1:]]
 
 
-def compare(model_dir: str, modes, dtype, window: int, text: str) -> list[Quality]:
+def compare(model_dir: str, modes, dtype, window: int, text: str, quantised_dirs=()) -> list[Quality]:
+    """The 16-bit model of `model_dir` against each weight mode (quantised at load) and each of
+    `quantised_dirs` (checkpoints written by `tools.convert --quant`, loaded as they are)."""
     from jaxllm.engine.detokenizer import load_tokenizer
 
     ids = load_tokenizer(model_dir, "fast").encode(text)
@@ -90,9 +90,10 @@ def compare(model_dir: str, modes, dtype, window: int, text: str) -> list[Qualit
     base_nll = np.concatenate([_nll(lg, c) for lg, c in zip(base_logits, chunks)])
     base_ppl = math.exp(base_nll.mean())
     results = [Quality("16-bit", base_ppl, 0.0, 1.0, 0.0, len(base_nll))]
-    for mode in modes:
-        print(f"scoring --mode {mode}", flush=True)
-        scorer = Scorer(model_dir, dtype, mode)
+    runs = [(mode, model_dir, mode) for mode in modes] + [(path, path, None) for path in quantised_dirs]
+    for label, directory, mode in runs:
+        print(f"scoring {label}", flush=True)
+        scorer = Scorer(directory, dtype, mode)
         nll, agree, diff = [], [], 0.0
         for chunk, ref in zip(chunks, base_logits):
             got = scorer.logits(chunk)
@@ -100,7 +101,7 @@ def compare(model_dir: str, modes, dtype, window: int, text: str) -> list[Qualit
             agree.append(got.argmax(-1) == ref.argmax(-1))
             diff = max(diff, float(np.abs(got - ref).max()))
         ppl = math.exp(np.concatenate(nll).mean())
-        results.append(Quality(mode, ppl, ppl / base_ppl - 1, float(np.concatenate(agree).mean()), diff,
+        results.append(Quality(label, ppl, ppl / base_ppl - 1, float(np.concatenate(agree).mean()), diff,
                                len(base_nll)))
         print(format_table(results[-1:]).splitlines()[-1], flush=True)
         del scorer
@@ -117,7 +118,9 @@ def format_table(results: list[Quality]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_dir", required=True)
-    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), help="weight modes to compare")
+    p.add_argument("--modes", nargs="*", default=list(DEFAULT_MODES), help="weight modes to compare (quantised at load)")
+    p.add_argument("--quantised-dirs", nargs="*", default=[],
+                   help="also score these model directories written by `tools.convert --quant` (same model)")
     p.add_argument("--data_type", default="float32", help="dtype of both models (float32 on the CPU)")
     p.add_argument("--window", type=int, default=512, help="tokens per scored window")
     p.add_argument("--result-json", default=None)
@@ -126,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(ns: argparse.Namespace) -> int:
     from jaxllm.weights import DATA_TYPES
 
-    results = compare(ns.model_dir, ns.modes, DATA_TYPES[ns.data_type], ns.window, reference_text())
+    results = compare(ns.model_dir, ns.modes, DATA_TYPES[ns.data_type], ns.window, reference_text(),
+                      ns.quantised_dirs)
     if ns.result_json:
         with open(ns.result_json, "w") as f:
             json.dump([dataclasses.asdict(r) for r in results], f, indent=2)

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from jaxllm.config import ModelConfig
-from jaxllm.models.attention import AttentionBackend, ReferenceAttention
+from jaxllm.models.attention import AttentionBackend, AttentionMetadata, ReferenceAttention
 from jaxllm.models.moe import routed_experts
 from jaxllm.models.mla import init_latent_cache
 from jaxllm.models.transformer import CausalLM
@@ -18,6 +18,12 @@ def init_kv_cache(model, num_slots: int) -> tuple:
     return tuple(
         model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype) for _ in range(c.num_layers)
     )
+
+
+def one_sequence(model, n: int) -> tuple:
+    """(attention metadata, fresh KV cache) to run one sequence of `n` tokens from position 0 in one step."""
+    meta = AttentionMetadata.for_sequences([(0, n)], [list(range(n))], scratch_slot=n, width=n)
+    return meta, init_kv_cache(model, n)
 
 
 def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None, experts_kernel=None):

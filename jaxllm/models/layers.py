@@ -7,6 +7,8 @@ Every product with a weight goes through `dense`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -32,9 +34,26 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str,
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+_DENSE_TAP: contextvars.ContextVar = contextvars.ContextVar("dense_tap", default=None)
+
+
+@contextlib.contextmanager
+def tap_dense_inputs(callback):
+    """While active (at trace time), `callback(x, w)` sees every product's input and weight: what the offline
+    calibration (`tools/convert/calibration.py`) measures."""
+    token = _DENSE_TAP.set(callback)
+    try:
+        yield
+    finally:
+        _DENSE_TAP.reset(token)
+
+
 def dense(x, w, equation: str):
     """The one product of activations with a weight (`einsum` spelled by the caller). A quantised weight's
     product contracts x's trailing axes with its leading ones, which every equation given one spells."""
+    tap = _DENSE_TAP.get()
+    if tap is not None:
+        tap(x, w)
     if quant.is_quantised(w):
         return qdot.dot(x, w)
     return jnp.einsum(equation, x, w)

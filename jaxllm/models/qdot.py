@@ -2,7 +2,7 @@
 
 x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
 (`jaxllm/models/quant.py`) runs, for the weight-only schemes, the Pallas kernels of
-`kernels/pallas/quant_gemv.py` (matrix-vector, up to a few rows) and `kernels/pallas/quant_matmul.py` on a
+`kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row) and `kernels/pallas/quant_matmul.py` on a
 single GPU at decode-sized row counts, and an XLA dot of the
 dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits
 the product like its 16-bit twin's: the kernels under shard_map are not built yet); w8a8 and fp8 run XLA's

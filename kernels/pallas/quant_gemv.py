@@ -23,7 +23,10 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.pallas import plan
 
-MAX_ROWS = 4  # up to this many rows the model uses these kernels (registers: one accumulator per row)
+# Up to this many rows the model uses the int4 kernel (docs/perf.md: at one row it beat the tensor-core kernel,
+# 58 against 64 µs; its work grows with the rows, one accumulator each, and at 8 it lost badly). The int8 one
+# lost to quant_matmul's kernel at one row on the H200 (2.2 against 3.1 TB/s): it stays for the side-by-side.
+MAX_ROWS = 1
 
 
 @dataclasses.dataclass(frozen=True)

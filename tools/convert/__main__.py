@@ -1,5 +1,5 @@
 """The converter's CLI: `python -m tools.convert --src (HF dir | file.gguf) --dst DIR [--dtype D]
-[--format hf|orbax] [--tp N] [--quant SCHEME] [--force]`; errors print one line and exit with status 2."""
+[--format hf|orbax] [--tp N] [--quant SCHEME [--calibration TEXT]] [--force]`; errors print one line and exit with status 2."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="store the matmul weights quantised (as --mode's weight modes do at load): an orbax checkpoint "
         "(--format is orbax) that loads without re-quantising",
     )
+    parser.add_argument(
+        "--calibration", default=None, metavar="TEXT",
+        help="calibrate --quant w4a16 (GPTQ) or w8a8 (SmoothQuant) on this text: 'pydoc' (CPython's "
+        "pydoc_data.topics, shipped with Python) or a UTF-8 text file; default: round to nearest",
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing model directory at --dst")
     return parser.parse_args(argv)
 
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         dst = convert(args.src, args.dst, dtype=args.dtype, fmt=args.format, tp=args.tp, force=args.force,
-                      quant=args.quant)
+                      quant=args.quant, calibration=args.calibration)
     except ConvertError as err:
         print(f"tools.convert: error: {err}", file=sys.stderr)
         return 2

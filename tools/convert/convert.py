@@ -16,6 +16,7 @@ from tools.convert.hf_import import read_hf
 
 FORMATS = ("hf", "orbax")
 SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8_w8a8")  # jaxllm.models.quant.SCHEMES (not imported: no jax here)
+CALIBRATED = ("w4a16", "w8a8")  # tools/convert/calibrated.py
 
 
 def read_source(src: str | Path) -> Checkpoint:
@@ -60,9 +61,13 @@ def convert(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     quant: str | None = None,
+    calibration: str | None = None,
 ) -> Path:
     """Convert `src` into the model directory `dst`; `dtype=None` keeps the source's (float32 for GGUF).
-    `quant` (one of SCHEMES) stores the matmul weights quantised, in an orbax checkpoint."""
+    `quant` (one of SCHEMES) stores the matmul weights quantised, in an orbax checkpoint; `calibration` (a
+    text: `pydoc` or a file, tools/convert/calibration.py) calibrates them (CALIBRATED schemes)."""
+    if calibration is not None and quant not in CALIBRATED:
+        raise ConvertError(f"--calibration is built for --quant {' or '.join(CALIBRATED)}, not {quant}")
     if quant is not None:
         if quant not in SCHEMES:
             raise ConvertError(f"unknown quantisation {quant!r} (choose {', '.join(SCHEMES)})")
@@ -83,7 +88,7 @@ def convert(
         if fmt == "orbax":
             from tools.convert.orbax_export import write_orbax
 
-            write_orbax(staging, checkpoint, dtype_name, tp, quant)
+            write_orbax(staging, checkpoint, dtype_name, tp, quant, calibration)
         else:
             write_hf(staging, checkpoint, dtype_name, max_shard_bytes)
         _replace(staging, dst)

@@ -12,9 +12,11 @@ from tools.convert.hf_export import write_config, write_tokenizer, write_weights
 _STAGING_WEIGHTS = "_safetensors"  # HF weights written first, read back by jaxllm, then removed
 
 
-def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, quant: str | None = None) -> Path:
+def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, quant: str | None = None,
+                calibration: str | None = None) -> Path:
     """config.json, tokenizer files and `dst/orbax` (params in `dtype_name`) in `dst` (existing, empty);
-    `quant`: the matmul weights quantised with that scheme (config.json's `quantization_config` says so)."""
+    `quant`: the matmul weights quantised with that scheme (config.json's `quantization_config` says so),
+    calibrated on the text `calibration` when given (tools/convert/calibrated.py), else round to nearest."""
     import jax.numpy as jnp
 
     from jaxllm.config import ModelConfig
@@ -31,9 +33,31 @@ def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, qua
     write_weights(staging, checkpoint.tensors, DTYPES[dtype_name])
     model = build_model(ModelConfig.from_hf_dict({**checkpoint.config, **extra}), jnp.dtype(dtype_name))
     try:
-        params = load_hf(model, staging, make_mesh(tp), tp)
+        if calibration is None:
+            params = load_hf(model, staging, make_mesh(tp), tp)
+        else:
+            params = _calibrated(model, staging, dst, calibration)
     except ValueError as err:
         raise ConvertError(f"jaxllm cannot load these weights: {err}") from err
     target = save_orbax(params, dst)
     shutil.rmtree(staging)
     return target
+
+
+def _calibrated(quant_model, staging: Path, dst: Path, calibration: str):
+    """The quantised params of `quant_model`, calibrated: the unquantised model loaded in float32 (one device)
+    and run over the calibration text."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxllm.engine.detokenizer import load_tokenizer
+    from jaxllm.models import build_model
+    from jaxllm.parallel import make_mesh
+    from jaxllm.weights import load_hf
+    from tools.convert.calibrated import calibrated_params, text_windows
+
+    model16 = build_model(dataclasses.replace(quant_model.config, weight_quant=None), jnp.float32)
+    params16 = load_hf(model16, staging, make_mesh(1), 1)
+    windows = text_windows(load_tokenizer(str(dst), "fast"), calibration)
+    return calibrated_params(model16, params16, quant_model, windows)

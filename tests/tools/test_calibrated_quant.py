@@ -1,0 +1,169 @@
+"""Calibrated quantisation in tools.convert (`--quant w4a16|w8a8 --calibration`) on a tiny random Llama:
+GPTQ's int4 weights and SmoothQuant's smoothed int8 weights give smaller outputs errors than round to nearest
+on the calibration inputs, and the written checkpoint loads unchanged, as the model of its own dequantised
+weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_checkpoints import PROMPT, VOCAB, VOCAB_MERGES, save_tiny_llama
+
+from tools.convert import convert
+from tools.convert.__main__ import main
+
+WINDOWS, WINDOW_LEN = 4, 48
+
+
+def _save_tokenizer(dst):
+    """The tiny checkpoints' byte-level BPE vocabulary as a fast tokenizer in `dst`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(VOCAB)}, merges=[tuple(m.split()) for m in VOCAB_MERGES])
+    tokenizer = Tokenizer(bpe)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=VOCAB[0]).save_pretrained(dst)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(HF dir with a tokenizer, 16-bit model, its float32 params with outlier norm channels, random windows)."""
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import build_model
+    from jaxllm.parallel import make_mesh
+    from jaxllm.weights import load_hf
+
+    src = tmp_path_factory.mktemp("calibrated")
+    save_tiny_llama(src, tie=True, seed=3)
+    _save_tokenizer(src)
+    model16 = build_model(ModelConfig.from_model_dir(src), jnp.float32)
+    params = load_hf(model16, src, make_mesh(1), 1)
+    rng = np.random.default_rng(7)
+    for layer in ("layers_0", "layers_1"):  # a few large channels into each norm, as trained models have
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            weight = np.array(params[layer][norm]["weight"])
+            weight[rng.choice(weight.size, 3, replace=False)] *= 25.0
+            params[layer][norm]["weight"] = jnp.asarray(weight)
+    windows = [list(rng.integers(3, model16.config.vocab_size, WINDOW_LEN)) for _ in range(WINDOWS)]
+    return src, model16, params, windows
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny):
+    """Every quantised weight's input statistics on the windows (Gram matrices, absmax, all rows), and the
+    16-bit model's logits there."""
+    from tools.convert.calibrated import quantised_paths
+    from tools.convert.calibration import collect
+
+    _, model16, params, windows = tiny
+    paths = quantised_paths(_quantised(model16, "w8a16"))
+    stats = collect(model16, params, windows, paths, gram=True, sample_rows=WINDOWS * WINDOW_LEN)
+    return stats, _logits(model16, params, windows)
+
+
+def _quantised(model16, scheme):
+    from jaxllm.models import build_model, quant
+
+    return build_model(dataclasses.replace(model16.config, weight_quant=quant.WeightQuant(scheme)), jnp.float32)
+
+
+_STEPS: dict = {}
+
+
+def _logits(model, params, windows):
+    from jaxllm.models import one_sequence
+
+    if id(model) not in _STEPS:  # one compilation per model (the calibrated and RTN params share one)
+        _STEPS[id(model)] = (model, jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True)[0]))
+    step = _STEPS[id(model)][1]
+    return np.concatenate([np.asarray(step(params, jnp.asarray(ids, jnp.int32), *one_sequence(model, len(ids))))
+                           for ids in windows])
+
+
+def _rtn(model, params16):
+    """Round to nearest (quantisation at load) of the same 16-bit params."""
+    from flax import linen as nn
+
+    from jaxllm.models import quant
+    from jaxllm.weights import abstract_params
+
+    abstract = nn.unbox(abstract_params(model))
+    return jax.tree.map(lambda w, like: quant.quantize_like(w, like) if quant.is_quantised(like) else w,
+                        params16, abstract, is_leaf=quant.is_quantised)
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
+def test_calibration_beats_round_to_nearest(tiny, calibration, scheme):
+    """On the calibration windows: every GPTQ weight's output error on its own inputs is below round to
+    nearest's, and for both schemes the model's logits are closer to the 16-bit model's."""
+    from jaxllm.models import quant
+    from tools.convert.calibrated import quantise
+
+    _, model16, params16, windows = tiny
+    stats, reference = calibration
+    model = _quantised(model16, scheme)
+    calibrated = quantise(params16, model, stats, log=lambda _: None)
+    rtn = _rtn(model, params16)
+    if scheme == "w4a16":
+        for path, stat in stats.items():
+            x = stat.sample
+            get = lambda tree: np.asarray(quant.dequantize(_at(tree, path))).reshape(x.shape[1], -1)  # noqa: E731
+            err = lambda tree: np.linalg.norm(x @ get(tree) - x @ get(params16))  # noqa: E731
+            assert err(calibrated) < 0.95 * err(rtn), path
+    logits = _logits(model, calibrated, windows), _logits(model, rtn, windows)
+    calibrated_err, rtn_err = (np.abs(lg - reference).mean() for lg in logits)
+    assert calibrated_err < rtn_err
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_calibrated_checkpoint_loads_as_its_dequantised_weights(tiny, tmp_path):
+    """`--quant w4a16 --calibration FILE` writes a checkpoint that loads as Int4Weight params unchanged, and
+    its logits are those of the 16-bit model holding its dequantised weights."""
+    from flax import linen as nn
+
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import build_model, quant
+    from jaxllm.parallel import make_mesh
+    from jaxllm.weights import load_params
+
+    src = tiny[0]
+    text = tmp_path / "calibration.txt"
+    text.write_text("hello hell he llo " * 64 + "the quick brown fox jumps over the lazy dog\n" * 16)
+    dst = tmp_path / "w4"
+    assert main(["--src", str(src), "--dst", str(dst), "--quant", "w4a16", "--calibration", str(text)]) == 0
+    config = ModelConfig.from_model_dir(dst)
+    assert config.weight_quant.scheme == "w4a16"
+    model = build_model(config, jnp.float32)
+    params = load_params(model, dst, make_mesh(1), 1)
+    assert isinstance(params["layers_1"]["mlp"]["down_proj"], quant.Int4Weight)
+    dequantised = jax.tree.map(lambda w: quant.dequantize(w) if quant.is_quantised(w) else w, params,
+                               is_leaf=quant.is_quantised)
+    model16 = build_model(dataclasses.replace(config, weight_quant=None), jnp.float32)
+    assert jax.tree.structure(dequantised) == jax.tree.structure(nn.unbox(_abstract(model16)))
+    with jax.default_matmul_precision("highest"):
+        got, want = _logits(model, params, [PROMPT]), _logits(model16, dequantised, [PROMPT])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_calibration_refused_for_other_schemes(tiny, tmp_path):
+    from tools.convert import ConvertError
+
+    with pytest.raises(ConvertError, match="--calibration is built for --quant w4a16 or w8a8"):
+        convert(tiny[0], tmp_path / "out", quant="w8a16", calibration="pydoc")
+
+
+def _abstract(model):
+    from jaxllm.weights import abstract_params
+
+    return abstract_params(model)

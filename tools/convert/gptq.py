@@ -1,0 +1,75 @@
+"""GPTQ (Frantar et al., 2022) for jaxllm's int4 layout: a weight's inputs quantised one at a time, in
+order, each one's rounding error spread over the inputs not yet quantised, weighted by the calibration
+inputs' inverse Gram matrix, so the layer's output on those inputs moves as little as it can.
+
+Groups follow `jaxllm.models.quant.quantize_int4` exactly (asymmetric, zero point, `group` consecutive inputs
+of the last input axis): a group's scale and zero come from its columns as they stand when the group starts,
+after the compensation of the groups before it. The scales are rounded to the dtype they will be stored in
+before any value is rounded, so the compensation sees the stored weights. No act-order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAMP = 0.01  # added to the Gram matrix's diagonal, as a fraction of its mean (keeps it invertible)
+
+
+def _group_params(w: np.ndarray, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """w [N, g] → (scale [N], zero [N]) as quantize_int4 computes them, scale rounded to `scale_dtype`."""
+    lo = np.minimum(w.min(axis=1), 0.0)
+    hi = np.maximum(w.max(axis=1), 0.0)
+    scale = ((hi - lo) / 15.0).astype(scale_dtype).astype(np.float64)
+    safe = np.where(scale > 0, scale, 1.0)
+    zero = np.clip(np.round(-lo / safe), 0, 15)
+    return scale, zero
+
+
+def gptq_int4(w: np.ndarray, gram: np.ndarray, group: int, scale_dtype=np.float32, block: int = 128):
+    """w [K, N] (inputs flattened, groups of `group` consecutive inputs), gram [K, K] = Σ xᵀx of its inputs →
+    (q [K, N] int32 values 0..15, scale [K / group, N], zero [K / group, N]) with w ≈ (q - zero) * scale."""
+    k, n = w.shape
+    block = group * max(1, block // group)
+    W = w.T.astype(np.float64).copy()  # [N, K]: a column per input
+    H = gram.astype(np.float64).copy()
+    dead = np.diag(H) == 0  # inputs that were always zero: any value does; quantise them as zero
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(k)] += DAMP * np.mean(np.diag(H))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H⁻¹ = Uᵀ U
+    Q = np.zeros((n, k), np.int32)
+    scales = np.zeros((k // group, n))
+    zeros = np.zeros((k // group, n))
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        W1 = W[:, start:stop].copy()
+        E1 = np.zeros_like(W1)
+        for i in range(stop - start):
+            col = start + i
+            if col % group == 0:
+                scale, zero = _group_params(W1[:, i : i + group], scale_dtype)
+                scales[col // group], zeros[col // group] = scale, zero
+                safe = np.where(scale > 0, scale, 1.0)
+            q = np.clip(np.round(W1[:, i] / safe) + zero, 0, 15)
+            Q[:, col] = q
+            err = (W1[:, i] - (q - zero) * scale) / U[col, col]
+            W1[:, i:] -= np.outer(err, U[col, col : stop])
+            E1[:, i] = err
+        W[:, stop:] -= E1 @ U[start:stop, stop:]
+    return Q.T, scales, zeros
+
+
+def rtn_int4(w: np.ndarray, group: int, scale_dtype=np.float32):
+    """Round to nearest with quantize_int4's groups (GPTQ with an identity Gram matrix): the baseline."""
+    k, n = w.shape
+    grouped = w.T.astype(np.float64).reshape(n, k // group, group)
+    scale, zero = zip(*(_group_params(grouped[:, g], scale_dtype) for g in range(k // group)))
+    scale, zero = np.stack(scale), np.stack(zero)  # [K / group, N]
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.round(w / np.repeat(safe, group, 0)) + np.repeat(zero, group, 0), 0, 15).astype(np.int32)
+    return q, scale, zero
+
+
+def dequantize(q, scale, zero):
+    group = q.shape[0] // scale.shape[0]
+    return (q - np.repeat(zero, group, 0)) * np.repeat(scale, group, 0)
