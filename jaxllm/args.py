@@ -13,11 +13,11 @@ from typing import Any, Sequence
 
 DATA_TYPE_CHOICES = ["fp16", "float16", "bf16", "bfloat16", "fp32", "float32"]
 LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
+DEFAULT_NCCL_PORT = 28765  # LightLLM's
 TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.server.tool_parsers
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
-    "nccl_port",
     "enable_multimodal",
     "cache_capacity",
     "cache_reserved_ratio",
@@ -56,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_req_input_len", type=int, default=2048, help="longest prompt accepted, in tokens")
     add("--max_req_total_len", type=int, default=2048 + 1024,
         help="longest prompt + generated length accepted, in tokens")
-    add("--nccl_port", type=int, default=28765,
-        help="port for the distributed (multi-process) runtime's rendezvous")
+    add("--nccl_port", type=int, nargs="?", const=DEFAULT_NCCL_PORT, default=None,
+        help=f"with --tp > 1: run one process per device (process 0 serves HTTP, schedules and sends each step "
+             f"to the others) and coordinate them with jax.distributed on this local port ({DEFAULT_NCCL_PORT}, "
+             f"LightLLM's default, when given without a value). Without it, one process drives all --tp devices")
     add("--mode", type=str, default=[], nargs="+",
         help="kernel modes: triton_int8kv | ppl_int8kv (int8 KV cache, about twice the tokens), "
              "ppl_fp16 (fp16 decode attention), triton_flashdecoding (split-K decode for long contexts), "
@@ -141,7 +143,7 @@ class ServerArgs:
     tp: int
     max_req_input_len: int
     max_req_total_len: int
-    nccl_port: int
+    nccl_port: int | None  # None: one process drives every --tp device
     mode: list[str]
     trust_remote_code: bool
     disable_log_stats: bool
@@ -172,6 +174,11 @@ class ServerArgs:
     load_format: str
     api_key: list[str] = dataclasses.field(repr=False)  # secrets: kept out of reprs and logs
     tool_call_parser: str = "auto"
+
+    @property
+    def processes(self) -> int:
+        """Processes of the deployment: one per --tp device when --nccl_port is given, else one."""
+        return self.tp if self.nccl_port is not None else 1
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
@@ -229,6 +236,8 @@ def _check_consistency(v: dict[str, Any]) -> None:
             raise ValueError(f"--{name} must be at least 1")
     if v["tp"] < 1:
         raise ValueError("--tp must be at least 1")
+    if v["nccl_port"] is not None and not 0 < v["nccl_port"] < 65536:
+        raise ValueError(f"--nccl_port must be a TCP port (1-65535), not {v['nccl_port']}")
     for key in v["grouping_key"]:
         if "=" not in key:
             raise ValueError(f"--grouping_key {key!r} must have the form key=value")

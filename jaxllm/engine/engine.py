@@ -13,6 +13,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
+from jaxllm import multiprocess
 from jaxllm.engine.beam import BeamSearch
 from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
@@ -34,9 +35,10 @@ log = logging.getLogger(__name__)
 class Engine(StepReader):
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
-    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None):
+    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, peers=None):
         """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: how many step
-        shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met)."""
+        shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met); peers:
+        the other processes of a multi-process deployment (jaxllm.multiprocess.Followers)."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
@@ -46,7 +48,7 @@ class Engine(StepReader):
         self.kv = KVCache(args.max_total_token_num, args.running_max_req_size, prefix_cache=prefix_cache)
         self.scheduler = build_scheduler(args, self.kv)
         enable_compilation_cache()
-        self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens)
+        self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens, peers)
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
@@ -84,9 +86,11 @@ class Engine(StepReader):
 
     @classmethod
     def from_args(cls, args, *, warmup: int | None = None) -> "Engine":
-        """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
-        loaded = load_model(args)
-        return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup)
+        """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps. With
+        --nccl_port and --tp > 1, first start a process per other device, each running the same steps."""
+        followers = multiprocess.start(args, warmup) if args.processes > 1 else None
+        loaded = load_model(args, multiprocess.mesh_devices() if followers else None)
+        return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:

@@ -55,17 +55,18 @@ def build_scheduler(args, kv: KVCache) -> Scheduler:
     return policy(SchedulerConfig.from_args(args), kv)
 
 
-def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int) -> ModelRunner:
-    """The runner of `model` over the host KV accounting `kv`, for steps of up to `max_step_tokens` tokens."""
+def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int, peers=None) -> ModelRunner:
+    """The runner of `model` over the host KV accounting `kv`, for steps of up to `max_step_tokens` tokens
+    (`peers`: process 0's followers in a multi-process deployment)."""
     return ModelRunner(
         model, params, mesh, kv_cache_spec(model.config, args.tp), kv,
-        max_len=args.max_req_total_len, max_prefill_tokens=max_step_tokens, eos_ids=tuple(args.eos_id),
+        max_len=args.max_req_total_len, max_prefill_tokens=max_step_tokens, eos_ids=tuple(args.eos_id), peers=peers,
     )
 
 
-def load_model(args, devices=None) -> LoadedModel:
-    """Load config, tokenizer and weights from args.model_dir onto a --tp mesh (over `devices`, by default
-    this process's view of jax.devices())."""
+def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
+    """Load config, tokenizer (unless not wanted) and weights from args.model_dir onto a --tp mesh over
+    `devices` (by default jax.devices())."""
     if args.model_dir is None:
         raise ValueError("--model_dir is required")
     config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
@@ -77,7 +78,7 @@ def load_model(args, devices=None) -> LoadedModel:
     backend = attention_backend(args.mode, platform, mesh=mesh)
     model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
     params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
-    tokenizer = None
-    if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-        tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
-    return LoadedModel(model, params, mesh, tokenizer)
+    loaded = LoadedModel(model, params, mesh, None)
+    if tokenizer and any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        loaded.tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
+    return loaded

@@ -114,8 +114,12 @@ class ModelRunner:
         eos_ids: tuple[int, ...],
         min_width: int = 64,
         min_prefill_tokens: int = 16,
+        peers=None,
     ):
+        """peers: in process 0 of a multi-process deployment, the other processes (jaxllm.multiprocess.Followers),
+        which are sent each piece of device work before it is enqueued here."""
         self.model = model
+        self.peers = peers
         self.params = params
         self.mesh = mesh
         self.host_kv = kv
@@ -249,6 +253,8 @@ class ModelRunner:
         the device idled waiting for this launch)."""
         launched = time.perf_counter()
         after_idle = unread is not None and unread.sampled.is_ready()
+        if self.peers is not None:
+            self.peers.send(("step", step.device))
         sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device)
         launch_s = time.perf_counter() - launched
         if not step.shape.all_logits:
@@ -265,6 +271,8 @@ class ModelRunner:
     def sample_constrained(self, handle: StepHandle, mask: np.ndarray) -> None:
         """Enqueue a constrained step's sampler with each row's allowed-token mask [rows, mask_words] int32
         (all ones for unconstrained and padding rows); handle.sampled, logprobs (and top) then exist."""
+        if self.peers is not None:
+            self.peers.send(("sample", mask))
         handle.sampled, handle.logprobs, top = self.execute_sampler(handle.unsampled, mask)
         handle.top = top if handle.unsampled[-1]["top_logprobs"] else None
         handle.unsampled = None
@@ -330,5 +338,7 @@ class ModelRunner:
 
     def reset_device_state(self) -> None:
         """Fresh KV buffers after a failed step consumed them: every request's KV is gone."""
+        if self.peers is not None:
+            self.peers.send(("reset",))
         self._init_device_state()
         self.inputs.reset()
