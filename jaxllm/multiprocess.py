@@ -98,8 +98,9 @@ class Followers:
                                          f"({exc}); restart the server") from exc
             self.sent_bytes += size
 
-    def close(self) -> None:
-        """Tell the followers to stop (they exit through jax.distributed's shutdown, together with this one)."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the followers and wait for them: each leaves jax.distributed while its coordinator (this process)
+        still runs."""
         with self._lock:
             for f in self._followers:
                 try:
@@ -107,6 +108,11 @@ class Followers:
                 except OSError:
                     pass
                 f.channel.close()
+            for f in self._followers:
+                try:
+                    f.proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    f.proc.kill()
             self._followers = []
 
 
@@ -152,7 +158,7 @@ def start(args, warmup: int | None) -> Followers:
         channel.send((args, warmup))
         followers.append(_Follower(process_id, proc, channel))
     result = Followers(followers)
-    atexit.register(result.close)  # before jax.distributed's own shutdown, registered earlier (atexit is LIFO)
+    atexit.register(result.close)  # runs before jax.distributed's own shutdown, registered earlier (LIFO)
     log.info("started %d follower process(es); joining jax.distributed on 127.0.0.1:%d", len(followers),
              args.nccl_port)
     initialize(args.nccl_port, args.processes, 0)
