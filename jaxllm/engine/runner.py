@@ -25,6 +25,7 @@ from jaxllm.engine.kv_cache import KVCache, init_device_kv
 from jaxllm.engine.scheduler import SchedulerOutput, TableFill
 from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder, StepInputs, pack
 from jaxllm.engine.step_shapes import StepShape, pick_bucket, pow2_buckets
+from jaxllm.models.mla import kernel_fits
 
 
 def enable_compilation_cache() -> str:
@@ -132,7 +133,7 @@ class ModelRunner:
         self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
         self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
-        if not model.backend.cost_follows_width and model.config.mla is None:  # latent attention: reference path
+        if not model.backend.cost_follows_width and (model.config.mla is None or kernel_fits(model.config)):
             self.width_buckets = self.width_buckets[-1:]
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
