@@ -75,7 +75,7 @@ def _check_quantised_split(abstract, shardings, tp: int) -> None:
         if not quant.is_quantised(weight):
             continue
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        sharding = _get(shardings, tuple(getattr(k, "key", k) for k in path))
+        sharding = tree_get(shardings, tuple(getattr(k, "key", k) for k in path))
         for field, spec in zip(jax.tree.leaves(weight), jax.tree.leaves(sharding)):
             for size, axis in zip(field.shape, spec.spec):
                 if axis is not None and size % tp:
@@ -204,7 +204,7 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
         # A pre-quantised linear is a dict of fields, each in the 16-bit weight's layout (jaxllm/prequant.py).
         host = _each(array, lambda a: np.asarray(target.transform(a)))
         if target.parts > 1:
-            shape = _get(shapes, target.path).shape
+            shape = tree_get(shapes, target.path).shape
             buffer, missing = pending.get(target.path, (_each(host, lambda a: np.empty(shape, a.dtype)),
                                                         target.parts))
             _each(buffer, lambda b, h: b.__setitem__(target.part, h), host)
@@ -214,14 +214,14 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
                 continue
             pending.pop(target.path, None)
             host = buffer
-        like, sharding = _get(shapes, target.path), _get(shardings, target.path)
+        like, sharding = tree_get(shapes, target.path), tree_get(shardings, target.path)
         if isinstance(host, dict):
             weight = prequant.to_weight(host, like)
-            _set(params, target.path, jax.tree.map(lambda h, s: _place(h, h.dtype, s), weight, sharding))
+            tree_set(params, target.path, jax.tree.map(lambda h, s: _place(h, h.dtype, s), weight, sharding))
         elif quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
-            _set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
+            tree_set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
         else:  # the declared dtype: the model's, or float32 where a family keeps one so (DeepSeek's router)
-            _set(params, target.path, _place(host, like.dtype, sharding))
+            tree_set(params, target.path, _place(host, like.dtype, sharding))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
@@ -254,13 +254,15 @@ def _quantiser(like, shardings):
     return jax.jit(lambda w: quant.quantize_like(w, like), out_shardings=shardings)
 
 
-def _get(tree, path):
+def tree_get(tree, path):
+    """The leaf at `path` (a tuple of keys) of nested dicts."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree, path, value):
+def tree_set(tree, path, value):
+    """Put `value` at `path` of nested dicts, making the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value

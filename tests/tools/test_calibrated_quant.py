@@ -103,6 +103,7 @@ def test_calibration_beats_round_to_nearest(tiny, calibration, scheme):
     """On the calibration windows: every GPTQ weight's output error on its own inputs is below round to
     nearest's, and for both schemes the model's logits are closer to the 16-bit model's."""
     from jaxllm.models import quant
+    from jaxllm.weights import tree_get
     from tools.convert.calibrated import quantise
 
     _, model16, params16, windows = tiny
@@ -113,18 +114,12 @@ def test_calibration_beats_round_to_nearest(tiny, calibration, scheme):
     if scheme == "w4a16":
         for path, stat in stats.items():
             x = stat.sample
-            get = lambda tree: np.asarray(quant.dequantize(_at(tree, path))).reshape(x.shape[1], -1)  # noqa: E731
+            get = lambda tree: np.asarray(quant.dequantize(tree_get(tree, path))).reshape(x.shape[1], -1)  # noqa: E731
             err = lambda tree: np.linalg.norm(x @ get(tree) - x @ get(params16))  # noqa: E731
             assert err(calibrated) < 0.95 * err(rtn), path
     logits = _logits(model, calibrated, windows), _logits(model, rtn, windows)
     calibrated_err, rtn_err = (np.abs(lg - reference).mean() for lg in logits)
     assert calibrated_err < rtn_err
-
-
-def _at(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def test_calibrated_checkpoint_loads_as_its_dequantised_weights(tiny, tmp_path):

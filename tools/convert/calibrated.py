@@ -14,18 +14,6 @@ WINDOW = 512
 SAMPLE_ROWS = 1024  # calibration rows per product on which SmoothQuant's α is chosen
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def quantised_paths(quant_model) -> list[tuple[str, ...]]:
     """Param paths of the weights `quant_model` declares quantised."""
     import jax
@@ -59,7 +47,7 @@ def quantise(params16, quant_model, stats: dict, log=print):
     from flax import linen as nn
 
     from jaxllm.models import quant
-    from jaxllm.weights import abstract_params
+    from jaxllm.weights import abstract_params, tree_get, tree_set
 
     scheme = quant_model.config.weight_quant.scheme
     host = jax.tree.map(lambda a: np.array(a, np.float32), params16)
@@ -72,13 +60,13 @@ def quantise(params16, quant_model, stats: dict, log=print):
     out: dict = {}
     leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(quant_model)), is_leaf=quant.is_quantised)[0]
     for path, like in ((tuple(k.key for k in p), leaf) for p, leaf in leaves):
-        w = _get(host, path)
+        w = tree_get(host, path)
         if not quant.is_quantised(like):
-            _set(out, path, jnp.asarray(w, like.dtype))
+            tree_set(out, path, jnp.asarray(w, like.dtype))
         elif scheme == "w4a16":
-            _set(out, path, gptq_weight(w, stats[path].gram, like))
+            tree_set(out, path, gptq_weight(w, stats[path].gram, like))
         else:
-            _set(out, path, quant.quantize_like(jnp.asarray(w, quant_model.dtype), like))
+            tree_set(out, path, quant.quantize_like(jnp.asarray(w, quant_model.dtype), like))
     return out
 
 

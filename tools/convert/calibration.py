@@ -65,10 +65,11 @@ def collect(model, params, windows: list[list[int]], paths: list[tuple[str, ...]
 
     from jaxllm.models import one_sequence
     from jaxllm.models.layers import tap_dense_inputs
+    from jaxllm.weights import tree_get
 
     def inputs(params, ids, meta, cache):
         # Each weight's traced value is the object the model receives, so its id names the product.
-        by_id = {id(_get(params, path)): path for path in paths}
+        by_id = {id(tree_get(params, path)): path for path in paths}
         seen = {}
 
         def record(x, w):
@@ -97,8 +98,3 @@ def collect(model, params, windows: list[list[int]], paths: list[tuple[str, ...]
         raise RuntimeError(f"calibration saw no input for {len(missing)} weights, e.g. {'/'.join(missing[0])}")
     return stats
 
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
