@@ -123,3 +123,12 @@ def test_bad_requests(engine):
         engine.submit_images(prompt_with(2, 3), GREEDY, images)
     with pytest.raises(ValueError, match="cache_capacity"):
         engine.submit_images(prompt_with(4, 3, length=14), GREEDY, image_inputs(engine, PHOTOS))
+
+
+def test_vision_benchmark_runs(engine):
+    """`python -m jaxllm.bench.vision`'s measurements on the tiny model (the GPU entry point's logic)."""
+    from jaxllm.bench.vision import run as bench
+
+    result = bench(engine, concurrent=2, text_len=12, output_len=2)
+    assert result["repeated_image_encodes"] == 0 and result["image_tokens"] == 9
+    assert result["concurrent_output_tokens_per_s"] > 0 and result["encode_ms_16_images"] > 0
