@@ -1,5 +1,5 @@
-"""Images through the engine (tiny random LLaVA, --enable_multimodal): greedy tokens equal transformers'
-`generate` with the images; each distinct image is encoded once; the prompt cache never matches across
+"""Images through the engine (tiny random LLaVA, --enable_multimodal, splitfuse chunks that cut images):
+greedy tokens equal transformers' `generate` with the images; each distinct image is encoded once; the prompt cache never matches across
 different images; requests whose images find no cache room wait and all finish; after random traffic with
 aborts no KV slot and no image reference is left."""
 
@@ -58,9 +58,10 @@ def run(engine, requests):
 
 @pytest.fixture(scope="module")
 def engine(llava):
+    """Splitfuse chunks of 8 tokens cut each 9-token image between steps (and mix it with decodes)."""
     path, _ = llava
     with make_engine(path, load_format="auto", enable_multimodal=True, cache_capacity=3, cache_reserved_ratio=0.34,
-                     use_dynamic_prompt_cache=True) as engine:
+                     use_dynamic_prompt_cache=True, splitfuse_mode=True, splitfuse_block_size=8) as engine:
         yield engine
 
 
@@ -115,6 +116,14 @@ def test_waits_for_room_and_leaks_nothing(engine):
     assert stats["image_cache_entries"] <= 3 and stats["image_cache_evictions"] > 0 and stats["image_room_waits"] > 0
     assert stats["kv_used"] == 0 and engine.kv.num_free + engine.kv.num_cached == engine.kv.num_slots
     engine.kv.check([])
+
+
+def test_llava_without_the_flag_refuses_images(llava, engine):
+    path, _ = llava
+    plain = make_engine(path, load_format="auto")  # not started: submit checks before queueing
+    assert plain.image_processor is None
+    with pytest.raises(ValueError, match="--enable_multimodal"):
+        plain.submit_images(prompt_with(1, 0), GREEDY, image_inputs(engine, ["chelsea"]))
 
 
 def test_bad_requests(engine):
