@@ -132,6 +132,10 @@ class ImageStage:
                 new.setdefault(entry.digest, (entry, image))
         return True
 
+    def run_example(self, batch: EncodeBatch) -> None:
+        """Encode `batch` into the scratch row only (compiles its shape)."""
+        self._encode(batch.inputs, batch.static, np.full(batch.token_index.shape, self.scratch_row, np.int32))
+
     def _run(self, batch: EncodeBatch, entries: list[CacheEntry]) -> None:
         """One encoder call: output (b, t) goes to row `token_index[b, t]` of row b's image's entry."""
         started = time.perf_counter()
