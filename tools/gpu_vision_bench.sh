@@ -6,7 +6,8 @@
 # Usage on the device machine (carry .whl and any tokenizer dir; the benchmark sends token ids):
 #   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_vision_bench.sh
 # Time: weights init plus the start-up set of step shapes compiled in parallel (as the server does), then the
-# untimed runs compile the encoder's batch shapes; ≈ 4–5 min cold, less with JAX's persistent compilation cache.
+# untimed runs compile the encoder's batch shapes (not measured yet; JAX's persistent compilation cache
+# makes a rerun faster).
 set -uo pipefail
 CONFIG=${CONFIG:-tests/assets/configs/llava-1.5-7b.json}
 source tools/device_env.sh /tmp/jaxllm-vision
