@@ -49,6 +49,7 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         ("expert_mlp", TP_AXIS),
         ("latent", None),
         ("labels", None),
+        ("patch", None),
     )
 
 
