@@ -173,6 +173,8 @@ class ModelConfig:
     mla: Mla | None = None
     # --- a score head instead of the LM head (reward models, from config.json's `architectures`)
     score_head: ScoreHead | None = None
+    # --- a vision tower feeding image embeddings (`jaxllm/models/vision/interface.py: VisionConfig`); None: text only
+    vision: Any = None
 
     @property
     def group_size(self) -> int:

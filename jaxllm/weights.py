@@ -194,6 +194,7 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
     seen = set()
     pending: dict[tuple[str, ...], tuple] = {}  # fused params: host buffer(s), parts still missing
     for name, array in tensors:
+        name = family.rename(name)
         if name not in table and family.base_prefix + name in table:
             name = family.base_prefix + name
         if name not in table:
