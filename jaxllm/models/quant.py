@@ -292,7 +292,7 @@ QUANTISED_WEIGHTS = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "up_proj": 1
 def declared_quant(module, name: str) -> tuple[WeightQuant, int] | None:
     """(scheme, input axes) when the Flax `module`'s weight `name` is declared quantised, else None: its
     config's `weight_quant` says the scheme, the param's path says which layer it belongs to."""
-    quant = getattr(getattr(module, "config", None), "weight_quant", None)
+    quant = getattr(module.config, "weight_quant", None)
     if quant is None or name not in QUANTISED_WEIGHTS:
         return None
     layer = next((int(p.split("_")[1]) for p in module.path if p.startswith("layers_")), None)

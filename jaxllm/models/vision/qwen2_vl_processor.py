@@ -11,28 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxllm.models.vision.interface import ImageInput
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageGrid:
-    """One preprocessed image: `patches` [t·h·w, channels · temporal_patch · patch²] float32 and its patch
-    grid (t, h, w); the language model sees t·h·w / merge² tokens."""
-
-    patches: np.ndarray
-    grid_thw: tuple[int, int, int]
-    merge_size: int
-
-    @property
-    def num_tokens(self) -> int:
-        t, h, w = self.grid_thw
-        return t * h * w // self.merge_size ** 2
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageProcessor:
+class Qwen2VLImageProcessor:
     """The processor's settings (`preprocessor_config.json`); defaults are transformers'."""
 
     min_pixels: int = 56 * 56
@@ -44,7 +31,7 @@ class ImageProcessor:
     image_std: tuple[float, ...] = CLIP_STD
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ImageProcessor":
+    def from_dict(cls, raw: dict) -> "Qwen2VLImageProcessor":
         size = raw.get("size") or {}
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in fields}
@@ -57,7 +44,7 @@ class ImageProcessor:
         return cls(**values)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path) -> "ImageProcessor":
+    def from_model_dir(cls, model_dir: str | Path) -> "Qwen2VLImageProcessor":
         path = Path(model_dir) / "preprocessor_config.json"
         return cls.from_dict(json.loads(path.read_text())) if path.is_file() else cls()
 
@@ -84,8 +71,9 @@ class ImageProcessor:
         h, w = self.resized_size(height, width)
         return (h // self.patch_size) * (w // self.patch_size) // self.merge_size ** 2
 
-    def preprocess(self, image) -> ImageGrid:
-        """A PIL image (any mode; transparency composited on white) → its patches and grid."""
+    def __call__(self, image, digest: str = "") -> ImageInput:
+        """A PIL image (any mode; transparency composited on white) → its patches [h·w, C·T·P·P] float32 and
+        patch grid (1, h, w); it takes h·w / merge² language-model tokens."""
         from PIL import Image
 
         rgb = to_rgb(image)
@@ -93,9 +81,9 @@ class ImageProcessor:
         resized = np.asarray(rgb.resize((width, height), resample=Image.Resampling.BICUBIC))  # [H, W, 3] uint8
         pixels = (resized.astype(np.float64) / 255.0).astype(np.float32)
         pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return self.patchify(pixels.transpose(2, 0, 1))
+        return self.patchify(pixels.transpose(2, 0, 1), digest)
 
-    def patchify(self, pixels: np.ndarray) -> ImageGrid:
+    def patchify(self, pixels: np.ndarray, digest: str = "") -> ImageInput:
         """pixels [C, H, W] (H, W multiples of patch × merge) → patches [h·w, C·T·P·P], merge blocks row-major
         and each block's patches row-major; the one frame repeated over the temporal patch."""
         c, height, width = pixels.shape
@@ -103,7 +91,8 @@ class ImageProcessor:
         gh, gw = height // p, width // p
         blocks = pixels.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [bh, bw, m, m, C, P, P]
         frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
-        return ImageGrid(np.ascontiguousarray(frames.reshape(gh * gw, c * t * p * p)), (1, gh, gw), m)
+        patches = np.ascontiguousarray(frames.reshape(gh * gw, c * t * p * p))
+        return ImageInput(patches, num_tokens=gh * gw // m ** 2, digest=digest, grid=(1, gh, gw))
 
 
 def to_rgb(image):
