@@ -304,7 +304,7 @@ def common_fields(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                   "gelu": "gelu"}
+                   "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
 def activation_from_hf(name: str) -> str:

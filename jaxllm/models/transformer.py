@@ -66,17 +66,33 @@ class CausalLM(nn.Module):
     dtype: Any
     backend: AttentionBackend
     experts_kernel: Callable = routed_experts  # MoE layers' routed experts (`expert_kernels.py`)
+    # A vision-language model's encoder (tower + projector, `jaxllm/models/vision/interface.py`), params
+    # under "vision"; None for a text model.
+    vision: nn.Module | None = None
+
+    def encode_images(self, pixels, grid: tuple[int, ...] = ()):
+        """pixels [batch, *pixel shape] → image embeddings [batch, tokens, hidden] (`model.apply(...,
+        method=CausalLM.encode_images)`)."""
+        return self.vision(pixels, grid)
 
     @nn.compact
-    def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False):
-        """tokens [n] int32; kv_cache: one backend cache tuple per layer.
+    def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False,
+                 image_embeds=None, image_mask=None):
+        """tokens [n] int32; kv_cache: one backend cache tuple per layer; image_embeds [n, hidden] replace
+        the token embeddings where image_mask [n] is set (a vision-language model's image tokens).
 
         Returns logits float32 [rows, vocab] at `meta.logits_index` ([n, vocab] with `all_logits`)
         and the updated cache; a model with a score head returns its scores [rows, labels] instead.
         """
         c = self.config
+        if self.vision is not None and self.is_initializing():  # declare the encoder's params too
+            from jaxllm.models.vision.registry import vision_family
+
+            self.vision(*vision_family(c.vision.family).example_pixels(c))
         embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
         x = embed[tokens]  # [n, hidden]
+        if image_embeds is not None:
+            x = jnp.where(image_mask[:, None], image_embeds.astype(x.dtype), x)
         if c.position == "learned":
             table = param(self, "embed_positions", (c.max_position_embeddings, c.hidden_size), ("positions", "embed"),
                           self.dtype)

@@ -12,9 +12,10 @@ The pipeline (server → engine) uses it so:
 2. The prompt's text carries `VisionConfig.placeholder` once per image (the chat template or the user puts it
    there); after tokenisation each `image_token_id` is expanded to `ImageInput.num_tokens` copies
    (`expand_placeholders`), whose input embeddings the model replaces with the image's embeddings.
-3. On the engine thread, images not in the image cache are encoded in batches of equal `pixels.shape` and
-   `grid`: `encoder(config, dtype).apply({"params": params[VISION_PARAMS]}, pixels, grid)` with pixels
-   `[batch, *ImageInput.pixels.shape]` returns `[batch, num_tokens, text hidden]` (the projector applied).
+3. `build_model` makes `encoder(config, dtype)` the language model's submodule `VISION_PARAMS`; on the
+   engine thread, images not in the image cache are encoded in batches of equal `pixels.shape` and `grid`:
+   the encoder's `__call__(pixels [batch, *ImageInput.pixels.shape], grid)` returns
+   `[batch, num_tokens, text hidden]` (the projector applied), which replace the placeholders' embeddings.
 4. Families whose language model takes multi-axis rotary positions (Qwen2-VL's M-RoPE) also provide
    `rope_positions(token_ids, images)`; others return None (positions are 0..n-1).
 """
@@ -47,6 +48,9 @@ class VisionConfig:
     image_token_id: int
     placeholder: str
 
+    def check_tp(self, tp: int) -> None:
+        """ValueError when --tp cannot split the tower's heads and MLP (families with a tower override it)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageInput:
@@ -78,6 +82,10 @@ class VisionFamily(Protocol):
     def encoder(self, config: "ModelConfig", dtype) -> "nn.Module":
         """A module whose `__call__(pixels [batch, *pixel shape], grid)` → [batch, num_tokens, text hidden];
         its params are `params[VISION_PARAMS]`, declared with logical axes ("heads", "mlp" split over --tp)."""
+        ...
+
+    def example_pixels(self, config: "ModelConfig") -> tuple[np.ndarray, tuple[int, ...]]:
+        """(pixels [1, *pixel shape], grid): the smallest valid encoder input (traces the params at init)."""
         ...
 
     def weights(self, config: "ModelConfig") -> "WeightMap":
