@@ -23,6 +23,7 @@ from jaxllm.models import hf_map, rope
 from jaxllm.models.layers import Norm, activation, dense, param
 from jaxllm.models.vision.interface import VISION_PARAMS, ImageInput, VisionConfig
 from jaxllm.models.vision.qwen2_vl_processor import Qwen2VLImageProcessor
+from jaxllm.models.vision.registry import register
 
 _ZEROS = nn.initializers.zeros
 TOWER = "visual."  # checkpoint names (after the family's rename)
@@ -320,3 +321,6 @@ class Qwen2VLVision:
     def rope_positions(self, config, token_ids: list[int], images: list[ImageInput]) -> np.ndarray:
         c: Qwen2VLVisionConfig = config.vision
         return rope_positions(token_ids, c.image_token_id, images, c.merge_size)
+
+
+register(Qwen2VLVision())

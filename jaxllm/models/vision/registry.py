@@ -22,4 +22,4 @@ def vision_family(name: str) -> VisionFamily:
 
 def _load_builtin() -> None:
     # Imported on first use: each family module registers itself.
-    from jaxllm.models.vision import clip  # noqa: F401
+    from jaxllm.models.vision import clip, qwen2_vl  # noqa: F401

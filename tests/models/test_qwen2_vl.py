@@ -1,0 +1,223 @@
+"""Qwen2-VL against transformers (PyTorch, float32, CPU) on a tiny random config and real photographs
+(tests/assets/images): the image processor (transformers' PIL backend), the M-RoPE positions of a prompt with
+images (`get_rope_index`), the vision tower on a padded batch of images of different sizes, and the whole
+model's logits on a prompt with two images at tp 1 and tp 2, then greedy decode steps against `generate`."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from jaxllm.config import ModelConfig
+from jaxllm.models.vision import qwen2_vl as vision
+from jaxllm.models.vision.qwen2_vl_processor import Qwen2VLImageProcessor
+
+IMAGES = Path(__file__).resolve().parents[1] / "assets" / "images"
+IMAGE, START, END = 250, 251, 252  # <|image_pad|>, <|vision_start|>, <|vision_end|> in the tiny vocabulary
+RAW = dict(
+    model_type="qwen2_vl", image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END,
+    video_token_id=253, tie_word_embeddings=False,
+    text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])),
+    vision_config=dict(depth=2, embed_dim=32, num_heads=2, hidden_size=64, mlp_ratio=2),
+)
+WIDTH = 128  # KV slots of the tests' single request
+# A pixel budget that keeps the photographs at a handful of tokens each.
+PROCESSOR = dict(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 24)
+
+
+def photo(name: str) -> Image.Image:
+    return Image.open(IMAGES / f"{name}.png")
+
+
+@pytest.mark.parametrize("name", ["chelsea", "coffee", "astronaut", "camera"])
+def test_processor_equals_transformers(name):
+    """Resize, rescale, normalise and patch order equal transformers' (the grayscale photograph too)."""
+    ours = Qwen2VLImageProcessor(**PROCESSOR)(photo(name), digest="d")
+    theirs = Qwen2VLImageProcessorPil(**PROCESSOR)(images=[photo(name)], return_tensors="np")
+    assert ours.grid == tuple(theirs["image_grid_thw"][0])
+    np.testing.assert_array_equal(ours.pixels, theirs["pixel_values"])
+    assert ours.num_tokens == int(np.prod(ours.grid)) // 4 == Qwen2VLImageProcessor(**PROCESSOR).num_tokens(
+        photo(name).height, photo(name).width)
+
+
+def test_processor_reads_both_preprocessor_config_layouts():
+    old = Qwen2VLImageProcessor.from_dict({"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14})
+    new = Qwen2VLImageProcessor.from_dict({"size": {"shortest_edge": 3136, "longest_edge": 12845056}})
+    assert old == new and old.max_pixels == 12845056
+    assert Qwen2VLImageProcessor().resized_size(10, 50) == (28, 140)  # below the budget: scaled up
+    with pytest.raises(ValueError, match="aspect ratio"):
+        Qwen2VLImageProcessor().resized_size(10, 2500)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    config = transformers.AutoConfig.for_model(**RAW)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.Qwen2VLForConditionalGeneration(config).eval().float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+            else:
+                p.normal_(0, 0.15)
+    return model
+
+
+def prompt_with_images(images, seed: int = 0) -> list[int]:
+    """Random text with each image's expanded placeholder (start, image tokens, end) in between."""
+    rng = np.random.default_rng(seed)
+    text = lambda n: [int(t) for t in rng.integers(0, IMAGE, size=n)]  # noqa: E731
+    ids = text(5)
+    for image in images:
+        ids += [START] + [IMAGE] * image.num_tokens + [END] + text(4)
+    return ids
+
+
+def test_rope_positions_equal_get_rope_index(hf_model):
+    images = [Qwen2VLImageProcessor(**PROCESSOR)(photo(n)) for n in ("chelsea", "coffee")]
+    ids = prompt_with_images(images)
+    types = torch.tensor([[1 if t == IMAGE else 0 for t in ids]])
+    expected, delta = hf_model.model.get_rope_index(torch.tensor([ids]), types,
+                                                    image_grid_thw=torch.tensor([i.grid for i in images]))
+    positions = vision.rope_positions(ids, IMAGE, images, merge_size=2)
+    np.testing.assert_array_equal(positions, expected[:, 0].numpy())
+    assert vision.decode_offset(positions) == int(delta) < 0
+    with pytest.raises(ValueError, match="more image tokens"):
+        vision.rope_positions(ids, IMAGE, images[:1], merge_size=2)
+
+
+def test_real_config_counts_qwen2_vl_7b_parameters():
+    import json
+
+    raw = json.loads((Path(__file__).resolve().parents[1] / "assets" / "configs" / "qwen2-vl-7b.json").read_text())
+    config = ModelConfig.from_hf_dict(raw)
+    assert config.rope.mrope_section == (16, 24, 24) and config.qkv_bias and config.layer_windows == ()
+    assert config.num_params + config.vision.num_params == 8_291_375_616  # Qwen2-VL-7B-Instruct
+
+
+# --- the whole model -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(hf_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2_vl")
+    hf_model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def request_with_images(hf_model):
+    """Two photographs of different sizes in one prompt, and transformers' logits for it."""
+    images = [Qwen2VLImageProcessor(**PROCESSOR)(photo(n)) for n in ("chelsea", "astronaut")]
+    ids = prompt_with_images(images, seed=1)
+    with torch.no_grad():
+        logits = hf_model(**hf_inputs(ids, images)).logits[0].numpy()
+    return ids, images, logits
+
+
+def hf_inputs(ids, images) -> dict:
+    return dict(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]]),
+                pixel_values=torch.tensor(np.concatenate([i.pixels for i in images])),
+                image_grid_thw=torch.tensor([i.grid for i in images]))
+
+
+def load(path, tp: int):
+    from jaxllm.models import build_model
+    from jaxllm.parallel import make_mesh
+    from jaxllm.weights import load_hf
+
+    config = ModelConfig.from_model_dir(path)
+    model = build_model(config, jnp.float32)
+    return config, model, load_hf(model, path, make_mesh(tp), tp)
+
+
+def image_embeddings(config, params, images) -> np.ndarray:
+    """The images' embeddings [Σ tokens, hidden] in prompt order, encoded as one padded batch (4 rows)."""
+    batch = vision.VisionBatch.of(images, config.vision.merge_size, rows=4)
+    tower = vision.Qwen2VLVisionTower(config.vision, jnp.float32)
+    out = jax.jit(tower.apply)({"params": params["vision"]}, batch.patches, (), batch.positions, batch.lengths)
+    return np.concatenate([np.asarray(out[row, : image.num_tokens]) for row, image in enumerate(images)])
+
+
+def prefill(config, model, params, ids, images, cache, width: int):
+    """The prompt through the model: image tokens take the images' embeddings, M-RoPE positions."""
+    from jaxllm.models.attention import AttentionMetadata
+
+    embeds = np.zeros((len(ids), config.hidden_size), np.float32)
+    mask = np.asarray(ids) == IMAGE
+    embeds[mask] = image_embeddings(config, params, images)
+    meta = AttentionMetadata.for_sequences([(0, len(ids))], [list(range(width))], scratch_slot=width, width=width)
+    meta = meta.replace(rope_positions=jnp.asarray(vision.rope_positions(ids, IMAGE, images, 2)))
+    step = jax.jit(lambda p, t, m, c, e, k: model.apply({"params": p}, t, m, c, all_logits=True, image_embeds=e,
+                                                        image_mask=k))
+    return step(params, jnp.asarray(ids, jnp.int32), meta, cache, jnp.asarray(embeds), jnp.asarray(mask))
+
+
+@pytest.fixture(scope="module")
+def prefilled(checkpoint, request_with_images):
+    """The model at tp 1 after the prompt with images: (config, model, params, logits, KV cache)."""
+    from jaxllm.models import init_kv_cache
+
+    ids, images, _ = request_with_images
+    config, model, params = load(checkpoint, 1)
+    logits, cache = prefill(config, model, params, ids, images, init_kv_cache(model, WIDTH), WIDTH)
+    return config, model, params, logits, cache
+
+
+def test_logits_with_images_match_transformers(prefilled, request_with_images):
+    np.testing.assert_allclose(np.asarray(prefilled[3]), request_with_images[2], atol=1e-4, rtol=0)
+
+
+def test_logits_with_images_match_transformers_at_tp2(checkpoint, request_with_images):
+    """The vision tower's heads and MLP split over 2 devices like the language model's."""
+    from jaxllm.models import init_kv_cache
+
+    ids, images, expected = request_with_images
+    config, model, params = load(checkpoint, 2)
+    assert params["vision"]["blocks_0"]["attn"]["qkv_proj"].sharding.spec[2] == "tp"
+    logits, _ = prefill(config, model, params, ids, images, init_kv_cache(model, WIDTH), WIDTH)
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+
+
+def test_encoder_interface_batch_equals_padded_batch(prefilled):
+    """interface.py's encoder call (a batch of one size, its grid) gives the padded batch's embeddings."""
+    config, _, params, _, _ = prefilled
+    image = Qwen2VLImageProcessor(**PROCESSOR)(photo("coffee"))
+    tower = vision.Qwen2VLVisionTower(config.vision, jnp.float32)
+    same_size = jax.jit(tower.apply, static_argnums=2)({"params": params["vision"]}, np.stack([image.pixels] * 2),
+                                                       image.grid)
+    assert same_size.shape == (2, image.num_tokens, config.hidden_size)
+    padded = image_embeddings(config, params, [image])
+    np.testing.assert_allclose(np.asarray(same_size[1]), padded, atol=1e-5, rtol=0)
+
+
+def test_greedy_decode_matches_transformers_generate(prefilled, hf_model, request_with_images):
+    """After the prompt with images, 12 greedy decode steps over the KV cache: a later token's rotary position
+    is its index plus the prompt's offset (`decode_offset`) on all three axes."""
+    from jaxllm.models.attention import AttentionMetadata
+
+    ids, images, _ = request_with_images
+    config, model, params, logits, cache = prefilled
+    steps = 12
+    offset = vision.decode_offset(vision.rope_positions(ids, IMAGE, images, 2))
+    decode = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c))
+    tokens = [int(np.argmax(logits[-1]))]
+    for _ in range(steps - 1):
+        position = len(ids) + len(tokens) - 1
+        meta = AttentionMetadata.for_sequences([(position, 1)], [list(range(WIDTH))], scratch_slot=WIDTH,
+                                               width=WIDTH)
+        meta = meta.replace(rope_positions=jnp.full((3, 1), position + offset, jnp.int32))
+        step_logits, cache = decode(params, jnp.asarray([tokens[-1]], jnp.int32), meta, cache)
+        tokens.append(int(np.argmax(step_logits[0])))
+    with torch.no_grad():
+        out = hf_model.generate(**hf_inputs(ids, images), max_new_tokens=steps, min_new_tokens=steps,
+                                do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert tokens == out[0, len(ids):].tolist()
