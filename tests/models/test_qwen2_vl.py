@@ -15,6 +15,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from jaxllm.config import ModelConfig
+from jaxllm.models.vision import mrope
 from jaxllm.models.vision import qwen2_vl as vision
 from jaxllm.models.vision.qwen2_vl_processor import Qwen2VLImageProcessor
 
@@ -83,16 +84,21 @@ def prompt_with_images(images, seed: int = 0) -> list[int]:
 
 
 def test_rope_positions_equal_get_rope_index(hf_model):
+    """The prompt's positions in one span and in chunks; later tokens at index + offset (`rope_deltas`)."""
     images = [Qwen2VLImageProcessor(**PROCESSOR)(photo(n)) for n in ("chelsea", "coffee")]
     ids = prompt_with_images(images)
     types = torch.tensor([[1 if t == IMAGE else 0 for t in ids]])
     expected, delta = hf_model.model.get_rope_index(torch.tensor([ids]), types,
                                                     image_grid_thw=torch.tensor([i.grid for i in images]))
-    positions = vision.rope_positions(ids, IMAGE, images, merge_size=2)
-    np.testing.assert_array_equal(positions, expected[:, 0].numpy())
-    assert vision.decode_offset(positions) == int(delta) < 0
+    places = mrope.prompt_images(ids, IMAGE, [i.grid for i in images], merge_size=2)
+    n = len(ids)
+    np.testing.assert_array_equal(mrope.positions(places, 2, 0, n), expected[:, 0].numpy())
+    chunks = [mrope.positions(places, 2, a, b) for a, b in ((0, 9), (9, 10), (10, 31), (31, n + 3))]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1)[:, :n], expected[:, 0].numpy())
+    assert mrope.offset(places, 2) == int(delta) < 0
+    np.testing.assert_array_equal(chunks[-1][:, -3:], np.tile(np.arange(n, n + 3) + int(delta), (3, 1)))
     with pytest.raises(ValueError, match="more image tokens"):
-        vision.rope_positions(ids, IMAGE, images[:1], merge_size=2)
+        mrope.prompt_images(ids, IMAGE, [images[0].grid], merge_size=2)
 
 
 def test_real_config_counts_qwen2_vl_7b_parameters():
@@ -155,7 +161,8 @@ def prefill(config, model, params, ids, images, cache, width: int):
     mask = np.asarray(ids) == IMAGE
     embeds[mask] = image_embeddings(config, params, images)
     meta = AttentionMetadata.for_sequences([(0, len(ids))], [list(range(width))], scratch_slot=width, width=width)
-    meta = meta.replace(rope_positions=jnp.asarray(vision.rope_positions(ids, IMAGE, images, 2)))
+    places = mrope.prompt_images(ids, IMAGE, [i.grid for i in images], config.vision.merge_size)
+    meta = meta.replace(rope_positions=jnp.asarray(mrope.positions(places, config.vision.merge_size, 0, len(ids))))
     step = jax.jit(lambda p, t, m, c, e, k: model.apply({"params": p}, t, m, c, all_logits=True, image_embeds=e,
                                                         image_mask=k))
     return step(params, jnp.asarray(ids, jnp.int32), meta, cache, jnp.asarray(embeds), jnp.asarray(mask))
@@ -201,13 +208,13 @@ def test_encoder_interface_batch_equals_padded_batch(prefilled):
 
 def test_greedy_decode_matches_transformers_generate(prefilled, hf_model, request_with_images):
     """After the prompt with images, 12 greedy decode steps over the KV cache: a later token's rotary position
-    is its index plus the prompt's offset (`decode_offset`) on all three axes."""
+    is its index plus the prompt's offset (`mrope.offset`) on all three axes."""
     from jaxllm.models.attention import AttentionMetadata
 
     ids, images, _ = request_with_images
     config, model, params, logits, cache = prefilled
     steps = 12
-    offset = vision.decode_offset(vision.rope_positions(ids, IMAGE, images, 2))
+    offset = mrope.offset(mrope.prompt_images(ids, IMAGE, [i.grid for i in images], 2), 2)
     decode = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c))
     tokens = [int(np.argmax(logits[-1]))]
     for _ in range(steps - 1):

@@ -1,7 +1,7 @@
 """Qwen2-VL's vision side: the tower (patch embedding — a Conv3d over temporal × patch × patch, so a matmul on
 flattened patches —, pre-LayerNorm blocks with 2D rotary attention and a QuickGELU MLP) and the patch merger
 (LayerNorm, each 2 × 2 block of patches concatenated, a two-layer GELU MLP into the language model's width);
-and the M-RoPE positions of a prompt with images.
+and the family object the multimodal pipeline calls (M-RoPE positions: `mrope.py`).
 
 Images run as a batch [images, patches, ...]; a patch attends only to its own image's patches (transformers'
 `cu_seqlens`), so a padded batch of images of different sizes costs Σ patches², not (Σ patches)². Heads and
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.models import hf_map, rope
+from jaxllm.models.vision import mrope
 from jaxllm.models.layers import Norm, activation, dense, param
 from jaxllm.models.vision.interface import VISION_PARAMS, ImageInput, VisionConfig
 from jaxllm.models.vision.qwen2_vl_processor import Qwen2VLImageProcessor
@@ -217,43 +218,6 @@ def patch_positions(grid: tuple[int, ...], merge_size: int) -> np.ndarray:
     return np.stack([order(rows), order(cols)], axis=-1).astype(np.int32)
 
 
-# --- M-RoPE positions ------------------------------------------------------------------------------
-
-def rope_positions(token_ids: list[int], image_token_id: int, images: list[ImageInput],
-                   merge_size: int) -> np.ndarray:
-    """[3, n] (temporal, height, width) rotary positions of an expanded prompt (transformers' `get_rope_index`):
-    a text token's three are one position, one past the previous token's largest; image i's tokens (its
-    `num_tokens` image_token_id tokens, in order) sit on its merged grid, all starting at that position."""
-    out = np.empty((3, len(token_ids)), np.int32)
-    images_left = iter(images)
-    next_position, i = 0, 0
-    while i < len(token_ids):
-        if token_ids[i] != image_token_id:
-            out[:, i] = next_position
-            next_position, i = next_position + 1, i + 1
-            continue
-        image = next(images_left, None)
-        if image is None:
-            raise ValueError(f"the prompt has more image tokens than its {len(images)} images take")
-        _, h, w = image.grid
-        gh, gw = h // merge_size, w // merge_size
-        rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-        span = slice(i, i + gh * gw)
-        if token_ids[span] != [image_token_id] * (gh * gw):
-            raise ValueError(f"an image of {gh * gw} tokens has fewer image tokens in the prompt")
-        out[0, span] = next_position
-        out[1, span] = next_position + rows.reshape(-1)
-        out[2, span] = next_position + cols.reshape(-1)
-        next_position, i = next_position + max(gh, gw), i + gh * gw
-    return out
-
-
-def decode_offset(positions: np.ndarray) -> int:
-    """What a request's later tokens add to their index to get their rotary position (the same on all three
-    axes): max(prompt positions) + 1 − prompt length (transformers' `rope_deltas`; ≤ 0)."""
-    return int(positions.max()) + 1 - positions.shape[1]
-
-
 # --- weights ---------------------------------------------------------------------------------------
 
 def weights(config) -> hf_map.WeightMap:
@@ -318,9 +282,10 @@ class Qwen2VLVision:
     def weights(self, config) -> hf_map.WeightMap:
         return weights(config)
 
-    def rope_positions(self, config, token_ids: list[int], images: list[ImageInput]) -> np.ndarray:
-        c: Qwen2VLVisionConfig = config.vision
-        return rope_positions(token_ids, c.image_token_id, images, c.merge_size)
+    def rope_positions(self, config, images: list[mrope.ImagePlace], start: int, stop: int) -> np.ndarray:
+        """[3, stop − start] M-RoPE positions of a request's positions start..stop; `images`: (first position,
+        grid) of each image of its prompt, in order."""
+        return mrope.positions(images, config.vision.merge_size, start, stop)
 
 
 register(Qwen2VLVision())

@@ -66,6 +66,11 @@ class Qwen2VLImageProcessor:
             w = math.ceil(width * beta / factor) * factor
         return h, w
 
+    @property
+    def max_tokens(self) -> int:
+        """The most language-model tokens one image becomes (the pixel budget over a merged patch's pixels)."""
+        return self.max_pixels // (self.patch_size * self.merge_size) ** 2
+
     def num_tokens(self, height: int, width: int) -> int:
         """Language-model tokens of an image of this size (before decoding it)."""
         h, w = self.resized_size(height, width)
@@ -78,6 +83,8 @@ class Qwen2VLImageProcessor:
 
         rgb = to_rgb(image)
         height, width = self.resized_size(rgb.height, rgb.width)
+        if self.num_tokens(rgb.height, rgb.width) > self.max_tokens:  # a minimum budget near the maximum
+            raise ValueError(f"a {rgb.width}×{rgb.height} image passes the processor's {self.max_tokens} tokens")
         resized = np.asarray(rgb.resize((width, height), resample=Image.Resampling.BICUBIC))  # [H, W, 3] uint8
         pixels = (resized.astype(np.float64) / 255.0).astype(np.float32)
         pixels = (pixels - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
