@@ -18,9 +18,6 @@ TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.serve
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
     "nccl_port",
-    "enable_multimodal",
-    "cache_capacity",
-    "cache_reserved_ratio",
 )
 
 
@@ -229,6 +226,10 @@ def _check_consistency(v: dict[str, Any]) -> None:
             raise ValueError(f"--{name} must be at least 1")
     if v["tp"] < 1:
         raise ValueError("--tp must be at least 1")
+    if v["cache_capacity"] < 1:
+        raise ValueError("--cache_capacity must be at least 1")
+    if not 0.0 <= v["cache_reserved_ratio"] <= 1.0:
+        raise ValueError("--cache_reserved_ratio must be between 0 and 1")
     for key in v["grouping_key"]:
         if "=" not in key:
             raise ValueError(f"--grouping_key {key!r} must have the form key=value")

@@ -131,11 +131,13 @@ class StepResult:
     scores: np.ndarray | None = None  # [rows of the batch, labels]: a reward model's scores
 
 
-def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
-          penalties, sampling, top_logprobs, constrained):
+def _step(model, eos_ids, params, kv, last_tokens, ints, floats, image_slab, *, layout, width, decode_only,
+          all_logits, penalties, sampling, top_logprobs, constrained):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
     sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
     A reward model's step samples nothing: its scores [R, labels] come in place of the sampled ids.
+    image_slab [rows + 1, hidden] (a vision-language model's image embeddings; None otherwise) replaces the
+    embeddings of the tokens with an image row.
     Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
     logprobs, None)."""
     inp = unpack(ints, floats, layout)
@@ -155,7 +157,10 @@ def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, widt
         logits_index=inp.logits_index,
         decode_only=decode_only,
     )
-    logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits)
+    images = {}
+    if image_slab is not None:
+        images = dict(image_embeds=image_slab[jnp.maximum(inp.image_rows, 0)], image_mask=inp.image_rows >= 0)
+    logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits, **images)
     if model.config.score_head is not None:  # a reward model: the rows' scores [R, labels], nothing sampled
         new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
         return new_kv, last_tokens, logits, jnp.zeros(logits.shape[:1], jnp.float32), jnp.zeros(tokens.shape), None
@@ -196,6 +201,15 @@ def _sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *,
                         top_logprobs=top_logprobs)
 
 
+def _encode_into(model, params, slab, pixels, rows, *, grid):
+    """Encode images pixels [B, ...] and write their embeddings [B, tokens, hidden] into the buffer's rows
+    [B, tokens] (padding images write the scratch row). slab is donated."""
+    from jaxllm.models.transformer import CausalLM
+
+    features = model.apply({"params": params}, pixels, grid, method=CausalLM.encode_images)
+    return slab.at[rows.reshape(-1)].set(features.reshape(-1, slab.shape[-1]).astype(slab.dtype))
+
+
 def _fill_tables(kv, rows, positions, slots, tokens):
     """Point table rows at KV computed by earlier requests (prompt-cache prefixes). All args [F] i32."""
     return kv.replace(
@@ -220,7 +234,9 @@ class ModelRunner:
         eos_ids: tuple[int, ...],
         min_width: int = 64,
         min_prefill_tokens: int = 16,
+        image_rows: int = 0,
     ):
+        """image_rows: rows of the image-embedding buffer (a vision-language model's image cache)."""
         self.model = model
         self.params = params
         self.mesh = mesh
@@ -255,6 +271,17 @@ class ModelRunner:
         )
         self.mask_words = (self.vocab_size + 31) // 32  # int32 words of a row's allowed-token mask
         self._fill = jax.jit(_fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
+        # A vision-language model: image embeddings live in one buffer (the image cache's rows + a scratch row);
+        # image positions carry key ids past the vocabulary (jaxllm/engine/image_stage.py), sent as the
+        # placeholder's id.
+        self.image_slab = None
+        self._image_token = None
+        if model.config.vision is not None and image_rows:
+            self._image_token = model.config.vision.image_token_id
+            self.image_slab = jax.device_put(np.zeros((image_rows + 1, model.config.hidden_size), model.dtype), rep)
+            self._encode = jax.jit(functools.partial(_encode_into, model), static_argnames=("grid",),
+                                   donate_argnums=(1,), out_shardings=rep)
+        self.encode_buckets = pow2_buckets(16)
         # The compiled step of each shape, called directly: on the GPU the jit's own call path costs ~4 ms
         # more host time per step than its compiled executable's (docs/perf.md, session 3).
         self._executables: dict[StepShape, jax.stages.Compiled] = {}
@@ -330,7 +357,8 @@ class ModelRunner:
             ints, floats, layout = pack(host)
             ints, floats = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated) for a in (ints, floats))
             executable = self._jitted.lower(
-                self.params, self.kv, self._last_tokens, ints, floats, layout=layout, **shape.static_args()
+                self.params, self.kv, self._last_tokens, ints, floats, self.image_slab, layout=layout,
+                **shape.static_args()
             ).compile()
             self._executables[shape] = executable
         return executable
@@ -401,13 +429,30 @@ class ModelRunner:
         ints, floats, layout = pack(host)
         ints, floats = jax.device_put((ints, floats), self._replicated)
         self.kv, self._last_tokens, first, second, prompt_lp, top = executable(
-            self.params, self.kv, self._last_tokens, ints, floats
+            self.params, self.kv, self._last_tokens, ints, floats, self.image_slab
         )
         if not shape.constrained:  # first, second: sampled ids, their logprobs
             return first, second, prompt_lp, top, None
         statics = {"layout": layout, "penalties": shape.penalties, "sampling": shape.sampling,
                    "top_logprobs": shape.top_logprobs}
         return None, None, prompt_lp, None, (first, second, ints, floats, statics)  # first, second: logits, history
+
+    def encode_images(self, pixels: np.ndarray, grid: tuple, rows: np.ndarray) -> None:
+        """Enqueue the encoding of images pixels [B, ...] (one shape) into the image buffer's rows [B, tokens];
+        B is padded to a power of two (≤ 16) with images written to the scratch row."""
+        count = pixels.shape[0]
+        size = pick_bucket(self.encode_buckets, count)
+        scratch = self.image_slab.shape[0] - 1
+        pixels = np.concatenate([pixels, np.zeros((size - count, *pixels.shape[1:]), pixels.dtype)])
+        rows = np.concatenate([rows, np.full((size - count, rows.shape[1]), scratch, np.int32)]).astype(np.int32)
+        pixels, rows = jax.device_put((pixels, rows), self._replicated)
+        self.image_slab = self._encode(self.params, self.image_slab, pixels, rows, grid=tuple(grid))
+
+    def _model_ids(self, req: Request, ids: list[int]) -> list[int]:
+        """`req`'s ids as the model reads them: image key ids → the image placeholder's id."""
+        if not req.images:
+            return ids
+        return [self._image_token if t >= self.vocab_size else t for t in ids]
 
     def _table_fills(self, fills: list[TableFill]) -> tuple[np.ndarray, ...]:
         """Table entries pointing rows at KV computed for other rows (prompt-cache prefixes, a group's shared
@@ -416,7 +461,8 @@ class ModelRunner:
         the step."""
         kv = self.host_kv
         parts = [(np.full(f.stop - f.start, f.request.kv_row), np.arange(f.start, f.stop),
-                  f.request.slots[f.start : f.stop], f.request.token_ids(f.start, f.stop)) for f in fills]
+                  f.request.slots[f.start : f.stop], self._model_ids(f.request, f.request.token_ids(f.start, f.stop)))
+                 for f in fills]
         count = sum(f.stop - f.start for f in fills)
         size = max(64, 1 << (count - 1).bit_length())
         pad = (np.full(size - count, kv.scratch_row), np.zeros(size - count), np.full(size - count, kv.scratch_slot),
@@ -469,7 +515,7 @@ class ModelRunner:
         if shape.decode_only and batch.chunks:
             return self._prepare_decode(batch, shape)
         kv = self.host_kv
-        tokens, src, positions, token_row, write_slots, targets = [], [], [], [], [], []
+        tokens, src, positions, token_row, write_slots, targets, image_rows = [], [], [], [], [], [], []
         kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
         offsets: list[int] = []
         rows: dict[str, int] = {}
@@ -482,8 +528,10 @@ class ModelRunner:
             offsets.append(q)
             last_token[id(req)] = q + n - 1
             known = req.num_known
-            ids = req.token_ids(start, min(stop, known))
+            ids = self._model_ids(req, req.token_ids(start, min(stop, known)))
             tokens += ids
+            rows_of_images = req.image_rows(start, stop) if req.images else None
+            image_rows += [-1] * n if rows_of_images is None else rows_of_images.tolist()
             src += [-1] * len(ids)
             if stop > known:  # the one token sampled by the previous step, still on the device
                 if stop != known + 1 or req.request_id not in self._last_rows:
@@ -494,7 +542,7 @@ class ModelRunner:
             token_row += [i] * n
             write_slots += req.slots[start:stop]
             if chunk.prompt_logprobs:
-                nxt = req.prompt_ids[start + 1 : stop + 1]
+                nxt = self._model_ids(req, req.prompt_ids[start + 1 : stop + 1])
                 targets += nxt + [0] * (n - len(nxt))
             else:
                 targets += [0] * n
@@ -517,6 +565,7 @@ class ModelRunner:
         token_row += pad_owner
         write_slots += [kv.scratch_slot] * pad_tokens
         targets += [0] * pad_tokens
+        image_rows += [-1] * pad_tokens
         for r in range(pad_rows):
             first = real_tokens + r if r < pad_tokens else shape.tokens
             count = (1 if r < pad_rows - 1 else pad_tokens - r) if r < pad_tokens else 0
@@ -530,7 +579,7 @@ class ModelRunner:
             tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
-            logits_index=i32(logits_index), sampling=self._sampling(batch, pad_rows),
+            logits_index=i32(logits_index), image_rows=i32(image_rows), sampling=self._sampling(batch, pad_rows),
         )
         return host, offsets, rows
 
@@ -542,19 +591,24 @@ class ModelRunner:
         if size < n or shape.tokens != size:
             raise ValueError(f"batch of {n} rows does not fit {shape}")
         per_row, rows = [], {}
+        image_rows = np.full(size, -1, np.int32)
         for i, chunk in enumerate(batch.chunks):
             req: Request = chunk.request
             pos = chunk.start
             known = req.num_known
+            if req.images:  # a one-token prompt chunk may fall on an image
+                image_row = req.image_rows(pos, pos + 1)
+                if image_row is not None:
+                    image_rows[i] = image_row[0]
             if pos < known:
-                token, src = req.token_ids(pos, pos + 1)[0], -1
+                token, src = self._model_ids(req, req.token_ids(pos, pos + 1))[0], -1
             elif pos == known and req.request_id in last_rows:
                 token, src = 0, last_rows[req.request_id]
             else:
                 raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
             target = 0
             if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
-                target = req.prompt_ids[pos + 1]
+                target = self._model_ids(req, [req.prompt_ids[pos + 1]])[0]
             per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
             if chunk.samples:
                 rows[req.request_id] = i
@@ -571,6 +625,6 @@ class ModelRunner:
             tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
             write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
             query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            sampling=self._sampling(batch, size - n),
+            image_rows=image_rows, sampling=self._sampling(batch, size - n),
         )
         return host, list(range(n)), rows

@@ -25,6 +25,7 @@ class StepInputs:
     query_start: jax.Array  # [R] i32
     query_lens: jax.Array  # [R] i32
     logits_index: jax.Array  # [R] i32
+    image_rows: jax.Array  # [T] i32: the token's row of the image-embedding buffer, -1 for a text token
     sampling: SamplingBatch
 
 

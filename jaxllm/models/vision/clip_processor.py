@@ -58,6 +58,10 @@ class ClipImageProcessor:
                ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad")},
         )
 
+    @property
+    def max_tokens(self) -> int:
+        return self.num_tokens
+
     def __call__(self, image: Image.Image, digest: str) -> ImageInput:
         return ImageInput(pixels=self.pixels(image), num_tokens=self.num_tokens, digest=digest)
 

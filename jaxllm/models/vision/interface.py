@@ -67,7 +67,10 @@ class ImageInput:
 
 class ImageProcessor(Protocol):
     """The family's preprocessing, equal to transformers' image processor for the checkpoint (read from its
-    preprocessor_config.json when present)."""
+    preprocessor_config.json when present). `max_tokens`: the most tokens one image can become (sizes the
+    image cache's embedding buffer: --cache_capacity × max_tokens rows)."""
+
+    max_tokens: int
 
     def __call__(self, image: "Image.Image", digest: str) -> ImageInput: ...
 
