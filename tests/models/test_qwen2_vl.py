@@ -18,6 +18,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models.vision import mrope
 from jaxllm.models.vision import qwen2_vl as vision
 from jaxllm.models.vision.qwen2_vl_processor import Qwen2VLImageProcessor
+from tests.models.hf_oracle import random_hf_model
 
 IMAGES = Path(__file__).resolve().parents[1] / "assets" / "images"
 IMAGE, START, END = 250, 251, 252  # <|image_pad|>, <|vision_start|>, <|vision_end|> in the tiny vocabulary
@@ -60,17 +61,7 @@ def test_processor_reads_both_preprocessor_config_layouts():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    config = transformers.AutoConfig.for_model(**RAW)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval().float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-            else:
-                p.normal_(0, 0.15)
-    return model
+    return random_hf_model(RAW, transformers.AutoModelForImageTextToText)
 
 
 def prompt_with_images(images, seed: int = 0) -> list[int]:

@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from jaxllm.models.vision.clip_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, to_rgb
 from jaxllm.models.vision.interface import ImageInput
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 
 
@@ -27,8 +27,8 @@ class Qwen2VLImageProcessor:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
-    image_mean: tuple[float, ...] = CLIP_MEAN
-    image_std: tuple[float, ...] = CLIP_STD
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Qwen2VLImageProcessor":
@@ -79,8 +79,6 @@ class Qwen2VLImageProcessor:
     def __call__(self, image, digest: str = "") -> ImageInput:
         """A PIL image (any mode; transparency composited on white) → its patches [h·w, C·T·P·P] float32 and
         patch grid (1, h, w); it takes h·w / merge² language-model tokens."""
-        from PIL import Image
-
         rgb = to_rgb(image)
         height, width = self.resized_size(rgb.height, rgb.width)
         if self.num_tokens(rgb.height, rgb.width) > self.max_tokens:  # a minimum budget near the maximum
@@ -101,12 +99,3 @@ class Qwen2VLImageProcessor:
         patches = np.ascontiguousarray(frames.reshape(gh * gw, c * t * p * p))
         return ImageInput(patches, num_tokens=gh * gw // m ** 2, digest=digest, grid=(1, gh, gw))
 
-
-def to_rgb(image):
-    """A PIL image in RGB, transparency (an alpha band or a transparent palette colour) over white."""
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
