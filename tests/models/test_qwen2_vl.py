@@ -219,3 +219,17 @@ def test_greedy_decode_matches_transformers_generate(prefilled, hf_model, reques
         out = hf_model.generate(**hf_inputs(ids, images), max_new_tokens=steps, min_new_tokens=steps,
                                 do_sample=False, eos_token_id=None, pad_token_id=0)
     assert tokens == out[0, len(ids):].tolist()
+
+
+def test_images_without_mrope_positions_are_refused(prefilled, request_with_images):
+    """A step that brings image embeddings but 1D positions would run silently wrong: it is an error."""
+    from jaxllm.models import init_kv_cache
+    from jaxllm.models.attention import AttentionMetadata
+
+    config, model, params, _, _ = prefilled
+    ids = request_with_images[0]
+    meta = AttentionMetadata.for_sequences([(0, len(ids))], [list(range(WIDTH))], scratch_slot=WIDTH, width=WIDTH)
+    embeds = jnp.ones((len(ids), config.hidden_size), jnp.float32)
+    with pytest.raises(ValueError, match="M-RoPE positions"):
+        model.apply({"params": params}, jnp.asarray(ids, jnp.int32), meta, init_kv_cache(model, WIDTH),
+                    image_embeds=embeds, image_mask=jnp.asarray(np.asarray(ids) == IMAGE))
