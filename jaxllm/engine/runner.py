@@ -155,6 +155,7 @@ def _step(model, eos_ids, params, kv, last_tokens, ints, floats, image_slab, *, 
         query_start=inp.query_start,
         query_lens=inp.query_lens,
         logits_index=inp.logits_index,
+        rope_positions=inp.rope_positions,
         decode_only=decode_only,
     )
     images = {}
@@ -281,6 +282,12 @@ class ModelRunner:
             self.image_slab = jax.device_put(np.zeros((image_rows + 1, model.config.hidden_size), model.dtype), rep)
             self._encode = jax.jit(functools.partial(_encode_into, model), static_argnames=("grid",),
                                    donate_argnums=(1,), out_shardings=rep)
+        # An M-RoPE model (Qwen2-VL): each token's (temporal, height, width) rotary positions go with the step.
+        self._vision = None
+        if model.config.rope.mrope_section and model.config.vision is not None:
+            from jaxllm.models.vision.registry import vision_family
+
+            self._vision = vision_family(model.config.vision.family)
         self.encode_buckets = pow2_buckets(16)
         # The compiled step of each shape, called directly: on the GPU the jit's own call path costs ~4 ms
         # more host time per step than its compiled executable's (docs/perf.md, session 3).
@@ -448,6 +455,14 @@ class ModelRunner:
         pixels, rows = jax.device_put((pixels, rows), self._replicated)
         self.image_slab = self._encode(self.params, self.image_slab, pixels, rows, grid=tuple(grid))
 
+    def _rope_positions(self, req: Request, start: int, stop: int) -> np.ndarray:
+        """[3, stop - start] M-RoPE positions of `req`'s positions start..stop (the index on all three axes for
+        a request without images)."""
+        if not req.images:
+            return np.broadcast_to(np.arange(start, stop, dtype=np.int32), (3, stop - start))
+        places = [(span.start, span.image.grid) for span in req.images]
+        return self._vision.rope_positions(self.model.config, places, start, stop)
+
     def _model_ids(self, req: Request, ids: list[int]) -> list[int]:
         """`req`'s ids as the model reads them: image key ids → the image placeholder's id."""
         if not req.images:
@@ -516,7 +531,7 @@ class ModelRunner:
             return self._prepare_decode(batch, shape)
         kv = self.host_kv
         tokens, src, positions, token_row, write_slots, targets, image_rows = [], [], [], [], [], [], []
-        kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
+        kv_rows, context, q_start, q_lens, logits_index, rope = [], [], [], [], [], []
         offsets: list[int] = []
         rows: dict[str, int] = {}
         last_token: dict[int, int] = {}  # id(request) → packed index of its chunk's last token
@@ -539,6 +554,8 @@ class ModelRunner:
                 tokens.append(0)
                 src.append(self._last_rows[req.request_id])
             positions += range(start, stop)
+            if self._vision is not None:
+                rope.append(self._rope_positions(req, start, stop))
             token_row += [i] * n
             write_slots += req.slots[start:stop]
             if chunk.prompt_logprobs:
@@ -580,6 +597,8 @@ class ModelRunner:
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
             logits_index=i32(logits_index), image_rows=i32(image_rows), sampling=self._sampling(batch, pad_rows),
+            rope_positions=None if self._vision is None else np.concatenate(
+                rope + [np.zeros((3, pad_tokens), np.int32)], axis=1),
         )
         return host, offsets, rows
 
@@ -592,6 +611,7 @@ class ModelRunner:
             raise ValueError(f"batch of {n} rows does not fit {shape}")
         per_row, rows = [], {}
         image_rows = np.full(size, -1, np.int32)
+        rope = np.zeros((3, size), np.int32) if self._vision is not None else None
         for i, chunk in enumerate(batch.chunks):
             req: Request = chunk.request
             pos = chunk.start
@@ -610,6 +630,8 @@ class ModelRunner:
             if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
                 target = self._model_ids(req, [req.prompt_ids[pos + 1]])[0]
             per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
+            if self._vision is not None and req.images:
+                rope[:, i] = self._rope_positions(req, pos, pos + 1)[:, 0]
             if chunk.samples:
                 rows[req.request_id] = i
         real = np.array(per_row, np.int64).reshape(n, 6)
@@ -621,10 +643,13 @@ class ModelRunner:
         index = np.arange(size, dtype=np.int32)  # token i is row i's only token
         context = np.ones(size, np.int32)
         context[:n] = column[2, :n] + 1
+        if rope is not None:  # text-only rows: the index on all three axes
+            text = np.array([not c.request.images for c in batch.chunks] + [False] * (size - n))
+            rope[:, text] = column[2, text]
         host = StepInputs(
             tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
             write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
             query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            image_rows=image_rows, sampling=self._sampling(batch, size - n),
+            image_rows=image_rows, sampling=self._sampling(batch, size - n), rope_positions=rope,
         )
         return host, list(range(n)), rows

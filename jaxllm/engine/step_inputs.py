@@ -27,6 +27,7 @@ class StepInputs:
     logits_index: jax.Array  # [R] i32
     image_rows: jax.Array  # [T] i32: the token's row of the image-embedding buffer, -1 for a text token
     sampling: SamplingBatch
+    rope_positions: jax.Array | None = None  # [3, T] i32: an M-RoPE model's rotary positions (t, h, w)
 
 
 def pack(host: StepInputs):

@@ -16,6 +16,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from jaxllm.config import ModelConfig
 from jaxllm.models.vision import mrope
+from jaxllm.models.vision.interface import expand_placeholders
 from jaxllm.models.vision import qwen2_vl as vision
 from jaxllm.models.vision.qwen2_vl_processor import Qwen2VLImageProcessor
 from tests.models.hf_oracle import random_hf_model
@@ -105,8 +106,13 @@ def test_real_config_counts_qwen2_vl_7b_parameters():
 
 @pytest.fixture(scope="module")
 def checkpoint(hf_model, tmp_path_factory):
+    """The random model saved as a checkpoint, with a preprocessor_config.json of the tests' pixel budget."""
+    import json
+
     path = tmp_path_factory.mktemp("qwen2_vl")
     hf_model.save_pretrained(path, safe_serialization=True)
+    (path / "preprocessor_config.json").write_text(json.dumps(
+        {**PROCESSOR, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}))
     return path
 
 
@@ -121,9 +127,13 @@ def request_with_images(hf_model):
 
 
 def hf_inputs(ids, images) -> dict:
-    return dict(input_ids=torch.tensor([ids]), mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]]),
-                pixel_values=torch.tensor(np.concatenate([i.pixels for i in images])),
-                image_grid_thw=torch.tensor([i.grid for i in images]))
+    """transformers' inputs (the attention mask given: `generate` would take token 0 for padding)."""
+    inputs = dict(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    if images:
+        inputs.update(mm_token_type_ids=torch.tensor([[int(t == IMAGE) for t in ids]]),
+                      pixel_values=torch.tensor(np.concatenate([i.pixels for i in images])),
+                      image_grid_thw=torch.tensor([i.grid for i in images]))
+    return inputs
 
 
 def load(path, tp: int):
@@ -233,3 +243,41 @@ def test_images_without_mrope_positions_are_refused(prefilled, request_with_imag
     with pytest.raises(ValueError, match="M-RoPE positions"):
         model.apply({"params": params}, jnp.asarray(ids, jnp.int32), meta, init_kv_cache(model, WIDTH),
                     image_embeds=embeds, image_mask=jnp.asarray(np.asarray(ids) == IMAGE))
+
+
+def test_engine_greedy_tokens_match_transformers_generate(checkpoint, hf_model):
+    """Through the engine (--enable_multimodal): a request with two photographs, one with one beside it and a
+    text-only one, each 10 greedy tokens equal to transformers' `generate`; the first again hits the prompt
+    cache (M-RoPE positions follow the index) and gives the same tokens."""
+    import hashlib
+
+    from jaxllm.engine.request import SamplingParams
+    from tests.engine.engine_helpers import make_engine
+
+    greedy = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    rng = np.random.default_rng(5)
+    text = lambda n: [int(t) for t in rng.integers(0, IMAGE, size=n)]  # noqa: E731
+    placeholder = [START, IMAGE, END]
+    cases = [(text(3) + placeholder + text(2) + placeholder + text(3), ("chelsea", "camera")),
+             (text(6) + placeholder + text(4), ("coffee",)), (text(9), ())]
+    with make_engine(checkpoint, load_format="auto", enable_multimodal=True, cache_capacity=4,
+                     use_dynamic_prompt_cache=True, max_req_input_len=96, max_req_total_len=128,
+                     batch_max_tokens=128, max_total_token_num=1024) as engine:
+        def inputs(names):
+            return [engine.image_processor(photo(n), hashlib.sha256(photo(n).tobytes()).hexdigest()) for n in names]
+
+        streams = [engine.submit_images(prompt, greedy, inputs(names)) for prompt, names in cases]
+        got = [[e.token_id for e in stream] for stream in streams]
+        again = list(engine.submit_images(cases[0][0], greedy, inputs(cases[0][1])))
+    assert again[0].cached_tokens > 0 and [e.token_id for e in again] == got[0]
+    for (prompt, names), tokens in zip(cases, got):
+        images = inputs_for_hf(names)
+        ids = expand_placeholders(prompt, IMAGE, images)
+        with torch.no_grad():
+            out = hf_model.generate(**hf_inputs(ids, images), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)
+        assert tokens == out[0, len(ids):].tolist()
+
+
+def inputs_for_hf(names):
+    return [Qwen2VLImageProcessor(**PROCESSOR)(photo(n)) for n in names]
