@@ -34,7 +34,7 @@ def with_images(prompt_ids: list[int], images: list[ImageInput], image_token_id:
     spans, at = [], 0
     for image in images:
         at = expanded.index(image_token_id, at)
-        spans.append(ImageSpan(at, image))
+        spans.append(ImageSpan(at, image, image_token_id))
         expanded[at : at + image.num_tokens] = [image_key(image.digest, vocab_size)] * image.num_tokens
         at += image.num_tokens
     return expanded, tuple(spans)

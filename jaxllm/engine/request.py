@@ -156,10 +156,12 @@ class RequestStatus(enum.Enum):
 @dataclass(frozen=True)
 class ImageSpan:
     """An image in a prompt: its embeddings replace positions start..start + image.num_tokens
-    (`image`: a `jaxllm.models.vision.interface.ImageInput`)."""
+    (`image`: a `jaxllm.models.vision.interface.ImageInput`); `placeholder_id`: the token the caller's prompt
+    had there (what the tokenizer and the model see at those positions)."""
 
     start: int
     image: Any
+    placeholder_id: int
 
     @property
     def stop(self) -> int:
@@ -201,6 +203,16 @@ class Request:
     healing: Any = None  # its HealingConstraint under --token_healing_mode (prompt_ids is then the backed-up prompt)
     images: tuple[ImageSpan, ...] = ()  # its prompt's images, in order (their positions hold image key ids)
     image_entries: list = field(default_factory=list)  # the image cache entries it holds, as `images`
+
+    @property
+    def text_prompt_ids(self) -> list[int]:
+        """The prompt as the tokenizer knows it: image positions hold their placeholder's id, not the image key."""
+        if not self.images:
+            return self.prompt_ids
+        ids = list(self.prompt_ids)
+        for span in self.images:
+            ids[span.start : span.stop] = [span.placeholder_id] * (span.stop - span.start)
+        return ids
 
     def image_rows(self, start: int, stop: int):
         """[stop - start] int32 image-embedding rows of positions start..stop (-1 where no image), or None

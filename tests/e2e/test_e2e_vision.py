@@ -112,6 +112,8 @@ def test_lightllm_base64_url_and_stream_agree(vision_server, image_host):
     assert status == 200 and "".join(e["token"]["text"] for e in events) == by_b64["generated_text"][0]
     status, other = generate(vision_server, [{"type": "base64", "data": b64("coffee")}])
     assert status == 200 and other["prompt_tokens"] == by_b64["prompt_tokens"]
+    status, last = generate(vision_server, [{"type": "base64", "data": b64("coffee")}], prompt="Describe: <image>")
+    assert status == 200 and last["count_output_tokens"] == PARAMS["max_new_tokens"]  # an image ends the prompt
 
 
 def test_openai_client_sends_an_image(vision_server, image_host):

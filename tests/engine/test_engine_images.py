@@ -1,5 +1,5 @@
-"""Images through the engine (tiny random LLaVA, --enable_multimodal): greedy tokens equal transformers'
-`generate` with the images; each distinct image is encoded once; the prompt cache never matches across
+"""Images through the engine (tiny random LLaVA, --enable_multimodal, splitfuse chunks that cut images):
+greedy tokens equal transformers' `generate` with the images; each distinct image is encoded once; the prompt cache never matches across
 different images; requests whose images find no cache room wait and all finish; after random traffic with
 aborts no KV slot and no image reference is left."""
 
@@ -58,9 +58,10 @@ def run(engine, requests):
 
 @pytest.fixture(scope="module")
 def engine(llava):
+    """Splitfuse chunks of 8 tokens cut each 9-token image between steps (and mix it with decodes)."""
     path, _ = llava
     with make_engine(path, load_format="auto", enable_multimodal=True, cache_capacity=3, cache_reserved_ratio=0.34,
-                     use_dynamic_prompt_cache=True) as engine:
+                     use_dynamic_prompt_cache=True, splitfuse_mode=True, splitfuse_block_size=8) as engine:
         yield engine
 
 
@@ -117,9 +118,26 @@ def test_waits_for_room_and_leaks_nothing(engine):
     engine.kv.check([])
 
 
+def test_llava_without_the_flag_refuses_images(llava, engine):
+    path, _ = llava
+    plain = make_engine(path, load_format="auto")  # not started: submit checks before queueing
+    assert plain.image_processor is None
+    with pytest.raises(ValueError, match="--enable_multimodal"):
+        plain.submit_images(prompt_with(1, 0), GREEDY, image_inputs(engine, ["chelsea"]))
+
+
 def test_bad_requests(engine):
     images = image_inputs(engine, ["chelsea"])
     with pytest.raises(ValueError, match="2 image placeholders for 1 images"):
         engine.submit_images(prompt_with(2, 3), GREEDY, images)
     with pytest.raises(ValueError, match="cache_capacity"):
         engine.submit_images(prompt_with(4, 3, length=14), GREEDY, image_inputs(engine, PHOTOS))
+
+
+def test_vision_benchmark_runs(engine):
+    """`python -m jaxllm.bench.vision`'s measurements on the tiny model (the GPU entry point's logic)."""
+    from jaxllm.bench.vision import run as bench
+
+    result = bench(engine, concurrent=2, text_len=12, output_len=2)
+    assert result["repeated_image_encodes"] == 0 and result["image_tokens"] == 9
+    assert result["concurrent_output_tokens_per_s"] > 0 and result["encode_ms_16_images"] > 0

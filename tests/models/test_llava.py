@@ -1,7 +1,7 @@
 """LLaVA-1.5 against transformers: the CLIP preprocessing on real photographs (equal to
 `CLIPImageProcessorPil` / `LlavaImageProcessorPil`), and the logits of a prompt with two images (the
 tower's features replacing the placeholders' embeddings) equal to `LlavaForConditionalGeneration`'s
-(float32, ≤ 1e-4) at --tp 1 and 2, with the checkpoint saved by transformers 5 and in transformers 4's names."""
+(float32, ≤ 1e-4) at --tp 1 and 2, with the checkpoint saved by transformers 5 and named as on the Hub."""
 
 import json
 from pathlib import Path
@@ -93,23 +93,24 @@ def oracle_and_ours(path: Path, hf_model, tp: int, names=("chelsea", "astronaut"
     return np.asarray(logits), expected
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_logits_match_transformers(tiny_llava, tp):
-    path, hf_model = tiny_llava
-    ours, expected = oracle_and_ours(path, hf_model, tp)
-    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
-
-
-def test_transformers4_names(tiny_llava, tmp_path):
-    """A checkpoint with transformers 4's names (`language_model.model.*`) loads to the same logits."""
-    path, hf_model = tiny_llava
+def save_hub_names(hf_model, src: Path, dst: Path) -> None:
+    """`hf_model` as llava-hf's checkpoints on the Hub name it (`language_model.model.*`,
+    `vision_tower.vision_model.*`), with `src`'s configs."""
     tensors = {legacy_names(k): v.numpy() for k, v in hf_model.state_dict().items()}
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    for name in ("config.json", "preprocessor_config.json"):
-        (tmp_path / name).write_text((path / name).read_text())
-    assert any(k.startswith("language_model.model.") for k in tensors)
     assert any(k.startswith("vision_tower.vision_model.") for k in tensors)
-    ours, expected = oracle_and_ours(tmp_path, hf_model, 1, names=("coffee",))
+    save_file(tensors, str(dst / "model.safetensors"))
+    for name in ("config.json", "preprocessor_config.json"):
+        (dst / name).write_text((src / name).read_text())
+
+
+@pytest.mark.parametrize("tp, names", [(1, "hub"), (2, "saved")])
+def test_logits_match_transformers(tiny_llava, tmp_path, tp, names):
+    """At --tp 1 from a checkpoint named as on the Hub, at --tp 2 as transformers 5 saves it."""
+    path, hf_model = tiny_llava
+    if names == "hub":
+        save_hub_names(hf_model, path, tmp_path)
+        path = tmp_path
+    ours, expected = oracle_and_ours(path, hf_model, tp)
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 
 
