@@ -1,7 +1,7 @@
 """Qwen2-VL against transformers (PyTorch, float32, CPU) on a tiny random config and real photographs
 (tests/assets/images): the image processor (transformers' PIL backend), the M-RoPE positions of a prompt with
-images (`get_rope_index`), the vision tower on a padded batch of images of different sizes, and the whole
-model's logits on a prompt with two images at tp 1 and tp 2, then greedy decode steps against `generate`."""
+images (`get_rope_index`), the whole model's logits on a prompt with two images of different sizes (encoded as
+one padded batch) at tp 1 and tp 2, and greedy tokens through the engine against `generate`."""
 
 from pathlib import Path
 
@@ -171,13 +171,13 @@ def prefill(config, model, params, ids, images, cache, width: int):
 
 @pytest.fixture(scope="module")
 def prefilled(checkpoint, request_with_images):
-    """The model at tp 1 after the prompt with images: (config, model, params, logits, KV cache)."""
+    """The model at tp 1 and its logits on the prompt with images: (config, model, params, logits)."""
     from jaxllm.models import init_kv_cache
 
     ids, images, _ = request_with_images
     config, model, params = load(checkpoint, 1)
-    logits, cache = prefill(config, model, params, ids, images, init_kv_cache(model, WIDTH), WIDTH)
-    return config, model, params, logits, cache
+    logits, _ = prefill(config, model, params, ids, images, init_kv_cache(model, WIDTH), WIDTH)
+    return config, model, params, logits
 
 
 def test_logits_with_images_match_transformers(prefilled, request_with_images):
@@ -195,48 +195,12 @@ def test_logits_with_images_match_transformers_at_tp2(checkpoint, request_with_i
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
 
 
-def test_encoder_interface_batch_equals_padded_batch(prefilled):
-    """interface.py's encoder call (a batch of one size, its grid) gives the padded batch's embeddings."""
-    config, _, params, _, _ = prefilled
-    image = Qwen2VLImageProcessor(**PROCESSOR)(photo("coffee"))
-    tower = vision.Qwen2VLVisionTower(config.vision, jnp.float32)
-    same_size = jax.jit(tower.apply, static_argnums=2)({"params": params["vision"]}, np.stack([image.pixels] * 2),
-                                                       image.grid)
-    assert same_size.shape == (2, image.num_tokens, config.hidden_size)
-    padded = image_embeddings(config, params, [image])
-    np.testing.assert_allclose(np.asarray(same_size[1]), padded, atol=1e-5, rtol=0)
-
-
-def test_greedy_decode_matches_transformers_generate(prefilled, hf_model, request_with_images):
-    """After the prompt with images, 12 greedy decode steps over the KV cache: a later token's rotary position
-    is its index plus the prompt's offset (`mrope.offset`) on all three axes."""
-    from jaxllm.models.attention import AttentionMetadata
-
-    ids, images, _ = request_with_images
-    config, model, params, logits, cache = prefilled
-    steps = 12
-    offset = mrope.offset(mrope.prompt_images(ids, IMAGE, [i.grid for i in images], 2), 2)
-    decode = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c))
-    tokens = [int(np.argmax(logits[-1]))]
-    for _ in range(steps - 1):
-        position = len(ids) + len(tokens) - 1
-        meta = AttentionMetadata.for_sequences([(position, 1)], [list(range(WIDTH))], scratch_slot=WIDTH,
-                                               width=WIDTH)
-        meta = meta.replace(rope_positions=jnp.full((3, 1), position + offset, jnp.int32))
-        step_logits, cache = decode(params, jnp.asarray([tokens[-1]], jnp.int32), meta, cache)
-        tokens.append(int(np.argmax(step_logits[0])))
-    with torch.no_grad():
-        out = hf_model.generate(**hf_inputs(ids, images), max_new_tokens=steps, min_new_tokens=steps,
-                                do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert tokens == out[0, len(ids):].tolist()
-
-
 def test_images_without_mrope_positions_are_refused(prefilled, request_with_images):
     """A step that brings image embeddings but 1D positions would run silently wrong: it is an error."""
     from jaxllm.models import init_kv_cache
     from jaxllm.models.attention import AttentionMetadata
 
-    config, model, params, _, _ = prefilled
+    config, model, params, _ = prefilled
     ids = request_with_images[0]
     meta = AttentionMetadata.for_sequences([(0, len(ids))], [list(range(WIDTH))], scratch_slot=WIDTH, width=WIDTH)
     embeds = jnp.ones((len(ids), config.hidden_size), jnp.float32)
