@@ -180,8 +180,11 @@ def prefilled(checkpoint, request_with_images):
     return config, model, params, logits
 
 
-def test_logits_with_images_match_transformers(prefilled, request_with_images):
-    np.testing.assert_allclose(np.asarray(prefilled[3]), request_with_images[2], atol=1e-4, rtol=0)
+def test_logits_with_images_match_transformers(prefilled, request_with_images, hf_model):
+    config, _, params, logits = prefilled
+    np.testing.assert_allclose(np.asarray(logits), request_with_images[2], atol=1e-4, rtol=0)
+    count = sum(p.size for p in jax.tree.leaves(params))  # the parameter counts the benchmarks use
+    assert count == config.num_params + config.vision.num_params == sum(p.numel() for p in hf_model.parameters())
 
 
 def test_logits_with_images_match_transformers_at_tp2(checkpoint, request_with_images):
