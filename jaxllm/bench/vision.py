@@ -21,6 +21,7 @@ from PIL import Image
 from jaxllm.args import parse_args
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.request import SamplingParams
+from jaxllm.models.vision.registry import vision_family
 
 
 def noise_images(engine, count: int, seed: int) -> list:
@@ -59,13 +60,13 @@ def timed_run(engine, requests, params: SamplingParams) -> dict:
 def encode_time(engine, count: int, repeats: int = 3) -> float:
     """Seconds to encode `count` images into the image buffer (device time, after a compiling call)."""
     runner = engine.runner
-    images = noise_images(engine, count, seed=10_000 + count)
-    pixels = np.stack([im.pixels for im in images])
-    rows = np.full((count, images[0].num_tokens), runner.image_slab.shape[0] - 1, np.int32)  # the scratch row
+    family = vision_family(engine.config.vision.family)
+    (batch,) = family.batches(engine.config, noise_images(engine, count, seed=10_000 + count), count)
+    rows = np.full(batch.token_index.shape, runner.image_scratch_row, np.int32)  # written nowhere that matters
     best = float("inf")
     for _ in range(repeats + 1):
         started = time.perf_counter()
-        runner.encode_images(pixels, images[0].grid, rows)
+        runner.encode_images(batch.inputs, batch.static, rows)
         jax.block_until_ready(runner.image_slab)
         best = min(best, time.perf_counter() - started)
     return best

@@ -6,6 +6,7 @@ while a launch thread enqueues step N+1 on the device; it streams TokenEvents to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import queue
 import secrets
@@ -114,7 +115,9 @@ class Engine:
         self._images: ImageStage | None = None
         if image_rows:
             cache = ImageCache(args.cache_capacity, args.cache_reserved_ratio, image_rows)
-            self._images = ImageStage(cache, self.runner.encode_images)
+            family = vision_family(model.config.vision.family)
+            self._images = ImageStage(cache, functools.partial(family.batches, model.config), self.runner.encode_images,
+                                      self.runner.image_scratch_row)
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)

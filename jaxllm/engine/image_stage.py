@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxllm.engine.image_cache import CacheEntry, ImageCache
 from jaxllm.engine.request import ImageSpan, Request
-from jaxllm.models.vision.interface import ImageInput, expand_placeholders
+from jaxllm.models.vision.interface import EncodeBatch, ImageInput, expand_placeholders
 
 # Image key ids (the prompt's ids at image positions, which the prompt cache matches on) lie in
 # [vocab, KEY_LIMIT): the same image always gets the same key, another image almost surely another.
@@ -40,16 +40,20 @@ def with_images(prompt_ids: list[int], images: list[ImageInput], image_token_id:
     return expanded, tuple(spans)
 
 
-Encoder = Callable[[np.ndarray, tuple, np.ndarray], None]  # (pixels [B, ...], grid, rows [B, tokens])
+Encoder = Callable[[tuple, tuple, np.ndarray], None]  # (inputs, static, rows [B, T]): the runner's encode_images
+Batcher = Callable[[list[ImageInput], int], list[EncodeBatch]]  # the vision family's `batches` for the config
 
 
 class ImageStage:
-    """`encode(pixels, grid, rows)` writes the embeddings of a batch of same-shaped images into `rows`
-    (the runner's `encode_images`); at most `max_batch` images per call."""
+    """`batches(images, max_batch)` groups new images into encoder calls (at most `max_batch` images each);
+    `encode(inputs, static, rows)` runs one, writing its outputs into the image buffer's `rows` (padding
+    outputs: `scratch_row`)."""
 
-    def __init__(self, cache: ImageCache, encode: Encoder, max_batch: int = 16):
+    def __init__(self, cache: ImageCache, batches: Batcher, encode: Encoder, scratch_row: int, max_batch: int = 16):
         self.cache = cache
+        self._batches = batches
         self._encode = encode
+        self.scratch_row = scratch_row
         self.max_batch = max_batch
         self.pending: deque[Request] = deque()
         self.images_encoded = 0
@@ -69,23 +73,22 @@ class ImageStage:
     def advance(self) -> tuple[list[Request], list[tuple[Request, str]]]:
         """(requests ready for the scheduler, (request, error) for those whose images failed to encode)."""
         ready: list[Request] = []
-        batches: dict[tuple, list[tuple[CacheEntry, ImageInput]]] = {}
-        queued: set[str] = set()
+        new: dict[str, tuple[CacheEntry, ImageInput]] = {}  # entries to encode, by digest
         while self.pending:
-            if not self._acquire(self.pending[0], batches, queued):
+            if not self._acquire(self.pending[0], new):
                 self.room_waits += 1
                 break
             ready.append(self.pending.popleft())
         failed: list[tuple[Request, str]] = []
-        for items in batches.values():
-            for start in range(0, len(items), self.max_batch):
-                chunk = items[start : start + self.max_batch]
-                try:
-                    self._run(chunk)
-                except Exception as exc:  # noqa: BLE001 - a failed encode fails its requests only
-                    message = f"image encoding failed: {type(exc).__name__}: {exc}"
-                    bad = {entry.digest for entry, _ in chunk}
-                    failed += [(r, message) for r in ready if any(e.digest in bad for e in r.image_entries)]
+        items = list(new.values())
+        for batch in self._batches([image for _, image in items], self.max_batch) if items else []:
+            entries = [items[i][0] for i in batch.images]
+            try:
+                self._run(batch, entries)
+            except Exception as exc:  # noqa: BLE001 - a failed encode fails its requests only
+                message = f"image encoding failed: {type(exc).__name__}: {exc}"
+                bad = {entry.digest for entry in entries}
+                failed += [(r, message) for r in ready if any(e.digest in bad for e in r.image_entries)]
         if failed:
             dropped = {id(r) for r, _ in failed}
             ready = [r for r in ready if id(r) not in dropped]
@@ -101,8 +104,8 @@ class ImageStage:
             return True
         return False
 
-    def _acquire(self, req: Request, batches: dict, queued: set[str]) -> bool:
-        """Take references on `req`'s remaining images, queueing new entries for encoding; False when one
+    def _acquire(self, req: Request, new: dict) -> bool:
+        """Take references on `req`'s remaining images, noting entries to encode in `new`; False when one
         found no room (the references taken so far are kept for the next try)."""
         while len(req.image_entries) < len(req.images):
             image = req.images[len(req.image_entries)].image
@@ -110,18 +113,21 @@ class ImageStage:
             if entry is None:
                 return False
             req.image_entries.append(entry)
-            if not entry.encoded and entry.digest not in queued:
-                queued.add(entry.digest)
-                batches.setdefault((image.pixels.shape, image.grid), []).append((entry, image))
+            if not entry.encoded:
+                new.setdefault(entry.digest, (entry, image))
         return True
 
-    def _run(self, items: list[tuple[CacheEntry, ImageInput]]) -> None:
+    def _run(self, batch: EncodeBatch, entries: list[CacheEntry]) -> None:
+        """One encoder call: output (b, t) goes to row `token_index[b, t]` of row b's image's entry."""
         started = time.perf_counter()
-        pixels = np.stack([image.pixels for _, image in items])
-        rows = np.stack([entry.rows for entry, _ in items])
-        self._encode(pixels, items[0][1].grid, rows)
-        for entry, _ in items:
+        index = batch.token_index
+        rows = np.full(index.shape, self.scratch_row, np.int32)
+        for b, entry in enumerate(entries):
+            valid = index[b] >= 0
+            rows[b, valid] = entry.rows[index[b, valid]]
+        self._encode(batch.inputs, batch.static, rows)
+        for entry in entries:
             entry.encoded = True
-        self.images_encoded += len(items)
+        self.images_encoded += len(entries)
         self.encode_calls += 1
         self.encode_s += time.perf_counter() - started

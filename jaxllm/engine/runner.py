@@ -202,12 +202,12 @@ def _sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *,
                         top_logprobs=top_logprobs)
 
 
-def _encode_into(model, params, slab, pixels, rows, *, grid):
-    """Encode images pixels [B, ...] and write their embeddings [B, tokens, hidden] into the buffer's rows
-    [B, tokens] (padding images write the scratch row). slab is donated."""
+def _encode_into(model, params, slab, inputs, rows, *, grid):
+    """Run the encoder on an `EncodeBatch`'s inputs and write its embeddings [B, T, hidden] into the buffer's
+    rows [B, T] (padding outputs write the scratch row). slab is donated."""
     from jaxllm.models.transformer import CausalLM
 
-    features = model.apply({"params": params}, pixels, grid, method=CausalLM.encode_images)
+    features = model.apply({"params": params}, *inputs, grid=grid, method=CausalLM.encode_images)
     return slab.at[rows.reshape(-1)].set(features.reshape(-1, slab.shape[-1]).astype(slab.dtype))
 
 
@@ -288,7 +288,6 @@ class ModelRunner:
             from jaxllm.models.vision.registry import vision_family
 
             self._vision = vision_family(model.config.vision.family)
-        self.encode_buckets = pow2_buckets(16)
         # The compiled step of each shape, called directly: on the GPU the jit's own call path costs ~4 ms
         # more host time per step than its compiled executable's (docs/perf.md, session 3).
         self._executables: dict[StepShape, jax.stages.Compiled] = {}
@@ -444,16 +443,16 @@ class ModelRunner:
                    "top_logprobs": shape.top_logprobs}
         return None, None, prompt_lp, None, (first, second, ints, floats, statics)  # first, second: logits, history
 
-    def encode_images(self, pixels: np.ndarray, grid: tuple, rows: np.ndarray) -> None:
-        """Enqueue the encoding of images pixels [B, ...] (one shape) into the image buffer's rows [B, tokens];
-        B is padded to a power of two (≤ 16) with images written to the scratch row."""
-        count = pixels.shape[0]
-        size = pick_bucket(self.encode_buckets, count)
-        scratch = self.image_slab.shape[0] - 1
-        pixels = np.concatenate([pixels, np.zeros((size - count, *pixels.shape[1:]), pixels.dtype)])
-        rows = np.concatenate([rows, np.full((size - count, rows.shape[1]), scratch, np.int32)]).astype(np.int32)
-        pixels, rows = jax.device_put((pixels, rows), self._replicated)
-        self.image_slab = self._encode(self.params, self.image_slab, pixels, rows, grid=tuple(grid))
+    @property
+    def image_scratch_row(self) -> int:
+        """The image buffer's row that padding outputs write."""
+        return self.image_slab.shape[0] - 1
+
+    def encode_images(self, inputs: tuple[np.ndarray, ...], grid: tuple, rows: np.ndarray) -> None:
+        """Enqueue one encoder call (an `EncodeBatch`'s inputs and static part) writing its outputs into the image
+        buffer's rows [B, T] (padding outputs: `image_scratch_row`)."""
+        inputs, rows = jax.device_put((tuple(inputs), np.asarray(rows, np.int32)), self._replicated)
+        self.image_slab = self._encode(self.params, self.image_slab, inputs, rows, grid=tuple(grid))
 
     def _rope_positions(self, req: Request, start: int, stop: int) -> np.ndarray:
         """[3, stop - start] M-RoPE positions of `req`'s positions start..stop (the index on all three axes for

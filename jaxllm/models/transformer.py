@@ -70,10 +70,10 @@ class CausalLM(nn.Module):
     # under "vision"; None for a text model.
     vision: nn.Module | None = None
 
-    def encode_images(self, pixels, grid: tuple[int, ...] = ()):
-        """pixels [batch, *pixel shape] → image embeddings [batch, tokens, hidden] (`model.apply(...,
-        method=CausalLM.encode_images)`)."""
-        return self.vision(pixels, grid)
+    def encode_images(self, *inputs, grid: tuple = ()):
+        """An `EncodeBatch`'s inputs → image embeddings [B, T, hidden] (`model.apply(..., *inputs, grid=static,
+        method=CausalLM.encode_images)`; `jaxllm/models/vision/interface.py`)."""
+        return self.vision(*inputs, grid=grid)
 
     @nn.compact
     def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False,
@@ -88,7 +88,8 @@ class CausalLM(nn.Module):
         if self.vision is not None and self.is_initializing():  # declare the encoder's params too
             from jaxllm.models.vision.registry import vision_family
 
-            self.vision(*vision_family(c.vision.family).example_pixels(c))
+            example = vision_family(c.vision.family).example_batch(c)
+            self.vision(*example.inputs, grid=example.static)
         embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
         x = embed[tokens]  # [n, hidden]
         if image_embeds is not None:

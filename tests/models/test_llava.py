@@ -81,7 +81,7 @@ def oracle_and_ours(path: Path, hf_model, tp: int, names=("chelsea", "astronaut"
         expected = hf_model(input_ids=torch.tensor([tokens]), pixel_values=torch.tensor(pixels)).logits[0].numpy()
     model = build_model(config, jnp.float32)
     params = load_hf(model, path, make_mesh(tp), tp)
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CausalLM.encode_images))
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, grid=(), method=CausalLM.encode_images))
     features = encode(params, jnp.asarray(pixels))
     mask = np.asarray(tokens) == IMAGE_TOKEN
     embeds = np.zeros((len(tokens), config.hidden_size), np.float32)

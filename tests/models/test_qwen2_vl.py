@@ -147,11 +147,15 @@ def load(path, tp: int):
 
 
 def image_embeddings(config, params, images) -> np.ndarray:
-    """The images' embeddings [Σ tokens, hidden] in prompt order, encoded as one padded batch (4 rows)."""
-    batch = vision.VisionBatch.of(images, config.vision.merge_size, rows=4)
+    """The images' embeddings [Σ tokens, hidden] in prompt order, from the family's padded encoder batches."""
     tower = vision.Qwen2VLVisionTower(config.vision, jnp.float32)
-    out = jax.jit(tower.apply)({"params": params["vision"]}, batch.patches, (), batch.positions, batch.lengths)
-    return np.concatenate([np.asarray(out[row, : image.num_tokens]) for row, image in enumerate(images)])
+    out = [None] * len(images)
+    for batch in vision.encode_batches(images, config.vision.merge_size, max_batch=4):
+        embeds = np.asarray(jax.jit(tower.apply)({"params": params["vision"]}, *batch.inputs))
+        assert batch.inputs[0].shape[0] == 2 and len(batch.images) == 2  # one batch of both sizes, rows padded
+        for row, i in enumerate(batch.images):
+            out[i] = embeds[row, batch.token_index[row] >= 0]
+    return np.concatenate(out)
 
 
 def prefill(config, model, params, ids, images, cache, width: int):

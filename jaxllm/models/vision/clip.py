@@ -19,7 +19,7 @@ import numpy as np
 from jaxllm.models import hf_map
 from jaxllm.models.layers import Norm, activation, dense, param
 from jaxllm.models.vision.clip_processor import ClipImageProcessor
-from jaxllm.models.vision.interface import VISION_PARAMS, VisionConfig
+from jaxllm.models.vision.interface import VISION_PARAMS, EncodeBatch, VisionConfig, stacked_batches
 from jaxllm.models.vision.registry import register
 
 _ZEROS = nn.initializers.zeros
@@ -222,15 +222,19 @@ class ClipFamily:
     def encoder(self, config, dtype) -> ClipLlavaEncoder:
         return ClipLlavaEncoder(config.vision, dtype)
 
-    def example_pixels(self, config):
-        size = config.vision.image_size
-        return np.zeros((1, 3, size, size), np.float32), ()
+    def example_batch(self, config) -> EncodeBatch:
+        size, tokens = config.vision.image_size, config.vision.num_tokens
+        return EncodeBatch((0,), (np.zeros((1, 3, size, size), np.float32),), (),
+                           np.arange(tokens, dtype=np.int32)[None])
+
+    def batches(self, config, images, max_batch: int) -> list[EncodeBatch]:
+        return stacked_batches(images, max_batch)
 
     def weights(self, config) -> hf_map.WeightMap:
         return weights(config)
 
-    def rope_positions(self, token_ids, images):
-        return None
+    def rope_positions(self, config, images, start, stop):
+        return None  # not an M-RoPE model: the runner never asks
 
 
 FAMILY = register(ClipFamily())

@@ -13,11 +13,13 @@ The pipeline (server → engine) uses it so:
    there); after tokenisation each `image_token_id` is expanded to `ImageInput.num_tokens` copies
    (`expand_placeholders`), whose input embeddings the model replaces with the image's embeddings.
 3. `build_model` makes `encoder(config, dtype)` the language model's submodule `VISION_PARAMS`; on the
-   engine thread, images not in the image cache are encoded in batches of equal `pixels.shape` and `grid`:
-   the encoder's `__call__(pixels [batch, *ImageInput.pixels.shape], grid)` returns
-   `[batch, num_tokens, text hidden]` (the projector applied), which replace the placeholders' embeddings.
+   engine thread, the images new to the image cache are grouped into `EncodeBatch`es by the family's
+   `batches(config, images, max_batch)` (`stacked_batches` for images that stack: equal pixel shapes and grids),
+   and each batch is one call `encoder(*batch.inputs, grid=batch.static)` → `[B, T, text hidden]` (the projector
+   applied), whose rows replace the placeholders' embeddings.
 4. Families whose language model takes multi-axis rotary positions (Qwen2-VL's M-RoPE) also provide
-   `rope_positions(token_ids, images)`; others return None (positions are 0..n-1).
+   `rope_positions(config, images, start, stop)`, which the runner sends with every step
+   (`AttentionMetadata.rope_positions`); others' positions are 0..n-1.
 """
 
 from __future__ import annotations
@@ -65,6 +67,43 @@ class ImageInput:
     grid: tuple[int, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodeBatch:
+    """One encoder call. images: indices (into the list given to `batches`) of the images in its rows, in row
+    order (rows past them are padding); inputs: host arrays for `encoder(*inputs, grid=static)`, padded to the
+    family's bucketed shapes (few compiled shapes); token_index [B, T] int32: which of its image's embeddings
+    output (b, t) is, -1 for padding outputs (written nowhere)."""
+
+    images: tuple[int, ...]
+    inputs: tuple[np.ndarray, ...]
+    static: tuple
+    token_index: np.ndarray
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def stacked_batches(images: list[ImageInput], max_batch: int) -> list[EncodeBatch]:
+    """Batches of images whose pixels stack (equal `pixels.shape` and `grid`), at most `max_batch` each, padded
+    to a power of two of rows with zero images."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault((image.pixels.shape, image.grid), []).append(i)
+    batches = []
+    for (shape, grid), members in groups.items():
+        for at in range(0, len(members), max_batch):
+            chunk = members[at : at + max_batch]
+            rows = pow2(len(chunk))
+            pixels = np.zeros((rows, *shape), np.float32)
+            pixels[: len(chunk)] = np.stack([images[i].pixels for i in chunk])
+            tokens = images[chunk[0]].num_tokens
+            index = np.full((rows, tokens), -1, np.int32)
+            index[: len(chunk)] = np.arange(tokens, dtype=np.int32)
+            batches.append(EncodeBatch(tuple(chunk), (pixels,), grid, index))
+    return batches
+
+
 class ImageProcessor(Protocol):
     """The family's preprocessing, equal to transformers' image processor for the checkpoint (read from its
     preprocessor_config.json when present). `max_tokens`: the most tokens one image can become (sizes the
@@ -83,20 +122,27 @@ class VisionFamily(Protocol):
     def processor(self, config: "ModelConfig", model_dir: Path | None) -> ImageProcessor: ...
 
     def encoder(self, config: "ModelConfig", dtype) -> "nn.Module":
-        """A module whose `__call__(pixels [batch, *pixel shape], grid)` → [batch, num_tokens, text hidden];
-        its params are `params[VISION_PARAMS]`, declared with logical axes ("heads", "mlp" split over --tp)."""
+        """A module whose `__call__(*EncodeBatch.inputs, grid=EncodeBatch.static)` → [B, T, text hidden]; its
+        params are `params[VISION_PARAMS]`, declared with logical axes ("heads", "mlp" split over --tp)."""
         ...
 
-    def example_pixels(self, config: "ModelConfig") -> tuple[np.ndarray, tuple[int, ...]]:
-        """(pixels [1, *pixel shape], grid): the smallest valid encoder input (traces the params at init)."""
+    def batches(self, config: "ModelConfig", images: list[ImageInput], max_batch: int) -> list[EncodeBatch]:
+        """The images grouped into encoder calls of at most `max_batch` images (`stacked_batches` when they
+        stack)."""
+        ...
+
+    def example_batch(self, config: "ModelConfig") -> EncodeBatch:
+        """The smallest valid encoder call (traces the params at init)."""
         ...
 
     def weights(self, config: "ModelConfig") -> "WeightMap":
         """HF tensor name (after the family's `rename`) → Target with a path under (VISION_PARAMS, ...)."""
         ...
 
-    def rope_positions(self, token_ids: list[int], images: list[ImageInput]) -> np.ndarray | None:
-        """[axes, len(token_ids)] int32 rotary positions of an expanded prompt (M-RoPE), or None for 0..n-1."""
+    def rope_positions(self, config: "ModelConfig", images: list[tuple[int, tuple[int, ...]]], start: int,
+                       stop: int) -> np.ndarray:
+        """M-RoPE families only (`config.rope.mrope_section`): [3, stop - start] int32 rotary positions of a
+        request's positions start..stop, from its prompt's images' (first position, grid) in order."""
         ...
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from jaxllm.models import hf_map, rope
 from jaxllm.models.vision import mrope
 from jaxllm.models.layers import Norm, activation, dense, param
-from jaxllm.models.vision.interface import VISION_PARAMS, ImageInput, VisionConfig
+from jaxllm.models.vision.interface import VISION_PARAMS, EncodeBatch, ImageInput, VisionConfig, pow2
 from jaxllm.models.vision.qwen2_vl_processor import Qwen2VLImageProcessor
 from jaxllm.models.vision.registry import register
 
@@ -151,16 +151,16 @@ class VisionBlock(nn.Module):
 
 
 class Qwen2VLVisionTower(nn.Module):
-    """The tower and merger: `__call__(pixels, grid)` → [B, tokens, text hidden] (interface.py's encoder)."""
+    """The tower and merger (interface.py's encoder): images → [B, tokens, text hidden]."""
 
     config: Qwen2VLVisionConfig
     dtype: Any
 
     @nn.compact
-    def __call__(self, pixels, grid: tuple[int, ...] = (), positions=None, lengths=None):
-        """pixels [B, L, patch_dim]: B images of one patch `grid` (t, h, w); or a padded batch of images of any
-        sizes (`VisionBatch`) with positions [B, L, 2] and lengths [B]. → [B, L / merge², out_size]: row b's
-        first lengths[b] / merge² rows are its image's embeddings."""
+    def __call__(self, pixels, positions=None, lengths=None, grid: tuple[int, ...] = ()):
+        """pixels [B, L, patch_dim]: a padded batch of images of any sizes (`padded_batch`: positions [B, L, 2],
+        lengths [B]), or B images of one patch `grid` (t, h, w). → [B, L / merge², out_size]: row b's first
+        lengths[b] / merge² rows are its image's embeddings."""
         c = self.config
         b, length, _ = pixels.shape
         if length % c.merge_size ** 2:
@@ -179,31 +179,45 @@ class Qwen2VLVisionTower(nn.Module):
         return VisionMLP(c, self.dtype, "gelu", c.merged_dim, c.merged_dim, c.out_size, name="merger")(x)
 
 
-@dataclasses.dataclass(frozen=True)
-class VisionBatch:
-    """Images of any sizes as one padded batch: patches [B, L, patch_dim] float32, positions [B, L, 2] int32
-    (each patch's row and column in its image), lengths [B] int32 (patches of each image; 0 for a padding row)."""
+def padded_batch(images: list[ImageInput], merge_size: int, length: int,
+                 rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images of any sizes as the tower's inputs, each a row padded to `length` patches (a multiple of merge²),
+    `rows` rows: patches [rows, length, patch_dim] float32, positions [rows, length, 2] int32 (each patch's row
+    and column in its image), lengths [rows] int32 (0 for a padding row)."""
+    patches = np.zeros((rows, length, images[0].pixels.shape[1]), np.float32)
+    positions = np.zeros((rows, length, 2), np.int32)
+    lengths = np.zeros((rows,), np.int32)
+    for row, image in enumerate(images):
+        n = len(image.pixels)
+        patches[row, :n] = image.pixels
+        positions[row, :n] = patch_positions(image.grid, merge_size)
+        lengths[row] = n
+    return patches, positions, lengths
 
-    patches: np.ndarray
-    positions: np.ndarray
-    lengths: np.ndarray
 
-    @classmethod
-    def of(cls, images: list[ImageInput], merge_size: int, length: int | None = None,
-           rows: int | None = None) -> "VisionBatch":
-        """`images` padded to `length` patches (default: the longest) and `rows` rows (default: one per image)."""
-        sizes = [len(image.pixels) for image in images]
-        length, rows = length or max(sizes), rows or len(images)
-        if length < max(sizes) or rows < len(images):
-            raise ValueError(f"{len(images)} images of up to {max(sizes)} patches do not fit {rows} × {length}")
-        patches = np.zeros((rows, length, images[0].pixels.shape[1]), np.float32)
-        positions = np.zeros((rows, length, 2), np.int32)
-        lengths = np.zeros((rows,), np.int32)
-        for row, image in enumerate(images):
-            patches[row, : sizes[row]] = image.pixels
-            positions[row, : sizes[row]] = patch_positions(image.grid, merge_size)
-            lengths[row] = sizes[row]
-        return cls(patches, positions, lengths)
+def length_bucket(patches: int) -> int:
+    """A padded batch's length: the first of 16, 24, 32, 48, 64, 96, … (powers of two and 1.5 times them) that
+    holds `patches`: two compiled lengths per doubling, at most a third of padding."""
+    bucket = 16
+    while bucket < patches:
+        bucket = bucket * 3 // 2 if bucket & (bucket - 1) == 0 else bucket * 4 // 3
+    return bucket
+
+
+def encode_batches(images: list[ImageInput], merge_size: int, max_batch: int) -> list[EncodeBatch]:
+    """The images, by size, in padded batches of at most `max_batch` (rows a power of two, lengths
+    `length_bucket`s): few compiled shapes whatever the images' sizes."""
+    order = sorted(range(len(images)), key=lambda i: len(images[i].pixels))
+    batches = []
+    for at in range(0, len(order), max_batch):
+        chunk = order[at : at + max_batch]
+        members = [images[i] for i in chunk]
+        length, rows = length_bucket(max(len(m.pixels) for m in members)), pow2(len(chunk))
+        index = np.full((rows, length // merge_size ** 2), -1, np.int32)
+        for row, image in enumerate(members):
+            index[row, : image.num_tokens] = np.arange(image.num_tokens)
+        batches.append(EncodeBatch(tuple(chunk), padded_batch(members, merge_size, length, rows), (), index))
+    return batches
 
 
 def patch_positions(grid: tuple[int, ...], merge_size: int) -> np.ndarray:
@@ -275,9 +289,14 @@ class Qwen2VLVision:
     def encoder(self, config, dtype) -> Qwen2VLVisionTower:
         return Qwen2VLVisionTower(config.vision, dtype)
 
-    def example_pixels(self, config) -> tuple[np.ndarray, tuple[int, ...]]:
+    def example_batch(self, config) -> EncodeBatch:
         c: Qwen2VLVisionConfig = config.vision
-        return np.zeros((1, c.merge_size ** 2, c.patch_dim), np.float32), (1, c.merge_size, c.merge_size)
+        m = c.merge_size
+        image = ImageInput(np.zeros((m * m, c.patch_dim), np.float32), num_tokens=1, digest="", grid=(1, m, m))
+        return encode_batches([image], m, max_batch=1)[0]
+
+    def batches(self, config, images: list[ImageInput], max_batch: int) -> list[EncodeBatch]:
+        return encode_batches(images, config.vision.merge_size, max_batch)
 
     def weights(self, config) -> hf_map.WeightMap:
         return weights(config)

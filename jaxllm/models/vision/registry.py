@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from jaxllm.models.vision.interface import VisionFamily
 
 _FAMILIES: dict[str, VisionFamily] = {}
@@ -20,6 +22,10 @@ def vision_family(name: str) -> VisionFamily:
     return _FAMILIES[name]
 
 
+_BUILTIN = ("clip", "qwen2_vl")  # modules of jaxllm.models.vision that register a family
+
+
 def _load_builtin() -> None:
     # Imported on first use: each family module registers itself.
-    from jaxllm.models.vision import clip, qwen2_vl  # noqa: F401
+    for module in _BUILTIN:
+        importlib.import_module(f"jaxllm.models.vision.{module}")
