@@ -26,6 +26,7 @@ from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sample, sampling_r
 from jaxllm.engine.scheduler import SchedulerOutput, TableFill
 from jaxllm.engine.step_inputs import StepInputs, pack, unpack
 from jaxllm.models.attention import AttentionMetadata
+from jaxllm.models.mla import kernel_fits
 
 _PADDING_SAMPLING = (*PADDING_ROW, 0, 0)  # a padding row's sampling values and seed words
 
@@ -251,7 +252,7 @@ class ModelRunner:
         self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
         self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
-        if not model.backend.cost_follows_width and model.config.mla is None:  # latent attention: reference path
+        if not model.backend.cost_follows_width and (model.config.mla is None or kernel_fits(model.config)):
             self.width_buckets = self.width_buckets[-1:]
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
