@@ -217,9 +217,10 @@ def test_images_without_mrope_positions_are_refused(prefilled, request_with_imag
 
 
 def test_engine_greedy_tokens_match_transformers_generate(checkpoint, hf_model):
-    """Through the engine (--enable_multimodal): a request with two photographs, one with one beside it and a
-    text-only one, each 10 greedy tokens equal to transformers' `generate`; the first again hits the prompt
-    cache (M-RoPE positions follow the index) and gives the same tokens."""
+    """Through the engine (--enable_multimodal, splitfuse chunks of 8 that cut the images, so M-RoPE positions
+    start mid-image): a request with two photographs, one with one beside it and a text-only one, each 10
+    greedy tokens equal to transformers' `generate`; the first again hits the prompt cache (M-RoPE positions
+    follow the index) and gives the same tokens."""
     import hashlib
 
     from jaxllm.engine.request import SamplingParams
@@ -232,8 +233,9 @@ def test_engine_greedy_tokens_match_transformers_generate(checkpoint, hf_model):
     cases = [(text(3) + placeholder + text(2) + placeholder + text(3), ("chelsea", "camera")),
              (text(6) + placeholder + text(4), ("coffee",)), (text(9), ())]
     with make_engine(checkpoint, load_format="auto", enable_multimodal=True, cache_capacity=4,
-                     use_dynamic_prompt_cache=True, max_req_input_len=96, max_req_total_len=128,
-                     batch_max_tokens=128, max_total_token_num=1024) as engine:
+                     use_dynamic_prompt_cache=True, splitfuse_mode=True, splitfuse_block_size=8,
+                     max_req_input_len=96, max_req_total_len=128, batch_max_tokens=128,
+                     max_total_token_num=1024) as engine:
         def inputs(names):
             return [engine.image_processor(photo(n), hashlib.sha256(photo(n).tobytes()).hexdigest()) for n in names]
 
