@@ -35,6 +35,14 @@ def offset(images: Sequence[ImagePlace], merge_size: int) -> int:
 
 def positions(images: Sequence[ImagePlace], merge_size: int, start: int, stop: int) -> np.ndarray:
     """[3, stop − start] int32 rotary positions of the request's positions start..stop (`images` in order)."""
+    shift, last_end = 0, 0
+    for first, grid in images:
+        rows, cols = _merged(grid, merge_size)
+        shift, last_end = shift + max(rows, cols) - rows * cols, first + rows * cols
+    if start >= last_end:  # past every image (decode steps): the index shifted on all three axes
+        out = np.empty((3, stop - start), np.int32)
+        out[:] = np.arange(start + shift, stop + shift)
+        return out
     index = np.arange(start, stop)
     out = np.broadcast_to(index, (3, stop - start)).astype(np.int32)
     shift = 0  # the shift of the tokens between the previous image and this one
