@@ -117,9 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrent", type=int, default=64)
     parser.add_argument("--text_len", type=int, default=64, help="text tokens of each prompt (with its placeholder)")
     parser.add_argument("--output_len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="step shapes compiled at start-up, in parallel (default: the server's start-up set)")
     ns, rest = parser.parse_known_args(argv)
     args = parse_args(["--model_dir", ns.model_dir, "--load_format", "dummy", "--enable_multimodal", *rest])
-    with Engine.from_args(args, warmup=0) as engine:
+    with Engine.from_args(args, warmup=ns.warmup) as engine:
         result = run(engine, ns.concurrent, ns.text_len, ns.output_len)
     json.dump(result, sys.stdout, indent=2)
     print()

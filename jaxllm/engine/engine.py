@@ -26,7 +26,7 @@ from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.group import SequenceGroup, member_params
 from jaxllm.engine.image_cache import ImageCache
-from jaxllm.engine.image_stage import ImageStage, with_images
+from jaxllm.engine.image_stage import ImageStage
 from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
@@ -118,6 +118,8 @@ class Engine:
             family = vision_family(model.config.vision.family)
             self._images = ImageStage(cache, functools.partial(family.batches, model.config), self.runner.encode_images,
                                       self.runner.image_scratch_row)
+            if warmup != 0:  # the encoder of one image compiled at start-up too (written to the scratch row)
+                self._images.run_example(family.example_batch(model.config))
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
@@ -312,11 +314,8 @@ class Engine:
                              "multimodal_params.images: this model has no vision tower")
         if self._healer is not None:
             raise ValueError("multimodal_params.images: --token_healing_mode does not take images")
-        if len({image.digest for image in images}) > self._images.cache.capacity:
-            raise ValueError(f"multimodal_params.images: more distinct images than --cache_capacity "
-                             f"({self._images.cache.capacity})")
-        vision = self.config.vision
-        ids, spans = with_images(prompt_ids, list(images), vision.image_token_id, self.config.vocab_size)
+        ids, spans = self._images.prompt_with(prompt_ids, list(images), self.config.vision.image_token_id,
+                                              self.config.vocab_size)
         if len(check_prompt(list(ids), params, self.args)) != len(ids):
             raise ValueError("a prompt with images is not truncated (--long_truncation_mode): it has "
                              f"{len(ids)} tokens with its images")
@@ -651,15 +650,6 @@ class Engine:
             self._end(req, "abort")
 
     # --- stats ---------------------------------------------------------------------------------
-    def _image_stats(self) -> dict:
-        stage = self._images
-        if stage is None:
-            return {}
-        return {"images_waiting": len(stage.pending), "images_encoded": stage.images_encoded,
-                "image_encode_calls": stage.encode_calls, "image_encode_s": stage.encode_s,
-                "image_cache_entries": len(stage.cache), "image_cache_referenced": stage.cache.num_referenced,
-                "image_cache_hits": stage.cache.hits, "image_cache_evictions": stage.cache.evictions,
-                "image_room_waits": stage.room_waits}
 
     def _take_snapshot(self) -> dict:
         """What stats() and token_load() return. The peak estimate (a sort over the running requests) is
@@ -681,7 +671,7 @@ class Engine:
             "kv_used": used,
             "kv_total": total,
             "kv_cached": self.kv.num_cached,
-            **self._image_stats(),
+            **(self._images.stats() if self._images is not None else {}),
             "token_load": {
                 "current_load": used / total,
                 "logical_max_load": peak / total,

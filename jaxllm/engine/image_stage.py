@@ -64,10 +64,25 @@ class ImageStage:
     def has_work(self) -> bool:
         return bool(self.pending)
 
+    def stats(self) -> dict:
+        cache = self.cache
+        return {"images_waiting": len(self.pending), "images_encoded": self.images_encoded,
+                "image_encode_calls": self.encode_calls, "image_encode_s": self.encode_s,
+                "image_cache_entries": len(cache), "image_cache_referenced": cache.num_referenced,
+                "image_cache_hits": cache.hits, "image_cache_evictions": cache.evictions,
+                "image_room_waits": self.room_waits}
+
+    def prompt_with(self, prompt_ids: list[int], images: list[ImageInput], image_token_id: int,
+                    vocab_size: int) -> tuple[list[int], tuple[ImageSpan, ...]]:
+        """`with_images`, for a request this stage can take: ValueError when its distinct images could never
+        fit in the cache at once."""
+        distinct = len({image.digest for image in images})
+        if distinct > self.cache.capacity:
+            raise ValueError(f"multimodal_params.images: {distinct} distinct images are more than "
+                             f"--cache_capacity ({self.cache.capacity})")
+        return with_images(prompt_ids, images, image_token_id, vocab_size)
+
     def add(self, req: Request) -> None:
-        distinct = {span.image.digest for span in req.images}
-        if len(distinct) > self.cache.capacity:
-            raise ValueError(f"{len(distinct)} distinct images exceed --cache_capacity {self.cache.capacity}")
         self.pending.append(req)
 
     def advance(self) -> tuple[list[Request], list[tuple[Request, str]]]:
@@ -116,6 +131,10 @@ class ImageStage:
             if not entry.encoded:
                 new.setdefault(entry.digest, (entry, image))
         return True
+
+    def run_example(self, batch: EncodeBatch) -> None:
+        """Encode `batch` into the scratch row only (compiles its shape)."""
+        self._encode(batch.inputs, batch.static, np.full(batch.token_index.shape, self.scratch_row, np.int32))
 
     def _run(self, batch: EncodeBatch, entries: list[CacheEntry]) -> None:
         """One encoder call: output (b, t) goes to row `token_index[b, t]` of row b's image's entry."""

@@ -616,7 +616,7 @@ class ModelRunner:
             req: Request = chunk.request
             pos = chunk.start
             known = req.num_known
-            if req.images:  # a one-token prompt chunk may fall on an image
+            if req.images and pos < req.images[-1].stop:  # a one-token prompt chunk may fall on an image
                 image_row = req.image_rows(pos, pos + 1)
                 if image_row is not None:
                     image_rows[i] = image_row[0]

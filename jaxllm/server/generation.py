@@ -91,7 +91,8 @@ class Generation:
 
     @property
     def input_len(self) -> int:
-        return sum(len(ids) for ids in self.prompts)
+        """Prompt tokens, each image's placeholder counted as the image's tokens."""
+        return sum(len(ids) for ids in self.prompts) + sum(image.num_tokens - 1 for image in self.images)
 
     def _submit(self) -> list:
         self.submitted_at = time.monotonic()

@@ -201,17 +201,37 @@ def _message_text(i: int, message: Any, fmt: ToolFormat, template: str, images: 
     return out
 
 
+_IMAGE_MARK = "\x00image\x00"  # an image part's place in a message's text, before the template sees it
+
+
 @dataclasses.dataclass
 class ChatImages:
-    """The image_url parts of a chat, in order; each stands in the message text as `placeholder` and a newline
-    (where transformers' LLaVA chat templates put an image: before the text that follows it)."""
+    """The image_url parts of a chat, in order. A template that renders image parts (LLaVA's, Qwen2-VL's:
+    transformers' processors give them `{"type": "image"}` items) gets every message's content as parts; to
+    another template an image is the model's `placeholder` and a newline inside the text."""
 
     placeholder: str = ""
     refs: list[ImageRef] = dataclasses.field(default_factory=list)
+    structured: bool = False  # the template renders image parts (set by chat_prompt)
 
     def add(self, ref: ImageRef) -> str:
         self.refs.append(ref)
-        return self.placeholder + "\n"
+        return _IMAGE_MARK if self.structured else self.placeholder + "\n"
+
+    def as_parts(self, message: dict) -> dict:
+        """`message` with its content as text and image parts (images where `add` marked them)."""
+        pieces = message["content"].split(_IMAGE_MARK)
+        parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+        for piece in pieces[1:]:
+            parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return dict(message, content=parts)
+
+
+def renders_image_parts(template: str) -> bool:
+    """Whether a chat template handles `{"type": "image"}` content parts."""
+    return "'image'" in template or '"image"' in template
 
 
 def chat_prompt(tokenizer, messages: Any, tools: ToolCalling | None = None,
@@ -225,8 +245,11 @@ def chat_prompt(tokenizer, messages: Any, tools: ToolCalling | None = None,
         raise invalid("messages: this model's tokenizer has no chat template; use /v1/completions", "messages")
     fmt = fmt or (tools.fmt if tools else TOOL_FORMATS["hermes"])
     images = images if images is not None else ChatImages()
+    images.structured = bool(images.placeholder) and renders_image_parts(template)
     conversation = [_message_text(i, m, fmt, template, images) for i, m in enumerate(messages)]
     conversation = template_messages(conversation, tools, template)
+    if images.structured:
+        conversation = [images.as_parts(m) for m in conversation]
     extra = {"tools": [{"type": "function", "function": f} for f in tools.functions]} if tools else {}
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)

@@ -118,6 +118,18 @@ def test_waits_for_room_and_leaks_nothing(engine):
     engine.kv.check([])
 
 
+def test_group_shares_its_images(llava, engine):
+    """best_of 2 greedy members of one prompt with an image: both give transformers' tokens; one reference each,
+    released at the end."""
+    _, hf_model = llava
+    prompt, images = prompt_with(1, 11), image_inputs(engine, ["coffee"])
+    streams = engine.submit_group(prompt, SamplingParams(best_of=2, n=2, max_new_tokens=8, ignore_eos=True),
+                                  images=images)
+    expected = hf_greedy(hf_model, engine, prompt, images)
+    assert [[e.token_id for e in s] for s in streams] == [expected, expected]
+    assert engine.wait_idle(60) and engine.stats()["image_cache_referenced"] == 0
+
+
 def test_llava_without_the_flag_refuses_images(llava, engine):
     path, _ = llava
     plain = make_engine(path, load_format="auto")  # not started: submit checks before queueing
