@@ -87,13 +87,6 @@ def test_startup_checks_fail_with_a_reason(argv, reason):
         parse_args(argv)
 
 
-def test_unbuilt_feature_flags_exit_2_naming_the_flag(capsys):
-    with pytest.raises(SystemExit) as exc:
-        ServerArgs.from_argv(["--nccl_port", "12345"])
-    assert exc.value.code == 2
-    assert "jaxllm: --nccl_port is not supported yet" in capsys.readouterr().err
-
-
 def test_help_lists_every_seed_flag(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

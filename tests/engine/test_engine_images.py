@@ -130,6 +130,15 @@ def test_group_shares_its_images(llava, engine):
     assert engine.wait_idle(60) and engine.stats()["image_cache_referenced"] == 0
 
 
+def test_tp2_greedy_tokens_match_transformers(llava, engine):
+    """--tp 2 on fake CPU devices: the tower's heads and MLP split like the language model's."""
+    path, hf_model = llava
+    prompt, images = prompt_with(1, 12), image_inputs(engine, ["astronaut"])
+    with make_engine(path, load_format="auto", enable_multimodal=True, tp=2) as tp2:
+        (tokens,) = run(tp2, [(prompt, images)])
+    assert tokens == hf_greedy(hf_model, engine, prompt, images)
+
+
 def test_llava_without_the_flag_refuses_images(llava, engine):
     path, _ = llava
     plain = make_engine(path, load_format="auto")  # not started: submit checks before queueing
