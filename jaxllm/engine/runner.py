@@ -97,8 +97,6 @@ class StepResult:
     scores: np.ndarray | None = None  # [rows of the batch, labels]: a reward model's scores
 
 
-
-
 def _mrope_positions(config):
     """An M-RoPE model's (Qwen2-VL) `rope(images, start, stop)` for the step inputs: its vision family's
     `rope_positions` (jaxllm/models/vision/interface.py); None for any other model."""
