@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 
 from jaxllm.config import ModelConfig, read_hf_config
-from jaxllm.engine.detokenizer import load_tokenizer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
@@ -93,5 +92,6 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
     params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
     loaded = LoadedModel(model, params, mesh, None)
     if tokenizer and any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        from jaxllm.engine.detokenizer import load_tokenizer  # transformers: not imported by the followers
         loaded.tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
     return loaded
