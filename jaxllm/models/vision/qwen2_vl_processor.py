@@ -94,7 +94,8 @@ class Qwen2VLImageProcessor:
         c, height, width = pixels.shape
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
         gh, gw = height // p, width // p
-        blocks = pixels.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [bh, bw, m, m, C, P, P]
+        # [blocks down, blocks across, m, m, C, P, P]
+        blocks = pixels.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
         frames = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
         patches = np.ascontiguousarray(frames.reshape(gh * gw, c * t * p * p))
         return ImageInput(patches, num_tokens=gh * gw // m ** 2, digest=digest, grid=(1, gh, gw))
