@@ -1,7 +1,8 @@
 """Qwen2-VL (`model_type: qwen2_vl`): a Qwen2 language model with M-RoPE (its rotary frequencies in sections
 turned by each token's temporal, height and width positions) fed by the vision tower and patch merger of
 `jaxllm/models/vision/qwen2_vl.py`. Checkpoints name the language model `model.*` and the tower `visual.*`
-(transformers 4) or `model.language_model.*` and `model.visual.*` (transformers 5); both are read."""
+(published ones, and transformers 5's save_pretrained) or `model.language_model.*` and `model.visual.*`
+(transformers 5's module names); both are read."""
 
 from __future__ import annotations
 

@@ -254,3 +254,16 @@ def test_engine_greedy_tokens_match_transformers_generate(checkpoint, hf_model):
 
 def inputs_for_hf(names):
     return [Qwen2VLImageProcessor(**PROCESSOR)(photo(n)) for n in names]
+
+
+def test_weight_map_reads_transformers_4_and_5_names(checkpoint, hf_model):
+    """Published checkpoints (and transformers 5's save_pretrained) name the tensors `model.*` / `visual.*`;
+    transformers 5's modules `model.language_model.*` / `model.visual.*`: both reach the weight map."""
+    from jaxllm.models import qwen2_vl
+    from jaxllm.weights import read_safetensors
+
+    table = qwen2_vl.weights(ModelConfig.from_model_dir(checkpoint))
+    saved = set(read_safetensors(checkpoint / "model.safetensors"))
+    modules = set(hf_model.state_dict())
+    assert any(n.startswith("model.language_model.") for n in modules) and any(n.startswith("visual.") for n in saved)
+    assert {qwen2_vl.rename(n) for n in saved} == {qwen2_vl.rename(n) for n in modules} == set(table)
