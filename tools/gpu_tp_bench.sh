@@ -9,11 +9,12 @@
 # parts take turns under one lock. JSON per run under $OUT, logs under $LOGS, the summary last.
 # Usage (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_tp_bench.sh
 #   RUNS="tp1 tp2 tp2_mp" picks runs (default: all five; the first run listed is the greedy reference when tp1 is
-#   not among them); PAR runs at a time (default 3); HLO=0 skips the HLO collectives.
+#   not among them); PAR runs at a time (default 1: another run's start-up on the
+#   same host slowed a measured run by up to 30 % in session 4, docs/perf.md); HLO=0 skips the HLO collectives.
 set -uo pipefail
 source tools/device_env.sh /tmp/jaxllm-tp
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-PAR=${PAR:-3}
+PAR=${PAR:-1}
 RUNS=${RUNS:-"tp1 tp2 tp2_mp tp2_oneshot tp2_mp_oneshot"}
 ONE_SHOT="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $PAR, 2))")
