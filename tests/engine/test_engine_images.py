@@ -101,10 +101,10 @@ def test_waits_for_room_and_leaks_nothing(engine):
     """Capacity 3: requests of 2 distinct images each, more than fit at once, all finish (some wait); random
     aborts on the way; then no KV slot held by a request and no image referenced."""
     rng = random.Random(0)
+    inputs = [image_inputs(engine, rng.sample(PHOTOS, 2)) for _ in range(10)]  # all preprocessed first
     streams = []
-    for i in range(10):
-        names = rng.sample(PHOTOS, 2)
-        stream = engine.submit_images(prompt_with(2, 100 + i), GREEDY, image_inputs(engine, names))
+    for i, images in enumerate(inputs):
+        stream = engine.submit_images(prompt_with(2, 100 + i), GREEDY, images)
         streams.append(stream)
         if i % 4 == 3:
             engine.abort(stream.request_id)
