@@ -48,12 +48,15 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class Rope:
     """Rotary embedding of one layer: base `theta`, the first `rotary_dim` dims of each head rotated,
-    halves (Llama) or interleaved pairs (GPT-J, Cohere), optional rescaling."""
+    halves (Llama) or interleaved pairs (GPT-J, Cohere), optional rescaling, optional M-RoPE sections."""
 
     theta: float = 10000.0
     rotary_dim: int = 0  # 0: the whole head
     interleaved: bool = False
     scaling: RopeScaling | None = None
+    # M-RoPE (Qwen2-VL): the frequencies split into sections (counts summing to rotary_dim // 2) that rotate by
+    # a token's temporal, height and width positions in turn; () = one position per token.
+    mrope_section: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ def step(model, eos_ids, params, kv, last_tokens, ints, floats, image_slab, *, l
         query_start=inp.query_start,
         query_lens=inp.query_lens,
         logits_index=inp.logits_index,
+        rope_positions=inp.rope_positions,
         decode_only=decode_only,
     )
     images = {}

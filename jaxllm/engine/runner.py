@@ -97,6 +97,14 @@ class StepResult:
     scores: np.ndarray | None = None  # [rows of the batch, labels]: a reward model's scores
 
 
+def _mrope_positions(config):
+    """An M-RoPE model's (Qwen2-VL) `rope(images, start, stop)` for the step inputs: its vision family's
+    `rope_positions` (jaxllm/models/vision/interface.py); None for any other model."""
+    if not config.rope.mrope_section or config.vision is None:
+        return None
+    from jaxllm.models.vision.registry import vision_family
+
+    return functools.partial(vision_family(config.vision.family).rope_positions, config)
 
 
 class ModelRunner:
@@ -140,7 +148,8 @@ class ModelRunner:
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
         vision = model.config.vision if image_rows else None
-        self.inputs = StepInputBuilder(kv, self.vocab_size, vision.image_token_id if vision is not None else None)
+        self.inputs = StepInputBuilder(kv, self.vocab_size, vision.image_token_id if vision is not None else None,
+                                       rope=_mrope_positions(model.config))
         kv_shardings = self._init_device_state()
         rep = self._replicated
         self._jitted = jax.jit(

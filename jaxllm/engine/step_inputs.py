@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import numpy as np
@@ -38,6 +39,7 @@ class StepInputs:
     logits_index: jax.Array  # [R] i32
     image_rows: jax.Array  # [T] i32: the token's row of the image-embedding buffer, -1 for a text token
     sampling: SamplingBatch
+    rope_positions: jax.Array | None = None  # [3, T] i32: an M-RoPE model's rotary positions (t, h, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,13 +86,23 @@ class StepInputBuilder:
     """Builds each scheduled step's StepInputs from its requests. Remembers which row of the last launched step
     sampled each request (its next token is still on the device) and each running request's sampling values."""
 
-    def __init__(self, kv: KVCache, vocab_size: int, image_token: int | None = None):
+    def __init__(self, kv: KVCache, vocab_size: int, image_token: int | None = None, rope: Callable | None = None):
         """image_token: a vision-language model's placeholder id, which the model reads at image positions (the
-        requests' prompts carry image key ids there, past the vocabulary: jaxllm/engine/image_stage.py)."""
+        requests' prompts carry image key ids there, past the vocabulary: jaxllm/engine/image_stage.py).
+        rope: an M-RoPE model's `rope(images, start, stop)` → [3, stop - start] rotary positions of a request's
+        positions start..stop from its images' (first position, grid) (the vision family's `rope_positions`)."""
         self.host_kv = kv
         self.vocab_size = vocab_size
         self.image_token = image_token
+        self.rope = rope
         self.reset()
+
+    def _rope_positions(self, req: Request, start: int, stop: int) -> np.ndarray:
+        """[3, stop - start] M-RoPE positions of `req`'s positions start..stop (the index on all three axes for
+        a request without images)."""
+        if not req.images:
+            return np.broadcast_to(np.arange(start, stop, dtype=np.int32), (3, stop - start))
+        return self.rope([(span.start, span.image.grid) for span in req.images], start, stop)
 
     def _model_ids(self, req: Request, ids: list[int]) -> list[int]:
         """`req`'s ids as the model reads them: image key ids → the image placeholder's id."""
@@ -153,7 +165,7 @@ class StepInputBuilder:
             return self._build_decode(batch, shape)
         kv = self.host_kv
         tokens, src, positions, token_row, write_slots, targets, image_rows = [], [], [], [], [], [], []
-        kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
+        kv_rows, context, q_start, q_lens, logits_index, rope = [], [], [], [], [], []
         offsets: list[int] = []
         rows: dict[str, int] = {}
         last_token: dict[int, int] = {}  # id(request) → packed index of its chunk's last token
@@ -176,6 +188,8 @@ class StepInputBuilder:
                 tokens.append(0)
                 src.append(self._last_rows[req.request_id])
             positions += range(start, stop)
+            if self.rope is not None:
+                rope.append(self._rope_positions(req, start, stop))
             token_row += [i] * n
             write_slots += req.slots[start:stop]
             if chunk.prompt_logprobs:
@@ -217,6 +231,8 @@ class StepInputBuilder:
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
             logits_index=i32(logits_index), image_rows=i32(image_rows), sampling=self._sampling(batch, pad_rows),
+            rope_positions=None if self.rope is None else np.concatenate(
+                rope + [np.zeros((3, pad_tokens), np.int32)], axis=1),
         )
         return host, offsets, rows
 
@@ -229,6 +245,7 @@ class StepInputBuilder:
             raise ValueError(f"batch of {n} rows does not fit {shape}")
         per_row, rows = [], {}
         image_rows = np.full(size, -1, np.int32)
+        rope = np.zeros((3, size), np.int32) if self.rope is not None else None
         for i, chunk in enumerate(batch.chunks):
             req: Request = chunk.request
             pos = chunk.start
@@ -247,6 +264,8 @@ class StepInputBuilder:
             if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
                 target = self._model_ids(req, [req.prompt_ids[pos + 1]])[0]
             per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
+            if rope is not None and req.images:
+                rope[:, i] = self._rope_positions(req, pos, pos + 1)[:, 0]
             if chunk.samples:
                 rows[req.request_id] = i
         real = np.array(per_row, np.int64).reshape(n, 6)
@@ -258,10 +277,13 @@ class StepInputBuilder:
         index = np.arange(size, dtype=np.int32)  # token i is row i's only token
         context = np.ones(size, np.int32)
         context[:n] = column[2, :n] + 1
+        if rope is not None:  # text-only rows: the index on all three axes
+            text = np.array([not c.request.images for c in batch.chunks] + [False] * (size - n))
+            rope[:, text] = column[2, text]
         host = StepInputs(
             tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
             write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
             query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            image_rows=image_rows, sampling=self._sampling(batch, size - n),
+            image_rows=image_rows, sampling=self._sampling(batch, size - n), rope_positions=rope,
         )
         return host, list(range(n)), rows

@@ -93,6 +93,9 @@ class CausalLM(nn.Module):
         embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
         x = embed[tokens]  # [n, hidden]
         if image_embeds is not None:
+            if c.rope.mrope_section and meta.rope_positions is None:  # image tokens sit on a grid of positions
+                raise ValueError(f"{c.model_type}: a step with images needs its tokens' M-RoPE positions "
+                                 "(AttentionMetadata.rope_positions)")
             x = jnp.where(image_mask[:, None], image_embeds.astype(x.dtype), x)
         if c.position == "learned":
             table = param(self, "embed_positions", (c.max_position_embeddings, c.hidden_size), ("positions", "embed"),

@@ -22,7 +22,7 @@ def vision_family(name: str) -> VisionFamily:
     return _FAMILIES[name]
 
 
-_BUILTIN = ("clip",)  # modules of jaxllm.models.vision that register a family
+_BUILTIN = ("clip", "qwen2_vl")  # modules of jaxllm.models.vision that register a family
 
 
 def _load_builtin() -> None:
