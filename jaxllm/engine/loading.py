@@ -69,11 +69,15 @@ def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int, p
 
 def image_buffer(args, config: ModelConfig):
     """(the image processor, the image-embedding buffer's rows) of a vision-language model served with
-    --enable_multimodal (--cache_capacity images of at most the processor's tokens); (None, 0) otherwise."""
+    --enable_multimodal; (None, 0) otherwise. The rows hold --cache_capacity images of the processor's most
+    tokens, but never more than the KV cache's tokens (at least one request's worth): the images running
+    requests use sit in the KV cache too, and a processor of dynamic resolution (Qwen2-VL: up to 16,384 tokens
+    an image) would otherwise ask for a buffer of tens of GB. Entries take the rows of their own token count."""
     if config.vision is None or not args.enable_multimodal:
         return None, 0
     processor = vision_family(config.vision.family).processor(config, args.model_dir)
-    return processor, args.cache_capacity * processor.max_tokens
+    most = max(args.max_total_token_num, args.max_req_total_len, processor.max_tokens)
+    return processor, min(args.cache_capacity * processor.max_tokens, most)
 
 
 def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:

@@ -162,3 +162,15 @@ def test_vision_benchmark_runs(engine):
     result = bench(engine, concurrent=2, text_len=12, output_len=2)
     assert result["repeated_image_encodes"] == 0 and result["image_tokens"] == 9
     assert result["concurrent_output_tokens_per_s"] > 0 and result["encode_ms_16_images"] > 0
+
+
+def test_image_buffer_holds_capacity_images_but_never_more_rows_than_the_kv_cache(llava, engine):
+    from jaxllm.engine.loading import image_buffer
+    from jaxllm.offline import server_args
+
+    path, _ = llava
+    per_image = engine.image_processor.max_tokens
+    for capacity, kv_tokens, expected in ((3, 4096, 3 * per_image), (10_000, 4096, 4096)):
+        args = server_args(str(path), enable_multimodal=True, cache_capacity=capacity, max_total_token_num=kv_tokens)
+        _, rows = image_buffer(args, engine.config)
+        assert rows == expected
