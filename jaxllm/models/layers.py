@@ -31,6 +31,14 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str,
     declared = quant.declared_quant(module, name)
     if declared is not None:
         return quant.quantised_param(module, name, shape, axes, dtype, init, *declared)
+    if module.has_variable("params", name):
+        # Applying given weights: Flax's `param` would trace the initialiser (eval_shape) just to check the
+        # shape, ~1/4 of a step's trace time; the same check, without the trace.
+        value = nn.meta.unbox(module.get_variable("params", name))
+        if value.shape != tuple(shape):
+            raise ValueError(f"weight {'/'.join(module.path)}/{name} has shape {value.shape}, the model declares "
+                             f"{tuple(shape)}")
+        return value
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
@@ -69,6 +77,7 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's
 }
 
 
@@ -148,7 +157,8 @@ class Attention(nn.Module):
         q, k = self._qk_norm(q, k)
         if c.position == "rope":
             r = c.layer_rope(self.layer)
-            cos, sin = rope.cos_sin(r, d, meta.positions)
+            positions = meta.positions if meta.rope_positions is None else meta.rope_positions
+            cos, sin = rope.cos_sin(r, d, positions)
             q = rope.apply_rope(q, cos, sin, r.interleaved)
             k = rope.apply_rope(k, cos, sin, r.interleaved)
         spec = AttentionSpec(
