@@ -13,12 +13,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from pathlib import Path
 
 import jax
 
 from jaxllm.config import ModelConfig, read_hf_config
-from jaxllm.engine.detokenizer import load_tokenizer
+from jaxllm.engine.detokenizer import model_tokenizer
 from jaxllm.engine.beam import BeamSearch, reassignments
 from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
@@ -29,9 +28,10 @@ from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
-from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_prompt
+from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxllm.engine.splitfuse import SplitFuseScheduler
 from jaxllm.engine.stream import RequestStream, WakeBatch
+from jaxllm.engine.submission import SubmitRules
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
 from jaxllm.models.expert_kernels import experts_kernel
@@ -41,9 +41,6 @@ from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
 
 log = logging.getLogger(__name__)
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
@@ -84,14 +81,19 @@ def build_scheduler(args, kv: KVCache) -> Scheduler:
 class Engine:
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
-    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None):
+    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, sink=None):
         """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: how many step
-        shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met)."""
+        shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met);
+        sink: where requests' events go instead of their own RequestStream (the engine core's process: see
+        jaxllm.engine.core), `sink.stream(request_id)` per request and `sink.flush(stats)` after every loop
+        iteration, so that one iteration's events leave together."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
         # A reward model (a score head): every request is scored (submit_score), none generates.
         self.scoring = model.config.score_head is not None
+        self.rules = SubmitRules(args, model.config.vocab_size, self.scoring, tokenizer is not None)
+        self._sink = sink
         prefix_cache = PrefixCache() if args.use_dynamic_prompt_cache else None
         self.kv = KVCache(args.max_total_token_num, args.running_max_req_size, prefix_cache=prefix_cache)
         self.scheduler = build_scheduler(args, self.kv)
@@ -137,7 +139,7 @@ class Engine:
         self._snapshot = self._take_snapshot()
 
     @classmethod
-    def from_args(cls, args, *, warmup: int | None = None) -> "Engine":
+    def from_args(cls, args, *, warmup: int | None = None, sink=None) -> "Engine":
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
         if args.model_dir is None:
             raise ValueError("--model_dir is required")
@@ -150,10 +152,7 @@ class Engine:
         backend = attention_backend(args.mode, platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
-        tokenizer = None
-        if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-            tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
-        return cls(args, model, params, mesh, tokenizer, warmup=warmup)
+        return cls(args, model, params, mesh, model_tokenizer(args), warmup=warmup, sink=sink)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -180,10 +179,11 @@ class Engine:
     # --- API (any thread) ----------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt to run (truncated per --long_truncation_mode) or ValueError with the reason."""
-        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
-        return check_prompt(list(prompt_ids), params, self.args)
+        return self.rules.prompt(prompt_ids, params)
+
+    def check_guided(self, guided) -> None:
+        """Compile a request's grammar now (kept for its submit); ValueError naming its field when invalid."""
+        self.grammars().constraint(guided)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue one sequence (best_of 1; see submit_group); never blocks. Raises ValueError for invalid
@@ -197,15 +197,9 @@ class Engine:
         the beams of a beam search whose streams get their tokens when the search ends, best first. Aborting
         any member aborts the group. Raises ValueError for invalid parameters or lengths."""
         count = params.best_of
-        request_ids = request_ids or [None] * count
-        if len(request_ids) != count:
-            raise ValueError(f"{len(request_ids)} request ids for best_of {count}")
+        request_ids = self.rules.group(params, request_ids)
         if count == 1:
             return [self.submit(prompt_ids, params, request_ids[0])]
-        if self.args.beam_mode and params.stop_sequences:
-            raise ValueError("stop_sequences: not supported with --beam_mode (beams end at eos or max_new_tokens)")
-        if self.args.beam_mode and params.guided is not None:
-            raise ValueError(f"{params.guided.field}: constrained decoding is not supported with --beam_mode")
         members = [self._new_request(list(prompt_ids), member_params(params, i), rid)
                    for i, rid in enumerate(request_ids)]
         beam = None
@@ -234,8 +228,7 @@ class Engine:
         """Queue several sequences at once: the engine sees them together (one admission decision), so the
         same submission to an idle engine always runs as the same steps. All are checked before any is
         queued."""
-        if any(params.best_of != 1 for _, params, _ in requests):
-            raise ValueError("best_of: submit() and submit_many() run one sequence each; submit_group() runs best_of")
+        self.rules.singles(requests)
         built = [self._new_request(list(ids), params, rid) for ids, params, rid in requests]
         self._inbox.put(("add", built))
         self._wake.set()
@@ -243,15 +236,7 @@ class Engine:
 
     def _new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
                      scoring: bool = False) -> Request:
-        if scoring != self.scoring:
-            raise ValueError("this engine serves a reward model: it scores prompts (submit_score), it does not "
-                             "generate" if self.scoring else "this engine serves a generative model: it has no "
-                             "score head to score prompts with (a reward model and --use_reward_model)")
-        params = params.normalized()
-        params.validate()
-        if params.stop_sequences and self.tokenizer is None:
-            raise ValueError("stop_sequences: this engine has no tokenizer to match them")
-        prompt_ids = self.check_prompt(prompt_ids, params)
+        prompt_ids, params = self.rules.sequence(prompt_ids, params, scoring)
         with self._arrival_lock:
             arrival = self._arrivals
             self._arrivals += 1
@@ -268,7 +253,7 @@ class Engine:
             req.prompt_ids, req.healing = self._healer.heal(prompt_ids)
             req.constraint = req.healing
         self._events.attach(req)
-        req.stream = RequestStream(req.request_id)
+        req.stream = RequestStream(req.request_id) if self._sink is None else self._sink.stream(req.request_id)
         return req
 
     def grammars(self) -> GrammarCompiler:
@@ -329,6 +314,8 @@ class Engine:
                 inflight = self._finish_dispatch(*launching) if launching else None
                 self._counters["host_s"] += time.perf_counter() - started
                 self._snapshot = self._take_snapshot()
+                if self._sink is not None:
+                    self._sink.flush(self._snapshot)
                 if inflight is None:
                     idle = not self.scheduler.has_work()
                     if idle:
@@ -342,6 +329,8 @@ class Engine:
         for req in list(self._requests.values()):
             self._end(req, "abort")
         self._snapshot = self._take_snapshot()
+        if self._sink is not None:
+            self._sink.flush(self._snapshot)
 
     def _take_inbox(self) -> None:
         while True:

@@ -1,0 +1,59 @@
+"""The checks a submission passes before it is queued (parameters, prompt lengths and vocabulary, group rules),
+shared by the in-process engine and the engine client, which runs them in the frontend process so that an invalid
+request fails at submit, before anything crosses to the engine core."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxllm.engine.request import SamplingParams
+from jaxllm.engine.scheduler import check_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitRules:
+    """What a submission is checked against: the flags, the model's vocabulary, its kind, its tokenizer."""
+
+    args: Any  # ServerArgs
+    vocab_size: int
+    scoring: bool  # a reward model: prompts are scored, none generates
+    has_tokenizer: bool
+
+    def prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt to run (truncated per --long_truncation_mode) or ValueError with the reason."""
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        return check_prompt(list(prompt_ids), params, self.args)
+
+    def sequence(self, prompt_ids: list[int], params: SamplingParams,
+                 scoring: bool = False) -> tuple[list[int], SamplingParams]:
+        """One sequence's checked prompt and normalised parameters; ValueError with the reason."""
+        if scoring != self.scoring:
+            raise ValueError("this engine serves a reward model: it scores prompts (submit_score), it does not "
+                             "generate" if self.scoring else "this engine serves a generative model: it has no "
+                             "score head to score prompts with (a reward model and --use_reward_model)")
+        params = params.normalized()
+        params.validate()
+        if params.stop_sequences and not self.has_tokenizer:
+            raise ValueError("stop_sequences: this engine has no tokenizer to match them")
+        return self.prompt(prompt_ids, params), params
+
+    def group(self, params: SamplingParams, request_ids: list | None) -> list:
+        """The request ids of a best_of group (None each when not given); ValueError for what groups refuse."""
+        count = params.best_of
+        request_ids = request_ids or [None] * count
+        if len(request_ids) != count:
+            raise ValueError(f"{len(request_ids)} request ids for best_of {count}")
+        if count > 1 and self.args.beam_mode and params.stop_sequences:
+            raise ValueError("stop_sequences: not supported with --beam_mode (beams end at eos or max_new_tokens)")
+        if count > 1 and self.args.beam_mode and params.guided is not None:
+            raise ValueError(f"{params.guided.field}: constrained decoding is not supported with --beam_mode")
+        return request_ids
+
+    @staticmethod
+    def singles(requests: list[tuple[list[int], SamplingParams, Any]]) -> None:
+        """submit_many runs one sequence per request."""
+        if any(params.best_of != 1 for _, params, _ in requests):
+            raise ValueError("best_of: submit() and submit_many() run one sequence each; submit_group() runs best_of")
