@@ -1,5 +1,6 @@
 """Test-suite set-up: 8 fake CPU devices for tensor-parallel tests, shared fixtures (the converted SmolLM2)."""
 
+import dataclasses
 import os
 
 # Must precede the first `import jax` anywhere in the test session.
@@ -19,3 +20,32 @@ def smollm2_dir() -> Path:
     from tools.convert.default_model import prepare_default_model
 
     return Path(prepare_default_model())
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModel:
+    """A model directory and the flags to serve it with."""
+
+    path: Path
+    flags: tuple = (  # few step shapes to compile: 2 decode sizes, 3 prefill sizes
+        "--load_format", "dummy", "--data_type", "float32", "--max_total_token_num", "512",
+        "--running_max_req_size", "2", "--batch_max_tokens", "64", "--max_req_input_len", "32",
+        "--max_req_total_len", "64")
+
+
+@pytest.fixture(scope="session")
+def tiny_served_model(smollm2_dir, tmp_path_factory) -> TinyModel:
+    """SmolLM2's tokenizer on a 2-layer, 64-wide Llama with random weights (served with its flags): an engine
+    that starts quickly, for tests of the process layout rather than of the model."""
+    import json
+    import shutil
+
+    model_dir = tmp_path_factory.mktemp("tiny_llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (smollm2_dir / name).exists():
+            shutil.copy(smollm2_dir / name, model_dir / name)
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return TinyModel(model_dir)

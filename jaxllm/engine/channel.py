@@ -4,13 +4,10 @@ messages queued while one write is under way leave together in the next (one pic
 
 from __future__ import annotations
 
-import logging
 import pickle
 import queue
 import threading
 from multiprocessing.connection import Connection
-
-log = logging.getLogger(__name__)
 
 _CLOSE = object()  # queued by close(): the sender writes what came before it, then stops
 

@@ -1,7 +1,7 @@
 """The frontend's side of the engine: `EngineClient` has the Engine's API as the HTTP server uses it (submit,
 submit_group, submit_score, abort, check_prompt, check_guided, token_load, stats, add_step_listener, tokenizer)
-and runs the engine core in a process of its own (jaxllm.engine.core, started with `spawn`: JAX is never
-initialised in a forked child), so the engine loop does not share a GIL with HTTP, tokenisation and response
+and runs the engine core in a process of its own (`python -m jaxllm.engine.core`, a fresh interpreter: JAX is
+never initialised in a forked child), so the engine loop does not share a GIL with HTTP, tokenisation and response
 encoding. Requests are checked here (jaxllm.engine.submission) before they cross; each step's events come back in
 one message and wake each event loop once. When the core's process dies, its requests end with an error and every
 later call raises EngineUnavailable (the server answers 503).
@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 import threading
 import uuid
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 from jaxllm.engine.channel import Channel
 from jaxllm.engine.detokenizer import model_tokenizer
 from jaxllm.engine.request import SCORE_PARAMS, SamplingParams, TokenEvent
+from jaxllm.engine.step_report import StepReport
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.engine.submission import SubmitRules
 from jaxllm.engine.wire import events_of
 
 log = logging.getLogger(__name__)
 
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 CALL_TIMEOUT_S = 300.0  # a grammar check (compiled in the core) answered within this
 
 
@@ -60,15 +66,14 @@ class EngineClient:
         """Start the core's process and wait until it is ready; nothing when started already."""
         if self._process is not None:
             return
-        from jaxllm.engine.core import run_core
-
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        self._process = context.Process(target=run_core, args=(self.args, theirs), name="jaxllm-engine-core",
-                                        daemon=True)
-        self._process.start()
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)  # the core imports this jaxllm, wherever it was found
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
+        self._process = subprocess.Popen([sys.executable, "-m", "jaxllm.engine.core", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], env=env)
         theirs.close()
-        self._channel = Channel(ours, "jaxllm-frontend")
+        self._channel = Channel(Connection(ours.detach()), "jaxllm-frontend")
+        self._channel.send(("start", self.args))
         self.tokenizer = model_tokenizer(self.args)  # while the core loads its weights
         info = self._wait_ready()
         self.rules = SubmitRules(self.args, info["vocab_size"], info["scoring"], info["has_tokenizer"])
@@ -78,24 +83,19 @@ class EngineClient:
         self._receiver.start()
 
     def _wait_ready(self) -> dict:
-        connection, sentinel = self._channel.connection, self._process.sentinel
         while True:
-            if connection in wait([connection, sentinel]):
-                try:
-                    messages = self._channel.recv()
-                except (EOFError, OSError):
-                    messages = []
-                for kind, *body in messages:
-                    if kind == "ready":
-                        return body[0]
-                    if kind == "failed":
-                        message, code = body
-                        self._process.join(30)
-                        raise (ValueError if code == 2 else RuntimeError)(message)
-                if messages:
-                    continue
-            self._process.join(30)
-            raise RuntimeError(f"the engine core's process exited while starting (exit code {self._process.exitcode})")
+            try:
+                messages = self._channel.recv()
+            except (EOFError, OSError):
+                code = self._process.wait(30)
+                raise RuntimeError(f"the engine core's process exited while starting (exit code {code})") from None
+            for kind, *body in messages:
+                if kind == "ready":
+                    return body[0]
+                if kind == "failed":
+                    message, code = body
+                    self._process.wait(30)
+                    raise (ValueError if code == 2 else RuntimeError)(message)
 
     def stop(self) -> None:
         """Stop the core (its unfinished requests end with "abort") and wait for its process."""
@@ -103,11 +103,12 @@ class EngineClient:
             return
         self._stopping = True
         self._channel.send(("stop",))
-        self._process.join(60)
-        if self._process.is_alive():
+        try:
+            self._process.wait(60)
+        except subprocess.TimeoutExpired:
             log.warning("the engine core did not stop within 60 s: terminating it")
             self._process.terminate()
-            self._process.join(10)
+            self._process.wait(10)
         if self._receiver is not None:
             self._receiver.join(10)
         self._channel.close()
@@ -212,10 +213,7 @@ class EngineClient:
 
     # --- receiving (its own thread) ------------------------------------------------------------
     def _receive(self) -> None:
-        from jaxllm.engine.engine import StepReport
-
-        connection, sentinel = self._channel.connection, self._process.sentinel
-        while connection in wait([connection, sentinel]):
+        while True:  # until the core's end of the socket closes: it stopped or died
             try:
                 messages = self._channel.recv()
             except (EOFError, OSError):
@@ -228,8 +226,10 @@ class EngineClient:
                         self._report(StepReport(*report))
                 elif kind == "reply":
                     self._answer(*body)
-        self._process.join(30)
-        code = self._process.exitcode
+        try:
+            code = self._process.wait(30)
+        except subprocess.TimeoutExpired:
+            code = "none yet: it closed the channel"
         self._go_down("the engine was stopped" if self._stopping else
                       f"the engine core's process exited (exit code {code}); the server needs a restart")
 

@@ -1,5 +1,6 @@
-"""The engine core's process: the Engine (weights, compiled steps, its loop) in a process of its own, driven by the
-frontend's EngineClient (jaxllm.engine.client) over a Channel. In: submissions, aborts, grammar checks, stop. Out:
+"""The engine core's process, `python -m jaxllm.engine.core FD` (started by the frontend's EngineClient, with FD
+its end of a socket pair): the Engine (weights, compiled steps, its loop) in a process of its own, driven over a
+Channel. In: the flags ("start"), then submissions, aborts, grammar checks, stop. Out:
 "ready" (or why the start failed), then one "step" message per loop iteration that has news: every request's new
 events (jaxllm.engine.wire), the step reports (metrics) and the stats snapshot (/token_load, /metrics).
 """
@@ -10,6 +11,7 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import threading
 from multiprocessing.connection import Connection
 
@@ -81,14 +83,26 @@ def _ready_info(engine) -> dict:
             "has_tokenizer": engine.tokenizer is not None, "stats": engine.stats(), "pid": os.getpid()}
 
 
-def run_core(args, connection: Connection) -> None:
-    """The core process's body (a multiprocessing `spawn` target): build the engine, say ready, serve the frontend
-    until it says stop or goes away."""
+def main(argv: list[str]) -> int:
+    """Read the flags from the frontend, build the engine, say ready, serve the frontend until it says stop or
+    goes away (its end of the socket closes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the frontend stops us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    channel = Channel(Connection(int(argv[0])), "jaxllm-core")
+    try:
+        (kind, args), = channel.recv()
+    except (EOFError, OSError, ValueError):
+        return 1
+    assert kind == "start", kind
+    run_core(args, channel)
+    # Everything is sent and the engine stopped: skip the interpreter's teardown of JAX's runtime (seconds).
+    logging.shutdown()
+    os._exit(0)
+
+
+def run_core(args, channel: Channel) -> None:
     from jaxllm.engine.engine import Engine  # imports JAX: in this process only
 
-    channel = Channel(connection, "jaxllm-core")
     sink = CoreSink(channel)
     try:
         engine = Engine.from_args(args, sink=sink)
@@ -155,3 +169,7 @@ def _submit(engine, sink: CoreSink, specs: list[dict]) -> None:
         finally:
             for request_id in request_ids:
                 sink.forget(request_id)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,6 @@ while a launch thread enqueues step N+1 on the device; it streams TokenEvents to
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import secrets
@@ -30,6 +29,7 @@ from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, Sampling
 from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from jaxllm.engine.splitfuse import SplitFuseScheduler
+from jaxllm.engine.step_report import StepReport
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.engine.submission import SubmitRules
 from jaxllm.models import build_model
@@ -41,23 +41,6 @@ from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
 
 log = logging.getLogger(__name__)
-
-@dataclasses.dataclass(frozen=True)
-class StepReport:
-    """One step, as step listeners (Engine.add_step_listener) see it once its results are read."""
-
-    method: str  # "prefill" when the step computed any prefill chunk, else "decode"
-    duration_s: float  # from its preparation to its results on the host
-    prefill_requests: int
-    decode_requests: int
-    prefill_tokens: int
-    decode_tokens: int
-
-    @property
-    def batch_size(self) -> int:
-        """The metrics' batch size: the prefilled requests of a prefill step, the decoded ones otherwise."""
-        return self.prefill_requests if self.method == "prefill" else self.decode_requests
-
 
 def check_reward_flags(config: ModelConfig, args) -> None:
     """--use_reward_model and a checkpoint with a score head go together, without --token_healing_mode (which
