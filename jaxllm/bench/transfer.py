@@ -24,7 +24,7 @@ from jaxllm.engine.request import Request, SamplingParams
 from jaxllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder, pack
 from jaxllm.engine.step_shapes import StepShape
-from jaxllm.multiprocess import Channel
+from jaxllm.child import Channel
 
 VOCAB = 128256  # Llama 3's (the sampling values do not depend on it)
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 import subprocess
-import sys
 import threading
 import uuid
-from multiprocessing.connection import Connection
 from pathlib import Path
 
-from jaxllm.engine.channel import Channel
+from jaxllm.child import spawn
+from jaxllm.engine.channel import QueuedChannel
 from jaxllm.engine.detokenizer import model_tokenizer
 from jaxllm.engine.request import SCORE_PARAMS, SamplingParams, TokenEvent
 from jaxllm.engine.step_report import StepReport
@@ -49,7 +47,7 @@ class EngineClient:
         self.scoring = False
         self.pid: int | None = None  # the core's process id
         self._process = None
-        self._channel: Channel | None = None
+        self._channel: QueuedChannel | None = None
         self._receiver: threading.Thread | None = None
         self._lock = threading.Lock()  # guards what follows (the event loop's thread and the receiver share it)
         self._next_handle = itertools.count()
@@ -66,13 +64,10 @@ class EngineClient:
         """Start the core's process and wait until it is ready; nothing when started already."""
         if self._process is not None:
             return
-        ours, theirs = socket.socketpair()
         env = dict(os.environ)  # the core imports this jaxllm, wherever it was found
         env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        self._process = subprocess.Popen([sys.executable, "-m", "jaxllm.engine.core", str(theirs.fileno())],
-                                         pass_fds=[theirs.fileno()], env=env)
-        theirs.close()
-        self._channel = Channel(Connection(ours.detach()), "jaxllm-frontend")
+        self._process, sock = spawn("jaxllm.engine.core", env=env)
+        self._channel = QueuedChannel(sock, "jaxllm-frontend")
         self._channel.send(("start", self.args))
         self.tokenizer = model_tokenizer(self.args)  # while the core loads its weights
         info = self._wait_ready()
@@ -85,7 +80,7 @@ class EngineClient:
     def _wait_ready(self) -> dict:
         while True:
             try:
-                messages = self._channel.recv()
+                messages = self._channel.receive()
             except (EOFError, OSError):
                 code = self._process.wait(30)
                 raise RuntimeError(f"the engine core's process exited while starting (exit code {code})") from None
@@ -215,7 +210,7 @@ class EngineClient:
     def _receive(self) -> None:
         while True:  # until the core's end of the socket closes: it stopped or died
             try:
-                messages = self._channel.recv()
+                messages = self._channel.receive()
             except (EOFError, OSError):
                 break
             for kind, *body in messages:

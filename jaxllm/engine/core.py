@@ -11,11 +11,11 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
-from multiprocessing.connection import Connection
 
-from jaxllm.engine.channel import Channel
+from jaxllm.engine.channel import QueuedChannel
 from jaxllm.engine.request import TokenEvent
 from jaxllm.engine.wire import EventColumns
 
@@ -36,7 +36,7 @@ class CoreStream:
 class CoreSink:
     """Where the engine's events go in the core (Engine's `sink`): gathered per loop iteration, sent by flush()."""
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: QueuedChannel):
         self._channel = channel
         self._lock = threading.Lock()  # the engine thread and the core's reader (submissions refused) write
         self._handles: dict[str, int] = {}  # request id → the frontend's handle, while it is being submitted
@@ -88,9 +88,9 @@ def main(argv: list[str]) -> int:
     goes away (its end of the socket closes)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the frontend stops us
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    channel = Channel(Connection(int(argv[0])), "jaxllm-core")
+    channel = QueuedChannel(socket.socket(fileno=int(argv[0])), "jaxllm-core")
     try:
-        (kind, args), = channel.recv()
+        (kind, args), = channel.receive()
     except (EOFError, OSError, ValueError):
         return 1
     assert kind == "start", kind
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     os._exit(0)
 
 
-def run_core(args, channel: Channel) -> None:
+def run_core(args, channel: QueuedChannel) -> None:
     from jaxllm.engine.engine import Engine  # imports JAX: in this process only
 
     sink = CoreSink(channel)
@@ -125,10 +125,10 @@ def run_core(args, channel: Channel) -> None:
         channel.close()
 
 
-def _serve(engine, sink: CoreSink, channel: Channel) -> None:
+def _serve(engine, sink: CoreSink, channel: QueuedChannel) -> None:
     while True:
         try:
-            messages = channel.recv()
+            messages = channel.receive()
         except (EOFError, OSError):
             log.info("the frontend closed the channel: stopping the engine")
             return
