@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 
 from jaxllm.engine.channel import QueuedChannel
 from jaxllm.engine.request import TokenEvent
@@ -25,20 +24,21 @@ log = logging.getLogger(__name__)
 class CoreStream:
     """A request's event stream inside the core: its events join the sink's next message."""
 
-    def __init__(self, sink: "CoreSink", handle: int):
-        self._sink, self._handle = sink, handle
+    def __init__(self, events: EventColumns, handle: int):
+        self._events, self._handle = events, handle
 
     def put(self, event: TokenEvent, wakes=None) -> bool:
-        self._sink.put(self._handle, event)
+        self._events.add(self._handle, event)
         return True
 
 
 class CoreSink:
-    """Where the engine's events go in the core (Engine's `sink`): gathered per loop iteration, sent by flush()."""
+    """Where the engine's events go in the core (Engine's `sink`): gathered per loop iteration, sent by flush().
+    Events, step reports and flushes come from the engine thread alone (no lock on the per-event path);
+    stream(), expect(), forget() and refuse() from the core's reader thread, which submits."""
 
     def __init__(self, channel: QueuedChannel):
         self._channel = channel
-        self._lock = threading.Lock()  # the engine thread and the core's reader (submissions refused) write
         self._handles: dict[str, int] = {}  # request id → the frontend's handle, while it is being submitted
         self._events = EventColumns()
         self._reports: list[tuple] = []
@@ -52,29 +52,25 @@ class CoreSink:
         self._handles.pop(request_id, None)
 
     def stream(self, request_id: str) -> CoreStream:
-        return CoreStream(self, self._handles[request_id])
-
-    def put(self, handle: int, event: TokenEvent) -> None:
-        with self._lock:
-            self._events.add(handle, event)
+        return CoreStream(self._events, self._handles[request_id])
 
     def refuse(self, request_id: str, reason: str, stats: dict) -> None:
-        """A submission the engine refused (checked in the frontend, so rare): its stream ends with an error."""
-        self.put(self._handles[request_id], TokenEvent(-1, "", 0.0, False, 0, 0, True, "error", error=reason))
-        self.flush(stats)
+        """A submission the engine refused (checked in the frontend, so rare): its stream ends with an error, in
+        a message of its own (no other event concerns it)."""
+        refused = EventColumns()
+        refused.add(self._handles[request_id], TokenEvent(-1, "", 0.0, False, 0, 0, True, "error", error=reason))
+        self._channel.send(("step", refused.take(), [], stats))
 
     def report(self, report) -> None:
         """A step listener (Engine.add_step_listener): the StepReport crosses as a tuple."""
-        with self._lock:
-            self._reports.append(dataclasses.astuple(report))
+        self._reports.append(dataclasses.astuple(report))
 
     def flush(self, stats: dict) -> None:
         """Send what this iteration produced, with the stats snapshot; nothing when nothing changed."""
-        with self._lock:
-            if not self._events.handles and not self._reports and stats == self._sent_stats:
-                return
-            events, reports, self._reports = self._events.take(), self._reports, []
-            self._sent_stats = stats
+        if not self._events and not self._reports and stats == self._sent_stats:
+            return
+        events, reports, self._reports = self._events.take(), self._reports, []
+        self._sent_stats = stats
         self._channel.send(("step", events, reports, stats))
 
 

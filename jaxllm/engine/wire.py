@@ -15,40 +15,33 @@ _OPTIONAL = ("finish_reason", "prompt_logprobs", "error", "stop_sequence", "queu
 
 
 class EventColumns:
-    """Events gathered over one iteration of the engine loop (add), taken out together (take)."""
+    """Events gathered over one iteration of the engine loop (add: one append), taken out together as columns
+    (take)."""
 
     def __init__(self) -> None:
-        self._reset()
+        self._pairs: list[tuple[int, TokenEvent]] = []
 
-    def _reset(self) -> None:
-        self.handles: list[int] = []
-        self._token_ids: list[int] = []
-        self._texts: list[str] = []
-        self._logprobs: list[float] = []
-        self._counts: list[int] = []
-        self._prompt_tokens: list[int] = []
-        self._rare: dict[int, dict] = {}
+    def __len__(self) -> int:
+        return len(self._pairs)
 
-    def add(self, handle: int, e: TokenEvent) -> None:
-        if (e.finished or e.special or e.queue_s is not None or e.cached_tokens is not None
-                or e.top_logprobs is not None or e.cumlogprob is not None or e.prompt_logprobs is not None
-                or e.score is not None):
-            rare = {k: True for k in _FLAGS if getattr(e, k)}
-            rare.update((k, v) for k in _OPTIONAL if (v := getattr(e, k)) is not None)
-            self._rare[len(self.handles)] = rare
-        self.handles.append(handle)
-        self._token_ids.append(e.token_id)
-        self._texts.append(e.text)
-        self._logprobs.append(e.logprob)
-        self._counts.append(e.count_output_tokens)
-        self._prompt_tokens.append(e.prompt_tokens)
+    def add(self, handle: int, event: TokenEvent) -> None:
+        self._pairs.append((handle, event))
 
     def take(self) -> tuple:
-        """The gathered events as one picklable tuple (see events_of), and a fresh start."""
-        taken = (self.handles, self._token_ids, self._texts, self._logprobs, self._counts, self._prompt_tokens,
-                 self._rare)
-        self._reset()
-        return taken
+        """The gathered events as one picklable tuple of columns (see events_of), and a fresh start."""
+        pairs, self._pairs = self._pairs, []
+        events = [e for _, e in pairs]
+        rare = {}
+        for i, e in enumerate(events):
+            if (e.finished or e.special or e.queue_s is not None or e.cached_tokens is not None
+                    or e.top_logprobs is not None or e.cumlogprob is not None or e.prompt_logprobs is not None
+                    or e.score is not None):
+                extra = {k: True for k in _FLAGS if getattr(e, k)}
+                extra.update((k, v) for k in _OPTIONAL if (v := getattr(e, k)) is not None)
+                rare[i] = extra
+        return ([h for h, _ in pairs], [e.token_id for e in events], [e.text for e in events],
+                [e.logprob for e in events], [e.count_output_tokens for e in events],
+                [e.prompt_tokens for e in events], rare)
 
 
 def events_of(columns: tuple) -> Iterator[tuple[int, TokenEvent]]:
