@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
     channel = Channel(socket.socket(fileno=fd))
     args, warmup = channel.receive()
     initialize(args.nccl_port, args.processes, process_id)
-    loaded = load_model(args, mesh_devices())
+    loaded = load_model(args, mesh_devices(), tokenizer=False)
     kv = KVCache(args.max_total_token_num, args.running_max_req_size)
     runner = build_runner(args, loaded.model, loaded.params, loaded.mesh, kv, build_scheduler(args, kv).max_step_tokens)
     runner.warmup(warmup)

@@ -9,7 +9,6 @@ import dataclasses
 import jax
 
 from jaxllm.config import ModelConfig, read_hf_config
-from jaxllm.engine.detokenizer import model_tokenizer
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
@@ -78,5 +77,6 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
     params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
     loaded = LoadedModel(model, params, mesh, None)
     if tokenizer:
+        from jaxllm.engine.detokenizer import model_tokenizer  # transformers: not imported by the followers
         loaded.tokenizer = model_tokenizer(args)
     return loaded

