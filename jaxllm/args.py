@@ -17,11 +17,19 @@ TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.serve
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
 UNSUPPORTED_FLAGS = (
-    "nccl_port",
     "enable_multimodal",
     "cache_capacity",
     "cache_reserved_ratio",
 )
+
+
+class ExplicitFlag(argparse.Action):
+    """Stores the value and records that the flag was given (`multiprocess` for --nccl_port): LightLLM always runs
+    one process per device, jaxllm only when asked to."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.multiprocess = True
 
 
 def _truncation_mode(value: str) -> str | None:
@@ -56,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_req_input_len", type=int, default=2048, help="longest prompt accepted, in tokens")
     add("--max_req_total_len", type=int, default=2048 + 1024,
         help="longest prompt + generated length accepted, in tokens")
-    add("--nccl_port", type=int, default=28765,
-        help="port for the distributed (multi-process) runtime's rendezvous")
+    add("--nccl_port", type=int, default=28765, action=ExplicitFlag,
+        help="given explicitly with --tp > 1: run one process per device (process 0 serves HTTP, schedules and "
+             "sends each step to the others, which run it on their device) and coordinate them with "
+             "jax.distributed on this local port (default %(default)s). Without it, one process drives all --tp devices")
+    p.set_defaults(multiprocess=False)
     add("--mode", type=str, default=[], nargs="+",
         help="kernel modes: triton_int8kv | ppl_int8kv (int8 KV cache, about twice the tokens), "
              "ppl_fp16 (fp16 decode attention), triton_flashdecoding (split-K decode for long contexts), "
@@ -172,6 +183,12 @@ class ServerArgs:
     load_format: str
     api_key: list[str] = dataclasses.field(repr=False)  # secrets: kept out of reprs and logs
     tool_call_parser: str = "auto"
+    multiprocess: bool = False  # --nccl_port given explicitly: one process per --tp device
+
+    @property
+    def processes(self) -> int:
+        """Processes of the deployment: one per --tp device with --nccl_port given, else one."""
+        return self.tp if self.multiprocess else 1
 
     @classmethod
     def from_namespace(cls, ns: argparse.Namespace) -> "ServerArgs":
@@ -229,6 +246,8 @@ def _check_consistency(v: dict[str, Any]) -> None:
             raise ValueError(f"--{name} must be at least 1")
     if v["tp"] < 1:
         raise ValueError("--tp must be at least 1")
+    if not 0 < v["nccl_port"] < 65536:
+        raise ValueError(f"--nccl_port must be a TCP port (1-65535), not {v['nccl_port']}")
     for key in v["grouping_key"]:
         if "=" not in key:
             raise ValueError(f"--grouping_key {key!r} must have the form key=value")

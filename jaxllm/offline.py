@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from jaxllm.args import ServerArgs, build_parser, refuse_unsupported
+from jaxllm.args import ExplicitFlag, ServerArgs, build_parser, refuse_unsupported
 from jaxllm.engine.engine import Engine
 from jaxllm.engine.request import SamplingParams
 from jaxllm.metrics import StatsLogger
@@ -34,10 +34,13 @@ def server_args(model_dir: str, **flags) -> ServerArgs:
     for name, value in flags.items():
         if not hasattr(ns, name):
             raise TypeError(f"unknown flag {name!r} (python -m jaxllm.serve --help lists them)")
-        choices = parser._option_string_actions[f"--{name}"].choices  # noqa: SLF001 - argparse has no public getter
-        if choices is not None and value not in choices:
-            raise ValueError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}")
-        setattr(ns, name, value)
+        action = parser._option_string_actions[f"--{name}"]  # noqa: SLF001 - argparse has no public getter
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"--{name} {value!r} is not one of {', '.join(map(str, action.choices))}")
+        if isinstance(action, ExplicitFlag):
+            action(parser, ns, value)  # given, as on the command line
+        else:
+            setattr(ns, name, value)
     refuse_unsupported(ns, parser)
     return ServerArgs.from_namespace(ns)
 

@@ -76,7 +76,11 @@ def _engine_overrides(argv: list[str]) -> dict:
 
     parser = server_parser()
     ns = parser.parse_args(argv)
-    return {k: v for k, v in vars(ns).items() if v != parser.get_default(k) and k != "model_dir"}
+    overrides = {k: v for k, v in vars(ns).items()
+                 if v != parser.get_default(k) and k not in ("model_dir", "multiprocess")}
+    if ns.multiprocess:  # --nccl_port given, even at its default value: one process per device
+        overrides["nccl_port"] = ns.nccl_port
+    return overrides
 
 
 def _read_json(path: str | None):

@@ -100,6 +100,7 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
         "request_throughput": len(outputs) / duration,  # sequences per second
         "output_throughput": total_out / duration,
         "total_token_throughput": (total_in + total_out) / duration,
+        "first_outputs": outputs[:8],  # token ids, to compare runs (e.g. greedy tokens at --tp 1 and 2)
     }
 
 

@@ -5,7 +5,6 @@ while a launch thread enqueues step N+1 on the device; it streams TokenEvents to
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import secrets
@@ -13,80 +12,33 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from pathlib import Path
 
-import jax
-
-from jaxllm.config import ModelConfig, read_hf_config
-from jaxllm.engine.detokenizer import load_tokenizer
-from jaxllm.engine.beam import BeamSearch, reassignments
+from jaxllm import multiprocess
+from jaxllm.engine.beam import BeamSearch
 from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.group import SequenceGroup, member_params
-from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.loading import build_runner, build_scheduler, load_model
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
-from jaxllm.engine.runner import ModelRunner, StepHandle, enable_compilation_cache
-from jaxllm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput, check_prompt
-from jaxllm.engine.splitfuse import SplitFuseScheduler
-from jaxllm.engine.stream import RequestStream, WakeBatch
-from jaxllm.models import build_model
-from jaxllm.models.backends import attention_backend, resolve_modes
-from jaxllm.models.expert_kernels import experts_kernel
-from jaxllm.models.quant import with_weight_mode
-from jaxllm.models.registry import SCORE_ARCHITECTURES
-from jaxllm.parallel import kv_cache_spec, make_mesh
-from jaxllm.weights import DATA_TYPES, load_params
+from jaxllm.engine.runner import StepHandle, enable_compilation_cache
+from jaxllm.engine.scheduler import SchedulerOutput, check_prompt
+from jaxllm.engine.step_reader import StepReader
+from jaxllm.engine.stream import RequestStream
+from jaxllm.engine.token_healing import TokenHealer
 
 log = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-
-@dataclasses.dataclass(frozen=True)
-class StepReport:
-    """One step, as step listeners (Engine.add_step_listener) see it once its results are read."""
-
-    method: str  # "prefill" when the step computed any prefill chunk, else "decode"
-    duration_s: float  # from its preparation to its results on the host
-    prefill_requests: int
-    decode_requests: int
-    prefill_tokens: int
-    decode_tokens: int
-
-    @property
-    def batch_size(self) -> int:
-        """The metrics' batch size: the prefilled requests of a prefill step, the decoded ones otherwise."""
-        return self.prefill_requests if self.method == "prefill" else self.decode_requests
-
-
-def check_reward_flags(config: ModelConfig, args) -> None:
-    """--use_reward_model and a checkpoint with a score head go together, without --token_healing_mode (which
-    rewrites prompts for generation); ValueError otherwise."""
-    if args.use_reward_model and config.score_head is None:
-        raise ValueError(f"--use_reward_model: {args.model_dir} is not a reward model (config.json's architectures "
-                         f"name no score head; served: {', '.join(SCORE_ARCHITECTURES)})")
-    if config.score_head is not None and not args.use_reward_model:
-        raise ValueError(f"{args.model_dir} is a reward model (a score head, no LM head): serve it with "
-                         "--use_reward_model")
-    if config.score_head is not None and args.token_healing_mode:
-        raise ValueError("--token_healing_mode: a reward model generates no tokens to heal")
-
-
-def build_scheduler(args, kv: KVCache) -> Scheduler:
-    """The policy the flags ask for: LightLLM's router, or its splitfuse variant."""
-    policy = SplitFuseScheduler if args.splitfuse_mode else Scheduler
-    return policy(SchedulerConfig.from_args(args), kv)
-
-
-class Engine:
+class Engine(StepReader):
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
-    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None):
+    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, peers=None):
         """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: how many step
-        shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met)."""
+        shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met); peers:
+        the other processes of a multi-process deployment (jaxllm.multiprocess.Followers)."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
@@ -96,11 +48,7 @@ class Engine:
         self.kv = KVCache(args.max_total_token_num, args.running_max_req_size, prefix_cache=prefix_cache)
         self.scheduler = build_scheduler(args, self.kv)
         enable_compilation_cache()
-        self.runner = ModelRunner(
-            model, params, mesh, kv_cache_spec(model.config, args.tp), self.kv,
-            max_len=args.max_req_total_len, max_prefill_tokens=self.scheduler.max_step_tokens,
-            eos_ids=tuple(args.eos_id),
-        )
+        self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens, peers)
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
@@ -110,7 +58,7 @@ class Engine:
         self._wake = threading.Event()
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
         self._launching: Future | None = None  # the launch of the step after the one being read
-        self._wakes: WakeBatch | None = None  # async consumers' wake-ups, gathered while a step is read
+        self._wakes = None  # WakeBatch: async consumers' wake-ups, gathered while a step is read
         self._requests: dict[str, Request] = {}
         self._arrivals = 0
         self._arrival_lock = threading.Lock()
@@ -138,22 +86,11 @@ class Engine:
 
     @classmethod
     def from_args(cls, args, *, warmup: int | None = None) -> "Engine":
-        """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps."""
-        if args.model_dir is None:
-            raise ValueError("--model_dir is required")
-        config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
-        config.check_context(args.max_req_total_len)
-        check_reward_flags(config, args)
-        config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
-        mesh = make_mesh(args.tp)
-        platform = jax.devices()[0].platform
-        backend = attention_backend(args.mode, platform, mesh=mesh)
-        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
-        params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
-        tokenizer = None
-        if any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-            tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
-        return cls(args, model, params, mesh, tokenizer, warmup=warmup)
+        """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps. With
+        --nccl_port and --tp > 1, first start a process per other device, each running the same steps."""
+        followers = multiprocess.start(args, warmup) if args.processes > 1 else None
+        loaded = load_model(args, multiprocess.mesh_devices() if followers else None)
+        return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -431,121 +368,6 @@ class Engine:
                     self._counters["prompt_cache_hit_tokens"] += req.cache_hit or 0
                     self._counters["prompt_cache_query_tokens"] += req.prompt_len
 
-    def _postprocess(self, handle: StepHandle) -> None:
-        """Read a step's results: append tokens, check stops, free what finished."""
-        batch = handle.batch
-        started, failure = time.perf_counter(), None
-        try:
-            result = self.runner.fetch(handle)
-        except Exception as exc:  # noqa: BLE001
-            failure = exc
-        waited = time.perf_counter() - started
-        self._counters["device_wait_s"] += waited
-        self._counters["host_s"] -= waited
-        if failure is not None:
-            for chunk in batch.chunks:
-                if chunk.samples:
-                    chunk.request.num_pending -= 1
-            self._fail_step(batch, failure)
-            return
-        self._report_step(batch, time.perf_counter() - handle.dispatched_at)
-        self._wakes = WakeBatch()
-        try:
-            self._read_results(batch, result)
-        finally:
-            orphaned, self._wakes = self._wakes.send(), None
-        for request_id in orphaned:  # their consumers' event loops are gone
-            if request_id in self._requests:
-                self._end(self._requests[request_id], "abort")
-        self._counters["postprocess_s"] += time.perf_counter() - started - waited
-
-    def _read_results(self, batch: SchedulerOutput, result) -> None:
-        if result.scores is not None:
-            self._read_scores(batch, result.scores)
-            return
-        sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
-        beams: dict[int, SequenceGroup] = {}
-        for i, chunk in enumerate(batch.chunks):
-            req = chunk.request
-            if chunk.samples:
-                req.num_pending -= 1
-            if req.finished:
-                continue
-            try:
-                if chunk.prompt_logprobs:
-                    offset = result.token_offsets[i]
-                    self._events.add_prompt_logprobs(req, chunk.start, chunk.num_tokens, result.prompt_logprobs[offset:])
-                if not chunk.samples:
-                    continue
-                if req.group is not None and req.group.beam is not None:
-                    req.group.beam.record(req, result.top_ids[i], result.top_logprobs[i])
-                    beams[id(req.group)] = req.group
-                    continue
-                top = None
-                if req.params.top_logprobs:
-                    top = list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
-                self._append_token(req, sampled[i], logprobs[i], top)
-            except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
-                log.exception("request %s failed in postprocess", req.request_id)
-                self._end(req, "error", f"{type(exc).__name__}: {exc}")
-        for group in beams.values():
-            try:
-                self._advance_beams(group)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("beam search of %s failed", group.leader.request_id)
-                self._end(group.leader, "error", f"{type(exc).__name__}: {exc}")
-
-    def _read_scores(self, batch: SchedulerOutput, scores) -> None:
-        """A reward model's step: each request whose prompt it completed gets its score and ends."""
-        for i, chunk in enumerate(batch.chunks):
-            req = chunk.request
-            if not chunk.samples:
-                continue
-            req.num_pending -= 1
-            if not req.finished:
-                self._retire(req, "stop")
-                self._emit(req, self._events.score(req, scores[i].tolist()))
-
-    def _advance_beams(self, group: SequenceGroup) -> None:
-        """One round of a group's beam search, once every live beam's results are read: move the beams (each
-        member continues from its new parent's KV, shared by reference), or hand out the results, best first."""
-        live = [m for m in group.members[: group.beam.live] if not m.finished]
-        if not live or not group.beam.ready(live):
-            return
-        decided = group.beam.advance(live)
-        if decided.done:
-            for member, hypothesis in zip(group.members, group.beam.results()):
-                self._events.attach(member)  # fresh output and text state
-                for token, logprob in zip(hypothesis.tokens, hypothesis.logprobs):
-                    self._append_token(member, token, logprob)
-            for member in group.members:  # no hypothesis left for it (a vocabulary smaller than 2 × width)
-                self._end(member, "stop")
-            return
-        moves = reassignments(group.members, decided.continuations)
-        self.scheduler.reassign([(m.member, m.slots) for m in moves])
-        for move in moves:
-            move.member.output_ids, move.member.output_logprobs = move.output_ids, move.output_logprobs
-
-    def _report_step(self, batch: SchedulerOutput, duration_s: float) -> None:
-        if not self._step_listeners:
-            return
-        decodes = batch.num_decode_tokens
-        report = StepReport(
-            method="prefill" if batch.num_prefill_tokens else "decode", duration_s=duration_s,
-            prefill_requests=len(batch.chunks) - decodes, decode_requests=decodes,
-            prefill_tokens=batch.num_prefill_tokens, decode_tokens=decodes,
-        )
-        for listener in self._step_listeners:
-            try:
-                listener(report)
-            except Exception:  # noqa: BLE001 - a listener must not stop the engine
-                log.exception("step listener %r failed", listener)
-
-    def _append_token(self, req: Request, token: int, logprob: float, top=None) -> None:
-        event = self._events.token(req, token, logprob, top)
-        if event.finished:
-            self._retire(req, event.finish_reason)
-        self._emit(req, event)
 
     def _fail_step(self, batch: SchedulerOutput, exc: Exception) -> None:
         """A step failed: its requests end with an error; if the device state was consumed, the other

@@ -65,7 +65,10 @@ class GrammarCompiler:
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
-            self._tokenizer = llguidance.hf.from_tokenizer(_fast(self._hf_tokenizer), eos_token=list(self.eos_ids))
+            # One end-of-sequence id for llguidance (versions before 1.9 take no list): the constraint itself
+            # allows, and stops on, every id of the model's eos list once the grammar accepts.
+            eos = self.eos_ids[0] if self.eos_ids else None
+            self._tokenizer = llguidance.hf.from_tokenizer(_fast(self._hf_tokenizer), eos_token=eos)
         return self._tokenizer
 
     def constraint(self, spec: Guided) -> "GrammarConstraint":

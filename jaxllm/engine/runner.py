@@ -3,6 +3,7 @@ donated, dispatched asynchronously. Sampled ids stay on the device as the next s
 reads each step's results later (`fetch`), while the device runs the following step. A step with constrained
 rows (an allowed-token mask) runs in two calls: the model (`launch`), then the sampler with the masks
 (`sample_constrained`), which the host builds from the previous step's tokens while the device runs the model.
+`prepare` builds a step's self-contained DeviceStep from the requests; everything after it reads only that.
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from jaxllm.engine import device_steps
 from jaxllm.engine.kv_cache import KVCache, init_device_kv
-from jaxllm.engine.request import MAX_TOP_LOGPROBS, Request
-from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sample, sampling_row, seed_words
 from jaxllm.engine.scheduler import SchedulerOutput, TableFill
-from jaxllm.engine.step_inputs import StepInputs, pack, unpack
-from jaxllm.models.attention import AttentionMetadata
-
-_PADDING_SAMPLING = (*PADDING_ROW, 0, 0)  # a padding row's sampling values and seed words
+from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder, StepInputs, pack
+from jaxllm.engine.step_shapes import StepShape, pick_bucket, pow2_buckets
+from jaxllm.models.mla import kernel_fits
 
 
 def enable_compilation_cache() -> str:
@@ -48,51 +46,19 @@ def _compile_threads() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def pow2_buckets(max_value: int, minimum: int = 1) -> list[int]:
-    """minimum, 2·minimum, … up to the first power of two ≥ max_value."""
-    buckets = [minimum]
-    while buckets[-1] < max_value:
-        buckets.append(buckets[-1] * 2)
-    return buckets
-
-
-def pick_bucket(buckets: list[int], n: int) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepShape:
-    """What a compiled step is specialised on: bucket sizes and the static switches."""
-
-    tokens: int
-    rows: int
-    width: int
-    decode_only: bool
-    all_logits: bool = False  # some row wants prompt logprobs
-    penalties: bool = False  # some row has a repetition / frequency / presence penalty
-    sampling: bool = False  # some row is not greedy
-    top_logprobs: bool = False  # some row reports its most likely tokens' logprobs (MAX_TOP_LOGPROBS of them)
-    constrained: bool = False  # some sampled row has an allowed-token mask: the sampler runs as a second call
-
-    def static_args(self) -> dict:
-        """The step function's static arguments (sizes come with the arrays)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("tokens", "rows")}
-
-
 @dataclasses.dataclass
 class PreparedStep:
     """A scheduled step's host inputs, ready to launch (ModelRunner.prepare → ModelRunner.launch)."""
 
     batch: SchedulerOutput
-    shape: StepShape
-    host: StepInputs
+    device: DeviceStep  # all that the device work reads
     offsets: list[int]  # each chunk's first index in the packed tokens
     rows: dict[str, int]  # request id → its row, for the requests this step samples
-    prefix_columns: tuple[np.ndarray, ...] | None  # table fills to run first: prompt cache, forks (_fill_tables)
     prepared_at: float  # time.perf_counter() when its preparation began
+
+    @property
+    def shape(self) -> StepShape:
+        return self.device.shape
 
 
 @dataclasses.dataclass
@@ -131,77 +97,6 @@ class StepResult:
     scores: np.ndarray | None = None  # [rows of the batch, labels]: a reward model's scores
 
 
-def _step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
-          penalties, sampling, top_logprobs, constrained):
-    """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
-    sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
-    A reward model's step samples nothing: its scores [R, labels] come in place of the sampled ids.
-    Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
-    logprobs, None)."""
-    inp = unpack(ints, floats, layout)
-    from_device = inp.token_src >= 0
-    tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
-    token_kv_rows = inp.kv_rows[inp.token_row]  # [T]
-    slot_table = kv.slot_table.at[token_kv_rows, inp.positions].set(inp.write_slots)
-    token_table = kv.token_table.at[token_kv_rows, inp.positions].set(tokens)
-    meta = AttentionMetadata(
-        positions=inp.positions,
-        token_req=inp.token_row,
-        write_slots=inp.write_slots,
-        slot_table=slot_table[inp.kv_rows, :width],  # [R, width]
-        context_lens=inp.context_lens,
-        query_start=inp.query_start,
-        query_lens=inp.query_lens,
-        logits_index=inp.logits_index,
-        decode_only=decode_only,
-    )
-    logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits)
-    if model.config.score_head is not None:  # a reward model: the rows' scores [R, labels], nothing sampled
-        new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
-        return new_kv, last_tokens, logits, jnp.zeros(logits.shape[:1], jnp.float32), jnp.zeros(tokens.shape), None
-    if all_logits:  # logits [T, V]: every position's next-token logprob, then the sampled rows
-        all_lp = jax.nn.log_softmax(logits, axis=-1)
-        prompt_lp = jnp.take_along_axis(all_lp, inp.target_ids[:, None], axis=-1)[:, 0]
-        logits = logits[inp.logits_index]
-    else:
-        prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
-    history = token_table[inp.kv_rows, :width]  # [R, width]
-    new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
-    if constrained:
-        return new_kv, last_tokens, logits, history if penalties else jnp.zeros((1,), jnp.int32), prompt_lp, None
-    last, sampled, logprobs, top = _sample_rows(eos_ids, last_tokens, logits, history, inp, None,
-                                                penalties=penalties, sampling=sampling, top_logprobs=top_logprobs)
-    return new_kv, last, sampled, logprobs, prompt_lp, top
-
-
-def _sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, sampling, top_logprobs):
-    """The sampler over the rows' logits [R, V]: (last tokens, sampled [R], logprobs [R], top), top = (ids,
-    logprobs) [R, MAX_TOP_LOGPROBS] when `top_logprobs`, else [R, 1] zeros."""
-    sampled, logprobs, *top = sample(
-        logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties, sampling=sampling,
-        mask=mask, top_logprobs=MAX_TOP_LOGPROBS if top_logprobs else 0,
-    )
-    rows = sampled.shape[0]
-    top_lp, top_ids = top[0] if top else (jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, 1), jnp.int32))
-    last = jnp.zeros_like(last_tokens).at[:rows].set(sampled)
-    return last, sampled, logprobs, (top_ids, top_lp)
-
-
-def _sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *, layout, penalties, sampling,
-                   top_logprobs):
-    """The second call of a constrained step: the sampler over the model's logits [R, V] with each row's
-    allowed-token mask [R, ceil(V / 32)]. last_tokens is donated."""
-    inp = unpack(ints, floats, layout)
-    return _sample_rows(eos_ids, last_tokens, logits, history, inp, mask, penalties=penalties, sampling=sampling,
-                        top_logprobs=top_logprobs)
-
-
-def _fill_tables(kv, rows, positions, slots, tokens):
-    """Point table rows at KV computed by earlier requests (prompt-cache prefixes). All args [F] i32."""
-    return kv.replace(
-        slot_table=kv.slot_table.at[rows, positions].set(slots),
-        token_table=kv.token_table.at[rows, positions].set(tokens),
-    )
 
 
 class ModelRunner:
@@ -220,8 +115,12 @@ class ModelRunner:
         eos_ids: tuple[int, ...],
         min_width: int = 64,
         min_prefill_tokens: int = 16,
+        peers=None,
     ):
+        """peers: in process 0 of a multi-process deployment, the other processes (jaxllm.multiprocess.Followers),
+        which are sent each piece of device work before it is enqueued here."""
         self.model = model
+        self.peers = peers
         self.params = params
         self.mesh = mesh
         self.host_kv = kv
@@ -234,14 +133,15 @@ class ModelRunner:
         self.max_rows = kv.num_rows + 1
         self.token_buckets = pow2_buckets(max_prefill_tokens, min_prefill_tokens)
         self.width_buckets = pow2_buckets(max_len, min(min_width, max_len))
-        if not model.backend.cost_follows_width and model.config.mla is None:  # latent attention: reference path
+        if not model.backend.cost_follows_width and (model.config.mla is None or kernel_fits(model.config)):
             self.width_buckets = self.width_buckets[-1:]
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
+        self.inputs = StepInputBuilder(kv, self.vocab_size)
         kv_shardings = self._init_device_state()
         rep = self._replicated
         self._jitted = jax.jit(
-            functools.partial(_step, model, self.eos_ids),
+            functools.partial(device_steps.step, model, self.eos_ids),
             static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling",
                              "top_logprobs", "constrained"),
             donate_argnums=(1, 2),
@@ -249,12 +149,12 @@ class ModelRunner:
         )
         # Compiled per shape when first met: steps without constrained rows never call it.
         self._sample_masked = jax.jit(
-            functools.partial(_sample_masked, self.eos_ids),
+            functools.partial(device_steps.sample_masked, self.eos_ids),
             static_argnames=("layout", "penalties", "sampling", "top_logprobs"),
             donate_argnums=(0,), out_shardings=(rep, rep, rep, rep),
         )
         self.mask_words = (self.vocab_size + 31) // 32  # int32 words of a row's allowed-token mask
-        self._fill = jax.jit(_fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
+        self._fill = jax.jit(device_steps.fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
         # The compiled step of each shape, called directly: on the GPU the jit's own call path costs ~4 ms
         # more host time per step than its compiled executable's (docs/perf.md, session 3).
         self._executables: dict[StepShape, jax.stages.Compiled] = {}
@@ -313,7 +213,7 @@ class ModelRunner:
         shapes compile when first met. Returns how many were compiled."""
         shapes, startup = self.warmup_shapes()
         shapes = shapes[: startup if limit is None else limit]
-        inputs = [self._padding_inputs(shape) for shape in shapes]
+        inputs = [self.inputs.padding(shape) for shape in shapes]
         # XLA compiles with the GIL released, so the shapes compile in parallel. Each shape's executable is
         # kept for its first step (no need to run each on padding).
         with ThreadPoolExecutor(max_workers=_compile_threads()) as pool:
@@ -342,9 +242,9 @@ class ModelRunner:
         started = time.perf_counter()
         shape = self.shape_of(batch)
         fills = [TableFill(c.request, 0, c.cached_prefix) for c in batch.chunks if c.cached_prefix] + batch.fills
-        host, offsets, rows = self._prepare(batch, shape)
-        prefix_columns = self._table_fills(fills) if fills else None
-        return PreparedStep(batch, shape, host, offsets, rows, prefix_columns, started)
+        host, offsets, rows = self.inputs.build(batch, shape)
+        device = DeviceStep(shape, host, self.inputs.table_fills(fills) if fills else None)
+        return PreparedStep(batch, device, offsets, rows, started)
 
     def launch(self, step: PreparedStep, unread: StepHandle | None = None) -> StepHandle:
         """The device half of a step: transfer the inputs and enqueue the compiled step; returns at once (the
@@ -354,9 +254,9 @@ class ModelRunner:
         the device idled waiting for this launch)."""
         launched = time.perf_counter()
         after_idle = unread is not None and unread.sampled.is_ready()
-        if step.prefix_columns is not None:
-            self.kv = self._fill(self.kv, *jax.device_put(step.prefix_columns, self._replicated))
-        sampled, logprobs, prompt_lp, top, unsampled = self._run(step.host, step.shape)
+        if self.peers is not None:
+            self.peers.send(("step", step.device))
+        sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device)
         launch_s = time.perf_counter() - launched
         if not step.shape.all_logits:
             prompt_lp = None
@@ -365,21 +265,37 @@ class ModelRunner:
         for array in (sampled, logprobs, prompt_lp, *(top or ())):
             if array is not None:
                 array.copy_to_host_async()
-        self._last_rows = step.rows
+        self.inputs.launched(step.rows)
         return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, step.prepared_at,
                           launch_s, after_idle)
 
     def sample_constrained(self, handle: StepHandle, mask: np.ndarray) -> None:
         """Enqueue a constrained step's sampler with each row's allowed-token mask [rows, mask_words] int32
         (all ones for unconstrained and padding rows); handle.sampled, logprobs (and top) then exist."""
-        logits, history, ints, floats, statics = handle.unsampled
-        mask = jax.device_put(mask, self._replicated)
-        self._last_tokens, handle.sampled, handle.logprobs, top = self._sample_masked(
-            self._last_tokens, logits, history, ints, floats, mask, **statics)
-        handle.top = top if statics["top_logprobs"] else None
+        if self.peers is not None:
+            self.peers.send(("sample", mask))
+        handle.sampled, handle.logprobs, top = self.execute_sampler(handle.unsampled, mask)
+        handle.top = top if handle.unsampled[-1]["top_logprobs"] else None
         handle.unsampled = None
         for array in (handle.sampled, handle.logprobs, *(handle.top or ())):
             array.copy_to_host_async()
+
+    def execute(self, step: DeviceStep):
+        """Enqueue a step's device work (table fills, then the compiled step). Returns (sampled, logprobs,
+        prompt logprobs, top, None), or for a constrained step (None, None, prompt logprobs, None, the
+        sampler's pending inputs for `execute_sampler`)."""
+        if step.table_fills is not None:
+            self.kv = self._fill(self.kv, *jax.device_put(step.table_fills, self._replicated))
+        return self._run(step.inputs, step.shape)
+
+    def execute_sampler(self, unsampled: tuple, mask: np.ndarray):
+        """Enqueue a constrained step's sampler (`unsampled`: what `execute` returned for it) with the masks.
+        Returns (sampled, logprobs, top)."""
+        logits, history, ints, floats, statics = unsampled
+        mask = jax.device_put(mask, self._replicated)
+        self._last_tokens, sampled, logprobs, top = self._sample_masked(
+            self._last_tokens, logits, history, ints, floats, mask, **statics)
+        return sampled, logprobs, top
 
     def fetch(self, handle: StepHandle) -> StepResult:
         """Wait for a dispatched step's results on the host."""
@@ -409,28 +325,12 @@ class ModelRunner:
                    "top_logprobs": shape.top_logprobs}
         return None, None, prompt_lp, None, (first, second, ints, floats, statics)  # first, second: logits, history
 
-    def _table_fills(self, fills: list[TableFill]) -> tuple[np.ndarray, ...]:
-        """Table entries pointing rows at KV computed for other rows (prompt-cache prefixes, a group's shared
-        slots): each fill's positions get the request's slots and token ids; padded to a power of two (≥ 64) of
-        entries writing the scratch row. Returns (rows, positions, slots, tokens) for `_fill_tables`, run before
-        the step."""
-        kv = self.host_kv
-        parts = [(np.full(f.stop - f.start, f.request.kv_row), np.arange(f.start, f.stop),
-                  f.request.slots[f.start : f.stop], f.request.token_ids(f.start, f.stop)) for f in fills]
-        count = sum(f.stop - f.start for f in fills)
-        size = max(64, 1 << (count - 1).bit_length())
-        pad = (np.full(size - count, kv.scratch_row), np.zeros(size - count), np.full(size - count, kv.scratch_slot),
-               np.zeros(size - count))
-        return tuple(np.concatenate([np.asarray(p[i], np.int32) for p in [*parts, pad]]) for i in range(4))
-
     def _init_device_state(self):
         kv = self.host_kv
         self.kv, shardings = init_device_kv(
             self.model, kv.num_slots, kv.num_rows, self.width_buckets[-1], self.mesh, self._kv_spec
         )
         self._last_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
-        self._last_rows = {}
-        self._sampling_rows: dict[str, tuple] = {}  # request id → (request, its sampling values)
         return shardings
 
     def device_state_lost(self) -> bool:
@@ -439,138 +339,7 @@ class ModelRunner:
 
     def reset_device_state(self) -> None:
         """Fresh KV buffers after a failed step consumed them: every request's KV is gone."""
+        if self.peers is not None:
+            self.peers.send(("reset",))
         self._init_device_state()
-
-    def _padding_inputs(self, shape: StepShape) -> StepInputs:
-        return self._prepare(SchedulerOutput([], [], "idle"), shape)[0]
-
-    def _sampling(self, batch: SchedulerOutput, pad_rows: int) -> SamplingBatch:
-        """The step's SamplingBatch: each request's row (its SamplingBatch.FIELDS values and seed words) is
-        computed once, when it first enters a step, and kept while it keeps being scheduled."""
-        cache, kept = self._sampling_rows, {}
-        rows = []
-        for chunk in batch.chunks:
-            req = chunk.request
-            entry = cache.get(req.request_id)
-            if entry is None or entry[0] is not req:
-                entry = (req, (*sampling_row(req, self.vocab_size), *seed_words(req.seed)))
-            kept[req.request_id] = entry
-            rows.append(entry[1])
-        self._sampling_rows = kept
-        rows += [_PADDING_SAMPLING] * pad_rows
-        table = np.array(rows, np.float64)  # [R, fields + 2]: every value is exact in float64
-        fields = SamplingBatch.FIELDS
-        columns = {name: table[:, k].astype(dtype) for k, (name, dtype) in enumerate(fields)}
-        return SamplingBatch(**columns, seed=table[:, len(fields):].astype(np.uint32))
-
-    def _prepare(self, batch: SchedulerOutput, shape: StepShape):
-        """Host arrays for `batch` padded to `shape`: padding tokens write the scratch slot and belong to
-        padding rows, which read the scratch row with context length 1."""
-        if shape.decode_only and batch.chunks:
-            return self._prepare_decode(batch, shape)
-        kv = self.host_kv
-        tokens, src, positions, token_row, write_slots, targets = [], [], [], [], [], []
-        kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
-        offsets: list[int] = []
-        rows: dict[str, int] = {}
-        last_token: dict[int, int] = {}  # id(request) → packed index of its chunk's last token
-        for i, chunk in enumerate(batch.chunks):
-            req: Request = chunk.request
-            start, n = chunk.start, chunk.num_tokens
-            stop = start + n
-            q = len(tokens)
-            offsets.append(q)
-            last_token[id(req)] = q + n - 1
-            known = req.num_known
-            ids = req.token_ids(start, min(stop, known))
-            tokens += ids
-            src += [-1] * len(ids)
-            if stop > known:  # the one token sampled by the previous step, still on the device
-                if stop != known + 1 or req.request_id not in self._last_rows:
-                    raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
-                tokens.append(0)
-                src.append(self._last_rows[req.request_id])
-            positions += range(start, stop)
-            token_row += [i] * n
-            write_slots += req.slots[start:stop]
-            if chunk.prompt_logprobs:
-                nxt = req.prompt_ids[start + 1 : stop + 1]
-                targets += nxt + [0] * (n - len(nxt))
-            else:
-                targets += [0] * n
-            kv_rows.append(req.kv_row)
-            context.append(stop)
-            q_start.append(q)
-            q_lens.append(n)
-            logits_index.append(last_token[id(chunk.logits_from)] if chunk.logits_from is not None else q + n - 1)
-            if chunk.samples:
-                rows[req.request_id] = i
-        real_tokens, real_rows = len(tokens), len(batch.chunks)
-        pad_tokens, pad_rows = shape.tokens - real_tokens, shape.rows - real_rows
-        if pad_tokens < 0 or pad_rows < 0 or (pad_tokens and not pad_rows):
-            raise ValueError(f"batch of {real_tokens} tokens, {real_rows} rows does not fit {shape}")
-        # Padding token j belongs to padding row min(j, pad_rows - 1).
-        pad_owner = [real_rows + min(j, pad_rows - 1) for j in range(pad_tokens)]
-        tokens += [0] * pad_tokens
-        src += [-1] * pad_tokens
-        positions += [0] * pad_tokens
-        token_row += pad_owner
-        write_slots += [kv.scratch_slot] * pad_tokens
-        targets += [0] * pad_tokens
-        for r in range(pad_rows):
-            first = real_tokens + r if r < pad_tokens else shape.tokens
-            count = (1 if r < pad_rows - 1 else pad_tokens - r) if r < pad_tokens else 0
-            kv_rows.append(kv.scratch_row)
-            context.append(1)
-            q_start.append(first)
-            q_lens.append(count)
-            logits_index.append(min(first, shape.tokens - 1))
-        i32 = functools.partial(np.asarray, dtype=np.int32)
-        host = StepInputs(
-            tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
-            write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
-            context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
-            logits_index=i32(logits_index), sampling=self._sampling(batch, pad_rows),
-        )
-        return host, offsets, rows
-
-    def _prepare_decode(self, batch: SchedulerOutput, shape: StepShape):
-        """`_prepare` for a step of one token per row (tokens = rows = shape.rows): the same arrays, built
-        from one tuple of scalars per row; padding row r holds padding token r."""
-        kv, last_rows = self.host_kv, self._last_rows
-        n, size = len(batch.chunks), shape.rows
-        if size < n or shape.tokens != size:
-            raise ValueError(f"batch of {n} rows does not fit {shape}")
-        per_row, rows = [], {}
-        for i, chunk in enumerate(batch.chunks):
-            req: Request = chunk.request
-            pos = chunk.start
-            known = req.num_known
-            if pos < known:
-                token, src = req.token_ids(pos, pos + 1)[0], -1
-            elif pos == known and req.request_id in last_rows:
-                token, src = 0, last_rows[req.request_id]
-            else:
-                raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
-            target = 0
-            if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
-                target = req.prompt_ids[pos + 1]
-            per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
-            if chunk.samples:
-                rows[req.request_id] = i
-        real = np.array(per_row, np.int64).reshape(n, 6)
-        column = np.zeros((6, size), np.int32)  # tokens, src, positions, write_slots, targets, kv_rows
-        column[:, :n] = real.T
-        column[1, n:] = -1
-        column[3, n:] = kv.scratch_slot
-        column[5, n:] = kv.scratch_row
-        index = np.arange(size, dtype=np.int32)  # token i is row i's only token
-        context = np.ones(size, np.int32)
-        context[:n] = column[2, :n] + 1
-        host = StepInputs(
-            tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
-            write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
-            query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            sampling=self._sampling(batch, size - n),
-        )
-        return host, list(range(n)), rows
+        self.inputs.reset()

@@ -1,13 +1,24 @@
-"""One step's host-prepared inputs (StepInputs) and their packing into two buffers: two host-to-device transfers
-per step instead of two dozen."""
+"""One step's inputs, built on the host from the scheduler's output: StepInputs (padded numpy arrays) and, with the
+static StepShape and the table fills, the DeviceStep — everything a device step reads, self-contained (no request
+objects), so that process 0 can send it to the other processes of a multi-process deployment. `pack` puts a
+step's arrays in two buffers: two host-to-device transfers per step instead of two dozen."""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import numpy as np
 from flax import struct
 
-from jaxllm.engine.sampler import SamplingBatch
+from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.request import Request
+from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sampling_row, seed_words
+from jaxllm.engine.scheduler import SchedulerOutput, TableFill
+from jaxllm.engine.step_shapes import StepShape
+
+_PADDING_SAMPLING = (*PADDING_ROW, 0, 0)  # a padding row's sampling values and seed words
 
 
 @struct.dataclass
@@ -26,6 +37,21 @@ class StepInputs:
     query_lens: jax.Array  # [R] i32
     logits_index: jax.Array  # [R] i32
     sampling: SamplingBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceStep:
+    """Everything one step's device work reads: the compiled step's key, its inputs and the table entries to
+    write first (prompt-cache prefixes, a group's shared slots: rows, positions, slots, tokens, each [F] i32)."""
+
+    shape: StepShape
+    inputs: StepInputs
+    table_fills: tuple[np.ndarray, ...] | None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its arrays (what crosses to another process, besides a few bytes of shape)."""
+        return sum(a.nbytes for a in jax.tree.leaves((self.inputs, self.table_fills)))
 
 
 def pack(host: StepInputs):
@@ -51,3 +77,172 @@ def unpack(ints, floats, layout) -> StepInputs:
         at[kind] += size
         leaves.append(jax.lax.bitcast_convert_type(leaf, dtype) if kind == "i" and dtype != np.int32 else leaf)
     return jax.tree.unflatten(treedef, leaves)
+
+
+class StepInputBuilder:
+    """Builds each scheduled step's StepInputs from its requests. Remembers which row of the last launched step
+    sampled each request (its next token is still on the device) and each running request's sampling values."""
+
+    def __init__(self, kv: KVCache, vocab_size: int):
+        self.host_kv = kv
+        self.vocab_size = vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the device's sampled rows (its state was lost) and the cached sampling values."""
+        self._last_rows: dict[str, int] = {}
+        self._sampling_rows: dict[str, tuple] = {}  # request id → (request, its sampling values)
+
+    def launched(self, rows: dict[str, int]) -> None:
+        """A step was launched: `rows` maps each request it samples to its row (its token stays on the device)."""
+        self._last_rows = rows
+
+    def padding(self, shape: StepShape) -> StepInputs:
+        """The inputs of a step of `shape` with padding only."""
+        return self.build(SchedulerOutput([], [], "idle"), shape)[0]
+
+    def table_fills(self, fills: list[TableFill]) -> tuple[np.ndarray, ...]:
+        """Table entries pointing rows at KV computed for other rows (prompt-cache prefixes, a group's shared
+        slots): each fill's positions get the request's slots and token ids; padded to a power of two (≥ 64) of
+        entries writing the scratch row. Returns (rows, positions, slots, tokens) for `device_steps.fill_tables`,
+        run before the step."""
+        kv = self.host_kv
+        parts = [(np.full(f.stop - f.start, f.request.kv_row), np.arange(f.start, f.stop),
+                  f.request.slots[f.start : f.stop], f.request.token_ids(f.start, f.stop)) for f in fills]
+        count = sum(f.stop - f.start for f in fills)
+        size = max(64, 1 << (count - 1).bit_length())
+        pad = (np.full(size - count, kv.scratch_row), np.zeros(size - count), np.full(size - count, kv.scratch_slot),
+               np.zeros(size - count))
+        return tuple(np.concatenate([np.asarray(p[i], np.int32) for p in [*parts, pad]]) for i in range(4))
+
+    def _sampling(self, batch: SchedulerOutput, pad_rows: int) -> SamplingBatch:
+        """The step's SamplingBatch: each request's row (its SamplingBatch.FIELDS values and seed words) is
+        computed once, when it first enters a step, and kept while it keeps being scheduled."""
+        cache, kept = self._sampling_rows, {}
+        rows = []
+        for chunk in batch.chunks:
+            req = chunk.request
+            entry = cache.get(req.request_id)
+            if entry is None or entry[0] is not req:
+                entry = (req, (*sampling_row(req, self.vocab_size), *seed_words(req.seed)))
+            kept[req.request_id] = entry
+            rows.append(entry[1])
+        self._sampling_rows = kept
+        rows += [_PADDING_SAMPLING] * pad_rows
+        table = np.array(rows, np.float64)  # [R, fields + 2]: every value is exact in float64
+        fields = SamplingBatch.FIELDS
+        columns = {name: table[:, k].astype(dtype) for k, (name, dtype) in enumerate(fields)}
+        return SamplingBatch(**columns, seed=table[:, len(fields):].astype(np.uint32))
+
+    def build(self, batch: SchedulerOutput, shape: StepShape):
+        """Host arrays for `batch` padded to `shape`: padding tokens write the scratch slot and belong to
+        padding rows, which read the scratch row with context length 1. Returns (StepInputs, each chunk's first
+        index in the packed tokens, request id → row for the requests the step samples)."""
+        if shape.decode_only and batch.chunks:
+            return self._build_decode(batch, shape)
+        kv = self.host_kv
+        tokens, src, positions, token_row, write_slots, targets = [], [], [], [], [], []
+        kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
+        offsets: list[int] = []
+        rows: dict[str, int] = {}
+        last_token: dict[int, int] = {}  # id(request) → packed index of its chunk's last token
+        for i, chunk in enumerate(batch.chunks):
+            req: Request = chunk.request
+            start, n = chunk.start, chunk.num_tokens
+            stop = start + n
+            q = len(tokens)
+            offsets.append(q)
+            last_token[id(req)] = q + n - 1
+            known = req.num_known
+            ids = req.token_ids(start, min(stop, known))
+            tokens += ids
+            src += [-1] * len(ids)
+            if stop > known:  # the one token sampled by the previous step, still on the device
+                if stop != known + 1 or req.request_id not in self._last_rows:
+                    raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
+                tokens.append(0)
+                src.append(self._last_rows[req.request_id])
+            positions += range(start, stop)
+            token_row += [i] * n
+            write_slots += req.slots[start:stop]
+            if chunk.prompt_logprobs:
+                nxt = req.prompt_ids[start + 1 : stop + 1]
+                targets += nxt + [0] * (n - len(nxt))
+            else:
+                targets += [0] * n
+            kv_rows.append(req.kv_row)
+            context.append(stop)
+            q_start.append(q)
+            q_lens.append(n)
+            logits_index.append(last_token[id(chunk.logits_from)] if chunk.logits_from is not None else q + n - 1)
+            if chunk.samples:
+                rows[req.request_id] = i
+        real_tokens, real_rows = len(tokens), len(batch.chunks)
+        pad_tokens, pad_rows = shape.tokens - real_tokens, shape.rows - real_rows
+        if pad_tokens < 0 or pad_rows < 0 or (pad_tokens and not pad_rows):
+            raise ValueError(f"batch of {real_tokens} tokens, {real_rows} rows does not fit {shape}")
+        # Padding token j belongs to padding row min(j, pad_rows - 1).
+        pad_owner = [real_rows + min(j, pad_rows - 1) for j in range(pad_tokens)]
+        tokens += [0] * pad_tokens
+        src += [-1] * pad_tokens
+        positions += [0] * pad_tokens
+        token_row += pad_owner
+        write_slots += [kv.scratch_slot] * pad_tokens
+        targets += [0] * pad_tokens
+        for r in range(pad_rows):
+            first = real_tokens + r if r < pad_tokens else shape.tokens
+            count = (1 if r < pad_rows - 1 else pad_tokens - r) if r < pad_tokens else 0
+            kv_rows.append(kv.scratch_row)
+            context.append(1)
+            q_start.append(first)
+            q_lens.append(count)
+            logits_index.append(min(first, shape.tokens - 1))
+        i32 = functools.partial(np.asarray, dtype=np.int32)
+        host = StepInputs(
+            tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
+            write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
+            context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
+            logits_index=i32(logits_index), sampling=self._sampling(batch, pad_rows),
+        )
+        return host, offsets, rows
+
+    def _build_decode(self, batch: SchedulerOutput, shape: StepShape):
+        """`build` for a step of one token per row (tokens = rows = shape.rows): the same arrays, built
+        from one tuple of scalars per row; padding row r holds padding token r."""
+        kv, last_rows = self.host_kv, self._last_rows
+        n, size = len(batch.chunks), shape.rows
+        if size < n or shape.tokens != size:
+            raise ValueError(f"batch of {n} rows does not fit {shape}")
+        per_row, rows = [], {}
+        for i, chunk in enumerate(batch.chunks):
+            req: Request = chunk.request
+            pos = chunk.start
+            known = req.num_known
+            if pos < known:
+                token, src = req.token_ids(pos, pos + 1)[0], -1
+            elif pos == known and req.request_id in last_rows:
+                token, src = 0, last_rows[req.request_id]
+            else:
+                raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
+            target = 0
+            if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
+                target = req.prompt_ids[pos + 1]
+            per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
+            if chunk.samples:
+                rows[req.request_id] = i
+        real = np.array(per_row, np.int64).reshape(n, 6)
+        column = np.zeros((6, size), np.int32)  # tokens, src, positions, write_slots, targets, kv_rows
+        column[:, :n] = real.T
+        column[1, n:] = -1
+        column[3, n:] = kv.scratch_slot
+        column[5, n:] = kv.scratch_row
+        index = np.arange(size, dtype=np.int32)  # token i is row i's only token
+        context = np.ones(size, np.int32)
+        context[:n] = column[2, :n] + 1
+        host = StepInputs(
+            tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
+            write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
+            query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
+            sampling=self._sampling(batch, size - n),
+        )
+        return host, list(range(n)), rows

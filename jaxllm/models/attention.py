@@ -82,6 +82,10 @@ class AttentionBackend(Protocol):
 
     def attend(self, q, layer_cache: tuple, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None): ...
 
+    # Multi-head latent attention (models/mla.py) over its one-row-per-token cache: q [n, heads, kv_rank +
+    # rope_dim] with the key up-projection absorbed; returns [n, heads, kv_rank].
+    def attend_latent(self, q, cache, meta: AttentionMetadata, scale: float, kv_rank: int): ...
+
     # Whether a step's cost grows with its slot-table width (so the runner buckets widths) or only with
     # the context lengths (one width: fewer step shapes to compile).
     cost_follows_width: bool
@@ -115,6 +119,10 @@ class ReferenceAttention:
         return reference.paged_attention(
             q, k_cache, v_cache, meta.token_req, meta.positions, meta.slot_table, spec.scale, **options
         )
+
+    @staticmethod
+    def attend_latent(q, cache, meta, scale, kv_rank):
+        return reference.latent_attention(q, cache, meta.token_req, meta.positions, meta.slot_table, scale, kv_rank)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))

@@ -7,6 +7,7 @@ the kernels run per device under `shard_map`, split on the KV-head axis like the
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -18,7 +19,7 @@ from jaxllm.models.attention import (
 )
 from jaxllm.models.quant import WEIGHT_MODES
 from jaxllm.parallel import TP_AXIS
-from kernels.pallas import attention_mosaic, attention_triton, plan, reference
+from kernels.pallas import attention_mosaic, attention_triton, latent_attention, plan, reference
 
 # LightLLM mode → what runs here. GQA grouping is always on (with MHA it is a group of one).
 INT8_MODES = frozenset({"triton_int8kv", "ppl_int8kv"})
@@ -104,6 +105,9 @@ class KernelConfig:
     decode_int8: attention_triton.Launch = attention_triton.DECODE_INT8
     prefill: attention_triton.Launch = attention_triton.PREFILL
     prefill_int8: attention_triton.Launch = attention_triton.PREFILL_INT8
+    # Latent attention (DeepSeek-V2), decode and prefill: not tuned on a GPU yet. rows: query rows per program
+    # in prefill (tokens × the head block).
+    latent: attention_triton.Launch = attention_triton.Launch(block_k=32, num_warps=4, num_stages=2, rows=32)
 
 
 class PallasAttention:
@@ -168,6 +172,42 @@ class PallasAttention:
         )
         return local(q, layer_cache, meta, slopes)
 
+    def attend_latent(self, q, cache, meta: AttentionMetadata, scale: float, kv_rank: int):
+        """Latent attention (models/mla.py): the kernel (kernels/pallas/latent_attention.py) where its sizes
+        fit, per device under --tp (query heads split, the one-row-per-token cache whole on every device)."""
+        if not latent_attention.fits(kv_rank, q.shape[-1] - kv_rank):
+            return ReferenceAttention.attend_latent(q, cache, meta, scale, kv_rank)
+        return _jitted_latent(self, q, cache, meta, scale, kv_rank)
+
+    def _latent(self, q, cache, meta: AttentionMetadata, scale: float, kv_rank: int):
+        mesh = self.mesh
+        if mesh is None or mesh.shape.get(TP_AXIS, 1) == 1:
+            return self._latent_local(q, cache, meta, scale, kv_rank)
+        heads = PartitionSpec(None, TP_AXIS, None)
+        local = jax.shard_map(
+            lambda q, cache, meta: self._latent_local(q, cache, meta, scale, kv_rank), mesh=mesh,
+            in_specs=(heads, PartitionSpec(), jax.tree.map(lambda _: PartitionSpec(), meta)), out_specs=heads,
+            check_vma=False,
+        )
+        return local(q, cache, meta)
+
+    def _latent_local(self, q, cache, meta: AttentionMetadata, scale: float, kv_rank: int):
+        n, heads, _ = q.shape
+        rows, width = meta.slot_table.shape
+        launch = self.config.latent
+        head_block = plan.pow2_divisor(heads, latent_attention.HEAD_BLOCK, 1)
+        if meta.decode_only:
+            splits = plan.decode_splits(rows * (heads // head_block), width, launch.block_k, self.split)
+            block_q, blocks = 1, plan.decode_blocks(rows)
+        else:
+            splits, block_q = 1, max(1, launch.rows // head_block)
+            blocks = plan.ragged_blocks(meta.query_start, meta.query_lens, n, block_q)
+        return latent_attention.latent_attention(
+            q, cache, meta.positions, meta.slot_table, blocks, kv_rank=kv_rank, scale=scale, block_q=block_q,
+            block_k=launch.block_k, splits=splits, head_block=head_block, num_warps=launch.num_warps,
+            num_stages=launch.num_stages, interpret=self.interpret,
+        )
+
     def _reference(self, q, layer_cache, meta, spec, slopes):
         backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
         return backend.attend(q, layer_cache, meta, spec, slopes)
@@ -213,6 +253,11 @@ class PallasAttention:
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
             window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
         )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _jitted_latent(backend: "PallasAttention", q, cache, meta: AttentionMetadata, scale: float, kv_rank: int):
+    return backend._latent(q, cache, meta, scale, kv_rank)
 
 
 def cache_bytes_per_slot(backend: AttentionBackend, kv_heads: int, head_dim: int, dtype) -> float:

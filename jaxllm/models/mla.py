@@ -1,6 +1,7 @@
 """Multi-head latent attention (DeepSeek-V2): the KV cache holds, per token, one compressed latent and one
 rotary key shared by all heads; attention runs in the latent space, the key up-projection absorbed into the
-query and the value up-projection applied to the output (`kernels/pallas/reference.py: latent_attention`).
+query and the value up-projection applied to the output (the backend's `attend_latent`:
+`kernels/pallas/latent_attention.py` on the GPU, `kernels/pallas/reference.py: latent_attention` its plain form).
 
 Params: `q_proj` [D, heads, nope + rope] (or `q_a_proj` [D, q_rank], `q_a_layernorm`, `q_b_proj`
 [q_rank, heads, nope + rope]), `kv_a_proj` [D, kv_rank + rope], `kv_a_layernorm`, `kv_b_proj`
@@ -19,12 +20,17 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import rope
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata
 from jaxllm.models.layers import Norm, dense, param
-from kernels.pallas import reference
+from kernels.pallas import latent_attention
 
 
 def init_latent_cache(config: ModelConfig, num_slots: int, dtype) -> tuple:
     """One layer's cache: ([num_slots + 1, 1, kv_rank + rope_dim],), the last slot the scratch slot."""
     return (jnp.zeros((num_slots + 1, 1, config.mla.cache_dim), dtype),)
+
+
+def kernel_fits(config: ModelConfig) -> bool:
+    """Whether the latent attention kernel takes this model's sizes (else the plain-JAX form runs)."""
+    return latent_attention.fits(config.mla.kv_rank, config.mla.rope_dim)
 
 
 def softmax_scale(config: ModelConfig) -> float:
@@ -42,7 +48,7 @@ class LatentAttention(nn.Module):
     config: ModelConfig
     layer: int
     dtype: Any
-    backend: AttentionBackend  # unused: latent attention has its own cache format and reference path
+    backend: AttentionBackend  # its attend_latent: the kernel on the GPU, the plain-JAX form on the CPU
 
     @nn.compact
     def __call__(self, x, meta: AttentionMetadata, layer_cache):  # x [n, hidden]
@@ -69,9 +75,8 @@ class LatentAttention(nn.Module):
         kv_b = param(self, "kv_b_proj", (a.kv_rank, h, a.nope_dim + a.v_dim), ("latent", "heads", "head_dim"),
                      self.dtype)
         q_latent = dense(q_nope, kv_b[..., : a.nope_dim], "nhk,rhk->nhr")  # key up-projection absorbed
-        out = reference.latent_attention(
-            jnp.concatenate([q_latent, q_rope], -1), cache, meta.token_req, meta.positions, meta.slot_table,
-            softmax_scale(c), a.kv_rank,
+        out = self.backend.attend_latent(
+            jnp.concatenate([q_latent, q_rope], -1), cache, meta, softmax_scale(c), a.kv_rank
         )  # [n, heads, kv_rank]
         out = dense(out, kv_b[..., a.nope_dim :], "nhr,rhv->nhv")  # value up-projection
         wo = param(self, "o_proj", (h, a.v_dim, d), ("heads", "head_dim", "embed"), self.dtype)

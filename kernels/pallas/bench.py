@@ -1,5 +1,5 @@
 """`python -m kernels.pallas.bench`: each attention kernel (`--quant`: each quantised-weight matmul,
-`bench_quant.py`) against its physical limit, medians, one short table.
+`bench_quant.py`; `--latent`: latent attention decode) against its physical limit, medians, one short table.
 
 Decode is memory-bound: its limit is the K/V bytes it must read over HBM bandwidth (the issues' 2.98 TB/s,
 and the bandwidth measured in the same run). Prefill is matmul-bound: FLOPs over the bf16 matmul rate.
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.pallas import attention_mosaic, attention_triton, bench_quant, plan, reference
+from kernels.pallas import attention_mosaic, attention_triton, bench_quant, latent_attention, plan, reference
 
 ISSUE_BANDWIDTH = 2.98e12  # bytes/s: H100 HBM read, measured for the issues (November 2026)
 
@@ -136,6 +136,31 @@ class Bench:
         config = "" if impl == "mosaic" else _describe(launch, decode=False)
         self._row(name, impl, config, seconds, flops=flops)
 
+    def latent(self, name, impl, batch, context, heads=16, kv_rank=512, rope_dim=64, launch=None):
+        """Latent attention decode (DeepSeek-V2-Lite: 16 heads, 512 + 64 cached per token): the kernel
+        (impl "triton") or the plain-JAX form ("reference"), against the cached rows' bytes."""
+        dtype, dim = jnp.bfloat16, kv_rank + rope_dim
+        launch = launch or attention_triton.Launch(block_k=32, num_warps=4, num_stages=2)
+        slots = batch * context
+        cache = jax.random.normal(jax.random.key(5), (slots + 1, 1, dim), dtype)
+        width = -(-context // 64) * 64
+        table = jnp.asarray(make_table(batch, context, width, False, seed=batch))
+        q = jax.random.normal(jax.random.key(6), (batch, heads, dim), dtype)
+        positions = jnp.full((batch,), context - 1, jnp.int32)
+        head_block = plan.pow2_divisor(heads, latent_attention.HEAD_BLOCK, 1)
+        splits = plan.decode_splits(batch * (heads // head_block), width, launch.block_k, "auto")
+        if impl == "reference":
+            fn = jax.jit(lambda q, c, p, t: reference.latent_attention(q, c, jnp.arange(batch), p, t, 0.07, kv_rank))
+            config = "plain JAX"
+        else:
+            fn = jax.jit(lambda q, c, p, t: latent_attention.latent_attention(
+                q, c, p, t, plan.decode_blocks(batch), kv_rank=kv_rank, scale=0.07, block_q=1,
+                block_k=launch.block_k, splits=splits, head_block=head_block, num_warps=launch.num_warps,
+                num_stages=launch.num_stages, interpret=self.interpret))
+            config = f"split {splits}, {_describe(launch, decode=True)}, scattered"
+        seconds = timed(fn, (q, cache, positions, table))
+        self._row(name, impl, config, seconds, bytes_=slots * dim * jnp.dtype(dtype).itemsize)
+
     def guarded(self, method: str, *args, **kwargs):
         """Run one case; a failure (a kernel that does not build here, say) is reported as a row, not raised."""
         try:
@@ -177,6 +202,8 @@ def run(args) -> Bench:
         bench.guarded("decode", "decode int8 smoke", "triton", 2, 128, 8, 2, 64, int8=True, split="always",
                       launch=small)
         bench.guarded("prefill", "prefill smoke", "triton", 1, 32, 16, 8, 2, 64, launch=small)
+        bench.guarded("latent", "latent decode smoke", "triton", 2, 64, heads=4, kv_rank=32, rope_dim=16,
+                      launch=small)
         bench_quant.run(bench, timed, rows=(3,), shapes=(("quant smoke 256×64", 256, 64),), ops8=1e12,
                         layers=1)
         return bench
@@ -186,6 +213,11 @@ def run(args) -> Bench:
     if args.quant:
         shapes = [s for s in bench_quant.SHAPES if not args.quant_shapes or s[0].split()[0] in args.quant_shapes]
         return bench_quant.run(bench, timed, rows=args.quant_rows, shapes=shapes, launches=args.quant_launches)
+    if args.latent:
+        for batch, context in ((1, 32768), (64, 4096)):
+            for impl in ("triton", "reference"):
+                bench.guarded("latent", f"latent decode b{batch} ctx{context}", impl, batch, context)
+        return bench
     llama8b = dict(heads=32, kv_heads=8, head_dim=128)
     for impl in args.impl:
         if impl == "mosaic":
@@ -239,6 +271,8 @@ def main(argv=None) -> None:
     parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
                         help="key splits to try for batch-1 decode (default: the heuristic's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    parser.add_argument("--latent", action="store_true",
+                        help="latent attention decode (DeepSeek-V2-Lite sizes) instead of the other kernels")
     parser.add_argument("--quant", action="store_true",
                         help="the quantised-weight matmuls (bench_quant.py) instead of attention")
     parser.add_argument("--quant-launches", type=bench_quant.parse_launches, default=[None],

@@ -132,3 +132,20 @@ def test_step_masks_leave_unconstrained_and_padding_rows_open(engine):
     bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")
     assert bits[0].sum() >= 1 and bits[0, x] == 1
     assert bits[1:].all()
+
+
+def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(smollm2_dir):
+    """Llama-3 configs list several eos ids: llguidance gets one, the constraint accepts every one of them."""
+    from transformers import AutoTokenizer
+
+    from jaxllm.engine.grammar import GrammarCompiler
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    compiler = GrammarCompiler(tokenizer, [2, 0], mask_words=(VOCAB + 31) // 32)
+    constraint = compiler.constraint(Guided("choice", '["x"]'))
+    constraint.advance(tokenizer.convert_tokens_to_ids("x"))
+    row = np.zeros(compiler.mask_words, np.int32)
+    constraint.fill(row)
+    bits = np.unpackbits(row.view(np.uint8), bitorder="little")
+    assert bits[2] == 1 and bits[0] == 1
+    constraint.advance(0)  # the second eos id ends it like the first (a token the grammar rejects raises)

@@ -10,4 +10,4 @@ def test_bench_smoke(capsys):
     bench.main(["--smoke"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "smoke" in line]
-    assert len(rows) == 3 + 9 and not any("FAILED" in row for row in rows)  # 3 attention, 9 quantised matmuls
+    assert len(rows) == 4 + 9 and not any("FAILED" in row for row in rows)  # 4 attention, 9 quantised matmuls

@@ -76,3 +76,45 @@ def test_model_with_the_pallas_experts_kernel_gives_the_same_logits():
     outs = [jax.jit(lambda p, m=model: m.apply({"params": p}, tokens, prefill_meta(11, 16), init_kv_cache(m, 16),
                                              all_logits=True)[0])(params) for model in (served, swapped)]
     np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_model_with_the_latent_attention_kernel_gives_the_same_logits():
+    """DeepSeek-V2 with the latent attention kernel (interpret mode, query heads split over two devices)
+    against the plain-JAX form: two ragged prompts in one step, then a decode step of both over the cache."""
+    from jaxllm.config import ModelConfig
+    from jaxllm.models import build_model, init_kv_cache
+    from jaxllm.models.attention import AttentionMetadata
+    from jaxllm.models.backends import attention_backend
+    from jaxllm.models.mla import kernel_fits
+    from jaxllm.parallel import make_mesh
+    from jaxllm.weights import random_params
+    from tests.models.test_moe_families import FAMILIES
+
+    # The kernel's sizes: latent and rotary key powers of two ≥ 16.
+    config = ModelConfig.from_hf_dict(dict(FAMILIES["deepseek_v2-lite"], num_hidden_layers=1, kv_lora_rank=32,
+                                           qk_rope_head_dim=16))
+    assert kernel_fits(config)
+    tp = 2
+    mesh = make_mesh(tp)
+    plain = build_model(config, jnp.float32)
+    kernel = build_model(config, jnp.float32, attention_backend([], "cpu", interpret=True, mesh=mesh))
+    params = random_params(plain, mesh, tp, seed=7)
+    rng = np.random.default_rng(7)
+    lengths, width = (13, 6), 32
+    slots = [list(rng.permutation(40)[:20]), list(range(40, 60))]
+    prompts = rng.integers(0, config.vocab_size, size=sum(lengths))
+    steps = [(AttentionMetadata.for_sequences([(0, n) for n in lengths], slots, scratch_slot=64, width=width),
+              jnp.asarray(prompts, jnp.int32)),
+             (AttentionMetadata.for_sequences([(n, 1) for n in lengths], slots, scratch_slot=64, width=width),
+              jnp.asarray(rng.integers(0, config.vocab_size, size=2), jnp.int32))]
+    outs = []
+    for model in (plain, kernel):
+        apply = jax.jit(lambda p, t, m, c, model=model: model.apply({"params": p}, t, m, c, all_logits=True))
+        cache, logits = init_kv_cache(model, 64), []
+        for meta, tokens in steps:
+            out, cache = apply(params, tokens, meta, cache)
+            logits.append(np.asarray(out))
+        outs.append(logits)
+    assert steps[1][0].decode_only
+    for got, expected in zip(outs[1], outs[0]):
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,118 @@
+"""The engine's compiled step under --tp, read from its optimised HLO: collectives per layer (kind, data type,
+shape), and large copies or transposes (an eighth of a hidden × hidden weight or more). No weights are allocated (the step is lowered on abstract
+params), so a real config's shapes fit on a laptop's fake CPU devices:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
+      python -m jaxllm.bench.hlo --config tests/assets/configs/llama-3-8b.json --layers 2 --tp 2 --rows 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from jaxllm.config import ModelConfig
+from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.runner import ModelRunner
+from jaxllm.engine.step_shapes import StepShape
+from jaxllm.models import build_model
+from jaxllm.models.backends import attention_backend
+from jaxllm.parallel import kv_cache_spec, make_mesh
+from jaxllm.weights import DATA_TYPES, abstract_params, param_shardings
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# An instruction line: `%name = f32[2,3]{1,0} op(...)` or a tuple result `(f32[..], ...) op(...)`.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>\([^=]*?\)|[\w]+\[[^\]]*\](?:\{[^}]*\})?)\s+"
+                          r"(?P<op>[\w\-]+)(?:-start)?\(")
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    kind: str
+    types: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) of each result
+
+    @property
+    def elements(self) -> int:
+        return sum(int(np.prod(shape)) for _, shape in self.types)
+
+    def __str__(self) -> str:
+        return f"{self.kind} " + ", ".join(f"{d}[{','.join(map(str, s))}]" for d, s in self.types)
+
+
+def hlo_ops(text: str, kinds: tuple[str, ...]) -> list[Op]:
+    """The instructions of `kinds` in an HLO module's text (async pairs counted once, at their start)."""
+    ops = []
+    for line in text.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m is None:
+            continue
+        op = m.group("op")
+        if op.endswith("-done") or op.removesuffix("-start") not in kinds:
+            continue
+        types = tuple((d, tuple(int(x) for x in s.split(",") if x)) for d, s in _ARRAY.findall(m.group("type")))
+        if op.endswith("-start") and len(types) > 1:  # an async start's tuple holds the operand and the result
+            types = types[len(types) // 2:]
+        ops.append(Op(op.removesuffix("-start"), types))
+    return ops
+
+
+def step_hlo(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], decode: bool = True) -> str:
+    """The optimised HLO of the engine's step (table updates, model, sampler) for a greedy decode of `rows` rows
+    (or a prefill of `rows` tokens), the params abstract."""
+    mesh = make_mesh(tp)
+    platform = jax.devices()[0].platform
+    model = build_model(config, DATA_TYPES[dtype], attention_backend(mode, platform, mesh=mesh))
+    shardings = param_shardings(model, mesh, tp)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(abstract_params(model)), shardings)
+    kv = KVCache(max(4 * rows, 256), max(rows, 1))
+    runner = ModelRunner(model, params, mesh, kv_cache_spec(config, tp), kv, max_len=256,
+                         max_prefill_tokens=max(rows, 16), eos_ids=(), min_width=256)
+    shape = StepShape(rows, rows, 256, True) if decode else StepShape(rows, runner.prefill_rows(rows), 256, False)
+    return runner._compile(runner.inputs.padding(shape), shape).as_text()  # noqa: SLF001 - the step's executable
+
+
+def summary(text: str, config: ModelConfig) -> dict:
+    """Collectives (per kind, data type and shape, with counts) and large copies / transposes. The CPU backend
+    promotes bf16 all-reduces to f32 (its all-reduce-promotion pass): there, bf16 models show f32 all-reduces."""
+    collectives = collections.Counter(str(op) for op in hlo_ops(text, COLLECTIVES))
+    large = config.hidden_size * config.hidden_size // 8
+    moves = collections.Counter(str(op) for op in hlo_ops(text, ("copy", "transpose")) if op.elements >= large)
+    return {"collectives": dict(collectives), "total_collectives": sum(collectives.values()),
+            "collectives_per_layer": sum(collectives.values()) / config.num_layers, "large_copies": dict(moves)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxllm.bench.hlo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a Hugging Face config.json")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers kept (the collectives repeat per layer)")
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--rows", type=int, default=1, help="decode rows (or prefill tokens with --prefill)")
+    p.add_argument("--prefill", action="store_true")
+    p.add_argument("--data_type", default="bf16")
+    p.add_argument("--mode", nargs="*", default=[])
+    p.add_argument("--dump", help="write the optimised HLO text here")
+    ns = p.parse_args(argv)
+    raw = {**json.loads(Path(ns.config).read_text()), "num_hidden_layers": ns.layers}
+    config = ModelConfig.from_hf_dict(raw)
+    text = step_hlo(config, ns.tp, ns.rows, ns.data_type, ns.mode, decode=not ns.prefill)
+    if ns.dump:
+        Path(ns.dump).write_text(text)
+    json.dump({"device": jax.devices()[0].device_kind, "tp": ns.tp, "rows": ns.rows, "layers": ns.layers,
+               **summary(text, config)}, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""The jitted device functions of a step: table updates + model + sampler (`step`), the sampler alone with
+allowed-token masks (`sample_masked`, a constrained step's second call) and table fills (`fill_tables`).
+They read only arrays: a step's inputs arrive packed (jaxllm.engine.step_inputs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.engine.request import MAX_TOP_LOGPROBS
+from jaxllm.engine.sampler import sample
+from jaxllm.engine.step_inputs import unpack
+from jaxllm.models.attention import AttentionMetadata
+
+
+def step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
+          penalties, sampling, top_logprobs, constrained):
+    """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
+    sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
+    A reward model's step samples nothing: its scores [R, labels] come in place of the sampled ids.
+    Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
+    logprobs, None)."""
+    inp = unpack(ints, floats, layout)
+    from_device = inp.token_src >= 0
+    tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
+    token_kv_rows = inp.kv_rows[inp.token_row]  # [T]
+    slot_table = kv.slot_table.at[token_kv_rows, inp.positions].set(inp.write_slots)
+    token_table = kv.token_table.at[token_kv_rows, inp.positions].set(tokens)
+    meta = AttentionMetadata(
+        positions=inp.positions,
+        token_req=inp.token_row,
+        write_slots=inp.write_slots,
+        slot_table=slot_table[inp.kv_rows, :width],  # [R, width]
+        context_lens=inp.context_lens,
+        query_start=inp.query_start,
+        query_lens=inp.query_lens,
+        logits_index=inp.logits_index,
+        decode_only=decode_only,
+    )
+    logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits)
+    if model.config.score_head is not None:  # a reward model: the rows' scores [R, labels], nothing sampled
+        new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
+        return new_kv, last_tokens, logits, jnp.zeros(logits.shape[:1], jnp.float32), jnp.zeros(tokens.shape), None
+    if all_logits:  # logits [T, V]: every position's next-token logprob, then the sampled rows
+        all_lp = jax.nn.log_softmax(logits, axis=-1)
+        prompt_lp = jnp.take_along_axis(all_lp, inp.target_ids[:, None], axis=-1)[:, 0]
+        logits = logits[inp.logits_index]
+    else:
+        prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
+    history = token_table[inp.kv_rows, :width]  # [R, width]
+    new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
+    if constrained:
+        return new_kv, last_tokens, logits, history if penalties else jnp.zeros((1,), jnp.int32), prompt_lp, None
+    last, sampled, logprobs, top = sample_rows(eos_ids, last_tokens, logits, history, inp, None,
+                                                penalties=penalties, sampling=sampling, top_logprobs=top_logprobs)
+    return new_kv, last, sampled, logprobs, prompt_lp, top
+
+
+def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, sampling, top_logprobs):
+    """The sampler over the rows' logits [R, V]: (last tokens, sampled [R], logprobs [R], top), top = (ids,
+    logprobs) [R, MAX_TOP_LOGPROBS] when `top_logprobs`, else [R, 1] zeros."""
+    sampled, logprobs, *top = sample(
+        logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties, sampling=sampling,
+        mask=mask, top_logprobs=MAX_TOP_LOGPROBS if top_logprobs else 0,
+    )
+    rows = sampled.shape[0]
+    top_lp, top_ids = top[0] if top else (jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, 1), jnp.int32))
+    last = jnp.zeros_like(last_tokens).at[:rows].set(sampled)
+    return last, sampled, logprobs, (top_ids, top_lp)
+
+
+def sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *, layout, penalties, sampling,
+                   top_logprobs):
+    """The second call of a constrained step: the sampler over the model's logits [R, V] with each row's
+    allowed-token mask [R, ceil(V / 32)]. last_tokens is donated."""
+    inp = unpack(ints, floats, layout)
+    return sample_rows(eos_ids, last_tokens, logits, history, inp, mask, penalties=penalties, sampling=sampling,
+                        top_logprobs=top_logprobs)
+
+
+def fill_tables(kv, rows, positions, slots, tokens):
+    """Point table rows at KV computed by earlier requests (prompt-cache prefixes). All args [F] i32."""
+    return kv.replace(
+        slot_table=kv.slot_table.at[rows, positions].set(slots),
+        token_table=kv.token_table.at[rows, positions].set(tokens),
+    )

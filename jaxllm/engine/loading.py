@@ -1,0 +1,84 @@
+"""What the flags build before the engine loop starts: the model, its weights on the --tp mesh and the tokenizer
+(`load_model`), the scheduling policy (`build_scheduler`) and the runner over them (`build_runner`). Every process
+of a multi-process deployment builds the same model and runner from the same flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+
+from jaxllm.config import ModelConfig, read_hf_config
+from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.runner import ModelRunner
+from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
+from jaxllm.engine.splitfuse import SplitFuseScheduler
+from jaxllm.models import build_model
+from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.expert_kernels import experts_kernel
+from jaxllm.models.quant import with_weight_mode
+from jaxllm.models.registry import SCORE_ARCHITECTURES
+from jaxllm.parallel import kv_cache_spec, make_mesh
+from jaxllm.weights import DATA_TYPES, load_params
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A built model, its weights on `mesh`, and the model directory's tokenizer (None without one)."""
+
+    model: object
+    params: object
+    mesh: object
+    tokenizer: object | None
+
+
+def check_reward_flags(config: ModelConfig, args) -> None:
+    """--use_reward_model and a checkpoint with a score head go together, without --token_healing_mode (which
+    rewrites prompts for generation); ValueError otherwise."""
+    if args.use_reward_model and config.score_head is None:
+        raise ValueError(f"--use_reward_model: {args.model_dir} is not a reward model (config.json's architectures "
+                         f"name no score head; served: {', '.join(SCORE_ARCHITECTURES)})")
+    if config.score_head is not None and not args.use_reward_model:
+        raise ValueError(f"{args.model_dir} is a reward model (a score head, no LM head): serve it with "
+                         "--use_reward_model")
+    if config.score_head is not None and args.token_healing_mode:
+        raise ValueError("--token_healing_mode: a reward model generates no tokens to heal")
+
+
+def build_scheduler(args, kv: KVCache) -> Scheduler:
+    """The policy the flags ask for: LightLLM's router, or its splitfuse variant."""
+    policy = SplitFuseScheduler if args.splitfuse_mode else Scheduler
+    return policy(SchedulerConfig.from_args(args), kv)
+
+
+def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int, peers=None) -> ModelRunner:
+    """The runner of `model` over the host KV accounting `kv`, for steps of up to `max_step_tokens` tokens
+    (`peers`: process 0's followers in a multi-process deployment)."""
+    return ModelRunner(
+        model, params, mesh, kv_cache_spec(model.config, args.tp), kv,
+        max_len=args.max_req_total_len, max_prefill_tokens=max_step_tokens, eos_ids=tuple(args.eos_id), peers=peers,
+    )
+
+
+def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
+    """Load config, tokenizer (unless not wanted) and weights from args.model_dir onto a --tp mesh over
+    `devices` (by default jax.devices())."""
+    if args.model_dir is None:
+        raise ValueError("--model_dir is required")
+    config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
+    config.check_context(args.max_req_total_len)
+    check_reward_flags(config, args)
+    config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
+    mesh = make_mesh(args.tp, devices)
+    platform = jax.devices()[0].platform
+    backend = attention_backend(args.mode, platform, mesh=mesh)
+    model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
+    params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
+    loaded = LoadedModel(model, params, mesh, None)
+    if tokenizer and any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        from jaxllm.engine.detokenizer import load_tokenizer  # transformers: not imported by the followers
+        loaded.tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
+    return loaded

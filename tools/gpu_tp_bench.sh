@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Tensor parallelism on nvidia-h200-x2 (issue 20), in one device call: Llama-3-8B (random bf16 weights) through
+# `python -m jaxllm.bench.models` (batch-1 decode, then 512 × (128 in / 128 out)) at --tp 1, --tp 2 in one process,
+# --tp 2 as two processes (--nccl_port), and both --tp 2 deployments again with XLA's one-shot all-reduce kernel
+# (XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true, skipped if this XLA refuses the flag);
+# then the greedy tokens of every run against --tp 1's, and the collectives of the tp-2 step's optimised HLO
+# (`python -m jaxllm.bench.hlo`, 2 layers). NVLink multicast stays off (exported: the follower processes inherit it).
+# PAR runs at a time share the GPUs: their start-ups (random init, compiling the start-up set) overlap, their timed
+# parts take turns under one lock. JSON per run under $OUT, logs under $LOGS, the summary last.
+# Usage (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_tp_bench.sh
+#   RUNS="tp1 tp2 tp2_mp" picks runs (default: all five; the first run listed is the greedy reference when tp1 is
+#   not among them); PAR runs at a time (default 1: another run's start-up on the
+#   same host slowed a measured run by up to 30 % in session 4, docs/perf.md); HLO=0 skips the HLO collectives.
+set -uo pipefail
+source tools/device_env.sh /tmp/jaxllm-tp
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PAR=${PAR:-1}
+RUNS=${RUNS:-"tp1 tp2 tp2_mp tp2_oneshot tp2_mp_oneshot"}
+ONE_SHOT="--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $PAR, 2))")
+LOCK=$(mktemp)
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2> /dev/null
+$PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+if ! XLA_FLAGS="$ONE_SHOT" $PY -c "import jax; jax.devices()" > "$LOGS/one_shot_flag.txt" 2>&1; then
+  echo "XLA refuses $ONE_SHOT: the one-shot runs are skipped"; tail -3 "$LOGS/one_shot_flag.txt"
+  RUNS=$(echo "$RUNS" | tr ' ' '\n' | grep -v oneshot | tr '\n' ' ')
+fi
+
+flags_of() {  # the run's jaxllm.serve flags
+  case $1 in
+    tp1) echo "--tp 1" ;;
+    tp2|tp2_oneshot) echo "--tp 2" ;;
+    tp2_mp) echo "--tp 2 --nccl_port 28765" ;;  # distinct ports: the two-process runs may overlap
+    tp2_mp_oneshot) echo "--tp 2 --nccl_port 28766" ;;
+  esac
+}
+
+run_one() {  # run_one NAME
+  local name=$1 xla=""
+  [[ $name == *oneshot ]] && xla=$ONE_SHOT
+  # shellcheck disable=SC2046
+  XLA_FLAGS="$xla" timeout "${RUN_TIMEOUT:-420}" $PY -m jaxllm.bench.models --model_dir "$MODEL" --lock "$LOCK" \
+    --result-json "$OUT/$name.json" --load_format dummy --data_type bf16 --max_total_token_num 140000 \
+    --running_max_req_size 512 --batch_max_tokens 8192 --max_req_input_len 2048 --max_req_total_len 3072 \
+    $(flags_of "$name") > "$LOGS/$name.txt" 2>&1
+  echo "$name (rc $?): $(tail -1 "$LOGS/$name.txt")" >> "$LOGS/summary.txt"
+}
+
+: > "$LOGS/summary.txt"
+for name in $RUNS; do
+  while [ "$(jobs -rp | wc -l)" -ge "$PAR" ]; do sleep 1; done
+  run_one "$name" &
+  sleep 2
+done
+# Collectives of the tp-2 step (compiled only, abstract weights) while the last runs finish.
+[ "${HLO:-1}" = 1 ] && for rows in 1 64; do
+  timeout 120 $PY -m jaxllm.bench.hlo --config "$CONFIG" --layers 2 --tp 2 --rows "$rows" \
+    --dump "$LOGS/tp2_rows$rows.hlo" >> "$OUT/hlo.txt" 2> "$LOGS/hlo_rows$rows.txt" || tail -3 "$LOGS/hlo_rows$rows.txt"
+done
+wait
+for f in "$LOGS"/tp*.txt; do grep -h -E "Error|error:" "$f" | tail -2 | sed "s|^|$(basename "$f"): |"; done
+[ -f "$OUT/hlo.txt" ] && echo "== collectives of the tp-2 step (2 layers; bf16 model)" && cat "$OUT/hlo.txt"
+echo "== greedy tokens against tp1 or the first run (b1: 256 tokens of one request; offline: the first 8 of 512)"
+$PY - "$OUT" $RUNS <<'EOF'
+import json, sys
+from pathlib import Path
+out, runs = Path(sys.argv[1]), sys.argv[2:]
+results = {r: json.loads((out / f"{r}.json").read_text()) for r in runs if (out / f"{r}.json").exists()}
+base_name = "tp1" if "tp1" in results else next(iter(results), None)
+for name, r in results.items():
+    if name == base_name:
+        continue
+    base = results[base_name]
+    for part in ("b1", "offline"):
+        ours, theirs = r[part]["first_outputs"], base[part]["first_outputs"]
+        same = sum(a == b for a, b in zip(ours, theirs))
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(ours, theirs)]
+        print(f"{name} {part}: {same}/{len(theirs)} sequences identical to {base_name}; first differing position "
+              f"{first_diff}")
+for name, r in results.items():
+    b, o = r["b1"], r["offline"]
+    print(f"{name}: b1 {1e3 / b['ms_per_token']:.1f} tok/s (device wait {b['device_wait_ms_per_step']:.2f} ms, host "
+          f"{b['host_ms_per_step']:.2f} ms, dispatch {b['dispatch_ms_per_step']:.2f} ms per step) | 512x128/128 "
+          f"{o['output_throughput']:.0f} out tok/s (device wait {o['device_wait_ms_per_step']:.2f}, host "
+          f"{o['host_ms_per_step']:.2f}, dispatch {o['dispatch_ms_per_step']:.2f} ms per step)")
+EOF
+echo "== summary"; cat "$LOGS/summary.txt"
