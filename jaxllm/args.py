@@ -16,11 +16,7 @@ LOAD_FORMATS = ["auto", "hf", "orbax", "dummy"]
 TOOL_CALL_PARSERS = ["auto", "hermes", "llama3_json", "mistral"]  # jaxllm.server.tool_parsers
 
 # Flags whose feature does not exist yet: any non-default value is refused at start-up.
-UNSUPPORTED_FLAGS = (
-    "enable_multimodal",
-    "cache_capacity",
-    "cache_reserved_ratio",
-)
+UNSUPPORTED_FLAGS: tuple[str, ...] = ()
 
 
 class ExplicitFlag(argparse.Action):
@@ -246,6 +242,10 @@ def _check_consistency(v: dict[str, Any]) -> None:
             raise ValueError(f"--{name} must be at least 1")
     if v["tp"] < 1:
         raise ValueError("--tp must be at least 1")
+    if v["cache_capacity"] < 1:
+        raise ValueError("--cache_capacity must be at least 1")
+    if not 0.0 <= v["cache_reserved_ratio"] <= 1.0:
+        raise ValueError("--cache_reserved_ratio must be between 0 and 1")
     if not 0 < v["nccl_port"] < 65536:
         raise ValueError(f"--nccl_port must be a TCP port (1-65535), not {v['nccl_port']}")
     for key in v["grouping_key"]:

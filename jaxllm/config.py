@@ -48,12 +48,15 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class Rope:
     """Rotary embedding of one layer: base `theta`, the first `rotary_dim` dims of each head rotated,
-    halves (Llama) or interleaved pairs (GPT-J, Cohere), optional rescaling."""
+    halves (Llama) or interleaved pairs (GPT-J, Cohere), optional rescaling, optional M-RoPE sections."""
 
     theta: float = 10000.0
     rotary_dim: int = 0  # 0: the whole head
     interleaved: bool = False
     scaling: RopeScaling | None = None
+    # M-RoPE (Qwen2-VL): the frequencies split into sections (counts summing to rotary_dim // 2) that rotate by
+    # a token's temporal, height and width positions in turn; () = one position per token.
+    mrope_section: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +173,8 @@ class ModelConfig:
     mla: Mla | None = None
     # --- a score head instead of the LM head (reward models, from config.json's `architectures`)
     score_head: ScoreHead | None = None
+    # --- a vision tower feeding image embeddings (`jaxllm/models/vision/interface.py: VisionConfig`); None: text only
+    vision: Any = None
 
     @property
     def group_size(self) -> int:
@@ -299,7 +304,7 @@ def common_fields(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
-                   "gelu": "gelu"}
+                   "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
 
 def activation_from_hf(name: str) -> str:

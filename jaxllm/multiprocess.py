@@ -138,6 +138,8 @@ def follow(runner, channel: Channel) -> None:
             elif kind == "sample":
                 runner.execute_sampler(pending, message[1])
                 pending = None
+            elif kind == "encode":
+                runner.encode_images(*message[1:])
             elif kind == "reset":
                 runner.reset_device_state()
             else:
@@ -149,7 +151,7 @@ def follow(runner, channel: Channel) -> None:
 def main(argv: list[str]) -> int:
     """A follower: `python -m jaxllm.multiprocess FD PROCESS_ID` (spawned by `start`)."""
     from jaxllm.engine.kv_cache import KVCache
-    from jaxllm.engine.loading import build_runner, build_scheduler, load_model
+    from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, load_model
 
     fd, process_id = int(argv[0]), int(argv[1])
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s [process {process_id}] %(name)s: "
@@ -159,7 +161,9 @@ def main(argv: list[str]) -> int:
     initialize(args.nccl_port, args.processes, process_id)
     loaded = load_model(args, mesh_devices(), tokenizer=False)
     kv = KVCache(args.max_total_token_num, args.running_max_req_size)
-    runner = build_runner(args, loaded.model, loaded.params, loaded.mesh, kv, build_scheduler(args, kv).max_step_tokens)
+    _, image_rows = image_buffer(args, loaded.model.config)
+    runner = build_runner(args, loaded.model, loaded.params, loaded.mesh, kv, build_scheduler(args, kv).max_step_tokens,
+                          image_rows=image_rows)
     runner.warmup(warmup)
     log.info("ready: following process 0")
     follow(runner, channel)

@@ -32,6 +32,8 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         for name in ("intermediate_size", "shared_intermediate_size"):
             if getattr(config.moe, name) % tp:
                 raise ValueError(f"--tp {tp} must divide the experts' {name} ({getattr(config.moe, name)})")
+    if config.vision is not None:
+        config.vision.check_tp(tp)
     split_kv = config.num_kv_heads % tp == 0
     split_vocab = config.vocab_size % tp == 0
     return (
@@ -49,6 +51,7 @@ def logical_rules(config: ModelConfig, tp: int) -> tuple[tuple[str, str | None],
         ("expert_mlp", TP_AXIS),
         ("latent", None),
         ("labels", None),
+        ("patch", None),
     )
 
 

@@ -194,10 +194,11 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
     seen = set()
     pending: dict[tuple[str, ...], tuple] = {}  # fused params: host buffer(s), parts still missing
     for name, array in tensors:
+        name = family.rename(name)
         if name not in table and family.base_prefix + name in table:
             name = family.base_prefix + name
         if name not in table:
-            if family.ignored(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            if family.ignored(name) or family.unused(config, name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
             raise ValueError(f"{model_dir}: unexpected tensor {name} for {config.model_type}")
         target = table[name]

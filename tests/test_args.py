@@ -78,18 +78,13 @@ def test_parsed_values_and_resolved_batch_max_tokens():
         (["--grouping_key", "novalue"], "grouping_key"),
         (["--splitfuse_block_size", "0"], "splitfuse_block_size"),
         (["--running_max_req_size", "0"], "running_max_req_size"),
+        (["--cache_capacity", "0"], "cache_capacity"),
+        (["--cache_reserved_ratio", "1.5"], "cache_reserved_ratio"),
     ],
 )
 def test_startup_checks_fail_with_a_reason(argv, reason):
     with pytest.raises(ValueError, match=reason):
         parse_args(argv)
-
-
-def test_unbuilt_feature_flags_exit_2_naming_the_flag(capsys):
-    with pytest.raises(SystemExit) as exc:
-        ServerArgs.from_argv(["--enable_multimodal"])
-    assert exc.value.code == 2
-    assert "jaxllm: --enable_multimodal is not supported yet" in capsys.readouterr().err
 
 
 def test_help_lists_every_seed_flag(capsys):

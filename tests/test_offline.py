@@ -55,8 +55,6 @@ def test_flags_are_the_servers_by_keyword(tmp_path):
         server_args(str(tmp_path), no_such_flag=1)
     with pytest.raises(ValueError, match="data_type"):
         server_args(str(tmp_path), data_type="float8")
-    with pytest.raises(ValueError, match="enable_multimodal"):
-        server_args(str(tmp_path), enable_multimodal=True)
     assert server_args(str(tmp_path), splitfuse_mode=True, use_dynamic_prompt_cache=True).splitfuse_mode
 
 

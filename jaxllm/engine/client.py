@@ -43,6 +43,8 @@ class EngineClient:
     def __init__(self, args):
         self.args = args
         self.tokenizer = None
+        self.config = None  # the core's ModelConfig
+        self.image_processor = None  # a vision-language model's (--enable_multimodal): images preprocess here
         self.rules: SubmitRules | None = None
         self.scoring = False
         self.pid: int | None = None  # the core's process id
@@ -73,6 +75,11 @@ class EngineClient:
         info = self._wait_ready()
         self.rules = SubmitRules(self.args, info["vocab_size"], info["scoring"], info["has_tokenizer"])
         self.scoring, self.pid, self._stats = info["scoring"], info["pid"], info["stats"]
+        self.config = info["config"]
+        if self.config.vision is not None and self.args.enable_multimodal:
+            from jaxllm.engine.loading import image_processor  # imports JAX: only for vision-language models
+
+            self.image_processor = image_processor(self.args, self.config)
         log.info("engine core ready (pid %d)", self.pid)
         self._receiver = threading.Thread(target=self._receive, name="jaxllm-frontend-receive", daemon=True)
         self._receiver.start()
@@ -143,10 +150,19 @@ class EngineClient:
         return self._send(specs)
 
     def submit_group(self, prompt_ids: list[int], params: SamplingParams,
-                     request_ids: list[str] | None = None) -> list[RequestStream]:
-        """Queue the params.best_of sequences of one prompt as a group (see Engine.submit_group)."""
+                     request_ids: list[str] | None = None, images: tuple = ()) -> list[RequestStream]:
+        """Queue the params.best_of sequences of one prompt as a group (see Engine.submit_group); `images`: the
+        prompt's ImageInputs (checked against the prompt in the core: an error there ends the streams)."""
         request_ids = self.rules.group(params, request_ids)
-        return self._send([self._spec(prompt_ids, params, request_ids)])
+        spec = self._spec(prompt_ids, params, request_ids)
+        if images:
+            spec["images"] = tuple(images)
+        return self._send([spec])
+
+    def submit_images(self, prompt_ids: list[int], params: SamplingParams, images: tuple,
+                      request_id: str | None = None) -> RequestStream:
+        """Queue one sequence with images (see Engine.submit_images)."""
+        return self.submit_group(prompt_ids, params, [request_id], images)[0]
 
     def submit_score(self, prompt_ids: list[int], request_id: str | None = None) -> RequestStream:
         """Queue one prompt to score (a reward model; see Engine.submit_score)."""

@@ -75,7 +75,7 @@ class CoreSink:
 
 
 def _ready_info(engine) -> dict:
-    return {"vocab_size": engine.config.vocab_size, "scoring": engine.scoring,
+    return {"config": engine.config, "vocab_size": engine.config.vocab_size, "scoring": engine.scoring,
             "has_tokenizer": engine.tokenizer is not None, "stats": engine.stats(), "pid": os.getpid()}
 
 
@@ -147,8 +147,9 @@ def _serve(engine, sink: CoreSink, channel: QueuedChannel) -> None:
 
 
 def _submit(engine, sink: CoreSink, specs: list[dict]) -> None:
-    """Each spec: {"request_ids", "handles", "prompt_ids", "params"} (a best_of group, or one sequence), or with
-    "score": True one prompt to score; more optional fields may come (the request message is a dict)."""
+    """Each spec: {"request_ids", "handles", "prompt_ids", "params"} (a best_of group, or one sequence), with
+    "images" (ImageInputs) when the prompt has some, or with "score": True one prompt to score; more optional
+    fields may come (the request message is a dict)."""
     for spec in specs:
         request_ids = spec["request_ids"]
         for request_id, handle in zip(request_ids, spec["handles"]):
@@ -157,7 +158,7 @@ def _submit(engine, sink: CoreSink, specs: list[dict]) -> None:
             if spec.get("score"):
                 engine.submit_score(spec["prompt_ids"], request_ids[0])
             else:
-                engine.submit_group(spec["prompt_ids"], spec["params"], request_ids)
+                engine.submit_group(spec["prompt_ids"], spec["params"], request_ids, images=spec.get("images", ()))
         except Exception as err:  # noqa: BLE001 - this request fails, the others go on
             log.warning("submission %s refused: %s", request_ids[0], err)
             for request_id in request_ids:

@@ -1,5 +1,6 @@
 """The jitted device functions of a step: table updates + model + sampler (`step`), the sampler alone with
-allowed-token masks (`sample_masked`, a constrained step's second call) and table fills (`fill_tables`).
+allowed-token masks (`sample_masked`, a constrained step's second call), table fills (`fill_tables`) and a
+vision-language model's image encoding into its embedding buffer (`encode_images`).
 They read only arrays: a step's inputs arrive packed (jaxllm.engine.step_inputs)."""
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from jaxllm.engine.step_inputs import unpack
 from jaxllm.models.attention import AttentionMetadata
 
 
-def step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width, decode_only, all_logits,
-          penalties, sampling, top_logprobs, constrained):
+def step(model, eos_ids, params, kv, last_tokens, ints, floats, image_slab, *, layout, width, decode_only,
+         all_logits, penalties, sampling, top_logprobs, constrained):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
     sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
     A reward model's step samples nothing: its scores [R, labels] come in place of the sampled ids.
+    image_slab [rows + 1, hidden] (a vision-language model's image embeddings; None otherwise) replaces the
+    embeddings of the tokens with an image row.
     Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
     logprobs, None)."""
     inp = unpack(ints, floats, layout)
@@ -35,9 +38,13 @@ def step(model, eos_ids, params, kv, last_tokens, ints, floats, *, layout, width
         query_start=inp.query_start,
         query_lens=inp.query_lens,
         logits_index=inp.logits_index,
+        rope_positions=inp.rope_positions,
         decode_only=decode_only,
     )
-    logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits)
+    images = {}
+    if image_slab is not None:
+        images = dict(image_embeds=image_slab[jnp.maximum(inp.image_rows, 0)], image_mask=inp.image_rows >= 0)
+    logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits, **images)
     if model.config.score_head is not None:  # a reward model: the rows' scores [R, labels], nothing sampled
         new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
         return new_kv, last_tokens, logits, jnp.zeros(logits.shape[:1], jnp.float32), jnp.zeros(tokens.shape), None
@@ -76,6 +83,15 @@ def sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *, 
     inp = unpack(ints, floats, layout)
     return sample_rows(eos_ids, last_tokens, logits, history, inp, mask, penalties=penalties, sampling=sampling,
                         top_logprobs=top_logprobs)
+
+
+def encode_images(model, params, slab, inputs, rows, *, grid):
+    """Run the vision encoder on an `EncodeBatch`'s inputs and write its embeddings [B, T, hidden] into the
+    image buffer's rows [B, T] (padding outputs write the scratch row). slab is donated."""
+    from jaxllm.models.transformer import CausalLM
+
+    features = model.apply({"params": params}, *inputs, grid=grid, method=CausalLM.encode_images)
+    return slab.at[rows.reshape(-1)].set(features.reshape(-1, slab.shape[-1]).astype(slab.dtype))
 
 
 def fill_tables(kv, rows, positions, slots, tokens):

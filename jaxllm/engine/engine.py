@@ -5,6 +5,7 @@ while a launch thread enqueues step N+1 on the device; it streams TokenEvents to
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import secrets
@@ -19,8 +20,10 @@ from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.group import SequenceGroup, member_params
+from jaxllm.engine.image_cache import ImageCache
+from jaxllm.engine.image_stage import ImageStage
 from jaxllm.engine.kv_cache import KVCache
-from jaxllm.engine.loading import build_runner, build_scheduler, load_model
+from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, load_model
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import StepHandle, enable_compilation_cache
@@ -29,6 +32,7 @@ from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.stream import RequestStream
 from jaxllm.engine.submission import SubmitRules
 from jaxllm.engine.token_healing import TokenHealer
+from jaxllm.models.vision.registry import vision_family
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +59,19 @@ class Engine(StepReader):
         self.kv = KVCache(args.max_total_token_num, args.running_max_req_size, prefix_cache=prefix_cache)
         self.scheduler = build_scheduler(args, self.kv)
         enable_compilation_cache()
-        self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens, peers)
+        # A vision-language model under --enable_multimodal: images are preprocessed (image_processor, off this
+        # thread), cached and encoded (self._images) before their requests reach the scheduler.
+        self.image_processor, image_rows = image_buffer(args, model.config)
+        self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens, peers,
+                                   image_rows=image_rows)
+        self._images: ImageStage | None = None
+        if image_rows:
+            cache = ImageCache(args.cache_capacity, args.cache_reserved_ratio, image_rows)
+            family = vision_family(model.config.vision.family)
+            self._images = ImageStage(cache, functools.partial(family.batches, model.config), self.runner.encode_images,
+                                      self.runner.image_scratch_row)
+            if warmup != 0:  # the encoder of one image compiled at start-up too (written to the scratch row)
+                self._images.run_example(family.example_batch(model.config))
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
@@ -137,16 +153,17 @@ class Engine(StepReader):
         return self.submit_many([(prompt_ids, params, request_id)])[0]
 
     def submit_group(self, prompt_ids: list[int], params: SamplingParams,
-                     request_ids: list[str] | None = None) -> list[RequestStream]:
+                     request_ids: list[str] | None = None, images: tuple = ()) -> list[RequestStream]:
         """Queue the params.best_of sequences of one prompt as a group: the prompt is prefilled once and its KV
         shared. Members sample independently (member i with seed + i when seeded), or, with --beam_mode, are
         the beams of a beam search whose streams get their tokens when the search ends, best first. Aborting
-        any member aborts the group. Raises ValueError for invalid parameters or lengths."""
+        any member aborts the group. `images`: the prompt's images (ImageInput, one per placeholder; see
+        submit_images). Raises ValueError for invalid parameters or lengths."""
         count = params.best_of
         request_ids = self.rules.group(params, request_ids)
         if count == 1:
-            return [self.submit(prompt_ids, params, request_ids[0])]
-        members = [self._new_request(list(prompt_ids), member_params(params, i), rid)
+            return [self.submit_images(prompt_ids, params, images, request_ids[0])]
+        members = [self._new_request(list(prompt_ids), member_params(params, i), rid, images=images)
                    for i, rid in enumerate(request_ids)]
         beam = None
         if self.args.beam_mode:
@@ -156,6 +173,17 @@ class Engine(StepReader):
         self._inbox.put(("add", members))
         self._wake.set()
         return [m.stream for m in members]
+
+    def submit_images(self, prompt_ids: list[int], params: SamplingParams, images: tuple,
+                      request_id: str | None = None) -> RequestStream:
+        """Queue one sequence whose prompt has one image placeholder (`config.vision.image_token_id`) per image
+        of `images` (`ImageInput`s from `image_processor`). Needs a vision-language model and
+        --enable_multimodal; raises ValueError for invalid parameters, lengths or a placeholder count that
+        differs from the images'."""
+        req = self._new_request(list(prompt_ids), params, request_id, images=images)
+        self._inbox.put(("add", [req]))
+        self._wake.set()
+        return req.stream
 
     def submit_score(self, prompt_ids: list[int], request_id: str | None = None) -> RequestStream:
         """Queue one prompt to score (a reward model): it is prefilled, batched with the others, and its stream
@@ -181,8 +209,11 @@ class Engine(StepReader):
         return [req.stream for req in built]
 
     def _new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
-                     scoring: bool = False) -> Request:
+                     scoring: bool = False, images: tuple = ()) -> Request:
         prompt_ids, params = self.rules.sequence(prompt_ids, params, scoring)
+        spans = ()
+        if images:
+            prompt_ids, spans = self._with_images(prompt_ids, params, images)
         with self._arrival_lock:
             arrival = self._arrivals
             self._arrivals += 1
@@ -192,6 +223,7 @@ class Engine(StepReader):
             params=params,
             seed=params.seed % 2**64 if params.seed is not None else secrets.randbits(64),
             arrival=arrival,
+            images=spans,
         )
         if params.guided is not None:
             req.constraint = self.grammars().constraint(params.guided)
@@ -201,6 +233,21 @@ class Engine(StepReader):
         self._events.attach(req)
         req.stream = RequestStream(req.request_id) if self._sink is None else self._sink.stream(req.request_id)
         return req
+
+    def _with_images(self, prompt_ids: list[int], params: SamplingParams, images: tuple):
+        """(the prompt with its images' positions, the images' spans); ValueError for what cannot run."""
+        if self._images is None:
+            raise ValueError("multimodal_params.images: images need a vision-language model served with "
+                             "--enable_multimodal" if self.config.vision is not None else
+                             "multimodal_params.images: this model has no vision tower")
+        if self._healer is not None:
+            raise ValueError("multimodal_params.images: --token_healing_mode does not take images")
+        ids, spans = self._images.prompt_with(prompt_ids, list(images), self.config.vision.image_token_id,
+                                              self.config.vocab_size)
+        if len(check_prompt(list(ids), params, self.args)) != len(ids):
+            raise ValueError("a prompt with images is not truncated (--long_truncation_mode): it has "
+                             f"{len(ids)} tokens with its images")
+        return ids, spans
 
     def grammars(self) -> GrammarCompiler:
         """The compiler of guided requests' grammars (ValueError when the engine has no tokenizer)."""
@@ -244,6 +291,8 @@ class Engine(StepReader):
                 if self._stopping:
                     break
                 launching = None
+                if self._images is not None and self._images.has_work():
+                    self._advance_images()
                 if self.scheduler.has_work():
                     self._idle.clear()
                     scheduled = time.perf_counter()
@@ -263,7 +312,7 @@ class Engine(StepReader):
                 if self._sink is not None:
                     self._sink.flush(self._snapshot)
                 if inflight is None:
-                    idle = not self.scheduler.has_work()
+                    idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
                     if idle:
                         self._idle.set()
                     self._wake.wait(timeout=1.0 if idle else 0.001)
@@ -293,9 +342,21 @@ class Engine(StepReader):
                         self._emit(req, final_event(req, "error", f"request id {req.request_id} is in use"))
                         continue
                     self._requests[req.request_id] = req
-                    self.scheduler.add(req)
+                    if req.images:
+                        self._images.add(req)
+                    else:
+                        self.scheduler.add(req)
             elif item in self._requests:
                 self._end(self._requests[item], "abort")
+
+    def _advance_images(self) -> None:
+        """Requests whose images found room in the image cache (and are encoding) go to the scheduler."""
+        ready, failed = self._images.advance()
+        for req in ready:
+            if not req.finished:
+                self.scheduler.add(req)
+        for req, message in failed:
+            self._end(req, "error", message)
 
     def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor, unread: StepHandle | None):
         """Prepare `batch`'s inputs here and launch it on `launcher` (`unread`: the step in flight before it);
@@ -391,7 +452,10 @@ class Engine(StepReader):
                 self._emit(member, final_event(member, reason, error))
 
     def _retire(self, req: Request, reason: str) -> None:
-        self.scheduler.finish(req, reason)
+        if self._images is not None and self._images.release(req):  # still waiting for its images
+            req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        else:
+            self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)
         self._counters["finished"] += 1
         self._snapshot = self._take_snapshot()  # readers see the KV freed once the final event is out
@@ -403,6 +467,7 @@ class Engine(StepReader):
             self._end(req, "abort")
 
     # --- stats ---------------------------------------------------------------------------------
+
     def _take_snapshot(self) -> dict:
         """What stats() and token_load() return. The peak estimate (a sort over the running requests) is
         refreshed every 50 ms at most."""
@@ -423,6 +488,7 @@ class Engine(StepReader):
             "kv_used": used,
             "kv_total": total,
             "kv_cached": self.kv.num_cached,
+            **(self._images.stats() if self._images is not None else {}),
             "token_load": {
                 "current_load": used / total,
                 "logical_max_load": peak / total,

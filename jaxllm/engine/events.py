@@ -28,7 +28,7 @@ class EventMaker:
             return
         p = req.params
         req.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, req.prompt_ids, skip_special_tokens=p.skip_special_tokens,
+            self.tokenizer, req.text_prompt_ids, skip_special_tokens=p.skip_special_tokens,
             spaces_between_special_tokens=p.add_spaces_between_special_tokens,
         )
         if p.stop_sequences:

@@ -18,6 +18,7 @@ from jaxllm.models.backends import attention_backend, resolve_modes
 from jaxllm.models.expert_kernels import experts_kernel
 from jaxllm.models.quant import with_weight_mode
 from jaxllm.models.registry import SCORE_ARCHITECTURES
+from jaxllm.models.vision.registry import vision_family
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
 
@@ -52,13 +53,36 @@ def build_scheduler(args, kv: KVCache) -> Scheduler:
     return policy(SchedulerConfig.from_args(args), kv)
 
 
-def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int, peers=None) -> ModelRunner:
+def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int, peers=None,
+                 image_rows: int = 0) -> ModelRunner:
     """The runner of `model` over the host KV accounting `kv`, for steps of up to `max_step_tokens` tokens
-    (`peers`: process 0's followers in a multi-process deployment)."""
+    (`peers`: process 0's followers in a multi-process deployment; `image_rows`: the image-embedding buffer's
+    rows, for a vision-language model under --enable_multimodal)."""
     return ModelRunner(
         model, params, mesh, kv_cache_spec(model.config, args.tp), kv,
         max_len=args.max_req_total_len, max_prefill_tokens=max_step_tokens, eos_ids=tuple(args.eos_id), peers=peers,
+        image_rows=image_rows,
     )
+
+
+def image_processor(args, config: ModelConfig):
+    """The image processor of a vision-language model served with --enable_multimodal, else None."""
+    if config.vision is None or not args.enable_multimodal:
+        return None
+    return vision_family(config.vision.family).processor(config, args.model_dir)
+
+
+def image_buffer(args, config: ModelConfig):
+    """(the image processor, the image-embedding buffer's rows) of a vision-language model served with
+    --enable_multimodal; (None, 0) otherwise. The rows hold --cache_capacity images of the processor's most
+    tokens, but never more than the KV cache's tokens (at least one request's worth): the images running
+    requests use sit in the KV cache too, and a processor of dynamic resolution (Qwen2-VL: up to 16,384 tokens
+    an image) would otherwise ask for a buffer of tens of GB. Entries take the rows of their own token count."""
+    processor = image_processor(args, config)
+    if processor is None:
+        return None, 0
+    most = max(args.max_total_token_num, args.max_req_total_len, processor.max_tokens)
+    return processor, min(args.cache_capacity * processor.max_tokens, most)
 
 
 def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:

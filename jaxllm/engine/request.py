@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # A temperature below this is greedy decoding (LightLLM's rule).
 _GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # the most alternatives a generated position reports (OpenAI's chat limit)
@@ -151,6 +153,21 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class ImageSpan:
+    """An image in a prompt: its embeddings replace positions start..start + image.num_tokens
+    (`image`: a `jaxllm.models.vision.interface.ImageInput`); `placeholder_id`: the token the caller's prompt
+    had there (what the tokenizer and the model see at those positions)."""
+
+    start: int
+    image: Any
+    placeholder_id: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.image.num_tokens
+
+
 @dataclass(eq=False)
 class Request:
     """A request's state. Positions 0..num_tokens: the prompt, then the outputs; the last `num_pending`
@@ -184,6 +201,30 @@ class Request:
     group: Any = None  # the SequenceGroup of best_of > 1 sequences sharing this prompt (group.py)
     constraint: Any = None  # the allowed-token rule of its next tokens (engine.constraints.TokenConstraint)
     healing: Any = None  # its HealingConstraint under --token_healing_mode (prompt_ids is then the backed-up prompt)
+    images: tuple[ImageSpan, ...] = ()  # its prompt's images, in order (their positions hold image key ids)
+    image_entries: list = field(default_factory=list)  # the image cache entries it holds, as `images`
+
+    @property
+    def text_prompt_ids(self) -> list[int]:
+        """The prompt as the tokenizer knows it: image positions hold their placeholder's id, not the image key."""
+        if not self.images:
+            return self.prompt_ids
+        ids = list(self.prompt_ids)
+        for span in self.images:
+            ids[span.start : span.stop] = [span.placeholder_id] * (span.stop - span.start)
+        return ids
+
+    def image_rows(self, start: int, stop: int):
+        """[stop - start] int32 image-embedding rows of positions start..stop (-1 where no image), or None
+        when no image lies there."""
+        spans = [(s, e) for s, e in zip(self.images, self.image_entries) if s.start < stop and s.stop > start]
+        if not spans:
+            return None
+        rows = np.full(stop - start, -1, np.int32)
+        for span, entry in spans:
+            lo, hi = max(start, span.start), min(stop, span.stop)
+            rows[lo - start : hi - start] = entry.rows[lo - span.start : hi - span.start]
+        return rows
 
     @property
     def prompt_len(self) -> int:

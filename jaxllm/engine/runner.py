@@ -97,6 +97,14 @@ class StepResult:
     scores: np.ndarray | None = None  # [rows of the batch, labels]: a reward model's scores
 
 
+def _mrope_positions(config):
+    """An M-RoPE model's (Qwen2-VL) `rope(images, start, stop)` for the step inputs: its vision family's
+    `rope_positions` (jaxllm/models/vision/interface.py); None for any other model."""
+    if not config.rope.mrope_section or config.vision is None:
+        return None
+    from jaxllm.models.vision.registry import vision_family
+
+    return functools.partial(vision_family(config.vision.family).rope_positions, config)
 
 
 class ModelRunner:
@@ -116,9 +124,11 @@ class ModelRunner:
         min_width: int = 64,
         min_prefill_tokens: int = 16,
         peers=None,
+        image_rows: int = 0,
     ):
         """peers: in process 0 of a multi-process deployment, the other processes (jaxllm.multiprocess.Followers),
-        which are sent each piece of device work before it is enqueued here."""
+        which are sent each piece of device work before it is enqueued here; image_rows: rows of the
+        image-embedding buffer (a vision-language model's image cache; 0: none)."""
         self.model = model
         self.peers = peers
         self.params = params
@@ -137,7 +147,9 @@ class ModelRunner:
             self.width_buckets = self.width_buckets[-1:]
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._kv_spec = kv_spec
-        self.inputs = StepInputBuilder(kv, self.vocab_size)
+        vision = model.config.vision if image_rows else None
+        self.inputs = StepInputBuilder(kv, self.vocab_size, vision.image_token_id if vision is not None else None,
+                                       rope=_mrope_positions(model.config))
         kv_shardings = self._init_device_state()
         rep = self._replicated
         self._jitted = jax.jit(
@@ -155,6 +167,12 @@ class ModelRunner:
         )
         self.mask_words = (self.vocab_size + 31) // 32  # int32 words of a row's allowed-token mask
         self._fill = jax.jit(device_steps.fill_tables, donate_argnums=(0,), out_shardings=kv_shardings)
+        # A vision-language model: image embeddings live in one buffer (the image cache's rows + a scratch row).
+        self.image_slab = None
+        if vision is not None:
+            self.image_slab = jax.device_put(np.zeros((image_rows + 1, model.config.hidden_size), model.dtype), rep)
+            self._encode = jax.jit(functools.partial(device_steps.encode_images, model), static_argnames=("grid",),
+                                   donate_argnums=(1,), out_shardings=rep)
         # The compiled step of each shape, called directly: on the GPU the jit's own call path costs ~4 ms
         # more host time per step than its compiled executable's (docs/perf.md, session 3).
         self._executables: dict[StepShape, jax.stages.Compiled] = {}
@@ -230,7 +248,8 @@ class ModelRunner:
             ints, floats, layout = pack(host)
             ints, floats = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated) for a in (ints, floats))
             executable = self._jitted.lower(
-                self.params, self.kv, self._last_tokens, ints, floats, layout=layout, **shape.static_args()
+                self.params, self.kv, self._last_tokens, ints, floats, self.image_slab, layout=layout,
+                **shape.static_args()
             ).compile()
             self._executables[shape] = executable
         return executable
@@ -288,6 +307,20 @@ class ModelRunner:
             self.kv = self._fill(self.kv, *jax.device_put(step.table_fills, self._replicated))
         return self._run(step.inputs, step.shape)
 
+    @property
+    def image_scratch_row(self) -> int:
+        """The image buffer's row that padding outputs write."""
+        return self.image_slab.shape[0] - 1
+
+    def encode_images(self, inputs: tuple[np.ndarray, ...], grid: tuple, rows: np.ndarray) -> None:
+        """Enqueue one encoder call (an `EncodeBatch`'s inputs and static part) writing its outputs into the image
+        buffer's rows [B, T] (padding outputs: `image_scratch_row`); sent to the other processes first."""
+        inputs, grid, rows = tuple(inputs), tuple(grid), np.asarray(rows, np.int32)
+        if self.peers is not None:
+            self.peers.send(("encode", inputs, grid, rows))
+        inputs, rows = jax.device_put((inputs, rows), self._replicated)
+        self.image_slab = self._encode(self.params, self.image_slab, inputs, rows, grid=grid)
+
     def execute_sampler(self, unsampled: tuple, mask: np.ndarray):
         """Enqueue a constrained step's sampler (`unsampled`: what `execute` returned for it) with the masks.
         Returns (sampled, logprobs, top)."""
@@ -317,7 +350,7 @@ class ModelRunner:
         ints, floats, layout = pack(host)
         ints, floats = jax.device_put((ints, floats), self._replicated)
         self.kv, self._last_tokens, first, second, prompt_lp, top = executable(
-            self.params, self.kv, self._last_tokens, ints, floats
+            self.params, self.kv, self._last_tokens, ints, floats, self.image_slab
         )
         if not shape.constrained:  # first, second: sampled ids, their logprobs
             return first, second, prompt_lp, top, None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import numpy as np
@@ -36,7 +37,9 @@ class StepInputs:
     query_start: jax.Array  # [R] i32
     query_lens: jax.Array  # [R] i32
     logits_index: jax.Array  # [R] i32
+    image_rows: jax.Array  # [T] i32: the token's row of the image-embedding buffer, -1 for a text token
     sampling: SamplingBatch
+    rope_positions: jax.Array | None = None  # [3, T] i32: an M-RoPE model's rotary positions (t, h, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +86,29 @@ class StepInputBuilder:
     """Builds each scheduled step's StepInputs from its requests. Remembers which row of the last launched step
     sampled each request (its next token is still on the device) and each running request's sampling values."""
 
-    def __init__(self, kv: KVCache, vocab_size: int):
+    def __init__(self, kv: KVCache, vocab_size: int, image_token: int | None = None, rope: Callable | None = None):
+        """image_token: a vision-language model's placeholder id, which the model reads at image positions (the
+        requests' prompts carry image key ids there, past the vocabulary: jaxllm/engine/image_stage.py).
+        rope: an M-RoPE model's `rope(images, start, stop)` → [3, stop - start] rotary positions of a request's
+        positions start..stop from its images' (first position, grid) (the vision family's `rope_positions`)."""
         self.host_kv = kv
         self.vocab_size = vocab_size
+        self.image_token = image_token
+        self.rope = rope
         self.reset()
+
+    def _rope_positions(self, req: Request, start: int, stop: int) -> np.ndarray:
+        """[3, stop - start] M-RoPE positions of `req`'s positions start..stop (the index on all three axes for
+        a request without images)."""
+        if not req.images:
+            return np.broadcast_to(np.arange(start, stop, dtype=np.int32), (3, stop - start))
+        return self.rope([(span.start, span.image.grid) for span in req.images], start, stop)
+
+    def _model_ids(self, req: Request, ids: list[int]) -> list[int]:
+        """`req`'s ids as the model reads them: image key ids → the image placeholder's id."""
+        if not req.images:
+            return ids
+        return [self.image_token if t >= self.vocab_size else t for t in ids]
 
     def reset(self) -> None:
         """Forget the device's sampled rows (its state was lost) and the cached sampling values."""
@@ -108,7 +130,8 @@ class StepInputBuilder:
         run before the step."""
         kv = self.host_kv
         parts = [(np.full(f.stop - f.start, f.request.kv_row), np.arange(f.start, f.stop),
-                  f.request.slots[f.start : f.stop], f.request.token_ids(f.start, f.stop)) for f in fills]
+                  f.request.slots[f.start : f.stop], self._model_ids(f.request, f.request.token_ids(f.start, f.stop)))
+                 for f in fills]
         count = sum(f.stop - f.start for f in fills)
         size = max(64, 1 << (count - 1).bit_length())
         pad = (np.full(size - count, kv.scratch_row), np.zeros(size - count), np.full(size - count, kv.scratch_slot),
@@ -141,8 +164,8 @@ class StepInputBuilder:
         if shape.decode_only and batch.chunks:
             return self._build_decode(batch, shape)
         kv = self.host_kv
-        tokens, src, positions, token_row, write_slots, targets = [], [], [], [], [], []
-        kv_rows, context, q_start, q_lens, logits_index = [], [], [], [], []
+        tokens, src, positions, token_row, write_slots, targets, image_rows = [], [], [], [], [], [], []
+        kv_rows, context, q_start, q_lens, logits_index, rope = [], [], [], [], [], []
         offsets: list[int] = []
         rows: dict[str, int] = {}
         last_token: dict[int, int] = {}  # id(request) → packed index of its chunk's last token
@@ -154,8 +177,10 @@ class StepInputBuilder:
             offsets.append(q)
             last_token[id(req)] = q + n - 1
             known = req.num_known
-            ids = req.token_ids(start, min(stop, known))
+            ids = self._model_ids(req, req.token_ids(start, min(stop, known)))
             tokens += ids
+            rows_of_images = req.image_rows(start, stop) if req.images else None
+            image_rows += [-1] * n if rows_of_images is None else rows_of_images.tolist()
             src += [-1] * len(ids)
             if stop > known:  # the one token sampled by the previous step, still on the device
                 if stop != known + 1 or req.request_id not in self._last_rows:
@@ -163,10 +188,12 @@ class StepInputBuilder:
                 tokens.append(0)
                 src.append(self._last_rows[req.request_id])
             positions += range(start, stop)
+            if self.rope is not None:
+                rope.append(self._rope_positions(req, start, stop))
             token_row += [i] * n
             write_slots += req.slots[start:stop]
             if chunk.prompt_logprobs:
-                nxt = req.prompt_ids[start + 1 : stop + 1]
+                nxt = self._model_ids(req, req.prompt_ids[start + 1 : stop + 1])
                 targets += nxt + [0] * (n - len(nxt))
             else:
                 targets += [0] * n
@@ -189,6 +216,7 @@ class StepInputBuilder:
         token_row += pad_owner
         write_slots += [kv.scratch_slot] * pad_tokens
         targets += [0] * pad_tokens
+        image_rows += [-1] * pad_tokens
         for r in range(pad_rows):
             first = real_tokens + r if r < pad_tokens else shape.tokens
             count = (1 if r < pad_rows - 1 else pad_tokens - r) if r < pad_tokens else 0
@@ -202,7 +230,9 @@ class StepInputBuilder:
             tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
-            logits_index=i32(logits_index), sampling=self._sampling(batch, pad_rows),
+            logits_index=i32(logits_index), image_rows=i32(image_rows), sampling=self._sampling(batch, pad_rows),
+            rope_positions=None if self.rope is None else np.concatenate(
+                rope + [np.zeros((3, pad_tokens), np.int32)], axis=1),
         )
         return host, offsets, rows
 
@@ -214,20 +244,28 @@ class StepInputBuilder:
         if size < n or shape.tokens != size:
             raise ValueError(f"batch of {n} rows does not fit {shape}")
         per_row, rows = [], {}
+        image_rows = np.full(size, -1, np.int32)
+        rope = np.zeros((3, size), np.int32) if self.rope is not None else None
         for i, chunk in enumerate(batch.chunks):
             req: Request = chunk.request
             pos = chunk.start
             known = req.num_known
+            if req.images and pos < req.images[-1].stop:  # a one-token prompt chunk may fall on an image
+                image_row = req.image_rows(pos, pos + 1)
+                if image_row is not None:
+                    image_rows[i] = image_row[0]
             if pos < known:
-                token, src = req.token_ids(pos, pos + 1)[0], -1
+                token, src = self._model_ids(req, req.token_ids(pos, pos + 1))[0], -1
             elif pos == known and req.request_id in last_rows:
                 token, src = 0, last_rows[req.request_id]
             else:
                 raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
             target = 0
             if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
-                target = req.prompt_ids[pos + 1]
+                target = self._model_ids(req, [req.prompt_ids[pos + 1]])[0]
             per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
+            if rope is not None and req.images:
+                rope[:, i] = self._rope_positions(req, pos, pos + 1)[:, 0]
             if chunk.samples:
                 rows[req.request_id] = i
         real = np.array(per_row, np.int64).reshape(n, 6)
@@ -239,10 +277,13 @@ class StepInputBuilder:
         index = np.arange(size, dtype=np.int32)  # token i is row i's only token
         context = np.ones(size, np.int32)
         context[:n] = column[2, :n] + 1
+        if rope is not None:  # text-only rows: the index on all three axes
+            text = np.array([not c.request.images for c in batch.chunks] + [False] * (size - n))
+            rope[:, text] = column[2, text]
         host = StepInputs(
             tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
             write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
             query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            sampling=self._sampling(batch, size - n),
+            image_rows=image_rows, sampling=self._sampling(batch, size - n), rope_positions=rope,
         )
         return host, list(range(n)), rows

@@ -30,4 +30,10 @@ def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = N
     if config.moe is not None and config.weight_quant is not None:
         raise ValueError(f"quantised weights ({config.weight_quant.scheme}: a weight --mode or a quantised "
                          f"checkpoint) are not built for mixtures of experts ({config.model_type})")
-    return CausalLM(config=config, dtype=dtype, backend=backend, experts_kernel=experts_kernel or routed_experts)
+    vision = None
+    if config.vision is not None:
+        from jaxllm.models.vision.registry import vision_family
+
+        vision = vision_family(config.vision.family).encoder(config, dtype)
+    return CausalLM(config=config, dtype=dtype, backend=backend, experts_kernel=experts_kernel or routed_experts,
+                    vision=vision)

@@ -29,6 +29,9 @@ class AttentionMetadata:
     query_start: Any  # [rows] int32: index of the row's first token in the packed batch
     query_lens: Any  # [rows] int32: tokens the row brings this step (0 for a padding row)
     logits_index: Any  # [rows] int32: packed index of the token whose next-token logits are sampled
+    # [3, n] int32: M-RoPE models' rotary positions (temporal, height, width), which differ from `positions`
+    # on image tokens and after them; None: the rotary position is `positions`.
+    rope_positions: Any = None
     decode_only: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod

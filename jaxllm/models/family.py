@@ -22,3 +22,8 @@ class Family:
     deepspeed: bool = False
     # The base model's prefix, which checkpoints saved from the bare base model lack ("transformer.").
     base_prefix: str = ""
+    # Checkpoint tensor name → the name the weight map uses (vision-language checkpoints saved by different
+    # transformers versions nest the language model differently).
+    rename: Callable[[str], str] = lambda name: name
+    # Tensors a given config never reads (a vision tower's layers past the features it selects).
+    unused: Callable[[ModelConfig, str], bool] = lambda config, name: False

@@ -58,6 +58,7 @@ _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's
 }
 
 
@@ -137,7 +138,8 @@ class Attention(nn.Module):
         q, k = self._qk_norm(q, k)
         if c.position == "rope":
             r = c.layer_rope(self.layer)
-            cos, sin = rope.cos_sin(r, d, meta.positions)
+            positions = meta.positions if meta.rope_positions is None else meta.rope_positions
+            cos, sin = rope.cos_sin(r, d, positions)
             q = rope.apply_rope(q, cos, sin, r.interleaved)
             k = rope.apply_rope(k, cos, sin, r.interleaved)
         spec = AttentionSpec(

@@ -6,13 +6,13 @@ import dataclasses
 from typing import Any
 
 from jaxllm.config import ModelConfig, ScoreHead
-from jaxllm.models import (baichuan, bloom, cohere, deepseek, gemma, internlm2, llama, mixtral, phi3, qwen,
-                           qwen_moe, stablelm, starcoder)
+from jaxllm.models import (baichuan, bloom, cohere, deepseek, gemma, internlm2, llama, llava, mixtral, phi3,
+                           qwen, qwen2_vl, qwen_moe, stablelm, starcoder)
 from jaxllm.models.family import Family
 
 _FAMILIES = (llama.FAMILY, gemma.FAMILY, phi3.FAMILY, starcoder.STARCODER2, starcoder.GPT_BIGCODE, stablelm.FAMILY,
              cohere.FAMILY, bloom.FAMILY, internlm2.FAMILY, baichuan.FAMILY, qwen.FAMILY, mixtral.FAMILY,
-             qwen_moe.FAMILY, deepseek.FAMILY)
+             qwen_moe.FAMILY, deepseek.FAMILY, llava.FAMILY, qwen2_vl.FAMILY)
 FAMILIES: dict[str, Family] = {t: f for f in _FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 # config.json `architectures` served with a score head instead of the LM head (reward models) → (the

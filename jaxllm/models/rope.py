@@ -1,5 +1,7 @@
 """Rotary position embedding: inverse frequencies of every scaling kind (linear, dynamic NTK, Llama-3, YaRN,
-LongRoPE), partial rotary, and the halves (Llama) or interleaved pairs (GPT-J, Cohere) layouts.
+LongRoPE), partial rotary, M-RoPE (Qwen2-VL: sections of the frequencies rotate by a token's temporal, height
+and width positions), the 2D rotary of vision towers, and the halves (Llama) or interleaved pairs (GPT-J,
+Cohere) layouts.
 
 Frequencies follow transformers' `modeling_rope_utils` in float32. Two kinds depend on the sequence length
 there (dynamic NTK and LongRoPE pick their frequencies from the longest position of the whole batch); here a
@@ -69,8 +71,11 @@ def _longrope_attention(s: RopeScaling) -> float:
 
 def cos_sin(rope: Rope, head_dim: int, positions):
     """cos, sin [n, rotary_dim // 2] float32 of each token's `positions` [n] (cos/sin already multiplied by
-    the scaling's attention factor, as transformers does)."""
+    the scaling's attention factor, as transformers does). An M-RoPE layer also takes `positions` [3, n]
+    (temporal, height, width); given [n], every section rotates by the one position, as for text tokens."""
     dim = rope.rotary_dim or head_dim
+    if positions.ndim == 2:
+        return _mrope_cos_sin(rope, dim, positions)
     s = rope.scaling
     pos = positions.astype(jnp.float32)[:, None]  # [n, 1]
     attention = 1.0
@@ -99,6 +104,28 @@ def cos_sin(rope: Rope, head_dim: int, positions):
                 inv = _llama3(inv, s)
         angles = pos * jnp.asarray(inv)[None, :]
     return jnp.cos(angles) * attention, jnp.sin(angles) * attention
+
+
+def _mrope_cos_sin(rope: Rope, dim: int, positions):
+    """M-RoPE: frequency j rotates by the position row of its section (sections cycle through t, h, w)."""
+    if not rope.mrope_section or rope.scaling is not None:
+        raise ValueError("positions [3, n] need a rope with mrope_section and no rescaling")
+    sections = np.asarray(rope.mrope_section)
+    if sections.sum() != dim // 2:
+        raise ValueError(f"mrope_section {rope.mrope_section} must sum to rotary_dim // 2 = {dim // 2}")
+    row_of_freq = np.repeat(np.arange(len(sections)) % 3, sections)  # [dim // 2]
+    pos = positions.astype(jnp.float32)[row_of_freq].T  # [n, dim // 2]
+    angles = pos * jnp.asarray(_base_inv_freq(rope.theta, dim))[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def axial_cos_sin(theta: float, head_dim: int, positions):
+    """2D rotary of a vision tower (Qwen2-VL): cos, sin [n, head_dim // 2] of patch `positions` [n, 2] (row,
+    column); the first half of the frequencies rotates by the row, the second by the column."""
+    inv = jnp.asarray(_base_inv_freq(theta, head_dim // 2))  # [head_dim // 4]
+    angles = positions.astype(jnp.float32)[:, :, None] * inv  # [n, 2, head_dim // 4]
+    angles = angles.reshape(positions.shape[0], -1)
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x, cos, sin, interleaved: bool = False):

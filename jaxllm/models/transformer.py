@@ -66,17 +66,37 @@ class CausalLM(nn.Module):
     dtype: Any
     backend: AttentionBackend
     experts_kernel: Callable = routed_experts  # MoE layers' routed experts (`expert_kernels.py`)
+    # A vision-language model's encoder (tower + projector, `jaxllm/models/vision/interface.py`), params
+    # under "vision"; None for a text model.
+    vision: nn.Module | None = None
+
+    def encode_images(self, *inputs, grid: tuple = ()):
+        """An `EncodeBatch`'s inputs → image embeddings [B, T, hidden] (`model.apply(..., *inputs, grid=static,
+        method=CausalLM.encode_images)`; `jaxllm/models/vision/interface.py`)."""
+        return self.vision(*inputs, grid=grid)
 
     @nn.compact
-    def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False):
-        """tokens [n] int32; kv_cache: one backend cache tuple per layer.
+    def __call__(self, tokens, meta: AttentionMetadata, kv_cache: tuple, all_logits: bool = False,
+                 image_embeds=None, image_mask=None):
+        """tokens [n] int32; kv_cache: one backend cache tuple per layer; image_embeds [n, hidden] replace
+        the token embeddings where image_mask [n] is set (a vision-language model's image tokens).
 
         Returns logits float32 [rows, vocab] at `meta.logits_index` ([n, vocab] with `all_logits`)
         and the updated cache; a model with a score head returns its scores [rows, labels] instead.
         """
         c = self.config
+        if self.vision is not None and self.is_initializing():  # declare the encoder's params too
+            from jaxllm.models.vision.registry import vision_family
+
+            example = vision_family(c.vision.family).example_batch(c)
+            self.vision(*example.inputs, grid=example.static)
         embed = param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"), self.dtype)
         x = embed[tokens]  # [n, hidden]
+        if image_embeds is not None:
+            if c.rope.mrope_section and meta.rope_positions is None:  # image tokens sit on a grid of positions
+                raise ValueError(f"{c.model_type}: a step with images needs its tokens' M-RoPE positions "
+                                 "(AttentionMetadata.rope_positions)")
+            x = jnp.where(image_mask[:, None], image_embeds.astype(x.dtype), x)
         if c.position == "learned":
             table = param(self, "embed_positions", (c.max_position_embeddings, c.hidden_size), ("positions", "embed"),
                           self.dtype)

@@ -70,9 +70,12 @@ class Generation:
     Use once, through collect() or events(). It notes when it was submitted, its first and last token, how
     many tokens came, its queue time and prompt-cache hits as the engine reports them (for the metrics)."""
 
-    def __init__(self, engine, prompts: list[list[int]], params: SamplingParams, *, scoring: bool = False) -> None:
-        """scoring: each prompt is scored by a reward model (Engine.submit_score; params is SCORE_PARAMS)."""
+    def __init__(self, engine, prompts: list[list[int]], params: SamplingParams, *, scoring: bool = False,
+                 images: tuple = ()) -> None:
+        """scoring: each prompt is scored by a reward model (Engine.submit_score; params is SCORE_PARAMS);
+        images: the one prompt's images (ImageInputs, one per placeholder)."""
         self.engine = engine
+        self.images = images
         self.scoring = scoring
         self.prompts = prompts
         self.params = params
@@ -89,7 +92,8 @@ class Generation:
 
     @property
     def input_len(self) -> int:
-        return sum(len(ids) for ids in self.prompts)
+        """Prompt tokens, each image's placeholder counted as the image's tokens."""
+        return sum(len(ids) for ids in self.prompts) + sum(image.num_tokens - 1 for image in self.images)
 
     def _submit(self) -> list:
         self.submitted_at = time.monotonic()
@@ -101,7 +105,7 @@ class Generation:
                 if self.scoring:
                     streams.append(self.engine.submit_score(ids, request_ids[0]))
                 else:
-                    streams += self.engine.submit_group(ids, self.params, request_ids)
+                    streams += self.engine.submit_group(ids, self.params, request_ids, images=self.images)
             except ValueError as exc:
                 self._abort_open()
                 raise invalid(str(exc)) from None

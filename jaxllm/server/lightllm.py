@@ -13,6 +13,7 @@ from quart import Response
 from jaxllm.engine.request import SamplingParams, TokenEvent
 from jaxllm.server.errors import invalid, lightllm_error_body
 from jaxllm.server.generation import Generation, Sequence, check_prompt
+from jaxllm.server.images import ImageRef, check_placeholders, lightllm_images, load_images
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.sse import event, stream_response
 from jaxllm.server.state import ServerState
@@ -28,39 +29,27 @@ class GenerateRequest:
     prompt_ids: list[int]
     params: SamplingParams
     return_details: bool
-
-
-def check_multimodal(body: dict) -> None:
-    """`multimodal_params` may be absent or name no images: this server loads no vision model."""
-    mm = body.get("multimodal_params")
-    if mm is None:
-        return
-    images = obj("multimodal_params", mm).get("images", [])
-    if not isinstance(images, list):
-        raise invalid("multimodal_params.images: expected a list", "multimodal_params.images")
-    if images:
-        raise invalid(
-            "multimodal_params.images: this server has no multimodal model (--enable_multimodal is not supported yet)",
-            "multimodal_params.images",
-        )
+    images: list[ImageRef] = dataclasses.field(default_factory=list)  # multimodal_params.images, not loaded yet
 
 
 def prepare(state: ServerState, body: Any, *, stream: bool, fields: dict[str, Any], return_details: bool,
             truncate: int | None = None) -> GenerateRequest:
     """Shared tail of the LightLLM and TGI formats: build and validate the params, refuse best_of > 1 on a
-    stream, check multimodal_params, tokenise, (TGI) truncate, then the engine's length checks."""
+    stream, read multimodal_params, tokenise, (TGI) truncate, then the engine's length checks and the images'
+    placeholder count (the images themselves are loaded after: `load_images`)."""
     prompt = body["inputs"]
     take_guided(fields)
     params = sampling_params(fields)
     check_guided(state.engine, params.guided)
     if stream and params.best_of != 1:
         raise invalid("best_of: streaming requires best_of == 1", "best_of")
-    check_multimodal(body)
+    images = lightllm_images(body)
     ids = state.tokenizer.encode(prompt)  # LightLLM's: special tokens as the tokenizer adds them
     if truncate is not None:
         ids = ids[-truncate:]
     ids = check_prompt(state.engine, ids, params)
-    return GenerateRequest(prompt, ids, params, return_details)
+    check_placeholders(state.engine, ids, images, "multimodal_params.images")
+    return GenerateRequest(prompt, ids, params, return_details, images)
 
 
 def parse(state: ServerState, body: Any, *, stream: bool) -> GenerateRequest:
@@ -122,13 +111,15 @@ def stream_event(e: TokenEvent) -> dict:
 
 async def generate(state: ServerState, body: Any) -> Response:
     track, req = state.track_parsed(parse, state, body, stream=False)
-    sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params))
+    images = await track.guard(load_images(state.engine, req.images))
+    sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
     return json_response(generate_body(req, sequences, prompt_logprobs=state.args.return_all_prompt_logprobs))
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
     track, req = state.track_parsed(parse, state, body, stream=True)
-    generation = Generation(state.engine, [req.prompt_ids], req.params)
+    images = await track.guard(load_images(state.engine, req.images))
+    generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
 
     async def chunks() -> AsyncIterator[bytes]:
         async with contextlib.aclosing(track.events(generation)) as events:

@@ -10,6 +10,7 @@ from typing import Any
 from jaxllm.engine.request import MAX_TOP_LOGPROBS, SamplingParams
 from jaxllm.server.errors import ApiError, invalid
 from jaxllm.server.generation import check_prompt
+from jaxllm.server.images import ImageRef, check_placeholders, image_url_part
 from jaxllm.server.tool_parsers import TOOL_FORMATS, ToolFormat
 from jaxllm.server.tools import (
     ToolCalling,
@@ -83,6 +84,7 @@ class OpenAIRequest:
     echo: bool = False
     top_logprobs: int = 0  # alternatives reported per token (chat: top_logprobs; completions: logprobs)
     tools: ToolCalling | None = None  # chat with tools: the answer is parsed into tool_calls
+    images: list[ImageRef] = dataclasses.field(default_factory=list)  # chat: its image_url parts, not loaded yet
 
 
 def _any(name: str, value: Any) -> Any:
@@ -167,23 +169,26 @@ def _common(body: dict, f: dict) -> tuple[str, int, bool, bool]:
     return model, n, stream, include_usage
 
 
-def _message_text(i: int, message: Any, fmt: ToolFormat, template: str) -> dict:
+def _message_text(i: int, message: Any, fmt: ToolFormat, template: str, images: ChatImages) -> dict:
     where = f"messages[{i}]"
     message = obj(where, message)
     role = require(message, "role", string, where)
     content = message.get("content")
     if content is None:
         content = ""
-    elif isinstance(content, list):  # content parts: text only
+    elif isinstance(content, list):  # content parts: text, and images where the model takes them
         texts = []
         for j, part in enumerate(content):
             part = obj(f"{where}.content[{j}]", part)
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"{where}.content[{j}]: only text parts are supported", f"{where}.content")
-            texts.append(part["text"])
+            if part.get("type") == "image_url":
+                texts.append(images.add(image_url_part(f"{where}.content[{j}]", part)))
+            elif part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"{where}.content[{j}]: only text and image_url parts are supported", f"{where}.content")
+            else:
+                texts.append(part["text"])
         content = "".join(texts)
     elif not isinstance(content, str):
-        raise invalid(f"{where}.content: expected a string or a list of text parts", f"{where}.content")
+        raise invalid(f"{where}.content: expected a string or a list of content parts", f"{where}.content")
     out = {"role": role, "content": content}
     calls = assistant_tool_calls(where, message) if role == "assistant" else None
     if calls and "tool_calls" in template:
@@ -196,17 +201,55 @@ def _message_text(i: int, message: Any, fmt: ToolFormat, template: str) -> dict:
     return out
 
 
+_IMAGE_MARK = "\x00image\x00"  # an image part's place in a message's text, before the template sees it
+
+
+@dataclasses.dataclass
+class ChatImages:
+    """The image_url parts of a chat, in order. A template that renders image parts (LLaVA's, Qwen2-VL's:
+    transformers' processors give them `{"type": "image"}` items) gets every message's content as parts; to
+    another template an image is the model's `placeholder` and a newline inside the text."""
+
+    placeholder: str = ""
+    refs: list[ImageRef] = dataclasses.field(default_factory=list)
+    structured: bool = False  # the template renders image parts (set by chat_prompt)
+
+    def add(self, ref: ImageRef) -> str:
+        self.refs.append(ref)
+        return _IMAGE_MARK if self.structured else self.placeholder + "\n"
+
+    def as_parts(self, message: dict) -> dict:
+        """`message` with its content as text and image parts (images where `add` marked them)."""
+        pieces = message["content"].split(_IMAGE_MARK)
+        parts = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+        for piece in pieces[1:]:
+            parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return dict(message, content=parts)
+
+
+def renders_image_parts(template: str) -> bool:
+    """Whether a chat template handles `{"type": "image"}` content parts."""
+    return "'image'" in template or '"image"' in template
+
+
 def chat_prompt(tokenizer, messages: Any, tools: ToolCalling | None = None,
-                fmt: ToolFormat | None = None) -> tuple[str, list[int]]:
-    """The tokenizer's chat template applied to the messages (and tools), with the assistant's turn opened."""
+                fmt: ToolFormat | None = None, images: ChatImages | None = None) -> tuple[str, list[int]]:
+    """The tokenizer's chat template applied to the messages (and tools), with the assistant's turn opened;
+    `images` collects the image parts."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: expected a non-empty list of messages", "messages")
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise invalid("messages: this model's tokenizer has no chat template; use /v1/completions", "messages")
     fmt = fmt or (tools.fmt if tools else TOOL_FORMATS["hermes"])
-    conversation = [_message_text(i, m, fmt, template) for i, m in enumerate(messages)]
+    images = images if images is not None else ChatImages()
+    images.structured = bool(images.placeholder) and renders_image_parts(template)
+    conversation = [_message_text(i, m, fmt, template, images) for i, m in enumerate(messages)]
     conversation = template_messages(conversation, tools, template)
+    if images.structured:
+        conversation = [images.as_parts(m) for m in conversation]
     extra = {"tools": [{"type": "function", "function": f} for f in tools.functions]} if tools else {}
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
@@ -232,10 +275,12 @@ def parse_chat(engine, body: Any) -> OpenAIRequest:
     if tools is not None:
         params = _with_tools(engine, params, tools)
     check_guided(engine, params.guided)
-    text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine))
+    images = ChatImages(engine.config.vision.placeholder if engine.image_processor is not None else "")
+    text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine), images)
     ids = check_prompt(engine, ids, params, "messages")
+    check_placeholders(engine, ids, images.refs, "messages")
     return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")),
-                         top_logprobs=top, tools=tools)
+                         top_logprobs=top, tools=tools, images=images.refs)
 
 
 def _with_tools(engine, params: SamplingParams, tools: ToolCalling) -> SamplingParams:

@@ -13,7 +13,7 @@ from jaxllm.engine.request import SCORE_PARAMS
 from jaxllm.server.errors import ApiError, invalid
 from jaxllm.server.generation import Generation, check_prompt
 from jaxllm.server.jsonio import json_response
-from jaxllm.server.lightllm import check_multimodal
+from jaxllm.server.images import lightllm_images
 from jaxllm.server.state import ServerState
 from jaxllm.server.validation import obj
 
@@ -25,7 +25,8 @@ def parse(state: ServerState, body: Any) -> list[int]:
     chat = body.get("chat")
     if not isinstance(chat, str) or not chat:
         raise invalid("chat: expected a non-empty string", "chat")
-    check_multimodal(body)
+    if lightllm_images(body):  # the reward families served have no vision tower
+        raise invalid("multimodal_params.images: /get_score scores text only", "multimodal_params.images")
     return check_prompt(state.engine, state.tokenizer.encode(chat), SCORE_PARAMS, "chat")
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from quart import has_request_context, request
 
@@ -113,6 +113,14 @@ class Tracker:
             self.ok = True
         finally:
             self.end()
+
+    async def guard(self, validation: Awaitable[T]) -> T:
+        """Await validation that runs after parsing (a request's images); a failure ends the request."""
+        try:
+            return await validation
+        except BaseException:
+            self.end()
+            raise
 
     def end(self) -> None:
         if self._ended:

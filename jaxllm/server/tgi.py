@@ -16,6 +16,7 @@ from jaxllm.server.errors import invalid, tgi_error_body
 from jaxllm.server.generation import SEED_LIMIT, Generation, Sequence
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.guided import GUIDED_CHECKS, tgi_grammar
+from jaxllm.server.images import load_images
 from jaxllm.server.lightllm import GenerateRequest, prepare, token_dict
 from jaxllm.server.sse import event, stream_response
 from jaxllm.server.state import ServerState
@@ -160,13 +161,15 @@ def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, se
 
 async def generate(state: ServerState, body: Any) -> Response:
     track, (req, opts) = state.track_parsed(parse, state, body, stream=False)
-    sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params))
+    images = await track.guard(load_images(state.engine, req.images))
+    sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
     return json_response(generate_body(state, req, opts, sequences))
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
     track, (req, opts) = state.track_parsed(parse, state, body, stream=True)
-    generation = Generation(state.engine, [req.prompt_ids], req.params)
+    images = await track.guard(load_images(state.engine, req.images))
+    generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
     prefix = req.prompt if opts.return_full_text else ""
 
     async def chunks() -> AsyncIterator[bytes]:

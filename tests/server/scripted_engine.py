@@ -92,6 +92,7 @@ class ScriptedEngine:
         self.submitted: list[tuple[str, list[int], SamplingParams]] = []
         self.aborted: list[str] = []
         self.streams: dict[str, ScriptedStream] = {}
+        self.image_processor = None  # a text model: requests with images are refused
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         return check_prompt(prompt_ids, params, self.args)  # the engine's own length checks
@@ -102,8 +103,9 @@ class ScriptedEngine:
         self.streams[request_id] = stream
         return stream
 
-    def submit_group(self, prompt_ids, params, request_ids) -> list[ScriptedStream]:
-        """Independent members, member i with seed + i (the engine's rule)."""
+    def submit_group(self, prompt_ids, params, request_ids, images=()) -> list[ScriptedStream]:
+        """Independent members, member i with seed + i (the engine's rule); a text model takes no images."""
+        assert not images, "the server let images through to a text model"
         return [self.submit(prompt_ids, member_params(params, i), rid) for i, rid in enumerate(request_ids)]
 
     def submit_score(self, prompt_ids, request_id=None) -> ScriptedScore:
