@@ -30,7 +30,7 @@ from jaxllm.engine.runner import StepHandle, enable_compilation_cache
 from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.stream import RequestStream
-from jaxllm.engine.submission import SubmitRules
+from jaxllm.engine.submission import SubmitRules, check_prompt
 from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.models.vision.registry import vision_family
 
