@@ -155,7 +155,8 @@ class EngineClient:
         prompt's ImageInputs (checked against the prompt in the core: an error there ends the streams)."""
         request_ids = self.rules.group(params, request_ids)
         spec = self._spec(prompt_ids, params, request_ids)
-        if images:
+        if images:  # checked here too, so that what the core would refuse is a 400, not a failed stream
+            self.rules.images(spec["prompt_ids"], spec["params"], list(images), self.config.vision)
             spec["images"] = tuple(images)
         return self._send([spec])
 

@@ -236,18 +236,7 @@ class Engine(StepReader):
 
     def _with_images(self, prompt_ids: list[int], params: SamplingParams, images: tuple):
         """(the prompt with its images' positions, the images' spans); ValueError for what cannot run."""
-        if self._images is None:
-            raise ValueError("multimodal_params.images: images need a vision-language model served with "
-                             "--enable_multimodal" if self.config.vision is not None else
-                             "multimodal_params.images: this model has no vision tower")
-        if self._healer is not None:
-            raise ValueError("multimodal_params.images: --token_healing_mode does not take images")
-        ids, spans = self._images.prompt_with(prompt_ids, list(images), self.config.vision.image_token_id,
-                                              self.config.vocab_size)
-        if len(check_prompt(list(ids), params, self.args)) != len(ids):
-            raise ValueError("a prompt with images is not truncated (--long_truncation_mode): it has "
-                             f"{len(ids)} tokens with its images")
-        return ids, spans
+        return self.rules.images(prompt_ids, params, list(images), self.config.vision)
 
     def grammars(self) -> GrammarCompiler:
         """The compiler of guided requests' grammars (ValueError when the engine has no tokenizer)."""

@@ -79,6 +79,30 @@ class SubmitRules:
             raise ValueError("stop_sequences: this engine has no tokenizer to match them")
         return self.prompt(prompt_ids, params), params
 
+    def images(self, prompt_ids: list[int], params: SamplingParams, images: list, vision) -> tuple[list[int], tuple]:
+        """A checked prompt with its placeholders expanded to its images' positions, and the images' spans
+        (`image_stage.with_images`); ValueError for what cannot run: no vision tower (`vision`: the model
+        config's, or None) or no --enable_multimodal, token healing, more distinct images than --cache_capacity,
+        placeholders and images that differ in number, a prompt too long once its images are counted."""
+        from jaxllm.engine.image_stage import with_images
+
+        args = self.args
+        if vision is None or not args.enable_multimodal:
+            raise ValueError("multimodal_params.images: images need a vision-language model served with "
+                             "--enable_multimodal" if vision is not None else
+                             "multimodal_params.images: this model has no vision tower")
+        if args.token_healing_mode:
+            raise ValueError("multimodal_params.images: --token_healing_mode does not take images")
+        distinct = len({image.digest for image in images})
+        if distinct > args.cache_capacity:
+            raise ValueError(f"multimodal_params.images: {distinct} distinct images are more than "
+                             f"--cache_capacity ({args.cache_capacity})")
+        ids, spans = with_images(prompt_ids, list(images), vision.image_token_id, self.vocab_size)
+        if len(check_prompt(list(ids), params, args)) != len(ids):
+            raise ValueError("a prompt with images is not truncated (--long_truncation_mode): it has "
+                             f"{len(ids)} tokens with its images")
+        return ids, spans
+
     def group(self, params: SamplingParams, request_ids: list | None) -> list:
         """The request ids of a best_of group (None each when not given); ValueError for what groups refuse."""
         count = params.best_of
