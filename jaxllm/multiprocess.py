@@ -10,52 +10,19 @@ import atexit
 import dataclasses
 import logging
 import os
-import pickle
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from typing import Any
 
-log = logging.getLogger(__name__)
+from jaxllm.child import Channel, spawn
 
-_LENGTH = struct.Struct("<Q")  # each message: its pickled length, then the pickle
+log = logging.getLogger(__name__)
 
 
 class FollowerExited(RuntimeError):
     """A follower process is gone: no step can run on the global mesh any more."""
-
-
-class Channel:
-    """Length-prefixed pickles over a connected stream socket (a socketpair shared with one follower)."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-
-    def send(self, message: Any) -> int:
-        """Send `message`; returns its size in bytes on the wire."""
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self.sock.sendall(_LENGTH.pack(len(payload)) + payload)
-        return _LENGTH.size + len(payload)
-
-    def receive(self) -> Any:
-        """The next message; EOFError once the other end has closed."""
-        (size,) = _LENGTH.unpack(self._exactly(_LENGTH.size))
-        return pickle.loads(self._exactly(size))
-
-    def _exactly(self, n: int) -> bytes:
-        data = bytearray()
-        while len(data) < n:
-            chunk = self.sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError("the other process closed the channel")
-            data += chunk
-        return bytes(data)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclasses.dataclass
@@ -116,14 +83,6 @@ class Followers:
             self._followers = []
 
 
-def _die_with_parent() -> None:
-    """In a follower before it starts: SIGTERM when process 0 dies, even killed outright (Linux)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def initialize(port: int, processes: int, process_id: int) -> None:
     """Join the deployment's jax.distributed (one device per process); before any JAX computation. Task failures
     are recoverable: a dead follower fails steps (Followers.check) instead of aborting process 0."""
@@ -150,10 +109,7 @@ def start(args, warmup: int | None) -> Followers:
     jax.distributed. The followers load the same model and compile the same steps."""
     followers = []
     for process_id in range(1, args.processes):
-        ours, theirs = socket.socketpair()
-        command = [sys.executable, "-m", "jaxllm.multiprocess", str(theirs.fileno()), str(process_id)]
-        proc = subprocess.Popen(command, pass_fds=(theirs.fileno(),), preexec_fn=_die_with_parent)
-        theirs.close()
+        proc, ours = spawn("jaxllm.multiprocess", str(process_id))
         channel = Channel(ours)
         channel.send((args, warmup))
         followers.append(_Follower(process_id, proc, channel))

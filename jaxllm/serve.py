@@ -1,6 +1,7 @@
-"""`python -m jaxllm.serve`: flags → Engine (weights loaded, steps compiled) → the HTTP app served by hypercorn
-on --host/--port, with the engine loop, the metrics pusher and the stats logger beside it. With
---health_monitor it runs the server under the supervisor of jaxllm.monitor instead.
+"""`python -m jaxllm.serve`: flags → the engine core in its own process (weights loaded, steps compiled; see
+jaxllm.engine.client) → the HTTP app served by hypercorn on --host/--port from this process, with the metrics
+pusher and the stats logger beside it. With --health_monitor it runs the server under the supervisor of
+jaxllm.monitor instead.
 """
 
 from __future__ import annotations
@@ -28,21 +29,24 @@ def build_app(args: ServerArgs, engine, metrics):
 
 
 def start_up(args: ServerArgs):
-    """Metrics, the push gateway's pusher (its auth variables checked before the long load), the engine (weights
-    loaded, steps compiled) and the stats logger. Raises ValueError/FileNotFoundError with a clear reason."""
-    from jaxllm.engine.engine import Engine
+    """Metrics, the push gateway's pusher (its auth variables checked before the long load), the engine core's
+    process (weights loaded, steps compiled) and the stats logger. Raises ValueError/FileNotFoundError with a
+    clear reason."""
+    from jaxllm.engine.client import EngineClient
     from jaxllm.metrics import Metrics, MetricsPusher, StatsLogger
 
     metrics = Metrics.from_args(args)
     pusher = MetricsPusher.from_args(args, metrics.registry)
     log.info("loading %s", args.model_dir)
-    engine = Engine.from_args(args)
+    engine = EngineClient(args)
+    engine.start()
     stats = StatsLogger.from_args(args, engine.stats, metrics)
     return engine, metrics, [t for t in (pusher, stats) if t is not None]
 
 
 def serve(args: ServerArgs, engine, metrics, background: list) -> None:
-    """Serve until SIGINT/SIGTERM, then stop the background threads and the engine."""
+    """Serve until SIGINT/SIGTERM, then stop the background threads and the engine (an Engine, or an
+    EngineClient: its core's process)."""
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 

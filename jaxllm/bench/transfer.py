@@ -19,12 +19,12 @@ import time
 
 import numpy as np
 
+from jaxllm.child import Channel
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.request import Request, SamplingParams
 from jaxllm.engine.scheduler import ScheduledChunk, SchedulerOutput
 from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder, pack
 from jaxllm.engine.step_shapes import StepShape
-from jaxllm.multiprocess import Channel
 
 VOCAB = 128256  # Llama 3's (the sampling values do not depend on it)
 

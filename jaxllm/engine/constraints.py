@@ -7,7 +7,10 @@ from typing import Protocol
 
 import numpy as np
 
-from jaxllm.engine.scheduler import SchedulerOutput
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the scheduler imports JAX; the frontend process imports this module without it
+    from jaxllm.engine.scheduler import SchedulerOutput
 
 ALL_ALLOWED = -1  # an int32 word with every bit set
 

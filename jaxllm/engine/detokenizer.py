@@ -25,6 +25,16 @@ _CONTEXT_TOKENS = 6
 _warned_no_slow: set[str] = set()
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def model_tokenizer(args) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of --model_dir as the flags ask (load_tokenizer), or None when the directory has none."""
+    if not any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    return load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
+
+
 def load_tokenizer(model_dir: str, mode: str = "slow", *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer in `model_dir` (local files only), as LightLLM's --tokenizer_mode asks: "slow" (Python),
     "fast" (Rust `tokenizers`; an error if the model has none) or "auto" (fast, else slow). When no slow

@@ -27,9 +27,10 @@ from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, l
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import StepHandle, enable_compilation_cache
-from jaxllm.engine.scheduler import SchedulerOutput, check_prompt
+from jaxllm.engine.scheduler import SchedulerOutput
 from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.stream import RequestStream
+from jaxllm.engine.submission import SubmitRules, check_prompt
 from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.models.vision.registry import vision_family
 
@@ -39,15 +40,21 @@ log = logging.getLogger(__name__)
 class Engine(StepReader):
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
-    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, peers=None):
+    def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, peers=None,
+                 sink=None):
         """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: how many step
         shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met); peers:
-        the other processes of a multi-process deployment (jaxllm.multiprocess.Followers)."""
+        the other processes of a multi-process deployment (jaxllm.multiprocess.Followers); sink: where requests'
+        events go instead of their own RequestStream (the engine core's process: see jaxllm.engine.core),
+        `sink.stream(request_id)` per request and `sink.flush(stats)` after every loop iteration, so that one
+        iteration's events leave together."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
         # A reward model (a score head): every request is scored (submit_score), none generates.
         self.scoring = model.config.score_head is not None
+        self.rules = SubmitRules(args, model.config.vocab_size, self.scoring, tokenizer is not None)
+        self._sink = sink
         prefix_cache = PrefixCache() if args.use_dynamic_prompt_cache else None
         self.kv = KVCache(args.max_total_token_num, args.running_max_req_size, prefix_cache=prefix_cache)
         self.scheduler = build_scheduler(args, self.kv)
@@ -101,12 +108,13 @@ class Engine(StepReader):
         self._snapshot = self._take_snapshot()
 
     @classmethod
-    def from_args(cls, args, *, warmup: int | None = None) -> "Engine":
+    def from_args(cls, args, *, warmup: int | None = None, sink=None) -> "Engine":
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps. With
         --nccl_port and --tp > 1, first start a process per other device, each running the same steps."""
         followers = multiprocess.start(args, warmup) if args.processes > 1 else None
         loaded = load_model(args, multiprocess.mesh_devices() if followers else None)
-        return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers)
+        return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers,
+                   sink=sink)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -133,10 +141,11 @@ class Engine(StepReader):
     # --- API (any thread) ----------------------------------------------------------------------
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt to run (truncated per --long_truncation_mode) or ValueError with the reason."""
-        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
-        return check_prompt(list(prompt_ids), params, self.args)
+        return self.rules.prompt(prompt_ids, params)
+
+    def check_guided(self, guided) -> None:
+        """Compile a request's grammar now (kept for its submit); ValueError naming its field when invalid."""
+        self.grammars().constraint(guided)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue one sequence (best_of 1; see submit_group); never blocks. Raises ValueError for invalid
@@ -151,15 +160,9 @@ class Engine(StepReader):
         any member aborts the group. `images`: the prompt's images (ImageInput, one per placeholder; see
         submit_images). Raises ValueError for invalid parameters or lengths."""
         count = params.best_of
-        request_ids = request_ids or [None] * count
-        if len(request_ids) != count:
-            raise ValueError(f"{len(request_ids)} request ids for best_of {count}")
+        request_ids = self.rules.group(params, request_ids)
         if count == 1:
             return [self.submit_images(prompt_ids, params, images, request_ids[0])]
-        if self.args.beam_mode and params.stop_sequences:
-            raise ValueError("stop_sequences: not supported with --beam_mode (beams end at eos or max_new_tokens)")
-        if self.args.beam_mode and params.guided is not None:
-            raise ValueError(f"{params.guided.field}: constrained decoding is not supported with --beam_mode")
         members = [self._new_request(list(prompt_ids), member_params(params, i), rid, images=images)
                    for i, rid in enumerate(request_ids)]
         beam = None
@@ -199,8 +202,7 @@ class Engine(StepReader):
         """Queue several sequences at once: the engine sees them together (one admission decision), so the
         same submission to an idle engine always runs as the same steps. All are checked before any is
         queued."""
-        if any(params.best_of != 1 for _, params, _ in requests):
-            raise ValueError("best_of: submit() and submit_many() run one sequence each; submit_group() runs best_of")
+        self.rules.singles(requests)
         built = [self._new_request(list(ids), params, rid) for ids, params, rid in requests]
         self._inbox.put(("add", built))
         self._wake.set()
@@ -208,15 +210,7 @@ class Engine(StepReader):
 
     def _new_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None,
                      scoring: bool = False, images: tuple = ()) -> Request:
-        if scoring != self.scoring:
-            raise ValueError("this engine serves a reward model: it scores prompts (submit_score), it does not "
-                             "generate" if self.scoring else "this engine serves a generative model: it has no "
-                             "score head to score prompts with (a reward model and --use_reward_model)")
-        params = params.normalized()
-        params.validate()
-        if params.stop_sequences and self.tokenizer is None:
-            raise ValueError("stop_sequences: this engine has no tokenizer to match them")
-        prompt_ids = self.check_prompt(prompt_ids, params)
+        prompt_ids, params = self.rules.sequence(prompt_ids, params, scoring)
         spans = ()
         if images:
             prompt_ids, spans = self._with_images(prompt_ids, params, images)
@@ -237,23 +231,12 @@ class Engine(StepReader):
             req.prompt_ids, req.healing = self._healer.heal(prompt_ids)
             req.constraint = req.healing
         self._events.attach(req)
-        req.stream = RequestStream(req.request_id)
+        req.stream = RequestStream(req.request_id) if self._sink is None else self._sink.stream(req.request_id)
         return req
 
     def _with_images(self, prompt_ids: list[int], params: SamplingParams, images: tuple):
         """(the prompt with its images' positions, the images' spans); ValueError for what cannot run."""
-        if self._images is None:
-            raise ValueError("multimodal_params.images: images need a vision-language model served with "
-                             "--enable_multimodal" if self.config.vision is not None else
-                             "multimodal_params.images: this model has no vision tower")
-        if self._healer is not None:
-            raise ValueError("multimodal_params.images: --token_healing_mode does not take images")
-        ids, spans = self._images.prompt_with(prompt_ids, list(images), self.config.vision.image_token_id,
-                                              self.config.vocab_size)
-        if len(check_prompt(list(ids), params, self.args)) != len(ids):
-            raise ValueError("a prompt with images is not truncated (--long_truncation_mode): it has "
-                             f"{len(ids)} tokens with its images")
-        return ids, spans
+        return self.rules.images(prompt_ids, params, list(images), self.config.vision)
 
     def grammars(self) -> GrammarCompiler:
         """The compiler of guided requests' grammars (ValueError when the engine has no tokenizer)."""
@@ -315,6 +298,8 @@ class Engine(StepReader):
                 inflight = self._finish_dispatch(*launching) if launching else None
                 self._counters["host_s"] += time.perf_counter() - started
                 self._snapshot = self._take_snapshot()
+                if self._sink is not None:
+                    self._sink.flush(self._snapshot)
                 if inflight is None:
                     idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
                     if idle:
@@ -328,6 +313,8 @@ class Engine(StepReader):
         for req in list(self._requests.values()):
             self._end(req, "abort")
         self._snapshot = self._take_snapshot()
+        if self._sink is not None:
+            self._sink.flush(self._snapshot)
 
     def _take_inbox(self) -> None:
         while True:

@@ -72,16 +72,6 @@ class ImageStage:
                 "image_cache_hits": cache.hits, "image_cache_evictions": cache.evictions,
                 "image_room_waits": self.room_waits}
 
-    def prompt_with(self, prompt_ids: list[int], images: list[ImageInput], image_token_id: int,
-                    vocab_size: int) -> tuple[list[int], tuple[ImageSpan, ...]]:
-        """`with_images`, for a request this stage can take: ValueError when its distinct images could never
-        fit in the cache at once."""
-        distinct = len({image.digest for image in images})
-        if distinct > self.cache.capacity:
-            raise ValueError(f"multimodal_params.images: {distinct} distinct images are more than "
-                             f"--cache_capacity ({self.cache.capacity})")
-        return with_images(prompt_ids, images, image_token_id, vocab_size)
-
     def add(self, req: Request) -> None:
         self.pending.append(req)
 

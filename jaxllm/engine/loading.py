@@ -5,7 +5,6 @@ of a multi-process deployment builds the same model and runner from the same fla
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 
@@ -23,7 +22,6 @@ from jaxllm.models.vision.registry import vision_family
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclasses.dataclass
@@ -67,15 +65,22 @@ def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int, p
     )
 
 
+def image_processor(args, config: ModelConfig):
+    """The image processor of a vision-language model served with --enable_multimodal, else None."""
+    if config.vision is None or not args.enable_multimodal:
+        return None
+    return vision_family(config.vision.family).processor(config, args.model_dir)
+
+
 def image_buffer(args, config: ModelConfig):
     """(the image processor, the image-embedding buffer's rows) of a vision-language model served with
     --enable_multimodal; (None, 0) otherwise. The rows hold --cache_capacity images of the processor's most
     tokens, but never more than the KV cache's tokens (at least one request's worth): the images running
     requests use sit in the KV cache too, and a processor of dynamic resolution (Qwen2-VL: up to 16,384 tokens
     an image) would otherwise ask for a buffer of tens of GB. Entries take the rows of their own token count."""
-    if config.vision is None or not args.enable_multimodal:
+    processor = image_processor(args, config)
+    if processor is None:
         return None, 0
-    processor = vision_family(config.vision.family).processor(config, args.model_dir)
     most = max(args.max_total_token_num, args.max_req_total_len, processor.max_tokens)
     return processor, min(args.cache_capacity * processor.max_tokens, most)
 
@@ -95,7 +100,7 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
     model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
     params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
     loaded = LoadedModel(model, params, mesh, None)
-    if tokenizer and any((Path(args.model_dir) / name).is_file() for name in _TOKENIZER_FILES):
-        from jaxllm.engine.detokenizer import load_tokenizer  # transformers: not imported by the followers
-        loaded.tokenizer = load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
+    if tokenizer:
+        from jaxllm.engine.detokenizer import model_tokenizer  # transformers: not imported by the followers
+        loaded.tokenizer = model_tokenizer(args)
     return loaded

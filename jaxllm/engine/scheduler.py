@@ -12,7 +12,8 @@ from collections import deque
 import numpy as np
 
 from jaxllm.engine.kv_cache import KVCache
-from jaxllm.engine.request import Request, RequestStatus, SamplingParams
+from jaxllm.engine.request import Request, RequestStatus
+from jaxllm.engine.submission import check_prompt  # noqa: F401 - its home before the engine core's split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,46 +78,6 @@ class SchedulerOutput:
     @property
     def num_prefill_tokens(self) -> int:
         return self.num_tokens - self.num_decode_tokens
-
-
-def check_prompt(prompt_ids: list[int], params: SamplingParams, args) -> list[int]:
-    """LightLLM's length checks: prompt vs --max_req_input_len (rejected, or truncated by
-    --long_truncation_mode head | center), then prompt + max_new_tokens vs --max_req_total_len, then
-    that total + 1 vs --max_total_token_num. Returns the prompt to run; raises ValueError."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    limit = args.max_req_input_len
-    if len(prompt_ids) > limit:
-        mode = args.long_truncation_mode
-        if mode is None:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens, more than --max_req_input_len {limit}"
-            )
-        if mode == "head":
-            prompt_ids = prompt_ids[len(prompt_ids) - limit :]
-        elif mode == "center":
-            tail = limit - limit // 2
-            prompt_ids = prompt_ids[: limit // 2] + prompt_ids[len(prompt_ids) - tail :]
-        else:
-            raise ValueError(f"--long_truncation_mode {mode!r} is not one of None, head, center")
-    total = len(prompt_ids) + params.max_new_tokens
-    if total > args.max_req_total_len:
-        raise ValueError(
-            f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) = {total} "
-            f"exceeds --max_req_total_len {args.max_req_total_len}"
-        )
-    if total + 1 > args.max_total_token_num:
-        raise ValueError(
-            f"the prompt + max_new_tokens + 1 = {total + 1} exceeds --max_total_token_num "
-            f"{args.max_total_token_num}"
-        )
-    group_total = len(prompt_ids) + params.best_of * params.max_new_tokens
-    if params.best_of > 1 and group_total + 1 > args.max_total_token_num:
-        raise ValueError(
-            f"the prompt + best_of × max_new_tokens + 1 = {group_total + 1} exceeds --max_total_token_num "
-            f"{args.max_total_token_num}"
-        )
-    return list(prompt_ids)
 
 
 class Scheduler:

@@ -4,7 +4,6 @@ the only place a token is appended, a stop checked and KV freed."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -13,27 +12,10 @@ from jaxllm.engine.group import SequenceGroup
 from jaxllm.engine.request import Request
 from jaxllm.engine.runner import StepHandle
 from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.engine.step_report import StepReport
 from jaxllm.engine.stream import WakeBatch
 
 log = logging.getLogger("jaxllm.engine.engine")
-
-
-@dataclasses.dataclass(frozen=True)
-class StepReport:
-    """One step, as step listeners (Engine.add_step_listener) see it once its results are read."""
-
-    method: str  # "prefill" when the step computed any prefill chunk, else "decode"
-    duration_s: float  # from its preparation to its results on the host
-    prefill_requests: int
-    decode_requests: int
-    prefill_tokens: int
-    decode_tokens: int
-
-    @property
-    def batch_size(self) -> int:
-        """The metrics' batch size: the prefilled requests of a prefill step, the decoded ones otherwise."""
-        return self.prefill_requests if self.method == "prefill" else self.decode_requests
-
 
 
 class StepReader:

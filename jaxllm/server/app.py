@@ -12,6 +12,7 @@ import time
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
+from jaxllm.engine.client import EngineUnavailable
 from jaxllm.engine.request import SamplingParams
 from jaxllm.server import lightllm, openai, reward, tgi
 from jaxllm.server.auth import ApiKeys
@@ -159,6 +160,10 @@ def create_app(state: ServerState) -> Quart:
     @app.errorhandler(ApiError)
     async def api_error(err: ApiError) -> Response:
         return json_response(error_body(err), err.status)
+
+    @app.errorhandler(EngineUnavailable)
+    async def engine_unavailable(err: EngineUnavailable) -> Response:
+        return json_response(error_body(ApiError(503, f"the engine is not running: {err}")), 503)
 
     @app.errorhandler(HTTPException)
     async def http_error(err: HTTPException) -> Response:

@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+from jaxllm.engine.client import EngineUnavailable
 from jaxllm.engine.group import SEED_LIMIT, member_params
 from jaxllm.engine.request import SamplingParams, TokenEvent
 from jaxllm.server.errors import ApiError, invalid
@@ -108,6 +109,9 @@ class Generation:
             except ValueError as exc:
                 self._abort_open()
                 raise invalid(str(exc)) from None
+            except EngineUnavailable as exc:
+                self._abort_open()
+                raise ApiError(503, f"the engine is not running: {exc}") from None
             self._open.update(request_ids)
         return streams
 

@@ -98,6 +98,6 @@ def check_guided(engine, guided: Guided | None) -> None:
     if guided is None:
         return
     try:
-        engine.grammars().constraint(guided)
+        engine.check_guided(guided)
     except ValueError as exc:
         raise invalid(str(exc), guided.field) from None

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from quart import has_request_context, request
 
 from jaxllm.args import ServerArgs
+from jaxllm.engine.client import EngineUnavailable
 from jaxllm.engine.request import TokenEvent
 from jaxllm.server.generation import Generation, Sequence, failure
 
@@ -48,7 +49,10 @@ class ServerState:
 
     def refresh_load(self) -> None:
         """Copy the engine's load (waiting, running, paused requests; estimated peak tokens) into the gauges."""
-        s = self.engine.stats()
+        try:
+            s = self.engine.stats()
+        except EngineUnavailable:  # the health route says so; the gauges keep their last values
+            return
         peak = s["token_load"]["dynamic_max_load"] * self.args.max_total_token_num
         self.metrics.set_load(queue_size=s["waiting"], running=s["running"], paused=s["paused"],
                               max_tokens=round(peak))

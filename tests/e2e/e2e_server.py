@@ -15,6 +15,8 @@ from email.message import Message
 from pathlib import Path
 from typing import Iterator
 
+from jaxllm.child import die_with_parent
+
 # Small limits: few step shapes to compile, quick answers on CPU.
 SERVER_FLAGS = [
     "--data_type", "float32",
@@ -26,16 +28,6 @@ SERVER_FLAGS = [
     "--log_stats_interval", "5",
 ]
 START_TIMEOUT_S = 600
-
-
-def _die_with_parent() -> None:
-    """In the server process before it starts: SIGTERM when the test process dies, even killed outright (out of
-    memory), so that no server outlives its tests (Linux; elsewhere a no-op)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -58,7 +50,7 @@ class Server:
                    *SERVER_FLAGS, *flags]
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")

@@ -1,8 +1,8 @@
 """Images against the real server (a tiny random LLaVA with SmolLM2's tokenizer and an `<image>` token,
 --enable_multimodal): LightLLM's multimodal_params (base64 and url, /generate and /generate_stream) and the
 `openai` client's image_url parts (data URL and http URL) give the same greedy text for the same image;
-bad data, a placeholder count that differs from the images, too many pixels and failed or slow fetches are
-400s naming the image, and the server keeps serving."""
+bad data, a placeholder count that differs from the images, too many pixels, failed or slow fetches and a prompt
+too long once its images are counted are 400s naming the reason, and the server keeps serving."""
 
 import base64
 import http.server
@@ -144,10 +144,15 @@ def huge_png() -> str:
     ([{"type": "url", "data": "{host}/missing.png"}], PROMPT, "images[0]: fetching"),
     ([{"type": "url", "data": "{host}/slow"}], PROMPT, "took longer than 1 s"),
     ("huge", PROMPT, "pixels is more than"),
+    # 4 images × 9 tokens + the text: within --max_req_input_len 56 as text, past it with the images (the
+    # frontend counts them before the request crosses to the engine core)
+    ("four", "<image>" * 4 + " What is in the picture?" * 4, "more than --max_req_input_len 56"),
 ])
 def test_bad_images_are_400_naming_the_image(vision_server, image_host, images, prompt, fragment):
     if images == "huge":
         images = [{"type": "base64", "data": huge_png()}]
+    if images == "four":
+        images = [{"type": "base64", "data": b64(name)} for name in ("chelsea", "coffee", "astronaut", "camera")]
     images = [dict(i, data=i["data"].replace("{host}", image_host)) for i in images]
     status, out = generate(vision_server, images, prompt)
     assert status == 400 and fragment in out["message"], out

@@ -20,7 +20,7 @@ from multiprocess_generate import FLAGS, run
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder
 from jaxllm.engine.step_shapes import StepShape
-from jaxllm.multiprocess import Channel
+from jaxllm.child import Channel
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,65 @@
+"""Child processes of jaxllm (the engine core, the per-device followers of --nccl_port): a fresh interpreter
+running `python -m MODULE FD ...`, FD its end of a socket pair, that dies with its parent (Linux); and `Channel`,
+length-prefixed pickles over such a socket."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from typing import Any
+
+_LENGTH = struct.Struct("<Q")  # each message: its pickled length, then the pickle
+
+
+def die_with_parent() -> None:
+    """In a child before it starts: SIGTERM when its parent dies, even killed outright (Linux; the parent is the
+    thread that started it, so start children from a thread that lives as long as they should)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn(module: str, *argv: str, env: dict | None = None) -> tuple[subprocess.Popen, socket.socket]:
+    """Start `python -m module FD *argv`; returns the process and our end of its socket pair."""
+    ours, theirs = socket.socketpair()
+    command = [sys.executable, "-m", module, str(theirs.fileno()), *argv]
+    proc = subprocess.Popen(command, pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent,
+                            env=env if env is not None else dict(os.environ))
+    theirs.close()
+    return proc, ours
+
+
+class Channel:
+    """Length-prefixed pickles over a connected stream socket (a socketpair shared with one child)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def send(self, message: Any) -> int:
+        """Send `message`; returns its size in bytes on the wire."""
+        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.sock.sendall(_LENGTH.pack(len(payload)) + payload)
+        return _LENGTH.size + len(payload)
+
+    def receive(self) -> Any:
+        """The next message; EOFError once the other end has closed."""
+        (size,) = _LENGTH.unpack(self._exactly(_LENGTH.size))
+        return pickle.loads(self._exactly(size))
+
+    def _exactly(self, n: int) -> bytes:
+        data = bytearray()
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError("the other process closed the channel")
+            data += chunk
+        return bytes(data)
+
+    def close(self) -> None:
+        self.sock.close()

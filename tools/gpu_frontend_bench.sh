@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 22 item 1 on the H200: 512 requests x (128 in / 128 out), all at once, through the server (`jaxllm.bench
+# serve` against `jaxllm.serve`: HTTP frontend + engine-core process) and through the in-process engine
+# (`jaxllm.bench offline`), random-weight Llama-3-8B, the flags of the issue's measurement. Prints output tok/s
+# server / in-process (goal >= 0.95) and the inter-token gap median / p99 against the median TPOT (goal p99 <= 3 x
+# TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm).
+# Usage on the device machine (carry .whl and the tokenizer dir):
+#   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_frontend_bench.sh
+set -uo pipefail
+source tools/device_env.sh /tmp/jaxllm-frontend-bench
+PORT=${PORT:-8012}
+URL=http://127.0.0.1:$PORT
+ENGINE_FLAGS=(--load_format dummy --data_type bf16 --tokenizer_mode fast --max_total_token_num 500000
+  --running_max_req_size 512 --batch_max_tokens 8192 --max_req_input_len 2048 --max_req_total_len 3072)
+SERVER_FLAGS=(--model_dir "$MODEL" --port "$PORT" "${ENGINE_FLAGS[@]}")
+WORKLOAD=(--num-prompts ${PROMPTS:-512} --input-len 128 --output-len 128 --seed 1)
+STARTUP_FILE=$OUT/startup.txt START_TIMEOUT=400 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
+source tools/serve_env.sh
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jaxllm/jax}
+
+echo "== in-process engine (one untimed pass first)"
+timeout ${OFFLINE_TIMEOUT:-400} $PY -m jaxllm.bench offline --model_dir "$MODEL" --warmup-pass "${WORKLOAD[@]}" \
+  --result-json "$OUT/offline.json" "${ENGINE_FLAGS[@]}" > "$LOGS/offline.txt" 2> "$LOGS/offline.err"
+grep -E "throughput|steps" "$LOGS/offline.txt" || tail -20 "$LOGS/offline.err"
+
+echo "== server (one untimed run first)"
+start_server split || exit 1
+bench warmup_serve "${WORKLOAD[@]}" > /dev/null
+bench serve "${WORKLOAD[@]}"
+http_get /metrics | grep -E "^lightllm_batch_inference_count_total" | tee "$LOGS/metrics.txt"
+stop_server
+
+echo "== summary"
+$PY - "$OUT" << 'EOF_PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+offline = json.loads((out / "offline.json").read_text())
+serve = json.loads((out / "serve.json").read_text())
+ratio = serve["output_throughput"] / offline["output_throughput"]
+tpot, itl = serve["tpot_ms"]["median"], serve["itl_ms"]
+print(f"output tok/s: server {serve['output_throughput']:.0f}, in-process {offline['output_throughput']:.0f}, "
+      f"ratio {ratio:.3f} (goal >= 0.95)")
+print(f"inter-token gap median {itl['median']:.2f} ms, p99 {itl['p99']:.2f} ms; median TPOT {tpot:.2f} ms; "
+      f"p99 / TPOT {itl['p99'] / tpot:.2f} (goal <= 3)")
+print(f"server: {serve['completed']} completed, {serve['failed']} failed; TTFT median {serve['ttft_ms']['median']:.0f} ms")
+EOF_PY
