@@ -213,7 +213,7 @@ class Engine(StepReader):
         prompt_ids, params = self.rules.sequence(prompt_ids, params, scoring)
         spans = ()
         if images:
-            prompt_ids, spans = self._with_images(prompt_ids, params, images)
+            prompt_ids, spans = self.rules.images(prompt_ids, params, list(images), self.config.vision)
         with self._arrival_lock:
             arrival = self._arrivals
             self._arrivals += 1
@@ -233,10 +233,6 @@ class Engine(StepReader):
         self._events.attach(req)
         req.stream = RequestStream(req.request_id) if self._sink is None else self._sink.stream(req.request_id)
         return req
-
-    def _with_images(self, prompt_ids: list[int], params: SamplingParams, images: tuple):
-        """(the prompt with its images' positions, the images' spans); ValueError for what cannot run."""
-        return self.rules.images(prompt_ids, params, list(images), self.config.vision)
 
     def grammars(self) -> GrammarCompiler:
         """The compiler of guided requests' grammars (ValueError when the engine has no tokenizer)."""
