@@ -57,9 +57,10 @@ class InputStats:
 
 
 def collect(model, params, windows: list[list[int]], paths: list[tuple[str, ...]], gram: bool = True,
-            sample_rows: int = 0, seed: int = 0) -> dict[tuple[str, ...], InputStats]:
+            sample_rows: int = 0, seed: int = 0, skip_first: bool = False) -> dict[tuple[str, ...], InputStats]:
     """InputStats of each param path in `paths` (16-bit matmul weights of `params`) over the token `windows`
-    (each run as one sequence): Gram matrices if `gram`, `sample_rows` rows drawn evenly from the windows."""
+    (each run as one sequence): Gram matrices if `gram`, `sample_rows` rows drawn evenly from the windows;
+    `skip_first` leaves each window's first position out."""
     import jax
     import jax.numpy as jnp
 
@@ -87,7 +88,7 @@ def collect(model, params, windows: list[list[int]], paths: list[tuple[str, ...]
     for ids in windows:
         meta, cache = one_sequence(model, len(ids))
         for path, rows in inputs(params, jnp.asarray(ids, jnp.int32), meta, cache).items():
-            rows = np.asarray(rows)
+            rows = np.asarray(rows)[1 if skip_first else 0 :]
             if path not in stats:
                 k = rows.shape[1]
                 stats[path] = InputStats(np.zeros((k, k)) if gram else None, np.zeros(k, np.float32),
