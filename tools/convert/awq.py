@@ -13,6 +13,10 @@ finer steps where the activations say it pays.
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tools.convert.int4 import dequantize, quantize_groups
@@ -22,44 +26,52 @@ ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))
 SHRINKS = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0 … 0.5
 
 
-def _rtn_output_error(x: np.ndarray, w: np.ndarray, s: np.ndarray | None, group: int, scale_dtype) -> float:
-    ws = w if s is None else w * s[:, None]
-    xs = x if s is None else x / s
-    return float(np.linalg.norm(x @ w - xs @ dequantize(*quantize_groups(ws, group, scale_dtype))))
+@functools.partial(jax.jit, static_argnames=("group", "scale_dtype"))
+def _scale_errors(x, w, group: int, scale_dtype):
+    """‖x w - (x / s) Q(w s)‖² for no scaling and each α of ALPHAS (s = mean|x|^α normalised), with
+    (x / s) Q(w s) = x (Q(w s) / s) measured through the Gram matrix xᵀx."""
+    gram = x.T @ x
+    mean_abs = jnp.maximum(jnp.abs(x).mean(axis=0), 1e-5)
+
+    def error(alpha):
+        s = mean_abs**alpha
+        s = s / jnp.sqrt(s.max() * s.min())
+        diff = w - dequantize(*quantize_groups(w * s[:, None], group, scale_dtype)) / s[:, None]
+        return jnp.sum(diff * (gram @ diff)), s
+
+    return jax.lax.map(error, jnp.asarray((0.0,) + ALPHAS, jnp.float32))
 
 
 def activation_scale(x: np.ndarray, w: np.ndarray, group: int, scale_dtype=np.float32):
     """(s [K], α) with the least int4 output error on the calibration rows x [R, K] for w [K, N], or None
-    when no scaling does best."""
-    x = x.astype(np.float32)
-    w = w.astype(np.float32)
-    mean_abs = np.maximum(np.abs(x).mean(axis=0), 1e-5)
-    best, best_err = None, _rtn_output_error(x, w, None, group, scale_dtype)
-    for alpha in ALPHAS:
-        s = mean_abs.astype(np.float64) ** alpha
-        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)
-        err = _rtn_output_error(x, w, s, group, scale_dtype)
-        if err < best_err:
-            best, best_err = (s, alpha), err
-    return best
+    when no scaling (α 0) does best."""
+    errors, scales = _scale_errors(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), group, np.dtype(scale_dtype))
+    best = int(np.argmin(np.asarray(errors)))
+    return None if best == 0 else (np.asarray(scales[best]), ALPHAS[best - 1])
+
+
+@functools.partial(jax.jit, static_argnames=("group", "scale_dtype"))
+def _best_shrink(w, x, group: int, scale_dtype):
+    """[K / group, N]: the SHRINKS factor per (group, output) with the least output error of that group's
+    inputs (their block of xᵀx)."""
+    k, n = w.shape
+    blocks = x.reshape(x.shape[0], k // group, group).transpose(1, 0, 2)
+    gram = blocks.transpose(0, 2, 1) @ blocks  # [K / group, g, g]
+    exact = w.reshape(k // group, group, n)
+
+    def error(shrink):
+        diff = exact - dequantize(*quantize_groups(w, group, scale_dtype, shrink)).reshape(k // group, group, n)
+        return jnp.sum(diff * (gram @ diff), axis=1)
+
+    errors = jax.lax.map(error, jnp.asarray(SHRINKS, jnp.float32))  # [shrinks, K / group, N]
+    return jnp.asarray(SHRINKS, jnp.float32)[jnp.argmin(errors, axis=0)]
 
 
 def clipped_int4(w: np.ndarray, x: np.ndarray, group: int, scale_dtype=np.float32):
     """w [K, N] → (q, scale, zero) as quantize_groups, each (group, output) range shrunk by the SHRINKS
     factor with the least output error on the rows x [R, K] of that group's inputs."""
-    k, n = w.shape
-    blocks = x.astype(np.float64).reshape(x.shape[0], k // group, group)
-    gram = np.einsum("rbi,rbj->bij", blocks, blocks)  # [K / group, g, g]
-    exact = w.astype(np.float64).reshape(k // group, group, n)
-    best_err = np.full((k // group, n), np.inf)
-    best_shrink = np.ones((k // group, n))
-    for shrink in SHRINKS:
-        diff = exact - dequantize(*quantize_groups(w, group, scale_dtype, shrink)).reshape(k // group, group, n)
-        err = np.einsum("bin,bij,bjn->bn", diff, gram, diff)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_shrink = np.where(better, shrink, best_shrink)
-    return quantize_groups(w, group, scale_dtype, best_shrink)
+    shrink = _best_shrink(jnp.asarray(w, jnp.float32), jnp.asarray(x, jnp.float32), group, np.dtype(scale_dtype))
+    return quantize_groups(w, group, scale_dtype, np.asarray(shrink, np.float64))
 
 
 def scale_model(params: dict, config, stats: dict, scale_dtype=np.float32) -> dict[tuple[str, ...], tuple[np.ndarray, float]]:

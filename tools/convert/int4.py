@@ -11,28 +11,40 @@ import numpy as np
 def range_params(lo: np.ndarray, hi: np.ndarray, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
     """A group's range [lo ≤ 0, hi ≥ 0] → (scale, zero) as quantize_int4 computes them, scale rounded to
     `scale_dtype` (returned as float64)."""
-    scale = ((hi - lo) / 15.0).astype(scale_dtype).astype(np.float64)
-    safe = np.where(scale > 0, scale, 1.0)
-    zero = np.clip(np.round(-lo / safe), 0, 15)
+    xp = _array_module(lo)
+    scale = ((hi - lo) / 15.0).astype(scale_dtype).astype(hi.dtype)
+    safe = xp.where(scale > 0, scale, 1.0)
+    zero = xp.clip(xp.round(-lo / safe), 0, 15)
     return scale, zero
 
 
-def quantize_groups(w: np.ndarray, group: int, scale_dtype=np.float32, shrink=1.0):
+def quantize_groups(w, group: int, scale_dtype=np.float32, shrink=1.0):
     """w [K, N] → (q [K, N] int32 0..15, scale [K / group, N], zero [K / group, N]); each group's range is its
-    min / max (with 0) times `shrink` (a scalar or [K / group, N]): values outside are clipped."""
+    min / max (with 0) times `shrink` (a scalar or [K / group, N]): values outside are clipped. numpy arrays
+    are computed in float64, jax arrays (under jit, for the searches) in their own dtype."""
+    xp = _array_module(w)
     k, n = w.shape
-    grouped = w.astype(np.float64).reshape(k // group, group, n)
-    lo = np.minimum(grouped.min(axis=1), 0.0) * shrink
-    hi = np.maximum(grouped.max(axis=1), 0.0) * shrink
+    grouped = (w.astype(np.float64) if xp is np else w).reshape(k // group, group, n)
+    lo = xp.minimum(grouped.min(axis=1), 0.0) * shrink
+    hi = xp.maximum(grouped.max(axis=1), 0.0) * shrink
     scale, zero = range_params(lo, hi, scale_dtype)
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.round(grouped / safe[:, None]) + zero[:, None], 0, 15)
+    safe = xp.where(scale > 0, scale, 1.0)
+    q = xp.clip(xp.round(grouped / safe[:, None]) + zero[:, None], 0, 15)
     return q.reshape(k, n).astype(np.int32), scale, zero
 
 
+def _array_module(a):
+    if isinstance(a, np.ndarray):
+        return np
+    import jax.numpy as jnp
+
+    return jnp
+
+
 def dequantize(q, scale, zero):
+    xp = _array_module(scale)
     group = q.shape[0] // scale.shape[0]
-    return (q - np.repeat(zero, group, 0)) * np.repeat(scale, group, 0)
+    return (q - xp.repeat(zero, group, 0)) * xp.repeat(scale, group, 0)
 
 
 def int4_weight(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, like):
