@@ -357,6 +357,8 @@ class Engine(StepReader):
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
+        if unread is not None and unread.unsampled is not None:
+            self._sample_constrained(unread)  # before this launch: its inputs are that step's tokens
         self._launching = launcher.submit(self.runner.launch, prepared, unread)
         return batch, self._launching
 
@@ -375,15 +377,6 @@ class Engine(StepReader):
         finally:
             self._counters["dispatch_s"] += time.perf_counter() - started
         self._launching = None
-        if handle.unsampled is not None:  # the previous step's tokens are read: its masks can be built
-            try:
-                self._sample_constrained(handle)
-            except Exception as exc:  # noqa: BLE001
-                for chunk in batch.chunks:
-                    if chunk.samples:
-                        chunk.request.num_pending -= 1
-                self._fail_step(batch, exc)
-                return None
         self._counters["launch_s"] += handle.launch_s
         self._counters["steps_after_idle"] += handle.after_idle
         self.scheduler.step_dispatched(batch)
@@ -395,11 +388,17 @@ class Engine(StepReader):
         return handle
 
     def _sample_constrained(self, handle: StepHandle) -> None:
+        """Enqueue the sampler of a constrained step whose model is on the device, with masks built from the
+        tokens read so far. Called as late as possible (once the next step is prepared, or before the step's
+        results are read) so the host builds them while the device runs the model."""
         started = time.perf_counter()
-        masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
-        self._counters["mask_s"] += time.perf_counter() - started
-        self._counters["constrained_steps"] += 1
-        self.runner.sample_constrained(handle, masks)
+        try:
+            masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
+            self._counters["mask_s"] += time.perf_counter() - started
+            self._counters["constrained_steps"] += 1
+            self.runner.sample_constrained(handle, masks)
+        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
+            handle.failure = exc
 
     def _note_admissions(self, batch: SchedulerOutput) -> None:
         """Queue time and prompt-cache hits of requests scheduled for the first time."""
