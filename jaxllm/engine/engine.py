@@ -70,8 +70,9 @@ class Engine(StepReader):
             family = vision_family(model.config.vision.family)
             self._images = ImageStage(cache, functools.partial(family.batches, model.config), self.runner.encode_images,
                                       self.runner.image_scratch_row)
-            if warmup != 0:  # the encoder of one image compiled at start-up too (written to the scratch row)
-                self._images.run_example(family.example_batch(model.config))
+            if warmup != 0:  # the encoder compiled at start-up too (written to the scratch row)
+                for example in family.warmup_batches(model.config, self._images.max_batch):
+                    self._images.run_example(example)
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
