@@ -53,7 +53,7 @@ def calibrated_params(model16, params16, quant_model, windows: list[list[int]], 
     paths = quantised_paths(quant_model)
     log(f"calibration ({how}): {sum(map(len, windows))} tokens in {len(windows)} windows, {len(paths)} weights")
     # AWQ's sample keeps each window's first row: the attention sink's large activations, which every later
-    # position reads, must come through its scales and clipping (without them: max logit diff 55).
+    # position reads, must come through its scales and clipping (left out: max logit diff 55).
     stats = collect(model16, params16, windows, paths, gram=how == "gptq", sample_rows=SAMPLE_ROWS.get(how, 0),
                     keep_first=how == "awq")
     return quantise(params16, quant_model, stats, log, how)
