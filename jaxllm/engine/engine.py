@@ -47,7 +47,8 @@ class Engine(StepReader):
         the other processes of a multi-process deployment (jaxllm.multiprocess.Followers); sink: where requests'
         events go instead of their own RequestStream (the engine core's process: see jaxllm.engine.core),
         `sink.stream(request_id)` per request and `sink.flush(stats)` after every loop iteration, so that one
-        iteration's events leave together."""
+        iteration's events leave together; with a sink, the text of rows whose text the engine does not need is
+        left to the frontend (EventMaker.text_elsewhere)."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
@@ -74,7 +75,7 @@ class Engine(StepReader):
                 self._images.run_example(family.example_batch(model.config))
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
-                                  cumlogprob=args.diverse_mode or args.beam_mode)
+                                  cumlogprob=args.diverse_mode or args.beam_mode, text_elsewhere=sink is not None)
         self._grammars: GrammarCompiler | None = None  # built with the first constrained request
         self._healer = TokenHealer(tokenizer, self.config.vocab_size) if args.token_healing_mode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
