@@ -29,7 +29,7 @@ def step_events(rows: int, step: int) -> list[TokenEvent]:
     return [TokenEvent(1000 + i, " word", -0.25 - i * 1e-3, False, step + 1, 128, False, None) for i in range(rows)]
 
 
-class _Latest:
+class KeepLast:
     """A channel that keeps only the last message it is sent (the engine thread's share alone)."""
 
     message = None
@@ -54,7 +54,7 @@ def engine_thread_us(rows: int, steps: int) -> dict:
         for stream in streams:
             stream._events.clear()  # what the reader would take
     in_process = (time.perf_counter() - start) / (steps * rows) * 1e6
-    latest = _Latest()
+    latest = KeepLast()
     sink = CoreSink(latest)
     core_streams = [sink.stream(str(i)) for i in range(rows) if sink.expect(str(i), i) is None]
     start = time.perf_counter()

@@ -261,13 +261,16 @@ class Request:
 
     @property
     def decoding(self) -> bool:
-        """Past its prefill: only the last sampled token is left to compute."""
-        return self.num_output > 0 and self.remaining == 1
+        """Past its prefill: only the last sampled token is left to compute (num_output > 0 and remaining == 1,
+        computed inline: read for every running request at every step)."""
+        outputs = len(self.output_ids) + self.num_pending
+        return outputs > 0 and len(self.prompt_ids) + outputs - self.num_computed == 1
 
     @property
     def wants_token(self) -> bool:
         """Still short of max_new_tokens counting the tokens in flight (an eos may end it sooner)."""
-        return self.num_output - self.outputs_within_prompt < self.params.max_new_tokens
+        within_prompt = 0 if self.healing is None else self.healing.tokens_within_prompt
+        return len(self.output_ids) + self.num_pending - within_prompt < self.params.max_new_tokens
 
     @property
     def outputs_within_prompt(self) -> int:
