@@ -1,4 +1,5 @@
-"""The engine thread's host time per step at large batch, per row: `rows` requests decoding together, in process
+"""The engine thread's host time per step at large batch, per row (each phase's wall time by the engine's counters,
+and the thread's CPU time): `rows` requests decoding together, in process
 (the engine makes every row's text) and as the engine core behind the HTTP frontend (the frontend makes the text
 of rows without stop strings; the core's events go to a sink that keeps them, as the core's would be sent). Any
 model directory with a tokenizer (random weights: --load_format dummy); a tiny one measures the host alone:
@@ -10,11 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 
 import numpy as np
 
 _COUNTERS = ("schedule_s", "dispatch_s", "postprocess_s", "host_s")
+
+
+def _thread_cpu_s(native_id: int) -> float:
+    """CPU seconds a thread of this process has used (user + system; Linux /proc, clock-tick resolution)."""
+    fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def host_us_per_row(args, rows: int, output_len: int, *, as_core: bool) -> dict:
@@ -33,16 +42,22 @@ def host_us_per_row(args, rows: int, output_len: int, *, as_core: bool) -> dict:
             requests = [(rng.integers(100, 5000, 8).tolist(), params, f"r{step}.{i}") for i in range(rows)]
             for i in range(rows if as_core else 0):
                 sink.expect(f"r{step}.{i}", i)
+            done = engine._counters["finished"] + rows
             engine.submit_many(requests)  # the events are kept, not read: no reader competes for the GIL
+            while engine._counters["finished"] < done:  # (idle until the loop takes the submissions)
+                time.sleep(0.05)
             engine.wait_idle(600)
 
         run(0)
-        before = dict(engine._counters)
+        before, cpu_before = dict(engine._counters), _thread_cpu_s(engine._thread.native_id)
         run(1)
-        after = engine._counters
+        after, cpu_after = engine._counters, _thread_cpu_s(engine._thread.native_id)
     steps = after["steps"] - before["steps"]
-    return {name.removesuffix("_s") + "_us_per_row": 1e6 * (after[name] - before[name]) / steps / rows
-            for name in _COUNTERS} | {"steps": steps}
+    per_row = {name.removesuffix("_s") + "_us_per_row": 1e6 * (after[name] - before[name]) / steps / rows
+               for name in _COUNTERS}
+    # The engine thread's own CPU time: the host's work without the waits for the GIL or a loaded machine's cores.
+    per_row["engine_thread_cpu_us_per_row"] = 1e6 * (cpu_after - cpu_before) / steps / rows
+    return per_row | {"steps": steps}
 
 
 def main(argv: list[str] | None = None) -> int:
