@@ -33,15 +33,14 @@ log = logging.getLogger(__name__)
 
 def enable_compilation_cache() -> str:
     """Turn on JAX's persistent compilation cache (~/.cache/jaxllm/jax unless a directory is set)."""
-    current = jax.config.jax_compilation_cache_dir
-    if current:
-        return current
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxllm" / "jax")
-    jax.config.update("jax_compilation_cache_dir", path)
     # Every executable, not only those that took JAX's default second to compile: a warm start then compiles
     # nothing (the small ones — random weights, table fills, short steps — add up to seconds at each start).
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    path = jax.config.jax_compilation_cache_dir
+    if not path:
+        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxllm" / "jax")
+        jax.config.update("jax_compilation_cache_dir", path)
     return path
 
 
