@@ -5,6 +5,7 @@ of a multi-process deployment builds the same model and runner from the same fla
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 
@@ -22,6 +23,8 @@ from jaxllm.models.registry import SCORE_ARCHITECTURES
 from jaxllm.models.vision.registry import vision_family
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
+
+log = logging.getLogger(__name__)
 
 
 
@@ -100,9 +103,11 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
         platform = jax.devices()[0].platform
         backend = attention_backend(args.mode, platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
-    with phase(f"weights-{args.load_format}"):
+    with phase(f"weights-{args.load_format}") as timer:
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         jax.block_until_ready(params)
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+    log.info("weights: %.2f GB on the devices, %.2f GB/s", size / 1e9, size / 1e9 / max(timer.seconds, 1e-9))
     loaded = LoadedModel(model, params, mesh, None)
     if tokenizer:
         with phase("tokenizer"):

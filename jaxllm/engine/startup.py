@@ -71,12 +71,19 @@ def compiles() -> CompileCount:
     return _compiles.now()
 
 
+@dataclasses.dataclass
+class PhaseTimer:
+    seconds: float = 0.0  # the phase's, once it ended
+
+
 @contextlib.contextmanager
 def phase(name: str):
-    """Time the block as start-up phase `name` and log it with the compilations it asked for."""
+    """Time the block as start-up phase `name` and log it with the compilations it asked for; yields a
+    PhaseTimer that holds its seconds after the block."""
     started = time.perf_counter()
     before = compiles()  # its first call imports JAX: part of the phase
-    yield
+    timer = PhaseTimer()
+    yield timer
+    timer.seconds = time.perf_counter() - started
     count = compiles().since(before)
-    log.info("start-up: %s %.2f s (%d compiled, %d from the cache)", name, time.perf_counter() - started,
-             count.built, count.read)
+    log.info("start-up: %s %.2f s (%d compiled, %d from the cache)", name, timer.seconds, count.built, count.read)
