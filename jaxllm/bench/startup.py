@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from jaxllm.child import die_with_parent
-from jaxllm.engine.startup import LINE
+from jaxllm.engine.startup import LINE, WEIGHTS_LINE
 
 POLL_S = 0.2
 
@@ -59,11 +59,16 @@ def start_once(model_dir: str, flags: list[str], cache_dir: str, log_path: Path,
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
+    text = log_path.read_text(errors="replace")
     phases = {}
-    for match in LINE.finditer(log_path.read_text(errors="replace")):
+    for match in LINE.finditer(text):
         phases[match["phase"]] = {"seconds": float(match["seconds"]), "compiled": int(match["built"]),
                                   "from_cache": int(match["read"])}
-    return {"health_s": round(health_s, 2), "phases": phases}
+    result = {"health_s": round(health_s, 2), "phases": phases}
+    loaded = WEIGHTS_LINE.search(text)
+    if loaded:
+        result.update(weights_gb=float(loaded["gb"]), weights_gb_s=float(loaded["rate"]))
+    return result
 
 
 def run(model_dir: str, flags: list[str], runs: list[str], cache_dir: str | None, timeout_s: float) -> dict:
@@ -97,4 +102,6 @@ def format_table(results: dict) -> str:
             cells.append(f"{p['seconds']:>12.2f} s {p['compiled']:>5}/{p['from_cache']:<5}" if p else f"{'-':>26}")
         rows.append(f"{name:<20}" + "".join(cells))
     rows.append(f"{'launch to /health':<20}" + "".join(f"{r['health_s']:>12.2f} s{'':12}" for r in results.values()))
+    rows.append(f"{'weights GB/s':<20}" + "".join(f"{r.get('weights_gb_s', float('nan')):>12.2f}{'':14}"
+                                                  for r in results.values()))
     return "\n".join(rows)

@@ -5,7 +5,6 @@ of a multi-process deployment builds the same model and runner from the same fla
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import jax
 
@@ -14,7 +13,7 @@ from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxllm.engine.splitfuse import SplitFuseScheduler
-from jaxllm.engine.startup import phase
+from jaxllm.engine.startup import log_weights, phase
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
 from jaxllm.models.expert_kernels import experts_kernel
@@ -23,8 +22,6 @@ from jaxllm.models.registry import SCORE_ARCHITECTURES
 from jaxllm.models.vision.registry import vision_family
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, load_params
-
-log = logging.getLogger(__name__)
 
 
 
@@ -106,8 +103,7 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
     with phase(f"weights-{args.load_format}") as timer:
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         jax.block_until_ready(params)
-    size = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
-    log.info("weights: %.2f GB on the devices, %.2f GB/s", size / 1e9, size / 1e9 / max(timer.seconds, 1e-9))
+    log_weights(params, timer.seconds)
     loaded = LoadedModel(model, params, mesh, None)
     if tokenizer:
         with phase("tokenizer"):

@@ -48,8 +48,9 @@ _PREFILL_ROWS = 256  # rows of a prefill step, unless it holds more chunks (see 
 
 
 def _compile_threads() -> int:
-    """Start-up shapes compiled at once: one per core, at most 8 (each compile holds its own memory)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Start-up shapes compiled at once: $JAXLLM_COMPILE_THREADS, by default one per core, at most 8 (each compile
+    holds its own memory)."""
+    return max(1, int(os.environ.get("JAXLLM_COMPILE_THREADS") or min(8, os.cpu_count() or 1)))
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # every executabl
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 LINE = re.compile(r"start-up: (?P<phase>[\w-]+) (?P<seconds>[\d.]+) s \((?P<built>\d+) compiled, (?P<read>\d+) from "
                   r"the cache\)")
+WEIGHTS_LINE = re.compile(r"weights: (?P<gb>[\d.]+) GB on the devices, (?P<rate>[\d.]+) GB/s")
 
 
 @dataclasses.dataclass
@@ -87,3 +88,11 @@ def phase(name: str):
     timer.seconds = time.perf_counter() - started
     count = compiles().since(before)
     log.info("start-up: %s %.2f s (%d compiled, %d from the cache)", name, timer.seconds, count.built, count.read)
+
+
+def log_weights(params, seconds: float) -> None:
+    """Log the size of the weights placed in `seconds` and the rate (`WEIGHTS_LINE`)."""
+    import jax
+
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(params)) / 1e9
+    log.info("weights: %.2f GB on the devices, %.2f GB/s", size, size / max(seconds, 1e-9))

@@ -66,3 +66,26 @@ def test_the_loaders_host_copies_keep_every_bit():
     wide = rng.standard_normal((16, 24), np.float32)
     np.testing.assert_array_equal(contiguous(wide.T, ml_dtypes.bfloat16), wide.T.astype(ml_dtypes.bfloat16))
     assert np.shares_memory(contiguous(wide, np.float32), wide)  # contiguous already: no copy
+
+
+def test_phase_lines_are_what_the_startup_bench_reads(caplog):
+    """`python -m jaxllm.bench startup` parses the engine core's log: each phase's line, the weights' rate."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.bench.startup import format_table
+    from jaxllm.engine.startup import LINE, WEIGHTS_LINE, log_weights, phase
+
+    example = jax.ShapeDtypeStruct((7,), jnp.float32)
+    with caplog.at_level("INFO", logger="jaxllm.startup"):
+        with phase("probe") as timer:
+            jax.jit(lambda x: x * 3 + 1).lower(example).compile()
+        log_weights({"w": jnp.ones((1000, 250), jnp.float32)}, 0.0005)  # 1 MB in 0.5 ms
+    text = "\n".join(caplog.messages)
+    match = LINE.search(text)
+    assert match["phase"] == "probe" and float(match["seconds"]) == round(timer.seconds, 2)
+    assert int(match["built"]) + int(match["read"]) == 1  # compiled, or read from the cache of an earlier run
+    assert WEIGHTS_LINE.search(text).groupdict() == {"gb": "0.00", "rate": "2.00"}
+    table = format_table({"warm": {"health_s": 2.5, "phases": {"probe": {"seconds": 1.25, "compiled": 0,
+                                                                         "from_cache": 3}}, "weights_gb_s": 2.0}})
+    assert "probe" in table and "1.25 s" in table and "2.50 s" in table and "2.00" in table
