@@ -6,6 +6,7 @@
 #   TTFT of single 512-token requests without and with --token_healing_mode.
 # JSON under $OUT (tables and server logs under $LOGS), a table last. The device needs the llguidance wheel.
 # Usage on the device machine (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_constrain_bench.sh
+# (HEALING=0 skips the token-healing server.)
 set -uo pipefail
 source tools/device_env.sh /tmp/jaxllm-constrain
 PORT=${PORT:-8012}
@@ -29,10 +30,12 @@ bench warmup_single "${SINGLE[@]}" --seed 8 > /dev/null
 bench ttft_plain "${SINGLE[@]}" --seed 2
 stop_server
 
-start_server healing --token_healing_mode || exit 1
-bench warmup_single_healing "${SINGLE[@]}" --seed 8 > /dev/null
-bench ttft_healing "${SINGLE[@]}" --seed 2
-stop_server
+if [ "${HEALING:-1}" = 1 ]; then  # HEALING=0: the constrained runs only
+  start_server healing --token_healing_mode || exit 1
+  bench warmup_single_healing "${SINGLE[@]}" --seed 8 > /dev/null
+  bench ttft_healing "${SINGLE[@]}" --seed 2
+  stop_server
+fi
 
 echo "== summary"
 $PY - "$OUT" "$LOGS/mask_time.txt" << 'PYEOF'

@@ -20,6 +20,7 @@ from PIL import Image
 
 from jaxllm.args import parse_args
 from jaxllm.engine.engine import Engine
+from jaxllm.engine.image_stage import ENCODE_BATCH
 from jaxllm.engine.request import SamplingParams
 from jaxllm.models.vision.registry import vision_family
 
@@ -76,7 +77,12 @@ def run(engine, concurrent: int, text_len: int, output_len: int) -> dict:
     """The measurements on a started engine serving a vision-language model with --enable_multimodal."""
     one = SamplingParams(max_new_tokens=1, ignore_eos=True)
     many = SamplingParams(max_new_tokens=output_len, ignore_eos=True)
-    # Untimed: compiles the encoder and the steps these runs meet.
+    # Untimed: compiles the encoder at every batch size (powers of two up to the stage's batch: a burst's
+    # images may split into any of them as rows free up) and the steps these runs meet.
+    count = 1
+    while count <= ENCODE_BATCH:
+        encode_time(engine, count, repeats=0)
+        count *= 2
     timed_run(engine, [(prompt(engine, text_len, 0), noise_images(engine, 1, 0)[0])], one)
     timed_run(engine, list(zip((prompt(engine, text_len, i) for i in range(concurrent)),
                                noise_images(engine, concurrent, 1))), many)

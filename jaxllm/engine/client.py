@@ -15,6 +15,7 @@ import os
 import subprocess
 import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 from jaxllm.child import spawn
@@ -29,6 +30,7 @@ from jaxllm.engine.wire import events_of
 log = logging.getLogger(__name__)
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+GRAMMARS_REMEMBERED = 256  # valid grammars the frontend remembers (the core's compiled-grammar cache is as big)
 CALL_TIMEOUT_S = 300.0  # a grammar check (compiled in the core) answered within this
 
 
@@ -56,6 +58,9 @@ class EngineClient:
         self._streams: dict[int, tuple[str, RequestStream]] = {}  # handle → (request id, stream), until finished
         self._handles: dict[str, int] = {}  # request id → handle
         self._calls: dict[int, list] = {}  # call id → [threading.Event, the core's answer]
+        # Grammars the core compiled without error ((kind, value), most recent last): a repeated one needs no
+        # round trip, which would hold the event loop while the core is busy.
+        self._valid_grammars: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._listeners: list = []
         self._stats: dict = {}
         self._down: str | None = None  # why the core is not running, once it is not
@@ -123,6 +128,11 @@ class EngineClient:
 
     def check_guided(self, guided) -> None:
         """Compile a request's grammar in the core now (kept there for its submit); ValueError when invalid."""
+        key = (guided.kind, guided.value)
+        with self._lock:
+            if key in self._valid_grammars:
+                self._valid_grammars.move_to_end(key)
+                return
         done = threading.Event()
         with self._lock:
             self._raise_if_down()
@@ -138,6 +148,10 @@ class EngineClient:
             raise EngineUnavailable(message)
         if message is not None:
             raise ValueError(message)
+        with self._lock:
+            self._valid_grammars[key] = None
+            if len(self._valid_grammars) > GRAMMARS_REMEMBERED:
+                self._valid_grammars.popitem(last=False)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue one sequence (best_of 1); raises ValueError for invalid parameters or lengths."""

@@ -1,6 +1,7 @@
-"""The engine loop: one background thread runs schedule → prepare step N+1 → read step N and postprocess it,
-while a launch thread enqueues step N+1 on the device; it streams TokenEvents to each request's consumer
-(asyncio or plain threads). Postprocess is the only place a token is appended, a stop checked and KV freed.
+"""The engine: its state, lifecycle and API (callable from any thread); one background thread runs its loop
+(`StepLoop`, step_loop.py: schedule, prepare and launch step N+1) and reads step N's results (`StepReader`,
+step_reader.py), streaming TokenEvents to each request's consumer (asyncio or plain threads). Postprocess is
+the only place a token is appended, a stop checked and KV freed.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 
 from jaxllm import multiprocess
 from jaxllm.engine.beam import BeamSearch
-from jaxllm.engine.constraints import step_masks
 from jaxllm.engine.events import EventMaker, final_event
 from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.group import SequenceGroup, member_params
@@ -26,18 +26,18 @@ from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, load_model
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
-from jaxllm.engine.runner import StepHandle, enable_compilation_cache
-from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.engine.runner import enable_compilation_cache
+from jaxllm.engine.step_loop import StepLoop
 from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.stream import RequestStream
-from jaxllm.engine.submission import SubmitRules, check_prompt
+from jaxllm.engine.submission import SubmitRules
 from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.models.vision.registry import vision_family
 
 log = logging.getLogger(__name__)
 
 
-class Engine(StepReader):
+class Engine(StepLoop, StepReader):
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
     def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, peers=None,
@@ -70,8 +70,9 @@ class Engine(StepReader):
             family = vision_family(model.config.vision.family)
             self._images = ImageStage(cache, functools.partial(family.batches, model.config), self.runner.encode_images,
                                       self.runner.image_scratch_row)
-            if warmup != 0:  # the encoder of one image compiled at start-up too (written to the scratch row)
-                self._images.run_example(family.example_batch(model.config))
+            if warmup != 0:  # the encoder compiled at start-up too (written to the scratch row)
+                for example in family.warmup_batches(model.config, self._images.max_batch):
+                    self._images.run_example(example)
         self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode)
@@ -262,172 +263,6 @@ class Engine(StepReader):
 
     def remove_step_listener(self, listener) -> None:
         self._step_listeners.remove(listener)
-
-    # --- the loop (engine thread) --------------------------------------------------------------
-    def _loop(self) -> None:
-        inflight: StepHandle | None = None
-        # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
-        # reading of the previous step's results.
-        launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
-        try:
-            while True:
-                started = time.perf_counter()
-                self._take_inbox()
-                if self._stopping:
-                    break
-                launching = None
-                if self._images is not None and self._images.has_work():
-                    self._advance_images()
-                if self.scheduler.has_work():
-                    self._idle.clear()
-                    scheduled = time.perf_counter()
-                    batch = self.scheduler.schedule()
-                    self._counters["schedule_s"] += time.perf_counter() - scheduled
-                    self._note_admissions(batch)
-                    self._counters["preemptions"] += len(batch.preempted)
-                    if batch.kind == "prefill" or batch.preempted:
-                        self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
-                    if batch.chunks:
-                        launching = self._start_dispatch(batch, launcher, inflight)
-                if inflight is not None:
-                    self._postprocess(inflight)
-                inflight = self._finish_dispatch(*launching) if launching else None
-                self._counters["host_s"] += time.perf_counter() - started
-                self._snapshot = self._take_snapshot()
-                if self._sink is not None:
-                    self._sink.flush(self._snapshot)
-                if inflight is None:
-                    idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
-                    if idle:
-                        self._idle.set()
-                    self._wake.wait(timeout=1.0 if idle else 0.001)
-                    self._wake.clear()
-            if inflight is not None:
-                self._postprocess(inflight)
-        finally:
-            launcher.shutdown()
-        for req in list(self._requests.values()):
-            self._end(req, "abort")
-        self._snapshot = self._take_snapshot()
-        if self._sink is not None:
-            self._sink.flush(self._snapshot)
-
-    def _take_inbox(self) -> None:
-        while True:
-            try:
-                kind, item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                taken = {id(r) for r in item if r.request_id in self._requests}
-                refused = {id(m) for r in item if id(r) in taken for m in (r.group.members if r.group else [r])}
-                for req in item:
-                    if id(req) in refused:
-                        req.status, req.finish_reason = RequestStatus.FINISHED, "error"
-                        self._emit(req, final_event(req, "error", f"request id {req.request_id} is in use"))
-                        continue
-                    self._requests[req.request_id] = req
-                    if req.images:
-                        self._images.add(req)
-                    else:
-                        self.scheduler.add(req)
-            elif item in self._requests:
-                self._end(self._requests[item], "abort")
-
-    def _advance_images(self) -> None:
-        """Requests whose images found room in the image cache (and are encoding) go to the scheduler."""
-        ready, failed = self._images.advance()
-        for req in ready:
-            if not req.finished:
-                self.scheduler.add(req)
-        for req, message in failed:
-            self._end(req, "error", message)
-
-    def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor, unread: StepHandle | None):
-        """Prepare `batch`'s inputs here and launch it on `launcher` (`unread`: the step in flight before it);
-        returns (batch, the launch's future) for _finish_dispatch, or None when the preparation failed."""
-        started = time.perf_counter()
-        try:
-            prepared = self.runner.prepare(batch)
-        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
-            self._fail_step(batch, exc)
-            return None
-        finally:
-            self._counters["dispatch_s"] += time.perf_counter() - started
-        for chunk in batch.chunks:
-            if chunk.samples:
-                chunk.request.num_pending += 1
-        self._launching = launcher.submit(self.runner.launch, prepared, unread)
-        return batch, self._launching
-
-    def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
-        """Wait for the launch begun by _start_dispatch: the step is on the device (its handle), or failed."""
-        started = time.perf_counter()
-        try:
-            handle = launch.result()
-        except Exception as exc:  # noqa: BLE001
-            self._launching = None
-            for chunk in batch.chunks:
-                if chunk.samples:
-                    chunk.request.num_pending -= 1
-            self._fail_step(batch, exc)
-            return None
-        finally:
-            self._counters["dispatch_s"] += time.perf_counter() - started
-        self._launching = None
-        if handle.unsampled is not None:  # the previous step's tokens are read: its masks can be built
-            try:
-                self._sample_constrained(handle)
-            except Exception as exc:  # noqa: BLE001
-                for chunk in batch.chunks:
-                    if chunk.samples:
-                        chunk.request.num_pending -= 1
-                self._fail_step(batch, exc)
-                return None
-        self._counters["launch_s"] += handle.launch_s
-        self._counters["steps_after_idle"] += handle.after_idle
-        self.scheduler.step_dispatched(batch)
-        c = self._counters
-        c["steps"] += 1
-        c[f"{batch.kind}_steps"] += 1
-        c["prefill_tokens"] += batch.num_prefill_tokens
-        c["decode_tokens"] += batch.num_decode_tokens
-        return handle
-
-    def _sample_constrained(self, handle: StepHandle) -> None:
-        started = time.perf_counter()
-        masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
-        self._counters["mask_s"] += time.perf_counter() - started
-        self._counters["constrained_steps"] += 1
-        self.runner.sample_constrained(handle, masks)
-
-    def _note_admissions(self, batch: SchedulerOutput) -> None:
-        """Queue time and prompt-cache hits of requests scheduled for the first time."""
-        now = time.monotonic()
-        for chunk in batch.chunks:
-            req = chunk.request
-            if req.scheduled_at is None:
-                req.scheduled_at = now
-                if "prompt_cache_query_tokens" in self._counters:
-                    self._counters["prompt_cache_hit_tokens"] += req.cache_hit or 0
-                    self._counters["prompt_cache_query_tokens"] += req.prompt_len
-
-
-    def _fail_step(self, batch: SchedulerOutput, exc: Exception) -> None:
-        """A step failed: its requests end with an error; if the device state was consumed, the other
-        running requests are paused (recomputed later) on fresh buffers."""
-        log.error("step failed (%s: %s); failing its %d requests", type(exc).__name__, exc, len(batch.chunks),
-                  exc_info=exc)
-        self._counters["failed_steps"] += 1
-        message = f"{type(exc).__name__}: {exc}"
-        if self._launching is not None:  # the next step's launch is under way: the device state is its
-            wait([self._launching])
-        for chunk in batch.chunks:
-            if not chunk.request.finished:
-                self._end(chunk.request, "error", message)
-        if self.runner.device_state_lost():  # every KV is gone, the prompt cache's too
-            self.runner.reset_device_state()
-            self._counters["preemptions"] += len(self.scheduler.pause_all())
 
     def _end(self, req: Request, reason: str, error: str | None = None) -> None:
         """Finish a request that gets no more tokens (abort, error, shutdown), with its whole group."""

@@ -113,7 +113,6 @@ class GrammarConstraint:
         self._eos_ids = eos_ids
         self._words = mask_words
         self._scratch = np.zeros((1, (vocab + 31) // 32), np.int32)
-        self._fills_in_place = self._scratch.shape[1] == mask_words  # llguidance can write a step's row itself
 
     active = True
 
@@ -133,22 +132,33 @@ class GrammarConstraint:
         if m.is_accepting():
             allow(row, self._eos_ids)
 
+    @property
+    def _live(self) -> bool:
+        return not (self._matcher.is_error() or self._matcher.is_stopped())
+
     @staticmethod
     def fill_many(entries: list[tuple["GrammarConstraint", int]], mask: np.ndarray) -> None:
-        """Several rows of a step's mask [rows, words] at once, in llguidance's threads."""
+        """Several rows of a step's mask [rows, words] at once, in llguidance's threads. llguidance writes rows
+        of the tokenizer's width, which is often narrower than the model's (a padded vocabulary): they are
+        computed into a block of that width and copied in, the model's extra ids left disallowed."""
         global _EXECUTOR
-        parallel = [(c, i) for c, i in entries if c._fills_in_place and not (c._matcher.is_error()
-                                                                             or c._matcher.is_stopped())]
-        if parallel:
+        live = [(c, i) for c, i in entries if c._live]
+        if live:
             if _EXECUTOR is None:
                 _EXECUTOR = llguidance.LLExecutor()
-            llguidance.numpy.fill_next_token_bitmask_par(_EXECUTOR, [(c._matcher, i) for c, i in parallel], mask)
-            for c, i in parallel:
+            width = live[0][0]._scratch.shape[1]
+            block = np.zeros((len(live), width), np.int32)
+            llguidance.numpy.fill_next_token_bitmask_par(_EXECUTOR, [(c._matcher, k) for k, (c, _) in enumerate(live)],
+                                                         block)
+            rows = np.fromiter((i for _, i in live), np.int64, len(live))
+            n = min(width, mask.shape[1])
+            mask[rows, :n] = block[:, :n]
+            mask[rows, n:] = 0
+            for c, i in live:
                 if c._matcher.is_accepting():
                     allow(mask[i], c._eos_ids)
-        done = {i for _, i in parallel}
         for c, i in entries:
-            if i not in done:
+            if not c._live:
                 c.fill(mask[i])
 
     def advance(self, token: int) -> None:

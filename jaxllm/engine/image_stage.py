@@ -19,6 +19,7 @@ from jaxllm.models.vision.interface import EncodeBatch, ImageInput, expand_place
 # Image key ids (the prompt's ids at image positions, which the prompt cache matches on) lie in
 # [vocab, KEY_LIMIT): the same image always gets the same key, another image almost surely another.
 KEY_LIMIT = 2**31 - 1
+ENCODE_BATCH = 16  # images per encoder call at most (each call's batch padded to a power of two)
 
 
 def image_key(digest: str, vocab_size: int) -> int:
@@ -49,7 +50,7 @@ class ImageStage:
     `encode(inputs, static, rows)` runs one, writing its outputs into the image buffer's `rows` (padding
     outputs: `scratch_row`)."""
 
-    def __init__(self, cache: ImageCache, batches: Batcher, encode: Encoder, scratch_row: int, max_batch: int = 16):
+    def __init__(self, cache: ImageCache, batches: Batcher, encode: Encoder, scratch_row: int, max_batch: int = ENCODE_BATCH):
         self.cache = cache
         self._batches = batches
         self._encode = encode

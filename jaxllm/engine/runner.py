@@ -79,6 +79,7 @@ class StepHandle:
     # The step before it, not yet read, had already finished when this one was launched: the device waited
     # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
     after_idle: bool = False
+    failure: Exception | None = None  # a constrained step whose sampler could not be enqueued (its masks failed)
 
     @property
     def rows(self) -> int:
@@ -272,7 +273,7 @@ class ModelRunner:
         `unread`: the step before, whose results are not read yet (the handle says whether it had finished:
         the device idled waiting for this launch)."""
         launched = time.perf_counter()
-        after_idle = unread is not None and unread.sampled.is_ready()
+        after_idle = unread is not None and unread.sampled is not None and unread.sampled.is_ready()
         if self.peers is not None:
             self.peers.send(("step", step.device))
         sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device)

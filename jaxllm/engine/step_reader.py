@@ -24,8 +24,12 @@ class StepReader:
     def _postprocess(self, handle: StepHandle) -> None:
         """Read a step's results: append tokens, check stops, free what finished."""
         batch = handle.batch
+        if handle.unsampled is not None:  # a constrained step whose sampler no later step has enqueued yet
+            self._sample_constrained(handle)
         started, failure = time.perf_counter(), None
         try:
+            if handle.failure is not None:
+                raise handle.failure
             result = self.runner.fetch(handle)
         except Exception as exc:  # noqa: BLE001
             failure = exc

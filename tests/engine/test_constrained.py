@@ -149,3 +149,34 @@ def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(smollm2_dir)
     bits = np.unpackbits(row.view(np.uint8), bitorder="little")
     assert bits[2] == 1 and bits[0] == 1
     constraint.advance(0)  # the second eos id ends it like the first (a token the grammar rejects raises)
+
+
+def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(smollm2_dir):
+    """A model vocabulary wider than the tokenizer's (padded): the rows built together in llguidance's threads
+    equal those built one by one, and the model's extra ids stay disallowed."""
+    from transformers import AutoTokenizer
+
+    from jaxllm.engine.grammar import GrammarCompiler, GrammarConstraint
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    words = (VOCAB + 4 * 32 + 7 + 31) // 32
+    compiler = GrammarCompiler(tokenizer, [2], mask_words=words)
+    specs = [Guided("regex", "(ab)+c"), Guided("choice", '["yes", "no"]'), Guided("json_object")]
+    prefixes = [["ab", "ab"], ["y"], ["{"]]
+
+    def at_prefix(k):
+        constraint = compiler.constraint(specs[k])
+        for piece in prefixes[k]:
+            constraint.advance(tokenizer.convert_tokens_to_ids(piece))
+        return constraint
+
+    rows = [4, 1, 6]
+    together = np.full((8, words), -1, np.int32)
+    GrammarConstraint.fill_many([(at_prefix(k), rows[k]) for k in range(3)], together)
+    for k, row in enumerate(rows):
+        alone = np.full(words, -1, np.int32)
+        at_prefix(k).fill(alone)
+        np.testing.assert_array_equal(together[row], alone)
+        bits = np.unpackbits(together[row].view(np.uint8), bitorder="little")
+        assert 0 < bits.sum() < VOCAB and not bits[VOCAB:].any()
+    assert (together[[0, 2, 3, 5, 7]] == -1).all()  # rows not asked for are untouched

@@ -66,6 +66,14 @@ def test_requests_are_checked_before_they_cross(client):
     with pytest.raises(ValueError, match="guided_regex"):
         client.check_guided(Guided("regex", "(unclosed", "guided_regex"))
     client.check_guided(Guided("regex", "[ab]+", "guided_regex"))
+    sent = client._channel.send
+    client._channel.send = None  # a grammar checked once is not sent to the core again (no round trip)
+    try:
+        client.check_guided(Guided("regex", "[ab]+", "other_field"))
+    finally:
+        client._channel.send = sent
+    with pytest.raises(ValueError, match="guided_regex"):  # an invalid one is asked again, and refused again
+        client.check_guided(Guided("regex", "(unclosed", "guided_regex"))
     (event,) = list(client.submit(client.tokenizer.encode("x"), SamplingParams(
         max_new_tokens=1, guided=Guided("regex", "[ab]+", "guided_regex"))))
     assert event.text and set(event.text) <= {"a", "b"} and event.finish_reason == "length"

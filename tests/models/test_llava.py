@@ -122,3 +122,19 @@ def test_vision_config():
     assert config.vision.image_token_id == 32000 and config.num_layers == 32 and config.hidden_size == 4096
     with pytest.raises(ValueError, match="vision tower's num_attention_heads"):
         config.vision.check_tp(3)
+
+
+def test_warmup_batches_are_the_shapes_real_images_meet(tmp_path):
+    """CLIP's start-up encoder calls: one per power-of-two batch up to the stage's batch, each the shape
+    `batches` makes for that many real images (so a burst compiles nothing new)."""
+    config = ModelConfig.from_hf_dict(dict(TINY_LLAVA))
+    family = vision_family("clip")
+    processor = family.processor(config, None)
+    names = ["chelsea", "coffee", "astronaut", "camera"]
+    images = [processor(photo(names[i % 4]), digest=str(i)) for i in range(16)]
+    warm = family.warmup_batches(config, 16)
+    assert [b.inputs[0].shape[0] for b in warm] == [1, 2, 4, 8, 16]
+    for count in (1, 2, 3, 5, 16):
+        (real,) = family.batches(config, images[:count], 16)
+        (match,) = [b for b in warm if b.inputs[0].shape == real.inputs[0].shape]
+        assert match.token_index.shape == real.token_index.shape and match.static == real.static

@@ -19,7 +19,7 @@ import numpy as np
 from jaxllm.models import hf_map
 from jaxllm.models.layers import Norm, activation, dense, param
 from jaxllm.models.vision.clip_processor import ClipImageProcessor
-from jaxllm.models.vision.interface import VISION_PARAMS, EncodeBatch, VisionConfig, stacked_batches
+from jaxllm.models.vision.interface import VISION_PARAMS, EncodeBatch, VisionConfig, pow2, stacked_batches
 from jaxllm.models.vision.registry import register
 
 _ZEROS = nn.initializers.zeros
@@ -222,10 +222,14 @@ class ClipFamily:
     def encoder(self, config, dtype) -> ClipLlavaEncoder:
         return ClipLlavaEncoder(config.vision, dtype)
 
-    def example_batch(self, config) -> EncodeBatch:
+    def example_batch(self, config, count: int = 1) -> EncodeBatch:
         size, tokens = config.vision.image_size, config.vision.num_tokens
-        return EncodeBatch((0,), (np.zeros((1, 3, size, size), np.float32),), (),
-                           np.arange(tokens, dtype=np.int32)[None])
+        return EncodeBatch(tuple(range(count)), (np.zeros((count, 3, size, size), np.float32),), (),
+                           np.tile(np.arange(tokens, dtype=np.int32), (count, 1)))
+
+    def warmup_batches(self, config, max_batch: int) -> list[EncodeBatch]:
+        # Every image is image_size square: the batches are the powers of two up to max_batch rows.
+        return [self.example_batch(config, 2**i) for i in range(pow2(max_batch).bit_length())]
 
     def batches(self, config, images, max_batch: int) -> list[EncodeBatch]:
         return stacked_batches(images, max_batch)

@@ -135,6 +135,11 @@ class VisionFamily(Protocol):
         """The smallest valid encoder call (traces the params at init)."""
         ...
 
+    def warmup_batches(self, config: "ModelConfig", max_batch: int) -> list[EncodeBatch]:
+        """The encoder calls worth compiling at start-up (written to the scratch row): every batch size real
+        images will meet when their size is fixed, else the example."""
+        ...
+
     def weights(self, config: "ModelConfig") -> "WeightMap":
         """HF tensor name (after the family's `rename`) → Target with a path under (VISION_PARAMS, ...)."""
         ...

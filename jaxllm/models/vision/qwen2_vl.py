@@ -295,6 +295,9 @@ class Qwen2VLVision:
         image = ImageInput(np.zeros((m * m, c.patch_dim), np.float32), num_tokens=1, digest="", grid=(1, m, m))
         return encode_batches([image], m, max_batch=1)[0]
 
+    def warmup_batches(self, config, max_batch: int) -> list[EncodeBatch]:
+        return [self.example_batch(config)]  # real calls' shapes follow each image's size: compiled when met
+
     def batches(self, config, images: list[ImageInput], max_batch: int) -> list[EncodeBatch]:
         return encode_batches(images, config.vision.merge_size, max_batch)
 

@@ -1,0 +1,188 @@
+"""The engine thread's loop (the Engine's half that schedules and dispatches): schedule → prepare step N+1 →
+read step N and postprocess it (`StepReader`), while a launch thread enqueues step N+1 on the device. A step
+with constrained rows gets its sampler (and the masks it needs, built from the tokens read so far) just before
+the next step's launch, so the host builds them while the device runs the model."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+from jaxllm.engine.constraints import step_masks
+from jaxllm.engine.events import final_event
+from jaxllm.engine.request import RequestStatus
+from jaxllm.engine.runner import StepHandle
+from jaxllm.engine.scheduler import SchedulerOutput
+
+log = logging.getLogger("jaxllm.engine.engine")
+
+
+class StepLoop:
+    """The Engine's loop methods (a mixin: they use its scheduler, runner, inbox, counters and requests)."""
+
+    # --- the loop (engine thread) --------------------------------------------------------------
+    def _loop(self) -> None:
+        inflight: StepHandle | None = None
+        # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
+        # reading of the previous step's results.
+        launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
+        try:
+            while True:
+                started = time.perf_counter()
+                self._take_inbox()
+                if self._stopping:
+                    break
+                launching = None
+                if self._images is not None and self._images.has_work():
+                    self._advance_images()
+                if self.scheduler.has_work():
+                    self._idle.clear()
+                    scheduled = time.perf_counter()
+                    batch = self.scheduler.schedule()
+                    self._counters["schedule_s"] += time.perf_counter() - scheduled
+                    self._note_admissions(batch)
+                    self._counters["preemptions"] += len(batch.preempted)
+                    if batch.kind == "prefill" or batch.preempted:
+                        self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
+                    if batch.chunks:
+                        launching = self._start_dispatch(batch, launcher, inflight)
+                if inflight is not None:
+                    self._postprocess(inflight)
+                inflight = self._finish_dispatch(*launching) if launching else None
+                self._counters["host_s"] += time.perf_counter() - started
+                self._snapshot = self._take_snapshot()
+                if self._sink is not None:
+                    self._sink.flush(self._snapshot)
+                if inflight is None:
+                    idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
+                    if idle:
+                        self._idle.set()
+                    self._wake.wait(timeout=1.0 if idle else 0.001)
+                    self._wake.clear()
+            if inflight is not None:
+                self._postprocess(inflight)
+        finally:
+            launcher.shutdown()
+        for req in list(self._requests.values()):
+            self._end(req, "abort")
+        self._snapshot = self._take_snapshot()
+        if self._sink is not None:
+            self._sink.flush(self._snapshot)
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                taken = {id(r) for r in item if r.request_id in self._requests}
+                refused = {id(m) for r in item if id(r) in taken for m in (r.group.members if r.group else [r])}
+                for req in item:
+                    if id(req) in refused:
+                        req.status, req.finish_reason = RequestStatus.FINISHED, "error"
+                        self._emit(req, final_event(req, "error", f"request id {req.request_id} is in use"))
+                        continue
+                    self._requests[req.request_id] = req
+                    if req.images:
+                        self._images.add(req)
+                    else:
+                        self.scheduler.add(req)
+            elif item in self._requests:
+                self._end(self._requests[item], "abort")
+
+    def _advance_images(self) -> None:
+        """Requests whose images found room in the image cache (and are encoding) go to the scheduler."""
+        ready, failed = self._images.advance()
+        for req in ready:
+            if not req.finished:
+                self.scheduler.add(req)
+        for req, message in failed:
+            self._end(req, "error", message)
+
+    def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor, unread: StepHandle | None):
+        """Prepare `batch`'s inputs here and launch it on `launcher` (`unread`: the step in flight before it);
+        returns (batch, the launch's future) for _finish_dispatch, or None when the preparation failed."""
+        started = time.perf_counter()
+        try:
+            prepared = self.runner.prepare(batch)
+        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
+            self._fail_step(batch, exc)
+            return None
+        finally:
+            self._counters["dispatch_s"] += time.perf_counter() - started
+        for chunk in batch.chunks:
+            if chunk.samples:
+                chunk.request.num_pending += 1
+        if unread is not None and unread.unsampled is not None:
+            self._sample_constrained(unread)  # before this launch: its inputs are that step's tokens
+        self._launching = launcher.submit(self.runner.launch, prepared, unread)
+        return batch, self._launching
+
+    def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
+        """Wait for the launch begun by _start_dispatch: the step is on the device (its handle), or failed."""
+        started = time.perf_counter()
+        try:
+            handle = launch.result()
+        except Exception as exc:  # noqa: BLE001
+            self._launching = None
+            for chunk in batch.chunks:
+                if chunk.samples:
+                    chunk.request.num_pending -= 1
+            self._fail_step(batch, exc)
+            return None
+        finally:
+            self._counters["dispatch_s"] += time.perf_counter() - started
+        self._launching = None
+        self._counters["launch_s"] += handle.launch_s
+        self._counters["steps_after_idle"] += handle.after_idle
+        self.scheduler.step_dispatched(batch)
+        c = self._counters
+        c["steps"] += 1
+        c[f"{batch.kind}_steps"] += 1
+        c["prefill_tokens"] += batch.num_prefill_tokens
+        c["decode_tokens"] += batch.num_decode_tokens
+        return handle
+
+    def _sample_constrained(self, handle: StepHandle) -> None:
+        """Enqueue the sampler of a constrained step whose model is on the device, with masks built from the
+        tokens read so far. Called as late as possible (once the next step is prepared, or before the step's
+        results are read) so the host builds them while the device runs the model."""
+        started = time.perf_counter()
+        try:
+            masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
+            self._counters["mask_s"] += time.perf_counter() - started
+            self._counters["constrained_steps"] += 1
+            self.runner.sample_constrained(handle, masks)
+        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
+            handle.failure = exc
+
+    def _note_admissions(self, batch: SchedulerOutput) -> None:
+        """Queue time and prompt-cache hits of requests scheduled for the first time."""
+        now = time.monotonic()
+        for chunk in batch.chunks:
+            req = chunk.request
+            if req.scheduled_at is None:
+                req.scheduled_at = now
+                if "prompt_cache_query_tokens" in self._counters:
+                    self._counters["prompt_cache_hit_tokens"] += req.cache_hit or 0
+                    self._counters["prompt_cache_query_tokens"] += req.prompt_len
+
+
+    def _fail_step(self, batch: SchedulerOutput, exc: Exception) -> None:
+        """A step failed: its requests end with an error; if the device state was consumed, the other
+        running requests are paused (recomputed later) on fresh buffers."""
+        log.error("step failed (%s: %s); failing its %d requests", type(exc).__name__, exc, len(batch.chunks),
+                  exc_info=exc)
+        self._counters["failed_steps"] += 1
+        message = f"{type(exc).__name__}: {exc}"
+        if self._launching is not None:  # the next step's launch is under way: the device state is its
+            wait([self._launching])
+        for chunk in batch.chunks:
+            if not chunk.request.finished:
+                self._end(chunk.request, "error", message)
+        if self.runner.device_state_lost():  # every KV is gone, the prompt cache's too
+            self.runner.reset_device_state()
+            self._counters["preemptions"] += len(self.scheduler.pause_all())
