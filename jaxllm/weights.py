@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxllm.config import ModelConfig
 from jaxllm import prequant
 from jaxllm.models import init_kv_cache, quant
 from jaxllm.models.attention import AttentionMetadata
