@@ -21,7 +21,6 @@ from pathlib import Path
 
 from jaxllm.child import spawn
 from jaxllm.engine.channel import QueuedChannel
-from jaxllm.engine.detokenizer import model_tokenizer
 from jaxllm.engine.request import SCORE_PARAMS, SamplingParams, TokenEvent
 from jaxllm.engine.step_report import StepReport
 from jaxllm.engine.stream import RequestStream, WakeBatch
@@ -83,6 +82,9 @@ class EngineClient:
         self._process, sock = spawn("jaxllm.engine.core", env=env)
         self._channel = QueuedChannel(sock, "jaxllm-frontend")
         self._channel.send(("start", self.args))
+        # transformers (seconds to import) only now: the core's process starts first, and loads meanwhile.
+        from jaxllm.engine.detokenizer import model_tokenizer
+
         self.tokenizer = model_tokenizer(self.args)  # while the core loads its weights
         if self.tokenizer is not None:
             self._eos = frozenset(self.args.eos_id)

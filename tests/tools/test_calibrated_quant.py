@@ -1,7 +1,7 @@
-"""Calibrated quantisation in tools.convert (`--quant w4a16|w8a8 --calibration`) on a tiny random Llama:
-GPTQ's int4 weights and SmoothQuant's smoothed int8 weights give smaller outputs errors than round to nearest
-on the calibration inputs, and the written checkpoint loads unchanged, as the model of its own dequantised
-weights."""
+"""Calibrated quantisation in tools.convert (`--quant w4a16|w8a8 --calibration`): AWQ's and GPTQ's int4
+weights give a smaller output error than round to nearest on a random layer's calibration inputs; on a tiny
+random Llama, each recipe's model (and SmoothQuant's w8a8) gives logits closer to the 16-bit model's than
+round to nearest, and the written checkpoint loads unchanged, as the model of its own dequantised weights."""
 
 from __future__ import annotations
 
@@ -99,30 +99,50 @@ def _rtn(model, params16):
                                                params, abstract, is_leaf=quant.is_quantised))(params16)
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8"])
-def test_calibration_beats_round_to_nearest(tiny, calibration, scheme):
-    """On the calibration windows: every GPTQ weight's output error on its own inputs is below round to
-    nearest's; SmoothQuant's model gives logits closer to the 16-bit model's than round to nearest's."""
-    from jaxllm.models import quant
-    from jaxllm.weights import tree_get
+def _layer(seed, rows=384, k=128, n=96, outliers=4):
+    """Fresh random inputs x [rows, k] with a few large channels (as trained models' activations have) and a
+    weight w [k, n]."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[:, rng.choice(k, outliers, replace=False)] *= 20.0
+    return x, (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+
+
+@pytest.mark.parametrize("recipe", ["awq", "gptq"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_int4_recipe_beats_round_to_nearest_on_a_layer(recipe, seed):
+    """One product on fresh random inputs: the recipe's int4 weight gives a smaller output error on its
+    calibration inputs than round to nearest (AWQ: the scaled weight against the inputs divided by its scale;
+    GPTQ: a least-squares improvement, so anything else is a bug)."""
+    from tools.convert.awq import activation_scale, clipped_int4
+    from tools.convert.gptq import gptq_int4
+    from tools.convert.int4 import dequantize, quantize_groups
+
+    group = 32
+    x, w = _layer(seed)
+    exact = x @ w
+    err = lambda xs, wq: float(np.linalg.norm(exact - xs @ dequantize(*wq)))  # noqa: E731
+    rtn = err(x, quantize_groups(w, group))
+    if recipe == "awq":
+        picked = activation_scale(x, w, group)
+        s = np.ones(w.shape[0], np.float32) if picked is None else picked[0]
+        got = err(x / s, clipped_int4(w * s[:, None], x / s, group))
+    else:
+        got = err(x, gptq_int4(w, x.astype(np.float64).T @ x, group))
+    assert got < rtn, (got, rtn)
+
+
+@pytest.mark.parametrize("scheme, recipe", [("w4a16", "awq"), ("w4a16", "gptq"), ("w8a8", None)])
+def test_calibration_beats_round_to_nearest(tiny, calibration, scheme, recipe):
+    """The whole tiny model calibrated on the windows gives logits there closer to the 16-bit model's than
+    round to nearest's (scaling moves error between a norm and its products, so the model is what counts)."""
     from tools.convert.calibrated import quantise
 
     _, model16, params16, windows = tiny
     stats, reference = calibration
     model = _quantised(model16, scheme)
-    calibrated = quantise(params16, model, stats, log=lambda _: None)
-    rtn = _rtn(model, params16)
-    if scheme == "w4a16":  # GPTQ: each weight on its own inputs
-        paths = list(stats)
-        dequantised = jax.jit(lambda trees: [[quant.dequantize(tree_get(t, p)) for p in paths] for t in trees])
-        for path, exact, gptq, nearest in zip(paths, *dequantised((params16, calibrated, rtn))):
-            x = stats[path].sample
-            err = lambda w: np.linalg.norm(x @ (np.asarray(w) - np.asarray(exact)).reshape(x.shape[1], -1))  # noqa: E731
-            assert err(gptq) < err(nearest), path
-        return
-    # SmoothQuant moves error between a norm and its products (and activations are quantised at run time):
-    # the whole model's logits
-    logits = _logits(model, calibrated, windows), _logits(model, rtn, windows)
+    calibrated = quantise(params16, model, stats, log=lambda _: None, how=recipe)
+    logits = _logits(model, calibrated, windows), _logits(model, _rtn(model, params16), windows)
     calibrated_err, rtn_err = (np.abs(lg - reference).mean() for lg in logits)
     assert calibrated_err < rtn_err
 

@@ -1,11 +1,12 @@
 """The converter's CLI: `python -m tools.convert --src (HF dir | file.gguf) --dst DIR [--dtype D]
-[--format hf|orbax] [--tp N] [--quant SCHEME [--calibration TEXT]] [--force]`; errors print one line and exit with status 2."""
+[--format hf|orbax] [--tp N] [--quant SCHEME [--calibration TEXT [--recipe awq|gptq]]] [--force]`; errors print one line and exit with status 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from tools.convert.calibrated import W4A16_RECIPES
 from tools.convert.checkpoint import DTYPES, ConvertError
 from tools.convert.convert import FORMATS, SCHEMES
 
@@ -40,8 +41,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--calibration", default=None, metavar="TEXT",
-        help="calibrate --quant w4a16 (GPTQ) or w8a8 (SmoothQuant) on this text: 'pydoc' (CPython's "
+        help="calibrate --quant w4a16 (--recipe) or w8a8 (SmoothQuant) on this text: 'pydoc' (CPython's "
         "pydoc_data.topics, shipped with Python) or a UTF-8 text file; default: round to nearest",
+    )
+    parser.add_argument(
+        "--recipe", choices=W4A16_RECIPES, default=None,
+        help="w4a16's calibration (with --calibration): awq (the default, the best measured on SmolLM2: "
+        "activation-aware per-input scales folded into the RMSNorms and gate_up, then a per-group clipping "
+        "search on the output error) or gptq (GPTQ's error compensation, no act-order); docs/perf.md compares them",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing model directory at --dst")
     return parser.parse_args(argv)
@@ -53,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         dst = convert(args.src, args.dst, dtype=args.dtype, fmt=args.format, tp=args.tp, force=args.force,
-                      quant=args.quant, calibration=args.calibration)
+                      quant=args.quant, calibration=args.calibration, recipe=args.recipe)
     except ConvertError as err:
         print(f"tools.convert: error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Calibrated quantisation for `tools.convert --quant w4a16|w8a8 --calibration TEXT`: the 16-bit params, the
-inputs their products see on the calibration text, then GPTQ int4 weights (w4a16) or SmoothQuant-smoothed
-int8 weights (w8a8), in the same pytree types as quantisation at load, so the checkpoint loads unchanged."""
+inputs their products see on the calibration text, then int4 weights by AWQ + clipping or GPTQ (w4a16,
+W4A16_RECIPES) or SmoothQuant-smoothed int8 weights (w8a8), in the same pytree types as quantisation at
+load, so the checkpoint loads unchanged."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from tools.convert.convert import CALIBRATED
 
 TOKENS = 8192  # calibration tokens (windows of WINDOW)
 WINDOW = 512
-SAMPLE_ROWS = 1024  # calibration rows per product on which SmoothQuant's α is chosen
+SAMPLE_ROWS = {"w8a8": 1024, "awq": 2048}  # calibration rows per product on which α / clipping are chosen
+# w4a16's recipes, the default first (docs/perf.md, "Calibrated conversion", measures them): AWQ's
+# activation-aware scales and per-group clipping (tools/convert/awq.py), or GPTQ (tools/convert/gptq.py).
+W4A16_RECIPES = ("awq", "gptq")
 
 
 def quantised_paths(quant_model) -> list[tuple[str, ...]]:
@@ -26,22 +30,39 @@ def quantised_paths(quant_model) -> list[tuple[str, ...]]:
     return [tuple(k.key for k in path) for path, leaf in leaves if quant.is_quantised(leaf)]
 
 
-def calibrated_params(model16, params16, quant_model, windows: list[list[int]], log=print):
+def method(scheme: str, recipe: str | None) -> str:
+    """The calibration a scheme runs: w8a8 → SmoothQuant ("w8a8"); w4a16 → `recipe` (default the first of
+    W4A16_RECIPES)."""
+    if scheme == "w4a16":
+        recipe = recipe or W4A16_RECIPES[0]
+        if recipe not in W4A16_RECIPES:
+            raise ValueError(f"unknown w4a16 recipe {recipe!r} (choose {', '.join(W4A16_RECIPES)})")
+        return recipe
+    if recipe is not None:
+        raise ValueError(f"a recipe is chosen for w4a16 only, not {scheme}")
+    return scheme
+
+
+def calibrated_params(model16, params16, quant_model, windows: list[list[int]], log=print, recipe: str | None = None):
     """params for `quant_model` (the same config with `weight_quant` set) from the unquantised `params16`
     of `model16` (best float32: the calibration runs it), calibrated on the token `windows`."""
     scheme = quant_model.config.weight_quant.scheme
     if scheme not in CALIBRATED:
         raise ValueError(f"--calibration is built for {', '.join(CALIBRATED)}, not {scheme}")
+    how = method(scheme, recipe)
     paths = quantised_paths(quant_model)
-    log(f"calibration: {sum(map(len, windows))} tokens in {len(windows)} windows, {len(paths)} weights")
-    stats = collect(model16, params16, windows, paths, gram=scheme == "w4a16",
-                    sample_rows=SAMPLE_ROWS if scheme == "w8a8" else 0)
-    return quantise(params16, quant_model, stats, log)
+    log(f"calibration ({how}): {sum(map(len, windows))} tokens in {len(windows)} windows, {len(paths)} weights")
+    # AWQ's sample keeps each window's first row: the attention sink's large activations, which every later
+    # position reads, must come through its scales and clipping (without them: max logit diff 55).
+    stats = collect(model16, params16, windows, paths, gram=how == "gptq", sample_rows=SAMPLE_ROWS.get(how, 0),
+                    keep_first=how == "awq")
+    return quantise(params16, quant_model, stats, log, how)
 
 
-def quantise(params16, quant_model, stats: dict, log=print):
+def quantise(params16, quant_model, stats: dict, log=print, how: str | None = None):
     """params for `quant_model` from the unquantised `params16` and the calibration statistics of each
-    quantised weight (calibration.collect: Gram matrices for w4a16, absmax and sample rows for w8a8)."""
+    quantised weight (calibration.collect: Gram matrices for GPTQ, sample rows for AWQ, absmax and sample
+    rows for SmoothQuant); `how`: method()'s answer (default: the scheme's default)."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
@@ -50,7 +71,15 @@ def quantise(params16, quant_model, stats: dict, log=print):
     from jaxllm.weights import abstract_params, tree_get, tree_set
 
     scheme = quant_model.config.weight_quant.scheme
+    how = how or method(scheme, None)
     host = jax.tree.map(lambda a: np.array(a, np.float32), params16)
+    scales: dict = {}
+    if how == "awq":
+        from tools.convert.awq import scale_model
+
+        scales = scale_model(host, quant_model.config, stats)
+        log(f"awq: {len(scales)} of {len(stats)} products scaled, α "
+            f"{', '.join(f'{a}: {sum(v == a for _, v in scales.values())}' for a in sorted({v for _, v in scales.values()}))}")
     if scheme == "w8a8":
         from tools.convert.smoothquant import smooth
 
@@ -63,8 +92,11 @@ def quantise(params16, quant_model, stats: dict, log=print):
         w = tree_get(host, path)
         if not quant.is_quantised(like):
             tree_set(out, path, jnp.asarray(w, like.dtype))
-        elif scheme == "w4a16":
+        elif how == "gptq":
             tree_set(out, path, gptq_weight(w, stats[path].gram, like))
+        elif how == "awq":
+            rows = stats[path].sample if path not in scales else stats[path].sample / scales[path][0]
+            tree_set(out, path, awq_weight(w, rows, like))
         else:
             tree_set(out, path, quant.quantize_like(jnp.asarray(w, quant_model.dtype), like))
     return out
@@ -78,18 +110,18 @@ def text_windows(tokenizer, source: str, tokens: int = TOKENS, window: int = WIN
 def gptq_weight(w: np.ndarray, gram: np.ndarray, like):
     """The Int4Weight of `like`'s layout for the 16-bit w [*in, *out], by GPTQ on the Gram matrix of its
     flattened inputs."""
-    import jax.numpy as jnp
-
-    from jaxllm.models import quant
     from tools.convert.gptq import gptq_int4
+    from tools.convert.int4 import int4_weight
 
-    in_shape, out_shape = w.shape[: like.in_axes], w.shape[like.in_axes :]
-    k, n = int(np.prod(in_shape)), int(np.prod(out_shape))
-    group = like.group_size
-    q, scale, zero = gptq_int4(w.reshape(k, n), gram, group, np.dtype(like.scale.dtype))
-    axis = like.in_axes - 1
-    packed = quant.pack_int4(jnp.asarray(q.reshape(*in_shape, *out_shape)), axis=axis)
-    grouped = (*in_shape[:-1], in_shape[-1] // group, *out_shape)
-    dtype = like.scale.dtype
-    return quant.Int4Weight(packed, jnp.asarray(scale.reshape(grouped), dtype), jnp.asarray(zero.reshape(grouped), dtype),
-                            like.in_axes)
+    flat = w.reshape(gram.shape[0], -1)
+    return int4_weight(*gptq_int4(flat, gram, like.group_size, np.dtype(like.scale.dtype)), like)
+
+
+def awq_weight(w: np.ndarray, rows: np.ndarray, like):
+    """The Int4Weight of `like`'s layout for the (already scaled) 16-bit w [*in, *out], each group's range
+    clipped for the least output error on its input `rows` [R, K]."""
+    from tools.convert.awq import clipped_int4
+    from tools.convert.int4 import int4_weight
+
+    flat = w.reshape(rows.shape[1], -1)
+    return int4_weight(*clipped_int4(flat, rows, like.group_size, np.dtype(like.scale.dtype)), like)

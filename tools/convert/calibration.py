@@ -45,21 +45,27 @@ class InputStats:
     sample: np.ndarray  # [≤ sample_rows, K] float32 rows, spread over the text
     rows: int = 0
 
-    def add(self, x: np.ndarray, sample_rows: int, per_window: int, rng: np.random.Generator) -> None:
+    def add(self, x: np.ndarray, sample_rows: int, per_window: int, rng: np.random.Generator,
+            keep_first: bool = False) -> None:
         if self.gram is not None:
             x64 = x.astype(np.float64)
             self.gram += x64.T @ x64
         self.absmax = np.maximum(self.absmax, np.abs(x).max(axis=0))
         self.rows += x.shape[0]
         if sample_rows:
-            picked = x[rng.choice(x.shape[0], min(x.shape[0], per_window), replace=False)].astype(np.float32)
+            if keep_first:
+                rest = rng.choice(np.arange(1, x.shape[0]), min(x.shape[0], per_window) - 1, replace=False)
+                picked = x[np.concatenate([[0], rest])].astype(np.float32)
+            else:
+                picked = x[rng.choice(x.shape[0], min(x.shape[0], per_window), replace=False)].astype(np.float32)
             self.sample = np.concatenate([self.sample, picked])[:sample_rows]
 
 
 def collect(model, params, windows: list[list[int]], paths: list[tuple[str, ...]], gram: bool = True,
-            sample_rows: int = 0, seed: int = 0) -> dict[tuple[str, ...], InputStats]:
+            sample_rows: int = 0, seed: int = 0, keep_first: bool = False) -> dict[tuple[str, ...], InputStats]:
     """InputStats of each param path in `paths` (16-bit matmul weights of `params`) over the token `windows`
-    (each run as one sequence): Gram matrices if `gram`, `sample_rows` rows drawn evenly from the windows."""
+    (each run as one sequence): Gram matrices if `gram`, `sample_rows` rows drawn evenly from the windows
+    (with `keep_first`, each window's first row always among them)."""
     import jax
     import jax.numpy as jnp
 
@@ -92,7 +98,7 @@ def collect(model, params, windows: list[list[int]], paths: list[tuple[str, ...]
                 k = rows.shape[1]
                 stats[path] = InputStats(np.zeros((k, k)) if gram else None, np.zeros(k, np.float32),
                                          np.zeros((0, k), np.float32))
-            stats[path].add(rows, sample_rows, per_window, rng)
+            stats[path].add(rows, sample_rows, per_window, rng, keep_first)
     missing = [p for p in paths if p not in stats]
     if missing:
         raise RuntimeError(f"calibration saw no input for {len(missing)} weights, e.g. {'/'.join(missing[0])}")

@@ -62,12 +62,21 @@ def convert(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     quant: str | None = None,
     calibration: str | None = None,
+    recipe: str | None = None,
 ) -> Path:
     """Convert `src` into the model directory `dst`; `dtype=None` keeps the source's (float32 for GGUF).
     `quant` (one of SCHEMES) stores the matmul weights quantised, in an orbax checkpoint; `calibration` (a
-    text: `pydoc` or a file, tools/convert/calibration.py) calibrates them (CALIBRATED schemes)."""
+    text: `pydoc` or a file, tools/convert/calibration.py) calibrates them (CALIBRATED schemes), w4a16 by
+    `recipe` (tools/convert/calibrated.W4A16_RECIPES; default the first)."""
     if calibration is not None and quant not in CALIBRATED:
         raise ConvertError(f"--calibration is built for --quant {' or '.join(CALIBRATED)}, not {quant}")
+    if recipe is not None:
+        from tools.convert.calibrated import W4A16_RECIPES
+
+        if quant != "w4a16" or calibration is None:
+            raise ConvertError("--recipe is for --quant w4a16 with --calibration")
+        if recipe not in W4A16_RECIPES:
+            raise ConvertError(f"unknown --recipe {recipe!r} (choose {', '.join(W4A16_RECIPES)})")
     if quant is not None:
         if quant not in SCHEMES:
             raise ConvertError(f"unknown quantisation {quant!r} (choose {', '.join(SCHEMES)})")
@@ -88,7 +97,7 @@ def convert(
         if fmt == "orbax":
             from tools.convert.orbax_export import write_orbax
 
-            write_orbax(staging, checkpoint, dtype_name, tp, quant, calibration)
+            write_orbax(staging, checkpoint, dtype_name, tp, quant, calibration, recipe)
         else:
             write_hf(staging, checkpoint, dtype_name, max_shard_bytes)
         _replace(staging, dst)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tools.convert.int4 import range_params
+
 # Added to the Gram matrix's diagonal, as a fraction of its mean: it keeps the matrix invertible and pulls the
 # compensation towards round to nearest. GPTQ's usual 0.01 over-fitted SmolLM2's MLP down-projections (input
 # 1536 wide) to 8192 calibration tokens: on held-out text their output error rose above round to nearest's,
@@ -20,13 +22,8 @@ DAMP = 0.3
 
 
 def _group_params(w: np.ndarray, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
-    """w [N, g] → (scale [N], zero [N]) as quantize_int4 computes them, scale rounded to `scale_dtype`."""
-    lo = np.minimum(w.min(axis=1), 0.0)
-    hi = np.maximum(w.max(axis=1), 0.0)
-    scale = ((hi - lo) / 15.0).astype(scale_dtype).astype(np.float64)
-    safe = np.where(scale > 0, scale, 1.0)
-    zero = np.clip(np.round(-lo / safe), 0, 15)
-    return scale, zero
+    """w [N, g] → (scale [N], zero [N]) as quantize_int4 computes them."""
+    return range_params(np.minimum(w.min(axis=1), 0.0), np.maximum(w.max(axis=1), 0.0), scale_dtype)
 
 
 def gptq_int4(w: np.ndarray, gram: np.ndarray, group: int, scale_dtype=np.float32, block: int = 128, damp: float = DAMP):
@@ -61,19 +58,3 @@ def gptq_int4(w: np.ndarray, gram: np.ndarray, group: int, scale_dtype=np.float3
             E1[:, i] = err
         W[:, stop:] -= E1 @ U[start:stop, stop:]
     return Q.T, scales, zeros
-
-
-def rtn_int4(w: np.ndarray, group: int, scale_dtype=np.float32):
-    """Round to nearest with quantize_int4's groups (GPTQ with an identity Gram matrix): the baseline."""
-    k, n = w.shape
-    grouped = w.T.astype(np.float64).reshape(n, k // group, group)
-    scale, zero = zip(*(_group_params(grouped[:, g], scale_dtype) for g in range(k // group)))
-    scale, zero = np.stack(scale), np.stack(zero)  # [K / group, N]
-    safe = np.where(scale > 0, scale, 1.0)
-    q = np.clip(np.round(w / np.repeat(safe, group, 0)) + np.repeat(zero, group, 0), 0, 15).astype(np.int32)
-    return q, scale, zero
-
-
-def dequantize(q, scale, zero):
-    group = q.shape[0] // scale.shape[0]
-    return (q - np.repeat(zero, group, 0)) * np.repeat(scale, group, 0)

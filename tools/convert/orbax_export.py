@@ -13,10 +13,11 @@ _STAGING_WEIGHTS = "_safetensors"  # HF weights written first, read back by jaxl
 
 
 def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, quant: str | None = None,
-                calibration: str | None = None) -> Path:
+                calibration: str | None = None, recipe: str | None = None) -> Path:
     """config.json, tokenizer files and `dst/orbax` (params in `dtype_name`) in `dst` (existing, empty);
     `quant`: the matmul weights quantised with that scheme (config.json's `quantization_config` says so),
-    calibrated on the text `calibration` when given (tools/convert/calibrated.py), else round to nearest."""
+    calibrated on the text `calibration` when given (tools/convert/calibrated.py; `recipe`: w4a16's, default
+    the best measured), else round to nearest."""
     import jax.numpy as jnp
 
     from jaxllm.config import ModelConfig
@@ -36,7 +37,7 @@ def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, qua
         if calibration is None:
             params = load_hf(model, staging, make_mesh(tp), tp)
         else:
-            params = _calibrated(model, staging, dst, calibration)
+            params = _calibrated(model, staging, dst, calibration, recipe)
     except ValueError as err:
         raise ConvertError(f"jaxllm cannot load these weights: {err}") from err
     target = save_orbax(params, dst)
@@ -44,7 +45,7 @@ def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, qua
     return target
 
 
-def _calibrated(quant_model, staging: Path, dst: Path, calibration: str):
+def _calibrated(quant_model, staging: Path, dst: Path, calibration: str, recipe: str | None):
     """The quantised params of `quant_model`, calibrated: the unquantised model loaded in float32 (one device)
     and run over the calibration text."""
     import dataclasses
@@ -60,4 +61,4 @@ def _calibrated(quant_model, staging: Path, dst: Path, calibration: str):
     model16 = build_model(dataclasses.replace(quant_model.config, weight_quant=None), jnp.float32)
     params16 = load_hf(model16, staging, make_mesh(1), 1)
     windows = text_windows(load_tokenizer(str(dst), "fast"), calibration)
-    return calibrated_params(model16, params16, quant_model, windows)
+    return calibrated_params(model16, params16, quant_model, windows, recipe=recipe)

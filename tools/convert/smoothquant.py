@@ -1,17 +1,14 @@
 """SmoothQuant (Xiao et al., 2022) for jaxllm's w8a8: activation outliers moved into the weights before both
-are quantised. For a product x @ w whose input x comes out of an op that can absorb a per-input factor, each
-input j is divided by s_j in that op and row j of w multiplied by s_j: the 16-bit product is unchanged, while
+are quantised, by per-input-channel scales folded into the op before each product (tools/convert/scaling.py):
 per-token int8 activations lose less to a few large channels. s_j = max|x_j|^α / max|w_j|^(1-α), with α per
 product picked on the calibration rows (including no smoothing) by the int8 × int8 output error.
-
-The ops that absorb s: the RMSNorm / LayerNorm before `qkv_proj` and before the MLP (pre-norm blocks: the
-norm feeds that one product), and, for the MLP down-projection of a gated MLP, the up half of `gate_up_proj`
-(h = act(gate) * up is linear in up). `o_proj`'s input (the attention output) is left alone.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from tools.convert.scaling import fold_scales
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -46,40 +43,9 @@ def smoothing(x_absmax: np.ndarray, w: np.ndarray, sample: np.ndarray) -> tuple[
 def smooth(params: dict, config, stats: dict) -> dict[tuple[str, ...], float]:
     """Fold the chosen factors into `params` (nested dicts of float32 numpy arrays, changed in place); stats:
     tools/convert/calibration.InputStats by weight path. Returns the α chosen per smoothed weight path."""
-    chosen = {}
-    for layer in range(config.num_layers):
-        block = params[f"layers_{layer}"]
-        prefix = (f"layers_{layer}",)
-        targets = []
-        if config.norm_layout == "pre":
-            targets += [(("self_attn", "qkv_proj"), "input_layernorm"), (("mlp", "gate_up_proj"), "post_attention_layernorm")]
-        if config.mlp_gated:
-            targets.append((("mlp", "down_proj"), None))
-        for (module, name), norm in targets:
-            path = prefix + (module, name)
-            if path not in stats:
-                continue
-            w = block[module][name]
-            flat = w.reshape(w.shape[0], -1)
-            s, alpha = smoothing(stats[path].absmax.astype(np.float64), flat, stats[path].sample)
-            if s is None:
-                continue
-            block[module][name] = (flat * s[:, None]).reshape(w.shape)
-            if norm is not None:
-                _divide_norm(block[norm], s, config.norm_plus_one)
-            else:  # down_proj: the up half of gate_up (its output columns) and its bias
-                block["mlp"]["gate_up_proj"][:, 1, :] /= s
-                if "gate_up_bias" in block["mlp"]:
-                    block["mlp"]["gate_up_bias"][1, :] /= s
-            chosen[path] = alpha
-    return chosen
 
+    def choose(stat, w):
+        s, alpha = smoothing(stat.absmax.astype(np.float64), w, stat.sample)
+        return None if s is None else (s, alpha)
 
-def _divide_norm(norm: dict, s: np.ndarray, plus_one: bool) -> None:
-    """The norm's output divided by s: its weight (stored as w - 1 when `plus_one`) and bias."""
-    if plus_one:
-        norm["weight"] = (1.0 + norm["weight"]) / s - 1.0
-    else:
-        norm["weight"] = norm["weight"] / s
-    if "bias" in norm:
-        norm["bias"] = norm["bias"] / s
+    return {path: alpha for path, (_, alpha) in fold_scales(params, config, stats, choose).items()}
