@@ -7,8 +7,10 @@ jaxllm.monitor instead.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
+import threading
 from typing import Sequence
 
 from jaxllm.args import ServerArgs
@@ -39,6 +41,9 @@ def start_up(args: ServerArgs):
     pusher = MetricsPusher.from_args(args, metrics.registry)
     log.info("loading %s", args.model_dir)
     engine = EngineClient(args)
+    # The HTTP app's modules (a second or more) import while the core loads: they serve only once it is ready.
+    threading.Thread(target=importlib.import_module, args=("jaxllm.server.app",), name="jaxllm-import-app",
+                     daemon=True).start()
     engine.start()
     stats = StatsLogger.from_args(args, engine.stats, metrics)
     return engine, metrics, [t for t in (pusher, stats) if t is not None]

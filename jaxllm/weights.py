@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -17,16 +18,16 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxllm.config import ModelConfig
 from jaxllm import prequant
 from jaxllm.models import init_kv_cache, quant
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.models.registry import family_of
 from jaxllm.parallel import logical_rules
 from jaxllm.torch_pickle import load_torch_file
+from jaxllm.weight_transfer import Placer, assemble, place
 
 DATA_TYPES = {
     "fp16": jnp.float16,
@@ -57,8 +58,16 @@ def _dummy_inputs(model):
 
 
 def abstract_params(model):
-    """Shapes, dtypes and logical axes of every weight, without allocating any."""
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(model))["params"])
+    """Shapes, dtypes and logical axes of every weight, without allocating any (traced once per model: the trace
+    of the whole model's init takes seconds)."""
+    abstract = _abstract.get(model)
+    if abstract is None:
+        abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *_dummy_inputs(model))["params"])
+        _abstract[model] = abstract
+    return abstract
+
+
+_abstract: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def param_shardings(model, mesh: Mesh, tp: int):
@@ -188,11 +197,20 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
     if held is not None and held.checkpoint_format is not None:  # AWQ / GPTQ / FP8 tensors, read as they are
         tensors = prequant.regroup(tensors, held.checkpoint_format, held.group_size)
     shardings = param_shardings(model, mesh, tp)
+    with Placer() as placer:
+        return placer.result(_place_all(model, tensors, shardings, placer, model_dir))
+
+
+def _place_all(model, tensors, shardings, placer: Placer, model_dir: Path) -> dict:
+    """load_hf's loop: each named tensor to its param (fused params once all their parts are read); plain
+    params are placed by `placer`'s threads (the tree holds their Futures)."""
+    config = model.config
+    family = family_of(config.model_type)
     shapes = nn.unbox(abstract_params(model))
     table = family.weights(config)
     params: dict = {}
     seen = set()
-    pending: dict[tuple[str, ...], tuple] = {}  # fused params: host buffer(s), parts still missing
+    pending: dict[tuple[str, ...], list] = {}  # fused params: the parts read so far [(index, host array)]
     for name, array in tensors:
         name = family.rename(name)
         if name not in table and family.base_prefix + name in table:
@@ -204,36 +222,33 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
         target = table[name]
         # A pre-quantised linear is a dict of fields, each in the 16-bit weight's layout (jaxllm/prequant.py).
         host = _each(array, lambda a: np.asarray(target.transform(a)))
-        if target.parts > 1:
-            shape = tree_get(shapes, target.path).shape
-            buffer, missing = pending.get(target.path, (_each(host, lambda a: np.empty(shape, a.dtype)),
-                                                        target.parts))
-            _each(buffer, lambda b, h: b.__setitem__(target.part, h), host)
-            if missing > 1:
-                pending[target.path] = (buffer, missing - 1)
-                seen.add(name)
-                continue
-            pending.pop(target.path, None)
-            host = buffer
         like, sharding = tree_get(shapes, target.path), tree_get(shardings, target.path)
+        if target.parts > 1:
+            parts = pending.setdefault(target.path, [])
+            parts.append((target.part, host))
+            seen.add(name)
+            if len(parts) < target.parts:
+                continue
+            del pending[target.path]
+            if isinstance(host, dict):  # each field in the 16-bit weight's layout
+                host = {field: assemble(like.shape, [(i, p[field]) for i, p in parts]) for field in host}
+            elif quant.is_quantised(like):
+                host = assemble(like.shape, parts)
+            else:  # copied and placed in the pool
+                tree_set(params, target.path, placer.submit_fused(like.shape, parts, like.dtype, sharding))
+                continue
         if isinstance(host, dict):
             weight = prequant.to_weight(host, like)
-            tree_set(params, target.path, jax.tree.map(lambda h, s: _place(h, h.dtype, s), weight, sharding))
+            tree_set(params, target.path, jax.tree.map(lambda h, s: place(h, h.dtype, s), weight, sharding))
         elif quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
             tree_set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
         else:  # the declared dtype: the model's, or float32 where a family keeps one so (DeepSeek's router)
-            tree_set(params, target.path, _place(host, like.dtype, sharding))
+            tree_set(params, target.path, placer.submit(host, like.dtype, sharding))
         seen.add(name)
     missing = sorted(set(table) - seen)
     if missing:
         raise ValueError(f"weights in {model_dir} lack {len(missing)} tensors, e.g. {missing[:3]}")
     return params
-
-
-def _place(host: np.ndarray, dtype, sharding: NamedSharding):
-    return jax.make_array_from_callback(
-        host.shape, sharding, lambda index: np.asarray(host[index]).astype(dtype)
-    )
 
 
 def _each(value, fn, *others):
@@ -245,7 +260,7 @@ def _each(value, fn, *others):
 
 def _place_quantised(host: np.ndarray, like, shardings, dtype):
     """Quantise on the devices: the 16-bit twin placed like the quantised fields, then quantised in place."""
-    twin = _place(host, dtype, jax.tree.leaves(shardings)[0])
+    twin = place(host, dtype, jax.tree.leaves(shardings)[0])
     return _quantiser(like, shardings)(twin)  # `like`: ShapeDtypeStructs, hashable
 
 

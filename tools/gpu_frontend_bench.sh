@@ -3,7 +3,8 @@
 # serve` against `jaxllm.serve`: HTTP frontend + engine-core process) and through the in-process engine
 # (`jaxllm.bench offline`), random-weight Llama-3-8B, the flags of the issue's measurement. Prints output tok/s
 # server / in-process (goal >= 0.95) and the inter-token gap median / p99 against the median TPOT (goal p99 <= 3 x
-# TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm).
+# TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm), plus 1-3
+# minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; HOST=0 skips bench.host).
 # Usage on the device machine (carry .whl and the tokenizer dir):
 #   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_frontend_bench.sh
 set -uo pipefail
@@ -17,6 +18,17 @@ WORKLOAD=(--num-prompts ${PROMPTS:-512} --input-len 128 --output-len 128 --seed 
 STARTUP_FILE=$OUT/startup.txt START_TIMEOUT=400 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}
 source tools/serve_env.sh
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jaxllm/jax}
+
+echo "== host side, on the CPU: the frontend's text + SSE capacity, the engine thread's host us per row per step"
+$PY -m jaxllm.bench.frontend --rows 512 --tokenizer "$TOKENIZER_DIR" | tee "$OUT/frontend_host.json"
+if [ "${HOST:-1}" = 1 ]; then  # a 2-layer, 64-wide model of $MODEL's tokenizer: the host's share alone
+  TINY=$(mktemp -d); cp "$TOKENIZER_DIR"/* "$TINY/"
+  $PY -c "import json, sys; c = json.load(open(sys.argv[1])); c.update(hidden_size=64, intermediate_size=128,
+num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16); json.dump(c, open(sys.argv[2], 'w'))" \
+    "$MODEL/config.json" "$TINY/config.json"
+  JAX_PLATFORMS=cpu timeout ${HOST_TIMEOUT:-400} $PY -m jaxllm.bench.host --model_dir "$TINY" --data_type float32 \
+    --tokenizer_mode fast 2> "$LOGS/host.err" | tee "$OUT/host.json"
+fi
 
 echo "== in-process engine (one untimed pass first)"
 timeout ${OFFLINE_TIMEOUT:-400} $PY -m jaxllm.bench offline --model_dir "$MODEL" --warmup-pass "${WORKLOAD[@]}" \

@@ -1,5 +1,6 @@
 """CLI: `python -m jaxllm.bench serve ...` against a running server, `python -m jaxllm.bench offline ...`,
-`python -m jaxllm.bench quality ...` (what the weight-quantisation modes cost in quality)."""
+`python -m jaxllm.bench quality ...` (what the weight-quantisation modes cost in quality), `python -m jaxllm.bench
+startup ...` (the server's start-up, cold and warm)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "one-label score head (/get_score's engine path); needs --load_format dummy")
     _add_workload_flags(offline)
     quality.add_arguments(sub.add_parser("quality", help="perplexity, greedy agreement and logit error per weight mode"))
+    startup = sub.add_parser("startup", help="the server's launch to /health, cold and warm, with its phases",
+                             epilog="Any jaxllm.serve flag may follow (they start the server).")
+    startup.add_argument("--model_dir", required=True)
+    startup.add_argument("--runs", nargs="+", choices=["cold", "warm"], default=["cold", "warm"],
+                         help="starts in order: cold empties the compilation cache first, warm keeps it")
+    startup.add_argument("--cache-dir", default=None,
+                         help="the compilation cache the starts use (emptied by a cold run; default: a temporary one)")
+    startup.add_argument("--timeout", type=float, default=1200, help="seconds a start may take")
+    startup.add_argument("--result-json", type=str, default=None, help="also write the results here")
     return parser
 
 
@@ -90,12 +100,25 @@ def _read_json(path: str | None):
         return json.load(f)
 
 
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns, extra = build_parser().parse_known_args(argv)
     if ns.command == "quality":
         if extra:
             raise SystemExit(f"jaxllm.bench: unknown arguments {extra}")
         return quality.run(ns)
+    if ns.command == "startup":
+        from jaxllm.bench import startup
+
+        result = startup.run(ns.model_dir, extra, ns.runs, ns.cache_dir, ns.timeout)
+        _write_json(ns.result_json, result)
+        print(startup.format_table(result))
+        return 0
     spec = _spec(ns)
     if ns.command == "serve":
         if extra:
@@ -128,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_offline(llm, requests, ns.best_of, ns.separately)
             result = run_offline(llm, requests, ns.best_of, ns.separately)
             table = format_offline_table(result)
-    if ns.result_json:
-        with open(ns.result_json, "w") as f:
-            json.dump(result, f, indent=2)
+    _write_json(ns.result_json, result)
     print(table)
     return 0 if result.get("failed", 0) == 0 else 1
 

@@ -1,9 +1,11 @@
 """What the frontend / engine-core split costs per step, measured on the host: the engine thread's time per event
 (in-process: a RequestStream per request; in the core: the event gathered into the step's columns, the message
 pickled), and the channel to the frontend (a child process decoding every event into its TokenEvent): round-trip
-latency of one step's message and steps/s streamed back to back, at 1 and 512 events per step:
+latency of one step's message and steps/s streamed back to back, at 1 and 512 events per step; and, given a
+tokenizer, what the frontend's threads can do with a step's events: make each row's text (TokenText) and encode
+its LightLLM stream event (SSE), in tokens/s:
 
-    python -m jaxllm.bench.frontend [--rows 1 512] [--steps 300]
+    python -m jaxllm.bench.frontend [--rows 1 512] [--steps 300] [--tokenizer MODEL_DIR]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def step_events(rows: int, step: int) -> list[TokenEvent]:
     return [TokenEvent(1000 + i, " word", -0.25 - i * 1e-3, False, step + 1, 128, False, None) for i in range(rows)]
 
 
-class _Latest:
+class KeepLast:
     """A channel that keeps only the last message it is sent (the engine thread's share alone)."""
 
     message = None
@@ -52,7 +54,7 @@ def engine_thread_us(rows: int, steps: int) -> dict:
         for stream in streams:
             stream._events.clear()  # what the reader would take
     in_process = (time.perf_counter() - start) / (steps * rows) * 1e6
-    latest = _Latest()
+    latest = KeepLast()
     sink = CoreSink(latest)
     core_streams = [sink.stream(str(i)) for i in range(rows) if sink.expect(str(i), i) is None]
     start = time.perf_counter()
@@ -127,10 +129,44 @@ def echo(fd: int) -> None:
                 return
 
 
+def text_capacity(tokenizer_dir: str, rows: int, steps: int) -> dict:
+    """Tokens/s one thread turns into text (TokenText.add, the frontend's receiver) and into LightLLM stream events
+    (the SSE bytes of /generate_stream): `rows` streams decoding a real text's tokens, one token each per step."""
+    from jaxllm.engine.detokenizer import load_tokenizer
+    from jaxllm.engine.request import SamplingParams
+    from jaxllm.engine.token_text import TokenText
+    from jaxllm.server.lightllm import stream_event
+    from jaxllm.server.sse import event
+
+    tokenizer = load_tokenizer(tokenizer_dir, "fast")
+    import pydoc_data.topics
+
+    corpus = tokenizer.encode(" ".join(list(pydoc_data.topics.topics.values())[:40]))
+    prompt, params = corpus[:16], SamplingParams(max_new_tokens=steps)
+    eos, special = frozenset([tokenizer.eos_token_id]), frozenset(tokenizer.all_special_ids)
+    texts = [TokenText(tokenizer, prompt, params, eos, special) for _ in range(rows)]
+    tokens = [[corpus[(16 + 97 * row + step) % len(corpus)] for row in range(rows)] for step in range(steps)]
+    text_s = encode_s = 0.0
+    for step, step_tokens in enumerate(tokens):
+        start = time.perf_counter()
+        events = [TokenEvent(token, text.add(token), -0.5, False, step + 1, 16, False, None)
+                  for text, token in zip(texts, step_tokens)]
+        made = time.perf_counter()
+        for e in events:
+            event(stream_event(e))
+        text_s += made - start
+        encode_s += time.perf_counter() - made
+    count = rows * steps
+    return {"text_tokens_per_s": count / text_s, "sse_events_per_s": count / encode_s,
+            "text_and_sse_tokens_per_s": count / (text_s + encode_s),
+            "text_us_per_token": 1e6 * text_s / count, "sse_us_per_token": 1e6 * encode_s / count}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxllm.bench.frontend", description=__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 512], help="events per step")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--tokenizer", help="a model directory: also measure the frontend's text + SSE capacity")
     parser.add_argument("--echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("fd", type=int, nargs="?", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
@@ -138,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         echo(ns.fd)
         return 0
     results = {rows: {**engine_thread_us(rows, ns.steps), **channel_timings(rows, ns.steps)} for rows in ns.rows}
+    if ns.tokenizer:
+        for rows in ns.rows:
+            results[rows].update(text_capacity(ns.tokenizer, rows, min(ns.steps, 128)))
     print(json.dumps(results, indent=2))
     return 0
 

@@ -3,7 +3,8 @@ submit_group, submit_score, abort, check_prompt, check_guided, token_load, stats
 and runs the engine core in a process of its own (`python -m jaxllm.engine.core`, a fresh interpreter: JAX is
 never initialised in a forked child), so the engine loop does not share a GIL with HTTP, tokenisation and response
 encoding. Requests are checked here (jaxllm.engine.submission) before they cross; each step's events come back in
-one message and wake each event loop once. When the core's process dies, its requests end with an error and every
+one message and wake each event loop once. The text of the rows whose text the core does not need (no stop
+strings, healing or images: token_text.text_needed_in_engine) is made here, on the receiving thread. When the core's process dies, its requests end with an error and every
 later call raises EngineUnavailable (the server answers 503).
 """
 
@@ -20,11 +21,11 @@ from pathlib import Path
 
 from jaxllm.child import spawn
 from jaxllm.engine.channel import QueuedChannel
-from jaxllm.engine.detokenizer import model_tokenizer
 from jaxllm.engine.request import SCORE_PARAMS, SamplingParams, TokenEvent
 from jaxllm.engine.step_report import StepReport
 from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.engine.submission import SubmitRules
+from jaxllm.engine.token_text import TokenText
 from jaxllm.engine.wire import events_of
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class EngineClient:
         self._next_handle = itertools.count()
         self._streams: dict[int, tuple[str, RequestStream]] = {}  # handle → (request id, stream), until finished
         self._handles: dict[str, int] = {}  # request id → handle
+        # Text state of generating requests, by handle: (prompt ids, params) until their first event whose text
+        # the core left to us (TokenEvent.text None), then their TokenText; the receiving thread alone reads them.
+        self._text_prompts: dict[int, tuple[list[int], SamplingParams]] = {}
+        self._texts: dict[int, TokenText] = {}
+        self._eos, self._special = frozenset(), frozenset()
         self._calls: dict[int, list] = {}  # call id → [threading.Event, the core's answer]
         # Grammars the core compiled without error ((kind, value), most recent last): a repeated one needs no
         # round trip, which would hold the event loop while the core is busy.
@@ -76,7 +82,13 @@ class EngineClient:
         self._process, sock = spawn("jaxllm.engine.core", env=env)
         self._channel = QueuedChannel(sock, "jaxllm-frontend")
         self._channel.send(("start", self.args))
+        # transformers (seconds to import) only now: the core's process starts first, and loads meanwhile.
+        from jaxllm.engine.detokenizer import model_tokenizer
+
         self.tokenizer = model_tokenizer(self.args)  # while the core loads its weights
+        if self.tokenizer is not None:
+            self._eos = frozenset(self.args.eos_id)
+            self._special = frozenset(self.tokenizer.all_special_ids)
         info = self._wait_ready()
         self.rules = SubmitRules(self.args, info["vocab_size"], info["scoring"], info["has_tokenizer"])
         self.scoring, self.pid, self._stats = info["scoring"], info["pid"], info["stats"]
@@ -230,6 +242,8 @@ class EngineClient:
                     self._handles[request_id] = handle
                     spec["handles"].append(handle)
                     streams.append(stream)
+                    if self.tokenizer is not None and not spec.get("score"):
+                        self._text_prompts[handle] = (spec["prompt_ids"], spec["params"])
         self._channel.send(("submit", specs))
         return streams
 
@@ -260,10 +274,17 @@ class EngineClient:
                       f"the engine core's process exited (exit code {code}); the server needs a restart")
 
     def _deliver(self, events: tuple, stats: dict) -> None:
+        events = list(events_of(events))
+        for handle, event in events:  # outside the lock: submissions go on meanwhile
+            if event.text is None:
+                event.text = self._text(handle).add(event.token_id)
+            if event.finished:
+                self._texts.pop(handle, None)
+                self._text_prompts.pop(handle, None)
         wakes = WakeBatch()
         with self._lock:
             self._stats = stats
-            for handle, event in events_of(events):
+            for handle, event in events:
                 entry = self._streams.get(handle)
                 if entry is None:
                     continue
@@ -274,6 +295,13 @@ class EngineClient:
                 stream.put(event, wakes)
         for request_id in wakes.send():  # their consumers' event loops are gone
             self.abort(request_id)
+
+    def _text(self, handle: int) -> TokenText:
+        text = self._texts.get(handle)
+        if text is None:
+            prompt_ids, params = self._text_prompts.pop(handle)
+            text = self._texts[handle] = TokenText(self.tokenizer, prompt_ids, params, self._eos, self._special)
+        return text
 
     def _report(self, report) -> None:
         for listener in self._listeners:
@@ -297,6 +325,7 @@ class EngineClient:
         with self._lock:
             self._down = reason
             streams, self._streams, self._handles = list(self._streams.values()), {}, {}
+            self._text_prompts, self._texts = {}, {}
             calls, self._calls = list(self._calls.values()), {}
         for _, stream in streams:
             stream.put(TokenEvent(-1, "", 0.0, False, 0, 0, True, "error", error=reason), wakes)

@@ -97,11 +97,14 @@ def main(argv: list[str]) -> int:
 
 
 def run_core(args, channel: QueuedChannel) -> None:
-    from jaxllm.engine.engine import Engine  # imports JAX: in this process only
+    from jaxllm.engine.startup import phase
 
     sink = CoreSink(channel)
     try:
-        engine = Engine.from_args(args, sink=sink)
+        with phase("import"):  # JAX, Flax, the models: in this process only
+            from jaxllm.engine.engine import Engine
+        with phase("engine-total"):  # the phases below, together
+            engine = Engine.from_args(args, sink=sink)
     except (ValueError, FileNotFoundError) as err:  # bad flags or model directory: exit code 2
         channel.send(("failed", str(err), 2))
         channel.close()

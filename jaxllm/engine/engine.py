@@ -27,6 +27,7 @@ from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, l
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import enable_compilation_cache
+from jaxllm.engine.startup import phase
 from jaxllm.engine.step_loop import StepLoop
 from jaxllm.engine.step_reader import StepReader
 from jaxllm.engine.stream import RequestStream
@@ -47,7 +48,8 @@ class Engine(StepLoop, StepReader):
         the other processes of a multi-process deployment (jaxllm.multiprocess.Followers); sink: where requests'
         events go instead of their own RequestStream (the engine core's process: see jaxllm.engine.core),
         `sink.stream(request_id)` per request and `sink.flush(stats)` after every loop iteration, so that one
-        iteration's events leave together."""
+        iteration's events leave together; with a sink, the text of rows whose text the engine does not need is
+        left to the frontend (EventMaker.text_elsewhere)."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
@@ -62,8 +64,9 @@ class Engine(StepLoop, StepReader):
         # A vision-language model under --enable_multimodal: images are preprocessed (image_processor, off this
         # thread), cached and encoded (self._images) before their requests reach the scheduler.
         self.image_processor, image_rows = image_buffer(args, model.config)
-        self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens, peers,
-                                   image_rows=image_rows)
+        with phase("kv-cache"):  # the runner's device state: KV buffers, slot tables
+            self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens, peers,
+                                       image_rows=image_rows)
         self._images: ImageStage | None = None
         if image_rows:
             cache = ImageCache(args.cache_capacity, args.cache_reserved_ratio, image_rows)
@@ -71,11 +74,13 @@ class Engine(StepLoop, StepReader):
             self._images = ImageStage(cache, functools.partial(family.batches, model.config), self.runner.encode_images,
                                       self.runner.image_scratch_row)
             if warmup != 0:  # the encoder compiled at start-up too (written to the scratch row)
-                for example in family.warmup_batches(model.config, self._images.max_batch):
-                    self._images.run_example(example)
-        self.runner.warmup(warmup)
+                with phase("compile-images"):
+                    for example in family.warmup_batches(model.config, self._images.max_batch):
+                        self._images.run_example(example)
+        with phase("compile-steps"):
+            self.runner.warmup(warmup)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
-                                  cumlogprob=args.diverse_mode or args.beam_mode)
+                                  cumlogprob=args.diverse_mode or args.beam_mode, text_elsewhere=sink is not None)
         self._grammars: GrammarCompiler | None = None  # built with the first constrained request
         self._healer = TokenHealer(tokenizer, self.config.vocab_size) if args.token_healing_mode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -112,6 +117,7 @@ class Engine(StepLoop, StepReader):
     def from_args(cls, args, *, warmup: int | None = None, sink=None) -> "Engine":
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps. With
         --nccl_port and --tp > 1, first start a process per other device, each running the same steps."""
+        enable_compilation_cache()  # before the first compile (random weights are made by one)
         followers = multiprocess.start(args, warmup) if args.processes > 1 else None
         loaded = load_model(args, multiprocess.mesh_devices() if followers else None)
         return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers,

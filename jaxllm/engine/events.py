@@ -6,37 +6,39 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxllm.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from jaxllm.engine.detokenizer import StopMatcher
 from jaxllm.engine.request import Request, TokenEvent
+from jaxllm.engine.token_text import TokenText, text_needed_in_engine
 
 
 class EventMaker:
     """Turns a request's sampled tokens into its TokenEvents, per LightLLM's text rules."""
 
-    def __init__(self, tokenizer, eos_ids, *, prompt_cache: bool = False, cumlogprob: bool = False):
+    def __init__(self, tokenizer, eos_ids, *, prompt_cache: bool = False, cumlogprob: bool = False,
+                 text_elsewhere: bool = False):
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_ids)
         self.special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        # Behind the HTTP frontend, which makes the text of the rows whose text the engine does not need: their
+        # events leave with text None.
+        self.text_elsewhere = text_elsewhere and tokenizer is not None
         self.prompt_cache = prompt_cache  # first events report the prompt tokens found cached
         self.cumlogprob = cumlogprob  # events carry the sum of the sequence's logprobs (LightLLM's group modes)
 
     def attach(self, req: Request) -> None:
-        """Give a request fresh text state (a detokenizer, a stop matcher) and an empty output: when new, and
+        """Give a request fresh text state (its TokenText, a stop matcher) and an empty output: when new, and
         when a beam search hands it its final tokens."""
         req.output_ids, req.output_logprobs = [], []
-        if self.tokenizer is None:
+        if self.tokenizer is None or (self.text_elsewhere and not text_needed_in_engine(req)):
             return
         p = req.params
-        req.detokenizer = IncrementalDetokenizer(
-            self.tokenizer, req.text_prompt_ids, skip_special_tokens=p.skip_special_tokens,
-            spaces_between_special_tokens=p.add_spaces_between_special_tokens,
-        )
+        req.token_text = TokenText(self.tokenizer, req.text_prompt_ids, p, self.eos, self.special)
         if p.stop_sequences:
             req.stop_matcher = StopMatcher(p.stop_sequences)
 
     def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> TokenEvent:
-        """Append `token` to req's output and make its event; event.finished says whether req is done. The eos
-        text is "" unless print_eos_token, which prints it even when skip_special_tokens drops specials.
+        """Append `token` to req's output and make its event; event.finished says whether req is done. Its text
+        follows TokenText's rules (None when the frontend makes it: `text_elsewhere`).
         `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them."""
         params = req.params
         req.output_ids.append(token)
@@ -51,11 +53,9 @@ class EventMaker:
             reason = "stop"
         elif req.count_output >= params.max_new_tokens:
             reason = "length"
-        text = ""
-        if req.detokenizer is not None and (params.print_eos_token or not is_eos):
-            text = req.detokenizer.add(token)
-            if is_eos and params.skip_special_tokens and token in self.special:
-                text += self.tokenizer.decode([token], skip_special_tokens=False)
+        text = None if self.text_elsewhere else ""
+        if req.token_text is not None:
+            text = req.token_text.add(token)
             if req.healing is not None:
                 text = req.healing.skip_prompt_text(text)
         stop_sequence = None

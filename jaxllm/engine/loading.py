@@ -13,6 +13,7 @@ from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.scheduler import Scheduler, SchedulerConfig
 from jaxllm.engine.splitfuse import SplitFuseScheduler
+from jaxllm.engine.startup import log_weights, phase
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
 from jaxllm.models.expert_kernels import experts_kernel
@@ -90,17 +91,22 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
     `devices` (by default jax.devices())."""
     if args.model_dir is None:
         raise ValueError("--model_dir is required")
-    config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
-    config.check_context(args.max_req_total_len)
-    check_reward_flags(config, args)
-    config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
-    mesh = make_mesh(args.tp, devices)
-    platform = jax.devices()[0].platform
-    backend = attention_backend(args.mode, platform, mesh=mesh)
-    model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
-    params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
+    with phase("config"):  # and the devices' start (the first jax.devices())
+        config = ModelConfig.from_model_dir(args.model_dir, trust_remote_code=args.trust_remote_code)
+        config.check_context(args.max_req_total_len)
+        check_reward_flags(config, args)
+        config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
+        mesh = make_mesh(args.tp, devices)
+        platform = jax.devices()[0].platform
+        backend = attention_backend(args.mode, platform, mesh=mesh)
+        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
+    with phase(f"weights-{args.load_format}") as timer:
+        params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
+        jax.block_until_ready(params)
+    log_weights(params, timer.seconds)
     loaded = LoadedModel(model, params, mesh, None)
     if tokenizer:
-        from jaxllm.engine.detokenizer import model_tokenizer  # transformers: not imported by the followers
-        loaded.tokenizer = model_tokenizer(args)
+        with phase("tokenizer"):
+            from jaxllm.engine.detokenizer import model_tokenizer  # transformers: not imported by the followers
+            loaded.tokenizer = model_tokenizer(args)
     return loaded

@@ -130,6 +130,7 @@ class TokenEvent:
 
     token_id: int
     text: str  # new text: "" for held-back text (incomplete UTF-8, a possible stop string), specials, eos
+    # (None only between the engine core and the frontend, which makes that event's text: EventMaker.text_elsewhere)
     logprob: float
     special: bool
     count_output_tokens: int
@@ -196,7 +197,7 @@ class Request:
     finish_reason: str | None = None
     prompt_logprobs: list | None = None  # filled by the first prefill when params.prompt_logprobs
     stream: Any = None  # where TokenEvents go (engine.RequestStream)
-    detokenizer: Any = None  # IncrementalDetokenizer, when the engine has a tokenizer
+    token_text: Any = None  # TokenText, when the engine makes its text (has a tokenizer, no frontend doing it)
     stop_matcher: Any = None  # StopMatcher, when params.stop_sequences
     group: Any = None  # the SequenceGroup of best_of > 1 sequences sharing this prompt (group.py)
     constraint: Any = None  # the allowed-token rule of its next tokens (engine.constraints.TokenConstraint)
@@ -260,13 +261,16 @@ class Request:
 
     @property
     def decoding(self) -> bool:
-        """Past its prefill: only the last sampled token is left to compute."""
-        return self.num_output > 0 and self.remaining == 1
+        """Past its prefill: only the last sampled token is left to compute (num_output > 0 and remaining == 1,
+        computed inline: read for every running request at every step)."""
+        outputs = len(self.output_ids) + self.num_pending
+        return outputs > 0 and len(self.prompt_ids) + outputs - self.num_computed == 1
 
     @property
     def wants_token(self) -> bool:
         """Still short of max_new_tokens counting the tokens in flight (an eos may end it sooner)."""
-        return self.num_output - self.outputs_within_prompt < self.params.max_new_tokens
+        within_prompt = 0 if self.healing is None else self.healing.tokens_within_prompt
+        return len(self.output_ids) + self.num_pending - within_prompt < self.params.max_new_tokens
 
     @property
     def outputs_within_prompt(self) -> int:

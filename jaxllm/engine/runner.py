@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,14 +28,19 @@ from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder, StepInputs, 
 from jaxllm.engine.step_shapes import StepShape, pick_bucket, pow2_buckets
 from jaxllm.models.mla import kernel_fits
 
+log = logging.getLogger(__name__)
+
 
 def enable_compilation_cache() -> str:
     """Turn on JAX's persistent compilation cache (~/.cache/jaxllm/jax unless a directory is set)."""
-    current = jax.config.jax_compilation_cache_dir
-    if current:
-        return current
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxllm" / "jax")
-    jax.config.update("jax_compilation_cache_dir", path)
+    # Every executable, not only those that took JAX's default second to compile: a warm start then compiles
+    # nothing (the small ones — random weights, table fills, short steps — add up to seconds at each start).
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    path = jax.config.jax_compilation_cache_dir
+    if not path:
+        path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(Path.home() / ".cache" / "jaxllm" / "jax")
+        jax.config.update("jax_compilation_cache_dir", path)
     return path
 
 
@@ -42,8 +48,9 @@ _PREFILL_ROWS = 256  # rows of a prefill step, unless it holds more chunks (see 
 
 
 def _compile_threads() -> int:
-    """Start-up shapes compiled at once: one per core, at most 8 (each compile holds its own memory)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Start-up shapes compiled at once: $JAXLLM_COMPILE_THREADS, by default one per core, at most 8 (each compile
+    holds its own memory)."""
+    return max(1, int(os.environ.get("JAXLLM_COMPILE_THREADS") or min(8, os.cpu_count() or 1)))
 
 
 @dataclasses.dataclass
@@ -235,11 +242,19 @@ class ModelRunner:
         inputs = [self.inputs.padding(shape) for shape in shapes]
         # XLA compiles with the GIL released, so the shapes compile in parallel. Each shape's executable is
         # kept for its first step (no need to run each on padding).
-        with ThreadPoolExecutor(max_workers=_compile_threads()) as pool:
-            compiled = pool.map(self._compile, inputs, shapes)
-            for _ in tqdm(compiled, total=len(shapes), desc="compiling steps", unit="shape", disable=not shapes):
-                pass
+        threads = _compile_threads()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            seconds = list(tqdm(pool.map(self._timed_compile, inputs, shapes), total=len(shapes),
+                                desc="compiling steps", unit="shape", disable=not shapes))
+        if shapes:
+            log.info("compiled %d step shapes in %d threads, seconds each (tokens x rows x width): %s", len(shapes),
+                     threads, ", ".join(f"{s.tokens}x{s.rows}x{s.width} {t:.2f}" for s, t in zip(shapes, seconds)))
         return len(shapes)
+
+    def _timed_compile(self, host: StepInputs, shape: StepShape) -> float:
+        started = time.perf_counter()
+        self._compile(host, shape)
+        return time.perf_counter() - started
 
     def _compile(self, host: StepInputs, shape: StepShape) -> jax.stages.Compiled:
         """The compiled step of `shape` (inputs like `host`), compiled on the first call."""
@@ -365,6 +380,7 @@ class ModelRunner:
             self.model, kv.num_slots, kv.num_rows, self.width_buckets[-1], self.mesh, self._kv_spec
         )
         self._last_tokens = jax.device_put(np.zeros(self.max_rows, np.int32), self._replicated)
+        jax.block_until_ready(self.kv)  # allocated now, not inside the first step's time
         return shardings
 
     def device_state_lost(self) -> bool:

@@ -59,8 +59,12 @@ def finite_logprob(value: float) -> float:
     return LOGPROB_FLOOR if math.isnan(value) or value < LOGPROB_FLOOR else float(value)
 
 
+# One encoder for every reply: json.dumps with options builds a new one per call (a sixth of a stream event's cost).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    return _ENCODER.encode(value)
 
 
 def json_response(value: Any, status: int = 200) -> Response:

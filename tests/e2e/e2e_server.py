@@ -28,6 +28,7 @@ SERVER_FLAGS = [
     "--log_stats_interval", "5",
 ]
 START_TIMEOUT_S = 600
+API_KEYS = ["e2e-key-one", "e2e-key-two"]  # the keyed server's (tests/e2e/conftest.py)
 
 
 def free_port() -> int:
@@ -68,6 +69,9 @@ class Server:
         raise RuntimeError(f"the server did not start within {START_TIMEOUT_S} s:\n{self.log_tail()}")
 
     def stop(self) -> None:
+        """Stop the server (a no-op once stopped)."""
+        if self._log.closed:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(30)

@@ -1,4 +1,4 @@
-"""--api_key against the real server (one per module, started with two keys): the official `openai` client
+"""--api_key against the real server (started with two keys; it also serves test_e2e_groups' beam search): the official `openai` client
 with either key works, streamed too, and with a wrong key gets a 401 AuthenticationError; LightLLM's routes need
 the header, the probes and /metrics do not; `jaxllm.bench serve --api-key`; no key reaches the server's log."""
 
@@ -6,18 +6,16 @@ import json
 
 import openai
 import pytest
-from e2e_server import running_server
+from e2e_server import API_KEYS as KEYS
 
 from jaxllm.bench.__main__ import main as bench_main
 
-KEYS = ["e2e-key-one", "e2e-key-two"]
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
-def keyed_server(smollm2_dir, tmp_path_factory):
-    flags = [flag for key in KEYS for flag in ("--api_key", key)]  # else as the shared server: its compiled shapes
-    yield from running_server(smollm2_dir, flags, tmp_path_factory.mktemp("keyed") / "server.log")
+def keyed_server(keyed_beam_server):
+    return keyed_beam_server
 
 
 def client(server, api_key: str) -> openai.OpenAI:

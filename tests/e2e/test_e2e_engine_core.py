@@ -1,5 +1,5 @@
 """The engine core in its own process, seen through the real server: concurrent streams each get every token once
-and in order; a killed core fails its in-flight requests with a clear error while the server stays up and says so
+and in order, with their text (made in the frontend, or in the core for a stop string that ends the stream); a killed core fails its in-flight requests with a clear error while the server stays up and says so
 (/health 503, generation 503); the core goes away with the server."""
 
 from __future__ import annotations
@@ -18,11 +18,24 @@ STREAMS = 24
 
 
 def test_concurrent_streams_get_every_token_once_in_order(lightllm_server, tokenizer):
+    # Every fourth stream ends at a stop string spanning two tokens (its text is made in the core, which ends it
+    # there); the others' text is made in the frontend.
+    stop_prompt = "Tell me about the number 0."
+    status, reference = lightllm_server.stream("/generate_stream", {"inputs": stop_prompt, "parameters": {
+        "max_new_tokens": 12, "ignore_eos": True}})
+    texts = [e["token"]["text"] for e in reference]
+    stop = texts[4][-2:] + texts[5][:2]
+    full = "".join(texts)
+    assert status == 200 and stop.strip() and full.index(stop) + len(stop) > len("".join(texts[:5]))
+    stopped_text = full[:full.index(stop) + len(stop)]
     results: list = [None] * STREAMS
 
     def client(i: int) -> None:
         body = {"inputs": f"Tell me about the number {i}.",
                 "parameters": {"max_new_tokens": 8 + i % 13, "ignore_eos": True}}
+        if i % 4 == 0:
+            body = {"inputs": stop_prompt, "parameters": {"max_new_tokens": 12, "ignore_eos": True,
+                                                          "stop_sequences": [stop]}}
         try:
             results[i] = (body["parameters"]["max_new_tokens"], lightllm_server.stream("/generate_stream", body))
         except Exception as exc:  # noqa: BLE001 - asserted on below
@@ -37,11 +50,17 @@ def test_concurrent_streams_get_every_token_once_in_order(lightllm_server, token
         assert isinstance(result, tuple), (i, result)
         max_new_tokens, (status, events) = result
         assert status == 200, (i, events)
+        text = "".join(e["token"]["text"] for e in events)
+        if i % 4 == 0:
+            assert text == stopped_text and events[-1]["finish_reason"] == "stop", i
+            assert [e["token"]["id"] for e in events] == [e["token"]["id"] for e in reference[:len(events)]], i
+            max_new_tokens = len(events)
+        else:
+            assert events[-1]["finish_reason"] == "length"
+            ids = [e["token"]["id"] for e in events]
+            assert text == tokenizer.decode(ids, skip_special_tokens=True), i
         assert [e["token"]["count_output_tokens"] for e in events] == list(range(1, max_new_tokens + 1)), i
         assert [e["finished"] for e in events] == [False] * (max_new_tokens - 1) + [True], i
-        assert events[-1]["finish_reason"] == "length"
-        ids = [e["token"]["id"] for e in events]
-        assert "".join(e["token"]["text"] for e in events) == tokenizer.decode(ids, skip_special_tokens=True), i
 
 
 def core_pid(server) -> int:

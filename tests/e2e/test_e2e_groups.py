@@ -7,7 +7,7 @@ import math
 import numpy as np
 import openai
 import pytest
-from e2e_server import running_server
+from e2e_server import API_KEYS
 
 QUESTION = "Name three colours of the rainbow."
 BEAM_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
@@ -66,9 +66,20 @@ def test_completions_logprobs_k_best_of_and_echo(client):
 
 
 # --- beam search ---------------------------------------------------------------------------------------
+class BeamServer:
+    """The shared keyed server (test_e2e_auth's, also started with --beam_mode), every request with its key."""
+
+    def __init__(self, server):
+        self.server = server
+        self.auth = {"Authorization": f"Bearer {API_KEYS[0]}"}
+
+    def post(self, path: str, body, **kw):
+        return self.server.post(path, body, headers=self.auth, **kw)
+
+
 @pytest.fixture(scope="module")
-def beam_server(smollm2_dir, tmp_path_factory):
-    yield from running_server(smollm2_dir, ["--beam_mode"], tmp_path_factory.mktemp("beam") / "server.log")
+def beam_server(keyed_beam_server):
+    return BeamServer(keyed_beam_server)
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ def test_metrics_are_prometheus_text(lightllm_server, greedy):
     (b"{\"inputs\": \"Hi\", \"parameters\": {\"do_sample\": true, \"top_p\": 1.5}}", 400, "top_p"),
     (b"{\"inputs\": \"Hi\", \"parameters\": {\"min_new_tokens\": 9, \"max_new_tokens\": 3}}", 400, "min_new_tokens"),
     (b"{\"inputs\": \"\", \"parameters\": {}}", 400, "empty"),
-    (b"{\"inputs\": \"Hi\", \"parameters\": {\"max_new_tokens\": 128}}", 400, "--max_req_total_len"),
+    (b"{\"inputs\": \"Hi\", \"parameters\": {\"max_new_tokens\": 384}}", 400, "--max_req_total_len"),
 ])
 @pytest.mark.parametrize("path", ["/generate", "/generate_stream"])
 def test_bad_input_is_a_json_4xx(lightllm_server, path, raw, status, fragment):
@@ -149,7 +149,7 @@ def test_bad_input_is_a_json_4xx(lightllm_server, path, raw, status, fragment):
 
 
 def test_over_long_prompt_and_oversized_body(lightllm_server):
-    status, out = lightllm_server.post("/generate", {"inputs": "sea " * 200, "parameters": {}})
+    status, out = lightllm_server.post("/generate", {"inputs": "sea " * 400, "parameters": {}})
     assert status == 400 and "--max_req_input_len" in out["message"]
     # A 17 MiB body: the server answers 413 from the Content-Length, before reading it all.
     conn = http.client.HTTPConnection("127.0.0.1", lightllm_server.port, timeout=60)

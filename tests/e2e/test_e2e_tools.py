@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import openai
 import pytest
-from e2e_server import running_server
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -25,11 +24,9 @@ SAMPLED = {"temperature": 1.0, "max_tokens": 40}
 
 
 @pytest.fixture(scope="module")
-def tools_server(smollm2_dir, tmp_path_factory):
-    """Prompts that describe tools are long: room for 320 prompt tokens."""
-    yield from running_server(smollm2_dir, ["--max_req_input_len", "320", "--max_req_total_len", "384",
-                                            "--batch_max_tokens", "384", "--max_total_token_num", "3072"],
-                              tmp_path_factory.mktemp("tools") / "server.log")
+def tools_server(lightllm_server):
+    """Prompts that describe tools are long: the main server has room for 320 prompt tokens."""
+    return lightllm_server
 
 
 @pytest.fixture(scope="module")

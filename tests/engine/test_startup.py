@@ -1,0 +1,91 @@
+"""Start-up: the step shapes compiled in parallel threads give the tokens of shapes compiled when first met; a
+second identical start compiles nothing (every executable is read from the persistent compilation cache, in
+a fresh process); the weight loader's host copies keep every bit."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from engine_helpers import make_engine, random_prompts
+from jaxllm.engine.request import SamplingParams
+from jaxllm.weight_transfer import assemble, contiguous
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A fresh process builds the engine the test built (same flags, same devices) and reports its compilations.
+_START_AGAIN = """
+import json, sys
+from engine_helpers import make_engine
+from jaxllm.engine.startup import compiles
+make_engine(sys.argv[1], warmup=None, running_max_req_size=4)
+count = compiles()
+print(json.dumps({"built": count.built, "read": count.read}))
+"""
+
+
+def _greedy_tokens(engine, prompts):
+    with engine:
+        streams = engine.submit_many([(p, SamplingParams(max_new_tokens=6, ignore_eos=True), None) for p in prompts])
+        return [[e.token_id for e in stream] for stream in streams]
+
+
+def test_shapes_compiled_in_parallel_at_start_give_the_tokens_of_shapes_compiled_when_met(tiny_model_dir):
+    prompts = random_prompts(seed=31, count=5)
+    parallel = make_engine(tiny_model_dir, warmup=None, running_max_req_size=4)
+    assert len(parallel.runner.shapes_seen) == parallel.runner.warmup_shapes()[1]  # compiled by the pool
+    met = make_engine(tiny_model_dir, warmup=0, running_max_req_size=4)
+    assert not met.runner.shapes_seen
+    tokens = _greedy_tokens(parallel, prompts)
+    assert tokens == _greedy_tokens(met, prompts)
+    assert all(len(t) == 6 for t in tokens) and len({tuple(t) for t in tokens}) > 1
+
+
+def test_a_second_identical_start_compiles_nothing(tiny_model_dir):
+    make_engine(tiny_model_dir, warmup=None, running_max_req_size=4)  # fills the cache (if a run before had not)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "engine")]))
+    run = subprocess.run([sys.executable, "-c", _START_AGAIN, str(tiny_model_dir)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    count = json.loads(run.stdout.strip().splitlines()[-1])
+    assert count["built"] == 0 and count["read"] > 5, count  # weights, KV buffers, every start-up step shape
+
+
+def test_the_loaders_host_copies_keep_every_bit():
+    rng = np.random.default_rng(5)
+    gate, up = (rng.standard_normal((48, 40), np.float32).astype(ml_dtypes.bfloat16) for _ in range(2))
+    fused = assemble((40, 2, 48), [((slice(None), 0), gate.T), ((slice(None), 1), up.T)])
+    assert fused.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(fused.view(np.uint16), np.stack([gate.T, up.T], axis=1).view(np.uint16))
+    packed = contiguous(gate.T, ml_dtypes.bfloat16)
+    assert packed.flags.c_contiguous and np.array_equal(packed.view(np.uint16), gate.T.copy().view(np.uint16))
+    wide = rng.standard_normal((16, 24), np.float32)
+    np.testing.assert_array_equal(contiguous(wide.T, ml_dtypes.bfloat16), wide.T.astype(ml_dtypes.bfloat16))
+    assert np.shares_memory(contiguous(wide, np.float32), wide)  # contiguous already: no copy
+
+
+def test_phase_lines_are_what_the_startup_bench_reads(caplog):
+    """`python -m jaxllm.bench startup` parses the engine core's log: each phase's line, the weights' rate."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxllm.bench.startup import format_table
+    from jaxllm.engine.startup import LINE, WEIGHTS_LINE, log_weights, phase
+
+    example = jax.ShapeDtypeStruct((7,), jnp.float32)
+    with caplog.at_level("INFO", logger="jaxllm.startup"):
+        with phase("probe") as timer:
+            jax.jit(lambda x: x * 3 + 1).lower(example).compile()
+        log_weights({"w": jnp.ones((1000, 250), jnp.float32)}, 0.0005)  # 1 MB in 0.5 ms
+    text = "\n".join(caplog.messages)
+    match = LINE.search(text)
+    assert match["phase"] == "probe" and float(match["seconds"]) == round(timer.seconds, 2)
+    assert int(match["built"]) + int(match["read"]) == 1  # compiled, or read from the cache of an earlier run
+    assert WEIGHTS_LINE.search(text).groupdict() == {"gb": "0.00", "rate": "2.00"}
+    table = format_table({"warm": {"health_s": 2.5, "phases": {"probe": {"seconds": 1.25, "compiled": 0,
+                                                                         "from_cache": 3}}, "weights_gb_s": 2.0}})
+    assert "probe" in table and "1.25 s" in table and "2.50 s" in table and "2.00" in table
