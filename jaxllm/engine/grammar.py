@@ -113,12 +113,11 @@ class GrammarConstraint:
         self._eos_ids = eos_ids
         self._words = mask_words
         self._scratch = np.zeros((1, (vocab + 31) // 32), np.int32)
+        # Kept here, not read from the matcher: the engine thread reads it while the mask thread may be filling
+        # the matcher's next row (llguidance's matchers take one borrower at a time).
+        self.complete = matcher.is_stopped()
 
     active = True
-
-    @property
-    def complete(self) -> bool:
-        return self._matcher.is_stopped()
 
     def fill(self, row: np.ndarray) -> None:
         m = self._matcher
@@ -164,5 +163,7 @@ class GrammarConstraint:
     def advance(self, token: int) -> None:
         if token in self._eos_ids and (self._matcher.is_accepting() or self._matcher.is_stopped()):
             return
-        if not self._matcher.consume_token(token):
+        accepted = self._matcher.consume_token(token)
+        self.complete = self._matcher.is_stopped()
+        if not accepted:
             raise ValueError(f"the grammar rejected token {token}: {self._matcher.get_error()}")

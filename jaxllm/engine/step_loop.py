@@ -23,13 +23,16 @@ log = logging.getLogger("jaxllm.engine.engine")
 class StepLoop:
     """The Engine's loop methods (a mixin: they use its scheduler, runner, inbox, counters and requests)."""
 
+    _masker: ThreadPoolExecutor | None = None  # the mask thread, while the loop runs
+    _early_masks: tuple[Future, Future] | None = None  # (a launch, the masks of the step it launches)
+
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
         inflight: StepHandle | None = None
         # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
         # reading of the previous step's results.
         launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
-        masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-masks")
+        masker = self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-masks")
         try:
             while True:
                 started = time.perf_counter()
@@ -54,7 +57,10 @@ class StepLoop:
                     self._postprocess(inflight)
                 inflight = self._finish_dispatch(*launching) if launching else None
                 if inflight is not None and inflight.unsampled is not None:  # its rows' tokens so far are read
-                    inflight.masks = masker.submit(self._build_masks, inflight)
+                    early = self._early_masks
+                    inflight.masks = (early[1] if early is not None and early[0] is launching[1]
+                                      else masker.submit(self._build_masks, inflight))
+                self._early_masks = None
                 self._counters["host_s"] += time.perf_counter() - started
                 self._snapshot = self._take_snapshot()
                 if self._sink is not None:
@@ -70,6 +76,7 @@ class StepLoop:
         finally:
             launcher.shutdown()
             masker.shutdown()
+            self._masker = None
         for req in list(self._requests.values()):
             self._end(req, "abort")
         self._snapshot = self._take_snapshot()
@@ -150,6 +157,17 @@ class StepLoop:
         c["prefill_tokens"] += batch.num_prefill_tokens
         c["decode_tokens"] += batch.num_decode_tokens
         return handle
+
+    def _start_masks(self) -> None:
+        """The constraints have taken the tokens read so far: start building the masks of the step being
+        launched, if it is constrained (the mask thread waits for its launch to know its rows)."""
+        if self._masker is not None and self._launching is not None:
+            launch = self._launching
+            self._early_masks = (launch, self._masker.submit(self._masks_of_launch, launch))
+
+    def _masks_of_launch(self, launch: Future):
+        handle = launch.result()
+        return self._build_masks(handle) if handle.unsampled is not None else None
 
     def _build_masks(self, handle: StepHandle):
         """A constrained step's allowed-token masks from the tokens read so far (on the mask thread; llguidance
