@@ -5,24 +5,21 @@ allowed-token row and follows the sampled tokens."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import llguidance
 import llguidance.hf
+import llguidance.numpy
 import numpy as np
 
 from jaxllm.engine.constraints import allow
 from jaxllm.engine.request import Guided
 
 _CACHE_SIZE = 256  # distinct compiled grammars kept
-# The threads that fill a step's rows, made when first used. Python threads over slices of the rows (each
-# fill releases the GIL) measured faster than llguidance's own parallel fill (LLExecutor), which scaled with
-# no thread count on the H200's host (docs/perf.md).
-_FILL_THREADS = max(1, min(8, os.cpu_count() or 1))
-_POOL: ThreadPoolExecutor | None = None
+# llguidance's thread pool for a step's masks, made when first used. One call fills every row with the GIL
+# released once: per-row calls from Python threads each wait for the GIL again (docs/perf.md).
+_EXECUTOR: llguidance.LLExecutor | None = None
 # JSON as OpenAI's structured outputs write it: ", " and ": " between items, no other whitespace (free
 # whitespace lets a sampled answer spend its tokens on blanks). A schema's "x-guidance" may override it.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -142,28 +139,18 @@ class GrammarConstraint:
 
     @staticmethod
     def fill_many(entries: list[tuple["GrammarConstraint", int]], mask: np.ndarray) -> None:
-        """Several rows of a step's mask [rows, words] at once, on `_FILL_THREADS` threads. llguidance writes
-        rows of the tokenizer's width, which is often narrower than the model's (a padded vocabulary): they are
+        """Several rows of a step's mask [rows, words] at once, in llguidance's threads. llguidance writes rows
+        of the tokenizer's width, which is often narrower than the model's (a padded vocabulary): they are
         computed into a block of that width and copied in, the model's extra ids left disallowed."""
-        global _POOL
+        global _EXECUTOR
         live = [(c, i) for c, i in entries if c._live]
         if live:
+            if _EXECUTOR is None:
+                _EXECUTOR = llguidance.LLExecutor()
             width = live[0][0]._scratch.shape[1]
             block = np.zeros((len(live), width), np.int32)
-            row_bytes = block.strides[0]
-
-            def fill_rows(first: int, stop: int) -> None:
-                for k in range(first, stop):
-                    live[k][0]._matcher.unsafe_compute_mask_ptr(block.ctypes.data + k * row_bytes, row_bytes)
-
-            share = -(-len(live) // _FILL_THREADS)
-            if len(live) <= share:
-                fill_rows(0, len(live))
-            else:
-                if _POOL is None:
-                    _POOL = ThreadPoolExecutor(_FILL_THREADS, thread_name_prefix="jaxllm-grammar")
-                for done in [_POOL.submit(fill_rows, k, min(k + share, len(live))) for k in range(0, len(live), share)]:
-                    done.result()
+            llguidance.numpy.fill_next_token_bitmask_par(_EXECUTOR, [(c._matcher, k) for k, (c, _) in enumerate(live)],
+                                                         block)
             rows = np.fromiter((i for _, i in live), np.int64, len(live))
             n = min(width, mask.shape[1])
             mask[rows, :n] = block[:, :n]
