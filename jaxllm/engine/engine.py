@@ -88,6 +88,7 @@ class Engine(StepLoop, StepReader):
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
         self._launching: Future | None = None  # the launch of the step after the one being read
         self._wakes = None  # WakeBatch: async consumers' wake-ups, gathered while a step is read
+        self._finals: list | None = None  # (request, final event) of requests finished by the step being read
         self._requests: dict[str, Request] = {}
         self._arrivals = 0
         self._arrival_lock = threading.Lock()
@@ -277,14 +278,17 @@ class Engine(StepLoop, StepReader):
                 self._retire(member, reason)
                 self._emit(member, final_event(member, reason, error))
 
-    def _retire(self, req: Request, reason: str) -> None:
+    def _retire(self, req: Request, reason: str, snapshot: bool = True) -> None:
+        """Take `req` out of the engine, its KV freed. `snapshot`: refresh the stats now, so that readers see the
+        KV freed once the final event is out (False: the caller refreshes them before it emits that event)."""
         if self._images is not None and self._images.release(req):  # still waiting for its images
             req.status, req.finish_reason = RequestStatus.FINISHED, reason
         else:
             self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)
         self._counters["finished"] += 1
-        self._snapshot = self._take_snapshot()  # readers see the KV freed once the final event is out
+        if snapshot:
+            self._snapshot = self._take_snapshot()
 
     def _emit(self, req: Request, event: TokenEvent) -> None:
         """Hand `event` to req's consumer; while a step's results are read, async consumers are woken

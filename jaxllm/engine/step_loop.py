@@ -161,6 +161,8 @@ class StepLoop:
 
     def _note_admissions(self, batch: SchedulerOutput) -> None:
         """Queue time and prompt-cache hits of requests scheduled for the first time."""
+        if batch.kind == "decode":  # every request in it was scheduled before
+            return
         now = time.monotonic()
         for chunk in batch.chunks:
             req = chunk.request

@@ -43,10 +43,11 @@ class StepReader:
             self._fail_step(batch, failure)
             return
         self._report_step(batch, time.perf_counter() - handle.dispatched_at)
-        self._wakes = WakeBatch()
+        self._wakes, self._finals = WakeBatch(), []
         try:
             self._read_results(batch, result)
         finally:
+            self._emit_finals()
             orphaned, self._wakes = self._wakes.send(), None
         for request_id in orphaned:  # their consumers' event loops are gone
             if request_id in self._requests:
@@ -57,9 +58,13 @@ class StepReader:
         if result.scores is not None:
             self._read_scores(batch, result.scores)
             return
+        rows = range(len(batch.chunks))
+        if batch.kind == "decode" and self._sink is not None:
+            rows = self._read_plain(batch, result)
         sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
         beams: dict[int, SequenceGroup] = {}
-        for i, chunk in enumerate(batch.chunks):
+        for i in rows:
+            chunk = batch.chunks[i]
             req = chunk.request
             if chunk.samples:
                 req.num_pending -= 1
@@ -88,6 +93,17 @@ class StepReader:
             except Exception as exc:  # noqa: BLE001
                 log.exception("beam search of %s failed", group.leader.request_id)
                 self._end(group.leader, "error", f"{type(exc).__name__}: {exc}")
+
+    def _read_plain(self, batch: SchedulerOutput, result) -> list[int]:
+        """In the engine core, a decode step's rows whose events are plain go straight into the sink's columns
+        (EventMaker.plain_tokens); returns the other rows, for the general path."""
+        reqs = [chunk.request for chunk in batch.chunks]
+        taken, *columns = self._events.plain_tokens(reqs, result.sampled, result.logprobs)
+        plain = [req for req, took in zip(reqs, taken) if took]
+        for req in plain:
+            req.num_pending -= 1
+        self._sink.add_plain([req.stream.handle for req in plain], *columns)
+        return [i for i, took in enumerate(taken) if not took]
 
     def _read_scores(self, batch: SchedulerOutput, scores) -> None:
         """A reward model's step: each request whose prompt it completed gets its score and ends."""
@@ -137,6 +153,17 @@ class StepReader:
 
     def _append_token(self, req: Request, token: int, logprob: float, top=None) -> None:
         event = self._events.token(req, token, logprob, top)
-        if event.finished:
-            self._retire(req, event.finish_reason)
-        self._emit(req, event)
+        if not event.finished:
+            self._emit(req, event)
+            return
+        self._retire(req, event.finish_reason, snapshot=False)
+        self._finals.append((req, event))
+
+    def _emit_finals(self) -> None:
+        """The final events of the requests a step's tokens finished, once the stats snapshot shows them gone (one
+        snapshot per step, not one per finished request)."""
+        finals, self._finals = self._finals, None
+        if finals:
+            self._snapshot = self._take_snapshot()
+            for req, event in finals:
+                self._emit(req, event)
