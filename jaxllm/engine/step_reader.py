@@ -12,6 +12,7 @@ from jaxllm.engine.group import SequenceGroup
 from jaxllm.engine.request import Request
 from jaxllm.engine.runner import StepHandle
 from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.engine.step_loop import PhaseClock
 from jaxllm.engine.step_report import StepReport
 from jaxllm.engine.stream import WakeBatch
 
@@ -26,14 +27,14 @@ class StepReader:
         batch = handle.batch
         if handle.unsampled is not None:  # a constrained step whose sampler no later step has enqueued yet
             self._sample_constrained(handle)
-        started, failure = time.perf_counter(), None
+        started, failure = PhaseClock(), None
         try:
             if handle.failure is not None:
                 raise handle.failure
             result = self.runner.fetch(handle)
         except Exception as exc:  # noqa: BLE001
             failure = exc
-        waited = time.perf_counter() - started
+        waited = time.perf_counter() - started.wall
         self._counters["device_wait_s"] += waited
         self._counters["host_s"] -= waited
         if failure is not None:
@@ -52,7 +53,7 @@ class StepReader:
         for request_id in orphaned:  # their consumers' event loops are gone
             if request_id in self._requests:
                 self._end(self._requests[request_id], "abort")
-        self._counters["postprocess_s"] += time.perf_counter() - started - waited
+        started.add_to(self._counters, "postprocess", less_wall=waited)
 
     def _read_results(self, batch: SchedulerOutput, result) -> None:
         if result.scores is not None:
