@@ -62,16 +62,18 @@ class EventMaker:
                 prompt_tokens.append(req.caller_prompt_len)
         return taken, token_ids, token_lps, counts, prompt_tokens
 
-    def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> TokenEvent:
+    def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None,
+              advanced: bool = False) -> TokenEvent:
         """Append `token` to req's output and make its event; event.finished says whether req is done. Its text
         follows TokenText's rules (None when the frontend makes it: `text_elsewhere`).
-        `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them."""
+        `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them;
+        `advanced`: req's constraint has already taken the token."""
         params = req.params
         outputs = req.output_ids
         outputs.append(token)
         req.output_logprobs.append(logprob)
         constraint = req.constraint
-        if constraint is not None and constraint.active:
+        if constraint is not None and constraint.active and not advanced:
             constraint.advance(token)
         count = req.count_output
         reason = None

@@ -63,6 +63,7 @@ class StepReader:
         if batch.kind == "decode" and self._sink is not None:
             rows = self._read_plain(batch, result)
         sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
+        advanced = self._advance_constraints(batch, sampled, rows)
         beams: dict[int, SequenceGroup] = {}
         for i in rows:
             chunk = batch.chunks[i]
@@ -84,7 +85,7 @@ class StepReader:
                 top = None
                 if req.params.top_logprobs:
                     top = list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
-                self._append_token(req, sampled[i], logprobs[i], top)
+                self._append_token(req, sampled[i], logprobs[i], top, i in advanced)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
                 log.exception("request %s failed in postprocess", req.request_id)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")
@@ -152,8 +153,30 @@ class StepReader:
             except Exception:  # noqa: BLE001 - a listener must not stop the engine
                 log.exception("step listener %r failed", listener)
 
-    def _append_token(self, req: Request, token: int, logprob: float, top=None) -> None:
-        event = self._events.token(req, token, logprob, top)
+    def _advance_constraints(self, batch: SchedulerOutput, sampled: list[int], rows) -> set[int]:
+        """Constrained rows (among `rows`, the indices of the chunks left to read) take their tokens first, so the
+        next step's masks start building (on the mask thread) while the rest of the step is read. Returns the rows
+        whose constraints took their token; a token a constraint rejects is met again, and fails its request, when
+        its event is made."""
+        advanced = set()
+        for i in rows:
+            chunk = batch.chunks[i]
+            req = chunk.request
+            constraint = req.constraint
+            if (constraint is None or not chunk.samples or req.finished or not constraint.active
+                    or (req.group is not None and req.group.beam is not None)):
+                continue
+            try:
+                constraint.advance(sampled[i])
+            except Exception:  # noqa: BLE001 - reported through the token's event
+                continue
+            advanced.add(i)
+        if advanced:
+            self._start_masks()
+        return advanced
+
+    def _append_token(self, req: Request, token: int, logprob: float, top=None, advanced: bool = False) -> None:
+        event = self._events.token(req, token, logprob, top, advanced)
         if not event.finished:
             self._emit(req, event)
             return
