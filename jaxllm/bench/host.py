@@ -1,5 +1,5 @@
-"""The engine thread's host time per step at large batch, per row (each phase's wall time by the engine's counters,
-and the thread's CPU time): `rows` requests decoding together, in process
+"""The engine thread's host time per step at large batch, per row (each phase's wall time and the thread's CPU time
+in it, by the engine's counters, and the thread's whole CPU time): `rows` requests decoding together, in process
 (the engine makes every row's text) and as the engine core behind the HTTP frontend (the frontend makes the text
 of rows without stop strings; the core's events go to a sink that keeps them, as the core's would be sent). Any
 model directory with a tokenizer (random weights: --load_format dummy); a tiny one measures the host alone:
@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-_COUNTERS = ("schedule_s", "dispatch_s", "postprocess_s", "host_s")
+_PHASES = ("schedule", "dispatch", "postprocess", "host")
+_COUNTERS = tuple(f"{phase}{kind}_s" for phase in _PHASES for kind in ("", "_cpu"))
 
 
 def _thread_cpu_s(native_id: int) -> float:
@@ -27,8 +28,9 @@ def _thread_cpu_s(native_id: int) -> float:
 
 
 def host_us_per_row(args, rows: int, output_len: int, *, as_core: bool) -> dict:
-    """µs per row per decode step of each host phase (the engine's counters), over a timed run of `rows`
-    requests × `output_len` tokens after an untimed one that compiles the shapes."""
+    """µs per row per step of each host phase (the engine's counters: wall time, and the engine thread's CPU time
+    as NAME_cpu_us_per_row), over a timed run of `rows` requests × `output_len` tokens (one prefill step, then
+    decode steps) after an untimed one that compiles the shapes."""
     from jaxllm.bench.frontend import KeepLast
     from jaxllm.engine.core import CoreSink
     from jaxllm.engine.engine import Engine

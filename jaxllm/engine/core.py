@@ -25,10 +25,10 @@ class CoreStream:
     """A request's event stream inside the core: its events join the sink's next message."""
 
     def __init__(self, events: EventColumns, handle: int):
-        self._events, self._handle = events, handle
+        self._events, self.handle = events, handle  # handle: the frontend's integer for the request
 
     def put(self, event: TokenEvent, wakes=None) -> bool:
-        self._events.add(self._handle, event)
+        self._events.add(self.handle, event)
         return True
 
 
@@ -60,6 +60,11 @@ class CoreSink:
         refused = EventColumns()
         refused.add(self._handles[request_id], TokenEvent(-1, "", 0.0, False, 0, 0, True, "error", error=reason))
         self._channel.send(("step", refused.take(), [], stats))
+
+    def add_plain(self, handles: list[int], token_ids: list[int], logprobs: list[float], counts: list[int],
+                  prompt_tokens: list[int]) -> None:
+        """Plain events (EventMaker.plain_tokens) of the requests whose CoreStreams have `handles`, one each."""
+        self._events.add_plain(handles, token_ids, logprobs, counts, prompt_tokens)
 
     def report(self, report) -> None:
         """A step listener (Engine.add_step_listener): the StepReport crosses as a tuple."""

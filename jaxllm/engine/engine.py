@@ -90,6 +90,7 @@ class Engine(StepLoop, StepReader):
         self._idle = threading.Event()  # set once the loop has finished all work and its bookkeeping
         self._launching: Future | None = None  # the launch of the step after the one being read
         self._wakes = None  # WakeBatch: async consumers' wake-ups, gathered while a step is read
+        self._finals: list | None = None  # (request, final event) of requests finished by the step being read
         self._requests: dict[str, Request] = {}
         self._arrivals = 0
         self._arrival_lock = threading.Lock()
@@ -97,10 +98,13 @@ class Engine(StepLoop, StepReader):
         self._stopping = False
         self._step_listeners: list = []
         # Totals since start. host_s: time the loop spent on the host (scheduling, preparing, dispatching,
-        # postprocessing, and compiling a shape met for the first time); device_wait_s: time it waited for
-        # results, the device still busy. Host time per step below device time per step: device-bound.
+        # postprocessing, the stats snapshot and the core's message, and compiling a shape met for the first
+        # time); device_wait_s: time it waited for results, the device still busy. Host time per step below
+        # device time per step: device-bound.
         # Parts of host_s: schedule_s (the scheduler), dispatch_s (building a step's inputs, and waiting for
         # its launch once the previous step's results are read), postprocess_s (tokens, text, stops).
+        # Each of host_s and its parts has a NAME_cpu_s twin: the engine thread's CPU time in it (no waits for a
+        # busy core; host_cpu_s does count the device wait's little CPU time).
         # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess).
         # steps_after_idle: steps launched after the unread step before them had finished (the device idled).
         # constrained_steps: steps with allowed-token masks; mask_s: host time building those masks (the
@@ -108,7 +112,8 @@ class Engine(StepLoop, StepReader):
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
-                          "launch_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0,
+                          "launch_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0, "host_cpu_s": 0.0,
+                          "schedule_cpu_s": 0.0, "dispatch_cpu_s": 0.0, "postprocess_cpu_s": 0.0,
                           "constrained_steps": 0, "mask_s": 0.0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
@@ -283,14 +288,17 @@ class Engine(StepLoop, StepReader):
                 self._retire(member, reason)
                 self._emit(member, final_event(member, reason, error))
 
-    def _retire(self, req: Request, reason: str) -> None:
+    def _retire(self, req: Request, reason: str, snapshot: bool = True) -> None:
+        """Take `req` out of the engine, its KV freed. `snapshot`: refresh the stats now, so that readers see the
+        KV freed once the final event is out (False: the caller refreshes them before it emits that event)."""
         if self._images is not None and self._images.release(req):  # still waiting for its images
             req.status, req.finish_reason = RequestStatus.FINISHED, reason
         else:
             self.scheduler.finish(req, reason)
         self._requests.pop(req.request_id, None)
         self._counters["finished"] += 1
-        self._snapshot = self._take_snapshot()  # readers see the KV freed once the final event is out
+        if snapshot:
+            self._snapshot = self._take_snapshot()
 
     def _emit(self, req: Request, event: TokenEvent) -> None:
         """Hand `event` to req's consumer; while a step's results are read, async consumers are woken

@@ -19,6 +19,7 @@ class EventMaker:
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_ids)
         self.special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self._notable = np.array(sorted(self.eos | self.special), np.int64)  # tokens a plain event never has
         # Behind the HTTP frontend, which makes the text of the rows whose text the engine does not need: their
         # events leave with text None.
         self.text_elsewhere = text_elsewhere and tokenizer is not None
@@ -29,12 +30,37 @@ class EventMaker:
         """Give a request fresh text state (its TokenText, a stop matcher) and an empty output: when new, and
         when a beam search hands it its final tokens."""
         req.output_ids, req.output_logprobs = [], []
-        if self.tokenizer is None or (self.text_elsewhere and not text_needed_in_engine(req)):
-            return
         p = req.params
-        req.token_text = TokenText(self.tokenizer, req.text_prompt_ids, p, self.eos, self.special)
-        if p.stop_sequences:
-            req.stop_matcher = StopMatcher(p.stop_sequences)
+        if self.tokenizer is not None and not (self.text_elsewhere and not text_needed_in_engine(req)):
+            req.token_text = TokenText(self.tokenizer, req.text_prompt_ids, p, self.eos, self.special)
+            if p.stop_sequences:
+                req.stop_matcher = StopMatcher(p.stop_sequences)
+        # (No constraint: no token healing either, so its output count is its number of outputs.)
+        req.events_plain = (self.text_elsewhere and req.token_text is None and req.constraint is None
+                            and not p.top_logprobs and not self.cumlogprob)
+
+    def plain_tokens(self, reqs: list[Request], sampled: np.ndarray, logprobs: np.ndarray):
+        """The engine core's fast path through a decode step's rows (`reqs`, row i sampled `sampled[i]` with
+        `logprobs[i]`): append the token of each request whose event is plain — `req.events_plain`, not in a
+        group, neither its first nor its last token, no eos or special token — and return (for every row whether
+        it was taken, then the taken rows' events as columns: token ids, logprobs, output counts, prompt tokens).
+        `token` makes the other rows' events."""
+        notable = np.isin(sampled, self._notable).tolist()
+        ids, lps = sampled.tolist(), logprobs.tolist()
+        taken = [False] * len(reqs)
+        token_ids, token_lps, counts, prompt_tokens = [], [], [], []
+        for i, req in enumerate(reqs):
+            outputs = req.output_ids
+            if (req.events_plain and not notable[i] and 0 < len(outputs) < req.params.max_new_tokens - 1
+                    and req.group is None and not req.finished):
+                outputs.append(ids[i])
+                req.output_logprobs.append(lps[i])
+                taken[i] = True
+                token_ids.append(ids[i])
+                token_lps.append(lps[i])
+                counts.append(len(outputs))
+                prompt_tokens.append(req.caller_prompt_len)
+        return taken, token_ids, token_lps, counts, prompt_tokens
 
     def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None,
               advanced: bool = False) -> TokenEvent:
@@ -43,17 +69,19 @@ class EventMaker:
         `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them;
         `advanced`: req's constraint has already taken the token."""
         params = req.params
-        req.output_ids.append(token)
+        outputs = req.output_ids
+        outputs.append(token)
         req.output_logprobs.append(logprob)
-        is_eos = token in self.eos
-        if req.constraint is not None and req.constraint.active and not advanced:
-            req.constraint.advance(token)
+        constraint = req.constraint
+        if constraint is not None and constraint.active and not advanced:
+            constraint.advance(token)
+        count = req.count_output
         reason = None
-        if is_eos and not params.ignore_eos:
+        if token in self.eos and not params.ignore_eos:
             reason = "stop"
-        elif req.constraint is not None and req.constraint.complete:  # the grammar allows nothing more
+        elif constraint is not None and constraint.complete:  # the grammar allows nothing more
             reason = "stop"
-        elif req.count_output >= params.max_new_tokens:
+        elif count >= params.max_new_tokens:
             reason = "length"
         text = None if self.text_elsewhere else ""
         if req.token_text is not None:
@@ -68,14 +96,16 @@ class EventMaker:
                 stop_sequence = next((s for s in params.stop_sequences if text.endswith(s)), None)
             elif reason is not None:
                 text += req.stop_matcher.flush()
-        event = TokenEvent(
-            token_id=token, text=text, logprob=logprob, special=token in self.special,
-            count_output_tokens=req.count_output, prompt_tokens=req.caller_prompt_len,
-            finished=reason is not None, finish_reason=reason, stop_sequence=stop_sequence,
-            top_logprobs=top[: params.top_logprobs] if top is not None and params.top_logprobs else None,
-            cumlogprob=float(np.sum(req.output_logprobs)) if self.cumlogprob else None,
-        )
-        if len(req.output_ids) == 1:
+        # Positional: a dataclass's keyword call costs twice as much, and this runs for every row of every step.
+        event = TokenEvent(token, text, logprob, token in self.special, count, req.caller_prompt_len,
+                           reason is not None, reason)
+        if stop_sequence is not None:
+            event.stop_sequence = stop_sequence
+        if top is not None and params.top_logprobs:
+            event.top_logprobs = top[: params.top_logprobs]
+        if self.cumlogprob:
+            event.cumlogprob = float(np.sum(req.output_logprobs))
+        if len(outputs) == 1:
             if params.prompt_logprobs:  # a group's are computed by its leader, for every member
                 members = req.group.members if req.group is not None else [req]
                 event.prompt_logprobs = next((m.prompt_logprobs for m in [req, *members] if m.prompt_logprobs), None)

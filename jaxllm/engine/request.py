@@ -124,7 +124,7 @@ def _valid_decay(value: Any) -> bool:
     return isinstance(start, int) and not isinstance(start, bool) and start >= 0 and float(factor) >= 1.0
 
 
-@dataclass
+@dataclass(slots=True)
 class TokenEvent:
     """One generated token, in order. An abort or error that comes with no token has token_id -1."""
 
@@ -198,6 +198,9 @@ class Request:
     prompt_logprobs: list | None = None  # filled by the first prefill when params.prompt_logprobs
     stream: Any = None  # where TokenEvents go (engine.RequestStream)
     token_text: Any = None  # TokenText, when the engine makes its text (has a tokenizer, no frontend doing it)
+    # Its events carry only a token, its logprob and counts (text made by the frontend; no stops, constraint,
+    # alternatives or sums): the engine core's fast path (EventMaker.attach sets it).
+    events_plain: bool = False
     stop_matcher: Any = None  # StopMatcher, when params.stop_sequences
     group: Any = None  # the SequenceGroup of best_of > 1 sequences sharing this prompt (group.py)
     constraint: Any = None  # the allowed-token rule of its next tokens (engine.constraints.TokenConstraint)

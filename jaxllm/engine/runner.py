@@ -188,26 +188,22 @@ class ModelRunner:
         self.shapes_seen: set[StepShape] = set()  # compiled at start-up or met by a step
 
     # --- shapes --------------------------------------------------------------------------------
-    def shape_of(self, batch: SchedulerOutput) -> StepShape:
+    def shape_of(self, batch: SchedulerOutput, table_rows: np.ndarray | None = None) -> StepShape:
+        """The compiled step `batch` runs in. `table_rows`: each chunk's table row (`inputs.row_values.rows_of`),
+        when the caller has them."""
         chunks = batch.chunks
-        n_tokens = batch.num_tokens
-        decode_only = all(c.num_tokens == 1 for c in chunks)  # a member's first sample (no tokens) is not
-        if decode_only:
+        if table_rows is None:
+            table_rows = self.inputs.row_values.rows_of(batch)
+        decode_only = batch.kind == "decode" or all(c.num_tokens == 1 for c in chunks)  # (a member's first
+        if decode_only:  # sample has no tokens: not a decode)
             tokens = rows = pick_bucket(self.row_buckets, len(chunks))
         else:
-            tokens = pick_bucket(self.token_buckets, n_tokens)
+            tokens = pick_bucket(self.token_buckets, batch.num_tokens)
             rows = self.prefill_rows(tokens, len(chunks))
         width = pick_bucket(self.width_buckets, max(c.start + c.num_tokens for c in chunks))
-        params = [c.request.params for c in chunks]
-        return StepShape(
-            tokens, rows, width, decode_only,
-            all_logits=any(c.prompt_logprobs for c in chunks),
-            penalties=any(p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty for p in params),
-            sampling=any(p.top_k != 1 for p in params),
-            top_logprobs=any(c.samples and c.request.top_logprobs_wanted for c in chunks),
-            constrained=any(c.samples and c.request.constraint is not None and c.request.constraint.active
-                            for c in chunks),
-        )
+        all_logits = batch.kind != "decode" and any(c.prompt_logprobs for c in chunks)
+        return StepShape(tokens, rows, width, decode_only, all_logits=all_logits,
+                         **self.inputs.row_values.shape_flags(batch, table_rows))
 
     def prefill_rows(self, tokens: int, chunks: int = 0) -> int:
         """Rows of a step with prefill chunks of `tokens` (bucketed) tokens: a row per token (each chunk has
@@ -276,9 +272,12 @@ class ModelRunner:
         """The host half of a step (`launch` is the other): `batch`'s padded input arrays. Reads the requests
         and touches no device state, so it may run while another thread launches the previous step."""
         started = time.perf_counter()
-        shape = self.shape_of(batch)
-        fills = [TableFill(c.request, 0, c.cached_prefix) for c in batch.chunks if c.cached_prefix] + batch.fills
-        host, offsets, rows = self.inputs.build(batch, shape)
+        table_rows = self.inputs.row_values.rows_of(batch)
+        shape = self.shape_of(batch, table_rows)
+        fills = batch.fills
+        if batch.kind != "decode":  # (decode chunks start past every prefix)
+            fills = [TableFill(c.request, 0, c.cached_prefix) for c in batch.chunks if c.cached_prefix] + fills
+        host, offsets, rows = self.inputs.build(batch, shape, table_rows)
         device = DeviceStep(shape, host, self.inputs.table_fills(fills) if fills else None)
         return PreparedStep(batch, device, offsets, rows, started)
 

@@ -7,6 +7,7 @@ how they fill it; the prompt cache only moves where a request's first chunk star
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import deque
 
 import numpy as np
@@ -66,16 +67,17 @@ class TableFill:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Request]
-    kind: str  # "prefill" (some chunk is a prefill, decodes may come along) | "decode" | "idle"
+    kind: str  # "prefill" (some chunk is a prefill, decodes may come along) | "decode" (decode chunks only) | "idle"
     fills: list[TableFill] = dataclasses.field(default_factory=list)
 
-    @property
+    # Counted once (read by the loop, the runner and the step report): the chunks do not change once scheduled.
+    @functools.cached_property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return len(self.chunks) if self.kind == "decode" else sum(c.num_tokens for c in self.chunks)
 
-    @property
+    @functools.cached_property
     def num_decode_tokens(self) -> int:
-        return sum(c.decode for c in self.chunks)
+        return len(self.chunks) if self.kind == "decode" else sum(c.decode for c in self.chunks)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -134,6 +136,8 @@ class Scheduler:
     def step_dispatched(self, out: SchedulerOutput) -> None:
         """`out` is on the device: the prompt cache may lend its prefill chunks' tokens to later requests
         (not those of a request that ended while `out` was launched)."""
+        if out.kind == "decode" or self.kv.prefix is None:
+            return
         for chunk in out.chunks:
             if not chunk.decode and not chunk.request.finished:
                 self.kv.share_prefix(chunk.request)
@@ -141,13 +145,14 @@ class Scheduler:
     # --- the policy ----------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
-        if not self.running or self._decode_steps_since_admit >= cfg.router_max_wait_tokens or self._prefilling():
+        decoding, prefilling = self._running_state()
+        if not self.running or self._decode_steps_since_admit >= cfg.router_max_wait_tokens or prefilling:
             self._decode_steps_since_admit = 0
             chunks = self._continue_prefills(cfg.batch_max_tokens)
             chunks += self._admit(cfg.batch_max_tokens - sum(c.num_tokens for c in chunks), chunked=False)
             if chunks:
                 return self._output(chunks, [], "prefill")
-        decoding = self._decodable()
+            # Nothing admitted or continued: the running requests are as they were (`decoding` still holds).
         if not decoding:
             return self._output([], [], "idle")
         preempted = self._make_room(decoding)
@@ -201,11 +206,23 @@ class Scheduler:
     # --- building blocks (the splitfuse policy reuses them) --------------------------------------
     def _decodable(self) -> list[Request]:
         """Running requests whose next step is one decode token."""
-        return [r for r in self.running if r.decoding and r.wants_token and not r.awaits_host]
+        return self._running_state()[0]
+
+    def _running_state(self) -> tuple[list[Request], bool]:
+        """One pass over the running requests: (those whose next step is one decode token, whether some has
+        positions left to compute beyond a decode token: a prefill, or a resumed group member)."""
+        decoding, prefilling = [], False
+        for r in self.running:
+            if r.decoding:
+                if r.wants_token and not r.awaits_host:
+                    decoding.append(r)
+            elif not prefilling and r.remaining > 0 and not r.awaits_fork:
+                prefilling = True
+        return decoding, prefilling
 
     def _prefilling(self) -> bool:
         """Some running request has positions left to compute beyond a decode token (a resumed group member)."""
-        return any(not r.decoding and r.remaining > 0 and not r.awaits_fork for r in self.running)
+        return self._running_state()[1]
 
     def _continue_prefills(self, budget: int) -> list[ScheduledChunk]:
         """The next chunks of running prefills, oldest first, within `budget` tokens and the free KV."""
@@ -220,9 +237,8 @@ class Scheduler:
     def _decode(self, decoding: list[Request]) -> list[ScheduledChunk]:
         """One decode chunk per request (its last sampled token), slots allocated."""
         self.kv.allocate_one_each(decoding)
-        chunks = []
+        chunks = [ScheduledChunk(req, req.num_computed, 1, True, False, True) for req in decoding]  # decode=True
         for req in decoding:
-            chunks.append(ScheduledChunk(req, req.num_computed, 1, decode=True))
             req.num_computed += 1
         return chunks
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Callable
 
 import jax
@@ -15,11 +16,10 @@ from flax import struct
 
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.request import Request
-from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sampling_row, seed_words
+from jaxllm.engine.row_values import RowValues
+from jaxllm.engine.sampler import SamplingBatch
 from jaxllm.engine.scheduler import SchedulerOutput, TableFill
 from jaxllm.engine.step_shapes import StepShape
-
-_PADDING_SAMPLING = (*PADDING_ROW, 0, 0)  # a padding row's sampling values and seed words
 
 
 @struct.dataclass
@@ -84,7 +84,7 @@ def unpack(ints, floats, layout) -> StepInputs:
 
 class StepInputBuilder:
     """Builds each scheduled step's StepInputs from its requests. Remembers which row of the last launched step
-    sampled each request (its next token is still on the device) and each running request's sampling values."""
+    sampled each request (its next token is still on the device) and each table row's sampling values (`row_values`)."""
 
     def __init__(self, kv: KVCache, vocab_size: int, image_token: int | None = None, rope: Callable | None = None):
         """image_token: a vision-language model's placeholder id, which the model reads at image positions (the
@@ -95,6 +95,7 @@ class StepInputBuilder:
         self.vocab_size = vocab_size
         self.image_token = image_token
         self.rope = rope
+        self.row_values = RowValues(kv.num_rows, vocab_size)
         self.reset()
 
     def _rope_positions(self, req: Request, start: int, stop: int) -> np.ndarray:
@@ -113,7 +114,7 @@ class StepInputBuilder:
     def reset(self) -> None:
         """Forget the device's sampled rows (its state was lost) and the cached sampling values."""
         self._last_rows: dict[str, int] = {}
-        self._sampling_rows: dict[str, tuple] = {}  # request id → (request, its sampling values)
+        self.row_values.reset()
 
     def launched(self, rows: dict[str, int]) -> None:
         """A step was launched: `rows` maps each request it samples to its row (its token stays on the device)."""
@@ -138,31 +139,15 @@ class StepInputBuilder:
                np.zeros(size - count))
         return tuple(np.concatenate([np.asarray(p[i], np.int32) for p in [*parts, pad]]) for i in range(4))
 
-    def _sampling(self, batch: SchedulerOutput, pad_rows: int) -> SamplingBatch:
-        """The step's SamplingBatch: each request's row (its SamplingBatch.FIELDS values and seed words) is
-        computed once, when it first enters a step, and kept while it keeps being scheduled."""
-        cache, kept = self._sampling_rows, {}
-        rows = []
-        for chunk in batch.chunks:
-            req = chunk.request
-            entry = cache.get(req.request_id)
-            if entry is None or entry[0] is not req:
-                entry = (req, (*sampling_row(req, self.vocab_size), *seed_words(req.seed)))
-            kept[req.request_id] = entry
-            rows.append(entry[1])
-        self._sampling_rows = kept
-        rows += [_PADDING_SAMPLING] * pad_rows
-        table = np.array(rows, np.float64)  # [R, fields + 2]: every value is exact in float64
-        fields = SamplingBatch.FIELDS
-        columns = {name: table[:, k].astype(dtype) for k, (name, dtype) in enumerate(fields)}
-        return SamplingBatch(**columns, seed=table[:, len(fields):].astype(np.uint32))
-
-    def build(self, batch: SchedulerOutput, shape: StepShape):
+    def build(self, batch: SchedulerOutput, shape: StepShape, table_rows: np.ndarray | None = None):
         """Host arrays for `batch` padded to `shape`: padding tokens write the scratch slot and belong to
-        padding rows, which read the scratch row with context length 1. Returns (StepInputs, each chunk's first
-        index in the packed tokens, request id → row for the requests the step samples)."""
+        padding rows, which read the scratch row with context length 1. `table_rows`: each chunk's table row
+        (`row_values.rows_of(batch)`, when the caller has them). Returns (StepInputs, each chunk's first index in
+        the packed tokens, request id → row for the requests the step samples)."""
+        if table_rows is None:
+            table_rows = self.row_values.rows_of(batch)
         if shape.decode_only and batch.chunks:
-            return self._build_decode(batch, shape)
+            return self._build_decode(batch, shape, table_rows)
         kv = self.host_kv
         tokens, src, positions, token_row, write_slots, targets, image_rows = [], [], [], [], [], [], []
         kv_rows, context, q_start, q_lens, logits_index, rope = [], [], [], [], [], []
@@ -230,60 +215,63 @@ class StepInputBuilder:
             tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
-            logits_index=i32(logits_index), image_rows=i32(image_rows), sampling=self._sampling(batch, pad_rows),
+            logits_index=i32(logits_index), image_rows=i32(image_rows),
+            sampling=self.row_values.sampling(table_rows, pad_rows),
             rope_positions=None if self.rope is None else np.concatenate(
                 rope + [np.zeros((3, pad_tokens), np.int32)], axis=1),
         )
         return host, offsets, rows
 
-    def _build_decode(self, batch: SchedulerOutput, shape: StepShape):
-        """`build` for a step of one token per row (tokens = rows = shape.rows): the same arrays, built
-        from one tuple of scalars per row; padding row r holds padding token r."""
-        kv, last_rows = self.host_kv, self._last_rows
-        n, size = len(batch.chunks), shape.rows
+    def _build_decode(self, batch: SchedulerOutput, shape: StepShape, table_rows: np.ndarray):
+        """`build` for a step of one token per row (tokens = rows = shape.rows), column by column; padding row r
+        holds padding token r. A row's token is the one its request sampled in the last launched step (still on
+        the device) unless the host has read it; rows with images or a prompt logprob are completed one by one."""
+        kv = self.host_kv
+        chunks = batch.chunks
+        n, size = len(chunks), shape.rows
         if size < n or shape.tokens != size:
             raise ValueError(f"batch of {n} rows does not fit {shape}")
-        per_row, rows = [], {}
+        reqs = [c.request for c in chunks]
+        positions = np.fromiter((c.start for c in chunks), np.int64, n)
+        known = np.fromiter((r.num_known for r in reqs), np.int64, n)
+        src = np.fromiter(map(self._last_rows.get, [r.request_id for r in reqs], itertools.repeat(-1)), np.int64, n)
+        on_host = positions < known
+        lost = ~on_host & ((positions != known) | (src < 0))
+        if lost.any():
+            i = int(np.flatnonzero(lost)[0])
+            raise RuntimeError(f"request {reqs[i].request_id}: position {known[i]} is neither on host nor device")
+        column = np.zeros((6, size), np.int32)  # tokens, src, positions, write_slots, targets, kv_rows
+        column[1], column[3], column[5] = -1, kv.scratch_slot, kv.scratch_row
+        column[1, :n] = np.where(on_host, -1, src)
+        column[2, :n] = positions
+        column[3, :n] = [r.slots[p] for r, p in zip(reqs, positions.tolist())]
+        column[5, :n] = table_rows
+        for i in np.flatnonzero(on_host).tolist():
+            req, pos = reqs[i], chunks[i].start
+            column[0, i] = self._model_ids(req, req.token_ids(pos, pos + 1))[0]
         image_rows = np.full(size, -1, np.int32)
-        rope = np.zeros((3, size), np.int32) if self.rope is not None else None
-        for i, chunk in enumerate(batch.chunks):
-            req: Request = chunk.request
-            pos = chunk.start
-            known = req.num_known
+        rope = None
+        if self.rope is not None:  # text rows: the index on all three axes
+            rope = np.zeros((3, size), np.int32)
+            rope[:, :n] = column[2, :n]
+        for i in [i for i, c in enumerate(chunks) if c.prompt_logprobs or c.request.images]:
+            req, pos = reqs[i], chunks[i].start
             if req.images and pos < req.images[-1].stop:  # a one-token prompt chunk may fall on an image
                 image_row = req.image_rows(pos, pos + 1)
                 if image_row is not None:
                     image_rows[i] = image_row[0]
-            if pos < known:
-                token, src = self._model_ids(req, req.token_ids(pos, pos + 1))[0], -1
-            elif pos == known and req.request_id in last_rows:
-                token, src = 0, last_rows[req.request_id]
-            else:
-                raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
-            target = 0
-            if chunk.prompt_logprobs and pos + 1 < len(req.prompt_ids):
-                target = self._model_ids(req, [req.prompt_ids[pos + 1]])[0]
-            per_row.append((token, src, pos, req.slots[pos], target, req.kv_row))
+            if chunks[i].prompt_logprobs and pos + 1 < len(req.prompt_ids):
+                column[4, i] = self._model_ids(req, [req.prompt_ids[pos + 1]])[0]
             if rope is not None and req.images:
                 rope[:, i] = self._rope_positions(req, pos, pos + 1)[:, 0]
-            if chunk.samples:
-                rows[req.request_id] = i
-        real = np.array(per_row, np.int64).reshape(n, 6)
-        column = np.zeros((6, size), np.int32)  # tokens, src, positions, write_slots, targets, kv_rows
-        column[:, :n] = real.T
-        column[1, n:] = -1
-        column[3, n:] = kv.scratch_slot
-        column[5, n:] = kv.scratch_row
         index = np.arange(size, dtype=np.int32)  # token i is row i's only token
         context = np.ones(size, np.int32)
         context[:n] = column[2, :n] + 1
-        if rope is not None:  # text-only rows: the index on all three axes
-            text = np.array([not c.request.images for c in batch.chunks] + [False] * (size - n))
-            rope[:, text] = column[2, text]
         host = StepInputs(
             tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
             write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
             query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            image_rows=image_rows, sampling=self._sampling(batch, size - n), rope_positions=rope,
+            image_rows=image_rows, sampling=self.row_values.sampling(table_rows, size - n), rope_positions=rope,
         )
+        rows = {r.request_id: i for i, (r, c) in enumerate(zip(reqs, chunks)) if c.samples}
         return host, list(range(n)), rows

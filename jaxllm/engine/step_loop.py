@@ -20,6 +20,22 @@ from jaxllm.engine.scheduler import SchedulerOutput
 log = logging.getLogger("jaxllm.engine.engine")
 
 
+class PhaseClock:
+    """Wall and thread-CPU seconds since it was made, for a host phase's two counters (NAME_s, NAME_cpu_s): where
+    other work shares the cores (a loaded machine; the CPU backend's device work) wall time includes waits for a
+    core, which the engine thread's CPU time leaves out."""
+
+    __slots__ = ("wall", "cpu")
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.thread_time()
+
+    def add_to(self, counters: dict, phase: str, less_wall: float = 0.0) -> None:
+        """Add the time since made to counters[phase + "_s"] (less `less_wall`: a wait) and [phase + "_cpu_s"]."""
+        counters[f"{phase}_s"] += time.perf_counter() - self.wall - less_wall
+        counters[f"{phase}_cpu_s"] += time.thread_time() - self.cpu
+
+
 class StepLoop:
     """The Engine's loop methods (a mixin: they use its scheduler, runner, inbox, counters and requests)."""
 
@@ -35,7 +51,7 @@ class StepLoop:
         masker = self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-masks")
         try:
             while True:
-                started = time.perf_counter()
+                started = PhaseClock()
                 self._take_inbox()
                 if self._stopping:
                     break
@@ -44,9 +60,9 @@ class StepLoop:
                     self._advance_images()
                 if self.scheduler.has_work():
                     self._idle.clear()
-                    scheduled = time.perf_counter()
+                    scheduled = PhaseClock()
                     batch = self.scheduler.schedule()
-                    self._counters["schedule_s"] += time.perf_counter() - scheduled
+                    scheduled.add_to(self._counters, "schedule")
                     self._note_admissions(batch)
                     self._counters["preemptions"] += len(batch.preempted)
                     if batch.kind == "prefill" or batch.preempted:
@@ -61,10 +77,10 @@ class StepLoop:
                     inflight.masks = (early[1] if early is not None and early[0] is launching[1]
                                       else masker.submit(self._build_masks, inflight))
                 self._early_masks = None
-                self._counters["host_s"] += time.perf_counter() - started
                 self._snapshot = self._take_snapshot()
                 if self._sink is not None:
                     self._sink.flush(self._snapshot)
+                started.add_to(self._counters, "host")
                 if inflight is None:
                     idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
                     if idle:
@@ -117,14 +133,14 @@ class StepLoop:
     def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor, unread: StepHandle | None):
         """Prepare `batch`'s inputs here and launch it on `launcher` (`unread`: the step in flight before it);
         returns (batch, the launch's future) for _finish_dispatch, or None when the preparation failed."""
-        started = time.perf_counter()
+        started = PhaseClock()
         try:
             prepared = self.runner.prepare(batch)
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
             self._fail_step(batch, exc)
             return None
         finally:
-            self._counters["dispatch_s"] += time.perf_counter() - started
+            started.add_to(self._counters, "dispatch")
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
@@ -135,7 +151,7 @@ class StepLoop:
 
     def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
         """Wait for the launch begun by _start_dispatch: the step is on the device (its handle), or failed."""
-        started = time.perf_counter()
+        started = PhaseClock()
         try:
             handle = launch.result()
         except Exception as exc:  # noqa: BLE001
@@ -146,7 +162,7 @@ class StepLoop:
             self._fail_step(batch, exc)
             return None
         finally:
-            self._counters["dispatch_s"] += time.perf_counter() - started
+            started.add_to(self._counters, "dispatch")
         self._launching = None
         self._counters["launch_s"] += handle.launch_s
         self._counters["steps_after_idle"] += handle.after_idle
@@ -191,6 +207,8 @@ class StepLoop:
 
     def _note_admissions(self, batch: SchedulerOutput) -> None:
         """Queue time and prompt-cache hits of requests scheduled for the first time."""
+        if batch.kind == "decode":  # every request in it was scheduled before
+            return
         now = time.monotonic()
         for chunk in batch.chunks:
             req = chunk.request

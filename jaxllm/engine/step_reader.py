@@ -12,6 +12,7 @@ from jaxllm.engine.group import SequenceGroup
 from jaxllm.engine.request import Request
 from jaxllm.engine.runner import StepHandle
 from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.engine.step_loop import PhaseClock
 from jaxllm.engine.step_report import StepReport
 from jaxllm.engine.stream import WakeBatch
 
@@ -26,14 +27,14 @@ class StepReader:
         batch = handle.batch
         if handle.unsampled is not None:  # a constrained step whose sampler no later step has enqueued yet
             self._sample_constrained(handle)
-        started, failure = time.perf_counter(), None
+        started, failure = PhaseClock(), None
         try:
             if handle.failure is not None:
                 raise handle.failure
             result = self.runner.fetch(handle)
         except Exception as exc:  # noqa: BLE001
             failure = exc
-        waited = time.perf_counter() - started
+        waited = time.perf_counter() - started.wall
         self._counters["device_wait_s"] += waited
         self._counters["host_s"] -= waited
         if failure is not None:
@@ -43,24 +44,29 @@ class StepReader:
             self._fail_step(batch, failure)
             return
         self._report_step(batch, time.perf_counter() - handle.dispatched_at)
-        self._wakes = WakeBatch()
+        self._wakes, self._finals = WakeBatch(), []
         try:
             self._read_results(batch, result)
         finally:
+            self._emit_finals()
             orphaned, self._wakes = self._wakes.send(), None
         for request_id in orphaned:  # their consumers' event loops are gone
             if request_id in self._requests:
                 self._end(self._requests[request_id], "abort")
-        self._counters["postprocess_s"] += time.perf_counter() - started - waited
+        started.add_to(self._counters, "postprocess", less_wall=waited)
 
     def _read_results(self, batch: SchedulerOutput, result) -> None:
         if result.scores is not None:
             self._read_scores(batch, result.scores)
             return
+        rows = range(len(batch.chunks))
+        if batch.kind == "decode" and self._sink is not None:
+            rows = self._read_plain(batch, result)
         sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
-        advanced = self._advance_constraints(batch, sampled)
+        advanced = self._advance_constraints(batch, sampled, rows)
         beams: dict[int, SequenceGroup] = {}
-        for i, chunk in enumerate(batch.chunks):
+        for i in rows:
+            chunk = batch.chunks[i]
             req = chunk.request
             if chunk.samples:
                 req.num_pending -= 1
@@ -89,6 +95,17 @@ class StepReader:
             except Exception as exc:  # noqa: BLE001
                 log.exception("beam search of %s failed", group.leader.request_id)
                 self._end(group.leader, "error", f"{type(exc).__name__}: {exc}")
+
+    def _read_plain(self, batch: SchedulerOutput, result) -> list[int]:
+        """In the engine core, a decode step's rows whose events are plain go straight into the sink's columns
+        (EventMaker.plain_tokens); returns the other rows, for the general path."""
+        reqs = [chunk.request for chunk in batch.chunks]
+        taken, *columns = self._events.plain_tokens(reqs, result.sampled, result.logprobs)
+        plain = [req for req, took in zip(reqs, taken) if took]
+        for req in plain:
+            req.num_pending -= 1
+        self._sink.add_plain([req.stream.handle for req in plain], *columns)
+        return [i for i, took in enumerate(taken) if not took]
 
     def _read_scores(self, batch: SchedulerOutput, scores) -> None:
         """A reward model's step: each request whose prompt it completed gets its score and ends."""
@@ -136,12 +153,14 @@ class StepReader:
             except Exception:  # noqa: BLE001 - a listener must not stop the engine
                 log.exception("step listener %r failed", listener)
 
-    def _advance_constraints(self, batch: SchedulerOutput, sampled: list[int]) -> set[int]:
-        """Constrained rows take their tokens first, so the next step's masks start building (on the mask
-        thread) while the rest of the step is read. Returns the rows whose constraints took their token; a
-        token a constraint rejects is met again, and fails its request, when its event is made."""
+    def _advance_constraints(self, batch: SchedulerOutput, sampled: list[int], rows) -> set[int]:
+        """Constrained rows (among `rows`, the indices of the chunks left to read) take their tokens first, so the
+        next step's masks start building (on the mask thread) while the rest of the step is read. Returns the rows
+        whose constraints took their token; a token a constraint rejects is met again, and fails its request, when
+        its event is made."""
         advanced = set()
-        for i, chunk in enumerate(batch.chunks):
+        for i in rows:
+            chunk = batch.chunks[i]
             req = chunk.request
             constraint = req.constraint
             if (constraint is None or not chunk.samples or req.finished or not constraint.active
@@ -158,6 +177,17 @@ class StepReader:
 
     def _append_token(self, req: Request, token: int, logprob: float, top=None, advanced: bool = False) -> None:
         event = self._events.token(req, token, logprob, top, advanced)
-        if event.finished:
-            self._retire(req, event.finish_reason)
-        self._emit(req, event)
+        if not event.finished:
+            self._emit(req, event)
+            return
+        self._retire(req, event.finish_reason, snapshot=False)
+        self._finals.append((req, event))
+
+    def _emit_finals(self) -> None:
+        """The final events of the requests a step's tokens finished, once the stats snapshot shows them gone (one
+        snapshot per step, not one per finished request)."""
+        finals, self._finals = self._finals, None
+        if finals:
+            self._snapshot = self._take_snapshot()
+            for req, event in finals:
+                self._emit(req, event)

@@ -30,8 +30,10 @@ def client(args):
 
 
 def run(engine, prompts: list[list[int]], params: SamplingParams) -> list[list]:
+    """Each request's events as (token id, text, count, finish reason, logprob, prompt tokens, special, finished)."""
     streams = engine.submit_many([(ids, params, None) for ids in prompts])
-    return [[(e.token_id, e.text, e.count_output_tokens, e.finish_reason) for e in stream] for stream in streams]
+    return [[(e.token_id, e.text, e.count_output_tokens, e.finish_reason, round(e.logprob, 5), e.prompt_tokens,
+              e.special, e.finished) for e in stream] for stream in streams]
 
 
 def test_the_core_answers_as_the_in_process_engine(client, args):
