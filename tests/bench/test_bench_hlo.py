@@ -1,8 +1,12 @@
 """`python -m jaxllm.bench.hlo`: the engine's tp-2 step, read from its optimised HLO, has one all-reduce after
 attention and one after the MLP per layer, one for the vocabulary-split embedding lookup, and only [rows]-sized
-collectives in the sampler (it works on vocabulary-split logits: nothing gathers them)."""
+collectives in the sampler (it works on vocabulary-split logits: nothing gathers them); no copy of a KV buffer or
+of a weight. Both attention paths: the CPU's plain-JAX attention and the GPU's (the Pallas kernels per device under
+shard_map, compiled here in interpret mode)."""
 
-from jaxllm.bench.hlo import hlo_ops, step_hlo, summary
+import pytest
+
+from jaxllm.bench.hlo import hlo_ops, kv_buffer_elements, step_hlo, summary
 from jaxllm.config import ModelConfig
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
@@ -10,12 +14,25 @@ TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermedia
         "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
-def test_tp2_decode_step_has_two_all_reduces_per_layer_and_no_gathered_logits():
+@pytest.mark.parametrize("interpret, decode, tokens, rows", [
+    (False, True, 4, 4),  # the CPU's attention, a decode of 4 rows
+    (True, True, 4, 4),  # the GPU's attention path: a decode of 4 rows
+    (True, False, 32, 32),  # ... and a prefill of 32 tokens (a row per token)
+], ids=["reference-decode", "pallas-decode", "pallas-prefill"])
+def test_tp2_step_has_two_all_reduces_per_layer_and_nothing_gathered_or_copied(interpret, decode, tokens, rows):
     config = ModelConfig.from_hf_dict(TINY)
-    text = step_hlo(config, tp=2, rows=4, dtype="float32", mode=[])
-    hidden = [op for op in hlo_ops(text, ("all-reduce",)) if op.types[0][1] == (4, 64)]
+    text = step_hlo(config, tp=2, rows=tokens, dtype="float32", mode=[], decode=decode, interpret=interpret)
+    hidden = [op for op in hlo_ops(text, ("all-reduce",)) if op.types[0][1] == (tokens, 64)]
     assert len(hidden) == 2 * config.num_layers + 1  # attention and MLP per layer; the embedding lookup
     small = [op for op in hlo_ops(text, ("all-reduce", "all-gather")) if op not in hidden]
-    assert small and all(op.elements <= 4 * 2 for op in small), small  # (max, argmax)-sized, never [rows, vocab]
+    assert small and all(op.elements <= rows * 2 for op in small), small  # (max, argmax)-sized, never [rows, vocab]
     assert not hlo_ops(text, ("all-to-all", "collective-permute", "reduce-scatter"))
-    assert summary(text, config)["total_collectives"] == len(hidden) + len(small)
+    report = summary(text, config)
+    assert report["total_collectives"] == len(hidden) + len(small)
+    rows_of_kv = kv_buffer_elements(text) // 16  # a layer's K buffer on one device: [rows, 1 of 2 KV heads, 16]
+    assert rows_of_kv == (264 if interpret else 257)  # 256 slots + scratch (the Pallas caches: to a multiple of 8)
+    assert not [op for op in hlo_ops(text, ("copy", "transpose")) if op.types[0][1] == (rows_of_kv, 1, 16)]
+    if interpret:  # nothing as large as a KV buffer (the reference attention gathers each row's K/V: [rows, heads,
+        # width, head_dim] copies, the CPU's path only)
+        large = [op for op in hlo_ops(text, ("copy", "transpose")) if op.elements >= rows_of_kv * 16]
+        assert not large, large
