@@ -29,7 +29,7 @@ from jaxllm.engine.step_shapes import StepShape
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend
 from jaxllm.parallel import kv_cache_spec, make_mesh
-from jaxllm.weights import DATA_TYPES, abstract_params, param_shardings
+from jaxllm.weights import DATA_TYPES, abstract_params, param_shardings, random_params
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # An instruction line: `%name = f32[2,3]{1,0} op(...)` or a tuple result `(f32[..], ...) op(...)`.
@@ -70,21 +70,40 @@ def hlo_ops(text: str, kinds: tuple[str, ...]) -> list[Op]:
     return ops
 
 
-def step_hlo(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], decode: bool = True,
-             interpret: bool = False) -> str:
-    """The optimised HLO of the engine's step (table updates, model, sampler) for a greedy decode of `rows` rows
-    (or a prefill of `rows` tokens), the params abstract; `interpret`: the Pallas attention kernels (interpret
-    mode) in place of the CPU's plain-JAX attention."""
+def shrunk_config(path: str, layers: int) -> ModelConfig:
+    """A Hugging Face config.json's model with `layers` decoder layers."""
+    return ModelConfig.from_hf_dict({**json.loads(Path(path).read_text()), "num_hidden_layers": layers})
+
+
+def bench_runner(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], interpret: bool = False,
+                 abstract: bool = True) -> ModelRunner:
+    """An engine's runner for steps of up to `rows` rows (or prefill tokens) at `--tp`: on abstract params (to
+    compile only) or random ones; `interpret`: the Pallas attention kernels (interpret mode) in place of the CPU's
+    plain-JAX attention."""
     mesh = make_mesh(tp)
     platform = jax.devices()[0].platform
     model = build_model(config, DATA_TYPES[dtype], attention_backend(mode, platform, interpret, mesh=mesh))
-    shardings = param_shardings(model, mesh, tp)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(abstract_params(model)), shardings)
+    if abstract:
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nn.unbox(abstract_params(model)), param_shardings(model, mesh, tp))
+    else:
+        params = random_params(model, mesh, tp)
     kv = KVCache(max(4 * rows, 256), max(rows, 1))
-    runner = ModelRunner(model, params, mesh, kv_cache_spec(config, tp), kv, max_len=256,
-                         max_prefill_tokens=max(rows, 16), eos_ids=(), min_width=256)
-    shape = StepShape(rows, rows, 256, True) if decode else StepShape(rows, runner.prefill_rows(rows), 256, False)
+    return ModelRunner(model, params, mesh, kv_cache_spec(config, tp), kv, max_len=256,
+                       max_prefill_tokens=max(rows, 16), eos_ids=(), min_width=256)
+
+
+def step_shape(runner: ModelRunner, rows: int, decode: bool = True) -> StepShape:
+    """A greedy decode of `rows` rows, or a prefill of `rows` tokens, at the narrowest table."""
+    return StepShape(rows, rows, 256, True) if decode else StepShape(rows, runner.prefill_rows(rows), 256, False)
+
+
+def step_hlo(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], decode: bool = True,
+             interpret: bool = False) -> str:
+    """The optimised HLO of the engine's step (table updates, model, sampler) for a greedy decode of `rows` rows
+    (or a prefill of `rows` tokens), the params abstract."""
+    runner = bench_runner(config, tp, rows, dtype, mode, interpret)
+    shape = step_shape(runner, rows, decode)
     return runner._compile(runner.inputs.padding(shape), shape).as_text()  # noqa: SLF001 - the step's executable
 
 
@@ -119,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the GPU's attention path (Pallas kernels per device under shard_map) in interpret mode")
     p.add_argument("--dump", help="write the optimised HLO text here")
     ns = p.parse_args(argv)
-    raw = {**json.loads(Path(ns.config).read_text()), "num_hidden_layers": ns.layers}
-    config = ModelConfig.from_hf_dict(raw)
+    config = shrunk_config(ns.config, ns.layers)
     text = step_hlo(config, ns.tp, ns.rows, ns.data_type, ns.mode, decode=not ns.prefill, interpret=ns.interpret)
     if ns.dump:
         Path(ns.dump).write_text(text)
