@@ -27,7 +27,8 @@ from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.step_shapes import StepShape
 from jaxllm.models import build_model
-from jaxllm.models.backends import attention_backend
+from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.quant import with_weight_mode
 from jaxllm.parallel import kv_cache_spec, make_mesh
 from jaxllm.weights import DATA_TYPES, abstract_params, param_shardings, random_params
 
@@ -70,9 +71,10 @@ def hlo_ops(text: str, kinds: tuple[str, ...]) -> list[Op]:
     return ops
 
 
-def shrunk_config(path: str, layers: int) -> ModelConfig:
-    """A Hugging Face config.json's model with `layers` decoder layers."""
-    return ModelConfig.from_hf_dict({**json.loads(Path(path).read_text()), "num_hidden_layers": layers})
+def shrunk_config(path: str, layers: int, mode: list[str] = ()) -> ModelConfig:
+    """A Hugging Face config.json's model with `layers` decoder layers, its weights quantised as `mode` asks."""
+    raw = {**json.loads(Path(path).read_text()), "num_hidden_layers": layers}
+    return with_weight_mode(ModelConfig.from_hf_dict(raw), resolve_modes(mode).weight_mode, raw)
 
 
 def bench_runner(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], interpret: bool = False,
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the GPU's attention path (Pallas kernels per device under shard_map) in interpret mode")
     p.add_argument("--dump", help="write the optimised HLO text here")
     ns = p.parse_args(argv)
-    config = shrunk_config(ns.config, ns.layers)
+    config = shrunk_config(ns.config, ns.layers, ns.mode)
     text = step_hlo(config, ns.tp, ns.rows, ns.data_type, ns.mode, decode=not ns.prefill, interpret=ns.interpret)
     if ns.dump:
         Path(ns.dump).write_text(text)

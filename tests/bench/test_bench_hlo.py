@@ -8,6 +8,7 @@ import pytest
 
 from jaxllm.bench.hlo import hlo_ops, kv_buffer_elements, step_hlo, summary
 from jaxllm.config import ModelConfig
+from jaxllm.models.quant import with_weight_mode
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -36,3 +37,15 @@ def test_tp2_step_has_two_all_reduces_per_layer_and_nothing_gathered_or_copied(i
         # width, head_dim] copies, the CPU's path only)
         large = [op for op in hlo_ops(text, ("copy", "transpose")) if op.elements >= rows_of_kv * 16]
         assert not large, large
+
+
+def test_tp2_step_with_int8_weights_gathers_no_weight():
+    """w8a16 under --tp 2: the int8 products split like their 16-bit twins' (the MLP's [2, intermediate] output
+    axes were once merged, which made the partitioner gather the whole gate/up weight every step)."""
+    config = with_weight_mode(ModelConfig.from_hf_dict(TINY), "triton_w8a16", TINY)
+    text = step_hlo(config, tp=2, rows=4, dtype="float32", mode=["triton_w8a16"], interpret=True)
+    hidden = [op for op in hlo_ops(text, ("all-reduce",)) if op.types[0][1] == (4, 64)]
+    assert len(hidden) == 2 * config.num_layers + 1
+    gathers = hlo_ops(text, ("all-gather",))
+    assert gathers and all(op.elements <= 4 * 2 for op in gathers), gathers  # the sampler's (max, argmax) only
+    assert not [op for op in hlo_ops(text, ("copy", "transpose")) if op.elements >= 64 * 128], "a weight is copied"
