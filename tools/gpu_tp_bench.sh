@@ -65,9 +65,13 @@ for name in $RUNS; do
   sleep 2
 done
 # Collectives of the tp-2 step (compiled only, abstract weights) while the last runs finish.
-[ "${HLO:-1}" = 1 ] && for rows in 1 64; do
-  timeout 120 $PY -m jaxllm.bench.hlo --config "$CONFIG" --layers 2 --tp 2 --rows "$rows" \
-    --dump "$LOGS/tp2_rows$rows.hlo" >> "$OUT/hlo.txt" 2> "$LOGS/hlo_rows$rows.txt" || tail -3 "$LOGS/hlo_rows$rows.txt"
+# Besides bf16 at 1 and 64 rows: int8 KV and int8 weights at one row (on the CPU, int8 KV copied each K/V buffer 4
+# times per layer at one row, at tp 1 too: is that the GPU's as well?).
+[ "${HLO:-1}" = 1 ] && for case in "1" "64" "1 --mode triton_int8kv" "1 --mode triton_w8a16"; do
+  name=$(echo "$case" | tr -d ' -')
+  # shellcheck disable=SC2086
+  timeout 120 $PY -m jaxllm.bench.hlo --config "$CONFIG" --layers 2 --tp 2 --rows $case \
+    --dump "$LOGS/tp2_$name.hlo" >> "$OUT/hlo.txt" 2> "$LOGS/hlo_$name.txt" || tail -3 "$LOGS/hlo_$name.txt"
 done
 wait
 # Host time of a step's launch at tp 1 and tp 2 (the device idle before each; after the runs, alone on the GPUs),

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.dump:
         Path(ns.dump).write_text(text)
     json.dump({"device": jax.devices()[0].device_kind, "tp": ns.tp, "rows": ns.rows, "layers": ns.layers,
+               "prefill": ns.prefill, "mode": ns.mode, "interpret": ns.interpret,
                **summary(text, config)}, sys.stdout, indent=1)
     print()
     return 0
