@@ -381,6 +381,11 @@ def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s:
     if constrained:  # the host time building allowed-token masks (grammars, token healing) per such step
         per_step_ms = 1000.0 * (cur["mask_s"] - prev.get("mask_s", 0.0)) / constrained
         grammar = f", token masks: {per_step_ms:.2f} ms/step over {constrained:.0f} constrained steps"
+        steps = cur.get("steps", 0) - prev.get("steps", 0)
+        if steps and "host_s" in cur:  # is the host (masks included) keeping the device busy?
+            host_ms = 1000.0 * (cur["host_s"] - prev.get("host_s", 0.0)) / steps
+            idle = 100.0 * (cur.get("steps_after_idle", 0) - prev.get("steps_after_idle", 0)) / steps
+            grammar += f" (all steps: host {host_ms:.2f} ms/step, {idle:.0f}% launched on an idle device)"
     return (
         f"prompt throughput: {rate('prefill_tokens'):.1f} tokens/s, "
         f"generation throughput: {rate('decode_tokens'):.1f} tokens/s, "

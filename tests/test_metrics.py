@@ -349,3 +349,11 @@ def test_stats_logger_thread_logs_every_interval(caplog):
     assert len(lines) >= 3 and all(line.startswith("prompt throughput:") for line in lines)
     assert StatsLogger.from_args(parse_args(["--disable_log_stats"]), stats) is None
     assert StatsLogger.from_args(parse_args(["--log_stats_interval", "7"]), stats).interval_s == 7
+
+
+def test_format_stats_constrained_steps_report_masks_and_host_time():
+    prev = engine_stats(constrained_steps=10, mask_s=0.01, steps=20, host_s=0.1, steps_after_idle=2)
+    cur = engine_stats(constrained_steps=30, mask_s=0.05, steps=60, host_s=0.3, steps_after_idle=12)
+    line = format_stats(prev, cur, 5.0)
+    assert line.endswith("token masks: 2.00 ms/step over 20 constrained steps"
+                         " (all steps: host 5.00 ms/step, 25% launched on an idle device)")

@@ -36,15 +36,17 @@ class EventMaker:
         if p.stop_sequences:
             req.stop_matcher = StopMatcher(p.stop_sequences)
 
-    def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None) -> TokenEvent:
+    def token(self, req: Request, token: int, logprob: float, top: list[tuple[int, float]] | None = None,
+              advanced: bool = False) -> TokenEvent:
         """Append `token` to req's output and make its event; event.finished says whether req is done. Its text
         follows TokenText's rules (None when the frontend makes it: `text_elsewhere`).
-        `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them."""
+        `top`: the most likely tokens at this position, (id, logprob) best first, when req asked for them;
+        `advanced`: req's constraint has already taken the token."""
         params = req.params
         req.output_ids.append(token)
         req.output_logprobs.append(logprob)
         is_eos = token in self.eos
-        if req.constraint is not None and req.constraint.active:
+        if req.constraint is not None and req.constraint.active and not advanced:
             req.constraint.advance(token)
         reason = None
         if is_eos and not params.ignore_eos:

@@ -17,7 +17,9 @@ from jaxllm.engine.constraints import allow
 from jaxllm.engine.request import Guided
 
 _CACHE_SIZE = 256  # distinct compiled grammars kept
-_EXECUTOR: llguidance.LLExecutor | None = None  # llguidance's thread pool for a step's masks, made when first used
+# llguidance's thread pool for a step's masks, made when first used. One call fills every row with the GIL
+# released once: per-row calls from Python threads each wait for the GIL again (docs/perf.md).
+_EXECUTOR: llguidance.LLExecutor | None = None
 # JSON as OpenAI's structured outputs write it: ", " and ": " between items, no other whitespace (free
 # whitespace lets a sampled answer spend its tokens on blanks). A schema's "x-guidance" may override it.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -113,12 +115,11 @@ class GrammarConstraint:
         self._eos_ids = eos_ids
         self._words = mask_words
         self._scratch = np.zeros((1, (vocab + 31) // 32), np.int32)
+        # Kept here, not read from the matcher: the engine thread reads it while the mask thread may be filling
+        # the matcher's next row (llguidance's matchers take one borrower at a time).
+        self.complete = matcher.is_stopped()
 
     active = True
-
-    @property
-    def complete(self) -> bool:
-        return self._matcher.is_stopped()
 
     def fill(self, row: np.ndarray) -> None:
         m = self._matcher
@@ -164,5 +165,7 @@ class GrammarConstraint:
     def advance(self, token: int) -> None:
         if token in self._eos_ids and (self._matcher.is_accepting() or self._matcher.is_stopped()):
             return
-        if not self._matcher.consume_token(token):
+        accepted = self._matcher.consume_token(token)
+        self.complete = self._matcher.is_stopped()
+        if not accepted:
             raise ValueError(f"the grammar rejected token {token}: {self._matcher.get_error()}")

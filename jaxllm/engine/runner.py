@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -87,6 +87,7 @@ class StepHandle:
     # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
     after_idle: bool = False
     failure: Exception | None = None  # a constrained step whose sampler could not be enqueued (its masks failed)
+    masks: Future | None = None  # a constrained step's masks, being built off the engine thread
 
     @property
     def rows(self) -> int:

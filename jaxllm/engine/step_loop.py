@@ -1,7 +1,8 @@
 """The engine thread's loop (the Engine's half that schedules and dispatches): schedule → prepare step N+1 →
 read step N and postprocess it (`StepReader`), while a launch thread enqueues step N+1 on the device. A step
-with constrained rows gets its sampler (and the masks it needs, built from the tokens read so far) just before
-the next step's launch, so the host builds them while the device runs the model."""
+with constrained rows gets its sampler just before the next step's launch; the masks it needs are built on a
+thread of their own from the moment the tokens before them are read, so they overlap both the device's model
+and the engine thread's own work (postprocess, scheduling, preparing the next step)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,16 @@ log = logging.getLogger("jaxllm.engine.engine")
 class StepLoop:
     """The Engine's loop methods (a mixin: they use its scheduler, runner, inbox, counters and requests)."""
 
+    _masker: ThreadPoolExecutor | None = None  # the mask thread, while the loop runs
+    _early_masks: tuple[Future, Future] | None = None  # (a launch, the masks of the step it launches)
+
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
         inflight: StepHandle | None = None
         # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
         # reading of the previous step's results.
         launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
+        masker = self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-masks")
         try:
             while True:
                 started = time.perf_counter()
@@ -51,6 +56,11 @@ class StepLoop:
                 if inflight is not None:
                     self._postprocess(inflight)
                 inflight = self._finish_dispatch(*launching) if launching else None
+                if inflight is not None and inflight.unsampled is not None:  # its rows' tokens so far are read
+                    early = self._early_masks
+                    inflight.masks = (early[1] if early is not None and early[0] is launching[1]
+                                      else masker.submit(self._build_masks, inflight))
+                self._early_masks = None
                 self._counters["host_s"] += time.perf_counter() - started
                 self._snapshot = self._take_snapshot()
                 if self._sink is not None:
@@ -65,6 +75,8 @@ class StepLoop:
                 self._postprocess(inflight)
         finally:
             launcher.shutdown()
+            masker.shutdown()
+            self._masker = None
         for req in list(self._requests.values()):
             self._end(req, "abort")
         self._snapshot = self._take_snapshot()
@@ -146,18 +158,36 @@ class StepLoop:
         c["decode_tokens"] += batch.num_decode_tokens
         return handle
 
-    def _sample_constrained(self, handle: StepHandle) -> None:
-        """Enqueue the sampler of a constrained step whose model is on the device, with masks built from the
-        tokens read so far. Called as late as possible (once the next step is prepared, or before the step's
-        results are read) so the host builds them while the device runs the model."""
+    def _start_masks(self) -> None:
+        """The constraints have taken the tokens read so far: start building the masks of the step being
+        launched, if it is constrained (the mask thread waits for its launch to know its rows)."""
+        if self._masker is not None and self._launching is not None:
+            launch = self._launching
+            self._early_masks = (launch, self._masker.submit(self._masks_of_launch, launch))
+
+    def _masks_of_launch(self, launch: Future):
+        handle = launch.result()
+        return self._build_masks(handle) if handle.unsampled is not None else None
+
+    def _build_masks(self, handle: StepHandle):
+        """A constrained step's allowed-token masks from the tokens read so far (on the mask thread; llguidance
+        fills rows without the GIL)."""
         started = time.perf_counter()
+        masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
+        self._counters["mask_s"] += time.perf_counter() - started
+        return masks
+
+    def _sample_constrained(self, handle: StepHandle) -> None:
+        """Enqueue the sampler of a constrained step whose model is on the device, with its masks (built on
+        the mask thread since its tokens so far were read). Called as late as possible (once the next step is
+        prepared, or before the step's results are read)."""
         try:
-            masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
-            self._counters["mask_s"] += time.perf_counter() - started
+            masks = handle.masks.result() if handle.masks is not None else self._build_masks(handle)
             self._counters["constrained_steps"] += 1
             self.runner.sample_constrained(handle, masks)
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
             handle.failure = exc
+        handle.masks = None
 
     def _note_admissions(self, batch: SchedulerOutput) -> None:
         """Queue time and prompt-cache hits of requests scheduled for the first time."""

@@ -58,6 +58,7 @@ class StepReader:
             self._read_scores(batch, result.scores)
             return
         sampled, logprobs = result.sampled.tolist(), result.logprobs.tolist()  # Python ints and floats
+        advanced = self._advance_constraints(batch, sampled)
         beams: dict[int, SequenceGroup] = {}
         for i, chunk in enumerate(batch.chunks):
             req = chunk.request
@@ -78,7 +79,7 @@ class StepReader:
                 top = None
                 if req.params.top_logprobs:
                     top = list(zip(result.top_ids[i].tolist(), result.top_logprobs[i].tolist()))
-                self._append_token(req, sampled[i], logprobs[i], top)
+                self._append_token(req, sampled[i], logprobs[i], top, i in advanced)
             except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer error: fail this request only
                 log.exception("request %s failed in postprocess", req.request_id)
                 self._end(req, "error", f"{type(exc).__name__}: {exc}")
@@ -135,8 +136,28 @@ class StepReader:
             except Exception:  # noqa: BLE001 - a listener must not stop the engine
                 log.exception("step listener %r failed", listener)
 
-    def _append_token(self, req: Request, token: int, logprob: float, top=None) -> None:
-        event = self._events.token(req, token, logprob, top)
+    def _advance_constraints(self, batch: SchedulerOutput, sampled: list[int]) -> set[int]:
+        """Constrained rows take their tokens first, so the next step's masks start building (on the mask
+        thread) while the rest of the step is read. Returns the rows whose constraints took their token; a
+        token a constraint rejects is met again, and fails its request, when its event is made."""
+        advanced = set()
+        for i, chunk in enumerate(batch.chunks):
+            req = chunk.request
+            constraint = req.constraint
+            if (constraint is None or not chunk.samples or req.finished or not constraint.active
+                    or (req.group is not None and req.group.beam is not None)):
+                continue
+            try:
+                constraint.advance(sampled[i])
+            except Exception:  # noqa: BLE001 - reported through the token's event
+                continue
+            advanced.add(i)
+        if advanced:
+            self._start_masks()
+        return advanced
+
+    def _append_token(self, req: Request, token: int, logprob: float, top=None, advanced: bool = False) -> None:
+        event = self._events.token(req, token, logprob, top, advanced)
         if event.finished:
             self._retire(req, event.finish_reason)
         self._emit(req, event)

@@ -52,13 +52,16 @@ def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, o_ref, *, block_m: in
         wb = w_ref[g, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)]  # [block_k, block_n]
         return acc + pltriton.dot(xa, wb, allow_tf32=False if f32 else None)
 
-    num_kb = jnp.where(count > 0, k_dim // block_k, 0)
-    acc = lax.fori_loop(0, num_kb, body, jnp.zeros((block_m, block_n), jnp.float32))
-    # Invalid lanes store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
-    # valid row's index would undo that row's write; on the GPU masked lanes touch nothing.
-    dst = jnp.where(valid, row, o_ref.shape[0] + r)
-    out_cols = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
-    pltriton.store(o_ref.at[dst[:, None], out_cols[None, :]], acc.astype(o_ref.dtype), mask=valid[:, None])
+    # Tiles without rows do nothing. The loop's bounds are static: Triton's `scf.for` takes no traced bound
+    # beside a constant one (they differ in type).
+    @pl.when(count > 0)
+    def _():
+        acc = lax.fori_loop(0, k_dim // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+        # Invalid lanes store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
+        # valid row's index would undo that row's write; on the GPU masked lanes touch nothing.
+        dst = jnp.where(valid, row, o_ref.shape[0] + r)
+        out_cols = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+        pltriton.store(o_ref.at[dst[:, None], out_cols[None, :]], acc.astype(o_ref.dtype), mask=valid[:, None])
 
 
 def fitted_block(dim: int, wanted: int) -> int:
