@@ -1,9 +1,11 @@
 """The engine's compiled step under --tp, read from its optimised HLO: collectives per layer (kind, data type,
-shape), and large copies or transposes (an eighth of a hidden × hidden weight or more). No weights are allocated (the step is lowered on abstract
-params), so a real config's shapes fit on a laptop's fake CPU devices:
+shape), and large copies or transposes (a layer's whole K or V buffer, or an eighth of a hidden × hidden weight,
+or more). No weights are allocated (the step is lowered on abstract params), so a real config's shapes fit on a
+laptop's fake CPU devices; `--interpret` compiles the GPU's attention path there (the Pallas kernels per device
+under shard_map, in interpret mode) instead of the CPU's plain-JAX attention:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
-      python -m jaxllm.bench.hlo --config tests/assets/configs/llama-3-8b.json --layers 2 --tp 2 --rows 1
+      python -m jaxllm.bench.hlo --config tests/assets/configs/llama-3-8b.json --layers 2 --tp 2 --rows 1 --interpret
 """
 
 from __future__ import annotations
@@ -25,15 +27,18 @@ from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.runner import ModelRunner
 from jaxllm.engine.step_shapes import StepShape
 from jaxllm.models import build_model
-from jaxllm.models.backends import attention_backend
+from jaxllm.models.backends import attention_backend, resolve_modes
+from jaxllm.models.quant import with_weight_mode
 from jaxllm.parallel import kv_cache_spec, make_mesh
-from jaxllm.weights import DATA_TYPES, abstract_params, param_shardings
+from jaxllm.weights import DATA_TYPES, abstract_params, param_shardings, random_params
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # An instruction line: `%name = f32[2,3]{1,0} op(...)` or a tuple result `(f32[..], ...) op(...)`.
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<type>\([^=]*?\)|[\w]+\[[^\]]*\](?:\{[^}]*\})?)\s+"
                           r"(?P<op>[\w\-]+)(?:-start)?\(")
 _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+# An entry parameter holding a layer's KV buffer: `%p = bf16[264,4,128]{2,1,0} parameter(15), ... op_name="kv.layers`.
+_KV_PARAMETER = re.compile(r"= \w+\[([\d,]*)\]\S* parameter\(\d+\).*op_name=\"kv\.layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,27 +71,57 @@ def hlo_ops(text: str, kinds: tuple[str, ...]) -> list[Op]:
     return ops
 
 
-def step_hlo(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], decode: bool = True) -> str:
-    """The optimised HLO of the engine's step (table updates, model, sampler) for a greedy decode of `rows` rows
-    (or a prefill of `rows` tokens), the params abstract."""
+def shrunk_config(path: str, layers: int, mode: list[str] = ()) -> ModelConfig:
+    """A Hugging Face config.json's model with `layers` decoder layers, its weights quantised as `mode` asks."""
+    raw = {**json.loads(Path(path).read_text()), "num_hidden_layers": layers}
+    return with_weight_mode(ModelConfig.from_hf_dict(raw), resolve_modes(mode).weight_mode, raw)
+
+
+def bench_runner(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], interpret: bool = False,
+                 abstract: bool = True) -> ModelRunner:
+    """An engine's runner for steps of up to `rows` rows (or prefill tokens) at `--tp`: on abstract params (to
+    compile only) or random ones; `interpret`: the Pallas attention kernels (interpret mode) in place of the CPU's
+    plain-JAX attention."""
     mesh = make_mesh(tp)
     platform = jax.devices()[0].platform
-    model = build_model(config, DATA_TYPES[dtype], attention_backend(mode, platform, mesh=mesh))
-    shardings = param_shardings(model, mesh, tp)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(abstract_params(model)), shardings)
+    model = build_model(config, DATA_TYPES[dtype], attention_backend(mode, platform, interpret, mesh=mesh))
+    if abstract:
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              nn.unbox(abstract_params(model)), param_shardings(model, mesh, tp))
+    else:
+        params = random_params(model, mesh, tp)
     kv = KVCache(max(4 * rows, 256), max(rows, 1))
-    runner = ModelRunner(model, params, mesh, kv_cache_spec(config, tp), kv, max_len=256,
-                         max_prefill_tokens=max(rows, 16), eos_ids=(), min_width=256)
-    shape = StepShape(rows, rows, 256, True) if decode else StepShape(rows, runner.prefill_rows(rows), 256, False)
+    return ModelRunner(model, params, mesh, kv_cache_spec(config, tp), kv, max_len=256,
+                       max_prefill_tokens=max(rows, 16), eos_ids=(), min_width=256)
+
+
+def step_shape(runner: ModelRunner, rows: int, decode: bool = True) -> StepShape:
+    """A greedy decode of `rows` rows, or a prefill of `rows` tokens, at the narrowest table."""
+    return StepShape(rows, rows, 256, True) if decode else StepShape(rows, runner.prefill_rows(rows), 256, False)
+
+
+def step_hlo(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], decode: bool = True,
+             interpret: bool = False) -> str:
+    """The optimised HLO of the engine's step (table updates, model, sampler) for a greedy decode of `rows` rows
+    (or a prefill of `rows` tokens), the params abstract."""
+    runner = bench_runner(config, tp, rows, dtype, mode, interpret)
+    shape = step_shape(runner, rows, decode)
     return runner._compile(runner.inputs.padding(shape), shape).as_text()  # noqa: SLF001 - the step's executable
 
 
+def kv_buffer_elements(text: str) -> int:
+    """Elements of the largest per-layer KV buffer among the step's parameters (per device), 0 if none."""
+    sizes = [int(np.prod([int(x) for x in m.group(1).split(",") if x]))
+             for m in _KV_PARAMETER.finditer(text)]
+    return max(sizes, default=0)
+
+
 def summary(text: str, config: ModelConfig) -> dict:
-    """Collectives (per kind, data type and shape, with counts) and large copies / transposes. The CPU backend
+    """Collectives (per kind, data type and shape, with counts) and large copies / transposes: as large as a
+    layer's K or V buffer (a copy of the cache per step) or an eighth of a hidden × hidden weight. The CPU backend
     promotes bf16 all-reduces to f32 (its all-reduce-promotion pass): there, bf16 models show f32 all-reduces."""
     collectives = collections.Counter(str(op) for op in hlo_ops(text, COLLECTIVES))
-    large = config.hidden_size * config.hidden_size // 8
+    large = min(config.hidden_size * config.hidden_size // 8, kv_buffer_elements(text) or np.inf)
     moves = collections.Counter(str(op) for op in hlo_ops(text, ("copy", "transpose")) if op.elements >= large)
     return {"collectives": dict(collectives), "total_collectives": sum(collectives.values()),
             "collectives_per_layer": sum(collectives.values()) / config.num_layers, "large_copies": dict(moves)}
@@ -101,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", action="store_true")
     p.add_argument("--data_type", default="bf16")
     p.add_argument("--mode", nargs="*", default=[])
+    p.add_argument("--interpret", action="store_true",
+                   help="the GPU's attention path (Pallas kernels per device under shard_map) in interpret mode")
     p.add_argument("--dump", help="write the optimised HLO text here")
     ns = p.parse_args(argv)
-    raw = {**json.loads(Path(ns.config).read_text()), "num_hidden_layers": ns.layers}
-    config = ModelConfig.from_hf_dict(raw)
-    text = step_hlo(config, ns.tp, ns.rows, ns.data_type, ns.mode, decode=not ns.prefill)
+    config = shrunk_config(ns.config, ns.layers, ns.mode)
+    text = step_hlo(config, ns.tp, ns.rows, ns.data_type, ns.mode, decode=not ns.prefill, interpret=ns.interpret)
     if ns.dump:
         Path(ns.dump).write_text(text)
     json.dump({"device": jax.devices()[0].device_kind, "tp": ns.tp, "rows": ns.rows, "layers": ns.layers,
+               "prefill": ns.prefill, "mode": ns.mode, "interpret": ns.interpret,
                **summary(text, config)}, sys.stdout, indent=1)
     print()
     return 0

@@ -76,17 +76,17 @@ def socket_seconds(step: DeviceStep, repeats: int) -> tuple[float, int]:
 
 
 def _broadcast_process(process_id: int, port: int, rows: int, prompt: int, decode: bool, repeats: int) -> None:
-    """One of two processes timing broadcast_one_to_all of a step's packed buffers (process 0 prints)."""
+    """One of two processes timing broadcast_one_to_all of a step's packed buffer (process 0 prints)."""
     from jaxllm.multiprocess import initialize
 
     initialize(port, 2, process_id)
     from jax.experimental import multihost_utils
 
-    ints, floats, _ = pack(device_step(rows, prompt, decode).inputs)
+    words, _ = pack(device_step(rows, prompt, decode).inputs)
     times = []
     for _ in range(repeats + 1):
         started = time.perf_counter()
-        multihost_utils.broadcast_one_to_all((ints, floats))
+        multihost_utils.broadcast_one_to_all(words)
         times.append(time.perf_counter() - started)
     if process_id == 0:
         print(json.dumps({"broadcast_ms": 1e3 * float(np.median(times[1:]))}), flush=True)

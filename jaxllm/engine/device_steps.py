@@ -14,7 +14,7 @@ from jaxllm.engine.step_inputs import unpack
 from jaxllm.models.attention import AttentionMetadata
 
 
-def step(model, eos_ids, params, kv, last_tokens, ints, floats, image_slab, *, layout, width, decode_only,
+def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, width, decode_only,
          all_logits, penalties, sampling, top_logprobs, constrained):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
     sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
@@ -23,7 +23,7 @@ def step(model, eos_ids, params, kv, last_tokens, ints, floats, image_slab, *, l
     embeddings of the tokens with an image row.
     Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
     logprobs, None)."""
-    inp = unpack(ints, floats, layout)
+    inp = unpack(words, layout)
     from_device = inp.token_src >= 0
     tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
     token_kv_rows = inp.kv_rows[inp.token_row]  # [T]
@@ -76,11 +76,11 @@ def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, 
     return last, sampled, logprobs, (top_ids, top_lp)
 
 
-def sample_masked(eos_ids, last_tokens, logits, history, ints, floats, mask, *, layout, penalties, sampling,
+def sample_masked(eos_ids, last_tokens, logits, history, words, mask, *, layout, penalties, sampling,
                    top_logprobs):
     """The second call of a constrained step: the sampler over the model's logits [R, V] with each row's
     allowed-token mask [R, ceil(V / 32)]. last_tokens is donated."""
-    inp = unpack(ints, floats, layout)
+    inp = unpack(words, layout)
     return sample_rows(eos_ids, last_tokens, logits, history, inp, mask, penalties=penalties, sampling=sampling,
                         top_logprobs=top_logprobs)
 

@@ -78,7 +78,7 @@ class StepHandle:
     prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
     token_offsets: list[int]  # each chunk's first index in the packed tokens
     top: tuple[jax.Array, jax.Array] | None = None  # ([R, K] i32 ids, [R, K] f32 logprobs), best first, if asked
-    # A constrained step until sample_constrained: the sampler's device inputs (logits, history, ints, floats)
+    # A constrained step until sample_constrained: the sampler's device inputs (logits, history, packed inputs)
     # and its static arguments; sampled, logprobs and top are None until then.
     unsampled: tuple | None = None
     dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
@@ -258,10 +258,10 @@ class ModelRunner:
         self.shapes_seen.add(shape)
         executable = self._executables.get(shape)
         if executable is None:
-            ints, floats, layout = pack(host)
-            ints, floats = (jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._replicated) for a in (ints, floats))
+            words, layout = pack(host)
+            words = jax.ShapeDtypeStruct(words.shape, words.dtype, sharding=self._replicated)
             executable = self._jitted.lower(
-                self.params, self.kv, self._last_tokens, ints, floats, self.image_slab, layout=layout,
+                self.params, self.kv, self._last_tokens, words, self.image_slab, layout=layout,
                 **shape.static_args()
             ).compile()
             self._executables[shape] = executable
@@ -340,10 +340,10 @@ class ModelRunner:
     def execute_sampler(self, unsampled: tuple, mask: np.ndarray):
         """Enqueue a constrained step's sampler (`unsampled`: what `execute` returned for it) with the masks.
         Returns (sampled, logprobs, top)."""
-        logits, history, ints, floats, statics = unsampled
+        logits, history, words, statics = unsampled
         mask = jax.device_put(mask, self._replicated)
         self._last_tokens, sampled, logprobs, top = self._sample_masked(
-            self._last_tokens, logits, history, ints, floats, mask, **statics)
+            self._last_tokens, logits, history, words, mask, **statics)
         return sampled, logprobs, top
 
     def fetch(self, handle: StepHandle) -> StepResult:
@@ -363,16 +363,16 @@ class ModelRunner:
 
     def _run(self, host: StepInputs, shape: StepShape):
         executable = self._compile(host, shape)
-        ints, floats, layout = pack(host)
-        ints, floats = jax.device_put((ints, floats), self._replicated)
+        words, layout = pack(host)
+        words = jax.device_put(words, self._replicated)
         self.kv, self._last_tokens, first, second, prompt_lp, top = executable(
-            self.params, self.kv, self._last_tokens, ints, floats, self.image_slab
+            self.params, self.kv, self._last_tokens, words, self.image_slab
         )
         if not shape.constrained:  # first, second: sampled ids, their logprobs
             return first, second, prompt_lp, top, None
         statics = {"layout": layout, "penalties": shape.penalties, "sampling": shape.sampling,
                    "top_logprobs": shape.top_logprobs}
-        return None, None, prompt_lp, None, (first, second, ints, floats, statics)  # first, second: logits, history
+        return None, None, prompt_lp, None, (first, second, words, statics)  # first, second: logits, history
 
     def _init_device_state(self):
         kv = self.host_kv

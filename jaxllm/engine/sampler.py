@@ -153,6 +153,14 @@ def draw(probs, top_p, top_k, u):
     return jnp.minimum(choice, probs.shape[-1] - 1).astype(jnp.int32)
 
 
+def first_index_of(x, top):
+    """x [R, V], top [R, 1] = each row's maximum → the first column holding it [R] int32: `jnp.argmax` reusing the
+    maximum already reduced, so that over --tp's split vocabulary it costs one [R] all-reduce (argmax's partitioned
+    form gathers (value, index) pairs: two collectives)."""
+    cols = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == top, cols, x.shape[-1]), axis=-1)
+
+
 def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int, ...], *,
            penalties: bool = True, sampling: bool = True, mask=None, top_logprobs: int = 0):
     """Next tokens and their logprobs.
@@ -178,12 +186,17 @@ def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int,
         logits = apply_eos_rules(logits, out_len, sb.decay_start, sb.decay_factor, sb.min_new_tokens, eos_ids)
     if mask is not None:
         logits = apply_token_mask(logits, mask)
-    logprobs = jax.nn.log_softmax(logits / sb.temperature[:, None], axis=-1)  # [R, V]
-    tokens = jnp.argmax(logprobs, axis=-1).astype(jnp.int32)
+    scaled = logits / sb.temperature[:, None]  # [R, V]
+    top = jnp.max(scaled, axis=-1, keepdims=True)  # [R, 1]
+    log_total = jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1, keepdims=True))
+    logprobs = scaled - top - log_total  # log-softmax
+    tokens = first_index_of(scaled, top)  # the argmax
     if sampling:  # greedy rows (top_k 1) keep their argmax
         drawn = draw(jnp.exp(logprobs), sb.top_p, sb.top_k, row_uniforms(sb.seed, out_len))
         tokens = jnp.where(sb.top_k == 1, tokens, drawn)
-    chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    else:  # the argmax's logprob: (top - top) - log_total, without a lookup (over --tp's split vocabulary, a collective)
+        chosen = -log_total[:, 0]
     if top_logprobs:
         return tokens, chosen, jax.lax.top_k(logprobs, top_logprobs)
     return tokens, chosen

@@ -5,8 +5,8 @@ x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA d
 `kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row) and `kernels/pallas/quant_matmul.py` on a
 single GPU at decode-sized row counts, and an XLA dot of the
 dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits
-the product like its 16-bit twin's: the kernels under shard_map are not built yet); w8a8 and fp8 run XLA's
-int8 / fp8 GEMMs on per-token quantised activations.
+the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not built yet);
+w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations.
 """
 
 from __future__ import annotations
@@ -26,8 +26,11 @@ def dot(x, w):
         return jnp.tensordot(x, w, axes=x.ndim - 1)
     n, k = x.shape[0], math.prod(x.shape[1:])
     out_shape = w.shape[w.in_axes:]
-    out = _matmul_2d(x.reshape(n, k), w, k, math.prod(out_shape))
-    return out.reshape(n, *out_shape)
+    x = x.reshape(n, k)
+    out = _kernel_matmul(x, w, k, math.prod(out_shape))
+    if out is not None:
+        return out.reshape(n, *out_shape)
+    return _xla_matmul(x, w, k, out_shape)
 
 
 # Which kernel per row count (docs/perf.md, "Weight quantisation: one-row products", H200): w8a16 runs our
@@ -40,30 +43,53 @@ W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
 
 
-def _matmul_2d(x, w, k: int, n: int):  # x [m, k] → [m, n]
-    m, kernels = x.shape[0], kernels_enabled()
-    if isinstance(w, Int8Weight):
-        data, scale = w.data.reshape(n, k), w.scale.reshape(n)
-        if w.int8_activations:
-            x_q, x_scale = reference.quantize_rows_int8(x)
-            return reference.int8_int8_matmul(x_q, x_scale, data, scale, x.dtype)
-        if kernels and m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
-            return quant_matmul.int8_matmul(x, data, scale)
-        out = reference.dot_nk(x, data.astype(x.dtype), jnp.float32)
-        return (out * scale[None, :]).astype(x.dtype)
-    if isinstance(w, Int4Weight):
+def _kernel_matmul(x, w, k: int, n: int):
+    """x [m, k] → [m, n] by one of our kernels (a single GPU, weight-only schemes, sizes they take), or None."""
+    m = x.shape[0]
+    if not kernels_enabled():
+        return None
+    if isinstance(w, Int8Weight) and not w.int8_activations:
+        if m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
+            return quant_matmul.int8_matmul(x, w.data.reshape(n, k), w.scale.reshape(n))
+    elif isinstance(w, Int4Weight):
         packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
-        if kernels and quant_gemv.supports(k, n, m, group=w.group_size):
+        if quant_gemv.supports(k, n, m, group=w.group_size):
             return quant_gemv.int4_gemv(x, packed, scale, zero)
-        if kernels and m <= KERNEL_MAX_ROWS and quant_matmul.supports(k, n, group=w.group_size):
+        if m <= KERNEL_MAX_ROWS and quant_matmul.supports(k, n, group=w.group_size):
             return quant_matmul.int4_matmul(x, packed, scale, zero)
+    return None
+
+
+def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...]):
+    """x [m, k] → [m, *out] by XLA's dots. Under --tp the output axes stay apart: merged, a weight split on a
+    minor output axis (the MLP's [2, intermediate]) would be gathered by the partitioner, whole, every step."""
+    if isinstance(w, Int4Weight):  # dequantised [k, *out]: the dot's usual operand layout, any number of outputs
+        packed, scale, zero = (a.reshape(-1, *out_shape) for a in (w.packed, w.scale, w.zero))
         weights = reference.dequantize_int4(packed, scale, zero).astype(x.dtype)
-        return jnp.dot(x, weights, preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.tensordot(x, weights, axes=1, preferred_element_type=jnp.float32).astype(x.dtype)
+    if not isinstance(w, (Int8Weight, Fp8Weight)):
+        raise TypeError(f"no matmul for a weight of type {type(w).__name__}")
+    data = w.data.reshape(*out_shape, k) if len(out_shape) > 1 and not single_device() else w.data.reshape(-1, k)
+    per_row = (x.shape[0],) + (1,) * (data.ndim - 1)  # a per-row scale's broadcast shape
     if isinstance(w, Fp8Weight):
         x_q, x_scale = quantize_rows_fp8(x)
-        out = reference.dot_nk(x_q, w.data.reshape(n, k), jnp.float32)
-        return (out * x_scale[:, None] * w.scale.reshape(1, n)).astype(x.dtype)
-    raise TypeError(f"no matmul for a weight of type {type(w).__name__}")
+        out = _dot_out_major(x_q, data, jnp.float32) * x_scale.reshape(per_row)
+    elif w.int8_activations:
+        x_q, x_scale = reference.quantize_rows_int8(x)
+        out = _dot_out_major(x_q, data, jnp.int32).astype(jnp.float32) * x_scale.reshape(per_row)
+    else:
+        out = _dot_out_major(x, data.astype(x.dtype), jnp.float32)
+    return (out * w.scale.reshape(data.shape[:-1])).astype(x.dtype).reshape(x.shape[0], *out_shape)
+
+
+def _dot_out_major(x, data, out_dtype):
+    """x [m, k] @ data [*out, k]ᵀ → [m, *out], accumulated in `out_dtype`. One output axis: the transposed-operand
+    dot both backends run in place; more: the weight as the left operand ([*out, k] is its usual layout, so no
+    backend copies it) and the small product transposed."""
+    if data.ndim == 2:
+        return reference.dot_nk(x, data, out_dtype)
+    out = jax.lax.dot_general(data, x, (((data.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+    return jnp.moveaxis(out, -1, 0)
 
 
 def quantize_rows_fp8(x):
@@ -76,7 +102,10 @@ def quantize_rows_fp8(x):
 
 def kernels_enabled() -> bool:
     """Pallas kernels on a single GPU (no mesh, or a mesh of one device, in context); XLA otherwise."""
-    if jax.default_backend() != "gpu":
-        return False
+    return jax.default_backend() == "gpu" and single_device()
+
+
+def single_device() -> bool:
+    """Whether the step runs on one device (no mesh, or a mesh of one device, in context)."""
     mesh = jax.sharding.get_abstract_mesh()
     return jax.device_count() == 1 if mesh.empty else mesh.size == 1

@@ -145,14 +145,14 @@ def quantize_rows_int8(x):
 
 
 def unpack_int4(packed):
-    """int32 [k / 8, n] → int32 [k, n] values 0..15 (input 8r + j from bits 4j of row r)."""
-    shifts = jnp.arange(8, dtype=jnp.int32) * 4
-    nibbles = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [k / 8, 8, n]
-    return nibbles.reshape(-1, packed.shape[-1])
+    """int32 [k / 8, *n] → int32 [k, *n] values 0..15 (input 8r + j from bits 4j of row r)."""
+    shifts = (jnp.arange(8, dtype=jnp.int32) * 4).reshape((1, 8) + (1,) * (packed.ndim - 1))
+    nibbles = (packed[:, None] >> shifts) & 0xF  # [k / 8, 8, *n]
+    return nibbles.reshape(-1, *packed.shape[1:])
 
 
 def dequantize_int4(packed, scale, zero):
-    """int4 weights → float32 [k, n]; scale, zero [k / group, n]."""
+    """int4 weights → float32 [k, *n]; scale, zero [k / group, *n]."""
     q = unpack_int4(packed).astype(jnp.float32)
     group = q.shape[0] // scale.shape[0]
     expand = lambda a: jnp.repeat(a.astype(jnp.float32), group, axis=0)  # noqa: E731
