@@ -10,7 +10,6 @@ import functools
 import logging
 import queue
 import secrets
-import sys
 import threading
 import time
 import uuid
@@ -36,7 +35,6 @@ from jaxllm.engine.submission import SubmitRules
 from jaxllm.engine.token_healing import TokenHealer
 from jaxllm.models.vision.registry import vision_family
 
-SWITCH_INTERVAL_S = 0.0005  # Python's GIL switch interval in a process that runs an engine (default 0.005)
 log = logging.getLogger(__name__)
 
 
@@ -134,10 +132,6 @@ class Engine(StepLoop, StepReader):
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
-            # The engine's helper threads (the launch, the token masks) each need the GIL back after their
-            # native calls; at Python's default 5 ms switch interval they wait behind the engine thread's own
-            # work for most of a decode step (measured: docs/perf.md, issue 23).
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
             self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
             self._thread.start()
 
