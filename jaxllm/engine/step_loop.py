@@ -77,10 +77,10 @@ class StepLoop:
                     inflight.masks = (early[1] if early is not None and early[0] is launching[1]
                                       else masker.submit(self._build_masks, inflight))
                 self._early_masks = None
+                started.add_to(self._counters, "host")  # before the snapshot: it reports the whole iteration
                 self._snapshot = self._take_snapshot()
                 if self._sink is not None:
                     self._sink.flush(self._snapshot)
-                started.add_to(self._counters, "host")
                 if inflight is None:
                     idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
                     if idle:
