@@ -156,8 +156,8 @@ class StepReader:
     def _advance_constraints(self, batch: SchedulerOutput, sampled: list[int], rows) -> set[int]:
         """Constrained rows (among `rows`, the indices of the chunks left to read) take their tokens first, so the
         next step's masks start building (on the mask thread) while the rest of the step is read. Returns the rows
-        whose constraints took their token; a token a constraint rejects is met again, and fails its request, when
-        its event is made."""
+        whose constraints took their token. A request whose constraint rejects its token fails here, before the
+        masks start: the mask thread must be the only one touching its matcher from then on."""
         advanced = set()
         for i in rows:
             chunk = batch.chunks[i]
@@ -168,7 +168,9 @@ class StepReader:
                 continue
             try:
                 constraint.advance(sampled[i])
-            except Exception:  # noqa: BLE001 - reported through the token's event
+            except Exception as exc:  # noqa: BLE001 - fail this request only
+                log.exception("request %s failed in postprocess", req.request_id)
+                self._end(req, "error", f"{type(exc).__name__}: {exc}")
                 continue
             advanced.add(i)
         if advanced:
