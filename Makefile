@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 VENV_TF4 := .venv-transformers4
 TF4_PY := $(VENV_TF4)/bin/python
 MODEL_DIR := models/SmolLM2-135M-Instruct
+comma := ,
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
-SERVE_EXTRA := $(if $(HAS_GPU),cuda,)
+SERVE_EXTRA := $(if $(HAS_GPU),cuda$(comma)convert,convert)
 # On CPU, float16 matmuls are slow and imprecise: serve the default model in float32 there.
 SERVE_ARGS ?= $(if $(HAS_GPU),,--data_type float32)
 
