@@ -1,17 +1,24 @@
-"""Host weights onto the devices in a pool of threads: reading a tensor's pages from its (memory-mapped) file,
-its layout change and dtype cast and the device transfer of each shard run in the pool, several tensors at
-once, while the loader reads on; numpy's copies and JAX's transfers release the GIL. A bounded number of
-tensors is in flight, so the host memory held stays a few tensors' worth."""
+"""Checkpoint tensors onto the devices as they are stored, their layout changed there: each tensor (a
+memory-mapped view of its file, in the checkpoint's layout and dtype) is transferred as plain reads, each device
+given only the slice it needs, then a jitted function on the devices transposes, reshapes, casts and fuses it into
+the param (`jaxllm/models/hf_map.py`'s transforms). The host does no transposing copies: its work is reading the
+file's pages. Transfers run in a pool of threads, several tensors at once, while the loader reads on; a bounded
+number of tensors is in flight, so the memory held stays the params plus a few tensors' worth."""
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
+
+# --- host copies (pre-quantised checkpoints' fields are assembled on the host: jaxllm/prequant.py) ---------
 
 
 def _bits(array: np.ndarray) -> np.ndarray:
@@ -35,13 +42,196 @@ def assemble(shape: tuple, parts: list[tuple]) -> np.ndarray:
     return buffer
 
 
-def place(host: np.ndarray, dtype, sharding: NamedSharding) -> jax.Array:
-    """`host` as `dtype` on `sharding`, each device given only its shard (one host copy at most)."""
+def put(host: np.ndarray, sharding: NamedSharding, dtype=None) -> jax.Array:
+    """`host` (cast to `dtype` if given) on `sharding`, each device given only its slice (contiguous slices
+    are not copied on the host: rows of a memory-mapped file are read straight into the transfer)."""
+    dtype = host.dtype if dtype is None else dtype
     return jax.make_array_from_callback(host.shape, sharding, lambda index: contiguous(host[index], dtype))
 
 
-def _assemble_and_place(shape: tuple, parts: list[tuple], dtype, sharding: NamedSharding) -> jax.Array:
-    return place(assemble(shape, parts), dtype, sharding)
+# --- layouts changed on the devices -----------------------------------------------------------------------
+
+# Params of fewer bytes change layout on the host: numpy's copy of a small tensor costs less than compiling its
+# transform (tens of ms an executable on the CPU backend; tiny test models would compile a dozen each).
+HOST_LAYOUT_BYTES = 1 << 20
+
+
+class Layout:
+    """A transform of one tensor into its param's layout (array → array: transposes, reshapes, jnp ops), equal
+    to another when it computes the same thing: the same code over the same captured values. The layers of a
+    model build a closure each; they share one compiled executable per shape through this equality."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._key = _code_key(fn)
+
+    def __eq__(self, other):
+        return isinstance(other, Layout) and self._key == other._key
+
+    def __hash__(self):
+        return hash(self._key)
+
+
+def _code_key(fn):
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return fn
+    key = (code, tuple(cell.cell_contents for cell in fn.__closure__ or ()), fn.__defaults__)
+    try:
+        hash(key)
+    except TypeError:  # a captured value that is not hashable: this closure compiles alone
+        return fn
+    return key
+
+
+def _part_spec(spec: PartitionSpec, ndim: int, index) -> PartitionSpec:
+    """The sharding of `param[index]` (`spec`: the param's, `ndim` axes): integer-indexed axes drop, axes sliced
+    whole keep their mesh axes, axes sliced in part are not split."""
+    entries = list(spec) + [None] * (ndim - len(spec))
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1 :]
+    index = index + (slice(None),) * (ndim - len(index))
+    kept = []
+    for entry, item in zip(entries, index):
+        if isinstance(item, slice):
+            kept.append(entry if item == slice(None) else None)
+    return PartitionSpec(*kept)
+
+
+def _split(mesh, entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[name] for name in names if name is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def source_spec(layout: Layout, shape: tuple, dtype, mesh, out_spec: PartitionSpec) -> PartitionSpec:
+    """How to split a stored tensor of `shape` over the devices so that each holds what its slice of the
+    result (`out_spec`) needs: each split axis of the result followed back through the transform's transposes
+    and reshapes to the stored axis it comes from. A transform that mixes axes otherwise (concatenations,
+    reductions) gets the stored tensor split on its first axis (the devices then exchange slices), or whole on
+    each device if that axis does not divide."""
+    jaxpr = jax.make_jaxpr(layout.fn)(jax.ShapeDtypeStruct(shape, dtype)).jaxpr
+    splits = {axis: entry for axis, entry in enumerate(out_spec) if _split(mesh, entry) > 1}
+    if not splits:
+        return PartitionSpec()
+    traced = _trace_back(jaxpr, splits, mesh)
+    if traced is not None:
+        return PartitionSpec(*(traced.get(axis) for axis in range(len(shape))))
+    entries = tuple(name for entry in splits.values() for name in (entry if isinstance(entry, tuple) else (entry,)))
+    if shape and shape[0] % _split(mesh, entries) == 0:
+        return PartitionSpec(entries if len(entries) > 1 else entries[0])
+    return PartitionSpec()
+
+
+def _trace_back(jaxpr, splits: dict, mesh) -> dict | None:
+    """{stored axis: mesh axes} for `splits` ({result axis: mesh axes}) through a chain of transposes,
+    reshapes and casts; None for anything else."""
+    if len(jaxpr.outvars) != 1 or len(jaxpr.invars) != 1:
+        return None
+    var = jaxpr.outvars[0]
+    producers = {out: eqn for eqn in jaxpr.eqns for out in eqn.outvars}
+    while var is not jaxpr.invars[0]:
+        eqn = producers.get(var)
+        if eqn is None or len(eqn.invars) != 1:
+            return None
+        source = eqn.invars[0]
+        name = eqn.primitive.name
+        if name == "transpose":
+            splits = {eqn.params["permutation"][axis]: entry for axis, entry in splits.items()}
+        elif name == "reshape":
+            splits = _reshape_back(source.aval.shape, var.aval.shape, splits, mesh)
+            if splits is None:
+                return None
+        elif name not in ("convert_element_type", "copy", "copy_p"):
+            return None
+        var = source
+    return splits
+
+
+def _reshape_back(before: tuple, after: tuple, splits: dict, mesh) -> dict | None:
+    """A reshape's result axis split in n even blocks is the same split of the axis before it that starts at
+    the same flat offset (both sizes dividing by n)."""
+    starts = {}  # flat offset → the axis starting there (past any axes of size 1)
+    for axis in range(len(before)):
+        offset = math.prod(before[:axis])
+        if offset not in starts or before[starts[offset]] == 1:
+            starts[offset] = axis
+    mapped = {}
+    for axis, entry in splits.items():
+        source = starts.get(math.prod(after[:axis]))
+        n = _split(mesh, entry)
+        if source is None or after[axis] % n or before[source] % n:
+            return None
+        mapped[source] = entry
+    return mapped
+
+
+@functools.lru_cache(maxsize=None)
+def _changer(layout: Layout, dtype, sharding: NamedSharding):
+    return jax.jit(lambda stored: layout.fn(stored).astype(dtype), out_shardings=sharding)
+
+
+@functools.lru_cache(maxsize=None)
+def _fuser(shape: tuple, dtype, sharding: NamedSharding, indices: tuple):
+    """One fused param from its parts, each already in its layout: `indices` holds where each goes."""
+
+    def fuse(*parts):
+        param = jnp.zeros(shape, dtype)
+        for index, part in zip(indices, parts):
+            param = param.at[_unfrozen(index)].set(part)
+        return param
+
+    return jax.jit(fuse, out_shardings=sharding)
+
+
+def place(host: np.ndarray, layout: Layout, dtype, sharding: NamedSharding) -> jax.Array:
+    """The stored tensor `host` transferred as it is, then changed by `layout` and cast to `dtype` on the
+    devices, into `sharding`."""
+    if host.nbytes < HOST_LAYOUT_BYTES:
+        return put(np.asarray(layout.fn(host)), sharding, dtype)
+    source = NamedSharding(sharding.mesh, source_spec(layout, host.shape, host.dtype, sharding.mesh, sharding.spec))
+    if (host.dtype == dtype and _is_identity(layout, host.shape, host.dtype)
+            and source.is_equivalent_to(sharding, host.ndim)):
+        return put(host, sharding)  # stored as the param is: nothing to change
+    return _changer(layout, dtype, sharding)(put(host, source))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_identity(layout: Layout, shape: tuple, dtype) -> bool:
+    jaxpr = jax.make_jaxpr(layout.fn)(jax.ShapeDtypeStruct(shape, dtype)).jaxpr
+    return not jaxpr.eqns and jaxpr.outvars[0] is jaxpr.invars[0]
+
+
+def place_fused(shape: tuple, parts: list[tuple], dtype, sharding: NamedSharding) -> jax.Array:
+    """A fused param of `shape` from `parts` [(index into it, stored host array, Layout)]: each part placed
+    and changed on the devices, then put together there. (Apart: XLA's CPU backend runs a transpose fused into
+    the concatenation 6x slower than the two one after the other.)"""
+    if sum(host.nbytes for _, host, _ in parts) < HOST_LAYOUT_BYTES:
+        return put(assemble(shape, [(index, np.asarray(layout.fn(host))) for index, host, layout in parts]),
+                   sharding, dtype)
+    mesh, ndim = sharding.mesh, len(shape)
+    changed = [place(host, layout, dtype, NamedSharding(mesh, _part_spec(sharding.spec, ndim, index)))
+               for index, host, layout in parts]
+    return _fuser(tuple(shape), dtype, sharding, tuple(_frozen(index) for index, _, _ in parts))(*changed)
+
+
+def _frozen(index):
+    """A hashable twin of an index (slices are not hashable before Python 3.12)."""
+    items = index if isinstance(index, tuple) else (index,)
+    frozen = tuple(("slice", i.start, i.stop, i.step) if isinstance(i, slice) else i for i in items)
+    return frozen if isinstance(index, tuple) else ("one", frozen[0])
+
+
+def _unfrozen(frozen):
+    thaw = lambda i: slice(*i[1:]) if isinstance(i, tuple) and i[0] == "slice" else i  # noqa: E731
+    if frozen and frozen[0] == "one":
+        return thaw(frozen[1])
+    return tuple(thaw(i) for i in frozen)
+
+
+# --- the pool ---------------------------------------------------------------------------------------------
 
 
 def _threads() -> int:
@@ -56,15 +246,8 @@ class Placer:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jaxllm-weights")
         self._slots = threading.BoundedSemaphore(2 * threads)  # tensors submitted and not yet placed
 
-    def submit(self, host: np.ndarray, dtype, sharding: NamedSharding) -> Future:
-        """`place(host, dtype, sharding)` in the pool."""
-        return self._submit(place, host, dtype, sharding)
-
-    def submit_fused(self, shape: tuple, parts: list[tuple], dtype, sharding: NamedSharding) -> Future:
-        """The param `assemble(shape, parts)`, placed, in the pool."""
-        return self._submit(_assemble_and_place, shape, parts, dtype, sharding)
-
-    def _submit(self, fn, *args) -> Future:
+    def submit(self, fn, *args) -> Future:
+        """`fn(*args)` (a placement: `place`, `place_fused`, ...) in the pool."""
         self._slots.acquire()
         future = self._pool.submit(fn, *args)
         future.add_done_callback(lambda _: self._slots.release())

@@ -27,7 +27,7 @@ from jaxllm.models.attention import AttentionMetadata
 from jaxllm.models.registry import family_of
 from jaxllm.parallel import logical_rules
 from jaxllm.torch_pickle import load_torch_file
-from jaxllm.weight_transfer import Placer, assemble, place
+from jaxllm.weight_transfer import Layout, Placer, assemble, place, place_fused, put
 
 DATA_TYPES = {
     "fp16": jnp.float16,
@@ -202,15 +202,16 @@ def load_hf(model, model_dir: str | Path, mesh: Mesh, tp: int, load_way: str = "
 
 
 def _place_all(model, tensors, shardings, placer: Placer, model_dir: Path) -> dict:
-    """load_hf's loop: each named tensor to its param (fused params once all their parts are read); plain
-    params are placed by `placer`'s threads (the tree holds their Futures)."""
+    """load_hf's loop: each named tensor to its param (fused params once all their parts are read), moved to the
+    devices as stored and changed into the param's layout there, in `placer`'s threads (the tree holds their
+    Futures)."""
     config = model.config
     family = family_of(config.model_type)
     shapes = nn.unbox(abstract_params(model))
     table = family.weights(config)
     params: dict = {}
     seen = set()
-    pending: dict[tuple[str, ...], list] = {}  # fused params: the parts read so far [(index, host array)]
+    pending: dict[tuple[str, ...], list] = {}  # fused params: the parts read so far [(index, host array, Layout)]
     for name, array in tensors:
         name = family.rename(name)
         if name not in table and family.base_prefix + name in table:
@@ -220,47 +221,56 @@ def _place_all(model, tensors, shardings, placer: Placer, model_dir: Path) -> di
                 continue
             raise ValueError(f"{model_dir}: unexpected tensor {name} for {config.model_type}")
         target = table[name]
-        # A pre-quantised linear is a dict of fields, each in the 16-bit weight's layout (jaxllm/prequant.py).
-        host = _each(array, lambda a: np.asarray(target.transform(a)))
-        like, sharding = tree_get(shapes, target.path), tree_get(shardings, target.path)
-        if target.parts > 1:
-            parts = pending.setdefault(target.path, [])
-            parts.append((target.part, host))
-            seen.add(name)
-            if len(parts) < target.parts:
-                continue
-            del pending[target.path]
-            if isinstance(host, dict):  # each field in the 16-bit weight's layout
-                host = {field: assemble(like.shape, [(i, p[field]) for i, p in parts]) for field in host}
-            elif quant.is_quantised(like):
-                host = assemble(like.shape, parts)
-            else:  # copied and placed in the pool
-                tree_set(params, target.path, placer.submit_fused(like.shape, parts, like.dtype, sharding))
-                continue
-        if isinstance(host, dict):
-            weight = prequant.to_weight(host, like)
-            tree_set(params, target.path, jax.tree.map(lambda h, s: place(h, h.dtype, s), weight, sharding))
-        elif quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
-            tree_set(params, target.path, _place_quantised(host, like, sharding, model.dtype))
-        else:  # the declared dtype: the model's, or float32 where a family keeps one so (DeepSeek's router)
-            tree_set(params, target.path, placer.submit(host, like.dtype, sharding))
         seen.add(name)
+        like, sharding = tree_get(shapes, target.path), tree_get(shardings, target.path)
+        if isinstance(array, dict):  # pre-quantised: a dict of fields, each in the 16-bit weight's layout
+            parts = _parts_so_far(pending, target, {field: np.asarray(target.transform(a)) for field, a in array.items()})
+            if parts is None:
+                continue
+            if target.parts > 1:
+                host = {field: assemble(like.shape, [(i, p[field]) for i, p, _ in parts]) for field in parts[0][1]}
+            else:
+                host = parts[0][1]
+            weight = prequant.to_weight(host, like)
+            tree_set(params, target.path, jax.tree.map(put, weight, sharding))
+            continue
+        parts = _parts_so_far(pending, target, array)
+        if parts is None:
+            continue
+        if quant.is_quantised(like):  # a 16-bit source for a param the model declares quantised
+            placed = placer.submit(_place_quantised, parts, target.parts > 1, like, sharding, model.dtype)
+        elif target.parts > 1:
+            placed = placer.submit(place_fused, like.shape, parts, like.dtype, sharding)
+        else:  # the declared dtype: the model's, or float32 where a family keeps one so (DeepSeek's router)
+            placed = placer.submit(place, parts[0][1], parts[0][2], like.dtype, sharding)
+        tree_set(params, target.path, placed)
     missing = sorted(set(table) - seen)
     if missing:
         raise ValueError(f"weights in {model_dir} lack {len(missing)} tensors, e.g. {missing[:3]}")
     return params
 
 
-def _each(value, fn, *others):
-    """`fn` on an array, or on each field of a dict of them (with the same fields of `others`)."""
-    if isinstance(value, dict):
-        return {k: fn(v, *(o[k] for o in others)) for k, v in value.items()}
-    return fn(value, *others)
+def _parts_so_far(pending: dict, target, host) -> list | None:
+    """[(index, host, Layout)] of `target`'s param once all its parts are read (one part for a plain param);
+    None while a fused param waits for more."""
+    part = (target.part, host, Layout(target.transform))
+    if target.parts == 1:
+        return [part]
+    parts = pending.setdefault(target.path, [])
+    parts.append(part)
+    if len(parts) < target.parts:
+        return None
+    return pending.pop(target.path)
 
 
-def _place_quantised(host: np.ndarray, like, shardings, dtype):
-    """Quantise on the devices: the 16-bit twin placed like the quantised fields, then quantised in place."""
-    twin = place(host, dtype, jax.tree.leaves(shardings)[0])
+def _place_quantised(parts: list, fused: bool, like, shardings, dtype):
+    """Quantise on the devices: the 16-bit twin built on the devices like the quantised fields, then quantised
+    in place."""
+    sharding = jax.tree.leaves(shardings)[0]
+    if fused:
+        twin = place_fused(like.shape, parts, dtype, sharding)
+    else:
+        twin = place(parts[0][1], parts[0][2], dtype, sharding)
     return _quantiser(like, shardings)(twin)  # `like`: ShapeDtypeStructs, hashable
 
 

@@ -5,8 +5,6 @@ head before use (`NormHead`): done once, at load."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from jaxllm.config import ModelConfig, common_fields
 from jaxllm.models import hf_map, llama
 from jaxllm.models.family import Family
@@ -41,5 +39,6 @@ FAMILY = Family(model_types=("baichuan",), config=config, weights=weights)
 
 def _normalised_head(w):
     """NormHead: each vocabulary row [V, D] scaled to unit L2 norm (in float32), then to our [D, V]."""
-    w32 = np.asarray(w, np.float32)
-    return (w32 / np.maximum(np.linalg.norm(w32, axis=1, keepdims=True), 1e-12)).T
+    xp = hf_map.array_module(w)
+    w32 = w.astype(xp.float32)
+    return (w32 / xp.maximum(xp.linalg.norm(w32, axis=1, keepdims=True), 1e-12)).T

@@ -3,6 +3,8 @@
 Our layouts: q/k/v fill one `qkv_proj` [D, kv_heads, group + 2, head_dim] (each KV head's query heads, then
 its key and value), gate/up one `gate_up_proj` [D, 2, F], `o_proj` [heads, head_dim, D], other matrices
 [in, out]. A family's map is `{hf_name: Target}`; `jaxllm/weights.py` applies it to any weight source.
+A transform runs on the devices, inside a jitted function (`jaxllm/weight_transfer.py`), or on the host for a
+small tensor: array methods, or the functions of the array's own module (`array_module`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ModelConfig
@@ -23,7 +26,7 @@ class Target:
     index of its part (`part`) among `parts` parts."""
 
     path: Path
-    transform: Callable[[np.ndarray], np.ndarray]
+    transform: Callable[[jnp.ndarray], jnp.ndarray]
     part: Any = None
     parts: int = 1
 
@@ -72,7 +75,12 @@ def separate_qkv(config: ModelConfig, q: str, k: str, v: str, path: Path, bias: 
     return table
 
 
-def grouped_from_concat(config: ModelConfig, w: np.ndarray) -> np.ndarray:
+def array_module(w):
+    """numpy for a host array, jax.numpy for a device (or traced) one."""
+    return np if isinstance(w, np.ndarray) else jnp
+
+
+def grouped_from_concat(config: ModelConfig, w: jnp.ndarray) -> jnp.ndarray:
     """[q; k; v] stacked on the first axis ([(h + 2 kv) * d, ...]) → grouped per KV head [..., kv, g + 2, d]
     (the trailing axes of `w` move to the front: a [rows, D] matrix gives [D, kv, g + 2, d])."""
     kv, g, d = config.num_kv_heads, config.group_size, config.head_dim
@@ -80,8 +88,9 @@ def grouped_from_concat(config: ModelConfig, w: np.ndarray) -> np.ndarray:
     q = w[: kv * g * d].reshape(kv, g, d, *rest)
     k = w[kv * g * d : (kv * g + kv) * d].reshape(kv, 1, d, *rest)
     v = w[(kv * g + kv) * d :].reshape(kv, 1, d, *rest)
-    grouped = np.concatenate([q, k, v], axis=1)  # [kv, g + 2, d, *rest]
-    return np.moveaxis(grouped, [0, 1, 2], [len(rest), len(rest) + 1, len(rest) + 2])
+    xp = array_module(w)
+    grouped = xp.concatenate([q, k, v], axis=1)  # [kv, g + 2, d, *rest]
+    return xp.moveaxis(grouped, [0, 1, 2], [len(rest), len(rest) + 1, len(rest) + 2])
 
 
 def concat_qkv(config: ModelConfig, name: str, path: Path, bias: bool) -> WeightMap:
