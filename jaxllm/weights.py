@@ -78,6 +78,13 @@ def param_shardings(model, mesh: Mesh, tp: int):
     return shardings
 
 
+def placed_shapes(model, mesh: Mesh, tp: int):
+    """Every weight's shape, dtype and sharding as the loaders place it: what compiling a step needs of them."""
+    shardings = param_shardings(model, mesh, tp)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nn.unbox(abstract_params(model)), shardings)
+
+
 def _check_quantised_split(abstract, shardings, tp: int) -> None:
     """A quantised weight's scales (int4: per group of inputs) must split over --tp like its data."""
     for path, weight in jax.tree_util.tree_flatten_with_path(abstract, is_leaf=quant.is_quantised)[0]:
@@ -313,9 +320,7 @@ def load_orbax(model, model_dir: str | Path, mesh: Mesh, tp: int):
     """Restore an orbax checkpoint straight into the mesh's shardings."""
     import orbax.checkpoint as ocp
 
-    abstract = nn.unbox(abstract_params(model))
-    shardings = param_shardings(model, mesh, tp)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    target = placed_shapes(model, mesh, tp)
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target)
 

@@ -24,6 +24,7 @@ from jaxllm.engine.image_cache import ImageCache
 from jaxllm.engine.image_stage import ImageStage
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, load_model
+from jaxllm.weights import placed_shapes
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
 from jaxllm.engine.runner import enable_compilation_cache
@@ -43,7 +44,8 @@ class Engine(StepLoop, StepReader):
 
     def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, peers=None,
                  sink=None):
-        """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh`; warmup: how many step
+        """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh` (or a Future of them, still
+        loading: the step shapes compile against the weights' shapes meanwhile); warmup: how many step
         shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met); peers:
         the other processes of a multi-process deployment (jaxllm.multiprocess.Followers); sink: where requests'
         events go instead of their own RequestStream (the engine core's process: see jaxllm.engine.core),
@@ -64,6 +66,9 @@ class Engine(StepLoop, StepReader):
         # A vision-language model under --enable_multimodal: images are preprocessed (image_processor, off this
         # thread), cached and encoded (self._images) before their requests reach the scheduler.
         self.image_processor, image_rows = image_buffer(args, model.config)
+        loading = params if isinstance(params, Future) else None
+        if loading is not None:
+            params = placed_shapes(model, mesh, args.tp)
         with phase("kv-cache"):  # the runner's device state: KV buffers, slot tables
             self.runner = build_runner(args, model, params, mesh, self.kv, self.scheduler.max_step_tokens, peers,
                                        image_rows=image_rows)
@@ -74,11 +79,13 @@ class Engine(StepLoop, StepReader):
             self._images = ImageStage(cache, functools.partial(family.batches, model.config), self.runner.encode_images,
                                       self.runner.image_scratch_row)
             if warmup != 0:  # the encoder compiled at start-up too (written to the scratch row)
+                loading = self._await_weights(loading)  # (it runs the encoder on them)
                 with phase("compile-images"):
                     for example in family.warmup_batches(model.config, self._images.max_batch):
                         self._images.run_example(example)
         with phase("compile-steps"):
             self.runner.warmup(warmup)
+        self._await_weights(loading)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode, text_elsewhere=sink is not None)
         self._grammars: GrammarCompiler | None = None  # built with the first constrained request
@@ -124,9 +131,15 @@ class Engine(StepLoop, StepReader):
         --nccl_port and --tp > 1, first start a process per other device, each running the same steps."""
         enable_compilation_cache()  # before the first compile (random weights are made by one)
         followers = multiprocess.start(args, warmup) if args.processes > 1 else None
-        loaded = load_model(args, multiprocess.mesh_devices() if followers else None)
+        loaded = load_model(args, multiprocess.mesh_devices() if followers else None, weights_behind=True)
         return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers,
                    sink=sink)
+
+    def _await_weights(self, loading: Future | None) -> None:
+        """The runner's weights once `loading` (None: they are loaded already) is done; returns None."""
+        if loading is not None:
+            with phase("weights-wait"):  # the load's own seconds: its weights-<format> line
+                self.runner.params = loading.result()
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:

@@ -5,6 +5,7 @@ of a multi-process deployment builds the same model and runner from the same fla
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
@@ -27,7 +28,8 @@ from jaxllm.weights import DATA_TYPES, load_params
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A built model, its weights on `mesh`, and the model directory's tokenizer (None without one)."""
+    """A built model, its weights on `mesh` (or a Future of them, still loading), and the model directory's
+    tokenizer (None without one)."""
 
     model: object
     params: object
@@ -86,9 +88,10 @@ def image_buffer(args, config: ModelConfig):
     return processor, min(args.cache_capacity * processor.max_tokens, most)
 
 
-def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
+def load_model(args, devices=None, *, tokenizer: bool = True, weights_behind: bool = False) -> LoadedModel:
     """Load config, tokenizer (unless not wanted) and weights from args.model_dir onto a --tp mesh over
-    `devices` (by default jax.devices())."""
+    `devices` (by default jax.devices()). `weights_behind`: the weights load in a thread of their own (the
+    tokenizer loads, and the caller may compile the steps, meanwhile); `params` is then a Future."""
     if args.model_dir is None:
         raise ValueError("--model_dir is required")
     with phase("config"):  # and the devices' start (the first jax.devices())
@@ -100,13 +103,23 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
         platform = jax.devices()[0].platform
         backend = attention_backend(args.mode, platform, mesh=mesh)
         model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
-    with phase(f"weights-{args.load_format}") as timer:
-        params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
-        jax.block_until_ready(params)
-    log_weights(params, timer.seconds)
+    if weights_behind:
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-load")
+        params = thread.submit(_load_weights, model, args, mesh)
+        thread.shutdown(wait=False)  # its thread ends with the load
+    else:
+        params = _load_weights(model, args, mesh)
     loaded = LoadedModel(model, params, mesh, None)
     if tokenizer:
         with phase("tokenizer"):
             from jaxllm.engine.detokenizer import model_tokenizer  # transformers: not imported by the followers
             loaded.tokenizer = model_tokenizer(args)
     return loaded
+
+
+def _load_weights(model, args, mesh):
+    with phase(f"weights-{args.load_format}") as timer:
+        params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
+        jax.block_until_ready(params)
+    log_weights(params, timer.seconds)
+    return params
