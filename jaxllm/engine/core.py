@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from jaxllm.engine.channel import QueuedChannel
 from jaxllm.engine.request import TokenEvent
@@ -107,6 +108,8 @@ def run_core(args, channel: QueuedChannel) -> None:
     sink = CoreSink(channel)
     try:
         with phase("import"):  # JAX, Flax, the models: in this process only
+            if args.processes == 1:  # (several: JAX's distributed start must come before the devices')
+                _start_devices_behind()
             from jaxllm.engine.engine import Engine
         with phase("engine-total"):  # the phases below, together
             engine = Engine.from_args(args, sink=sink)
@@ -127,6 +130,14 @@ def run_core(args, channel: QueuedChannel) -> None:
     finally:
         engine.stop()  # requests still running end with "abort", sent before the channel closes
         channel.close()
+
+
+def _start_devices_behind() -> None:
+    """Start JAX's devices (seconds on a GPU) in a thread while this one imports the rest (transformers, torch,
+    the models); the first jax.devices() of the load then finds them started, or waits for them."""
+    import jax
+
+    threading.Thread(target=jax.devices, name="jaxllm-devices", daemon=True).start()
 
 
 def _serve(engine, sink: CoreSink, channel: QueuedChannel) -> None:
