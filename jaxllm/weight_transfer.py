@@ -76,7 +76,8 @@ def _code_key(fn):
     code = getattr(fn, "__code__", None)
     if code is None:
         return fn
-    key = (code, tuple(cell.cell_contents for cell in fn.__closure__ or ()), fn.__defaults__)
+    key = (code, tuple(cell.cell_contents for cell in fn.__closure__ or ()), fn.__defaults__,
+           tuple(sorted((fn.__kwdefaults__ or {}).items())))
     try:
         hash(key)
     except TypeError:  # a captured value that is not hashable: this closure compiles alone
