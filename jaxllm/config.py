@@ -80,6 +80,9 @@ class Moe:
     router_float32: bool = False  # the router's product in float32 (DeepSeek keeps its weight in float32)
     shared_intermediate_size: int = 0
     shared_gate: bool = False
+    # How `--tp` places the experts (a deployment choice, `parallel.with_expert_placement`): "split" (each
+    # expert's intermediate axis across the devices) or "per_device" (num_experts / tp whole experts each).
+    placement: str = "split"
 
 
 @dataclasses.dataclass(frozen=True)
