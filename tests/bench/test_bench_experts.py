@@ -8,4 +8,4 @@ def test_smoke_implementations_agree(capsys):
     assert experts.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "5 tokens: auto (ragged_dot), sliced, pallas, dense_loop and gathered agree with ragged_dot" in out
-    assert "5 tokens: the served kernels on 2 devices (experts split, experts per device) agree" in out
+    assert "5 tokens: auto on 2 devices (experts split, experts per device) agrees" in out
