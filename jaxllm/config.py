@@ -208,6 +208,14 @@ class ModelConfig:
         return self.num_layers * per_layer
 
     @property
+    def per_head_kv_values_per_token(self) -> int:
+        """Values a cache of every KV head's keys and values would hold per token, all layers: the cache itself,
+        except with latent attention, whose heads' keys (nope + rope dims) and values the latent replaces."""
+        if self.mla is None:
+            return self.kv_values_per_token
+        return self.num_layers * self.num_heads * (self.mla.nope_dim + self.mla.rope_dim + self.mla.v_dim)
+
+    @property
     def num_params(self) -> int:
         return self._count_params(active=False)
 

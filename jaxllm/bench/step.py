@@ -150,10 +150,9 @@ def _experts_kernel(ns):
 
 def _latent_note(config: ModelConfig, itemsize: int) -> str:
     """For latent attention: the per-token bytes of the per-head keys and values it replaces."""
-    a = config.mla
-    if a is None:
+    if config.mla is None:
         return ""
-    full = config.num_layers * config.num_heads * (a.nope_dim + a.rope_dim + a.v_dim) * itemsize
+    full = config.per_head_kv_values_per_token * itemsize
     return f" (latent; per-head keys and values would take {full / 1024:.1f} KiB, {full / (config.kv_values_per_token * itemsize):.1f}x)"
 
 
