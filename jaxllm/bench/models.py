@@ -13,6 +13,8 @@ import argparse
 import contextlib
 import fcntl
 import json
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from jaxllm import LLM
     from jaxllm.bench.__main__ import _engine_overrides
 
+    started = time.perf_counter()
     llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
+    _progress(f"engine built in {time.perf_counter() - started:.1f} s")
     with _exclusive(ns.lock):
         result = _measure(llm, ns, extra)
     llm.close()
@@ -94,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({b['of_floor']:.2f}) | 512x128/128 {o['output_throughput']:.0f} out tok/s, "
           f"{o['total_token_throughput']:.0f} total ({o['of_roofline']:.2f} of roofline)")
     return 0
+
+
+def _progress(text: str) -> None:
+    """A phase's end on stderr, so that the log of a run cut by its time limit says how far it got."""
+    print(f"[bench.models {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -120,6 +129,7 @@ def _measure(llm, ns, extra) -> dict:
 
     b1 = list(build_workload(WorkloadSpec(num_prompts=1, input_len=128, output_len=ns.b1_output_len), None))
     run_offline(llm, b1)  # untimed: compiles what the workload meets
+    _progress("batch-1 decode compiled")
     r = run_offline(llm, b1)
     ms_per_token = 1e3 * r["duration_s"] / r["total_output_tokens"]
     context = 128 + ns.b1_output_len // 2
@@ -130,6 +140,7 @@ def _measure(llm, ns, extra) -> dict:
     spec = WorkloadSpec(num_prompts=ns.offline_prompts, input_len=128, output_len=128)
     batch = list(build_workload(spec, None))
     run_offline(llm, batch)
+    _progress(f"batch-1 decode {ms_per_token:.2f} ms/token; 512 x (128 / 128) compiled")
     r = run_offline(llm, batch)
     roofline_tok_s = matmul / (2 * config.num_active_params)  # MoE: the experts a token is routed to
     result["offline"] = {**r, "roofline_total_tok_s": roofline_tok_s,
