@@ -126,6 +126,7 @@ def _measure(llm, ns, extra) -> dict:
               **kv_cache_report(model)}
     if config.moe is not None:
         result["expert_placement"] = config.moe.placement
+    _progress(format_kv(result))  # known before any workload: in the log even if a run is cut
 
     b1 = list(build_workload(WorkloadSpec(num_prompts=1, input_len=128, output_len=ns.b1_output_len), None))
     run_offline(llm, b1)  # untimed: compiles what the workload meets
