@@ -120,14 +120,18 @@ def _latent(decode: bool):
     return (lambda q, cache, meta: backend.attend_latent(q, cache, meta, 0.07, 512)), (q, cache, meta)
 
 
+# Quantised weights by their shapes only (lowering reads no values): their fields as the quantisers make them.
 def _int8_weight(n: int = 256, k: int = 512):
-    w = quant.quantize_int8(jnp.asarray(_rng().standard_normal((k, n)), jnp.float32))
-    return w.data.reshape(n, k), w.scale.reshape(n)
+    return jax.eval_shape(lambda w: (lambda q: (q.data.reshape(n, k), q.scale.reshape(n)))(quant.quantize_int8(w)),
+                          jax.ShapeDtypeStruct((k, n), jnp.float32))
 
 
 def _int4_weight(n: int = 256, k: int = 512):
-    w = quant.quantize_int4(jnp.asarray(_rng().standard_normal((k, n)), jnp.float32))
-    return w.packed.reshape(-1, n), w.scale.reshape(-1, n), w.zero.reshape(-1, n)
+    def fields(w):
+        q = quant.quantize_int4(w)
+        return q.packed.reshape(-1, n), q.scale.reshape(-1, n), q.zero.reshape(-1, n)
+
+    return jax.eval_shape(fields, jax.ShapeDtypeStruct((k, n), jnp.float32))
 
 
 def _x(rows: int, k: int = 512):
@@ -135,10 +139,8 @@ def _x(rows: int, k: int = 512):
 
 
 def _int8_int8():
-    x = _x(128)
-    xq = quant.quantize_int8(x.astype(jnp.float32).T)  # per row of x
-    return (lambda *a: quant_matmul.int8_int8_matmul(*a, out_dtype=jnp.bfloat16),
-            (xq.data.reshape(128, 512), xq.scale.reshape(128), *_int8_weight()))
+    x_q, x_scale = _int8_weight(n=128)  # int8 rows of x with a scale each
+    return (lambda *a: quant_matmul.int8_int8_matmul(*a, out_dtype=jnp.bfloat16), (x_q, x_scale, *_int8_weight()))
 
 
 CASES = {
