@@ -118,3 +118,20 @@ def test_experts_per_device_at_tp2_give_the_logits_of_tp1(family):
     got, hlo = logits(two, jax.device_put(params, shardings))
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert "all-gather" not in hlo
+
+
+def test_the_engine_loads_the_experts_where_the_environment_places_them(monkeypatch, tmp_path):
+    import json
+
+    from jaxllm.engine.loading import load_model
+    from jaxllm.offline import server_args
+    from tests.models.test_moe_families import FAMILIES
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(FAMILIES["mixtral"], architectures=["MixtralForCausalLM"])))
+    monkeypatch.setenv(EXPERT_PLACEMENT_ENV, "per_device")
+    loaded = load_model(server_args(tmp_path, tp=2, load_format="dummy", data_type="float32"), tokenizer=False)
+    mlp = loaded.params["layers_0"]["mlp"]
+    assert loaded.model.config.moe.placement == "per_device"
+    assert tuple(mlp["experts_gate_up_proj"].sharding.spec) == ("tp", None, None, None)
+    assert mlp["experts_down_proj"].addressable_shards[0].data.shape[0] == 2  # 2 of the 4 experts on each device
+    assert tuple(mlp["router"].sharding.spec) in ((), (None, None))  # replicated
