@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxllm.bench.experts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a MoE config.json (e.g. ../shared/configs/mixtral-8x7b.json)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 8192])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 8192])
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--mgpu-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(64, 128, 64, 4, 1),
                    help="block_m,block_n,block_k,max_concurrent_steps,grid_block_n of the mgpu kernel")
