@@ -120,9 +120,15 @@ def source_spec(layout: Layout, shape: tuple, dtype, mesh, out_spec: PartitionSp
     traced = _trace_back(jaxpr, splits, mesh)
     if traced is not None:
         return PartitionSpec(*(traced.get(axis) for axis in range(len(shape))))
-    entries = tuple(name for entry in splits.values() for name in (entry if isinstance(entry, tuple) else (entry,)))
-    if shape and shape[0] % _split(mesh, entries) == 0:
-        return PartitionSpec(entries if len(entries) > 1 else entries[0])
+    return _first_axis_spec(shape, splits.values(), mesh)
+
+
+def _first_axis_spec(shape: tuple, entries, mesh) -> PartitionSpec:
+    """A tensor of `shape` split on its first axis over the mesh axes of `entries` when they divide it, else
+    whole on each device."""
+    names = tuple(name for entry in entries for name in (entry if isinstance(entry, tuple) else (entry,)))
+    if shape and shape[0] % _split(mesh, names) == 0:
+        return PartitionSpec(names if len(names) > 1 else names[0])
     return PartitionSpec()
 
 
@@ -212,10 +218,20 @@ def place_fused(shape: tuple, parts: list[tuple], dtype, sharding: NamedSharding
     if sum(host.nbytes for _, host, _ in parts) < HOST_LAYOUT_BYTES:
         return put(assemble(shape, [(index, np.asarray(layout.fn(host))) for index, host, layout in parts]),
                    sharding, dtype)
-    mesh, ndim = sharding.mesh, len(shape)
-    changed = [place(host, layout, dtype, NamedSharding(mesh, _part_spec(sharding.spec, ndim, index)))
-               for index, host, layout in parts]
+    changed = [place(host, layout, dtype, _part_sharding(sharding, shape, index)) for index, host, layout in parts]
     return _fuser(tuple(shape), dtype, sharding, tuple(_frozen(index) for index, _, _ in parts))(*changed)
+
+
+def _part_sharding(sharding: NamedSharding, shape: tuple, index) -> NamedSharding:
+    """Where a fused param's part is changed: split as the param splits the axes the part spans whole. A part
+    that lies on some of the devices only (an integer index into a split axis: one expert of experts placed
+    per device) is split on its first axis instead, each device sent a slice; the fusion moves the slices."""
+    mesh = sharding.mesh
+    spec = _part_spec(sharding.spec, len(shape), index)
+    split = [entry for entry in sharding.spec if _split(mesh, entry) > 1]
+    if split and not any(_split(mesh, entry) > 1 for entry in spec):
+        spec = _first_axis_spec(np.broadcast_to(np.empty((), np.int8), shape)[index].shape, split, mesh)
+    return NamedSharding(mesh, spec)
 
 
 def _frozen(index):

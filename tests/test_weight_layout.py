@@ -1,7 +1,7 @@
 """The loader's layout change on the devices (jaxllm/weight_transfer.py; of every tensor here, small ones
-included) gives, bit for bit, what the family's
-transforms and fusions give on the host, with each param sharded as the model declares, at --tp 1 and 2; each
-device is sent the slice of a stored tensor that its slice of the param needs."""
+included) gives, bit for bit, what the family's transforms and fusions give on the host, each param sharded as
+the model declares, at --tp 1 and 2 (experts split, or placed whole per device); each device is sent the slice
+of a stored tensor that its slice of the param needs."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import pytest
 from jaxllm.config import ModelConfig
 from jaxllm.models import build_model
 from jaxllm.models.registry import family_of
-from jaxllm.parallel import make_mesh
+from jaxllm.parallel import make_mesh, with_expert_placement
 from jaxllm import weight_transfer
 from jaxllm.weight_transfer import Layout, assemble, contiguous, source_spec
 from jaxllm.weights import abstract_params, hf_weight_files, load_hf, param_shardings, read_weight_file, tree_get
@@ -50,10 +50,11 @@ def host_layout(model, path: Path) -> dict:
     return built
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_device_layout_is_the_host_layout_bit_for_bit(checkpoint, tp, monkeypatch):
+@pytest.mark.parametrize("tp,placement", [(1, "split"), (2, "split"), (2, "per_device")])
+def test_device_layout_is_the_host_layout_bit_for_bit(checkpoint, tp, placement, monkeypatch):
     monkeypatch.setattr(weight_transfer, "HOST_LAYOUT_BYTES", 0)  # every tensor changed on the devices
-    model = build_model(ModelConfig.from_model_dir(checkpoint), jnp.bfloat16)  # float32 stored: cast too
+    config = with_expert_placement(ModelConfig.from_model_dir(checkpoint), placement)
+    model = build_model(config, jnp.bfloat16)  # float32 stored: cast too
     mesh = make_mesh(tp)
     params = load_hf(model, checkpoint, mesh, tp)
     shardings = param_shardings(model, mesh, tp)
