@@ -8,11 +8,14 @@ import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import transformers
 from tokenizers import Tokenizer, decoders
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TokenizersBackend
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+# transformers (and torch through it: seconds) is imported where a tokenizer is loaded, not with this module:
+# the engine core imports it while its weights load (jaxllm/engine/loading.py).
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +43,15 @@ def load_tokenizer(model_dir: str, mode: str = "slow", *, trust_remote_code: boo
     "fast" (Rust `tokenizers`; an error if the model has none) or "auto" (fast, else slow). When no slow
     tokenizer exists for the model (transformers 5 ships none for Llama/GPT-2/Qwen-style tokenizer.json models),
     "slow" falls back to the fast one and logs a warning, once per directory."""
+    import transformers
+
     if mode not in TOKENIZER_MODES:
         raise ValueError(f"tokenizer_mode {mode!r} is not one of {', '.join(TOKENIZER_MODES)}")
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(path), use_fast=(mode != "slow"), local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as err:
@@ -81,6 +86,8 @@ _vocab_cache: "weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, _Vo
 
 def _vocab_info(tokenizer: PreTrainedTokenizerBase) -> _VocabInfo:
     """Special and added ids of `tokenizer`, computed once per tokenizer (and again if tokens are added)."""
+    from transformers import PreTrainedTokenizerBase, TokenizersBackend
+
     size = len(tokenizer)
     cached = _vocab_cache.get(tokenizer)
     if cached is not None and cached[0] == size:
