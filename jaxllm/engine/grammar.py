@@ -84,19 +84,34 @@ def take_token(matcher: llguidance.LLMatcher, token: int, eos_ids: tuple[int, ..
         return None
     if matcher.consume_token(token):
         return None
+    return _rejection(matcher, token)
+
+
+def _rejection(matcher: llguidance.LLMatcher, token: int) -> str:
     return f"the grammar rejected token {token}: {matcher.get_error()}"
 
 
-class RowFiller:
-    """Fills the allowed-token rows of a step's constrained requests into a block [rows, words] (the model's
-    mask width): the live matchers' rows together in llguidance's threads (one call, one GIL release), at the
-    tokenizer's width (often narrower than the model's padded vocabulary, whose extra ids stay disallowed);
-    a finished or failed grammar's row allows only the eos ids."""
+class StepRows:
+    """A step's constrained rows, all at once in llguidance's threads: the tokens they took (`take`), and their
+    allowed-token rows filled into a block [rows, words] of the model's mask width (`fill`; llguidance writes
+    the tokenizer's width, often narrower than the model's padded vocabulary, whose extra ids stay
+    disallowed; a finished or failed grammar's row allows only the eos ids)."""
 
     def __init__(self, vocab: int, eos_ids: tuple[int, ...]):
         self.eos_ids = eos_ids
         self.words = (vocab + 31) // 32  # llguidance's row width
         self._executor = llguidance.LLExecutor()
+
+    def take(self, entries: list[tuple[llguidance.LLMatcher, int]]) -> list[str | None]:
+        """Each matcher takes its token (take_token's rules); returns, per entry, why it was rejected."""
+        answers: list[str | None] = [None] * len(entries)
+        consuming = [k for k, (m, token) in enumerate(entries)
+                     if not (token in self.eos_ids and (m.is_accepting() or m.is_stopped()))]
+        taken = llguidance.numpy.consume_token_par(self._executor, [entries[k] for k in consuming])
+        for k, ok in zip(consuming, taken):
+            if not ok:
+                answers[k] = _rejection(*entries[k])
+        return answers
 
     def fill(self, matchers: list[llguidance.LLMatcher | None], block: np.ndarray) -> None:
         """Row k of `block` for matchers[k] (None: a request already gone, its row allows eos only)."""

@@ -21,7 +21,7 @@ import llguidance
 import numpy as np
 
 from jaxllm.child import Channel
-from jaxllm.engine.grammar import GrammarCompiler, RowFiller, take_token
+from jaxllm.engine.grammar import GrammarCompiler, StepRows
 
 
 class MatcherTable:
@@ -29,11 +29,11 @@ class MatcherTable:
 
     def __init__(self, tokenizer_json: str, eos_ids: list[int], rows: int, words: int, mask_fd: int):
         self.eos_ids = tuple(eos_ids)
-        # One eos id for llguidance (versions before 1.9 take no list): take_token and RowFiller allow, and stop
+        # One eos id for llguidance (versions before 1.9 take no list): StepRows allows, and stop
         # on, every id of the model's eos list once the grammar accepts.
         tokenizer = llguidance.LLTokenizer(tokenizer_json, eos_token=self.eos_ids[0] if self.eos_ids else None)
         self.compiler = GrammarCompiler(tokenizer)
-        self.filler = RowFiller(tokenizer.vocab_size, self.eos_ids)
+        self.step_rows = StepRows(tokenizer.vocab_size, self.eos_ids)
         self._map = mmap.mmap(mask_fd, rows * words * 4)
         self.block = np.frombuffer(self._map, np.int32).reshape(rows, words)
         self.matchers: dict = {}
@@ -62,20 +62,18 @@ class MatcherTable:
         return ("stats", {"grammars": len(self.compiler), "matchers": len(self.matchers)})
 
     def _advance(self, entries: list[tuple[int, int]]):
-        answers = []
-        for key, token in entries:
-            matcher = self.matchers.get(key)
-            if matcher is None:  # dropped: its request ended (the engine ignores this answer)
-                answers.append((None, True))
-                continue
-            answers.append((take_token(matcher, token, self.eos_ids), matcher.is_stopped()))
+        present = [(k, self.matchers[key], token) for k, (key, token) in enumerate(entries) if key in self.matchers]
+        answers = [(None, True)] * len(entries)  # a dropped key: its request ended (the engine ignores the answer)
+        errors = self.step_rows.take([(matcher, token) for _, matcher, token in present])
+        for (k, matcher, _), error in zip(present, errors):
+            answers[k] = (error, matcher.is_stopped())
         return ("advanced", answers)
 
     def _fill(self, keys: list[int]):
         if len(keys) > len(self.block):
             raise ValueError(f"{len(keys)} rows asked, the mask block holds {len(self.block)}")
         started = time.perf_counter()
-        self.filler.fill([self.matchers.get(key) for key in keys], self.block[: len(keys)])
+        self.step_rows.fill([self.matchers.get(key) for key in keys], self.block[: len(keys)])
         return ("filled", time.perf_counter() - started)
 
 
@@ -91,7 +89,7 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer llguidance cannot read: reported, then exit
         control.send(("failed", f"{type(exc).__name__}: {exc}"))
         return 1
-    control.send(("ready", table.filler.words))
+    control.send(("ready", table.step_rows.words))
     selector = selectors.DefaultSelector()
     for channel in (control, step):
         selector.register(channel.sock, selectors.EVENT_READ, channel)

@@ -158,12 +158,12 @@ def compiler(smollm2_dir):
 
 def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(compiler):
     """Llama-3 configs list several eos ids: llguidance gets one, the worker accepts every one of them."""
-    from jaxllm.engine.grammar import RowFiller, take_token
+    from jaxllm.engine.grammar import StepRows, take_token
 
     matcher = compiler.matcher("choice", '["x"]', "guided_choice")
     assert take_token(matcher, compiler.hf.convert_tokens_to_ids("x"), (2, 0)) is None
     row = np.zeros((1, (VOCAB + 31) // 32), np.int32)
-    RowFiller(VOCAB, (2, 0)).fill([matcher], row)
+    StepRows(VOCAB, (2, 0)).fill([matcher], row)
     bits = np.unpackbits(row.view(np.uint8), bitorder="little")
     assert bits[2] == 1 and bits[0] == 1 and bits.sum() == 2
     assert take_token(matcher, 0, (2, 0)) is None  # the second eos id ends it like the first
@@ -173,10 +173,10 @@ def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(compiler):
 def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(compiler):
     """A model vocabulary wider than the tokenizer's (padded): the rows built together in llguidance's threads
     equal those built one by one, and the model's extra ids stay disallowed; a request gone allows eos only."""
-    from jaxllm.engine.grammar import RowFiller, take_token
+    from jaxllm.engine.grammar import StepRows, take_token
 
     words = (VOCAB + 4 * 32 + 7 + 31) // 32
-    filler = RowFiller(VOCAB, (2,))
+    filler = StepRows(VOCAB, (2,))
     specs = [("regex", "(ab)+c"), ("choice", '["yes", "no"]'), ("json_object", "")]
     prefixes = [["ab", "ab"], ["y"], ["{"]]
 
