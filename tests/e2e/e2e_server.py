@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -127,3 +128,24 @@ def running_server(model_dir: Path, flags: list[str], log_path: Path) -> Iterato
 def chat_text(tokenizer, user: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def core_pid(server) -> int:
+    """The server's engine-core process (from its log)."""
+    match = re.search(r"engine core ready \(pid (\d+)\)", server.log_path.read_text(errors="replace"))
+    assert match, server.log_tail()
+    return int(match.group(1))
+
+
+def child_pids(parent: int, module: str) -> list[int]:
+    """The processes `parent` started as `python -m module`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent and module.encode() in command:
+            found.append(int(stat.parent.name))
+    return found

@@ -7,12 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import signal
 import threading
 import time
 
-from e2e_server import running_server
+from e2e_server import core_pid, running_server
 
 STREAMS = 24
 
@@ -61,12 +60,6 @@ def test_concurrent_streams_get_every_token_once_in_order(lightllm_server, token
             assert text == tokenizer.decode(ids, skip_special_tokens=True), i
         assert [e["token"]["count_output_tokens"] for e in events] == list(range(1, max_new_tokens + 1)), i
         assert [e["finished"] for e in events] == [False] * (max_new_tokens - 1) + [True], i
-
-
-def core_pid(server) -> int:
-    match = re.search(r"engine core ready \(pid (\d+)\)", server.log_path.read_text(errors="replace"))
-    assert match, server.log_tail()
-    return int(match.group(1))
 
 
 def alive(pid: int) -> bool:
