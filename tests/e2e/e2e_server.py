@@ -3,9 +3,11 @@ for its routes (the standard library only, so the tests see the bytes the server
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +151,17 @@ def child_pids(parent: int, module: str) -> list[int]:
         if ppid == parent and module.encode() in command:
             found.append(int(stat.parent.name))
     return found
+
+
+def kill_mid_stream(server, inputs: str, parameters: dict, pid: int) -> dict:
+    """Stream a LightLLM /generate_stream; once under way (its first event read), SIGKILL `pid`; returns the
+    stream's last event."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/generate_stream", json.dumps({"inputs": inputs, "parameters": parameters}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data:")  # under way
+    os.kill(pid, signal.SIGKILL)
+    lines = [line for line in response.read().split(b"\n") if line.startswith(b"data:")]
+    conn.close()
+    return json.loads(lines[-1][len(b"data:"):])

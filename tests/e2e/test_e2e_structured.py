@@ -3,18 +3,15 @@ OpenAI's response_format (json_schema, json_object, the client's `parse` with a 
 extras, LightLLM's /generate parameters and TGI's grammar; streamed answers; invalid grammars are 400s; a killed
 mask worker fails its requests while the server goes on (and starts a new one)."""
 
-import http.client
 import json
-import os
 import re
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import openai
 import pydantic
 import pytest
-from e2e_server import child_pids, core_pid
+from e2e_server import child_pids, core_pid, kill_mid_stream
 
 # Nested: objects, an array, enums, required keys, bounded numbers; short, so answers are quick and fit.
 SCHEMA = {
@@ -137,15 +134,7 @@ def test_a_killed_mask_worker_fails_its_requests_and_the_server_goes_on(lightllm
     choice = {"do_sample": True, "max_new_tokens": 8, "guided_choice": ["yes", "no"]}
     assert lightllm_server.post("/generate", {"inputs": "Yes or no?", "parameters": choice})[0] == 200
     (worker,) = child_pids(core_pid(lightllm_server), "jaxllm.engine.mask_worker")
-    conn = http.client.HTTPConnection("127.0.0.1", lightllm_server.port, timeout=120)
-    conn.request("POST", "/generate_stream", json.dumps({"inputs": "Digits:", "parameters": {
-        "max_new_tokens": 60, "guided_regex": "[0-9]{100}"}}), {"Content-Type": "application/json"})
-    response = conn.getresponse()
-    assert response.status == 200 and response.readline().startswith(b"data:")  # under way
-    os.kill(worker, signal.SIGKILL)
-    lines = [line for line in response.read().split(b"\n") if line.startswith(b"data:")]
-    conn.close()
-    last = json.loads(lines[-1][len(b"data:"):])
+    last = kill_mid_stream(lightllm_server, "Digits:", {"max_new_tokens": 60, "guided_regex": "[0-9]{100}"}, worker)
     assert f"the grammar worker (pid {worker}) died (killed by SIGKILL)" in json.dumps(last), last
     assert lightllm_server.get("/health")[0] == 200  # the server serves: a new worker takes the next grammar
     status, out = lightllm_server.post("/generate", {"inputs": "Yes or no?", "parameters": choice})
