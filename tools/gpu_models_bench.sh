@@ -19,7 +19,8 @@ run_one() {  # run_one NAME CONFIG [flags]
   local name=$1 config=$2; shift 2
   local dir; dir=$(mktemp -d)
   cp "$config" "$dir/config.json"; cp "$TOKENIZER_DIR"/* "$dir/"
-  timeout "${RUN_TIMEOUT:-540}" $PY -m jaxllm.bench.models --model_dir "$dir" --lock "$LOCK" \
+  # SIGABRT at the limit: faulthandler prints every thread's stack, so a cut run's log says where it was
+  PYTHONFAULTHANDLER=1 timeout -s ABRT -k 10 "${RUN_TIMEOUT:-540}" $PY -m jaxllm.bench.models --model_dir "$dir" --lock "$LOCK" \
     --result-json "$OUT/$name.json" --load_format dummy --data_type bf16 --max_total_token_num "${KV_TOKENS:-140000}" \
     --running_max_req_size 512 --batch_max_tokens 8192 --max_req_input_len 2048 --max_req_total_len 3072 "$@" \
     > "$LOGS/$name.txt" 2>&1
