@@ -1,8 +1,7 @@
-"""Grammars for constrained decoding through llguidance, as the mask worker process uses them
-(jaxllm.engine.mask_worker): a request's grammar spec → llguidance's grammar text → a matcher (each distinct
-spec validated and compiled once, then copied per request); a step's rows filled from several matchers at once;
-a sampled token taken by a matcher. Nothing here runs in the engine's process: it imports no JAX and no
-transformers."""
+"""Grammars for constrained decoding through llguidance, the mask worker's side (jaxllm.engine.mask_worker): a
+request's grammar spec → llguidance's grammar text → a matcher (each distinct spec validated and compiled once,
+then copied per request); a step's sampled tokens taken and its rows filled, all matchers at once in llguidance's
+threads. It imports no JAX and no transformers; the frontend reads JSON_OPTIONS for tool-call grammars."""
 
 from __future__ import annotations
 
