@@ -6,6 +6,7 @@ Reports per step: a bare round trip to the worker (an empty advance), the advanc
 and the worker's own fill time, against the same rows filled in this process (llguidance's parallel fill):
 
     python -m jaxllm.bench.masks --tokenizer MODEL_DIR [--rows 64] [--steps 200] [--schema FILE] [--words W]
+        [--threads N]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--schema", default=str(DEFAULT_SCHEMA))
     parser.add_argument("--words", type=int, default=None, help="the model's mask width (default: the tokenizer's)")
+    parser.add_argument("--threads", type=int, default=None, help="llguidance's threads (default: the worker's)")
     ns = parser.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -53,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     vocab = llguidance.LLTokenizer(text, eos_token=eos[0]).vocab_size
     words = ns.words or (vocab + 31) // 32
     spec = Guided("json_schema", Path(ns.schema).read_text())
-    grammars = Grammars(tokenizer, eos, ns.rows, words)
+    grammars = Grammars(tokenizer, eos, ns.rows, words, ns.threads)
     started = time.perf_counter()
     constraints = [grammars.constraint(spec) for _ in range(ns.rows)]
     print(f"worker start and {ns.rows} constraints: {time.perf_counter() - started:.2f} s")
     local = GrammarCompiler(llguidance.LLTokenizer(text, eos_token=eos[0]))
     local_matchers = [local.matcher(spec.kind, spec.value, spec.field) for _ in range(ns.rows)]
-    filler = StepRows(vocab, tuple(eos))
+    filler = StepRows(vocab, tuple(eos), ns.threads)
     worker = grammars.worker()
     rng = np.random.default_rng(0)
     rows = list(range(ns.rows))

@@ -6,6 +6,7 @@ threads. It imports no JAX and no transformers; the frontend reads JSON_OPTIONS 
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 
 import llguidance
@@ -96,16 +97,21 @@ class StepRows:
     the tokenizer's width, often narrower than the model's padded vocabulary, whose extra ids stay
     disallowed; a finished or failed grammar's row allows only the eos ids)."""
 
-    def __init__(self, vocab: int, eos_ids: tuple[int, ...]):
+    def __init__(self, vocab: int, eos_ids: tuple[int, ...], threads: int | None = None):
+        """threads: llguidance's pool (default: a quarter of the cores, 1 to 4). Not all of them: the engine's
+        threads must find a core when its answers come back, and a 64-row fill did not get faster with more
+        threads on the H200's host (1 / 4 / 16 threads: 2.88 / 3.05 / 3.50 ms, docs/perf.md session 7)."""
         self.eos_ids = eos_ids
         self.words = (vocab + 31) // 32  # llguidance's row width
-        self._executor = llguidance.LLExecutor()
+        self._executor = llguidance.LLExecutor(threads or max(1, min(4, (os.cpu_count() or 1) // 4)))
 
     def take(self, entries: list[tuple[llguidance.LLMatcher, int]]) -> list[str | None]:
         """Each matcher takes its token (take_token's rules); returns, per entry, why it was rejected."""
         answers: list[str | None] = [None] * len(entries)
         consuming = [k for k, (m, token) in enumerate(entries)
                      if not (token in self.eos_ids and (m.is_accepting() or m.is_stopped()))]
+        if not consuming:  # llguidance refuses an empty batch
+            return answers
         taken = llguidance.numpy.consume_token_par(self._executor, [entries[k] for k in consuming])
         for k, ok in zip(consuming, taken):
             if not ok:

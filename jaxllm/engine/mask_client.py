@@ -60,7 +60,7 @@ class MaskWorker:
     """One worker process and the mask block [rows, words] shared with it. Control calls (compile, stats) from
     any thread, one at a time; step messages (advance, fill, drop) from the engine thread only."""
 
-    def __init__(self, tokenizer_text: str, eos_ids, rows: int, words: int):
+    def __init__(self, tokenizer_text: str, eos_ids, rows: int, words: int, threads: int | None = None):
         size = rows * words * 4
         fd = os.memfd_create("jaxllm-masks")  # anonymous: freed with the last process that maps it
         try:
@@ -82,7 +82,7 @@ class MaskWorker:
         self.answer_s = 0.0  # time the engine thread waited for step answers (read and reset by the engine)
         self._control.sock.settimeout(START_TIMEOUT_S)
         try:
-            answer = self.call(("start", tokenizer_text, list(eos_ids), rows, words))
+            answer = self.call(("start", tokenizer_text, list(eos_ids), rows, words, threads))
         finally:
             self._control.sock.settimeout(None)
         if answer[0] != "ready":
@@ -180,12 +180,14 @@ class Grammars:
     """The engine's grammar service: compiles and checks grammars in the worker, makes requests' constraints,
     and replaces a dead worker on the next call (its requests fail; new ones get the new worker)."""
 
-    def __init__(self, tokenizer, eos_ids, rows: int, words: int):
+    def __init__(self, tokenizer, eos_ids, rows: int, words: int, threads: int | None = None):
+        """rows, words: the mask block's shape (a step's constrained rows at most, the model's mask width);
+        threads: the worker's llguidance threads (None: its default)."""
         if tokenizer is None:
             raise ValueError("constrained decoding needs the model's tokenizer")
         self._hf_tokenizer = tokenizer
         self.eos_ids = tuple(eos_ids)
-        self.rows, self.words = rows, words  # the mask block: a step's constrained rows at most
+        self.rows, self.words, self.threads = rows, words, threads
         self._tokenizer_text: str | None = None
         self._worker: MaskWorker | None = None
         self._lock = threading.Lock()
@@ -197,9 +199,10 @@ class Grammars:
             if self._worker is None or self._worker.died is not None:
                 if self._tokenizer_text is None:
                     self._tokenizer_text = tokenizer_json(self._hf_tokenizer)
-                if self._worker is not None:
+                if self._worker is not None:  # it died: its constraints fail on their next step
+                    self._worker.close()
                     self.restarts += 1
-                self._worker = MaskWorker(self._tokenizer_text, self.eos_ids, self.rows, self.words)
+                self._worker = MaskWorker(self._tokenizer_text, self.eos_ids, self.rows, self.words, self.threads)
             return self._worker
 
     def _compile(self, spec, key_wanted: bool) -> tuple[MaskWorker, int | None, bool]:

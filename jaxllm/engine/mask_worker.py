@@ -3,7 +3,7 @@ engine (jaxllm.engine.mask_client) with the first constrained request: it owns e
 llguidance matcher, so that taking tokens and filling masks run beside the engine's process, not inside its GIL.
 Two channels (jaxllm.child.Channel), each answered in order:
 - control, from the threads that submit, one call at a time: "start" (the tokenizer, the eos ids, the mask
-  block's shape), "compile" (a new request's grammar, or one only checked), "stats";
+  block's shape, llguidance's thread count), "compile" (a new request's grammar, or one only checked), "stats";
 - step, from the engine thread: "advance" (the tokens constrained rows took; answered per request: why it was
   refused, and whether the grammar is complete), "fill" (the next step's rows, written into the shared mask
   block, row k for key k; answered when written), "drop" (requests that ended; not answered).
@@ -27,13 +27,14 @@ from jaxllm.engine.grammar import GrammarCompiler, StepRows
 class MatcherTable:
     """The worker's state: the compiled grammars, the live requests' matchers by key, the shared mask block."""
 
-    def __init__(self, tokenizer_json: str, eos_ids: list[int], rows: int, words: int, mask_fd: int):
+    def __init__(self, tokenizer_json: str, eos_ids: list[int], rows: int, words: int, threads: int | None,
+                 mask_fd: int):
         self.eos_ids = tuple(eos_ids)
         # One eos id for llguidance (versions before 1.9 take no list): StepRows allows, and stop
         # on, every id of the model's eos list once the grammar accepts.
         tokenizer = llguidance.LLTokenizer(tokenizer_json, eos_token=self.eos_ids[0] if self.eos_ids else None)
         self.compiler = GrammarCompiler(tokenizer)
-        self.step_rows = StepRows(tokenizer.vocab_size, self.eos_ids)
+        self.step_rows = StepRows(tokenizer.vocab_size, self.eos_ids, threads)
         self._map = mmap.mmap(mask_fd, rows * words * 4)
         self.block = np.frombuffer(self._map, np.int32).reshape(rows, words)
         self.matchers: dict = {}

@@ -168,6 +168,13 @@ def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(compiler):
     assert bits[2] == 1 and bits[0] == 1 and bits.sum() == 2
     assert take_token(matcher, 0, (2, 0)) is None  # the second eos id ends it like the first
     assert "rejected token 5" in take_token(compiler.matcher("choice", '["x"]', "f"), 5, (2, 0))
+    # A step's rows together: a batch of eos alone (nothing for llguidance to consume), then a mixed one.
+    rows = StepRows(VOCAB, (2, 0))
+    assert rows.take([(matcher, 2)]) == [None]
+    fresh = [compiler.matcher("choice", '["x"]', "f") for _ in range(2)]
+    x = compiler.hf.convert_tokens_to_ids("x")
+    errors = rows.take([(fresh[0], x), (matcher, 0), (fresh[1], 5)])
+    assert errors[:2] == [None, None] and "rejected token 5" in errors[2] and fresh[0].is_stopped()
 
 
 def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(compiler):
