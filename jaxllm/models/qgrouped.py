@@ -1,0 +1,75 @@
+"""`grouped_dot(x, w, group_sizes)`: rows grouped by expert times their expert's matrix, for a MoE layer's
+stacked experts quantised like the dense weights (`jaxllm/models/quant.py`, one leading experts axis).
+
+Plain JAX on every platform, one `lax.ragged_dot_general` per product on the stored layout ([E, out, in] for
+int8 / fp8: the weight's contracting axis is its last, no transposed copy):
+- w8a16: the int8 weights converted to the activations' dtype inside the product, the per-output-channel scale
+  applied to the product's rows afterwards (exact: the scale is constant along the contraction), so no
+  dequantised weight is formed;
+- w8a8 / fp8_w8a8: activations quantised per row at run time, an int8 × int8 → int32 (e4m3 × e4m3 → float32)
+  ragged product, both scales applied afterwards;
+- w4a16: the experts dequantised to the activations' dtype, then the product (XLA fuses the unpacking where it
+  can; on the CPU the dequantised experts are a temporary of the step).
+Pallas' grouped matmul (`kernels/pallas/grouped_matmul.py`) takes 16-bit weights only: quantised experts run
+this path on the GPU too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.models import quant
+from jaxllm.models.qdot import quantize_rows_fp8
+from jaxllm.models.layers import grouped_dense
+from kernels.pallas import reference
+
+# x [m, K] (rows ragged by group) · w [E, N, K] (groups leading, contracting on the last axis) → [m, N]
+_OUT_MAJOR = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (2,)), ((), ())),
+                                               lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def merged_outputs(w):
+    """Stacked matrices [E, K, *out] → [E, K, prod(out)] (gate and up as one product), a quantised weight's
+    fields alike (their output axes merged in the same order)."""
+    if not quant.is_quantised(w):
+        return w.reshape(w.shape[0], w.shape[1], -1)
+    if w.lead_axes != 1 or w.in_axes != 1:
+        raise ValueError(f"grouped products take [experts, in, *out] weights, not lead_axes={w.lead_axes}, "
+                         f"in_axes={w.in_axes}")
+    if isinstance(w, quant.Int4Weight):  # packed / scale / zero [E, K / 8 | groups, *out]
+        return w.replace(packed=_merge_from(w.packed, 2), scale=_merge_from(w.scale, 2), zero=_merge_from(w.zero, 2))
+    return w.replace(data=w.data.reshape(w.data.shape[0], -1, w.data.shape[-1]), scale=_merge_from(w.scale, 1))
+
+
+def _merge_from(a, axis: int):
+    return a.reshape(*a.shape[:axis], -1)
+
+
+def grouped_dot(x, w, group_sizes, grouped=grouped_dense):
+    """x [m, K] (group g's rows contiguous, in group order) · w [E, K, N] → [m, N] in x's dtype; a plain `w`
+    goes to `grouped` (`layers.grouped_dense` or a kernel), a quantised one (fields merged to one output
+    axis, `merged_outputs`) to its product here."""
+    if not quant.is_quantised(w):
+        return grouped(x, w, group_sizes)
+    if isinstance(w, quant.Int4Weight):
+        weights = quant.dequantize(w, x.dtype)  # [E, K, N]
+        return jax.lax.ragged_dot(x, weights, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
+    if isinstance(w, quant.Fp8Weight):
+        x_q, x_scale = quantize_rows_fp8(x)
+        out = _ragged(x_q, w.data, group_sizes, jnp.float32) * x_scale[:, None]
+    elif w.int8_activations:
+        x_q, x_scale = reference.quantize_rows_int8(x)
+        out = _ragged(x_q, w.data, group_sizes, jnp.int32).astype(jnp.float32) * x_scale[:, None]
+    else:
+        out = _ragged(x, w.data.astype(x.dtype), group_sizes, jnp.float32)
+    return (out * w.scale[group_of_rows(group_sizes, x.shape[0])]).astype(x.dtype)
+
+
+def _ragged(x, data, group_sizes, out_dtype):
+    return jax.lax.ragged_dot_general(x, data, group_sizes, _OUT_MAJOR, preferred_element_type=out_dtype)
+
+
+def group_of_rows(group_sizes, rows: int):
+    """Each row's group [rows] (rows past the groups: the last group; their products are zeros)."""
+    return jnp.repeat(jnp.arange(group_sizes.shape[0], dtype=jnp.int32), group_sizes, total_repeat_length=rows)
