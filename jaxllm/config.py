@@ -80,6 +80,9 @@ class Moe:
     router_float32: bool = False  # the router's product in float32 (DeepSeek keeps its weight in float32)
     shared_intermediate_size: int = 0
     shared_gate: bool = False
+    # How `--tp` places the experts (a deployment choice, `parallel.with_expert_placement`): "split" (each
+    # expert's intermediate axis across the devices) or "per_device" (num_experts / tp whole experts each).
+    placement: str = "split"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,6 +206,14 @@ class ModelConfig:
         """Values the KV cache holds per token, all layers (keys and values, or the latent and rotary key)."""
         per_layer = self.mla.cache_dim if self.mla is not None else 2 * self.num_kv_heads * self.head_dim
         return self.num_layers * per_layer
+
+    @property
+    def per_head_kv_values_per_token(self) -> int:
+        """Values a cache of every KV head's keys and values would hold per token, all layers: the cache itself,
+        except with latent attention, whose heads' keys (nope + rope dims) and values the latent replaces."""
+        if self.mla is None:
+            return self.kv_values_per_token
+        return self.num_layers * self.num_heads * (self.mla.nope_dim + self.mla.rope_dim + self.mla.v_dim)
 
     @property
     def num_params(self) -> int:

@@ -2,19 +2,21 @@
 by each grouped-matmul implementation, against the floor of the expert bytes the tokens must read (small
 batches are memory-bound) and the FLOPs they must do (large batches).
 
+- `auto`: as served on the GPU (`jaxllm/models/expert_kernels.py`): `sliced`, `ragged_dot` or `pallas` by the
+  step's token count (the table says which it chose).
 - `ragged_dot`: the model's path (pairs sorted by expert, `jax.lax.ragged_dot` per projection) as XLA lowers
   it. On GPU, XLA rewrites a ragged dot into a dense one over every expert unless cuDNN takes it: run once
   more with `XLA_FLAGS=--xla_gpu_experimental_use_ragged_dot_fusion=true`.
 - `pallas`: the same path with our Triton-lowered Pallas kernel (`kernels/pallas/grouped_matmul.py`: tiles of
   one expert's rows, experts without rows skipped) as the grouped matmul.
+- `sliced`: one product per (token, expert) pair, each expert's matrices a dynamic slice of the stacked weights
+  (small batches only: n·k products; XLA feeds the slices to the matmuls without copying them).
 - `mgpu`: the same path with JAX's Pallas Mosaic GPU ragged-dot kernel (Hopper) as the grouped matmul.
 - `dense_loop`: every expert over every token, unrouted pairs weighted 0 (the padded form, for comparison).
 - `gathered`: each (token, expert) pair's matrices gathered, one batched product per pair (reads n·k experts).
-- `sliced`: a loop over the pairs, each expert's matrices a dynamic slice of the stacked weights (small
-  batches only: n·k products; XLA may feed the slices to the matmuls without copying them).
-`--tp N` runs `ragged_dot` on N devices, the experts placed by `--placement`: `split` (each expert's
-intermediate axis split across devices, as `--tp` serves; `pallas` runs there too, per device as served) or
-`experts` (whole experts per device).
+`--tp N` runs the served kernels (`auto`, `sliced`, `ragged_dot`, `pallas`) per device on N devices as `--tp`
+serves them, the experts placed by `--placement`: `split` (each expert's intermediate axis split across the
+devices) or `per_device` (whole experts on each device; `JAXLLM_EXPERT_PLACEMENT` chooses it for the server).
 `--smoke` runs tiny shapes on the CPU and checks that the implementations (and placements) agree.
 """
 
@@ -33,12 +35,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxllm.bench.step import measure_hbm_bandwidth, measure_matmul_rate, median_seconds
 from jaxllm.config import ModelConfig
-from jaxllm.parallel import TP_AXIS, make_mesh
+from jaxllm.models.expert_kernels import KERNELS as SERVED, experts_kernel, kernel_for
 from jaxllm.models.layers import activation
 from jaxllm.models.moe import routed_experts
-from jaxllm.models.expert_kernels import experts_kernel
+from jaxllm.parallel import EXPERT_PLACEMENTS, expert_specs, make_mesh
 
-IMPLEMENTATIONS = ("ragged_dot", "pallas", "mgpu", "dense_loop", "gathered", "sliced")
+IMPLEMENTATIONS = (*SERVED, "mgpu", "dense_loop", "gathered")
 
 
 def dense_loop(x, weights, experts, gate_up, down, act):
@@ -59,19 +61,6 @@ def gathered(x, weights, experts, gate_up, down, act):
     return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
-def sliced(x, weights, experts, gate_up, down, act):
-    n, k = experts.shape
-    out = jnp.zeros(x.shape, jnp.float32)
-    for t in range(n):
-        for j in range(k):
-            e = experts[t, j]
-            w_gu = jax.lax.dynamic_index_in_dim(gate_up, e, keepdims=False)  # [D, F, 2]
-            h = jnp.einsum("d,dfs->fs", x[t], w_gu)
-            y = jnp.einsum("f,fd->d", act(h[:, 0]) * h[:, 1], jax.lax.dynamic_index_in_dim(down, e, keepdims=False))
-            out = out.at[t].add(y.astype(jnp.float32) * weights[t, j])
-    return out.astype(x.dtype)
-
-
 def mgpu_grouped(block: tuple[int, int, int, int, int]):
     from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
@@ -84,24 +73,25 @@ def mgpu_grouped(block: tuple[int, int, int, int, int]):
     return grouped
 
 
-def pallas_experts(block: tuple[int, int, int, int, int] | None, interpret: bool = False, mesh=None):
-    """The Pallas experts kernel as served on GPU (per device under shard_map on a `mesh` of more than one);
-    `block`: block_m (0: by row count), block_n, block_k, num_warps, num_stages; None: the kernel's defaults."""
-    if block is None:
-        return experts_kernel("gpu", mesh, interpret=interpret)
-    block_m, block_n, block_k, warps, stages = block
-    return experts_kernel("gpu", mesh, interpret=interpret, block_m=block_m or None, block_n=block_n,
-                          block_k=block_k, num_warps=warps, num_stages=stages)
+def served(name: str, block: tuple[int, int, int, int, int] | None = None, interpret: bool = False, mesh=None,
+           placement: str = "split"):
+    """A served experts kernel (one of SERVED) as the engine runs it on the GPU (per device under shard_map on a
+    `mesh` of more than one); `block`: the Pallas kernel's block_m (0: by row count), block_n, block_k,
+    num_warps, num_stages (None: its defaults)."""
+    blocks = {}
+    if block is not None:
+        block_m, block_n, block_k, warps, stages = block
+        blocks = dict(block_m=block_m or None, block_n=block_n, block_k=block_k, num_warps=warps, num_stages=stages)
+    return experts_kernel("gpu", mesh, placement, name, interpret=interpret, **blocks)
 
 
-def implementation(name: str, mgpu_block=None, pallas_block=None, interpret: bool = False, mesh=None):
-    if name == "ragged_dot":
-        return routed_experts
-    if name == "pallas":
-        return pallas_experts(pallas_block, interpret, mesh)
+def implementation(name: str, mgpu_block=None, pallas_block=None, interpret: bool = False, mesh=None,
+                   placement: str = "split"):
+    if name in SERVED:
+        return served(name, pallas_block, interpret, mesh, placement)
     if name == "mgpu":
         return functools.partial(routed_experts, grouped=mgpu_grouped(mgpu_block))
-    return {"dense_loop": dense_loop, "gathered": gathered, "sliced": sliced}[name]
+    return {"dense_loop": dense_loop, "gathered": gathered}[name]
 
 
 def random_weights(num_experts: int, hidden: int, inter: int, dtype, seed: int = 0):
@@ -127,18 +117,12 @@ def random_layer(num_experts: int, hidden: int, inter: int, tokens: int, top_k: 
             *random_weights(num_experts, hidden, inter, dtype, seed))
 
 
-PLACEMENTS = {  # (gate_up [E, D, F, 2], down [E, F, D]) partition specs
-    "split": (PartitionSpec(None, None, TP_AXIS, None), PartitionSpec(None, TP_AXIS, None)),
-    "experts": (PartitionSpec(TP_AXIS, None, None, None), PartitionSpec(TP_AXIS, None, None)),
-}
-
-
 def placed(args, tp: int, placement: str):
     """`args` (x, weights, experts, gate_up, down) on a `tp` mesh: routing replicated, experts by `placement`."""
     mesh = make_mesh(tp)
     x, weights, experts, gate_up, down = args
     rep = NamedSharding(mesh, PartitionSpec())
-    gate_up_spec, down_spec = PLACEMENTS[placement]
+    gate_up_spec, down_spec = expert_specs(placement)
     return (*(jax.device_put(a, rep) for a in (x, weights, experts)),
             jax.device_put(gate_up, NamedSharding(mesh, gate_up_spec)), jax.device_put(down, NamedSharding(mesh, down_spec)))
 
@@ -151,26 +135,26 @@ def floor_seconds(experts, hidden, inter, itemsize, bandwidth, rate) -> float:
     return max(bytes_ / bandwidth, flops / rate)
 
 
-def _applies(name: str, pairs: int, tp: int, placement: str) -> bool:
-    """sliced: small batches only; beyond one device: XLA's ragged dot, and the Pallas kernel as served."""
+def _applies(name: str, pairs: int, tp: int) -> bool:
+    """sliced: small batches only; beyond one device: the served kernels."""
     if name == "sliced" and pairs > 128:
         return False
-    return tp == 1 or name == "ragged_dot" or (name == "pallas" and placement == "split")
+    return tp == 1 or name in SERVED
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxllm.bench.experts", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a MoE config.json (e.g. ../shared/configs/mixtral-8x7b.json)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 8192])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 512, 8192])
     p.add_argument("--impl", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
     p.add_argument("--mgpu-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=(64, 128, 64, 4, 1),
                    help="block_m,block_n,block_k,max_concurrent_steps,grid_block_n of the mgpu kernel")
     p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
                    help="block_m,block_n,block_k,num_warps,num_stages of our Pallas kernel (block_m 0: by row "
                         "count; default: the kernel's, as served)")
-    p.add_argument("--tp", type=int, default=1, help="devices (beyond 1: ragged_dot, and pallas when split)")
-    p.add_argument("--placement", choices=sorted(PLACEMENTS), default="split", help="experts across --tp devices")
+    p.add_argument("--tp", type=int, default=1, help="devices (beyond 1: the served kernels, as --tp serves them)")
+    p.add_argument("--placement", choices=EXPERT_PLACEMENTS, default="split", help="experts across --tp devices")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; checks the implementations agree")
     p.add_argument("--result-json", default=None)
@@ -195,42 +179,51 @@ def main(argv=None) -> int:
         floor = floor_seconds(args[2], config.hidden_size, m.intermediate_size, 2, bandwidth, rate) / ns.tp
         if ns.tp > 1:
             args = placed(args, ns.tp, ns.placement)
+        mesh = make_mesh(ns.tp) if ns.tp > 1 else None
+        local_experts = m.num_experts // ns.tp if ns.placement == "per_device" else m.num_experts
         for name in ns.impl:
-            if not _applies(name, tokens * m.top_k, ns.tp, ns.placement):
+            if not _applies(name, tokens * m.top_k, ns.tp):
                 continue
-            impl = implementation(name, ns.mgpu_block, ns.pallas_block, mesh=make_mesh(ns.tp) if ns.tp > 1 else None)
+            impl = implementation(name, ns.mgpu_block, ns.pallas_block, mesh=mesh, placement=ns.placement)
             fn = jax.jit(lambda *a, _f=impl: _f(*a, act))
             try:
                 seconds = median_seconds(lambda: fn(*args), ns.repeats)
             except Exception as e:  # noqa: BLE001  one implementation failing must not hide the others' rows
                 print(f"  {name} at {tokens} tokens failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            rows.append({"impl": name, "tp": ns.tp, "placement": ns.placement, "tokens": tokens, "ms": seconds * 1e3, "floor_ms": floor * 1e3,
-                         "of_floor": floor / seconds})
-    print(f"{'impl':>11} {'tokens':>7} {'ms':>9} {'floor ms':>9} {'of floor':>9}")
+            chose = kernel_for(tokens, tokens * m.top_k, local_experts) if name == "auto" else name
+            rows.append({"impl": name, "kernel": chose, "tp": ns.tp, "placement": ns.placement, "tokens": tokens,
+                         "ms": seconds * 1e3, "floor_ms": floor * 1e3, "of_floor": floor / seconds})
+    print(f"{'impl':>11} {'kernel':>11} {'tokens':>7} {'ms':>9} {'floor ms':>9} {'of floor':>9}")
     for r in rows:
-        print(f"{r['impl']:>11} {r['tokens']:>7} {r['ms']:>9.3f} {r['floor_ms']:>9.3f} {r['of_floor']:>9.2f}")
+        print(f"{r['impl']:>11} {r['kernel']:>11} {r['tokens']:>7} {r['ms']:>9.3f} {r['floor_ms']:>9.3f} "
+              f"{r['of_floor']:>9.2f}")
     if ns.result_json:
         Path(ns.result_json).write_text(json.dumps({"bandwidth": bandwidth, "matmul": rate, "rows": rows}, indent=2))
     return 0
 
 
 def smoke(ns) -> int:
-    """Every CPU-capable implementation against the model's path on tiny ragged routings."""
+    """Every CPU-capable implementation against the model's path on tiny ragged routings (the Pallas kernel in
+    interpret mode), and the served choice on 2 devices in both placements (tests/models/test_expert_kernels.py
+    checks each kernel in each placement)."""
     act = activation("silu")
+    pallas_block = (16, 16, 16, 4, 1)
     for tokens in (1, 5):
-        args = random_layer(4, 32, 48, tokens, 2, jnp.float32, seed=tokens)
+        args = random_layer(8, 32, 64, tokens, 2, jnp.float32, seed=tokens)
         expected = np.asarray(jax.jit(routed_experts, static_argnums=5)(*args, act))
-        for name in ("dense_loop", "gathered", "sliced", "pallas"):
-            impl = implementation(name, pallas_block=(16, 16, 16, 4, 1), interpret=True)
+        for name in ("auto", "sliced", "pallas", "dense_loop", "gathered"):
+            impl = implementation(name, pallas_block=pallas_block, interpret=True)
             got = np.asarray(jax.jit(impl, static_argnums=5)(*args, act))
             np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"{name} at {tokens} tokens")
-        print(f"{tokens} tokens: dense_loop, gathered, sliced and pallas agree with ragged_dot")
+        print(f"{tokens} tokens: auto ({kernel_for(tokens, 2 * tokens, 8)}), sliced, pallas, dense_loop and "
+              "gathered agree with ragged_dot")
         if len(jax.devices()) >= 2:
-            for placement in PLACEMENTS:
-                got = np.asarray(jax.jit(routed_experts, static_argnums=5)(*placed(args, 2, placement), act))
-                np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"tp 2, {placement}")
-            print(f"{tokens} tokens: ragged_dot on 2 devices (experts split, experts placed) agrees")
+            for placement in EXPERT_PLACEMENTS:
+                impl = implementation("auto", interpret=True, mesh=make_mesh(2), placement=placement)
+                got = np.asarray(jax.jit(impl, static_argnums=5)(*placed(args, 2, placement), act))
+                np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"tp 2, experts {placement}")
+            print(f"{tokens} tokens: auto on 2 devices (experts split, experts per device) agrees")
     return 0
 
 

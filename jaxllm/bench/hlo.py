@@ -29,7 +29,8 @@ from jaxllm.engine.step_shapes import StepShape
 from jaxllm.models import build_model
 from jaxllm.models.backends import attention_backend, resolve_modes
 from jaxllm.models.quant import with_weight_mode
-from jaxllm.parallel import kv_cache_spec, make_mesh
+from jaxllm.models.expert_kernels import experts_kernel
+from jaxllm.parallel import kv_cache_spec, make_mesh, with_expert_placement
 from jaxllm.weights import DATA_TYPES, abstract_params, param_shardings, random_params
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -80,11 +81,13 @@ def shrunk_config(path: str, layers: int, mode: list[str] = ()) -> ModelConfig:
 def bench_runner(config: ModelConfig, tp: int, rows: int, dtype: str, mode: list[str], interpret: bool = False,
                  abstract: bool = True) -> ModelRunner:
     """An engine's runner for steps of up to `rows` rows (or prefill tokens) at `--tp`: on abstract params (to
-    compile only) or random ones; `interpret`: the Pallas attention kernels (interpret mode) in place of the CPU's
-    plain-JAX attention."""
+    compile only) or random ones; `interpret`: the GPU's kernels (Pallas attention and experts, interpret mode) in
+    place of the CPU's plain-JAX attention and XLA ragged dot. MoE experts placed as the engine places them."""
     mesh = make_mesh(tp)
     platform = jax.devices()[0].platform
-    model = build_model(config, DATA_TYPES[dtype], attention_backend(mode, platform, interpret, mesh=mesh))
+    config = with_expert_placement(config)  # as the engine loads it ($JAXLLM_EXPERT_PLACEMENT)
+    experts = experts_kernel(platform, mesh, config.moe.placement, interpret=interpret) if config.moe else None
+    model = build_model(config, DATA_TYPES[dtype], attention_backend(mode, platform, interpret, mesh=mesh), experts)
     if abstract:
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               nn.unbox(abstract_params(model)), param_shardings(model, mesh, tp))

@@ -3,6 +3,8 @@ bytes each token reads, and 512 × (128 in / 128 out) against the compute roofli
 
 `python -m jaxllm.bench.models --model_dir DIR [jaxllm.serve flags] --result-json F` (random weights:
 `--load_format dummy`). One process builds the engine once for both workloads (start-up dominates a GPU run).
+It also records the KV cache's bytes per token and, for latent attention, those of a per-head cache of the same
+model. MoE under --tp: `JAXLLM_EXPERT_PLACEMENT=per_device` places whole experts per device (default split).
 """
 
 from __future__ import annotations
@@ -15,17 +17,20 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.bench.offline import run_offline
 from jaxllm.bench.step import measure_hbm_bandwidth, measure_matmul_rate
 from jaxllm.bench.workload import WorkloadSpec, build_workload
+from jaxllm.models import kv_bytes_per_token
 
 
-def decode_bytes_per_token(params, config, context: int) -> float:
+def decode_bytes_per_token(params, config, context: int, kv_bytes_per_token: float | None = None) -> float:
     """Bytes one batch-1 decode step reads: every stored weight byte (quantised leaves at their stored size)
     except the untied embedding table, of which one row is read, and except the experts the token is not
-    routed to (MoE: top_k of each layer's experts are read), plus the KV cache at `context` tokens."""
+    routed to (MoE: top_k of each layer's experts are read), plus the KV cache at `context` tokens
+    (`kv_bytes_per_token` each; default 16-bit values)."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
     total = sum(leaf.nbytes for _, leaf in leaves)
     for path, leaf in leaves:
@@ -34,8 +39,28 @@ def decode_bytes_per_token(params, config, context: int) -> float:
             total -= leaf.nbytes
         if config.moe is not None and "experts_" in name:  # [experts, ...] stacked expert weights
             total -= leaf.nbytes * (1 - config.moe.top_k / config.moe.num_experts)
-    kv = config.kv_values_per_token * context * 2
-    return float(total + kv)
+    if kv_bytes_per_token is None:
+        kv_bytes_per_token = config.kv_values_per_token * 2
+    return float(total + kv_bytes_per_token * context)
+
+
+def kv_cache_report(model) -> dict:
+    """The KV bytes per token of `model`'s cache and, for latent attention, of a cache of every head's keys
+    and values in the model's dtype (layers × heads × (key + value dims) × bytes)."""
+    report = {"kv_bytes_per_token": kv_bytes_per_token(model)}
+    config = model.config
+    if config.mla is not None:
+        report["per_head_kv_bytes_per_token"] = config.per_head_kv_values_per_token * jnp.dtype(model.dtype).itemsize
+    return report
+
+
+def format_kv(report: dict) -> str:
+    text = f"KV {report['kv_bytes_per_token'] / 1024:.1f} KiB/token"
+    per_head = report.get("per_head_kv_bytes_per_token")
+    if per_head is not None:
+        text += (f" (latent; a per-head cache {per_head / 1024:.1f} KiB/token, "
+                 f"{per_head / report['kv_bytes_per_token']:.1f}x)")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(ns.result_json, "w") as f:
         json.dump(result, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
     b, o = result["b1"], result["offline"]
-    print(f"{ns.model_dir} {' '.join(extra)}: HBM {result['bandwidth'] / 1e12:.2f} TB/s, "
-          f"matmul {result['matmul'] / 1e12:.0f} TFLOP/s | "
+    placement = f" (experts {result['expert_placement']})" if "expert_placement" in result else ""
+    print(f"{ns.model_dir} {' '.join(extra)}{placement}: HBM {result['bandwidth'] / 1e12:.2f} TB/s, "
+          f"matmul {result['matmul'] / 1e12:.0f} TFLOP/s | {format_kv(result)} | "
           f"b1 {1e3 / b['ms_per_token']:.1f} tok/s = {b['ms_per_token']:.2f} ms/token, floor {b['floor_ms']:.2f} ms "
           f"({b['of_floor']:.2f}) | 512x128/128 {o['output_throughput']:.0f} out tok/s, "
           f"{o['total_token_throughput']:.0f} total ({o['of_roofline']:.2f} of roofline)")
@@ -94,15 +120,22 @@ def _exclusive(path: str | None):
 
 def _measure(llm, ns, extra) -> dict:
     bandwidth, matmul = measure_hbm_bandwidth(ns.bandwidth_gib), measure_matmul_rate(ns.matmul_n)
-    config = llm.engine.runner.model.config
-    result = {"flags": extra, "bandwidth": bandwidth, "matmul": matmul, "num_params": config.num_params}
+    model = llm.engine.runner.model
+    config = model.config
+    result = {"flags": extra, "bandwidth": bandwidth, "matmul": matmul, "num_params": config.num_params,
+              **kv_cache_report(model)}
+    if config.moe is not None:
+        result["expert_placement"] = config.moe.placement
+    _progress(format_kv(result))  # known before any workload: in the log even if a run is cut
 
     b1 = list(build_workload(WorkloadSpec(num_prompts=1, input_len=128, output_len=ns.b1_output_len), None))
     run_offline(llm, b1)  # untimed: compiles what the workload meets
     _progress("batch-1 decode compiled")
     r = run_offline(llm, b1)
     ms_per_token = 1e3 * r["duration_s"] / r["total_output_tokens"]
-    floor_ms = 1e3 * decode_bytes_per_token(llm.engine.runner.params, config, 128 + ns.b1_output_len // 2) / bandwidth
+    context = 128 + ns.b1_output_len // 2
+    floor_ms = 1e3 * decode_bytes_per_token(llm.engine.runner.params, config, context,
+                                            result["kv_bytes_per_token"]) / bandwidth
     result["b1"] = {**r, "ms_per_token": ms_per_token, "floor_ms": floor_ms, "of_floor": floor_ms / ms_per_token}
 
     spec = WorkloadSpec(num_prompts=ns.offline_prompts, input_len=128, output_len=128)

@@ -21,6 +21,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.models import build_model, init_kv_cache, quant
 from jaxllm.models.quant import with_weight_mode
 from jaxllm.models.attention import AttentionMetadata
+from jaxllm.models.expert_kernels import KERNELS
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import DATA_TYPES, random_params
 
@@ -142,19 +143,16 @@ def roofline(config: ModelConfig, case: StepCase, itemsize: int, bandwidth: floa
 
 
 def _experts_kernel(ns):
-    if ns.experts == "ragged_dot":
-        return None  # lax.ragged_dot (the model's default)
-    from jaxllm.bench.experts import pallas_experts  # imported here: that module imports this one
+    from jaxllm.bench.experts import served  # imported here: that module imports this one
 
-    return pallas_experts(ns.pallas_block, interpret=jax.devices()[0].platform == "cpu")
+    return served(ns.experts, ns.pallas_block, interpret=jax.devices()[0].platform == "cpu")
 
 
 def _latent_note(config: ModelConfig, itemsize: int) -> str:
     """For latent attention: the per-token bytes of the per-head keys and values it replaces."""
-    a = config.mla
-    if a is None:
+    if config.mla is None:
         return ""
-    full = config.num_layers * config.num_heads * (a.nope_dim + a.rope_dim + a.v_dim) * itemsize
+    full = config.per_head_kv_values_per_token * itemsize
     return f" (latent; per-head keys and values would take {full / 1024:.1f} KiB, {full / (config.kv_values_per_token * itemsize):.1f}x)"
 
 
@@ -173,11 +171,10 @@ def main(argv=None) -> int:
                    help="compare weight modes in one run: 16bit and/or weight-quantisation modes (e.g. 16bit "
                         "triton_w8a16 triton_w4a16), each added to --mode; the table gives each one's speed-up")
     p.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (a shorter model)")
-    p.add_argument("--experts", choices=["pallas", "ragged_dot"], default="pallas",
-                   help="MoE models: the experts' grouped matmul (our Pallas kernel, as served on GPU, or XLA's "
-                        "ragged dot)")
+    p.add_argument("--experts", choices=KERNELS, default="auto",
+                   help="MoE models: the experts' kernel (auto: by token count, as served on GPU; or one of them)")
     p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
-                   help="with --experts pallas: block_m (0: by row count),block_n,block_k,num_warps,num_stages")
+                   help="the Pallas experts kernel's block_m (0: by row count),block_n,block_k,num_warps,num_stages")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--result-json", default=None)
     ns = p.parse_args(argv)

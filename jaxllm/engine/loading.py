@@ -20,7 +20,7 @@ from jaxllm.models.expert_kernels import experts_kernel
 from jaxllm.models.quant import with_weight_mode
 from jaxllm.models.registry import SCORE_ARCHITECTURES
 from jaxllm.models.vision.registry import vision_family
-from jaxllm.parallel import kv_cache_spec, make_mesh
+from jaxllm.parallel import kv_cache_spec, make_mesh, with_expert_placement
 from jaxllm.weights import DATA_TYPES, load_params
 
 
@@ -96,10 +96,12 @@ def load_model(args, devices=None, *, tokenizer: bool = True) -> LoadedModel:
         config.check_context(args.max_req_total_len)
         check_reward_flags(config, args)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
+        config = with_expert_placement(config)
         mesh = make_mesh(args.tp, devices)
         platform = jax.devices()[0].platform
         backend = attention_backend(args.mode, platform, mesh=mesh)
-        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh))
+        placement = config.moe.placement if config.moe is not None else "split"
+        model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh, placement))
     with phase(f"weights-{args.load_format}") as timer:
         params = load_params(model, args.model_dir, mesh, args.tp, args.load_format, load_way=args.load_way)
         jax.block_until_ready(params)

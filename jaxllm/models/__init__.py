@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import jax
+
 from jaxllm.config import ModelConfig
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata, ReferenceAttention
 from jaxllm.models.moe import routed_experts
@@ -18,6 +20,14 @@ def init_kv_cache(model, num_slots: int) -> tuple:
     return tuple(
         model.backend.init_layer_cache(num_slots, c.num_kv_heads, c.head_dim, model.dtype) for _ in range(c.num_layers)
     )
+
+
+def kv_bytes_per_token(model) -> float:
+    """Bytes `model`'s KV cache holds per token, all layers, in its backend's format (16-bit or int8 keys and
+    values with their scales, or a latent and rotary key)."""
+    size = lambda slots: sum(  # noqa: E731
+        a.size * a.dtype.itemsize for a in jax.tree.leaves(jax.eval_shape(lambda: init_kv_cache(model, slots))))
+    return (size(2047) - size(1023)) / 1024  # caches are allocated in whole rows of 8 slots (+ the scratch)
 
 
 def one_sequence(model, n: int) -> tuple:

@@ -45,19 +45,23 @@ def routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dens
     x [n, D]; weights, experts [n, k]; gate_up [E, D, F, 2] (each expert's gate and up columns interleaved,
     so `--tp`'s split of F keeps each device's gate and up columns together); down [E, F, D].
     The n·k (token, expert) pairs are sorted by expert and each projection is one grouped matmul
-    (`grouped(x [m, in], w [E, in, out], group_sizes [E])`, `layers.grouped_dense` unless a benchmark swaps it).
+    (`grouped(x [m, in], w [E, in, out], group_sizes [E])`, `layers.grouped_dense` unless a kernel swaps it).
+    A pair whose expert id is E or more is not computed and adds nothing: with experts placed per device
+    (`expert_kernels.py`), the pairs routed to other devices' experts.
     """
     n, k = experts.shape
     num_experts, d, f, _ = gate_up.shape
     flat = experts.reshape(-1)  # [n*k] pair p = token p // k, its (p % k)-th expert
-    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E] pairs per expert
+    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert; those of no expert here last
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E] pairs per expert (ids ≥ E dropped)
     h = grouped(x[order // k], merged_outputs(gate_up), sizes)  # [n*k, 2F]
     h = h.reshape(n * k, f, 2)
     h = act(h[..., 0]) * h[..., 1]  # [n*k, F]
     y = grouped(h, down, sizes)  # [n*k, D]
     y = y[jnp.argsort(order)].reshape(n, k, d)  # back to pair order
-    return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), weights).astype(x.dtype)
+    # Rows past the groups (pairs of no expert here) are zeros from ragged_dot but unwritten by a kernel.
+    y = jnp.where((experts < num_experts)[..., None], y.astype(jnp.float32), 0.0)
+    return jnp.einsum("nkd,nk->nd", y, weights).astype(x.dtype)
 
 
 def quantised_experts(x, weights, experts, gate_up, down, act):
@@ -79,7 +83,8 @@ class MoE(nn.Module):
         c, m = self.config, self.config.moe
         d, e, f = c.hidden_size, m.num_experts, m.intermediate_size
         router_dtype = jnp.float32 if m.router_float32 else self.dtype
-        router = param(self, "router", (d, e), ("embed", "experts"), router_dtype)
+        # The router is replicated whatever the experts' placement: its own axis name.
+        router = param(self, "router", (d, e), ("embed", "router_experts"), router_dtype)
         weights, experts = route(dense(x.astype(router_dtype), router, "nd,de->ne"), m)
         gate_up = param(self, "experts_gate_up_proj", (e, d, f, 2), ("experts", "embed", "expert_mlp", "stack"),
                         self.dtype)

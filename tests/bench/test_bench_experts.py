@@ -7,5 +7,5 @@ from jaxllm.bench import experts
 def test_smoke_implementations_agree(capsys):
     assert experts.main(["--smoke"]) == 0
     out = capsys.readouterr().out
-    assert "5 tokens: dense_loop, gathered, sliced and pallas agree with ragged_dot" in out
-    assert "5 tokens: ragged_dot on 2 devices (experts split, experts placed) agrees" in out
+    assert "5 tokens: auto (ragged_dot), sliced, pallas, dense_loop and gathered agree with ragged_dot" in out
+    assert "5 tokens: auto on 2 devices (experts split, experts per device) agrees" in out

@@ -1,5 +1,6 @@
 """`jaxllm.bench.models`' batch-1 floor and the configs' parameter counts on MoE and latent-attention models:
-the counts match the declared weights, and a MoE token reads only its top-k experts."""
+the counts match the declared weights, and a MoE token reads only its top-k experts; the KV bytes per token of
+the model's cache, and of a per-head cache for latent attention."""
 
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.bench.models import decode_bytes_per_token
+from jaxllm.bench.models import decode_bytes_per_token, format_kv, kv_cache_report
 from jaxllm.config import ModelConfig
 from jaxllm.models import build_model
 from jaxllm.weights import abstract_params
@@ -37,3 +38,13 @@ def test_real_configs_declare_their_published_parameter_counts(name, published):
     declared = sum(leaf.size for leaf in jax.tree.leaves(nn.unbox(abstract_params(build_model(config, jnp.bfloat16)))))
     assert declared == config.num_params
     assert declared == pytest.approx(published, rel=1e-3)
+
+
+def test_kv_bytes_per_token_of_the_cache_and_of_a_per_head_cache():
+    config = ModelConfig.from_hf_dict(json.loads((ASSETS / "deepseek-v2-lite.json").read_text()))
+    report = kv_cache_report(build_model(config, jnp.bfloat16))
+    # 27 layers × (latent 512 + rotary key 64) × 2 bytes; per head: 27 × 16 heads × (keys 128 + 64, values 128) × 2.
+    assert report == {"kv_bytes_per_token": 27 * 576 * 2, "per_head_kv_bytes_per_token": 27 * 16 * 320 * 2}
+    assert format_kv(report) == "KV 30.4 KiB/token (latent; a per-head cache 270.0 KiB/token, 8.9x)"
+    mixtral = ModelConfig.from_hf_dict(FAMILIES["mixtral"])  # 2 layers, 2 KV heads of 16, float32
+    assert kv_cache_report(build_model(mixtral, jnp.float32)) == {"kv_bytes_per_token": 2 * 2 * 2 * 16 * 4}

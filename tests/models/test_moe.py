@@ -59,7 +59,7 @@ def test_what_is_not_built_is_refused_by_name():
 
 
 def test_model_with_the_pallas_experts_kernel_gives_the_same_logits():
-    """The experts kernel served on GPU (`expert_kernels.experts_kernel`: our Pallas grouped matmul, per
+    """The GPU's experts kernel for large steps (`expert_kernels.experts_kernel`: our Pallas grouped matmul, per
     device under shard_map at --tp 2), in interpret mode, in a whole Mixtral step: ragged_dot's logits."""
     from jaxllm.config import ModelConfig
     from jaxllm.models import build_model, init_kv_cache
@@ -73,7 +73,8 @@ def test_model_with_the_pallas_experts_kernel_gives_the_same_logits():
     tp = 2
     mesh = make_mesh(tp)
     served = build_model(config, jnp.float32)
-    swapped = build_model(config, jnp.float32, experts_kernel=experts_kernel("cpu", mesh, interpret=True))
+    swapped = build_model(config, jnp.float32, experts_kernel=experts_kernel("cpu", mesh, kernel="pallas",
+                                                                             interpret=True))
     params = random_params(served, mesh, tp, seed=5)
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, size=11), jnp.int32)
     outs = [jax.jit(lambda p, m=model: m.apply({"params": p}, tokens, prefill_meta(11, 16), init_kv_cache(m, 16),

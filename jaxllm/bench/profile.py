@@ -1,0 +1,109 @@
+"""Where a step's device time goes: `python -m jaxllm.bench.profile --model_dir DIR [--prompts N] [jaxllm.serve
+flags]` runs N prompts (128 in / `--output-len` out) through the in-process engine once untimed (compiling what
+they meet), then again under `jax.profiler.trace`, and prints the device's kernels by total time per engine step:
+calls per step, µs per step, share of the device's busy time, and the device's busy time against the wall time
+of a step (below 1: the host or launch gaps bound the step).
+
+The trace is read from the Perfetto JSON that `jax.profiler` writes beside its XSpace (`create_perfetto_trace`):
+complete events ("ph": "X") of every process whose name names a GPU (`/device:GPU:0`, streams as threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+import tempfile
+
+_DEVICE_PROCESS = re.compile(r"/device:(GPU|TPU)", re.IGNORECASE)
+
+
+def process_names(trace: dict) -> dict:
+    """pid → the process's name, from the trace's metadata events."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return {e["pid"]: e.get("args", {}).get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+
+
+def device_events(trace: dict) -> list[dict]:
+    """The complete events of the trace's device processes (kernels, copies, collectives)."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    device_pids = {pid for pid, name in process_names(trace).items() if _DEVICE_PROCESS.search(name)}
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids and "dur" in e]
+
+
+def busy_us(events: list[dict]) -> float:
+    """Microseconds during which at least one device event ran (overlapping streams counted once)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def kernel_table(events: list[dict], steps: int, top: int) -> list[tuple[str, float, float, float]]:
+    """(name, calls per step, µs per step, share of the summed event time), the `top` longest first."""
+    calls, time_us = collections.Counter(), collections.Counter()
+    for e in events:
+        calls[e["name"]] += 1
+        time_us[e["name"]] += e["dur"]
+    total = sum(time_us.values()) or 1.0
+    return [(name, calls[name] / steps, us / steps, us / total) for name, us in time_us.most_common(top)]
+
+
+def read_trace(directory: pathlib.Path) -> dict:
+    found = sorted(directory.rglob("*.trace.json.gz")) + sorted(directory.rglob("perfetto_trace.json.gz"))
+    if not found:
+        raise SystemExit(f"no Perfetto trace was written under {directory}")
+    with gzip.open(found[-1], "rt") as f:
+        return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--prompts", type=int, default=1, help="prompts at once (1: batch-1 decode)")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
+    ns, extra = p.parse_known_args(argv)
+
+    import jax
+
+    from jaxllm import LLM
+    from jaxllm.bench.__main__ import _engine_overrides
+    from jaxllm.bench.offline import run_offline
+    from jaxllm.bench.workload import WorkloadSpec, build_workload
+
+    llm = LLM(ns.model_dir, warmup=0, **_engine_overrides(extra))
+    requests = list(build_workload(WorkloadSpec(num_prompts=ns.prompts, input_len=ns.input_len,
+                                                output_len=ns.output_len), None))
+    run_offline(llm, requests)  # untimed: compiles every shape the workload meets
+    directory = pathlib.Path(ns.trace_dir or tempfile.mkdtemp(prefix="jaxllm-profile-"))
+    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+        r = run_offline(llm, requests)
+    llm.close()
+    trace = read_trace(directory)
+    events = device_events(trace)
+    if not events:
+        raise SystemExit(f"no device events in the trace under {directory}; its processes: {process_names(trace)}")
+    steps = max(r["steps"], 1)
+    wall_us = 1e6 * r["duration_s"] / steps
+    busy = busy_us(events) / steps
+    print(f"{ns.model_dir} {' '.join(extra)}: {ns.prompts} prompts, {steps} steps, wall {wall_us:.0f} µs/step, "
+          f"device busy {busy:.0f} µs/step ({busy / wall_us:.2f}), host {r['host_ms_per_step']:.2f} ms/step, "
+          f"{len(events)} device events")
+    print(f"{'calls/step':>10} {'µs/step':>9} {'share':>6}  kernel")
+    for name, calls, us, share in kernel_table(events, steps, ns.top):
+        print(f"{calls:10.1f} {us:9.1f} {share:6.1%}  {name[:140]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
