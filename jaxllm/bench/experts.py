@@ -17,9 +17,10 @@ batches are memory-bound) and the FLOPs they must do (large batches).
 `--tp N` runs the served kernels (`auto`, `sliced`, `ragged_dot`, `pallas`) per device on N devices as `--tp`
 serves them, the experts placed by `--placement`: `split` (each expert's intermediate axis split across the
 devices) or `per_device` (whole experts on each device; `JAXLLM_EXPERT_PLACEMENT` chooses it for the server).
-`--quant SCHEME` (w8a16, w4a16, w8a8, fp8_w8a8) adds `quantised`: the experts quantised as a weight `--mode`
-stores them, through the product the model serves them with (`jaxllm/models/qgrouped.py`, one device), its floor
-at the quantised bytes.
+`--quant SCHEME` (w8a16, w4a16, w8a8, fp8_w8a8) adds `quantised-auto`: the experts quantised as a weight `--mode`
+stores them, through the products the model serves them with (`jaxllm/models/qgrouped.py`, one device), its
+floor at the quantised bytes; for w8a16 also `quantised-xla` and `quantised-pallas`, each of its two products
+at every token count (what `qgrouped.PALLAS_MIN_ROWS` should be set from).
 `--smoke` runs tiny shapes on the CPU and checks that the implementations (and placements) agree.
 """
 
@@ -39,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxllm.bench.step import measure_hbm_bandwidth, measure_matmul_rate, median_seconds
 from jaxllm.config import ModelConfig
 from jaxllm.models.expert_kernels import KERNELS as SERVED, experts_kernel, kernel_for
-from jaxllm.models import quant
+from jaxllm.models import qgrouped, quant
 from jaxllm.models.layers import activation
 from jaxllm.models.moe import quantised_experts, routed_experts
 from jaxllm.parallel import EXPERT_PLACEMENTS, expert_specs, make_mesh
@@ -209,14 +210,18 @@ def main(argv=None) -> int:
             rows.append({"impl": name, "kernel": chose, "tp": ns.tp, "placement": ns.placement, "tokens": tokens,
                          "ms": seconds * 1e3, "floor_ms": floor * 1e3, "of_floor": floor / seconds})
         if ns.quant and ns.tp == 1:
-            fn = jax.jit(lambda *a: quantised_experts(*a, act))
-            seconds = median_seconds(lambda: fn(*args[:3], *quantised), ns.repeats)
             floor = floor_seconds(args[2], config.hidden_size, m.intermediate_size, quant_itemsize, bandwidth, rate)
-            rows.append({"impl": "quantised", "kernel": ns.quant, "tp": 1, "placement": ns.placement,
-                         "tokens": tokens, "ms": seconds * 1e3, "floor_ms": floor * 1e3, "of_floor": floor / seconds})
-    print(f"{'impl':>11} {'kernel':>11} {'tokens':>7} {'ms':>9} {'floor ms':>9} {'of floor':>9}")
+            # w8a16: as served (auto) and each of its two products
+            for int8_kernel in qgrouped.INT8_KERNELS if ns.quant == "w8a16" else ("auto",):
+                grouped = functools.partial(qgrouped.grouped_dot, int8_kernel=int8_kernel)
+                fn = jax.jit(lambda *a, _g=grouped: routed_experts(*a, act, grouped=_g))
+                seconds = median_seconds(lambda: fn(*args[:3], *quantised), ns.repeats)
+                rows.append({"impl": f"quantised-{int8_kernel}", "kernel": ns.quant, "tp": 1,
+                             "placement": ns.placement, "tokens": tokens, "ms": seconds * 1e3,
+                             "floor_ms": floor * 1e3, "of_floor": floor / seconds})
+    print(f"{'impl':>16} {'kernel':>11} {'tokens':>7} {'ms':>9} {'floor ms':>9} {'of floor':>9}")
     for r in rows:
-        print(f"{r['impl']:>11} {r['kernel']:>11} {r['tokens']:>7} {r['ms']:>9.3f} {r['floor_ms']:>9.3f} "
+        print(f"{r['impl']:>16} {r['kernel']:>11} {r['tokens']:>7} {r['ms']:>9.3f} {r['floor_ms']:>9.3f} "
               f"{r['of_floor']:>9.2f}")
     if ns.result_json:
         Path(ns.result_json).write_text(json.dumps({"bandwidth": bandwidth, "matmul": rate, "rows": rows}, indent=2))

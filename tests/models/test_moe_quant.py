@@ -43,11 +43,11 @@ def _ragged_reference(x, w, sizes):
     return out
 
 
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_grouped_product_of_each_scheme_matches_its_plain_form(scheme):
+@pytest.mark.parametrize("scheme,int8_kernel", [(s, "auto") for s in SCHEMES] + [("w8a16", "pallas")])
+def test_grouped_product_of_each_scheme_matches_its_plain_form(scheme, int8_kernel):
     """[E, K, F, 2] experts quantised, merged to [E, K, 2F], times rows ragged by expert (one expert empty):
     the weights dequantised, and for w8a8 / fp8 the rows as quantised per row, in a plain per-group product;
-    each expert quantised as the dense weight would be."""
+    each expert quantised as the dense weight would be. w8a16 also by the Pallas kernel (interpret mode on the CPU)."""
     rng = np.random.default_rng(3)
     experts, k, f = 4, 64, 24
     w = jnp.asarray(rng.normal(size=(experts, k, f, 2)), jnp.float32)
@@ -63,7 +63,7 @@ def test_grouped_product_of_each_scheme_matches_its_plain_form(scheme):
             x_q, x_scale = quantise(x)
             rows = x_q.astype(jnp.float32) * x_scale[:, None]
         dense = quant.quantize(w[2], quant.WeightQuant(scheme), in_axes=1)
-        return (q, grouped_dot(x, merged_outputs(q), jnp.asarray(sizes)), rows,
+        return (q, grouped_dot(x, merged_outputs(q), jnp.asarray(sizes), int8_kernel=int8_kernel), rows,
                 quant.dequantize(q).reshape(experts, k, 2 * f), dense)
 
     q, got, rows, dequantised, dense = run(w, x)
