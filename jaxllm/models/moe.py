@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig, Moe
 from jaxllm.models import quant
 from jaxllm.models.layers import MLP, activation, dense, grouped_dense, param
+from jaxllm.models.qdot import kernels_enabled
 from jaxllm.models.qgrouped import grouped_dot, merged_outputs
 
 
@@ -65,7 +66,13 @@ def routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dens
 
 
 def quantised_experts(x, weights, experts, gate_up, down, act):
-    """`routed_experts` on quantised experts (`jaxllm/models/quant.py` types with one leading experts axis)."""
+    """`routed_experts` on quantised experts (`jaxllm/models/quant.py` types with one leading experts axis); on
+    a single GPU, the few pairs for which the 16-bit experts take `expert_kernels.sliced_experts` take it too
+    (each pair reads only its expert's quantised weight)."""
+    from jaxllm.models import expert_kernels  # it imports this module
+
+    if kernels_enabled() and expert_kernels.kernel_for(x.shape[0], experts.size, gate_up.shape[0]) == "sliced":
+        return expert_kernels.sliced_experts(x, weights, experts, gate_up, down, act)
     return routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dot)
 
 

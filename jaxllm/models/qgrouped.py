@@ -51,6 +51,13 @@ def merged_outputs(w):
     return w.replace(data=w.data.reshape(w.data.shape[0], -1, w.data.shape[-1]), scale=_merge_from(w.scale, 1))
 
 
+def expert_of(w, e):
+    """Expert `e` (a traced index) of stacked matrices [E, ...]: its plain matrix, or its quantised weight alone
+    (what `qdot.dot` multiplies)."""
+    take = lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)  # noqa: E731
+    return jax.tree.map(take, w).replace(lead_axes=0) if quant.is_quantised(w) else take(w)
+
+
 def _merge_from(a, axis: int):
     return a.reshape(*a.shape[:axis], -1)
 

@@ -74,6 +74,29 @@ def test_grouped_product_of_each_scheme_matches_its_plain_form(scheme, int8_kern
         np.testing.assert_array_equal(np.asarray(expert_field[2]), np.asarray(field))
 
 
+def test_sliced_pairs_match_the_grouped_products():
+    """`expert_kernels.sliced_experts` (a single GPU's path for a few pairs: one `qdot.dot` per pair of its
+    expert's quantised weight) gives the grouped products' result: a decode token's top-2 of 4, int8 and int4
+    weights (w8a8 and fp8 differ from them in `qdot.dot` only, checked in test_quant.py)."""
+    from jaxllm.bench.experts import random_layer
+    from jaxllm.models.expert_kernels import sliced_experts
+    from jaxllm.models.layers import activation
+    from jaxllm.models.moe import routed_experts
+
+    x, weights, experts, gate_up, down = random_layer(4, 64, 32, 1, 2, jnp.float32, seed=4)
+    act = activation("silu")
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def both(scheme, x, weights, experts, gate_up, down):
+        q = [quant.quantize(w, quant.WeightQuant(scheme), 1, 1) for w in (gate_up, down)]
+        return (sliced_experts(x, weights, experts, *q, act),
+                routed_experts(x, weights, experts, *q, act, grouped=grouped_dot))
+
+    for scheme in WEIGHT_ONLY:
+        sliced, grouped = both(scheme, x, weights, experts, gate_up, down)
+        np.testing.assert_allclose(np.asarray(sliced), np.asarray(grouped), atol=1e-5, rtol=1e-5, err_msg=scheme)
+
+
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2"])
 def family(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
