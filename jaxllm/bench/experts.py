@@ -20,7 +20,7 @@ devices) or `per_device` (whole experts on each device; `JAXLLM_EXPERT_PLACEMENT
 `--quant SCHEME` (w8a16, w4a16, w8a8, fp8_w8a8) adds `quantised-auto`: the experts quantised as a weight `--mode`
 stores them, through the products the model serves them with (`jaxllm/models/qgrouped.py`, one device), its
 floor at the quantised bytes; for w8a16 also `quantised-xla` and `quantised-pallas`, each of its two products
-at every token count (what `qgrouped.PALLAS_MIN_ROWS` should be set from).
+at every token count without the sliced pairs (what `qgrouped.PALLAS_MIN_ROWS` should be set from).
 `--smoke` runs tiny shapes on the CPU and checks that the implementations (and placements) agree.
 """
 
@@ -211,10 +211,11 @@ def main(argv=None) -> int:
                          "ms": seconds * 1e3, "floor_ms": floor * 1e3, "of_floor": floor / seconds})
         if ns.quant and ns.tp == 1:
             floor = floor_seconds(args[2], config.hidden_size, m.intermediate_size, quant_itemsize, bandwidth, rate)
-            # w8a16: as served (auto) and each of its two products
+            # as served (auto: `moe.quantised_experts`, sliced pairs included) and, for w8a16, each grouped product
             for int8_kernel in qgrouped.INT8_KERNELS if ns.quant == "w8a16" else ("auto",):
                 grouped = functools.partial(qgrouped.grouped_dot, int8_kernel=int8_kernel)
-                fn = jax.jit(lambda *a, _g=grouped: routed_experts(*a, act, grouped=_g))
+                fn = jax.jit(lambda *a, _g=grouped: routed_experts(*a, act, grouped=_g)) if int8_kernel != "auto" \
+                    else jax.jit(lambda *a: quantised_experts(*a, act))
                 seconds = median_seconds(lambda: fn(*args[:3], *quantised), ns.repeats)
                 rows.append({"impl": f"quantised-{int8_kernel}", "kernel": ns.quant, "tp": 1,
                              "placement": ns.placement, "tokens": tokens, "ms": seconds * 1e3,
