@@ -1,6 +1,6 @@
-"""Child processes of jaxllm (the engine core, the per-device followers of --nccl_port): a fresh interpreter
-running `python -m MODULE FD ...`, FD its end of a socket pair, that dies with its parent (Linux); and `Channel`,
-length-prefixed pickles over such a socket."""
+"""Child processes of jaxllm (the engine core, the per-device followers of --nccl_port, the grammar mask
+worker): a fresh interpreter running `python -m MODULE FD ...`, FD its end of a socket pair, that dies with its
+parent (Linux); and `Channel`, length-prefixed pickles over such a socket."""
 
 from __future__ import annotations
 
@@ -27,12 +27,25 @@ def die_with_parent() -> None:
 
 def spawn(module: str, *argv: str, env: dict | None = None) -> tuple[subprocess.Popen, socket.socket]:
     """Start `python -m module FD *argv`; returns the process and our end of its socket pair."""
-    ours, theirs = socket.socketpair()
-    command = [sys.executable, "-m", module, str(theirs.fileno()), *argv]
-    proc = subprocess.Popen(command, pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent,
-                            env=env if env is not None else dict(os.environ))
-    theirs.close()
+    proc, (ours,) = spawn_with(module, list(argv), env=env)
     return proc, ours
+
+
+def spawn_with(module: str, argv: list[str], *, sockets: int = 1, pass_fds: tuple[int, ...] = (),
+               tied_to_thread: bool = True, env: dict | None = None) -> tuple[subprocess.Popen, list[socket.socket]]:
+    """Start `python -m module FD1 .. FDn *argv` with n socket pairs (and `pass_fds` open in the child, named
+    in argv by the caller); returns the process and our ends of the pairs. tied_to_thread: the child dies with
+    the calling thread (die_with_parent); a child started from a short-lived thread says False, and ends when
+    its sockets close instead (its parent process exiting closes them)."""
+    pairs = [socket.socketpair() for _ in range(sockets)]
+    theirs = [t.fileno() for _, t in pairs]
+    command = [sys.executable, "-m", module, *map(str, theirs), *argv]
+    proc = subprocess.Popen(command, pass_fds=(*theirs, *pass_fds),
+                            preexec_fn=die_with_parent if tied_to_thread else None,
+                            env=env if env is not None else dict(os.environ))
+    for _, t in pairs:
+        t.close()
+    return proc, [ours for ours, _ in pairs]
 
 
 class Channel:

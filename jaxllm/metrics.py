@@ -378,9 +378,12 @@ def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s:
         hit_rate = "n/a"
     constrained = cur.get("constrained_steps", 0) - prev.get("constrained_steps", 0)
     grammar = ""
-    if constrained:  # the host time building allowed-token masks (grammars, token healing) per such step
+    if constrained:  # the time building allowed-token masks (grammars, token healing) per such step
         per_step_ms = 1000.0 * (cur["mask_s"] - prev.get("mask_s", 0.0)) / constrained
         grammar = f", token masks: {per_step_ms:.2f} ms/step over {constrained:.0f} constrained steps"
+        if "mask_wait_s" in cur:  # the engine thread's waits for the mask worker's answers
+            waited_ms = 1000.0 * (cur["mask_wait_s"] - prev.get("mask_wait_s", 0.0)) / constrained
+            grammar += f", engine waited {waited_ms:.2f} ms/step"
         steps = cur.get("steps", 0) - prev.get("steps", 0)
         if steps and "host_s" in cur:  # is the host (masks included) keeping the device busy?
             host_ms = 1000.0 * (cur["host_s"] - prev.get("host_s", 0.0)) / steps

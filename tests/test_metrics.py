@@ -352,8 +352,8 @@ def test_stats_logger_thread_logs_every_interval(caplog):
 
 
 def test_format_stats_constrained_steps_report_masks_and_host_time():
-    prev = engine_stats(constrained_steps=10, mask_s=0.01, steps=20, host_s=0.1, steps_after_idle=2)
-    cur = engine_stats(constrained_steps=30, mask_s=0.05, steps=60, host_s=0.3, steps_after_idle=12)
+    prev = engine_stats(constrained_steps=10, mask_s=0.01, steps=20, host_s=0.1, steps_after_idle=2, mask_wait_s=0.002)
+    cur = engine_stats(constrained_steps=30, mask_s=0.05, steps=60, host_s=0.3, steps_after_idle=12, mask_wait_s=0.012)
     line = format_stats(prev, cur, 5.0)
-    assert line.endswith("token masks: 2.00 ms/step over 20 constrained steps"
+    assert line.endswith("token masks: 2.00 ms/step over 20 constrained steps, engine waited 0.50 ms/step"
                          " (all steps: host 5.00 ms/step, 25% launched on an idle device)")

@@ -2,7 +2,9 @@
 # Constrained decoding and token healing on the GPU (issues 23 and 15), the Llama-3-8B config with random weights:
 #   TPOT of 64 concurrent JSON-schema requests (jaxllm/bench/schemas/records.json, at least 64 records, so every
 #   answer runs to its length) against 64 unconstrained ones, and the host time the engine spends building the
-#   allowed-token masks per constrained step (the server's stats line: "token masks: X ms/step");
+#   allowed-token masks per constrained step (the server's stats line: "token masks: X ms/step, engine waited
+#   Y ms/step": the mask worker's fill, and the engine thread's wait for it), and the round trip to the worker
+#   (python -m jaxllm.bench.masks);
 #   TTFT of single 512-token requests without and with --token_healing_mode.
 # JSON under $OUT (tables and server logs under $LOGS), a table last. The device needs the llguidance wheel.
 # Usage on the device machine (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_constrain_bench.sh
@@ -26,6 +28,9 @@ bench free_64 "${BATCH[@]}" --seed 1
 bench schema_64 "${BATCH[@]}" --seed 1 --json-schema "$SCHEMA"
 sleep 6  # one more stats line
 grep -o "token masks: .*" "$LOGS/server_constrain.log" | tail -3 | tee "$LOGS/mask_time.txt"
+# The round trip to the mask worker and its fill, without a model, at the config's mask width:
+WORDS=$($PY -c "import json, sys; print((json.load(open(sys.argv[1]))['vocab_size'] + 31) // 32)" "$MODEL/config.json")
+$PY -m jaxllm.bench.masks --tokenizer "$MODEL" --words "$WORDS" 2>&1 | tail -7 | tee -a "$LOGS/mask_time.txt"
 bench warmup_single "${SINGLE[@]}" --seed 8 > /dev/null
 bench ttft_plain "${SINGLE[@]}" --seed 2
 stop_server

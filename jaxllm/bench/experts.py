@@ -17,6 +17,10 @@ batches are memory-bound) and the FLOPs they must do (large batches).
 `--tp N` runs the served kernels (`auto`, `sliced`, `ragged_dot`, `pallas`) per device on N devices as `--tp`
 serves them, the experts placed by `--placement`: `split` (each expert's intermediate axis split across the
 devices) or `per_device` (whole experts on each device; `JAXLLM_EXPERT_PLACEMENT` chooses it for the server).
+`--quant SCHEME` (w8a16, w4a16, w8a8, fp8_w8a8) adds `quantised-auto`: the experts quantised as a weight `--mode`
+stores them, through the products the model serves them with (`jaxllm/models/qgrouped.py`, one device), its
+floor at the quantised bytes; for w8a16 also `quantised-xla` and `quantised-pallas`, each of its two products
+at every token count without the sliced pairs (what `qgrouped.PALLAS_MIN_ROWS` should be set from).
 `--smoke` runs tiny shapes on the CPU and checks that the implementations (and placements) agree.
 """
 
@@ -36,8 +40,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxllm.bench.step import measure_hbm_bandwidth, measure_matmul_rate, median_seconds
 from jaxllm.config import ModelConfig
 from jaxllm.models.expert_kernels import KERNELS as SERVED, experts_kernel, kernel_for
+from jaxllm.models import qgrouped, quant
 from jaxllm.models.layers import activation
-from jaxllm.models.moe import routed_experts
+from jaxllm.models.moe import quantised_experts, routed_experts
 from jaxllm.parallel import EXPERT_PLACEMENTS, expert_specs, make_mesh
 
 IMPLEMENTATIONS = (*SERVED, "mgpu", "dense_loop", "gathered")
@@ -127,6 +132,12 @@ def placed(args, tp: int, placement: str):
             jax.device_put(gate_up, NamedSharding(mesh, gate_up_spec)), jax.device_put(down, NamedSharding(mesh, down_spec)))
 
 
+def quantised_layer(gate_up, down, scheme: str):
+    """The experts' weights as a weight `--mode` of `scheme` stores them, and their bytes per weight."""
+    q = tuple(jax.jit(lambda w: quant.quantize(w, quant.WeightQuant(scheme), 1, 1))(w) for w in (gate_up, down))
+    return q, quant.nbytes(q) / (gate_up.size + down.size)
+
+
 def floor_seconds(experts, hidden, inter, itemsize, bandwidth, rate) -> float:
     """max(bytes of the distinct experts routed to / bandwidth, FLOPs of the routed pairs / matmul rate)."""
     touched = len(np.unique(np.asarray(experts)))
@@ -155,6 +166,8 @@ def main(argv=None) -> int:
                         "count; default: the kernel's, as served)")
     p.add_argument("--tp", type=int, default=1, help="devices (beyond 1: the served kernels, as --tp serves them)")
     p.add_argument("--placement", choices=EXPERT_PLACEMENTS, default="split", help="experts across --tp devices")
+    p.add_argument("--quant", choices=quant.SCHEMES, default=None,
+                   help="also time the experts quantised in this scheme (`quantised`; one device)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU; checks the implementations agree")
     p.add_argument("--result-json", default=None)
@@ -173,6 +186,8 @@ def main(argv=None) -> int:
           f"{m.intermediate_size}], top {m.top_k}; tp {ns.tp}" + (f" (experts {ns.placement})" if ns.tp > 1 else ""))
     rows = []
     layer_weights = random_weights(m.num_experts, config.hidden_size, m.intermediate_size, dtype)
+    if ns.quant and ns.tp == 1:
+        quantised, quant_itemsize = quantised_layer(*layer_weights, ns.quant)
     for tokens in ns.tokens:
         args = (*random_routing(tokens, m.num_experts, config.hidden_size, m.top_k, dtype), *layer_weights)
         # Each of --tp devices reads and multiplies its share (perfectly balanced: the floor).
@@ -194,9 +209,20 @@ def main(argv=None) -> int:
             chose = kernel_for(tokens, tokens * m.top_k, local_experts) if name == "auto" else name
             rows.append({"impl": name, "kernel": chose, "tp": ns.tp, "placement": ns.placement, "tokens": tokens,
                          "ms": seconds * 1e3, "floor_ms": floor * 1e3, "of_floor": floor / seconds})
-    print(f"{'impl':>11} {'kernel':>11} {'tokens':>7} {'ms':>9} {'floor ms':>9} {'of floor':>9}")
+        if ns.quant and ns.tp == 1:
+            floor = floor_seconds(args[2], config.hidden_size, m.intermediate_size, quant_itemsize, bandwidth, rate)
+            # as served (auto: `moe.quantised_experts`, sliced pairs included) and, for w8a16, each grouped product
+            for int8_kernel in qgrouped.INT8_KERNELS if ns.quant == "w8a16" else ("auto",):
+                grouped = functools.partial(qgrouped.grouped_dot, int8_kernel=int8_kernel)
+                fn = jax.jit(lambda *a, _g=grouped: routed_experts(*a, act, grouped=_g)) if int8_kernel != "auto" \
+                    else jax.jit(lambda *a: quantised_experts(*a, act))
+                seconds = median_seconds(lambda: fn(*args[:3], *quantised), ns.repeats)
+                rows.append({"impl": f"quantised-{int8_kernel}", "kernel": ns.quant, "tp": 1,
+                             "placement": ns.placement, "tokens": tokens, "ms": seconds * 1e3,
+                             "floor_ms": floor * 1e3, "of_floor": floor / seconds})
+    print(f"{'impl':>16} {'kernel':>11} {'tokens':>7} {'ms':>9} {'floor ms':>9} {'of floor':>9}")
     for r in rows:
-        print(f"{r['impl']:>11} {r['kernel']:>11} {r['tokens']:>7} {r['ms']:>9.3f} {r['floor_ms']:>9.3f} "
+        print(f"{r['impl']:>16} {r['kernel']:>11} {r['tokens']:>7} {r['ms']:>9.3f} {r['floor_ms']:>9.3f} "
               f"{r['of_floor']:>9.2f}")
     if ns.result_json:
         Path(ns.result_json).write_text(json.dumps({"bandwidth": bandwidth, "matmul": rate, "rows": rows}, indent=2))
@@ -218,6 +244,11 @@ def smoke(ns) -> int:
             np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4, err_msg=f"{name} at {tokens} tokens")
         print(f"{tokens} tokens: auto ({kernel_for(tokens, 2 * tokens, 8)}), sliced, pallas, dense_loop and "
               "gathered agree with ragged_dot")
+        (q_gate_up, q_down), _ = quantised_layer(*args[3:], "w8a16")
+        got = np.asarray(jax.jit(quantised_experts, static_argnums=5)(*args[:3], q_gate_up, q_down, act))
+        dequantised = np.asarray(jax.jit(routed_experts, static_argnums=5)(
+            *args[:3], quant.dequantize(q_gate_up), quant.dequantize(q_down), act))
+        np.testing.assert_allclose(got, dequantised, atol=1e-4, rtol=1e-4, err_msg=f"w8a16 at {tokens} tokens")
         if len(jax.devices()) >= 2:
             for placement in EXPERT_PLACEMENTS:
                 impl = implementation("auto", interpret=True, mesh=make_mesh(2), placement=placement)

@@ -310,11 +310,13 @@ class EngineClient:
             except Exception:  # noqa: BLE001 - a listener must not stop the receiver
                 log.exception("step listener %r failed", listener)
 
-    def _answer(self, call_id: int, error: str | None) -> None:
+    def _answer(self, call_id: int, error: str | None, unavailable: bool = False) -> None:
+        """A call's answer: None, or why the request is invalid (or, `unavailable`, why the core could not
+        answer it: a 503)."""
         with self._lock:
             call = self._calls.pop(call_id, None)
         if call is not None:
-            call[1] = ("answer", error)
+            call[1] = ("down" if unavailable else "answer", error)
             call[0].set()
 
     def _go_down(self, reason: str) -> None:

@@ -159,6 +159,9 @@ def _serve(engine, sink: CoreSink, channel: QueuedChannel) -> None:
                     channel.send(("reply", call_id, None))
                 except ValueError as err:
                     channel.send(("reply", call_id, str(err)))
+                except Exception as err:  # noqa: BLE001 - e.g. the grammar worker could not start: a 503
+                    log.exception("grammar check failed")
+                    channel.send(("reply", call_id, f"{type(err).__name__}: {err}", True))
             elif kind == "stop":
                 return
             else:

@@ -17,12 +17,13 @@ from concurrent.futures import Future
 
 from jaxllm import multiprocess
 from jaxllm.engine.beam import BeamSearch
+from jaxllm.engine.constraints import release_constraint
 from jaxllm.engine.events import EventMaker, final_event
-from jaxllm.engine.grammar import GrammarCompiler
 from jaxllm.engine.group import SequenceGroup, member_params
 from jaxllm.engine.image_cache import ImageCache
 from jaxllm.engine.image_stage import ImageStage
 from jaxllm.engine.kv_cache import KVCache
+from jaxllm.engine.mask_client import Grammars
 from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, load_model
 from jaxllm.weights import placed_shapes
 from jaxllm.engine.prefix_cache import PrefixCache
@@ -88,7 +89,7 @@ class Engine(StepLoop, StepReader):
         self._await_weights(loading)
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode, text_elsewhere=sink is not None)
-        self._grammars: GrammarCompiler | None = None  # built with the first constrained request
+        self._grammars: Grammars | None = None  # made (and its worker process started) with the first grammar
         self._healer = TokenHealer(tokenizer, self.config.vocab_size) if args.token_healing_mode else None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -112,14 +113,15 @@ class Engine(StepLoop, StepReader):
         # busy core; host_cpu_s does count the device wait's little CPU time).
         # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess).
         # steps_after_idle: steps launched after the unread step before them had finished (the device idled).
-        # constrained_steps: steps with allowed-token masks; mask_s: host time building those masks (the
-        # grammar engine's time per step, overlapping the device's model call).
+        # constrained_steps: steps with allowed-token masks; mask_s: time building those masks (the grammar
+        # engine's time per step in the mask worker, overlapping the device's model call, and token healing's
+        # rows here); mask_wait_s: time the engine thread waited for the mask worker's answers (part of host_s).
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
                           "launch_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0, "host_cpu_s": 0.0,
                           "schedule_cpu_s": 0.0, "dispatch_cpu_s": 0.0, "postprocess_cpu_s": 0.0,
-                          "constrained_steps": 0, "mask_s": 0.0}
+                          "constrained_steps": 0, "mask_s": 0.0, "mask_wait_s": 0.0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
         self._peak, self._peak_at = 0, 0.0
@@ -155,6 +157,8 @@ class Engine(StepLoop, StepReader):
             self._wake.set()
             self._thread.join()
             self._thread = None
+        if self._grammars is not None:
+            self._grammars.close()
 
     def __enter__(self):
         self.start()
@@ -170,7 +174,7 @@ class Engine(StepLoop, StepReader):
 
     def check_guided(self, guided) -> None:
         """Compile a request's grammar now (kept for its submit); ValueError naming its field when invalid."""
-        self.grammars().constraint(guided)
+        self.grammars().check(guided)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue one sequence (best_of 1; see submit_group); never blocks. Raises ValueError for invalid
@@ -259,10 +263,12 @@ class Engine(StepLoop, StepReader):
         req.stream = RequestStream(req.request_id) if self._sink is None else self._sink.stream(req.request_id)
         return req
 
-    def grammars(self) -> GrammarCompiler:
-        """The compiler of guided requests' grammars (ValueError when the engine has no tokenizer)."""
-        if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.args.eos_id, self.runner.mask_words)
+    def grammars(self) -> Grammars:
+        """Guided requests' grammars, kept in the mask worker (ValueError when the engine has no tokenizer)."""
+        with self._arrival_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.args.eos_id, self.args.running_max_req_size,
+                                          self.runner.mask_words)
         return self._grammars
 
     def abort(self, request_id: str) -> None:
@@ -302,6 +308,7 @@ class Engine(StepLoop, StepReader):
             req.status, req.finish_reason = RequestStatus.FINISHED, reason
         else:
             self.scheduler.finish(req, reason)
+        release_constraint(req)
         self._requests.pop(req.request_id, None)
         self._counters["finished"] += 1
         if snapshot:

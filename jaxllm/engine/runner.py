@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from jaxllm.engine import device_steps
+from jaxllm.engine.constraints import StepMasks
 from jaxllm.engine.kv_cache import KVCache, init_device_kv
 from jaxllm.engine.scheduler import SchedulerOutput, TableFill
 from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder, StepInputs, pack
@@ -87,7 +88,7 @@ class StepHandle:
     # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
     after_idle: bool = False
     failure: Exception | None = None  # a constrained step whose sampler could not be enqueued (its masks failed)
-    masks: Future | None = None  # a constrained step's masks, being built off the engine thread
+    masks: StepMasks | None = None  # a constrained step's masks, asked of the mask worker early
 
     @property
     def rows(self) -> int:

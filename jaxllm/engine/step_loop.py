@@ -1,8 +1,9 @@
 """The engine thread's loop (the Engine's half that schedules and dispatches): schedule → prepare step N+1 →
 read step N and postprocess it (`StepReader`), while a launch thread enqueues step N+1 on the device. A step
-with constrained rows gets its sampler just before the next step's launch; the masks it needs are built on a
-thread of their own from the moment the tokens before them are read, so they overlap both the device's model
-and the engine thread's own work (postprocess, scheduling, preparing the next step)."""
+with constrained rows gets its sampler just before the next step's launch; the grammar rows of the masks it
+needs are asked of the mask worker process (jaxllm.engine.mask_client) the moment the tokens before them are
+read, so their build overlaps both the device's model and the engine thread's own work (postprocess,
+scheduling, preparing the next step); the engine thread waits for them only right before the sampler."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import queue
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from jaxllm.engine.constraints import step_masks
+from jaxllm.engine.constraints import StepMasks, release_constraint
 from jaxllm.engine.events import final_event
 from jaxllm.engine.request import RequestStatus
 from jaxllm.engine.runner import StepHandle
@@ -39,8 +40,8 @@ class PhaseClock:
 class StepLoop:
     """The Engine's loop methods (a mixin: they use its scheduler, runner, inbox, counters and requests)."""
 
-    _masker: ThreadPoolExecutor | None = None  # the mask thread, while the loop runs
-    _early_masks: tuple[Future, Future] | None = None  # (a launch, the masks of the step it launches)
+    _early_masks: tuple[Future, StepMasks] | None = None  # (a launch, the masks of the step it launches)
+    _launching_batch: SchedulerOutput | None = None  # the batch of self._launching
 
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
@@ -48,7 +49,6 @@ class StepLoop:
         # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
         # reading of the previous step's results.
         launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
-        masker = self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-masks")
         try:
             while True:
                 started = PhaseClock()
@@ -75,8 +75,10 @@ class StepLoop:
                 if inflight is not None and inflight.unsampled is not None:  # its rows' tokens so far are read
                     early = self._early_masks
                     inflight.masks = (early[1] if early is not None and early[0] is launching[1]
-                                      else masker.submit(self._build_masks, inflight))
+                                      else StepMasks(inflight.batch))
                 self._early_masks = None
+                if self._grammars is not None:
+                    self._counters["mask_wait_s"] += self._grammars.take_answer_s()
                 started.add_to(self._counters, "host")  # before the snapshot: it reports the whole iteration
                 self._snapshot = self._take_snapshot()
                 if self._sink is not None:
@@ -91,8 +93,6 @@ class StepLoop:
                 self._postprocess(inflight)
         finally:
             launcher.shutdown()
-            masker.shutdown()
-            self._masker = None
         for req in list(self._requests.values()):
             self._end(req, "abort")
         self._snapshot = self._take_snapshot()
@@ -111,6 +111,7 @@ class StepLoop:
                 for req in item:
                     if id(req) in refused:
                         req.status, req.finish_reason = RequestStatus.FINISHED, "error"
+                        release_constraint(req)
                         self._emit(req, final_event(req, "error", f"request id {req.request_id} is in use"))
                         continue
                     self._requests[req.request_id] = req
@@ -147,6 +148,7 @@ class StepLoop:
         if unread is not None and unread.unsampled is not None:
             self._sample_constrained(unread)  # before this launch: its inputs are that step's tokens
         self._launching = launcher.submit(self.runner.launch, prepared, unread)
+        self._launching_batch = batch
         return batch, self._launching
 
     def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
@@ -176,34 +178,28 @@ class StepLoop:
 
     def _start_masks(self) -> None:
         """The constraints have taken the tokens read so far: start building the masks of the step being
-        launched, if it is constrained (the mask thread waits for its launch to know its rows)."""
-        if self._masker is not None and self._launching is not None:
-            launch = self._launching
-            self._early_masks = (launch, self._masker.submit(self._masks_of_launch, launch))
-
-    def _masks_of_launch(self, launch: Future):
-        handle = launch.result()
-        return self._build_masks(handle) if handle.unsampled is not None else None
-
-    def _build_masks(self, handle: StepHandle):
-        """A constrained step's allowed-token masks from the tokens read so far (on the mask thread; llguidance
-        fills rows without the GIL)."""
-        started = time.perf_counter()
-        masks = step_masks(handle.batch, handle.rows, self.runner.mask_words)
-        self._counters["mask_s"] += time.perf_counter() - started
-        return masks
+        launched (its grammar rows are asked of the mask worker now)."""
+        if self._launching is not None:
+            self._early_masks = (self._launching, StepMasks(self._launching_batch))
 
     def _sample_constrained(self, handle: StepHandle) -> None:
-        """Enqueue the sampler of a constrained step whose model is on the device, with its masks (built on
-        the mask thread since its tokens so far were read). Called as late as possible (once the next step is
-        prepared, or before the step's results are read)."""
+        """Enqueue the sampler of a constrained step whose model is on the device, with its masks (asked of the
+        mask worker since its tokens so far were read). Called as late as possible (once the next step is
+        prepared, or before the step's results are read). A row whose rule failed (the mask worker died) ends
+        its request; the step goes on."""
+        masks = handle.masks if handle.masks is not None else StepMasks(handle.batch)
+        handle.masks = None
         try:
-            masks = handle.masks.result() if handle.masks is not None else self._build_masks(handle)
+            mask, failed = masks.result(handle.rows, self.runner.mask_words)
+            self._counters["mask_s"] += masks.build_s
             self._counters["constrained_steps"] += 1
-            self.runner.sample_constrained(handle, masks)
+            for i, message in failed:
+                req = handle.batch.chunks[i].request
+                if not req.finished:
+                    self._end(req, "error", message)
+            self.runner.sample_constrained(handle, mask)
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
             handle.failure = exc
-        handle.masks = None
 
     def _note_admissions(self, batch: SchedulerOutput) -> None:
         """Queue time and prompt-cache hits of requests scheduled for the first time."""

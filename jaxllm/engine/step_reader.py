@@ -8,6 +8,7 @@ import logging
 import time
 
 from jaxllm.engine.beam import reassignments
+from jaxllm.engine.constraints import start_advances
 from jaxllm.engine.group import SequenceGroup
 from jaxllm.engine.request import Request
 from jaxllm.engine.runner import StepHandle
@@ -154,11 +155,12 @@ class StepReader:
                 log.exception("step listener %r failed", listener)
 
     def _advance_constraints(self, batch: SchedulerOutput, sampled: list[int], rows) -> set[int]:
-        """Constrained rows (among `rows`, the indices of the chunks left to read) take their tokens first, so the
-        next step's masks start building (on the mask thread) while the rest of the step is read. Returns the rows
-        whose constraints took their token. A request whose constraint rejects its token fails here, before the
-        masks start: the mask thread must be the only one touching its matcher from then on."""
-        advanced = set()
+        """Constrained rows (among `rows`, the indices of the chunks left to read) take their tokens first: the
+        grammar rows' tokens go to the mask worker at once, with the request for the masks of the step being
+        launched, and only then are the answers awaited (the worker builds those masks while the rest of the
+        step is read). Returns the rows whose constraints took their token; a request whose constraint refused
+        its token fails here."""
+        taking = []
         for i in rows:
             chunk = batch.chunks[i]
             req = chunk.request
@@ -166,15 +168,19 @@ class StepReader:
             if (constraint is None or not chunk.samples or req.finished or not constraint.active
                     or (req.group is not None and req.group.beam is not None)):
                 continue
-            try:
-                constraint.advance(sampled[i])
-            except Exception as exc:  # noqa: BLE001 - fail this request only
-                log.exception("request %s failed in postprocess", req.request_id)
-                self._end(req, "error", f"{type(exc).__name__}: {exc}")
+            taking.append(i)
+        if not taking:
+            return set()
+        answers = start_advances([(batch.chunks[i].request.constraint, sampled[i]) for i in taking])
+        self._start_masks()
+        advanced = set()
+        for i, error in zip(taking, answers()):
+            if error is None:
+                advanced.add(i)
                 continue
-            advanced.add(i)
-        if advanced:
-            self._start_masks()
+            req = batch.chunks[i].request
+            log.error("request %s failed in postprocess: %s", req.request_id, error)
+            self._end(req, "error", f"ValueError: {error}")
         return advanced
 
     def _append_token(self, req: Request, token: int, logprob: float, top=None, advanced: bool = False) -> None:

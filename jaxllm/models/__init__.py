@@ -38,14 +38,15 @@ def one_sequence(model, n: int) -> tuple:
 
 def build_model(config: ModelConfig, dtype, backend: AttentionBackend | None = None, experts_kernel=None):
     """The Flax module for `config` (any supported family), computing in `dtype`. ValueError for what is not
-    built: an int8 KV backend with latent attention (its own cache format), quantised weights with experts.
+    built: an int8 KV backend with latent attention (its own cache format), AWQ / GPTQ / FP8 checkpoints of experts.
     `experts_kernel`: MoE layers' routed experts (`expert_kernels.experts_kernel`; default `lax.ragged_dot`)."""
     backend = backend or ReferenceAttention()
     if config.mla is not None and "int8" in getattr(backend, "name", ""):
         raise ValueError(f"the int8 KV --mode values are not built for latent attention ({config.model_type})")
-    if config.moe is not None and config.weight_quant is not None:
-        raise ValueError(f"quantised weights ({config.weight_quant.scheme}: a weight --mode or a quantised "
-                         f"checkpoint) are not built for mixtures of experts ({config.model_type})")
+    held = config.weight_quant
+    if config.moe is not None and held is not None and held.checkpoint_format is not None:
+        raise ValueError(f"{held.checkpoint_format} checkpoints are not built for mixtures of experts "
+                         f"({config.model_type}): quantise at load (--mode) or with tools.convert --quant")
     vision = None
     if config.vision is not None:
         from jaxllm.models.vision.registry import vision_family

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxllm.models.backends import GPU_PLATFORMS
+from jaxllm.models.layers import dense
 from jaxllm.models.moe import routed_experts
+from jaxllm.models.qgrouped import expert_of
 from jaxllm.parallel import TP_AXIS, expert_specs
 from kernels.pallas.grouped_matmul import grouped_matmul
 
@@ -47,7 +49,8 @@ def kernel_for(tokens: int, pairs: int, num_experts: int) -> str:
 def sliced_experts(x, weights, experts, gate_up, down, act):
     """`routed_experts`' drop-in for a few pairs: per (token, expert) pair, one product with the expert's
     matrices as a dynamic slice of the stacked weights (XLA feeds the slice to the dot in place), so each pair
-    reads only its expert. A pair whose expert id is E or more adds nothing, as in `routed_experts`."""
+    reads only its expert; quantised experts too, each pair's product `qdot.dot` of its expert's quantised
+    weight). A pair whose expert id is E or more adds nothing, as in `routed_experts`."""
     n, k = experts.shape
     num_experts = gate_up.shape[0]
     rows = []
@@ -55,8 +58,8 @@ def sliced_experts(x, weights, experts, gate_up, down, act):
         out = jnp.zeros(x.shape[1:], jnp.float32)  # [D]
         for j in range(k):
             e = experts[t, j]
-            h = jnp.einsum("d,dfs->fs", x[t], jax.lax.dynamic_index_in_dim(gate_up, e, keepdims=False))  # [F, 2]
-            y = jnp.einsum("f,fd->d", act(h[:, 0]) * h[:, 1], jax.lax.dynamic_index_in_dim(down, e, keepdims=False))
+            h = dense(x[t][None], expert_of(gate_up, e), "nd,dfs->nfs")[0]  # [F, 2]
+            y = dense((act(h[:, 0]) * h[:, 1])[None], expert_of(down, e), "nf,fd->nd")[0]
             out = out + jnp.where(e < num_experts, y.astype(jnp.float32) * weights[t, j], 0.0)
         rows.append(out)
     return jnp.stack(rows).astype(x.dtype)

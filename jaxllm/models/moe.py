@@ -11,7 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig, Moe
+from jaxllm.models import quant
 from jaxllm.models.layers import MLP, activation, dense, grouped_dense, param
+from jaxllm.models.qdot import kernels_enabled
+from jaxllm.models.qgrouped import grouped_dot, merged_outputs
 
 
 def route(logits, moe: Moe):
@@ -52,7 +55,7 @@ def routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dens
     flat = experts.reshape(-1)  # [n*k] pair p = token p // k, its (p % k)-th expert
     order = jnp.argsort(flat, stable=True)  # pairs grouped by expert; those of no expert here last
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E] pairs per expert (ids ≥ E dropped)
-    h = grouped(x[order // k], gate_up.reshape(num_experts, d, 2 * f), sizes)  # [n*k, 2F]
+    h = grouped(x[order // k], merged_outputs(gate_up), sizes)  # [n*k, 2F]
     h = h.reshape(n * k, f, 2)
     h = act(h[..., 0]) * h[..., 1]  # [n*k, F]
     y = grouped(h, down, sizes)  # [n*k, D]
@@ -60,6 +63,17 @@ def routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dens
     # Rows past the groups (pairs of no expert here) are zeros from ragged_dot but unwritten by a kernel.
     y = jnp.where((experts < num_experts)[..., None], y.astype(jnp.float32), 0.0)
     return jnp.einsum("nkd,nk->nd", y, weights).astype(x.dtype)
+
+
+def quantised_experts(x, weights, experts, gate_up, down, act):
+    """`routed_experts` on quantised experts (`jaxllm/models/quant.py` types with one leading experts axis); on
+    a single GPU, the few pairs for which the 16-bit experts take `expert_kernels.sliced_experts` take it too
+    (each pair reads only its expert's quantised weight)."""
+    from jaxllm.models import expert_kernels  # it imports this module
+
+    if kernels_enabled() and expert_kernels.kernel_for(x.shape[0], experts.size, gate_up.shape[0]) == "sliced":
+        return expert_kernels.sliced_experts(x, weights, experts, gate_up, down, act)
+    return routed_experts(x, weights, experts, gate_up, down, act, grouped=grouped_dot)
 
 
 class MoE(nn.Module):
@@ -82,7 +96,9 @@ class MoE(nn.Module):
         gate_up = param(self, "experts_gate_up_proj", (e, d, f, 2), ("experts", "embed", "expert_mlp", "stack"),
                         self.dtype)
         down = param(self, "experts_down_proj", (e, f, d), ("experts", "expert_mlp", "embed"), self.dtype)
-        out = self.experts_kernel(x, weights, experts, gate_up, down, activation(c.activation))
+        # Quantised experts: their grouped products (`qgrouped.py`), on every platform.
+        kernel = quantised_experts if quant.is_quantised(gate_up) else self.experts_kernel
+        out = kernel(x, weights, experts, gate_up, down, activation(c.activation))
         if m.shared_intermediate_size:
             shared = MLP(c, self.dtype, m.shared_intermediate_size, name="shared_expert")(x)
             if m.shared_gate:

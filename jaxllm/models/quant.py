@@ -1,7 +1,8 @@
 """Quantised weights as pytree types, the schemes that make them, and quantise / dequantise.
 
 A quantised weight is declared with its 16-bit twin's logical axes (the twin has input axes first, `in_axes`
-of them, then output axes), so it shards the same way under `--tp`:
+of them, then output axes, after `lead_axes` leading axes of independent matrices: a MoE layer's experts, kept
+first in every field and quantised each on its own), so it shards the same way under `--tp`:
 - `Int8Weight`: int8 data stored output-major [*out, *in] (the integer tensor-core GEMMs want the inputs
   contiguous in both operands; XLA transposed [in, out] int8 weights every step), float32 scale per output
   channel [*out] (absmax / 127, round to nearest); `int8_activations` makes it w8a8 (activations quantised
@@ -121,54 +122,69 @@ def with_weight_mode(config, weight_mode: str | None, raw: dict):
 
 
 class _OutputMajor:
-    """Data stored [*out, *in] with a scale per output channel [*out] (Int8Weight, Fp8Weight)."""
+    """Data stored [*lead, *out, *in] with a scale per output channel [*lead, *out] (Int8Weight, Fp8Weight)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The 16-bit twin's shape [*in, *out]."""
-        n_out = self.data.ndim - self.in_axes
-        return tuple(self.data.shape[n_out:]) + tuple(self.data.shape[:n_out])
+        """The 16-bit twin's shape [*lead, *in, *out]."""
+        lead, n_out = self.lead_axes, self.data.ndim - self.lead_axes - self.in_axes
+        dims = self.data.shape
+        return tuple(dims[:lead]) + tuple(dims[lead + n_out:]) + tuple(dims[lead:lead + n_out])
 
     def field_axes(self, axes):
         """Logical axes of each field, from the twin's."""
-        return {"data": tuple(axes[self.in_axes:]) + tuple(axes[: self.in_axes]), "scale": axes[self.in_axes:]}
+        lead, ins, outs = (tuple(a) for a in _split_axes(axes, self.lead_axes, self.in_axes))
+        return {"data": lead + outs + ins, "scale": lead + outs}
 
 
-def _output_major(w, in_axes: int):
-    """[*in, *out] → [*out, *in]."""
-    return jnp.transpose(w, tuple(range(in_axes, w.ndim)) + tuple(range(in_axes)))
+def _split_axes(seq, lead_axes: int, in_axes: int):
+    """A twin's axes (or dims) → (lead, inputs, outputs)."""
+    return seq[:lead_axes], seq[lead_axes:lead_axes + in_axes], seq[lead_axes + in_axes:]
 
 
-def _input_major(data, in_axes: int):
-    """[*out, *in] → [*in, *out]."""
-    n_out = data.ndim - in_axes
-    return jnp.transpose(data, tuple(range(n_out, data.ndim)) + tuple(range(n_out)))
+def _output_major(w, in_axes: int, lead_axes: int = 0):
+    """[*lead, *in, *out] → [*lead, *out, *in]."""
+    lead, ins, outs = _split_axes(tuple(range(w.ndim)), lead_axes, in_axes)
+    return jnp.transpose(w, lead + outs + ins)
+
+
+def _input_major(data, in_axes: int, lead_axes: int = 0):
+    """[*lead, *out, *in] → [*lead, *in, *out]."""
+    axes = tuple(range(data.ndim))
+    n_out = data.ndim - lead_axes - in_axes
+    return jnp.transpose(data, axes[:lead_axes] + axes[lead_axes + n_out:] + axes[lead_axes:lead_axes + n_out])
 
 
 @struct.dataclass
 class Int8Weight(_OutputMajor):
-    data: jax.Array  # int8 [*out, *in]
-    scale: jax.Array  # float32 [*out]
+    data: jax.Array  # int8 [*lead, *out, *in]
+    scale: jax.Array  # float32 [*lead, *out]
     in_axes: int = struct.field(pytree_node=False, default=1)
     int8_activations: bool = struct.field(pytree_node=False, default=False)
+    lead_axes: int = struct.field(pytree_node=False, default=0)
 
 
 @struct.dataclass
 class Int4Weight:
-    packed: jax.Array  # int32 [*in[:-1], last_in / 8, *out]
-    scale: jax.Array  # model dtype [*in[:-1], last_in / group, *out]
+    packed: jax.Array  # int32 [*lead, *in[:-1], last_in / 8, *out]
+    scale: jax.Array  # model dtype [*lead, *in[:-1], last_in / group, *out]
     zero: jax.Array  # model dtype, like scale (integers 0..15)
     in_axes: int = struct.field(pytree_node=False, default=1)
+    lead_axes: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def group_axis(self) -> int:
+        """The last input axis, along which the groups run."""
+        return self.lead_axes + self.in_axes - 1
 
     @property
     def group_size(self) -> int:
-        axis = self.in_axes - 1
-        return self.packed.shape[axis] * 8 // self.scale.shape[axis]
+        return self.packed.shape[self.group_axis] * 8 // self.scale.shape[self.group_axis]
 
     @property
     def shape(self) -> tuple[int, ...]:
         shape = list(self.packed.shape)
-        shape[self.in_axes - 1] *= 8
+        shape[self.group_axis] *= 8
         return tuple(shape)
 
     def field_axes(self, axes):
@@ -177,9 +193,10 @@ class Int4Weight:
 
 @struct.dataclass
 class Fp8Weight(_OutputMajor):
-    data: jax.Array  # float8_e4m3fn [*out, *in]
-    scale: jax.Array  # float32 [*out]
+    data: jax.Array  # float8_e4m3fn [*lead, *out, *in]
+    scale: jax.Array  # float32 [*lead, *out]
     in_axes: int = struct.field(pytree_node=False, default=1)
+    lead_axes: int = struct.field(pytree_node=False, default=0)
 
 
 QUANTISED_TYPES = (Int8Weight, Int4Weight, Fp8Weight)
@@ -197,31 +214,33 @@ def group_size_for(last_in: int, wanted: int = GROUP_SIZE) -> int:
     return group
 
 
-def _in_axes_tuple(in_axes: int) -> tuple[int, ...]:
-    return tuple(range(in_axes))
+def _in_axes_tuple(in_axes: int, lead_axes: int = 0) -> tuple[int, ...]:
+    return tuple(range(lead_axes, lead_axes + in_axes))
 
 
-def quantize_int8(w, in_axes: int = 1, int8_activations: bool = False) -> Int8Weight:
+def quantize_int8(w, in_axes: int = 1, int8_activations: bool = False, lead_axes: int = 0) -> Int8Weight:
     """int8 per output channel: scale = absmax over the inputs / 127, round to nearest."""
     w32 = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes)) / 127.0  # [*out]
-    safe = jnp.where(scale > 0, scale, 1.0)
+    scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes, lead_axes)) / 127.0  # [*lead, *out]
+    safe = jnp.expand_dims(jnp.where(scale > 0, scale, 1.0), _in_axes_tuple(in_axes, lead_axes))
     data = jnp.clip(jnp.round(w32 / safe), -127, 127).astype(jnp.int8)
-    return Int8Weight(_output_major(data, in_axes), scale, in_axes, int8_activations)
+    return Int8Weight(_output_major(data, in_axes, lead_axes), scale, in_axes, int8_activations, lead_axes)
 
 
-def quantize_fp8(w, in_axes: int = 1) -> Fp8Weight:
+def quantize_fp8(w, in_axes: int = 1, lead_axes: int = 0) -> Fp8Weight:
     """float8 e4m3 per output channel: scale = absmax / 448."""
     w32 = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes)) / FP8_MAX
-    safe = jnp.where(scale > 0, scale, 1.0)
-    return Fp8Weight(_output_major((w32 / safe).astype(jnp.float8_e4m3fn), in_axes), scale, in_axes)
+    scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes, lead_axes)) / FP8_MAX
+    safe = jnp.expand_dims(jnp.where(scale > 0, scale, 1.0), _in_axes_tuple(in_axes, lead_axes))
+    data = (w32 / safe).astype(jnp.float8_e4m3fn)
+    return Fp8Weight(_output_major(data, in_axes, lead_axes), scale, in_axes, lead_axes)
 
 
-def quantize_int4(w, in_axes: int = 1, group_size: int = GROUP_SIZE, scale_dtype=None) -> Int4Weight:
+def quantize_int4(w, in_axes: int = 1, group_size: int = GROUP_SIZE, scale_dtype=None,
+                  lead_axes: int = 0) -> Int4Weight:
     """Asymmetric int4 in groups of `group_size` along the last input axis: scale = (max - min) / 15,
     zero = round(-min / scale), q = clip(round(w / scale) + zero, 0, 15)."""
-    axis = in_axes - 1
+    axis = lead_axes + in_axes - 1
     length = w.shape[axis]
     group = group_size_for(length, group_size)
     w32 = jnp.moveaxis(w.astype(jnp.float32), axis, 0)  # [L, ...]
@@ -235,7 +254,7 @@ def quantize_int4(w, in_axes: int = 1, group_size: int = GROUP_SIZE, scale_dtype
     packed = pack_int4(q.reshape(w32.shape), axis=0)
     dtype = scale_dtype or w.dtype
     move = lambda a: jnp.moveaxis(a, 0, axis)  # noqa: E731
-    return Int4Weight(move(packed), move(scale).astype(dtype), move(zero).astype(dtype), in_axes)
+    return Int4Weight(move(packed), move(scale).astype(dtype), move(zero).astype(dtype), in_axes, lead_axes)
 
 
 def pack_int4(q, axis: int = 0):
@@ -250,9 +269,10 @@ def pack_int4(q, axis: int = 0):
 def dequantize(w, dtype=jnp.float32):
     """Any weight → a plain array of its twin's layout in `dtype`."""
     if isinstance(w, (Int8Weight, Fp8Weight)):
-        return (_input_major(w.data, w.in_axes).astype(jnp.float32) * w.scale).astype(dtype)
+        scale = jnp.expand_dims(w.scale, _in_axes_tuple(w.in_axes, w.lead_axes))
+        return (_input_major(w.data, w.in_axes, w.lead_axes).astype(jnp.float32) * scale).astype(dtype)
     if isinstance(w, Int4Weight):
-        axis = w.in_axes - 1
+        axis = w.group_axis
         first = lambda a: jnp.moveaxis(a, axis, 0)  # noqa: E731
         packed, scale, zero = first(w.packed), first(w.scale), first(w.zero)
         flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
@@ -261,51 +281,56 @@ def dequantize(w, dtype=jnp.float32):
     return w.astype(dtype)
 
 
-def quantize(w, quant: WeightQuant, in_axes: int = 1):
+def quantize(w, quant: WeightQuant, in_axes: int = 1, lead_axes: int = 0):
     """A 16-bit weight → its quantised form under `quant`'s scheme."""
     if quant.scheme == "w8a16":
-        return quantize_int8(w, in_axes)
+        return quantize_int8(w, in_axes, lead_axes=lead_axes)
     if quant.scheme == "w8a8":
-        return quantize_int8(w, in_axes, int8_activations=True)
+        return quantize_int8(w, in_axes, int8_activations=True, lead_axes=lead_axes)
     if quant.scheme == "fp8_w8a8":
-        return quantize_fp8(w, in_axes)
-    return quantize_int4(w, in_axes, quant.group_size)
+        return quantize_fp8(w, in_axes, lead_axes)
+    return quantize_int4(w, in_axes, quant.group_size, lead_axes=lead_axes)
 
 
 def quantize_like(w, like):
     """Quantise the 16-bit `w` into the type and shapes of `like` (a quantised weight or its abstract form):
     how loaders fill a param whose type the model declared."""
     if isinstance(like, Int8Weight):
-        return quantize_int8(w, like.in_axes, like.int8_activations)
+        return quantize_int8(w, like.in_axes, like.int8_activations, like.lead_axes)
     if isinstance(like, Fp8Weight):
-        return quantize_fp8(w, like.in_axes)
+        return quantize_fp8(w, like.in_axes, like.lead_axes)
     if isinstance(like, Int4Weight):
-        return quantize_int4(w, like.in_axes, like.group_size, like.scale.dtype)
+        return quantize_int4(w, like.in_axes, like.group_size, like.scale.dtype, like.lead_axes)
     raise TypeError(f"{type(like).__name__} is not a quantised weight")
 
 
 # Matmul weights stored quantised, by param name → how many leading axes are inputs. Embeddings and the
 # LM head stay 16-bit (as in LightLLM's weight-only modes): a gather, and the logits' precision.
 QUANTISED_WEIGHTS = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "up_proj": 1, "down_proj": 1}
+# A MoE layer's stacked experts [experts, in, *out]: each expert quantised as its dense twin would be. The
+# router stays 16-/32-bit (its family's dtype): it picks the experts, and it is small.
+EXPERT_WEIGHTS = {"experts_gate_up_proj": 1, "experts_down_proj": 1}
 
 
-def declared_quant(module, name: str) -> tuple[WeightQuant, int] | None:
-    """(scheme, input axes) when the Flax `module`'s weight `name` is declared quantised, else None: its
-    config's `weight_quant` says the scheme, the param's path says which layer it belongs to."""
+def declared_quant(module, name: str) -> tuple[WeightQuant, int, int] | None:
+    """(scheme, input axes, leading expert axes) when the Flax `module`'s weight `name` is declared quantised,
+    else None: its config's `weight_quant` says the scheme, the param's path says which layer it belongs to."""
     quant = getattr(module.config, "weight_quant", None)
-    if quant is None or name not in QUANTISED_WEIGHTS:
+    if quant is None:
         return None
+    if name in EXPERT_WEIGHTS:
+        return quant, EXPERT_WEIGHTS[name], 1
     layer = next((int(p.split("_")[1]) for p in module.path if p.startswith("layers_")), None)
-    return (quant, QUANTISED_WEIGHTS[name]) if quant.quantises(layer, name) else None
+    return (quant, QUANTISED_WEIGHTS[name], 0) if name in QUANTISED_WEIGHTS and quant.quantises(layer, name) else None
 
 
-def quantised_param(module, name, shape, axes, dtype, init, quant: WeightQuant, in_axes: int):
+def quantised_param(module, name, shape, axes, dtype, init, quant: WeightQuant, in_axes: int, lead_axes: int = 0):
     """Declare a quantised weight: random init is the 16-bit twin's init quantised; each field carries the
     logical axes that follow from the twin's `axes` (so it shards like the twin)."""
     from flax import linen as nn
 
     def init_quantised(key, shape, dtype):
-        q = quantize(init(key, shape, jnp.float32).astype(dtype), quant, in_axes)
+        q = quantize(init(key, shape, jnp.float32).astype(dtype), quant, in_axes, lead_axes)
         return q.replace(**{f: nn.Partitioned(getattr(q, f), names) for f, names in q.field_axes(axes).items()})
 
     return module.param(name, init_quantised, shape, dtype)

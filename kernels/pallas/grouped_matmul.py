@@ -5,6 +5,10 @@ A program owns (tile, output column block). A tile is up to `block_m` consecutiv
 group's weights are read once per tile and groups without rows cost nothing: at one token, the kernel reads
 only the experts it is routed to. The tiles are planned on the device from the group sizes (`tile_plan`, no
 host sync); there are at most cdiv(rows, block_m) + groups of them, the unused ones skip their loop.
+With a `scale`, the weights are int8 stored output-major ([groups, N, K], as `jaxllm.models.quant.Int8Weight`
+keeps them) with a float32 scale per output channel: each block is converted to the activations' dtype in
+registers and the scale applied to the accumulator (exact: it is constant along the contraction), so no
+dequantised weight exists in memory (w8a16 experts).
 Like `attention_triton.py`, it runs in Pallas interpret mode on the CPU, which is how CI tests it.
 """
 
@@ -37,7 +41,9 @@ def tile_plan(group_sizes, rows: int, block_m: int):
     return g, start, count.astype(jnp.int32)
 
 
-def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, o_ref, *, block_m: int, block_n: int, block_k: int):
+def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, *rest, block_m: int, block_n: int, block_k: int,
+            scaled: bool):
+    scale_ref, o_ref = rest if scaled else (None, *rest)
     t, j = pl.program_id(0), pl.program_id(1)
     g, start, count = group_ref[t], start_ref[t], count_ref[t]
     r = jnp.arange(block_m, dtype=jnp.int32)
@@ -49,6 +55,9 @@ def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, o_ref, *, block_m: in
     def body(kb, acc):
         cols = kb * block_k + jnp.arange(block_k, dtype=jnp.int32)
         xa = pltriton.load(x_ref.at[row[:, None], cols[None, :]])  # [block_m, block_k] gathered rows
+        if scaled:  # int8 [block_n, block_k] of the output-major weights, converted in registers
+            wb = w_ref[g, pl.ds(j * block_n, block_n), pl.ds(kb * block_k, block_k)].astype(xa.dtype)
+            return acc + pltriton.dot(xa, wb, trans_b=True, allow_tf32=False if f32 else None)
         wb = w_ref[g, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)]  # [block_k, block_n]
         return acc + pltriton.dot(xa, wb, allow_tf32=False if f32 else None)
 
@@ -57,11 +66,19 @@ def _kernel(group_ref, start_ref, count_ref, x_ref, w_ref, o_ref, *, block_m: in
     @pl.when(count > 0)
     def _():
         acc = lax.fori_loop(0, k_dim // block_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+        if scaled:
+            acc = acc * scale_ref[g, pl.ds(j * block_n, block_n)][None, :]
         # Invalid lanes store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
         # valid row's index would undo that row's write; on the GPU masked lanes touch nothing.
         dst = jnp.where(valid, row, o_ref.shape[0] + r)
         out_cols = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
         pltriton.store(o_ref.at[dst[:, None], out_cols[None, :]], acc.astype(o_ref.dtype), mask=valid[:, None])
+
+
+def supports(rows: int, k: int, n: int, weight_elements: int) -> bool:
+    """Whether `grouped_matmul` takes these sizes (blocks of 16 or more dividing K and N, int32 offsets)."""
+    return (plan.pow2_divisor(k, 64, 16) is not None and plan.pow2_divisor(n, 128, 16) is not None
+            and weight_elements < 2**31 and rows * k < 2**31)
 
 
 def fitted_block(dim: int, wanted: int) -> int:
@@ -72,14 +89,16 @@ def fitted_block(dim: int, wanted: int) -> int:
     return block
 
 
-def grouped_matmul(x, w, group_sizes, *, block_m: int | None = None, block_n: int = 128, block_k: int = 64,
-                   num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
+def grouped_matmul(x, w, group_sizes, *, scale=None, block_m: int | None = None, block_n: int = 128,
+                   block_k: int = 64, num_warps: int = 4, num_stages: int = 3, interpret: bool = False):
     """x [m, K] with group g's rows contiguous and in group order, w [groups, K, N], group_sizes [groups]
-    (summing to m) → [m, N] in x's dtype. `block_n` / `block_k` shrink to the largest power of two that
+    (summing to m) → [m, N] in x's dtype. With `scale` [groups, N] (float32): w is int8 [groups, N, K] and
+    out[r] = (x[r] @ w[g]ᵀ) * scale[g]. `block_n` / `block_k` shrink to the largest power of two that
     divides N / K (at least 16, Triton's dot); `block_m` defaults to 16 rows for up to 256 rows (decode:
     few rows per expert), 64 beyond."""
     m, k_dim = x.shape
-    groups, _, n = w.shape
+    scaled = scale is not None
+    groups, n = (w.shape[0], w.shape[1]) if scaled else (w.shape[0], w.shape[2])
     block_m = block_m or (16 if m <= 256 else 64)
     block_n, block_k = fitted_block(n, block_n), fitted_block(k_dim, block_k)
     if block_m < 16:
@@ -87,7 +106,7 @@ def grouped_matmul(x, w, group_sizes, *, block_m: int | None = None, block_n: in
     if w.size >= 2**31 or x.size >= 2**31:
         raise ValueError("grouped_matmul: an operand of 2**31 elements or more overflows the kernel's int32 offsets")
     group, start, count = tile_plan(group_sizes, m, block_m)
-    kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k)
+    kernel = functools.partial(_kernel, block_m=block_m, block_n=block_n, block_k=block_k, scaled=scaled)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
@@ -95,4 +114,4 @@ def grouped_matmul(x, w, group_sizes, *, block_m: int | None = None, block_n: in
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="grouped_matmul",
-    )(group, start, count, x, w)
+    )(group, start, count, x, w, *((scale.astype(jnp.float32),) if scaled else ()))

@@ -3,8 +3,11 @@ for its routes (the standard library only, so the tests see the bytes the server
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -127,3 +130,38 @@ def running_server(model_dir: Path, flags: list[str], log_path: Path) -> Iterato
 def chat_text(tokenizer, user: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
+
+
+def core_pid(server) -> int:
+    """The server's engine-core process (from its log)."""
+    match = re.search(r"engine core ready \(pid (\d+)\)", server.log_path.read_text(errors="replace"))
+    assert match, server.log_tail()
+    return int(match.group(1))
+
+
+def child_pids(parent: int, module: str) -> list[int]:
+    """The processes `parent` started as `python -m module`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == parent and module.encode() in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_mid_stream(server, inputs: str, parameters: dict, pid: int) -> dict:
+    """Stream a LightLLM /generate_stream; once under way (its first event read), SIGKILL `pid`; returns the
+    stream's last event."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/generate_stream", json.dumps({"inputs": inputs, "parameters": parameters}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data:")  # under way
+    os.kill(pid, signal.SIGKILL)
+    lines = [line for line in response.read().split(b"\n") if line.startswith(b"data:")]
+    conn.close()
+    return json.loads(lines[-1][len(b"data:"):])

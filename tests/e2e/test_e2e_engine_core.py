@@ -4,15 +4,11 @@ and in order, with their text (made in the frontend, or in the core for a stop s
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import re
-import signal
 import threading
 import time
 
-from e2e_server import running_server
+from e2e_server import core_pid, kill_mid_stream, running_server
 
 STREAMS = 24
 
@@ -63,12 +59,6 @@ def test_concurrent_streams_get_every_token_once_in_order(lightllm_server, token
         assert [e["finished"] for e in events] == [False] * (max_new_tokens - 1) + [True], i
 
 
-def core_pid(server) -> int:
-    match = re.search(r"engine core ready \(pid (\d+)\)", server.log_path.read_text(errors="replace"))
-    assert match, server.log_tail()
-    return int(match.group(1))
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -88,16 +78,7 @@ def wait_gone(pid: int, limit_s: float) -> bool:
 def test_a_killed_core_fails_requests_and_the_server_says_so(tiny_served_model, tmp_path):
     for server in running_server(tiny_served_model.path, list(tiny_served_model.flags), tmp_path / "server.log"):
         pid = core_pid(server)
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        conn.request("POST", "/generate_stream", json.dumps(
-            {"inputs": "Count on.", "parameters": {"max_new_tokens": 50, "ignore_eos": True}}),
-            {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200 and response.readline().startswith(b"data:")  # under way
-        os.kill(pid, signal.SIGKILL)
-        lines = [line for line in response.read().split(b"\n") if line.startswith(b"data:")]
-        conn.close()
-        last = json.loads(lines[-1][len(b"data:"):])
+        last = kill_mid_stream(server, "Count on.", {"max_new_tokens": 50, "ignore_eos": True}, pid)
         assert "engine core's process exited (exit code -9)" in last["message"], last
 
         assert server.get("/health") == (503, {"message": "Error"})

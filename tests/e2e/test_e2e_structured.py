@@ -1,6 +1,7 @@
 """Structured output against the real server (SmolLM2, temperature 1, so the grammar and not luck decides):
 OpenAI's response_format (json_schema, json_object, the client's `parse` with a pydantic model), vLLM's guided_*
-extras, LightLLM's /generate parameters and TGI's grammar; streamed answers; invalid grammars are 400s."""
+extras, LightLLM's /generate parameters and TGI's grammar; streamed answers; invalid grammars are 400s; a killed
+mask worker fails its requests while the server goes on (and starts a new one)."""
 
 import json
 import re
@@ -10,6 +11,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+from e2e_server import child_pids, core_pid, kill_mid_stream
 
 # Nested: objects, an array, enums, required keys, bounded numbers; short, so answers are quick and fit.
 SCHEMA = {
@@ -126,3 +128,15 @@ def test_an_invalid_grammar_is_a_400_naming_its_field(lightllm_server, extra, fi
     status, out = lightllm_server.post("/generate", {"inputs": "x", "parameters": {"guided_regex": "(("}})
     assert status == 400 and "guided_regex" in out["message"]
     assert lightllm_server.get("/health")[0] == 200
+
+
+def test_a_killed_mask_worker_fails_its_requests_and_the_server_goes_on(lightllm_server):
+    choice = {"do_sample": True, "max_new_tokens": 8, "guided_choice": ["yes", "no"]}
+    assert lightllm_server.post("/generate", {"inputs": "Yes or no?", "parameters": choice})[0] == 200
+    (worker,) = child_pids(core_pid(lightllm_server), "jaxllm.engine.mask_worker")
+    last = kill_mid_stream(lightllm_server, "Digits:", {"max_new_tokens": 60, "guided_regex": "[0-9]{100}"}, worker)
+    assert f"the grammar worker (pid {worker}) died (killed by SIGKILL)" in json.dumps(last), last
+    assert lightllm_server.get("/health")[0] == 200  # the server serves: a new worker takes the next grammar
+    status, out = lightllm_server.post("/generate", {"inputs": "Yes or no?", "parameters": choice})
+    assert status == 200 and out["generated_text"][0] in ("yes", "no") and out["finish_reason"] == "stop"
+    assert child_pids(core_pid(lightllm_server), "jaxllm.engine.mask_worker") != [worker]

@@ -1,10 +1,15 @@
 """Constrained decoding in the engine: the sampler's allowed-token mask against a plain reference, a grammar's
 greedy output against a plain loop that applies llguidance's masks on the host, sampled outputs that always
-follow their grammar, unconstrained rows untouched beside constrained ones, grammar errors and "length"."""
+follow their grammar, unconstrained rows untouched beside constrained ones, grammar errors and "length"; the
+mask worker process that holds the grammars (matchers dropped as requests end; its death fails only its
+requests, and the next grammar starts a new one)."""
 
 import json
+import os
 import re
 import shutil
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -112,11 +117,13 @@ def test_an_invalid_grammar_is_refused_naming_its_field(engine, spec, words):
 
 
 def test_each_distinct_grammar_is_compiled_once(engine):
-    spec = Guided("regex", "(ab)+c")
-    first = engine.grammars().constraint(spec)
-    cached = len(engine.grammars()._cache)
-    second = engine.grammars().constraint(Guided("regex", "(ab)+c", field="other"))
-    assert len(engine.grammars()._cache) == cached and first is not second
+    grammars = engine.grammars()
+    first = grammars.constraint(Guided("regex", "(ab)+c"))
+    cached = grammars.stats()["grammars"]
+    second = grammars.constraint(Guided("regex", "(ab)+c", field="other"))
+    assert grammars.stats()["grammars"] == cached and first.key != second.key
+    first.release()
+    second.release()
 
 
 def test_step_masks_leave_unconstrained_and_padding_rows_open(engine):
@@ -132,51 +139,94 @@ def test_step_masks_leave_unconstrained_and_padding_rows_open(engine):
     bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")
     assert bits[0].sum() >= 1 and bits[0, x] == 1
     assert bits[1:].all()
+    constrained.constraint.release()
 
 
-def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(smollm2_dir):
-    """Llama-3 configs list several eos ids: llguidance gets one, the constraint accepts every one of them."""
+@pytest.fixture(scope="module")
+def compiler(smollm2_dir):
+    """The mask worker's grammar side, in this process, over SmolLM2's tokenizer."""
     from transformers import AutoTokenizer
 
     from jaxllm.engine.grammar import GrammarCompiler
+    from jaxllm.engine.mask_client import tokenizer_json
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    compiler = GrammarCompiler(tokenizer, [2, 0], mask_words=(VOCAB + 31) // 32)
-    constraint = compiler.constraint(Guided("choice", '["x"]'))
-    constraint.advance(tokenizer.convert_tokens_to_ids("x"))
-    row = np.zeros(compiler.mask_words, np.int32)
-    constraint.fill(row)
+    compiler = GrammarCompiler(llguidance.LLTokenizer(tokenizer_json(tokenizer), eos_token=2))
+    compiler.hf = tokenizer
+    return compiler
+
+
+def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(compiler):
+    """Llama-3 configs list several eos ids: llguidance gets one, the worker accepts every one of them."""
+    from jaxllm.engine.grammar import StepRows, take_token
+
+    matcher = compiler.matcher("choice", '["x"]', "guided_choice")
+    assert take_token(matcher, compiler.hf.convert_tokens_to_ids("x"), (2, 0)) is None
+    row = np.zeros((1, (VOCAB + 31) // 32), np.int32)
+    StepRows(VOCAB, (2, 0)).fill([matcher], row)
     bits = np.unpackbits(row.view(np.uint8), bitorder="little")
-    assert bits[2] == 1 and bits[0] == 1
-    constraint.advance(0)  # the second eos id ends it like the first (a token the grammar rejects raises)
+    assert bits[2] == 1 and bits[0] == 1 and bits.sum() == 2
+    assert take_token(matcher, 0, (2, 0)) is None  # the second eos id ends it like the first
+    assert "rejected token 5" in take_token(compiler.matcher("choice", '["x"]', "f"), 5, (2, 0))
+    # A step's rows together: a batch of eos alone (nothing for llguidance to consume), then a mixed one.
+    rows = StepRows(VOCAB, (2, 0))
+    assert rows.take([(matcher, 2)]) == [None]
+    fresh = [compiler.matcher("choice", '["x"]', "f") for _ in range(2)]
+    x = compiler.hf.convert_tokens_to_ids("x")
+    errors = rows.take([(fresh[0], x), (matcher, 0), (fresh[1], 5)])
+    assert errors[:2] == [None, None] and "rejected token 5" in errors[2] and fresh[0].is_stopped()
 
 
-def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(smollm2_dir):
+def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(compiler):
     """A model vocabulary wider than the tokenizer's (padded): the rows built together in llguidance's threads
-    equal those built one by one, and the model's extra ids stay disallowed."""
-    from transformers import AutoTokenizer
+    equal those built one by one, and the model's extra ids stay disallowed; a request gone allows eos only."""
+    from jaxllm.engine.grammar import StepRows, take_token
 
-    from jaxllm.engine.grammar import GrammarCompiler, GrammarConstraint
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     words = (VOCAB + 4 * 32 + 7 + 31) // 32
-    compiler = GrammarCompiler(tokenizer, [2], mask_words=words)
-    specs = [Guided("regex", "(ab)+c"), Guided("choice", '["yes", "no"]'), Guided("json_object")]
+    filler = StepRows(VOCAB, (2,))
+    specs = [("regex", "(ab)+c"), ("choice", '["yes", "no"]'), ("json_object", "")]
     prefixes = [["ab", "ab"], ["y"], ["{"]]
 
     def at_prefix(k):
-        constraint = compiler.constraint(specs[k])
+        matcher = compiler.matcher(*specs[k], "f")
         for piece in prefixes[k]:
-            constraint.advance(tokenizer.convert_tokens_to_ids(piece))
-        return constraint
+            assert take_token(matcher, compiler.hf.convert_tokens_to_ids(piece), (2,)) is None
+        return matcher
 
-    rows = [4, 1, 6]
-    together = np.full((8, words), -1, np.int32)
-    GrammarConstraint.fill_many([(at_prefix(k), rows[k]) for k in range(3)], together)
-    for k, row in enumerate(rows):
-        alone = np.full(words, -1, np.int32)
-        at_prefix(k).fill(alone)
-        np.testing.assert_array_equal(together[row], alone)
+    together = np.full((5, words), -1, np.int32)
+    filler.fill([at_prefix(0), None, at_prefix(1), at_prefix(2)], together)
+    for k, row in [(0, 0), (1, 2), (2, 3)]:
+        alone = np.full((1, words), -1, np.int32)
+        filler.fill([at_prefix(k)], alone)
+        np.testing.assert_array_equal(together[row], alone[0])
         bits = np.unpackbits(together[row].view(np.uint8), bitorder="little")
         assert 0 < bits.sum() < VOCAB and not bits[VOCAB:].any()
-    assert (together[[0, 2, 3, 5, 7]] == -1).all()  # rows not asked for are untouched
+    gone = np.unpackbits(together[1].view(np.uint8), bitorder="little")
+    assert gone[2] == 1 and gone.sum() == 1
+    assert (together[4] == -1).all()  # rows not asked for are untouched
+
+
+def test_the_worker_drops_a_request_s_matcher_when_it_ends(engine):
+    prompt = engine.tokenizer.encode(PROMPT_TEXT)
+    run(engine, prompt, [SamplingParams(max_new_tokens=8, guided=Guided("regex", "[a-z]{3}"))] * 3)
+    deadline = time.monotonic() + 5  # the drops travel on the step channel, this question on the control one
+    while engine.grammars().stats()["matchers"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.grammars().stats()["matchers"] == 0
+
+
+def test_a_dead_mask_worker_fails_its_requests_and_the_next_grammar_gets_a_new_one(engine):
+    prompt = engine.tokenizer.encode(PROMPT_TEXT)
+    grammars = engine.grammars()
+    pid, restarts = grammars.worker().pid, grammars.restarts
+    endless = SamplingParams(max_new_tokens=50, guided=Guided("regex", "[0-9]{40}"))  # 40 tokens at least
+    free = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    streams = engine.submit_many([(prompt, endless, None), (prompt, free, None)])
+    os.kill(pid, signal.SIGKILL)
+    constrained, unconstrained = (list(s) for s in streams)
+    assert constrained[-1].finish_reason == "error"
+    assert f"the grammar worker (pid {pid}) died (killed by SIGKILL)" in constrained[-1].error
+    assert unconstrained[-1].finish_reason == "length" and len(unconstrained) == 12  # its neighbour goes on
+    texts, events = run(engine, prompt, [SamplingParams(max_new_tokens=8, guided=Guided("regex", "[a-z]{3}"))])
+    assert re.fullmatch("[a-z]{3}", texts[0]) and events[0][-1].finish_reason == "stop"
+    assert grammars.restarts == restarts + 1 and grammars.worker().pid != pid

@@ -83,6 +83,14 @@ def _grouped(rows: int):
     return grouped_matmul.grouped_matmul, (x, w, jnp.asarray(sizes, jnp.int32))
 
 
+def _grouped_int8(rows: int):
+    """w8a16 experts: int8 [groups, N, K] with a scale per output channel."""
+    x, w, sizes = _grouped(rows)[1]
+    w8 = jnp.asarray(_rng().integers(-127, 128, size=(8, 512, 256)), jnp.int8)
+    return (lambda x, w, sizes, scale: grouped_matmul.grouped_matmul(x, w, sizes, scale=scale),
+            (x, w8, sizes, jnp.ones((8, 512), jnp.float32)))
+
+
 def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim: int = 128, options=False):
     """PallasAttention's launch (decode or prefill) over 3 ragged rows, GQA 8 query heads on 2 KV heads;
     `options`: a window, soft-capping and ALiBi slopes."""
@@ -146,6 +154,8 @@ def _int8_int8():
 CASES = {
     "grouped_matmul-decode": lambda: _grouped(2),
     "grouped_matmul-prefill": lambda: _grouped(512),
+    "grouped_matmul-int8-decode": lambda: _grouped_int8(2),
+    "grouped_matmul-int8-prefill": lambda: _grouped_int8(512),
     "paged_attention-decode": lambda: _attention(decode=True),
     "paged_attention-decode-splitk": lambda: _attention(decode=True, split="always"),
     "paged_attention-prefill": lambda: _attention(decode=False),

@@ -39,17 +39,20 @@ def test_grouped_experts_match_every_expert_over_every_token(tokens, num_experts
 
 
 def test_what_is_not_built_is_refused_by_name():
-    """Weight quantisation of experts and an int8 latent cache are not built: building such a model fails
-    with the reason, it does not run half-quantised."""
+    """An int8 latent cache and AWQ / GPTQ / FP8 checkpoints of experts are not built: building such a model
+    fails with the reason, it does not run half-quantised (weight modes quantise experts: test_moe_quant.py)."""
+    import dataclasses
+
     from jaxllm.config import ModelConfig
     from jaxllm.models import build_model
     from jaxllm.models.backends import attention_backend
-    from jaxllm.models.quant import with_weight_mode
+    from jaxllm.models.quant import WeightQuant
     from tests.models.test_moe_families import FAMILIES
 
     mixtral = ModelConfig.from_hf_dict(FAMILIES["mixtral"])
-    with pytest.raises(ValueError, match="not built for mixtures of experts"):
-        build_model(with_weight_mode(mixtral, "triton_w8a16", FAMILIES["mixtral"]), jnp.bfloat16)
+    awq = dataclasses.replace(mixtral, weight_quant=WeightQuant("w4a16", checkpoint_format="awq"))
+    with pytest.raises(ValueError, match="awq checkpoints are not built for mixtures of experts"):
+        build_model(awq, jnp.bfloat16)
     deepseek = ModelConfig.from_hf_dict(FAMILIES["deepseek_v2"])
     with pytest.raises(ValueError, match="int8 KV --mode values are not built for latent attention"):
         build_model(deepseek, jnp.bfloat16, attention_backend(["triton_int8kv"], "cpu"))

@@ -16,7 +16,7 @@ from jaxllm.models.attention import AttentionMetadata
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_params
 
-NEW_TOKENS = 64
+NEW_TOKENS = 40
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",

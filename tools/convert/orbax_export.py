@@ -33,6 +33,8 @@ def write_orbax(dst: Path, checkpoint: Checkpoint, dtype_name: str, tp: int, qua
     staging.mkdir()
     write_weights(staging, checkpoint.tensors, DTYPES[dtype_name])
     model = build_model(ModelConfig.from_hf_dict({**checkpoint.config, **extra}), jnp.dtype(dtype_name))
+    if calibration is not None and model.config.moe is not None:  # the calibration measures dense products only
+        raise ConvertError("--calibration is not built for mixtures of experts: --quant without it rounds to nearest")
     try:
         if calibration is None:
             params = load_hf(model, staging, make_mesh(tp), tp)
