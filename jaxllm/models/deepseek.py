@@ -51,9 +51,8 @@ def attention_weights(config: ModelConfig, hf: str, path: hf_map.Path) -> hf_map
     table = {
         hf + "kv_a_proj_with_mqa.weight": hf_map.Target(path + ("kv_a_proj",), hf_map.transposed),
         hf + "kv_a_layernorm.weight": hf_map.Target(path + ("kv_a_layernorm", "weight"), hf_map.same),
-        # [heads * (nope + v), kv_rank] → [kv_rank, heads, nope + v]
-        hf + "kv_b_proj.weight": hf_map.Target(path + ("kv_b_proj",), lambda w: w.reshape(h, -1, a.kv_rank)
-                                               .transpose(2, 0, 1)),
+        # [heads * (nope + v), kv_rank] → [heads, nope + v, kv_rank]
+        hf + "kv_b_proj.weight": hf_map.Target(path + ("kv_b_proj",), lambda w: w.reshape(h, -1, a.kv_rank)),
         hf + "o_proj.weight": hf_map.Target(path + ("o_proj",), lambda w: w.T.reshape(h, a.v_dim, w.shape[0])),
     }
     if a.q_rank is None:

@@ -5,7 +5,8 @@ query and the value up-projection applied to the output (the backend's `attend_l
 
 Params: `q_proj` [D, heads, nope + rope] (or `q_a_proj` [D, q_rank], `q_a_layernorm`, `q_b_proj`
 [q_rank, heads, nope + rope]), `kv_a_proj` [D, kv_rank + rope], `kv_a_layernorm`, `kv_b_proj`
-[kv_rank, heads, nope + v] (each head's key then value up-projection), `o_proj` [heads, v, D].
+[heads, nope + v, kv_rank] (each head's key then value up-projection, as Hugging Face stores them: heads leading,
+so that both absorbed products are batched over heads without a transpose of the weights), `o_proj` [heads, v, D].
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ class LatentAttention(nn.Module):
         k_rope = rope.apply_rope(k_rope, cos, sin, r.interleaved)
         (cache,) = layer_cache
         cache = cache.at[meta.write_slots].set(jnp.concatenate([latent[:, None], k_rope], -1).astype(cache.dtype))
-        kv_b = param(self, "kv_b_proj", (a.kv_rank, h, a.nope_dim + a.v_dim), ("latent", "heads", "head_dim"),
+        kv_b = param(self, "kv_b_proj", (h, a.nope_dim + a.v_dim, a.kv_rank), ("heads", "head_dim", "latent"),
                      self.dtype)
-        q_latent = dense(q_nope, kv_b[..., : a.nope_dim], "nhk,rhk->nhr")  # key up-projection absorbed
+        q_latent = dense(q_nope, kv_b[:, : a.nope_dim], "nhk,hkr->nhr")  # key up-projection absorbed
         out = self.backend.attend_latent(
             jnp.concatenate([q_latent, q_rope], -1), cache, meta, softmax_scale(c), a.kv_rank
         )  # [n, heads, kv_rank]
-        out = dense(out, kv_b[..., a.nope_dim :], "nhr,rhv->nhv")  # value up-projection
+        out = dense(out, kv_b[:, a.nope_dim :], "nhr,hvr->nhv")  # value up-projection
         wo = param(self, "o_proj", (h, a.v_dim, d), ("heads", "head_dim", "embed"), self.dtype)
         return dense(out, wo, "nhv,hvd->nd"), (cache,)
