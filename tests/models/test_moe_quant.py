@@ -97,14 +97,27 @@ def test_sliced_pairs_match_the_grouped_products():
         np.testing.assert_allclose(np.asarray(sliced), np.asarray(grouped), atol=1e-5, rtol=1e-5, err_msg=scheme)
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2"])
-def family(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    raw = FAMILIES[request.param]
-    if request.param == "mixtral":  # every layer a MoE: one is enough (the others need a dense one before it)
-        raw = dict(raw, num_hidden_layers=1)
-    saved_random_hf_model(raw, path)
-    return request.param, path, ModelConfig.from_model_dir(path)
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A family's tiny random checkpoint by name: (name, path, config), each written once per module."""
+    checkpoints = {}
+
+    def get(name):
+        if name not in checkpoints:
+            path = tmp_path_factory.mktemp(name)
+            raw = FAMILIES[name]
+            if name == "mixtral":  # every layer a MoE: one is enough (the others need a dense one before it)
+                raw = dict(raw, num_hidden_layers=1)
+            saved_random_hf_model(raw, path)
+            checkpoints[name] = name, path, ModelConfig.from_model_dir(path)
+        return checkpoints[name]
+
+    return get
+
+
+@pytest.fixture(params=["mixtral", "qwen2_moe", "deepseek_v2"])
+def family(request, saved):
+    return saved(request.param)
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,11 +185,9 @@ def test_quantised_experts_match_their_dequantised_weights(family):
             assert (logits.argmax(-1) == expected.argmax(-1)).mean() > 0.8, scheme
 
 
-def test_tp2_matches_tp1(family):
-    """Experts split on their intermediate axis over 2 fake CPU devices, scales with their weights."""
-    name, path, config = family
-    if name != "mixtral":
-        pytest.skip("one family at tp 2")
+def test_tp2_matches_tp1(saved):
+    """Experts split on their intermediate axis over 2 fake CPU devices, scales with their weights (Mixtral)."""
+    _, path, config = saved("mixtral")
     qconfig, params1 = load(path, config, "w8a8")
     _, params2 = load(path, config, "w8a8", tp=2)
     down = params2["layers_0"]["mlp"]["experts_down_proj"]  # data [E, D, F]: F (its input) split
@@ -186,14 +197,12 @@ def test_tp2_matches_tp1(family):
     np.testing.assert_allclose(logits_of(qconfig, params2), logits_of(qconfig, params1), atol=1e-4, rtol=0)
 
 
-def test_converted_quantised_directory_loads_the_same_weights(family, tmp_path):
+def test_converted_quantised_directory_loads_the_same_weights(saved, tmp_path):
     """`tools.convert --quant w4a16` writes an orbax directory that loads without re-quantising: the weights
-    and logits of quantising at load."""
+    and logits of quantising at load (Qwen2-MoE, shared experts included)."""
     from tools.convert.__main__ import main
 
-    name, path, config = family
-    if name != "qwen2_moe":
-        pytest.skip("one family converted")
+    _, path, config = saved("qwen2_moe")
     assert main(["--src", str(path), "--dst", str(tmp_path / "out"), "--quant", "w4a16"]) == 0
     converted = ModelConfig.from_model_dir(tmp_path / "out")
     assert converted.weight_quant == quant.WeightQuant("w4a16")
