@@ -48,6 +48,17 @@ def spawn_with(module: str, argv: list[str], *, sockets: int = 1, pass_fds: tupl
     return proc, [ours for ours, _ in pairs]
 
 
+def wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for `proc` to exit, else kill and reap it; True when it had to be killed."""
+    try:
+        proc.wait(timeout_s)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True
+
+
 class Channel:
     """Length-prefixed pickles over a connected stream socket (a socketpair shared with one child)."""
 

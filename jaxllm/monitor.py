@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
+from jaxllm.child import wait_or_kill
+
 log = logging.getLogger("jaxllm.monitor")
 
 
@@ -158,9 +160,5 @@ class Supervisor:
         if child is None or child.poll() is not None:
             return
         child.terminate()
-        try:
-            child.wait(self.config.stop_timeout_s)
-        except subprocess.TimeoutExpired:
-            log.warning("the server did not stop within %.0f s; killing it", self.config.stop_timeout_s)
-            child.kill()
-            child.wait()
+        if wait_or_kill(child, self.config.stop_timeout_s):
+            log.warning("the server did not stop within %.0f s; it was killed", self.config.stop_timeout_s)

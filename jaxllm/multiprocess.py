@@ -16,7 +16,7 @@ import sys
 import threading
 from typing import Any
 
-from jaxllm.child import Channel, spawn
+from jaxllm.child import Channel, spawn, wait_or_kill
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,7 @@ class Followers:
                     pass
                 f.channel.close()
             for f in self._followers:
-                try:
-                    f.proc.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    f.proc.kill()
+                wait_or_kill(f.proc, timeout_s)
             self._followers = []
 
 

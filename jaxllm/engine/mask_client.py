@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxllm.child import Channel, spawn_with
+from jaxllm.child import Channel, spawn_with, wait_or_kill
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 120.0  # the worker builds llguidance's tokenizer (~1 s) before it answers "start"
@@ -169,11 +169,7 @@ class MaskWorker:
         self.died = self.died or "the grammar worker was stopped"
         self._control.close()
         self._step.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc, 5)
 
 
 class Grammars:

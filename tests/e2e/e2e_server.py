@@ -18,7 +18,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Iterator
 
-from jaxllm.child import die_with_parent
+from jaxllm.child import die_with_parent, wait_or_kill
 
 # Small limits: few step shapes to compile, quick answers on CPU.
 SERVER_FLAGS = [
@@ -76,11 +76,7 @@ class Server:
         if self._log.closed:
             return
         self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        wait_or_kill(self.proc, 30)
         self._log.close()
 
     def request(self, method: str, path: str, body=None, *, raw: bytes | None = None, headers=None,
