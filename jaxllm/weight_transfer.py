@@ -113,7 +113,7 @@ def source_spec(layout: Layout, shape: tuple, dtype, mesh, out_spec: PartitionSp
     and reshapes to the stored axis it comes from. A transform that mixes axes otherwise (concatenations,
     reductions) gets the stored tensor split on its first axis (the devices then exchange slices), or whole on
     each device if that axis does not divide."""
-    jaxpr = jax.make_jaxpr(layout.fn)(jax.ShapeDtypeStruct(shape, dtype)).jaxpr
+    jaxpr = _layout_jaxpr(layout, shape, dtype)
     splits = {axis: entry for axis, entry in enumerate(out_spec) if _split(mesh, entry) > 1}
     if not splits:
         return PartitionSpec()
@@ -205,10 +205,15 @@ def place(host: np.ndarray, layout: Layout, dtype, sharding: NamedSharding) -> j
     return _changer(layout, dtype, sharding)(put(host, source))
 
 
-@functools.lru_cache(maxsize=None)
 def _is_identity(layout: Layout, shape: tuple, dtype) -> bool:
-    jaxpr = jax.make_jaxpr(layout.fn)(jax.ShapeDtypeStruct(shape, dtype)).jaxpr
+    jaxpr = _layout_jaxpr(layout, shape, dtype)
     return not jaxpr.eqns and jaxpr.outvars[0] is jaxpr.invars[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_jaxpr(layout: Layout, shape: tuple, dtype):
+    """The transform traced once per stored shape and dtype (each layer's closure of one code shares it)."""
+    return jax.make_jaxpr(layout.fn)(jax.ShapeDtypeStruct(shape, dtype)).jaxpr
 
 
 def place_fused(shape: tuple, parts: list[tuple], dtype, sharding: NamedSharding) -> jax.Array:
