@@ -38,15 +38,16 @@ class _PeakKV:
         self._thread.join()
 
 
-def _generate(llm, requests: list[BenchRequest], best_of: int, separately: bool) -> list[list[int]]:
-    """Every request's output token ids: one sequence each (best_of 1), one group of best_of sequences sharing
-    the prompt's KV, or (`separately`) best_of separate requests of the prompt (sequence i with seed i)."""
+def _generate(llm, requests: list[BenchRequest], best_of: int, separately: bool, guided=None) -> list[list[int]]:
+    """Every request's output token ids: one sequence each (best_of 1; each under the grammar `guided` if
+    given), one group of best_of sequences sharing the prompt's KV, or (`separately`) best_of separate requests
+    of the prompt (sequence i with seed i)."""
     from jaxllm import SamplingParams
     from jaxllm.engine.group import member_params
     from jaxllm.offline import _collect
 
     if best_of == 1:
-        params = [SamplingParams(max_new_tokens=r.output_len, ignore_eos=True) for r in requests]
+        params = [SamplingParams(max_new_tokens=r.output_len, ignore_eos=True, guided=guided) for r in requests]
         return [o.token_ids for o in llm.generate([list(r.prompt_ids) for r in requests], params, use_tqdm=False)]
     engine = llm.engine
     group = [SamplingParams(best_of=best_of, n=best_of, max_new_tokens=r.output_len, ignore_eos=True,
@@ -66,29 +67,36 @@ def _score(llm, requests: list[BenchRequest]) -> list[list[int]]:
     return [[] for _ in requests]
 
 
-def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately: bool = False) -> dict:
+def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately: bool = False,
+                guided=None) -> dict:
     """Generate every request at once (the engine batches them), or on a reward model score every prompt;
     returns throughput figures and the peak KV use. `best_of` > 1: each prompt as a group of best_of sequences
-    (or best_of separate requests)."""
+    (or best_of separate requests). `guided`: a `Guided` grammar every answer follows (best_of 1)."""
     prompts = [list(r.prompt_ids) for r in requests]
     before = llm.engine.stats()
     shapes_before = len(llm.engine.runner.shapes_seen)
     start = time.perf_counter()
     with _PeakKV(llm.engine) as kv:
-        outputs = _score(llm, requests) if llm.engine.scoring else _generate(llm, requests, best_of, separately)
+        outputs = _score(llm, requests) if llm.engine.scoring else _generate(llm, requests, best_of, separately, guided)
     duration = time.perf_counter() - start
     llm.engine.wait_idle(timeout=10.0)
     total_in = sum(len(p) for p in prompts) * (best_of if separately else 1)
     total_out = sum(len(o) for o in outputs)
     after = llm.engine.stats()
     timers = ("host", "device_wait", "schedule", "dispatch", "launch", "postprocess")
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "steps_after_idle", *(f"{t}_s" for t in timers))}
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "steps_after_idle", "constrained_steps",
+                                                             "mask_s", "mask_wait_s", *(f"{t}_s" for t in timers))}
     steps = max(delta["steps"], 1)
+    masks = {}
+    if delta["constrained_steps"]:  # the grammar worker's fill and the engine thread's wait for it
+        masks = {f"{k}_ms_per_step": 1e3 * delta[f"{k}_s"] / delta["constrained_steps"] for k in ("mask", "mask_wait")}
     return {
         "steps": delta["steps"],
         "new_step_shapes": len(llm.engine.runner.shapes_seen) - shapes_before,  # compiled while timed
         "steps_after_idle": delta["steps_after_idle"],  # launched once the step before had finished
         **{f"{t}_ms_per_step": 1e3 * delta[f"{t}_s"] / steps for t in timers},
+        "constrained_steps": delta["constrained_steps"],
+        **masks,
         "completed": len(outputs),
         "scored": llm.engine.scoring,
         "best_of": best_of,

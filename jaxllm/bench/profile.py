@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="every answer follows the JSON schema in FILE (constrained decoding's steps)")
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
     ns, extra = p.parse_known_args(argv)
 
@@ -81,14 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     from jaxllm.bench.offline import run_offline
     from jaxllm.bench.workload import WorkloadSpec, build_workload
 
+    from jaxllm.engine.request import Guided
+
+    guided = None if ns.json_schema is None else Guided("json_schema", pathlib.Path(ns.json_schema).read_text())
     llm = LLM(ns.model_dir, warmup=0, **_engine_overrides(extra))
     requests = list(build_workload(WorkloadSpec(num_prompts=ns.prompts, input_len=ns.input_len,
                                                 output_len=ns.output_len), None))
-    run_offline(llm, requests)  # untimed: compiles every shape the workload meets
+    run_offline(llm, requests, guided=guided)  # untimed: compiles every shape the workload meets
     directory = pathlib.Path(ns.trace_dir or tempfile.mkdtemp(prefix="jaxllm-profile-"))
     with jax.profiler.trace(str(directory), create_perfetto_trace=True):
-        r = run_offline(llm, requests)
+        r = run_offline(llm, requests, guided=guided)
     llm.close()
+    print("host ms/step: " + ", ".join(f"{t} {r[f'{t}_ms_per_step']:.2f}" for t in
+                                         ("schedule", "dispatch", "launch", "postprocess", "device_wait")))
+    mask = r.get("mask_ms_per_step")
+    if mask is not None:
+        print(f"masks {mask:.2f} ms per constrained step, engine waited {r['mask_wait_ms_per_step']:.2f}")
     trace = read_trace(directory)
     events = device_events(trace)
     if not events:
