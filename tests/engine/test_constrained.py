@@ -59,19 +59,27 @@ def test_token_mask_matches_a_plain_reference():
     np.testing.assert_array_equal(got, expected)
 
 
-def test_greedy_regex_output_matches_a_plain_loop_with_host_masks(engine):
+@pytest.mark.parametrize("penalties", [{}, {"repetition_penalty": 1.6, "frequency_penalty": 0.4}],
+                         ids=["plain", "penalties"])
+def test_greedy_regex_output_matches_a_plain_loop_with_host_masks(engine, penalties):
     tok = engine.tokenizer
     prompt = tok.encode(PROMPT_TEXT)
     regex = r"[0-9]{2,4}-[a-z]{3} (yes|no)"
-    got, events = run(engine, prompt, [SamplingParams(max_new_tokens=16, guided=Guided("regex", regex))])
+    got, events = run(engine, prompt, [SamplingParams(max_new_tokens=16, guided=Guided("regex", regex),
+                                                      **penalties)])
     reference = GreedyReference(engine.runner.model, engine.runner.params)
+    rep, freq = penalties.get("repetition_penalty", 1.0), penalties.get("frequency_penalty", 0.0)
     lltok = llguidance.hf.from_tokenizer(tok, eos_token=[2])
     matcher = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_regex(regex))
     seq, expected = list(prompt), []
     while not matcher.is_stopped() and len(expected) < 16:
         bits = np.frombuffer(matcher.compute_bitmask(), np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[:VOCAB].astype(bool)
-        token = int(np.argmax(np.where(allowed, reference.logits(seq)[-1], -np.inf)))
+        logits = reference.logits(seq)[-1]
+        counts = np.bincount(np.asarray(expected, np.int64), minlength=logits.shape[0])  # outputs only (LightLLM)
+        penalised = np.where(logits > 0, logits / rep, logits * rep) - freq * counts
+        logits = np.where(counts > 0, penalised, logits)
+        token = int(np.argmax(np.where(allowed, logits, -np.inf)))
         assert matcher.consume_token(token)
         seq.append(token)
         expected.append(token)
