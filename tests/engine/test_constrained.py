@@ -185,13 +185,16 @@ def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(compiler):
     assert errors[:2] == [None, None] and "rejected token 5" in errors[2] and fresh[0].is_stopped()
 
 
-def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(compiler):
+def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(compiler, monkeypatch):
     """A model vocabulary wider than the tokenizer's (padded): the rows built together in llguidance's threads
-    equal those built one by one, and the model's extra ids stay disallowed; a request gone allows eos only."""
+    (as many as $JAXLLM_GRAMMAR_THREADS says) equal those built one by one, and the model's extra ids stay
+    disallowed; a request gone allows eos only."""
     from jaxllm.engine.grammar import StepRows, take_token
 
     words = (VOCAB + 4 * 32 + 7 + 31) // 32
+    monkeypatch.setenv("JAXLLM_GRAMMAR_THREADS", "3")
     filler = StepRows(VOCAB, (2,))
+    assert filler.threads == 3
     specs = [("regex", "(ab)+c"), ("choice", '["yes", "no"]'), ("json_object", "")]
     prefixes = [["ab", "ab"], ["y"], ["{"]]
 
