@@ -106,6 +106,19 @@ def test_sampled_outputs_follow_their_grammar_beside_unconstrained_rows(engine):
     assert stats["constrained_steps"] > 0 and stats["mask_s"] > 0
 
 
+def test_two_devices_give_the_constrained_tokens_of_one(engine):
+    """--tp 2 (the model's logits split over the vocabulary): a sampled row under a grammar, with penalties,
+    gives the tokens of one device."""
+    prompt = engine.tokenizer.encode(PROMPT_TEXT)
+    params = [SamplingParams(do_sample=True, temperature=1.0, seed=5, max_new_tokens=8, repetition_penalty=1.6,
+                             guided=Guided("regex", r"[0-9]{2,4}-[a-z]{3} (yes|no)"))]
+    _, one = run(engine, prompt, params)
+    with make_engine(engine.args.model_dir, eos_id=[2], tokenizer_mode="fast", tp=2) as two_devices:
+        assert len(two_devices.runner.mesh.devices.ravel()) == 2
+        _, two = run(two_devices, prompt, params)
+    assert [[e.token_id for e in ev] for ev in two] == [[e.token_id for e in ev] for ev in one]
+
+
 def test_a_grammar_that_cannot_finish_in_time_ends_with_length(engine):
     prompt = engine.tokenizer.encode(PROMPT_TEXT)
     texts, events = run(engine, prompt, [SamplingParams(max_new_tokens=3, guided=Guided("regex", "[0-9]{40}"))])
