@@ -99,6 +99,12 @@ def _rtn(model, params16):
                                                params, abstract, is_leaf=quant.is_quantised))(params16)
 
 
+def _logit_errors(model, calibrated, params16, windows, reference):
+    """Mean |logit - 16-bit logit| on the windows of the `calibrated` params and of round to nearest."""
+    logits = _logits(model, calibrated, windows), _logits(model, _rtn(model, params16), windows)
+    return tuple(float(np.abs(lg - reference).mean()) for lg in logits)
+
+
 def _layer(seed, rows=384, k=128, n=96, outliers=4):
     """Fresh random inputs x [rows, k] with a few large channels (as trained models' activations have) and a
     weight w [k, n]."""
@@ -142,9 +148,27 @@ def test_calibration_beats_round_to_nearest(tiny, calibration, scheme, recipe):
     stats, reference = calibration
     model = _quantised(model16, scheme)
     calibrated = quantise(params16, model, stats, log=lambda _: None, how=recipe)
-    logits = _logits(model, calibrated, windows), _logits(model, _rtn(model, params16), windows)
-    calibrated_err, rtn_err = (np.abs(lg - reference).mean() for lg in logits)
+    calibrated_err, rtn_err = _logit_errors(model, calibrated, params16, windows, reference)
     assert calibrated_err < rtn_err
+
+
+def test_awq_on_sink_weighted_rows_beats_round_to_nearest(tiny, calibration):
+    """AWQ as the converter calibrates it (each window's first row, the attention sink, FIRST_ROW_WEIGHT times
+    in every product's sample) gives logits on its calibration windows closer to the 16-bit model's than round
+    to nearest."""
+    from tools.convert.calibrated import quantise, quantised_paths
+    from tools.convert.calibration import FIRST_ROW_WEIGHT, collect
+
+    _, model16, params16, windows = tiny
+    _, reference = calibration
+    model = _quantised(model16, "w4a16")
+    stats = collect(model16, params16, windows, quantised_paths(model), gram=False, sample_rows=64, keep_first=True)
+    sample = stats[("layers_0", "self_attn", "qkv_proj")].sample
+    sink = sample[0]  # the first window's first row, FIRST_ROW_WEIGHT times at the head of its window's rows
+    np.testing.assert_array_equal(sample[:FIRST_ROW_WEIGHT], np.broadcast_to(sink, (FIRST_ROW_WEIGHT, sink.size)))
+    calibrated = quantise(params16, model, stats, log=lambda _: None, how="awq")
+    calibrated_err, rtn_err = _logit_errors(model, calibrated, params16, windows, reference)
+    assert calibrated_err < rtn_err, (calibrated_err, rtn_err)
 
 
 def test_calibrated_checkpoint_loads_as_its_dequantised_weights(tiny, tmp_path):

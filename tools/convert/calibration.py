@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 PYDOC = "pydoc"  # --calibration's default: CPython's pydoc_data.topics
-# With keep_first, each window's first row (the attention sink) enters the sample this many times: weighted
-# ×8, SmolLM2's AWQ w4a16 went from +14.0 % to +12.5 % perplexity (docs/perf.md, "Calibrated conversion").
-FIRST_ROW_WEIGHT = 8
+# With keep_first, each window's first row (the attention sink) enters the sample this many times. SmolLM2's
+# AWQ w4a16 (docs/perf.md, "Calibrated conversion"): ×1 +14.0 % perplexity, ×8 +12.45 %, ×4 +11.24 %
+# (×16 worse again in the dev harness).
+FIRST_ROW_WEIGHT = 4
 
 
 def calibration_text(source: str) -> str:
