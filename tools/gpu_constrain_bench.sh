@@ -8,7 +8,8 @@
 #   TTFT of single 512-token requests without and with --token_healing_mode.
 # JSON under $OUT (tables and server logs under $LOGS), a table last. The device needs the llguidance wheel.
 # Usage on the device machine (carry .whl and the tokenizer dir):  TOKENIZER_DIR=.devtmp/tok bash tools/gpu_constrain_bench.sh
-# (HEALING=0 skips the token-healing server.)
+# (HEALING=0 skips the token-healing server; THREADS="4 8 12" runs bench.masks at each llguidance pool size, the
+# server keeps JAXLLM_GRAMMAR_THREADS from the environment; XLA_FLAGS reach the server too.)
 set -uo pipefail
 source tools/device_env.sh /tmp/jaxllm-constrain
 PORT=${PORT:-8012}
@@ -30,7 +31,11 @@ sleep 6  # one more stats line
 grep -o "token masks: .*" "$LOGS/server_constrain.log" | tail -3 | tee "$LOGS/mask_time.txt"
 # The round trip to the mask worker and its fill, without a model, at the config's mask width:
 WORDS=$($PY -c "import json, sys; print((json.load(open(sys.argv[1]))['vocab_size'] + 31) // 32)" "$MODEL/config.json")
-$PY -m jaxllm.bench.masks --tokenizer "$MODEL" --words "$WORDS" 2>&1 | tail -7 | tee -a "$LOGS/mask_time.txt"
+for threads in ${THREADS:-0}; do  # THREADS="4 8 12": the worker's llguidance pool sizes to try (0: its default)
+  echo "llguidance threads: ${threads/#0/default}" | tee -a "$LOGS/mask_time.txt"
+  JAXLLM_GRAMMAR_THREADS=${threads/#0/} $PY -m jaxllm.bench.masks --tokenizer "$MODEL" --words "$WORDS" 2>&1 \
+    | tail -7 | tee -a "$LOGS/mask_time.txt"
+done
 bench warmup_single "${SINGLE[@]}" --seed 8 > /dev/null
 bench ttft_plain "${SINGLE[@]}" --seed 2
 stop_server

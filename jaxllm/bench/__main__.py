@@ -24,6 +24,8 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-prefix-len", type=int, default=0,
                    help="random prompts all open with the same this many tokens (before their --input-len own)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="constrain every answer to the JSON schema in FILE (guided_json): constrained decoding's cost")
     p.add_argument("--result-json", type=str, default=None, help="also write the results here")
 
 
@@ -46,8 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-rate", type=float, default=float("inf"),
                        help="Poisson arrival rate in requests/s (inf: all at once)")
     serve.add_argument("--max-concurrency", type=int, default=None)
-    serve.add_argument("--json-schema", default=None, metavar="FILE",
-                       help="constrain every answer to the JSON schema in FILE (guided_json): constrained decoding's cost")
     serve.add_argument("--api-key", default=None,
                        help="sent as `Authorization: Bearer KEY`, for a server started with --api_key")
     _add_workload_flags(serve)
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from jaxllm import LLM
         from jaxllm.bench.offline import format_offline_table, format_score_table, run_offline, score_against_prefill
+        from jaxllm.engine.request import Guided
 
         if ns.score:
             result = score_against_prefill(ns.model_dir, list(build_workload(spec)), warmup=ns.warmup,
@@ -147,9 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
             requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
+            guided = None if ns.json_schema is None else Guided("json_schema", json.dumps(_read_json(ns.json_schema)))
             if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
-                run_offline(llm, requests, ns.best_of, ns.separately)
-            result = run_offline(llm, requests, ns.best_of, ns.separately)
+                run_offline(llm, requests, ns.best_of, ns.separately, guided)
+            result = run_offline(llm, requests, ns.best_of, ns.separately, guided)
             table = format_offline_table(result)
     _write_json(ns.result_json, result)
     print(table)

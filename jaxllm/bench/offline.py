@@ -180,4 +180,7 @@ def format_offline_table(result: dict) -> str:
          f"{result['postprocess_ms_per_step']:.2f}"),
         ("launch thread: transfer + step call (ms)", f"{result['launch_ms_per_step']:.2f}"),
     ]
+    if result.get("constrained_steps"):
+        rows.append(("masks / engine's wait per constrained step (ms)",
+                     f"{result['mask_ms_per_step']:.2f} / {result['mask_wait_ms_per_step']:.2f}"))
     return format_rows(rows)

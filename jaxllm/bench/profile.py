@@ -46,6 +46,34 @@ def busy_us(events: list[dict]) -> float:
     return total
 
 
+def idle_gaps(events: list[dict], at_least_us: float = 50.0) -> list[float]:
+    """The device's idle stretches (µs) of at least `at_least_us` between its first and last event."""
+    gaps, end = [], None
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        if end is not None and start - end >= at_least_us:
+            gaps.append(start - end)
+        end = stop if end is None else max(end, stop)
+    return gaps
+
+
+def host_table(trace: dict, steps: int, top: int) -> list[tuple[str, str, float, float]]:
+    """The host's traced events (jax's TraceMe: dispatch, transfers, executions), by total time: (thread, name,
+    calls per step, µs per step), the `top` longest first."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = process_names(trace)
+    host_pids = {pid for pid, name in names.items() if not _DEVICE_PROCESS.search(name)}
+    threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    calls, time_us = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in host_pids and "dur" in e:
+            key = (threads.get((e["pid"], e.get("tid")), str(e.get("tid"))), e["name"])
+            calls[key] += 1
+            time_us[key] += e["dur"]
+    return [(thread, name, calls[(thread, name)] / steps, us / steps)
+            for (thread, name), us in time_us.most_common(top)]
+
+
 def kernel_table(events: list[dict], steps: int, top: int) -> list[tuple[str, float, float, float]]:
     """(name, calls per step, µs per step, share of the summed event time), the `top` longest first."""
     calls, time_us = collections.Counter(), collections.Counter()
@@ -73,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help="every answer follows the JSON schema in FILE (constrained decoding's steps)")
+    p.add_argument("--host", action="store_true", help="also the host's traced events by thread, longest first")
+    p.add_argument("--python-trace", action="store_true",
+                   help="trace every Python call too (the host table then shows the engine's own functions; slows the host)")
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
     ns, extra = p.parse_known_args(argv)
 
@@ -91,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                                                 output_len=ns.output_len), None))
     run_offline(llm, requests, guided=guided)  # untimed: compiles every shape the workload meets
     directory = pathlib.Path(ns.trace_dir or tempfile.mkdtemp(prefix="jaxllm-profile-"))
-    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 1 if ns.python_trace else 0
+    with jax.profiler.trace(str(directory), create_perfetto_trace=True, profiler_options=options):
         r = run_offline(llm, requests, guided=guided)
     llm.close()
     print("host ms/step: " + ", ".join(f"{t} {r[f'{t}_ms_per_step']:.2f}" for t in
@@ -109,9 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ns.model_dir} {' '.join(extra)}: {ns.prompts} prompts, {steps} steps, wall {wall_us:.0f} µs/step, "
           f"device busy {busy:.0f} µs/step ({busy / wall_us:.2f}), host {r['host_ms_per_step']:.2f} ms/step, "
           f"{len(events)} device events")
+    gaps = idle_gaps(events)
+    print(f"device idle stretches of 50 µs or more: {len(gaps) / steps:.1f} per step, {sum(gaps) / steps:.0f} µs per "
+          f"step; longest {max(gaps, default=0):.0f} µs, median {sorted(gaps)[len(gaps) // 2] if gaps else 0:.0f} µs")
     print(f"{'calls/step':>10} {'µs/step':>9} {'share':>6}  kernel")
     for name, calls, us, share in kernel_table(events, steps, ns.top):
         print(f"{calls:10.1f} {us:9.1f} {share:6.1%}  {name[:140]}")
+    if ns.host:
+        print(f"{'calls/step':>10} {'µs/step':>9}  host thread: event")
+        for thread, name, calls, us in host_table(trace, steps, ns.top):
+            print(f"{calls:10.1f} {us:9.1f}  {thread[:24]}: {name[:110]}")
     return 0
 
 

@@ -15,14 +15,15 @@ from jaxllm.models.attention import AttentionMetadata
 
 
 def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, width, decode_only,
-         all_logits, penalties, sampling, top_logprobs, constrained):
+         all_logits, penalties, sampling, top_logprobs):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
-    sampled, logprobs, prompt logprobs, top) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless asked).
+    sampled, logprobs, prompt logprobs, top, logits) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless
+    asked) and the sampled rows' logits [R, V]: a step with constrained rows runs as the greedy step of its
+    shape (compiled at start-up) and samples again from those logits with the rows' masks (`sample_masked`),
+    so constrained decoding never meets a step it must compile.
     A reward model's step samples nothing: its scores [R, labels] come in place of the sampled ids.
     image_slab [rows + 1, hidden] (a vision-language model's image embeddings; None otherwise) replaces the
-    embeddings of the tokens with an image row.
-    Constrained, it stops before the sampler and returns (kv, last_tokens unchanged, logits, history, prompt
-    logprobs, None)."""
+    embeddings of the tokens with an image row."""
     inp = unpack(words, layout)
     from_device = inp.token_src >= 0
     tokens = jnp.where(from_device, last_tokens[jnp.maximum(inp.token_src, 0)], inp.tokens)  # [T]
@@ -47,7 +48,8 @@ def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, 
     logits, layers = model.apply({"params": params}, tokens, meta, kv.layers, all_logits=all_logits, **images)
     if model.config.score_head is not None:  # a reward model: the rows' scores [R, labels], nothing sampled
         new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
-        return new_kv, last_tokens, logits, jnp.zeros(logits.shape[:1], jnp.float32), jnp.zeros(tokens.shape), None
+        return (new_kv, last_tokens, logits, jnp.zeros(logits.shape[:1], jnp.float32), jnp.zeros(tokens.shape), None,
+                jnp.zeros((1, 1), jnp.float32))
     if all_logits:  # logits [T, V]: every position's next-token logprob, then the sampled rows
         all_lp = jax.nn.log_softmax(logits, axis=-1)
         prompt_lp = jnp.take_along_axis(all_lp, inp.target_ids[:, None], axis=-1)[:, 0]
@@ -56,11 +58,9 @@ def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, 
         prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
     history = token_table[inp.kv_rows, :width]  # [R, width]
     new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
-    if constrained:
-        return new_kv, last_tokens, logits, history if penalties else jnp.zeros((1,), jnp.int32), prompt_lp, None
     last, sampled, logprobs, top = sample_rows(eos_ids, last_tokens, logits, history, inp, None,
                                                 penalties=penalties, sampling=sampling, top_logprobs=top_logprobs)
-    return new_kv, last, sampled, logprobs, prompt_lp, top
+    return new_kv, last, sampled, logprobs, prompt_lp, top, logits
 
 
 def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, sampling, top_logprobs):
@@ -76,13 +76,15 @@ def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, 
     return last, sampled, logprobs, (top_ids, top_lp)
 
 
-def sample_masked(eos_ids, last_tokens, logits, history, words, mask, *, layout, penalties, sampling,
-                   top_logprobs):
+def sample_masked(eos_ids, last_tokens, logits, token_table, words, mask, *, layout, width, penalties, sampling,
+                  top_logprobs):
     """The second call of a constrained step: the sampler over the model's logits [R, V] with each row's
-    allowed-token mask [R, ceil(V / 32)]. last_tokens is donated."""
+    allowed-token mask [R, ceil(V / 32)] (token_table: the step's updated one, for penalties). last_tokens is
+    donated."""
     inp = unpack(words, layout)
+    history = token_table[inp.kv_rows, :width] if penalties else jnp.zeros((1,), jnp.int32)
     return sample_rows(eos_ids, last_tokens, logits, history, inp, mask, penalties=penalties, sampling=sampling,
-                        top_logprobs=top_logprobs)
+                       top_logprobs=top_logprobs)
 
 
 def encode_images(model, params, slab, inputs, rows, *, grid):

@@ -98,12 +98,15 @@ class StepRows:
     disallowed; a finished or failed grammar's row allows only the eos ids)."""
 
     def __init__(self, vocab: int, eos_ids: tuple[int, ...], threads: int | None = None):
-        """threads: llguidance's pool (default: a quarter of the cores, 1 to 4). Not all of them: the engine's
-        threads must find a core when its answers come back, and a 64-row fill did not get faster with more
-        threads on the H200's host (1 / 4 / 16 threads: 2.88 / 3.05 / 3.50 ms, docs/perf.md session 7)."""
+        """threads: llguidance's pool (default: $JAXLLM_GRAMMAR_THREADS, else a quarter of the cores, 1 to 4).
+        Not all of them: the engine's threads must find a core when its answers come back, and a 64-row fill did
+        not get faster with more threads on the H200's host (1 / 4 / 16 threads: 2.88 / 3.05 / 3.50 ms,
+        docs/perf.md session 7)."""
         self.eos_ids = eos_ids
         self.words = (vocab + 31) // 32  # llguidance's row width
-        self._executor = llguidance.LLExecutor(threads or max(1, min(4, (os.cpu_count() or 1) // 4)))
+        self.threads = (threads or int(os.environ.get("JAXLLM_GRAMMAR_THREADS") or 0)
+                        or max(1, min(4, (os.cpu_count() or 1) // 4)))
+        self._executor = llguidance.LLExecutor(self.threads)
 
     def take(self, entries: list[tuple[llguidance.LLMatcher, int]]) -> list[str | None]:
         """Each matcher takes its token (take_token's rules); returns, per entry, why it was rejected."""

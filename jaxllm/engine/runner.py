@@ -165,14 +165,14 @@ class ModelRunner:
         self._jitted = jax.jit(
             functools.partial(device_steps.step, model, self.eos_ids),
             static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling",
-                             "top_logprobs", "constrained"),
+                             "top_logprobs"),
             donate_argnums=(1, 2),
-            out_shardings=(kv_shardings, rep, rep, rep, rep, rep),
+            out_shardings=(kv_shardings, rep, rep, rep, rep, rep, None),  # logits: as the model leaves them
         )
         # Compiled per shape when first met: steps without constrained rows never call it.
         self._sample_masked = jax.jit(
             functools.partial(device_steps.sample_masked, self.eos_ids),
-            static_argnames=("layout", "penalties", "sampling", "top_logprobs"),
+            static_argnames=("layout", "width", "penalties", "sampling", "top_logprobs"),
             donate_argnums=(0,), out_shardings=(rep, rep, rep, rep),
         )
         self.mask_words = (self.vocab_size + 31) // 32  # int32 words of a row's allowed-token mask
@@ -256,6 +256,7 @@ class ModelRunner:
 
     def _compile(self, host: StepInputs, shape: StepShape) -> jax.stages.Compiled:
         """The compiled step of `shape` (inputs like `host`), compiled on the first call."""
+        shape = shape.compiled_as()
         self.shapes_seen.add(shape)
         executable = self._executables.get(shape)
         if executable is None:
@@ -341,10 +342,10 @@ class ModelRunner:
     def execute_sampler(self, unsampled: tuple, mask: np.ndarray):
         """Enqueue a constrained step's sampler (`unsampled`: what `execute` returned for it) with the masks.
         Returns (sampled, logprobs, top)."""
-        logits, history, words, statics = unsampled
+        logits, token_table, words, statics = unsampled
         mask = jax.device_put(mask, self._replicated)
         self._last_tokens, sampled, logprobs, top = self._sample_masked(
-            self._last_tokens, logits, history, words, mask, **statics)
+            self._last_tokens, logits, token_table, words, mask, **statics)
         return sampled, logprobs, top
 
     def fetch(self, handle: StepHandle) -> StepResult:
@@ -366,14 +367,14 @@ class ModelRunner:
         executable = self._compile(host, shape)
         words, layout = pack(host)
         words = jax.device_put(words, self._replicated)
-        self.kv, self._last_tokens, first, second, prompt_lp, top = executable(
+        self.kv, self._last_tokens, sampled, logprobs, prompt_lp, top, logits = executable(
             self.params, self.kv, self._last_tokens, words, self.image_slab
         )
-        if not shape.constrained:  # first, second: sampled ids, their logprobs
-            return first, second, prompt_lp, top, None
-        statics = {"layout": layout, "penalties": shape.penalties, "sampling": shape.sampling,
-                   "top_logprobs": shape.top_logprobs}
-        return None, None, prompt_lp, None, (first, second, words, statics)  # first, second: logits, history
+        if not shape.constrained:
+            return sampled, logprobs, prompt_lp, top, None
+        statics = {"layout": layout, "width": shape.width, "penalties": shape.penalties,
+                   "sampling": shape.sampling, "top_logprobs": shape.top_logprobs}
+        return None, None, prompt_lp, None, (logits, self.kv.token_table, words, statics)
 
     def _init_device_state(self):
         kv = self.host_kv

@@ -36,4 +36,11 @@ class StepShape:
 
     def static_args(self) -> dict:
         """The step function's static arguments (sizes come with the arrays)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("tokens", "rows")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("tokens", "rows", "constrained")}
+
+    def compiled_as(self) -> StepShape:
+        """The shape whose compiled step runs this one: a constrained step runs the greedy step of its sizes
+        (its sampler comes after, with the masks)."""
+        if not self.constrained:
+            return self
+        return dataclasses.replace(self, penalties=False, sampling=False, top_logprobs=False, constrained=False)

@@ -59,19 +59,27 @@ def test_token_mask_matches_a_plain_reference():
     np.testing.assert_array_equal(got, expected)
 
 
-def test_greedy_regex_output_matches_a_plain_loop_with_host_masks(engine):
+@pytest.mark.parametrize("penalties", [{}, {"repetition_penalty": 1.6, "frequency_penalty": 0.4}],
+                         ids=["plain", "penalties"])
+def test_greedy_regex_output_matches_a_plain_loop_with_host_masks(engine, penalties):
     tok = engine.tokenizer
     prompt = tok.encode(PROMPT_TEXT)
     regex = r"[0-9]{2,4}-[a-z]{3} (yes|no)"
-    got, events = run(engine, prompt, [SamplingParams(max_new_tokens=16, guided=Guided("regex", regex))])
+    got, events = run(engine, prompt, [SamplingParams(max_new_tokens=16, guided=Guided("regex", regex),
+                                                      **penalties)])
     reference = GreedyReference(engine.runner.model, engine.runner.params)
+    rep, freq = penalties.get("repetition_penalty", 1.0), penalties.get("frequency_penalty", 0.0)
     lltok = llguidance.hf.from_tokenizer(tok, eos_token=[2])
     matcher = llguidance.LLMatcher(lltok, llguidance.LLMatcher.grammar_from_regex(regex))
     seq, expected = list(prompt), []
     while not matcher.is_stopped() and len(expected) < 16:
         bits = np.frombuffer(matcher.compute_bitmask(), np.uint8)
         allowed = np.unpackbits(bits, bitorder="little")[:VOCAB].astype(bool)
-        token = int(np.argmax(np.where(allowed, reference.logits(seq)[-1], -np.inf)))
+        logits = reference.logits(seq)[-1]
+        counts = np.bincount(np.asarray(expected, np.int64), minlength=logits.shape[0])  # outputs only (LightLLM)
+        penalised = np.where(logits > 0, logits / rep, logits * rep) - freq * counts
+        logits = np.where(counts > 0, penalised, logits)
+        token = int(np.argmax(np.where(allowed, logits, -np.inf)))
         assert matcher.consume_token(token)
         seq.append(token)
         expected.append(token)
@@ -96,6 +104,19 @@ def test_sampled_outputs_follow_their_grammar_beside_unconstrained_rows(engine):
     assert texts[12] == alone[0]  # the unconstrained row is untouched by its neighbours' masks
     stats = engine.stats()
     assert stats["constrained_steps"] > 0 and stats["mask_s"] > 0
+
+
+def test_two_devices_give_the_constrained_tokens_of_one(engine):
+    """--tp 2 (the model's logits split over the vocabulary): a sampled row under a grammar, with penalties,
+    gives the tokens of one device."""
+    prompt = engine.tokenizer.encode(PROMPT_TEXT)
+    params = [SamplingParams(do_sample=True, temperature=1.0, seed=5, max_new_tokens=8, repetition_penalty=1.6,
+                             guided=Guided("regex", r"[0-9]{2,4}-[a-z]{3} (yes|no)"))]
+    _, one = run(engine, prompt, params)
+    with make_engine(engine.args.model_dir, eos_id=[2], tokenizer_mode="fast", tp=2) as two_devices:
+        assert len(two_devices.runner.mesh.devices.ravel()) == 2
+        _, two = run(two_devices, prompt, params)
+    assert [[e.token_id for e in ev] for ev in two] == [[e.token_id for e in ev] for ev in one]
 
 
 def test_a_grammar_that_cannot_finish_in_time_ends_with_length(engine):
@@ -177,13 +198,16 @@ def test_a_model_with_several_eos_ids_ends_a_grammar_on_any_of_them(compiler):
     assert errors[:2] == [None, None] and "rejected token 5" in errors[2] and fresh[0].is_stopped()
 
 
-def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(compiler):
+def test_a_padded_vocabulary_fills_many_rows_like_one_at_a_time(compiler, monkeypatch):
     """A model vocabulary wider than the tokenizer's (padded): the rows built together in llguidance's threads
-    equal those built one by one, and the model's extra ids stay disallowed; a request gone allows eos only."""
+    (as many as $JAXLLM_GRAMMAR_THREADS says) equal those built one by one, and the model's extra ids stay
+    disallowed; a request gone allows eos only."""
     from jaxllm.engine.grammar import StepRows, take_token
 
     words = (VOCAB + 4 * 32 + 7 + 31) // 32
+    monkeypatch.setenv("JAXLLM_GRAMMAR_THREADS", "3")
     filler = StepRows(VOCAB, (2,))
+    assert filler.threads == 3
     specs = [("regex", "(ab)+c"), ("choice", '["yes", "no"]'), ("json_object", "")]
     prefixes = [["ab", "ab"], ["y"], ["{"]]
 
