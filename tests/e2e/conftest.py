@@ -64,3 +64,13 @@ def tokenizer(smollm2_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_dir), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_dir):
+    """The PyTorch oracle (transformers, float32) on the served SmolLM2, loaded once for the modules that compare
+    against it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()

@@ -82,15 +82,6 @@ def beam_server(keyed_beam_server):
     return BeamServer(keyed_beam_server)
 
 
-@pytest.fixture(scope="module")
-def hf_model(smollm2_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), torch_dtype=torch.float32)
-    return model.eval()
-
-
 def hf_beams(model, tokenizer, prompt: str, width: int) -> list[list[int]]:
     import torch
 
@@ -102,13 +93,13 @@ def hf_beams(model, tokenizer, prompt: str, width: int) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("width", [2, 4])
-def test_beam_search_first_result_equals_transformers(beam_server, hf_model, tokenizer, width):
+def test_beam_search_first_result_equals_transformers(beam_server, smollm2_transformers, tokenizer, width):
     for prompt in BEAM_PROMPTS:
         status, out = beam_server.post("/generate", {"inputs": prompt, "parameters": {
             "best_of": width, "max_new_tokens": BEAM_TOKENS, "return_details": True}}, timeout=600)
         assert status == 200, out
         ours = [[t["id"] for t in seq] for seq in out["tokens"]]
-        expected = hf_beams(hf_model, tokenizer, prompt, width)
+        expected = hf_beams(smollm2_transformers, tokenizer, prompt, width)
         first = expected[0]
         if first and first[-1] == 2:  # transformers pads after eos; our sequences end at it
             first = first[: first.index(2) + 1]

@@ -26,7 +26,8 @@ SCHEMA = {
     "required": ["kind", "weight", "owner", "toys"],
     "additionalProperties": False,
 }
-ASK = [{"role": "user", "content": "Describe a pet as JSON."}]
+# A short system message (22 prompt tokens, not the template's default one's 36): 50 prompts prefill quicker.
+ASK = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Describe a pet."}]
 SAMPLED = {"temperature": 1.0, "max_tokens": 60}
 
 

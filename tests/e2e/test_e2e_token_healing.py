@@ -52,16 +52,12 @@ def reference_healing(model, tokenizer, prompt_ids):
 
 
 @pytest.fixture(scope="module")
-def expected(smollm2_dir, tokenizer):
+def expected(smollm2_transformers, tokenizer):
     """prompt → (caller's token count, the answer text beyond the caller's prompt), from transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
     out = {}
     for prompt in PROMPTS:
         ids = tokenizer.encode(prompt)
-        generated = reference_healing(model, tokenizer, ids)
+        generated = reference_healing(smollm2_transformers, tokenizer, ids)
         healed = tokenizer.decode(ids[:-min(MAX_BACKUP, len(ids) - 1)] + generated)
         assert healed.startswith(prompt)
         out[prompt] = (len(ids), healed[len(prompt):])

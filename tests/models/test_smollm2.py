@@ -3,6 +3,8 @@ jaxllm in float32 gives exactly the tokens transformers (PyTorch, CPU, float32) 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 
 import jax
@@ -38,6 +40,19 @@ def chat_prompts(smollm2_dir) -> list[list[int]]:
     return ids
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """transformers parses the GGUF twice (config, then weights; 6.5 s each for SmolLM2's 49k-token vocabulary) and
+    rebuilds gguf's tensor-name table once per submodule (397 times, 10 s): within this block each file is parsed
+    once and each table built once. The same read-only objects, so the same weights and config."""
+    import gguf
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", functools.lru_cache(gguf.GGUFReader))
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+        yield
+
+
 def transformers_greedy(prompts: list[list[int]]) -> list[list[int]]:
     """PyTorch reference straight from the GGUF (transformers dequantises it itself), one prompt at a time."""
     import torch
@@ -46,7 +61,8 @@ def transformers_greedy(prompts: list[list[int]]) -> list[list[int]]:
     from tools.convert.default_model import default_gguf
 
     gguf = default_gguf()
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     outputs = []
     with torch.no_grad():
         for ids in prompts:
