@@ -46,6 +46,9 @@ serve: model
 
 test: install-test
 	$(PY) -m tools.convert.default_model --dst $(MODEL_DIR)
+	# Our sources compiled once: where PYTHONDONTWRITEBYTECODE is set, each of the suite's processes would otherwise
+	# compile every module it imports
+	$(PY) -m compileall -q jaxllm kernels tools tests > /dev/null
 	JAXLLM_TRANSFORMERS4_PYTHON=$(TF4_PY) $(PY) -m pytest -q --durations=25 tests
 
 clean-venv:
