@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         table = format_table(result)
     else:
         from jaxllm import LLM
-        from jaxllm.bench.offline import format_offline_table, format_score_table, run_offline, score_against_prefill
-        from jaxllm.engine.request import Guided
+        from jaxllm.bench.offline import (format_offline_table, format_score_table, run_offline, schema_grammar,
+                                          score_against_prefill)
 
         if ns.score:
             result = score_against_prefill(ns.model_dir, list(build_workload(spec)), warmup=ns.warmup,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             llm = LLM(ns.model_dir, warmup=ns.warmup, **_engine_overrides(extra))
             requests = list(build_workload(spec, llm.tokenizer if spec.dataset else None))
-            guided = None if ns.json_schema is None else Guided("json_schema", json.dumps(_read_json(ns.json_schema)))
+            guided = schema_grammar(ns.json_schema)
             if ns.warmup_pass:  # compiles every shape the workload meets; the persistent cache keeps them
                 run_offline(llm, requests, ns.best_of, ns.separately, guided)
             result = run_offline(llm, requests, ns.best_of, ns.separately, guided)

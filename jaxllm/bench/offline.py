@@ -67,6 +67,15 @@ def _score(llm, requests: list[BenchRequest]) -> list[list[int]]:
     return [[] for _ in requests]
 
 
+def schema_grammar(path: str | None):
+    """The `Guided` JSON-schema grammar in the file at `path` (None: no grammar), for --json-schema."""
+    if path is None:
+        return None
+    from jaxllm.engine.request import Guided
+
+    return Guided("json_schema", Path(path).read_text())
+
+
 def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately: bool = False,
                 guided=None) -> dict:
     """Generate every request at once (the engine batches them), or on a reward model score every prompt;

@@ -111,12 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxllm import LLM
     from jaxllm.bench.__main__ import _engine_overrides
-    from jaxllm.bench.offline import run_offline
+    from jaxllm.bench.offline import run_offline, schema_grammar
     from jaxllm.bench.workload import WorkloadSpec, build_workload
-
-    from jaxllm.engine.request import Guided
-
-    guided = None if ns.json_schema is None else Guided("json_schema", pathlib.Path(ns.json_schema).read_text())
+    guided = schema_grammar(ns.json_schema)
     llm = LLM(ns.model_dir, warmup=0, **_engine_overrides(extra))
     requests = list(build_workload(WorkloadSpec(num_prompts=ns.prompts, input_len=ns.input_len,
                                                 output_len=ns.output_len), None))
