@@ -4,7 +4,9 @@
 Decode is memory-bound: its limit is the K/V bytes it must read over HBM bandwidth (the issues' 2.98 TB/s,
 and the bandwidth measured in the same run). Prefill is matmul-bound: FLOPs over the bf16 matmul rate.
 Times are per call of the whole wrapper (planning, query packing and the split-K combine included).
-`--smoke` runs tiny shapes in interpret mode on the CPU (Triton kernel only), to keep this script working.
+`--dense`: prefill beside cuDNN's, attention_mgpu's and tokamax's attention on the same dense shapes
+(`bench_dense.py`). `--smoke` runs tiny shapes in interpret mode on the CPU (Triton kernel only), to keep this
+script working.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.pallas import attention_mosaic, attention_triton, bench_quant, latent_attention, plan, reference
+from kernels.pallas import (
+    attention_mosaic, attention_triton, bench_dense, bench_quant, latent_attention, plan, reference,
+)
 
 ISSUE_BANDWIDTH = 2.98e12  # bytes/s: H100 HBM read, measured for the issues (November 2026)
 
@@ -117,22 +121,10 @@ class Bench:
         positions = jnp.asarray(np.tile(np.arange(cached, length), rows), jnp.int32)
         starts = jnp.arange(rows, dtype=jnp.int32) * new
         lens = jnp.full((rows,), new, jnp.int32)
-        group = heads // kv_heads
-        if impl == "mosaic":
-            block_q = attention_mosaic.ROWS // group
-            fn = jax.jit(lambda q, k, v, p, t, st, ln: attention_mosaic.paged_attention(
-                q, k, v, p, t, plan.ragged_blocks(st, ln, n, block_q), scale=0.088))
-            args = (q, k, v, positions, table, starts, lens)
-        else:
-            block_q = max(1, launch.rows // group)
-            fn = jax.jit(lambda q, k, v, p, t, st, ln, s: attention_triton.paged_attention(
-                q, k, v, p, t, plan.ragged_blocks(st, ln, n, block_q), scale=0.088, block_q=block_q,
-                block_k=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
-                interpret=self.interpret, **s))
-            args = (q, k, v, positions, table, starts, lens, scales)
+        fn, args = bench_dense.paged_prefill(impl, launch, self.interpret, 0.088, q, k, v, positions, table,
+                                             starts, lens, scales)
         seconds = timed(fn, args, repeats=5)
-        visible = rows * sum(cached + i + 1 for i in range(new))  # keys summed over query tokens
-        flops = 4 * visible * heads * head_dim
+        flops = bench_dense.prefill_flops(rows, new, cached, heads, head_dim)
         config = "" if impl == "mosaic" else _describe(launch, decode=False)
         self._row(name, impl, config, seconds, flops=flops)
 
@@ -169,9 +161,13 @@ class Bench:
             self.failed(args[0], args[1], err)
 
     def failed(self, name, impl, err: Exception):
-        message = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-        print(f"FAILED {name} {impl}: {message}", flush=True)
-        self.rows.append((name, impl, "FAILED", "-", "-", message.replace("|", "/")))
+        first_line = str(err).splitlines()[0][:160] if str(err) else ""
+        self.note(name, impl, "FAILED", f"{type(err).__name__}: {first_line}")
+
+    def note(self, name, impl, status: str, message: str):
+        """A row without a measurement: `status` (FAILED, SKIPPED) and why."""
+        print(f"{status} {name} {impl}: {message}", flush=True)
+        self.rows.append((name, impl, status, "-", "-", message.replace("|", "/")))
 
     def _row(self, name, impl, config, seconds, bytes_=None, flops=None, limit=None):
         """One result: `bytes_` read (against the bandwidth) or `flops` (against `limit`, default the bf16
@@ -206,7 +202,11 @@ def run(args) -> Bench:
                       launch=small)
         bench_quant.run(bench, timed, rows=(3,), shapes=(("quant smoke 256×64", 256, 64),), ops8=1e12,
                         layers=1)
-        return bench
+        return bench_dense.run(bench, timed, _describe, smoke=True)
+    if args.dense:  # matmul-bound only: no bandwidth to measure
+        flops = matmul_rate(8192)
+        print(f"measured: bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
+        return bench_dense.run(Bench(ISSUE_BANDWIDTH, flops, interpret=False), timed, _describe)
     bandwidth, flops = hbm_bandwidth(4), matmul_rate(8192)
     print(f"measured: HBM read {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
     bench = Bench(bandwidth, flops, interpret=False)
@@ -276,6 +276,8 @@ def main(argv=None) -> None:
     parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
                         help="key splits to try for batch-1 decode (default: the heuristic's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+    parser.add_argument("--dense", action="store_true",
+                        help="prefill on dense shapes: ours beside cuDNN, attention_mgpu and tokamax (bench_dense.py)")
     parser.add_argument("--latent", action="store_true",
                         help="latent attention decode (DeepSeek-V2-Lite sizes) instead of the other kernels")
     parser.add_argument("--quant", action="store_true",
