@@ -196,6 +196,7 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     alibi_slopes=None,  # [heads] float32
+    return_lse: bool = False,
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
@@ -206,7 +207,9 @@ def paged_attention(
     `splitk.combine` merges them. Per-layer options as in reference.py: `window` (keys at positions >
     the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
-    Returns [n, heads, head_dim] in q's dtype.
+    Returns [n, heads, head_dim] in q's dtype; `return_lse` (one key split only): (float32 output, the
+    base-2 log-sum-exp of each token's scaled scores [n, heads], -inf where it saw no key), to be merged
+    with another attention over other keys (`splitk.combine`).
     """
     n, heads, head_dim = q.shape
     num_slots, kv_heads, _ = k_cache.shape
@@ -215,6 +218,8 @@ def paged_attention(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
     if head_dim < 16 or head_dim % 16:
         raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for the Triton kernel")
+    if return_lse and splits > 1:
+        raise ValueError("return_lse takes one key split")
     if num_slots * kv_heads * head_dim >= 2**31:
         raise ValueError("a KV buffer of 2**31 elements or more overflows the kernel's int32 offsets")
     rows_m = max(16, _next_pow2(block_q * group))
@@ -234,13 +239,13 @@ def paged_attention(
         split_len=split_len,
         num_tokens=n,
         scale=scale,
-        split=splits > 1,
+        split=splits > 1 or return_lse,
         head_dim=None if head_dim & (head_dim - 1) == 0 else head_dim,
         window=window,
         softcap=softcap,
     )
     kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None)
-    if splits > 1:
+    if splits > 1 or return_lse:
         out_shape = (
             jax.ShapeDtypeStruct((splits * n * heads, head_dim), jnp.float32),
             jax.ShapeDtypeStruct((splits * n * heads,), jnp.float32),
@@ -265,7 +270,7 @@ def paged_attention(
     inits = []
     if not owns_all_tokens:
         inits = [jnp.zeros(o.shape, o.dtype) for o in out_shape]
-        if splits > 1:
+        if len(out_shape) == 2:
             inits[1] = jnp.full(out_shape[1].shape, -jnp.inf, jnp.float32)
     first_out = len(args)
     outs = pl.pallas_call(
@@ -277,6 +282,8 @@ def paged_attention(
         interpret=interpret,
         name="paged_attention_int8" if quantised else "paged_attention",
     )(*args, *inits)
+    if return_lse:
+        return outs[0].reshape(n, heads, head_dim), outs[1].reshape(n, heads)
     if splits == 1:
         return outs[0].reshape(n, heads, head_dim)
     o_part, lse = outs

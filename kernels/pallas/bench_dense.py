@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.pallas import attention_mosaic, attention_triton, plan
+from kernels.pallas import attention_mosaic, attention_triton, plan, prefill_split
 
 # Largest |output - float32 reference| a row may show: bf16 outputs of magnitude ≤ 1 round by ≤ 2^-8; a
 # misplaced causal diagonal changes early tokens' outputs by O(0.1–1).
 TOLERANCE = 2e-2
-# attention_mgpu's tuning (block_q, block_kv, max_concurrent_steps): block_q 64 per compute warpgroup (two
-# of them); at head_dim 128 a block_kv of 256 does not fit shared memory.
-MGPU_CONFIGS = ((64, 128, 2), (64, 64, 2))
+# attention_mgpu's tuning (block_q, block_kv, max_concurrent_steps), as its own search picks: block_q 64 per
+# compute warpgroup (two of them), the largest block_kv that fits shared memory (256 does not at head_dim 128).
+# One config: each costs a compile per case, and the whole --dense run is to stay within two minutes.
+MGPU_CONFIGS = ((64, 128, 2),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +184,27 @@ def ours(case: Case, q, k, v, scale: float, *, impl: str, launch, interpret: boo
     return fn, args, "through the cache" + ("" if impl == "mosaic" else ", " + describe(launch, decode=False))
 
 
+def split(case: Case, q, k, v, scale: float, *, dense: Callable, label: str, interpret: bool):
+    """prefill_split.py: the chunk's own tokens through `dense`, the prefix through our Triton kernel over the
+    cache, merged by log-sum-exp (the own K/V come as the step would hold them, sliced before the call)."""
+    _, k_cache, v_cache, _, table, _, _ = cache_layout(case, q, k, v)
+    prefix_lens = jnp.full((case.batch,), case.prefix, jnp.int32)
+    fn = prefill_split.jitted(dense=dense, interpret=interpret)
+    args = (q, k[:, case.prefix :], v[:, case.prefix :], k_cache, v_cache, prefix_lens, table)
+    return functools.partial(fn, scale=scale), args, f"own tokens: {label}, prefix: triton"
+
+
 def implementations(case: Case, smoke: bool, interpret: bool, describe: Callable) -> list[tuple[str, Callable]]:
     """(row label, builder(case, q, k, v, scale) → (fn, args, config)) for each implementation of a run;
     cuDNN with an explicit mask only where `is_causal` cannot say it (after a prefix)."""
     mine = functools.partial(ours, launch=None, interpret=interpret, describe=describe)
     found = [("triton", functools.partial(mine, impl="triton"))]
-    if smoke:  # the CPU stand-in for cuDNN checks the dense path's plumbing (layout, mask, scale, GQA)
-        return found + [("jax.nn xla", functools.partial(jax_nn, implementation="xla", explicit_mask=True))]
+    if smoke:  # CPU stand-ins for cuDNN and attention_mgpu check the dense paths' plumbing (layout, mask, scale)
+        return found + [
+            ("jax.nn xla", functools.partial(jax_nn, implementation="xla", explicit_mask=True)),
+            ("split", functools.partial(split, dense=prefill_split.dense_reference, label="plain JAX",
+                                        interpret=interpret)),
+        ]
     found.append(("mosaic", functools.partial(mine, impl="mosaic")))
     found.append(("cudnn", functools.partial(jax_nn, implementation="cudnn", explicit_mask=False)))
     if case.prefix:
@@ -198,6 +213,8 @@ def implementations(case: Case, smoke: bool, interpret: bool, describe: Callable
         found.append((f"attention_mgpu {block_kv}",
                       functools.partial(mgpu, block_q=block_q, block_kv=block_kv, steps=steps)))
     found.append(("tokamax mosaic", tokamax_mosaic))
+    found.append(("split", functools.partial(split, dense=prefill_split.dense_mgpu, label="attention_mgpu 128",
+                                             interpret=interpret)))
     return found
 
 
