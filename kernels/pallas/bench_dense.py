@@ -184,14 +184,18 @@ def ours(case: Case, q, k, v, scale: float, *, impl: str, launch, interpret: boo
     return fn, args, "through the cache" + ("" if impl == "mosaic" else ", " + describe(launch, decode=False))
 
 
-def split(case: Case, q, k, v, scale: float, *, dense: Callable, label: str, interpret: bool):
+def split(case: Case, q, k, v, scale: float, *, dense: Callable, label: str, gathered: bool, interpret: bool):
     """prefill_split.py: the chunk's own tokens through `dense`, the prefix through our Triton kernel over the
-    cache, merged by log-sum-exp (the own K/V come as the step would hold them, sliced before the call)."""
+    cache (or, `gathered`, gathered from it into a dense array and through `dense` too), merged by
+    log-sum-exp. The own K/V come as the step would hold them (sliced before the call)."""
+    if gathered and not case.prefix:
+        raise Skipped("no prefix to gather: the same as `split`")
     _, k_cache, v_cache, _, table, _, _ = cache_layout(case, q, k, v)
     prefix_lens = jnp.full((case.batch,), case.prefix, jnp.int32)
-    fn = prefill_split.jitted(dense=dense, interpret=interpret)
+    fn = prefill_split.jitted(dense=dense, gathered_prefix=case.prefix if gathered else None, interpret=interpret)
     args = (q, k[:, case.prefix :], v[:, case.prefix :], k_cache, v_cache, prefix_lens, table)
-    return functools.partial(fn, scale=scale), args, f"own tokens: {label}, prefix: triton"
+    prefix = f"gathered, {label}" if gathered else "triton"
+    return functools.partial(fn, scale=scale), args, f"own tokens: {label}, prefix: {prefix}"
 
 
 def implementations(case: Case, smoke: bool, interpret: bool, describe: Callable) -> list[tuple[str, Callable]]:
@@ -202,8 +206,10 @@ def implementations(case: Case, smoke: bool, interpret: bool, describe: Callable
     if smoke:  # CPU stand-ins for cuDNN and attention_mgpu check the dense paths' plumbing (layout, mask, scale)
         return found + [
             ("jax.nn xla", functools.partial(jax_nn, implementation="xla", explicit_mask=True)),
-            ("split", functools.partial(split, dense=prefill_split.dense_reference, label="plain JAX",
-                                        interpret=interpret)),
+        ] + [
+            (name, functools.partial(split, dense=prefill_split.dense_reference, label="plain JAX",
+                                     gathered=gathered, interpret=interpret))
+            for name, gathered in (("split", False), ("split gathered", True))
         ]
     found.append(("mosaic", functools.partial(mine, impl="mosaic")))
     found.append(("cudnn", functools.partial(jax_nn, implementation="cudnn", explicit_mask=False)))
@@ -213,8 +219,11 @@ def implementations(case: Case, smoke: bool, interpret: bool, describe: Callable
         found.append((f"attention_mgpu {block_kv}",
                       functools.partial(mgpu, block_q=block_q, block_kv=block_kv, steps=steps)))
     found.append(("tokamax mosaic", tokamax_mosaic))
-    found.append(("split", functools.partial(split, dense=prefill_split.dense_mgpu, label="attention_mgpu 128",
-                                             interpret=interpret)))
+    for name, gathered in (("split", False), ("split gathered", True)):
+        if gathered and not case.prefix:
+            continue
+        found.append((name, functools.partial(split, dense=prefill_split.dense_mgpu, label="attention_mgpu 128",
+                                              gathered=gathered, interpret=interpret)))
     return found
 
 

@@ -1,6 +1,7 @@
 """`prefill_split.py` on the CPU: the paged kernel's log-sum-exp output (Pallas interpret mode) against a
 plain-JAX log-sum-exp, and the whole split (dense own-token part + paged prefix part, merged) against
-reference.py's paged attention over scattered slots, rows with and without a prefix. The dense part here is
+reference.py's paged attention over scattered slots: the prefix through the paged kernel (rows with and
+without one), or gathered into a dense array, or none. The dense part here is
 `dense_reference`; `dense_mgpu` (Mosaic GPU, no interpret mode) runs in `python -m kernels.pallas.bench
 --dense` on a GPU."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kernels.pallas import attention_triton, plan, prefill_split, reference
 from tests.kernels.conftest import Case
@@ -46,19 +48,23 @@ def test_paged_kernel_returns_its_log_sum_exp(rng):
     np.testing.assert_allclose(np.asarray(lse), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_split_prefill_matches_reference(rng):
-    prefixes, new, kv_heads, group, head_dim = [0, 13, 40], 24, 2, 3, 64
+@pytest.mark.parametrize(
+    "prefixes,gathered",
+    [([0, 13, 40], None), ([24, 24, 24], 24), ([0, 0], 0)],  # paged prefix (ragged); gathered; none
+)
+def test_split_prefill_matches_reference(rng, prefixes, gathered):
+    new, kv_heads, group, head_dim = 24, 2, 3, 64
     case, q = _rows(rng, prefixes, new, kv_heads, head_dim, group)
     k, v = jnp.asarray(case.k), jnp.asarray(case.v)
     own = np.stack([case.table[r, p : p + new] for r, p in enumerate(prefixes)])  # [rows, new] slots
-    out = prefill_split.jitted(launch=SMALL, interpret=INTERPRET)(
+    out = prefill_split.jitted(gathered_prefix=gathered, launch=SMALL, interpret=INTERPRET)(
         q, k[own], v[own], k, v, jnp.asarray(prefixes), jnp.asarray(case.table), scale=SCALE,
     )
     n = len(prefixes) * new
     positions = np.concatenate([np.arange(p, p + new) for p in prefixes])
     with jax.default_matmul_precision("highest"):
         expected = reference.paged_attention(
-            q.reshape(n, -1, head_dim), k, v, jnp.asarray(np.repeat(np.arange(3), new)), jnp.asarray(positions),
+            q.reshape(n, -1, head_dim), k, v, jnp.asarray(np.repeat(np.arange(len(prefixes)), new)), jnp.asarray(positions),
             jnp.asarray(case.table), SCALE,
         )
     assert out.shape == q.shape
