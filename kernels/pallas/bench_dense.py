@@ -115,9 +115,7 @@ def mgpu(case: Case, q, k, v, scale: float, *, block_q: int, block_kv: int, step
     config = attention_mgpu.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=steps,
                                          causal=True)
     fn = jax.jit(functools.partial(attention_mgpu.attention, config=config))
-    q16 = (q.astype(jnp.float32) * scale).astype(jnp.float16)
-    args = (q16, k.astype(jnp.float16), v.astype(jnp.float16))
-    return fn, args, f"block_q {block_q}, block_kv {block_kv}, {steps} stages, fp16"
+    return fn, prefill_split.mgpu_operands(q, k, v, scale), f"block_q {block_q}, block_kv {block_kv}, {steps} stages, fp16"
 
 
 def tokamax_mosaic(case: Case, q, k, v, scale: float):

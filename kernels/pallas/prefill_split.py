@@ -50,10 +50,14 @@ def dense_mgpu(q, k, v, scale: float, causal: bool = True, *, block_q: int = 64,
 
     config = attention_mgpu.TuningConfig(block_q=block_q, block_kv=block_kv, max_concurrent_steps=steps,
                                          causal=causal)
-    q16 = (q.astype(jnp.float32) * scale).astype(jnp.float16)
-    out, (lse,) = attention_mgpu.attention(q16, k.astype(jnp.float16), v.astype(jnp.float16), config=config,
-                                           save_residuals=True)
+    out, (lse,) = attention_mgpu.attention(*mgpu_operands(q, k, v, scale), config=config, save_residuals=True)
     return out.astype(jnp.float32), lse.transpose(0, 2, 1)
+
+
+def mgpu_operands(q, k, v, scale: float):
+    """attention_mgpu's inputs: fp16 (its shared-memory tiles are; bf16 fails to lower), q pre-scaled (it
+    applies no softmax scale)."""
+    return (q.astype(jnp.float32) * scale).astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16)
 
 
 def split_prefill(q, k_new, v_new, k_cache, v_cache, prefix_lens, slot_table, *, scale: float, dense=dense_reference,
