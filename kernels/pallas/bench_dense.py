@@ -186,8 +186,6 @@ def split(case: Case, q, k, v, scale: float, *, dense: Callable, label: str, gat
     """prefill_split.py: the chunk's own tokens through `dense`, the prefix through our Triton kernel over the
     cache (or, `gathered`, gathered from it into a dense array and through `dense` too), merged by
     log-sum-exp. The own K/V come as the step would hold them (sliced before the call)."""
-    if gathered and not case.prefix:
-        raise Skipped("no prefix to gather: the same as `split`")
     _, k_cache, v_cache, _, table, _, _ = cache_layout(case, q, k, v)
     prefix_lens = jnp.full((case.batch,), case.prefix, jnp.int32)
     fn = prefill_split.jitted(dense=dense, gathered_prefix=case.prefix if gathered else None, interpret=interpret)
@@ -202,13 +200,8 @@ def implementations(case: Case, smoke: bool, interpret: bool, describe: Callable
     mine = functools.partial(ours, launch=None, interpret=interpret, describe=describe)
     found = [("triton", functools.partial(mine, impl="triton"))]
     if smoke:  # CPU stand-ins for cuDNN and attention_mgpu check the dense paths' plumbing (layout, mask, scale)
-        return found + [
-            ("jax.nn xla", functools.partial(jax_nn, implementation="xla", explicit_mask=True)),
-        ] + [
-            (name, functools.partial(split, dense=prefill_split.dense_reference, label="plain JAX",
-                                     gathered=gathered, interpret=interpret))
-            for name, gathered in (("split", False), ("split gathered", True))
-        ]
+        found.append(("jax.nn xla", functools.partial(jax_nn, implementation="xla", explicit_mask=True)))
+        return found + _splits(case, prefill_split.dense_reference, "plain JAX", interpret)
     found.append(("mosaic", functools.partial(mine, impl="mosaic")))
     found.append(("cudnn", functools.partial(jax_nn, implementation="cudnn", explicit_mask=False)))
     if case.prefix:
@@ -217,12 +210,14 @@ def implementations(case: Case, smoke: bool, interpret: bool, describe: Callable
         found.append((f"attention_mgpu {block_kv}",
                       functools.partial(mgpu, block_q=block_q, block_kv=block_kv, steps=steps)))
     found.append(("tokamax mosaic", tokamax_mosaic))
-    for name, gathered in (("split", False), ("split gathered", True)):
-        if gathered and not case.prefix:
-            continue
-        found.append((name, functools.partial(split, dense=prefill_split.dense_mgpu, label="attention_mgpu 128",
-                                              gathered=gathered, interpret=interpret)))
-    return found
+    return found + _splits(case, prefill_split.dense_mgpu, "attention_mgpu 128", interpret)
+
+
+def _splits(case: Case, dense: Callable, label: str, interpret: bool) -> list[tuple[str, Callable]]:
+    """The `split` rows: prefix through our kernel; after a prefix also gathered through `dense`."""
+    variants = (("split", False), ("split gathered", True)) if case.prefix else (("split", False),)
+    return [(name, functools.partial(split, dense=dense, label=label, gathered=gathered, interpret=interpret))
+            for name, gathered in variants]
 
 
 def measure(bench, timed: Callable, case: Case, impl: str, build: Callable, inputs, expected, scale: float):
