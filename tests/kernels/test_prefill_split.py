@@ -2,8 +2,9 @@
 plain-JAX log-sum-exp, and the whole split (dense own-token part + paged prefix part, merged) against
 reference.py's paged attention over scattered slots: the prefix through the paged kernel (rows with and
 without one), or gathered into a dense array, or none. The dense part here is
-`dense_reference`; `dense_mgpu` (Mosaic GPU, no interpret mode) runs in `python -m kernels.pallas.bench
---dense` on a GPU."""
+`dense_reference`; `dense_mgpu` (Mosaic GPU, no interpret mode) is tested where a GPU is the backend
+(`JAX_PLATFORMS=cuda python3 -m pytest -q tests/kernels/test_prefill_split.py`) and timed by
+`python -m kernels.pallas.bench --dense`."""
 
 from __future__ import annotations
 
@@ -69,3 +70,26 @@ def test_split_prefill_matches_reference(rng, prefixes, gathered):
         )
     assert out.shape == q.shape
     np.testing.assert_allclose(np.asarray(out).reshape(n, -1, head_dim), np.asarray(expected), atol=2e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="attention_mgpu is Mosaic GPU (Hopper) only")
+@pytest.mark.parametrize("prefixes,gathered", [([0, 100], None), ([128, 128], 128)])
+def test_split_prefill_through_attention_mgpu(rng, prefixes, gathered):
+    """bf16 numbers through attention_mgpu's fp16 tiles: against the float32 reference within bf16's error."""
+    new, kv_heads, group, head_dim = 128, 2, 4, 128
+    case, q = _rows(rng, prefixes, new, kv_heads, head_dim, group)
+    q = q.astype(jnp.bfloat16)
+    k, v = jnp.asarray(case.k, jnp.bfloat16), jnp.asarray(case.v, jnp.bfloat16)
+    own = np.stack([case.table[r, p : p + new] for r, p in enumerate(prefixes)])
+    out = prefill_split.jitted(dense=prefill_split.dense_mgpu, gathered_prefix=gathered)(
+        q, k[own], v[own], k, v, jnp.asarray(prefixes), jnp.asarray(case.table), scale=SCALE,
+    )
+    n = len(prefixes) * new
+    positions = np.concatenate([np.arange(p, p + new) for p in prefixes])
+    with jax.default_matmul_precision("highest"):
+        expected = reference.paged_attention(
+            q.reshape(n, -1, head_dim), k, v, jnp.asarray(np.repeat(np.arange(len(prefixes)), new)),
+            jnp.asarray(positions), jnp.asarray(case.table), SCALE,
+        )
+    err = np.asarray(out, np.float32).reshape(n, -1, head_dim) - np.asarray(expected, np.float32)
+    assert np.linalg.norm(err) / np.linalg.norm(np.asarray(expected, np.float32)) < 1e-2
