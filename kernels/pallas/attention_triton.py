@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.pallas import plan
+from kernels.pallas import int8_dequant, plan
 
 _LOG2E = math.log2(math.e)
 
@@ -34,12 +34,17 @@ _LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """Block sizes and launch settings. `rows`: query rows per program in prefill (tokens × the KV head's
-    group of query heads); decode always takes one token per program."""
+    group of query heads); decode always takes one token per program. `dequant`: how int8 caches become dot
+    operands (int8_dequant.py's modes; float caches ignore it)."""
 
     block_k: int
     num_warps: int
     num_stages: int
     rows: int = 64
+    dequant: str = "cast"
+
+    def __post_init__(self):
+        int8_dequant.check(self.dequant)
 
 
 # Tuned on the H100 (JAX 0.11.2; docs/perf.md "## Attention kernels" has the sweeps).
@@ -83,6 +88,8 @@ def _kernel(
     head_dim: int,
     window: int | None,
     softcap: float | None,
+    dequant: str,
+    interpret: bool,
 ):
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = heads // kv_heads
@@ -114,6 +121,14 @@ def _kernel(
     slopes = None if slopes_ref is None else slopes_ref[h * group + g]  # [M]
     f32 = q.dtype == jnp.float32
     compute_dtype = q.dtype
+    q_i8 = q_scale = None
+    if ks_ref is not None:
+        compute_dtype = int8_dequant.operand_dtype(dequant, q.dtype)
+        if dequant == "qk8" and compute_dtype != jnp.float32:
+            q_i8, q_scale = int8_dequant.quantize_rows(q)
+        q = q.astype(compute_dtype)
+        to_operand = functools.partial(int8_dequant.convert, dtype=compute_dtype, mode=dequant,
+                                       interpret=interpret)
 
     def gather(ref, kv_idx):
         if head_dim is None:
@@ -128,10 +143,13 @@ def _kernel(
         kv_idx = slots * kv_heads + h
         k = gather(k_ref, kv_idx)
         v = gather(v_ref, kv_idx)
-        if ks_ref is not None:
-            k, v = k.astype(compute_dtype), v.astype(compute_dtype)  # int8 → bf16 is exact
-        scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
-        if ks_ref is not None:
+        if ks_ref is None:
+            scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
+        elif q_i8 is not None:  # int8 × int8 → int32, exact
+            scores = pltriton.dot(q_i8, k, trans_b=True).astype(jnp.float32)
+            scores = scores * (q_scale[:, None] * ks_ref[kv_idx][None, :])
+        else:
+            scores = pltriton.dot(q, to_operand(k), trans_b=True, allow_tf32=False if f32 else None)
             scores = scores * ks_ref[kv_idx][None, :]
         scores = scores * qk_scale
         if softcap is not None:
@@ -150,7 +168,7 @@ def _kernel(
         alpha = jnp.exp2(m - m_safe)
         l = l * alpha + p.sum(axis=1)
         if vs_ref is not None:
-            p = p * vs_ref[kv_idx][None, :]
+            p, v = p * vs_ref[kv_idx][None, :], to_operand(v)
         pv = pltriton.dot(p.astype(compute_dtype), v, allow_tf32=False if f32 else None)  # [M, D]
         return acc * alpha[:, None] + pv, m_new, l
 
@@ -196,6 +214,7 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
     alibi_slopes=None,  # [heads] float32
+    dequant: str = "cast",
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
@@ -206,7 +225,7 @@ def paged_attention(
     `splitk.combine` merges them. Per-layer options as in reference.py: `window` (keys at positions >
     the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
-    Returns [n, heads, head_dim] in q's dtype.
+    `dequant`: how an int8 cache becomes dot operands (int8_dequant.py). Returns [n, heads, head_dim] in q's dtype.
     """
     n, heads, head_dim = q.shape
     num_slots, kv_heads, _ = k_cache.shape
@@ -223,6 +242,7 @@ def paged_attention(
     split_len = plan.split_length(width, splits, block_k)
     num_blocks = blocks.row.shape[0]
     quantised = k_scale is not None
+    int8_dequant.check(dequant)
 
     kernel = functools.partial(
         _kernel,
@@ -238,6 +258,8 @@ def paged_attention(
         head_dim=None if head_dim & (head_dim - 1) == 0 else head_dim,
         window=window,
         softcap=softcap,
+        dequant=dequant,
+        interpret=interpret,
     )
     kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None)
     if splits > 1:

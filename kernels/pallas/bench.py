@@ -95,13 +95,13 @@ class Bench:
             fn = jax.jit(lambda q, k, v, p, t, s: attention_triton.paged_attention(
                 q, k, v, p, t, blocks, scale=0.088, block_q=1, block_k=block_k, splits=splits,
                 num_warps=launch.num_warps, num_stages=launch.num_stages, owns_all_tokens=True,
-                interpret=self.interpret, **s))
+                interpret=self.interpret, dequant=launch.dequant, **s))
         args = (q, k, v, positions, table) + (() if impl == "mosaic" else (scales,))
         seconds = timed(fn, args)
         kv_bytes = 2 * slots * kv_heads * head_dim * jnp.dtype(k.dtype).itemsize
         if int8:
             kv_bytes += 2 * slots * kv_heads * 4
-        config = f"split {splits}" + ("" if impl == "mosaic" else f", {_describe(launch, decode=True)}")
+        config = f"split {splits}" + ("" if impl == "mosaic" else f", {_describe(launch, True, int8)}")
         config += ", contiguous" if contiguous else ", scattered"
         self._row(name, impl, config, seconds, bytes_=kv_bytes)
 
@@ -128,12 +128,12 @@ class Bench:
             fn = jax.jit(lambda q, k, v, p, t, st, ln, s: attention_triton.paged_attention(
                 q, k, v, p, t, plan.ragged_blocks(st, ln, n, block_q), scale=0.088, block_q=block_q,
                 block_k=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
-                interpret=self.interpret, **s))
+                interpret=self.interpret, dequant=launch.dequant, **s))
             args = (q, k, v, positions, table, starts, lens, scales)
         seconds = timed(fn, args, repeats=5)
         visible = rows * sum(cached + i + 1 for i in range(new))  # keys summed over query tokens
         flops = 4 * visible * heads * head_dim
-        config = "" if impl == "mosaic" else _describe(launch, decode=False)
+        config = "" if impl == "mosaic" else _describe(launch, False, int8)
         self._row(name, impl, config, seconds, flops=flops)
 
     def latent(self, name, impl, batch, context, heads=16, kv_rank=512, rope_dim=64, launch=None):
@@ -157,7 +157,7 @@ class Bench:
                 q, c, p, t, plan.decode_blocks(batch), kv_rank=kv_rank, scale=0.07, block_q=1,
                 block_k=launch.block_k, splits=splits, head_block=head_block, num_warps=launch.num_warps,
                 num_stages=launch.num_stages, interpret=self.interpret))
-            config = f"split {splits}, {_describe(launch, decode=True)}, scattered"
+            config = f"split {splits}, {_describe(launch, True)}, scattered"
         seconds = timed(fn, (q, cache, positions, table))
         self._row(name, impl, config, seconds, bytes_=slots * dim * jnp.dtype(dtype).itemsize)
 
@@ -241,26 +241,37 @@ def run(args) -> Bench:
         for launch in args.int8_configs:
             bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, launch=launch,
                           **llama8b)
+        bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, contiguous=False,
+                      **llama8b)
         bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, splits=2, **llama8b)
-        bench.guarded("decode", "decode int8 b1 ctx32768", "triton", 1, 32768, int8=True, **llama8b)
+        for launch in args.int8_b1_configs:
+            for splits in args.b1_splits:
+                bench.guarded("decode", "decode int8 b1 ctx32768", "triton", 1, 32768, int8=True, splits=splits,
+                              launch=launch, **llama8b)
         for launch in args.prefill_configs:
             bench.guarded("prefill", "prefill 1×4096", "triton", 1, 4096, 0, launch=launch, **llama8b)
         bench.guarded("prefill", "prefill 8×512 after 3584", "triton", 8, 512, 3584, **llama8b)
-        bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, **llama8b)
+        for launch in args.int8_prefill_configs:
+            bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, launch=launch,
+                          **llama8b)
+        bench.guarded("prefill", "prefill int8 8×512 after 3584", "triton", 8, 512, 3584, int8=True, **llama8b)
     return bench
 
 
-def _describe(launch, decode: bool) -> str:
+def _describe(launch, decode: bool, int8: bool = False) -> str:
     text = f"block_k {launch.block_k}, warps {launch.num_warps}/{launch.num_stages}"
+    text += f", dequant {launch.dequant}" if int8 else ""
     return text if decode else f"rows {launch.rows}, {text}"
 
 
 def _launches(text: str) -> list:
-    """"block_k/warps/stages[/rows],..." → Launch list; "" → [None] (the kernel's tuned default)."""
+    """"block_k/warps/stages[/rows][:dequant],..." → Launch list (dequant: one of int8_dequant.MODES, default
+    "cast"); "" → [None] (the kernel's tuned default)."""
     out = []
     for item in filter(None, text.split(",")):
-        values = [int(x) for x in item.split("/")]
-        out.append(attention_triton.Launch(*values[:3], *values[3:]))
+        sizes, _, dequant = item.partition(":")
+        values = [int(x) for x in sizes.split("/")]
+        out.append(attention_triton.Launch(*values[:3], *values[3:], **({"dequant": dequant} if dequant else {})))
     return out or [None]
 
 
@@ -272,7 +283,12 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill-configs", type=_launches, default=[None],
                         help="block_k/warps/stages/rows,... for a Triton prefill sweep")
     parser.add_argument("--int8-configs", type=_launches, default=[None],
-                        help="block_k/warps/stages,... for a Triton int8 decode sweep")
+                        help="block_k/warps/stages[:dequant],... for a Triton int8 decode sweep at batch 64 "
+                        "(dequant: kernels/pallas/int8_dequant.py's modes)")
+    parser.add_argument("--int8-b1-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages[:dequant],... for int8 decode at batch 1, each with --b1-splits")
+    parser.add_argument("--int8-prefill-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages/rows[:dequant],... for a Triton int8 prefill sweep (1×4096)")
     parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
                         help="key splits to try for batch-1 decode (default: the heuristic's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")

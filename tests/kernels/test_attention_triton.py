@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.pallas import attention_triton, plan, reference
+from kernels.pallas import attention_triton, int8_dequant, plan, reference
 from tests.kernels.conftest import Case
 
 SCALE = 0.3
@@ -128,6 +128,44 @@ def test_int8_decode_matches_reference(rng, head_dim, splits):
     )
     ref = reference_call(reference.decode_attention_int8, q, k8, v8, ks, vs, table, ctx, SCALE)
     assert rel_err(out, ref) < 1e-2
+
+
+def _as_quantised_queries(q):
+    """The queries "qk8" multiplies: each (token, head) row rounded to int8 steps of max|row| / 127."""
+    q32 = np.asarray(q, np.float32)
+    scale = np.abs(q32).max(axis=-1, keepdims=True) / 127
+    return jnp.asarray(np.floor(q32 / np.where(scale > 0, scale, 1) + 0.5) * scale)
+
+
+@pytest.mark.parametrize("dequant", int8_dequant.MODES)
+@pytest.mark.parametrize("decode", [True, False])
+def test_int8_dequant_modes_match_reference(rng, dequant, decode):
+    """Every way of making dot operands of an int8 cache, bf16 queries (GQA 4, head dim 128), ragged rows with a
+    padding row (decode, split-K 2) or chunks after cached prefixes (prefill); "qk8" against the reference
+    fed the queries it quantises."""
+    if decode:
+        lengths = [45, 0, 29]
+        case = Case(rng, lengths, 2, 128, width=48)
+        positions, token_req = np.asarray(case.lengths) - 1, np.arange(3)
+        blocks, block_q, splits = plan.decode_blocks(3), 1, 2
+    else:
+        case, positions, token_req, starts, lens = _chunks_case(rng, [(0, 9), (20, 6)], 2, 128, width=32)
+        block_q, splits = 4, 1
+        blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), len(positions), block_q)
+    k8, ks = reference.quantize_kv(jnp.asarray(case.k))
+    v8, vs = reference.quantize_kv(jnp.asarray(case.v))
+    # Scores spread wide enough that "qk8" misses an unquantised reference by ~1.4e-2 (sharp softmax).
+    q = jnp.asarray(3 * rng.standard_normal((len(positions), 8, 128)), jnp.bfloat16)
+    table = jnp.asarray(case.table)
+    out = attention_triton.paged_attention(
+        q, k8, v8, jnp.asarray(positions, jnp.int32), table, blocks, scale=SCALE, block_q=block_q, block_k=32,
+        splits=splits, owns_all_tokens=decode and splits > 1, k_scale=ks, v_scale=vs, dequant=dequant,
+        interpret=INTERPRET,
+    )
+    q_ref = _as_quantised_queries(q) if dequant == "qk8" else q
+    ref = reference_call(reference.paged_attention_int8, q_ref, k8, v8, ks, vs, jnp.asarray(token_req),
+                         jnp.asarray(positions, jnp.int32), table, SCALE)
+    assert out.dtype == jnp.bfloat16 and rel_err(out, ref) < 5e-3  # bf16 output rounding: ~3e-3
 
 
 def test_int8_prefill_matches_reference(rng):

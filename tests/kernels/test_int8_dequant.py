@@ -1,0 +1,52 @@
+"""int8 → 16-bit conversions of `kernels/pallas/int8_dequant.py`: exact for every int8 value, inside a Pallas
+Triton kernel (the inline-PTX modes only where the default backend is a GPU; the plain-ops mode in interpret
+mode on the CPU too), and the per-row query quantisation of "qk8"."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from kernels.pallas import int8_dequant
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _convert_kernel(x_ref, o_ref, *, mode):
+    o_ref[...] = int8_dequant.convert(x_ref[...], o_ref.dtype, mode, interpret=not ON_GPU)
+
+
+@pytest.mark.parametrize(
+    "mode,dtype",
+    [("magic", jnp.bfloat16), ("magic", jnp.float16), ("f16", jnp.float16), ("f16ops", jnp.float16)],
+)
+def test_every_int8_value_converts_exactly(mode, dtype):
+    if mode != "f16ops" and not ON_GPU:
+        pytest.skip("inline PTX runs only on the GPU (interpret mode casts)")
+    values = np.random.default_rng(5).permutation(np.arange(-128, 128)).astype(np.int8).reshape(16, 16)
+    out = pl.pallas_call(
+        functools.partial(_convert_kernel, mode=mode), out_shape=jax.ShapeDtypeStruct((16, 16), dtype),
+        interpret=not ON_GPU,
+    )(jnp.asarray(values))
+    np.testing.assert_array_equal(np.asarray(out, np.float32), values.astype(np.float32))
+
+
+def test_query_rows_quantise_symmetrically():
+    q = jnp.asarray(np.random.default_rng(6).standard_normal((4, 64)) * [[0.01], [1.0], [30.0], [0.0]], jnp.bfloat16)
+    q_i8, scale = int8_dequant.quantize_rows(q)
+    q32 = np.asarray(q, np.float32)
+    np.testing.assert_allclose(np.asarray(scale), np.abs(q32).max(axis=1) / 127, rtol=1e-6)
+    assert np.abs(np.asarray(q_i8, np.int32)).max(axis=1).tolist()[:3] == [127, 127, 127]
+    back = np.asarray(q_i8, np.float32) * np.asarray(scale)[:, None]
+    assert (np.abs(back - q32) <= np.asarray(scale)[:, None] / 2 + 1e-7).all()  # within half a step
+    assert not np.asarray(q_i8)[3].any()  # a zero row stays zero
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown int8 dequant mode"):
+        int8_dequant.check("fast")
