@@ -49,9 +49,11 @@ class Launch:
 
 # Tuned on the H100 (JAX 0.11.2; docs/perf.md "## Attention kernels" has the sweeps).
 DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB/s at batch 64, context 4096
-# int8: 0.74 with "cast"; "f16" (int8_dequant.py) is the unmeasured best guess: ~11 % fewer instructions per
-# key in the decode loop than "cast" (Triton 3.9's SASS for sm_90), exact conversions, fp16 dots.
-DECODE_INT8 = Launch(block_k=32, num_warps=4, num_stages=5, dequant="f16")
+# int8, unmeasured best guesses (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes"): the old
+# 32/4/5 "cast" decode (0.74 on the H100) runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90
+# SASS), "pairs" at block_k 64 8.4 (bf16 decode: 5.0); int8 prefill "f16" 12.5 per key against "cast"'s 14.2
+# (bf16 prefill: 11.7).
+DECODE_INT8 = Launch(block_k=64, num_warps=4, num_stages=3, dequant="pairs")
 PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64)
 PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="f16")
 
@@ -72,7 +74,7 @@ def _kernel(
     positions_ref,  # [n] int32
     table_ref,  # [rows, width] int32 (width a multiple of block_k)
     q_ref,  # [n * heads, head_dim]
-    k_ref,  # [(slots + 1) * kv_heads, head_dim]
+    k_ref,  # [(slots + 1) * kv_heads, head_dim] (int8 "pairs": int16 [.., head_dim / 2])
     v_ref,  # [(slots + 1) * kv_heads, head_dim]
     ks_ref,  # [(slots + 1) * kv_heads] float32, or None (float cache)
     vs_ref,  # likewise
@@ -108,7 +110,13 @@ def _kernel(
     dim_p = q_ref.shape[1] if head_dim is None else _next_pow2(head_dim)
     dim_ok = jnp.arange(dim_p, dtype=jnp.int32)[None, :] < q_ref.shape[1]
     row_mask = valid[:, None] if head_dim is None else valid[:, None] & dim_ok  # [M, D] loads/stores of q, o
-    q = pltriton.load(_rows(q_ref, q_idx, dim_p), mask=row_mask, other=0)  # [M, D]
+    # Head-dim columns of q and o, in the groups the dots take: all, or (int8 "pairs") even and odd ones.
+    col_sets = [jnp.arange(dim_p, dtype=jnp.int32)]
+    if dequant == "pairs":
+        half = jnp.arange(dim_p // 2, dtype=jnp.int32)
+        col_sets = [2 * half, 2 * half + 1]
+    q_parts = [pltriton.load(q_ref.at[q_idx[:, None], c[None, :]], mask=row_mask, other=0) for c in col_sets]
+    q = q_parts[0]  # [M, D] (or its even columns)
     pos = positions_ref[token]  # [M]
     first_pos = positions_ref[start]
     last_pos = positions_ref[start + jnp.maximum(count - 1, 0)]  # keys 0..last_pos matter to this block
@@ -128,7 +136,8 @@ def _kernel(
         compute_dtype = int8_dequant.operand_dtype(dequant, q.dtype)
         if dequant == "qk8" and compute_dtype != jnp.float32:
             q_i8, q_scale = int8_dequant.quantize_rows(q)
-        q = q.astype(compute_dtype)
+        q_parts = [x.astype(compute_dtype) for x in q_parts]
+        q = q_parts[0]
         to_operand = functools.partial(int8_dequant.convert, dtype=compute_dtype, mode=dequant,
                                        interpret=interpret)
 
@@ -138,7 +147,7 @@ def _kernel(
         return pltriton.load(_rows(ref, kv_idx, dim_p), mask=dim_ok, other=0)
 
     def body(kb, carry):
-        acc, m, l = carry
+        *accs, m, l = carry
         col0 = lo + kb * block_k
         cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] key positions
         slots = table_ref[row, pl.ds(col0, block_k)]  # [T]
@@ -147,6 +156,10 @@ def _kernel(
         v = gather(v_ref, kv_idx)
         if ks_ref is None:
             scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
+        elif dequant == "pairs":
+            k_parts = int8_dequant.split_pairs(k, interpret)
+            scores = sum(pltriton.dot(a, b, trans_b=True) for a, b in zip(q_parts, k_parts))
+            scores = scores * ks_ref[kv_idx][None, :]
         elif q_i8 is not None:  # int8 × int8 → int32, exact
             scores = pltriton.dot(q_i8, k, trans_b=True).astype(jnp.float32)
             scores = scores * (q_scale[:, None] * ks_ref[kv_idx][None, :])
@@ -169,28 +182,33 @@ def _kernel(
         p = jnp.exp2(scores - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         l = l * alpha + p.sum(axis=1)
+        v_parts = [v]
         if vs_ref is not None:
-            p, v = p * vs_ref[kv_idx][None, :], to_operand(v)
-        pv = pltriton.dot(p.astype(compute_dtype), v, allow_tf32=False if f32 else None)  # [M, D]
-        return acc * alpha[:, None] + pv, m_new, l
+            p = p * vs_ref[kv_idx][None, :]
+            v_parts = int8_dequant.split_pairs(v, interpret) if dequant == "pairs" else [to_operand(v)]
+        p = p.astype(compute_dtype)
+        pvs = [pltriton.dot(p, x, allow_tf32=False if f32 else None) for x in v_parts]  # [M, D] (or halves)
+        return (*[acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs)], m_new, l)
 
-    acc0 = jnp.zeros((rows_m, dim_p), jnp.float32)
+    acc0 = [jnp.zeros((rows_m, c.shape[0]), jnp.float32) for c in col_sets]
     m0 = jnp.full((rows_m,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((rows_m,), jnp.float32)
-    acc, m, l = lax.fori_loop(0, num_kb, body, (acc0, m0, l0))
+    *accs, m, l = lax.fori_loop(0, num_kb, body, (*acc0, m0, l0))
     safe_l = jnp.where(l > 0, l, 1.0)
-    out = acc / safe_l[:, None]
+    outs = [acc / safe_l[:, None] for acc in accs]
     # Invalid rows store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
     # valid row's index would undo that row's write; on the GPU masked lanes touch nothing.
     out_rows = out_refs[0].shape[0]
     if not split:
         (o_ref,) = out_refs
         dst = jnp.where(valid, q_idx, out_rows + r)
-        pltriton.store(_rows(o_ref, dst, dim_p), out.astype(o_ref.dtype), mask=row_mask)
+        for out, c in zip(outs, col_sets):
+            pltriton.store(o_ref.at[dst[:, None], c[None, :]], out.astype(o_ref.dtype), mask=row_mask)
         return
     o_ref, lse_ref = out_refs
     dst = jnp.where(valid, s * (num_tokens * heads) + q_idx, out_rows + r)
-    pltriton.store(_rows(o_ref, dst, dim_p), out, mask=row_mask)
+    for out, c in zip(outs, col_sets):
+        pltriton.store(o_ref.at[dst[:, None], c[None, :]], out, mask=row_mask)
     lse = jnp.where(l > 0, m + jnp.log2(safe_l), -jnp.inf)  # base-2 log-sum-exp of the split
     pltriton.store(lse_ref.at[dst], lse, mask=valid)
 
@@ -245,6 +263,7 @@ def paged_attention(
     num_blocks = blocks.row.shape[0]
     quantised = k_scale is not None
     int8_dequant.check(dequant)
+    dequant = int8_dequant.applies(dequant, head_dim, q.dtype) if quantised else "cast"
 
     kernel = functools.partial(
         _kernel,
@@ -281,6 +300,8 @@ def paged_attention(
         k_cache.reshape(num_slots * kv_heads, head_dim),
         v_cache.reshape(num_slots * kv_heads, head_dim),
     ]
+    if dequant == "pairs":
+        args[-2:] = [int8_dequant.as_pairs(x) for x in args[-2:]]
     if quantised:
         args += [k_scale.reshape(-1).astype(jnp.float32), v_scale.reshape(-1).astype(jnp.float32)]
     if alibi_slopes is not None:

@@ -200,7 +200,7 @@ def run(args) -> Bench:
         small = attention_triton.Launch(block_k=32, num_warps=4, num_stages=2, rows=16)
         bench.guarded("decode", "decode smoke", "triton", 2, 128, 8, 2, 64, launch=small)
         bench.guarded("decode", "decode int8 smoke", "triton", 2, 128, 8, 2, 64, int8=True, split="always",
-                      launch=small)
+                      launch=attention_triton.Launch(32, 4, 2, dequant="pairs"))
         bench.guarded("prefill", "prefill smoke", "triton", 1, 32, 16, 8, 2, 64, launch=small)
         bench.guarded("latent", "latent decode smoke", "triton", 2, 64, heads=4, kv_rank=32, rope_dim=16,
                       launch=small)

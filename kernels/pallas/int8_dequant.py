@@ -17,6 +17,12 @@ Modes (every one scales after the dots: q·(s_k k) = s_k (q·k) per key, Σ p s_
   "magic" (per 4 elements: 1 xor, 2 permutes, 2 packed adds).
 - "f16ops": as "f16", with the conversion written as plain integer/float ops instead of inline PTX (in case
   the compiler does as well, or the assembly does not build).
+- "pairs": as "f16", but keys and values are read as int16 pairs of head-dim columns (2j, 2j + 1), each
+  dot split in two (even and odd columns). Why: the other modes leave the int8 value tile in shared memory
+  as bytes, and the P·V dot needs it transposed (its reduction runs over keys, the rows): Triton then reads it
+  one byte per instruction (32 LDS.U8 per warp per 32-key block in Triton 3.9's SASS, with the address math
+  and byte permutes around them, the largest cost of the loop); 16-bit elements transpose with ldmatrix.
+  Head dims that are not powers of two ≥ 32 run "f16".
 - "qk8": q quantised per row (query head of a token) to int8 with its own scale, q·k on the int8 tensor cores
   (no conversion of keys at all, int32 accumulation); values as in "f16". Adds q's rounding error (≤ half a
   step of max|q|/127 per element) to the scores.
@@ -31,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pltriton
 
-MODES = ("cast", "magic", "f16", "f16ops", "qk8")
+MODES = ("cast", "magic", "f16", "f16ops", "pairs", "qk8")
 
 # 4 int8 lanes in $2 → 4 fp16 in $0, $1: offset binary (x ^ 0x80 = x + 128), each byte under an fp16 exponent
 # byte 0x64 (1024 + x + 128), minus 1152 in packed fp16 adds.
@@ -61,6 +67,16 @@ sub.f32 f3, f3, 0f4B000080;
 prmt.b32 $0, f0, f1, 0x7632;
 prmt.b32 $1, f2, f3, 0x7632;
 }"""
+
+# 2 int16 lanes in $1 (bytes lo0 hi0 lo1 hi1) → fp16 of their low bytes (selector 0x4240) or high bytes (0x4341)
+# in $0, as above. (One asm per half: Pallas lowers inline assembly with one result only.)
+_I16_PAIRS_TO_F16 = """{{
+.reg .b32 u, c;
+xor.b32 u, $1, 0x80808080;
+prmt.b32 $0, u, 0x64646464, {selector};
+mov.b32 c, 0x64806480;
+sub.f16x2 $0, $0, c;
+}}"""
 
 _ASM = {jnp.dtype(jnp.float16): _I8_TO_F16, jnp.dtype(jnp.bfloat16): _I8_TO_BF16}
 
@@ -92,6 +108,30 @@ def convert(x, dtype, mode: str, interpret: bool):
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)],
     )
     return out
+
+
+def split_pairs(x, interpret: bool):
+    """int16 tile of int8 pairs (low byte: even head-dim column) → (even columns, odd columns) as fp16, exact."""
+    if interpret:
+        return ((x << 8) >> 8).astype(jnp.float16), (x >> 8).astype(jnp.float16)
+    shape = jax.ShapeDtypeStruct(x.shape, jnp.float16)
+    return tuple(
+        pltriton.elementwise_inline_asm(_I16_PAIRS_TO_F16.format(selector=selector), args=[x], constraints="=r,r",
+                                        pack=2, result_shape_dtypes=[shape])[0]
+        for selector in ("0x4240", "0x4341")
+    )
+
+
+def as_pairs(cache_rows):
+    """int8 [rows, head_dim] → int16 [rows, head_dim / 2], each element two neighbouring columns (a bitcast)."""
+    rows, dim = cache_rows.shape
+    return jax.lax.bitcast_convert_type(cache_rows.reshape(rows, dim // 2, 2), jnp.int16)
+
+
+def applies(mode: str, head_dim: int, q_dtype) -> str:
+    """The mode that runs: "pairs" needs 16-bit queries and a power-of-two head dim ≥ 32, else "f16"."""
+    pow2 = head_dim >= 32 and head_dim & (head_dim - 1) == 0
+    return "f16" if mode == "pairs" and not (pow2 and jnp.dtype(q_dtype) != jnp.float32) else mode
 
 
 def quantize_rows(q):

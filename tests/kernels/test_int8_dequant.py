@@ -50,3 +50,19 @@ def test_query_rows_quantise_symmetrically():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown int8 dequant mode"):
         int8_dequant.check("fast")
+
+
+def _split_kernel(x_ref, lo_ref, hi_ref):
+    lo_ref[...], hi_ref[...] = int8_dequant.split_pairs(x_ref[...], interpret=not ON_GPU)
+
+
+def test_every_int8_pair_splits_exactly():
+    """int16 lanes holding two int8 head-dim columns (low byte first) → their even and odd columns as fp16, for
+    every int8 value in either byte (inline PTX on the GPU, shifts in interpret mode)."""
+    lo = np.random.default_rng(7).permutation(np.arange(-128, 128)).astype(np.int8).reshape(16, 16)
+    hi = np.random.default_rng(8).permutation(np.arange(-128, 128)).astype(np.int8).reshape(16, 16)
+    pairs = int8_dequant.as_pairs(jnp.asarray(np.stack([lo, hi], axis=-1).reshape(16, 32)))
+    shape = jax.ShapeDtypeStruct((16, 16), jnp.float16)
+    even, odd = pl.pallas_call(_split_kernel, out_shape=(shape, shape), interpret=not ON_GPU)(pairs)
+    np.testing.assert_array_equal(np.asarray(even, np.float32), lo.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(odd, np.float32), hi.astype(np.float32))
