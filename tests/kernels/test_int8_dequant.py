@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from kernels.pallas import int8_dequant
 
@@ -31,7 +32,7 @@ def test_every_int8_value_converts_exactly(mode, dtype):
     values = np.random.default_rng(5).permutation(np.arange(-128, 128)).astype(np.int8).reshape(16, 16)
     out = pl.pallas_call(
         functools.partial(_convert_kernel, mode=mode), out_shape=jax.ShapeDtypeStruct((16, 16), dtype),
-        interpret=not ON_GPU,
+        compiler_params=pltriton.CompilerParams(), interpret=not ON_GPU,
     )(jnp.asarray(values))
     np.testing.assert_array_equal(np.asarray(out, np.float32), values.astype(np.float32))
 
@@ -63,6 +64,7 @@ def test_every_int8_pair_splits_exactly():
     hi = np.random.default_rng(8).permutation(np.arange(-128, 128)).astype(np.int8).reshape(16, 16)
     pairs = int8_dequant.as_pairs(jnp.asarray(np.stack([lo, hi], axis=-1).reshape(16, 32)))
     shape = jax.ShapeDtypeStruct((16, 16), jnp.float16)
-    even, odd = pl.pallas_call(_split_kernel, out_shape=(shape, shape), interpret=not ON_GPU)(pairs)
+    even, odd = pl.pallas_call(_split_kernel, out_shape=(shape, shape), compiler_params=pltriton.CompilerParams(),
+                               interpret=not ON_GPU)(pairs)
     np.testing.assert_array_equal(np.asarray(even, np.float32), lo.astype(np.float32))
     np.testing.assert_array_equal(np.asarray(odd, np.float32), hi.astype(np.float32))

@@ -171,7 +171,8 @@ CASES = {
     "paged_attention-int8-prefill": lambda: _attention(decode=False, int8=True),
     **{f"paged_attention-int8-decode-{mode}": functools.partial(_attention, decode=True, int8=True, dequant=mode)
        for mode in int8_dequant.MODES},
-    "paged_attention-int8-prefill-qk8": lambda: _attention(decode=False, int8=True, dequant="qk8"),
+    **{f"paged_attention-int8-prefill-{mode}": functools.partial(_attention, decode=False, int8=True, dequant=mode)
+       for mode in ("pairs", "qk8")},
     "paged_attention-prefill-head96-window-softcap-alibi": lambda: _attention(False, head_dim=96, options=True),
     "latent_attention-decode-splitk": lambda: _latent(decode=True),
     "latent_attention-prefill": lambda: _latent(decode=False),
