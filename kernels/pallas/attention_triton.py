@@ -51,11 +51,11 @@ class Launch:
 DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB/s at batch 64, context 4096
 # int8, unmeasured best guesses (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes"): the old
 # 32/4/5 "cast" decode (0.74 on the H100) runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90
-# SASS), "pairs" at block_k 64 8.4 (bf16 decode: 5.0); int8 prefill "f16" 12.5 per key against "cast"'s 14.2
-# (bf16 prefill: 11.7).
+# SASS), "pairs" at block_k 64 8.4 (bf16 decode: 5.0). Prefill runs over the cache decode's "pairs" lays out:
+# 14.4 per key, as "cast" (14.2; "f16" over an int8 cache 12.5, bf16 prefill 11.7).
 DECODE_INT8 = Launch(block_k=64, num_warps=4, num_stages=3, dequant="pairs")
 PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64)
-PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="f16")
+PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs")
 
 
 def _next_pow2(x: int) -> int:
@@ -157,7 +157,7 @@ def _kernel(
         if ks_ref is None:
             scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
         elif dequant == "pairs":
-            k_parts = int8_dequant.split_pairs(k, interpret)
+            k_parts = int8_dequant.split_pairs(k, compute_dtype, interpret)
             scores = sum(pltriton.dot(a, b, trans_b=True) for a, b in zip(q_parts, k_parts))
             scores = scores * ks_ref[kv_idx][None, :]
         elif q_i8 is not None:  # int8 × int8 → int32, exact
@@ -185,7 +185,7 @@ def _kernel(
         v_parts = [v]
         if vs_ref is not None:
             p = p * vs_ref[kv_idx][None, :]
-            v_parts = int8_dequant.split_pairs(v, interpret) if dequant == "pairs" else [to_operand(v)]
+            v_parts = int8_dequant.split_pairs(v, compute_dtype, interpret) if dequant == "pairs" else [to_operand(v)]
         p = p.astype(compute_dtype)
         pvs = [pltriton.dot(p, x, allow_tf32=False if f32 else None) for x in v_parts]  # [M, D] (or halves)
         return (*[acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs)], m_new, l)
@@ -215,7 +215,7 @@ def _kernel(
 
 def paged_attention(
     q,  # [n, heads, head_dim]
-    k_cache,  # [slots + 1, kv_heads, head_dim] bf16/fp16/f32 or int8
+    k_cache,  # [slots + 1, kv_heads, head_dim] bf16/fp16/f32 or int8; int16 [.., head_dim / 2] for "pairs"
     v_cache,
     positions,  # [n] int32
     slot_table,  # [rows, width] int32
@@ -245,16 +245,24 @@ def paged_attention(
     `splitk.combine` merges them. Per-layer options as in reference.py: `window` (keys at positions >
     the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
-    `dequant`: how an int8 cache becomes dot operands (int8_dequant.py). Returns [n, heads, head_dim] in q's dtype.
+    `dequant`: how an int8 cache becomes dot operands (int8_dequant.py; "pairs" takes the cache as int16 pairs,
+    `int8_dequant.as_pairs`). Returns [n, heads, head_dim] in q's dtype.
     """
     n, heads, head_dim = q.shape
-    num_slots, kv_heads, _ = k_cache.shape
+    num_slots, kv_heads, cache_dim = k_cache.shape
+    int8_dequant.check(dequant)
+    paired = k_scale is not None and dequant == "pairs"
+    if paired != (k_cache.dtype == jnp.int16) or cache_dim != (head_dim // 2 if paired else head_dim):
+        raise ValueError(f"int8 dequant {dequant!r} with a {k_cache.dtype} cache of rows of {cache_dim} for head_dim "
+                         f"{head_dim}: \"pairs\" takes int16 pairs [.., head_dim / 2], the others int8 [.., head_dim]")
+    if paired and not int8_dequant.pairs_fit(head_dim):
+        raise ValueError(f"int8 dequant \"pairs\" takes head dims that are powers of two ≥ 32, not {head_dim}")
     group = heads // kv_heads
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
     if head_dim < 16 or head_dim % 16:
         raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for the Triton kernel")
-    if num_slots * kv_heads * head_dim >= 2**31:
+    if num_slots * kv_heads * cache_dim >= 2**31:
         raise ValueError("a KV buffer of 2**31 elements or more overflows the kernel's int32 offsets")
     rows_m = max(16, _next_pow2(block_q * group))
     table = plan.pad_table(slot_table, block_k, num_slots - 1)
@@ -262,8 +270,7 @@ def paged_attention(
     split_len = plan.split_length(width, splits, block_k)
     num_blocks = blocks.row.shape[0]
     quantised = k_scale is not None
-    int8_dequant.check(dequant)
-    dequant = int8_dequant.applies(dequant, head_dim, q.dtype) if quantised else "cast"
+    dequant = dequant if quantised else "cast"
 
     kernel = functools.partial(
         _kernel,
@@ -297,11 +304,9 @@ def paged_attention(
         positions.astype(jnp.int32),
         table,
         q.reshape(n * heads, head_dim),
-        k_cache.reshape(num_slots * kv_heads, head_dim),
-        v_cache.reshape(num_slots * kv_heads, head_dim),
+        k_cache.reshape(num_slots * kv_heads, cache_dim),
+        v_cache.reshape(num_slots * kv_heads, cache_dim),
     ]
-    if dequant == "pairs":
-        args[-2:] = [int8_dequant.as_pairs(x) for x in args[-2:]]
     if quantised:
         args += [k_scale.reshape(-1).astype(jnp.float32), v_scale.reshape(-1).astype(jnp.float32)]
     if alibi_slopes is not None:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.pallas import attention_mosaic, attention_triton, bench_quant, latent_attention, plan, reference
+from kernels.pallas.int8_dequant import as_pairs
 
 ISSUE_BANDWIDTH = 2.98e12  # bytes/s: H100 HBM read, measured for the issues (November 2026)
 
@@ -59,14 +60,17 @@ def make_table(rows: int, length: int, width: int, contiguous: bool, seed: int) 
     return table
 
 
-def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int, int8: bool = False):
-    """Random K/V buffers (int8 ones quantised, with their scales as kernel keyword arguments)."""
+def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int, int8: bool = False, launch=None):
+    """Random K/V buffers (int8 ones quantised and stored as `launch.dequant` wants them, with their scales as
+    kernel keyword arguments)."""
     rows = attention_mosaic.cache_rows(slots)
     k = jax.random.normal(jax.random.key(seed), (rows, kv_heads, head_dim), dtype)
     v = jax.random.normal(jax.random.key(seed + 1), (rows, kv_heads, head_dim), dtype)
     if not int8:
         return k, v, {}
     (k, k_scale), (v, v_scale) = reference.quantize_kv(k), reference.quantize_kv(v)
+    if launch.dequant == "pairs":
+        k, v = as_pairs(k), as_pairs(v)
     return k, v, dict(k_scale=k_scale, v_scale=v_scale)
 
 
@@ -80,7 +84,7 @@ class Bench:
         launch = launch or (attention_triton.DECODE_INT8 if int8 else attention_triton.DECODE)
         block_k = attention_mosaic.BLOCK_K if impl == "mosaic" else launch.block_k
         slots = batch * context
-        k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8)
+        k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8, launch=launch)
         width = -(-context // 64) * 64
         table = jnp.asarray(make_table(batch, context, width, contiguous, seed=batch))
         q = jax.random.normal(jax.random.key(7), (batch, heads, head_dim), dtype)
@@ -98,7 +102,7 @@ class Bench:
                 interpret=self.interpret, dequant=launch.dequant, **s))
         args = (q, k, v, positions, table) + (() if impl == "mosaic" else (scales,))
         seconds = timed(fn, args)
-        kv_bytes = 2 * slots * kv_heads * head_dim * jnp.dtype(k.dtype).itemsize
+        kv_bytes = 2 * k.size // k.shape[0] * slots * jnp.dtype(k.dtype).itemsize
         if int8:
             kv_bytes += 2 * slots * kv_heads * 4
         config = f"split {splits}" + ("" if impl == "mosaic" else f", {_describe(launch, True, int8)}")
@@ -109,7 +113,7 @@ class Bench:
         dtype = jnp.bfloat16
         launch = launch or (attention_triton.PREFILL_INT8 if int8 else attention_triton.PREFILL)
         length = new + cached
-        k, v, scales = random_cache(rows * length, kv_heads, head_dim, dtype, seed=3, int8=int8)
+        k, v, scales = random_cache(rows * length, kv_heads, head_dim, dtype, seed=3, int8=int8, launch=launch)
         width = -(-length // 64) * 64
         table = jnp.asarray(make_table(rows, length, width, True, seed=rows))
         n = rows * new

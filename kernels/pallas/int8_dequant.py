@@ -17,12 +17,14 @@ Modes (every one scales after the dots: q·(s_k k) = s_k (q·k) per key, Σ p s_
   "magic" (per 4 elements: 1 xor, 2 permutes, 2 packed adds).
 - "f16ops": as "f16", with the conversion written as plain integer/float ops instead of inline PTX (in case
   the compiler does as well, or the assembly does not build).
-- "pairs": as "f16", but keys and values are read as int16 pairs of head-dim columns (2j, 2j + 1), each
-  dot split in two (even and odd columns). Why: the other modes leave the int8 value tile in shared memory
-  as bytes, and the P·V dot needs it transposed (its reduction runs over keys, the rows): Triton then reads it
-  one byte per instruction (32 LDS.U8 per warp per 32-key block in Triton 3.9's SASS, with the address math
-  and byte permutes around them, the largest cost of the loop); 16-bit elements transpose with ldmatrix.
-  Head dims that are not powers of two ≥ 32 run "f16".
+- "pairs": as "f16", but keys and values are stored and read as int16 pairs of head-dim columns (2j, 2j + 1):
+  the cache is int16 [slots + 1, kv_heads, head_dim / 2] (`as_pairs`; XLA has no free bitcast from int8 to
+  int16, it would copy the cache), and each dot is split in two (even and odd columns). Why: the other modes
+  leave the int8 value tile in shared memory as bytes, and the P·V dot needs it transposed (its reduction runs
+  over keys, the rows): Triton then reads it one byte per instruction (32 LDS.U8 per warp per 32-key block in
+  Triton 3.9's SASS, with the address math and byte permutes around them, the largest cost of the loop);
+  16-bit elements transpose with ldmatrix.
+  Only for head dims that are powers of two ≥ 32 (`pairs_fit`).
 - "qk8": q quantised per row (query head of a token) to int8 with its own scale, q·k on the int8 tensor cores
   (no conversion of keys at all, int32 accumulation); values as in "f16". Adds q's rounding error (≤ half a
   step of max|q|/127 per element) to the scores.
@@ -110,10 +112,10 @@ def convert(x, dtype, mode: str, interpret: bool):
     return out
 
 
-def split_pairs(x, interpret: bool):
-    """int16 tile of int8 pairs (low byte: even head-dim column) → (even columns, odd columns) as fp16, exact."""
-    if interpret:
-        return ((x << 8) >> 8).astype(jnp.float16), (x >> 8).astype(jnp.float16)
+def split_pairs(x, dtype, interpret: bool):
+    """int16 tile of int8 pairs (low byte: even head-dim column) → (even columns, odd columns) as `dtype`, exact."""
+    if interpret or jnp.dtype(dtype) != jnp.float16:
+        return ((x << 8) >> 8).astype(dtype), (x >> 8).astype(dtype)
     shape = jax.ShapeDtypeStruct(x.shape, jnp.float16)
     return tuple(
         pltriton.elementwise_inline_asm(_I16_PAIRS_TO_F16.format(selector=selector), args=[x], constraints="=r,r",
@@ -122,16 +124,28 @@ def split_pairs(x, interpret: bool):
     )
 
 
-def as_pairs(cache_rows):
-    """int8 [rows, head_dim] → int16 [rows, head_dim / 2], each element two neighbouring columns (a bitcast)."""
-    rows, dim = cache_rows.shape
-    return jax.lax.bitcast_convert_type(cache_rows.reshape(rows, dim // 2, 2), jnp.int16)
+def as_pairs(x):
+    """int8 [..., head_dim] → int16 [..., head_dim / 2], each element two neighbouring columns (low byte the
+    even one). XLA computes it (shifts and ors): for the new tokens of a step, never a whole cache."""
+    return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.int16)
 
 
-def applies(mode: str, head_dim: int, q_dtype) -> str:
-    """The mode that runs: "pairs" needs 16-bit queries and a power-of-two head dim ≥ 32, else "f16"."""
-    pow2 = head_dim >= 32 and head_dim & (head_dim - 1) == 0
-    return "f16" if mode == "pairs" and not (pow2 and jnp.dtype(q_dtype) != jnp.float32) else mode
+def from_pairs(x):
+    """Inverse of `as_pairs`: int16 [..., head_dim / 2] → int8 [..., head_dim]."""
+    return jax.lax.bitcast_convert_type(x, jnp.int8).reshape(*x.shape[:-1], 2 * x.shape[-1])
+
+
+def for_cache(mode: str, paired: bool) -> str:
+    """The mode a launch runs over a cache: a paired cache (int16) runs "pairs" whatever the launch says, an int8
+    one runs "f16" where the launch says "pairs" (the cache layout is chosen once, by the decode launch)."""
+    if paired:
+        return "pairs"
+    return "f16" if mode == "pairs" else mode
+
+
+def pairs_fit(head_dim: int) -> bool:
+    """Whether "pairs" takes this head dim: a power of two ≥ 32 (halves of ≥ 16 columns for the dots)."""
+    return head_dim >= 32 and head_dim & (head_dim - 1) == 0
 
 
 def quantize_rows(q):

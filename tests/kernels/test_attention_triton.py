@@ -4,6 +4,8 @@ decode (one and several key splits), ragged prefill over cached prefixes, MHA an
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,8 +159,10 @@ def test_int8_dequant_modes_match_reference(rng, dequant, decode):
     # Scores spread wide enough that "qk8" misses an unquantised reference by ~1.4e-2 (sharp softmax).
     q = jnp.asarray(3 * rng.standard_normal((len(positions), 8, 128)), jnp.bfloat16)
     table = jnp.asarray(case.table)
+    store = int8_dequant.as_pairs if dequant == "pairs" else (lambda x: x)
     out = attention_triton.paged_attention(
-        q, k8, v8, jnp.asarray(positions, jnp.int32), table, blocks, scale=SCALE, block_q=block_q, block_k=32,
+        q, store(k8), store(v8), jnp.asarray(positions, jnp.int32), table, blocks, scale=SCALE, block_q=block_q,
+        block_k=32,
         splits=splits, owns_all_tokens=decode and splits > 1, k_scale=ks, v_scale=vs, dequant=dequant,
         interpret=INTERPRET,
     )
@@ -166,6 +170,19 @@ def test_int8_dequant_modes_match_reference(rng, dequant, decode):
     ref = reference_call(reference.paged_attention_int8, q_ref, k8, v8, ks, vs, jnp.asarray(token_req),
                          jnp.asarray(positions, jnp.int32), table, SCALE)
     assert out.dtype == jnp.bfloat16 and rel_err(out, ref) < 5e-3  # bf16 output rounding: ~3e-3
+
+
+def test_pairs_refuse_an_int8_cache_and_the_others_a_paired_one(rng):
+    case = Case(rng, [5], 2, 64, width=16)
+    k8, ks = reference.quantize_kv(jnp.asarray(case.k))
+    q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.bfloat16)
+    call = functools.partial(attention_triton.paged_attention, q, positions=jnp.asarray([4], jnp.int32),
+                             slot_table=jnp.asarray(case.table), blocks=plan.decode_blocks(1), scale=SCALE, block_q=1,
+                             block_k=16, k_scale=ks, v_scale=ks, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="int16 pairs"):
+        call(k_cache=k8, v_cache=k8, dequant="pairs")
+    with pytest.raises(ValueError, match="int16 pairs"):
+        call(k_cache=int8_dequant.as_pairs(k8), v_cache=int8_dequant.as_pairs(k8), dequant="f16")
 
 
 def test_int8_prefill_matches_reference(rng):

@@ -54,7 +54,7 @@ def test_unknown_mode_is_refused():
 
 
 def _split_kernel(x_ref, lo_ref, hi_ref):
-    lo_ref[...], hi_ref[...] = int8_dequant.split_pairs(x_ref[...], interpret=not ON_GPU)
+    lo_ref[...], hi_ref[...] = int8_dequant.split_pairs(x_ref[...], jnp.float16, interpret=not ON_GPU)
 
 
 def test_every_int8_pair_splits_exactly():
@@ -68,3 +68,4 @@ def test_every_int8_pair_splits_exactly():
                                interpret=not ON_GPU)(pairs)
     np.testing.assert_array_equal(np.asarray(even, np.float32), lo.astype(np.float32))
     np.testing.assert_array_equal(np.asarray(odd, np.float32), hi.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(int8_dequant.from_pairs(pairs)), np.stack([lo, hi], -1).reshape(16, 32))
