@@ -158,7 +158,8 @@ def _kernel(
             scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
         elif dequant == "pairs":
             k_parts = int8_dequant.split_pairs(k, compute_dtype, interpret)
-            scores = sum(pltriton.dot(a, b, trans_b=True) for a, b in zip(q_parts, k_parts))
+            (q0, q1), (k0, k1) = q_parts, k_parts
+            scores = pltriton.dot(q0, k0, trans_b=True) + pltriton.dot(q1, k1, trans_b=True)
             scores = scores * ks_ref[kv_idx][None, :]
         elif q_i8 is not None:  # int8 × int8 → int32, exact
             scores = pltriton.dot(q_i8, k, trans_b=True).astype(jnp.float32)
