@@ -51,8 +51,8 @@ class Launch:
 DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB/s at batch 64, context 4096
 # int8, unmeasured best guesses (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes"): the old
 # 32/4/5 "cast" decode (0.74 on the H100) runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90
-# SASS), "pairs" at block_k 64 8.4 (bf16 decode: 5.0). Prefill runs over the cache decode's "pairs" lays out:
-# 14.4 per key, as "cast" (14.2; "f16" over an int8 cache 12.5, bf16 prefill 11.7).
+# SASS), "pairs" at block_k 64 8.3 (bf16 decode: 5.0). Prefill runs over the cache decode's "pairs" lays out:
+# 13.9 per key, about "cast"'s 14.2 ("f16" over an int8 cache 12.5, bf16 prefill 11.7).
 DECODE_INT8 = Launch(block_k=64, num_warps=4, num_stages=3, dequant="pairs")
 PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64)
 PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs")
