@@ -19,7 +19,7 @@ from jaxllm.models.attention import (
 )
 from jaxllm.models.quant import WEIGHT_MODES
 from jaxllm.parallel import TP_AXIS
-from kernels.pallas import attention_mosaic, attention_triton, latent_attention, plan, reference
+from kernels.pallas import attention_mosaic, attention_triton, int8_dequant, latent_attention, plan, reference
 
 # LightLLM mode → what runs here. GQA grouping is always on (with MHA it is a group of one).
 INT8_MODES = frozenset({"triton_int8kv", "ppl_int8kv"})
@@ -89,17 +89,21 @@ class ReferenceInt8Attention:
         )
 
 
-def _int8_cache(num_slots, kv_heads, head_dim):
-    # One extra scratch slot at the end for padded tokens; one float32 scale per token per head.
-    data = (num_slots + 1, kv_heads, head_dim)
+def _int8_cache(num_slots, kv_heads, head_dim, paired: bool = False):
+    # One extra scratch slot at the end for padded tokens; one float32 scale per token per head. `paired`: the
+    # int8 rows stored as int16 pairs of columns (int8_dequant.py, "pairs"), the same bytes.
+    data, dtype = ((num_slots + 1, kv_heads, head_dim // 2), jnp.int16) if paired else \
+        ((num_slots + 1, kv_heads, head_dim), jnp.int8)
     scales = (num_slots + 1, kv_heads)
-    return (jnp.zeros(data, jnp.int8), jnp.zeros(data, jnp.int8), jnp.zeros(scales, jnp.float32),
+    return (jnp.zeros(data, dtype), jnp.zeros(data, dtype), jnp.zeros(scales, jnp.float32),
             jnp.zeros(scales, jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """Launch settings of the Triton-lowered kernel per step kind (defaults tuned on the H100, docs/perf.md)."""
+    """Launch settings of the Triton-lowered kernel per step kind (defaults tuned on the H100, docs/perf.md).
+    int8 caches: the decode launch's `dequant` picks the cache layout ("pairs": int16 pairs of columns, else
+    int8), and every int8 launch runs `int8_dequant.for_cache` of its own mode over that layout."""
 
     decode: attention_triton.Launch = attention_triton.DECODE
     decode_int8: attention_triton.Launch = attention_triton.DECODE_INT8
@@ -137,15 +141,20 @@ class PallasAttention:
 
     def init_layer_cache(self, num_slots, kv_heads, head_dim, dtype):
         if self.int8_kv:
-            return _int8_cache(num_slots, kv_heads, head_dim)
+            return _int8_cache(num_slots, kv_heads, head_dim, self._paired(head_dim))
         shape = (attention_mosaic.cache_rows(num_slots), kv_heads, head_dim)
         return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def write(self, layer_cache, k, v, meta):
         # An XLA scatter of n rows into the donated buffers: in place, fused with the quantisation.
         if self.int8_kv:
-            return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
+            pack = int8_dequant.as_pairs if layer_cache[0].dtype == jnp.int16 else None
+            return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots, pack=pack)
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
+
+    def _paired(self, head_dim: int) -> bool:
+        """Whether an int8 cache stores its rows as int16 pairs: when the decode launch runs "pairs"."""
+        return self.config.decode_int8.dequant == "pairs" and int8_dequant.pairs_fit(head_dim)
 
     def attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None):
         return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes)
@@ -210,6 +219,8 @@ class PallasAttention:
 
     def _reference(self, q, layer_cache, meta, spec, slopes):
         backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
+        if self.int8_kv and layer_cache[0].dtype == jnp.int16:  # a paired cache, unpacked (a copy)
+            layer_cache = (*map(int8_dequant.from_pairs, layer_cache[:2]), *layer_cache[2:])
         return backend.attend(q, layer_cache, meta, spec, slopes)
 
     def _attend_local(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
@@ -252,6 +263,7 @@ class PallasAttention:
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
             window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
+            dequant=int8_dequant.for_cache(launch.dequant, k_cache.dtype == jnp.int16),
         )
 
 

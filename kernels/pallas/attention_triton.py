@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.pallas import plan
+from kernels.pallas import int8_dequant, plan
 
 _LOG2E = math.log2(math.e)
 
@@ -34,19 +34,28 @@ _LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """Block sizes and launch settings. `rows`: query rows per program in prefill (tokens × the KV head's
-    group of query heads); decode always takes one token per program."""
+    group of query heads); decode always takes one token per program. `dequant`: how int8 caches become dot
+    operands (int8_dequant.py's modes; float caches ignore it)."""
 
     block_k: int
     num_warps: int
     num_stages: int
     rows: int = 64
+    dequant: str = "cast"
+
+    def __post_init__(self):
+        int8_dequant.check(self.dequant)
 
 
 # Tuned on the H100 (JAX 0.11.2; docs/perf.md "## Attention kernels" has the sweeps).
 DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB/s at batch 64, context 4096
-DECODE_INT8 = Launch(block_k=32, num_warps=4, num_stages=5)  # 0.74: int8 → bf16 in registers wants a deep pipeline
+# int8, unmeasured best guesses (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes"): the old
+# 32/4/5 "cast" decode (0.74 on the H100) runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90
+# SASS), "pairs" at block_k 64 8.3 (bf16 decode: 5.0). Prefill runs over the cache decode's "pairs" lays out:
+# 13.9 per key, about "cast"'s 14.2 ("f16" over an int8 cache 12.5, bf16 prefill 11.7).
+DECODE_INT8 = Launch(block_k=64, num_warps=4, num_stages=3, dequant="pairs")
 PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64)
-PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64)
+PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs")
 
 
 def _next_pow2(x: int) -> int:
@@ -65,7 +74,7 @@ def _kernel(
     positions_ref,  # [n] int32
     table_ref,  # [rows, width] int32 (width a multiple of block_k)
     q_ref,  # [n * heads, head_dim]
-    k_ref,  # [(slots + 1) * kv_heads, head_dim]
+    k_ref,  # [(slots + 1) * kv_heads, head_dim] (int8 "pairs": int16 [.., head_dim / 2])
     v_ref,  # [(slots + 1) * kv_heads, head_dim]
     ks_ref,  # [(slots + 1) * kv_heads] float32, or None (float cache)
     vs_ref,  # likewise
@@ -83,6 +92,8 @@ def _kernel(
     head_dim: int,
     window: int | None,
     softcap: float | None,
+    dequant: str,
+    interpret: bool,
 ):
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     group = heads // kv_heads
@@ -99,7 +110,13 @@ def _kernel(
     dim_p = q_ref.shape[1] if head_dim is None else _next_pow2(head_dim)
     dim_ok = jnp.arange(dim_p, dtype=jnp.int32)[None, :] < q_ref.shape[1]
     row_mask = valid[:, None] if head_dim is None else valid[:, None] & dim_ok  # [M, D] loads/stores of q, o
-    q = pltriton.load(_rows(q_ref, q_idx, dim_p), mask=row_mask, other=0)  # [M, D]
+    # Head-dim columns of q and o, in the groups the dots take: all, or (int8 "pairs") even and odd ones.
+    col_sets = [jnp.arange(dim_p, dtype=jnp.int32)]
+    if dequant == "pairs":
+        half = jnp.arange(dim_p // 2, dtype=jnp.int32)
+        col_sets = [2 * half, 2 * half + 1]
+    q_parts = [pltriton.load(q_ref.at[q_idx[:, None], c[None, :]], mask=row_mask, other=0) for c in col_sets]
+    q = q_parts[0]  # [M, D] (or its even columns)
     pos = positions_ref[token]  # [M]
     first_pos = positions_ref[start]
     last_pos = positions_ref[start + jnp.maximum(count - 1, 0)]  # keys 0..last_pos matter to this block
@@ -114,6 +131,15 @@ def _kernel(
     slopes = None if slopes_ref is None else slopes_ref[h * group + g]  # [M]
     f32 = q.dtype == jnp.float32
     compute_dtype = q.dtype
+    q_i8 = q_scale = None
+    if ks_ref is not None:
+        compute_dtype = int8_dequant.operand_dtype(dequant, q.dtype)
+        if dequant == "qk8" and compute_dtype != jnp.float32:
+            q_i8, q_scale = int8_dequant.quantize_rows(q)
+        q_parts = [x.astype(compute_dtype) for x in q_parts]
+        q = q_parts[0]
+        to_operand = functools.partial(int8_dequant.convert, dtype=compute_dtype, mode=dequant,
+                                       interpret=interpret)
 
     def gather(ref, kv_idx):
         if head_dim is None:
@@ -121,17 +147,25 @@ def _kernel(
         return pltriton.load(_rows(ref, kv_idx, dim_p), mask=dim_ok, other=0)
 
     def body(kb, carry):
-        acc, m, l = carry
+        *accs, m, l = carry
         col0 = lo + kb * block_k
         cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] key positions
         slots = table_ref[row, pl.ds(col0, block_k)]  # [T]
         kv_idx = slots * kv_heads + h
         k = gather(k_ref, kv_idx)
         v = gather(v_ref, kv_idx)
-        if ks_ref is not None:
-            k, v = k.astype(compute_dtype), v.astype(compute_dtype)  # int8 → bf16 is exact
-        scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
-        if ks_ref is not None:
+        if ks_ref is None:
+            scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
+        elif dequant == "pairs":
+            k_parts = int8_dequant.split_pairs(k, compute_dtype, interpret)
+            (q0, q1), (k0, k1) = q_parts, k_parts
+            scores = pltriton.dot(q0, k0, trans_b=True) + pltriton.dot(q1, k1, trans_b=True)
+            scores = scores * ks_ref[kv_idx][None, :]
+        elif q_i8 is not None:  # int8 × int8 → int32, exact
+            scores = pltriton.dot(q_i8, k, trans_b=True).astype(jnp.float32)
+            scores = scores * (q_scale[:, None] * ks_ref[kv_idx][None, :])
+        else:
+            scores = pltriton.dot(q, to_operand(k), trans_b=True, allow_tf32=False if f32 else None)
             scores = scores * ks_ref[kv_idx][None, :]
         scores = scores * qk_scale
         if softcap is not None:
@@ -149,35 +183,40 @@ def _kernel(
         p = jnp.exp2(scores - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         l = l * alpha + p.sum(axis=1)
+        v_parts = [v]
         if vs_ref is not None:
             p = p * vs_ref[kv_idx][None, :]
-        pv = pltriton.dot(p.astype(compute_dtype), v, allow_tf32=False if f32 else None)  # [M, D]
-        return acc * alpha[:, None] + pv, m_new, l
+            v_parts = int8_dequant.split_pairs(v, compute_dtype, interpret) if dequant == "pairs" else [to_operand(v)]
+        p = p.astype(compute_dtype)
+        pvs = [pltriton.dot(p, x, allow_tf32=False if f32 else None) for x in v_parts]  # [M, D] (or halves)
+        return (*[acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs)], m_new, l)
 
-    acc0 = jnp.zeros((rows_m, dim_p), jnp.float32)
+    acc0 = [jnp.zeros((rows_m, c.shape[0]), jnp.float32) for c in col_sets]
     m0 = jnp.full((rows_m,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((rows_m,), jnp.float32)
-    acc, m, l = lax.fori_loop(0, num_kb, body, (acc0, m0, l0))
+    *accs, m, l = lax.fori_loop(0, num_kb, body, (*acc0, m0, l0))
     safe_l = jnp.where(l > 0, l, 1.0)
-    out = acc / safe_l[:, None]
+    outs = [acc / safe_l[:, None] for acc in accs]
     # Invalid rows store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
     # valid row's index would undo that row's write; on the GPU masked lanes touch nothing.
     out_rows = out_refs[0].shape[0]
     if not split:
         (o_ref,) = out_refs
         dst = jnp.where(valid, q_idx, out_rows + r)
-        pltriton.store(_rows(o_ref, dst, dim_p), out.astype(o_ref.dtype), mask=row_mask)
+        for out, c in zip(outs, col_sets):
+            pltriton.store(o_ref.at[dst[:, None], c[None, :]], out.astype(o_ref.dtype), mask=row_mask)
         return
     o_ref, lse_ref = out_refs
     dst = jnp.where(valid, s * (num_tokens * heads) + q_idx, out_rows + r)
-    pltriton.store(_rows(o_ref, dst, dim_p), out, mask=row_mask)
+    for out, c in zip(outs, col_sets):
+        pltriton.store(o_ref.at[dst[:, None], c[None, :]], out, mask=row_mask)
     lse = jnp.where(l > 0, m + jnp.log2(safe_l), -jnp.inf)  # base-2 log-sum-exp of the split
     pltriton.store(lse_ref.at[dst], lse, mask=valid)
 
 
 def paged_attention(
     q,  # [n, heads, head_dim]
-    k_cache,  # [slots + 1, kv_heads, head_dim] bf16/fp16/f32 or int8
+    k_cache,  # [slots + 1, kv_heads, head_dim] bf16/fp16/f32 or int8; int16 [.., head_dim / 2] for "pairs"
     v_cache,
     positions,  # [n] int32
     slot_table,  # [rows, width] int32
@@ -197,6 +236,7 @@ def paged_attention(
     softcap: float | None = None,
     alibi_slopes=None,  # [heads] float32
     return_lse: bool = False,
+    dequant: str = "cast",
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
@@ -207,12 +247,21 @@ def paged_attention(
     `splitk.combine` merges them. Per-layer options as in reference.py: `window` (keys at positions >
     the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
+    `dequant`: how an int8 cache becomes dot operands (int8_dequant.py; "pairs" takes the cache as int16 pairs,
+    `int8_dequant.as_pairs`).
     Returns [n, heads, head_dim] in q's dtype; `return_lse` (one key split only): (float32 output, the
     base-2 log-sum-exp of each token's scaled scores [n, heads], -inf where it saw no key), to be merged
     with another attention over other keys (`splitk.combine`).
     """
     n, heads, head_dim = q.shape
-    num_slots, kv_heads, _ = k_cache.shape
+    num_slots, kv_heads, cache_dim = k_cache.shape
+    int8_dequant.check(dequant)
+    paired = k_scale is not None and dequant == "pairs"
+    if paired != (k_cache.dtype == jnp.int16) or cache_dim != (head_dim // 2 if paired else head_dim):
+        raise ValueError(f"int8 dequant {dequant!r} with a {k_cache.dtype} cache of rows of {cache_dim} for head_dim "
+                         f"{head_dim}: \"pairs\" takes int16 pairs [.., head_dim / 2], the others int8 [.., head_dim]")
+    if paired and not int8_dequant.pairs_fit(head_dim):
+        raise ValueError(f"int8 dequant \"pairs\" takes head dims that are powers of two ≥ 32, not {head_dim}")
     group = heads // kv_heads
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} KV heads")
@@ -220,7 +269,7 @@ def paged_attention(
         raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for the Triton kernel")
     if return_lse and splits > 1:
         raise ValueError("return_lse takes one key split")
-    if num_slots * kv_heads * head_dim >= 2**31:
+    if num_slots * kv_heads * cache_dim >= 2**31:
         raise ValueError("a KV buffer of 2**31 elements or more overflows the kernel's int32 offsets")
     rows_m = max(16, _next_pow2(block_q * group))
     table = plan.pad_table(slot_table, block_k, num_slots - 1)
@@ -228,6 +277,7 @@ def paged_attention(
     split_len = plan.split_length(width, splits, block_k)
     num_blocks = blocks.row.shape[0]
     quantised = k_scale is not None
+    dequant = dequant if quantised else "cast"
 
     kernel = functools.partial(
         _kernel,
@@ -243,6 +293,8 @@ def paged_attention(
         head_dim=None if head_dim & (head_dim - 1) == 0 else head_dim,
         window=window,
         softcap=softcap,
+        dequant=dequant,
+        interpret=interpret,
     )
     kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None)
     if splits > 1 or return_lse:
@@ -259,8 +311,8 @@ def paged_attention(
         positions.astype(jnp.int32),
         table,
         q.reshape(n * heads, head_dim),
-        k_cache.reshape(num_slots * kv_heads, head_dim),
-        v_cache.reshape(num_slots * kv_heads, head_dim),
+        k_cache.reshape(num_slots * kv_heads, cache_dim),
+        v_cache.reshape(num_slots * kv_heads, cache_dim),
     ]
     if quantised:
         args += [k_scale.reshape(-1).astype(jnp.float32), v_scale.reshape(-1).astype(jnp.float32)]

@@ -23,6 +23,7 @@ import numpy as np
 from kernels.pallas import (
     attention_mosaic, attention_triton, bench_dense, bench_quant, latent_attention, plan, reference,
 )
+from kernels.pallas.int8_dequant import as_pairs
 
 ISSUE_BANDWIDTH = 2.98e12  # bytes/s: H100 HBM read, measured for the issues (November 2026)
 
@@ -63,14 +64,17 @@ def make_table(rows: int, length: int, width: int, contiguous: bool, seed: int) 
     return table
 
 
-def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int, int8: bool = False):
-    """Random K/V buffers (int8 ones quantised, with their scales as kernel keyword arguments)."""
+def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int, int8: bool = False, launch=None):
+    """Random K/V buffers (int8 ones quantised and stored as `launch.dequant` wants them, with their scales as
+    kernel keyword arguments)."""
     rows = attention_mosaic.cache_rows(slots)
     k = jax.random.normal(jax.random.key(seed), (rows, kv_heads, head_dim), dtype)
     v = jax.random.normal(jax.random.key(seed + 1), (rows, kv_heads, head_dim), dtype)
     if not int8:
         return k, v, {}
     (k, k_scale), (v, v_scale) = reference.quantize_kv(k), reference.quantize_kv(v)
+    if launch.dequant == "pairs":
+        k, v = as_pairs(k), as_pairs(v)
     return k, v, dict(k_scale=k_scale, v_scale=v_scale)
 
 
@@ -84,7 +88,7 @@ class Bench:
         launch = launch or (attention_triton.DECODE_INT8 if int8 else attention_triton.DECODE)
         block_k = attention_mosaic.BLOCK_K if impl == "mosaic" else launch.block_k
         slots = batch * context
-        k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8)
+        k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8, launch=launch)
         width = -(-context // 64) * 64
         table = jnp.asarray(make_table(batch, context, width, contiguous, seed=batch))
         q = jax.random.normal(jax.random.key(7), (batch, heads, head_dim), dtype)
@@ -99,13 +103,13 @@ class Bench:
             fn = jax.jit(lambda q, k, v, p, t, s: attention_triton.paged_attention(
                 q, k, v, p, t, blocks, scale=0.088, block_q=1, block_k=block_k, splits=splits,
                 num_warps=launch.num_warps, num_stages=launch.num_stages, owns_all_tokens=True,
-                interpret=self.interpret, **s))
+                interpret=self.interpret, dequant=launch.dequant, **s))
         args = (q, k, v, positions, table) + (() if impl == "mosaic" else (scales,))
         seconds = timed(fn, args)
-        kv_bytes = 2 * slots * kv_heads * head_dim * jnp.dtype(k.dtype).itemsize
+        kv_bytes = 2 * k.size // k.shape[0] * slots * jnp.dtype(k.dtype).itemsize
         if int8:
             kv_bytes += 2 * slots * kv_heads * 4
-        config = f"split {splits}" + ("" if impl == "mosaic" else f", {_describe(launch, decode=True)}")
+        config = f"split {splits}" + ("" if impl == "mosaic" else f", {_describe(launch, True, int8)}")
         config += ", contiguous" if contiguous else ", scattered"
         self._row(name, impl, config, seconds, bytes_=kv_bytes)
 
@@ -113,7 +117,7 @@ class Bench:
         dtype = jnp.bfloat16
         launch = launch or (attention_triton.PREFILL_INT8 if int8 else attention_triton.PREFILL)
         length = new + cached
-        k, v, scales = random_cache(rows * length, kv_heads, head_dim, dtype, seed=3, int8=int8)
+        k, v, scales = random_cache(rows * length, kv_heads, head_dim, dtype, seed=3, int8=int8, launch=launch)
         width = -(-length // 64) * 64
         table = jnp.asarray(make_table(rows, length, width, True, seed=rows))
         n = rows * new
@@ -125,7 +129,7 @@ class Bench:
                                              starts, lens, scales)
         seconds = timed(fn, args, repeats=5)
         flops = bench_dense.prefill_flops(rows, new, cached, heads, head_dim)
-        config = "" if impl == "mosaic" else _describe(launch, decode=False)
+        config = "" if impl == "mosaic" else _describe(launch, False, int8)
         self._row(name, impl, config, seconds, flops=flops)
 
     def latent(self, name, impl, batch, context, heads=16, kv_rank=512, rope_dim=64, launch=None):
@@ -149,7 +153,7 @@ class Bench:
                 q, c, p, t, plan.decode_blocks(batch), kv_rank=kv_rank, scale=0.07, block_q=1,
                 block_k=launch.block_k, splits=splits, head_block=head_block, num_warps=launch.num_warps,
                 num_stages=launch.num_stages, interpret=self.interpret))
-            config = f"split {splits}, {_describe(launch, decode=True)}, scattered"
+            config = f"split {splits}, {_describe(launch, True)}, scattered"
         seconds = timed(fn, (q, cache, positions, table))
         self._row(name, impl, config, seconds, bytes_=slots * dim * jnp.dtype(dtype).itemsize)
 
@@ -196,7 +200,7 @@ def run(args) -> Bench:
         small = attention_triton.Launch(block_k=32, num_warps=4, num_stages=2, rows=16)
         bench.guarded("decode", "decode smoke", "triton", 2, 128, 8, 2, 64, launch=small)
         bench.guarded("decode", "decode int8 smoke", "triton", 2, 128, 8, 2, 64, int8=True, split="always",
-                      launch=small)
+                      launch=attention_triton.Launch(32, 4, 2, dequant="pairs"))
         bench.guarded("prefill", "prefill smoke", "triton", 1, 32, 16, 8, 2, 64, launch=small)
         bench.guarded("latent", "latent decode smoke", "triton", 2, 64, heads=4, kv_rank=32, rope_dim=16,
                       launch=small)
@@ -241,26 +245,37 @@ def run(args) -> Bench:
         for launch in args.int8_configs:
             bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, launch=launch,
                           **llama8b)
+        bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, contiguous=False,
+                      **llama8b)
         bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, splits=2, **llama8b)
-        bench.guarded("decode", "decode int8 b1 ctx32768", "triton", 1, 32768, int8=True, **llama8b)
+        for launch in args.int8_b1_configs:
+            for splits in args.b1_splits:
+                bench.guarded("decode", "decode int8 b1 ctx32768", "triton", 1, 32768, int8=True, splits=splits,
+                              launch=launch, **llama8b)
         for launch in args.prefill_configs:
             bench.guarded("prefill", "prefill 1×4096", "triton", 1, 4096, 0, launch=launch, **llama8b)
         bench.guarded("prefill", "prefill 8×512 after 3584", "triton", 8, 512, 3584, **llama8b)
-        bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, **llama8b)
+        for launch in args.int8_prefill_configs:
+            bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, launch=launch,
+                          **llama8b)
+        bench.guarded("prefill", "prefill int8 8×512 after 3584", "triton", 8, 512, 3584, int8=True, **llama8b)
     return bench
 
 
-def _describe(launch, decode: bool) -> str:
+def _describe(launch, decode: bool, int8: bool = False) -> str:
     text = f"block_k {launch.block_k}, warps {launch.num_warps}/{launch.num_stages}"
+    text += f", dequant {launch.dequant}" if int8 else ""
     return text if decode else f"rows {launch.rows}, {text}"
 
 
 def _launches(text: str) -> list:
-    """"block_k/warps/stages[/rows],..." → Launch list; "" → [None] (the kernel's tuned default)."""
+    """"block_k/warps/stages[/rows][:dequant],..." → Launch list (dequant: one of int8_dequant.MODES, default
+    "cast"); "" → [None] (the kernel's tuned default)."""
     out = []
     for item in filter(None, text.split(",")):
-        values = [int(x) for x in item.split("/")]
-        out.append(attention_triton.Launch(*values[:3], *values[3:]))
+        sizes, _, dequant = item.partition(":")
+        values = [int(x) for x in sizes.split("/")]
+        out.append(attention_triton.Launch(*values[:3], *values[3:], **({"dequant": dequant} if dequant else {})))
     return out or [None]
 
 
@@ -272,7 +287,12 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill-configs", type=_launches, default=[None],
                         help="block_k/warps/stages/rows,... for a Triton prefill sweep")
     parser.add_argument("--int8-configs", type=_launches, default=[None],
-                        help="block_k/warps/stages,... for a Triton int8 decode sweep")
+                        help="block_k/warps/stages[:dequant],... for a Triton int8 decode sweep at batch 64 "
+                        "(dequant: kernels/pallas/int8_dequant.py's modes)")
+    parser.add_argument("--int8-b1-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages[:dequant],... for int8 decode at batch 1, each with --b1-splits")
+    parser.add_argument("--int8-prefill-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages/rows[:dequant],... for a Triton int8 prefill sweep (1×4096)")
     parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
                         help="key splits to try for batch-1 decode (default: the heuristic's)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")

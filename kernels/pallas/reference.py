@@ -39,10 +39,13 @@ def dequantize_kv(x_i8, scale):
     return x_i8.astype(jnp.float32) * scale[..., None]
 
 
-def write_kv_int8(k_cache, v_cache, k_scale, v_scale, k, v, slots):
-    """Quantise new keys/values `[n, kv_heads, head_dim]` and scatter them (and their scales) into `slots`."""
+def write_kv_int8(k_cache, v_cache, k_scale, v_scale, k, v, slots, pack=None):
+    """Quantise new keys/values `[n, kv_heads, head_dim]` and scatter them (and their scales) into `slots`.
+    `pack`: the int8 rows' storage form, if not int8 (int8_dequant.as_pairs for "pairs" caches)."""
     k_i8, ks = quantize_kv(k)
     v_i8, vs = quantize_kv(v)
+    if pack is not None:
+        k_i8, v_i8 = pack(k_i8), pack(v_i8)
     return (
         k_cache.at[slots].set(k_i8),
         v_cache.at[slots].set(v_i8),

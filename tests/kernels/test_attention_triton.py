@@ -4,12 +4,14 @@ decode (one and several key splits), ragged prefill over cached prefixes, MHA an
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.pallas import attention_triton, plan, reference
+from kernels.pallas import attention_triton, int8_dequant, plan, reference
 from tests.kernels.conftest import Case
 
 SCALE = 0.3
@@ -128,6 +130,59 @@ def test_int8_decode_matches_reference(rng, head_dim, splits):
     )
     ref = reference_call(reference.decode_attention_int8, q, k8, v8, ks, vs, table, ctx, SCALE)
     assert rel_err(out, ref) < 1e-2
+
+
+def _as_quantised_queries(q):
+    """The queries "qk8" multiplies: each (token, head) row rounded to int8 steps of max|row| / 127."""
+    q32 = np.asarray(q, np.float32)
+    scale = np.abs(q32).max(axis=-1, keepdims=True) / 127
+    return jnp.asarray(np.floor(q32 / np.where(scale > 0, scale, 1) + 0.5) * scale)
+
+
+@pytest.mark.parametrize("dequant", int8_dequant.MODES)
+@pytest.mark.parametrize("decode", [True, False])
+def test_int8_dequant_modes_match_reference(rng, dequant, decode):
+    """Every way of making dot operands of an int8 cache, bf16 queries (GQA 4, head dim 128), ragged rows with a
+    padding row (decode, split-K 2) or chunks after cached prefixes (prefill); "qk8" against the reference
+    fed the queries it quantises."""
+    if decode:
+        lengths = [45, 0, 29]
+        case = Case(rng, lengths, 2, 128, width=48)
+        positions, token_req = np.asarray(case.lengths) - 1, np.arange(3)
+        blocks, block_q, splits = plan.decode_blocks(3), 1, 2
+    else:
+        case, positions, token_req, starts, lens = _chunks_case(rng, [(0, 9), (20, 6)], 2, 128, width=32)
+        block_q, splits = 4, 1
+        blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), len(positions), block_q)
+    k8, ks = reference.quantize_kv(jnp.asarray(case.k))
+    v8, vs = reference.quantize_kv(jnp.asarray(case.v))
+    # Scores spread wide enough that "qk8" misses an unquantised reference by ~1.4e-2 (sharp softmax).
+    q = jnp.asarray(3 * rng.standard_normal((len(positions), 8, 128)), jnp.bfloat16)
+    table = jnp.asarray(case.table)
+    store = int8_dequant.as_pairs if dequant == "pairs" else (lambda x: x)
+    out = attention_triton.paged_attention(
+        q, store(k8), store(v8), jnp.asarray(positions, jnp.int32), table, blocks, scale=SCALE, block_q=block_q,
+        block_k=32,
+        splits=splits, owns_all_tokens=decode and splits > 1, k_scale=ks, v_scale=vs, dequant=dequant,
+        interpret=INTERPRET,
+    )
+    q_ref = _as_quantised_queries(q) if dequant == "qk8" else q
+    ref = reference_call(reference.paged_attention_int8, q_ref, k8, v8, ks, vs, jnp.asarray(token_req),
+                         jnp.asarray(positions, jnp.int32), table, SCALE)
+    assert out.dtype == jnp.bfloat16 and rel_err(out, ref) < 5e-3  # bf16 output rounding: ~3e-3
+
+
+def test_pairs_refuse_an_int8_cache_and_the_others_a_paired_one(rng):
+    case = Case(rng, [5], 2, 64, width=16)
+    k8, ks = reference.quantize_kv(jnp.asarray(case.k))
+    q = jnp.asarray(rng.standard_normal((1, 4, 64)), jnp.bfloat16)
+    call = functools.partial(attention_triton.paged_attention, q, positions=jnp.asarray([4], jnp.int32),
+                             slot_table=jnp.asarray(case.table), blocks=plan.decode_blocks(1), scale=SCALE, block_q=1,
+                             block_k=16, k_scale=ks, v_scale=ks, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="int16 pairs"):
+        call(k_cache=k8, v_cache=k8, dequant="pairs")
+    with pytest.raises(ValueError, match="int16 pairs"):
+        call(k_cache=int8_dequant.as_pairs(k8), v_cache=int8_dequant.as_pairs(k8), dequant="f16")
 
 
 def test_int8_prefill_matches_reference(rng):

@@ -109,14 +109,18 @@ def _run(backend, tp, prompts, steps=2, config=None):
 PROMPTS = [[5, 9, 2, 77, 31, 4, 8], [100, 3], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70]]
 
 
-@pytest.mark.parametrize("tp,int8", [(1, False), (2, True)])
-def test_kernel_backend_in_model_matches_reference(tp, int8):
+@pytest.mark.parametrize("tp,int8,head_dim", [(1, False, 16), (2, True, 16), (2, True, 32)])
+def test_kernel_backend_in_model_matches_reference(tp, int8, head_dim):
+    """Head dim 32 with int8: the cache stored as int16 pairs of columns ("pairs"), written and read per device."""
     mesh = make_mesh(tp)
     modes = ["triton_int8kv"] if int8 else []
     kernels = attention_backend(modes, "cpu", interpret=True, mesh=mesh)
     reference = attention_backend(modes, "cpu")
-    got = _run(kernels, tp, PROMPTS)
-    want = _run(reference, tp, PROMPTS)
+    config = ModelConfig.from_hf_dict(dict(CONFIG, hidden_size=4 * head_dim))
+    if int8:
+        assert (kernels.init_layer_cache(8, 2, head_dim, jnp.float32)[0].dtype == jnp.int16) == (head_dim >= 32)
+    got = _run(kernels, tp, PROMPTS, config=config)
+    want = _run(reference, tp, PROMPTS, config=config)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
 
 

@@ -5,6 +5,9 @@ upperBound, step} have same type"). One representative launch per entry point, a
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +19,8 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxllm.models import quant
 from jaxllm.models.attention import AttentionMetadata, AttentionSpec
-from jaxllm.models.backends import PallasAttention
-from kernels.pallas import grouped_matmul, quant_gemv, quant_matmul
+from jaxllm.models.backends import KernelConfig, PallasAttention
+from kernels.pallas import grouped_matmul, int8_dequant, quant_gemv, quant_matmul
 
 # The custom call a Triton kernel lowers to (its name across JAX versions): exporting it is refused by default.
 _TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
@@ -91,9 +94,10 @@ def _grouped_int8(rows: int):
             (x, w8, sizes, jnp.ones((8, 512), jnp.float32)))
 
 
-def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim: int = 128, options=False):
+def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim: int = 128, options=False,
+               dequant: str | None = None):
     """PallasAttention's launch (decode or prefill) over 3 ragged rows, GQA 8 query heads on 2 KV heads;
-    `options`: a window, soft-capping and ALiBi slopes."""
+    `options`: a window, soft-capping and ALiBi slopes; `dequant`: the int8 launches' mode (else the default)."""
     rng = _rng()
     lengths = (70, 5, 33)
     chunks = [(n - 1, 1) for n in lengths] if decode else [(0, n) for n in lengths]
@@ -103,7 +107,11 @@ def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim:
         rows.append([int(s) for s in slots[start:start + n]])
         start += n
     meta = AttentionMetadata.for_sequences(chunks, rows, scratch_slot=128, width=128)
-    backend = PallasAttention(int8_kv=int8, split=split)
+    config = KernelConfig()
+    if dequant:
+        config = dataclasses.replace(config, decode_int8=dataclasses.replace(config.decode_int8, dequant=dequant),
+                                     prefill_int8=dataclasses.replace(config.prefill_int8, dequant=dequant))
+    backend = PallasAttention(int8_kv=int8, split=split, config=config)
     heads, kv_heads = 8, 2
     q = jnp.asarray(rng.standard_normal((meta.positions.shape[0], heads, head_dim)), jnp.bfloat16)
     cache = backend.init_layer_cache(128, kv_heads, head_dim, jnp.bfloat16)
@@ -161,6 +169,10 @@ CASES = {
     "paged_attention-prefill": lambda: _attention(decode=False),
     "paged_attention-int8-decode": lambda: _attention(decode=True, int8=True),
     "paged_attention-int8-prefill": lambda: _attention(decode=False, int8=True),
+    **{f"paged_attention-int8-decode-{mode}": functools.partial(_attention, decode=True, int8=True, dequant=mode)
+       for mode in int8_dequant.MODES},
+    **{f"paged_attention-int8-prefill-{mode}": functools.partial(_attention, decode=False, int8=True, dequant=mode)
+       for mode in ("pairs", "qk8")},
     "paged_attention-prefill-head96-window-softcap-alibi": lambda: _attention(False, head_dim=96, options=True),
     "latent_attention-decode-splitk": lambda: _latent(decode=True),
     "latent_attention-prefill": lambda: _latent(decode=False),
