@@ -49,11 +49,12 @@ class Launch:
 
 # Tuned on the H100 (JAX 0.11.2; docs/perf.md "## Attention kernels" has the sweeps).
 DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB/s at batch 64, context 4096
-# int8, unmeasured best guesses (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes"): the old
-# 32/4/5 "cast" decode (0.74 on the H100) runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90
-# SASS), "pairs" at block_k 64 8.3 (bf16 decode: 5.0). Prefill runs over the cache decode's "pairs" lays out:
-# 13.9 per key, about "cast"'s 14.2 ("f16" over an int8 cache 12.5, bf16 prefill 11.7).
-DECODE_INT8 = Launch(block_k=64, num_warps=4, num_stages=3, dequant="pairs")
+# int8 (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes" and session 10's H200 sweep): the old
+# 32/4/5 "cast" decode runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90 SASS), "pairs" 8.3
+# (bf16 decode: 5.0). On the H200, batch 64 / 4k: "pairs" at 128/4/2 153 µs against bf16's 256 µs (1.67×; "cast"
+# 242 µs); batch 1 / 32k 42 µs against 48 µs. Prefill runs over the cache decode's "pairs" lays out (777 µs at
+# 1 × 4096 against "cast"'s 736 and bf16's 580).
+DECODE_INT8 = Launch(block_k=128, num_warps=4, num_stages=2, dequant="pairs")
 PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64)
 PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs")
 
