@@ -148,7 +148,7 @@ class PallasAttention:
     def write(self, layer_cache, k, v, meta):
         # An XLA scatter of n rows into the donated buffers: in place, fused with the quantisation.
         if self.int8_kv:
-            pack = int8_dequant.as_pairs if layer_cache[0].dtype == jnp.int16 else None
+            pack = int8_dequant.as_pairs if int8_dequant.is_paired(layer_cache[0]) else None
             return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots, pack=pack)
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
@@ -219,7 +219,7 @@ class PallasAttention:
 
     def _reference(self, q, layer_cache, meta, spec, slopes):
         backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
-        if self.int8_kv and layer_cache[0].dtype == jnp.int16:  # a paired cache, unpacked (a copy)
+        if self.int8_kv and int8_dequant.is_paired(layer_cache[0]):  # a paired cache, unpacked (a copy)
             layer_cache = (*map(int8_dequant.from_pairs, layer_cache[:2]), *layer_cache[2:])
         return backend.attend(q, layer_cache, meta, spec, slopes)
 
@@ -263,7 +263,7 @@ class PallasAttention:
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
             window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
-            dequant=int8_dequant.for_cache(launch.dequant, k_cache.dtype == jnp.int16),
+            dequant=int8_dequant.for_cache(launch.dequant, int8_dequant.is_paired(k_cache)),
         )
 
 

@@ -258,7 +258,7 @@ def paged_attention(
     num_slots, kv_heads, cache_dim = k_cache.shape
     int8_dequant.check(dequant)
     paired = k_scale is not None and dequant == "pairs"
-    if paired != (k_cache.dtype == jnp.int16) or cache_dim != (head_dim // 2 if paired else head_dim):
+    if paired != int8_dequant.is_paired(k_cache) or cache_dim != (head_dim // 2 if paired else head_dim):
         raise ValueError(f"int8 dequant {dequant!r} with a {k_cache.dtype} cache of rows of {cache_dim} for head_dim "
                          f"{head_dim}: \"pairs\" takes int16 pairs [.., head_dim / 2], the others int8 [.., head_dim]")
     if paired and not int8_dequant.pairs_fit(head_dim):

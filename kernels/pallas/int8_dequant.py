@@ -1,10 +1,11 @@
 """How the Triton attention kernel turns int8 keys and values into tensor-core operands (`Launch.dequant`).
 
-Why it matters: Triton converts int8 to bf16 with one I2F instruction per element (after two byte permutes),
-and I2F issues at 16 per clock per SM on sm_80/sm_90 (integer logic at 64, FP32 adds at 128). At batch 64 /
-4k context the int8 decode converts 537 M elements: ≥ 128 µs of I2F issue alone on 132 SMs at 1.98 GHz, the
-same on the H100 and the H200, and int8 decode measured the same there too (250 vs 247 µs) while bf16 decode
-sped up with the H200's bandwidth (367 → 265 µs): the int8 kernel is bound by the SMs, not by HBM.
+Why it matters: int8 decode took the same time on the H100 and the H200 (250 vs 247 µs at batch 64 / 4k)
+while bf16 decode sped up with the H200's bandwidth (367 → 265 µs): the int8 kernel is bound by the SMs, not
+by HBM. Where its instructions go (Triton 3.9's sm_90 SASS, docs/perf.md "int8 KV decode: where the time
+goes"): not the conversion (Triton turns int8 into bf16 with byte permutes and a subtract, no I2F), but the
+value tile, which P·V needs transposed: ldmatrix does that for 16-bit data, while int8 is read from shared
+memory one byte per instruction. "pairs" removes those reads; the other modes trim the conversion.
 
 Modes (every one scales after the dots: q·(s_k k) = s_k (q·k) per key, Σ p s_v v = (p s_v)·v):
 - "cast": `astype`, Triton's I2F conversion (the old kernel).
@@ -133,6 +134,11 @@ def as_pairs(x):
 def from_pairs(x):
     """Inverse of `as_pairs`: int16 [..., head_dim / 2] → int8 [..., head_dim]."""
     return jax.lax.bitcast_convert_type(x, jnp.int8).reshape(*x.shape[:-1], 2 * x.shape[-1])
+
+
+def is_paired(cache) -> bool:
+    """Whether an int8 K or V cache is stored as int16 pairs ("pairs"), not int8."""
+    return cache.dtype == jnp.int16
 
 
 def for_cache(mode: str, paired: bool) -> str:
