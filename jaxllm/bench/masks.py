@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     constraints = [grammars.constraint(spec) for _ in range(ns.rows)]
     print(f"worker start and {ns.rows} constraints: {time.perf_counter() - started:.2f} s")
-    local = GrammarCompiler(llguidance.LLTokenizer(text, eos_token=eos[0]))
-    local_matchers = [local.matcher(spec.kind, spec.value, spec.field) for _ in range(ns.rows)]
     filler = StepRows(vocab, tuple(eos), ns.threads)
+    local = GrammarCompiler(llguidance.LLTokenizer(text, eos_token=eos[0]), families=2 * filler.threads)
+    local_matchers = [local.matcher(spec.kind, spec.value, spec.field) for _ in range(ns.rows)]
     worker = grammars.worker()
     rng = np.random.default_rng(0)
     rows = list(range(ns.rows))

@@ -48,11 +48,16 @@ def grammar_text(kind: str, value: str, field: str) -> str:
 
 
 class GrammarCompiler:
-    """The cache of compiled grammars over one llguidance tokenizer."""
+    """The cache of compiled grammars over one llguidance tokenizer. A grammar's requests copy their matchers
+    from up to `families` templates compiled apart, in turn: matchers copied from one template share its lexer,
+    whose lazily built states sit behind one lock, so rows of one family fill one at a time even in llguidance's
+    threads (64 rows of a JSON schema on the H200's host: 3.4 ms median whatever the threads; 16 families on 8
+    threads: 1.8 ms; docs/perf.md, session 11)."""
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer):
+    def __init__(self, tokenizer: llguidance.LLTokenizer, families: int = 1):
         self.tokenizer = tokenizer
-        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self.families = max(1, families)
+        self._cache: OrderedDict[tuple[str, str], _Templates] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -60,21 +65,40 @@ class GrammarCompiler:
     def matcher(self, kind: str, value: str, field: str) -> llguidance.LLMatcher:
         """A fresh matcher for one request; ValueError("<field>: reason") for an invalid grammar."""
         key = (kind, value)
-        template = self._cache.get(key)
-        if template is not None:
+        templates = self._cache.get(key)
+        if templates is not None:
             self._cache.move_to_end(key)
         else:
             grammar = grammar_text(kind, value, field)
             is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
             if is_error:
                 raise ValueError(f"{field}: invalid {kind.replace('_', ' ')}: {messages[0].strip()}")
-            template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-            if template.is_error():
-                raise ValueError(f"{field}: invalid {kind.replace('_', ' ')}: {template.get_error()}")
-            self._cache[key] = template
+            templates = _Templates(grammar)
+            first = templates.add(self.tokenizer)
+            if first.is_error():
+                raise ValueError(f"{field}: invalid {kind.replace('_', ' ')}: {first.get_error()}")
+            self._cache[key] = templates
             if len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return template.deep_copy()
+        return templates.next(self.tokenizer, self.families).deep_copy()
+
+
+class _Templates:
+    """One grammar's compiled templates (a family each), handed out in turn; a new family is compiled when the
+    turn first reaches it, so a grammar of few requests costs one compile."""
+
+    __slots__ = ("grammar", "compiled", "turn")
+
+    def __init__(self, grammar: str):
+        self.grammar, self.compiled, self.turn = grammar, [], 0
+
+    def add(self, tokenizer: llguidance.LLTokenizer) -> llguidance.LLMatcher:
+        self.compiled.append(llguidance.LLMatcher(tokenizer, self.grammar, log_level=0))
+        return self.compiled[-1]
+
+    def next(self, tokenizer: llguidance.LLTokenizer, families: int) -> llguidance.LLMatcher:
+        k, self.turn = self.turn, (self.turn + 1) % families
+        return self.compiled[k] if k < len(self.compiled) else self.add(tokenizer)
 
 
 def take_token(matcher: llguidance.LLMatcher, token: int, eos_ids: tuple[int, ...]) -> str | None:
@@ -91,6 +115,12 @@ def _rejection(matcher: llguidance.LLMatcher, token: int) -> str:
     return f"the grammar rejected token {token}: {matcher.get_error()}"
 
 
+def default_threads() -> int:
+    """llguidance's pool by default: half the cores, 1 to 8 (the engine's own threads must find a core when the
+    answers come back; on 2 cores a pool of 2 slowed the engine's wake-up, docs/perf.md)."""
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
 class StepRows:
     """A step's constrained rows, all at once in llguidance's threads: the tokens they took (`take`), and their
     allowed-token rows filled into a block [rows, words] of the model's mask width (`fill`; llguidance writes
@@ -98,14 +128,10 @@ class StepRows:
     disallowed; a finished or failed grammar's row allows only the eos ids)."""
 
     def __init__(self, vocab: int, eos_ids: tuple[int, ...], threads: int | None = None):
-        """threads: llguidance's pool (default: $JAXLLM_GRAMMAR_THREADS, else a quarter of the cores, 1 to 4).
-        Not all of them: the engine's threads must find a core when its answers come back, and a 64-row fill did
-        not get faster with more threads on the H200's host (1 / 4 / 16 threads: 2.88 / 3.05 / 3.50 ms,
-        docs/perf.md session 7)."""
+        """threads: llguidance's pool (default: $JAXLLM_GRAMMAR_THREADS, else default_threads())."""
         self.eos_ids = eos_ids
         self.words = (vocab + 31) // 32  # llguidance's row width
-        self.threads = (threads or int(os.environ.get("JAXLLM_GRAMMAR_THREADS") or 0)
-                        or max(1, min(4, (os.cpu_count() or 1) // 4)))
+        self.threads = threads or int(os.environ.get("JAXLLM_GRAMMAR_THREADS") or 0) or default_threads()
         self._executor = llguidance.LLExecutor(self.threads)
 
     def take(self, entries: list[tuple[llguidance.LLMatcher, int]]) -> list[str | None]:

@@ -33,8 +33,9 @@ class MatcherTable:
         # One eos id for llguidance (versions before 1.9 take no list): StepRows allows, and stop
         # on, every id of the model's eos list once the grammar accepts.
         tokenizer = llguidance.LLTokenizer(tokenizer_json, eos_token=self.eos_ids[0] if self.eos_ids else None)
-        self.compiler = GrammarCompiler(tokenizer)
         self.step_rows = StepRows(tokenizer.vocab_size, self.eos_ids, threads)
+        # Two families per thread: a step's rows then seldom wait for another row of their family.
+        self.compiler = GrammarCompiler(tokenizer, families=2 * self.step_rows.threads)
         self._map = mmap.mmap(mask_fd, rows * words * 4)
         self.block = np.frombuffer(self._map, np.int32).reshape(rows, words)
         self.matchers: dict = {}

@@ -254,3 +254,25 @@ def test_a_dead_mask_worker_fails_its_requests_and_the_next_grammar_gets_a_new_o
     texts, events = run(engine, prompt, [SamplingParams(max_new_tokens=8, guided=Guided("regex", "[a-z]{3}"))])
     assert re.fullmatch("[a-z]{3}", texts[0]) and events[0][-1].finish_reason == "stop"
     assert grammars.restarts == restarts + 1 and grammars.worker().pid != pid
+
+
+def test_a_grammar_s_matchers_come_from_its_families_in_turn_and_agree(compiler):
+    """Requests of one grammar copy their matchers from up to `families` templates compiled apart (one template's
+    copies share a lexer behind one lock); every family builds the same masks, and a new family is compiled only
+    when its turn first comes."""
+    from jaxllm.engine.grammar import GrammarCompiler, StepRows, take_token
+
+    families = GrammarCompiler(compiler.tokenizer, families=3)
+    spec = ("regex", "(ab|cd)+e")
+    matchers = [families.matcher(*spec, "f") for _ in range(2)]
+    assert len(families._cache[spec].compiled) == 2
+    matchers += [families.matcher(*spec, "f") for _ in range(3)]
+    assert len(families._cache[spec].compiled) == 3
+    for m in matchers:
+        for piece in ["ab", "cd"]:
+            assert take_token(m, compiler.hf.convert_tokens_to_ids(piece), (2,)) is None
+    masks = np.zeros((len(matchers), (VOCAB + 31) // 32), np.int32)
+    StepRows(VOCAB, (2,), threads=2).fill(matchers, masks)
+    assert (masks == masks[0]).all() and masks[0].any()
+    with pytest.raises(ValueError, match="invalid regex"):
+        families.matcher("regex", "(ab", "guided_regex")
