@@ -56,14 +56,21 @@ def tap_dense_inputs(callback):
         _DENSE_TAP.reset(token)
 
 
-def dense(x, w, equation: str):
+def dense(x, w, equation: str, split_sum: bool = False):
     """The one product of activations with a weight (`einsum` spelled by the caller). A quantised weight's
-    product contracts x's trailing axes with its leading ones, which every equation given one spells."""
+    product contracts x's trailing axes with its leading ones, which every equation given one spells.
+    `split_sum`: the contracted axis is the one --tp splits (a row-parallel product: attention's output, the MLP's
+    down-projection), so the devices' partial sums are all-reduced; on several devices they stay float32 through
+    the all-reduce and are rounded once after it, as one device rounds its float32 accumulator once, so that tp N
+    gives tp 1's numbers (16-bit partial sums each rounded before the sum changed greedy answers within a few
+    tokens). A quantised product's partial sums are float32 already."""
     tap = _DENSE_TAP.get()
     if tap is not None:
         tap(x, w)
     if quant.is_quantised(w):
         return qdot.dot(x, w)
+    if split_sum and x.dtype.itemsize < 4 and not qdot.single_device():
+        return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     return jnp.einsum(equation, x, w)
 
 
@@ -170,7 +177,7 @@ class Attention(nn.Module):
         layer_cache = self.backend.write(layer_cache, k, v, meta)
         out = self.backend.attend(q, layer_cache, meta, spec, slopes)  # [n, heads, d]
         wo = param(self, "o_proj", (c.num_heads, d, c.hidden_size), ("heads", "head_dim", "embed"), self.dtype)
-        out = dense(out, wo, "nhk,hkd->nd")
+        out = dense(out, wo, "nhk,hkd->nd", split_sum=True)
         if c.o_bias:
             out = out + param(self, "o_bias", (c.hidden_size,), ("norm",), self.dtype, _ZEROS)
         return out, layer_cache
@@ -220,7 +227,7 @@ class MLP(nn.Module):
                 h = h + param(self, "up_bias", (f,), ("mlp",), self.dtype, _ZEROS)
             h = act(h)
         down = param(self, "down_proj", (f, c.hidden_size), ("mlp", "embed"), self.dtype)
-        out = dense(h, down, "nf,fd->nd")
+        out = dense(h, down, "nf,fd->nd", split_sum=True)
         if c.mlp_bias:
             out = out + param(self, "down_bias", (c.hidden_size,), ("norm",), self.dtype, _ZEROS)
         return out

@@ -81,4 +81,4 @@ class LatentAttention(nn.Module):
         )  # [n, heads, kv_rank]
         out = dense(out, kv_b[:, a.nope_dim :], "nhr,hvr->nhv")  # value up-projection
         wo = param(self, "o_proj", (h, a.v_dim, d), ("heads", "head_dim", "embed"), self.dtype)
-        return dense(out, wo, "nhv,hvd->nd"), (cache,)
+        return dense(out, wo, "nhv,hvd->nd", split_sum=True), (cache,)
