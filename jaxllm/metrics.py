@@ -386,9 +386,19 @@ def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s:
             grammar += f", engine waited {waited_ms:.2f} ms/step"
         steps = cur.get("steps", 0) - prev.get("steps", 0)
         if steps and "host_s" in cur:  # is the host (masks included) keeping the device busy?
-            host_ms = 1000.0 * (cur["host_s"] - prev.get("host_s", 0.0)) / steps
+            def per_step_ms(key: str) -> float:
+                return 1000.0 * (cur.get(key, 0.0) - prev.get(key, 0.0)) / steps
+
             idle = 100.0 * (cur.get("steps_after_idle", 0) - prev.get("steps_after_idle", 0)) / steps
-            grammar += f" (all steps: host {host_ms:.2f} ms/step, {idle:.0f}% launched on an idle device)"
+            # The host's parts, for where a constrained step's time goes: scheduling, preparing (and waiting
+            # for the launch), reading results; the launch thread's call; the wait for the device.
+            parts = ", ".join(f"{name} {per_step_ms(name + '_s'):.2f}" for name in ("schedule", "dispatch", "postprocess")
+                              if name + "_s" in cur)
+            grammar += (f" (all steps: host {per_step_ms('host_s'):.2f} ms/step"
+                        + (f" [{parts}]" if parts else "")
+                        + (f", launch {per_step_ms('launch_s'):.2f}" if "launch_s" in cur else "")
+                        + (f", device wait {per_step_ms('device_wait_s'):.2f}" if "device_wait_s" in cur else "")
+                        + f", {idle:.0f}% launched on an idle device)")
     return (
         f"prompt throughput: {rate('prefill_tokens'):.1f} tokens/s, "
         f"generation throughput: {rate('decode_tokens'):.1f} tokens/s, "

@@ -357,3 +357,11 @@ def test_format_stats_constrained_steps_report_masks_and_host_time():
     line = format_stats(prev, cur, 5.0)
     assert line.endswith("token masks: 2.00 ms/step over 20 constrained steps, engine waited 0.50 ms/step"
                          " (all steps: host 5.00 ms/step, 25% launched on an idle device)")
+    # With the host's parts (the engine's counters): where a constrained step's host time goes.
+    phases = dict(schedule_s=(0.01, 0.03), dispatch_s=(0.02, 0.06), postprocess_s=(0.03, 0.07),
+                  launch_s=(0.05, 0.13), device_wait_s=(0.1, 0.3))
+    prev.update({k: a for k, (a, _) in phases.items()})
+    cur.update({k: b for k, (_, b) in phases.items()})
+    assert format_stats(prev, cur, 5.0).endswith(
+        "(all steps: host 5.00 ms/step [schedule 0.50, dispatch 1.00, postprocess 1.00], launch 2.00, "
+        "device wait 5.00, 25% launched on an idle device)")
