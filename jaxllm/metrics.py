@@ -392,8 +392,8 @@ def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s:
             idle = 100.0 * (cur.get("steps_after_idle", 0) - prev.get("steps_after_idle", 0)) / steps
             # The host's parts, for where a constrained step's time goes: scheduling, preparing (and waiting
             # for the launch), reading results; the launch thread's call; the wait for the device.
-            parts = ", ".join(f"{name} {per_step_ms(name + '_s'):.2f}" for name in ("schedule", "dispatch", "postprocess")
-                              if name + "_s" in cur)
+            parts = ", ".join(f"{name} {per_step_ms(name + '_s'):.2f}"
+                              for name in ("schedule", "dispatch", "postprocess") if name + "_s" in cur)
             grammar += (f" (all steps: host {per_step_ms('host_s'):.2f} ms/step"
                         + (f" [{parts}]" if parts else "")
                         + (f", launch {per_step_ms('launch_s'):.2f}" if "launch_s" in cur else "")
