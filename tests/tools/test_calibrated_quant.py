@@ -138,6 +138,29 @@ def test_int4_recipe_beats_round_to_nearest_on_a_layer(recipe, seed):
     assert got < rtn, (got, rtn)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_awq_scale_fit_lowers_each_groups_output_error(seed):
+    """The least-squares scale fit after AWQ's clipping search lowers the output error of the calibration
+    inputs in total and raises no (group, output)'s, keeping the zero points (integers) and the int4 levels."""
+    from tools.convert.awq import clipped_int4
+    from tools.convert.int4 import dequantize
+
+    group = 32
+    x, w = _layer(seed)
+    clipped, fitted = clipped_int4(w, x, group, fit_rounds=0), clipped_int4(w, x, group)
+
+    def group_errors(wq):
+        diff = (w - dequantize(*wq)).reshape(-1, group, w.shape[1])  # [groups, g, N]
+        xg = x.reshape(x.shape[0], -1, group).transpose(1, 0, 2)  # [groups, R, g]
+        return np.sum((xg @ diff) ** 2, axis=1)  # [groups, N]
+
+    before, after = group_errors(clipped), group_errors(fitted)
+    np.testing.assert_array_equal(fitted[2], clipped[2])
+    assert fitted[0].min() >= 0 and fitted[0].max() <= 15
+    assert np.all(after <= before * (1 + 1e-5)), float((after / before).max())
+    assert after.sum() < 0.99 * before.sum(), (after.sum(), before.sum())
+
+
 @pytest.mark.parametrize("scheme, recipe", [("w4a16", "awq"), ("w4a16", "gptq"), ("w8a8", None)])
 def test_calibration_beats_round_to_nearest(tiny, calibration, scheme, recipe):
     """The whole tiny model calibrated on the windows gives logits there closer to the 16-bit model's than

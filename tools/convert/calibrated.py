@@ -14,7 +14,7 @@ TOKENS = 8192  # calibration tokens (windows of WINDOW)
 WINDOW = 512
 SAMPLE_ROWS = {"w8a8": 1024, "awq": 2048}  # calibration rows per product on which α / clipping are chosen
 # w4a16's recipes, the default first (docs/perf.md, "Calibrated conversion", measures them): AWQ's
-# activation-aware scales and per-group clipping (tools/convert/awq.py), or GPTQ (tools/convert/gptq.py).
+# activation-aware scales, per-group clipping and scale fit (tools/convert/awq.py), or GPTQ (tools/convert/gptq.py).
 W4A16_RECIPES = ("awq", "gptq")
 
 
