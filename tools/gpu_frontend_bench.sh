@@ -5,14 +5,16 @@
 # server / in-process (goal >= 0.95) and the inter-token gap median / p99 against the median TPOT (goal p99 <= 3 x
 # TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm), plus 1-3
 # minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; HOST=0 skips bench.host).
-# Usage on the device machine (carry .whl and the tokenizer dir):
+# EXTRA_FLAGS go to both (e.g. EXTRA_FLAGS="--splitfuse_mode --splitfuse_block_size 2048": prefill chunks mixed
+# with the decodes, for the gap goal). Usage on the device machine (carry .whl and the tokenizer dir):
 #   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_frontend_bench.sh
 set -uo pipefail
 source tools/device_env.sh /tmp/jaxllm-frontend-bench
 PORT=${PORT:-8012}
 URL=http://127.0.0.1:$PORT
 ENGINE_FLAGS=(--load_format dummy --data_type bf16 --tokenizer_mode fast --max_total_token_num 500000
-  --running_max_req_size 512 --batch_max_tokens 8192 --max_req_input_len 2048 --max_req_total_len 3072)
+  --running_max_req_size 512 --batch_max_tokens 8192 --max_req_input_len 2048 --max_req_total_len 3072
+  ${EXTRA_FLAGS:-})
 SERVER_FLAGS=(--model_dir "$MODEL" --port "$PORT" "${ENGINE_FLAGS[@]}")
 WORKLOAD=(--num-prompts ${PROMPTS:-512} --input-len 128 --output-len 128 --seed 1)
 STARTUP_FILE=$OUT/startup.txt START_TIMEOUT=400 BENCH_TIMEOUT=${BENCH_TIMEOUT:-200}

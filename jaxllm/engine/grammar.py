@@ -51,8 +51,8 @@ class GrammarCompiler:
     """The cache of compiled grammars over one llguidance tokenizer. A grammar's requests copy their matchers
     from up to `families` templates compiled apart, in turn: matchers copied from one template share its lexer,
     whose lazily built states sit behind one lock, so rows of one family fill one at a time even in llguidance's
-    threads (64 rows of a JSON schema on the H200's host: 3.4 ms median whatever the threads; 16 families on 8
-    threads: 1.8 ms; docs/perf.md, session 11)."""
+    threads (64 rows of a JSON schema walked at random on the H200's host: 3.4–3.9 ms a step whatever the
+    threads; 16 families on 8 threads: 1.9–2.0 ms; docs/perf.md, session 11)."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, families: int = 1):
         self.tokenizer = tokenizer

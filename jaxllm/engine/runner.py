@@ -186,7 +186,9 @@ class ModelRunner:
         # The compiled step of each shape, called directly: on the GPU the jit's own call path costs ~4 ms
         # more host time per step than its compiled executable's (docs/perf.md, session 3).
         self._executables: dict[StepShape, jax.stages.Compiled] = {}
+        self._samplers: dict[tuple, jax.stages.Compiled] = {}  # `_sample_masked` compiled, by its sizes
         self.shapes_seen: set[StepShape] = set()  # compiled at start-up or met by a step
+        self._warm = False  # the start-up shapes are compiled: what compiles now is met while serving
 
     # --- shapes --------------------------------------------------------------------------------
     def shape_of(self, batch: SchedulerOutput, table_rows: np.ndarray | None = None) -> StepShape:
@@ -247,6 +249,7 @@ class ModelRunner:
         if shapes:
             log.info("compiled %d step shapes in %d threads, seconds each (tokens x rows x width): %s", len(shapes),
                      threads, ", ".join(f"{s.tokens}x{s.rows}x{s.width} {t:.2f}" for s, t in zip(shapes, seconds)))
+        self._warm = True
         return len(shapes)
 
     def _timed_compile(self, host: StepInputs, shape: StepShape) -> float:
@@ -260,6 +263,7 @@ class ModelRunner:
         self.shapes_seen.add(shape)
         executable = self._executables.get(shape)
         if executable is None:
+            started = time.perf_counter()
             words, layout = pack(host)
             words = jax.ShapeDtypeStruct(words.shape, words.dtype, sharding=self._replicated)
             executable = self._jitted.lower(
@@ -267,7 +271,14 @@ class ModelRunner:
                 **shape.static_args()
             ).compile()
             self._executables[shape] = executable
+            self._note_compile(f"the step of shape {shape}", started)
         return executable
+
+    def _note_compile(self, what: str, started: float) -> None:
+        """Log a compile met while serving: its seconds stall the steps behind it, and on a GPU XLA records every
+        executable's command buffers (CUDA graphs) again at their next call after a new executable loads."""
+        if self._warm:
+            log.info("compiled %s while serving, in %.2f s", what, time.perf_counter() - started)
 
     # --- steps ---------------------------------------------------------------------------------
     def prepare(self, batch: SchedulerOutput) -> PreparedStep:
@@ -344,8 +355,14 @@ class ModelRunner:
         Returns (sampled, logprobs, top)."""
         logits, token_table, words, statics = unsampled
         mask = jax.device_put(mask, self._replicated)
-        self._last_tokens, sampled, logprobs, top = self._sample_masked(
-            self._last_tokens, logits, token_table, words, mask, **statics)
+        args = (self._last_tokens, logits, token_table, words, mask)
+        key = (tuple(sorted(statics.items())), logits.shape, words.shape, mask.shape)
+        sampler = self._samplers.get(key)
+        if sampler is None:  # compiled when first met, called directly after (as the steps are)
+            started = time.perf_counter()
+            sampler = self._samplers[key] = self._sample_masked.lower(*args, **statics).compile()
+            self._note_compile(f"the masked sampler of {logits.shape[0]} rows", started)
+        self._last_tokens, sampled, logprobs, top = sampler(*args)
         return sampled, logprobs, top
 
     def fetch(self, handle: StepHandle) -> StepResult:

@@ -276,3 +276,18 @@ def test_a_grammar_s_matchers_come_from_its_families_in_turn_and_agree(compiler)
     assert (masks == masks[0]).all() and masks[0].any()
     with pytest.raises(ValueError, match="invalid regex"):
         families.matcher("regex", "(ab", "guided_regex")
+
+
+def test_the_masked_sampler_compiles_once_per_size_and_says_so(engine, caplog):
+    """Compiled when first met and logged as a compile while serving (on a GPU it makes XLA record every step's
+    command buffers again); the same sizes again reuse it."""
+    prompt = engine.tokenizer.encode(PROMPT_TEXT)
+    params = [SamplingParams(max_new_tokens=3, guided=Guided("regex", "[a-z]{3}"))] * 2
+    engine.runner._samplers.clear()
+    with caplog.at_level("INFO", logger="jaxllm.engine.runner"):
+        run(engine, prompt, params)
+        first = [r.getMessage() for r in caplog.records if "masked sampler" in r.getMessage()]
+        run(engine, prompt, params)
+        both = [r.getMessage() for r in caplog.records if "masked sampler" in r.getMessage()]
+    assert first and all("while serving" in m for m in first)
+    assert both == first
