@@ -8,8 +8,8 @@ value tile, which P·V needs transposed: ldmatrix does that for 16-bit data, whi
 memory one byte per instruction. "pairs" removes those reads; the other modes trim the conversion.
 
 Modes (every one scales after the dots: q·(s_k k) = s_k (q·k) per key, Σ p s_v v = (p s_v)·v):
-- "cast": `astype`, Triton's I2F conversion (the old kernel).
-- "magic": exact conversion by bit tricks into q's 16-bit type, no I2F: for bf16 each byte becomes the float32
+- "cast": `astype`, Triton's own conversion (the old kernel; byte permutes and a subtract in its SASS).
+- "magic": exact conversion by bit tricks into q's 16-bit type: for bf16 each byte becomes the float32
   2^23 + 128 + x (one byte permute), minus 2^23 + 128 (one FP32 add), whose upper half is x as bf16 (one
   permute per two); for fp16 two bytes at a time become 1024 + 128 + x (one permute), minus 1152 (one
   packed fp16 add). Same numbers as "cast".
