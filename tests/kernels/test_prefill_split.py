@@ -28,6 +28,18 @@ def _rows(rng, prefixes, new, kv_heads, head_dim, group):
     return case, q
 
 
+def _reference(case, q, k, v, prefixes):
+    """reference.py's paged attention of the packed queries q [rows, new, heads, head_dim] over the rows' slots
+    (row r's new tokens at positions prefixes[r]..), in full float32."""
+    rows, new, heads, head_dim = q.shape
+    positions = np.concatenate([np.arange(p, p + new) for p in prefixes])
+    with jax.default_matmul_precision("highest"):
+        return reference.paged_attention(
+            q.reshape(rows * new, heads, head_dim), k, v, jnp.asarray(np.repeat(np.arange(rows), new)),
+            jnp.asarray(positions), jnp.asarray(case.table), SCALE,
+        )
+
+
 def test_paged_kernel_returns_its_log_sum_exp(rng):
     prefixes, new, kv_heads, group, head_dim = [0, 9, 30], 5, 2, 2, 64
     case, q = _rows(rng, prefixes, new, kv_heads, head_dim, group)
@@ -61,15 +73,9 @@ def test_split_prefill_matches_reference(rng, prefixes, gathered):
     out = prefill_split.jitted(gathered_prefix=gathered, launch=SMALL, interpret=INTERPRET)(
         q, k[own], v[own], k, v, jnp.asarray(prefixes), jnp.asarray(case.table), scale=SCALE,
     )
-    n = len(prefixes) * new
-    positions = np.concatenate([np.arange(p, p + new) for p in prefixes])
-    with jax.default_matmul_precision("highest"):
-        expected = reference.paged_attention(
-            q.reshape(n, -1, head_dim), k, v, jnp.asarray(np.repeat(np.arange(len(prefixes)), new)), jnp.asarray(positions),
-            jnp.asarray(case.table), SCALE,
-        )
+    expected = _reference(case, q, k, v, prefixes)
     assert out.shape == q.shape
-    np.testing.assert_allclose(np.asarray(out).reshape(n, -1, head_dim), np.asarray(expected), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(out).reshape(expected.shape), np.asarray(expected), atol=2e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="attention_mgpu is Mosaic GPU (Hopper) only")
@@ -84,12 +90,6 @@ def test_split_prefill_through_attention_mgpu(rng, prefixes, gathered):
     out = prefill_split.jitted(dense=prefill_split.dense_mgpu, gathered_prefix=gathered)(
         q, k[own], v[own], k, v, jnp.asarray(prefixes), jnp.asarray(case.table), scale=SCALE,
     )
-    n = len(prefixes) * new
-    positions = np.concatenate([np.arange(p, p + new) for p in prefixes])
-    with jax.default_matmul_precision("highest"):
-        expected = reference.paged_attention(
-            q.reshape(n, -1, head_dim), k, v, jnp.asarray(np.repeat(np.arange(len(prefixes)), new)),
-            jnp.asarray(positions), jnp.asarray(case.table), SCALE,
-        )
-    err = np.asarray(out, np.float32).reshape(n, -1, head_dim) - np.asarray(expected, np.float32)
+    expected = _reference(case, q, k, v, prefixes)
+    err = np.asarray(out, np.float32).reshape(expected.shape) - np.asarray(expected, np.float32)
     assert np.linalg.norm(err) / np.linalg.norm(np.asarray(expected, np.float32)) < 1e-2
