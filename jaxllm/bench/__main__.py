@@ -38,9 +38,10 @@ def _spec(ns: argparse.Namespace) -> WorkloadSpec:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxllm.bench", description=__doc__)
+    # No abbreviations: engine flags pass through unparsed, and `--mode` must not be taken for `--model_dir`.
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.bench", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="load-test a running server")
+    serve = sub.add_parser("serve", allow_abbrev=False, help="load-test a running server")
     serve.add_argument("--base-url", default="http://127.0.0.1:8000")
     serve.add_argument("--api", choices=["lightllm", "openai"], default="lightllm")
     serve.add_argument("--model", default="default", help="model name sent with the OpenAI API")
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="sent as `Authorization: Bearer KEY`, for a server started with --api_key")
     _add_workload_flags(serve)
-    offline = sub.add_parser("offline", help="throughput of the in-process engine; extra flags go to the engine",
+    offline = sub.add_parser("offline", allow_abbrev=False,
+                             help="throughput of the in-process engine; extra flags go to the engine",
                              epilog="Any jaxllm.serve flag may follow, e.g. --max_total_token_num 200000.")
     offline.add_argument("--model_dir", required=True)
     offline.add_argument("--warmup", type=int, default=None,
@@ -67,8 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                               "token each), then their scoring throughput on the same config with a random "
                               "one-label score head (/get_score's engine path); needs --load_format dummy")
     _add_workload_flags(offline)
-    quality.add_arguments(sub.add_parser("quality", help="perplexity, greedy agreement and logit error per weight mode"))
-    startup = sub.add_parser("startup", help="the server's launch to /health, cold and warm, with its phases",
+    quality.add_arguments(sub.add_parser("quality", allow_abbrev=False,
+                                         help="perplexity, greedy agreement and logit error per weight mode"))
+    startup = sub.add_parser("startup", allow_abbrev=False,
+                             help="the server's launch to /health, cold and warm, with its phases",
                              epilog="Any jaxllm.serve flag may follow (they start the server).")
     startup.add_argument("--model_dir", required=True)
     startup.add_argument("--runs", nargs="+", choices=["cold", "warm"], default=["cold", "warm"],

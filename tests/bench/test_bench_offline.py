@@ -1,9 +1,10 @@
 """`jaxllm.bench offline` on the converted SmolLM2 (float32): every request completes with its token count,
-and the host-time breakdown adds up (its parts never exceed the host time they split)."""
+and the host-time breakdown adds up (its parts never exceed the host time they split); engine flags pass through.
 
 import pytest
 
 from jaxllm import LLM
+from jaxllm.bench.__main__ import build_parser
 from jaxllm.bench.offline import format_offline_table, run_offline
 from jaxllm.bench.workload import WorkloadSpec, build_workload
 
@@ -47,3 +48,11 @@ def test_best_of_groups_hold_the_prompt_once(llm):
     assert 40 < grouped["peak_kv_tokens"] <= 40 + 4 * 6
     assert separate["peak_kv_tokens"] > 4 * 40
     assert "groups" in format_offline_table(grouped) and "separate" in format_offline_table(separate)
+
+
+def test_engine_flags_pass_through_unabbreviated():
+    # `--mode` is an engine flag, not an abbreviation of the bench's own `--model_dir`
+    ns, extra = build_parser().parse_known_args(
+        ["offline", "--model_dir", "some/dir", "--mode", "triton_w8a16", "--max_total_token_num", "4096"])
+    assert ns.model_dir == "some/dir"
+    assert extra == ["--mode", "triton_w8a16", "--max_total_token_num", "4096"]
