@@ -14,6 +14,9 @@ Modes:
   (bias + zero) gives q - zero exactly, and, where the caller asks for it, one packed multiply by the scale
   rounds (q - zero) · scale once to the 16-bit type, as `astype` of the exact product does. Odd nibbles come
   from the words shifted right by 4 (one shift per word for all four).
+- "magicops": the same numbers by plain integer and 16-bit float ops, one value at a time (shift, mask and OR
+  under the exponent, a 16-bit subtract and multiply): in case the compiler does as well, or the assembly does
+  not build. Interpret mode runs it as written.
 - "magic32" (matrix-vector kernel only): float32 by the same trick without inline assembly (`nibbles32`): the
   word's nibble j (j < 4; the word shifted right by 16 for j ≥ 4) masked in place under the exponent of 2^23
   is 2^23 + q·16^j, minus 2^23 + zero·16^j: (q - zero)·16^j exactly, one lop3 and one subtract per weight; the
@@ -45,21 +48,28 @@ sub.rn.{type} {out}, t, $3;
 {mul}}}"""
 
 
-def nibbles16(packed, zero, scale, dtype, interpret: bool):
+def nibbles16(packed, zero, scale, dtype, interpret: bool, ptx: bool = True):
     """int32 [r, n] words (input 8i + j at bits 4j of row i) → yields the 8 tiles [r, n] of `dtype` (bf16 or
     fp16), tile j from nibble j: (q - zero) exactly, or (q - zero) · scale rounded once where `scale` is given
     (scale rounded to `dtype` first: the same numbers as the plain ops where it is stored in `dtype`, as the
     model's are). `zero`, `scale`: broadcastable to [r, n]. A generator, so that a kernel uses each tile
-    before the next is made (eight live tiles would spill registers)."""
+    before the next is made (eight live tiles would spill registers). `ptx`: "magic", else "magicops"."""
     dtype = jnp.dtype(dtype)
     scale = None if scale is None else scale.astype(dtype)
+    bits, bias = _BIAS16[dtype]
+    if not ptx:
+        zero = zero.astype(dtype) + jnp.asarray(bias, dtype)  # exact: small integers
+        for j in range(8):
+            q = (lax.shift_right_logical(packed, jnp.int32(4 * j)) & 0xF) | jnp.int32(bits & 0xFFFF)
+            w = lax.bitcast_convert_type(q.astype(jnp.int16), dtype) - zero
+            yield w if scale is None else w * scale
+        return
     if interpret:  # inline PTX runs only on the GPU
         for j in range(8):
             q = (lax.shift_right_logical(packed, jnp.int32(4 * j)) & 0xF).astype(jnp.float32)
             w = q - zero.astype(jnp.float32)
             yield (w if scale is None else w * scale.astype(jnp.float32)).astype(dtype)
         return
-    bits, bias = _BIAS16[dtype]
     zero = jnp.broadcast_to(zero.astype(dtype) + jnp.asarray(bias, dtype), packed.shape)  # exact: small integers
     scale = None if scale is None else jnp.broadcast_to(scale, packed.shape)
     odd = lax.shift_right_logical(packed, jnp.int32(4))

@@ -16,8 +16,9 @@ both is compared in `python -m kernels.pallas.bench --quant`.
 
 `Launch.dequant` picks how weights become 16-bit operands: "cast" (`astype`), or "magic", bit tricks in inline
 PTX (int8: `int8_dequant.py`'s "magic"; int4: `int4_dequant.py`'s, whose loop steps within one group take
-x·(q - zero) exactly and the group's scale once, after the dot); int8 also takes "f16" (dots in fp16, the
-cheapest int8 conversion, x rounded to fp16). Float32 activations always cast.
+x·(q - zero) exactly and the group's scale once, after the dot); int4 also takes "magicops" (the same tricks
+as plain ops), int8 "f16" (dots in fp16, the cheapest int8 conversion, x rounded to fp16). Float32
+activations always cast.
 """
 
 from __future__ import annotations
@@ -46,14 +47,14 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 3
     target_programs: int = 264  # two per multiprocessor of an H100 / H200
-    dequant: str = "cast"  # "cast", "magic" (int8 also "f16"): see the module docstring
+    dequant: str = "cast"  # "cast", "magic" (int4 also "magicops", int8 "f16"): see the module docstring
 
 
 SMALL = Launch()  # decode-sized row counts: memory-bound, split the inputs
 LARGE = Launch(block_n=128, block_k=64, num_warps=8, num_stages=3, target_programs=1)
 
 
-INT8_MODES, INT4_MODES = ("cast", "magic", "f16"), ("cast", "magic")
+INT8_MODES, INT4_MODES = ("cast", "magic", "f16"), ("cast", "magic", "magicops")
 
 
 def _dequant(launch: Launch, modes, x_dtype) -> str:
@@ -140,15 +141,16 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_
         r0 = (first + step) * block_r
         packed = w_ref[pl.ds(r0, block_r), :]  # [block_r, bn] int32
         xs = [x_ref[:, pl.ds(j * k8 + r0, block_r)] for j in range(8)]
+        nibbles = functools.partial(int4_dequant.nibbles16, dtype=x_ref.dtype, interpret=interpret,
+                                    ptx=dequant == "magic")
         if block_r > rows_per_group:  # several groups: the scale per packed row, inside the conversion
-            tiles = int4_dequant.nibbles16(packed, group_rows(z_ref, r0), group_rows(s_ref, r0), x_ref.dtype,
-                                           interpret)
+            tiles = nibbles(packed, group_rows(z_ref, r0), group_rows(s_ref, r0))
             for x, w in zip(xs, tiles):
                 acc = acc + pltriton.dot(x, w)
             return acc
         g = r0 // rows_per_group
         part = jnp.zeros_like(acc)
-        for x, w in zip(xs, int4_dequant.nibbles16(packed, z_ref[g, :][None, :], None, x_ref.dtype, interpret)):
+        for x, w in zip(xs, nibbles(packed, z_ref[g, :][None, :], None)):
             part = part + pltriton.dot(x, w)  # w = q - zero, exact
         return acc + part * s_ref[g, :].astype(jnp.float32)[None, :]
 
@@ -164,7 +166,7 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_
                                     allow_tf32=False if x.dtype == jnp.float32 else None)
         return acc
 
-    acc = lax.fori_loop(0, steps, magic_body if dequant == "magic" else body,
+    acc = lax.fori_loop(0, steps, body if dequant == "cast" else magic_body,
                         jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
     _store(o_ref, acc, 1.0, splits)
 

@@ -33,22 +33,25 @@ def _words(rng):
     return words.view(np.int32), q, zero[None, :], scale[None, :].astype(np.float32)
 
 
-def _kernel16(p_ref, z_ref, s_ref, o_ref, *, with_scale, interpret):
+def _kernel16(p_ref, z_ref, s_ref, o_ref, *, with_scale, interpret, ptx):
     scale = s_ref[...] if with_scale else None
-    for j, tile in enumerate(int4_dequant.nibbles16(p_ref[...], z_ref[...], scale, o_ref.dtype, interpret)):
+    tiles = int4_dequant.nibbles16(p_ref[...], z_ref[...], scale, o_ref.dtype, interpret, ptx=ptx)
+    for j, tile in enumerate(tiles):
         o_ref[j] = tile
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("with_scale", [True, False])
-@pytest.mark.parametrize("ptx", [True, False])
-def test_nibbles16_match_plain_ops_bit_for_bit(rng, dtype, with_scale, ptx):
-    if ptx and not ON_GPU:
+@pytest.mark.parametrize("way", ["ptx", "interpreted ptx", "ops"])
+def test_nibbles16_match_plain_ops_bit_for_bit(rng, dtype, with_scale, way):
+    """"magic" (the PTX on the GPU; its interpret-mode stand-in) and "magicops" (the bit tricks as plain ops,
+    compiled on the GPU, interpreted on the CPU)."""
+    if way == "ptx" and not ON_GPU:
         pytest.skip("inline PTX runs only on the GPU (interpret mode runs the plain ops)")
     words, q, zero, scale = _words(rng)
     zero16, scale16 = jnp.asarray(zero, dtype), jnp.asarray(scale, dtype)  # stored as the model stores them
     out = pl.pallas_call(
-        functools.partial(_kernel16, with_scale=with_scale, interpret=not ptx),
+        functools.partial(_kernel16, with_scale=with_scale, interpret=way == "interpreted ptx", ptx=way != "ops"),
         out_shape=jax.ShapeDtypeStruct((8, ROWS, COLS), dtype), compiler_params=pltriton.CompilerParams(),
         interpret=not ON_GPU,
     )(jnp.asarray(words), zero16, scale16)

@@ -117,17 +117,18 @@ def _with(launch, default, dequant):
     (3, 256, 64, 64, jnp.float16, NO_SPLIT),  # two groups per loop step: the scale inside the conversion
     (5, 384, 32, 128, jnp.bfloat16, None),
 ])
-def test_int4_matmul_magic(rng, m, k, n, group, dtype, launch):
-    """The bit-trick conversion ("magic") against the reference, and as close to it as the cast."""
+@pytest.mark.parametrize("dequant", ["magic", "magicops"])
+def test_int4_matmul_magic(rng, m, k, n, group, dtype, launch, dequant):
+    """The bit-trick conversions against the reference, and as close to it as the cast."""
     x, w = _inputs(rng, m, k, n, dtype)
     q = quant.quantize_int4(w, group_size=group, scale_dtype=dtype)
     ref = reference.int4_matmul(x, q.packed, q.scale, q.zero)
     outs = {mode: quant_matmul.int4_matmul(x, q.packed, q.scale, q.zero, interpret=INTERPRET,
                                            launch=_with(launch, quant_matmul.pick_launch(m), mode))
-            for mode in ("cast", "magic")}
-    assert outs["magic"].shape == (m, n) and outs["magic"].dtype == dtype
-    assert rel_err(outs["magic"], ref) < TOL[jnp.bfloat16]
-    assert rel_err(outs["magic"], ref) < 2 * rel_err(outs["cast"], ref) + 1e-3
+            for mode in ("cast", dequant)}
+    assert outs[dequant].shape == (m, n) and outs[dequant].dtype == dtype
+    assert rel_err(outs[dequant], ref) < TOL[jnp.bfloat16]
+    assert rel_err(outs[dequant], ref) < 2 * rel_err(outs["cast"], ref) + 1e-3
 
 
 @pytest.mark.parametrize("m,k,n,dtype,launch,dequant", [
