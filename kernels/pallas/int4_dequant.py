@@ -2,9 +2,10 @@
 numbers (their launches' `dequant`).
 
 Why it matters: at one row the int4 kernels read only 0.9-1.1 TB/s against bf16's 4.1 (docs/perf.md, "One-row
-products"): per weight they shift, mask, convert the integer to a float (I2F, a quarter-rate instruction on
-sm_90), subtract the zero point and multiply by the scale. The tricks below never convert an integer: they
-place the nibble under a float's exponent, which makes the float (bias + q) exactly, and subtract (bias + zero).
+products"): per weight they shift, mask, convert the integer to a float (I2F: 16 per clock per multiprocessor
+on sm_90 by the CUDA guide's throughput table, against 128 float32 adds; the likely bound, not measured),
+subtract the zero point and multiply by the scale. The tricks below never convert an integer: they place the
+nibble under a float's exponent, which makes the float (bias + q) exactly, and subtract (bias + zero).
 
 Modes:
 - "cast": the plain ops above (the old kernels).
@@ -22,7 +23,7 @@ Modes:
   is 2^23 + q·16^j, minus 2^23 + zero·16^j: (q - zero)·16^j exactly, one lop3 and one subtract per weight; the
   caller multiplies the activation by 16^-j instead (exact, once per activation).
 
-Both leave the scale to the caller where it can: a kernel whose loop step lies within one group sums
+All three leave the scale to the caller where it can: a kernel whose loop step lies within one group sums
 x·(q - zero) over the step and multiplies by the group's scale once. In interpret mode (the CPU) the PTX runs as
 the plain ops, which give the same numbers (`tests/kernels/test_int4_dequant.py` checks it on the GPU).
 """
