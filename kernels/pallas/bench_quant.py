@@ -5,8 +5,8 @@ outside a kernel; our kernels (`quant_matmul.py`, and at a few rows the matrix-v
 Mosaic GPU); XLA's int8 × int8 → int32 and fp8 dots. Small row counts are memory-bound: bytes read
 (weights + scales + activations) over the measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS
 for int8) over the measured bf16 rate (and the int8 rate for int8 tensor cores). Our kernels' launches may
-name their weight conversion (`dequant`: "cast", the old one, beside "magic" and, for the int4 GEMV,
-"magic32"): `parse_launches`.
+name their weight conversion (`dequant`: "cast", the old one, beside "magic", int4's "magicops" and "magic32"
+(GEMV), int8's "f16"; `parse_launches`); a row appears only where the kernel takes the conversion.
 """
 
 from __future__ import annotations
