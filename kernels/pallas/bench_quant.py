@@ -4,11 +4,14 @@ For each Llama-3-8B product shape and row count: the bf16 XLA dot; XLA's dot on 
 outside a kernel; our kernels (`quant_matmul.py`, and at a few rows the matrix-vector ones of `quant_gemv.py`); jax's `hopper_mixed_type_matmul_mgpu` (int8 × bf16,
 Mosaic GPU); XLA's int8 × int8 → int32 and fp8 dots. Small row counts are memory-bound: bytes read
 (weights + scales + activations) over the measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS
-for int8) over the measured bf16 rate (and the int8 rate for int8 tensor cores).
+for int8) over the measured bf16 rate (and the int8 rate for int8 tensor cores). Our kernels' launches may
+name their weight conversion (`dequant`: "cast", the old one, beside "magic", int4's "magicops" and "magic32"
+(GEMV), int8's "f16"; `parse_launches`); a row appears only where the kernel takes the conversion.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -77,6 +80,18 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
     def ours(kernel, launch, **kw):
         return functools.partial(kernel, launch=launch, interpret=interpret, **kw)
 
+    # launches resolved at this row count ("auto:magic": the kernel's own choice with that conversion), and
+    # only those whose conversion the kernel takes
+    tc8, tc4, gemv8, gemv4 = ([_resolve(launch, default) for launch in specs
+                               if launch is None or _mode(launch) in modes]
+                              for specs, default, modes in (
+                                  (launches, quant_matmul.pick_launch(m), quant_matmul.INT8_MODES),
+                                  (launches, quant_matmul.pick_launch(m), quant_matmul.INT4_MODES),
+                                  (gemv_launches, quant_gemv.INT8, ("cast",)),
+                                  (gemv_launches, quant_gemv.INT4, quant_gemv.INT4_MODES)))
+    if m > GEMV_BENCH_ROWS:
+        gemv8 = gemv4 = []
+
     def w8a8_xla(x, w, s):
         xq, xs = reference.quantize_rows_int8(x)
         return reference.int8_int8_matmul(xq, xs, w, s, jnp.bfloat16)
@@ -94,18 +109,18 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
         ("w8a16 XLA dot, int8 converted in the dot", _convert8, "w8", b8, False),
         ("w8a16 as two int8 digits of int16 x, XLA int8 GEMM", _two_digits8, "w8", b8, False),
         *[(f"w8a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int8_matmul, launch), "w8", b8, False)
-          for launch in launches],
+          for launch in tc8],
         *[(f"w8a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int8_gemv, launch), "w8", b8, False)
-          for launch in gemv_launches if m <= GEMV_BENCH_ROWS],
+          for launch in gemv8],
         ("w8a16 hopper_mixed_type_matmul_mgpu", _mgpu_int8(m), "w8", b8, False),
         ("w4a16 XLA dot, dequantised outside", _dequant4, "w4", b4, False),
         *[(f"w4a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int4_matmul, launch), "w4", b4, False)
-          for launch in launches],
+          for launch in tc4],
         *[(f"w4a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int4_gemv, launch), "w4", b4, False)
-          for launch in gemv_launches if m <= GEMV_BENCH_ROWS],
+          for launch in gemv4],
         ("w8a8 XLA int8 dot (+ x quantisation)", w8a8_xla, "w8", b8, True),
         *[(f"w8a8 ours (Triton, + x quantisation){_describe(launch)}", w8a8_ours(launch), "w8", b8, True)
-          for launch in launches],
+          for launch in launches if launch is None or _mode(launch) == "cast"],
         ("fp8 XLA dot (+ x quantisation)", _fp8_dot, "f8", b8, False),
     ]
     if interpret:
@@ -145,14 +160,30 @@ def _dequant4(x, p, s, z):
 def _describe(launch) -> str:
     if launch is None:
         return ""
-    return f" n{launch.block_n} k{launch.block_k} w{launch.num_warps}/{launch.num_stages} p{launch.target_programs}"
+    return (f" n{launch.block_n} k{launch.block_k} w{launch.num_warps}/{launch.num_stages} p{launch.target_programs}"
+            f" {launch.dequant}")
+
+
+def _mode(launch) -> str:
+    """The conversion a launch spec (a launch, or a conversion for the default sizes) names."""
+    return launch if isinstance(launch, str) else launch.dequant
+
+
+def _resolve(launch, default):
+    """A launch spec (None, a launch, or a conversion for `default`'s sizes) → what the kernel is called with."""
+    return dataclasses.replace(default, dequant=launch) if isinstance(launch, str) else launch
 
 
 def parse_launches(text: str, kind=quant_matmul.Launch) -> list:
-    """"block_n/block_k/warps/stages/target_programs,..." → `kind` list ("auto" or "": None, the kernels'
-    own choice)."""
-    out = [None if item == "auto" else kind(*[int(v) for v in item.split("/")])
-           for item in filter(None, text.split(","))]
+    """"block_n/block_k/warps/stages/target_programs[:dequant],..." → `kind` list; "auto" or "": None (the
+    kernels' own choice); "auto:magic": the string "magic" (the kernel's own sizes with that conversion)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        sizes, _, dequant = item.partition(":")
+        if sizes == "auto":
+            out.append(dequant or None)
+        else:
+            out.append(kind(*[int(v) for v in sizes.split("/")], **({"dequant": dequant} if dequant else {})))
     return out or [None]
 
 

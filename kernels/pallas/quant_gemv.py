@@ -8,6 +8,12 @@ accumulators of the same shape, one per row (no reduction in the loop); the sums
 scale happen once, at the end. Row counts are padded to a power of two (a handful: each row is one more
 accumulator). With more than one input split (too few column blocks for the multiprocessors) the float32
 partial sums are added outside. Same definitions as `quant_matmul.py` (`reference.py`).
+
+`GemvLaunch.dequant` (int4 only): "cast", the plain shift, mask, convert, subtract, multiply per weight;
+"magic", `int4_dequant.py`'s 16-bit conversion of q - zero (exact) then widened to float32; "magic32", its float32
+one (q - zero times a power of two, exact; the activations take the inverse power). Both new modes sum
+x·(q - zero) over a loop step (within one group) and multiply by the group's scale once per step. Float32
+activations always cast.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.pallas import plan
+from kernels.pallas import int4_dequant, plan
 
 # Up to this many rows the model uses the int4 kernel (docs/perf.md: at one row it beat the tensor-core kernel,
 # 58 against 64 µs; its work grows with the rows, one accumulator each, and at 8 it lost badly). The int8 one
@@ -39,10 +45,14 @@ class GemvLaunch:
     num_warps: int = 4
     num_stages: int = 3
     target_programs: int = 528  # four per multiprocessor of an H100 / H200
+    dequant: str = "cast"  # int4: "cast", "magic" or "magic32" (the module docstring); int8: "cast"
 
 
 INT8 = GemvLaunch()
 INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3)
+
+
+INT4_MODES = ("cast", "magic", "magic32")
 
 
 def supports(k: int, n: int, m: int, group: int | None = None) -> bool:
@@ -89,10 +99,32 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, rows, block_k, steps, splits):
     _finish(o_ref, [jnp.sum(acc, axis=1) for acc in accs], s_ref[...][None, :], splits)
 
 
-def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, rows_per_group, k8, splits):
+def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, rows_per_group, k8, splits, dequant,
+                 interpret):
     # x_ref [rows, k] with input 8r + j at column j * k8 + r; w_ref [k / 8, bn] int32; s_ref, z_ref
     # [k / group, bn]; a step covers block_r packed rows within one group (block_r divides rows_per_group).
     first = pl.program_id(1) * steps
+
+    def magic_body(step, accs):
+        r0 = (first + step) * block_r
+        packed = w_ref[pl.ds(r0, block_r), :]  # [block_r, bn]
+        g = r0 // rows_per_group
+        zero = z_ref[g, :][None, :]
+        if dequant == "magic":
+            tiles = (w.astype(jnp.float32) for w in int4_dequant.nibbles16(packed, zero, None, x_ref.dtype,
+                                                                          interpret))
+        else:
+            tiles = int4_dequant.nibbles32(packed, zero)
+        parts = [None] * rows
+        for j, w in enumerate(tiles):  # w = q - zero ("magic32": times 16^(j % 4), undone on x)
+            for i in range(rows):
+                x = x_ref[i, pl.ds(j * k8 + r0, block_r)].astype(jnp.float32)
+                if dequant == "magic32":
+                    x = x * int4_dequant.nibble_weight(j)
+                term = x[:, None] * w
+                parts[i] = term if parts[i] is None else parts[i] + term
+        scale = s_ref[g, :].astype(jnp.float32)[None, :]
+        return tuple(acc + part * scale for acc, part in zip(accs, parts))
 
     def body(step, accs):
         r0 = (first + step) * block_r
@@ -110,7 +142,7 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, row
         return tuple(accs)
 
     zeros = jnp.zeros((block_r, w_ref.shape[1]), jnp.float32)
-    accs = lax.fori_loop(0, steps, body, (zeros,) * rows)
+    accs = lax.fori_loop(0, steps, body if dequant == "cast" else magic_body, (zeros,) * rows)
     _finish(o_ref, [jnp.sum(acc, axis=0) for acc in accs], 1.0, splits)
 
 
@@ -137,6 +169,8 @@ def _pad_rows(x, rows):
 def int8_gemv(x, w, scale, *, launch: GemvLaunch | None = None, interpret: bool = False):
     """x [m, k] @ (int8 w [n, k] * float32 scale [n])ᵀ → [m, n] in x's dtype, m ≤ a few rows."""
     launch = launch or INT8
+    if launch.dequant != "cast":
+        raise ValueError(f"the int8 GEMV only casts (dequant {launch.dequant!r})")
     (m, k), n = x.shape, w.shape[0]
     rows = _rows_pad(m)
     block_n = plan.pow2_divisor(n, launch.block_n, 1)
@@ -170,8 +204,12 @@ def int4_gemv(x, packed, scale, zero, *, launch: GemvLaunch | None = None, inter
     splits = _splits(n // block_n, k8 // block_r, launch.target_programs)
     steps = k8 // block_r // splits
     x_perm = _pad_rows(x, rows).reshape(rows, k8, 8).swapaxes(1, 2).reshape(rows, k)
+    if launch.dequant not in INT4_MODES:
+        raise ValueError(f"dequant {launch.dequant!r} not one of {', '.join(INT4_MODES)}")
+    dequant = "cast" if x.dtype == jnp.float32 else launch.dequant
     kernel = functools.partial(_int4_kernel, rows=rows, block_r=block_r, steps=steps,
-                               rows_per_group=rows_per_group, k8=k8, splits=splits)
+                               rows_per_group=rows_per_group, k8=k8, splits=splits, dequant=dequant,
+                               interpret=interpret)
     groups = scale.shape[0]
     col = lambda r: pl.BlockSpec((r, block_n), lambda j, s: (0, j))  # noqa: E731
     specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0)), col(k8), col(groups), col(groups)]

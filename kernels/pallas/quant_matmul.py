@@ -13,6 +13,12 @@ one split (small m, where few column blocks would leave most multiprocessors idl
 are added outside. The Triton lowering (not Mosaic GPU) because it runs in interpret mode on the CPU, which is
 how CI tests these kernels, and because its per-element int → float conversion is one line; the speed of
 both is compared in `python -m kernels.pallas.bench --quant`.
+
+`Launch.dequant` picks how weights become 16-bit operands: "cast" (`astype`), or "magic", bit tricks in inline
+PTX (int8: `int8_dequant.py`'s "magic"; int4: `int4_dequant.py`'s, whose loop steps within one group take
+x·(q - zero) exactly and the group's scale once, after the dot); int4 also takes "magicops" (the same tricks
+as plain ops), int8 "f16" (dots in fp16, the cheapest int8 conversion, x rounded to fp16). Float32
+activations always cast.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.pallas import plan
+from kernels.pallas import int4_dequant, int8_dequant, plan
 
 MIN_DOT = 16  # smallest row / column / input block the tensor-core dot takes
 
@@ -41,10 +47,20 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 3
     target_programs: int = 264  # two per multiprocessor of an H100 / H200
+    dequant: str = "cast"  # "cast", "magic" (int4 also "magicops", int8 "f16"): see the module docstring
 
 
 SMALL = Launch()  # decode-sized row counts: memory-bound, split the inputs
 LARGE = Launch(block_n=128, block_k=64, num_warps=8, num_stages=3, target_programs=1)
+
+
+INT8_MODES, INT4_MODES = ("cast", "magic", "f16"), ("cast", "magic", "magicops")
+
+
+def _dequant(launch: Launch, modes, x_dtype) -> str:
+    if launch.dequant not in modes:
+        raise ValueError(f"dequant {launch.dequant!r} not one of {', '.join(modes)}")
+    return "cast" if jnp.dtype(x_dtype) == jnp.float32 else launch.dequant
 
 
 def _block_m(m: int) -> int:
@@ -89,21 +105,23 @@ def _store(o_ref, acc, scale_row, splits):
         o_ref[...] = acc[None]  # float32 partial sum; scales applied after the splits are added
 
 
-def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, steps, splits):
+def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k, steps, splits, dequant, interpret):
     # x_ref [bm, k]; w_ref [bn, k] int8; s_ref [bn] f32; o_ref [bm, bn] (or [1, bm, bn] f32 partials)
     first = pl.program_id(2) * steps
+    dtype = int8_dequant.operand_dtype(dequant, x_ref.dtype)
 
     def body(step, acc):
         cols = pl.ds((first + step) * block_k, block_k)
-        x = x_ref[:, cols]
-        w = w_ref[:, cols].astype(x.dtype)  # int8 → 16-bit is exact
+        x = x_ref[:, cols].astype(dtype)
+        w = int8_dequant.convert(w_ref[:, cols], dtype, dequant, interpret)  # int8 → 16-bit is exact
         return acc + pltriton.dot(x, w, trans_b=True, allow_tf32=False if x.dtype == jnp.float32 else None)
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[0]), jnp.float32))
     _store(o_ref, acc, s_ref[...][None, :], splits)
 
 
-def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_group, k8, splits):
+def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_group, k8, splits, dequant,
+                 interpret):
     # x_ref [bm, k] with input 8r + j at column j * k8 + r; w_ref [k / 8, bn] int32;
     # s_ref, z_ref [k / group, bn]; o_ref as in _int8_kernel.
     first = pl.program_id(2) * steps
@@ -119,6 +137,23 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_
             out = jnp.where((local // rows_per_group == t)[:, None], ref[g0 + t, :][None, :], out)
         return out
 
+    def magic_body(step, acc):
+        r0 = (first + step) * block_r
+        packed = w_ref[pl.ds(r0, block_r), :]  # [block_r, bn] int32
+        xs = [x_ref[:, pl.ds(j * k8 + r0, block_r)] for j in range(8)]
+        nibbles = functools.partial(int4_dequant.nibbles16, dtype=x_ref.dtype, interpret=interpret,
+                                    ptx=dequant == "magic")
+        if block_r > rows_per_group:  # several groups: the scale per packed row, inside the conversion
+            tiles = nibbles(packed, group_rows(z_ref, r0), group_rows(s_ref, r0))
+            for x, w in zip(xs, tiles):
+                acc = acc + pltriton.dot(x, w)
+            return acc
+        g = r0 // rows_per_group
+        part = jnp.zeros_like(acc)
+        for x, w in zip(xs, nibbles(packed, z_ref[g, :][None, :], None)):
+            part = part + pltriton.dot(x, w)  # w = q - zero, exact
+        return acc + part * s_ref[g, :].astype(jnp.float32)[None, :]
+
     def body(step, acc):
         r0 = (first + step) * block_r
         packed = w_ref[pl.ds(r0, block_r), :]  # [block_r, bn] int32
@@ -131,7 +166,8 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_r, steps, rows_per_
                                     allow_tf32=False if x.dtype == jnp.float32 else None)
         return acc
 
-    acc = lax.fori_loop(0, steps, body, jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
+    acc = lax.fori_loop(0, steps, body if dequant == "cast" else magic_body,
+                        jnp.zeros((x_ref.shape[0], w_ref.shape[1]), jnp.float32))
     _store(o_ref, acc, 1.0, splits)
 
 
@@ -203,7 +239,8 @@ def int8_matmul(x, w, scale, *, launch: Launch | None = None, interpret: bool = 
     block_m, block_n, block_k, splits = _plan(m, k, n, launch, launch.block_k)
     steps = k // block_k // splits
     m_pad = -(-m // block_m) * block_m
-    kernel = functools.partial(_int8_kernel, block_k=block_k, steps=steps, splits=splits)
+    kernel = functools.partial(_int8_kernel, block_k=block_k, steps=steps, splits=splits,
+                               dequant=_dequant(launch, INT8_MODES, x.dtype), interpret=interpret)
     specs = [_row_spec(block_m, k), _nk_spec(block_n, k), _vec_spec(block_n)]
     out, _ = _call(kernel, (_pad_rows(x, m_pad), w, scale.astype(jnp.float32)), specs, m, n, block_m, block_n,
                    splits, x.dtype, launch, interpret, "int8_matmul")
@@ -228,7 +265,8 @@ def int4_matmul(x, packed, scale, zero, *, launch: Launch | None = None, interpr
     # Column j * k8 + r holds input 8r + j: nibble j of a packed block meets one contiguous run of x.
     x_perm = _pad_rows(x, m_pad).reshape(m_pad, k8, 8).swapaxes(1, 2).reshape(m_pad, k)
     kernel = functools.partial(_int4_kernel, block_r=block_r, steps=steps, rows_per_group=rows_per_group,
-                               k8=k8, splits=splits)
+                               k8=k8, splits=splits, dequant=_dequant(launch, INT4_MODES, x.dtype),
+                               interpret=interpret)
     groups = scale.shape[0]
     specs = [_row_spec(block_m, k), _col_spec(k8, block_n), _col_spec(groups, block_n), _col_spec(groups, block_n)]
     out, _ = _call(kernel, (x_perm, packed, scale, zero), specs, m, n, block_m, block_n, splits, x.dtype, launch,

@@ -12,3 +12,20 @@ def test_bench_smoke(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "smoke" in line]
     # 4 attention, 11 quantised matmuls, 4 dense prefill (ours through the cache, jax.nn's XLA form, the splits)
     assert len(rows) == 4 + 11 + 4 and not any("FAILED" in row or "MISMATCH" in row for row in rows)
+
+
+def test_quant_launches_name_their_conversion():
+    """`--quant-launches auto,auto:magic,...`: the kernels' own sizes with each conversion, one row each, and
+    only for the kernels that take that conversion."""
+    from kernels.pallas import bench_quant
+
+    launches = bench_quant.parse_launches("auto,auto:magic,auto:f16,32/128/4/2/64:magic")
+    gemv = bench_quant.parse_gemv_launches("auto,auto:magic32")
+    assert launches[:3] == [None, "magic", "f16"] and launches[3].dequant == "magic" and launches[3].block_n == 32
+    names = [case[0] for case in bench_quant.cases(1, 256, 64, interpret=True, launches=launches, layers=1,
+                                                   gemv_launches=gemv, only=["ours"])]
+    assert sum("w8a16 ours (Triton)" in name for name in names) == 4  # cast, magic, f16, sized magic
+    assert sum("w4a16 ours (Triton)" in name for name in names) == 3  # int4 has no "f16"
+    assert [name for name in names if "GEMV" in name] == [
+        "w8a16 ours GEMV", "w4a16 ours GEMV", "w4a16 ours GEMV n128 k256 w4/3 p528 magic32"]
+    assert sum("w8a8 ours" in name for name in names) == 1

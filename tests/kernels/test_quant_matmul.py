@@ -1,8 +1,11 @@
 """The quantised-weight matmul kernels against reference.py (Pallas interpret mode on the CPU, compiled on a
 GPU): int8 × 16-bit, int4 (groups of 128 and 64) × 16-bit and int8 × int8, at decode and prefill row counts
-that are not multiples of the row block, with one and several input splits."""
+that are not multiples of the row block, with one and several input splits; and each kernel's weight
+conversions (`dequant`: the bit tricks of int4_dequant.py / int8_dequant.py) beside the plain one."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +106,77 @@ def test_gemv_kernels(rng, m, k, n, group, dtype, launch):
     assert out8.shape == out4.shape == (m, n) and out8.dtype == out4.dtype == dtype
     assert rel_err(out8, reference.int8_matmul(x, q8.data, q8.scale)) < TOL[dtype]
     assert rel_err(out4, reference.int4_matmul(x, q4.packed, q4.scale, q4.zero)) < TOL[dtype]
+
+
+def _with(launch, default, dequant):
+    return dataclasses.replace(launch or default, dequant=dequant)
+
+
+@pytest.mark.parametrize("m,k,n,group,dtype,launch", [
+    (1, 512, 64, 128, jnp.bfloat16, SPLIT),  # a loop step within a group: the scale after the dot
+    (3, 256, 64, 64, jnp.float16, NO_SPLIT),  # two groups per loop step: the scale inside the conversion
+    (5, 384, 32, 128, jnp.bfloat16, None),
+])
+@pytest.mark.parametrize("dequant", ["magic", "magicops"])
+def test_int4_matmul_magic(rng, m, k, n, group, dtype, launch, dequant):
+    """The bit-trick conversions against the reference, and as close to it as the cast."""
+    x, w = _inputs(rng, m, k, n, dtype)
+    q = quant.quantize_int4(w, group_size=group, scale_dtype=dtype)
+    ref = reference.int4_matmul(x, q.packed, q.scale, q.zero)
+    outs = {mode: quant_matmul.int4_matmul(x, q.packed, q.scale, q.zero, interpret=INTERPRET,
+                                           launch=_with(launch, quant_matmul.pick_launch(m), mode))
+            for mode in ("cast", dequant)}
+    assert outs[dequant].shape == (m, n) and outs[dequant].dtype == dtype
+    assert rel_err(outs[dequant], ref) < TOL[jnp.bfloat16]
+    assert rel_err(outs[dequant], ref) < 2 * rel_err(outs["cast"], ref) + 1e-3
+
+
+@pytest.mark.parametrize("m,k,n,dtype,launch,dequant", [
+    (1, 256, 64, jnp.bfloat16, SPLIT, "magic"),
+    (6, 192, 96, jnp.float16, NO_SPLIT, "magic"),
+    (2, 128, 32, jnp.bfloat16, None, "f16"),
+])
+def test_int8_matmul_conversions(rng, m, k, n, dtype, launch, dequant):
+    """int8 weights converted by int8_dequant's bit tricks ("magic": exact, the cast's numbers; "f16": x rounded
+    to fp16) against the reference."""
+    x, w = _inputs(rng, m, k, n, dtype)
+    q = quant.quantize_int8(w)
+    out = quant_matmul.int8_matmul(x, q.data, q.scale, launch=_with(launch, quant_matmul.pick_launch(m), dequant),
+                                   interpret=INTERPRET)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, reference.int8_matmul(x, q.data, q.scale)) < TOL[jnp.bfloat16]
+    if dequant == "magic":
+        cast = quant_matmul.int8_matmul(x, q.data, q.scale, launch=_with(launch, quant_matmul.pick_launch(m), "cast"),
+                                        interpret=INTERPRET)
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(cast, np.float32))
+
+
+@pytest.mark.parametrize("m,k,n,group,dtype,launch", [
+    (1, 512, 64, 128, jnp.bfloat16, GEMV_SPLIT),
+    (3, 256, 48, 64, jnp.float16, GEMV_NO_SPLIT),
+    (1, 384, 32, 128, jnp.bfloat16, None),
+])
+@pytest.mark.parametrize("dequant", ["magic", "magic32"])
+def test_int4_gemv_magic(rng, m, k, n, group, dtype, launch, dequant):
+    """The matrix-vector kernel's bit-trick conversions (scale once per loop step) against the reference."""
+    x, w = _inputs(rng, m, k, n, dtype)
+    q = quant.quantize_int4(w, group_size=group, scale_dtype=dtype)
+    out = quant_gemv.int4_gemv(x, q.packed, q.scale, q.zero, launch=_with(launch, quant_gemv.INT4, dequant),
+                               interpret=INTERPRET)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert rel_err(out, reference.int4_matmul(x, q.packed, q.scale, q.zero)) < TOL[jnp.bfloat16]
+
+
+def test_float32_activations_cast_and_unknown_modes_fail(rng):
+    """Float32 activations take the plain conversion whatever the launch says; a mode a kernel lacks is refused."""
+    x, w = _inputs(rng, 2, 256, 32, jnp.float32)
+    q = quant.quantize_int4(w)
+    outs = [quant_gemv.int4_gemv(x, q.packed, q.scale, q.zero, launch=_with(GEMV_NO_SPLIT, None, mode),
+                                 interpret=INTERPRET) for mode in ("cast", "magic32")]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+    with pytest.raises(ValueError, match="dequant"):
+        quant_matmul.int4_matmul(x, q.packed, q.scale, q.zero, launch=_with(NO_SPLIT, None, "f16"),
+                                 interpret=INTERPRET)
+    with pytest.raises(ValueError, match="dequant"):
+        quant_gemv.int8_gemv(x, quant.quantize_int8(w).data, quant.quantize_int8(w).scale,
+                             launch=_with(GEMV_NO_SPLIT, None, "magic"), interpret=INTERPRET)
