@@ -86,7 +86,7 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
                                if launch is None or _mode(launch) in modes]
                               for specs, default, modes in (
                                   (launches, quant_matmul.pick_launch(m), quant_matmul.INT8_MODES),
-                                  (launches, quant_matmul.pick_launch(m), quant_matmul.INT4_MODES),
+                                  (launches, quant_matmul.pick_launch(m, int4=True), quant_matmul.INT4_MODES),
                                   (gemv_launches, quant_gemv.INT8, ("cast",)),
                                   (gemv_launches, quant_gemv.INT4, quant_gemv.INT4_MODES)))
     if m > GEMV_BENCH_ROWS:

@@ -49,7 +49,9 @@ class GemvLaunch:
 
 
 INT8 = GemvLaunch()
-INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3)
+# "magic": 47.5 against 58.1 µs (gate_up) and 24.5 against 28.8 (down) at one row on the H200, "magic32" 51.9 / 25.7
+# (docs/perf.md, session 12).
+INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3, dequant="magic")
 
 
 INT4_MODES = ("cast", "magic", "magic32")

@@ -51,6 +51,9 @@ class Launch:
 
 
 SMALL = Launch()  # decode-sized row counts: memory-bound, split the inputs
+# int4 at those row counts converts by bit tricks: 58.9 against 63.9 µs (gate_up) and 28.8 against 34.3 (down) at
+# one row on the H200 (docs/perf.md, session 12); int8's "magic" measured no faster than the cast there.
+SMALL_INT4 = dataclasses.replace(SMALL, dequant="magic")
 LARGE = Launch(block_n=128, block_k=64, num_warps=8, num_stages=3, target_programs=1)
 
 
@@ -227,8 +230,10 @@ def _vec_spec(block_n):
     return pl.BlockSpec((block_n,), lambda i, j, s: (j,))
 
 
-def pick_launch(m: int) -> Launch:
-    return SMALL if m <= 64 else LARGE
+def pick_launch(m: int, int4: bool = False) -> Launch:
+    if m > 64:
+        return LARGE
+    return SMALL_INT4 if int4 else SMALL
 
 
 @functools.partial(jax.jit, static_argnames=("launch", "interpret"))
@@ -254,7 +259,7 @@ def int4_matmul(x, packed, scale, zero, *, launch: Launch | None = None, interpr
     """x [m, k] @ int4 weights (packed int32 [k / 8, n], scale and zero [k / group, n]) → [m, n]."""
     (m, k), n = x.shape, packed.shape[1]
     k8, rows_per_group = k // 8, k // 8 // scale.shape[0]
-    launch = launch or pick_launch(m)
+    launch = launch or pick_launch(m, int4=True)
     # A loop step covers block_r packed rows (8 × block_r inputs): whole groups, or a part of one group.
     block_m, block_n, block_k, splits = _plan(m, k8, n, launch, max(MIN_DOT, launch.block_k // 8))
     block_r = block_k
