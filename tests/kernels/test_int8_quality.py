@@ -1,5 +1,6 @@
-"""What the int8 KV cache costs on SmolLM2-135M-Instruct (float32 weights, CPU, reference backends): logits
-and greedy tokens with an int8 cache against a float32 cache, a bf16 cache shown for scale (docs/perf.md)."""
+"""What the int8 KV cache costs on SmolLM2-135M-Instruct (float32 weights, CPU, reference backends): the logits
+predicting the float32 cache's greedy tokens with an int8 cache against a float32 cache, a bf16 cache shown for
+scale (docs/perf.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from jaxllm.models.backends import ReferenceInt8Attention
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_params
 
-NEW_TOKENS = 32
+NEW_TOKENS = 24
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -83,21 +84,14 @@ class Runner:
         return np.stack(picks)  # [rows, NEW_TOKENS, vocab]
 
 
-def quality(runner: Runner, backend, generated, base_logits, free_running: bool) -> dict:
-    """Teacher-forced logits against the float32 cache's; with `free_running`, also the backend's own greedy
-    tokens: the share equal to the float32 cache's and where each row first differs."""
+def quality(runner: Runner, backend, generated, base_logits) -> dict:
+    """Teacher-forced logits against the float32 cache's."""
     logits = runner.forced_logits(backend, generated)
-    stats = dict(
+    return dict(
         max_logit_diff=float(np.max(np.abs(logits - base_logits))),
         mean_logit_diff=float(np.mean(np.abs(logits - base_logits))),
         forced_agreement=float(np.mean(np.argmax(logits, -1) == generated)),
     )
-    if free_running:
-        tokens = runner.greedy(backend)
-        stats["free_identical_tokens"] = float(np.mean(tokens == generated))
-        stats["first_divergence"] = [int(np.argmax(r != g)) if (r != g).any() else NEW_TOKENS
-                                     for r, g in zip(tokens, generated)]
-    return stats
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +110,8 @@ def runner(smollm2_dir):
 def test_int8_cache_quality_on_smollm2(runner):
     generated = runner.greedy(ReferenceAttention())
     base = runner.forced_logits(ReferenceAttention(), generated)
-    bf16 = quality(runner, Bf16Cache(), generated, base, free_running=False)
-    int8 = quality(runner, ReferenceInt8Attention(), generated, base, free_running=True)
+    bf16 = quality(runner, Bf16Cache(), generated, base)
+    int8 = quality(runner, ReferenceInt8Attention(), generated, base)
     print(f"\nbf16 cache vs float32 cache: {bf16}\nint8 cache vs float32 cache: {int8}")
     assert bf16["forced_agreement"] >= 0.95
     assert int8["forced_agreement"] >= 0.95
