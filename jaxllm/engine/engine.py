@@ -28,7 +28,7 @@ from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, l
 from jaxllm.weights import placed_shapes
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
-from jaxllm.engine.runner import enable_compilation_cache
+from jaxllm.engine.runner import enable_compilation_cache, warmup_from_env
 from jaxllm.engine.startup import phase
 from jaxllm.engine.step_loop import StepLoop
 from jaxllm.engine.step_reader import StepReader
@@ -132,6 +132,8 @@ class Engine(StepLoop, StepReader):
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps. With
         --nccl_port and --tp > 1, first start a process per other device, each running the same steps."""
         enable_compilation_cache()  # before the first compile (random weights are made by one)
+        if warmup is None:
+            warmup = warmup_from_env()
         followers = multiprocess.start(args, warmup) if args.processes > 1 else None
         loaded = load_model(args, multiprocess.mesh_devices() if followers else None, weights_behind=True)
         return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers,

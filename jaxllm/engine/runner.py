@@ -48,6 +48,18 @@ def enable_compilation_cache() -> str:
 _PREFILL_ROWS = 256  # rows of a prefill step, unless it holds more chunks (see ModelRunner.prefill_rows)
 
 
+def warmup_from_env() -> int | None:
+    """$JAXLLM_WARMUP_SHAPES: how many start-up step shapes a server compiles before it answers /health (unset: the
+    start-up set; 0: none, each shape then compiles when a step first meets it, as the log says). Fewer shapes
+    start sooner and stall the first steps that meet the rest: for tests and quick trials, not for serving."""
+    value = os.environ.get("JAXLLM_WARMUP_SHAPES", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"JAXLLM_WARMUP_SHAPES must be a whole number of step shapes, not {value!r}")
+    return int(value)
+
+
 def _compile_threads() -> int:
     """Start-up shapes compiled at once: $JAXLLM_COMPILE_THREADS, by default one per core, at most 8 (each compile
     holds its own memory)."""

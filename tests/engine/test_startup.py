@@ -1,6 +1,7 @@
 """Start-up: the step shapes compiled in parallel threads give the tokens of shapes compiled when first met; a
 second identical start compiles nothing (every executable is read from the persistent compilation cache, in
-a fresh process); the weight loader's host copies keep every bit."""
+a fresh process); the weight loader's host copies keep every bit; $JAXLLM_WARMUP_SHAPES sets how many shapes
+start-up compiles."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import ml_dtypes
+import pytest
 import numpy as np
 
 from engine_helpers import make_engine, random_prompts
@@ -89,3 +91,17 @@ def test_phase_lines_are_what_the_startup_bench_reads(caplog):
     table = format_table({"warm": {"health_s": 2.5, "phases": {"probe": {"seconds": 1.25, "compiled": 0,
                                                                          "from_cache": 3}}, "weights_gb_s": 2.0}})
     assert "probe" in table and "1.25 s" in table and "2.50 s" in table and "2.00" in table
+
+
+def test_warmup_shapes_come_from_the_environment(monkeypatch):
+    from jaxllm.engine.runner import warmup_from_env
+
+    monkeypatch.delenv("JAXLLM_WARMUP_SHAPES", raising=False)
+    assert warmup_from_env() is None  # the start-up set
+    monkeypatch.setenv("JAXLLM_WARMUP_SHAPES", "0")
+    assert warmup_from_env() == 0
+    monkeypatch.setenv("JAXLLM_WARMUP_SHAPES", "3")
+    assert warmup_from_env() == 3
+    monkeypatch.setenv("JAXLLM_WARMUP_SHAPES", "all")
+    with pytest.raises(ValueError, match="JAXLLM_WARMUP_SHAPES"):
+        warmup_from_env()
