@@ -362,6 +362,27 @@ class StatsLogger(_PeriodicWorker):
         return cur
 
 
+def _host_time(prev: Mapping[str, float], cur: Mapping[str, float]) -> str:
+    """The interval's host time per step and its parts (scheduling, preparing and waiting for the launch, reading
+    results; the launch thread's call; the wait for the device), and the share of steps launched on an idle
+    device; "" without steps or without the engine's host counters."""
+    steps = cur.get("steps", 0) - prev.get("steps", 0)
+    if not steps or "host_s" not in cur:
+        return ""
+
+    def per_step_ms(key: str) -> float:
+        return 1000.0 * (cur.get(key, 0.0) - prev.get(key, 0.0)) / steps
+
+    idle = 100.0 * (cur.get("steps_after_idle", 0) - prev.get("steps_after_idle", 0)) / steps
+    parts = ", ".join(f"{name} {per_step_ms(name + '_s'):.2f}"
+                      for name in ("schedule", "dispatch", "postprocess") if name + "_s" in cur)
+    return (f"host {per_step_ms('host_s'):.2f} ms/step"
+            + (f" [{parts}]" if parts else "")
+            + (f", launch {per_step_ms('launch_s'):.2f}" if "launch_s" in cur else "")
+            + (f", device wait {per_step_ms('device_wait_s'):.2f}" if "device_wait_s" in cur else "")
+            + f", {idle:.0f}% launched on an idle device")
+
+
 def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s: float) -> str:
     """The stats line for the interval between two snapshots of the engine's counters (see StatsLogger)."""
     elapsed_s = max(elapsed_s, 1e-9)
@@ -377,31 +398,19 @@ def format_stats(prev: Mapping[str, float], cur: Mapping[str, float], elapsed_s:
     else:
         hit_rate = "n/a"
     constrained = cur.get("constrained_steps", 0) - prev.get("constrained_steps", 0)
-    grammar = ""
+    host = _host_time(prev, cur)
+    extra = f", steps: {host}" if host else ""  # is the host keeping the device busy?
     if constrained:  # the time building allowed-token masks (grammars, token healing) per such step
         per_step_ms = 1000.0 * (cur["mask_s"] - prev.get("mask_s", 0.0)) / constrained
-        grammar = f", token masks: {per_step_ms:.2f} ms/step over {constrained:.0f} constrained steps"
+        extra = f", token masks: {per_step_ms:.2f} ms/step over {constrained:.0f} constrained steps"
         if "mask_wait_s" in cur:  # the engine thread's waits for the mask worker's answers
             waited_ms = 1000.0 * (cur["mask_wait_s"] - prev.get("mask_wait_s", 0.0)) / constrained
-            grammar += f", engine waited {waited_ms:.2f} ms/step"
-        steps = cur.get("steps", 0) - prev.get("steps", 0)
-        if steps and "host_s" in cur:  # is the host (masks included) keeping the device busy?
-            def per_step_ms(key: str) -> float:
-                return 1000.0 * (cur.get(key, 0.0) - prev.get(key, 0.0)) / steps
-
-            idle = 100.0 * (cur.get("steps_after_idle", 0) - prev.get("steps_after_idle", 0)) / steps
-            # The host's parts, for where a constrained step's time goes: scheduling, preparing (and waiting
-            # for the launch), reading results; the launch thread's call; the wait for the device.
-            parts = ", ".join(f"{name} {per_step_ms(name + '_s'):.2f}"
-                              for name in ("schedule", "dispatch", "postprocess") if name + "_s" in cur)
-            grammar += (f" (all steps: host {per_step_ms('host_s'):.2f} ms/step"
-                        + (f" [{parts}]" if parts else "")
-                        + (f", launch {per_step_ms('launch_s'):.2f}" if "launch_s" in cur else "")
-                        + (f", device wait {per_step_ms('device_wait_s'):.2f}" if "device_wait_s" in cur else "")
-                        + f", {idle:.0f}% launched on an idle device)")
+            extra += f", engine waited {waited_ms:.2f} ms/step"
+        if host:
+            extra += f" (all steps: {host})"
     return (
         f"prompt throughput: {rate('prefill_tokens'):.1f} tokens/s, "
         f"generation throughput: {rate('decode_tokens'):.1f} tokens/s, "
         f"running: {cur['running']:.0f} reqs, waiting: {cur['waiting']:.0f} reqs, paused: {cur['paused']:.0f} reqs, "
-        f"KV cache usage: {kv_pct:.1f}%, prompt cache hit rate: {hit_rate}{grammar}"
+        f"KV cache usage: {kv_pct:.1f}%, prompt cache hit rate: {hit_rate}{extra}"
     )

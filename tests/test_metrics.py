@@ -365,3 +365,11 @@ def test_format_stats_constrained_steps_report_masks_and_host_time():
     assert format_stats(prev, cur, 5.0).endswith(
         "(all steps: host 5.00 ms/step [schedule 0.50, dispatch 1.00, postprocess 1.00], launch 2.00, "
         "device wait 5.00, 25% launched on an idle device)")
+
+
+def test_format_stats_free_steps_report_host_time():
+    prev = engine_stats(steps=20, host_s=0.1, steps_after_idle=2, launch_s=0.05, device_wait_s=0.1)
+    cur = engine_stats(steps=60, host_s=0.3, steps_after_idle=6, launch_s=0.13, device_wait_s=0.3)
+    assert format_stats(prev, cur, 5.0).endswith(
+        "prompt cache hit rate: n/a, steps: host 5.00 ms/step, launch 2.00, device wait 5.00, "
+        "10% launched on an idle device")
