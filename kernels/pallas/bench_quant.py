@@ -254,7 +254,7 @@ def run(bench, timed, rows=ROWS, shapes=SHAPES, ops8: float | None = None, launc
                 label = f"{name}, {m} rows"
                 try:
                     seconds = timed(fn, args)
-                except Exception as err:  # noqa: BLE001: a kernel that does not build here is a row, not a stop
+                except Exception as err:  # noqa: BLE001 - a kernel that does not build here is a row, not a stop
                     bench.failed(label, kernel, err)
                     continue
                 per_product = seconds / layers
