@@ -5,7 +5,9 @@ on the calibration rows.
 Scaling: the inputs that carry large activations matter most to the output, so their weight rows are scaled
 up (s_j = mean|x_j|^α, normalised) before int4 rounding and the input divided by s_j in the op before
 (tools/convert/scaling.py: the RMSNorms before `qkv_proj` and the MLP, the up half of `gate_up_proj` for
-`down_proj`); α per product from a grid (0: no scaling) by ‖x w - (x / s) Q(w s)‖ on the calibration rows.
+`down_proj`, v's columns of `qkv_proj` for `o_proj`, decided first so that `qkv_proj`'s search sees the folded
+v); α per product from a grid (0: no scaling) by ‖x w - (x / s) Q(w s)‖ on the calibration rows. `o_proj`'s
+inputs that share one v channel (the query heads of a KV head) share one scale, from their mean |x| together.
 
 Clipping: each (group, output) range [min, max] shrunk by the factor, from a grid, with the least output
 error of that group's inputs (the group's block of the inputs' Gram matrix), trading clipped outliers for
@@ -34,11 +36,11 @@ FIT_ROUNDS = 4  # scale fit / re-round rounds after the clipping search (SmolLM2
 
 
 @functools.partial(jax.jit, static_argnames=("group", "scale_dtype"))
-def _scale_errors(x, w, group: int, scale_dtype):
-    """‖x w - (x / s) Q(w s)‖² for no scaling and each α of ALPHAS (s = mean|x|^α normalised), with
+def _scale_errors(x, w, mean_abs, group: int, scale_dtype):
+    """‖x w - (x / s) Q(w s)‖² for no scaling and each α of ALPHAS (s = mean_abs^α normalised), with
     (x / s) Q(w s) = x (Q(w s) / s) measured through the Gram matrix xᵀx."""
     gram = x.T @ x
-    mean_abs = jnp.maximum(jnp.abs(x).mean(axis=0), 1e-5)
+    mean_abs = jnp.maximum(mean_abs, 1e-5)
 
     def error(alpha):
         s = mean_abs**alpha
@@ -49,10 +51,15 @@ def _scale_errors(x, w, group: int, scale_dtype):
     return jax.lax.map(error, jnp.asarray((0.0,) + ALPHAS, jnp.float32))
 
 
-def activation_scale(x: np.ndarray, w: np.ndarray, group: int, scale_dtype=np.float32):
+def activation_scale(x: np.ndarray, w: np.ndarray, group: int, scale_dtype=np.float32, tie: np.ndarray | None = None):
     """(s [K], α) with the least int4 output error on the calibration rows x [R, K] for w [K, N], or None
-    when no scaling (α 0) does best."""
-    errors, scales = _scale_errors(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), group, np.dtype(scale_dtype))
+    when no scaling (α 0) does best. tie [K] (optional): inputs with one tie id get one scale, from their
+    mean |x| together."""
+    mean_abs = np.abs(x).mean(axis=0, dtype=np.float64)
+    if tie is not None:
+        mean_abs = (np.bincount(tie, mean_abs) / np.bincount(tie))[tie]
+    errors, scales = _scale_errors(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
+                                   jnp.asarray(mean_abs, jnp.float32), group, np.dtype(scale_dtype))
     best = int(np.argmin(np.asarray(errors)))
     return None if best == 0 else (np.asarray(scales[best]), ALPHAS[best - 1])
 
@@ -138,7 +145,8 @@ def scale_model(params: dict, config, stats: dict, scale_dtype=np.float32) -> di
     tools/convert/calibration.InputStats by weight path (their sample rows). Returns {path: (s, α)}."""
     from jaxllm.models.quant import group_size_for
 
-    def choose(stat, w):
-        return activation_scale(stat.sample, w, group_size_for(w.shape[0], config.weight_quant.group_size), scale_dtype)
+    def choose(stat, w, tie=None):
+        group = group_size_for(w.shape[0], config.weight_quant.group_size)
+        return activation_scale(stat.sample, w, group, scale_dtype, tie)
 
-    return fold_scales(params, config, stats, choose)
+    return fold_scales(params, config, stats, choose, through_v=True)

@@ -5,7 +5,10 @@ for w8a8, the activation) sees rescaled channels.
 
 The ops that absorb s: the RMSNorm / LayerNorm before `qkv_proj` and before the MLP (pre-norm blocks: the
 norm feeds that one product), and, for the MLP down-projection of a gated MLP, the up half of `gate_up_proj`
-(h = act(gate) * up is linear in up). `o_proj`'s input (the attention output) is left alone.
+(h = act(gate) * up is linear in up). With `through_v`, `o_proj`'s input too: the attention output of a query
+head is a softmax-weighted sum of its KV head's v rows, so channel c of every query head in one KV group is
+divided by s when v's output channel c is; the scale is therefore one per (KV head, channel), shared by that
+group's query heads, and folded into v's columns of `qkv_proj` (and its bias).
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ from typing import Callable
 import numpy as np
 
 
-def fold_scales(params: dict, config, stats: dict, choose: Callable) -> dict[tuple[str, ...], tuple[np.ndarray, object]]:
+def fold_scales(params: dict, config, stats: dict, choose: Callable,
+                through_v: bool = False) -> dict[tuple[str, ...], tuple[np.ndarray, object]]:
     """For every product that can absorb a scale, `choose(stats[path], w [K, N] float)` → (s [K], tag) or None
     (no scaling); the chosen s is folded into `params` (nested dicts of float32 numpy arrays, changed in
-    place). Returns {path: (s, tag)} of the scaled products."""
+    place). With `through_v`, `o_proj` first (its s then changes v before `qkv_proj`'s s is chosen), through
+    `choose(stats[path], w, tie)`: tie [K] names each input's shared scale, and s must be equal within one.
+    Returns {path: (s, tag)} of the scaled products (s over the flattened inputs)."""
     chosen = {}
     for layer in range(config.num_layers):
         block = params[f"layers_{layer}"]
+        path = (f"layers_{layer}", "self_attn", "o_proj")
+        if through_v and path in stats and _v_feeds_o(block, config):
+            picked = _fold_through_v(block["self_attn"], config, stats[path], choose)
+            if picked is not None:
+                chosen[path] = picked
         targets = []
         if config.norm_layout == "pre":
             targets += [(("self_attn", "qkv_proj"), "input_layernorm"), (("mlp", "gate_up_proj"), "post_attention_layernorm")]
@@ -56,3 +67,30 @@ def _divide_norm(norm: dict, s: np.ndarray, plus_one: bool) -> None:
         norm["weight"] = norm["weight"] / s
     if "bias" in norm:
         norm["bias"] = norm["bias"] / s
+
+
+def _v_feeds_o(block: dict, config) -> bool:
+    """Whether `block` is jaxllm's fused attention: qkv_proj [hidden, kv_heads, group + 2, head_dim] (v last)
+    and o_proj [heads, head_dim, hidden]."""
+    attn = block.get("self_attn", {})
+    kv, d = config.num_kv_heads, config.head_dim
+    return (getattr(attn.get("qkv_proj"), "shape", None) == (config.hidden_size, kv, config.group_size + 2, d)
+            and getattr(attn.get("o_proj"), "shape", None) == (config.num_heads, d, config.hidden_size))
+
+
+def _fold_through_v(attn: dict, config, stat, choose: Callable):
+    """`o_proj`'s chosen scale (one per KV head and channel) folded into it and into v's columns of
+    `qkv_proj` (and `qkv_bias`); returns choose's (s [heads * head_dim], tag) or None."""
+    heads, d, group = config.num_heads, config.head_dim, config.group_size
+    wo = attn["o_proj"]
+    tie = (np.arange(heads)[:, None] // group * d + np.arange(d)).ravel()  # input (h, c) → (kv head of h, c)
+    picked = choose(stat, wo.reshape(heads * d, -1), tie)
+    if picked is None:
+        return None
+    s = picked[0].reshape(heads, d)
+    attn["o_proj"] = wo * s[:, :, None]
+    v = s[::group]  # [kv_heads, head_dim]: the first query head of each group (the rest share it)
+    attn["qkv_proj"][:, :, group + 1, :] /= v
+    if "qkv_bias" in attn:
+        attn["qkv_bias"][:, group + 1, :] /= v
+    return picked
