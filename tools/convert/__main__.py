@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--recipe", choices=W4A16_RECIPES, default=None,
         help="w4a16's calibration (with --calibration): awq (the default, the best measured on SmolLM2: "
-        "activation-aware per-input scales folded into the RMSNorms and gate_up, a per-group clipping search "
+        "activation-aware per-input scales folded into the RMSNorms, gate_up and (for o_proj) v, a per-group clipping search "
         "and a least-squares fit of each group's scale, all on the output error) or gptq (GPTQ's error "
         "compensation, no act-order); docs/perf.md compares them",
     )
