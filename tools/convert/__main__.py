@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--recipe", choices=W4A16_RECIPES, default=None,
         help="w4a16's calibration (with --calibration): awq (the default, the best measured on SmolLM2: "
-        "activation-aware per-input scales folded into the RMSNorms, gate_up and (for o_proj) v, a per-group clipping search "
-        "and a least-squares fit of each group's scale, all on the output error) or gptq (GPTQ's error "
+        "activation-aware per-input scales folded into the RMSNorms, gate_up and (for o_proj) v, a per-group "
+        "clipping search and a least-squares fit of each group's scale, all on the output error) or gptq (GPTQ's error "
         "compensation, no act-order); docs/perf.md compares them",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing model directory at --dst")
