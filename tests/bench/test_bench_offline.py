@@ -1,5 +1,5 @@
 """`jaxllm.bench offline` on the converted SmolLM2 (float32): every request completes with its token count,
-and the host-time breakdown adds up (its parts never exceed the host time they split); engine flags pass through.
+and the host-time breakdown adds up (its parts never exceed the host time they split); engine flags pass through."""
 
 import pytest
 
