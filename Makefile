@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 VENV_TF4 := .venv-transformers4
 TF4_PY := $(VENV_TF4)/bin/python
 MODEL_DIR := models/SmolLM2-135M-Instruct
+# pytest-xdist workers for `make test` (whole modules per worker: tests/conftest.py); 0 runs the suite in one process
+TEST_WORKERS ?= 2
 comma := ,
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 SERVE_EXTRA := $(if $(HAS_GPU),cuda$(comma)convert,convert)
@@ -49,7 +51,7 @@ test: install-test
 	# Our sources compiled once: where PYTHONDONTWRITEBYTECODE is set, each of the suite's processes would otherwise
 	# compile every module it imports
 	$(PY) -m compileall -q jaxllm kernels tools tests > /dev/null
-	JAXLLM_TRANSFORMERS4_PYTHON=$(TF4_PY) $(PY) -m pytest -q --durations=25 tests
+	JAXLLM_TRANSFORMERS4_PYTHON=$(TF4_PY) $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 tests
 
 clean-venv:
 	rm -rf $(VENV) $(VENV_TF4)

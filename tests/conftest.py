@@ -1,7 +1,11 @@
-"""Test-suite set-up: 8 fake CPU devices for tensor-parallel tests, shared fixtures (the converted SmolLM2)."""
+"""Test-suite set-up: 8 fake CPU devices for tensor-parallel tests, shared fixtures (the converted SmolLM2), and
+the grouping of test modules when pytest-xdist runs them in parallel (`make test`)."""
 
 import dataclasses
+import functools
 import os
+import re
+import sys
 
 # Must precede the first `import jax` anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -22,6 +26,33 @@ from jaxllm.engine.runner import enable_compilation_cache  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 enable_compilation_cache()  # the servers' cache directory, on from this process's first compile
+
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))  # where pytest puts it too, once it imports e2e's conftest
+from e2e_server import SHARED_SERVERS  # noqa: E402
+
+_USES_SHARED_SERVER = re.compile(rf"\b({'|'.join(SHARED_SERVERS)})\b")
+
+
+@functools.cache
+def _parallel_scope(path: str) -> str:
+    """A module's unit of work under pytest-xdist: its file, but one unit for all the e2e modules that use a
+    shared server (they start it once, on one worker, which stops it after the last of them)."""
+    if path.startswith("tests/e2e/") and _USES_SHARED_SERVER.search((REPO / path).read_text()):
+        return "tests/e2e: modules on shared servers"
+    return path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules per worker, as --dist loadfile, with the e2e modules of shared servers kept together:
+    module-scoped fixtures (compiled engines, servers) are then built once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _parallel_scope(nodeid.split("::", 1)[0])
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

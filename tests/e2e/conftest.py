@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from e2e_server import API_KEYS, running_server
+from e2e_server import API_KEYS, SHARED_SERVERS, running_server
 
 # The wider limits of the main server: tool prompts are long (≤ 320 tokens, test_e2e_tools), and the 50 sampled
 # structured answers run 16 at a time (more rows: more step shapes to compile, which costs more than it saves).
@@ -16,12 +16,12 @@ MAIN_FLAGS = ["--max_req_input_len", "320", "--max_req_total_len", "384", "--bat
 # The keyed server (test_e2e_auth) also serves --beam_mode (test_e2e_groups' beam search): keys decide who is
 # served, beam mode only what best_of > 1 means, so neither changes what the other's tests check.
 KEYED_BEAM_FLAGS = ["--beam_mode", *(flag for key in API_KEYS for flag in ("--api_key", key))]
-# Fixtures of servers shared by several modules: each is stopped once the last test using it is done.
-SHARED_SERVERS = ("lightllm_server", "tgi_server", "keyed_beam_server")
 _last_user: dict[str, str] = {}  # shared server fixture → node id of the last selected test that uses it
 
 
 def pytest_collection_finish(session):
+    # Under pytest-xdist every worker collects every test, and tests/conftest.py sends all the modules that use
+    # a shared server to one worker, which runs them in collection order: the last user is its last.
     for item in session.items:
         for name in SHARED_SERVERS:
             if name in getattr(item, "fixturenames", ()):

@@ -32,6 +32,9 @@ SERVER_FLAGS = [
 ]
 START_TIMEOUT_S = 600
 API_KEYS = ["e2e-key-one", "e2e-key-two"]  # the keyed server's (tests/e2e/conftest.py)
+# Fixtures (tests/e2e/conftest.py) of servers shared by several modules: each is stopped once the last test using
+# it is done, and a parallel run (tests/conftest.py) keeps their modules on one worker.
+SHARED_SERVERS = ("lightllm_server", "tgi_server", "keyed_beam_server")
 
 
 def free_port() -> int:

@@ -107,9 +107,11 @@ def test_json_object_and_the_lightllm_and_tgi_formats(client, lightllm_server, t
     status, out = lightllm_server.post("/generate", {"inputs": "Yes or no?", "parameters": {
         "do_sample": True, "max_new_tokens": 8, "guided_choice": ["yes", "no"]}})
     assert status == 200 and out["generated_text"][0] in ("yes", "no") and out["finish_reason"] == "stop"
+    # Seeded: unseeded, an answer may sample a number's digits past max_new_tokens (then "length", and no JSON)
     status, out = tgi_server.post("/generate", {"inputs": "Pet:", "parameters": {
-        "do_sample": True, "max_new_tokens": 60, "grammar": {"type": "json", "value": SCHEMA}}})
-    assert status == 200
+        "do_sample": True, "seed": 4, "max_new_tokens": 60, "details": True,
+        "grammar": {"type": "json", "value": SCHEMA}}})
+    assert status == 200 and out[0]["details"]["finish_reason"] != "length"
     jsonschema.validate(json.loads(out[0]["generated_text"]), SCHEMA)
     status, out = tgi_server.post("/generate", {"inputs": "Code:", "parameters": {
         "do_sample": True, "max_new_tokens": 8, "grammar": {"type": "regex", "value": "[0-9]{4}"}}})
