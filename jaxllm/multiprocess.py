@@ -168,4 +168,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from jaxllm.without_torch import hide_torch
+
+    hide_torch()
     sys.exit(main(sys.argv[1:]))

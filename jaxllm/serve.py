@@ -89,4 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxllm.without_torch import hide_torch
+
+    hide_torch()
     sys.exit(main())

@@ -191,4 +191,7 @@ def _submit(engine, sink: CoreSink, specs: list[dict]) -> None:
 
 
 if __name__ == "__main__":
+    from jaxllm.without_torch import hide_torch
+
+    hide_torch()
     sys.exit(main(sys.argv[1:]))
