@@ -59,6 +59,10 @@ def serve(args: ServerArgs, engine, metrics, background: list) -> None:
     config = Config()
     config.bind = [bind_address(args.host, args.port)]
     config.errorlog = logging.getLogger("hypercorn.error")  # through our logging set-up, once
+    # Idle keep-alive connections outlive the clients' own pool expiry (httpx, and so the openai client: 5 s;
+    # aiohttp: 15 s), so the client closes first. With hypercorn's default of 5 s a request sent just as the server
+    # closed its connection was reset, and clients do not retry a POST (seen in tests/e2e under load).
+    config.keep_alive_timeout = 75
     engine.start()
     for task in background:
         task.start()

@@ -3,6 +3,7 @@
 
 import http.client
 import json
+import time
 
 import pytest
 from e2e_server import chat_text
@@ -164,3 +165,14 @@ def test_over_long_prompt_and_oversized_body(lightllm_server):
         "best_of": 2, "do_sample": True}})
     assert status == 400 and "best_of" in out["message"]
     assert lightllm_server.get("/liveness") == (200, {"status": "ok"})
+
+
+def test_an_idle_connection_outlives_the_clients_pool_expiry(lightllm_server):
+    # httpx (the openai client) drops idle connections after 5 s: the server must not close them first.
+    conn = http.client.HTTPConnection("127.0.0.1", lightllm_server.port, timeout=30)
+    for pause_s in (6, 0):
+        conn.request("GET", "/liveness")
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+        time.sleep(pause_s)
+    conn.close()
