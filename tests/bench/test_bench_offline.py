@@ -1,5 +1,7 @@
-"""`jaxllm.bench offline` on the converted SmolLM2 (float32): every request completes with its token count,
-and the host-time breakdown adds up (its parts never exceed the host time they split); engine flags pass through."""
+"""`jaxllm.bench offline` on a 2-layer Llama with random weights and SmolLM2's tokenizer (the bench counts and
+times; what the tokens say does not matter, and the small model compiles in a fraction of SmolLM2's time): every
+request completes with its token count, and the host-time breakdown adds up (its parts never exceed the host time
+they split); engine flags pass through."""
 
 import pytest
 
@@ -8,13 +10,14 @@ from jaxllm.bench.__main__ import build_parser
 from jaxllm.bench.offline import format_offline_table, run_offline
 from jaxllm.bench.workload import WorkloadSpec, build_workload
 
-FLAGS = {"data_type": "float32", "max_total_token_num": 2048, "max_req_input_len": 64, "max_req_total_len": 160, "running_max_req_size": 16,
-         "batch_max_tokens": 512, "warmup": 0, "disable_log_stats": True}
+FLAGS = {"load_format": "dummy", "data_type": "float32", "max_total_token_num": 2048, "max_req_input_len": 64,
+         "max_req_total_len": 160, "running_max_req_size": 16, "batch_max_tokens": 512, "warmup": 0,
+         "disable_log_stats": True}
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_dir):
-    with LLM(str(smollm2_dir), **FLAGS) as model:
+def llm(tiny_served_model):
+    with LLM(str(tiny_served_model.path), **FLAGS) as model:
         yield model
 
 
