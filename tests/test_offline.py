@@ -1,6 +1,8 @@
 """The offline API (`from jaxllm import LLM, SamplingParams`) on the converted SmolLM2-135M-Instruct, float32:
-text and token prompts, stops, logprobs, batch invariance, and the same greedy tokens with --splitfuse_mode or
---use_dynamic_prompt_cache as without."""
+text and token prompts, stops, logprobs; and on a 2-layer Llama with random weights and SmolLM2's tokenizer (the
+same code paths, a fraction of the compile time; near-uniform logits make greedy ties break on any numeric
+difference): batch invariance, and the same greedy tokens with --splitfuse_mode or --use_dynamic_prompt_cache
+as without."""
 
 import pytest
 
@@ -23,6 +25,12 @@ SYSTEM = ("You are a concise assistant for a geography and science quiz. Answer 
 @pytest.fixture(scope="module")
 def llm(smollm2_dir):
     with LLM(str(smollm2_dir), **FLAGS) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_served_model):
+    with LLM(str(tiny_served_model.path), load_format="dummy", **FLAGS) as model:
         yield model
 
 
@@ -91,15 +99,15 @@ def test_prompt_logprobs(llm):
     assert all(lp <= 0 for entry in out.prompt_logprobs for lp in entry[1].values())
 
 
-def test_batch_invariance_48_mixed_requests(llm):
+def test_batch_invariance_48_mixed_requests(tiny_llm):
     """48 greedy requests of mixed lengths, submitted together (two prefill batches, then mixed decodes), give
     exactly the tokens each gives alone; 16 of them are run alone, among them every question, every prompt
     length and every output length."""
-    prompts = chat_prompts(llm, 48)
+    prompts = chat_prompts(tiny_llm, 48)
     params = [SamplingParams(max_new_tokens=2 + i % 3, ignore_eos=True) for i in range(48)]
-    together = llm.generate(prompts, params, use_tqdm=False)
+    together = tiny_llm.generate(prompts, params, use_tqdm=False)
     picked = [3 * k + k % 3 for k in range(16)]
-    alone = [llm.generate([prompts[i]], [params[i]], use_tqdm=False)[0] for i in picked]
+    alone = [tiny_llm.generate([prompts[i]], [params[i]], use_tqdm=False)[0] for i in picked]
     assert [together[i].token_ids for i in picked] == [o.token_ids for o in alone]
 
 
@@ -109,10 +117,10 @@ def test_n_above_one_is_refused(llm):
 
 
 @pytest.fixture(scope="module")
-def mixed_default(llm):
+def mixed_default(tiny_llm):
     """32 mixed prompts and their greedy tokens in the default mode."""
-    prompts = mixed_prompts(llm, 32)
-    return prompts, [o.token_ids for o in llm.generate(prompts, MIXED_PARAMS, use_tqdm=False)]
+    prompts = mixed_prompts(tiny_llm, 32)
+    return prompts, [o.token_ids for o in tiny_llm.generate(prompts, MIXED_PARAMS, use_tqdm=False)]
 
 
 MIXED_PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)
@@ -120,9 +128,9 @@ MIXED_PARAMS = SamplingParams(max_new_tokens=6, ignore_eos=True)
 
 @pytest.mark.parametrize("flags", [{"splitfuse_mode": True, "splitfuse_block_size": 48},
                                    {"use_dynamic_prompt_cache": True}], ids=["splitfuse", "prompt-cache"])
-def test_32_mixed_requests_give_the_same_tokens_with_the_flag(mixed_default, smollm2_dir, flags):
+def test_32_mixed_requests_give_the_same_tokens_with_the_flag(mixed_default, tiny_served_model, flags):
     prompts, expected = mixed_default
-    with LLM(str(smollm2_dir), **FLAGS, **flags) as other:
+    with LLM(str(tiny_served_model.path), load_format="dummy", **FLAGS, **flags) as other:
         got = other.generate(prompts, MIXED_PARAMS, use_tqdm=False)
         stats = other.engine.stats()
     assert [o.token_ids for o in got] == expected
