@@ -1,10 +1,13 @@
 """Host time to launch one engine step at --tp 1 against --tp N: packing the step's inputs, their transfer, the
 compiled step's call (wall and the calling thread's CPU time), with the device idle before each launch, and what
 the call hands the runtime per device (argument leaves, host-to-device transfers). Random weights; a tiny model
-with as many layers as the real one has the real one's leaves (the dispatch cost follows leaves, not sizes):
+with as many layers as the real one has the real one's leaves (the dispatch cost follows leaves, not sizes).
+Also each launch made back to back, the device still running the one before (as the engine launches): a launch
+that takes longer then than on an idle device waits for the device (`busy_*`; `device_us`: the device's time a
+step over that run):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
-      python -m jaxllm.bench.dispatch --layers 32 --tp 1 2 [--config config.json] [--rows 1]
+      python -m jaxllm.bench.dispatch --layers 32 --tp 1 2 [--config config.json [--mode triton_w8a16]] [--rows 1]
 """
 
 from __future__ import annotations
@@ -39,9 +42,25 @@ def _median_us(call, ready, repeats: int) -> tuple[float, float]:
     return round(1e6 * statistics.median(walls), 1), round(1e6 * statistics.median(cpus), 1)
 
 
-def dispatch_us(config: ModelConfig, tp: int, rows: int, dtype: str, repeats: int) -> dict:
+def _back_to_back_us(call, ready, repeats: int) -> tuple[float, float, float]:
+    """Median wall and calling-thread CPU µs of `call()` made right after the one before (the device still busy
+    with it), and the device's µs per call over the run (the calls cannot outrun it)."""
+    ready()
+    walls, cpus = [], []
+    started = time.perf_counter()
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        call()
+        cpus.append(time.thread_time() - cpu)
+        walls.append(time.perf_counter() - wall)
+    ready()
+    per_call = (time.perf_counter() - started) / repeats
+    return round(1e6 * statistics.median(walls), 1), round(1e6 * statistics.median(cpus), 1), round(1e6 * per_call, 1)
+
+
+def dispatch_us(config: ModelConfig, tp: int, rows: int, dtype: str, repeats: int, mode: list[str] = ()) -> dict:
     """One decode step of `rows` rows, launched `repeats` times: µs per launch of each part."""
-    runner = bench_runner(config, tp, rows, dtype, [], abstract=False)
+    runner = bench_runner(config, tp, rows, dtype, list(mode), abstract=False)
     shape = step_shape(runner, rows)
     host = runner.inputs.padding(shape)
     step = DeviceStep(shape, host, None)
@@ -66,6 +85,8 @@ def dispatch_us(config: ModelConfig, tp: int, rows: int, dtype: str, repeats: in
     runner.execute(step)
     leaves = len(jax.tree.leaves((runner.params, runner.kv, runner._last_tokens, on_device)))  # noqa: SLF001
     launch = _median_us(lambda: runner.execute(step), ready, repeats)
+    busy_launch = _back_to_back_us(lambda: runner.execute(step), ready, repeats)
+    busy_call = _back_to_back_us(call, ready, repeats)
     return {
         "tp": tp, "rows": rows, "layers": config.num_layers, "argument_leaves": leaves,
         "device_buffers_per_call": leaves * tp, "transfers_per_step": tp,  # one packed buffer to each device
@@ -74,6 +95,8 @@ def dispatch_us(config: ModelConfig, tp: int, rows: int, dtype: str, repeats: in
         "transfer_us": _median_us(lambda: jax.device_put(words, runner._replicated), ready, repeats)[0],  # noqa: SLF001
         **dict(zip(("call_us", "call_thread_cpu_us"), _median_us(call, ready, repeats))),
         **dict(zip(("arguments_only_us", "arguments_only_thread_cpu_us"), _median_us(call_nothing, ready, repeats))),
+        **dict(zip(("busy_launch_us", "busy_launch_thread_cpu_us", "device_us"), busy_launch)),
+        **dict(zip(("busy_call_us", "busy_call_thread_cpu_us"), busy_call[:2])),
     }
 
 
@@ -81,14 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxllm.bench.dispatch", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="a Hugging Face config.json (default: a tiny model with Llama-3-8B's heads)")
     p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--mode", nargs="*", default=[], help="weight modes (with --config), as the server's --mode")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rows", type=int, default=1, help="decode rows")
     p.add_argument("--data_type", default="bf16")
     p.add_argument("--repeats", type=int, default=200)
     ns = p.parse_args(argv)
-    config = (shrunk_config(ns.config, ns.layers) if ns.config
+    if ns.mode and not ns.config:
+        p.error("--mode needs --config")
+    config = (shrunk_config(ns.config, ns.layers, ns.mode) if ns.config
               else ModelConfig.from_hf_dict({**TINY, "num_hidden_layers": ns.layers}))
-    results = [dispatch_us(config, tp, ns.rows, ns.data_type, ns.repeats) for tp in ns.tp]
+    results = [dispatch_us(config, tp, ns.rows, ns.data_type, ns.repeats, ns.mode) for tp in ns.tp]
     json.dump({"device": jax.devices()[0].device_kind, "results": results}, sys.stdout, indent=1)
     print()
     return 0

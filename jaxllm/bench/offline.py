@@ -92,7 +92,7 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
     total_in = sum(len(p) for p in prompts) * (best_of if separately else 1)
     total_out = sum(len(o) for o in outputs)
     after = llm.engine.stats()
-    timers = ("host", "device_wait", "schedule", "dispatch", "launch", "postprocess")
+    timers = ("host", "device_wait", "schedule", "dispatch", "launch", "launch_cpu", "postprocess")
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "steps_after_idle", "constrained_steps",
                                                              "mask_s", "mask_wait_s", *(f"{t}_s" for t in timers))}
     steps = max(delta["steps"], 1)
@@ -187,7 +187,8 @@ def format_offline_table(result: dict) -> str:
         ("host: schedule / dispatch / postprocess (ms)",
          f"{result['schedule_ms_per_step']:.2f} / {result['dispatch_ms_per_step']:.2f} / "
          f"{result['postprocess_ms_per_step']:.2f}"),
-        ("launch thread: transfer + step call (ms)", f"{result['launch_ms_per_step']:.2f}"),
+        ("launch thread: transfer + step call, wall / CPU (ms)",
+         f"{result['launch_ms_per_step']:.2f} / {result['launch_cpu_ms_per_step']:.2f}"),
     ]
     if result.get("constrained_steps"):
         rows.append(("masks / engine's wait per constrained step (ms)",

@@ -111,7 +111,8 @@ class Engine(StepLoop, StepReader):
         # its launch once the previous step's results are read), postprocess_s (tokens, text, stops).
         # Each of host_s and its parts has a NAME_cpu_s twin: the engine thread's CPU time in it (no waits for a
         # busy core; host_cpu_s does count the device wait's little CPU time).
-        # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess).
+        # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess);
+        # launch_cpu_s: that thread's CPU time in them (the rest it waited: for the GIL, a lock, the device).
         # steps_after_idle: steps launched after the unread step before them had finished (the device idled).
         # constrained_steps: steps with allowed-token masks; mask_s: time building those masks (the grammar
         # engine's time per step in the mask worker, overlapping the device's model call, and token healing's
@@ -119,7 +120,7 @@ class Engine(StepLoop, StepReader):
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
-                          "launch_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0, "host_cpu_s": 0.0,
+                          "launch_s": 0.0, "launch_cpu_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0, "host_cpu_s": 0.0,
                           "schedule_cpu_s": 0.0, "dispatch_cpu_s": 0.0, "postprocess_cpu_s": 0.0,
                           "constrained_steps": 0, "mask_s": 0.0, "mask_wait_s": 0.0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached

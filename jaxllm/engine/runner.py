@@ -96,6 +96,7 @@ class StepHandle:
     unsampled: tuple | None = None
     dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
     launch_s: float = 0.0  # time of the transfer and the step call, on the thread that launched it
+    launch_cpu_s: float = 0.0  # that thread's CPU time in it (less than launch_s: the launch waited)
     # The step before it, not yet read, had already finished when this one was launched: the device waited
     # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
     after_idle: bool = False
@@ -312,12 +313,12 @@ class ModelRunner:
         reads the previous step's results (the call releases the GIL while it enqueues the kernels).
         `unread`: the step before, whose results are not read yet (the handle says whether it had finished:
         the device idled waiting for this launch)."""
-        launched = time.perf_counter()
+        launched, launched_cpu = time.perf_counter(), time.thread_time()
         after_idle = unread is not None and unread.sampled is not None and unread.sampled.is_ready()
         if self.peers is not None:
             self.peers.send(("step", step.device))
         sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device)
-        launch_s = time.perf_counter() - launched
+        launch_s, launch_cpu_s = time.perf_counter() - launched, time.thread_time() - launched_cpu
         if not step.shape.all_logits:
             prompt_lp = None
         if not step.shape.top_logprobs:
@@ -327,7 +328,7 @@ class ModelRunner:
                 array.copy_to_host_async()
         self.inputs.launched(step.rows)
         return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, step.prepared_at,
-                          launch_s, after_idle)
+                          launch_s, launch_cpu_s, after_idle)
 
     def sample_constrained(self, handle: StepHandle, mask: np.ndarray) -> None:
         """Enqueue a constrained step's sampler with each row's allowed-token mask [rows, mask_words] int32

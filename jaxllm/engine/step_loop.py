@@ -167,6 +167,7 @@ class StepLoop:
             started.add_to(self._counters, "dispatch")
         self._launching = None
         self._counters["launch_s"] += handle.launch_s
+        self._counters["launch_cpu_s"] += handle.launch_cpu_s
         self._counters["steps_after_idle"] += handle.after_idle
         self.scheduler.step_dispatched(batch)
         c = self._counters

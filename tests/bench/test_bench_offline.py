@@ -33,6 +33,7 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     assert all(p > 0 for p in parts)
     # The launch runs on its own thread while the loop reads the previous step's results, then joins it.
     assert 0 < result["launch_ms_per_step"] <= sum(parts[1:]) + result["device_wait_ms_per_step"]
+    assert 0 < result["launch_cpu_ms_per_step"] <= result["launch_ms_per_step"] * 1.05
     assert sum(parts) <= result["host_ms_per_step"] * 1.001
     assert 0 <= result["steps_after_idle"] <= result["steps"]
     assert "schedule / dispatch / postprocess" in format_offline_table(result)
