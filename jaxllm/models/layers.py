@@ -45,6 +45,11 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str,
 _DENSE_TAP: contextvars.ContextVar = contextvars.ContextVar("dense_tap", default=None)
 
 
+def dense_tap_active() -> bool:
+    """Whether a `tap_dense_inputs` callback is watching this trace."""
+    return _DENSE_TAP.get() is not None
+
+
 @contextlib.contextmanager
 def tap_dense_inputs(callback):
     """While active (at trace time), `callback(x, w)` sees every product's input and weight: what the offline

@@ -3,21 +3,26 @@ layout) → final norm → head (the LM head, or a reward model's score head). A
 `ModelConfig` fields and its weight map.
 
 `__call__(tokens [n], meta, kv_cache) -> (logits, kv_cache)`: one step over packed tokens of any mix of
-prefill chunks and decodes. Layers are unrolled (a scanned stack made XLA copy weight slices per step).
+prefill chunks and decodes. Layers are unrolled (a scanned stack made XLA copy weight slices per step), each
+applied through one nested jit per kind of layer (`apply_layer_traced_once`): a step traces and lowers each kind
+once, not each layer, and XLA inlines the calls back into the unrolled program.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxllm.config import LAYOUT_NORMS, ModelConfig
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata
-from jaxllm.models.layers import MLP, Attention, Norm, dense, param, soft_cap
+from jaxllm.models.layers import MLP, Attention, Norm, dense, dense_tap_active, param, soft_cap
 from jaxllm.models.mla import LatentAttention
 from jaxllm.models.moe import MoE, routed_experts
+from jaxllm.models.quant import QUANTISED_WEIGHTS
 
 
 
@@ -59,6 +64,42 @@ class DecoderLayer(nn.Module):
             x = x + scale(norm("post_attention_layernorm")(attn_out))
             return x + scale(norm("post_feedforward_layernorm")(mlp(x))), layer_cache
         raise ValueError(f"norm layout {layout!r} is not one of {', '.join(LAYOUT_NORMS)}")
+
+
+def layer_kind(config: ModelConfig, layer: int) -> tuple:
+    """What sets decoder layer `layer`'s computation apart from another's, its weights aside: the layers of one
+    kind run the same program on different weights (every use of a layer's index in the model is here)."""
+    quant = config.weight_quant
+    return (config.layer_rope(layer), config.layer_window(layer), config.is_moe_layer(layer),
+            None if quant is None else tuple(quant.quantises(layer, name) for name in QUANTISED_WEIGHTS))
+
+
+def first_layer_of_each_kind(config: ModelConfig) -> list[int]:
+    """For each layer, the first layer of its kind (`layer_kind`)."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault(layer_kind(config, i), i) for i in range(config.num_layers)]
+
+
+class _OneLayer(nn.Module):
+    """Decoder layer `layer` alone, named as in the model (a weight's path says which layer it belongs to)."""
+
+    config: ModelConfig
+    layer: int
+    dtype: Any
+    backend: AttentionBackend
+    experts_kernel: Callable
+
+    @nn.compact
+    def __call__(self, x, meta, layer_cache):
+        return DecoderLayer(self.config, self.layer, self.dtype, self.backend, self.experts_kernel,
+                            name=f"layers_{self.layer}")(x, meta, layer_cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def apply_layer_traced_once(one: _OneLayer, params, x, meta, layer_cache):
+    """Layer `one.layer`'s program on any layer of its kind's `params`, as one nested jit: the layers of a kind
+    share one trace and one lowering (a 32-layer Llama step lowered in ~1/5 of the time)."""
+    return one.apply({"params": {f"layers_{one.layer}": params}}, x, meta, layer_cache)
 
 
 class CausalLM(nn.Module):
@@ -106,9 +147,17 @@ class CausalLM(nn.Module):
         if c.embed_norm:
             x = Norm(c, self.dtype, name="embed_norm")(x)
         new_cache = []
+        # Initialising declares each layer's weights; a dense tap (calibration) must see every layer's trace.
+        traced_once = not self.is_initializing() and not dense_tap_active()
+        firsts = first_layer_of_each_kind(c)
         for i in range(c.num_layers):
-            layer = DecoderLayer(c, i, self.dtype, self.backend, self.experts_kernel, name=f"layers_{i}")
-            x, layer_cache = layer(x, meta, kv_cache[i])
+            if traced_once:
+                one = _OneLayer(c, firsts[i], self.dtype, self.backend, self.experts_kernel, parent=None)
+                x, layer_cache = apply_layer_traced_once(one, self.variables["params"][f"layers_{i}"], x, meta,
+                                                         kv_cache[i])
+            else:
+                layer = DecoderLayer(c, i, self.dtype, self.backend, self.experts_kernel, name=f"layers_{i}")
+                x, layer_cache = layer(x, meta, kv_cache[i])
             new_cache.append(layer_cache)
         if not all_logits:
             x = x[meta.logits_index]
