@@ -1,7 +1,8 @@
 # Sourced by the GPU serving scripts (tools/gpu_serve_bench.sh, tools/gpu_constrain_bench.sh) after
 # tools/device_env.sh: one `jaxllm.serve` at a time on $URL with SERVER_FLAGS, and `jaxllm.bench serve` runs
 # against it. STARTUP_FILE collects "LABEL start-up S s" lines; START_TIMEOUT bounds a start-up (s);
-# BENCH_TIMEOUT one bench run (s). Bench runs named warmup* or *_first are untimed: their JSON goes to $LOGS.
+# BENCH_TIMEOUT one bench run (s); CLIENT_PROCESSES the client processes of each run (default 1: one event loop
+# reading every stream). Bench runs named warmup* or *_first are untimed: their JSON goes to $LOGS.
 STARTUP_FILE=${STARTUP_FILE:-$LOGS/startup.txt}
 SERVER_PID=
 
@@ -28,6 +29,6 @@ bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run, its table k
   local results=$OUT
   case $name in warmup* | *_first) results=$LOGS ;; esac
   timeout ${BENCH_TIMEOUT:-300} $PY -m jaxllm.bench serve --base-url "$URL" --tokenizer "$MODEL" \
-    --result-json "$results/$name.json" "$@" 2> /dev/null > "$LOGS/$name.txt"
+    --client-processes ${CLIENT_PROCESSES:-1} --result-json "$results/$name.json" "$@" 2> /dev/null > "$LOGS/$name.txt"
   echo "== $name"; grep -E "throughput|TTFT|TPOT|ITL|completed|failed" "$LOGS/$name.txt"
 }

@@ -5,7 +5,6 @@ startup ...` (the server's start-up, cold and warm)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 
@@ -49,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-rate", type=float, default=float("inf"),
                        help="Poisson arrival rate in requests/s (inf: all at once)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--client-processes", type=int, default=1,
+                       help="client processes the requests are dealt to (each its own event loop): one process "
+                            "reading hundreds of streams falls behind and sees tokens in clumps")
     serve.add_argument("--api-key", default=None,
                        help="sent as `Authorization: Bearer KEY`, for a server started with --api_key")
     _add_workload_flags(serve)
@@ -127,17 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command == "serve":
         if extra:
             raise SystemExit(f"jaxllm.bench: unknown arguments {extra}")
-        from jaxllm.bench.client import run_load
+        from jaxllm.bench.client import run_load_in_processes
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(ns.tokenizer)
         requests = list(build_workload(spec, tokenizer))
         prompts = [r.prompt_text or tokenizer.decode(r.prompt_ids) for r in requests]
-        timings, duration = asyncio.run(run_load(
-            ns.base_url, requests, prompts, api=ns.api, model=ns.model,
+        timings, duration = run_load_in_processes(
+            ns.base_url, requests, prompts, processes=ns.client_processes, api=ns.api, model=ns.model,
             request_rate=ns.request_rate, max_concurrency=ns.max_concurrency, seed=ns.seed, api_key=ns.api_key,
             json_schema=_read_json(ns.json_schema),
-        ))
+        )
         result = summarize(timings, duration)
         table = format_table(result)
     else:

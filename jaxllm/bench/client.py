@@ -1,9 +1,11 @@
-"""Asynchronous load generator: sends a workload to a running server (LightLLM or OpenAI API), streaming."""
+"""Asynchronous load generator: sends a workload to a running server (LightLLM or OpenAI API), streaming; from
+one process or several (`run_load_in_processes`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import time
 
 import aiohttp
@@ -83,13 +85,14 @@ async def run_load(
     seed: int = 0,
     api_key: str | None = None,
     json_schema: dict | None = None,
+    progress: bool = True,
 ) -> tuple[list[RequestTiming], float]:
     """Send every request (Poisson arrivals at `request_rate` req/s, or all at once, with the bearer `api_key`
     if given; each answer constrained to `json_schema` if given); returns timings and the run's wall time."""
     extra = {} if json_schema is None else {"guided_json": json_schema}
     rng = np.random.default_rng(seed)
     limit = asyncio.Semaphore(max_concurrency or len(requests))
-    bar = tqdm(total=len(requests), desc="requests", unit="req")
+    bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not progress)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
@@ -111,3 +114,38 @@ async def run_load(
         duration = time.perf_counter() - start
     bar.close()
     return list(timings), duration
+
+
+def _run_share(base_url: str, requests: list[BenchRequest], prompts: list[str], options: dict,
+               start_at: float) -> tuple[list[RequestTiming], float]:
+    """One client process's share: waits for the common start, returns its timings and when it finished."""
+    time.sleep(max(0.0, start_at - time.time()))
+    timings, _ = asyncio.run(run_load(base_url, requests, prompts, progress=False, **options))
+    return timings, time.time()
+
+
+def run_load_in_processes(base_url: str, requests: list[BenchRequest], prompts: list[str], *, processes: int,
+                          **options) -> tuple[list[RequestTiming], float]:
+    """`run_load` with the requests dealt in turn to `processes` client processes started together, each with
+    its own event loop: one loop reading hundreds of streams falls behind and reads their tokens in clumps, which
+    the inter-token gaps would charge to the server (docs/perf.md, session 11). A request rate and a concurrency
+    limit are shared out (independent Poisson arrivals add up to the whole rate). Timings come back in the
+    requests' order; the wall time runs from the common start to the last process's end."""
+    if processes <= 1:
+        return asyncio.run(run_load(base_url, requests, prompts, **options))
+    processes = min(processes, len(requests))
+    rate = options.get("request_rate", float("inf"))
+    limit = options.get("max_concurrency")
+    shares = []
+    for i in range(processes):
+        share = {**options, "request_rate": rate / processes, "seed": options.get("seed", 0) + i}
+        if limit:
+            share["max_concurrency"] = max(1, limit // processes + (i < limit % processes))
+        shares.append((base_url, requests[i::processes], prompts[i::processes], share))
+    start_at = time.time() + 1.0 + 0.5 * processes  # after every process has started and imported
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        results = pool.starmap(_run_share, [(*share, start_at) for share in shares])
+    timings: list[RequestTiming | None] = [None] * len(requests)
+    for i, (share_timings, _) in enumerate(results):
+        timings[i::processes] = share_timings
+    return timings, max(end for _, end in results) - start_at

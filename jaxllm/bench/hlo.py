@@ -1,6 +1,6 @@
 """The engine's compiled step under --tp, read from its optimised HLO: collectives per layer (kind, data type,
-shape), and large copies or transposes (a layer's whole K or V buffer, or an eighth of a hidden × hidden weight,
-or more). No weights are allocated (the step is lowered on abstract params), so a real config's shapes fit on a
+shape), large copies or transposes (a layer's whole K or V buffer, or an eighth of a hidden × hidden weight,
+or more), and the entry computation's instructions by opcode (to compare two trees' programs). No weights are allocated (the step is lowered on abstract params), so a real config's shapes fit on a
 laptop's fake CPU devices; `--interpret` compiles the GPU's attention path there (the Pallas kernels per device
 under shard_map, in interpret mode) instead of the CPU's plain-JAX attention:
 
@@ -119,15 +119,26 @@ def kv_buffer_elements(text: str) -> int:
     return max(sizes, default=0)
 
 
+def entry_ops(text: str) -> dict[str, int]:
+    """The entry computation's instructions by opcode (fusions, library calls, copies: what a step launches),
+    and each custom call's target: to compare two trees' programs of one step."""
+    entry = text[text.index("ENTRY"):]
+    ops = collections.Counter(re.findall(r"= \S+ ([a-z][a-z\-]*)\(", entry))
+    ops.update(f"custom-call {t}" for t in re.findall(r'custom_call_target="([^"]+)"', entry))
+    return dict(sorted(ops.items()))
+
+
 def summary(text: str, config: ModelConfig) -> dict:
     """Collectives (per kind, data type and shape, with counts) and large copies / transposes: as large as a
-    layer's K or V buffer (a copy of the cache per step) or an eighth of a hidden × hidden weight. The CPU backend
-    promotes bf16 all-reduces to f32 (its all-reduce-promotion pass): there, bf16 models show f32 all-reduces."""
+    layer's K or V buffer (a copy of the cache per step) or an eighth of a hidden × hidden weight; the entry
+    computation's instructions by opcode. The CPU backend promotes bf16 all-reduces to f32 (its
+    all-reduce-promotion pass): there, bf16 models show f32 all-reduces."""
     collectives = collections.Counter(str(op) for op in hlo_ops(text, COLLECTIVES))
     large = min(config.hidden_size * config.hidden_size // 8, kv_buffer_elements(text) or np.inf)
     moves = collections.Counter(str(op) for op in hlo_ops(text, ("copy", "transpose")) if op.elements >= large)
     return {"collectives": dict(collectives), "total_collectives": sum(collectives.values()),
-            "collectives_per_layer": sum(collectives.values()) / config.num_layers, "large_copies": dict(moves)}
+            "collectives_per_layer": sum(collectives.values()) / config.num_layers, "large_copies": dict(moves),
+            "entry_ops": entry_ops(text)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ def test_tp2_step_has_two_all_reduces_per_layer_and_nothing_gathered_or_copied(i
     assert not hlo_ops(text, ("all-gather", "all-to-all", "collective-permute", "reduce-scatter"))
     report = summary(text, config)
     assert report["total_collectives"] == len(hidden) + len(small)
+    assert report["entry_ops"]["all-reduce"] == report["total_collectives"]
     rows_of_kv = kv_buffer_elements(text) // 16  # a layer's K buffer on one device: [rows, 1 of 2 KV heads, 16]
     assert rows_of_kv == (264 if interpret else 257)  # 256 slots + scratch (the Pallas caches: to a multiple of 8)
     assert not [op for op in hlo_ops(text, ("copy", "transpose")) if op.types[0][1] == (rows_of_kv, 1, 16)]

@@ -7,13 +7,14 @@ import pytest
 from jaxllm.bench.__main__ import main
 
 
-@pytest.mark.parametrize("api", ["lightllm", "openai"])
-def test_bench_serve_measures_every_request(lightllm_server, smollm2_dir, tmp_path, api, capsys):
+@pytest.mark.parametrize("api, processes", [("lightllm", 1), ("openai", 1), ("lightllm", 2)],
+                         ids=["lightllm", "openai", "lightllm-two-client-processes"])
+def test_bench_serve_measures_every_request(lightllm_server, smollm2_dir, tmp_path, api, processes, capsys):
     result_path = tmp_path / "result.json"
     code = main([
         "serve", "--base-url", lightllm_server.base, "--api", api, "--tokenizer", str(smollm2_dir),
         "--num-prompts", "6", "--input-len", "12", "--output-len", "5", "--request-rate", "20",
-        "--seed", "1", "--result-json", str(result_path),
+        "--seed", "1", "--client-processes", str(processes), "--result-json", str(result_path),
     ])
     assert code == 0
     result = json.loads(result_path.read_text())
