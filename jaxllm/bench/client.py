@@ -131,9 +131,9 @@ def run_load_in_processes(base_url: str, requests: list[BenchRequest], prompts: 
     the inter-token gaps would charge to the server (docs/perf.md, session 11). A request rate and a concurrency
     limit are shared out (independent Poisson arrivals add up to the whole rate). Timings come back in the
     requests' order; the wall time runs from the common start to the last process's end."""
+    processes = min(processes, len(requests))
     if processes <= 1:
         return asyncio.run(run_load(base_url, requests, prompts, **options))
-    processes = min(processes, len(requests))
     rate = options.get("request_rate", float("inf"))
     limit = options.get("max_concurrency")
     shares = []

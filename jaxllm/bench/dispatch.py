@@ -30,11 +30,12 @@ TINY = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 256, "intermed
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 
 
-def _median_us(call, ready, repeats: int) -> tuple[float, float]:
-    """Median wall and calling-thread CPU µs of `call()`, each after `ready()` (the device idle)."""
+def _medians_us(call, repeats: int, before_each=None) -> tuple[float, float]:
+    """Median wall and calling-thread CPU µs of `repeats` calls of `call()`, each after `before_each()` if given."""
     walls, cpus = [], []
     for _ in range(repeats):
-        ready()
+        if before_each is not None:
+            before_each()
         wall, cpu = time.perf_counter(), time.thread_time()
         call()
         cpus.append(time.thread_time() - cpu)
@@ -42,20 +43,19 @@ def _median_us(call, ready, repeats: int) -> tuple[float, float]:
     return round(1e6 * statistics.median(walls), 1), round(1e6 * statistics.median(cpus), 1)
 
 
+def _median_us(call, ready, repeats: int) -> tuple[float, float]:
+    """Median wall and calling-thread CPU µs of `call()`, each after `ready()` (the device idle)."""
+    return _medians_us(call, repeats, before_each=ready)
+
+
 def _back_to_back_us(call, ready, repeats: int) -> tuple[float, float, float]:
     """Median wall and calling-thread CPU µs of `call()` made right after the one before (the device still busy
     with it), and the device's µs per call over the run (the calls cannot outrun it)."""
     ready()
-    walls, cpus = [], []
     started = time.perf_counter()
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.thread_time()
-        call()
-        cpus.append(time.thread_time() - cpu)
-        walls.append(time.perf_counter() - wall)
+    wall, cpu = _medians_us(call, repeats)
     ready()
-    per_call = (time.perf_counter() - started) / repeats
-    return round(1e6 * statistics.median(walls), 1), round(1e6 * statistics.median(cpus), 1), round(1e6 * per_call, 1)
+    return wall, cpu, round(1e6 * (time.perf_counter() - started) / repeats, 1)
 
 
 def dispatch_us(config: ModelConfig, tp: int, rows: int, dtype: str, repeats: int, mode: list[str] = ()) -> dict:

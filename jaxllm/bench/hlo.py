@@ -1,8 +1,9 @@
 """The engine's compiled step under --tp, read from its optimised HLO: collectives per layer (kind, data type,
 shape), large copies or transposes (a layer's whole K or V buffer, or an eighth of a hidden × hidden weight,
-or more), and the entry computation's instructions by opcode (to compare two trees' programs). No weights are allocated (the step is lowered on abstract params), so a real config's shapes fit on a
-laptop's fake CPU devices; `--interpret` compiles the GPU's attention path there (the Pallas kernels per device
-under shard_map, in interpret mode) instead of the CPU's plain-JAX attention:
+or more), and the entry computation's instructions by opcode (to compare two trees' programs). No weights are
+allocated (the step is lowered on abstract params), so a real config's shapes fit on a laptop's fake CPU devices;
+`--interpret` compiles the GPU's attention path there (the Pallas kernels per device under shard_map, in interpret
+mode) instead of the CPU's plain-JAX attention:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
       python -m jaxllm.bench.hlo --config tests/assets/configs/llama-3-8b.json --layers 2 --tp 2 --rows 1 --interpret

@@ -120,8 +120,8 @@ class Engine(StepLoop, StepReader):
         self._counters = {"steps": 0, "prefill_steps": 0, "decode_steps": 0, "prefill_tokens": 0,
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
-                          "launch_s": 0.0, "launch_cpu_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0, "host_cpu_s": 0.0,
-                          "schedule_cpu_s": 0.0, "dispatch_cpu_s": 0.0, "postprocess_cpu_s": 0.0,
+                          "launch_s": 0.0, "launch_cpu_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0,
+                          "host_cpu_s": 0.0, "schedule_cpu_s": 0.0, "dispatch_cpu_s": 0.0, "postprocess_cpu_s": 0.0,
                           "constrained_steps": 0, "mask_s": 0.0, "mask_wait_s": 0.0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
