@@ -6,6 +6,7 @@ from the persistent cache."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from jaxllm.child import die_with_parent
 from jaxllm.engine.startup import LINE, WEIGHTS_LINE
 
 POLL_S = 0.2
+# The runner's line after the start-up compiles: each shape's seconds of lowering and of XLA (compile or cache read).
+COMPILED_SHAPES_LINE = re.compile(r"compiled \d+ step shapes in (?P<threads>\d+) threads, seconds each [^:]*: "
+                                  r"lower \+ compile\): (?P<each>.*)")
 
 
 def _free_port() -> int:
@@ -65,6 +69,11 @@ def start_once(model_dir: str, flags: list[str], cache_dir: str, log_path: Path,
         phases[match["phase"]] = {"seconds": float(match["seconds"]), "compiled": int(match["built"]),
                                   "from_cache": int(match["read"])}
     result = {"health_s": round(health_s, 2), "phases": phases}
+    compiled = COMPILED_SHAPES_LINE.search(text)
+    if compiled:
+        splits = [pair.split("+") for pair in re.findall(r" (\d+\.\d+\+\d+\.\d+)", compiled["each"])]
+        result.update(lower_s=round(sum(float(lower) for lower, _ in splits), 2),
+                      xla_compile_s=round(sum(float(xla) for _, xla in splits), 2), compile_threads=int(compiled["threads"]))
     loaded = WEIGHTS_LINE.search(text)
     if loaded:
         result.update(weights_gb=float(loaded["gb"]), weights_gb_s=float(loaded["rate"]))
@@ -102,6 +111,8 @@ def format_table(results: dict) -> str:
             cells.append(f"{p['seconds']:>12.2f} s {p['compiled']:>5}/{p['from_cache']:<5}" if p else f"{'-':>26}")
         rows.append(f"{name:<20}" + "".join(cells))
     rows.append(f"{'launch to /health':<20}" + "".join(f"{r['health_s']:>12.2f} s{'':12}" for r in results.values()))
+    for key, label in (("lower_s", "shapes: lowering"), ("xla_compile_s", "shapes: XLA")):
+        rows.append(f"{label:<20}" + "".join(f"{r.get(key, float('nan')):>12.2f} s{'':12}" for r in results.values()))
     rows.append(f"{'weights GB/s':<20}" + "".join(f"{r.get('weights_gb_s', float('nan')):>12.2f}{'':14}"
                                                   for r in results.values()))
     return "\n".join(rows)

@@ -36,10 +36,17 @@ def _greedy_tokens(engine, prompts):
         return [[e.token_id for e in stream] for stream in streams]
 
 
-def test_shapes_compiled_in_parallel_at_start_give_the_tokens_of_shapes_compiled_when_met(tiny_model_dir):
+def test_shapes_compiled_in_parallel_at_start_give_the_tokens_of_shapes_compiled_when_met(tiny_model_dir, caplog):
+    from jaxllm.bench.startup import COMPILED_SHAPES_LINE
+
     prompts = random_prompts(seed=31, count=5)
-    parallel = make_engine(tiny_model_dir, warmup=None, running_max_req_size=4)
-    assert len(parallel.runner.shapes_seen) == parallel.runner.warmup_shapes()[1]  # compiled by the pool
+    with caplog.at_level("INFO", logger="jaxllm.engine.runner"):
+        parallel = make_engine(tiny_model_dir, warmup=None, running_max_req_size=4)
+    startup_set = parallel.runner.warmup_shapes()[1]
+    assert len(parallel.runner.shapes_seen) == startup_set  # compiled by the pool
+    # The startup bench reads each shape's seconds of lowering and of XLA from the runner's line.
+    each = COMPILED_SHAPES_LINE.search("\n".join(caplog.messages))["each"].split(", ")
+    assert len(each) == startup_set and all(float(t.split()[1].split("+")[0]) > 0 for t in each)
     met = make_engine(tiny_model_dir, warmup=0, running_max_req_size=4)
     assert not met.runner.shapes_seen
     tokens = _greedy_tokens(parallel, prompts)
