@@ -112,7 +112,7 @@ def run_core(args, channel: QueuedChannel) -> None:
                 _start_devices_behind()
             from jaxllm.engine.engine import Engine
         with phase("engine-total"):  # the phases below, together
-            engine = Engine.from_args(args, sink=sink)
+            engine = Engine.from_args(args, sink=sink, compile_later=True)
     except (ValueError, FileNotFoundError) as err:  # bad flags or model directory: exit code 2
         channel.send(("failed", str(err), 2))
         channel.close()

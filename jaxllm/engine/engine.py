@@ -44,7 +44,7 @@ class Engine(StepLoop, StepReader):
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
 
     def __init__(self, args, model, params, mesh, tokenizer=None, *, warmup: int | None = None, peers=None,
-                 sink=None):
+                 sink=None, compile_later: bool = False):
         """args: ServerArgs; model/params/mesh: a built model, its weights on `mesh` (or a Future of them, still
         loading: the step shapes compile against the weights' shapes meanwhile); warmup: how many step
         shapes to compile at start-up (None: the runner's start-up set; 0: none, all compile when met); peers:
@@ -52,7 +52,8 @@ class Engine(StepLoop, StepReader):
         events go instead of their own RequestStream (the engine core's process: see jaxllm.engine.core),
         `sink.stream(request_id)` per request and `sink.flush(stats)` after every loop iteration, so that one
         iteration's events leave together; with a sink, the text of rows whose text the engine does not need is
-        left to the frontend (EventMaker.text_elsewhere)."""
+        left to the frontend (EventMaker.text_elsewhere); compile_later: after the start-up set (warmup None, one
+        process), compile the shapes that follow it on a background thread while serving (a server's engine)."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
@@ -87,6 +88,8 @@ class Engine(StepLoop, StepReader):
         with phase("compile-steps"):
             self.runner.warmup(warmup)
         self._await_weights(loading)
+        if compile_later and warmup is None and peers is None:
+            self.runner.compile_later()
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode, text_elsewhere=sink is not None)
         self._grammars: Grammars | None = None  # made (and its worker process started) with the first grammar
@@ -129,7 +132,7 @@ class Engine(StepLoop, StepReader):
         self._snapshot = self._take_snapshot()
 
     @classmethod
-    def from_args(cls, args, *, warmup: int | None = None, sink=None) -> "Engine":
+    def from_args(cls, args, *, warmup: int | None = None, sink=None, compile_later: bool = False) -> "Engine":
         """Load config, tokenizer and weights from args.model_dir onto a --tp mesh; compile the steps. With
         --nccl_port and --tp > 1, first start a process per other device, each running the same steps."""
         enable_compilation_cache()  # before the first compile (random weights are made by one)
@@ -138,7 +141,7 @@ class Engine(StepLoop, StepReader):
         followers = multiprocess.start(args, warmup) if args.processes > 1 else None
         loaded = load_model(args, multiprocess.mesh_devices() if followers else None, weights_behind=True)
         return cls(args, loaded.model, loaded.params, loaded.mesh, loaded.tokenizer, warmup=warmup, peers=followers,
-                   sink=sink)
+                   sink=sink, compile_later=compile_later)
 
     def _await_weights(self, loading: Future | None) -> None:
         """The runner's weights once `loading` (None: they are loaded already) is done; returns None."""
@@ -160,6 +163,7 @@ class Engine(StepLoop, StepReader):
             self._wake.set()
             self._thread.join()
             self._thread = None
+        self.runner.stop_compiling_later()
         if self._grammars is not None:
             self._grammars.close()
 

@@ -64,7 +64,7 @@ def build_runner(args, model, params, mesh, kv: KVCache, max_step_tokens: int, p
     return ModelRunner(
         model, params, mesh, kv_cache_spec(model.config, args.tp), kv,
         max_len=args.max_req_total_len, max_prefill_tokens=max_step_tokens, eos_ids=tuple(args.eos_id), peers=peers,
-        image_rows=image_rows,
+        image_rows=image_rows, mixed_steps=args.splitfuse_mode,
     )
 
 

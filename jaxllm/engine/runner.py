@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +59,13 @@ def warmup_from_env() -> int | None:
     if not value.isdigit():
         raise ValueError(f"JAXLLM_WARMUP_SHAPES must be a whole number of step shapes, not {value!r}")
     return int(value)
+
+
+def _abstract(leaf):
+    """An array's shape, dtype and sharding (a leaf that is no array as it is)."""
+    if isinstance(leaf, jax.Array):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+    return leaf
 
 
 def _compile_threads() -> int:
@@ -148,12 +156,15 @@ class ModelRunner:
         min_prefill_tokens: int = 16,
         peers=None,
         image_rows: int = 0,
+        mixed_steps: bool = False,
     ):
         """peers: in process 0 of a multi-process deployment, the other processes (jaxllm.multiprocess.Followers),
         which are sent each piece of device work before it is enqueued here; image_rows: rows of the
-        image-embedding buffer (a vision-language model's image cache; 0: none)."""
+        image-embedding buffer (a vision-language model's image cache; 0: none); mixed_steps: decodes and
+        prefill chunks share steps (--splitfuse_mode), so prefill steps often have a row per running request."""
         self.model = model
         self.peers = peers
+        self.mixed_steps = mixed_steps
         self.params = params
         self.mesh = mesh
         self.host_kv = kv
@@ -202,6 +213,11 @@ class ModelRunner:
         self._samplers: dict[tuple, jax.stages.Compiled] = {}  # `_sample_masked` compiled, by its sizes
         self.shapes_seen: set[StepShape] = set()  # compiled at start-up or met by a step
         self._warm = False  # the start-up shapes are compiled: what compiles now is met while serving
+        # Shapes being built, so that a step meeting one the background thread builds waits for it.
+        self._building: dict[StepShape, threading.Event] = {}
+        self._build_lock = threading.Lock()
+        self._later: threading.Thread | None = None  # compiles the shapes after the start-up set (compile_later)
+        self._stop_later = threading.Event()
 
     # --- shapes --------------------------------------------------------------------------------
     def shape_of(self, batch: SchedulerOutput, table_rows: np.ndarray | None = None) -> StepShape:
@@ -234,24 +250,31 @@ class ModelRunner:
         return min(pick_bucket(pow2_buckets(self.max_rows), chunks + 1), self.max_rows)
 
     def warmup_shapes(self) -> tuple[list[StepShape], int]:
-        """Every start-up shape, most used first, and how many make the default start-up set: decodes at every
-        row count with the narrowest table, prefills of every token bucket and those with more rows than
-        _PREFILL_ROWS (the start-up set: every greedy shape when widths are not bucketed), then decodes at
-        the wider tables."""
+        """Every shape worth compiling ahead, most used first, and how many make the start-up set: decodes at
+        every row count with the narrowest table and prefills of every token bucket (with mixed steps, also
+        those with a row per request: a step's decodes make them common), then the rest: prefills with a row
+        per request (without mixed steps only many short prompts in one step need them) and decodes at the
+        wider tables."""
         narrow, *wider = self.width_buckets
         shapes = [StepShape(r, r, narrow, True) for r in self.row_buckets]
+        every_row = []
         for t in self.token_buckets:
             w = pick_bucket(self.width_buckets, min(t, self.width_buckets[-1]))
-            for rows in dict.fromkeys((self.prefill_rows(t), self.prefill_rows(t, self.max_rows))):
-                shapes.append(StepShape(t, rows, w, False))
+            rows, all_rows = self.prefill_rows(t), self.prefill_rows(t, self.max_rows)
+            shapes.append(StepShape(t, rows, w, False))
+            if all_rows != rows:
+                every_row.append(StepShape(t, all_rows, w, False))
+        if self.mixed_steps:
+            shapes, every_row = shapes + every_row, []
         startup = len(shapes)
-        return shapes + [StepShape(r, r, w, True) for w in wider for r in self.row_buckets], startup
+        return shapes + every_row + [StepShape(r, r, w, True) for w in wider for r in self.row_buckets], startup
 
     def warmup(self, limit: int | None = None) -> int:
         """Compile the first `limit` start-up shapes (by default the start-up set), several at once; other
         shapes compile when first met. Returns how many were compiled."""
         shapes, startup = self.warmup_shapes()
         shapes = shapes[: startup if limit is None else limit]
+        self.shapes_seen.update(shape.compiled_as() for shape in shapes)
         inputs = [self.inputs.padding(shape) for shape in shapes]
         # XLA compiles with the GIL released, so the shapes compile in parallel. Each shape's executable is
         # kept for its first step (no need to run each on padding).
@@ -269,6 +292,41 @@ class ModelRunner:
         self._warm = True
         return len(shapes)
 
+    @property
+    def compiled_shapes(self) -> set[StepShape]:
+        return set(self._executables)
+
+    def compile_later(self) -> None:
+        """Compile the shapes after the start-up set (warmup_shapes) on a background thread, one at a time, while
+        the engine serves: a step meeting one of them later finds it built (or waits for its build to end)
+        instead of stalling for a whole compile. Their programs are autotuned while the device runs steps, so
+        their timings may pick slower kernels than a quiet start-up would."""
+        shapes, startup = self.warmup_shapes()
+        later = shapes[startup:]
+
+        def build_each() -> None:
+            started, built = time.perf_counter(), 0
+            for shape in later:
+                if self._stop_later.is_set():
+                    return
+                try:
+                    built += self._build_once(self.inputs.padding(shape), shape) is not None
+                except Exception:  # noqa: BLE001 - a step meeting the shape compiles it again and reports
+                    log.exception("compiling the step of shape %s in the background failed", shape)
+            log.info("compiled %d step shapes after start-up in %.1f s, in the background", built,
+                     time.perf_counter() - started)
+
+        self._later = threading.Thread(target=build_each, name="compile-later", daemon=True)
+        self._later.start()
+
+    def stop_compiling_later(self, finish: bool = False) -> None:
+        """Stop compile_later's thread after the shape it builds now (finish: once it has built them all)."""
+        if not finish:
+            self._stop_later.set()
+        if self._later is not None:
+            self._later.join()
+            self._later = None
+
     def _compile(self, host: StepInputs, shape: StepShape) -> jax.stages.Compiled:
         """The compiled step of `shape` (inputs like `host`), compiled on the first call."""
         shape = shape.compiled_as()
@@ -276,20 +334,38 @@ class ModelRunner:
         executable = self._executables.get(shape)
         if executable is None:
             started = time.perf_counter()
-            self._build(host, shape)
+            self._build_once(host, shape)
             executable = self._executables[shape]
             self._note_compile(f"the step of shape {shape}", started)
         return executable
 
+    def _build_once(self, host: StepInputs, shape: StepShape) -> tuple[float, float] | None:
+        """_build, unless `shape` is built already (None) or another thread builds it (wait for that first)."""
+        with self._build_lock:
+            if shape in self._executables:
+                return None
+            other = self._building.get(shape)
+            if other is None:
+                mine = self._building[shape] = threading.Event()
+        if other is not None:
+            other.wait()
+            return self._build_once(host, shape)  # built; or that build failed, and this one tries again
+        try:
+            return self._build(host, shape)
+        finally:
+            with self._build_lock:
+                del self._building[shape]
+            mine.set()
+
     def _build(self, host: StepInputs, shape: StepShape) -> tuple[float, float]:
-        """Lower and compile the step of `shape` (inputs like `host`) and keep it; returns the seconds of each."""
+        """Lower and compile the step of `shape` (inputs like `host`) and keep it; returns the seconds of each.
+        Lowered against the arrays' shapes and shardings only: a step may donate them meanwhile."""
         shape = shape.compiled_as()
-        self.shapes_seen.add(shape)
         started = time.perf_counter()
         words, layout = pack(host)
         words = jax.ShapeDtypeStruct(words.shape, words.dtype, sharding=self._replicated)
-        lowered = self._jitted.lower(self.params, self.kv, self._last_tokens, words, self.image_slab, layout=layout,
-                                     **shape.static_args())
+        state = jax.tree.map(_abstract, (self.params, self.kv, self._last_tokens, self.image_slab))
+        lowered = self._jitted.lower(*state[:3], words, state[3], layout=layout, **shape.static_args())
         lowered_at = time.perf_counter()
         self._executables[shape] = lowered.compile()
         return lowered_at - started, time.perf_counter() - lowered_at

@@ -229,7 +229,9 @@ def test_prefill_steps_with_more_chunks_than_the_row_cap_get_every_row(tiny_mode
     runner = engine.runner
     assert (runner.prefill_rows(16), runner.prefill_rows(1024), runner.prefill_rows(1024, 300)) == (16, 256, 301)
     shapes, startup = runner.warmup_shapes()
-    assert {(s.tokens, s.rows) for s in shapes[:startup] if not s.decode_only} >= {(1024, 256), (1024, 301)}
+    # Without mixed steps only many short prompts need every row: compiled after the start-up set.
+    assert (1024, 256) in {(s.tokens, s.rows) for s in shapes[:startup] if not s.decode_only}
+    assert (1024, 301) in {(s.tokens, s.rows) for s in shapes[startup:] if not s.decode_only}
     prompts = [[int(t) for t in pair] for pair in np.random.default_rng(13).integers(1, 200, size=(300, 2))]
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     with engine:

@@ -54,6 +54,35 @@ def test_shapes_compiled_in_parallel_at_start_give_the_tokens_of_shapes_compiled
     assert all(len(t) == 6 for t in tokens) and len({tuple(t) for t in tokens}) > 1
 
 
+def test_the_shapes_after_the_start_up_set_compile_in_the_background_each_once(tiny_model_dir):
+    """compile_later builds the rest of warmup_shapes (here prefills with a row per request) on its own thread
+    while the engine serves 300 two-token prompts at once, whose prefill step needs one of them: a step meeting
+    a shape in the build waits for it, so each shape is built once, and the tokens are those of prompts alone."""
+    import jax.monitoring
+
+    builds = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: builds.append(event) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    engine = make_engine(tiny_model_dir, warmup=None, running_max_req_size=300, max_total_token_num=2048,
+                         batch_max_tokens=1024)
+    runner = engine.runner
+    shapes, startup = runner.warmup_shapes()
+    assert (1024, 301) in {(s.tokens, s.rows) for s in shapes[startup:]}
+    assert runner.compiled_shapes == set(shapes[:startup])
+    prompts = [[int(t) for t in pair] for pair in np.random.default_rng(43).integers(1, 200, size=(300, 2))]
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    builds.clear()
+    runner.compile_later()
+    with engine:
+        together = [[e.token_id for e in s] for s in engine.submit_many([(p, params, None) for p in prompts])]
+        runner.stop_compiling_later(finish=True)
+        alone = [[e.token_id for e in engine.submit(p, params)] for p in prompts[:3]]
+    assert runner.compiled_shapes >= set(shapes)
+    assert len(builds) == len(runner.compiled_shapes) - startup  # (builds and persistent-cache reads alike)
+    assert together[:3] == alone and all(len(t) == 2 for t in together)
+
+
 def test_a_second_identical_start_compiles_nothing(tiny_model_dir):
     make_engine(tiny_model_dir, warmup=None, running_max_req_size=4)  # fills the cache (if a run before had not)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "engine")]))
