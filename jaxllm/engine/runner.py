@@ -297,12 +297,13 @@ class ModelRunner:
         return set(self._executables)
 
     def compile_later(self) -> None:
-        """Compile the shapes after the start-up set (warmup_shapes) on a background thread, one at a time, while
-        the engine serves: a step meeting one of them later finds it built (or waits for its build to end)
-        instead of stalling for a whole compile. Their programs are autotuned while the device runs steps, so
-        their timings may pick slower kernels than a quiet start-up would."""
+        """Compile the prefill shapes after the start-up set (warmup_shapes: those with a row per request) on a
+        background thread, one at a time, while the engine serves: a step meeting one of them finds it built (or
+        waits for its build to end) instead of stalling for a whole compile. Their programs are autotuned while
+        the device runs steps, so their timings may pick slower kernels than a quiet start-up would. (Decodes at
+        wider tables, the reference attention's, still compile when met: on a CPU they are dozens.)"""
         shapes, startup = self.warmup_shapes()
-        later = shapes[startup:]
+        later = [shape for shape in shapes[startup:] if not shape.decode_only]
 
         def build_each() -> None:
             started, built = time.perf_counter(), 0
