@@ -103,11 +103,8 @@ class KVCache:
         new: list[int] = []
         if req.slots:
             new += self._extend_run(req.slots[-1] + 1, n)
-        while len(new) < n:
-            page = self._pop_free_page()
-            if page is None:
-                break
-            new += self._extend_run(page * self.page_size, n - len(new))
+        if len(new) < n:  # then wholly free pages, as many as the rest needs, taken together
+            new += self._take_pages(n - len(new))
         if len(new) < n:  # fragmented: any free slots, from the top (others' runs grow upwards)
             rest = np.flatnonzero(self._free)[::-1][: n - len(new)]
             self._take(rest)
@@ -311,6 +308,24 @@ class KVCache:
         run = np.arange(start, start + count)
         self._take(run)
         return run.tolist()
+
+    def _take_pages(self, n: int) -> list[int]:
+        """Up to n slots from the front of wholly free pages (one page after another, as the free-page stack
+        gives them: the last one partly)."""
+        pages, room = {}, 0  # (the stack may hold a page twice: it is still free when met again here)
+        while room < n:
+            page = self._pop_free_page()
+            if page is None:
+                break
+            if page not in pages:
+                pages[page] = None
+                room += int(self._page_size_of[page])
+        if not pages:
+            return []
+        slots = (np.fromiter(pages, np.int64, len(pages))[:, None] * self.page_size + np.arange(self.page_size)).ravel()
+        slots = slots[slots < self.num_slots][:n]
+        self._take(slots)
+        return slots.tolist()
 
     def _pop_free_page(self) -> int | None:
         while self._free_pages:
