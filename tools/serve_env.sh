@@ -1,7 +1,6 @@
 # Sourced by the GPU serving scripts (tools/gpu_serve_bench.sh, tools/gpu_constrain_bench.sh) after
 # tools/device_env.sh: one `jaxllm.serve` at a time on $URL with SERVER_FLAGS, and `jaxllm.bench serve` runs
-# against it. STARTUP_FILE collects "LABEL start-up S s" lines (and, after each, when the shapes the server
-# compiles after /health were done: nothing is timed before); START_TIMEOUT bounds a start-up (s);
+# against it. STARTUP_FILE collects "LABEL start-up S s" lines; START_TIMEOUT bounds a start-up (s);
 # BENCH_TIMEOUT one bench run (s); CLIENT_PROCESSES the client processes of each run (default 1: one event loop
 # reading every stream). Bench runs named warmup* or *_first are untimed: their JSON goes to $LOGS.
 STARTUP_FILE=${STARTUP_FILE:-$LOGS/startup.txt}
@@ -16,23 +15,12 @@ start_server() {  # start_server LABEL [extra flags]
   for _ in $(seq 1 $((2 * ${START_TIMEOUT:-600}))); do
     if http_get /health > /dev/null 2>&1; then
       echo "$label start-up $($PY -c "import time; print(f'{time.time() - $t0:.1f}')") s" | tee -a "$STARTUP_FILE"
-      wait_background_compiles "$label" "$t0"
       return 0
     fi
     kill -0 $SERVER_PID 2> /dev/null || { echo "$label: server exited"; tail -20 "$LOGS/server_$label.log"; return 1; }
     sleep 0.5
   done
   echo "$label: no /health after ${START_TIMEOUT:-600} s"; return 1
-}
-wait_background_compiles() {  # LABEL T0: the shapes a server compiles after /health, before anything is timed
-  [ -n "${JAXLLM_WARMUP_SHAPES:-}" ] && return 0
-  for _ in $(seq 1 $((2 * ${START_TIMEOUT:-600}))); do
-    if grep -q "step shapes after start-up" "$LOGS/server_$1.log"; then
-      echo "$1 background compiles done $($PY -c "import time; print(f'{time.time() - $2:.1f}')") s" | tee -a "$STARTUP_FILE"
-      return 0
-    fi
-    sleep 0.5
-  done
 }
 stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
 trap stop_server EXIT

@@ -39,6 +39,10 @@ from jaxllm.models.vision.registry import vision_family
 
 log = logging.getLogger(__name__)
 
+# The shapes compiled after start-up wait for this long a lull: benchmarks' pauses between runs and a client's
+# between requests are shorter, so a compile rarely overlaps traffic.
+QUIET_BEFORE_COMPILING_S = 10.0
+
 
 class Engine(StepLoop, StepReader):
     """Continuous batching over one model: submit() from any thread or event loop, stream the tokens."""
@@ -53,7 +57,8 @@ class Engine(StepLoop, StepReader):
         `sink.stream(request_id)` per request and `sink.flush(stats)` after every loop iteration, so that one
         iteration's events leave together; with a sink, the text of rows whose text the engine does not need is
         left to the frontend (EventMaker.text_elsewhere); compile_later: after the start-up set (warmup None, one
-        process), compile the shapes that follow it on a background thread while serving (a server's engine)."""
+        process), compile the shapes that follow it on a background thread whenever the engine has been without
+        work for QUIET_BEFORE_COMPILING_S (a server's engine)."""
         self.args = args
         self.config = model.config
         self.tokenizer = tokenizer
@@ -88,8 +93,6 @@ class Engine(StepLoop, StepReader):
         with phase("compile-steps"):
             self.runner.warmup(warmup)
         self._await_weights(loading)
-        if compile_later and warmup is None and peers is None:
-            self.runner.compile_later()
         self._events = EventMaker(tokenizer, args.eos_id, prompt_cache=prefix_cache is not None,
                                   cumlogprob=args.diverse_mode or args.beam_mode, text_elsewhere=sink is not None)
         self._grammars: Grammars | None = None  # made (and its worker process started) with the first grammar
@@ -130,6 +133,9 @@ class Engine(StepLoop, StepReader):
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
         self._peak, self._peak_at = 0, 0.0
         self._snapshot = self._take_snapshot()
+        self._idle_since: float | None = None  # when the loop last ran out of work (None: it has work)
+        if compile_later and warmup is None and peers is None:
+            self.runner.compile_later(lambda: self.quiet_for(QUIET_BEFORE_COMPILING_S))
 
     @classmethod
     def from_args(cls, args, *, warmup: int | None = None, sink=None, compile_later: bool = False) -> "Engine":
@@ -153,6 +159,7 @@ class Engine(StepLoop, StepReader):
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
+            self._idle_since = None
             self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
             self._thread.start()
 
@@ -282,6 +289,11 @@ class Engine(StepLoop, StepReader):
         """End a request: its KV is freed within one step and its stream ends with "abort"."""
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    def quiet_for(self, seconds: float) -> bool:
+        """Whether the loop runs and has had no work for the last `seconds`."""
+        since = self._idle_since
+        return self._thread is not None and since is not None and time.monotonic() - since >= seconds
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until the loop has no work left and has finished the bookkeeping of its last step (the

@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -59,6 +60,9 @@ def warmup_from_env() -> int | None:
     if not value.isdigit():
         raise ValueError(f"JAXLLM_WARMUP_SHAPES must be a whole number of step shapes, not {value!r}")
     return int(value)
+
+
+_QUIET_POLL_S = 0.5  # how often compile_later asks whether the engine is quiet
 
 
 def _abstract(leaf):
@@ -296,18 +300,21 @@ class ModelRunner:
     def compiled_shapes(self) -> set[StepShape]:
         return set(self._executables)
 
-    def compile_later(self) -> None:
+    def compile_later(self, quiet: Callable[[], bool]) -> None:
         """Compile the prefill shapes after the start-up set (warmup_shapes: those with a row per request) on a
-        background thread, one at a time, while the engine serves: a step meeting one of them finds it built (or
-        waits for its build to end) instead of stalling for a whole compile. Their programs are autotuned while
-        the device runs steps, so their timings may pick slower kernels than a quiet start-up would. (Decodes at
-        wider tables, the reference attention's, still compile when met: on a CPU they are dozens.)"""
+        background thread, one at a time, each once `quiet()` says the engine has had no work for a while: a
+        step meeting one of them later finds it built (or waits for its build to end) instead of stalling for a
+        whole compile, and a compile (its autotuning runs kernels on the device, its threads take the cores)
+        does not start while requests run, which it would slow. (Decodes at wider tables, the reference
+        attention's, still compile when met: on a CPU they are dozens.)"""
         shapes, startup = self.warmup_shapes()
         later = [shape for shape in shapes[startup:] if not shape.decode_only]
 
         def build_each() -> None:
             started, built = time.perf_counter(), 0
             for shape in later:
+                while not (self._stop_later.is_set() or quiet()):
+                    self._stop_later.wait(_QUIET_POLL_S)
                 if self._stop_later.is_set():
                     return
                 try:

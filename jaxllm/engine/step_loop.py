@@ -60,6 +60,7 @@ class StepLoop:
                     self._advance_images()
                 if self.scheduler.has_work():
                     self._idle.clear()
+                    self._idle_since = None
                     scheduled = PhaseClock()
                     batch = self.scheduler.schedule()
                     scheduled.add_to(self._counters, "schedule")
@@ -87,6 +88,8 @@ class StepLoop:
                     idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
                     if idle:
                         self._idle.set()
+                        if self._idle_since is None:
+                            self._idle_since = time.monotonic()
                     self._wake.wait(timeout=1.0 if idle else 0.001)
                     self._wake.clear()
             if inflight is not None:

@@ -56,8 +56,9 @@ def test_shapes_compiled_in_parallel_at_start_give_the_tokens_of_shapes_compiled
 
 def test_the_shapes_after_the_start_up_set_compile_in_the_background_each_once(tiny_model_dir):
     """compile_later builds the rest of warmup_shapes (here prefills with a row per request) on its own thread
-    while the engine serves 300 two-token prompts at once, whose prefill step needs one of them: a step meeting
-    a shape in the build waits for it, so each shape is built once, and the tokens are those of prompts alone."""
+    (told the engine is quiet throughout) while the engine serves 300 two-token prompts at once, whose prefill
+    step needs one of them: a step meeting a shape in the build waits for it, so each shape is built once, and
+    the tokens are those of prompts alone."""
     import jax.monitoring
 
     builds = []
@@ -73,7 +74,7 @@ def test_the_shapes_after_the_start_up_set_compile_in_the_background_each_once(t
     prompts = [[int(t) for t in pair] for pair in np.random.default_rng(43).integers(1, 200, size=(300, 2))]
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     builds.clear()
-    runner.compile_later()
+    runner.compile_later(quiet=lambda: True)
     with engine:
         together = [[e.token_id for e in s] for s in engine.submit_many([(p, params, None) for p in prompts])]
         runner.stop_compiling_later(finish=True)
@@ -81,6 +82,23 @@ def test_the_shapes_after_the_start_up_set_compile_in_the_background_each_once(t
     assert runner.compiled_shapes >= set(shapes)
     assert len(builds) == len(runner.compiled_shapes) - startup  # (builds and persistent-cache reads alike)
     assert together[:3] == alone and all(len(t) == 2 for t in together)
+
+
+def test_the_engine_is_quiet_only_after_a_lull_without_work(tiny_model_dir):
+    """What the server's background compiles wait for: no work for a while (and a running loop)."""
+    import time
+
+    engine = make_engine(tiny_model_dir)
+    assert not engine.quiet_for(0)  # not started
+    with engine:
+        engine.wait_idle(5)
+        time.sleep(0.05)
+        assert engine.quiet_for(0.05) and not engine.quiet_for(60)
+        stream = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=40, ignore_eos=True))
+        next(stream)
+        assert not engine.quiet_for(0)
+        list(stream)
+    assert not engine.quiet_for(0)
 
 
 def test_a_second_identical_start_compiles_nothing(tiny_model_dir):
