@@ -73,7 +73,8 @@ def start_once(model_dir: str, flags: list[str], cache_dir: str, log_path: Path,
     if compiled:
         splits = [pair.split("+") for pair in re.findall(r" (\d+\.\d+\+\d+\.\d+)", compiled["each"])]
         result.update(lower_s=round(sum(float(lower) for lower, _ in splits), 2),
-                      xla_compile_s=round(sum(float(xla) for _, xla in splits), 2), compile_threads=int(compiled["threads"]))
+                      xla_compile_s=round(sum(float(xla) for _, xla in splits), 2),
+                      compile_threads=int(compiled["threads"]))
     loaded = WEIGHTS_LINE.search(text)
     if loaded:
         result.update(weights_gb=float(loaded["gb"]), weights_gb_s=float(loaded["rate"]))
