@@ -7,7 +7,7 @@
 # minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; HOST=0 skips bench.host).
 # EXTRA_FLAGS go to both (e.g. EXTRA_FLAGS="--splitfuse_mode --splitfuse_block_size 2048": prefill chunks mixed
 # with the decodes, for the gap goal); CLIENT_PROCESSES=4 deals the requests to 4 client processes (one event loop
-# reading 512 streams falls behind and reads tokens in clumps). Usage on the device machine (carry .whl and the
+# reading 512 streams falls behind and reads tokens in clumps), then runs once more with one, for the difference. Usage on the device machine (carry .whl and the
 # tokenizer dir):
 #   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_frontend_bench.sh
 set -uo pipefail
@@ -43,6 +43,9 @@ echo "== server (one untimed run first)"
 start_server split || exit 1
 bench warmup_serve "${WORKLOAD[@]}" > /dev/null
 bench serve "${WORKLOAD[@]}"
+if [ "${CLIENT_PROCESSES:-1}" != 1 ]; then  # the same server read by one client process: the client's share
+  CLIENT_PROCESSES=1 bench serve_one_client "${WORKLOAD[@]}"
+fi
 http_get /metrics | grep -E "^lightllm_batch_inference_count_total" | tee "$LOGS/metrics.txt"
 stop_server
 
@@ -60,4 +63,9 @@ print(f"output tok/s: server {serve['output_throughput']:.0f}, in-process {offli
 print(f"inter-token gap median {itl['median']:.2f} ms, p99 {itl['p99']:.2f} ms; median TPOT {tpot:.2f} ms; "
       f"p99 / TPOT {itl['p99'] / tpot:.2f} (goal <= 3)")
 print(f"server: {serve['completed']} completed, {serve['failed']} failed; TTFT median {serve['ttft_ms']['median']:.0f} ms")
+one = out / "serve_one_client.json"
+if one.exists():
+    one = json.loads(one.read_text())
+    print(f"read by one client process: {one['output_throughput']:.0f} tok/s, gap median {one['itl_ms']['median']:.2f} "
+          f"ms, p99 {one['itl_ms']['p99']:.2f} ms; median TPOT {one['tpot_ms']['median']:.2f} ms")
 EOF_PY
