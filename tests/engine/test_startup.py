@@ -65,12 +65,13 @@ def test_the_shapes_after_the_start_up_set_compile_in_the_background_each_once(t
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration, **kw: builds.append(event) if event == "/jax/core/compile/backend_compile_duration"
         else None)
-    engine = make_engine(tiny_model_dir, warmup=None, running_max_req_size=300, max_total_token_num=2048,
+    # (No start-up compiles: the shapes the steps meet compile then, those after the start-up set in the background.)
+    engine = make_engine(tiny_model_dir, warmup=0, running_max_req_size=300, max_total_token_num=2048,
                          batch_max_tokens=1024)
     runner = engine.runner
     shapes, startup = runner.warmup_shapes()
-    assert (1024, 301) in {(s.tokens, s.rows) for s in shapes[startup:]}
-    assert runner.compiled_shapes == set(shapes[:startup])
+    later = {s for s in shapes[startup:] if not s.decode_only}
+    assert (1024, 301) in {(s.tokens, s.rows) for s in later} and not runner.compiled_shapes
     prompts = [[int(t) for t in pair] for pair in np.random.default_rng(43).integers(1, 200, size=(300, 2))]
     params = SamplingParams(max_new_tokens=2, ignore_eos=True)
     builds.clear()
@@ -79,8 +80,8 @@ def test_the_shapes_after_the_start_up_set_compile_in_the_background_each_once(t
         together = [[e.token_id for e in s] for s in engine.submit_many([(p, params, None) for p in prompts])]
         runner.stop_compiling_later(finish=True)
         alone = [[e.token_id for e in engine.submit(p, params)] for p in prompts[:3]]
-    assert runner.compiled_shapes >= set(shapes)
-    assert len(builds) == len(runner.compiled_shapes) - startup  # (builds and persistent-cache reads alike)
+    assert runner.compiled_shapes >= later
+    assert len(builds) == len(runner.compiled_shapes)  # each built once (builds and persistent-cache reads alike)
     assert together[:3] == alone and all(len(t) == 2 for t in together)
 
 
