@@ -65,6 +65,15 @@ class RequestStream:
                     self._sleepers -= 1
             return self._take()
 
+    def take_ready(self) -> list[TokenEvent]:
+        """The events already here, without waiting (none after the finished one): a reader that has just
+        woken takes a step's backlog at once, and writes it out in one piece."""
+        with self._lock:
+            ready = []
+            while self._events and not self._done:
+                ready.append(self._take())
+            return ready
+
     # --- asyncio -------------------------------------------------------------------------------
     def __aiter__(self):
         return self

@@ -150,25 +150,40 @@ class Generation:
 
     async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
         """(sample index, event) as they come, samples interleaved; closing it aborts what is unfinished."""
+        async with contextlib.aclosing(self.batches()) as batches:
+            async for batch in batches:
+                for item in batch:
+                    yield item
+
+    async def batches(self) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
+        """The events as events() gives them, in lists of those already here when the reader wakes: a stream
+        read a step late is written out in one piece, not one write per token. Closing it aborts what is
+        unfinished."""
         streams = self._submit()
         try:
             if len(streams) == 1:
-                async for event in streams[0]:
-                    self._note(event, 0)
-                    yield 0, event
-                    if event.finished:
+                stream = streams[0]
+                take_ready = getattr(stream, "take_ready", None)  # engines' streams have it; others give one
+                async for event in stream:
+                    batch = [event] if take_ready is None or event.finished else [event, *take_ready()]
+                    for e in batch:
+                        self._note(e, 0)
+                    yield [(0, e) for e in batch]
+                    if batch[-1].finished:
                         break
             else:
                 async with contextlib.aclosing(_merged(streams)) as merged:
-                    async for index, event in merged:
-                        self._note(event, index)
-                        yield index, event
+                    async for batch in merged:
+                        for index, event in batch:
+                            self._note(event, index)
+                        yield batch
         finally:
             self._abort_open()
 
 
-async def _merged(streams: list) -> AsyncIterator[tuple[int, TokenEvent]]:
-    """The events of several streams as they arrive, each stream read up to its finished event."""
+async def _merged(streams: list) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
+    """The events of several streams as they arrive, each stream read up to its finished event, in lists of
+    those that arrived together."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream) -> None:
@@ -186,13 +201,21 @@ async def _merged(streams: list) -> AsyncIterator[tuple[int, TokenEvent]]:
     try:
         running = len(tasks)
         while running:
-            index, event = await queue.get()
-            if event is None:
-                running -= 1
-            elif isinstance(event, Exception):
-                raise event
-            else:
-                yield index, event
+            arrived = [await queue.get()]
+            while not queue.empty():
+                arrived.append(queue.get_nowait())
+            batch = []
+            for index, event in arrived:
+                if event is None:
+                    running -= 1
+                elif isinstance(event, Exception):
+                    if batch:
+                        yield batch
+                    raise event
+                else:
+                    batch.append((index, event))
+            if batch:
+                yield batch
     finally:
         for task in tasks:
             task.cancel()

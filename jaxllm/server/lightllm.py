@@ -122,8 +122,8 @@ async def generate_stream(state: ServerState, body: Any) -> Response:
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
 
     async def chunks() -> AsyncIterator[bytes]:
-        async with contextlib.aclosing(track.events(generation)) as events:
-            async for _, e in events:
-                yield event(stream_event(e))
+        async with contextlib.aclosing(track.batches(generation)) as batches:
+            async for batch in batches:
+                yield b"".join(event(stream_event(e)) for _, e in batch)
 
     return stream_response(chunks(), lambda err: event(lightllm_error_body(err)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from quart import Response
 
@@ -131,10 +131,11 @@ def completion_body(state: ServerState, req: OpenAIRequest, sequences: list[Sequ
     return _envelope("text_completion", req, rid, created, choices, usage=usage(req, completion_tokens))
 
 
-def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator, chat: bool, rid: str,
+def _stream_chunks(state: ServerState, req: OpenAIRequest, batches: AsyncIterator, chat: bool, rid: str,
                    created: int) -> AsyncIterator[bytes]:
     """One chunk per token and choice (chat opens each choice with the assistant role), a last chunk per
-    choice with its finish_reason, the usage chunk if asked, then [DONE]."""
+    choice with its finish_reason, the usage chunk if asked, then [DONE]; the events of one batch (see
+    Generation.batches) are written together."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(index: int, piece: str | None, *, logprobs=None, finish=None, role: bool = False,
@@ -159,30 +160,37 @@ def _stream_chunks(state: ServerState, req: OpenAIRequest, events: AsyncIterator
                 yield chunk(i, req.prompt_texts[i // req.n])
                 offsets[i] = len(req.prompt_texts[i // req.n])
         completion_tokens = 0
-        async with contextlib.aclosing(events) as stream:
-            async for i, e in stream:
-                logprobs = None
-                if req.logprobs and not _ends_with_eos(state, e, req.params.ignore_eos):
-                    if chat:
-                        logprobs = {"content": [_chat_logprob(state, e)]}
-                    else:
-                        logprobs = _completion_logprobs(state, [e], offsets[i])
-                offsets[i] += len(e.text)
-                piece = without_stop(e.text, e)
-                finish = finish_reason(e) if e.finished else None
-                if tool_streams is not None:  # content and tool_calls deltas as the parser finds them
-                    deltas = tool_streams[i].feed(piece)
-                    if e.finished:
-                        more, called = tool_streams[i].finish()
-                        deltas += more
-                        finish = "tool_calls" if called and finish == "stop" else finish
-                    for delta in deltas:
-                        yield chunk(i, None, delta=delta)
-                elif piece or logprobs is not None:
-                    yield chunk(i, piece, logprobs=logprobs)
+
+        def token_chunks(i: int, e: TokenEvent) -> Iterator[bytes]:
+            nonlocal completion_tokens
+            logprobs = None
+            if req.logprobs and not _ends_with_eos(state, e, req.params.ignore_eos):
+                if chat:
+                    logprobs = {"content": [_chat_logprob(state, e)]}
+                else:
+                    logprobs = _completion_logprobs(state, [e], offsets[i])
+            offsets[i] += len(e.text)
+            piece = without_stop(e.text, e)
+            finish = finish_reason(e) if e.finished else None
+            if tool_streams is not None:  # content and tool_calls deltas as the parser finds them
+                deltas = tool_streams[i].feed(piece)
                 if e.finished:
-                    completion_tokens += e.count_output_tokens
-                    yield chunk(i, None, finish=finish)
+                    more, called = tool_streams[i].finish()
+                    deltas += more
+                    finish = "tool_calls" if called and finish == "stop" else finish
+                for delta in deltas:
+                    yield chunk(i, None, delta=delta)
+            elif piece or logprobs is not None:
+                yield chunk(i, piece, logprobs=logprobs)
+            if e.finished:
+                completion_tokens += e.count_output_tokens
+                yield chunk(i, None, finish=finish)
+
+        async with contextlib.aclosing(batches) as stream:
+            async for batch in stream:
+                out = b"".join(piece for i, e in batch for piece in token_chunks(i, e))
+                if out:
+                    yield out
         if req.include_usage:
             yield event(_envelope(kind, req, rid, created, [], usage=usage(req, completion_tokens)), space=True)
         yield DONE
@@ -197,7 +205,7 @@ async def _answer(state: ServerState, body: Any, *, chat: bool) -> Response:
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, req.prompts, req.params, images=images)
     if req.stream:
-        chunks = _stream_chunks(state, req, track.events(generation), chat, rid, created)
+        chunks = _stream_chunks(state, req, track.batches(generation), chat, rid, created)
         return stream_response(chunks, lambda err: event(openai_error_body(err), space=True))
     sequences = await track.collect(generation)
     build = chat_body if chat else completion_body

@@ -77,7 +77,7 @@ class ServerState:
 
 
 class Tracker:
-    """One generation request from arrival to answer, run through collect() or events() once it is valid (or
+    """One generation request from arrival to answer, run through collect() or batches() once it is valid (or
     end()ed when it is not): it feeds the metrics and logs one line per request, with the client's
     X-Request-Id / X-Session-Id."""
 
@@ -99,17 +99,21 @@ class Tracker:
         finally:
             self.end()
 
-    async def events(self, generation: Generation) -> AsyncIterator[tuple[int, TokenEvent]]:
-        """The events of a valid request (see Generation.events); an engine request that ends in an error or
-        an abort raises its ApiError; end() when the stream is over or closed."""
+    async def batches(self, generation: Generation) -> AsyncIterator[list[tuple[int, TokenEvent]]]:
+        """The events of a valid request in lists (see Generation.batches); an engine request that ends in an
+        error or an abort raises its ApiError after the events before it; end() when the stream is over or
+        closed."""
         self.generation = generation
         try:
-            async with contextlib.aclosing(generation.events()) as events:
-                async for index, event in events:
-                    err = failure(event)
-                    if err is not None:
-                        raise err
-                    yield index, event
+            async with contextlib.aclosing(generation.batches()) as batches:
+                async for batch in batches:
+                    for k, (_, event) in enumerate(batch):
+                        err = failure(event)
+                        if err is not None:
+                            if k:
+                                yield batch[:k]
+                            raise err
+                    yield batch
             self.ok = True
         finally:
             self.end()

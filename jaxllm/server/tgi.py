@@ -172,26 +172,30 @@ async def generate_stream(state: ServerState, body: Any) -> Response:
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
     prefix = req.prompt if opts.return_full_text else ""
 
-    async def chunks() -> AsyncIterator[bytes]:
-        pieces = []
-        async with contextlib.aclosing(track.events(generation)) as events:
-            async for _, e in events:
-                pieces.append(e.text)
-                chunk = {
-                    "token": token_dict(e, prompt_tokens=False),
-                    "generated_text": None,
-                    "finished": e.finished,
-                    "finish_reason": e.finish_reason if e.finished else None,
-                    "details": None,
+    pieces = []
+
+    def chunk(e: TokenEvent) -> bytes:
+        pieces.append(e.text)
+        body = {
+            "token": token_dict(e, prompt_tokens=False),
+            "generated_text": None,
+            "finished": e.finished,
+            "finish_reason": e.finish_reason if e.finished else None,
+            "details": None,
+        }
+        if e.finished:
+            body["generated_text"] = prefix + "".join(pieces)
+            if req.return_details:
+                body["details"] = {
+                    "finish_reason": finish_reason(state, req, e),
+                    "generated_tokens": e.count_output_tokens,
+                    "seed": req.params.seed if opts.seeded else None,
                 }
-                if e.finished:
-                    chunk["generated_text"] = prefix + "".join(pieces)
-                    if req.return_details:
-                        chunk["details"] = {
-                            "finish_reason": finish_reason(state, req, e),
-                            "generated_tokens": e.count_output_tokens,
-                            "seed": req.params.seed if opts.seeded else None,
-                        }
-                yield event(chunk)
+        return event(body)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(track.batches(generation)) as batches:
+            async for batch in batches:
+                yield b"".join(chunk(e) for _, e in batch)
 
     return stream_response(chunks(), lambda err: event(tgi_error_body(err)))

@@ -86,3 +86,15 @@ def test_a_reader_whose_loop_closed_is_reported_by_send():
         assert reader.result(timeout=5) == [0]
     finally:
         alive.close()
+
+
+def test_take_ready_takes_the_backlog_up_to_the_finished_event_without_waiting():
+    stream = RequestStream("r")
+    assert stream.take_ready() == []
+    for i in range(3):
+        stream.put(event(i, finished=i == 2))
+    stream.put(event(9))  # nothing after the finished event is read
+    assert next(stream).token_id == 0
+    assert [e.token_id for e in stream.take_ready()] == [1, 2]
+    assert stream.take_ready() == []
+    assert list(stream) == []
