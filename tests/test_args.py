@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxllm.args import ServerArgs, build_parser, parse_args
+from jaxllm.args import build_parser, parse_args
 
 # A copy of ../shared/seed/api_server_args.rst (LightLLM docs at b3d4f1de), the document the flags come from.
 SEED = Path(__file__).resolve().parent / "assets" / "api_server_args.rst"

@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+import orjson
 from quart import Response
 
 from jaxllm.server.errors import invalid
@@ -59,13 +60,16 @@ def finite_logprob(value: float) -> float:
     return LOGPROB_FLOOR if math.isnan(value) or value < LOGPROB_FLOOR else float(value)
 
 
-# One encoder for every reply: json.dumps with options builds a new one per call (a sixth of a stream event's cost).
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+# orjson: a stream event in 0.5 µs against the json module's 6 µs (with one shared encoder), a tenth of the
+# frontend's time per streamed token (docs/perf.md, session 16). Non-string keys are written as strings, as json
+# writes them; numbers are kept finite by the callers (finite_logprob).
+_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 
 
-def dumps(value: Any) -> str:
-    return _ENCODER.encode(value)
+def dump_bytes(value: Any) -> bytes:
+    """UTF-8 JSON, no ASCII escaping, keys in their order."""
+    return orjson.dumps(value, option=_OPTIONS)
 
 
 def json_response(value: Any, status: int = 200) -> Response:
-    return Response(dumps(value), status=status, content_type="application/json")
+    return Response(dump_bytes(value), status=status, content_type="application/json")

@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable
 from quart import Response
 
 from jaxllm.server.errors import ApiError
-from jaxllm.server.jsonio import dumps
+from jaxllm.server.jsonio import dump_bytes
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,7 @@ DONE = b"data: [DONE]\n\n"
 
 def event(value, *, space: bool = False) -> bytes:
     """One event: `data:` + JSON + a blank line (LightLLM writes no space after the colon; OpenAI does)."""
-    return ("data: " if space else "data:").encode() + dumps(value).encode("utf-8") + b"\n\n"
+    return (b"data: " if space else b"data:") + dump_bytes(value) + b"\n\n"
 
 
 async def _guarded(chunks: AsyncIterator[bytes], on_error: Callable[[ApiError], bytes]) -> AsyncIterator[bytes]:

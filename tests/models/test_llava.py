@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from PIL import Image
 from safetensors.numpy import save_file
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -25,7 +24,7 @@ from jaxllm.models.vision.registry import vision_family
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf
 from tests.models.hf_oracle import prefill_meta
-from tests.models.llava_helpers import IMAGE_SIZE, IMAGE_TOKEN, TINY_LLAVA, photo, save_tiny_llava
+from tests.models.llava_helpers import IMAGE_TOKEN, TINY_LLAVA, photo, save_tiny_llava
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):

@@ -132,8 +132,9 @@ def test_error_bodies_per_format():
 
 
 def test_sse_framing():
-    assert event({"a": "é"}) == 'data:{"a": "é"}\n\n'.encode()
-    assert event({"a": 1}, space=True) == b'data: {"a": 1}\n\n'
+    assert event({"a": "é", "n": None}) == 'data:{"a":"é","n":null}\n\n'.encode()  # UTF-8, not \u escapes
+    assert event({"a": 1}, space=True) == b'data: {"a":1}\n\n'
+    assert event({3: [0.5, True]}) == b'data:{"3":[0.5,true]}\n\n'  # keys as the json module writes them
 
 
 def test_logprobs_stay_finite():
