@@ -2,10 +2,10 @@
 
 x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
 (`jaxllm/models/quant.py`) runs, for the weight-only schemes, the Pallas kernels of
-`kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row) and `kernels/pallas/quant_matmul.py` on a
-single GPU at decode-sized row counts, and an XLA dot of the
-dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits
-the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not built yet);
+`kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row) and `kernels/pallas/quant_matmul.py`, or
+`kernels/pallas/two_digit_matmul.py` (w8a16, one row), on a single GPU at decode-sized row counts, and an XLA
+dot of the dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner
+splits the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not built yet);
 w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations.
 """
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.models.quant import FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, is_quantised
-from kernels.pallas import quant_gemv, quant_matmul, reference
+from kernels.pallas import quant_gemv, quant_matmul, reference, two_digit_matmul
 
 
 def dot(x, w):
@@ -33,12 +33,15 @@ def dot(x, w):
     return _xla_matmul(x, w, k, out_shape)
 
 
-# Which kernel per row count (docs/perf.md, "Weight quantisation: one-row products", H200): w8a16 runs our
-# int8 tensor-core kernel up to W8_KERNEL_MAX_ROWS rows (3.1 TB/s at one row, against 2.2 for XLA's dot with
-# the int8 → bf16 convert fused into it) and XLA's fused dot above (faster from 8 rows on); w4a16 runs the
+# Which kernel per row count (docs/perf.md, "Weight quantisation: one-row products", H200): w8a16 runs XLA's
+# int8 GEMM on x's two int8 digits (kernels/pallas/two_digit_matmul.py) at W8_DIGITS_MAX_ROWS rows (3.4 TB/s at
+# one row, session 16; more rows not measured yet), our int8 tensor-core kernel up to W8_KERNEL_MAX_ROWS rows
+# (3.1 TB/s at one row, against 2.2 for XLA's dot with the int8 → bf16 convert fused into it) and XLA's fused
+# dot above (faster from 8 rows on); w4a16 runs the
 # matrix-vector kernel up to quant_gemv.MAX_ROWS rows, our int4 tensor-core kernel up to KERNEL_MAX_ROWS and
 # XLA's dot of dequantised weights above. w8a8 and fp8 always take XLA's integer / fp8 GEMMs on [out, in]
 # weights, which measured faster than our int8 × int8 kernel at every row count.
+W8_DIGITS_MAX_ROWS = 1
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
 
@@ -49,6 +52,8 @@ def _kernel_matmul(x, w, k: int, n: int):
     if not kernels_enabled():
         return None
     if isinstance(w, Int8Weight) and not w.int8_activations:
+        if m <= W8_DIGITS_MAX_ROWS and two_digit_matmul.supports(k):
+            return two_digit_matmul.int8_matmul(x, w.data.reshape(n, k), w.scale.reshape(n))
         if m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
             return quant_matmul.int8_matmul(x, w.data.reshape(n, k), w.scale.reshape(n))
     elif isinstance(w, Int4Weight):

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.pallas import quant_gemv, quant_matmul, reference
+from kernels.pallas import quant_gemv, quant_matmul, reference, two_digit_matmul
 
 # (name, k, n) of Llama-3-8B's products: fused q/k/v, fused gate/up, down.
 SHAPES = (("qkv 4096×6144", 4096, 6144), ("gate_up 4096×28672", 4096, 28672), ("down 14336×4096", 14336, 4096))
@@ -107,7 +107,7 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
         ("bf16 XLA dot", jnp.dot, "w16", b16, False),
         ("w8a16 XLA dot, dequantised outside", _dequant8, "w8", b8, False),
         ("w8a16 XLA dot, int8 converted in the dot", _convert8, "w8", b8, False),
-        ("w8a16 as two int8 digits of int16 x, XLA int8 GEMM", _two_digits8, "w8", b8, False),
+        ("w8a16 as two int8 digits of int16 x, XLA int8 GEMM", two_digit_matmul.int8_matmul, "w8", b8, False),
         *[(f"w8a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int8_matmul, launch), "w8", b8, False)
           for launch in tc8],
         *[(f"w8a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int8_gemv, launch), "w8", b8, False)
@@ -137,20 +137,6 @@ def _dequant8(x, w, s):  # w [n, k]
 
 def _convert8(x, w, s):  # jaxllm's XLA path: the int8 → bf16 convert is the dot's operand, the scale after it
     return (reference.dot_nk(x, w.astype(jnp.bfloat16), jnp.float32) * s[None, :]).astype(jnp.bfloat16)
-
-
-def _two_digits8(x, w, s):
-    """A candidate for w8a16 at small row counts (not used by the model): x per row on an int16 grid, split
-    into two int8 digits (x ≈ scale · (256 hi + lo)) stacked as 2m rows of one int8 GEMM, which XLA runs near
-    the bandwidth on [n, k] weights; exact int32 sums."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1) / 32639.0  # 127 · 256 + 127: both digits stay within int8
-    v = jnp.round(x32 / jnp.where(scale > 0, scale, 1.0)[:, None]).astype(jnp.int32)
-    lo = (v + 128) % 256 - 128
-    digits = jnp.concatenate([(v - lo) // 256, lo]).astype(jnp.int8)  # [2m, k]
-    acc = reference.dot_nk(digits, w, jnp.int32).astype(jnp.float32)
-    m = x.shape[0]
-    return ((acc[:m] * 256 + acc[m:]) * scale[:, None] * s[None, :]).astype(jnp.bfloat16)
 
 
 def _dequant4(x, p, s, z):

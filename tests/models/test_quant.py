@@ -17,7 +17,7 @@ from jaxllm.models import build_model, init_kv_cache, qdot, quant
 from jaxllm.models.backends import resolve_modes
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf
-from kernels.pallas import reference
+from kernels.pallas import reference, two_digit_matmul
 from tests.models.hf_oracle import prefill_meta
 from tests.models.test_llama import save_random_hf_model
 
@@ -159,6 +159,25 @@ def test_dot_of_each_type_matches_its_reference():
     fake = (x_f8.astype(jnp.float32) * x_f8_scale[:, None]).reshape(x.shape)
     np.testing.assert_allclose(jax.jit(qdot.dot)(x, f8), einsum(fake, quant.dequantize(f8)), atol=1e-5)
     assert np.abs(np.asarray(jax.jit(qdot.dot)(x, f8)) - plain).max() < 0.1 * np.abs(plain).max()
+
+
+def test_one_row_w8a16_on_a_gpu_takes_the_two_digit_product(monkeypatch):
+    """On one GPU a one-row w8a16 product runs XLA's int8 GEMM on x's digits (no Pallas kernel: it runs here
+    too), through the same reshapes as the other paths: o_proj-like weights with two input axes."""
+    monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((1, 4, 32)), jnp.float32)
+    q = quant.quantize_int8(jnp.asarray(rng.standard_normal((4, 32, 48)) * 0.1, jnp.float32), 2)
+    dots = [e for e in jax.make_jaxpr(qdot.dot)(x, q).eqns if e.primitive.name == "dot_general"]
+    assert [(e.invars[0].aval.shape, e.invars[0].aval.dtype, e.params["preferred_element_type"]) for e in dots] == [
+        ((2, 128), jnp.int8, jnp.int32)]
+    out = jax.jit(qdot.dot)(x, q)
+    direct = two_digit_matmul.int8_matmul(x.reshape(1, 128), q.data.reshape(48, 128), q.scale.reshape(48))
+    np.testing.assert_allclose(out, direct, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out, jnp.einsum("nhk,hkd->nd", x, quant.dequantize(q)), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(qdot, "kernels_enabled", lambda: False)  # the CPU's path: a float dot (a fresh trace)
+    dots = [e for e in jax.make_jaxpr(lambda x, q: qdot.dot(x, q))(x, q).eqns if e.primitive.name == "dot_general"]
+    assert [(e.invars[0].aval.shape, e.invars[0].aval.dtype) for e in dots] == [((1, 128), jnp.float32)]
 
 
 def test_engine_serves_a_weight_mode(checkpoint):
