@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -46,6 +47,14 @@ class ServerState:
 
     def is_eos(self, token_id: int) -> bool:
         return token_id in self.args.eos_id
+
+    def is_special(self, token_id: int) -> bool:
+        """As the engine marks a generated token's `special` (the tokenizer's special tokens)."""
+        return token_id in self._special_ids
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        return frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
 
     def refresh_load(self) -> None:
         """Copy the engine's load (waiting, running, paused requests; estimated peak tokens) into the gauges."""

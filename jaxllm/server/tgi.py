@@ -37,6 +37,9 @@ def _null_only(name: str, value: Any) -> None:
     raise invalid(f"{name}: not supported by this server", name)
 
 
+# TGI's launcher default for --max-top-n-tokens: the most alternatives a request may ask for per token.
+MAX_TOP_N_TOKENS = 5
+
 # TGI's names (its client sends every one, null meaning "default"), on top of LightLLM's, which pass too.
 TGI_PARAMETERS = {
     **LIGHTLLM_PARAMETERS,
@@ -77,8 +80,10 @@ def _tgi_fields(parameters: dict) -> tuple[dict, TgiOptions, int | None]:
         raise invalid("watermark: watermarking is not supported", "watermark")
     if fields.pop("typical_p", 1.0) != 1.0:
         raise invalid("typical_p: typical decoding is not supported (only 1.0)", "typical_p")
-    if fields.pop("top_n_tokens", 0) != 0:
-        raise invalid("top_n_tokens: returning the most likely tokens is not supported", "top_n_tokens")
+    top_n = fields.pop("top_n_tokens", 0)
+    if not 0 <= top_n <= MAX_TOP_N_TOKENS:
+        raise invalid(f"top_n_tokens: must be between 0 and {MAX_TOP_N_TOKENS}", "top_n_tokens")
+    fields["top_logprobs"] = top_n
     truncate = fields.pop("truncate", None)
     if truncate is not None and truncate < 1:
         raise invalid("truncate: must be at least 1", "truncate")
@@ -130,7 +135,14 @@ def _details(state: ServerState, req: GenerateRequest, opts: TgiOptions, seq: Se
         "seed": seq.params.seed if opts.seeded else None,
         "prefill": prefill_tokens,
         "tokens": [token_dict(e, prompt_tokens=False) for e in seq.events],
+        **({"top_tokens": [top_tokens(state, e) for e in seq.events]} if seq.params.top_logprobs else {}),
     }
+
+
+def top_tokens(state: ServerState, e: TokenEvent) -> list[dict]:
+    """top_n_tokens: the position's most likely tokens, best first, as TGI describes a token."""
+    return [{"id": token_id, "text": state.tokenizer.decode([token_id]), "logprob": finite_logprob(logprob),
+             "special": state.is_special(token_id)} for token_id, logprob in e.top_logprobs or ()]
 
 
 def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, sequences: list[Sequence]) -> list:
@@ -178,6 +190,7 @@ async def generate_stream(state: ServerState, body: Any) -> Response:
         pieces.append(e.text)
         body = {
             "token": token_dict(e, prompt_tokens=False),
+            **({"top_tokens": top_tokens(state, e)} if req.params.top_logprobs else {}),
             "generated_text": None,
             "finished": e.finished,
             "finish_reason": e.finish_reason if e.finished else None,

@@ -47,6 +47,21 @@ def test_client_stream(client, prompt):
     assert events[-1].details.finish_reason.value == "length" and events[-1].details.generated_tokens == 8
 
 
+def test_top_n_tokens_list_each_positions_most_likely_tokens(client, prompt, tokenizer):
+    reply = client.generate(prompt, max_new_tokens=6, top_n_tokens=3)
+    tokens, tops = reply.details.tokens, reply.details.top_tokens
+    assert len(tops) == len(tokens) == 6
+    for chosen, top in zip(tokens, tops):
+        assert len(top) == 3 and [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
+        assert top[0].id == chosen.id and top[0].logprob == pytest.approx(chosen.logprob, abs=1e-4)  # greedy
+        assert len({t.id for t in top}) == 3 and all(t.text == tokenizer.decode([t.id]) for t in top)
+    events = list(client.generate_stream(prompt, max_new_tokens=6, top_n_tokens=3))
+    assert [[t.id for t in e.top_tokens] for e in events] == [[t.id for t in top] for top in tops]
+    assert client.generate(prompt, max_new_tokens=2).details.top_tokens is None  # none asked, none sent
+    with pytest.raises(ValidationError, match="top_n_tokens"):
+        client.generate(prompt, max_new_tokens=2, top_n_tokens=6)
+
+
 def test_client_sampling_seed_stop_and_full_text(client, prompt):
     a = client.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.3, seed=42)
     b = client.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.3, seed=42)

@@ -95,7 +95,7 @@ def test_stream_events(make_client, tokenizer):
 @pytest.mark.parametrize("parameters, status, fragment", [
     ({"watermark": True}, 400, "watermark"),
     ({"typical_p": 0.5}, 400, "typical_p"),
-    ({"top_n_tokens": 3}, 400, "top_n_tokens"),
+    ({"top_n_tokens": 6}, 400, "top_n_tokens"),
     ({"grammar": {"type": "xml", "value": "<a/>"}}, 400, "grammar"),
     ({"truncate": 0}, 400, "truncate"),
     ({"bogus": 1}, 422, "unknown field 'bogus'"),
