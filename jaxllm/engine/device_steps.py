@@ -15,7 +15,7 @@ from jaxllm.models.attention import AttentionMetadata
 
 
 def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, width, decode_only,
-         all_logits, penalties, sampling, top_logprobs):
+         all_logits, penalties, sampling, top_logprobs, typical):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
     sampled, logprobs, prompt logprobs, top, logits) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless
     asked) and the sampled rows' logits [R, V]: a step with constrained rows runs as the greedy step of its
@@ -58,17 +58,17 @@ def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, 
         prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
     history = token_table[inp.kv_rows, :width]  # [R, width]
     new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
-    last, sampled, logprobs, top = sample_rows(eos_ids, last_tokens, logits, history, inp, None,
-                                                penalties=penalties, sampling=sampling, top_logprobs=top_logprobs)
+    last, sampled, logprobs, top = sample_rows(eos_ids, last_tokens, logits, history, inp, None, penalties=penalties,
+                                                sampling=sampling, top_logprobs=top_logprobs, typical=typical)
     return new_kv, last, sampled, logprobs, prompt_lp, top, logits
 
 
-def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, sampling, top_logprobs):
+def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, sampling, top_logprobs, typical):
     """The sampler over the rows' logits [R, V]: (last tokens, sampled [R], logprobs [R], top), top = (ids,
     logprobs) [R, MAX_TOP_LOGPROBS] when `top_logprobs`, else [R, 1] zeros."""
     sampled, logprobs, *top = sample(
         logits, inp.sampling, history, inp.context_lens, eos_ids, penalties=penalties, sampling=sampling,
-        mask=mask, top_logprobs=MAX_TOP_LOGPROBS if top_logprobs else 0,
+        typical=typical, mask=mask, top_logprobs=MAX_TOP_LOGPROBS if top_logprobs else 0,
     )
     rows = sampled.shape[0]
     top_lp, top_ids = top[0] if top else (jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, 1), jnp.int32))
@@ -77,14 +77,14 @@ def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, 
 
 
 def sample_masked(eos_ids, last_tokens, logits, token_table, words, mask, *, layout, width, penalties, sampling,
-                  top_logprobs):
+                  top_logprobs, typical):
     """The second call of a constrained step: the sampler over the model's logits [R, V] with each row's
     allowed-token mask [R, ceil(V / 32)] (token_table: the step's updated one, for penalties). last_tokens is
     donated."""
     inp = unpack(words, layout)
     history = token_table[inp.kv_rows, :width] if penalties else jnp.zeros((1,), jnp.int32)
     return sample_rows(eos_ids, last_tokens, logits, history, inp, mask, penalties=penalties, sampling=sampling,
-                       top_logprobs=top_logprobs)
+                       top_logprobs=top_logprobs, typical=typical)
 
 
 def encode_images(model, params, slab, inputs, rows, *, grid):

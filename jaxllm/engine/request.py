@@ -59,6 +59,7 @@ class SamplingParams:
     prompt_logprobs: bool = False  # ours: logprob of every prompt token given its prefix
     top_logprobs: int = 0  # ours: the k most likely tokens' logprobs at each generated position (k <= 20)
     guided: Guided | None = None  # ours: the grammar the output must follow (constrained decoding)
+    typical_p: float = 1.0  # ours (TGI's): locally typical sampling's mass, after top-p and top-k; 1 = off
 
     def __post_init__(self):
         # Accept lists and a lone string where tuples are declared (JSON bodies give lists).
@@ -77,7 +78,7 @@ class SamplingParams:
         greedy = not self.do_sample or 0 <= self.temperature < _GREEDY_TEMPERATURE
         if not greedy:
             return self
-        return dataclasses.replace(self, do_sample=False, temperature=1.0, top_p=1.0, top_k=1)
+        return dataclasses.replace(self, do_sample=False, temperature=1.0, top_p=1.0, top_k=1, typical_p=1.0)
 
     @property
     def greedy(self) -> bool:
@@ -94,6 +95,7 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty >= 1.0, "must be >= 1.0"),
             ("temperature", self.temperature > 0.0, "must be > 0 (or do_sample false for greedy)"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("typical_p", 0.0 < self.typical_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 1, "must be -1 (no limit) or >= 1"),
             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
             ("min_new_tokens", 1 <= self.min_new_tokens <= self.max_new_tokens,

@@ -11,8 +11,9 @@ from jaxllm.engine.sampler import PADDING_ROW, SamplingBatch, sampling_row, seed
 from jaxllm.engine.scheduler import SchedulerOutput
 
 _PADDING_VALUES = (*PADDING_ROW, 0, 0)  # a padding row's sampling values and seed words
-# Columns of the flags table: a penalty, a non-greedy draw, top logprobs wanted, a constraint (maybe active).
-_PENALTIES, _SAMPLING, _TOP_LOGPROBS, _CONSTRAINED = range(4)
+# Columns of the flags table: a penalty, a non-greedy draw, top logprobs wanted, a constraint (maybe active),
+# a typical_p cut.
+_PENALTIES, _SAMPLING, _TOP_LOGPROBS, _CONSTRAINED, _TYPICAL = range(5)
 
 
 class RowValues:
@@ -24,7 +25,7 @@ class RowValues:
         self.scratch_row = num_rows
         self._values = np.zeros((num_rows + 1, len(SamplingBatch.FIELDS) + 2), np.float64)  # every value exact
         self._values[num_rows] = _PADDING_VALUES
-        self._flags = np.zeros((num_rows + 1, 4), bool)
+        self._flags = np.zeros((num_rows + 1, 5), bool)
         self._owners: list[Request | None] = [None] * (num_rows + 1)  # whose values each row holds
 
     def reset(self) -> None:
@@ -44,7 +45,7 @@ class RowValues:
         p = req.params
         self._values[row] = (*sampling_row(req, self.vocab_size), *seed_words(req.seed))
         self._flags[row] = (p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty, p.top_k != 1,
-                            req.top_logprobs_wanted > 0, req.constraint is not None)
+                            req.top_logprobs_wanted > 0, req.constraint is not None, p.typical_p < 1)
         self._owners[row] = req
 
     def sampling(self, rows: np.ndarray, pad_rows: int) -> SamplingBatch:
@@ -57,8 +58,8 @@ class RowValues:
     def shape_flags(self, batch: SchedulerOutput, rows: np.ndarray) -> dict:
         """StepShape's sampler switches for a step of `batch` whose rows are `rows` (rows_of): penalties, sampling,
         top_logprobs (a sampled row reports its most likely tokens), constrained (a sampled row's constraint is
-        active)."""
-        flags = self._flags[rows]  # [n, 4]
+        active), typical (a row's draw takes the typical_p cut)."""
+        flags = self._flags[rows]  # [n, 5]
         chunks = batch.chunks
         sampled = slice(None) if batch.kind == "decode" else np.array([c.samples for c in chunks], bool)
         constrained = False
@@ -68,4 +69,5 @@ class RowValues:
                 constrained = True
                 break
         return {"penalties": bool(flags[:, _PENALTIES].any()), "sampling": bool(flags[:, _SAMPLING].any()),
-                "top_logprobs": bool(flags[sampled, _TOP_LOGPROBS].any()), "constrained": constrained}
+                "top_logprobs": bool(flags[sampled, _TOP_LOGPROBS].any()), "constrained": constrained,
+                "typical": bool(flags[:, _TYPICAL].any())}

@@ -193,14 +193,14 @@ class ModelRunner:
         self._jitted = jax.jit(
             functools.partial(device_steps.step, model, self.eos_ids),
             static_argnames=("layout", "width", "decode_only", "all_logits", "penalties", "sampling",
-                             "top_logprobs"),
+                             "top_logprobs", "typical"),
             donate_argnums=(1, 2),
             out_shardings=(kv_shardings, rep, rep, rep, rep, rep, None),  # logits: as the model leaves them
         )
         # Compiled per shape when first met: steps without constrained rows never call it.
         self._sample_masked = jax.jit(
             functools.partial(device_steps.sample_masked, self.eos_ids),
-            static_argnames=("layout", "width", "penalties", "sampling", "top_logprobs"),
+            static_argnames=("layout", "width", "penalties", "sampling", "top_logprobs", "typical"),
             donate_argnums=(0,), out_shardings=(rep, rep, rep, rep),
         )
         self.mask_words = (self.vocab_size + 31) // 32  # int32 words of a row's allowed-token mask
@@ -494,7 +494,7 @@ class ModelRunner:
         if not shape.constrained:
             return sampled, logprobs, prompt_lp, top, None
         statics = {"layout": layout, "width": shape.width, "penalties": shape.penalties,
-                   "sampling": shape.sampling, "top_logprobs": shape.top_logprobs}
+                   "sampling": shape.sampling, "top_logprobs": shape.top_logprobs, "typical": shape.typical}
         return None, None, prompt_lp, None, (logits, self.kv.token_table, words, statics)
 
     def _init_device_state(self):

@@ -1,6 +1,6 @@
 """Next-token sampling as a pure JAX function, jitted inside the step (no host sync), in LightLLM's order:
 penalties → eos length penalty → min_new_tokens eos mask → allowed-token mask (constrained rows) →
-temperature → softmax → top-p → top-k → draw.
+temperature → softmax → top-p → top-k → (TGI's typical_p) → draw.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class SamplingBatch:
     min_new_tokens: jax.Array  # i32
     prompt_len: jax.Array  # i32
     penalty_start: jax.Array  # i32: first position counted by the penalties (0 with input_penalty)
+    typical_p: jax.Array  # f32: locally typical sampling's mass (1: off)
     seed: jax.Array  # u32 [rows, 2]: the request's 64-bit seed as two words
 
     # Fields in order, for building the host arrays.
@@ -40,6 +41,7 @@ class SamplingBatch:
         ("repetition_penalty", np.float32), ("frequency_penalty", np.float32),
         ("presence_penalty", np.float32), ("decay_start", np.int32), ("decay_factor", np.float32),
         ("min_new_tokens", np.int32), ("prompt_len", np.int32), ("penalty_start", np.int32),
+        ("typical_p", np.float32),
     )
 
 
@@ -50,12 +52,12 @@ def sampling_row(req: Request, vocab_size: int) -> tuple:
     top_k = vocab_size if p.top_k == -1 else min(p.top_k, vocab_size)
     return (
         p.temperature, p.top_p, top_k, p.repetition_penalty, p.frequency_penalty, p.presence_penalty,
-        start, factor, p.min_new_tokens, req.prompt_len, 0 if p.input_penalty else req.prompt_len,
+        start, factor, p.min_new_tokens, req.prompt_len, 0 if p.input_penalty else req.prompt_len, p.typical_p,
     )
 
 
 # A padding row: greedy, no penalty, so it never turns on the costlier paths.
-PADDING_ROW = (1.0, 1.0, 1, 1.0, 0.0, 0.0, 0, 1.0, 1, 0, 0)
+PADDING_ROW = (1.0, 1.0, 1, 1.0, 0.0, 0.0, 0, 1.0, 1, 0, 0, 1.0)
 
 
 def seed_words(seed: int) -> tuple[int, int]:
@@ -144,10 +146,41 @@ def cut_mask(probs, top_p, top_k):
     return probs >= threshold[:, None]
 
 
-def draw(probs, top_p, top_k, u):
-    """Token ids [R] drawn from probs [R, V] after the cuts, by inverse CDF in id order with the row's
-    uniform u [R] (scaled by the kept mass, so no renormalisation)."""
+def typical_mask(probs, mass):
+    """Locally typical sampling's cut (transformers' TypicalLogitsWarper, TGI's typical_p) as a mask [R, V],
+    without sorting: of probs [R, V] (any scale; zeros are cut tokens) renormalised, ordered by how far each
+    token's surprisal is from the distribution's entropy, the fewest whose mass reaches `mass` [R], ties at the
+    last distance kept; every token where that mass is not reached (mass 1). Those are the tokens whose distance
+    is at most a per-row threshold: the smallest distance whose tokens reach the mass, found by bisection on the
+    float32 bit patterns of the distances."""
+    p = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    live = p > 0
+    logp = jnp.log(jnp.where(live, p, 1.0))
+    entropy = -jnp.sum(jnp.where(live, p * logp, 0.0), axis=-1, keepdims=True)
+    distance = jnp.where(live, jnp.abs(-logp - entropy), jnp.inf)  # [R, V]
+
+    def reaches(bits):  # [R] i32 → [R] bool: the tokens within that distance hold the mass
+        t = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        return jnp.sum(jnp.where(distance <= t[:, None], p, 0.0), axis=-1) >= mass
+
+    far = jnp.max(jnp.where(live, distance, 0.0), axis=-1)
+    hi = jax.lax.bitcast_convert_type(far, jnp.int32)  # distances are >= 0: their bit patterns order as they do
+    cut = (mass < 1.0) & reaches(hi)
+    lo = jnp.full_like(hi, -1)  # reaches(lo) is false, reaches(hi) true: 31 halvings span every pattern
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        ok = reaches(mid)
+        lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    threshold = jax.lax.bitcast_convert_type(hi, jnp.float32)
+    return live & (~cut[:, None] | (distance <= threshold[:, None]))
+
+
+def draw(probs, top_p, top_k, u, typical_p=None):
+    """Token ids [R] drawn from probs [R, V] after the cuts (typical_p [R]: then the typical cut, when given), by
+    inverse CDF in id order with the row's uniform u [R] (scaled by the kept mass, so no renormalisation)."""
     kept = jnp.where(cut_mask(probs, top_p, top_k), probs, 0.0)
+    if typical_p is not None:
+        kept = jnp.where(typical_mask(kept, typical_p), kept, 0.0)
     cum = jnp.cumsum(kept, axis=-1)
     choice = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
     return jnp.minimum(choice, probs.shape[-1] - 1).astype(jnp.int32)
@@ -162,13 +195,14 @@ def first_index_of(x, top):
 
 
 def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int, ...], *,
-           penalties: bool = True, sampling: bool = True, mask=None, top_logprobs: int = 0):
+           penalties: bool = True, sampling: bool = True, typical: bool = False, mask=None, top_logprobs: int = 0):
     """Next tokens and their logprobs.
 
     logits [R, V] f32; history [R, W] token ids of each row's positions (W ≥ context_lens);
     context_lens [R]: positions already in the row (the sampled token goes at this position).
     Static switches, set by the caller from the rows' parameters: `penalties` (some row has one),
-    `sampling` (some row is not greedy); off, their work is left out of the compiled step.
+    `sampling` (some row is not greedy), `typical` (some sampled row has typical_p < 1); off, their work is left
+    out of the compiled step.
     mask: None, or each row's allowed tokens (see apply_token_mask).
     Returns (token ids [R] int32, logprobs [R] f32): the log of the chosen token's probability after
     penalties and temperature, before the top-p / top-k cuts. With `top_logprobs` k > 0 (static), also
@@ -192,7 +226,8 @@ def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int,
     logprobs = scaled - top - log_total  # log-softmax
     tokens = first_index_of(scaled, top)  # the argmax
     if sampling:  # greedy rows (top_k 1) keep their argmax
-        drawn = draw(jnp.exp(logprobs), sb.top_p, sb.top_k, row_uniforms(sb.seed, out_len))
+        drawn = draw(jnp.exp(logprobs), sb.top_p, sb.top_k, row_uniforms(sb.seed, out_len),
+                     sb.typical_p if typical else None)
         tokens = jnp.where(sb.top_k == 1, tokens, drawn)
         chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     else:  # the argmax's logprob: (top - top) - log_total, without a lookup (over --tp's split vocabulary, a collective)

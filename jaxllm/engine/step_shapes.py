@@ -33,6 +33,7 @@ class StepShape:
     sampling: bool = False  # some row is not greedy
     top_logprobs: bool = False  # some row reports its most likely tokens' logprobs (MAX_TOP_LOGPROBS of them)
     constrained: bool = False  # some sampled row has an allowed-token mask: the sampler runs as a second call
+    typical: bool = False  # some row's draw takes a typical_p cut
 
     def static_args(self) -> dict:
         """The step function's static arguments (sizes come with the arrays)."""
@@ -43,4 +44,5 @@ class StepShape:
         (its sampler comes after, with the masks)."""
         if not self.constrained:
             return self
-        return dataclasses.replace(self, penalties=False, sampling=False, top_logprobs=False, constrained=False)
+        return dataclasses.replace(self, penalties=False, sampling=False, top_logprobs=False, constrained=False,
+                                   typical=False)

@@ -78,8 +78,6 @@ def _tgi_fields(parameters: dict) -> tuple[dict, TgiOptions, int | None]:
         fields.setdefault("stop_sequences", fields.pop("stop"))
     if fields.pop("watermark", False):
         raise invalid("watermark: watermarking is not supported", "watermark")
-    if fields.pop("typical_p", 1.0) != 1.0:
-        raise invalid("typical_p: typical decoding is not supported (only 1.0)", "typical_p")
     top_n = fields.pop("top_n_tokens", 0)
     if not 0 <= top_n <= MAX_TOP_N_TOKENS:
         raise invalid(f"top_n_tokens: must be between 0 and {MAX_TOP_N_TOKENS}", "top_n_tokens")

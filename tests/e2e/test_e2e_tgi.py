@@ -62,6 +62,23 @@ def test_top_n_tokens_list_each_positions_most_likely_tokens(client, prompt, tok
         client.generate(prompt, max_new_tokens=2, top_n_tokens=6)
 
 
+def test_typical_p_draws_as_transformers_does(client, prompt, tokenizer, smollm2_transformers):
+    """typical_p so small that one token holds the mass: the token whose surprisal is nearest the entropy, each
+    step, whatever the seed: transformers' TypicalLogitsWarper gives the same tokens."""
+    import torch
+
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        out = smollm2_transformers.generate(ids, do_sample=True, typical_p=1e-6, top_k=0, top_p=1.0,
+                                            temperature=1.0, max_new_tokens=8, min_new_tokens=8)
+    expected = out[0, ids.shape[1]:].tolist()
+    for seed in (1, 2):
+        reply = client.generate(prompt, max_new_tokens=8, do_sample=True, typical_p=1e-6, seed=seed)
+        assert [t.id for t in reply.details.tokens] == expected
+    plain = client.generate(prompt, max_new_tokens=8).details.tokens
+    assert [t.id for t in plain] != expected  # not the greedy answer
+
+
 def test_client_sampling_seed_stop_and_full_text(client, prompt):
     a = client.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.3, seed=42)
     b = client.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.3, seed=42)

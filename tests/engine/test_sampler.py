@@ -1,4 +1,5 @@
-"""Sampler: LightLLM's penalty order and formulas, eos rules, and the distributions of top-k/top-p/temperature."""
+"""Sampler: LightLLM's penalty order and formulas, eos rules, and the distributions of top-k/top-p/temperature;
+TGI's typical_p against transformers' TypicalLogitsWarper."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from jaxllm.engine.sampler import (
     sample,
     sampling_row,
     seed_words,
+    typical_mask,
 )
 
 VOCAB = 32
@@ -27,7 +29,7 @@ def batch(rows: list[tuple[SamplingParams, int, int]]):
     return SamplingBatch(**fields, seed=jnp.asarray(np.asarray([seed_words(r.seed) for r in reqs], np.uint32)))
 
 
-sample_jit = jax.jit(sample, static_argnums=4)
+sample_jit = jax.jit(sample, static_argnums=4, static_argnames="typical")
 
 
 def expected_penalties(logits, counts: dict[int, int], rep, freq, pres):
@@ -177,3 +179,53 @@ def test_a_seeded_request_draws_the_same_tokens_in_any_batch():
     mixed, _ = sample_jit(jnp.asarray(mixed_logits), batch(mixed_rows), jnp.zeros((6, 8), jnp.int32),
                           jnp.ones(6, jnp.int32), ())
     assert int(mixed[3]) == int(alone[0])
+
+
+def transformers_typical_keep(logits: np.ndarray, mass: float) -> np.ndarray:
+    """The tokens transformers' TypicalLogitsWarper keeps (not -inf) of one row of logits (-inf: already cut)."""
+    import torch
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    scores = TypicalLogitsWarper(mass=mass)(None, torch.tensor(logits[None], dtype=torch.float32))
+    return np.isfinite(scores.numpy()[0])
+
+
+@pytest.mark.parametrize("mass", [0.05, 0.3, 0.7, 0.95, 0.999])
+def test_typical_cut_keeps_what_transformers_keeps(mass):
+    rng = np.random.default_rng(int(mass * 1000))
+    logits = (rng.normal(size=(6, 500)) * rng.uniform(0.3, 4.0, (6, 1))).astype(np.float32)
+    logits[3, rng.choice(500, 200, replace=False)] = -np.inf  # a row already cut by top-p / top-k
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs[np.isinf(logits)] = 0.0
+    got = np.asarray(jax.jit(typical_mask)(jnp.asarray(probs), jnp.full(6, mass, jnp.float32)))
+    for row in range(6):
+        want = transformers_typical_keep(logits[row], mass)
+        assert np.array_equal(got[row], want), (row, got[row].sum(), want.sum())
+
+
+def test_typical_p_one_keeps_every_live_token():
+    probs = np.random.default_rng(1).dirichlet(np.ones(64), size=3).astype(np.float32)
+    probs[1, :10] = 0.0
+    got = np.asarray(typical_mask(jnp.asarray(probs), jnp.ones(3, jnp.float32)))
+    assert np.array_equal(got, probs > 0)
+
+
+def test_typical_p_draws_follow_the_cut_distribution():
+    logits = np.random.default_rng(4).normal(size=VOCAB).astype(np.float32) * 1.5
+    params = SamplingParams(do_sample=True, temperature=0.8, top_p=0.95, typical_p=0.6)
+    draws = 20000
+    rows = [(params, 1, seed) for seed in range(draws)]
+    tokens, logprobs = sample_jit(jnp.asarray(logits)[None].repeat(draws, 0), batch(rows),
+                                  jnp.zeros((draws, 8), jnp.int32), jnp.ones(draws, jnp.int32), (), typical=True)
+    scaled = logits / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    top_p_kept = np.full(VOCAB, -np.inf, np.float32)
+    keep = order[(np.cumsum(probs[order]) - probs[order]) <= params.top_p]
+    top_p_kept[keep] = scaled[keep]
+    target = np.where(transformers_typical_keep(top_p_kept, params.typical_p), probs, 0.0)
+    target /= target.sum()
+    assert chi_square_ok(np.bincount(np.asarray(tokens), minlength=VOCAB), target)
+    # The logprob is that of the softmax before the cuts.
+    np.testing.assert_allclose(np.asarray(logprobs), np.log(probs[np.asarray(tokens)]), rtol=1e-4, atol=1e-5)

@@ -82,7 +82,7 @@ def test_row_values_follow_the_request_that_holds_the_row():
 
     def expected(reqs, pad):
         return np.array([(*sampling_row(r, VOCAB), *seed_words(r.seed)) for r in reqs]
-                        + [(1.0, 1.0, 1, 1.0, 0.0, 0.0, 0, 1.0, 1, 0, 0, 0, 0)] * pad)
+                        + [(1.0, 1.0, 1, 1.0, 0.0, 0.0, 0, 1.0, 1, 0, 0, 1.0, 0, 0)] * pad)
 
     def gathered(batch):
         sb = values.sampling(values.rows_of(batch), 2)
@@ -92,9 +92,9 @@ def test_row_values_follow_the_request_that_holds_the_row():
     batch = step(first, greedy)
     np.testing.assert_allclose(gathered(batch), expected([first, greedy], 2), rtol=1e-6)
     assert values.shape_flags(batch, values.rows_of(batch)) == {
-        "penalties": False, "sampling": True, "top_logprobs": False, "constrained": False}
+        "penalties": False, "sampling": True, "top_logprobs": False, "constrained": False, "typical": False}
     second.kv_row = 2  # row 2 changes hands: its values and flags are the new holder's
     batch = step(greedy, second)
     np.testing.assert_allclose(gathered(batch), expected([greedy, second], 2), rtol=1e-6)
     assert values.shape_flags(batch, values.rows_of(batch)) == {
-        "penalties": True, "sampling": False, "top_logprobs": True, "constrained": False}
+        "penalties": True, "sampling": False, "top_logprobs": True, "constrained": False, "typical": False}

@@ -94,7 +94,7 @@ def test_stream_events(make_client, tokenizer):
 
 @pytest.mark.parametrize("parameters, status, fragment", [
     ({"watermark": True}, 400, "watermark"),
-    ({"typical_p": 0.5}, 400, "typical_p"),
+    ({"typical_p": 1.5, "do_sample": True}, 400, "typical_p"),
     ({"top_n_tokens": 6}, 400, "top_n_tokens"),
     ({"grammar": {"type": "xml", "value": "<a/>"}}, 400, "grammar"),
     ({"truncate": 0}, 400, "truncate"),
