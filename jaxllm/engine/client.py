@@ -83,12 +83,12 @@ class EngineClient:
         self._channel = QueuedChannel(sock, "jaxllm-frontend")
         self._channel.send(("start", self.args))
         # transformers (seconds to import) only now: the core's process starts first, and loads meanwhile.
-        from jaxllm.engine.detokenizer import model_tokenizer
+        from jaxllm.engine.detokenizer import model_tokenizer, special_ids
 
         self.tokenizer = model_tokenizer(self.args)  # while the core loads its weights
         if self.tokenizer is not None:
             self._eos = frozenset(self.args.eos_id)
-            self._special = frozenset(self.tokenizer.all_special_ids)
+            self._special = special_ids(self.tokenizer)
         info = self._wait_ready()
         self.rules = SubmitRules(self.args, info["vocab_size"], info["scoring"], info["has_tokenizer"])
         self.scoring, self.pid, self._stats = info["scoring"], info["pid"], info["stats"]

@@ -38,6 +38,12 @@ def model_tokenizer(args) -> PreTrainedTokenizerBase | None:
     return load_tokenizer(args.model_dir, args.tokenizer_mode, trust_remote_code=args.trust_remote_code)
 
 
+def special_ids(tokenizer) -> frozenset[int]:
+    """The tokenizer's special token ids (none for None or a tokenizer without them): the ids a generated
+    token's `special` flag marks."""
+    return frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+
+
 def load_tokenizer(model_dir: str, mode: str = "slow", *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer in `model_dir` (local files only), as LightLLM's --tokenizer_mode asks: "slow" (Python),
     "fast" (Rust `tokenizers`; an error if the model has none) or "auto" (fast, else slow). When no slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxllm.engine.detokenizer import StopMatcher
+from jaxllm.engine.detokenizer import StopMatcher, special_ids
 from jaxllm.engine.request import Request, TokenEvent
 from jaxllm.engine.token_text import TokenText, text_needed_in_engine
 
@@ -18,7 +18,7 @@ class EventMaker:
                  text_elsewhere: bool = False):
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_ids)
-        self.special = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self.special = special_ids(tokenizer)
         self._notable = np.array(sorted(self.eos | self.special), np.int64)  # tokens a plain event never has
         # Behind the HTTP frontend, which makes the text of the rows whose text the engine does not need: their
         # events leave with text None.

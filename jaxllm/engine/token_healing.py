@@ -10,6 +10,7 @@ import bisect
 import numpy as np
 
 from jaxllm.engine.constraints import allow
+from jaxllm.engine.detokenizer import special_ids
 
 MAX_BACKUP = 2  # prompt tokens backed up at most
 _AFTER_ALL = "\U0010ffff"  # sorts after every string with the same prefix
@@ -20,7 +21,7 @@ class VocabularyIndex:
     that the tokens whose string starts with a text are one slice, and those whose string is a text, a lookup."""
 
     def __init__(self, tokenizer, vocab_size: int):
-        special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        special = special_ids(tokenizer)
         size = min(vocab_size, len(tokenizer))
         ids = [t for t in range(size) if t not in special]
         texts = tokenizer.batch_decode([[t] for t in ids], skip_special_tokens=False,

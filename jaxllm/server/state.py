@@ -14,6 +14,7 @@ from quart import has_request_context, request
 
 from jaxllm.args import ServerArgs
 from jaxllm.engine.client import EngineUnavailable
+from jaxllm.engine.detokenizer import special_ids
 from jaxllm.engine.request import TokenEvent
 from jaxllm.server.generation import Generation, Sequence, failure
 
@@ -54,7 +55,7 @@ class ServerState:
 
     @functools.cached_property
     def _special_ids(self) -> frozenset[int]:
-        return frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        return special_ids(self.tokenizer)
 
     def refresh_load(self) -> None:
         """Copy the engine's load (waiting, running, paused requests; estimated peak tokens) into the gauges."""

@@ -8,6 +8,7 @@ import dataclasses
 import json
 from typing import Any
 
+from jaxllm.engine.detokenizer import special_ids
 from jaxllm.engine.request import Guided
 from jaxllm.server.errors import ApiError, bad_shape, invalid
 from jaxllm.server.tool_parsers import TOOL_FORMATS, ToolCall, ToolCallStream, ToolFormat, guess_format, lark_literal
@@ -100,7 +101,7 @@ def tool_grammar(engine, tools: ToolCalling) -> Guided:
 def _marker_term(tokenizer, marker: str) -> str:
     """The marker as a Lark term: its special token (by id) when the tokenizer has one, else the text."""
     token_id = tokenizer.convert_tokens_to_ids(marker) if tokenizer is not None else None
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    special = special_ids(tokenizer)
     # (an unknown token converts to the unknown token's id, a special one too)
     if isinstance(token_id, int) and token_id in special and tokenizer.convert_ids_to_tokens(token_id) == marker:
         return f"<[{token_id}]>"
