@@ -7,8 +7,8 @@
 # minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; HOST=0 skips bench.host).
 # EXTRA_FLAGS go to both (e.g. EXTRA_FLAGS="--splitfuse_mode --splitfuse_block_size 2048": prefill chunks mixed
 # with the decodes, for the gap goal); CLIENT_PROCESSES=4 deals the requests to 4 client processes (one event loop
-# reading 512 streams falls behind and reads tokens in clumps), then runs once more with one, for the difference. Usage on the device machine (carry .whl and the
-# tokenizer dir):
+# reading 512 streams falls behind and reads tokens in clumps), then runs once more with one, for the difference.
+# Usage on the device machine (carry .whl and the tokenizer dir):
 #   TOKENIZER_DIR=.devtmp/tok bash tools/gpu_frontend_bench.sh
 set -uo pipefail
 source tools/device_env.sh /tmp/jaxllm-frontend-bench

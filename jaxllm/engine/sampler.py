@@ -138,12 +138,19 @@ def cut_mask(probs, top_p, top_k):
     keep_all = holds(jnp.zeros(rows, jnp.float32))
     lo = jnp.zeros(rows, jnp.int32)  # holds(lo) is false (unless keep_all), holds(hi) is true
     hi = jnp.full(rows, jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32))
-    for _ in range(_BISECTION_STEPS):
-        mid = (lo + hi) // 2
+    threshold = jnp.where(keep_all, 0.0, _smallest_holding(holds, lo, hi, _BISECTION_STEPS))
+    return probs >= threshold[:, None]
+
+
+def _smallest_holding(holds, lo, hi, steps: int):
+    """The smallest non-negative float32 [R] at which `holds` ([R] f32 → [R] bool, monotone) is true, between the
+    bit patterns lo (false there) and hi (true there) [R] i32, after `steps` halvings: non-negative floats order
+    as their bit patterns do."""
+    for _ in range(steps):
+        mid = lo + (hi - lo) // 2
         ok = holds(jax.lax.bitcast_convert_type(mid, jnp.float32))
         lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-    threshold = jnp.where(keep_all, 0.0, jax.lax.bitcast_convert_type(hi, jnp.float32))
-    return probs >= threshold[:, None]
+    return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
 def typical_mask(probs, mass):
@@ -159,19 +166,14 @@ def typical_mask(probs, mass):
     entropy = -jnp.sum(jnp.where(live, p * logp, 0.0), axis=-1, keepdims=True)
     distance = jnp.where(live, jnp.abs(-logp - entropy), jnp.inf)  # [R, V]
 
-    def reaches(bits):  # [R] i32 → [R] bool: the tokens within that distance hold the mass
-        t = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    def reaches(t):  # [R] → [R] bool: the tokens within that distance hold the mass
         return jnp.sum(jnp.where(distance <= t[:, None], p, 0.0), axis=-1) >= mass
 
     far = jnp.max(jnp.where(live, distance, 0.0), axis=-1)
-    hi = jax.lax.bitcast_convert_type(far, jnp.int32)  # distances are >= 0: their bit patterns order as they do
-    cut = (mass < 1.0) & reaches(hi)
+    cut = (mass < 1.0) & reaches(far)
+    hi = jax.lax.bitcast_convert_type(far, jnp.int32)
     lo = jnp.full_like(hi, -1)  # reaches(lo) is false, reaches(hi) true: 31 halvings span every pattern
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        ok = reaches(mid)
-        lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-    threshold = jax.lax.bitcast_convert_type(hi, jnp.float32)
+    threshold = _smallest_holding(reaches, lo, hi, 31)
     return live & (~cut[:, None] | (distance <= threshold[:, None]))
 
 

@@ -5,7 +5,8 @@ x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA d
 `kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row) and `kernels/pallas/quant_matmul.py`, or
 `kernels/pallas/two_digit_matmul.py` (w8a16, one row), on a single GPU at decode-sized row counts, and an XLA
 dot of the dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner
-splits the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not built yet);
+splits the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not
+built yet);
 w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations.
 """
 
@@ -33,14 +34,13 @@ def dot(x, w):
     return _xla_matmul(x, w, k, out_shape)
 
 
-# Which kernel per row count (docs/perf.md, "Weight quantisation: one-row products", H200): w8a16 runs XLA's
-# int8 GEMM on x's two int8 digits (kernels/pallas/two_digit_matmul.py) at W8_DIGITS_MAX_ROWS rows (3.4 TB/s at
-# one row, session 16; more rows not measured yet), our int8 tensor-core kernel up to W8_KERNEL_MAX_ROWS rows
-# (3.1 TB/s at one row, against 2.2 for XLA's dot with the int8 → bf16 convert fused into it) and XLA's fused
-# dot above (faster from 8 rows on); w4a16 runs the
-# matrix-vector kernel up to quant_gemv.MAX_ROWS rows, our int4 tensor-core kernel up to KERNEL_MAX_ROWS and
-# XLA's dot of dequantised weights above. w8a8 and fp8 always take XLA's integer / fp8 GEMMs on [out, in]
-# weights, which measured faster than our int8 × int8 kernel at every row count.
+# Which kernel per row count (docs/perf.md, "Weight quantisation: one-row products", H200): w8a16 runs XLA's int8
+# GEMM on x's two int8 digits (kernels/pallas/two_digit_matmul.py) at W8_DIGITS_MAX_ROWS rows (3.4 TB/s at one row,
+# session 16; more rows not measured yet), our int8 tensor-core kernel up to W8_KERNEL_MAX_ROWS rows (3.1 TB/s at
+# one row, against 2.2 for XLA's dot with the int8 → bf16 convert fused into it) and XLA's fused dot above (faster
+# from 8 rows on); w4a16 runs the matrix-vector kernel up to quant_gemv.MAX_ROWS rows, our int4 tensor-core kernel
+# up to KERNEL_MAX_ROWS and XLA's dot of dequantised weights above. w8a8 and fp8 always take XLA's integer / fp8
+# GEMMs on [out, in] weights, which measured faster than our int8 × int8 kernel at every row count.
 W8_DIGITS_MAX_ROWS = 1
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
