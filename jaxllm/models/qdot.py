@@ -52,10 +52,11 @@ def _kernel_matmul(x, w, k: int, n: int):
     if not kernels_enabled():
         return None
     if isinstance(w, Int8Weight) and not w.int8_activations:
+        data, scale = w.data.reshape(n, k), w.scale.reshape(n)
         if m <= W8_DIGITS_MAX_ROWS and two_digit_matmul.supports(k):
-            return two_digit_matmul.int8_matmul(x, w.data.reshape(n, k), w.scale.reshape(n))
+            return two_digit_matmul.int8_matmul(x, data, scale)
         if m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
-            return quant_matmul.int8_matmul(x, w.data.reshape(n, k), w.scale.reshape(n))
+            return quant_matmul.int8_matmul(x, data, scale)
     elif isinstance(w, Int4Weight):
         packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
         if quant_gemv.supports(k, n, m, group=w.group_size):
