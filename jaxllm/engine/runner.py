@@ -87,6 +87,7 @@ class PreparedStep:
     offsets: list[int]  # each chunk's first index in the packed tokens
     rows: dict[str, int]  # request id → its row, for the requests this step samples
     prepared_at: float  # time.perf_counter() when its preparation began
+    staged: tuple | None = None  # (its packed inputs on the device, their layout): ModelRunner.stage
 
     @property
     def shape(self) -> StepShape:
@@ -398,17 +399,30 @@ class ModelRunner:
         device = DeviceStep(shape, host, self.inputs.table_fills(fills) if fills else None)
         return PreparedStep(batch, device, offsets, rows, started)
 
+    def stage(self, step: PreparedStep) -> None:
+        """Send a prepared step's inputs to the device now, and take it as the next step to launch (steps launch
+        in the order they are staged: the step prepared after it reads its sampled rows). On a GPU the copy runs
+        in stream order, behind the steps enqueued before it, and the step cannot be enqueued until it is done:
+        staged before the step in flight is launched, it is not held behind that step (step_loop.py's looking
+        ahead)."""
+        step.staged = self._put_words(step.device.inputs)
+        self.inputs.launched(step.rows)
+
     def launch(self, step: PreparedStep, unread: StepHandle | None = None) -> StepHandle:
-        """The device half of a step: transfer the inputs and enqueue the compiled step; returns at once (the
-        device runs it in the background). Reads no request, so it may run on another thread while the engine
-        reads the previous step's results (the call releases the GIL while it enqueues the kernels).
+        """The device half of a step: transfer the inputs (unless staged) and enqueue the compiled step; returns at
+        once (the device runs it in the background). Reads no request, so it may run on another thread while the
+        engine reads the previous step's results (the call releases the GIL while it enqueues the kernels).
         `unread`: the step before, whose results are not read yet (the handle says whether it had finished:
         the device idled waiting for this launch)."""
         launched, launched_cpu = time.perf_counter(), time.thread_time()
         after_idle = unread is not None and unread.sampled is not None and unread.sampled.is_ready()
         if self.peers is not None:
             self.peers.send(("step", step.device))
-        sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device)
+        # Unstaged (across processes), the inputs go after the table fills, in the order the other processes
+        # transfer them: a transfer to the devices of every process waits for all of them.
+        sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device, step.staged)
+        if step.staged is None:
+            self.inputs.launched(step.rows)
         launch_s, launch_cpu_s = time.perf_counter() - launched, time.thread_time() - launched_cpu
         if not step.shape.all_logits:
             prompt_lp = None
@@ -417,7 +431,6 @@ class ModelRunner:
         for array in (sampled, logprobs, prompt_lp, *(top or ())):
             if array is not None:
                 array.copy_to_host_async()
-        self.inputs.launched(step.rows)
         return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, step.prepared_at,
                           launch_s, launch_cpu_s, after_idle)
 
@@ -432,13 +445,13 @@ class ModelRunner:
         for array in (handle.sampled, handle.logprobs, *(handle.top or ())):
             array.copy_to_host_async()
 
-    def execute(self, step: DeviceStep):
-        """Enqueue a step's device work (table fills, then the compiled step). Returns (sampled, logprobs,
-        prompt logprobs, top, None), or for a constrained step (None, None, prompt logprobs, None, the
-        sampler's pending inputs for `execute_sampler`)."""
+    def execute(self, step: DeviceStep, staged: tuple | None = None):
+        """Enqueue a step's device work (table fills, then the compiled step; `staged`: its inputs already sent,
+        `stage`). Returns (sampled, logprobs, prompt logprobs, top, None), or for a constrained step (None, None,
+        prompt logprobs, None, the sampler's pending inputs for `execute_sampler`)."""
         if step.table_fills is not None:
             self.kv = self._fill(self.kv, *jax.device_put(step.table_fills, self._replicated))
-        return self._run(step.inputs, step.shape)
+        return self._run(step.inputs, step.shape, staged)
 
     @property
     def image_scratch_row(self) -> int:
@@ -484,10 +497,14 @@ class ModelRunner:
             top_logprobs=top_lp,
         )
 
-    def _run(self, host: StepInputs, shape: StepShape):
-        executable = self._compile(host, shape)
+    def _put_words(self, host: StepInputs) -> tuple:
+        """(a step's inputs packed into one array, on the device; the layout that unpacks them)."""
         words, layout = pack(host)
-        words = jax.device_put(words, self._replicated)
+        return jax.device_put(words, self._replicated), layout
+
+    def _run(self, host: StepInputs, shape: StepShape, staged: tuple | None = None):
+        executable = self._compile(host, shape)
+        words, layout = staged if staged is not None else self._put_words(host)
         self.kv, self._last_tokens, sampled, logprobs, prompt_lp, top, logits = executable(
             self.params, self.kv, self._last_tokens, words, self.image_slab
         )

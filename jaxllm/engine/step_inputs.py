@@ -117,7 +117,8 @@ class StepInputBuilder:
         self.row_values.reset()
 
     def launched(self, rows: dict[str, int]) -> None:
-        """A step was launched: `rows` maps each request it samples to its row (its token stays on the device)."""
+        """A step is to launch next (steps launch in the order they are prepared): `rows` maps each request it
+        samples to its row (its token stays on the device, for the step after it)."""
         self._last_rows = rows
 
     def padding(self, shape: StepShape) -> StepInputs:
@@ -167,8 +168,10 @@ class StepInputBuilder:
             rows_of_images = req.image_rows(start, stop) if req.images else None
             image_rows += [-1] * n if rows_of_images is None else rows_of_images.tolist()
             src += [-1] * len(ids)
-            if stop > known:  # the one token sampled by the previous step, still on the device
-                if stop != known + 1 or req.request_id not in self._last_rows:
+            # The one token sampled by the previous step, still on the device (looking ahead, the one before it
+            # may not be read yet either: its position's KV is computed, so only the last token is an input).
+            if stop > known:
+                if stop - max(start, known) != 1 or req.request_id not in self._last_rows:
                     raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
                 tokens.append(0)
                 src.append(self._last_rows[req.request_id])
@@ -236,7 +239,7 @@ class StepInputBuilder:
         known = np.fromiter((r.num_known for r in reqs), np.int64, n)
         src = np.fromiter(map(self._last_rows.get, [r.request_id for r in reqs], itertools.repeat(-1)), np.int64, n)
         on_host = positions < known
-        lost = ~on_host & ((positions != known) | (src < 0))
+        lost = ~on_host & (src < 0)  # not read yet, nor sampled by the previous step
         if lost.any():
             i = int(np.flatnonzero(lost)[0])
             raise RuntimeError(f"request {reqs[i].request_id}: position {known[i]} is neither on host nor device")

@@ -3,7 +3,13 @@ read step N and postprocess it (`StepReader`), while a launch thread enqueues st
 with constrained rows gets its sampler just before the next step's launch; the grammar rows of the masks it
 needs are asked of the mask worker process (jaxllm.engine.mask_client) the moment the tokens before them are
 read, so their build overlaps both the device's model and the engine thread's own work (postprocess,
-scheduling, preparing the next step); the engine thread waits for them only right before the sampler."""
+scheduling, preparing the next step); the engine thread waits for them only right before the sampler.
+
+Looking ahead: when the step about to launch is a plain decode, the step after it is scheduled and its inputs
+sent to the device before it launches (the host then two steps behind the device's results). A host-to-device
+copy waits on the device's stream behind every step enqueued before it, and the GPU client launches a step only
+once its inputs are on the device; sent after step N's launch, step N+1's inputs would hold its launch until
+step N had finished, and the device would idle while N+1 is enqueued (docs/perf.md, session 17)."""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from jaxllm.engine.constraints import StepMasks, release_constraint
 from jaxllm.engine.events import final_event
 from jaxllm.engine.request import RequestStatus
-from jaxllm.engine.runner import StepHandle
+from jaxllm.engine.runner import PreparedStep, StepHandle
 from jaxllm.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger("jaxllm.engine.engine")
@@ -46,6 +52,7 @@ class StepLoop:
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
         inflight: StepHandle | None = None
+        ready: PreparedStep | None = None  # scheduled, prepared and its inputs sent, not launched (looking ahead)
         # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
         # reading of the previous step's results.
         launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
@@ -58,21 +65,18 @@ class StepLoop:
                 launching = None
                 if self._images is not None and self._images.has_work():
                     self._advance_images()
-                if self.scheduler.has_work():
-                    self._idle.clear()
-                    self._idle_since = None
-                    scheduled = PhaseClock()
-                    batch = self.scheduler.schedule()
-                    scheduled.add_to(self._counters, "schedule")
-                    self._note_admissions(batch)
-                    self._counters["preemptions"] += len(batch.preempted)
-                    if batch.kind == "prefill" or batch.preempted:
-                        self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
-                    if batch.chunks:
-                        launching = self._start_dispatch(batch, launcher, inflight)
+                if ready is None:
+                    ready = self._schedule_step()
+                if ready is not None:
+                    following = self._schedule_step() if self._may_look_ahead(ready) else None
+                    launching = self._start_dispatch(ready, launcher, inflight)
+                    ready = following
                 if inflight is not None:
                     self._postprocess(inflight)
                 inflight = self._finish_dispatch(*launching) if launching else None
+                if ready is not None and inflight is None:  # the step before it failed: so does it
+                    self._fail_step(ready.batch, RuntimeError("the step launched before it failed"))
+                    ready = None
                 if inflight is not None and inflight.unsampled is not None:  # its rows' tokens so far are read
                     early = self._early_masks
                     inflight.masks = (early[1] if early is not None and early[0] is launching[1]
@@ -96,6 +100,8 @@ class StepLoop:
                 self._postprocess(inflight)
         finally:
             launcher.shutdown()
+        if ready is not None:  # stopping: its requests end below
+            self._unpend(ready.batch)
         for req in list(self._requests.values()):
             self._end(req, "abort")
         self._snapshot = self._take_snapshot()
@@ -134,12 +140,27 @@ class StepLoop:
         for req, message in failed:
             self._end(req, "error", message)
 
-    def _start_dispatch(self, batch: SchedulerOutput, launcher: ThreadPoolExecutor, unread: StepHandle | None):
-        """Prepare `batch`'s inputs here and launch it on `launcher` (`unread`: the step in flight before it);
-        returns (batch, the launch's future) for _finish_dispatch, or None when the preparation failed."""
+    def _schedule_step(self) -> PreparedStep | None:
+        """Schedule the next step and prepare it (its inputs sent to the device); None when there is nothing to
+        run or its preparation failed."""
+        if not self.scheduler.has_work():
+            return None
+        self._idle.clear()
+        self._idle_since = None
+        scheduled = PhaseClock()
+        batch = self.scheduler.schedule()
+        scheduled.add_to(self._counters, "schedule")
+        self._note_admissions(batch)
+        self._counters["preemptions"] += len(batch.preempted)
+        if batch.kind == "prefill" or batch.preempted:
+            self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
+        if not batch.chunks:
+            return None
         started = PhaseClock()
         try:
             prepared = self.runner.prepare(batch)
+            if self.runner.peers is None:  # (the other processes of a deployment stage their inputs at launch)
+                self.runner.stage(prepared)
         except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
             self._fail_step(batch, exc)
             return None
@@ -148,11 +169,33 @@ class StepLoop:
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
+        return prepared
+
+    def _may_look_ahead(self, step: PreparedStep) -> bool:
+        """Whether the step after `step` may be scheduled before `step` launches. Only after a decode step of
+        plain requests: it holds every request that can decode (the scheduler decodes them all at once), so
+        each decode of the next step takes its token from this one; a constrained, grouped, healing or
+        image request needs the host to read its results first. Not across processes: they launch in step."""
+        batch = step.batch
+        if batch.kind != "decode" or step.shape.constrained or step.staged is None:
+            return False
+        return all(c.request.constraint is None and c.request.group is None and c.request.healing is None
+                   and not c.request.images for c in batch.chunks)
+
+    def _unpend(self, batch: SchedulerOutput) -> None:
+        """A prepared step that will never launch: its rows' tokens are no longer on their way."""
+        for chunk in batch.chunks:
+            if chunk.samples:
+                chunk.request.num_pending -= 1
+
+    def _start_dispatch(self, prepared: PreparedStep, launcher: ThreadPoolExecutor, unread: StepHandle | None):
+        """Launch a prepared step on `launcher` (`unread`: the step in flight before it); returns (batch, the
+        launch's future) for _finish_dispatch."""
         if unread is not None and unread.unsampled is not None:
             self._sample_constrained(unread)  # before this launch: its inputs are that step's tokens
         self._launching = launcher.submit(self.runner.launch, prepared, unread)
-        self._launching_batch = batch
-        return batch, self._launching
+        self._launching_batch = prepared.batch
+        return prepared.batch, self._launching
 
     def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
         """Wait for the launch begun by _start_dispatch: the step is on the device (its handle), or failed."""

@@ -48,6 +48,45 @@ def test_batched_ragged_greedy_matches_a_plain_loop(tiny_engine, reference):
     assert_idle_and_empty(tiny_engine)
 
 
+def test_decode_steps_look_ahead_and_stay_exact_as_requests_end(tiny_engine, reference, monkeypatch):
+    """Looking ahead (step_loop.py): while plain requests decode, the step after the one about to launch is
+    scheduled and its inputs staged first, the host two steps behind the device. Outputs stay exact while
+    requests end at different steps, by eos and by length, with tokens of theirs still on the device."""
+    prompts = random_prompts(seed=21, count=6)
+    lengths = [9, 14, 17, 20, 22, 25]
+    expected = [reference.generate(p, n) for p, n in zip(prompts, lengths)]
+    # The token in most greedy outputs: it ends those requests early, wherever it comes up.
+    eos = max({t for e in expected for t in e[1:]}, key=lambda t: sum(t in e[1:] for e in expected))
+    expected = [e[: e.index(eos) + 1] if eos in e else e for e in expected]
+    order = []
+    runner = tiny_engine.runner
+    stage, launch = runner.stage, runner.launch
+
+    def staging(step):
+        order.append(("stage", step))
+        return stage(step)
+
+    def launching(step, unread=None):
+        order.append(("launch", step))
+        return launch(step, unread)
+
+    monkeypatch.setattr(runner, "stage", staging)
+    monkeypatch.setattr(runner, "launch", launching)
+    engine_eos = tiny_engine._events.eos
+    tiny_engine._events.eos = frozenset({eos})
+    try:
+        results = run_all(tiny_engine, prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
+    finally:
+        tiny_engine._events.eos = engine_eos
+    assert [tokens_of(events) for events in results] == expected
+    assert sum(len(e) < n for e, n in zip(expected, lengths)) >= 2  # eos ended some before their length
+    launches = [i for i, (what, _) in enumerate(order) if what == "launch"]
+    decodes = [i for i in launches if order[i][1].batch.kind == "decode"]
+    ahead = [i for i in decodes if order[i - 1][0] == "stage" and order[i - 1][1] is not order[i][1]]
+    assert len(decodes) >= 20 and len(ahead) >= len(decodes) - 2, (len(ahead), len(decodes))
+    assert_idle_and_empty(tiny_engine)
+
+
 def test_logprobs_are_those_of_the_chosen_tokens(tiny_engine, reference):
     prompt = random_prompts(seed=2, count=1)[0]
     events = run_all(tiny_engine, [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
