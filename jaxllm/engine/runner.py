@@ -86,8 +86,7 @@ class PreparedStep:
     device: DeviceStep  # all that the device work reads
     offsets: list[int]  # each chunk's first index in the packed tokens
     rows: dict[str, int]  # request id → its row, for the requests this step samples
-    prepared_at: float  # time.perf_counter() when its preparation began
-    staged: tuple | None = None  # (its packed inputs on the device, their layout): ModelRunner.stage
+    staged: tuple | None = None  # its inputs on the device (ModelRunner.stage: ModelRunner._put)
 
     @property
     def shape(self) -> StepShape:
@@ -107,7 +106,9 @@ class StepHandle:
     # A constrained step until sample_constrained: the sampler's device inputs (logits, history, packed inputs)
     # and its static arguments; sampled, logprobs and top are None until then.
     unsampled: tuple | None = None
-    dispatched_at: float = 0.0  # time.perf_counter() when its preparation began (PreparedStep.prepared_at)
+    # time.perf_counter() when its launch began (not its preparation: looking ahead, a step is prepared a step
+    # before it launches)
+    dispatched_at: float = 0.0
     launch_s: float = 0.0  # time of the transfer and the step call, on the thread that launched it
     launch_cpu_s: float = 0.0  # that thread's CPU time in it (less than launch_s: the launch waited)
     # The step before it, not yet read, had already finished when this one was launched: the device waited
@@ -389,7 +390,6 @@ class ModelRunner:
     def prepare(self, batch: SchedulerOutput) -> PreparedStep:
         """The host half of a step (`launch` is the other): `batch`'s padded input arrays. Reads the requests
         and touches no device state, so it may run while another thread launches the previous step."""
-        started = time.perf_counter()
         table_rows = self.inputs.row_values.rows_of(batch)
         shape = self.shape_of(batch, table_rows)
         fills = batch.fills
@@ -397,7 +397,7 @@ class ModelRunner:
             fills = [TableFill(c.request, 0, c.cached_prefix) for c in batch.chunks if c.cached_prefix] + fills
         host, offsets, rows = self.inputs.build(batch, shape, table_rows)
         device = DeviceStep(shape, host, self.inputs.table_fills(fills) if fills else None)
-        return PreparedStep(batch, device, offsets, rows, started)
+        return PreparedStep(batch, device, offsets, rows)
 
     def stage(self, step: PreparedStep) -> None:
         """Send a prepared step's inputs to the device now, and take it as the next step to launch (steps launch
@@ -405,7 +405,7 @@ class ModelRunner:
         in stream order, behind the steps enqueued before it, and the step cannot be enqueued until it is done:
         staged before the step in flight is launched, it is not held behind that step (step_loop.py's looking
         ahead)."""
-        step.staged = self._put_words(step.device.inputs)
+        step.staged = self._put(step.device)
         self.inputs.launched(step.rows)
 
     def launch(self, step: PreparedStep, unread: StepHandle | None = None) -> StepHandle:
@@ -418,8 +418,8 @@ class ModelRunner:
         after_idle = unread is not None and unread.sampled is not None and unread.sampled.is_ready()
         if self.peers is not None:
             self.peers.send(("step", step.device))
-        # Unstaged (across processes), the inputs go after the table fills, in the order the other processes
-        # transfer them: a transfer to the devices of every process waits for all of them.
+        # Unstaged (across processes), the inputs go in the order the other processes transfer them (`_put`): a
+        # transfer to the devices of every process waits for all of them.
         sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device, step.staged)
         if step.staged is None:
             self.inputs.launched(step.rows)
@@ -431,7 +431,7 @@ class ModelRunner:
         for array in (sampled, logprobs, prompt_lp, *(top or ())):
             if array is not None:
                 array.copy_to_host_async()
-        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, step.prepared_at,
+        return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, launched,
                           launch_s, launch_cpu_s, after_idle)
 
     def sample_constrained(self, handle: StepHandle, mask: np.ndarray) -> None:
@@ -449,9 +449,10 @@ class ModelRunner:
         """Enqueue a step's device work (table fills, then the compiled step; `staged`: its inputs already sent,
         `stage`). Returns (sampled, logprobs, prompt logprobs, top, None), or for a constrained step (None, None,
         prompt logprobs, None, the sampler's pending inputs for `execute_sampler`)."""
-        if step.table_fills is not None:
-            self.kv = self._fill(self.kv, *jax.device_put(step.table_fills, self._replicated))
-        return self._run(step.inputs, step.shape, staged)
+        words, layout, fills = staged if staged is not None else self._put(step)
+        if fills is not None:
+            self.kv = self._fill(self.kv, *fills)
+        return self._run(step.inputs, step.shape, words, layout)
 
     @property
     def image_scratch_row(self) -> int:
@@ -497,14 +498,15 @@ class ModelRunner:
             top_logprobs=top_lp,
         )
 
-    def _put_words(self, host: StepInputs) -> tuple:
-        """(a step's inputs packed into one array, on the device; the layout that unpacks them)."""
-        words, layout = pack(host)
-        return jax.device_put(words, self._replicated), layout
+    def _put(self, step: DeviceStep) -> tuple:
+        """Send a step's host arrays to the devices: (its inputs packed into one array, the layout that unpacks
+        them, its table fills or None)."""
+        words, layout = pack(step.inputs)
+        fills = None if step.table_fills is None else jax.device_put(step.table_fills, self._replicated)
+        return jax.device_put(words, self._replicated), layout, fills
 
-    def _run(self, host: StepInputs, shape: StepShape, staged: tuple | None = None):
+    def _run(self, host: StepInputs, shape: StepShape, words: jax.Array, layout: tuple):
         executable = self._compile(host, shape)
-        words, layout = staged if staged is not None else self._put_words(host)
         self.kv, self._last_tokens, sampled, logprobs, prompt_lp, top, logits = executable(
             self.params, self.kv, self._last_tokens, words, self.image_slab
         )

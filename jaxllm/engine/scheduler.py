@@ -69,6 +69,9 @@ class SchedulerOutput:
     preempted: list[Request]
     kind: str  # "prefill" (some chunk is a prefill, decodes may come along) | "decode" (decode chunks only) | "idle"
     fills: list[TableFill] = dataclasses.field(default_factory=list)
+    # Every running request that could decode decodes in this step: the next step's decodes all take their
+    # tokens from it, so the next step may be scheduled before its results are read (step_loop.py).
+    decodes_all: bool = False
 
     # Counted once (read by the loop, the runner and the step report): the chunks do not change once scheduled.
     @functools.cached_property
@@ -138,8 +141,8 @@ class Scheduler:
         (not those of a request that ended while `out` was launched)."""
         if out.kind == "decode" or self.kv.prefix is None:
             return
-        for chunk in out.chunks:
-            if not chunk.decode and not chunk.request.finished:
+        for chunk in out.chunks:  # (not a request paused since: the step after `out` may be scheduled first)
+            if not chunk.decode and chunk.request.status is RequestStatus.RUNNING:
                 self.kv.share_prefix(chunk.request)
 
     # --- the policy ----------------------------------------------------------------------------
@@ -151,7 +154,7 @@ class Scheduler:
             chunks = self._continue_prefills(cfg.batch_max_tokens)
             chunks += self._admit(cfg.batch_max_tokens - sum(c.num_tokens for c in chunks), chunked=False)
             if chunks:
-                return self._output(chunks, [], "prefill")
+                return self._output(chunks, [], "prefill", decodes_all=not decoding)
             # Nothing admitted or continued: the running requests are as they were (`decoding` still holds).
         if not decoding:
             return self._output([], [], "idle")
@@ -160,7 +163,7 @@ class Scheduler:
             decoding = [r for r in decoding if r.status is RequestStatus.RUNNING]
         chunks = self._decode(decoding)
         self._decode_steps_since_admit += 1
-        return self._output(chunks, preempted, "decode")
+        return self._output(chunks, preempted, "decode", decodes_all=True)
 
     # --- groups --------------------------------------------------------------------------------
     def reassign(self, moves: list[tuple[Request, list[int]]]) -> None:
@@ -198,10 +201,11 @@ class Scheduler:
             return [req]
         return [m for m in req.group.members if not m.finished]
 
-    def _output(self, chunks: list[ScheduledChunk], preempted: list[Request], kind: str) -> SchedulerOutput:
+    def _output(self, chunks: list[ScheduledChunk], preempted: list[Request], kind: str,
+                decodes_all: bool = False) -> SchedulerOutput:
         fills = [f for f in self._fills if f.request.status is RequestStatus.RUNNING and f.request.kv_row >= 0]
         self._fills = []
-        return SchedulerOutput(chunks, preempted, kind, fills)
+        return SchedulerOutput(chunks, preempted, kind, fills, decodes_all)
 
     # --- building blocks (the splitfuse policy reuses them) --------------------------------------
     def _decodable(self) -> list[Request]:

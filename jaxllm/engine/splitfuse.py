@@ -42,7 +42,7 @@ class SplitFuseScheduler(Scheduler):
             chunks += self._admit(self.block_size - sum(c.num_tokens for c in chunks if not c.decode), chunked=True)
             if chunks or not self._stalled():
                 kind = "prefill" if any(not c.decode for c in chunks) else ("decode" if chunks else "idle")
-                return self._output(chunks, preempted, kind)
+                return self._output(chunks, preempted, kind, decodes_all=True)
             # Prefills hold the KV that they all still need: the youngest gives its share back (with its group).
             victim = max(self.running, key=lambda r: r.arrival)
             group = [m for m in self._members(victim) if m.status is RequestStatus.RUNNING]

@@ -5,11 +5,12 @@ needs are asked of the mask worker process (jaxllm.engine.mask_client) the momen
 read, so their build overlaps both the device's model and the engine thread's own work (postprocess,
 scheduling, preparing the next step); the engine thread waits for them only right before the sampler.
 
-Looking ahead: when the step about to launch is a plain decode, the step after it is scheduled and its inputs
-sent to the device before it launches (the host then two steps behind the device's results). A host-to-device
-copy waits on the device's stream behind every step enqueued before it, and the GPU client launches a step only
-once its inputs are on the device; sent after step N's launch, step N+1's inputs would hold its launch until
-step N had finished, and the device would idle while N+1 is enqueued (docs/perf.md, session 17)."""
+Looking ahead: when the step about to launch decodes every request that can decode (and holds only plain
+requests), the step after it is scheduled and its inputs sent to the device before it launches (the host then
+two steps behind the device's results). A host-to-device copy waits on the device's stream behind every step
+enqueued before it, and the GPU client launches a step only once its inputs are on the device; sent after step
+N's launch, step N+1's inputs would hold its launch until step N had finished, and the device would idle while
+N+1 is enqueued (docs/perf.md, session 17)."""
 
 from __future__ import annotations
 
@@ -172,12 +173,12 @@ class StepLoop:
         return prepared
 
     def _may_look_ahead(self, step: PreparedStep) -> bool:
-        """Whether the step after `step` may be scheduled before `step` launches. Only after a decode step of
-        plain requests: it holds every request that can decode (the scheduler decodes them all at once), so
-        each decode of the next step takes its token from this one; a constrained, grouped, healing or
-        image request needs the host to read its results first. Not across processes: they launch in step."""
+        """Whether the step after `step` may be scheduled before `step` launches: when `step` holds every
+        request that can decode (so each decode of the next step takes its token from it), and only plain
+        requests (a constrained, grouped, healing or image request needs the host to read its results first).
+        Not across processes: they launch in step."""
         batch = step.batch
-        if batch.kind != "decode" or step.shape.constrained or step.staged is None:
+        if not batch.decodes_all or step.shape.constrained or step.staged is None:
             return False
         return all(c.request.constraint is None and c.request.group is None and c.request.healing is None
                    and not c.request.images for c in batch.chunks)

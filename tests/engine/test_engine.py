@@ -58,8 +58,45 @@ def test_decode_steps_look_ahead_and_stay_exact_as_requests_end(tiny_engine, ref
     # The token in most greedy outputs: it ends those requests early, wherever it comes up.
     eos = max({t for e in expected for t in e[1:]}, key=lambda t: sum(t in e[1:] for e in expected))
     expected = [e[: e.index(eos) + 1] if eos in e else e for e in expected]
+    order = record_stages_and_launches(tiny_engine.runner, monkeypatch)
+    engine_eos = tiny_engine._events.eos
+    tiny_engine._events.eos = frozenset({eos})
+    try:
+        results = run_all(tiny_engine, prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
+    finally:
+        tiny_engine._events.eos = engine_eos
+    assert [tokens_of(events) for events in results] == expected
+    assert sum(len(e) < n for e, n in zip(expected, lengths)) >= 2  # eos ended some before their length
+    decodes = launches_of(order, "decode")
+    ahead = looked_ahead(order, decodes)
+    assert len(decodes) >= 20 and len(ahead) >= len(decodes) - 2, (len(ahead), len(decodes))
+    assert_idle_and_empty(tiny_engine)
+
+
+def test_splitfuse_steps_look_ahead_and_stay_exact(tiny_model_dir, reference, monkeypatch):
+    """With --splitfuse_mode and the prompt cache a step both decodes every running request and prefills chunks
+    of others: the step after it is scheduled before it launches too, while prompts arrive mid-stream."""
+    engine = make_engine(tiny_model_dir, splitfuse_mode=True, splitfuse_block_size=16, use_dynamic_prompt_cache=True)
+    prompts = random_prompts(seed=23, count=8, max_len=36)
+    prompts[5] = prompts[1][:20] + prompts[5][:10]  # a cached prefix of an earlier prompt
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    with engine:
+        order = record_stages_and_launches(engine.runner, monkeypatch)
+        first = engine.submit_many([(p, params, None) for p in prompts[:4]])
+        heads = [next(s) for s in first]  # streaming before the rest arrive
+        rest = engine.submit_many([(p, params, None) for p in prompts[4:]])
+        results = [[h.token_id] + tokens_of(s) for h, s in zip(heads, first)] + [tokens_of(s) for s in rest]
+        engine.kv.check([])  # (the prompt cache keeps the finished requests' tokens)
+        assert not engine.scheduler.has_work() and engine.stats()["prompt_cache_hit_tokens"] >= 20
+    assert results == [reference.generate(p, 12) for p in prompts]
+    mixed = launches_of(order, "prefill")
+    assert len(mixed) >= 3 and looked_ahead(order, mixed), len(mixed)
+    assert len(looked_ahead(order, launches_of(order, "decode"))) >= 5
+
+
+def record_stages_and_launches(runner, monkeypatch) -> list:
+    """Spy on the runner: [("stage" | "launch", prepared step)] in the order the engine calls them."""
     order = []
-    runner = tiny_engine.runner
     stage, launch = runner.stage, runner.launch
 
     def staging(step):
@@ -72,19 +109,16 @@ def test_decode_steps_look_ahead_and_stay_exact_as_requests_end(tiny_engine, ref
 
     monkeypatch.setattr(runner, "stage", staging)
     monkeypatch.setattr(runner, "launch", launching)
-    engine_eos = tiny_engine._events.eos
-    tiny_engine._events.eos = frozenset({eos})
-    try:
-        results = run_all(tiny_engine, prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
-    finally:
-        tiny_engine._events.eos = engine_eos
-    assert [tokens_of(events) for events in results] == expected
-    assert sum(len(e) < n for e, n in zip(expected, lengths)) >= 2  # eos ended some before their length
-    launches = [i for i, (what, _) in enumerate(order) if what == "launch"]
-    decodes = [i for i in launches if order[i][1].batch.kind == "decode"]
-    ahead = [i for i in decodes if order[i - 1][0] == "stage" and order[i - 1][1] is not order[i][1]]
-    assert len(decodes) >= 20 and len(ahead) >= len(decodes) - 2, (len(ahead), len(decodes))
-    assert_idle_and_empty(tiny_engine)
+    return order
+
+
+def launches_of(order: list, kind: str) -> list[int]:
+    return [i for i, (what, step) in enumerate(order) if what == "launch" and step.batch.kind == kind]
+
+
+def looked_ahead(order: list, launches: list[int]) -> list[int]:
+    """Those of `launches` (indices into `order`) that came right after the next step was staged."""
+    return [i for i in launches if order[i - 1][0] == "stage" and order[i - 1][1] is not order[i][1]]
 
 
 def test_logprobs_are_those_of_the_chosen_tokens(tiny_engine, reference):
