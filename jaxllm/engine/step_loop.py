@@ -175,16 +175,17 @@ class StepLoop:
     def _may_look_ahead(self, step: PreparedStep) -> bool:
         """Whether the step after `step` may be scheduled before `step` launches: when `step` holds every
         request that can decode (so each decode of the next step takes its token from it), and only plain
-        requests (a constrained, grouped, healing or image request needs the host to read its results first).
-        Not across processes: they launch in step."""
+        requests (a constrained, beam-searching, healing or image request needs the host to read its results
+        first; sampled groups' members decode as any request). Not across processes: they launch in step."""
         batch = step.batch
         if not batch.decodes_all or step.shape.constrained or step.staged is None:
             return False
-        return all(c.request.constraint is None and c.request.group is None and c.request.healing is None
-                   and not c.request.images for c in batch.chunks)
+        return all(c.request.constraint is None and c.request.healing is None and not c.request.images
+                   and (c.request.group is None or c.request.group.beam is None) for c in batch.chunks)
 
     def _unpend(self, batch: SchedulerOutput) -> None:
-        """A prepared step that will never launch: its rows' tokens are no longer on their way."""
+        """A step that will never give results (not launched, or failed): its rows' tokens are no longer on their
+        way."""
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending -= 1
@@ -205,9 +206,7 @@ class StepLoop:
             handle = launch.result()
         except Exception as exc:  # noqa: BLE001
             self._launching = None
-            for chunk in batch.chunks:
-                if chunk.samples:
-                    chunk.request.num_pending -= 1
+            self._unpend(batch)
             self._fail_step(batch, exc)
             return None
         finally:

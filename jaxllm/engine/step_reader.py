@@ -39,9 +39,7 @@ class StepReader:
         self._counters["device_wait_s"] += waited
         self._counters["host_s"] -= waited
         if failure is not None:
-            for chunk in batch.chunks:
-                if chunk.samples:
-                    chunk.request.num_pending -= 1
+            self._unpend(batch)
             self._fail_step(batch, failure)
             return
         self._report_step(batch, time.perf_counter() - handle.dispatched_at)

@@ -93,6 +93,24 @@ def test_prefill_batch_is_capped_by_batch_max_tokens():
     assert sched.kv.num_used == 60
 
 
+def test_a_step_says_whether_it_decodes_every_request_that_can():
+    """decodes_all (the engine's looking ahead): a decode step always; a prefill step only while no running
+    request waits to decode (the router's prefill steps leave the decodes out)."""
+    sched = make_scheduler(batch_max_tokens=64, router_max_wait_tokens=0)  # new requests tried every step
+    sched.add(request(0, 30))
+    first = sched.schedule()
+    assert first.kind == "prefill" and first.decodes_all  # nothing else runs
+    dispatch(sched, first)
+    sched.add(request(1, 20))
+    second = sched.schedule()  # r0's first token is on its way: it waits out this prefill
+    assert second.kind == "prefill" and [c.request.request_id for c in second.chunks] == ["r1"]
+    assert not second.decodes_all
+    dispatch(sched, second)
+    run_step(sched, first, lambda r: 9)
+    third = sched.schedule()
+    assert third.kind == "decode" and third.decodes_all and len(third.chunks) == 2
+
+
 def test_conservative_admission_reserves_max_new_tokens():
     # Busy (ratio 0.0): each request is counted at prompt + max_new_tokens; 3 × (10 + 100) > 300.
     sched = make_scheduler(capacity=300)
