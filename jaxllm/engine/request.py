@@ -17,6 +17,7 @@ import numpy as np
 # A temperature below this is greedy decoding (LightLLM's rule).
 _GREEDY_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # the most alternatives a generated position reports (OpenAI's chat limit)
+MAX_LOGIT_BIAS = 1024  # the most token ids one request's logit_bias may name
 
 
 GUIDED_KINDS = ("json_schema", "json_object", "regex", "choice", "lark")
@@ -60,6 +61,8 @@ class SamplingParams:
     top_logprobs: int = 0  # ours: the k most likely tokens' logprobs at each generated position (k <= 20)
     guided: Guided | None = None  # ours: the grammar the output must follow (constrained decoding)
     typical_p: float = 1.0  # ours (TGI's): locally typical sampling's mass, after top-p and top-k; 1 = off
+    # ours (OpenAI's): (token id, bias) pairs added to the logits before sampling, ids ascending; a dict is taken
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         # Accept lists and a lone string where tuples are declared (JSON bodies give lists).
@@ -72,6 +75,13 @@ class SamplingParams:
         decay = self.exponential_decay_length_penalty
         if isinstance(decay, list):
             object.__setattr__(self, "exponential_decay_length_penalty", tuple(decay))
+        bias = self.logit_bias
+        pairs = tuple((k, v) for k, v in (bias.items() if isinstance(bias, dict) else bias or ()))
+        try:
+            pairs = tuple(sorted(pairs))
+        except TypeError:  # ids of mixed types: validate() names the field
+            pass
+        object.__setattr__(self, "logit_bias", pairs)
 
     def normalized(self) -> "SamplingParams":
         """do_sample False, or a temperature in [0, 1e-5), means greedy: temperature 1, top_p 1, top_k 1."""
@@ -109,6 +119,8 @@ class SamplingParams:
             ("seed", self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
              "must be an integer"),
             ("top_logprobs", 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"must be between 0 and {MAX_TOP_LOGPROBS}"),
+            ("logit_bias", _valid_bias(self.logit_bias),
+             f"must map at most {MAX_LOGIT_BIAS} distinct token ids (integers >= 0) to biases in [-100, 100]"),
         ]
         for name, ok, reason in checks:
             if not ok:
@@ -117,6 +129,13 @@ class SamplingParams:
 
 # What a reward model's request runs with: its prompt's one step, whose result is a score, not a token.
 SCORE_PARAMS = SamplingParams(max_new_tokens=1).normalized()
+
+
+def _valid_bias(pairs: tuple) -> bool:
+    ids = [k for k, _ in pairs]
+    return (len(pairs) <= MAX_LOGIT_BIAS and len(set(ids)) == len(ids)
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in ids)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100 for _, v in pairs))
 
 
 def _valid_decay(value: Any) -> bool:

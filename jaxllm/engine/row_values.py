@@ -27,6 +27,8 @@ class RowValues:
         self._values[num_rows] = _PADDING_VALUES
         self._flags = np.zeros((num_rows + 1, 5), bool)
         self._owners: list[Request | None] = [None] * (num_rows + 1)  # whose values each row holds
+        self._bias: list[tuple] = [()] * (num_rows + 1)  # each row's logit_bias pairs
+        self._bias_len = np.zeros(num_rows + 1, np.int64)
 
     def reset(self) -> None:
         """Forget every row's owner (the values are refilled when next met)."""
@@ -47,13 +49,28 @@ class RowValues:
         self._flags[row] = (p.repetition_penalty != 1 or p.frequency_penalty or p.presence_penalty, p.top_k != 1,
                             req.top_logprobs_wanted > 0, req.constraint is not None, p.typical_p < 1)
         self._owners[row] = req
+        self._bias[row] = p.logit_bias
+        self._bias_len[row] = len(p.logit_bias)
 
-    def sampling(self, rows: np.ndarray, pad_rows: int) -> SamplingBatch:
-        """The SamplingBatch of a step whose rows are `rows` (rows_of), then `pad_rows` padding rows."""
+    def sampling(self, rows: np.ndarray, pad_rows: int, bias_width: int = 0) -> SamplingBatch:
+        """The SamplingBatch of a step whose rows are `rows` (rows_of), then `pad_rows` padding rows; with
+        `bias_width` (StepShape.bias) columns of logit_bias."""
         table = self._values[np.concatenate([rows, np.full(pad_rows, self.scratch_row, np.int64)])]
         fields = SamplingBatch.FIELDS
         columns = {name: table[:, k].astype(dtype) for k, (name, dtype) in enumerate(fields)}
+        if bias_width:
+            ids = np.zeros((len(table), bias_width), np.int32)
+            values = np.zeros((len(table), bias_width), np.float32)
+            for i in np.flatnonzero(self._bias_len[rows]).tolist():
+                pairs = self._bias[rows[i]]
+                ids[i, : len(pairs)], values[i, : len(pairs)] = zip(*pairs)
+            columns.update(bias_ids=ids, bias_values=values)
         return SamplingBatch(**columns, seed=table[:, len(fields):].astype(np.uint32))
+
+    def bias_width(self, rows: np.ndarray) -> int:
+        """Columns of logit_bias a step of `rows` needs: 0, or a power of two from 8 up holding every row's."""
+        most = int(self._bias_len[rows].max(initial=0))
+        return 0 if most == 0 else max(8, 1 << (most - 1).bit_length())
 
     def shape_flags(self, batch: SchedulerOutput, rows: np.ndarray) -> dict:
         """StepShape's sampler switches for a step of `batch` whose rows are `rows` (rows_of): penalties, sampling,
@@ -70,4 +87,4 @@ class RowValues:
                 break
         return {"penalties": bool(flags[:, _PENALTIES].any()), "sampling": bool(flags[:, _SAMPLING].any()),
                 "top_logprobs": bool(flags[sampled, _TOP_LOGPROBS].any()), "constrained": constrained,
-                "typical": bool(flags[:, _TYPICAL].any())}
+                "typical": bool(flags[:, _TYPICAL].any()), "bias": self.bias_width(rows)}

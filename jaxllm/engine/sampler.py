@@ -1,6 +1,6 @@
 """Next-token sampling as a pure JAX function, jitted inside the step (no host sync), in LightLLM's order:
-penalties → eos length penalty → min_new_tokens eos mask → allowed-token mask (constrained rows) →
-temperature → softmax → top-p → top-k → (TGI's typical_p) → draw.
+penalties → (OpenAI's logit_bias) → eos length penalty → min_new_tokens eos mask → allowed-token mask
+(constrained rows) → temperature → softmax → top-p → top-k → (TGI's typical_p) → draw.
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ class SamplingBatch:
     penalty_start: jax.Array  # i32: first position counted by the penalties (0 with input_penalty)
     typical_p: jax.Array  # f32: locally typical sampling's mass (1: off)
     seed: jax.Array  # u32 [rows, 2]: the request's 64-bit seed as two words
+    # [rows, K] i32 and f32: each row's logit_bias (token ids, biases; padded with bias 0), None when no row has one
+    bias_ids: jax.Array | None = None
+    bias_values: jax.Array | None = None
 
     # Fields in order, for building the host arrays.
     FIELDS = (
@@ -93,6 +96,11 @@ def apply_eos_rules(logits, out_len, decay_start, decay_factor, min_new_tokens, 
     masked = (out_len < min_new_tokens - 1)[:, None]
     eos_logits = jnp.where(masked, _EOS_MASK, eos_logits)
     return logits.at[:, eos].set(eos_logits)
+
+
+def apply_logit_bias(logits, ids, values):
+    """Add each row's biases to its logits: ids and values [R, K] (padding: any id with bias 0)."""
+    return logits.at[jnp.arange(logits.shape[0])[:, None], ids].add(values)
 
 
 def apply_token_mask(logits, mask):
@@ -218,6 +226,8 @@ def sample(logits, sb: SamplingBatch, history, context_lens, eos_ids: tuple[int,
         logits = apply_penalties(
             logits, history, counted, sb.repetition_penalty, sb.frequency_penalty, sb.presence_penalty
         )
+    if sb.bias_ids is not None:
+        logits = apply_logit_bias(logits, sb.bias_ids, sb.bias_values)
     if eos_ids:
         logits = apply_eos_rules(logits, out_len, sb.decay_start, sb.decay_factor, sb.min_new_tokens, eos_ids)
     if mask is not None:

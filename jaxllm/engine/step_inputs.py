@@ -219,7 +219,7 @@ class StepInputBuilder:
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
             logits_index=i32(logits_index), image_rows=i32(image_rows),
-            sampling=self.row_values.sampling(table_rows, pad_rows),
+            sampling=self.row_values.sampling(table_rows, pad_rows, shape.bias),
             rope_positions=None if self.rope is None else np.concatenate(
                 rope + [np.zeros((3, pad_tokens), np.int32)], axis=1),
         )
@@ -274,7 +274,8 @@ class StepInputBuilder:
             tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
             write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
             query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            image_rows=image_rows, sampling=self.row_values.sampling(table_rows, size - n), rope_positions=rope,
+            image_rows=image_rows, sampling=self.row_values.sampling(table_rows, size - n, shape.bias),
+            rope_positions=rope,
         )
         rows = {r.request_id: i for i, (r, c) in enumerate(zip(reqs, chunks)) if c.samples}
         return host, list(range(n)), rows

@@ -34,10 +34,12 @@ class StepShape:
     top_logprobs: bool = False  # some row reports its most likely tokens' logprobs (MAX_TOP_LOGPROBS of them)
     constrained: bool = False  # some sampled row has an allowed-token mask: the sampler runs as a second call
     typical: bool = False  # some row's draw takes a typical_p cut
+    bias: int = 0  # logit_bias columns per row (RowValues.bias_width; 0: no row has one)
 
     def static_args(self) -> dict:
         """The step function's static arguments (sizes come with the arrays)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("tokens", "rows", "constrained")}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("tokens", "rows", "constrained", "bias")}
 
     def compiled_as(self) -> StepShape:
         """The shape whose compiled step runs this one: a constrained step runs the greedy step of its sizes

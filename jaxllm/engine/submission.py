@@ -75,6 +75,9 @@ class SubmitRules:
                              "score head to score prompts with (a reward model and --use_reward_model)")
         params = params.normalized()
         params.validate()
+        outside = [k for k, _ in params.logit_bias if k >= self.vocab_size]
+        if outside:
+            raise ValueError(f"logit_bias: token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
         if params.stop_sequences and not self.has_tokenizer:
             raise ValueError("stop_sequences: this engine has no tokenizer to match them")
         return self.prompt(prompt_ids, params), params

@@ -19,6 +19,8 @@ from jaxllm.server.errors import ApiError, invalid
 
 __all__ = ["SEED_LIMIT", "Generation", "Sequence", "check_prompt", "failure"]
 
+_PARAMETERS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
 
 def check_prompt(engine, prompt_ids: list[int], params: SamplingParams, param: str = "inputs") -> list[int]:
     """The engine's checks (empty, lengths, vocabulary) and --long_truncation_mode (400 with the reason)."""
@@ -108,7 +110,8 @@ class Generation:
                     streams += self.engine.submit_group(ids, self.params, request_ids, images=self.images)
             except ValueError as exc:
                 self._abort_open()
-                raise invalid(str(exc)) from None
+                field = str(exc).split(":", 1)[0]  # "<parameter>: reason" names the parameter
+                raise invalid(str(exc), field if field in _PARAMETERS else None) from None
             except EngineUnavailable as exc:
                 self._abort_open()
                 raise ApiError(503, f"the engine is not running: {exc}") from None

@@ -25,6 +25,7 @@ from jaxllm.server.guided import GUIDED_CHECKS, GUIDED_FIELDS, check_guided, res
 from jaxllm.server.validation import (
     boolean,
     integer,
+    logit_bias,
     nullable,
     number,
     obj,
@@ -46,6 +47,7 @@ COMMON_FIELDS = {
     "presence_penalty": nullable(number),
     "frequency_penalty": nullable(number),
     "seed": nullable(integer),
+    "logit_bias": nullable(logit_bias),
     "user": nullable(string),
     "do_sample": nullable(boolean),
     "top_k": nullable(integer),
@@ -97,8 +99,6 @@ def _fields(body: dict, schema: dict) -> dict:
 
 
 def _refuse_unsupported(body: dict) -> None:
-    if body.get("logit_bias") is not None:
-        raise invalid("logit_bias: not supported", "logit_bias")
     if body.get("function_call") not in (None, "none"):
         raise invalid("function_call: function calling is not supported", "function_call")
     if body.get("functions"):
@@ -147,6 +147,7 @@ def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str], 
         "n": best_of,
         "seed": f.get("seed"),
         "top_logprobs": top_logprobs,
+        "logit_bias": f.get("logit_bias") or (),
         **{name: f[name] for name in GUIDED_FIELDS if f.get(name) is not None},
     }
     take_guided(fields)

@@ -58,6 +58,17 @@ def obj(name: str, value: Any) -> dict:
     return value
 
 
+def logit_bias(name: str, value: Any) -> dict[int, float]:
+    """OpenAI's logit_bias: an object of token ids (JSON keys: decimal strings) → biases."""
+    biases = {}
+    for key, bias in obj(name, value).items():
+        token = str(key).strip()
+        if not token.lstrip("-").isdigit():
+            raise invalid(f"{name}: keys must be token ids (got {key!r})", name)
+        biases[int(token)] = number(f"{name}[{key!r}]", bias)
+    return biases
+
+
 def nullable(check: Check) -> Check:
     """`check`, letting JSON null through as None."""
 

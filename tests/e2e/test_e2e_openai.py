@@ -1,5 +1,6 @@
 """The OpenAI routes against the real server through the official `openai` client: chat and completions,
-streamed and not, give /generate's greedy text; n, stop, logprobs, seed, usage, /v1/models and error objects."""
+streamed and not, give /generate's greedy text; n, stop, logprobs, seed, logit_bias, usage, /v1/models and error
+objects."""
 
 import openai
 import pytest
@@ -100,10 +101,28 @@ def test_models(client, smollm2_dir):
     ({"max_tokens": 0}, "max_tokens"),
     ({"n": 9}, "n"),
     ({"presence_penalty": -0.5}, "presence_penalty"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"logit_bias": {"1": 500}}, "logit_bias"),
+    ({"logit_bias": {"one": 5}}, "logit_bias"),
+    ({"logit_bias": {"49152": 5}}, "logit_bias"),  # outside SmolLM2's vocabulary
     ({"max_tokens": 500}, "messages"),
 ])
 def test_bad_requests_raise_openai_errors(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], **kwargs)
     assert info.value.status_code == 400 and info.value.body["param"] == param and info.value.body["message"]
+
+
+def test_logit_bias_gives_what_transformers_gives_with_that_sequence_bias(client, tokenizer, smollm2_transformers):
+    import torch
+
+    prompt = "The three primary colours are"
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    with torch.no_grad():
+        plain = smollm2_transformers.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+        bias = {plain[0]: -100.0, plain[2]: 4.5}
+        biased = smollm2_transformers.generate(ids, max_new_tokens=8, do_sample=False,
+                                               sequence_bias=[[[t], b] for t, b in bias.items()])
+    expected = tokenizer.decode(biased[0, ids.shape[1]:])
+    reply = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0,
+                                      logit_bias={str(t): b for t, b in bias.items()})
+    assert reply.choices[0].text == expected != tokenizer.decode(plain)

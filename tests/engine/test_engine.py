@@ -121,6 +121,29 @@ def looked_ahead(order: list, launches: list[int]) -> list[int]:
     return [i for i in launches if order[i - 1][0] == "stage" and order[i - 1][1] is not order[i][1]]
 
 
+def test_logit_bias_steers_greedy_decoding_exactly(tiny_engine, reference):
+    """A row's logit_bias is added to its logits at every step (here: its first plain choice banned, another token
+    favoured); the request beside it decodes as without."""
+    prompt, other = random_prompts(seed=31, count=2)
+    plain = reference.generate(prompt, 8)
+    bias = {plain[0]: -100.0, plain[3]: 4.0}
+    expected, seq = [], list(prompt)
+    for _ in range(8):
+        logits = np.array(reference.logits(seq)[-1])
+        for token, value in bias.items():
+            logits[token] += value
+        expected.append(int(np.argmax(logits)))
+        seq.append(expected[-1])
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    biased = SamplingParams(max_new_tokens=8, ignore_eos=True, logit_bias=bias)
+    results = run_all(tiny_engine, [prompt, other], [biased, params])
+    assert tokens_of(results[0]) == expected and expected[0] != plain[0]
+    assert tokens_of(results[1]) == reference.generate(other, 8)
+    with pytest.raises(ValueError, match="logit_bias: token id 256 is outside the vocabulary"):
+        tiny_engine.submit(prompt, SamplingParams(logit_bias={256: 1.0}))
+    assert_idle_and_empty(tiny_engine)
+
+
 def test_logprobs_are_those_of_the_chosen_tokens(tiny_engine, reference):
     prompt = random_prompts(seed=2, count=1)[0]
     events = run_all(tiny_engine, [prompt], SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
@@ -328,11 +351,16 @@ def test_preemption_under_a_tiny_cache_keeps_outputs_exact(tiny_model_dir, refer
         assert tokens_of(events) == reference.generate(prompt, 20)
 
 
-def test_tensor_parallel_engine_gives_the_same_tokens(tiny_model_dir, reference):
+def test_tensor_parallel_engine_gives_the_same_tokens(tiny_model_dir, reference, tiny_engine):
     engine = make_engine(tiny_model_dir, tp=2)
     assert len(engine.runner.mesh.devices.ravel()) == 2
     prompts = random_prompts(seed=13, count=4)
+    banned = reference.generate(prompts[0], 1)[0]  # a logit_bias over the split vocabulary
+    biased = SamplingParams(max_new_tokens=6, ignore_eos=True, logit_bias={banned: -100.0})
     with engine:
         results = run_all(engine, prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        steered = run_all(engine, prompts[:1], biased)[0]
     for prompt, events in zip(prompts, results):
         assert tokens_of(events) == reference.generate(prompt, 6)
+    assert banned not in tokens_of(steered)
+    assert tokens_of(steered) == tokens_of(run_all(tiny_engine, prompts[:1], biased)[0])  # as at tp 1

@@ -229,3 +229,44 @@ def test_typical_p_draws_follow_the_cut_distribution():
     assert chi_square_ok(np.bincount(np.asarray(tokens), minlength=VOCAB), target)
     # The logprob is that of the softmax before the cuts.
     np.testing.assert_allclose(np.asarray(logprobs), np.log(probs[np.asarray(tokens)]), rtol=1e-4, atol=1e-5)
+
+
+def test_logit_bias_changes_the_logits_as_transformers_sequence_bias_does():
+    """OpenAI's logit_bias through the step's own path (RowValues → SamplingBatch → sample): each row's biases
+    added to its logits, as transformers' SequenceBiasLogitsProcessor adds one-token biases; rows without any
+    and padding rows unchanged."""
+    torch = pytest.importorskip("torch")
+    from transformers import SequenceBiasLogitsProcessor
+
+    from jaxllm.engine.row_values import RowValues
+    from jaxllm.engine.scheduler import ScheduledChunk, SchedulerOutput
+
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(4, VOCAB)).astype(np.float32) * 2
+    biases = [{5: 10.0, 7: -100.0, 30: 0.5}, {}, {int(np.argmax(logits[2])): -100.0, 0: 2.5}]
+    reqs = [Request(f"b{i}", [5] * 3, SamplingParams(logit_bias=b).normalized(), seed=i, arrival=i)
+            for i, b in enumerate(biases)]
+    for i, req in enumerate(reqs):
+        req.kv_row = i
+    values = RowValues(num_rows=3, vocab_size=VOCAB)
+    rows = values.rows_of(SchedulerOutput([ScheduledChunk(r, 0, 3) for r in reqs], [], "prefill"))
+    width = values.bias_width(rows)
+    assert width == 8
+    sb = jax.tree.map(jnp.asarray, values.sampling(rows, 1, width))  # one padding row
+    tokens, logprobs = sample_jit(jnp.asarray(logits), sb, jnp.zeros((4, 8), jnp.int32), jnp.full(4, 3), ())
+    expected = torch.from_numpy(logits.copy())
+    for i, bias in enumerate(biases):
+        if bias:
+            processor = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()])
+            expected[i : i + 1] = processor(torch.zeros((1, 3), dtype=torch.long), expected[i : i + 1])
+    expected = torch.log_softmax(expected, -1).numpy()
+    np.testing.assert_array_equal(np.asarray(tokens), expected.argmax(-1))
+    np.testing.assert_allclose(np.asarray(logprobs), expected[np.arange(4), expected.argmax(-1)], rtol=1e-5, atol=1e-6)
+    assert np.asarray(tokens)[0] == 5 and np.asarray(tokens)[2] != np.argmax(logits[2])
+
+
+def test_logit_bias_is_validated():
+    SamplingParams(logit_bias={3: 100, 4: -100.0}).validate()
+    for bad in ({3: 101}, {-1: 1.0}, {"3": 1.0}, {3: True}, {i: 1.0 for i in range(1025)}):
+        with pytest.raises(ValueError, match="logit_bias"):
+            SamplingParams(logit_bias=bad).validate()

@@ -72,7 +72,7 @@ def test_plain_tokens_match_token_for_the_rows_they_take(tokenizer):
 def test_row_values_follow_the_request_that_holds_the_row():
     rng = np.random.default_rng(3)
     values = RowValues(num_rows=4, vocab_size=VOCAB)
-    first, _ = _request(rng, 0, SamplingParams(do_sample=True, temperature=0.7, top_k=20), 0)
+    first, _ = _request(rng, 0, SamplingParams(do_sample=True, temperature=0.7, top_k=20, logit_bias={4: 2.5}), 0)
     second, _ = _request(rng, 1, SamplingParams(repetition_penalty=1.3, top_logprobs=3), 0)
     greedy, _ = _request(rng, 2, SamplingParams(), 0)
     first.kv_row, greedy.kv_row = 2, 0
@@ -92,9 +92,13 @@ def test_row_values_follow_the_request_that_holds_the_row():
     batch = step(first, greedy)
     np.testing.assert_allclose(gathered(batch), expected([first, greedy], 2), rtol=1e-6)
     assert values.shape_flags(batch, values.rows_of(batch)) == {
-        "penalties": False, "sampling": True, "top_logprobs": False, "constrained": False, "typical": False}
+        "penalties": False, "sampling": True, "top_logprobs": False, "constrained": False, "typical": False,
+        "bias": 8}
+    biased = values.sampling(values.rows_of(batch), 2, 8)  # first's one bias in its row, zeros elsewhere
+    assert biased.bias_ids[0, 0] == 4 and biased.bias_values[0, 0] == 2.5 and not biased.bias_values[1:].any()
     second.kv_row = 2  # row 2 changes hands: its values and flags are the new holder's
     batch = step(greedy, second)
     np.testing.assert_allclose(gathered(batch), expected([greedy, second], 2), rtol=1e-6)
     assert values.shape_flags(batch, values.rows_of(batch)) == {
-        "penalties": True, "sampling": False, "top_logprobs": True, "constrained": False, "typical": False}
+        "penalties": True, "sampling": False, "top_logprobs": True, "constrained": False, "typical": False,
+        "bias": 0}

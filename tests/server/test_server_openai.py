@@ -158,7 +158,7 @@ def test_models(make_client, smollm2_dir):
     ("/v1/chat/completions", {"messages": MESSAGES}, "model"),
     ("/v1/chat/completions", {"model": "m", "messages": []}, "messages"),
     ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ("/v1/chat/completions", {"model": "m", "messages": MESSAGES, "logit_bias": {"1": 2}}, "logit_bias"),
+    ("/v1/chat/completions", {"model": "m", "messages": MESSAGES, "logit_bias": {"1": -101}}, "logit_bias"),
     ("/v1/chat/completions", {"model": "m", "messages": MESSAGES, "function_call": "auto"}, "function_call"),
     ("/v1/chat/completions", {"model": "m", "messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
     ("/v1/chat/completions", {"model": "m", "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
