@@ -28,7 +28,7 @@ class RowValues:
         self._flags = np.zeros((num_rows + 1, 5), bool)
         self._owners: list[Request | None] = [None] * (num_rows + 1)  # whose values each row holds
         self._bias: list[tuple] = [()] * (num_rows + 1)  # each row's logit_bias pairs
-        self._bias_len = np.zeros(num_rows + 1, np.int64)
+        self._bias_len = np.zeros(num_rows + 1, np.int64)  # their lengths, for a step's maximum without a loop
 
     def reset(self) -> None:
         """Forget every row's owner (the values are refilled when next met)."""

@@ -86,7 +86,7 @@ class PreparedStep:
     device: DeviceStep  # all that the device work reads
     offsets: list[int]  # each chunk's first index in the packed tokens
     rows: dict[str, int]  # request id → its row, for the requests this step samples
-    staged: tuple | None = None  # its inputs on the device (ModelRunner.stage: ModelRunner._put)
+    staged: tuple | None = None  # once sent (ModelRunner.stage): its packed inputs on the device, their layout, fills
 
     @property
     def shape(self) -> StepShape:
@@ -418,11 +418,11 @@ class ModelRunner:
         after_idle = unread is not None and unread.sampled is not None and unread.sampled.is_ready()
         if self.peers is not None:
             self.peers.send(("step", step.device))
-        # Unstaged (across processes), the inputs go in the order the other processes transfer them (`_put`): a
-        # transfer to the devices of every process waits for all of them.
-        sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device, step.staged)
+        # Not staged yet across processes: sent after the message, and in the order the other processes send
+        # theirs (`_put`), as a transfer to the devices of every process waits for all of them.
         if step.staged is None:
-            self.inputs.launched(step.rows)
+            self.stage(step)
+        sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device, step.staged)
         launch_s, launch_cpu_s = time.perf_counter() - launched, time.thread_time() - launched_cpu
         if not step.shape.all_logits:
             prompt_lp = None

@@ -117,8 +117,8 @@ class StepInputBuilder:
         self.row_values.reset()
 
     def launched(self, rows: dict[str, int]) -> None:
-        """A step is to launch next (steps launch in the order they are prepared): `rows` maps each request it
-        samples to its row (its token stays on the device, for the step after it)."""
+        """A step is to launch next (steps launch in the order they are staged, ModelRunner.stage): `rows` maps
+        each request it samples to its row (its token stays on the device, for the step after it)."""
         self._last_rows = rows
 
     def padding(self, shape: StepShape) -> StepInputs:

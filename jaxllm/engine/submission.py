@@ -61,10 +61,14 @@ class SubmitRules:
 
     def prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt to run (truncated per --long_truncation_mode) or ValueError with the reason."""
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        self._in_vocabulary(prompt_ids)
         return check_prompt(list(prompt_ids), params, self.args)
+
+    def _in_vocabulary(self, ids: list[int], field: str = "") -> None:
+        """ValueError naming the first of `ids` outside the vocabulary (`field`: the message's prefix)."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"{field}token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
 
     def sequence(self, prompt_ids: list[int], params: SamplingParams,
                  scoring: bool = False) -> tuple[list[int], SamplingParams]:
@@ -75,9 +79,7 @@ class SubmitRules:
                              "score head to score prompts with (a reward model and --use_reward_model)")
         params = params.normalized()
         params.validate()
-        outside = [k for k, _ in params.logit_bias if k >= self.vocab_size]
-        if outside:
-            raise ValueError(f"logit_bias: token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
+        self._in_vocabulary([k for k, _ in params.logit_bias], "logit_bias: ")
         if params.stop_sequences and not self.has_tokenizer:
             raise ValueError("stop_sequences: this engine has no tokenizer to match them")
         return self.prompt(prompt_ids, params), params
