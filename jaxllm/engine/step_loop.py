@@ -6,14 +6,17 @@ read, so their build overlaps both the device's model and the engine thread's ow
 scheduling, preparing the next step); the engine thread waits for them only right before the sampler.
 
 Looking ahead: when the step about to launch decodes every request that can decode (and holds only plain
-requests), the step after it is scheduled and its inputs sent to the device before it launches (the host then
-two steps behind the device's results). A host-to-device copy waits on the device's stream behind every step
+requests), the step after it is scheduled and its inputs sent to the device before it launches, and the oldest
+launched step's results may stay unread for one more iteration (MAX_UNREAD): the host then schedules up to three
+steps ahead of the results it has read, and a request that ends (eos, a stop string) is found up to two steps
+late, its rows in those steps discarded. A host-to-device copy waits on the device's stream behind every step
 enqueued before it, and the GPU client launches a step only once its inputs are on the device; sent after step
 N's launch, step N+1's inputs would hold its launch until step N had finished, and the device would idle while
 N+1 is enqueued (docs/perf.md, session 17)."""
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import time
@@ -26,6 +29,11 @@ from jaxllm.engine.runner import PreparedStep, StepHandle
 from jaxllm.engine.scheduler import SchedulerOutput
 
 log = logging.getLogger("jaxllm.engine.engine")
+
+# Looking ahead, how many launched steps may wait unread while the next launches: two keeps two steps queued on the
+# device behind the one running, so a step's host chain (scheduling, the jitted call, XLA's command-buffer update
+# and launch on its dispatch thread) has two device steps to finish in, not one (docs/perf.md, session 18).
+MAX_UNREAD = 2
 
 
 class PhaseClock:
@@ -52,7 +60,7 @@ class StepLoop:
 
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
-        inflight: StepHandle | None = None
+        unread: collections.deque[StepHandle] = collections.deque()  # launched, results not read: oldest first
         ready: PreparedStep | None = None  # scheduled, prepared and its inputs sent, not launched (looking ahead)
         # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
         # reading of the previous step's results.
@@ -70,18 +78,26 @@ class StepLoop:
                     ready = self._schedule_step()
                 if ready is not None:
                     following = self._schedule_step() if self._may_look_ahead(ready) else None
-                    launching = self._start_dispatch(ready, launcher, inflight)
+                    launching = self._start_dispatch(ready, launcher, unread[-1] if unread else None)
                     ready = following
-                if inflight is not None:
-                    self._postprocess(inflight)
-                inflight = self._finish_dispatch(*launching) if launching else None
-                if ready is not None and inflight is None:  # the step before it failed: so does it
+                # Looking ahead, the oldest steps' results may wait (up to MAX_UNREAD steps unread); otherwise every
+                # step before the one launched is read now, so a step scheduled afresh finds each request's tokens
+                # on the host or sampled by the last launched step.
+                while len(unread) >= (MAX_UNREAD if ready is not None else 1):
+                    self._postprocess(unread.popleft())
+                launched = self._finish_dispatch(*launching) if launching else None
+                if launched is not None:
+                    unread.append(launched)
+                else:  # nothing launched, or its launch failed: the device holds no token a next step may take
+                    while unread:
+                        self._postprocess(unread.popleft())
+                if ready is not None and launched is None:  # the step before it failed: so does it
                     self._fail_step(ready.batch, RuntimeError("the step launched before it failed"))
                     ready = None
-                if inflight is not None and inflight.unsampled is not None:  # its rows' tokens so far are read
+                if launched is not None and launched.unsampled is not None:  # its rows' tokens so far are read
                     early = self._early_masks
-                    inflight.masks = (early[1] if early is not None and early[0] is launching[1]
-                                      else StepMasks(inflight.batch))
+                    launched.masks = (early[1] if early is not None and early[0] is launching[1]
+                                      else StepMasks(launched.batch))
                 self._early_masks = None
                 if self._grammars is not None:
                     self._counters["mask_wait_s"] += self._grammars.take_answer_s()
@@ -89,7 +105,7 @@ class StepLoop:
                 self._snapshot = self._take_snapshot()
                 if self._sink is not None:
                     self._sink.flush(self._snapshot)
-                if inflight is None:
+                if not unread:
                     idle = not self.scheduler.has_work() and not (self._images and self._images.has_work())
                     if idle:
                         self._idle.set()
@@ -97,8 +113,8 @@ class StepLoop:
                             self._idle_since = time.monotonic()
                     self._wake.wait(timeout=1.0 if idle else 0.001)
                     self._wake.clear()
-            if inflight is not None:
-                self._postprocess(inflight)
+            while unread:
+                self._postprocess(unread.popleft())
         finally:
             launcher.shutdown()
         if ready is not None:  # stopping: its requests end below

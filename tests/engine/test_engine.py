@@ -10,6 +10,7 @@ import pytest
 
 from engine_helpers import GreedyReference, make_engine, random_prompts
 from jaxllm.engine.request import SamplingParams
+from jaxllm.engine.step_loop import MAX_UNREAD
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +51,16 @@ def test_batched_ragged_greedy_matches_a_plain_loop(tiny_engine, reference):
 
 def test_decode_steps_look_ahead_and_stay_exact_as_requests_end(tiny_engine, reference, monkeypatch):
     """Looking ahead (step_loop.py): while plain requests decode, the step after the one about to launch is
-    scheduled and its inputs staged first, the host two steps behind the device. Outputs stay exact while
-    requests end at different steps, by eos and by length, with tokens of theirs still on the device."""
+    scheduled and its inputs staged first, and two launched steps may wait unread, the host three steps behind
+    the device. Outputs stay exact while requests end at different steps, by eos and by length, with tokens of
+    theirs still on the device."""
     prompts = random_prompts(seed=21, count=6)
     lengths = [9, 14, 17, 20, 22, 25]
     expected = [reference.generate(p, n) for p, n in zip(prompts, lengths)]
     # The token in most greedy outputs: it ends those requests early, wherever it comes up.
     eos = max({t for e in expected for t in e[1:]}, key=lambda t: sum(t in e[1:] for e in expected))
     expected = [e[: e.index(eos) + 1] if eos in e else e for e in expected]
-    order = record_stages_and_launches(tiny_engine.runner, monkeypatch)
+    order = record_stages_and_launches(tiny_engine, monkeypatch)
     engine_eos = tiny_engine._events.eos
     tiny_engine._events.eos = frozenset({eos})
     try:
@@ -70,6 +72,9 @@ def test_decode_steps_look_ahead_and_stay_exact_as_requests_end(tiny_engine, ref
     decodes = launches_of(order, "decode")
     ahead = looked_ahead(order, decodes)
     assert len(decodes) >= 20 and len(ahead) >= len(decodes) - 2, (len(ahead), len(decodes))
+    # Two steps' results wait unread while the next launches (MAX_UNREAD), never more.
+    unread = unread_at_launches(order, decodes)
+    assert max(unread) == MAX_UNREAD and sum(u == MAX_UNREAD for u in unread) >= len(decodes) - 4, unread
     assert_idle_and_empty(tiny_engine)
 
 
@@ -81,7 +86,7 @@ def test_splitfuse_steps_look_ahead_and_stay_exact(tiny_model_dir, reference, mo
     prompts[5] = prompts[1][:20] + prompts[5][:10]  # a cached prefix of an earlier prompt
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     with engine:
-        order = record_stages_and_launches(engine.runner, monkeypatch)
+        order = record_stages_and_launches(engine, monkeypatch)
         first = engine.submit_many([(p, params, None) for p in prompts[:4]])
         heads = [next(s) for s in first]  # streaming before the rest arrive
         rest = engine.submit_many([(p, params, None) for p in prompts[4:]])
@@ -94,22 +99,35 @@ def test_splitfuse_steps_look_ahead_and_stay_exact(tiny_model_dir, reference, mo
     assert len(looked_ahead(order, launches_of(order, "decode"))) >= 5
 
 
-def record_stages_and_launches(runner, monkeypatch) -> list:
-    """Spy on the runner: [("stage" | "launch", prepared step)] in the order the engine calls them."""
+def record_stages_and_launches(engine, monkeypatch) -> list:
+    """Spy on the engine thread: [("stage" | "launch", prepared step) | ("fetch", step handle)] in the order it
+    stages a step's inputs, hands a step to the launch thread and reads a step's results."""
     order = []
-    stage, launch = runner.stage, runner.launch
+    runner = engine.runner
+    stage, start_dispatch, fetch = runner.stage, engine._start_dispatch, runner.fetch
 
     def staging(step):
         order.append(("stage", step))
         return stage(step)
 
-    def launching(step, unread=None):
+    def launching(step, *args):
         order.append(("launch", step))
-        return launch(step, unread)
+        return start_dispatch(step, *args)
+
+    def fetching(handle):
+        order.append(("fetch", handle))
+        return fetch(handle)
 
     monkeypatch.setattr(runner, "stage", staging)
-    monkeypatch.setattr(runner, "launch", launching)
+    monkeypatch.setattr(engine, "_start_dispatch", launching)
+    monkeypatch.setattr(runner, "fetch", fetching)
     return order
+
+
+def unread_at_launches(order: list, launches: list[int]) -> list[int]:
+    """How many launched steps were not read yet when each of `launches` (indices into `order`) began."""
+    return [sum(what == "launch" for what, _ in order[:i]) - sum(what == "fetch" for what, _ in order[:i])
+            for i in launches]
 
 
 def launches_of(order: list, kind: str) -> list[int]:
