@@ -7,9 +7,9 @@ scheduling, preparing the next step); the engine thread waits for them only righ
 
 Looking ahead: when the step about to launch decodes every request that can decode (and holds only plain
 requests), the step after it is scheduled and its inputs sent to the device before it launches, and the oldest
-launched step's results may stay unread for one more iteration (MAX_UNREAD): the host then schedules up to three
-steps ahead of the results it has read, and a request that ends (eos, a stop string) is found up to two steps
-late, its rows in those steps discarded. A host-to-device copy waits on the device's stream behind every step
+launched step's results may stay unread for one more iteration (MAX_UNREAD): a step is then scheduled while the
+three steps before it are unread, and a request that ends (eos, a stop string) is found up to two steps late,
+its rows in the steps after discarded. A host-to-device copy waits on the device's stream behind every step
 enqueued before it, and the GPU client launches a step only once its inputs are on the device; sent after step
 N's launch, step N+1's inputs would hold its launch until step N had finished, and the device would idle while
 N+1 is enqueued (docs/perf.md, session 17)."""
