@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
+from jaxllm.bench.threads import thread_cpu_s
+
 _PHASES = ("schedule", "dispatch", "postprocess", "host")
 _COUNTERS = tuple(f"{phase}{kind}_s" for phase in _PHASES for kind in ("", "_cpu"))
-
-
-def _thread_cpu_s(native_id: int) -> float:
-    """CPU seconds a thread of this process has used (user + system; Linux /proc, clock-tick resolution)."""
-    fields = open(f"/proc/self/task/{native_id}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def host_us_per_row(args, rows: int, output_len: int, *, as_core: bool) -> dict:
@@ -51,9 +46,9 @@ def host_us_per_row(args, rows: int, output_len: int, *, as_core: bool) -> dict:
             engine.wait_idle(600)
 
         run(0)
-        before, cpu_before = dict(engine._counters), _thread_cpu_s(engine._thread.native_id)
+        before, cpu_before = dict(engine._counters), thread_cpu_s(engine._thread.native_id)
         run(1)
-        after, cpu_after = engine._counters, _thread_cpu_s(engine._thread.native_id)
+        after, cpu_after = engine._counters, thread_cpu_s(engine._thread.native_id)
     steps = after["steps"] - before["steps"]
     per_row = {name.removesuffix("_s") + "_us_per_row": 1e6 * (after[name] - before[name]) / steps / rows
                for name in _COUNTERS}

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from jaxllm.bench.stats import format_rows
+from jaxllm.bench.threads import busiest_ms_per_step, cpu_by_thread_name
 from jaxllm.bench.workload import BenchRequest
 
 
@@ -84,10 +85,12 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
     prompts = [list(r.prompt_ids) for r in requests]
     before = llm.engine.stats()
     shapes_before = len(llm.engine.runner.shapes_seen)
+    threads_before = cpu_by_thread_name()
     start = time.perf_counter()
     with _PeakKV(llm.engine) as kv:
         outputs = _score(llm, requests) if llm.engine.scoring else _generate(llm, requests, best_of, separately, guided)
     duration = time.perf_counter() - start
+    threads_after = cpu_by_thread_name()
     llm.engine.wait_idle(timeout=10.0)
     total_in = sum(len(p) for p in prompts) * (best_of if separately else 1)
     total_out = sum(len(o) for o in outputs)
@@ -103,6 +106,8 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
         "steps": delta["steps"],
         "new_step_shapes": len(llm.engine.runner.shapes_seen) - shapes_before,  # compiled while timed
         "steps_after_idle": delta["steps_after_idle"],  # launched once the step before had finished
+        # the host threads' CPU: the engine's, the launch thread's and the runtime's (XLA's dispatch thread)
+        "thread_cpu_ms_per_step": busiest_ms_per_step(threads_before, threads_after, steps),
         **{f"{t}_ms_per_step": 1e3 * delta[f"{t}_s"] / steps for t in timers},
         "constrained_steps": delta["constrained_steps"],
         **masks,
@@ -190,6 +195,9 @@ def format_offline_table(result: dict) -> str:
         ("launch thread: transfer + step call, wall / CPU (ms)",
          f"{result['launch_ms_per_step']:.2f} / {result['launch_cpu_ms_per_step']:.2f}"),
     ]
+    if result.get("thread_cpu_ms_per_step"):
+        rows.append(("threads' CPU per step (ms)",
+                     ", ".join(f"{name} {ms:.2f}" for name, ms in result["thread_cpu_ms_per_step"])))
     if result.get("constrained_steps"):
         rows.append(("masks / engine's wait per constrained step (ms)",
                      f"{result['mask_ms_per_step']:.2f} / {result['mask_wait_ms_per_step']:.2f}"))

@@ -37,6 +37,10 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     assert sum(parts) <= result["host_ms_per_step"] * 1.001
     assert 0 <= result["steps_after_idle"] <= result["steps"]
     assert "schedule / dispatch / postprocess" in format_offline_table(result)
+    # The host threads' CPU per step, busiest first; the engine thread among them (it schedules and reads).
+    threads = dict(result["thread_cpu_ms_per_step"])
+    assert "jaxllm-engine" in threads and all(ms > 0 for ms in threads.values())
+    assert "threads' CPU per step" in format_offline_table(result)
     assert result["new_step_shapes"] > 0  # warmup=0: the first run compiles what it meets
     assert run_offline(llm, requests)["new_step_shapes"] == 0  # the same workload again compiles nothing
 
