@@ -92,6 +92,7 @@ class StepLoop:
                     while unread:
                         self._postprocess(unread.popleft())
                 if ready is not None and launched is None:  # the step before it failed: so does it
+                    self._unpend(ready.batch)
                     self._fail_step(ready.batch, RuntimeError("the step launched before it failed"))
                     ready = None
                 if launched is not None and launched.unsampled is not None:  # its rows' tokens so far are read

@@ -230,6 +230,34 @@ def test_a_seeded_sample_is_the_same_alone_or_in_a_batch(tiny_engine):
     assert len(set(tuple(tokens_of(m)) for m in mixed)) > 1
 
 
+def test_a_failed_launch_while_looking_ahead_fails_the_staged_step_too(tiny_engine, reference, monkeypatch):
+    """A decode step's launch fails while the step after it is already scheduled and staged: both steps'
+    requests end with the error, none is left counting a token on its way, and the engine serves on."""
+    prompts = random_prompts(seed=12, count=2)
+    submitted = []
+    launch = tiny_engine.runner.launch
+    decodes = []
+
+    def failing(step, *args):
+        if step.batch.kind == "decode":
+            decodes.append(step)
+            if len(decodes) == 4:  # steady decoding: the step after it is staged (looking ahead)
+                raise RuntimeError("injected failure")
+        return launch(step, *args)
+
+    add = tiny_engine.scheduler.add
+    monkeypatch.setattr(tiny_engine.scheduler, "add", lambda req: (submitted.append(req), add(req))[1])
+    monkeypatch.setattr(tiny_engine.runner, "launch", failing)
+    results = run_all(tiny_engine, prompts, SamplingParams(max_new_tokens=20, ignore_eos=True))
+    assert all(events[-1].finish_reason == "error" and "injected failure" in events[-1].error for events in results)
+    tiny_engine.wait_idle(60)  # the streams end at the failure; the engine reads the steps before it after
+    assert all(req.num_pending == 0 for req in submitted), [req.num_pending for req in submitted]
+    monkeypatch.undo()
+    again = run_all(tiny_engine, prompts[:1], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
+    assert tokens_of(again) == reference.generate(prompts[0], 3)
+    assert_idle_and_empty(tiny_engine)
+
+
 def test_abort_frees_the_request_at_once(tiny_engine):
     prompt = random_prompts(seed=8, count=1)[0][:10]
     running = tiny_engine.submit(prompt, SamplingParams(max_new_tokens=50, ignore_eos=True), request_id="long")
