@@ -4,7 +4,8 @@
 # (`jaxllm.bench offline`), random-weight Llama-3-8B, the flags of the issue's measurement. Prints output tok/s
 # server / in-process (goal >= 0.95) and the inter-token gap median / p99 against the median TPOT (goal p99 <= 3 x
 # TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm), plus 1-3
-# minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; HOST=0 skips bench.host).
+# minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; FRONTEND=0 and HOST=0 skip
+# them).
 # EXTRA_FLAGS go to both (e.g. EXTRA_FLAGS="--splitfuse_mode --splitfuse_block_size 2048": prefill chunks mixed
 # with the decodes, for the gap goal); CLIENT_PROCESSES=4 deals the requests to 4 client processes (one event loop
 # reading 512 streams falls behind and reads tokens in clumps), then runs once more with one, for the difference.
@@ -24,7 +25,9 @@ source tools/serve_env.sh
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/jaxllm/jax}
 
 echo "== host side, on the CPU: the frontend's text + SSE capacity, the engine thread's host us per row per step"
-$PY -m jaxllm.bench.frontend --rows 512 --tokenizer "$TOKENIZER_DIR" | tee "$OUT/frontend_host.json"
+if [ "${FRONTEND:-1}" = 1 ]; then  # FRONTEND=0 skips it
+  $PY -m jaxllm.bench.frontend --rows 512 --tokenizer "$TOKENIZER_DIR" | tee "$OUT/frontend_host.json"
+fi
 if [ "${HOST:-1}" = 1 ]; then  # a 2-layer, 64-wide model of $MODEL's tokenizer: the host's share alone
   TINY=$(mktemp -d); cp "$TOKENIZER_DIR"/* "$TINY/"
   $PY -c "import json, sys; c = json.load(open(sys.argv[1])); c.update(hidden_size=64, intermediate_size=128,
