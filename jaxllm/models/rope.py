@@ -129,16 +129,23 @@ def axial_cos_sin(theta: float, head_dim: int, positions):
 
 
 def apply_rope(x, cos, sin, interleaved: bool = False):
-    """Rotate the first 2 * cos.shape[-1] dims of each head. x [n, heads, head_dim]; cos, sin [n, dim // 2]."""
-    rot = 2 * cos.shape[-1]
+    """Rotate the first 2 * cos.shape[-1] dims of each head. x [n, heads, head_dim]; cos, sin [n, dim // 2].
+
+    Written as elementwise products with the pair's other member (a reversal of the pair axis), not as a
+    concatenation of the two halves: XLA fuses this into the ops around it, where a concatenation is a kernel of
+    its own for q and one for k in every layer."""
+    half = cos.shape[-1]
+    rot = 2 * half
     x32 = x.astype(jnp.float32)
-    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    if interleaved:
-        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
-        rotated = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x_rot.shape)
-    else:
-        half = rot // 2
-        x1, x2 = x_rot[..., :half], x_rot[..., half:]
-        rotated = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-    return jnp.concatenate([rotated, x_pass], axis=-1).astype(x.dtype)
+    x_rot = x32[..., :rot]
+    # pairs (x1, x2) → (x1 c - x2 s, x2 c + x1 s): the pair axis is the last (interleaved) or the one before it
+    pairs = x_rot.reshape(*x.shape[:-1], half, 2) if interleaved else x_rot.reshape(*x.shape[:-1], 2, half)
+    c = cos[:, None, :, None] if interleaved else cos[:, None, None, :]
+    s = sin[:, None, :, None] if interleaved else sin[:, None, None, :]
+    sign = jnp.asarray([-1.0, 1.0], jnp.float32)  # the first member takes -x2 s, the second +x1 s
+    sign = sign if interleaved else sign[:, None]
+    swapped = jnp.flip(pairs, axis=-1 if interleaved else -2)
+    rotated = (pairs * c + swapped * (s * sign)).reshape(x_rot.shape)
+    if rot == x.shape[-1]:
+        return rotated.astype(x.dtype)
+    return jnp.concatenate([rotated, x32[..., rot:]], axis=-1).astype(x.dtype)
