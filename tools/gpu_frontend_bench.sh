@@ -5,7 +5,7 @@
 # server / in-process (goal >= 0.95) and the inter-token gap median / p99 against the median TPOT (goal p99 <= 3 x
 # TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm), plus 1-3
 # minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; FRONTEND=0 and HOST=0 skip
-# them).
+# them; OFFLINE=0 skips the in-process run).
 # EXTRA_FLAGS go to both (e.g. EXTRA_FLAGS="--splitfuse_mode --splitfuse_block_size 2048": prefill chunks mixed
 # with the decodes, for the gap goal); CLIENT_PROCESSES=4 deals the requests to 4 client processes (one event loop
 # reading 512 streams falls behind and reads tokens in clumps), then runs once more with one, for the difference.
@@ -37,10 +37,12 @@ num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16);
     --tokenizer_mode fast 2> "$LOGS/host.err" | tee "$OUT/host.json"
 fi
 
-echo "== in-process engine (one untimed pass first)"
-timeout ${OFFLINE_TIMEOUT:-400} $PY -m jaxllm.bench offline --model_dir "$MODEL" --warmup-pass "${WORKLOAD[@]}" \
-  --result-json "$OUT/offline.json" "${ENGINE_FLAGS[@]}" > "$LOGS/offline.txt" 2> "$LOGS/offline.err"
-grep -E "throughput|steps" "$LOGS/offline.txt" || tail -20 "$LOGS/offline.err"
+if [ "${OFFLINE:-1}" = 1 ]; then  # OFFLINE=0: the server alone (no ratio printed)
+  echo "== in-process engine (one untimed pass first)"
+  timeout ${OFFLINE_TIMEOUT:-400} $PY -m jaxllm.bench offline --model_dir "$MODEL" --warmup-pass "${WORKLOAD[@]}" \
+    --result-json "$OUT/offline.json" "${ENGINE_FLAGS[@]}" > "$LOGS/offline.txt" 2> "$LOGS/offline.err"
+  grep -E "throughput|steps" "$LOGS/offline.txt" || tail -20 "$LOGS/offline.err"
+fi
 
 echo "== server (one untimed run first)"
 start_server split || exit 1
@@ -52,6 +54,7 @@ fi
 http_get /metrics | grep -E "^lightllm_batch_inference_count_total" | tee "$LOGS/metrics.txt"
 stop_server
 
+[ -f "$OUT/offline.json" ] || exit 0
 echo "== summary"
 $PY - "$OUT" << 'EOF_PY'
 import json, sys

@@ -96,7 +96,7 @@ def create_app(state: ServerState) -> Quart:
     async def tokens() -> Response:
         body = obj("body", await read_json())
         text = require(body, "text", string)
-        return json_response({"ntokens": len(await state.off_loop(state.tokenizer.encode, text))})
+        return json_response({"ntokens": len(state.tokenizer.encode(text))})
 
     @app.route("/health", methods=["GET", "HEAD"])
     @app.get("/healthz")

@@ -110,14 +110,14 @@ def stream_event(e: TokenEvent) -> dict:
 
 
 async def generate(state: ServerState, body: Any) -> Response:
-    track, req = await state.track_parsed(parse, state, body, stream=False)
+    track, req = state.track_parsed(parse, state, body, stream=False)
     images = await track.guard(load_images(state.engine, req.images))
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
     return json_response(generate_body(req, sequences, prompt_logprobs=state.args.return_all_prompt_logprobs))
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
-    track, req = await state.track_parsed(parse, state, body, stream=True)
+    track, req = state.track_parsed(parse, state, body, stream=True)
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
 

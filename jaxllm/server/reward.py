@@ -34,7 +34,7 @@ async def get_score(state: ServerState, body: Any) -> Response:
     if not state.args.use_reward_model:
         raise ApiError(400, "/get_score needs a reward model (--use_reward_model); this server runs a "
                             "generative model")
-    track, ids = await state.track_parsed(parse, state, body)
+    track, ids = state.track_parsed(parse, state, body)
     (sequence,) = await track.collect(Generation(state.engine, [ids], SCORE_PARAMS, scoring=True))
     score = sequence.last.score  # prompt_tokens: the chat's, trailing padding (not run) included
     return json_response({"score": score[0] if len(score) == 1 else score, "prompt_tokens": len(ids),

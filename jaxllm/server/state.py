@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
-import contextvars
 import dataclasses
 import functools
 import logging
@@ -24,11 +21,6 @@ from jaxllm.server.generation import Generation, Sequence, failure
 T = TypeVar("T")
 
 log = logging.getLogger("jaxllm.server")
-
-# Threads that parse requests (validate, apply the chat template, tokenise, check lengths and grammars) off the
-# event loop: the `tokenizers` call releases the GIL, so a burst of requests is tokenised several at a time while
-# the loop goes on answering, and a grammar check that waits for the engine core holds no route up.
-PARSE_THREADS = 4
 
 
 @dataclasses.dataclass
@@ -83,25 +75,15 @@ class ServerState:
         label = " ".join(f"{h}:{headers[h]}" for h in ("X-Request-Id", "X-Session-Id") if h in headers)
         return Tracker(self.metrics, label)
 
-    async def track_parsed(self, parse: Callable[..., T], *args, **kwargs) -> tuple["Tracker", T]:
-        """Start the clock, then validate the request with `parse(*args, **kwargs)` on a parsing thread; a request
-        that fails validation is ended (counted, logged) before its error propagates."""
+    def track_parsed(self, parse: Callable[..., T], *args, **kwargs) -> tuple["Tracker", T]:
+        """Start the clock, then validate the request with `parse(*args, **kwargs)`; a request that fails
+        validation is ended (counted, logged) before its error propagates."""
         track = self.track()
         try:
-            return track, await self.off_loop(parse, *args, **kwargs)
+            return track, parse(*args, **kwargs)
         except BaseException:
             track.end()
             raise
-
-    async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """`fn(*args, **kwargs)` on one of the parsing threads (tokenisation, validation), awaited; in the caller's
-        context, as asyncio.to_thread runs it."""
-        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._parse_threads, call)
-
-    @functools.cached_property
-    def _parse_threads(self) -> concurrent.futures.ThreadPoolExecutor:
-        return concurrent.futures.ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="parse")
 
 
 class Tracker:

@@ -170,14 +170,14 @@ def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, se
 
 
 async def generate(state: ServerState, body: Any) -> Response:
-    track, (req, opts) = await state.track_parsed(parse, state, body, stream=False)
+    track, (req, opts) = state.track_parsed(parse, state, body, stream=False)
     images = await track.guard(load_images(state.engine, req.images))
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
     return json_response(generate_body(state, req, opts, sequences))
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
-    track, (req, opts) = await state.track_parsed(parse, state, body, stream=True)
+    track, (req, opts) = state.track_parsed(parse, state, body, stream=True)
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
     prefix = req.prompt if opts.return_full_text else ""
