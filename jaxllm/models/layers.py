@@ -20,6 +20,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.models import qdot, quant, rope
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata, AttentionSpec
+from jaxllm.models.normed import NormedRows, rms_normalise
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _ZEROS = nn.initializers.zeros
@@ -68,8 +69,11 @@ def dense(x, w, equation: str, split_sum: bool = False):
     down-projection), so the devices' partial sums are all-reduced; on several devices they stay float32 through
     the all-reduce and are rounded once after it, as one device rounds its float32 accumulator once, so that tp N
     gives tp 1's numbers (16-bit partial sums each rounded before the sum changed greedy answers within a few
-    tokens). A quantised product's partial sums are float32 already."""
+    tokens). A quantised product's partial sums are float32 already. x may be `NormedRows` (a norm's rows before
+    it is applied: `Norm(..., into_products=True)`)."""
     tap = _DENSE_TAP.get()
+    if isinstance(x, NormedRows) and (tap is not None or not quant.is_quantised(w)):
+        x = x.value()  # only a quantised product may fold the norm (qdot.dot)
     if tap is not None:
         tap(x, w)
     if quant.is_quantised(w):
@@ -111,20 +115,25 @@ class Norm(nn.Module):
     bias: bool | None = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, into_products: bool = False):
+        """The normalised x; `into_products`: the caller hands the result to products only (`dense`), so an RMS
+        norm without a bias returns `NormedRows` (`jaxllm/models/normed.py`) for them to apply."""
         c = self.config
         shape = self.weight_shape or (x.shape[-1],)
         init = _ZEROS if c.norm_plus_one else nn.initializers.ones
         weight = param(self, "weight", shape, self.axes, self.dtype, init).astype(jnp.float32)
         if c.norm_plus_one:
             weight = 1.0 + weight
+        if c.norm not in ("rms", "layer"):
+            raise ValueError(f"norm {c.norm!r} is not supported")
+        has_bias = c.norm_bias if self.bias is None else self.bias
+        if into_products and c.norm == "rms" and not has_bias and x.ndim == 2:
+            return NormedRows(x, weight, c.norm_eps, self.dtype)
         x32 = x.astype(jnp.float32)
         if c.norm == "layer":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        elif c.norm != "rms":
-            raise ValueError(f"norm {c.norm!r} is not supported")
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.norm_eps) * weight
-        if c.norm_bias if self.bias is None else self.bias:
+        normed = rms_normalise(x32, weight, c.norm_eps)
+        if has_bias:
             normed = normed + param(self, "bias", shape, self.axes, self.dtype, _ZEROS).astype(jnp.float32)
         return normed.astype(self.dtype)
 

@@ -3,7 +3,8 @@
 x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
 (`jaxllm/models/quant.py`) runs, for the weight-only schemes, the Pallas kernels of
 `kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row) and `kernels/pallas/quant_matmul.py`, or
-`kernels/pallas/two_digit_matmul.py` (w8a16, one row), on a single GPU at decode-sized row counts, and an XLA
+`kernels/pallas/two_digit_matmul.py` (w8a16, one row: a norm before the product, handed over unapplied as
+`NormedRows`, is folded into x's digits), on a single GPU at decode-sized row counts, and an XLA
 dot of the dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner
 splits the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not
 built yet);
@@ -17,12 +18,20 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxllm.models.normed import NormedRows
 from jaxllm.models.quant import FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, is_quantised
 from kernels.pallas import quant_gemv, quant_matmul, reference, two_digit_matmul
 
 
 def dot(x, w):
-    """x [n, *in] @ w [*in, *out] → [n, *out] (the contraction of x's trailing axes with w's leading ones)."""
+    """x [n, *in] @ w [*in, *out] → [n, *out] (the contraction of x's trailing axes with w's leading ones). x may
+    be `NormedRows` (rows whose RMS norm is not applied yet): the two-digit w8a16 product folds the norm into its
+    digits, every other product takes the norm's output."""
+    if isinstance(x, NormedRows):
+        out = _normed_two_digit(x, w)
+        if out is not None:
+            return out
+        x = x.value()
     if not is_quantised(w):
         return jnp.tensordot(x, w, axes=x.ndim - 1)
     n, k = x.shape[0], math.prod(x.shape[1:])
@@ -44,6 +53,10 @@ def dot(x, w):
 W8_DIGITS_MAX_ROWS = 1
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
+# The two digits (and a norm before them) from one Pallas kernel a row instead of XLA's reductions and
+# concatenation, up to this many rows. Lowered and verified for CUDA on the CPU, not yet measured on the GPU
+# (issue 16: session 18's profile puts ~17 small XLA kernels in each layer of the one-row step), so 0 until it is.
+W8_DIGITS_KERNEL_MAX_ROWS = 0
 
 
 def _kernel_matmul(x, w, k: int, n: int):
@@ -53,8 +66,8 @@ def _kernel_matmul(x, w, k: int, n: int):
         return None
     if isinstance(w, Int8Weight) and not w.int8_activations:
         data, scale = w.data.reshape(n, k), w.scale.reshape(n)
-        if m <= W8_DIGITS_MAX_ROWS and two_digit_matmul.supports(k):
-            return two_digit_matmul.int8_matmul(x, data, scale)
+        if _takes_two_digits(w, m, k):
+            return _two_digit(x, data, scale)
         if m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
             return quant_matmul.int8_matmul(x, data, scale)
     elif isinstance(w, Int4Weight):
@@ -64,6 +77,32 @@ def _kernel_matmul(x, w, k: int, n: int):
         if m <= KERNEL_MAX_ROWS and quant_matmul.supports(k, n, group=w.group_size):
             return quant_matmul.int4_matmul(x, packed, scale, zero)
     return None
+
+
+def _takes_two_digits(w, m: int, k: int) -> bool:
+    """Whether x [m, k] @ w runs XLA's int8 GEMM on x's two int8 digits (kernels enabled)."""
+    return (isinstance(w, Int8Weight) and not w.int8_activations and m <= W8_DIGITS_MAX_ROWS
+            and two_digit_matmul.supports(k))
+
+
+def _two_digit(x, data, scale, norm: NormedRows | None = None):
+    """x [m, k] (or the rows of `norm`) @ (data [n, k] * scale [n])ᵀ through the digits."""
+    m, k = x.shape
+    kernel = m <= W8_DIGITS_KERNEL_MAX_ROWS and two_digit_matmul.kernel_supports(k)
+    weight, eps, dtype = (None, 0.0, x.dtype) if norm is None else (norm.weight, norm.eps, norm.dtype)
+    return two_digit_matmul.int8_matmul(x, data, scale, weight, eps, digits_kernel=kernel).astype(dtype)
+
+
+def _normed_two_digit(rows: NormedRows, w):
+    """rows' normalised values @ w when the product takes two digits (the norm folded into them), else None."""
+    if not is_quantised(w) or rows.x.ndim != 2 or not kernels_enabled():
+        return None
+    (m, k), out_shape = rows.shape, w.shape[w.in_axes:]
+    if w.in_axes != 1 or not _takes_two_digits(w, m, k):
+        return None
+    n = math.prod(out_shape)
+    out = _two_digit(rows.x, w.data.reshape(n, k), w.scale.reshape(n), rows)
+    return out.reshape(m, *out_shape)
 
 
 def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...]):

@@ -46,19 +46,23 @@ class DecoderLayer(nn.Module):
             mlp = MLP(c, self.dtype, name="mlp")
         norm = lambda name: Norm(c, self.dtype, name=name)  # noqa: E731
         scale = lambda h: h if c.residual_scale == 1.0 else h * c.residual_scale  # noqa: E731
+        # Attention and the dense MLP use their input only in products, so a norm before them may hand over its
+        # rows unapplied (`Norm(..., into_products=True)`: a product can fold it into its own prologue).
+        attn_rows, mlp_rows = isinstance(attn, Attention), isinstance(mlp, MLP)
         layout = c.norm_layout
         if layout == "parallel":
-            h = norm("input_layernorm")(x)
+            h = norm("input_layernorm")(x, attn_rows and mlp_rows)
             attn_out, layer_cache = attn(h, meta, layer_cache)
             return x + scale(attn_out) + scale(mlp(h)), layer_cache
         if layout == "pre":
-            attn_out, layer_cache = attn(norm("input_layernorm")(x), meta, layer_cache)
+            attn_out, layer_cache = attn(norm("input_layernorm")(x, attn_rows), meta, layer_cache)
             x = x + scale(attn_out)
-            return x + scale(mlp(norm("post_attention_layernorm")(x))), layer_cache
+            return x + scale(mlp(norm("post_attention_layernorm")(x, mlp_rows))), layer_cache
         if layout == "sandwich":
-            attn_out, layer_cache = attn(norm("input_layernorm")(x), meta, layer_cache)
+            attn_out, layer_cache = attn(norm("input_layernorm")(x, attn_rows), meta, layer_cache)
             x = x + scale(norm("post_attention_layernorm")(attn_out))
-            return x + scale(norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(x)))), layer_cache
+            ffn_in = norm("pre_feedforward_layernorm")(x, mlp_rows)
+            return x + scale(norm("post_feedforward_layernorm")(mlp(ffn_in))), layer_cache
         if layout == "post":
             attn_out, layer_cache = attn(x, meta, layer_cache)
             x = x + scale(norm("post_attention_layernorm")(attn_out))

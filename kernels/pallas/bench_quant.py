@@ -103,11 +103,30 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
                                                  interpret=interpret)
         return fn
 
+    def digits(norm: str, kernel: bool):
+        """Two digits of x ("none"), of x after an RMS norm XLA applies first ("applied"), or with the norm
+        folded into the digits ("folded"); the digits by XLA's ops or by our kernel."""
+        def fn(x, w, s):
+            if norm == "none":
+                return two_digit_matmul.int8_matmul(x, w, s, digits_kernel=kernel)
+            weight = jnp.linspace(0.5, 1.5, x.shape[-1], dtype=jnp.float32)
+            if norm == "folded":
+                return two_digit_matmul.int8_matmul(x, w, s, weight, 1e-5, digits_kernel=kernel)
+            x32 = x.astype(jnp.float32)
+            normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-5) * weight).astype(x.dtype)
+            return two_digit_matmul.int8_matmul(normed, w, s, digits_kernel=kernel)
+        return fn
+
     table = [
         ("bf16 XLA dot", jnp.dot, "w16", b16, False),
         ("w8a16 XLA dot, dequantised outside", _dequant8, "w8", b8, False),
         ("w8a16 XLA dot, int8 converted in the dot", _convert8, "w8", b8, False),
         ("w8a16 as two int8 digits of int16 x, XLA int8 GEMM", two_digit_matmul.int8_matmul, "w8", b8, False),
+        ("w8a16 two digits, digits by our kernel", digits("none", True), "w8", b8, False),
+        ("w8a16 two digits of RMS-normed x, norm applied first", digits("applied", False), "w8", b8, False),
+        ("w8a16 two digits of RMS-normed x, norm folded in", digits("folded", False), "w8", b8, False),
+        ("w8a16 two digits of RMS-normed x, norm folded in, digits by our kernel", digits("folded", True), "w8", b8,
+         False),
         *[(f"w8a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int8_matmul, launch), "w8", b8, False)
           for launch in tc8],
         *[(f"w8a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int8_gemv, launch), "w8", b8, False)
@@ -123,8 +142,8 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
           for launch in launches if launch is None or _mode(launch) == "cast"],
         ("fp8 XLA dot (+ x quantisation)", _fp8_dot, "f8", b8, False),
     ]
-    if interpret:
-        table = [case for case in table if "mgpu" not in case[0] and "fp8" not in case[0]]
+    if interpret:  # (the digits kernel is checked in interpret mode by tests/kernels/test_two_digit_matmul.py)
+        table = [case for case in table if not any(w in case[0] for w in ("mgpu", "fp8", "by our kernel"))]
     if only:
         table = [case for case in table if any(word in case[0] for word in only)]
     return [(name, layered(fn, layers), (x, weights[kind]), bytes_, int8)

@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxllm.models import quant
 from jaxllm.models.attention import AttentionMetadata, AttentionSpec
 from jaxllm.models.backends import KernelConfig, PallasAttention
-from kernels.pallas import grouped_matmul, int8_dequant, quant_gemv, quant_matmul
+from kernels.pallas import grouped_matmul, int8_dequant, quant_gemv, quant_matmul, two_digit_matmul
 
 # The custom call a Triton kernel lowers to (its name across JAX versions): exporting it is refused by default.
 _TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
@@ -181,6 +181,9 @@ CASES = {
     "int8_int8_matmul": _int8_int8,
     "int8_gemv": lambda: (quant_gemv.int8_gemv, (_x(1), *_int8_weight())),
     "int4_gemv": lambda: (quant_gemv.int4_gemv, (_x(1), *_int4_weight())),
+    "int16_digits": lambda: (two_digit_matmul.int16_digits_kernel, (_x(1, 14336),)),
+    "int16_digits-normed": lambda: (lambda x, w: two_digit_matmul.int16_digits_kernel(x, w, 1e-5),
+                                    (_x(1, 4096), jnp.ones((4096,), jnp.float32))),
 }
 
 

@@ -180,6 +180,50 @@ def test_one_row_w8a16_on_a_gpu_takes_the_two_digit_product(monkeypatch):
     assert [(e.invars[0].aval.shape, e.invars[0].aval.dtype) for e in dots] == [((1, 128), jnp.float32)]
 
 
+@pytest.fixture(scope="module")
+def w8a16_one_row_logits(checkpoint):
+    """(config, params, logits) of a one-token step of the w8a16 model on the CPU's path."""
+    path, config = checkpoint
+    qconfig, params = load(path, config, "w8a16")
+    model, step = _step(qconfig)
+    logits, _ = step(params, jnp.asarray(TOKENS[:1], jnp.int32), prefill_meta(1, 32), init_kv_cache(model, 32))
+    return qconfig, params, logits
+
+
+@pytest.mark.parametrize("digits_kernel", [False, True])
+def test_one_row_w8a16_model_folds_its_norms_into_the_digits(w8a16_one_row_logits, monkeypatch, request,
+                                                             digits_kernel):
+    """A one-row step of a w8a16 Llama on the GPU's path: the norms before the q/k/v and gate/up products reach
+    them unapplied and are folded into the digits (two products a layer), o and down take plain rows; the logits
+    stay those of the CPU's path (a float dot on the normalised rows) to within the digits' rounding. With
+    `digits_kernel` the digits come from the Pallas kernel (interpret mode here)."""
+    qconfig, params, expected = w8a16_one_row_logits
+    model = build_model(qconfig, jnp.float32)
+    tokens, meta = jnp.asarray(TOKENS[:1], jnp.int32), prefill_meta(1, 32)
+    monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
+    monkeypatch.setattr(qdot, "W8_DIGITS_KERNEL_MAX_ROWS", 1 if digits_kernel else 0)
+    monkeypatch.setattr(two_digit_matmul, "int16_digits_kernel",
+                        functools.partial(two_digit_matmul.int16_digits_kernel, interpret=True))
+    calls = []
+    product = two_digit_matmul.int8_matmul
+
+    def recorded(x, w, scale, norm_weight=None, eps=0.0, digits_kernel=False):
+        calls.append((norm_weight is not None, digits_kernel))
+        return product(x, w, scale, norm_weight, eps, digits_kernel)
+
+    monkeypatch.setattr(two_digit_matmul, "int8_matmul", recorded)
+    jax.clear_caches()  # fresh traces under the patches (the layers' nested jit keeps its own), dropped after
+    request.addfinalizer(jax.clear_caches)
+    _, step = _step(qconfig)
+    logits, _ = step(params, tokens, meta, init_kv_cache(model, 32))
+    kinds = sorted(set(calls))
+    assert kinds == [(False, digits_kernel), (True, digits_kernel)]
+    assert sum(normed for normed, _ in calls) == sum(not normed for normed, _ in calls) == 2  # per layer kind
+    expected, logits = np.asarray(expected), np.asarray(logits)
+    assert np.abs(logits - expected).max() < 1e-3 * np.abs(expected).max()
+    assert logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
 def test_engine_serves_a_weight_mode(checkpoint):
     """The offline engine with `--mode triton_w4a16` (quantised at load, real scheduler and runner): its greedy
     tokens are the argmax of the quantised model's own logits, recomputed over the whole sequence."""
