@@ -54,10 +54,18 @@ def int16_digits(x, norm_weight=None, eps: float = 0.0):
 def digits_of(z, amax):
     """z [m, k] float32 and its rows' max |z| [m] → (digits [2m, k], scale [m]): v = ⌊z · GRID / amax + ½⌋ split as
     256 hi + lo with lo in [-128, 128). The same operations as the Pallas kernel's, so the two agree exactly."""
-    inverse = jnp.where(amax > 0, DIGIT_GRID / jnp.where(amax > 0, amax, 1.0), 0.0)
-    v = jnp.floor(z * inverse[:, None] + 0.5).astype(jnp.int32)
+    v = jnp.floor(z * _inverse_step(amax)[:, None] + 0.5).astype(jnp.int32)
     lo = ((v + 128) & 255) - 128
     return jnp.concatenate([(v - lo) >> 8, lo]).astype(jnp.int8), amax / DIGIT_GRID
+
+
+def _inverse_step(amax):
+    """GRID / amax (0 for an all-zero row), at most float32's largest finite value: a row of subnormal numbers,
+    where no flush to zero removed them, gives zero digits, not inf · 0."""
+    return jnp.where(amax > 0, jnp.minimum(DIGIT_GRID / jnp.where(amax > 0, amax, 1.0), _F32_MAX), 0.0)
+
+
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
 
 
 def int8_matmul(x, w, scale, norm_weight=None, eps: float = 0.0, digits_kernel: bool = False):
@@ -84,7 +92,7 @@ def _digits_kernel(*refs, chunk: int, steps: int, eps: float, normed: bool):
         return ss + jnp.sum(x * x), jnp.maximum(amax, jnp.max(jnp.abs(z)))
 
     ss, amax = lax.fori_loop(0, steps, stats, (jnp.float32(0.0), jnp.float32(0.0)))
-    inverse = jnp.where(amax > 0, DIGIT_GRID / jnp.where(amax > 0, amax, 1.0), 0.0)
+    inverse = _inverse_step(amax)
 
     def write(c, carry):
         v = jnp.floor(load(c)[1] * inverse + 0.5).astype(jnp.int32)
