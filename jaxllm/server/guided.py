@@ -4,6 +4,7 @@ LightLLM's `parameters`), TGI's `grammar`. A request carries at most one; an inv
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -93,10 +94,15 @@ def take_guided(fields: dict) -> None:
         fields["guided"] = given[0][1]
 
 
-def check_guided(engine, guided: Guided | None) -> None:
-    """Compile the grammar now (cached for the request's submit): an invalid one is a 400 naming its field."""
-    if guided is None:
-        return
+async def check_guided(engine, guided: Guided | None) -> None:
+    """Compile the grammar now (cached for the request's submit): an invalid one is a 400 naming its field. A
+    grammar not seen before waits for the engine core's mask worker to compile it: on a worker thread, so that
+    the event loop goes on streaming every other request meanwhile."""
+    if guided is not None:
+        await asyncio.to_thread(_check, engine, guided)
+
+
+def _check(engine, guided: Guided) -> None:
     try:
         engine.check_guided(guided)
     except ValueError as exc:

@@ -36,11 +36,10 @@ def prepare(state: ServerState, body: Any, *, stream: bool, fields: dict[str, An
             truncate: int | None = None) -> GenerateRequest:
     """Shared tail of the LightLLM and TGI formats: build and validate the params, refuse best_of > 1 on a
     stream, read multimodal_params, tokenise, (TGI) truncate, then the engine's length checks and the images'
-    placeholder count (the images themselves are loaded after: `load_images`)."""
+    placeholder count (the grammar is checked and the images loaded after: `check_guided`, `load_images`)."""
     prompt = body["inputs"]
     take_guided(fields)
     params = sampling_params(fields)
-    check_guided(state.engine, params.guided)
     if stream and params.best_of != 1:
         raise invalid("best_of: streaming requires best_of == 1", "best_of")
     images = lightllm_images(body)
@@ -111,6 +110,7 @@ def stream_event(e: TokenEvent) -> dict:
 
 async def generate(state: ServerState, body: Any) -> Response:
     track, req = state.track_parsed(parse, state, body, stream=False)
+    await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
     return json_response(generate_body(req, sequences, prompt_logprobs=state.args.return_all_prompt_logprobs))
@@ -118,6 +118,7 @@ async def generate(state: ServerState, body: Any) -> Response:
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
     track, req = state.track_parsed(parse, state, body, stream=True)
+    await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
 

@@ -14,6 +14,7 @@ from quart import Response
 from jaxllm.engine.request import TokenEvent
 from jaxllm.server.errors import openai_error_body
 from jaxllm.server.generation import Generation, Sequence
+from jaxllm.server.guided import check_guided
 from jaxllm.server.images import load_images
 from jaxllm.server.jsonio import finite_logprob, json_response
 from jaxllm.server.openai_request import OpenAIRequest, parse_chat, parse_completion
@@ -202,6 +203,7 @@ async def _answer(state: ServerState, body: Any, *, chat: bool) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     track, req = state.track_parsed(parse_chat if chat else parse_completion, state.engine, body)
+    await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, req.prompts, req.params, images=images)
     if req.stream:

@@ -21,7 +21,7 @@ from jaxllm.server.tools import (
     tool_format,
     tool_grammar,
 )
-from jaxllm.server.guided import GUIDED_CHECKS, GUIDED_FIELDS, check_guided, response_format, take_guided
+from jaxllm.server.guided import GUIDED_CHECKS, GUIDED_FIELDS, response_format, take_guided
 from jaxllm.server.validation import (
     boolean,
     integer,
@@ -275,7 +275,6 @@ def parse_chat(engine, body: Any) -> OpenAIRequest:
     tools = parse_tools(engine, body)
     if tools is not None:
         params = _with_tools(engine, params, tools)
-    check_guided(engine, params.guided)
     images = ChatImages(engine.config.vision.placeholder if engine.image_processor is not None else "")
     text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine), images)
     ids = check_prompt(engine, ids, params, "messages")
@@ -336,7 +335,6 @@ def parse_completion(engine, body: Any) -> OpenAIRequest:
     max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
     names = _CHAT_NAMES if f.get("best_of") is None else _COMPLETION_NAMES  # name what the client sent
     params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names, top_logprobs=top)
-    check_guided(engine, params.guided)
     texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
     prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
     return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo,

@@ -15,7 +15,7 @@ from jaxllm.engine.request import TokenEvent
 from jaxllm.server.errors import invalid, tgi_error_body
 from jaxllm.server.generation import SEED_LIMIT, Generation, Sequence
 from jaxllm.server.jsonio import finite_logprob, json_response
-from jaxllm.server.guided import GUIDED_CHECKS, tgi_grammar
+from jaxllm.server.guided import GUIDED_CHECKS, check_guided, tgi_grammar
 from jaxllm.server.images import load_images
 from jaxllm.server.lightllm import GenerateRequest, prepare, token_dict
 from jaxllm.server.sse import event, stream_response
@@ -171,6 +171,7 @@ def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, se
 
 async def generate(state: ServerState, body: Any) -> Response:
     track, (req, opts) = state.track_parsed(parse, state, body, stream=False)
+    await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
     return json_response(generate_body(state, req, opts, sequences))
@@ -178,6 +179,7 @@ async def generate(state: ServerState, body: Any) -> Response:
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
     track, (req, opts) = state.track_parsed(parse, state, body, stream=True)
+    await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)
     prefix = req.prompt if opts.return_full_text else ""

@@ -1,9 +1,11 @@
-"""An object with the engine's API (check_prompt, submit, abort, token_load, tokenizer) that answers every
+"""An object with the engine's API (check_prompt, check_guided, submit, abort, token_load, tokenizer) that answers every
 request with a fixed script of tokens: unit tests of the HTTP layer use it; e2e tests use the real engine."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 
 from jaxllm.engine.group import member_params
 from jaxllm.engine.request import SamplingParams, TokenEvent
@@ -93,6 +95,18 @@ class ScriptedEngine:
         self.aborted: list[str] = []
         self.streams: dict[str, ScriptedStream] = {}
         self.image_processor = None  # a text model: requests with images are refused
+        # check_guided waits for this (set: at once), as the engine client waits for the core's mask worker
+        self.grammars_compiled = threading.Event()
+        self.grammars_compiled.set()
+
+    def check_guided(self, guided) -> None:
+        """A grammar is "compiled" once `grammars_compiled` is set; a regex that does not compile is invalid."""
+        self.grammars_compiled.wait(10)
+        if guided.kind == "regex":
+            try:
+                re.compile(guided.value)
+            except re.error as exc:
+                raise ValueError(f"{guided.field}: invalid regular expression: {exc}") from None
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         return check_prompt(prompt_ids, params, self.args)  # the engine's own length checks

@@ -281,3 +281,26 @@ def test_metrics_count_requests_in_prometheus_text(make_client):
     assert "lightllm_request_success_total 1.0" in text and "lightllm_request_failure_total 1.0" in text
     assert "lightllm_request_generated_tokens_count 1.0" in text
     assert "lightllm_batch_current_size 0.0" in text
+
+
+def test_a_grammar_being_compiled_holds_up_no_other_request(make_client):
+    """A constrained request waits for its grammar off the event loop: a plain request sent after it is answered
+    meanwhile; then the constrained one is, and an invalid grammar is a 400 naming its field."""
+    client, state = make_client()
+    state.engine.grammars_compiled.clear()
+
+    async def scenario():
+        guided = asyncio.ensure_future(post(client, "/generate", {
+            "inputs": "Hello", "parameters": {"max_new_tokens": 3, "guided_regex": "[ab]+"}}))
+        await asyncio.sleep(0.2)
+        plain = await asyncio.wait_for(post(client, "/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}),
+                                       5)
+        assert not guided.done()  # still waiting for its grammar
+        state.engine.grammars_compiled.set()
+        bad = await post(client, "/generate", {"inputs": "Hi", "parameters": {"guided_regex": "(unclosed"}})
+        return plain, await guided, bad
+
+    plain, guided, bad = run(scenario())
+    assert plain[0] == 200 and guided[0] == 200
+    assert [params.guided.value for _, _, params in state.engine.submitted if params.guided] == ["[ab]+"]
+    assert bad[0] == 400 and "guided_regex" in json.loads(bad[1])["message"]
