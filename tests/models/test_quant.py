@@ -165,6 +165,7 @@ def test_one_row_w8a16_on_a_gpu_takes_the_two_digit_product(monkeypatch):
     """On one GPU a one-row w8a16 product runs XLA's int8 GEMM on x's digits (no Pallas kernel: it runs here
     too), through the same reshapes as the other paths: o_proj-like weights with two input axes."""
     monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
+    monkeypatch.setattr(qdot, "W8_DIGITS_KERNEL_MAX_ROWS", 0)  # the digits by XLA's ops (the kernel: below)
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((1, 4, 32)), jnp.float32)
     q = quant.quantize_int8(jnp.asarray(rng.standard_normal((4, 32, 48)) * 0.1, jnp.float32), 2)
