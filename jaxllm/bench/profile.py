@@ -2,7 +2,7 @@
 flags]` runs N prompts (128 in / `--output-len` out) through the in-process engine once untimed (compiling what
 they meet), then again under `jax.profiler.trace`, and prints the device's kernels by total time per engine step:
 calls per step, µs per step, share of the device's busy time, and the device's busy time against the wall time
-of a step (below 1: the host or launch gaps bound the step).
+of a step (below 1: the host or launch gaps bound the step); `--fusions` adds what each XLA fusion computes.
 
 The trace is read from the Perfetto JSON that `jax.profiler` writes beside its XSpace (`create_perfetto_trace`):
 complete events ("ph": "X") of every process whose name names a GPU (`/device:GPU:0`, streams as threads).
@@ -84,6 +84,46 @@ def kernel_table(events: list[dict], steps: int, top: int) -> list[tuple[str, fl
     return [(name, calls[name] / steps, us / steps, us / total) for name, us in time_us.most_common(top)]
 
 
+_HEADER = re.compile(r"^%?([\w.\-]+) \(.*\{\s*$")  # a computation's first line
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_PLUMBING = {"parameter", "constant", "broadcast", "bitcast", "get-tuple-element", "tuple", "reshape", "copy"}
+
+
+def fusion_summaries(hlo_text: str) -> dict[str, str]:
+    """A compiled module's fusions by their kernels' names (the fusion instruction's name, "." as "_": how XLA
+    names a fusion's kernel) → what they compute: the distinct operations of the fused computation (plumbing left
+    out) and the JAX operations they came from (the last two parts of their op_name metadata)."""
+    ops: dict[str, list[str]] = {}
+    sources: dict[str, list[str]] = {}
+    calls: dict[str, str] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header and " = " not in line:
+            current = header.group(1)
+            ops[current], sources[current] = [], []
+            continue
+        instr = _INSTR.match(line)
+        if not instr:
+            continue
+        name, opcode, rest = instr.groups()
+        if opcode == "fusion":
+            called = _CALLS.search(rest)
+            if called:
+                calls[name.replace(".", "_")] = called.group(1)
+        elif current is not None and opcode not in _PLUMBING:
+            if opcode not in ops[current]:
+                ops[current].append(opcode)
+            op_name = _OP_NAME.search(rest)
+            short = "/".join(op_name.group(1).split("/")[-2:]) if op_name else None
+            if short and short not in sources[current]:
+                sources[current].append(short)
+    return {kernel: f"{' '.join(ops.get(c, []))}; from {', '.join(sources.get(c, [])[:3])}"
+            for kernel, c in calls.items()}
+
+
 def read_trace(directory: pathlib.Path) -> dict:
     found = sorted(directory.rglob("*.trace.json.gz")) + sorted(directory.rglob("perfetto_trace.json.gz"))
     if not found:
@@ -105,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--python-trace", action="store_true",
                    help="trace every Python call too (the host table then shows the engine's own functions; slows the host)")
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
+    p.add_argument("--fusions", action="store_true",
+                   help="after each kernel, what its fusion computes (from the compiled steps' HLO)")
     ns, extra = p.parse_known_args(argv)
 
     import jax
@@ -123,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     options.python_tracer_level = 1 if ns.python_trace else 0
     with jax.profiler.trace(str(directory), create_perfetto_trace=True, profiler_options=options):
         r = run_offline(llm, requests, guided=guided)
+    summaries = fusion_summaries(llm.engine.runner.compiled_text()) if ns.fusions else {}
     llm.close()
     print("host ms/step: " + ", ".join(f"{t} {r[f'{t}_ms_per_step']:.2f}" for t in
                                          ("schedule", "dispatch", "launch", "postprocess", "device_wait")))
@@ -144,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
           f"step; longest {max(gaps, default=0):.0f} µs, median {sorted(gaps)[len(gaps) // 2] if gaps else 0:.0f} µs")
     print(f"{'calls/step':>10} {'µs/step':>9} {'share':>6}  kernel")
     for name, calls, us, share in kernel_table(events, steps, ns.top):
-        print(f"{calls:10.1f} {us:9.1f} {share:6.1%}  {name[:140]}")
+        what = f"  [{summaries[name][:160]}]" if name in summaries else ""
+        print(f"{calls:10.1f} {us:9.1f} {share:6.1%}  {name[:140]}{what}")
     if ns.host:
         print(f"{'calls/step':>10} {'µs/step':>9}  host thread: event")
         for thread, name, calls, us in host_table(trace, steps, ns.top):

@@ -302,6 +302,10 @@ class ModelRunner:
     def compiled_shapes(self) -> set[StepShape]:
         return set(self._executables)
 
+    def compiled_text(self) -> str:
+        """The optimised HLO of every step compiled so far (a profile names its kernels after their fusions)."""
+        return "\n".join(executable.as_text() for executable in list(self._executables.values()))
+
     def compile_later(self, quiet: Callable[[], bool]) -> None:
         """Compile the prefill shapes after the start-up set (warmup_shapes: those with a row per request) on a
         background thread, one at a time, each once `quiet()` says the engine has had no work for a while: a

@@ -1,7 +1,10 @@
 """The profile bench's reading of a trace: device events only, busy time with overlaps counted once, kernels
-per step."""
+per step; and what each fusion of a compiled module computes."""
 
-from jaxllm.bench.profile import busy_us, device_events, kernel_table
+import jax
+import jax.numpy as jnp
+
+from jaxllm.bench.profile import busy_us, device_events, fusion_summaries, kernel_table
 
 
 def _trace():
@@ -26,3 +29,29 @@ def test_device_events_busy_time_and_kernel_table():
     assert [row[0] for row in table] == ["gemm", "attention"]
     name, calls, us, share = table[0]
     assert (calls, us) == (1.0, 42.0) and abs(share - 84.0 / 120.0) < 1e-12
+
+
+def test_fusion_summaries_name_each_fusions_operations_and_their_source():
+    """A compiled module's fusions, by their kernels' names: the fused computation's operations (parameters,
+    constants and broadcasts left out) and the JAX operations they came from."""
+    def f(x, w):
+        return jax.nn.silu(x @ w).sum(-1) + jnp.abs(x).max(-1)
+
+    text = jax.jit(f).lower(jnp.ones((4, 8)), jnp.ones((8, 8))).compile().as_text()
+    summaries = fusion_summaries(text)
+    assert summaries and all("." not in name for name in summaries)  # kernel names: "." written as "_"
+    silu = [s for s in summaries.values() if "exponential" in s]
+    assert silu and "silu" in silu[0].split("; from ")[1]
+    assert not any(word in s.split(";")[0].split() for s in summaries.values() for word in ("parameter", "constant"))
+
+
+def test_the_runner_gives_its_compiled_steps_hlo(tiny_served_model):
+    from jaxllm import LLM, SamplingParams
+
+    flags = dict(load_format="dummy", data_type="float32", max_total_token_num=256, max_req_input_len=32,
+                 max_req_total_len=64, running_max_req_size=2, batch_max_tokens=64, warmup=0, disable_log_stats=True)
+    with LLM(str(tiny_served_model.path), **flags) as llm:
+        llm.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2, ignore_eos=True), use_tqdm=False)
+        text = llm.engine.runner.compiled_text()
+    assert text.count("HloModule") >= 2  # the prefill's step and the decode's
+    assert fusion_summaries(text)
