@@ -94,8 +94,8 @@ class Scheduler:
     KV returned) and put back at the head of the queue, to be recomputed when readmitted.
 
     Host view is behind the device (by up to three steps while looking ahead, step_loop.py): a request's last
-    `num_pending` tokens are sampled but not read, so counts use `num_tokens`/`num_output`, which include them. With the prompt cache, a request
-    starts at its longest cached prefix and its estimates count only its private slots; the cached
+    `num_pending` tokens are sampled but not read, so counts use `num_tokens`/`num_output`, which include them.
+    With the prompt cache, a request starts at its longest cached prefix and its estimates count only its private slots; the cached
     prefixes that running requests lock are counted once. A group (group.py) is admitted, paused and resumed
     whole: its leader prefills the prompt, the other members fork from it in the same step.
     """

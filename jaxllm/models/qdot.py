@@ -95,11 +95,10 @@ def _two_digit(x, data, scale, norm: NormedRows | None = None):
 
 def _normed_two_digit(rows: NormedRows, w):
     """rows' normalised values @ w when the product takes two digits (the norm folded into them), else None."""
-    if not is_quantised(w) or rows.x.ndim != 2 or not kernels_enabled():
+    m, k = rows.shape
+    if not kernels_enabled() or not _takes_two_digits(w, m, k) or w.in_axes != 1:
         return None
-    (m, k), out_shape = rows.shape, w.shape[w.in_axes:]
-    if w.in_axes != 1 or not _takes_two_digits(w, m, k):
-        return None
+    out_shape = w.shape[w.in_axes:]
     n = math.prod(out_shape)
     out = _two_digit(rows.x, w.data.reshape(n, k), w.scale.reshape(n), rows)
     return out.reshape(m, *out_shape)

@@ -52,11 +52,17 @@ def int16_digits(x, norm_weight=None, eps: float = 0.0):
 
 
 def _digits_of(z, amax):
-    """z [m, k] float32 and its rows' max |z| [m] → (digits [2m, k], scale [m]): v = ⌊z · GRID / amax + ½⌋ split as
-    256 hi + lo with lo in [-128, 128). The same operations as the Pallas kernel's, so the two agree exactly."""
-    v = jnp.floor(z * _inverse_step(amax)[:, None] + 0.5).astype(jnp.int32)
+    """z [m, k] float32 and its rows' max |z| [m] → (digits [2m, k], scale [m])."""
+    hi, lo = _split(z, _inverse_step(amax)[:, None])
+    return jnp.concatenate([hi, lo]), amax / DIGIT_GRID
+
+
+def _split(z, inverse):
+    """z's grid values v = ⌊z · inverse + ½⌋ as int8 digits (hi, lo), v = 256 hi + lo with lo in [-128, 128): XLA's
+    digits and the Pallas kernel's both come from here, so the two agree exactly."""
+    v = jnp.floor(z * inverse + 0.5).astype(jnp.int32)
     lo = ((v + 128) & 255) - 128
-    return jnp.concatenate([(v - lo) >> 8, lo]).astype(jnp.int8), amax / DIGIT_GRID
+    return ((v - lo) >> 8).astype(jnp.int8), lo.astype(jnp.int8)
 
 
 def _inverse_step(amax):
@@ -92,10 +98,9 @@ def _digits_kernel(*refs, chunk: int, steps: int, eps: float, normed: bool):
     inverse = _inverse_step(amax)
 
     def write(c, carry):
-        v = jnp.floor(load(c)[1] * inverse + 0.5).astype(jnp.int32)
-        lo = ((v + 128) & 255) - 128
-        o_ref[0, 0, pl.ds(c * chunk, chunk)] = ((v - lo) >> 8).astype(jnp.int8)
-        o_ref[1, 0, pl.ds(c * chunk, chunk)] = lo.astype(jnp.int8)
+        hi, lo = _split(load(c)[1], inverse)
+        o_ref[0, 0, pl.ds(c * chunk, chunk)] = hi
+        o_ref[1, 0, pl.ds(c * chunk, chunk)] = lo
         return carry
 
     lax.fori_loop(0, steps, write, 0)
