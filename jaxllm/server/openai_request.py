@@ -5,7 +5,7 @@ and /v1/completions, with LightLLM's extras (do_sample, top_k, ignore_eos); unsu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from jaxllm.engine.request import MAX_TOP_LOGPROBS, SamplingParams
 from jaxllm.server.errors import ApiError, invalid
@@ -69,6 +69,7 @@ COMPLETION_FIELDS = {
     "best_of": nullable(integer),
 }
 # Our SamplingParams names → the OpenAI field a client sent (chat has no best_of: n is its sample count).
+Encode = Callable[[str, bool], Awaitable[list[int]]]  # (text, add_special_tokens) → ids: ServerState.prompts.encode
 _COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop", "n": "best_of"}
 _CHAT_NAMES = {**_COMPLETION_NAMES, "best_of": "n", "n": "n"}
 
@@ -128,7 +129,8 @@ def _top_logprobs(name: str, k: int | None) -> int:
     return k or 0
 
 
-def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str], top_logprobs: int = 0) -> SamplingParams:
+def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str],
+              top_logprobs: int = 0) -> SamplingParams:
     temperature = f.get("temperature")
     do_sample = f.get("do_sample")
     if do_sample is None:  # OpenAI clients expect a positive temperature to sample
@@ -213,7 +215,7 @@ class ChatImages:
 
     placeholder: str = ""
     refs: list[ImageRef] = dataclasses.field(default_factory=list)
-    structured: bool = False  # the template renders image parts (set by chat_prompt)
+    structured: bool = False  # the template renders image parts (set by chat_text)
 
     def add(self, ref: ImageRef) -> str:
         self.refs.append(ref)
@@ -235,10 +237,11 @@ def renders_image_parts(template: str) -> bool:
     return "'image'" in template or '"image"' in template
 
 
-def chat_prompt(tokenizer, messages: Any, tools: ToolCalling | None = None,
-                fmt: ToolFormat | None = None, images: ChatImages | None = None) -> tuple[str, list[int]]:
+def chat_text(tokenizer, messages: Any, tools: ToolCalling | None = None,
+              fmt: ToolFormat | None = None, images: ChatImages | None = None) -> str:
     """The tokenizer's chat template applied to the messages (and tools), with the assistant's turn opened;
-    `images` collects the image parts."""
+    `images` collects the image parts. The template writes the special tokens itself: encode the text without
+    adding any."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: expected a non-empty list of messages", "messages")
     template = getattr(tokenizer, "chat_template", None)
@@ -253,14 +256,12 @@ def chat_prompt(tokenizer, messages: Any, tools: ToolCalling | None = None,
         conversation = [images.as_parts(m) for m in conversation]
     extra = {"tools": [{"type": "function", "function": f} for f in tools.functions]} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # jinja raises TemplateError (and others) for conversations a template refuses
         raise invalid(f"messages: the chat template refused them: {exc}", "messages") from None
-    # The template writes the special tokens itself.
-    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
-def parse_chat(engine, body: Any) -> OpenAIRequest:
+async def parse_chat(engine, body: Any, encode: Encode) -> OpenAIRequest:
     body = obj("body", body)
     _refuse_unsupported(body)
     f = _fields(body, CHAT_FIELDS)
@@ -276,8 +277,8 @@ def parse_chat(engine, body: Any) -> OpenAIRequest:
     if tools is not None:
         params = _with_tools(engine, params, tools)
     images = ChatImages(engine.config.vision.placeholder if engine.image_processor is not None else "")
-    text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine), images)
-    ids = check_prompt(engine, ids, params, "messages")
+    text = chat_text(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine), images)
+    ids = check_prompt(engine, await encode(text, False), params, "messages")
     check_placeholders(engine, ids, images.refs, "messages")
     return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")),
                          top_logprobs=top, tools=tools, images=images.refs)
@@ -294,7 +295,7 @@ def _with_tools(engine, params: SamplingParams, tools: ToolCalling) -> SamplingP
     return dataclasses.replace(params, **changes)
 
 
-def _prompts(tokenizer, prompt: Any) -> tuple[list[str], list[list[int]]]:
+async def _prompts(tokenizer, prompt: Any, encode: Encode) -> tuple[list[str], list[list[int]]]:
     """OpenAI's prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -306,7 +307,7 @@ def _prompts(tokenizer, prompt: Any) -> tuple[list[str], list[list[int]]]:
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             texts.append(p)
-            ids.append(tokenizer.encode(p))
+            ids.append(await encode(p, True))
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             vocab = len(tokenizer)
             if not all(0 <= t < vocab for t in p):
@@ -318,7 +319,7 @@ def _prompts(tokenizer, prompt: Any) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
-def parse_completion(engine, body: Any) -> OpenAIRequest:
+async def parse_completion(engine, body: Any, encode: Encode) -> OpenAIRequest:
     body = obj("body", body)
     _refuse_unsupported(body)
     f = _fields(body, COMPLETION_FIELDS)
@@ -335,7 +336,7 @@ def parse_completion(engine, body: Any) -> OpenAIRequest:
     max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
     names = _CHAT_NAMES if f.get("best_of") is None else _COMPLETION_NAMES  # name what the client sent
     params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names, top_logprobs=top)
-    texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
+    texts, prompts = await _prompts(engine.tokenizer, require(body, "prompt", _any), encode)
     prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
     return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo,
                          top_logprobs=top)
