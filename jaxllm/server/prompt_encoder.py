@@ -17,6 +17,7 @@ texts. Any other tokenizer (a slow one, a class with its own encode) is called a
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 _TRANSFORMERS_ENCODE = {"transformers.tokenization_utils_base", "transformers.tokenization_utils_fast",
                         "transformers.tokenization_utils_tokenizers"}
 _ENCODE_PATH = ("encode", "_encode_plus", "_batch_encode_plus")
+log = logging.getLogger("jaxllm.server")
 _CHECK_TEXTS = ("Hello, world!", "  leading spaces, trailing\n\n", "naïve café — 東京 🙂 ∑", "a\tb\r\nc", "")
 
 
@@ -62,6 +64,9 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.backend = rust_copy(tokenizer) if tokenizer is not None else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="jaxllm-encode") if self.backend else None
+        if tokenizer is not None:
+            log.info("prompts are tokenised %s", "in batches on a worker thread" if self.backend else
+                     f"on the event loop (the {type(tokenizer).__name__} cannot be matched by its Rust tokenizer)")
         # per event loop: the prompts waiting for the next batch (None while no batch is under way)
         self._waiting: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
