@@ -40,7 +40,7 @@ async def read_json() -> object:
 async def health_check(state: ServerState) -> bool:
     """A one-token greedy generation (a reward model: a score) through the engine, within HEALTH_TIMEOUT_S."""
     try:
-        ids = await state.prompts.encode(HEALTH_PROMPT)
+        ids = state.tokenizer.encode(HEALTH_PROMPT)
         generation = Generation(state.engine, [ids], SamplingParams(max_new_tokens=1).normalized(),
                                 scoring=state.args.use_reward_model)
         await asyncio.wait_for(generation.collect(), HEALTH_TIMEOUT_S)
@@ -96,7 +96,7 @@ def create_app(state: ServerState) -> Quart:
     async def tokens() -> Response:
         body = obj("body", await read_json())
         text = require(body, "text", string)
-        return json_response({"ntokens": len(await state.prompts.encode(text))})
+        return json_response({"ntokens": len(state.tokenizer.encode(text))})
 
     @app.route("/health", methods=["GET", "HEAD"])
     @app.get("/healthz")

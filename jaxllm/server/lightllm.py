@@ -32,8 +32,8 @@ class GenerateRequest:
     images: list[ImageRef] = dataclasses.field(default_factory=list)  # multimodal_params.images, not loaded yet
 
 
-async def prepare(state: ServerState, body: Any, *, stream: bool, fields: dict[str, Any], return_details: bool,
-                  truncate: int | None = None) -> GenerateRequest:
+def prepare(state: ServerState, body: Any, *, stream: bool, fields: dict[str, Any], return_details: bool,
+            truncate: int | None = None) -> GenerateRequest:
     """Shared tail of the LightLLM and TGI formats: build and validate the params, refuse best_of > 1 on a
     stream, read multimodal_params, tokenise, (TGI) truncate, then the engine's length checks and the images'
     placeholder count (the grammar is checked and the images loaded after: `check_guided`, `load_images`)."""
@@ -43,7 +43,7 @@ async def prepare(state: ServerState, body: Any, *, stream: bool, fields: dict[s
     if stream and params.best_of != 1:
         raise invalid("best_of: streaming requires best_of == 1", "best_of")
     images = lightllm_images(body)
-    ids = await state.prompts.encode(prompt)  # LightLLM's: special tokens as the tokenizer adds them
+    ids = state.tokenizer.encode(prompt)  # LightLLM's: special tokens as the tokenizer adds them
     if truncate is not None:
         ids = ids[-truncate:]
     ids = check_prompt(state.engine, ids, params)
@@ -51,7 +51,7 @@ async def prepare(state: ServerState, body: Any, *, stream: bool, fields: dict[s
     return GenerateRequest(prompt, ids, params, return_details, images)
 
 
-async def parse(state: ServerState, body: Any, *, stream: bool) -> GenerateRequest:
+def parse(state: ServerState, body: Any, *, stream: bool) -> GenerateRequest:
     """LightLLM's validation order: body shape (422), parameter values (400), prompt lengths (400)."""
     body = obj("body", body)
     require(body, "inputs", string)
@@ -59,7 +59,7 @@ async def parse(state: ServerState, body: Any, *, stream: bool) -> GenerateReque
     return_details = boolean("return_details", parameters.pop("return_details", False))
     fields = read_fields(parameters, {**LIGHTLLM_PARAMETERS, **GUIDED_CHECKS}, "parameters")
     fields["prompt_logprobs"] = state.args.return_all_prompt_logprobs and not stream  # streams do not carry them
-    return await prepare(state, body, stream=stream, fields=fields, return_details=return_details)
+    return prepare(state, body, stream=stream, fields=fields, return_details=return_details)
 
 
 def token_dict(e: TokenEvent, *, prompt_tokens: bool = True) -> dict:
@@ -109,7 +109,7 @@ def stream_event(e: TokenEvent) -> dict:
 
 
 async def generate(state: ServerState, body: Any) -> Response:
-    track, req = await state.track_parsed(parse, state, body, stream=False)
+    track, req = state.track_parsed(parse, state, body, stream=False)
     await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
@@ -117,7 +117,7 @@ async def generate(state: ServerState, body: Any) -> Response:
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
-    track, req = await state.track_parsed(parse, state, body, stream=True)
+    track, req = state.track_parsed(parse, state, body, stream=True)
     await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)

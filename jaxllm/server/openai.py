@@ -202,8 +202,7 @@ def _stream_chunks(state: ServerState, req: OpenAIRequest, batches: AsyncIterato
 async def _answer(state: ServerState, body: Any, *, chat: bool) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    track, req = await state.track_parsed(parse_chat if chat else parse_completion, state.engine, body,
-                                          state.prompts.encode)
+    track, req = state.track_parsed(parse_chat if chat else parse_completion, state.engine, body)
     await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, req.prompts, req.params, images=images)

@@ -5,7 +5,7 @@ and /v1/completions, with LightLLM's extras (do_sample, top_k, ignore_eos); unsu
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from jaxllm.engine.request import MAX_TOP_LOGPROBS, SamplingParams
 from jaxllm.server.errors import ApiError, invalid
@@ -69,7 +69,6 @@ COMPLETION_FIELDS = {
     "best_of": nullable(integer),
 }
 # Our SamplingParams names → the OpenAI field a client sent (chat has no best_of: n is its sample count).
-Encode = Callable[[str, bool], Awaitable[list[int]]]  # (text, add_special_tokens) → ids: ServerState.prompts.encode
 _COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop", "n": "best_of"}
 _CHAT_NAMES = {**_COMPLETION_NAMES, "best_of": "n", "n": "n"}
 
@@ -129,8 +128,7 @@ def _top_logprobs(name: str, k: int | None) -> int:
     return k or 0
 
 
-def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str],
-              top_logprobs: int = 0) -> SamplingParams:
+def _sampling(f: dict, *, max_tokens: int, best_of: int, names: dict[str, str], top_logprobs: int = 0) -> SamplingParams:
     temperature = f.get("temperature")
     do_sample = f.get("do_sample")
     if do_sample is None:  # OpenAI clients expect a positive temperature to sample
@@ -215,7 +213,7 @@ class ChatImages:
 
     placeholder: str = ""
     refs: list[ImageRef] = dataclasses.field(default_factory=list)
-    structured: bool = False  # the template renders image parts (set by chat_text)
+    structured: bool = False  # the template renders image parts (set by chat_prompt)
 
     def add(self, ref: ImageRef) -> str:
         self.refs.append(ref)
@@ -237,11 +235,10 @@ def renders_image_parts(template: str) -> bool:
     return "'image'" in template or '"image"' in template
 
 
-def chat_text(tokenizer, messages: Any, tools: ToolCalling | None = None,
-              fmt: ToolFormat | None = None, images: ChatImages | None = None) -> str:
+def chat_prompt(tokenizer, messages: Any, tools: ToolCalling | None = None,
+                fmt: ToolFormat | None = None, images: ChatImages | None = None) -> tuple[str, list[int]]:
     """The tokenizer's chat template applied to the messages (and tools), with the assistant's turn opened;
-    `images` collects the image parts. The template writes the special tokens itself: encode the text without
-    adding any."""
+    `images` collects the image parts."""
     if not isinstance(messages, list) or not messages:
         raise invalid("messages: expected a non-empty list of messages", "messages")
     template = getattr(tokenizer, "chat_template", None)
@@ -256,12 +253,14 @@ def chat_text(tokenizer, messages: Any, tools: ToolCalling | None = None,
         conversation = [images.as_parts(m) for m in conversation]
     extra = {"tools": [{"type": "function", "function": f} for f in tools.functions]} if tools else {}
     try:
-        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as exc:  # jinja raises TemplateError (and others) for conversations a template refuses
         raise invalid(f"messages: the chat template refused them: {exc}", "messages") from None
+    # The template writes the special tokens itself.
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
-async def parse_chat(engine, body: Any, encode: Encode) -> OpenAIRequest:
+def parse_chat(engine, body: Any) -> OpenAIRequest:
     body = obj("body", body)
     _refuse_unsupported(body)
     f = _fields(body, CHAT_FIELDS)
@@ -277,8 +276,8 @@ async def parse_chat(engine, body: Any, encode: Encode) -> OpenAIRequest:
     if tools is not None:
         params = _with_tools(engine, params, tools)
     images = ChatImages(engine.config.vision.placeholder if engine.image_processor is not None else "")
-    text = chat_text(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine), images)
-    ids = check_prompt(engine, await encode(text, False), params, "messages")
+    text, ids = chat_prompt(engine.tokenizer, require(body, "messages", _any), tools, tool_format(engine), images)
+    ids = check_prompt(engine, ids, params, "messages")
     check_placeholders(engine, ids, images.refs, "messages")
     return OpenAIRequest(model, [ids], [text], params, n, stream, include_usage, bool(f.get("logprobs")),
                          top_logprobs=top, tools=tools, images=images.refs)
@@ -295,7 +294,7 @@ def _with_tools(engine, params: SamplingParams, tools: ToolCalling) -> SamplingP
     return dataclasses.replace(params, **changes)
 
 
-async def _prompts(tokenizer, prompt: Any, encode: Encode) -> tuple[list[str], list[list[int]]]:
+def _prompts(tokenizer, prompt: Any) -> tuple[list[str], list[list[int]]]:
     """OpenAI's prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -307,7 +306,7 @@ async def _prompts(tokenizer, prompt: Any, encode: Encode) -> tuple[list[str], l
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             texts.append(p)
-            ids.append(await encode(p, True))
+            ids.append(tokenizer.encode(p))
         elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
             vocab = len(tokenizer)
             if not all(0 <= t < vocab for t in p):
@@ -319,7 +318,7 @@ async def _prompts(tokenizer, prompt: Any, encode: Encode) -> tuple[list[str], l
     return texts, ids
 
 
-async def parse_completion(engine, body: Any, encode: Encode) -> OpenAIRequest:
+def parse_completion(engine, body: Any) -> OpenAIRequest:
     body = obj("body", body)
     _refuse_unsupported(body)
     f = _fields(body, COMPLETION_FIELDS)
@@ -336,7 +335,7 @@ async def parse_completion(engine, body: Any, encode: Encode) -> OpenAIRequest:
     max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
     names = _CHAT_NAMES if f.get("best_of") is None else _COMPLETION_NAMES  # name what the client sent
     params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names, top_logprobs=top)
-    texts, prompts = await _prompts(engine.tokenizer, require(body, "prompt", _any), encode)
+    texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
     prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
     return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo,
                          top_logprobs=top)

@@ -17,7 +17,6 @@ from jaxllm.engine.client import EngineUnavailable
 from jaxllm.engine.detokenizer import special_ids
 from jaxllm.engine.request import TokenEvent
 from jaxllm.server.generation import Generation, Sequence, failure
-from jaxllm.server.prompt_encoder import PromptEncoder
 
 T = TypeVar("T")
 
@@ -41,11 +40,6 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
-
-    @functools.cached_property
-    def prompts(self) -> PromptEncoder:
-        """Prompt text → ids off the event loop (the routes' tokenisation)."""
-        return PromptEncoder(self.tokenizer)
 
     @property
     def model_name(self) -> str:
@@ -81,12 +75,12 @@ class ServerState:
         label = " ".join(f"{h}:{headers[h]}" for h in ("X-Request-Id", "X-Session-Id") if h in headers)
         return Tracker(self.metrics, label)
 
-    async def track_parsed(self, parse: Callable[..., Awaitable[T]], *args, **kwargs) -> tuple["Tracker", T]:
-        """Start the clock, then validate the request with `await parse(*args, **kwargs)`; a request that fails
+    def track_parsed(self, parse: Callable[..., T], *args, **kwargs) -> tuple["Tracker", T]:
+        """Start the clock, then validate the request with `parse(*args, **kwargs)`; a request that fails
         validation is ended (counted, logged) before its error propagates."""
         track = self.track()
         try:
-            return track, await parse(*args, **kwargs)
+            return track, parse(*args, **kwargs)
         except BaseException:
             track.end()
             raise

@@ -95,7 +95,7 @@ def _tgi_fields(parameters: dict) -> tuple[dict, TgiOptions, int | None]:
     return fields, options, truncate
 
 
-async def parse(state: ServerState, body: Any, *, stream: bool) -> tuple[GenerateRequest, TgiOptions]:
+def parse(state: ServerState, body: Any, *, stream: bool) -> tuple[GenerateRequest, TgiOptions]:
     body = obj("body", body)
     require(body, "inputs", string)
     parameters = body.get("parameters")
@@ -104,7 +104,7 @@ async def parse(state: ServerState, body: Any, *, stream: bool) -> tuple[Generat
     return_details = fields.pop("return_details", False)
     # only /generate answers carry prompt logprobs (prefill, --return_all_prompt_logprobs)
     fields["prompt_logprobs"] = not stream and (state.args.return_all_prompt_logprobs or options.decoder_input_details)
-    req = await prepare(state, body, stream=stream, fields=fields, return_details=return_details, truncate=truncate)
+    req = prepare(state, body, stream=stream, fields=fields, return_details=return_details, truncate=truncate)
     return req, options
 
 
@@ -170,7 +170,7 @@ def generate_body(state: ServerState, req: GenerateRequest, opts: TgiOptions, se
 
 
 async def generate(state: ServerState, body: Any) -> Response:
-    track, (req, opts) = await state.track_parsed(parse, state, body, stream=False)
+    track, (req, opts) = state.track_parsed(parse, state, body, stream=False)
     await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     sequences = await track.collect(Generation(state.engine, [req.prompt_ids], req.params, images=images))
@@ -178,7 +178,7 @@ async def generate(state: ServerState, body: Any) -> Response:
 
 
 async def generate_stream(state: ServerState, body: Any) -> Response:
-    track, (req, opts) = await state.track_parsed(parse, state, body, stream=True)
+    track, (req, opts) = state.track_parsed(parse, state, body, stream=True)
     await track.guard(check_guided(state.engine, req.params.guided))
     images = await track.guard(load_images(state.engine, req.images))
     generation = Generation(state.engine, [req.prompt_ids], req.params, images=images)

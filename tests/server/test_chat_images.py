@@ -4,7 +4,7 @@ gets the placeholder and a newline in the text. Both collect the images in order
 
 import pytest
 
-from jaxllm.server.openai_request import ChatImages, chat_text
+from jaxllm.server.openai_request import ChatImages, chat_prompt
 
 LLAVA_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
@@ -30,8 +30,7 @@ def test_llava_template_gets_parts(tokenizer):
     messages = [{"role": "user", "content": [PNG, {"type": "text", "text": "What is this?"}]},
                 {"role": "assistant", "content": "A cat."},
                 {"role": "user", "content": [{"type": "text", "text": "And this?"}, PNG]}]
-    text = chat_text(tokenizer, messages, images=images)
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    text, ids = chat_prompt(tokenizer, messages, images=images)
     assert text == "USER: <image>\nWhat is this? ASSISTANT: A cat. USER: <image>\nAnd this? ASSISTANT:"
     assert [r.field for r in images.refs] == ["messages[0].content[0]", "messages[2].content[1]"]
     assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 2
@@ -42,5 +41,6 @@ def test_other_templates_get_the_placeholder_in_the_text(tokenizer, smollm2_dir)
 
     plain = AutoTokenizer.from_pretrained(str(smollm2_dir), local_files_only=True)
     images = ChatImages("<image>")
-    text = chat_text(plain, [{"role": "user", "content": [{"type": "text", "text": "Look: "}, PNG]}], images=images)
+    text, _ = chat_prompt(plain, [{"role": "user", "content": [{"type": "text", "text": "Look: "}, PNG]}],
+                          images=images)
     assert "Look: <image>\n" in text and len(images.refs) == 1
