@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import basic_auth_handler, choose_encoder, default_handler, push_to_gateway
 
+from jaxllm.thread_names import os_named
+
 logger = logging.getLogger(__name__)
 
 DURATION_BUCKETS = tuple(0.001 * 1.5**k for k in range(1, 36))  # 1.5 ms … ≈ 1.4 h
@@ -192,7 +194,7 @@ class _PeriodicThread:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread = threading.Thread(target=os_named(self._run), name=self.name, daemon=True)
             self._thread.start()
 
     def stop(self, timeout_s: float | None = 5.0) -> None:

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxllm.thread_names import name_os_thread
+
 # --- host copies (pre-quantised checkpoints' fields are assembled on the host: jaxllm/prequant.py) ---------
 
 
@@ -265,7 +267,8 @@ class Placer:
 
     def __init__(self, threads: int | None = None):
         threads = threads or _threads()
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jaxllm-weights")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jaxllm-weights",
+                                        initializer=name_os_thread)
         self._slots = threading.BoundedSemaphore(2 * threads)  # tensors submitted and not yet placed
 
     def submit(self, fn, *args) -> Future:

@@ -5,7 +5,8 @@
 # server / in-process (goal >= 0.95) and the inter-token gap median / p99 against the median TPOT (goal p99 <= 3 x
 # TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm), plus 1-3
 # minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; FRONTEND=0 and HOST=0 skip
-# them; OFFLINE=0 skips the in-process run).
+# them; OFFLINE=0 skips the in-process run). The frontend's and the engine core's CPU seconds per thread over the
+# timed server run go to threads.txt.
 # EXTRA_FLAGS go to both (e.g. EXTRA_FLAGS="--splitfuse_mode --splitfuse_block_size 2048": prefill chunks mixed
 # with the decodes, for the gap goal); CLIENT_PROCESSES=4 deals the requests to 4 client processes (one event loop
 # reading 512 streams falls behind and reads tokens in clumps), then runs once more with one, for the difference.
@@ -47,7 +48,12 @@ fi
 echo "== server (one untimed run first)"
 start_server split || exit 1
 bench warmup_serve "${WORKLOAD[@]}" > /dev/null
+# CPU seconds per thread of the frontend and the engine core over the timed run (the client's start-up included)
+PIDS="$SERVER_PID $(pgrep -P "$SERVER_PID" -f jaxllm.engine.core | head -1)"
+$PY -m jaxllm.bench.threads $PIDS --out "$LOGS/threads_before.json"
 bench serve "${WORKLOAD[@]}"
+echo "== CPU per thread over the timed run: frontend, then engine core"
+$PY -m jaxllm.bench.threads $PIDS --since "$LOGS/threads_before.json" | tee "$OUT/threads.txt"
 if [ "${CLIENT_PROCESSES:-1}" != 1 ]; then  # the same server read by one client process: the client's share
   CLIENT_PROCESSES=1 bench serve_one_client "${WORKLOAD[@]}"
 fi

@@ -9,6 +9,7 @@ import socket
 import threading
 
 from jaxllm.child import Channel
+from jaxllm.thread_names import os_named
 
 _CLOSE = object()  # queued by close(): the sender writes what came before it, then stops
 
@@ -19,7 +20,7 @@ class QueuedChannel:
     def __init__(self, sock: socket.socket, name: str):
         self._channel = Channel(sock)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, name=f"{name}-send", daemon=True)
+        self._sender = threading.Thread(target=os_named(self._send_loop), name=f"{name}-send", daemon=True)
         self._sender.start()
 
     def send(self, message) -> None:

@@ -27,6 +27,7 @@ from jaxllm.engine.stream import RequestStream, WakeBatch
 from jaxllm.engine.submission import SubmitRules
 from jaxllm.engine.token_text import TokenText
 from jaxllm.engine.wire import events_of
+from jaxllm.thread_names import os_named
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ class EngineClient:
 
             self.image_processor = image_processor(self.args, self.config)
         log.info("engine core ready (pid %d)", self.pid)
-        self._receiver = threading.Thread(target=self._receive, name="jaxllm-frontend-receive", daemon=True)
+        self._receiver = threading.Thread(target=os_named(self._receive), name="jaxllm-frontend-receive",
+                                          daemon=True)
         self._receiver.start()
 
     def _wait_ready(self) -> dict:

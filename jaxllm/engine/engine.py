@@ -25,6 +25,7 @@ from jaxllm.engine.image_stage import ImageStage
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.mask_client import Grammars
 from jaxllm.engine.loading import build_runner, build_scheduler, image_buffer, load_model
+from jaxllm.thread_names import os_named
 from jaxllm.weights import placed_shapes
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import SCORE_PARAMS, Request, RequestStatus, SamplingParams, TokenEvent
@@ -160,7 +161,7 @@ class Engine(StepLoop, StepReader):
         if self._thread is None:
             self._stopping = False
             self._idle_since = None
-            self._thread = threading.Thread(target=self._loop, name="jaxllm-engine", daemon=True)
+            self._thread = threading.Thread(target=os_named(self._loop), name="jaxllm-engine", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

@@ -22,6 +22,7 @@ from jaxllm.models.quant import with_weight_mode
 from jaxllm.models.registry import SCORE_ARCHITECTURES
 from jaxllm.models.vision.registry import vision_family
 from jaxllm.parallel import kv_cache_spec, make_mesh, with_expert_placement
+from jaxllm.thread_names import name_os_thread
 from jaxllm.weights import DATA_TYPES, load_params
 
 
@@ -106,7 +107,7 @@ def load_model(args, devices=None, *, tokenizer: bool = True, weights_behind: bo
         placement = config.moe.placement if config.moe is not None else "split"
         model = build_model(config, DATA_TYPES[args.data_type], backend, experts_kernel(platform, mesh, placement))
     if weights_behind:
-        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-load")
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-load", initializer=name_os_thread)
         params = thread.submit(_load_weights, model, args, mesh)
         thread.shutdown(wait=False)  # its thread ends with the load
     else:

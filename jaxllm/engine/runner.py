@@ -30,6 +30,7 @@ from jaxllm.engine.scheduler import SchedulerOutput, TableFill
 from jaxllm.engine.step_inputs import DeviceStep, StepInputBuilder, StepInputs, pack
 from jaxllm.engine.step_shapes import StepShape, pick_bucket, pow2_buckets
 from jaxllm.models.mla import kernel_fits
+from jaxllm.thread_names import name_os_thread, os_named
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,8 @@ class ModelRunner:
         # XLA compiles with the GIL released, so the shapes compile in parallel. Each shape's executable is
         # kept for its first step (no need to run each on padding).
         threads = _compile_threads()
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jaxllm-compile",
+                                initializer=name_os_thread) as pool:
             seconds = list(tqdm(pool.map(self._build, inputs, shapes), total=len(shapes),
                                 desc="compiling steps", unit="shape", disable=not shapes))
         if shapes:
@@ -330,7 +332,7 @@ class ModelRunner:
             log.info("compiled %d step shapes after start-up in %.1f s, in the background", built,
                      time.perf_counter() - started)
 
-        self._later = threading.Thread(target=build_each, name="compile-later", daemon=True)
+        self._later = threading.Thread(target=os_named(build_each), name="jaxllm-compile-later", daemon=True)
         self._later.start()
 
     def stop_compiling_later(self, finish: bool = False) -> None:

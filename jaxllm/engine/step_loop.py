@@ -27,6 +27,7 @@ from jaxllm.engine.events import final_event
 from jaxllm.engine.request import RequestStatus
 from jaxllm.engine.runner import PreparedStep, StepHandle
 from jaxllm.engine.scheduler import SchedulerOutput
+from jaxllm.thread_names import name_os_thread
 
 log = logging.getLogger("jaxllm.engine.engine")
 
@@ -64,7 +65,8 @@ class StepLoop:
         ready: PreparedStep | None = None  # scheduled, prepared and its inputs sent, not launched (looking ahead)
         # The jitted call enqueues a step's kernels with the GIL released: on its own thread it overlaps the
         # reading of the previous step's results.
-        launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch")
+        launcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxllm-launch",
+                                      initializer=name_os_thread)
         try:
             while True:
                 started = PhaseClock()

@@ -40,3 +40,42 @@ def test_a_thread_that_is_gone_counts_nothing():
     done.start()
     done.join()
     assert thread_cpu_s(done.native_id) == 0.0
+
+
+def test_another_processes_threads_by_their_os_names(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from jaxllm.bench.threads import main
+
+    child = subprocess.Popen([sys.executable, "-c", """
+import sys, threading, time
+from jaxllm.thread_names import os_named
+def burn():
+    sys.stdin.readline()
+    end = time.thread_time() + 0.4
+    while time.thread_time() < end:
+        sum(range(1000))
+    print("done", flush=True)
+    sys.stdin.readline()
+t = threading.Thread(target=os_named(burn), name="jaxllm-burn")
+t.start()
+print("ready", flush=True)
+t.join()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        snapshot = tmp_path / "before.json"
+        main([str(child.pid), "--out", str(snapshot)])
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "done"
+        capsys.readouterr()
+        main([str(child.pid), "--since", str(snapshot)])
+        line = capsys.readouterr().out.strip()
+        burnt = float(line.split("jx-burn ")[1].split()[0].rstrip(","))
+        assert line.startswith(f"pid {child.pid}: jx-burn ") and 0.3 <= burnt <= 1.5, line
+    finally:
+        child.stdin.write("end\n")
+        child.stdin.flush()
+        child.wait(timeout=30)
