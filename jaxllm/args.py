@@ -237,9 +237,11 @@ def _check_consistency(v: dict[str, Any]) -> None:
         raise ValueError("--beam_mode and --diverse_mode need --router_token_ratio 0.0")
     if v["load_way"] not in ("HF", "DS"):
         raise ValueError(f"--load_way must be HF or DS, not {v['load_way']!r}")
-    for name in ("splitfuse_block_size", "running_max_req_size", "max_total_token_num", "router_max_wait_tokens"):
+    for name in ("splitfuse_block_size", "running_max_req_size", "max_total_token_num"):
         if v[name] < 1:
             raise ValueError(f"--{name} must be at least 1")
+    if v["router_max_wait_tokens"] < 0:  # 0, as in LightLLM: new requests are tried at every step
+        raise ValueError("--router_max_wait_tokens must be at least 0")
     if v["tp"] < 1:
         raise ValueError("--tp must be at least 1")
     if v["cache_capacity"] < 1:

@@ -106,3 +106,9 @@ def test_api_keys_are_repeatable_and_kept_out_of_reprs(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert "--api_key KEY" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_router_max_wait_tokens_takes_zero_as_lightllm_does():
+    assert parse_args(["--router_max_wait_tokens", "0"]).router_max_wait_tokens == 0  # new requests tried every step
+    with pytest.raises(ValueError, match="--router_max_wait_tokens must be at least 0"):
+        parse_args(["--router_max_wait_tokens", "-1"])
