@@ -54,8 +54,8 @@ W8_DIGITS_MAX_ROWS = 1
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
 # The two digits (and a norm before them) from one Pallas kernel a row instead of XLA's reductions and
-# concatenation, up to this many rows. Lowered and verified for CUDA on the CPU, not yet measured on the GPU
-# (issue 16: session 18's profile puts ~17 small XLA kernels in each layer of the one-row step), so 0 until it is.
+# concatenation, up to this many rows. Off: on the H200 the product alone was faster with it, the engine's one-row
+# step 0.29 ms slower (docs/perf.md, session 20).
 W8_DIGITS_KERNEL_MAX_ROWS = 0
 
 
