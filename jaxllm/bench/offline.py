@@ -96,14 +96,17 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
     total_out = sum(len(o) for o in outputs)
     after = llm.engine.stats()
     timers = ("host", "device_wait", "schedule", "dispatch", "launch", "launch_cpu", "postprocess")
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "steps_after_idle", "constrained_steps",
-                                                             "mask_s", "mask_wait_s", *(f"{t}_s" for t in timers))}
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "prefill_steps", "decode_steps",
+                                                             "steps_after_idle", "constrained_steps", "mask_s",
+                                                             "mask_wait_s", *(f"{t}_s" for t in timers))}
     steps = max(delta["steps"], 1)
     masks = {}
     if delta["constrained_steps"]:  # the grammar worker's fill and the engine thread's wait for it
         masks = {f"{k}_ms_per_step": 1e3 * delta[f"{k}_s"] / delta["constrained_steps"] for k in ("mask", "mask_wait")}
     return {
         "steps": delta["steps"],
+        "prefill_steps": delta["prefill_steps"],  # (mixed splitfuse steps count as prefill)
+        "decode_steps": delta["decode_steps"],
         "new_step_shapes": len(llm.engine.runner.shapes_seen) - shapes_before,  # compiled while timed
         "steps_after_idle": delta["steps_after_idle"],  # launched once the step before had finished
         # the host threads' CPU: the engine's, the launch thread's and the runtime's (XLA's dispatch thread)
@@ -186,7 +189,9 @@ def format_offline_table(result: dict) -> str:
         ("request throughput (req/s)", f"{result['request_throughput']:.2f}"),
         ("output throughput (tok/s)", f"{result['output_throughput']:.1f}"),
         ("total throughput (tok/s)", f"{result['total_token_throughput']:.1f}"),
-        ("engine steps (new shapes compiled)", f"{result['steps']} ({result['new_step_shapes']})"),
+        ("engine steps: prefill + decode (new shapes compiled)",
+         f"{result['steps']}: {result.get('prefill_steps', '?')} + {result.get('decode_steps', '?')} "
+         f"({result['new_step_shapes']})"),
         ("steps launched on an idle device", f"{result['steps_after_idle']} ({result['steps_after_idle'] / max(result['steps'], 1):.0%})"),
         ("host / device-wait per step (ms)", f"{result['host_ms_per_step']:.2f} / {result['device_wait_ms_per_step']:.2f}"),
         ("host: schedule / dispatch / postprocess (ms)",

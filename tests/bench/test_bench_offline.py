@@ -29,6 +29,8 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     assert result["total_output_tokens"] == sum(r.output_len for r in requests)
     assert result["total_input_tokens"] == sum(len(r.prompt_ids) for r in requests)
     assert result["steps"] >= max(r.output_len for r in requests)
+    assert result["prefill_steps"] >= 1 and result["prefill_steps"] + result["decode_steps"] == result["steps"]
+    assert f"{result['steps']}: {result['prefill_steps']} + {result['decode_steps']}" in format_offline_table(result)
     parts = [result[f"{t}_ms_per_step"] for t in ("schedule", "dispatch", "postprocess")]
     assert all(p > 0 for p in parts)
     # The launch runs on its own thread while the loop reads the previous step's results, then joins it.
