@@ -190,7 +190,7 @@ def format_offline_table(result: dict) -> str:
         ("output throughput (tok/s)", f"{result['output_throughput']:.1f}"),
         ("total throughput (tok/s)", f"{result['total_token_throughput']:.1f}"),
         ("engine steps: prefill + decode (new shapes compiled)",
-         f"{result['steps']}: {result.get('prefill_steps', '?')} + {result.get('decode_steps', '?')} "
+         f"{result['steps']}: {result['prefill_steps']} + {result['decode_steps']} "
          f"({result['new_step_shapes']})"),
         ("steps launched on an idle device", f"{result['steps_after_idle']} ({result['steps_after_idle'] / max(result['steps'], 1):.0%})"),
         ("host / device-wait per step (ms)", f"{result['host_ms_per_step']:.2f} / {result['device_wait_ms_per_step']:.2f}"),

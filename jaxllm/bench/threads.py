@@ -31,35 +31,33 @@ def thread_cpu_s(native_id: int, pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_by_name(pid: int | str, known: dict[int, str]) -> dict[str, float]:
+    """CPU seconds so far of process `pid`'s threads, summed by name: `known` names some thread ids, the others go
+    by their OS names. OSError where /proc has no such process (or there is no /proc)."""
+    totals: collections.Counter = collections.Counter()
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+        name = known.get(tid)
+        if name is None:
+            try:
+                name = open(f"/proc/{pid}/task/{tid}/comm").read().strip()
+            except OSError:
+                continue  # ended meanwhile
+        totals[name] += thread_cpu_s(tid, pid)
+    return dict(totals)
+
+
 def process_cpu_by_thread_name(pid: int) -> dict[str, float]:
     """CPU seconds so far of each OS thread name of process `pid` (its main thread: "main"), summed by name."""
-    totals: collections.Counter = collections.Counter()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            name = "main" if int(tid) == pid else open(f"/proc/{pid}/task/{tid}/comm").read().strip()
-        except OSError:
-            continue  # ended meanwhile
-        totals[name] += thread_cpu_s(int(tid), pid)
-    return dict(totals)
+    return _cpu_by_name(pid, {pid: "main"})
 
 
 def cpu_by_thread_name() -> dict[str, float]:
     """CPU seconds so far of each name's threads (those alive now), summed over the threads of one name."""
     python_names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
-    totals: collections.Counter = collections.Counter()
     try:
-        tids = [int(tid) for tid in os.listdir("/proc/self/task")]
+        return _cpu_by_name("self", python_names)
     except OSError:  # not Linux: nothing to say
         return {}
-    for tid in tids:
-        name = python_names.get(tid)
-        if name is None:
-            try:
-                name = open(f"/proc/self/task/{tid}/comm").read().strip()
-            except OSError:
-                continue  # ended meanwhile
-        totals[name] += thread_cpu_s(tid)
-    return dict(totals)
 
 
 def busiest_ms_per_step(before: dict[str, float], after: dict[str, float], steps: int,

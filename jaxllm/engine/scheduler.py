@@ -95,9 +95,9 @@ class Scheduler:
 
     Host view is behind the device (by up to three steps while looking ahead, step_loop.py): a request's last
     `num_pending` tokens are sampled but not read, so counts use `num_tokens`/`num_output`, which include them.
-    With the prompt cache, a request starts at its longest cached prefix and its estimates count only its private slots; the cached
-    prefixes that running requests lock are counted once. A group (group.py) is admitted, paused and resumed
-    whole: its leader prefills the prompt, the other members fork from it in the same step.
+    With the prompt cache, a request starts at its longest cached prefix and its estimates count only its private
+    slots; the cached prefixes that running requests lock are counted once. A group (group.py) is admitted, paused
+    and resumed whole: its leader prefills the prompt, the other members fork from it in the same step.
     """
 
     def __init__(self, config: SchedulerConfig, kv: KVCache):
