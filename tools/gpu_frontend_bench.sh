@@ -6,7 +6,8 @@
 # TPOT). About 6 minutes of device time (two start-ups; the second finds the compilation cache warm), plus 1-3
 # minutes on the CPU first (the host side: bench.frontend's text + SSE capacity, bench.host; FRONTEND=0 and HOST=0 skip
 # them; OFFLINE=0 skips the in-process run). The frontend's and the engine core's CPU seconds per thread over the
-# timed server run go to threads.txt.
+# timed server run go to threads.txt. The server's runs start after its background compiles (the shapes it builds
+# after /health) have ended, as the in-process run's timing starts after its compiles.
 # EXTRA_FLAGS go to both (e.g. EXTRA_FLAGS="--splitfuse_mode --splitfuse_block_size 2048": prefill chunks mixed
 # with the decodes, for the gap goal); CLIENT_PROCESSES=4 deals the requests to 4 client processes (one event loop
 # reading 512 streams falls behind and reads tokens in clumps), then runs once more with one, for the difference.
@@ -47,6 +48,7 @@ fi
 
 echo "== server (one untimed run first)"
 start_server split || exit 1
+wait_background_compiles split | tee -a "$STARTUP_FILE"
 bench warmup_serve "${WORKLOAD[@]}" > /dev/null
 # CPU seconds per thread of the frontend and the engine core over the timed run (the client's start-up included)
 PIDS="$SERVER_PID $(pgrep -P "$SERVER_PID" -f jaxllm.engine.core | head -1)"

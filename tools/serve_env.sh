@@ -22,6 +22,17 @@ start_server() {  # start_server LABEL [extra flags]
   done
   echo "$label: no /health after ${START_TIMEOUT:-600} s"; return 1
 }
+wait_background_compiles() {  # wait_background_compiles LABEL: until the engine core has compiled the step shapes it
+  # builds after /health (once idle for 10 s, in the background: jaxllm/engine/runner.py compile_later), so that a
+  # timed run shares neither the device nor the host with them (an in-process run compiles before its timing);
+  # at most COMPILE_WAIT s (default 300)
+  local log=$LOGS/server_$1.log t0=$SECONDS
+  until grep -q "step shapes after start-up" "$log"; do
+    if (( SECONDS - t0 > ${COMPILE_WAIT:-300} )); then echo "$1: background compiles still running"; return 1; fi
+    sleep 1
+  done
+  echo "$1: $(grep -o "compiled [0-9]* step shapes after start-up in [0-9.]* s" "$log" | tail -1), waited $((SECONDS - t0)) s"
+}
 stop_server() { [ -n "$SERVER_PID" ] && kill $SERVER_PID && wait $SERVER_PID 2> /dev/null; SERVER_PID=; }
 trap stop_server EXIT
 bench() {  # bench NAME [bench flags]: one `jaxllm.bench serve` run, its table kept in $LOGS/NAME.txt

@@ -77,13 +77,16 @@ class AttentionSpec:
 
 class AttentionBackend(Protocol):
     """What a layer needs from attention: a cache format, a write, and a read. `alibi_slopes` [heads]
-    float32, when given, adds `slope * (key position - query position)` to each head's scores."""
+    float32, when given, adds `slope * (key position - query position)` to each head's scores. `fresh_kv` =
+    (k, v): the keys and values the step just wrote, as computed: a backend may read the step's own tokens
+    from them, rounded as its cache stores them, instead of from the cache (the same values, maybe faster)."""
 
     def init_layer_cache(self, num_slots: int, kv_heads: int, head_dim: int, dtype) -> tuple: ...
 
     def write(self, layer_cache: tuple, k, v, meta: AttentionMetadata) -> tuple: ...
 
-    def attend(self, q, layer_cache: tuple, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None): ...
+    def attend(self, q, layer_cache: tuple, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None,
+               fresh_kv=None): ...
 
     # Multi-head latent attention (models/mla.py) over its one-row-per-token cache: q [n, heads, kv_rank +
     # rope_dim] with the key up-projection absorbed; returns [n, heads, kv_rank].
@@ -109,10 +112,11 @@ class ReferenceAttention:
     def write(self, layer_cache, k, v, meta):
         return reference.write_kv(*layer_cache, k, v, meta.write_slots)
 
-    def attend(self, q, layer_cache, meta, spec, alibi_slopes=None):
-        return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes)
+    def attend(self, q, layer_cache, meta, spec, alibi_slopes=None, fresh_kv=None):
+        # The cache holds the step's keys and values exactly: `fresh_kv` adds nothing to read.
+        return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes, None)
 
-    def _attend(self, q, layer_cache, meta, spec, alibi_slopes):
+    def _attend(self, q, layer_cache, meta, spec, alibi_slopes, fresh_kv):
         k_cache, v_cache = layer_cache
         options = reference_options(spec, alibi_slopes)
         if meta.decode_only:
@@ -129,11 +133,12 @@ class ReferenceAttention:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def attend_traced_once(backend, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes):
+def attend_traced_once(backend, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes,
+                       fresh_kv):
     """`backend._attend(...)` as one nested jit: the layers of a step (same shapes, same spec) share one
     trace and one lowering of their attention instead of one per layer (a 30-layer CPU step shape traced
     in ~1/3 less time; on the GPU a 32-layer shape took 0.3 s to trace and lower instead of 1.0 s)."""
-    return backend._attend(q, layer_cache, meta, spec, alibi_slopes)
+    return backend._attend(q, layer_cache, meta, spec, alibi_slopes, fresh_kv)
 
 
 def reference_options(spec: AttentionSpec, alibi_slopes) -> dict:

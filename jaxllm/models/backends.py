@@ -19,7 +19,9 @@ from jaxllm.models.attention import (
 )
 from jaxllm.models.quant import WEIGHT_MODES
 from jaxllm.parallel import TP_AXIS
-from kernels.pallas import attention_mosaic, attention_triton, int8_dequant, latent_attention, plan, reference
+from kernels.pallas import (
+    attention_mosaic, attention_triton, fresh_prefill, int8_dequant, latent_attention, plan, reference,
+)
 
 # LightLLM mode → what runs here. GQA grouping is always on (with MHA it is a group of one).
 INT8_MODES = frozenset({"triton_int8kv", "ppl_int8kv"})
@@ -75,10 +77,11 @@ class ReferenceInt8Attention:
     def write(self, layer_cache, k, v, meta):
         return reference.write_kv_int8(*layer_cache, k, v, meta.write_slots)
 
-    def attend(self, q, layer_cache, meta, spec, alibi_slopes=None):
-        return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes)
+    def attend(self, q, layer_cache, meta, spec, alibi_slopes=None, fresh_kv=None):
+        # Every key is read from the cache, where the step's own are already written (`fresh_kv` adds nothing).
+        return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes, None)
 
-    def _attend(self, q, layer_cache, meta, spec, alibi_slopes):
+    def _attend(self, q, layer_cache, meta, spec, alibi_slopes, fresh_kv):
         options = reference_options(spec, alibi_slopes)
         if meta.decode_only:
             return reference.decode_attention_int8(
@@ -156,30 +159,34 @@ class PallasAttention:
         """Whether an int8 cache stores its rows as int16 pairs: when the decode launch runs "pairs"."""
         return self.config.decode_int8.dequant == "pairs" and int8_dequant.pairs_fit(head_dim)
 
-    def attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None):
-        return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes)
+    def attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, alibi_slopes=None,
+               fresh_kv=None):
+        # Only an int8 cache's prefill reads them (fresh_prefill.py, rounded as the cache holds them).
+        fresh_kv = fresh_kv if self.int8_kv and not meta.decode_only else None
+        return attend_traced_once(self, q, layer_cache, meta, spec, alibi_slopes, fresh_kv)
 
-    def _attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
+    def _attend(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes, fresh_kv):
         mesh = self.mesh
         tp = mesh.shape[TP_AXIS] if mesh is not None and TP_AXIS in mesh.shape else 1
         if tp == 1:
-            return self._attend_local(q, layer_cache, meta, spec, slopes)
+            return self._attend_local(q, layer_cache, meta, spec, slopes, fresh_kv)
         kv_heads = layer_cache[0].shape[1]
         if kv_heads % tp:
             # KV heads replicated (fewer than devices): each device's query heads may straddle KV groups.
-            return self._reference(q, layer_cache, meta, spec, slopes)
+            return self._reference(q, layer_cache, meta, spec, slopes, fresh_kv)
         heads = PartitionSpec(None, TP_AXIS, None)
         cache_specs = tuple(PartitionSpec(None, TP_AXIS, *([None] * (a.ndim - 2))) for a in layer_cache)
         meta_specs = jax.tree.map(lambda _: PartitionSpec(), meta)
         slopes_spec = None if slopes is None else PartitionSpec(TP_AXIS)  # each device's heads' slopes
+        fresh_spec = None if fresh_kv is None else (heads, heads)  # [n, kv_heads, head_dim], split as the cache
         local = jax.shard_map(
-            lambda q, cache, meta, slopes: self._attend_local(q, cache, meta, spec, slopes),
+            lambda q, cache, meta, slopes, fresh: self._attend_local(q, cache, meta, spec, slopes, fresh),
             mesh=mesh,
-            in_specs=(heads, cache_specs, meta_specs, slopes_spec),
+            in_specs=(heads, cache_specs, meta_specs, slopes_spec, fresh_spec),
             out_specs=heads,
             check_vma=False,
         )
-        return local(q, layer_cache, meta, slopes)
+        return local(q, layer_cache, meta, slopes, fresh_kv)
 
     def attend_latent(self, q, cache, meta: AttentionMetadata, scale: float, kv_rank: int):
         """Latent attention (models/mla.py): the kernel (kernels/pallas/latent_attention.py) where its sizes
@@ -217,13 +224,13 @@ class PallasAttention:
             num_stages=launch.num_stages, interpret=self.interpret,
         )
 
-    def _reference(self, q, layer_cache, meta, spec, slopes):
+    def _reference(self, q, layer_cache, meta, spec, slopes, fresh_kv):
         backend = ReferenceInt8Attention() if self.int8_kv else ReferenceAttention()
         if self.int8_kv and int8_dequant.is_paired(layer_cache[0]):  # a paired cache, unpacked (a copy)
             layer_cache = (*map(int8_dequant.from_pairs, layer_cache[:2]), *layer_cache[2:])
-        return backend.attend(q, layer_cache, meta, spec, slopes)
+        return backend.attend(q, layer_cache, meta, spec, slopes, fresh_kv)
 
-    def _attend_local(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes):
+    def _attend_local(self, q, layer_cache, meta: AttentionMetadata, spec: AttentionSpec, slopes, fresh_kv):
         c = self.config
         scale = spec.scale
         n, heads, head_dim = q.shape
@@ -250,6 +257,13 @@ class PallasAttention:
             return attention_mosaic.paged_attention(
                 q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale, splits=splits
             )
+        dequant = lambda launch: int8_dequant.for_cache(launch.dequant, int8_dequant.is_paired(k_cache))  # noqa: E731
+        if fresh_kv is not None:  # an int8 cache's prefill: own tokens through the 16-bit launch
+            return fresh_prefill.prefill_attention(
+                q, *fresh_kv, k_cache, v_cache, k_scale, v_scale, meta.positions, meta.token_req, meta.query_start,
+                meta.query_lens, meta.slot_table, scale=scale, own_launch=c.prefill, prefix_launch=c.prefill_int8,
+                dequant=dequant(c.prefill_int8), window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
+                interpret=self.interpret)
         if meta.decode_only:
             launch = c.decode_int8 if self.int8_kv else c.decode
             splits = plan.decode_splits(rows * kv_heads, width, launch.block_k, self.split)
@@ -263,7 +277,7 @@ class PallasAttention:
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
             window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
-            dequant=int8_dequant.for_cache(launch.dequant, int8_dequant.is_paired(k_cache)),
+            dequant=dequant(launch),
         )
 
 

@@ -189,7 +189,7 @@ class Attention(nn.Module):
         )
         slopes = jnp.asarray(alibi_slopes(c.num_heads)) if c.position == "alibi" else None
         layer_cache = self.backend.write(layer_cache, k, v, meta)
-        out = self.backend.attend(q, layer_cache, meta, spec, slopes)  # [n, heads, d]
+        out = self.backend.attend(q, layer_cache, meta, spec, slopes, fresh_kv=(k, v))  # [n, heads, d]
         wo = param(self, "o_proj", (c.num_heads, d, c.hidden_size), ("heads", "head_dim", "embed"), self.dtype)
         out = dense(out, wo, "nhk,hkd->nd", split_sum=True)
         if c.o_bias:

@@ -80,6 +80,7 @@ def _kernel(
     ks_ref,  # [(slots + 1) * kv_heads] float32, or None (float cache)
     vs_ref,  # likewise
     slopes_ref,  # [heads] float32 ALiBi slopes, or None
+    limit_ref,  # [rows] int32 keys per row (table columns at or past it unseen), or None
     *out_refs,  # o [n * heads, head_dim]; split-K: o [splits * n * heads, head_dim] f32, lse [splits * n * heads]
     heads: int,
     kv_heads: int,
@@ -126,6 +127,8 @@ def _kernel(
     if window is not None:  # keys before the first token's window matter to no token of the block
         lo = jnp.maximum(lo, jnp.maximum(first_pos - window + 1, 0) // block_k * block_k)
     hi = jnp.where(count > 0, jnp.minimum(s * split_len + split_len, last_pos + 1), lo)
+    if limit_ref is not None:
+        hi = jnp.minimum(hi, limit_ref[row])
     num_kb = jnp.maximum(hi - lo + block_k - 1, 0) // block_k
     plain = softcap is None and slopes_ref is None
     qk_scale = scale * _LOG2E if plain else scale  # scores in base 2 (after the cap / bias otherwise)
@@ -238,6 +241,7 @@ def paged_attention(
     alibi_slopes=None,  # [heads] float32
     return_lse: bool = False,
     dequant: str = "cast",
+    key_limit=None,  # [rows] int32
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
@@ -248,7 +252,8 @@ def paged_attention(
     `splitk.combine` merges them. Per-layer options as in reference.py: `window` (keys at positions >
     the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
-    `dequant`: how an int8 cache becomes dot operands (int8_dequant.py; "pairs" takes the cache as int16 pairs,
+    `key_limit[r]`: row r's tokens see only its table columns below it (a cached prefix without the step's own
+    tokens: fresh_prefill.py). `dequant`: how an int8 cache becomes dot operands (int8_dequant.py; "pairs" takes the cache as int16 pairs,
     `int8_dequant.as_pairs`).
     Returns [n, heads, head_dim] in q's dtype; `return_lse` (one key split only): (float32 output, the
     base-2 log-sum-exp of each token's scaled scores [n, heads], -inf where it saw no key), to be merged
@@ -297,7 +302,8 @@ def paged_attention(
         dequant=dequant,
         interpret=interpret,
     )
-    kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None)
+    kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None,
+                               key_limit is not None)
     if splits > 1 or return_lse:
         out_shape = (
             jax.ShapeDtypeStruct((splits * n * heads, head_dim), jnp.float32),
@@ -319,6 +325,8 @@ def paged_attention(
         args += [k_scale.reshape(-1).astype(jnp.float32), v_scale.reshape(-1).astype(jnp.float32)]
     if alibi_slopes is not None:
         args.append(alibi_slopes.astype(jnp.float32))
+    if key_limit is not None:
+        args.append(key_limit.astype(jnp.int32))
     # Outputs start as zeros (aliased inputs) so tokens no block owns read back as 0 (and as empty splits).
     inits = []
     if not owns_all_tokens:
@@ -347,13 +355,15 @@ def paged_attention(
     ).astype(q.dtype)
 
 
-def _with_optional_inputs(kernel, quantised: bool, alibi: bool, *refs):
-    # Float caches have no scale inputs, most models no ALiBi slopes: pass None where the kernel expects them.
+def _with_optional_inputs(kernel, quantised: bool, alibi: bool, limited: bool, *refs):
+    # Float caches have no scale inputs, most models no ALiBi slopes, most calls no key limit: pass None where
+    # the kernel expects them.
     refs = list(refs)
     scales = refs[8:10] if quantised else [None, None]
     rest = refs[10:] if quantised else refs[8:]
     slopes = rest.pop(0) if alibi else None
-    return kernel(*refs[:8], *scales, slopes, *rest)
+    limit = rest.pop(0) if limited else None
+    return kernel(*refs[:8], *scales, slopes, limit, *rest)
 
 
 def _with_inits(kernel, num_inits, *refs):

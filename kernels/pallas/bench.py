@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.pallas import (
-    attention_mosaic, attention_triton, bench_dense, bench_quant, latent_attention, plan, reference,
+    attention_mosaic, attention_triton, bench_dense, bench_quant, fresh_prefill, latent_attention, plan, reference,
 )
 from kernels.pallas.int8_dequant import as_pairs
 
@@ -113,7 +113,10 @@ class Bench:
         config += ", contiguous" if contiguous else ", scattered"
         self._row(name, impl, config, seconds, bytes_=kv_bytes)
 
-    def prefill(self, name, impl, rows, new, cached, heads, kv_heads, head_dim, *, int8=False, launch=None):
+    def prefill(self, name, impl, rows, new, cached, heads, kv_heads, head_dim, *, int8=False, launch=None,
+                own_keys=False):
+        """`own_keys` (int8): the engine's int8 prefill, fresh_prefill.py: the new tokens' keys from the step's
+        arrays through the 16-bit launch, the cached prefix through `launch`."""
         dtype = jnp.bfloat16
         launch = launch or (attention_triton.PREFILL_INT8 if int8 else attention_triton.PREFILL)
         length = new + cached
@@ -125,11 +128,22 @@ class Bench:
         positions = jnp.asarray(np.tile(np.arange(cached, length), rows), jnp.int32)
         starts = jnp.arange(rows, dtype=jnp.int32) * new
         lens = jnp.full((rows,), new, jnp.int32)
-        fn, args = bench_dense.paged_prefill(impl, launch, self.interpret, 0.088, q, k, v, positions, table,
-                                             starts, lens, scales)
+        if own_keys:
+            k_new, v_new = (jax.random.normal(jax.random.key(seed), (n, kv_heads, head_dim), dtype) for seed in (5, 6))
+            token_req = jnp.repeat(jnp.arange(rows, dtype=jnp.int32), new)
+            fn = jax.jit(lambda q, kn, vn, k, v, p, r, st, ln, t, s: fresh_prefill.prefill_attention(
+                q, kn, vn, k, v, s["k_scale"], s["v_scale"], p, r, st, ln, t, scale=0.088,
+                own_launch=attention_triton.PREFILL, prefix_launch=launch, dequant=launch.dequant,
+                interpret=self.interpret))
+            args = (q, k_new, v_new, k, v, positions, token_req, starts, lens, table, scales)
+        else:
+            fn, args = bench_dense.paged_prefill(impl, launch, self.interpret, 0.088, q, k, v, positions, table,
+                                                 starts, lens, scales)
         seconds = timed(fn, args, repeats=5)
         flops = bench_dense.prefill_flops(rows, new, cached, heads, head_dim)
         config = "" if impl == "mosaic" else _describe(launch, False, int8)
+        if own_keys:
+            config = f"own keys: {_describe(attention_triton.PREFILL, False)}; prefix: {config}"
         self._row(name, impl, config, seconds, flops=flops)
 
     def latent(self, name, impl, batch, context, heads=16, kv_rank=512, rope_dim=64, launch=None):
@@ -202,6 +216,8 @@ def run(args) -> Bench:
         bench.guarded("decode", "decode int8 smoke", "triton", 2, 128, 8, 2, 64, int8=True, split="always",
                       launch=attention_triton.Launch(32, 4, 2, dequant="pairs"))
         bench.guarded("prefill", "prefill smoke", "triton", 1, 32, 16, 8, 2, 64, launch=small)
+        bench.guarded("prefill", "prefill int8 smoke, own keys 16-bit", "triton", 2, 32, 16, 8, 2, 64, int8=True,
+                      own_keys=True, launch=attention_triton.Launch(32, 4, 2, rows=16, dequant="pairs"))
         bench.guarded("latent", "latent decode smoke", "triton", 2, 64, heads=4, kv_rank=32, rope_dim=16,
                       launch=small)
         bench_quant.run(bench, timed, rows=(3,), shapes=(("quant smoke 256×64", 256, 64),), ops8=1e12,
@@ -259,6 +275,10 @@ def run(args) -> Bench:
             bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, launch=launch,
                           **llama8b)
         bench.guarded("prefill", "prefill int8 8×512 after 3584", "triton", 8, 512, 3584, int8=True, **llama8b)
+        # The engine's int8 prefill (fresh_prefill.py): the same shapes, the new tokens' keys through 16 bits.
+        bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, own_keys=True, **llama8b)
+        bench.guarded("prefill", "prefill int8 8×512 after 3584", "triton", 8, 512, 3584, int8=True, own_keys=True,
+                      **llama8b)
     return bench
 
 

@@ -118,10 +118,15 @@ def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim:
     spec = AttentionSpec(scale=0.1, window=16 if options else None, softcap=30.0 if options else None)
     slopes = jnp.linspace(0.1, 0.9, heads, dtype=jnp.float32) if options else None
 
-    def attend(q, cache, meta):
-        return backend._attend_local(q, cache, meta, spec, slopes)  # noqa: SLF001  one device's launch
+    # An int8 prefill reads the step's own keys and values as computed (fresh_prefill.py): both of its passes lower.
+    fresh = None
+    if int8 and not decode:
+        fresh = tuple(jnp.asarray(rng.standard_normal((q.shape[0], kv_heads, head_dim)), jnp.bfloat16) for _ in "kv")
 
-    return attend, (q, cache, meta)
+    def attend(q, cache, meta, fresh):
+        return backend._attend_local(q, cache, meta, spec, slopes, fresh)  # noqa: SLF001  one device's launch
+
+    return attend, (q, cache, meta, fresh)
 
 
 def _latent(decode: bool):
