@@ -35,13 +35,15 @@ _LOG2E = math.log2(math.e)
 class Launch:
     """Block sizes and launch settings. `rows`: query rows per program in prefill (tokens × the KV head's
     group of query heads); decode always takes one token per program. `dequant`: how int8 caches become dot
-    operands (int8_dequant.py's modes; float caches ignore it)."""
+    operands (int8_dequant.py's modes; float caches ignore it). `mask_every_block`: the causal mask on every key
+    block, as before the loop was split (for comparison in the bench)."""
 
     block_k: int
     num_warps: int
     num_stages: int
     rows: int = 64
     dequant: str = "cast"
+    mask_every_block: bool = False
 
     def __post_init__(self):
         int8_dequant.check(self.dequant)
@@ -96,6 +98,7 @@ def _kernel(
     window: int | None,
     softcap: float | None,
     dequant: str,
+    mask_every_block: bool,
     interpret: bool,
 ):
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -151,7 +154,7 @@ def _kernel(
             return ref[kv_idx, :]  # [T, D] gathered rows
         return pltriton.load(_rows(ref, kv_idx, dim_p), mask=dim_ok, other=0)
 
-    def body(kb, carry):
+    def body(kb, carry, masked: bool):
         *accs, m, l = carry
         col0 = lo + kb * block_k
         cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] key positions
@@ -179,10 +182,11 @@ def _kernel(
             scores = scores + slopes[:, None] * (cols[None, :] - pos[:, None]).astype(jnp.float32)
         if not plain:
             scores = scores * _LOG2E
-        visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < hi)
-        if window is not None:
-            visible = visible & (cols[None, :] > pos[:, None] - window)
-        scores = jnp.where(visible, scores, -jnp.inf)
+        if masked:
+            visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < hi)
+            if window is not None:
+                visible = visible & (cols[None, :] > pos[:, None] - window)
+            scores = jnp.where(visible, scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet stay at 0
         p = jnp.exp2(scores - m_safe[:, None])
@@ -199,7 +203,13 @@ def _kernel(
     acc0 = [jnp.zeros((rows_m, c.shape[0]), jnp.float32) for c in col_sets]
     m0 = jnp.full((rows_m,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((rows_m,), jnp.float32)
-    *accs, m, l = lax.fori_loop(0, num_kb, body, (*acc0, m0, l0))
+    # Key blocks every query row sees whole (below the block's first token and the key limit; no window) skip
+    # the mask: only the blocks on the diagonal (one or two in prefill, the last in decode) build it.
+    unmasked = 0
+    if window is None and not mask_every_block:
+        unmasked = jnp.clip((jnp.minimum(hi, first_pos + 1) - lo) // block_k, 0, num_kb)
+    carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False), (*acc0, m0, l0))
+    *accs, m, l = lax.fori_loop(unmasked, num_kb, functools.partial(body, masked=True), carry)
     safe_l = jnp.where(l > 0, l, 1.0)
     outs = [acc / safe_l[:, None] for acc in accs]
     # Invalid rows store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
@@ -243,6 +253,7 @@ def paged_attention(
     return_lse: bool = False,
     dequant: str = "cast",
     key_limit=None,  # [rows] int32
+    mask_every_block: bool = False,
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
@@ -301,6 +312,7 @@ def paged_attention(
         window=window,
         softcap=softcap,
         dequant=dequant,
+        mask_every_block=mask_every_block,
         interpret=interpret,
     )
     kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None,

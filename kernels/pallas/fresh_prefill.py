@@ -48,7 +48,8 @@ def prefill_attention(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, posit
         blocks = plan.ragged_blocks(query_start, query_lens, n, block_q)
         return attention_triton.paged_attention(
             q, k_new, v_new, own_positions, own_table, blocks, block_q=block_q, block_k=own_launch.block_k,
-            num_warps=own_launch.num_warps, num_stages=own_launch.num_stages, return_lse=return_lse, **options)
+            num_warps=own_launch.num_warps, num_stages=own_launch.num_stages, return_lse=return_lse,
+            mask_every_block=own_launch.mask_every_block, **options)
 
     def own_and_prefix():
         o_own, lse_own = own(True)
@@ -58,7 +59,7 @@ def prefill_attention(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, posit
             q, k_cache, v_cache, positions, slot_table, blocks, block_q=block_q, k_scale=k_scale,
             v_scale=v_scale, block_k=prefix_launch.block_k, num_warps=prefix_launch.num_warps,
             num_stages=prefix_launch.num_stages, return_lse=True, dequant=dequant, key_limit=prefix_lens,
-            **options)
+            mask_every_block=prefix_launch.mask_every_block, **options)
         merged = splitk.combine(jnp.stack([o_prefix, o_own]), jnp.stack([lse_prefix, lse_own]))
         return merged.astype(q.dtype)
 
