@@ -84,6 +84,9 @@ def _kernel(
     vs_ref,  # likewise
     slopes_ref,  # [heads] float32 ALiBi slopes, or None
     limit_ref,  # [rows] int32 keys per row (table columns at or past it unseen), or None
+    init_o_ref,  # [n * heads, head_dim] float32: a softmax over other keys to start from, or None
+    init_lse_ref,  # [n * heads] float32: its base-2 log-sum-exp
+    init_rows_ref,  # [rows] int32: nonzero where a row starts from it
     *out_refs,  # o [n * heads, head_dim]; split-K: o [splits * n * heads, head_dim] f32, lse [splits * n * heads]
     heads: int,
     kv_heads: int,
@@ -203,6 +206,12 @@ def _kernel(
     acc0 = [jnp.zeros((rows_m, c.shape[0]), jnp.float32) for c in col_sets]
     m0 = jnp.full((rows_m,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((rows_m,), jnp.float32)
+    if init_o_ref is not None:  # resume a softmax over other keys: m its log-sum-exp, l 1, acc its output
+        take = init_rows_ref[row] != 0
+        acc0 = [pltriton.load(init_o_ref.at[q_idx[:, None], c[None, :]], mask=row_mask & take, other=0)
+                for c in col_sets]
+        m0 = pltriton.load(init_lse_ref.at[q_idx], mask=valid & take, other=-jnp.inf)
+        l0 = jnp.where(m0 == -jnp.inf, 0.0, 1.0)
     # Key blocks every query row sees whole (below the block's first token and the key limit; no window) skip
     # the mask: only the blocks on the diagonal (one or two in prefill, the last in decode) build it.
     unmasked = 0
@@ -222,6 +231,9 @@ def _kernel(
             pltriton.store(o_ref.at[dst[:, None], c[None, :]], out.astype(o_ref.dtype), mask=row_mask)
         return
     o_ref, lse_ref = out_refs
+    if limit_ref is not None:  # a row limited to no key has nothing to merge: it writes nothing
+        valid = valid & (limit_ref[row] > 0)
+        row_mask = row_mask & valid[:, None]
     dst = jnp.where(valid, s * (num_tokens * heads) + q_idx, out_rows + r)
     for out, c in zip(outs, col_sets):
         pltriton.store(o_ref.at[dst[:, None], c[None, :]], out, mask=row_mask)
@@ -253,6 +265,7 @@ def paged_attention(
     return_lse: bool = False,
     dequant: str = "cast",
     key_limit=None,  # [rows] int32
+    initial=None,  # (o [n, heads, head_dim] float32, lse [n, heads] float32, rows [rows] bool)
     mask_every_block: bool = False,
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
@@ -265,7 +278,12 @@ def paged_attention(
     the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
     `key_limit[r]`: row r's tokens see only its table columns below it (a cached prefix without the step's own
-    tokens: fresh_prefill.py). `dequant`: how an int8 cache becomes dot operands (int8_dequant.py; "pairs" takes the cache as int16 pairs,
+    tokens: fresh_prefill.py); with `return_lse`, a row whose limit is 0 writes nothing (its outputs keep their
+    initial zeros and -inf, or, with `owns_all_tokens`, whatever the buffers held). `initial` = (o, lse, rows):
+    the rows where `rows` is set resume a softmax over other keys (its normalised output and base-2
+    log-sum-exp, as `return_lse` gives them) instead of starting empty: the result is the softmax over both key
+    sets, merged exactly without a second pass (fresh_prefill.py: the prefix, then the chunk's own keys).
+    `dequant`: how an int8 cache becomes dot operands (int8_dequant.py; "pairs" takes the cache as int16 pairs,
     `int8_dequant.as_pairs`).
     Returns [n, heads, head_dim] in q's dtype; `return_lse` (one key split only): (float32 output, the
     base-2 log-sum-exp of each token's scaled scores [n, heads], -inf where it saw no key), to be merged
@@ -316,7 +334,7 @@ def paged_attention(
         interpret=interpret,
     )
     kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None,
-                               key_limit is not None)
+                               key_limit is not None, initial is not None)
     if splits > 1 or return_lse:
         out_shape = (
             jax.ShapeDtypeStruct((splits * n * heads, head_dim), jnp.float32),
@@ -340,6 +358,10 @@ def paged_attention(
         args.append(alibi_slopes.astype(jnp.float32))
     if key_limit is not None:
         args.append(key_limit.astype(jnp.int32))
+    if initial is not None:
+        init_o, init_lse, init_rows = initial
+        args += [init_o.reshape(n * heads, head_dim).astype(jnp.float32), init_lse.reshape(n * heads),
+                 init_rows.astype(jnp.int32)]
     # Outputs start as zeros (aliased inputs) so tokens no block owns read back as 0 (and as empty splits).
     inits = []
     if not owns_all_tokens:
@@ -368,15 +390,16 @@ def paged_attention(
     ).astype(q.dtype)
 
 
-def _with_optional_inputs(kernel, quantised: bool, alibi: bool, limited: bool, *refs):
-    # Float caches have no scale inputs, most models no ALiBi slopes, most calls no key limit: pass None where
-    # the kernel expects them.
+def _with_optional_inputs(kernel, quantised: bool, alibi: bool, limited: bool, initial: bool, *refs):
+    # Float caches have no scale inputs, most models no ALiBi slopes, most calls no key limit and no initial
+    # softmax: pass None where the kernel expects them.
     refs = list(refs)
     scales = refs[8:10] if quantised else [None, None]
     rest = refs[10:] if quantised else refs[8:]
     slopes = rest.pop(0) if alibi else None
     limit = rest.pop(0) if limited else None
-    return kernel(*refs[:8], *scales, slopes, limit, *rest)
+    init = [rest.pop(0) for _ in range(3)] if initial else [None, None, None]
+    return kernel(*refs[:8], *scales, slopes, limit, *init, *rest)
 
 
 def _with_inits(kernel, num_inits, *refs):

@@ -7,10 +7,12 @@ the chunk's own tokens can go through the paged kernel at its 16-bit launch with
 row r's slot table is its packed tokens query_start[r], query_start[r] + 1, ..., and positions count from the
 chunk's first token. Without a cached prefix (most prefills) that is all: no int8 is read and no dequantisation
 runs in the kernel's loop, so the step runs at the 16-bit prefill's speed (the int8 kernel's was 0.75 of it on
-the H200). A row with a prefix (a prompt-cache hit, a splitfuse chunk after the first) also attends to the
-prefix through the int8 kernel, limited to the keys before its chunk (`key_limit`), and the two softmaxes merge
-exactly by their base-2 log-sum-exps (`splitk.combine`). Windows, soft-caps and ALiBi see the same
-key-minus-query distances in both parts, so every layer kind takes this path.
+the H200). A row with a prefix (a prompt-cache hit, a splitfuse chunk after the first) first attends to the
+prefix through the int8 kernel, limited to the keys before its chunk (`key_limit`), and the own-token pass
+resumes that softmax (`initial`): the two merge exactly, with no merge pass. Without any prefix the int8 pass
+finds no key and writes nothing, so its cost is one launch; the choice is made per row on the device, with no
+conditional in the step (XLA's GPU conditionals wait on the host for their predicate). Windows, soft-caps and
+ALiBi see the same key-minus-query distances in both parts, so every layer kind takes this path.
 
 The result is attention over the cache's values (as reference.paged_attention_int8 defines it) up to the 16-bit
 rounding of the dequantised keys, whatever the chunking: LightLLM's int8 prefill attends to the unrounded keys
@@ -20,9 +22,7 @@ instead, so its outputs change with splitfuse and prompt-cache hits; these do no
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax import lax
-
-from kernels.pallas import attention_triton, plan, reference, splitk
+from kernels.pallas import attention_triton, plan, reference
 
 
 def prefill_attention(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, positions, token_req, query_start,
@@ -39,30 +39,24 @@ def prefill_attention(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, posit
     group = heads // k_new.shape[1]
     first = positions[jnp.clip(query_start, 0, n - 1)]  # each row's first new position: its prefix length
     prefix_lens = jnp.where(query_lens > 0, first, 0).astype(jnp.int32)
-    own_positions = positions - prefix_lens[token_req]
-    own_table = jnp.minimum(query_start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :], n - 1)
     options = dict(scale=scale, interpret=interpret, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
 
-    def own(return_lse: bool):
-        block_q = max(1, own_launch.rows // group)
-        blocks = plan.ragged_blocks(query_start, query_lens, n, block_q)
-        return attention_triton.paged_attention(
-            q, k_new, v_new, own_positions, own_table, blocks, block_q=block_q, block_k=own_launch.block_k,
-            num_warps=own_launch.num_warps, num_stages=own_launch.num_stages, return_lse=return_lse,
-            mask_every_block=own_launch.mask_every_block, **options)
+    def blocks(launch):
+        block_q = max(1, launch.rows // group)
+        return block_q, plan.ragged_blocks(query_start, query_lens, n, block_q)
 
-    def own_and_prefix():
-        o_own, lse_own = own(True)
-        block_q = max(1, prefix_launch.rows // group)
-        blocks = plan.ragged_blocks(query_start, query_lens, n, block_q)
-        o_prefix, lse_prefix = attention_triton.paged_attention(
-            q, k_cache, v_cache, positions, slot_table, blocks, block_q=block_q, k_scale=k_scale,
-            v_scale=v_scale, block_k=prefix_launch.block_k, num_warps=prefix_launch.num_warps,
-            num_stages=prefix_launch.num_stages, return_lse=True, dequant=dequant, key_limit=prefix_lens,
-            mask_every_block=prefix_launch.mask_every_block, **options)
-        merged = splitk.combine(jnp.stack([o_prefix, o_own]), jnp.stack([lse_prefix, lse_own]))
-        return merged.astype(q.dtype)
-
-    has_prefix = jnp.any((query_lens > 0) & (prefix_lens > 0))
-    return lax.cond(has_prefix, own_and_prefix, lambda: own(False))
-
+    # The prefix: rows without one write nothing, and nothing reads them (so the outputs need no clearing).
+    block_q, prefix_blocks = blocks(prefix_launch)
+    prefix = attention_triton.paged_attention(
+        q, k_cache, v_cache, positions, slot_table, prefix_blocks, block_q=block_q, k_scale=k_scale,
+        v_scale=v_scale, block_k=prefix_launch.block_k, num_warps=prefix_launch.num_warps,
+        num_stages=prefix_launch.num_stages, return_lse=True, owns_all_tokens=True, dequant=dequant,
+        key_limit=prefix_lens, mask_every_block=prefix_launch.mask_every_block, **options)
+    # The chunk's own tokens: row r's table is its packed tokens, positions count from its chunk's first.
+    own_positions = positions - prefix_lens[token_req]
+    own_table = jnp.minimum(query_start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :], n - 1)
+    block_q, own_blocks = blocks(own_launch)
+    return attention_triton.paged_attention(
+        q, k_new, v_new, own_positions, own_table, own_blocks, block_q=block_q, block_k=own_launch.block_k,
+        num_warps=own_launch.num_warps, num_stages=own_launch.num_stages, initial=(*prefix, prefix_lens > 0),
+        mask_every_block=own_launch.mask_every_block, **options)
