@@ -93,9 +93,10 @@ def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int, int
 
 
 class Bench:
-    def __init__(self, bandwidth: float, flops: float, interpret: bool, chained: int = 0):
+    def __init__(self, bandwidth: float, flops: float, interpret: bool, chained: int = 0, only=None):
         self.bandwidth, self.flops, self.interpret, self.rows = bandwidth, flops, interpret, []
         self.chained = chained  # > 0: decode and prefill rows timed as that many calls in one program
+        self.only = only  # case names to run (None: all)
 
     def time(self, fn, args, repeats: int = 20) -> float:
         return timed_chained(fn, args, self.chained) if self.chained else timed(fn, args, repeats=repeats)
@@ -192,6 +193,8 @@ class Bench:
 
     def guarded(self, method: str, *args, **kwargs):
         """Run one case; a failure (a kernel that does not build here, say) is reported as a row, not raised."""
+        if self.only is not None and args[0] not in self.only:
+            return
         try:
             getattr(self, method)(*args, **kwargs)
         except Exception as err:  # noqa: BLE001: report and go on to the next case
@@ -248,7 +251,7 @@ def run(args) -> Bench:
         return bench_dense.run(Bench(ISSUE_BANDWIDTH, flops, interpret=False), timed, _describe)
     bandwidth, flops = hbm_bandwidth(4), matmul_rate(8192)
     print(f"measured: HBM read {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s", flush=True)
-    bench = Bench(bandwidth, flops, interpret=False, chained=args.chained)
+    bench = Bench(bandwidth, flops, interpret=False, chained=args.chained, only=args.only)
     if args.quant:
         shapes = [s for s in bench_quant.SHAPES if not args.quant_shapes or s[0].split()[0] in args.quant_shapes]
         if args.quant_hlo:
@@ -340,6 +343,8 @@ def main(argv=None) -> None:
     parser.add_argument("--chained", type=int, default=0, metavar="K",
                         help="time each decode and prefill row as K calls chained in one jitted program (device "
                         "time, no per-call dispatch), instead of calls from Python")
+    parser.add_argument("--only", type=lambda t: t.split(","), default=None, metavar="CASE,...",
+                        help="run only the attention cases of these names (e.g. \"prefill 1×4096,decode b64 ctx4096\")")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
     parser.add_argument("--dense", action="store_true",
                         help="prefill on dense shapes: ours beside cuDNN, attention_mgpu and tokamax (bench_dense.py)")
