@@ -35,8 +35,8 @@ _LOG2E = math.log2(math.e)
 class Launch:
     """Block sizes and launch settings. `rows`: query rows per program in prefill (tokens × the KV head's
     group of query heads); decode always takes one token per program. `dequant`: how int8 caches become dot
-    operands (int8_dequant.py's modes; float caches ignore it). `mask_every_block`: the causal mask on every key
-    block, as before the loop was split (for comparison in the bench)."""
+    operands (int8_dequant.py's modes; float caches ignore it). `mask_every_block`: prefill's causal mask on every
+    key block, as before its loop was split (for comparison in the bench)."""
 
     block_k: int
     num_warps: int
@@ -212,12 +212,13 @@ def _kernel(
                 for c in col_sets]
         m0 = pltriton.load(init_lse_ref.at[q_idx], mask=valid & take, other=-jnp.inf)
         l0 = jnp.where(m0 == -jnp.inf, 0.0, 1.0)
-    # Key blocks every query row sees whole (below the block's first token and the key limit; no window) skip
-    # the mask: only the blocks on the diagonal (one or two in prefill, the last in decode) build it.
-    unmasked = 0
-    if window is None and not mask_every_block:
+    # Prefill: key blocks every query row sees whole (below the block's first token and the key limit; no window)
+    # skip the mask, which only the one or two blocks on the diagonal build. Decode (one token a program, memory-
+    # bound, a few key blocks a split) keeps one loop: the mask is not what bounds it.
+    carry, unmasked = (*acc0, m0, l0), 0
+    if window is None and not mask_every_block and block_q > 1:
         unmasked = jnp.clip((jnp.minimum(hi, first_pos + 1) - lo) // block_k, 0, num_kb)
-    carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False), (*acc0, m0, l0))
+        carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False), carry)
     *accs, m, l = lax.fori_loop(unmasked, num_kb, functools.partial(body, masked=True), carry)
     safe_l = jnp.where(l > 0, l, 1.0)
     outs = [acc / safe_l[:, None] for acc in accs]
