@@ -276,7 +276,7 @@ class PallasAttention:
             q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale, block_q=block_q,
             k_scale=k_scale, v_scale=v_scale, block_k=launch.block_k, splits=splits, num_warps=launch.num_warps,
             num_stages=launch.num_stages, owns_all_tokens=owns_all, interpret=self.interpret,
-            mask_every_block=launch.mask_every_block,
+            diagonal_mask=launch.diagonal_mask,
             window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
             dequant=dequant(launch),
         )

@@ -35,15 +35,16 @@ _LOG2E = math.log2(math.e)
 class Launch:
     """Block sizes and launch settings. `rows`: query rows per program in prefill (tokens × the KV head's
     group of query heads); decode always takes one token per program. `dequant`: how int8 caches become dot
-    operands (int8_dequant.py's modes; float caches ignore it). `mask_every_block`: prefill's causal mask on every
-    key block, as before its loop was split (for comparison in the bench)."""
+    operands (int8_dequant.py's modes; float caches ignore it). `diagonal_mask`: prefill builds its causal mask only
+    on the key blocks that reach the diagonal (those below it run a loop without it); off until measured on the
+    GPU (`python -m kernels.pallas.bench --prefill-configs 32/4/3/64,32/4/3/64:diag`)."""
 
     block_k: int
     num_warps: int
     num_stages: int
     rows: int = 64
     dequant: str = "cast"
-    mask_every_block: bool = False
+    diagonal_mask: bool = False
 
     def __post_init__(self):
         int8_dequant.check(self.dequant)
@@ -101,7 +102,7 @@ def _kernel(
     window: int | None,
     softcap: float | None,
     dequant: str,
-    mask_every_block: bool,
+    diagonal_mask: bool,
     interpret: bool,
 ):
     b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -212,11 +213,11 @@ def _kernel(
                 for c in col_sets]
         m0 = pltriton.load(init_lse_ref.at[q_idx], mask=valid & take, other=-jnp.inf)
         l0 = jnp.where(m0 == -jnp.inf, 0.0, 1.0)
-    # Prefill: key blocks every query row sees whole (below the block's first token and the key limit; no window)
-    # skip the mask, which only the one or two blocks on the diagonal build. Decode (one token a program, memory-
-    # bound, a few key blocks a split) keeps one loop: the mask is not what bounds it.
+    # `diagonal_mask` (prefill): key blocks every query row sees whole (below the block's first token and the key
+    # limit; no window) skip the mask, which only the one or two blocks on the diagonal build. Decode (one token a
+    # program, memory-bound, a few key blocks a split) keeps one loop: the mask is not what bounds it.
     carry, unmasked = (*acc0, m0, l0), 0
-    if window is None and not mask_every_block and block_q > 1:
+    if window is None and diagonal_mask and block_q > 1:
         unmasked = jnp.clip((jnp.minimum(hi, first_pos + 1) - lo) // block_k, 0, num_kb)
         carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False), carry)
     *accs, m, l = lax.fori_loop(unmasked, num_kb, functools.partial(body, masked=True), carry)
@@ -267,7 +268,7 @@ def paged_attention(
     dequant: str = "cast",
     key_limit=None,  # [rows] int32
     initial=None,  # (o [n, heads, head_dim] float32, lse [n, heads] float32, rows [rows] bool)
-    mask_every_block: bool = False,
+    diagonal_mask: bool = False,
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
 
@@ -331,7 +332,7 @@ def paged_attention(
         window=window,
         softcap=softcap,
         dequant=dequant,
-        mask_every_block=mask_every_block,
+        diagonal_mask=diagonal_mask,
         interpret=interpret,
     )
     kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None,

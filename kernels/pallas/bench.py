@@ -122,7 +122,7 @@ class Bench:
             fn = jax.jit(lambda q, k, v, p, t, s: attention_triton.paged_attention(
                 q, k, v, p, t, blocks, scale=0.088, block_q=1, block_k=block_k, splits=splits,
                 num_warps=launch.num_warps, num_stages=launch.num_stages, owns_all_tokens=True,
-                mask_every_block=launch.mask_every_block,
+                diagonal_mask=launch.diagonal_mask,
                 interpret=self.interpret, dequant=launch.dequant, **s))
         args = (q, k, v, positions, table) + (() if impl == "mosaic" else (scales,))
         seconds = self.time(fn, args)
@@ -307,19 +307,20 @@ def run(args) -> Bench:
 def _describe(launch, decode: bool, int8: bool = False) -> str:
     text = f"block_k {launch.block_k}, warps {launch.num_warps}/{launch.num_stages}"
     text += f", dequant {launch.dequant}" if int8 else ""
-    text += ", mask on every block" if launch.mask_every_block else ""
+    text += ", mask on the diagonal blocks only" if launch.diagonal_mask else ""
     return text if decode else f"rows {launch.rows}, {text}"
 
 
 def _launches(text: str) -> list:
-    """"block_k/warps/stages[/rows][:dequant][:maskall],..." → Launch list (dequant: one of int8_dequant.MODES,
-    default "cast"; maskall: the causal mask on every key block); "" → [None] (the kernel's tuned default)."""
+    """"block_k/warps/stages[/rows][:dequant][:diag],..." → Launch list (dequant: one of int8_dequant.MODES,
+    default "cast"; diag: prefill's causal mask only on the diagonal key blocks); "" → [None] (the kernel's
+    tuned default)."""
     out = []
     for item in filter(None, text.split(",")):
         sizes, *options = item.split(":")
         values = [int(x) for x in sizes.split("/")]
-        extra = {"mask_every_block": True} if "maskall" in options else {}
-        extra.update({"dequant": o for o in options if o != "maskall"})
+        extra = {"diagonal_mask": True} if "diag" in options else {}
+        extra.update({"dequant": o for o in options if o != "diag"})
         out.append(attention_triton.Launch(*values[:3], *values[3:], **extra))
     return out or [None]
 

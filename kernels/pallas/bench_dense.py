@@ -169,7 +169,7 @@ def paged_prefill(impl: str, launch, interpret: bool, scale: float, q, k, v, pos
     fn = jax.jit(lambda q, k, v, p, t, st, ln, s: attention_triton.paged_attention(
         q, k, v, p, t, plan.ragged_blocks(st, ln, n, block_q), scale=scale, block_q=block_q,
         block_k=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages,
-        mask_every_block=launch.mask_every_block,
+        diagonal_mask=launch.diagonal_mask,
         interpret=interpret, dequant=launch.dequant, **s))
     return fn, (q, k, v, positions, table, starts, lens, scales)
 

@@ -51,7 +51,7 @@ def prefill_attention(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, posit
         q, k_cache, v_cache, positions, slot_table, prefix_blocks, block_q=block_q, k_scale=k_scale,
         v_scale=v_scale, block_k=prefix_launch.block_k, num_warps=prefix_launch.num_warps,
         num_stages=prefix_launch.num_stages, return_lse=True, owns_all_tokens=True, dequant=dequant,
-        key_limit=prefix_lens, mask_every_block=prefix_launch.mask_every_block, **options)
+        key_limit=prefix_lens, diagonal_mask=prefix_launch.diagonal_mask, **options)
     # The chunk's own tokens: row r's table is its packed tokens, positions count from its chunk's first.
     own_positions = positions - prefix_lens[token_req]
     own_table = jnp.minimum(query_start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :], n - 1)
@@ -59,4 +59,4 @@ def prefill_attention(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, posit
     return attention_triton.paged_attention(
         q, k_new, v_new, own_positions, own_table, own_blocks, block_q=block_q, block_k=own_launch.block_k,
         num_warps=own_launch.num_warps, num_stages=own_launch.num_stages, initial=(*prefix, prefix_lens > 0),
-        mask_every_block=own_launch.mask_every_block, **options)
+        diagonal_mask=own_launch.diagonal_mask, **options)

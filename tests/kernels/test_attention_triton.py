@@ -69,14 +69,16 @@ def _chunks_case(rng, chunks, kv_heads, head_dim, width):
 
 
 @pytest.mark.parametrize(
-    "kv_heads,group,head_dim,dtype,block_q",
+    "kv_heads,group,head_dim,dtype,block_q,diagonal_mask",
     [
-        (2, 1, 64, jnp.float32, 8),  # MHA
-        (2, 4, 128, jnp.bfloat16, 4),  # GQA: 4 tokens × 4 heads per program
-        (1, 3, 64, jnp.float32, 5),  # group of 3, blocks that straddle nothing
+        (2, 1, 64, jnp.float32, 8, False),  # MHA
+        (2, 4, 128, jnp.bfloat16, 4, False),  # GQA: 4 tokens × 4 heads per program
+        (1, 3, 64, jnp.float32, 5, False),  # group of 3, blocks that straddle nothing
+        (2, 4, 128, jnp.bfloat16, 4, True),  # the mask on the diagonal key blocks only
+        (1, 3, 64, jnp.float32, 5, True),
     ],
 )
-def test_prefill_matches_reference(rng, kv_heads, group, head_dim, dtype, block_q):
+def test_prefill_matches_reference(rng, kv_heads, group, head_dim, dtype, block_q, diagonal_mask):
     # New prompts, a splitfuse chunk after 50 cached tokens, a prompt-cache hit with 3 new tokens, a decode.
     chunks = [(0, 21), (50, 13), (9, 3), (30, 1)]
     case, positions, token_req, starts, lens = _chunks_case(rng, chunks, kv_heads, head_dim, width=64)
@@ -86,7 +88,7 @@ def test_prefill_matches_reference(rng, kv_heads, group, head_dim, dtype, block_
     blocks = plan.ragged_blocks(jnp.asarray(starts), jnp.asarray(lens), n, block_q)
     out = attention_triton.paged_attention(
         q, k, v, jnp.asarray(positions), jnp.asarray(case.table), blocks, scale=SCALE,
-        block_q=block_q, block_k=16, interpret=INTERPRET,
+        block_q=block_q, block_k=16, interpret=INTERPRET, diagonal_mask=diagonal_mask,
     )
     ref = reference_call(
         reference.paged_attention, q, k, v, jnp.asarray(token_req), jnp.asarray(positions),

@@ -95,9 +95,10 @@ def _grouped_int8(rows: int):
 
 
 def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim: int = 128, options=False,
-               dequant: str | None = None):
+               dequant: str | None = None, diagonal: bool = False):
     """PallasAttention's launch (decode or prefill) over 3 ragged rows, GQA 8 query heads on 2 KV heads;
-    `options`: a window, soft-capping and ALiBi slopes; `dequant`: the int8 launches' mode (else the default)."""
+    `options`: a window, soft-capping and ALiBi slopes; `dequant`: the int8 launches' mode (else the default);
+    `diagonal`: the prefill launches' causal mask on the diagonal key blocks only."""
     rng = _rng()
     lengths = (70, 5, 33)
     chunks = [(n - 1, 1) for n in lengths] if decode else [(0, n) for n in lengths]
@@ -108,6 +109,9 @@ def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim:
         start += n
     meta = AttentionMetadata.for_sequences(chunks, rows, scratch_slot=128, width=128)
     config = KernelConfig()
+    if diagonal:  # prefill's causal mask on the diagonal key blocks only
+        config = dataclasses.replace(config, prefill=dataclasses.replace(config.prefill, diagonal_mask=True),
+                                     prefill_int8=dataclasses.replace(config.prefill_int8, diagonal_mask=True))
     if dequant:
         config = dataclasses.replace(config, decode_int8=dataclasses.replace(config.decode_int8, dequant=dequant),
                                      prefill_int8=dataclasses.replace(config.prefill_int8, dequant=dequant))
@@ -174,6 +178,8 @@ CASES = {
     "paged_attention-prefill": lambda: _attention(decode=False),
     "paged_attention-int8-decode": lambda: _attention(decode=True, int8=True),
     "paged_attention-int8-prefill": lambda: _attention(decode=False, int8=True),
+    "paged_attention-prefill-diagonal-mask": lambda: _attention(decode=False, diagonal=True),
+    "paged_attention-int8-prefill-diagonal-mask": lambda: _attention(decode=False, int8=True, diagonal=True),
     **{f"paged_attention-int8-decode-{mode}": functools.partial(_attention, decode=True, int8=True, dequant=mode)
        for mode in int8_dequant.MODES},
     **{f"paged_attention-int8-prefill-{mode}": functools.partial(_attention, decode=False, int8=True, dequant=mode)
