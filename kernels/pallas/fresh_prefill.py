@@ -14,14 +14,15 @@ finds no key and writes nothing, so its cost is one launch; the choice is made p
 conditional in the step (XLA's GPU conditionals wait on the host for their predicate). Windows, soft-caps and
 ALiBi see the same key-minus-query distances in both parts, so every layer kind takes this path.
 
-The result is attention over the cache's values (as reference.paged_attention_int8 defines it) up to the 16-bit
-rounding of the dequantised keys, whatever the chunking: LightLLM's int8 prefill attends to the unrounded keys
-instead, so its outputs change with splitfuse and prompt-cache hits; these do not.
+The result is attention over the cache's values (as reference.paged_attention_int8 defines it), up to the 16-bit
+rounding of the chunk's own dequantised keys, whatever the chunking. LightLLM's int8 prefill attends to the
+unquantised keys instead, so its results move by the int8 error with splitfuse and prompt-cache hits.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+
 from kernels.pallas import attention_triton, plan, reference
 
 
