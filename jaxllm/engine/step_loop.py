@@ -58,6 +58,7 @@ class StepLoop:
 
     _early_masks: tuple[Future, StepMasks] | None = None  # (a launch, the masks of the step it launches)
     _launching_batch: SchedulerOutput | None = None  # the batch of self._launching
+    _launching_after: str | None = None  # the kind of the step launched before it ("prefill", "decode")
 
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
@@ -216,6 +217,7 @@ class StepLoop:
             self._sample_constrained(unread)  # before this launch: its inputs are that step's tokens
         self._launching = launcher.submit(self.runner.launch, prepared, unread)
         self._launching_batch = prepared.batch
+        self._launching_after = None if unread is None else unread.batch.kind
         return prepared.batch, self._launching
 
     def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
@@ -234,6 +236,7 @@ class StepLoop:
         self._counters["launch_s"] += handle.launch_s
         self._counters["launch_cpu_s"] += handle.launch_cpu_s
         self._counters["steps_after_idle"] += handle.after_idle
+        self._counters["steps_after_idle_after_prefill"] += handle.after_idle and self._launching_after == "prefill"
         self.scheduler.step_dispatched(batch)
         c = self._counters
         c["steps"] += 1
