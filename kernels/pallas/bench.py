@@ -122,7 +122,6 @@ class Bench:
             fn = jax.jit(lambda q, k, v, p, t, s: attention_triton.paged_attention(
                 q, k, v, p, t, blocks, scale=0.088, block_q=1, block_k=block_k, splits=splits,
                 num_warps=launch.num_warps, num_stages=launch.num_stages, owns_all_tokens=True,
-                diagonal_mask=launch.diagonal_mask,
                 interpret=self.interpret, dequant=launch.dequant, **s))
         args = (q, k, v, positions, table) + (() if impl == "mosaic" else (scales,))
         seconds = self.time(fn, args)
@@ -307,8 +306,10 @@ def run(args) -> Bench:
 def _describe(launch, decode: bool, int8: bool = False) -> str:
     text = f"block_k {launch.block_k}, warps {launch.num_warps}/{launch.num_stages}"
     text += f", dequant {launch.dequant}" if int8 else ""
+    if decode:
+        return text
     text += ", mask on the diagonal blocks only" if launch.diagonal_mask else ""
-    return text if decode else f"rows {launch.rows}, {text}"
+    return f"rows {launch.rows}, {text}"
 
 
 def _launches(text: str) -> list:
