@@ -35,29 +35,49 @@ def prefill_attention(q, k_new, v_new, k_cache, v_cache, k_scale, v_scale, posit
     reference.write_kv_int8 stores them), the keys before them from the cache (layout and scales as
     `attention_triton.paged_attention` takes them, read with `dequant`). Metadata as in a step
     (jaxllm/models/attention.py's AttentionMetadata). Returns [n, heads, head_dim] in q's dtype."""
-    n, heads, head_dim = q.shape
-    k_new, v_new = (reference.dequantize_kv(*reference.quantize_kv(x)).astype(q.dtype) for x in (k_new, v_new))
-    group = heads // k_new.shape[1]
-    first = positions[jnp.clip(query_start, 0, n - 1)]  # each row's first new position: its prefix length
-    prefix_lens = jnp.where(query_lens > 0, first, 0).astype(jnp.int32)
     options = dict(scale=scale, interpret=interpret, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+    prefix = prefix_pass(q, k_cache, v_cache, k_scale, v_scale, positions, query_start, query_lens, slot_table,
+                         launch=prefix_launch, dequant=dequant, **options)
+    return own_pass(q, k_new, v_new, positions, token_req, query_start, query_lens, prefix, launch=own_launch,
+                    **options)
 
-    def blocks(launch):
-        block_q = max(1, launch.rows // group)
-        return block_q, plan.ragged_blocks(query_start, query_lens, n, block_q)
 
-    # The prefix: rows without one write nothing, and nothing reads them (so the outputs need no clearing).
-    block_q, prefix_blocks = blocks(prefix_launch)
-    prefix = attention_triton.paged_attention(
-        q, k_cache, v_cache, positions, slot_table, prefix_blocks, block_q=block_q, k_scale=k_scale,
-        v_scale=v_scale, block_k=prefix_launch.block_k, num_warps=prefix_launch.num_warps,
-        num_stages=prefix_launch.num_stages, return_lse=True, owns_all_tokens=True, dequant=dequant,
-        key_limit=prefix_lens, diagonal_mask=prefix_launch.diagonal_mask, **options)
-    # The chunk's own tokens: row r's table is its packed tokens, positions count from its chunk's first.
-    own_positions = positions - prefix_lens[token_req]
+def prefix_lengths(positions, query_start, query_lens):
+    """Each row's cached prefix: the position of its first new token (0 for rows without tokens)."""
+    first = positions[jnp.clip(query_start, 0, positions.shape[0] - 1)]
+    return jnp.where(query_lens > 0, first, 0).astype(jnp.int32)
+
+
+def _blocks(launch, group, query_start, query_lens, n):
+    block_q = max(1, launch.rows // group)
+    return block_q, plan.ragged_blocks(query_start, query_lens, n, block_q)
+
+
+def prefix_pass(q, k_cache, v_cache, k_scale, v_scale, positions, query_start, query_lens, slot_table, *,
+                launch: attention_triton.Launch, dequant: str, **options):
+    """The int8 part: each row's tokens over its cached prefix only. Returns (float32 output, base-2
+    log-sum-exp, rows with a prefix); rows without one write nothing, and nothing reads them (so the outputs
+    need no clearing)."""
+    prefix_lens = prefix_lengths(positions, query_start, query_lens)
+    block_q, blocks = _blocks(launch, q.shape[1] // k_cache.shape[1], query_start, query_lens, q.shape[0])
+    o, lse = attention_triton.paged_attention(
+        q, k_cache, v_cache, positions, slot_table, blocks, block_q=block_q, k_scale=k_scale, v_scale=v_scale,
+        block_k=launch.block_k, num_warps=launch.num_warps, num_stages=launch.num_stages, return_lse=True,
+        owns_all_tokens=True, dequant=dequant, key_limit=prefix_lens, diagonal_mask=launch.diagonal_mask, **options)
+    return o, lse, prefix_lens > 0
+
+
+def own_pass(q, k_new, v_new, positions, token_req, query_start, query_lens, prefix, *,
+             launch: attention_triton.Launch, **options):
+    """The 16-bit part: each row's tokens over its own new keys, rounded as the cache stores them, resuming
+    `prefix_pass`'s softmax where a row has a prefix (`prefix` None: no row has one). Row r's table is its packed
+    tokens; positions count from its chunk's first."""
+    n = q.shape[0]
+    k_new, v_new = (reference.dequantize_kv(*reference.quantize_kv(x)).astype(q.dtype) for x in (k_new, v_new))
+    own_positions = positions - prefix_lengths(positions, query_start, query_lens)[token_req]
     own_table = jnp.minimum(query_start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :], n - 1)
-    block_q, own_blocks = blocks(own_launch)
+    block_q, blocks = _blocks(launch, q.shape[1] // k_new.shape[1], query_start, query_lens, n)
     return attention_triton.paged_attention(
-        q, k_new, v_new, own_positions, own_table, own_blocks, block_q=block_q, block_k=own_launch.block_k,
-        num_warps=own_launch.num_warps, num_stages=own_launch.num_stages, initial=(*prefix, prefix_lens > 0),
-        diagonal_mask=own_launch.diagonal_mask, **options)
+        q, k_new, v_new, own_positions, own_table, blocks, block_q=block_q, block_k=launch.block_k,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, initial=prefix,
+        diagonal_mask=launch.diagonal_mask, **options)
