@@ -260,10 +260,9 @@ class PallasAttention:
         dequant = lambda launch: int8_dequant.for_cache(launch.dequant, int8_dequant.is_paired(k_cache))  # noqa: E731
         if fresh_kv is not None:  # an int8 cache's prefill: own tokens through the 16-bit launch
             return fresh_prefill.prefill_attention(
-                q, *fresh_kv, k_cache, v_cache, k_scale, v_scale, meta.positions, meta.token_req, meta.query_start,
-                meta.query_lens, meta.slot_table, scale=scale, own_launch=c.prefill, prefix_launch=c.prefill_int8,
-                dequant=dequant(c.prefill_int8), window=spec.window, softcap=spec.softcap, alibi_slopes=slopes,
-                interpret=self.interpret)
+                q, *fresh_kv, k_cache, v_cache, k_scale, v_scale, meta.positions, meta.query_start,
+                meta.query_lens, meta.slot_table, scale=scale, launch=c.prefill, dequant=dequant(c.prefill_int8),
+                window=spec.window, softcap=spec.softcap, alibi_slopes=slopes, interpret=self.interpret)
         if meta.decode_only:
             launch = c.decode_int8 if self.int8_kv else c.decode
             splits = plan.decode_splits(rows * kv_heads, width, launch.block_k, self.split)

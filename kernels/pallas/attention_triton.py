@@ -85,9 +85,8 @@ def _kernel(
     vs_ref,  # likewise
     slopes_ref,  # [heads] float32 ALiBi slopes, or None
     limit_ref,  # [rows] int32 keys per row (table columns at or past it unseen), or None
-    init_o_ref,  # [n * heads, head_dim] float32: a softmax over other keys to start from, or None
-    init_lse_ref,  # [n * heads] float32: its base-2 log-sum-exp
-    init_rows_ref,  # [rows] int32: nonzero where a row starts from it
+    own_k_ref,  # [n * kv_heads, head_dim] in q's dtype: the step's own keys (fresh_prefill.py), or None
+    own_v_ref,  # likewise its values
     *out_refs,  # o [n * heads, head_dim]; split-K: o [splits * n * heads, head_dim] f32, lse [splits * n * heads]
     heads: int,
     kv_heads: int,
@@ -136,9 +135,20 @@ def _kernel(
     if limit_ref is not None:
         hi = jnp.minimum(hi, limit_ref[row])
     num_kb = jnp.maximum(hi - lo + block_k - 1, 0) // block_k
-    # A program with no key block (fresh_prefill.py's prefix pass over rows without a prefix) loads no query.
-    q_parts = [pltriton.load(q_ref.at[q_idx[:, None], c[None, :]], mask=row_mask & (num_kb > 0), other=0)
+    has_keys = num_kb > 0
+    if own_k_ref is not None:
+        # The row's own new tokens, packed in the step from its first (`own_first`), at positions from `prefix`
+        # on: own column j is key position prefix + j (the cache's columns stop at the prefix: `limit_ref`).
+        prefix = limit_ref[row]
+        own_first = start - (first_pos - prefix)
+        own_lo = 0 if window is None else jnp.maximum(first_pos - window + 1 - prefix, 0) // block_k * block_k
+        own_hi = jnp.where(count > 0, last_pos + 1 - prefix, own_lo)
+        own_kb = jnp.maximum(own_hi - own_lo + block_k - 1, 0) // block_k
+        has_keys = has_keys | (own_kb > 0)
+    # A program with no key block loads no query (nothing to attend to: a prefix pass over a row without one).
+    q_parts = [pltriton.load(q_ref.at[q_idx[:, None], c[None, :]], mask=row_mask & has_keys, other=0)
                for c in col_sets]
+    q16_parts = q_parts  # q as given: the own keys' dots
     q = q_parts[0]  # [M, D] (or its even columns)
     plain = softcap is None and slopes_ref is None
     qk_scale = scale * _LOG2E if plain else scale  # scores in base 2 (after the cap / bias otherwise)
@@ -160,74 +170,93 @@ def _kernel(
             return ref[kv_idx, :]  # [T, D] gathered rows
         return pltriton.load(_rows(ref, kv_idx, dim_p), mask=dim_ok, other=0)
 
-    def body(kb, carry, masked: bool):
+    def gather_parts(ref, kv_idx):
+        """Rows of a 16-bit source split as the accumulators are (all columns, or even and odd ones)."""
+        if len(col_sets) == 1:
+            return [gather(ref, kv_idx)]
+        return [pltriton.load(ref.at[kv_idx[:, None], c[None, :]]) for c in col_sets]
+
+    def body(kb, carry, masked: bool, lo, hi, key_offset, kv_index, own: bool):
+        """One key block: columns lo + kb * block_k ...; key positions key_offset + column; `own`: the step's
+        16-bit own keys (else the cache, int8 or not)."""
         *accs, m, l = carry
         col0 = lo + kb * block_k
-        cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] key positions
-        slots = table_ref[row, pl.ds(col0, block_k)]  # [T]
-        kv_idx = slots * kv_heads + h
-        k = gather(k_ref, kv_idx)
-        v = gather(v_ref, kv_idx)
-        if ks_ref is None:
-            scores = pltriton.dot(q, k, trans_b=True, allow_tf32=False if f32 else None)  # [M, T] f32
-        elif dequant == "pairs":
-            k_parts = int8_dequant.split_pairs(k, compute_dtype, interpret)
-            (q0, q1), (k0, k1) = q_parts, k_parts
-            scores = pltriton.dot(q0, k0, trans_b=True) + pltriton.dot(q1, k1, trans_b=True)
-            scores = scores * ks_ref[kv_idx][None, :]
-        elif q_i8 is not None:  # int8 × int8 → int32, exact
-            scores = pltriton.dot(q_i8, k, trans_b=True).astype(jnp.float32)
-            scores = scores * (q_scale[:, None] * ks_ref[kv_idx][None, :])
+        cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] columns
+        key_pos = cols if key_offset is None else key_offset + cols  # [T] key positions
+        kv_idx = kv_index(col0)
+        k_src, v_src = (own_k_ref, own_v_ref) if own else (k_ref, v_ref)
+        if own or ks_ref is None:
+            k_parts = gather_parts(k_src, kv_idx)
+            qs = q16_parts if own else q_parts
+            scores = sum(pltriton.dot(a, b, trans_b=True, allow_tf32=False if f32 else None)
+                         for a, b in zip(qs, k_parts))  # [M, T] f32
         else:
-            scores = pltriton.dot(q, to_operand(k), trans_b=True, allow_tf32=False if f32 else None)
-            scores = scores * ks_ref[kv_idx][None, :]
+            k = gather(k_src, kv_idx)
+            if dequant == "pairs":
+                k_parts = int8_dequant.split_pairs(k, compute_dtype, interpret)
+                (q0, q1), (k0, k1) = q_parts, k_parts
+                scores = pltriton.dot(q0, k0, trans_b=True) + pltriton.dot(q1, k1, trans_b=True)
+                scores = scores * ks_ref[kv_idx][None, :]
+            elif q_i8 is not None:  # int8 × int8 → int32, exact
+                scores = pltriton.dot(q_i8, k, trans_b=True).astype(jnp.float32)
+                scores = scores * (q_scale[:, None] * ks_ref[kv_idx][None, :])
+            else:
+                scores = pltriton.dot(q, to_operand(k), trans_b=True, allow_tf32=False if f32 else None)
+                scores = scores * ks_ref[kv_idx][None, :]
         scores = scores * qk_scale
         if softcap is not None:
             scores = softcap * jnp.tanh(scores / softcap)
         if slopes is not None:
-            scores = scores + slopes[:, None] * (cols[None, :] - pos[:, None]).astype(jnp.float32)
+            scores = scores + slopes[:, None] * (key_pos[None, :] - pos[:, None]).astype(jnp.float32)
         if not plain:
             scores = scores * _LOG2E
         if masked:
-            visible = (cols[None, :] <= pos[:, None]) & (cols[None, :] < hi)
+            visible = (key_pos[None, :] <= pos[:, None]) & (cols[None, :] < hi)
             if window is not None:
-                visible = visible & (cols[None, :] > pos[:, None] - window)
+                visible = visible & (key_pos[None, :] > pos[:, None] - window)
             scores = jnp.where(visible, scores, -jnp.inf)
         m_new = jnp.maximum(m, scores.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet stay at 0
         p = jnp.exp2(scores - m_safe[:, None])
         alpha = jnp.exp2(m - m_safe)
         l = l * alpha + p.sum(axis=1)
-        v_parts = [v]
-        if vs_ref is not None:
+        if own or vs_ref is None:
+            v_parts = gather_parts(v_src, kv_idx)
+            p = p.astype(q16_parts[0].dtype if own else compute_dtype)
+        else:
+            v = gather(v_src, kv_idx)
             p = p * vs_ref[kv_idx][None, :]
             v_parts = int8_dequant.split_pairs(v, compute_dtype, interpret) if dequant == "pairs" else [to_operand(v)]
-        p = p.astype(compute_dtype)
+            p = p.astype(compute_dtype)
         pvs = [pltriton.dot(p, x, allow_tf32=False if f32 else None) for x in v_parts]  # [M, D] (or halves)
         return (*[acc * alpha[:, None] + pv for acc, pv in zip(accs, pvs)], m_new, l)
 
-    acc0 = [jnp.zeros((rows_m, c.shape[0]), jnp.float32) for c in col_sets]
-    m0 = jnp.full((rows_m,), -jnp.inf, jnp.float32)
-    l0 = jnp.zeros((rows_m,), jnp.float32)
-    # `diagonal_mask` (prefill): key blocks every query row sees whole (below the block's first token and the key
-    # limit; no window) skip the mask, which only the one or two blocks on the diagonal build. Decode (one token a
-    # program, memory-bound, a few key blocks a split) keeps one loop: the mask is not what bounds it.
-    carry, unmasked = (*acc0, m0, l0), 0
-    if window is None and diagonal_mask and block_q > 1:
-        unmasked = jnp.clip((jnp.minimum(hi, first_pos + 1) - lo) // block_k, 0, num_kb)
-        carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False), carry)
-    *accs, m, l = lax.fori_loop(unmasked, num_kb, functools.partial(body, masked=True), carry)
-    if init_o_ref is not None:
-        # Merge a softmax over other keys (its normalised output and base-2 log-sum-exp) after the loop: as the
-        # loop's starting state it cost the H200 a quarter of the loop's speed (1 × 4096: 642 µs against 493).
-        take = init_rows_ref[row] != 0
-        init_lse = pltriton.load(init_lse_ref.at[q_idx], mask=valid & take, other=-jnp.inf)
-        m_all = jnp.maximum(m, init_lse)
-        m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-        ours, theirs = jnp.exp2(m - m_all), jnp.exp2(init_lse - m_all)
-        accs = [acc * ours[:, None] + theirs[:, None] * pltriton.load(
-            init_o_ref.at[q_idx[:, None], c[None, :]], mask=row_mask & take, other=0) for acc, c in zip(accs, col_sets)]
-        m, l = m_all, l * ours + theirs
+    def key_loop(carry, lo, hi, num_kb, first_visible, **source):
+        """The blocks of columns lo.. below hi; `diagonal_mask` (prefill): those every query row sees whole
+        (below `first_visible`, the block's first token's last visible column + 1; no window) skip the mask, which
+        only the one or two blocks on the diagonal build. Decode (one token a program, memory-bound, a few key
+        blocks a split) keeps one loop: the mask is not what bounds it."""
+        unmasked = 0
+        if window is None and diagonal_mask and block_q > 1:
+            unmasked = jnp.clip((jnp.minimum(hi, first_visible) - lo) // block_k, 0, num_kb)
+            carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False, lo=lo, hi=hi, **source), carry)
+        return lax.fori_loop(unmasked, num_kb, functools.partial(body, masked=True, lo=lo, hi=hi, **source), carry)
+
+    carry = (*[jnp.zeros((rows_m, c.shape[0]), jnp.float32) for c in col_sets],
+             jnp.full((rows_m,), -jnp.inf, jnp.float32), jnp.zeros((rows_m,), jnp.float32))
+    if own_k_ref is not None:  # the own keys first: the softmax's order of keys does not change its result
+
+        def own_index(col0):
+            j = jnp.minimum(own_first + col0 + jnp.arange(block_k, dtype=jnp.int32), num_tokens - 1)
+            return j * kv_heads + h
+
+        carry = key_loop(carry, own_lo, own_hi, own_kb, first_pos + 1 - prefix, key_offset=prefix,
+                         kv_index=own_index, own=True)
+
+    def cache_index(col0):
+        return table_ref[row, pl.ds(col0, block_k)] * kv_heads + h
+
+    *accs, m, l = key_loop(carry, lo, hi, num_kb, first_pos + 1, key_offset=None, kv_index=cache_index, own=False)
     safe_l = jnp.where(l > 0, l, 1.0)
     outs = [acc / safe_l[:, None] for acc in accs]
     # Invalid rows store (masked) past the end: interpret mode rewrites masked lanes, and a duplicate of a
@@ -240,7 +269,7 @@ def _kernel(
             pltriton.store(o_ref.at[dst[:, None], c[None, :]], out.astype(o_ref.dtype), mask=row_mask)
         return
     o_ref, lse_ref = out_refs
-    if limit_ref is not None:  # a row limited to no key has nothing to merge: it writes nothing
+    if limit_ref is not None and own_k_ref is None:  # a row limited to no key has nothing to merge: no write
         valid = valid & (limit_ref[row] > 0)
         row_mask = row_mask & valid[:, None]
     dst = jnp.where(valid, s * (num_tokens * heads) + q_idx, out_rows + r)
@@ -274,7 +303,7 @@ def paged_attention(
     return_lse: bool = False,
     dequant: str = "cast",
     key_limit=None,  # [rows] int32
-    initial=None,  # (o [n, heads, head_dim] float32, lse [n, heads] float32, rows [rows] bool)
+    fresh_kv=None,  # (k, v) [n, kv_heads, head_dim] in q's dtype
     diagonal_mask: bool = False,
 ):
     """Causal attention of packed query tokens over their rows' cached keys (already written).
@@ -288,10 +317,11 @@ def paged_attention(
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
     `key_limit[r]`: row r's tokens see only its table columns below it (a cached prefix without the step's own
     tokens: fresh_prefill.py); with `return_lse`, a row whose limit is 0 writes nothing (its outputs keep their
-    initial zeros and -inf, or, with `owns_all_tokens`, whatever the buffers held). `initial` = (o, lse, rows):
-    the rows where `rows` is set resume a softmax over other keys (its normalised output and base-2
-    log-sum-exp, as `return_lse` gives them) instead of starting empty: the result is the softmax over both key
-    sets, merged exactly without a second pass (fresh_prefill.py: the prefix, then the chunk's own keys).
+    initial zeros and -inf, or, with `owns_all_tokens`, whatever the buffers held). `fresh_kv` = (k, v), with
+    `key_limit` each row's cached prefix: its tokens also see the row's own new keys, packed in these arrays as
+    the tokens are in q, at positions from the prefix on (fresh_prefill.py: a prefill chunk's own keys in 16
+    bits, the prefix from an int8 cache), in the same program: a loop over its own keys, then one over the
+    cache's.
     `dequant`: how an int8 cache becomes dot operands (int8_dequant.py; "pairs" takes the cache as int16 pairs,
     `int8_dequant.as_pairs`).
     Returns [n, heads, head_dim] in q's dtype; `return_lse` (one key split only): (float32 output, the
@@ -343,7 +373,7 @@ def paged_attention(
         interpret=interpret,
     )
     kernel = functools.partial(_with_optional_inputs, kernel, quantised, alibi_slopes is not None,
-                               key_limit is not None, initial is not None)
+                               key_limit is not None, fresh_kv is not None)
     if splits > 1 or return_lse:
         out_shape = (
             jax.ShapeDtypeStruct((splits * n * heads, head_dim), jnp.float32),
@@ -367,10 +397,10 @@ def paged_attention(
         args.append(alibi_slopes.astype(jnp.float32))
     if key_limit is not None:
         args.append(key_limit.astype(jnp.int32))
-    if initial is not None:
-        init_o, init_lse, init_rows = initial
-        args += [init_o.reshape(n * heads, head_dim).astype(jnp.float32), init_lse.reshape(n * heads),
-                 init_rows.astype(jnp.int32)]
+    if fresh_kv is not None:
+        if key_limit is None:
+            raise ValueError("fresh_kv needs key_limit: each row's cached prefix before its own keys")
+        args += [x.astype(q.dtype).reshape(n * kv_heads, head_dim) for x in fresh_kv]
     # Outputs start as zeros (aliased inputs) so tokens no block owns read back as 0 (and as empty splits).
     inits = []
     if not owns_all_tokens:
@@ -399,16 +429,16 @@ def paged_attention(
     ).astype(q.dtype)
 
 
-def _with_optional_inputs(kernel, quantised: bool, alibi: bool, limited: bool, initial: bool, *refs):
-    # Float caches have no scale inputs, most models no ALiBi slopes, most calls no key limit and no initial
-    # softmax: pass None where the kernel expects them.
+def _with_optional_inputs(kernel, quantised: bool, alibi: bool, limited: bool, fresh: bool, *refs):
+    # Float caches have no scale inputs, most models no ALiBi slopes, most calls no key limit and no own keys:
+    # pass None where the kernel expects them.
     refs = list(refs)
     scales = refs[8:10] if quantised else [None, None]
     rest = refs[10:] if quantised else refs[8:]
     slopes = rest.pop(0) if alibi else None
     limit = rest.pop(0) if limited else None
-    init = [rest.pop(0) for _ in range(3)] if initial else [None, None, None]
-    return kernel(*refs[:8], *scales, slopes, limit, *init, *rest)
+    own = [rest.pop(0) for _ in range(2)] if fresh else [None, None]
+    return kernel(*refs[:8], *scales, slopes, limit, *own, *rest)
 
 
 def _with_inits(kernel, num_inits, *refs):

@@ -149,15 +149,10 @@ class Bench:
         lens = jnp.full((rows,), new, jnp.int32)
         if own_keys:
             k_new, v_new = (jax.random.normal(jax.random.key(seed), (n, kv_heads, head_dim), dtype) for seed in (5, 6))
-            token_req = jnp.repeat(jnp.arange(rows, dtype=jnp.int32), new)
-            fn = jax.jit(lambda q, kn, vn, k, v, p, r, st, ln, t, s: fresh_prefill.prefill_attention(
-                q, kn, vn, k, v, s["k_scale"], s["v_scale"], p, r, st, ln, t, scale=0.088,
-                own_launch=attention_triton.PREFILL, prefix_launch=launch, dequant=launch.dequant,
-                interpret=self.interpret))
-            args = (q, k_new, v_new, k, v, positions, token_req, starts, lens, table, scales)
-            if self.chained:  # where the time goes: each pass alone
-                self._own_keys_passes(name, launch, args, bench_dense.prefill_flops(rows, new, cached, heads,
-                                                                                    head_dim))
+            fn = jax.jit(lambda q, kn, vn, k, v, p, st, ln, t, s: fresh_prefill.prefill_attention(
+                q, kn, vn, k, v, s["k_scale"], s["v_scale"], p, st, ln, t, scale=0.088,
+                launch=attention_triton.PREFILL, dequant=launch.dequant, interpret=self.interpret))
+            args = (q, k_new, v_new, k, v, positions, starts, lens, table, scales)
         else:
             fn, args = bench_dense.paged_prefill(impl, launch, self.interpret, 0.088, q, k, v, positions, table,
                                                  starts, lens, scales)
@@ -165,28 +160,8 @@ class Bench:
         flops = bench_dense.prefill_flops(rows, new, cached, heads, head_dim)
         config = "" if impl == "mosaic" else _describe(launch, False, int8)
         if own_keys:
-            config = f"own keys: {_describe(attention_triton.PREFILL, False)}; prefix: {config}"
+            config = f"own keys 16-bit, one launch: {_describe(attention_triton.PREFILL, False)}, {launch.dequant}"
         self._row(name, impl, config, seconds, flops=flops)
-
-    def _own_keys_passes(self, name, launch, args, flops):
-        """fresh_prefill.py's two passes timed alone: the int8 prefix pass, and the 16-bit own-key pass resuming
-        its output (given, not computed in the timed program) and from nothing."""
-        q, k_new, v_new, k, v, positions, token_req, starts, lens, table, scales = args
-        options = dict(scale=0.088, interpret=self.interpret)
-        prefix_fn = jax.jit(lambda q, k, v, s, p, st, ln, t: fresh_prefill.prefix_pass(
-            q, k, v, s["k_scale"], s["v_scale"], p, st, ln, t, launch=launch, dequant=launch.dequant, **options)[0])
-        prefix_args = (q, k, v, scales, positions, starts, lens, table)
-        self._row(f"{name}: int8 prefix pass", "triton", _describe(launch, False, True),
-                  self.time(prefix_fn, prefix_args, repeats=5), flops=flops)
-        prefix = jax.jit(lambda *a: fresh_prefill.prefix_pass(*a[:3], a[3]["k_scale"], a[3]["v_scale"], *a[4:],
-                                                             launch=launch, dequant=launch.dequant, **options)
-                         )(*prefix_args)
-        for label, initial in (("resuming the prefix pass", prefix), ("from nothing", None)):
-            own_fn = jax.jit(lambda q, kn, vn, p, r, st, ln, init: fresh_prefill.own_pass(
-                q, kn, vn, p, r, st, ln, init, launch=attention_triton.PREFILL, **options))
-            own_args = (q, k_new, v_new, positions, token_req, starts, lens, initial)
-            self._row(f"{name}: own-key pass {label}", "triton", _describe(attention_triton.PREFILL, False),
-                      self.time(own_fn, own_args, repeats=5), flops=flops)
 
     def latent(self, name, impl, batch, context, heads=16, kv_rank=512, rope_dim=64, launch=None):
         """Latent attention decode (DeepSeek-V2-Lite: 16 heads, 512 + 64 cached per token): the kernel

@@ -13,8 +13,8 @@ from kernels.pallas import attention_triton, fresh_prefill, int8_dequant, plan, 
 from tests.kernels.conftest import Case
 from tests.kernels.test_attention_triton import INTERPRET, SCALE, _chunks_case, _options, reference_call, rel_err
 
-# The own-token pass with the causal mask on its diagonal key blocks only (off in the engine until measured).
-OWN = attention_triton.Launch(block_k=16, num_warps=4, num_stages=2, rows=16, diagonal_mask=True)
+# Small blocks (several per row), the causal mask on the diagonal key blocks only, as the engine's prefill runs.
+LAUNCH = attention_triton.Launch(block_k=16, num_warps=4, num_stages=2, rows=16, diagonal_mask=True)
 
 
 def _prefill(rng, chunks, head_dim, dtype, dequant, options, corrupt_cache=False):
@@ -32,9 +32,8 @@ def _prefill(rng, chunks, head_dim, dtype, dequant, options, corrupt_cache=False
     meta = [jnp.asarray(a, jnp.int32) for a in (positions, token_req, starts, lens)]
     table = jnp.asarray(case.table)
     out = fresh_prefill.prefill_attention(
-        q, k[own_slots].astype(dtype), v[own_slots].astype(dtype), k_read, v_read, ks, vs, *meta, table,
-        scale=SCALE, own_launch=OWN, dequant=dequant, interpret=INTERPRET, **options,
-        prefix_launch=attention_triton.Launch(block_k=16, num_warps=4, num_stages=2, rows=16, dequant=dequant))
+        q, k[own_slots].astype(dtype), v[own_slots].astype(dtype), k_read, v_read, ks, vs, meta[0], *meta[2:],
+        table, scale=SCALE, launch=LAUNCH, dequant=dequant, interpret=INTERPRET, **options)
     ref = reference_call(reference.paged_attention_int8, q, k8, v8, ks, vs, meta[1], meta[0], table, SCALE,
                          **options)
     return out, ref
