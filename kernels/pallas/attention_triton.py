@@ -170,11 +170,15 @@ def _kernel(
             return ref[kv_idx, :]  # [T, D] gathered rows
         return pltriton.load(_rows(ref, kv_idx, dim_p), mask=dim_ok, other=0)
 
-    def gather_parts(ref, kv_idx):
-        """Rows of a 16-bit source split as the accumulators are (all columns, or even and odd ones)."""
+    def gather_parts(ref, kv_idx, own: bool):
+        """Rows of a 16-bit source split as the accumulators are: all columns, or (int8 "pairs") even and odd
+        ones, which the own keys hold as two contiguous halves (`paged_attention` deinterleaves them: strided
+        loads cost the H200's prefill 4x)."""
         if len(col_sets) == 1:
             return [gather(ref, kv_idx)]
-        return [pltriton.load(ref.at[kv_idx[:, None], c[None, :]]) for c in col_sets]
+        half = dim_p // 2
+        columns = [jnp.arange(half, dtype=jnp.int32) + half * j for j in range(2)] if own else col_sets
+        return [pltriton.load(ref.at[kv_idx[:, None], c[None, :]]) for c in columns]
 
     def body(kb, carry, masked: bool, lo, hi, key_offset, kv_index, own: bool):
         """One key block: columns lo + kb * block_k ...; key positions key_offset + column; `own`: the step's
@@ -186,7 +190,7 @@ def _kernel(
         kv_idx = kv_index(col0)
         k_src, v_src = (own_k_ref, own_v_ref) if own else (k_ref, v_ref)
         if own or ks_ref is None:
-            k_parts = gather_parts(k_src, kv_idx)
+            k_parts = gather_parts(k_src, kv_idx, own)
             qs = q16_parts if own else q_parts
             scores = sum(pltriton.dot(a, b, trans_b=True, allow_tf32=False if f32 else None)
                          for a, b in zip(qs, k_parts))  # [M, T] f32
@@ -221,7 +225,7 @@ def _kernel(
         alpha = jnp.exp2(m - m_safe)
         l = l * alpha + p.sum(axis=1)
         if own or vs_ref is None:
-            v_parts = gather_parts(v_src, kv_idx)
+            v_parts = gather_parts(v_src, kv_idx, own)
             p = p.astype(q16_parts[0].dtype if own else compute_dtype)
         else:
             v = gather(v_src, kv_idx)
@@ -400,6 +404,8 @@ def paged_attention(
     if fresh_kv is not None:
         if key_limit is None:
             raise ValueError("fresh_kv needs key_limit: each row's cached prefix before its own keys")
+        if paired:  # even columns, then odd ones: the halves the "pairs" accumulators take, contiguous
+            fresh_kv = [x.reshape(n, kv_heads, head_dim // 2, 2).swapaxes(-1, -2) for x in fresh_kv]
         args += [x.astype(q.dtype).reshape(n * kv_heads, head_dim) for x in fresh_kv]
     # Outputs start as zeros (aliased inputs) so tokens no block owns read back as 0 (and as empty splits).
     inits = []

@@ -133,7 +133,7 @@ class Bench:
         self._row(name, impl, config, seconds, bytes_=kv_bytes)
 
     def prefill(self, name, impl, rows, new, cached, heads, kv_heads, head_dim, *, int8=False, launch=None,
-                own_keys=False):
+                own_keys=False, fresh=None):
         """`own_keys` (int8): the engine's int8 prefill, fresh_prefill.py: the new tokens' keys from the step's
         arrays through the 16-bit launch, the cached prefix through `launch`."""
         dtype = jnp.bfloat16
@@ -147,11 +147,12 @@ class Bench:
         positions = jnp.asarray(np.tile(np.arange(cached, length), rows), jnp.int32)
         starts = jnp.arange(rows, dtype=jnp.int32) * new
         lens = jnp.full((rows,), new, jnp.int32)
+        fresh = fresh or attention_triton.PREFILL
         if own_keys:
             k_new, v_new = (jax.random.normal(jax.random.key(seed), (n, kv_heads, head_dim), dtype) for seed in (5, 6))
             fn = jax.jit(lambda q, kn, vn, k, v, p, st, ln, t, s: fresh_prefill.prefill_attention(
                 q, kn, vn, k, v, s["k_scale"], s["v_scale"], p, st, ln, t, scale=0.088,
-                launch=attention_triton.PREFILL, dequant=launch.dequant, interpret=self.interpret))
+                launch=fresh, dequant=launch.dequant, interpret=self.interpret))
             args = (q, k_new, v_new, k, v, positions, starts, lens, table, scales)
         else:
             fn, args = bench_dense.paged_prefill(impl, launch, self.interpret, 0.088, q, k, v, positions, table,
@@ -160,7 +161,7 @@ class Bench:
         flops = bench_dense.prefill_flops(rows, new, cached, heads, head_dim)
         config = "" if impl == "mosaic" else _describe(launch, False, int8)
         if own_keys:
-            config = f"own keys 16-bit, one launch: {_describe(attention_triton.PREFILL, False)}, {launch.dequant}"
+            config = f"own keys 16-bit, one launch: {_describe(fresh, False)}, {launch.dequant}"
         self._row(name, impl, config, seconds, flops=flops)
 
     def latent(self, name, impl, batch, context, heads=16, kv_rank=512, rope_dim=64, launch=None):
@@ -295,9 +296,11 @@ def run(args) -> Bench:
                           **llama8b)
         bench.guarded("prefill", "prefill int8 8×512 after 3584", "triton", 8, 512, 3584, int8=True, **llama8b)
         # The engine's int8 prefill (fresh_prefill.py): the same shapes, the new tokens' keys through 16 bits.
-        bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, own_keys=True, **llama8b)
-        bench.guarded("prefill", "prefill int8 8×512 after 3584", "triton", 8, 512, 3584, int8=True, own_keys=True,
-                      **llama8b)
+        for fresh in args.fresh_configs:
+            bench.guarded("prefill", "prefill int8 1×4096", "triton", 1, 4096, 0, int8=True, own_keys=True,
+                          fresh=fresh, **llama8b)
+            bench.guarded("prefill", "prefill int8 8×512 after 3584", "triton", 8, 512, 3584, int8=True,
+                          own_keys=True, fresh=fresh, **llama8b)
     return bench
 
 
@@ -336,6 +339,9 @@ def main(argv=None) -> None:
                         "(dequant: kernels/pallas/int8_dequant.py's modes)")
     parser.add_argument("--int8-b1-configs", type=_launches, default=[None],
                         help="block_k/warps/stages[:dequant],... for int8 decode at batch 1, each with --b1-splits")
+    parser.add_argument("--fresh-configs", type=_launches, default=[None],
+                        help="block_k/warps/stages/rows[:diag],... for the engine's int8 prefill (fresh_prefill.py: "
+                        "own keys in 16 bits, the prefix int8, one launch; default: PREFILL's)")
     parser.add_argument("--int8-prefill-configs", type=_launches, default=[None],
                         help="block_k/warps/stages/rows[:dequant],... for a Triton int8 prefill sweep (1×4096)")
     parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
