@@ -258,10 +258,10 @@ class PallasAttention:
                 q, k_cache, v_cache, meta.positions, meta.slot_table, blocks, scale=scale, splits=splits
             )
         dequant = lambda launch: int8_dequant.for_cache(launch.dequant, int8_dequant.is_paired(k_cache))  # noqa: E731
-        if fresh_kv is not None:  # an int8 cache's prefill: own tokens through the 16-bit launch
+        if fresh_kv is not None:  # an int8 cache's prefill: own tokens in 16 bits, the prefix int8
             return fresh_prefill.prefill_attention(
                 q, *fresh_kv, k_cache, v_cache, k_scale, v_scale, meta.positions, meta.query_start,
-                meta.query_lens, meta.slot_table, scale=scale, launch=c.prefill, dequant=dequant(c.prefill_int8),
+                meta.query_lens, meta.slot_table, scale=scale, launch=c.prefill_int8, dequant=dequant(c.prefill_int8),
                 window=spec.window, softcap=spec.softcap, alibi_slopes=slopes, interpret=self.interpret)
         if meta.decode_only:
             launch = c.decode_int8 if self.int8_kv else c.decode

@@ -56,11 +56,11 @@ DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB
 # 32/4/5 "cast" decode runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90 SASS), "pairs" 8.3
 # (bf16 decode: 5.0). On the H200, batch 64 / 4k: "pairs" at 128/4/2 153 µs against bf16's 256 µs (1.67×; "cast"
 # 242 µs); batch 1 / 32k 42 µs against 48 µs. Prefill runs over the cache decode's "pairs" lays out (777 µs at
-# 1 × 4096 against "cast"'s 736 and bf16's 580); the engine's int8 prefill takes a chunk's own tokens through the
-# 16-bit launch instead (fresh_prefill.py), this one only a cached prefix.
+# 1 × 4096 against "cast"'s 736 and bf16's 580). The engine's int8 prefill runs this launch with a chunk's own
+# keys in 16 bits (fresh_prefill.py): 507 µs at 1 × 4096 against bf16's 490 (chained; 32/4/3 took 591, 64/4/3 616).
 DECODE_INT8 = Launch(block_k=128, num_warps=4, num_stages=2, dequant="pairs")
 PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64, diagonal_mask=True)
-PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs")
+PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs", diagonal_mask=True)
 
 
 def _next_pow2(x: int) -> int:

@@ -147,7 +147,7 @@ class Bench:
         positions = jnp.asarray(np.tile(np.arange(cached, length), rows), jnp.int32)
         starts = jnp.arange(rows, dtype=jnp.int32) * new
         lens = jnp.full((rows,), new, jnp.int32)
-        fresh = fresh or attention_triton.PREFILL
+        fresh = fresh or attention_triton.PREFILL_INT8
         if own_keys:
             k_new, v_new = (jax.random.normal(jax.random.key(seed), (n, kv_heads, head_dim), dtype) for seed in (5, 6))
             fn = jax.jit(lambda q, kn, vn, k, v, p, st, ln, t, s: fresh_prefill.prefill_attention(
@@ -341,7 +341,7 @@ def main(argv=None) -> None:
                         help="block_k/warps/stages[:dequant],... for int8 decode at batch 1, each with --b1-splits")
     parser.add_argument("--fresh-configs", type=_launches, default=[None],
                         help="block_k/warps/stages/rows[:diag],... for the engine's int8 prefill (fresh_prefill.py: "
-                        "own keys in 16 bits, the prefix int8, one launch; default: PREFILL's)")
+                        "own keys in 16 bits, the prefix int8, one launch; default: PREFILL_INT8's)")
     parser.add_argument("--int8-prefill-configs", type=_launches, default=[None],
                         help="block_k/warps/stages/rows[:dequant],... for a Triton int8 prefill sweep (1×4096)")
     parser.add_argument("--b1-splits", type=lambda t: [int(x) for x in t.split(",")], default=[None],
