@@ -145,7 +145,7 @@ def _kernel(
         own_hi = jnp.where(count > 0, last_pos + 1 - prefix, own_lo)
         own_kb = jnp.maximum(own_hi - own_lo + block_k - 1, 0) // block_k
         has_keys = has_keys | (own_kb > 0)
-    # A program with no key block loads no query (nothing to attend to: a prefix pass over a row without one).
+    # A program with no key block (a split past its row's last key) loads no query.
     q_parts = [pltriton.load(q_ref.at[q_idx[:, None], c[None, :]], mask=row_mask & has_keys, other=0)
                for c in col_sets]
     q16_parts = q_parts  # q as given: the own keys' dots

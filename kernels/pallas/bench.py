@@ -195,7 +195,7 @@ class Bench:
             return
         try:
             getattr(self, method)(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001: report and go on to the next case
+        except Exception as err:  # noqa: BLE001 - report and go on to the next case
             self.failed(args[0], args[1], err)
 
     def failed(self, name, impl, err: Exception):
