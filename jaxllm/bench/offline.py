@@ -98,6 +98,8 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
     timers = ("host", "device_wait", "schedule", "dispatch", "launch", "launch_cpu", "postprocess")
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("steps", "prefill_steps", "decode_steps",
                                                              "steps_after_idle", "steps_after_idle_after_prefill",
+                                                             "steps_idle_by_enqueue",
+                                                             "steps_idle_by_enqueue_after_prefill",
                                                              "constrained_steps", "mask_s",
                                                              "mask_wait_s", *(f"{t}_s" for t in timers))}
     steps = max(delta["steps"], 1)
@@ -111,6 +113,9 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
         "new_step_shapes": len(llm.engine.runner.shapes_seen) - shapes_before,  # compiled while timed
         "steps_after_idle": delta["steps_after_idle"],  # launched once the step before had finished
         "steps_after_idle_after_prefill": delta["steps_after_idle_after_prefill"],  # ... that step a prefill
+        # the step before had finished by the end of the enqueue (an upper bound: the enqueue may have waited)
+        "steps_idle_by_enqueue": delta["steps_idle_by_enqueue"],
+        "steps_idle_by_enqueue_after_prefill": delta["steps_idle_by_enqueue_after_prefill"],
         # the host threads' CPU: the engine's, the launch thread's and the runtime's (XLA's dispatch thread)
         "thread_cpu_ms_per_step": busiest_ms_per_step(threads_before, threads_after, steps),
         **{f"{t}_ms_per_step": 1e3 * delta[f"{t}_s"] / steps for t in timers},
@@ -196,7 +201,8 @@ def format_offline_table(result: dict) -> str:
          f"({result['new_step_shapes']})"),
         ("steps launched on an idle device",
          f"{result['steps_after_idle']} ({result['steps_after_idle'] / max(result['steps'], 1):.0%}); "
-         f"{result['steps_after_idle_after_prefill']} right after a prefill"),
+         f"{result['steps_after_idle_after_prefill']} right after a prefill; by the enqueue's end "
+         f"{result['steps_idle_by_enqueue']}, {result['steps_idle_by_enqueue_after_prefill']} after a prefill"),
         ("host / device-wait per step (ms)", f"{result['host_ms_per_step']:.2f} / {result['device_wait_ms_per_step']:.2f}"),
         ("host: schedule / dispatch / postprocess (ms)",
          f"{result['schedule_ms_per_step']:.2f} / {result['dispatch_ms_per_step']:.2f} / "

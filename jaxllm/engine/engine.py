@@ -121,7 +121,9 @@ class Engine(StepLoop, StepReader):
         # launch_s: the transfer and the jitted call, on the launch thread (overlapping postprocess);
         # launch_cpu_s: that thread's CPU time in them (the rest it waited: for the GIL, a lock, the device).
         # steps_after_idle: steps launched after the unread step before them had finished (the device idled);
-        # steps_after_idle_after_prefill: those of them whose step before was a prefill.
+        # steps_after_idle_after_prefill: those of them whose step before was a prefill. steps_idle_by_enqueue
+        # (and _after_prefill): steps whose step before had finished when their enqueue returned (an upper bound;
+        # the other a lower one: an enqueue may wait for its inputs' copy, which waits for the step before).
         # constrained_steps: steps with allowed-token masks; mask_s: time building those masks (the grammar
         # engine's time per step in the mask worker, overlapping the device's model call, and token healing's
         # rows here); mask_wait_s: time the engine thread waited for the mask worker's answers (part of host_s).
@@ -129,7 +131,8 @@ class Engine(StepLoop, StepReader):
                           "decode_tokens": 0, "preemptions": 0, "finished": 0, "failed_steps": 0,
                           "host_s": 0.0, "device_wait_s": 0.0, "schedule_s": 0.0, "dispatch_s": 0.0,
                           "launch_s": 0.0, "launch_cpu_s": 0.0, "postprocess_s": 0.0, "steps_after_idle": 0,
-                          "steps_after_idle_after_prefill": 0,
+                          "steps_after_idle_after_prefill": 0, "steps_idle_by_enqueue": 0,
+                          "steps_idle_by_enqueue_after_prefill": 0,
                           "host_cpu_s": 0.0, "schedule_cpu_s": 0.0, "dispatch_cpu_s": 0.0, "postprocess_cpu_s": 0.0,
                           "constrained_steps": 0, "mask_s": 0.0, "mask_wait_s": 0.0}
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached

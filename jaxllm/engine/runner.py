@@ -115,6 +115,10 @@ class StepHandle:
     # The step before it, not yet read, had already finished when this one was launched: the device waited
     # for the host in between (with the engine one step ahead, the host's time per step is then exposed).
     after_idle: bool = False
+    # The step before it had finished by the time this one's enqueue returned (an upper bound of the device's idle
+    # launches, where `after_idle` is the lower one: an enqueue that waits for its inputs' copy, queued behind the
+    # step before, begins before that step ends and returns after it).
+    idle_by_enqueue: bool = False
     failure: Exception | None = None  # a constrained step whose sampler could not be enqueued (its masks failed)
     masks: StepMasks | None = None  # a constrained step's masks, asked of the mask worker early
 
@@ -430,6 +434,8 @@ class ModelRunner:
             self.stage(step)
         sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device, step.staged)
         launch_s, launch_cpu_s = time.perf_counter() - launched, time.thread_time() - launched_cpu
+        idle_by_enqueue = after_idle or (unread is not None and unread.sampled is not None
+                                         and unread.sampled.is_ready())
         if not step.shape.all_logits:
             prompt_lp = None
         if not step.shape.top_logprobs:
@@ -438,7 +444,7 @@ class ModelRunner:
             if array is not None:
                 array.copy_to_host_async()
         return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, launched,
-                          launch_s, launch_cpu_s, after_idle)
+                          launch_s, launch_cpu_s, after_idle, idle_by_enqueue)
 
     def sample_constrained(self, handle: StepHandle, mask: np.ndarray) -> None:
         """Enqueue a constrained step's sampler with each row's allowed-token mask [rows, mask_words] int32

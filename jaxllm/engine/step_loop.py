@@ -237,6 +237,9 @@ class StepLoop:
         self._counters["launch_cpu_s"] += handle.launch_cpu_s
         self._counters["steps_after_idle"] += handle.after_idle
         self._counters["steps_after_idle_after_prefill"] += handle.after_idle and self._launching_after == "prefill"
+        self._counters["steps_idle_by_enqueue"] += handle.idle_by_enqueue
+        self._counters["steps_idle_by_enqueue_after_prefill"] += (handle.idle_by_enqueue
+                                                                  and self._launching_after == "prefill")
         self.scheduler.step_dispatched(batch)
         c = self._counters
         c["steps"] += 1

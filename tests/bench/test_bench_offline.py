@@ -38,6 +38,9 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     assert 0 < result["launch_cpu_ms_per_step"] <= result["launch_ms_per_step"] * 1.05
     assert sum(parts) <= result["host_ms_per_step"] * 1.001
     assert 0 <= result["steps_after_idle_after_prefill"] <= result["steps_after_idle"] <= result["steps"]
+    # the enqueue's end bounds the idle launches from above, its start from below
+    assert result["steps_after_idle"] <= result["steps_idle_by_enqueue"] <= result["steps"]
+    assert result["steps_after_idle_after_prefill"] <= result["steps_idle_by_enqueue_after_prefill"]
     assert "schedule / dispatch / postprocess" in format_offline_table(result)
     # The host threads' CPU per step, busiest first; the engine thread among them (it schedules and reads).
     threads = dict(result["thread_cpu_ms_per_step"])
