@@ -84,6 +84,24 @@ def kernel_table(events: list[dict], steps: int, top: int) -> list[tuple[str, fl
     return [(name, calls[name] / steps, us / steps, us / total) for name, us in time_us.most_common(top)]
 
 
+def kernel_lines(events: list[dict], steps: int, top: int, summaries: dict[str, str] | None = None) -> list[str]:
+    """The kernel table as printed: a header, then per kernel calls per step, µs per step, share and name (with
+    what its fusion computes, where `summaries` knows it)."""
+    lines = [f"{'calls/step':>10} {'µs/step':>9} {'share':>6}  kernel"]
+    for name, calls, us, share in kernel_table(events, steps, top):
+        what = f"  [{summaries[name][:160]}]" if summaries and name in summaries else ""
+        lines.append(f"{calls:10.1f} {us:9.1f} {share:6.1%}  {name[:140]}{what}")
+    return lines
+
+
+def idle_line(events: list[dict], steps: int) -> str:
+    """The device's idle stretches of 50 µs or more, per step."""
+    gaps = idle_gaps(events)
+    return (f"device idle stretches of 50 µs or more: {len(gaps) / steps:.1f} per step, {sum(gaps) / steps:.0f} µs "
+            f"per step; longest {max(gaps, default=0):.0f} µs, median "
+            f"{sorted(gaps)[len(gaps) // 2] if gaps else 0:.0f} µs")
+
+
 _HEADER = re.compile(r"^%?([\w.\-]+) \(.*\{\s*$")  # a computation's first line
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -182,13 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{ns.model_dir} {' '.join(extra)}: {ns.prompts} prompts, {steps} steps, wall {wall_us:.0f} µs/step, "
           f"device busy {busy:.0f} µs/step ({busy / wall_us:.2f}), host {r['host_ms_per_step']:.2f} ms/step, "
           f"{len(events)} device events")
-    gaps = idle_gaps(events)
-    print(f"device idle stretches of 50 µs or more: {len(gaps) / steps:.1f} per step, {sum(gaps) / steps:.0f} µs per "
-          f"step; longest {max(gaps, default=0):.0f} µs, median {sorted(gaps)[len(gaps) // 2] if gaps else 0:.0f} µs")
-    print(f"{'calls/step':>10} {'µs/step':>9} {'share':>6}  kernel")
-    for name, calls, us, share in kernel_table(events, steps, ns.top):
-        what = f"  [{summaries[name][:160]}]" if name in summaries else ""
-        print(f"{calls:10.1f} {us:9.1f} {share:6.1%}  {name[:140]}{what}")
+    print(idle_line(events, steps))
+    print("\n".join(kernel_lines(events, steps, ns.top, summaries)))
     if ns.host:
         print(f"{'calls/step':>10} {'µs/step':>9}  host thread: event")
         for thread, name, calls, us in host_table(trace, steps, ns.top):

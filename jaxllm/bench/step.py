@@ -88,9 +88,11 @@ def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
     return found
 
 
-def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -> tuple[float, float]:
+def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int,
+             profile_steps: int = 0) -> tuple[float, float]:
     """Median seconds of one jitted step (KV cache donated, as in the engine), and the median host time the
-    call takes to return (enqueueing the step's kernels); warns of large copies."""
+    call takes to return (enqueueing the step's kernels); warns of large copies. `profile_steps` > 0: then
+    that many steps traced, their device kernels printed (`profile_kernels`)."""
     num_slots = case.batch * (case.context + 1)
     cache = init_kv_cache(model, num_slots)
     tokens, meta = _metadata(case, num_slots)
@@ -110,7 +112,29 @@ def run_case(model, params, config: ModelConfig, case: StepCase, repeats: int) -
         return logits
 
     seconds = median_seconds(one_step, repeats)
+    if profile_steps:
+        profile_kernels(one_step, profile_steps, step.as_text(), f"batch {case.batch}")
     return seconds, float(np.median(state["enqueue"]))
+
+
+def profile_kernels(one_step: Callable[[], Any], steps: int, hlo_text: str, label: str, top: int = 25) -> None:
+    """Trace `steps` calls of `one_step` (each waited for) and print the device's kernels per step with what
+    each fusion computes: one step's breakdown without the engine's prefills and host around it."""
+    import tempfile
+
+    from jaxllm.bench.profile import busy_us, device_events, fusion_summaries, kernel_lines, read_trace
+
+    directory = Path(tempfile.mkdtemp(prefix="jaxllm-step-profile-"))
+    with jax.profiler.trace(str(directory), create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(one_step())
+    events = device_events(read_trace(directory))
+    if not events:
+        print(f"  {label}: no device events in the trace (a CPU backend traces none)")
+        return
+    print(f"  {label}: device busy {busy_us(events) / steps:.0f} µs per step over {steps} traced steps")
+    for line in kernel_lines(events, steps, top, fusion_summaries(hlo_text)):
+        print("  " + line)
 
 
 def params_read(config: ModelConfig, tokens: int) -> float:
@@ -176,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--pallas-block", type=lambda t: tuple(int(v) for v in t.split(",")), default=None,
                    help="the Pallas experts kernel's block_m (0: by row count),block_n,block_k,num_warps,num_stages")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing each case, trace STEPS steps and print its kernels per step (GPU)")
     p.add_argument("--result-json", default=None)
     ns = p.parse_args(argv)
 
@@ -203,7 +229,7 @@ def main(argv=None) -> int:
               f"{_latent_note(config, itemsize)}")
         for batch in ns.batch:
             case = StepCase(batch=batch, context=ns.context, prefill=ns.prefill)
-            seconds, enqueue = run_case(model, params, config, case, ns.repeats)
+            seconds, enqueue = run_case(model, params, config, case, ns.repeats, ns.profile)
             roof = roofline(config, case, itemsize, bandwidth, rate, quant.nbytes(params))
             rows.append({"weights": weights or "as --mode", **dataclasses.asdict(case), "step_ms": seconds * 1e3,
                          "floor_ms": roof["floor_s"] * 1e3, "ratio": roof["floor_s"] / seconds,
