@@ -72,7 +72,9 @@ def sample_rows(eos_ids, last_tokens, logits, history, inp, mask, *, penalties, 
     )
     rows = sampled.shape[0]
     top_lp, top_ids = top[0] if top else (jnp.zeros((rows, 1), jnp.float32), jnp.zeros((rows, 1), jnp.int32))
-    last = jnp.zeros_like(last_tokens).at[:rows].set(sampled)
+    # Rows from last_base on: a prefill admitted while other requests decode keeps their tokens (below it) for
+    # the decode after it, which is prepared before it launches (StepInputBuilder.carry_base).
+    last = last_tokens.at[inp.last_base[0] + jnp.arange(rows)].set(sampled, mode="drop")
     return last, sampled, logprobs, (top_ids, top_lp)
 
 

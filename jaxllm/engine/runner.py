@@ -86,7 +86,8 @@ class PreparedStep:
     batch: SchedulerOutput
     device: DeviceStep  # all that the device work reads
     offsets: list[int]  # each chunk's first index in the packed tokens
-    rows: dict[str, int]  # request id → its row, for the requests this step samples
+    rows: dict[str, int]  # request id → its row of the device's last tokens, for the requests this step samples
+    carried: bool = False  # its rows go past those of the steps before (StepInputBuilder.carry_base)
     staged: tuple | None = None  # once sent (ModelRunner.stage): its packed inputs on the device, their layout, fills
 
     @property
@@ -405,9 +406,10 @@ class ModelRunner:
         fills = batch.fills
         if batch.kind != "decode":  # (decode chunks start past every prefix)
             fills = [TableFill(c.request, 0, c.cached_prefix) for c in batch.chunks if c.cached_prefix] + fills
-        host, offsets, rows = self.inputs.build(batch, shape, table_rows)
+        base = self.inputs.carry_base(batch, self.max_rows)
+        host, offsets, rows = self.inputs.build(batch, shape, table_rows, last_base=base)
         device = DeviceStep(shape, host, self.inputs.table_fills(fills) if fills else None)
-        return PreparedStep(batch, device, offsets, rows)
+        return PreparedStep(batch, device, offsets, rows, carried=base > 0)
 
     def stage(self, step: PreparedStep) -> None:
         """Send a prepared step's inputs to the device now, and take it as the next step to launch (steps launch
@@ -416,7 +418,7 @@ class ModelRunner:
         staged before the step in flight is launched, it is not held behind that step (step_loop.py's looking
         ahead)."""
         step.staged = self._put(step.device)
-        self.inputs.launched(step.rows)
+        self.inputs.launched(step.rows, step.carried)
 
     def launch(self, step: PreparedStep, unread: StepHandle | None = None) -> StepHandle:
         """The device half of a step: transfer the inputs (unless staged) and enqueue the compiled step; returns at

@@ -38,6 +38,9 @@ class StepInputs:
     query_lens: jax.Array  # [R] i32
     logits_index: jax.Array  # [R] i32
     image_rows: jax.Array  # [T] i32: the token's row of the image-embedding buffer, -1 for a text token
+    # [1] i32: where the step's sampled rows go in the device's last-token array: 0, or past the rows holding the
+    # tokens of requests that decode in other steps (a prefill admitted while they decode: `carry_base`)
+    last_base: jax.Array
     sampling: SamplingBatch
     rope_positions: jax.Array | None = None  # [3, T] i32: an M-RoPE model's rotary positions (t, h, w)
 
@@ -114,12 +117,31 @@ class StepInputBuilder:
     def reset(self) -> None:
         """Forget the device's sampled rows (its state was lost) and the cached sampling values."""
         self._last_rows: dict[str, int] = {}
+        self._before_last: dict[str, int] = {}
         self.row_values.reset()
 
-    def launched(self, rows: dict[str, int]) -> None:
+    def launched(self, rows: dict[str, int], carried: bool = False) -> None:
         """A step is to launch next (steps launch in the order they are staged, ModelRunner.stage): `rows` maps
-        each request it samples to its row (its token stays on the device, for the step after it)."""
-        self._last_rows = rows
+        each request it samples to its row of the device's last-token array (its token stays on the device, for
+        the step after it). `carried`: the step wrote past the rows of the steps before (`carry_base`), whose
+        requests' tokens stay where they are."""
+        self._before_last = self._last_rows
+        self._last_rows = {**self._last_rows, **rows} if carried else rows
+
+    def unlaunch(self) -> None:
+        """The step last passed to `launched` will not launch (the prefill before it failed): the rows before it
+        hold the tokens again."""
+        self._last_rows = self._before_last
+
+    def carry_base(self, batch: SchedulerOutput, capacity: int) -> int:
+        """Where a prefill admitted while other requests decode puts its sampled rows in the device's last-token
+        array (`capacity` rows): past the rows holding the other requests' tokens, so that the decode step after
+        it can be prepared before it launches (step_loop.py's looking ahead) and take tokens from both. 0 (the
+        rows before are overwritten) for every other step, or where they would not fit."""
+        if batch.kind != "prefill" or batch.decodes_all or not self._last_rows:
+            return 0
+        base = max(self._last_rows.values()) + 1
+        return base if base + len(batch.chunks) <= capacity else 0
 
     def padding(self, shape: StepShape) -> StepInputs:
         """The inputs of a step of `shape` with padding only."""
@@ -140,15 +162,17 @@ class StepInputBuilder:
                np.zeros(size - count))
         return tuple(np.concatenate([np.asarray(p[i], np.int32) for p in [*parts, pad]]) for i in range(4))
 
-    def build(self, batch: SchedulerOutput, shape: StepShape, table_rows: np.ndarray | None = None):
+    def build(self, batch: SchedulerOutput, shape: StepShape, table_rows: np.ndarray | None = None,
+              last_base: int = 0):
         """Host arrays for `batch` padded to `shape`: padding tokens write the scratch slot and belong to
         padding rows, which read the scratch row with context length 1. `table_rows`: each chunk's table row
-        (`row_values.rows_of(batch)`, when the caller has them). Returns (StepInputs, each chunk's first index in
-        the packed tokens, request id → row for the requests the step samples)."""
+        (`row_values.rows_of(batch)`, when the caller has them); `last_base`: `carry_base`. Returns (StepInputs,
+        each chunk's first index in the packed tokens, request id → its row of the device's last-token array for
+        the requests the step samples)."""
         if table_rows is None:
             table_rows = self.row_values.rows_of(batch)
         if shape.decode_only and batch.chunks:
-            return self._build_decode(batch, shape, table_rows)
+            return self._build_decode(batch, shape, table_rows, last_base)
         kv = self.host_kv
         tokens, src, positions, token_row, write_slots, targets, image_rows = [], [], [], [], [], [], []
         kv_rows, context, q_start, q_lens, logits_index, rope = [], [], [], [], [], []
@@ -191,7 +215,7 @@ class StepInputBuilder:
             q_lens.append(n)
             logits_index.append(last_token[id(chunk.logits_from)] if chunk.logits_from is not None else q + n - 1)
             if chunk.samples:
-                rows[req.request_id] = i
+                rows[req.request_id] = last_base + i
         real_tokens, real_rows = len(tokens), len(batch.chunks)
         pad_tokens, pad_rows = shape.tokens - real_tokens, shape.rows - real_rows
         if pad_tokens < 0 or pad_rows < 0 or (pad_tokens and not pad_rows):
@@ -218,14 +242,14 @@ class StepInputBuilder:
             tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
             write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
             context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
-            logits_index=i32(logits_index), image_rows=i32(image_rows),
+            logits_index=i32(logits_index), image_rows=i32(image_rows), last_base=i32([last_base]),
             sampling=self.row_values.sampling(table_rows, pad_rows, shape.bias),
             rope_positions=None if self.rope is None else np.concatenate(
                 rope + [np.zeros((3, pad_tokens), np.int32)], axis=1),
         )
         return host, offsets, rows
 
-    def _build_decode(self, batch: SchedulerOutput, shape: StepShape, table_rows: np.ndarray):
+    def _build_decode(self, batch: SchedulerOutput, shape: StepShape, table_rows: np.ndarray, last_base: int = 0):
         """`build` for a step of one token per row (tokens = rows = shape.rows), column by column; padding row r
         holds padding token r. A row's token is the one its request sampled in the last launched step (still on
         the device) unless the host has read it; rows with images or a prompt logprob are completed one by one."""
@@ -274,8 +298,9 @@ class StepInputBuilder:
             tokens=column[0], token_src=column[1], positions=column[2], token_row=index,
             write_slots=column[3], target_ids=column[4], kv_rows=column[5], context_lens=context,
             query_start=index.copy(), query_lens=np.ones(size, np.int32), logits_index=index.copy(),
-            image_rows=image_rows, sampling=self.row_values.sampling(table_rows, size - n, shape.bias),
+            image_rows=image_rows, last_base=np.asarray([last_base], np.int32),
+            sampling=self.row_values.sampling(table_rows, size - n, shape.bias),
             rope_positions=rope,
         )
-        rows = {r.request_id: i for i, (r, c) in enumerate(zip(reqs, chunks)) if c.samples}
+        rows = {r.request_id: last_base + i for i, (r, c) in enumerate(zip(reqs, chunks)) if c.samples}
         return host, list(range(n)), rows

@@ -17,6 +17,7 @@ N+1 is enqueued (docs/perf.md, session 17)."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import time
@@ -35,6 +36,10 @@ log = logging.getLogger("jaxllm.engine.engine")
 # device behind the one running, so a step's host chain (scheduling, the jitted call, XLA's command-buffer update
 # and launch on its dispatch thread) has two device steps to finish in, not one (docs/perf.md, session 18).
 MAX_UNREAD = 2
+# A prefill admitted while other requests decode is looked past too: the decode after it is prepared, and its
+# inputs sent, before it launches (otherwise they are sent after, queue behind it on the device, and the decode
+# launches only once the prefill has finished: the device idles for a launch after each admission round).
+LOOK_AHEAD_PAST_PREFILLS = True
 
 
 class PhaseClock:
@@ -79,8 +84,10 @@ class StepLoop:
                     self._advance_images()
                 if ready is None:
                     ready = self._schedule_step()
+                past_prefill = False  # `ready` (after this launch) was looked ahead past a prefill
                 if ready is not None:
                     following = self._schedule_step() if self._may_look_ahead(ready) else None
+                    past_prefill = following is not None and not ready.batch.decodes_all
                     launching = self._start_dispatch(ready, launcher, unread[-1] if unread else None)
                     ready = following
                 # Looking ahead, the oldest steps' results may wait (up to MAX_UNREAD steps unread); otherwise every
@@ -94,7 +101,9 @@ class StepLoop:
                 else:  # nothing launched, or its launch failed: the device holds no token a next step may take
                     while unread:
                         self._postprocess(unread.popleft())
-                if ready is not None and launched is None:  # the step before it failed: so does it
+                if ready is not None and launched is None and past_prefill:
+                    ready = self._decode_without_failed(ready)
+                elif ready is not None and launched is None:  # the step before it failed: so does it
                     self._unpend(ready.batch)
                     self._fail_step(ready.batch, RuntimeError("the step launched before it failed"))
                     ready = None
@@ -194,14 +203,45 @@ class StepLoop:
 
     def _may_look_ahead(self, step: PreparedStep) -> bool:
         """Whether the step after `step` may be scheduled before `step` launches: when `step` holds every
-        request that can decode (so each decode of the next step takes its token from it), and only plain
-        requests (a constrained, beam-searching, healing or image request needs the host to read its results
-        first; sampled groups' members decode as any request). Not across processes: they launch in step."""
+        request that can decode (so each decode of the next step takes its token from it), or is a prefill that
+        keeps the other requests' tokens where the steps before left them on the device (`step.carried`:
+        StepInputBuilder.carry_base), and only plain requests (a constrained, beam-searching, healing or image
+        request needs the host to read its results first; sampled groups' members decode as any request). Not
+        across processes: they launch in step."""
         batch = step.batch
-        if not batch.decodes_all or step.shape.constrained or step.staged is None:
+        carries = step.carried and LOOK_AHEAD_PAST_PREFILLS
+        if not (batch.decodes_all or carries) or step.shape.constrained or step.staged is None:
             return False
-        return all(c.request.constraint is None and c.request.healing is None and not c.request.images
-                   and (c.request.group is None or c.request.group.beam is None) for c in batch.chunks)
+        requests = [c.request for c in batch.chunks]
+        if not batch.decodes_all:  # the next step also decodes the requests running beside it
+            requests += self.scheduler.running
+        return all(r.constraint is None and r.healing is None and not r.images
+                   and (r.group is None or r.group.beam is None) for r in requests)
+
+    def _decode_without_failed(self, step: PreparedStep) -> PreparedStep | None:
+        """The decode prepared past a prefill whose launch failed, again without the failed requests (ended by
+        then): the others' tokens are still on the device, where the steps before the prefill left them. None
+        when none is left running (a failure that consumed the device state paused them, to be recomputed)."""
+        self.runner.inputs.unlaunch()
+        batch = step.batch
+        kept = [c for c in batch.chunks if c.request.status is RequestStatus.RUNNING]
+        self._unpend(dataclasses.replace(batch, chunks=[c for c in batch.chunks
+                                                        if c.request.status is not RequestStatus.RUNNING]))
+        if not kept:
+            return None
+        batch = dataclasses.replace(batch, chunks=kept, fills=[f for f in batch.fills if
+                                                               f.request.status is RequestStatus.RUNNING])
+        started = PhaseClock()
+        try:
+            prepared = self.runner.prepare(batch)
+            self.runner.stage(prepared)
+        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
+            self._unpend(batch)
+            self._fail_step(batch, exc)
+            return None
+        finally:
+            started.add_to(self._counters, "dispatch")
+        return prepared
 
     def _unpend(self, batch: SchedulerOutput) -> None:
         """A step that will never give results (not launched, or failed): its rows' tokens are no longer on their

@@ -99,6 +99,23 @@ def test_splitfuse_steps_look_ahead_and_stay_exact(tiny_model_dir, reference, mo
     assert len(looked_ahead(order, launches_of(order, "decode"))) >= 5
 
 
+def test_a_prefill_admitted_while_others_decode_is_looked_past_exactly(tiny_engine, reference, monkeypatch):
+    """Requests admitted while others decode: their prefill keeps the others' tokens on the device
+    (StepInputBuilder.carry_base), so the decode after it is scheduled and staged before it launches, taking
+    tokens from both; outputs stay exact, and no request is left counting a token on its way."""
+    prompts = random_prompts(seed=25, count=6)
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    order = record_stages_and_launches(tiny_engine, monkeypatch)
+    first = tiny_engine.submit_many([(p, params, None) for p in prompts[:3]])
+    heads = [next(s) for s in first]  # decoding before the rest arrive
+    rest = tiny_engine.submit_many([(p, params, None) for p in prompts[3:]])
+    results = [[h.token_id] + tokens_of(s) for h, s in zip(heads, first)] + [tokens_of(s) for s in rest]
+    assert results == [reference.generate(p, 16) for p in prompts]
+    carried = [i for i in launches_of(order, "prefill") if order[i][1].carried]
+    assert carried and looked_ahead(order, carried) == carried, (carried, launches_of(order, "prefill"))
+    assert_idle_and_empty(tiny_engine)
+
+
 def record_stages_and_launches(engine, monkeypatch) -> list:
     """Spy on the engine thread: [("stage" | "launch", prepared step) | ("fetch", step handle)] in the order it
     stages a step's inputs, hands a step to the launch thread and reads a step's results."""
