@@ -87,12 +87,16 @@ class PreparedStep:
     device: DeviceStep  # all that the device work reads
     offsets: list[int]  # each chunk's first index in the packed tokens
     rows: dict[str, int]  # request id → its row of the device's last tokens, for the requests this step samples
-    carried: bool = False  # its rows go past those of the steps before (StepInputBuilder.carry_base)
     staged: tuple | None = None  # once sent (ModelRunner.stage): its packed inputs on the device, their layout, fills
 
     @property
     def shape(self) -> StepShape:
         return self.device.shape
+
+    @property
+    def carried(self) -> bool:
+        """Its rows go past those of the steps before (StepInputBuilder.carry_base)."""
+        return bool(self.device.inputs.last_base[0])
 
 
 @dataclasses.dataclass
@@ -409,7 +413,7 @@ class ModelRunner:
         base = self.inputs.carry_base(batch, self.max_rows)
         host, offsets, rows = self.inputs.build(batch, shape, table_rows, last_base=base)
         device = DeviceStep(shape, host, self.inputs.table_fills(fills) if fills else None)
-        return PreparedStep(batch, device, offsets, rows, carried=base > 0)
+        return PreparedStep(batch, device, offsets, rows)
 
     def stage(self, step: PreparedStep) -> None:
         """Send a prepared step's inputs to the device now, and take it as the next step to launch (steps launch
@@ -427,7 +431,8 @@ class ModelRunner:
         `unread`: the step before, whose results are not read yet (the handle says whether it had finished:
         the device idled waiting for this launch)."""
         launched, launched_cpu = time.perf_counter(), time.thread_time()
-        after_idle = unread is not None and unread.sampled is not None and unread.sampled.is_ready()
+        finished = lambda: unread is not None and unread.sampled is not None and unread.sampled.is_ready()  # noqa: E731
+        after_idle = finished()
         if self.peers is not None:
             self.peers.send(("step", step.device))
         # Not staged yet across processes: sent after the message, and in the order the other processes send
@@ -436,8 +441,7 @@ class ModelRunner:
             self.stage(step)
         sampled, logprobs, prompt_lp, top, unsampled = self.execute(step.device, step.staged)
         launch_s, launch_cpu_s = time.perf_counter() - launched, time.thread_time() - launched_cpu
-        idle_by_enqueue = after_idle or (unread is not None and unread.sampled is not None
-                                         and unread.sampled.is_ready())
+        idle_by_enqueue = after_idle or finished()
         if not step.shape.all_logits:
             prompt_lp = None
         if not step.shape.top_logprobs:

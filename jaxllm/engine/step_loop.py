@@ -101,12 +101,13 @@ class StepLoop:
                 else:  # nothing launched, or its launch failed: the device holds no token a next step may take
                     while unread:
                         self._postprocess(unread.popleft())
-                if ready is not None and launched is None and past_prefill:
-                    ready = self._decode_without_failed(ready)
-                elif ready is not None and launched is None:  # the step before it failed: so does it
-                    self._unpend(ready.batch)
-                    self._fail_step(ready.batch, RuntimeError("the step launched before it failed"))
-                    ready = None
+                if ready is not None and launched is None:  # the step launched before it failed
+                    if past_prefill:  # a prefill: the decode goes on without its requests
+                        ready = self._decode_without_failed(ready)
+                    else:  # so does it
+                        self._unpend(ready.batch)
+                        self._fail_step(ready.batch, RuntimeError("the step launched before it failed"))
+                        ready = None
                 if launched is not None and launched.unsampled is not None:  # its rows' tokens so far are read
                     early = self._early_masks
                     launched.masks = (early[1] if early is not None and early[0] is launching[1]
@@ -186,16 +187,9 @@ class StepLoop:
             self._peak_at = 0.0  # the running set changed: refresh the peak estimate now
         if not batch.chunks:
             return None
-        started = PhaseClock()
-        try:
-            prepared = self.runner.prepare(batch)
-            if self.runner.peers is None:  # (the other processes of a deployment stage their inputs at launch)
-                self.runner.stage(prepared)
-        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
-            self._fail_step(batch, exc)
+        prepared = self._prepare(batch)
+        if prepared is None:
             return None
-        finally:
-            started.add_to(self._counters, "dispatch")
         for chunk in batch.chunks:
             if chunk.samples:
                 chunk.request.num_pending += 1
@@ -218,6 +212,23 @@ class StepLoop:
         return all(r.constraint is None and r.healing is None and not r.images
                    and (r.group is None or r.group.beam is None) for r in requests)
 
+    def _prepare(self, batch: SchedulerOutput, pending: bool = False) -> PreparedStep | None:
+        """A scheduled step prepared and its inputs sent to the device; None (the step failed: its requests end)
+        when that raised. `pending`: its rows' tokens were counted as on their way (`_unpend` before they end)."""
+        started = PhaseClock()
+        try:
+            prepared = self.runner.prepare(batch)
+            if self.runner.peers is None:  # (the other processes of a deployment stage their inputs at launch)
+                self.runner.stage(prepared)
+            return prepared
+        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
+            if pending:
+                self._unpend(batch)
+            self._fail_step(batch, exc)
+            return None
+        finally:
+            started.add_to(self._counters, "dispatch")
+
     def _decode_without_failed(self, step: PreparedStep) -> PreparedStep | None:
         """The decode prepared past a prefill whose launch failed, again without the failed requests (ended by
         then): the others' tokens are still on the device, where the steps before the prefill left them. None
@@ -231,17 +242,7 @@ class StepLoop:
             return None
         batch = dataclasses.replace(batch, chunks=kept, fills=[f for f in batch.fills if
                                                                f.request.status is RequestStatus.RUNNING])
-        started = PhaseClock()
-        try:
-            prepared = self.runner.prepare(batch)
-            self.runner.stage(prepared)
-        except Exception as exc:  # noqa: BLE001 - a failed step must not stop the engine
-            self._unpend(batch)
-            self._fail_step(batch, exc)
-            return None
-        finally:
-            started.add_to(self._counters, "dispatch")
-        return prepared
+        return self._prepare(batch, pending=True)
 
     def _unpend(self, batch: SchedulerOutput) -> None:
         """A step that will never give results (not launched, or failed): its rows' tokens are no longer on their

@@ -273,9 +273,6 @@ def _kernel(
             pltriton.store(o_ref.at[dst[:, None], c[None, :]], out.astype(o_ref.dtype), mask=row_mask)
         return
     o_ref, lse_ref = out_refs
-    if limit_ref is not None and own_k_ref is None:  # a row limited to no key has nothing to merge: no write
-        valid = valid & (limit_ref[row] > 0)
-        row_mask = row_mask & valid[:, None]
     dst = jnp.where(valid, s * (num_tokens * heads) + q_idx, out_rows + r)
     for out, c in zip(outs, col_sets):
         pltriton.store(o_ref.at[dst[:, None], c[None, :]], out, mask=row_mask)
@@ -320,8 +317,7 @@ def paged_attention(
     the token's - window; the key loop starts at the block's first window), `softcap`, `alibi_slopes`.
     A head_dim that is not a power of two (Phi-3's 96) is padded to one in registers with masked loads.
     `key_limit[r]`: row r's tokens see only its table columns below it (a cached prefix without the step's own
-    tokens: fresh_prefill.py); with `return_lse`, a row whose limit is 0 writes nothing (its outputs keep their
-    initial zeros and -inf, or, with `owns_all_tokens`, whatever the buffers held). `fresh_kv` = (k, v), with
+    tokens: fresh_prefill.py). `fresh_kv` = (k, v), with
     `key_limit` each row's cached prefix: its tokens also see the row's own new keys, packed in these arrays as
     the tokens are in q, at positions from the prefix on (fresh_prefill.py: a prefill chunk's own keys in 16
     bits, the prefix from an int8 cache), in the same program: a loop over its own keys, then one over the

@@ -134,8 +134,9 @@ class Bench:
 
     def prefill(self, name, impl, rows, new, cached, heads, kv_heads, head_dim, *, int8=False, launch=None,
                 own_keys=False, fresh=None):
-        """`own_keys` (int8): the engine's int8 prefill, fresh_prefill.py: the new tokens' keys from the step's
-        arrays through the 16-bit launch, the cached prefix through `launch`."""
+        """`own_keys` (int8): the engine's int8 prefill, fresh_prefill.py, in one launch at `fresh` (default
+        PREFILL_INT8): the new tokens' keys from the step's arrays in 16 bits, the cached prefix read with
+        `launch`'s dequant mode."""
         dtype = jnp.bfloat16
         launch = launch or (attention_triton.PREFILL_INT8 if int8 else attention_triton.PREFILL)
         length = new + cached
