@@ -18,6 +18,14 @@ Modes:
 - "magicops": the same numbers by plain integer and 16-bit float ops, one value at a time (shift, mask and OR
   under the exponent, a 16-bit subtract and multiply): in case the compiler does as well, or the assembly does
   not build. Interpret mode runs it as written.
+- "fma16" (matrix-vector kernel only, bf16 activations): "magic"'s conversion and the multiply-add by the
+  activation in one piece of inline PTX (`dot_nibbles16`): per pair of words and nibble, the byte permute, the
+  lop3, the packed subtract and one packed bf16 multiply-add into a bf16 partial sum over the word's 8 inputs,
+  widened to float32 once per word. Four instructions per two weights where "magic" then widens each weight to
+  float32 and multiplies-adds it there (about twice the instructions, which the one-row kernel's rate points to
+  as its bound). The partial sum of 8 products is rounded to bf16 after each product (a relative error of
+  about 2^-9 × √8 on each word's part, the size of the reference's own rounding of the dequantised weights to
+  bf16); fp16 activations could overflow it (|x| · 15 · 8 > 65,504), so they take "magic".
 - "magic32" (matrix-vector kernel only): float32 by the same trick without inline assembly (`nibbles32`): the
   word's nibble j (j < 4; the word shifted right by 16 for j ≥ 4) masked in place under the exponent of 2^23
   is 2^23 + q·16^j, minus 2^23 + zero·16^j: (q - zero)·16^j exactly, one lop3 and one subtract per weight; the
@@ -49,6 +57,12 @@ sub.rn.{type} {out}, t, $3;
 {mul}}}"""
 
 
+def _selector(j: int) -> str:
+    """prmt's selector taking byte j // 2 of each of the two words into the result's two halves."""
+    byte = j // 2
+    return hex(((4 + byte) * 0x11 << 8) | byte * 0x11)
+
+
 def nibbles16(packed, zero, scale, dtype, interpret: bool, ptx: bool = True):
     """int32 [r, n] words (input 8i + j at bits 4j of row i) → yields the 8 tiles [r, n] of `dtype` (bf16 or
     fp16), tile j from nibble j: (q - zero) exactly, or (q - zero) · scale rounded once where `scale` is given
@@ -77,8 +91,7 @@ def nibbles16(packed, zero, scale, dtype, interpret: bool, ptx: bool = True):
     args = [zero] if scale is None else [zero, scale]
     mul = "" if scale is None else f"mul.rn.{_PTX_TYPE[dtype]} $0, t, $4;\n"
     for j in range(8):
-        byte = j // 2
-        asm = _NIBBLES.format(selector=hex(((4 + byte) * 0x11 << 8) | byte * 0x11), bias=hex(bits),
+        asm = _NIBBLES.format(selector=_selector(j), bias=hex(bits),
                               type=_PTX_TYPE[dtype], out="t" if mul else "$0", mul=mul)
         words = odd if j % 2 else packed
         [tile] = pltriton.elementwise_inline_asm(
@@ -86,6 +99,41 @@ def nibbles16(packed, zero, scale, dtype, interpret: bool, ptx: bool = True):
             result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, dtype)],
         )
         yield tile
+
+
+_DOT_NIBBLES = """{{
+.reg .b32 t;
+prmt.b32 t, $1, $2, {selector};
+lop3.b32 t, t, 0x000F000F, {bias}, 0xEA;
+sub.rn.bf16x2 t, t, $3;
+fma.rn.bf16x2 $0, t, $4, $5;
+}}"""
+
+
+def dot_nibbles16(packed, zero, xs, interpret: bool):
+    """int32 [r, n] words (input 8i + j at bits 4j of row i) and the 8 bf16 activation columns xs[j] [r] →
+    Σ_j xs[j][i] · (q_j - zero) as bf16 [r, n], each multiply-add rounded to bf16 ("fma16"). `zero`:
+    broadcastable to [r, n]."""
+    bf16 = jnp.dtype(jnp.bfloat16)
+    if interpret:  # the same roundings as the PTX, as plain ops: the product is exact in float32
+        part = jnp.zeros(packed.shape, bf16)
+        for j, x in enumerate(xs):
+            q = (lax.shift_right_logical(packed, jnp.int32(4 * j)) & 0xF).astype(jnp.float32)
+            w = q - zero.astype(jnp.float32)
+            part = (part.astype(jnp.float32) + x.astype(jnp.float32)[:, None] * w).astype(bf16)
+        return part
+    bits, bias = _BIAS16[bf16]
+    zero = jnp.broadcast_to(zero.astype(bf16) + jnp.asarray(bias, bf16), packed.shape)  # exact: small integers
+    odd = lax.shift_right_logical(packed, jnp.int32(4))
+    part = jnp.zeros(packed.shape, bf16)
+    for j, x in enumerate(xs):
+        asm = _DOT_NIBBLES.format(selector=_selector(j), bias=hex(bits))
+        [part] = pltriton.elementwise_inline_asm(
+            asm, args=[odd if j % 2 else packed, zero, jnp.broadcast_to(x.astype(bf16)[:, None], packed.shape),
+                       part],
+            constraints="=r,r,r,r,r,r", pack=2, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, bf16)],
+        )
+    return part
 
 
 def nibbles32(packed, zero):

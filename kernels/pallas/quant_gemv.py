@@ -11,9 +11,10 @@ partial sums are added outside. Same definitions as `quant_matmul.py` (`referenc
 
 `GemvLaunch.dequant` (int4 only): "cast", the plain shift, mask, convert, subtract, multiply per weight;
 "magic", `int4_dequant.py`'s 16-bit conversion of q - zero (exact) then widened to float32; "magic32", its float32
-one (q - zero times a power of two, exact; the activations take the inverse power). Both new modes sum
-x·(q - zero) over a loop step (within one group) and multiply by the group's scale once per step. Float32
-activations always cast.
+one (q - zero times a power of two, exact; the activations take the inverse power); "fma16" (bf16 activations;
+fp16 ones take "magic"), the conversion and the multiply-add by the activation in packed bf16 over each word's
+8 inputs, widened to float32 once per word (`int4_dequant.dot_nibbles16`). These modes sum x·(q - zero) over a
+loop step (within one group) and multiply by the group's scale once per step. Float32 activations always cast.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ INT8 = GemvLaunch()
 INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3, dequant="magic")
 
 
-INT4_MODES = ("cast", "magic", "magic32")
+INT4_MODES = ("cast", "magic", "magic32", "fma16")
 
 
 def supports(k: int, n: int, m: int, group: int | None = None) -> bool:
@@ -107,6 +108,17 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, row
     # [k / group, bn]; a step covers block_r packed rows within one group (block_r divides rows_per_group).
     first = pl.program_id(1) * steps
 
+    def fma_body(step, accs):
+        r0 = (first + step) * block_r
+        packed = w_ref[pl.ds(r0, block_r), :]  # [block_r, bn]
+        g = r0 // rows_per_group
+        scale = s_ref[g, :].astype(jnp.float32)[None, :]
+        return tuple(
+            acc + int4_dequant.dot_nibbles16(
+                packed, z_ref[g, :][None, :], [x_ref[i, pl.ds(j * k8 + r0, block_r)] for j in range(8)], interpret,
+            ).astype(jnp.float32) * scale
+            for i, acc in enumerate(accs))
+
     def magic_body(step, accs):
         r0 = (first + step) * block_r
         packed = w_ref[pl.ds(r0, block_r), :]  # [block_r, bn]
@@ -144,7 +156,8 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, row
         return tuple(accs)
 
     zeros = jnp.zeros((block_r, w_ref.shape[1]), jnp.float32)
-    accs = lax.fori_loop(0, steps, body if dequant == "cast" else magic_body, (zeros,) * rows)
+    bodies = {"cast": body, "fma16": fma_body}
+    accs = lax.fori_loop(0, steps, bodies.get(dequant, magic_body), (zeros,) * rows)
     _finish(o_ref, [jnp.sum(acc, axis=0) for acc in accs], 1.0, splits)
 
 
@@ -209,6 +222,8 @@ def int4_gemv(x, packed, scale, zero, *, launch: GemvLaunch | None = None, inter
     if launch.dequant not in INT4_MODES:
         raise ValueError(f"dequant {launch.dequant!r} not one of {', '.join(INT4_MODES)}")
     dequant = "cast" if x.dtype == jnp.float32 else launch.dequant
+    if dequant == "fma16" and x.dtype != jnp.bfloat16:
+        dequant = "magic"  # a 16-bit partial sum of fp16 products could overflow (int4_dequant.py)
     kernel = functools.partial(_int4_kernel, rows=rows, block_r=block_r, steps=steps,
                                rows_per_group=rows_per_group, k8=k8, splits=splits, dequant=dequant,
                                interpret=interpret)

@@ -76,3 +76,30 @@ def test_nibbles32_are_exact(rng):
         jnp.asarray(words), jnp.asarray(zero, jnp.bfloat16))
     weights = np.array([int4_dequant.nibble_weight(j) for j in range(8)], np.float32)[:, None, None]
     np.testing.assert_array_equal(np.asarray(out) * weights, q.astype(np.float32) - zero)
+
+
+def _dot_kernel(p_ref, z_ref, x_ref, o_ref, *, interpret):
+    xs = [x_ref[j] for j in range(8)]
+    o_ref[...] = int4_dequant.dot_nibbles16(p_ref[...], z_ref[...], xs, interpret)
+
+
+@pytest.mark.parametrize("way", ["ptx", "interpreted ptx"])
+def test_dot_nibbles16_rounds_each_multiply_add_to_bf16(rng, way):
+    """"fma16": Σ_j x_j · (q_j - zero) with each multiply-add rounded once to bf16, as numpy computes it in
+    float64 step by step; and within bf16's rounding of the exact sum."""
+    if way == "ptx" and not ON_GPU:
+        pytest.skip("inline PTX runs only on the GPU (interpret mode runs the plain ops)")
+    words, q, zero, _ = _words(rng)
+    x = jnp.asarray(rng.standard_normal((8, ROWS)) * rng.choice([1e-3, 1.0, 40.0], (8, ROWS)), jnp.bfloat16)
+    out = pl.pallas_call(
+        functools.partial(_dot_kernel, interpret=way == "interpreted ptx"),
+        out_shape=jax.ShapeDtypeStruct((ROWS, COLS), jnp.bfloat16), compiler_params=pltriton.CompilerParams(),
+        interpret=not ON_GPU,
+    )(jnp.asarray(words), jnp.asarray(zero, jnp.bfloat16), x)
+    terms = np.asarray(x, np.float64)[:, :, None] * (q.astype(np.float64) - zero)  # [8, rows, cols]
+    part = np.zeros((ROWS, COLS))
+    for term in terms:
+        part = np.asarray(jnp.asarray(part + term, jnp.float32).astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(out, np.float64), part, rtol=2**-8, atol=1e-6)
+    exact = terms.sum(0)
+    assert np.linalg.norm(np.asarray(out, np.float64) - exact) < 2**-7 * np.linalg.norm(exact)

@@ -156,7 +156,7 @@ def test_int8_matmul_conversions(rng, m, k, n, dtype, launch, dequant):
     (3, 256, 48, 64, jnp.float16, GEMV_NO_SPLIT),
     (1, 384, 32, 128, jnp.bfloat16, None),
 ])
-@pytest.mark.parametrize("dequant", ["magic", "magic32"])
+@pytest.mark.parametrize("dequant", ["magic", "magic32", "fma16"])
 def test_int4_gemv_magic(rng, m, k, n, group, dtype, launch, dequant):
     """The matrix-vector kernel's bit-trick conversions (scale once per loop step) against the reference."""
     x, w = _inputs(rng, m, k, n, dtype)
