@@ -116,6 +116,10 @@ def run_offline(llm, requests: list[BenchRequest], best_of: int = 1, separately:
         # the step before had finished by the end of the enqueue (an upper bound: the enqueue may have waited)
         "steps_idle_by_enqueue": delta["steps_idle_by_enqueue"],
         "steps_idle_by_enqueue_after_prefill": delta["steps_idle_by_enqueue_after_prefill"],
+        # each of those launches (the latest 64): step number in the run, kind, rows, the step before's kind,
+        # prepared looking ahead or not, which count took it
+        "idle_launches": [{**e, "step": e["step"] - before["steps"]} for e in llm.engine.idle_launches()
+                          if e["step"] >= before["steps"]],
         # the host threads' CPU: the engine's, the launch thread's and the runtime's (XLA's dispatch thread)
         "thread_cpu_ms_per_step": busiest_ms_per_step(threads_before, threads_after, steps),
         **{f"{t}_ms_per_step": 1e3 * delta[f"{t}_s"] / steps for t in timers},
@@ -210,6 +214,11 @@ def format_offline_table(result: dict) -> str:
         ("launch thread: transfer + step call, wall / CPU (ms)",
          f"{result['launch_ms_per_step']:.2f} / {result['launch_cpu_ms_per_step']:.2f}"),
     ]
+    if result.get("idle_launches"):
+        rows.append(("idle launches: step kind rows (after, ahead?, counted)",
+                     "; ".join(f"{e['step']} {e['kind']} {e['rows']} ({e['after']}, "
+                               f"{'ahead' if e['looked_ahead'] else 'not ahead'}, {e['counted']})"
+                               for e in result["idle_launches"])))
     if result.get("thread_cpu_ms_per_step"):
         rows.append(("threads' CPU per step (ms)",
                      ", ".join(f"{name} {ms:.2f}" for name, ms in result["thread_cpu_ms_per_step"])))

@@ -6,6 +6,7 @@ the only place a token is appended, a stop checked and KV freed.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import queue
@@ -138,6 +139,7 @@ class Engine(StepLoop, StepReader):
         if prefix_cache is not None:  # prompt tokens of admitted requests, and those found cached
             self._counters.update(prompt_cache_hit_tokens=0, prompt_cache_query_tokens=0)
         self._peak, self._peak_at = 0, 0.0
+        self._idle_launches = collections.deque(maxlen=self.IDLE_LAUNCHES_KEPT)  # StepLoop.idle_launches
         self._snapshot = self._take_snapshot()
         self._idle_since: float | None = None  # when the loop last ran out of work (None: it has work)
         if compile_later and warmup is None and peers is None:

@@ -64,6 +64,14 @@ class StepLoop:
     _early_masks: tuple[Future, StepMasks] | None = None  # (a launch, the masks of the step it launches)
     _launching_batch: SchedulerOutput | None = None  # the batch of self._launching
     _launching_after: str | None = None  # the kind of the step launched before it ("prefill", "decode")
+    _launching_ahead: bool = False  # self._launching was prepared before the step ahead of it launched
+    IDLE_LAUNCHES_KEPT = 64  # the most recent idle launches idle_launches() describes
+
+    def idle_launches(self) -> list[dict]:
+        """The latest steps launched on an idle device (by either count of `steps_after_idle`,
+        `steps_idle_by_enqueue`), oldest first: step number, kind, rows, the kind of the step before, whether it
+        was prepared looking ahead, and which count took it. For finding what the idle launches have in common."""
+        return list(self._idle_launches)
 
     # --- the loop (engine thread) --------------------------------------------------------------
     def _loop(self) -> None:
@@ -82,13 +90,14 @@ class StepLoop:
                 launching = None
                 if self._images is not None and self._images.has_work():
                     self._advance_images()
+                ahead = ready is not None  # prepared while the step before it launched
                 if ready is None:
                     ready = self._schedule_step()
                 past_prefill = False  # `ready` (after this launch) was looked ahead past a prefill
                 if ready is not None:
                     following = self._schedule_step() if self._may_look_ahead(ready) else None
                     past_prefill = following is not None and not ready.batch.decodes_all
-                    launching = self._start_dispatch(ready, launcher, unread[-1] if unread else None)
+                    launching = self._start_dispatch(ready, launcher, unread[-1] if unread else None, ahead)
                     ready = following
                 # Looking ahead, the oldest steps' results may wait (up to MAX_UNREAD steps unread); otherwise every
                 # step before the one launched is read now, so a step scheduled afresh finds each request's tokens
@@ -251,14 +260,16 @@ class StepLoop:
             if chunk.samples:
                 chunk.request.num_pending -= 1
 
-    def _start_dispatch(self, prepared: PreparedStep, launcher: ThreadPoolExecutor, unread: StepHandle | None):
-        """Launch a prepared step on `launcher` (`unread`: the step in flight before it); returns (batch, the
-        launch's future) for _finish_dispatch."""
+    def _start_dispatch(self, prepared: PreparedStep, launcher: ThreadPoolExecutor, unread: StepHandle | None,
+                        ahead: bool = False):
+        """Launch a prepared step on `launcher` (`unread`: the step in flight before it; `ahead`: `prepared` was
+        prepared looking ahead); returns (batch, the launch's future) for _finish_dispatch."""
         if unread is not None and unread.unsampled is not None:
             self._sample_constrained(unread)  # before this launch: its inputs are that step's tokens
         self._launching = launcher.submit(self.runner.launch, prepared, unread)
         self._launching_batch = prepared.batch
         self._launching_after = None if unread is None else unread.batch.kind
+        self._launching_ahead = ahead
         return prepared.batch, self._launching
 
     def _finish_dispatch(self, batch: SchedulerOutput, launch: Future) -> StepHandle | None:
@@ -281,6 +292,11 @@ class StepLoop:
         self._counters["steps_idle_by_enqueue"] += handle.idle_by_enqueue
         self._counters["steps_idle_by_enqueue_after_prefill"] += (handle.idle_by_enqueue
                                                                   and self._launching_after == "prefill")
+        if handle.after_idle or handle.idle_by_enqueue:
+            self._idle_launches.append({
+                "step": self._counters["steps"], "kind": batch.kind, "rows": len(batch.chunks),
+                "after": self._launching_after, "looked_ahead": self._launching_ahead,
+                "counted": "at the call" if handle.after_idle else "by the enqueue's end"})
         self.scheduler.step_dispatched(batch)
         c = self._counters
         c["steps"] += 1

@@ -41,6 +41,14 @@ def test_offline_counts_tokens_and_splits_host_time(llm):
     # the enqueue's end bounds the idle launches from above, its start from below
     assert result["steps_after_idle"] <= result["steps_idle_by_enqueue"] <= result["steps"]
     assert result["steps_after_idle_after_prefill"] <= result["steps_idle_by_enqueue_after_prefill"]
+    # each idle launch described, in order (the first step, launched with nothing before it, is not one)
+    idle = result["idle_launches"]
+    assert len(idle) == min(result["steps_idle_by_enqueue"], 64)
+    assert [e["step"] for e in idle] == sorted(e["step"] for e in idle)
+    assert all(1 <= e["step"] < result["steps"] for e in idle)
+    assert sum(e["counted"] == "at the call" for e in idle) == min(result["steps_after_idle"], 64)
+    assert {e["kind"] for e in idle} <= {"prefill", "decode"} and all(e["rows"] >= 1 for e in idle)
+    assert ("idle launches" in format_offline_table(result)) == bool(idle)
     assert "schedule / dispatch / postprocess" in format_offline_table(result)
     # The host threads' CPU per step, busiest first; the engine thread among them (it schedules and reads).
     threads = dict(result["thread_cpu_ms_per_step"])
