@@ -50,9 +50,14 @@ class GemvLaunch:
 
 
 INT8 = GemvLaunch()
-# "magic": 47.5 against 58.1 µs (gate_up) and 24.5 against 28.8 (down) at one row on the H200, "magic32" 51.9 / 25.7
-# (docs/perf.md, session 12).
-INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3, dequant="magic")
+# "fma16" at one row on the H200 (docs/perf.md, session 23): 31.9 against "magic"'s 48.2 µs (gate_up), 18.8
+# against 23.9 (down), 11.5 against 14.3 (qkv); "magic" itself beat the cast and "magic32" (session 12).
+INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3, dequant="fma16")
+# With the default launch, programs that loop over this many steps or more run 8 warps: gate_up (8 steps) 27.6
+# against 31.9 µs, down (7) 17.0 against 18.8, where qkv (2 steps) took 17.0 against 11.5 (session 23): a short
+# loop is bound by each program's fixed work (its row of x, the final sum across warps), a long one by the loads
+# in flight.
+LONG_LOOP_STEPS, LONG_LOOP_WARPS = 4, 8
 
 
 INT4_MODES = ("cast", "magic", "magic32", "fma16")
@@ -208,7 +213,7 @@ def int8_gemv(x, w, scale, *, launch: GemvLaunch | None = None, interpret: bool 
 @functools.partial(jax.jit, static_argnames=("launch", "interpret"))
 def int4_gemv(x, packed, scale, zero, *, launch: GemvLaunch | None = None, interpret: bool = False):
     """x [m, k] @ int4 weights (packed int32 [k / 8, n], scale and zero [k / group, n]) → [m, n], m ≤ a few."""
-    launch = launch or INT4
+    default, launch = launch is None, launch or INT4
     (m, k), n = x.shape, packed.shape[1]
     k8, rows_per_group = k // 8, k // 8 // scale.shape[0]
     rows = _rows_pad(m)
@@ -218,6 +223,8 @@ def int4_gemv(x, packed, scale, zero, *, launch: GemvLaunch | None = None, inter
         raise ValueError(f"no block sizes fit a [{k}, {n}] int4 weight")
     splits = _splits(n // block_n, k8 // block_r, launch.target_programs)
     steps = k8 // block_r // splits
+    if default and steps >= LONG_LOOP_STEPS:
+        launch = dataclasses.replace(launch, num_warps=LONG_LOOP_WARPS)
     x_perm = _pad_rows(x, rows).reshape(rows, k8, 8).swapaxes(1, 2).reshape(rows, k)
     if launch.dequant not in INT4_MODES:
         raise ValueError(f"dequant {launch.dequant!r} not one of {', '.join(INT4_MODES)}")
