@@ -276,6 +276,11 @@ def run(args) -> Bench:
         for launch in args.decode_configs:
             bench.guarded("decode", "decode b64 ctx4096", "triton", 64, 4096, launch=launch, **llama8b)
         bench.guarded("decode", "decode b64 ctx4096", "triton", 64, 4096, contiguous=False, **llama8b)
+        # the offline workload's decode (512 × (128 in / 128 out): a mean context of 192), its keys scattered as
+        # 512 requests decoding together leave them
+        for launch in args.decode_configs:
+            bench.guarded("decode", "decode b512 ctx192", "triton", 512, 192, contiguous=False, launch=launch,
+                          **llama8b)
         bench.guarded("decode", "decode b1 ctx32768", "triton", 1, 32768, split="never", **llama8b)
         for splits in args.b1_splits:
             bench.guarded("decode", "decode b1 ctx32768", "triton", 1, 32768, splits=splits, **llama8b)
