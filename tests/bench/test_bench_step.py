@@ -24,8 +24,9 @@ def test_a_decode_step_is_timed_and_profiled(capsys):
     config = ModelConfig.from_hf_dict(raw)
     model = build_model(config, jnp.float32)
     params = random_params(model, make_mesh(1), 1)
-    seconds, enqueue = run_case(model, params, config, StepCase(batch=3, context=20), repeats=3, profile_steps=2)
-    assert 0 < enqueue and 0 < seconds
+    seconds, queued, enqueue = run_case(model, params, config, StepCase(batch=3, context=20), repeats=3,
+                                        profile_steps=2)
+    assert 0 < enqueue and 0 < seconds and 0 < queued
     assert "batch 3: no device events in the trace" in capsys.readouterr().out
 
 
