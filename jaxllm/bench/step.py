@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm import xla_options
 from jaxllm.config import ModelConfig
 from jaxllm.models import build_model, init_kv_cache, quant
-from jaxllm.models.quant import with_weight_mode
+from jaxllm.models.quant import WeightQuant, with_weight_mode
 from jaxllm.models.attention import AttentionMetadata
 from jaxllm.models.expert_kernels import KERNELS
 from jaxllm.parallel import make_mesh
@@ -218,6 +219,14 @@ def main(argv=None) -> int:
     from jaxllm.models.backends import attention_backend, resolve_modes
 
     dtype = DATA_TYPES[ns.data_type]
+    # the XLA options the engine would set for these weights (before the backend starts): one process, so every
+    # mode of the run shares them
+    for weights in ns.weights or [None]:
+        modes = ns.mode + ([weights] if weights not in (None, "16bit") else [])
+        weight_mode = resolve_modes(modes).weight_mode
+        added = xla_options.for_weights(weight_mode and WeightQuant.from_mode(weight_mode, 1))
+        if added:
+            print(f"XLA_FLAGS += {added} (as the engine sets it for {weight_mode}; every mode of this run has it)")
     bandwidth, rate = measure_hbm_bandwidth(), measure_matmul_rate()
     print(f"device {jax.devices()[0].device_kind}: HBM read {bandwidth / 1e12:.2f} TB/s, "
           f"bf16 matmul {rate / 1e12:.0f} TFLOP/s")

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
+from jaxllm import xla_options
 from jaxllm.config import ModelConfig, read_hf_config
 from jaxllm.engine.kv_cache import KVCache
 from jaxllm.engine.runner import ModelRunner
@@ -101,6 +102,7 @@ def load_model(args, devices=None, *, tokenizer: bool = True, weights_behind: bo
         check_reward_flags(config, args)
         config = with_weight_mode(config, resolve_modes(args.mode).weight_mode, read_hf_config(args.model_dir))
         config = with_expert_placement(config)
+        xla_options.for_weights(config.weight_quant)  # before the backend starts (below, unless it has)
         mesh = make_mesh(args.tp, devices)
         platform = jax.devices()[0].platform
         backend = attention_backend(args.mode, platform, mesh=mesh)
