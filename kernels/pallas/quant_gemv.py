@@ -53,11 +53,11 @@ INT8 = GemvLaunch()
 # "fma16" at one row on the H200 (docs/perf.md, session 23): 31.9 against "magic"'s 48.2 µs (gate_up), 18.8
 # against 23.9 (down), 11.5 against 14.3 (qkv); "magic" itself beat the cast and "magic32" (session 12).
 INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3, dequant="fma16")
-# With the default launch, programs that loop over this many steps or more run 8 warps: gate_up (8 steps) 27.6
-# against 31.9 µs, down (7) 17.0 against 18.8, where qkv (2 steps) took 17.0 against 11.5 (session 23): a short
-# loop is bound by each program's fixed work (its row of x, the final sum across warps), a long one by the loads
-# in flight.
-LONG_LOOP_STEPS, LONG_LOOP_WARPS = 4, 8
+# With the default launch, programs that loop over this many steps or more run 8 warps: gate_up (16 steps of one
+# 128-input group) 27.6 against 31.9 µs, down (7) 17.0 against 18.8, where qkv (4 steps) took 17.0 against 11.5
+# (session 23; o has 2): a short loop is bound by each program's fixed work (its row of x, the final sum across
+# warps), a long one by the loads in flight.
+LONG_LOOP_STEPS, LONG_LOOP_WARPS = 5, 8
 
 
 INT4_MODES = ("cast", "magic", "magic32", "fma16")
