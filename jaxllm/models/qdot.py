@@ -29,6 +29,8 @@ def dot(x, w):
     digits, every other product takes the norm's output."""
     if isinstance(x, NormedRows):
         out = _normed_two_digit(x, w)
+        if out is None:
+            out = _normed_per_token(x, w)
         if out is not None:
             return out
         x = x.value()
@@ -104,9 +106,27 @@ def _normed_two_digit(rows: NormedRows, w):
     return out.reshape(m, *out_shape)
 
 
-def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...]):
+def _per_token(w) -> bool:
+    """Whether `w`'s product quantises its activations per token (w8a8, fp8)."""
+    return isinstance(w, Fp8Weight) or (isinstance(w, Int8Weight) and w.int8_activations)
+
+
+def _normed_per_token(rows: NormedRows, w):
+    """rows' normalised values @ w for the schemes that quantise activations per token (else None): the rows
+    quantised are x ⊙ weight, and each row's 1 / rms joins its quantisation scale after the product, so the
+    normalised rows are never formed and the norm's sum of squares is a sibling of the quantisation's max |·|
+    (one reduction over x for both, where the normalised rows' max was a second)."""
+    if not _per_token(w) or w.in_axes != 1:
+        return None
+    x32 = rows.x.astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + rows.eps)
+    return _xla_matmul(x32 * rows.weight, w, rows.shape[1], w.shape[1:], row_factor=inv_rms).astype(rows.dtype)
+
+
+def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...], row_factor=None):
     """x [m, k] → [m, *out] by XLA's dots. Under --tp the output axes stay apart: merged, a weight split on a
-    minor output axis (the MLP's [2, intermediate]) would be gathered by the partitioner, whole, every step."""
+    minor output axis (the MLP's [2, intermediate]) would be gathered by the partitioner, whole, every step.
+    `row_factor` [m] (per-token schemes only): each output row multiplied by it, with the scales."""
     if isinstance(w, Int4Weight):  # dequantised [k, *out]: the dot's usual operand layout, any number of outputs
         packed, scale, zero = (a.reshape(-1, *out_shape) for a in (w.packed, w.scale, w.zero))
         weights = reference.dequantize_int4(packed, scale, zero).astype(x.dtype)
@@ -115,12 +135,12 @@ def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...]):
         raise TypeError(f"no matmul for a weight of type {type(w).__name__}")
     data = w.data.reshape(*out_shape, k) if len(out_shape) > 1 and not single_device() else w.data.reshape(-1, k)
     per_row = (x.shape[0],) + (1,) * (data.ndim - 1)  # a per-row scale's broadcast shape
-    if isinstance(w, Fp8Weight):
-        x_q, x_scale = quantize_rows_fp8(x)
-        out = _dot_out_major(x_q, data, jnp.float32) * x_scale.reshape(per_row)
-    elif w.int8_activations:
-        x_q, x_scale = reference.quantize_rows_int8(x)
-        out = _dot_out_major(x_q, data, jnp.int32).astype(jnp.float32) * x_scale.reshape(per_row)
+    if _per_token(w):
+        x_q, x_scale = quantize_rows_fp8(x) if isinstance(w, Fp8Weight) else reference.quantize_rows_int8(x)
+        if row_factor is not None:
+            x_scale = x_scale * row_factor
+        out = _dot_out_major(x_q, data, jnp.float32 if isinstance(w, Fp8Weight) else jnp.int32)
+        out = out.astype(jnp.float32) * x_scale.reshape(per_row)
     else:
         out = _dot_out_major(x, data.astype(x.dtype), jnp.float32)
     return (out * w.scale.reshape(data.shape[:-1])).astype(x.dtype).reshape(x.shape[0], *out_shape)

@@ -23,9 +23,10 @@ Modes:
   lop3, the packed subtract and one packed bf16 multiply-add into a bf16 partial sum over the word's 8 inputs,
   widened to float32 once per word. Four instructions per two weights where "magic" then widens each weight to
   float32 and multiplies-adds it there (about twice the instructions): 1.2–1.5× faster at one row on the H200
-  (docs/perf.md, session 23), so the instructions were the bound. The partial sum of 8 products is rounded to bf16 after each product (a relative error of
-  about 2^-9 × √8 on each word's part, the size of the reference's own rounding of the dequantised weights to
-  bf16); fp16 activations could overflow it (|x| · 15 · 8 > 65,504), so they take "magic".
+  (docs/perf.md, session 23), so the instructions were the bound. The partial sum of 8 products is rounded to
+  bf16 after each product (a relative error of about 2^-9 × √8 on each word's part, the size of the reference's
+  own rounding of the dequantised weights to bf16); fp16 activations could overflow it (|x| · 15 · 8 > 65,504),
+  so they take "magic".
 - "magic32" (matrix-vector kernel only): float32 by the same trick without inline assembly (`nibbles32`): the
   word's nibble j (j < 4; the word shifted right by 16 for j ≥ 4) masked in place under the exponent of 2^23
   is 2^23 + q·16^j, minus 2^23 + zero·16^j: (q - zero)·16^j exactly, one lop3 and one subtract per weight; the

@@ -161,6 +161,28 @@ def test_dot_of_each_type_matches_its_reference():
     assert np.abs(np.asarray(jax.jit(qdot.dot)(x, f8)) - plain).max() < 0.1 * np.abs(plain).max()
 
 
+@pytest.mark.parametrize("quantize", [functools.partial(quant.quantize_int8, int8_activations=True),
+                                      quant.quantize_fp8], ids=["w8a8", "fp8"])
+def test_per_token_schemes_fold_a_norm_into_the_row_scale(quantize, monkeypatch):
+    """Rows whose RMS norm is not applied yet (`NormedRows`) reach a w8a8 / fp8 product as x ⊙ weight, each
+    row's 1 / rms joining its quantisation scale: exactly the quantised product of the normalised rows (per-row
+    quantisation does not see a row's scale), up to the rows' float32 rounding."""
+    from jaxllm.models.normed import NormedRows
+
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.standard_normal((6, 128)) * rng.choice([0.01, 1.0, 30.0], (6, 1)), jnp.float32)
+    rows = NormedRows(x, jnp.asarray(rng.uniform(0.5, 1.5, 128), jnp.float32), 1e-5, jnp.float32)
+    q = quantize(jnp.asarray(rng.standard_normal((128, 96)) * 0.1, jnp.float32))
+    factors = []
+    xla_matmul = qdot._xla_matmul
+    monkeypatch.setattr(qdot, "_xla_matmul", lambda *a, **k: factors.append(k.get("row_factor")) or xla_matmul(*a, **k))
+    folded, plain = np.asarray(qdot.dot(rows, q)), np.asarray(qdot.dot(rows.value(), q))
+    assert [f is not None for f in factors] == [True, False]  # the normalised rows' product takes the plain path
+    np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
+    exact = np.asarray(rows.value()) @ np.asarray(quant.dequantize(q))
+    assert np.abs(folded - exact).max() < 0.1 * np.abs(exact).max()
+
+
 def test_one_row_w8a16_on_a_gpu_takes_the_two_digit_product(monkeypatch):
     """On one GPU a one-row w8a16 product runs XLA's int8 GEMM on x's digits (no Pallas kernel: it runs here
     too), through the same reshapes as the other paths: o_proj-like weights with two input axes."""
