@@ -4,8 +4,9 @@ A norm whose output feeds only products (a Llama block's two norms: attention's 
 gate/up product) hands `dense` a `NormedRows` instead of its output. A product that can fold the norm into its
 own prologue takes the raw rows: the one-row w8a16 product (`jaxllm/models/qdot.py`) writes x ⊙ weight as two
 int8 digits and multiplies the row's 1/rms into the digits' row scale, so the norm's output is never written and
-its reduction is a sibling of the digits' own. Every other product calls `value()`, the norm's usual output,
-computed by the same expression `Norm` uses.
+its reduction is a sibling of the digits' own; the per-token quantised products (w8a8, fp8) quantise x ⊙ weight
+and multiply each row's 1/rms into its quantisation scale alike. Every other product calls `value()`, the norm's
+usual output, computed by the same expression `Norm` uses.
 """
 
 from __future__ import annotations

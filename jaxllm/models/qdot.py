@@ -8,7 +8,8 @@ x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA d
 dot of the dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner
 splits the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not
 built yet);
-w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations.
+w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations (a norm handed over unapplied folds
+into the quantisation: x ⊙ weight is quantised and 1/rms joins the row's scale).
 """
 
 from __future__ import annotations
