@@ -53,6 +53,9 @@ def dot(x, w):
 # from 8 rows on); w4a16 runs the matrix-vector kernel up to quant_gemv.MAX_ROWS rows, our int4 tensor-core kernel
 # up to KERNEL_MAX_ROWS and XLA's dot of dequantised weights above. w8a8 and fp8 always take XLA's integer / fp8
 # GEMMs on [out, in] weights, which measured faster than our int8 × int8 kernel at every row count.
+# The fp8 GEMM's output before the scales: float32, or bf16 (half the bytes the GEMM writes and its consumer reads
+# at batch 256, one more rounding of about the output's own; not measured on the GPU yet: docs/perf.md, session 23).
+FP8_PRODUCT_DTYPE = jnp.float32
 W8_DIGITS_MAX_ROWS = 1
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
@@ -140,7 +143,7 @@ def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...], row_factor=None):
         x_q, x_scale = quantize_rows_fp8(x) if isinstance(w, Fp8Weight) else reference.quantize_rows_int8(x)
         if row_factor is not None:
             x_scale = x_scale * row_factor
-        out = _dot_out_major(x_q, data, jnp.float32 if isinstance(w, Fp8Weight) else jnp.int32)
+        out = _dot_out_major(x_q, data, FP8_PRODUCT_DTYPE if isinstance(w, Fp8Weight) else jnp.int32)
         out = out.astype(jnp.float32) * x_scale.reshape(per_row)
     else:
         out = _dot_out_major(x, data.astype(x.dtype), jnp.float32)

@@ -141,6 +141,8 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
         *[(f"w8a8 ours (Triton, + x quantisation){_describe(launch)}", w8a8_ours(launch), "w8", b8, True)
           for launch in launches if launch is None or _mode(launch) == "cast"],
         ("fp8 XLA dot (+ x quantisation)", _fp8_dot, "f8", b8, False),
+        ("fp8 XLA dot, bf16 product (+ x quantisation)", functools.partial(_fp8_dot, product=jnp.bfloat16), "f8",
+         b8, False),
     ]
     if interpret:  # (the digits kernel is checked in interpret mode by tests/kernels/test_two_digit_matmul.py)
         table = [case for case in table if not any(w in case[0] for w in ("mgpu", "fp8", "by our kernel"))]
@@ -221,11 +223,11 @@ def hlo_summary(m: int, k: int, n: int) -> None:
               f"transposes/copies: {big or 'none'}", flush=True)
 
 
-def _fp8_dot(x, w, scale):  # w [n, k] e4m3
+def _fp8_dot(x, w, scale, product=jnp.float32):  # w [n, k] e4m3; `product`: the GEMM's output type
     x32 = x.astype(jnp.float32)
     xs = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 448.0
     xq = (x32 / jnp.where(xs > 0, xs, 1.0)).astype(jnp.float8_e4m3fn)
-    return (reference.dot_nk(xq, w, jnp.float32) * xs * scale).astype(jnp.bfloat16)
+    return (reference.dot_nk(xq, w, product).astype(jnp.float32) * xs * scale).astype(jnp.bfloat16)
 
 
 def _mgpu_int8(m: int):

@@ -183,6 +183,19 @@ def test_per_token_schemes_fold_a_norm_into_the_row_scale(quantize, monkeypatch)
     assert np.abs(folded - exact).max() < 0.1 * np.abs(exact).max()
 
 
+def test_fp8_product_in_bf16_stays_within_its_rounding(monkeypatch):
+    """qdot.FP8_PRODUCT_DTYPE bf16 (the GEMM writes bf16 before the scales): the float32 product's values, rounded
+    once more to bf16."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.standard_normal((7, 128)), jnp.bfloat16)
+    q = quant.quantize_fp8(jnp.asarray(rng.standard_normal((128, 80)) * 0.1, jnp.float32))
+    wide = np.asarray(qdot.dot(x, q), np.float32)
+    monkeypatch.setattr(qdot, "FP8_PRODUCT_DTYPE", jnp.bfloat16)
+    narrow = np.asarray(qdot.dot(x, q), np.float32)
+    assert not np.array_equal(wide, narrow)  # the bf16 product did run
+    np.testing.assert_allclose(narrow, wide, rtol=2**-7, atol=2**-7 * np.abs(wide).max())
+
+
 def test_one_row_w8a16_on_a_gpu_takes_the_two_digit_product(monkeypatch):
     """On one GPU a one-row w8a16 product runs XLA's int8 GEMM on x's digits (no Pallas kernel: it runs here
     too), through the same reshapes as the other paths: o_proj-like weights with two input axes."""
