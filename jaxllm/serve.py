@@ -12,6 +12,7 @@ import sys
 import threading
 from typing import Sequence
 
+from jaxllm import heap
 from jaxllm.args import ServerArgs
 
 log = logging.getLogger("jaxllm.serve")
@@ -69,6 +70,7 @@ def serve(args: ServerArgs, engine, metrics, background: list) -> None:
     engine.start()
     for task in background:
         task.start()
+    heap.freeze_startup_heap()  # this process's start-up objects out of the collector's scans (jaxllm/heap.py)
     log.info("serving on http://%s", bind_address(args.host, args.port))
     try:
         uvicorn.Server(config).run()

@@ -16,7 +16,7 @@ import time
 import uuid
 from concurrent.futures import Future
 
-from jaxllm import multiprocess
+from jaxllm import heap, multiprocess
 from jaxllm.engine.beam import BeamSearch
 from jaxllm.engine.constraints import release_constraint
 from jaxllm.engine.events import EventMaker, final_event
@@ -166,6 +166,7 @@ class Engine(StepLoop, StepReader):
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            heap.freeze_startup_heap()  # start-up's objects out of the full collections' scans (jaxllm/heap.py)
             self._stopping = False
             self._idle_since = None
             self._thread = threading.Thread(target=os_named(self._loop), name="jaxllm-engine", daemon=True)
@@ -181,6 +182,7 @@ class Engine(StepLoop, StepReader):
         self.runner.stop_compiling_later()
         if self._grammars is not None:
             self._grammars.close()
+        heap.thaw()
 
     def __enter__(self):
         self.start()
