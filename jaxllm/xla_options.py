@@ -20,6 +20,22 @@ TRITON_GEMM_OPTION = "xla_gpu_enable_triton_gemm"
 INT8_GEMMS_ON_CUBLAS = f"--{TRITON_GEMM_OPTION}=false"
 
 
+def weights_of(args):
+    """The weight quantisation (a quant.WeightQuant, or None) a server with these flags will run: --mode's, else
+    what the checkpoint's config.json says it holds. From the flags and config.json alone, so that it can come
+    before anything starts the backend; None where they cannot say (load_model reports why)."""
+    from jaxllm.config import read_hf_config
+    from jaxllm.models.quant import WEIGHT_MODES, WeightQuant, checkpoint_quant
+
+    for mode in args.mode:
+        if mode in WEIGHT_MODES:
+            return WeightQuant.from_mode(mode, 1)
+    try:
+        return checkpoint_quant(read_hf_config(args.model_dir))
+    except (ValueError, OSError, TypeError):
+        return None
+
+
 def for_weights(weight_quant) -> str | None:
     """Add what `weight_quant` (a quant.WeightQuant, or None) asks of XLA to XLA_FLAGS; returns the flag added,
     or None (nothing asked, the user's own setting, or the backend already started: logged)."""

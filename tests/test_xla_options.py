@@ -37,3 +37,20 @@ def test_a_started_backend_is_left_alone_and_says_so(monkeypatch, caplog):
     with caplog.at_level("INFO", logger="jaxllm.xla_options"):
         assert xla_options.for_weights(WeightQuant("w8a8")) is None
     assert "XLA_FLAGS" not in xla_options.os.environ and "cuBLAS" in caplog.text
+
+
+def test_the_weights_come_from_the_flags_or_the_checkpoints_config(tmp_path):
+    """Before the backend starts: --mode's scheme, else config.json's quantization_config, else None."""
+    import json
+    from types import SimpleNamespace
+
+    from jaxllm.models.quant import QUANT_METHOD
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "quantization_config": {"quant_method": QUANT_METHOD, "scheme": "w8a8"}}))
+    assert xla_options.weights_of(SimpleNamespace(mode=["triton_gqa_flashdecoding", "ppl_w8a8_mixdown"],
+                                                  model_dir=None)).scheme == "w8a8"
+    assert xla_options.weights_of(SimpleNamespace(mode=["triton_int8kv"], model_dir=str(tmp_path))).scheme == "w8a8"
+    assert xla_options.weights_of(SimpleNamespace(mode=[], model_dir=str(tmp_path / "missing"))) is None
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert xla_options.weights_of(SimpleNamespace(mode=[], model_dir=str(tmp_path))) is None

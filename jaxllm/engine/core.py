@@ -108,6 +108,9 @@ def run_core(args, channel: QueuedChannel) -> None:
     sink = CoreSink(channel)
     try:
         with phase("import"):  # JAX, Flax, the models: in this process only
+            from jaxllm import xla_options
+
+            xla_options.for_weights(xla_options.weights_of(args))  # before the devices start, just below
             if args.processes == 1:  # (several: JAX's distributed start must come before the devices')
                 _start_devices_behind()
             from jaxllm.engine.engine import Engine
