@@ -20,7 +20,8 @@ Modes:
   not build. Interpret mode runs it as written.
 - "fma16" (matrix-vector kernel only, bf16 activations): "magic"'s conversion and the multiply-add by the
   activation in one piece of inline PTX (`dot_nibbles16`): per pair of words and nibble, the byte permute, the
-  lop3, the packed subtract and one packed bf16 multiply-add into a bf16 partial sum over the word's 8 inputs,
+  lop3, the packed subtract and one packed bf16 multiply-add into a bf16 partial sum over the word's 8 inputs
+  (with several rows, each nibble's tile converted once and one packed multiply-add per row, `fma_bf16x2`),
   widened to float32 once per word. Four instructions per two weights where "magic" then widens each weight to
   float32 and multiplies-adds it there (about twice the instructions): 1.2–1.5× faster at one row on the H200
   (docs/perf.md, session 23), so the instructions were the bound. The partial sum of 8 products is rounded to
@@ -135,6 +136,18 @@ def dot_nibbles16(packed, zero, xs, interpret: bool):
             constraints="=r,r,r,r,r,r", pack=2, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, bf16)],
         )
     return part
+
+
+def fma_bf16x2(w, x, part, interpret: bool):
+    """part + x · w, rounded once to bf16 (bf16 [r, n] each; x broadcast to it): one packed bf16 multiply-add per two
+    values (inline PTX), or its plain-ops stand-in in interpret mode (the product is exact in float32)."""
+    bf16 = jnp.dtype(jnp.bfloat16)
+    if interpret:
+        return (part.astype(jnp.float32) + x.astype(jnp.float32) * w.astype(jnp.float32)).astype(bf16)
+    [out] = pltriton.elementwise_inline_asm(
+        "fma.rn.bf16x2 $0, $1, $2, $3;", args=[w, jnp.broadcast_to(x, w.shape).astype(bf16), part],
+        constraints="=r,r,r,r", pack=2, result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, bf16)])
+    return out
 
 
 def nibbles32(packed, zero):

@@ -168,6 +168,18 @@ def test_int4_gemv_magic(rng, m, k, n, group, dtype, launch, dequant):
     assert rel_err(out, reference.int4_matmul(x, q.packed, q.scale, q.zero)) < TOL[jnp.bfloat16]
 
 
+def test_int4_gemv_fma16_rows_together_are_each_row_alone(rng):
+    """"fma16" with several rows (each nibble's tile converted once, a packed multiply-add per row) rounds as the
+    one-row path does: every row's output is bit for bit its own one-row product."""
+    x, w = _inputs(rng, 3, 256, 64, jnp.bfloat16)
+    q = quant.quantize_int4(w, group_size=128, scale_dtype=jnp.bfloat16)
+    launch = _with(GEMV_SPLIT, None, "fma16")
+    together = quant_gemv.int4_gemv(x, q.packed, q.scale, q.zero, launch=launch, interpret=INTERPRET)
+    alone = [quant_gemv.int4_gemv(x[i:i + 1], q.packed, q.scale, q.zero, launch=launch, interpret=INTERPRET)
+             for i in range(3)]
+    np.testing.assert_array_equal(np.asarray(together, np.float32), np.asarray(jnp.concatenate(alone), np.float32))
+
+
 def test_float32_activations_cast_and_unknown_modes_fail(rng):
     """Float32 activations take the plain conversion whatever the launch says; a mode a kernel lacks is refused."""
     x, w = _inputs(rng, 2, 256, 32, jnp.float32)

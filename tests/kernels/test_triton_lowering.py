@@ -194,6 +194,8 @@ CASES = {
     "int4_gemv": lambda: (quant_gemv.int4_gemv, (_x(1), *_int4_weight())),
     "int4_gemv-fma16": lambda: (functools.partial(quant_gemv.int4_gemv, launch=dataclasses.replace(
         quant_gemv.INT4, dequant="fma16")), (_x(1), *_int4_weight())),
+    "int4_gemv-fma16-4-rows": lambda: (functools.partial(quant_gemv.int4_gemv, launch=dataclasses.replace(
+        quant_gemv.INT4, dequant="fma16")), (_x(4), *_int4_weight())),
     "int16_digits": lambda: (two_digit_matmul.int16_digits_kernel, (_x(1, 14336),)),
     "int16_digits-normed": lambda: (lambda x, w: two_digit_matmul.int16_digits_kernel(x, w, 1e-5),
                                     (_x(1, 4096), jnp.ones((4096,), jnp.float32))),
