@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from jaxllm import heap
 from jaxllm.engine import device_steps
 from jaxllm.engine.constraints import StepMasks
 from jaxllm.engine.kv_cache import KVCache, init_device_kv
@@ -340,6 +341,7 @@ class ModelRunner:
                     log.exception("compiling the step of shape %s in the background failed", shape)
             log.info("compiled %d step shapes after start-up in %.1f s, in the background", built,
                      time.perf_counter() - started)
+            heap.freeze_startup_heap()  # their traces and executables join the heap the collector skips (quiet now)
 
         self._later = threading.Thread(target=os_named(build_each), name="jaxllm-compile-later", daemon=True)
         self._later.start()

@@ -3,6 +3,7 @@ second identical start compiles nothing (every executable is read from the persi
 a fresh process); the weight loader's host copies keep every bit; $JAXLLM_WARMUP_SHAPES sets how many shapes
 start-up compiles."""
 
+import gc
 import json
 import os
 import subprocess
@@ -77,8 +78,10 @@ def test_the_shapes_after_the_start_up_set_compile_in_the_background_each_once(t
     builds.clear()
     runner.compile_later(quiet=lambda: True)
     with engine:
+        frozen_at_start = gc.get_freeze_count()  # (jaxllm/heap.py)
         together = [[e.token_id for e in s] for s in engine.submit_many([(p, params, None) for p in prompts])]
         runner.stop_compiling_later(finish=True)
+        assert gc.get_freeze_count() > frozen_at_start  # the background builds' objects frozen too
         alone = [[e.token_id for e in engine.submit(p, params)] for p in prompts[:3]]
     assert runner.compiled_shapes >= later
     assert len(builds) == len(runner.compiled_shapes)  # each built once (builds and persistent-cache reads alike)
