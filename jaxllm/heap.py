@@ -6,7 +6,8 @@ tokenizer, the web app (SmolLM2's engine process: ~600,000 tracked objects, whos
 the median on the 2-core CPU box; docs/perf.md, session 23). Such a pause on the engine's thread outlasts a decode
 step, so the device idles and every stream's inter-token gap takes it. `freeze_startup_heap` moves all of them
 into the permanent generation once start-up is done (after one last collection), so that later collections
-scan only what serving allocates; `thaw` undoes it when the engine stops, so that a process that goes on (tests,
+scan only what serving allocates (a server's background compiles freeze again when they end: their traces and
+executables are start-up's too); `thaw` undoes it when the engine stops, so that a process that goes on (tests,
 an embedding program) can collect the stopped engine's cycles. Reference counting frees objects as before:
 freezing only keeps frozen cycles from being collected.
 """
