@@ -25,13 +25,12 @@ def weights_of(args):
     what the checkpoint's config.json says it holds. From the flags and config.json alone, so that it can come
     before anything starts the backend; None where they cannot say (load_model reports why)."""
     from jaxllm.config import read_hf_config
-    from jaxllm.models.quant import WEIGHT_MODES, WeightQuant, checkpoint_quant
+    from jaxllm.models.backends import resolve_modes
+    from jaxllm.models.quant import WeightQuant, checkpoint_quant
 
-    for mode in args.mode:
-        if mode in WEIGHT_MODES:
-            return WeightQuant.from_mode(mode, 1)
     try:
-        return checkpoint_quant(read_hf_config(args.model_dir))
+        mode = resolve_modes(args.mode).weight_mode
+        return WeightQuant.from_mode(mode, 1) if mode else checkpoint_quant(read_hf_config(args.model_dir))
     except (ValueError, OSError, TypeError):
         return None
 

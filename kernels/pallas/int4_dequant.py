@@ -117,17 +117,14 @@ def dot_nibbles16(packed, zero, xs, interpret: bool):
     Σ_j xs[j][i] · (q_j - zero) as bf16 [r, n], each multiply-add rounded to bf16 ("fma16"). `zero`:
     broadcastable to [r, n]."""
     bf16 = jnp.dtype(jnp.bfloat16)
-    if interpret:  # the same roundings as the PTX, as plain ops: the product is exact in float32
-        part = jnp.zeros(packed.shape, bf16)
-        for j, x in enumerate(xs):
-            q = (lax.shift_right_logical(packed, jnp.int32(4 * j)) & 0xF).astype(jnp.float32)
-            w = q - zero.astype(jnp.float32)
-            part = (part.astype(jnp.float32) + x.astype(jnp.float32)[:, None] * w).astype(bf16)
+    part = jnp.zeros(packed.shape, bf16)
+    if interpret:  # the same roundings as the PTX: each nibble's exact tile, then one rounded multiply-add
+        for x, w in zip(xs, nibbles16(packed, zero, None, bf16, interpret)):
+            part = fma_bf16x2(w, x[:, None], part, interpret)
         return part
     bits, bias = _BIAS16[bf16]
     zero = jnp.broadcast_to(zero.astype(bf16) + jnp.asarray(bias, bf16), packed.shape)  # exact: small integers
     odd = lax.shift_right_logical(packed, jnp.int32(4))
-    part = jnp.zeros(packed.shape, bf16)
     for j, x in enumerate(xs):
         asm = _DOT_NIBBLES.format(selector=_selector(j), bias=hex(bits))
         [part] = pltriton.elementwise_inline_asm(

@@ -119,13 +119,13 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, row
         g = r0 // rows_per_group
         scale = s_ref[g, :].astype(jnp.float32)[None, :]
         zero = z_ref[g, :][None, :]
-        xs = [[x_ref[i, pl.ds(j * k8 + r0, block_r)][:, None] for j in range(8)] for i in range(rows)]
+        xs = [[x_ref[i, pl.ds(j * k8 + r0, block_r)] for j in range(8)] for i in range(rows)]
         if rows == 1:  # conversion and multiply-add in one piece of PTX
-            parts = [int4_dequant.dot_nibbles16(packed, zero, [x[:, 0] for x in xs[0]], interpret)]
+            parts = [int4_dequant.dot_nibbles16(packed, zero, xs[0], interpret)]
         else:  # each nibble's tile converted once, for every row
             parts = [jnp.zeros(packed.shape, jnp.bfloat16)] * rows
             for j, w in enumerate(int4_dequant.nibbles16(packed, zero, None, jnp.bfloat16, interpret)):
-                parts = [int4_dequant.fma_bf16x2(w, xs[i][j], parts[i], interpret) for i in range(rows)]
+                parts = [int4_dequant.fma_bf16x2(w, xs[i][j][:, None], parts[i], interpret) for i in range(rows)]
         return tuple(acc + part.astype(jnp.float32) * scale for acc, part in zip(accs, parts))
 
     def magic_body(step, accs):
