@@ -188,6 +188,11 @@ def _latent_note(config: ModelConfig, itemsize: int) -> str:
     return f" (latent; per-head keys and values would take {full / 1024:.1f} KiB, {full / (config.kv_values_per_token * itemsize):.1f}x)"
 
 
+def _modes(ns, weights: str | None) -> list[str]:
+    """--mode plus one entry of --weights (16bit adds nothing)."""
+    return ns.mode + ([weights] if weights not in (None, "16bit") else [])
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -222,8 +227,7 @@ def main(argv=None) -> int:
     # the XLA options the engine would set for these weights (before the backend starts): one process, so every
     # mode of the run shares them
     for weights in ns.weights or [None]:
-        modes = ns.mode + ([weights] if weights not in (None, "16bit") else [])
-        weight_mode = resolve_modes(modes).weight_mode
+        weight_mode = resolve_modes(_modes(ns, weights)).weight_mode
         added = xla_options.for_weights(weight_mode and WeightQuant.from_mode(weight_mode, 1))
         if added:
             print(f"XLA_FLAGS += {added} (as the engine sets it for {weight_mode}; every mode of this run has it)")
@@ -232,7 +236,7 @@ def main(argv=None) -> int:
           f"bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     rows = []
     for weights in ns.weights or [None]:
-        modes = ns.mode + ([weights] if weights not in (None, "16bit") else [])
+        modes = _modes(ns, weights)
         config = with_weight_mode(ModelConfig.from_hf_dict(raw), resolve_modes(modes).weight_mode, raw)
         backend = attention_backend(modes, jax.devices()[0].platform)
         model = build_model(config, dtype, backend, experts_kernel=_experts_kernel(ns))
