@@ -2,12 +2,12 @@
 
 x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
 (`jaxllm/models/quant.py`) runs, for the weight-only schemes, the Pallas kernels of
-`kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row) and `kernels/pallas/quant_matmul.py`, or
-`kernels/pallas/two_digit_matmul.py` (w8a16, one row: a norm before the product, handed over unapplied as
-`NormedRows`, is folded into x's digits), on a single GPU at decode-sized row counts, and an XLA
-dot of the dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner
-splits the product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not
-built yet);
+`kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row; int8 too where W8_GEMV_MAX_ROWS says, a norm
+before it folded in) and `kernels/pallas/quant_matmul.py`, or `kernels/pallas/two_digit_matmul.py` (w8a16, one
+row: a norm before the product, handed over unapplied as `NormedRows`, is folded into x's digits), on a single GPU
+at decode-sized row counts, and an XLA dot of the dequantised weights otherwise (larger row counts, the CPU,
+and `--tp` > 1, where XLA's partitioner splits the product like its 16-bit twin's, without gathering a weight:
+the kernels under shard_map are not built yet);
 w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations (a norm handed over unapplied folds
 into the quantisation: x ⊙ weight is quantised and 1/rms joins the row's scale).
 """
@@ -29,7 +29,7 @@ def dot(x, w):
     be `NormedRows` (rows whose RMS norm is not applied yet): the two-digit w8a16 product folds the norm into its
     digits, every other product takes the norm's output."""
     if isinstance(x, NormedRows):
-        out = _normed_two_digit(x, w)
+        out = _normed_weight_only(x, w)
         if out is None:
             out = _normed_per_token(x, w)
         if out is not None:
@@ -57,6 +57,10 @@ def dot(x, w):
 # at batch 256, one more rounding of about the output's own; not measured on the GPU yet: docs/perf.md, session 23).
 FP8_PRODUCT_DTYPE = jnp.float32
 W8_DIGITS_MAX_ROWS = 1
+# w8a16 rows up to this many (one at most) take the int8 matrix-vector kernel in packed fp16 instead of the digits
+# (quant_gemv's "f16": bf16 x read as it is, a norm before it folded into the kernel, no digits, no int32 sums to
+# combine); not measured in the engine yet, so off.
+W8_GEMV_MAX_ROWS = 0
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
 # The two digits (and a norm before them) from one Pallas kernel a row instead of XLA's reductions and
@@ -72,6 +76,8 @@ def _kernel_matmul(x, w, k: int, n: int):
         return None
     if isinstance(w, Int8Weight) and not w.int8_activations:
         data, scale = w.data.reshape(n, k), w.scale.reshape(n)
+        if _takes_int8_gemv(w, m, k, n):
+            return quant_gemv.int8_gemv(x, data, scale)
         if _takes_two_digits(w, m, k):
             return _two_digit(x, data, scale)
         if m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
@@ -83,6 +89,12 @@ def _kernel_matmul(x, w, k: int, n: int):
         if m <= KERNEL_MAX_ROWS and quant_matmul.supports(k, n, group=w.group_size):
             return quant_matmul.int4_matmul(x, packed, scale, zero)
     return None
+
+
+def _takes_int8_gemv(w, m: int, k: int, n: int) -> bool:
+    """Whether x [m, k] @ w runs the int8 matrix-vector kernel in packed fp16 (kernels enabled)."""
+    return (isinstance(w, Int8Weight) and not w.int8_activations and m <= min(W8_GEMV_MAX_ROWS, 1)
+            and quant_gemv.supports(k, n, m))
 
 
 def _takes_two_digits(w, m: int, k: int) -> bool:
@@ -99,14 +111,21 @@ def _two_digit(x, data, scale, norm: NormedRows | None = None):
     return two_digit_matmul.int8_matmul(x, data, scale, weight, eps, digits_kernel=kernel).astype(dtype)
 
 
-def _normed_two_digit(rows: NormedRows, w):
-    """rows' normalised values @ w when the product takes two digits (the norm folded into them), else None."""
+def _normed_weight_only(rows: NormedRows, w):
+    """rows' normalised values @ w when a one-row w8a16 product folds the norm in (the matrix-vector kernel, or
+    the digits), else None."""
     m, k = rows.shape
-    if not kernels_enabled() or not _takes_two_digits(w, m, k) or w.in_axes != 1:
+    if not kernels_enabled() or not isinstance(w, Int8Weight) or w.in_axes != 1:
         return None
     out_shape = w.shape[w.in_axes:]
     n = math.prod(out_shape)
-    out = _two_digit(rows.x, w.data.reshape(n, k), w.scale.reshape(n), rows)
+    data, scale = w.data.reshape(n, k), w.scale.reshape(n)
+    if _takes_int8_gemv(w, m, k, n) and jnp.dtype(rows.dtype).itemsize == 2:
+        out = quant_gemv.int8_gemv(rows.x.astype(rows.dtype), data, scale, rows.weight, rows.eps)
+    elif _takes_two_digits(w, m, k):
+        out = _two_digit(rows.x, data, scale, rows)
+    else:
+        return None
     return out.reshape(m, *out_shape)
 
 

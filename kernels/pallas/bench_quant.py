@@ -87,7 +87,7 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
                               for specs, default, modes in (
                                   (launches, quant_matmul.pick_launch(m), quant_matmul.INT8_MODES),
                                   (launches, quant_matmul.pick_launch(m, int4=True), quant_matmul.INT4_MODES),
-                                  (gemv_launches, quant_gemv.INT8, ("cast",)),
+                                  (gemv_launches, quant_gemv.INT8, quant_gemv.INT8_MODES),
                                   (gemv_launches, quant_gemv.INT4, quant_gemv.INT4_MODES)))
     if m > GEMV_BENCH_ROWS:
         gemv8 = gemv4 = []
@@ -117,6 +117,10 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
             return two_digit_matmul.int8_matmul(normed, w, s, digits_kernel=kernel)
         return fn
 
+    def folded_gemv(launch):
+        weight = jnp.linspace(0.5, 1.5, k, dtype=jnp.float32)
+        return lambda x, w, s: quant_gemv.int8_gemv(x, w, s, weight, 1e-5, launch=launch, interpret=interpret)
+
     table = [
         ("bf16 XLA dot", jnp.dot, "w16", b16, False),
         ("w8a16 XLA dot, dequantised outside", _dequant8, "w8", b8, False),
@@ -131,6 +135,8 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
           for launch in tc8],
         *[(f"w8a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int8_gemv, launch), "w8", b8, False)
           for launch in gemv8],
+        *[(f"w8a16 ours GEMV, RMS norm folded in{_describe(launch)}", folded_gemv(launch), "w8", b8, False)
+          for launch in gemv8 if m == 1 and (launch or quant_gemv.INT8).dequant == "f16"],
         ("w8a16 hopper_mixed_type_matmul_mgpu", _mgpu_int8(m), "w8", b8, False),
         ("w4a16 XLA dot, dequantised outside", _dequant4, "w4", b4, False),
         *[(f"w4a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int4_matmul, launch), "w4", b4, False)

@@ -30,6 +30,9 @@ Modes (every one scales after the dots: q·(s_k k) = s_k (q·k) per key, Σ p s_
   (no conversion of keys at all, int32 accumulation); values as in "f16". Adds q's rounding error (≤ half a
   step of max|q|/127 per element) to the scores.
 
+`fma_f16` does "f16"'s conversion and a packed multiply-add for the int8 matrix-vector kernel
+(`quant_gemv.int8_gemv`'s "f16").
+
 Float32 queries (the CPU tests' models) always cast int8 to float32. In interpret mode (the CPU) the PTX
 conversions run as `astype`, which gives the same numbers (both are exact); "f16ops" runs as written.
 """
@@ -83,6 +86,20 @@ sub.f16x2 $0, $0, c;
 
 _ASM = {jnp.dtype(jnp.float16): _I8_TO_F16, jnp.dtype(jnp.bfloat16): _I8_TO_BF16}
 
+# "_I8_TO_F16" and a packed fp16 multiply-add: 4 int8 lanes in $2, 4 fp16 activations in $3, $4, 4 fp16 partial
+# sums in $5, $6 → the 4 sums plus activation × weight, each rounded once to fp16, in $0, $1.
+_FMA_I8_F16 = """{
+.reg .b32 u, c, w0, w1;
+xor.b32 u, $2, 0x80808080;
+prmt.b32 w0, u, 0x64646464, 0x4140;
+prmt.b32 w1, u, 0x64646464, 0x4342;
+mov.b32 c, 0x64806480;
+sub.f16x2 w0, w0, c;
+sub.f16x2 w1, w1, c;
+fma.rn.f16x2 $0, w0, $3, $5;
+fma.rn.f16x2 $1, w1, $4, $6;
+}"""
+
 
 def check(mode: str) -> None:
     if mode not in MODES:
@@ -109,6 +126,22 @@ def convert(x, dtype, mode: str, interpret: bool):
     [out] = pltriton.elementwise_inline_asm(
         _ASM[dtype], args=[x], constraints="=r,=r,r", pack=4,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)],
+    )
+    return out
+
+
+def fma_f16(w, x, acc, interpret: bool):
+    """acc + x · w elementwise, each result rounded once to fp16: int8 tile `w`, fp16 tiles `x` (broadcast to w's
+    shape) and `acc`. Per 4 weights one xor, two byte permutes, two packed subtracts and two packed multiply-adds
+    (inline PTX; the matrix-vector kernel's "f16"); in interpret mode the plain ops, whose product of an int8 and
+    an fp16 value is exact in float32."""
+    f16 = jnp.dtype(jnp.float16)
+    x = jnp.broadcast_to(x, w.shape).astype(f16)
+    if interpret:
+        return (acc.astype(jnp.float32) + x.astype(jnp.float32) * w.astype(jnp.float32)).astype(f16)
+    [out] = pltriton.elementwise_inline_asm(
+        _FMA_I8_F16, args=[w, x, acc], constraints="=r,=r,r,r,r,r,r", pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, f16)],
     )
     return out
 

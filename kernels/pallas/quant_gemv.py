@@ -15,6 +15,15 @@ one (q - zero times a power of two, exact; the activations take the inverse powe
 fp16 ones take "magic"), the conversion and the multiply-add by the activation in packed bf16 over each word's
 8 inputs, widened to float32 once per word (`int4_dequant.dot_nibbles16`). These modes sum x·(q - zero) over a
 loop step (within one group) and multiply by the group's scale once per step. Float32 activations always cast.
+
+int8 (one row): "cast" converts each weight to float32 and multiplies-adds there; "f16" runs the products in
+packed fp16 (`int8_dequant.fma_f16`: about 2 instructions a weight where the cast takes 4 or more): each
+program first scales its slice of x by a power of two 2^-e (max |x| of the slice in [1, 2): exact, and every
+product below 256 in magnitude), accumulates x·w in fp16 tiles for up to F16_FLUSH_STEPS loop steps (below
+65,504 whatever the data), adds those into float32 tiles, and multiplies its sums by 2^e at the end. A norm
+before the product (an RMS norm's weight and epsilon) folds in: x ⊙ weight is what is scaled and multiplied,
+and each program computes the row's 1 / rms itself (one more pass over x, which is small) and applies it with
+2^e.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.pallas import int4_dequant, plan
+from kernels.pallas import int4_dequant, int8_dequant, plan
 
 # Up to this many rows the model uses the int4 kernel (docs/perf.md: at one row it beat the tensor-core kernel,
 # 58 against 64 µs; its work grows with the rows, one accumulator each, and at 8 it lost badly). The int8 one
@@ -46,10 +55,12 @@ class GemvLaunch:
     num_warps: int = 4
     num_stages: int = 3
     target_programs: int = 528  # four per multiprocessor of an H100 / H200
-    dequant: str = "cast"  # int4: "cast", "magic" or "magic32" (the module docstring); int8: "cast"
+    dequant: str = "cast"  # int4: "cast", "magic", "magic32" or "fma16"; int8: "cast" or "f16" (module docstring)
 
 
-INT8 = GemvLaunch()
+INT8 = GemvLaunch(block_n=32, block_k=256, dequant="f16")
+INT8_MODES = ("cast", "f16")
+F16_FLUSH_STEPS = 16  # fp16 partial sums: < 2 · 128 a step, < 65,504 after 16 (and 2^-11 relative each)
 # "fma16" at one row on the H200 (docs/perf.md, session 23): 31.9 against "magic"'s 48.2 µs (gate_up), 18.8
 # against 23.9 (down), 11.5 against 14.3 (qkv); "magic" itself beat the cast and "magic32" (session 12).
 INT4 = GemvLaunch(block_n=128, block_k=256, num_warps=4, num_stages=3, dequant="fma16")
@@ -105,6 +116,50 @@ def _int8_kernel(x_ref, w_ref, s_ref, o_ref, *, rows, block_k, steps, splits):
     zeros = jnp.zeros((w_ref.shape[0], block_k), jnp.float32)
     accs = lax.fori_loop(0, steps, body, (zeros,) * rows)
     _finish(o_ref, [jnp.sum(acc, axis=1) for acc in accs], s_ref[...][None, :], splits)
+
+
+def _pow2_exponent(v):
+    """The float32 `v`'s binary exponent e (v in [2^e, 2^(e+1)); v ≥ 0, normal or zero) as int32."""
+    return (lax.bitcast_convert_type(v, jnp.int32) >> 23) - 127
+
+
+def _pow2(e):
+    """2.0^e exactly for int32 e in [-126, 127]."""
+    return lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
+def _int8_f16_kernel(x_ref, w_ref, s_ref, *rest, block_k, steps, splits, flush, eps, interpret):
+    # x_ref [1, k]; w_ref [bn, k] int8; s_ref [bn] float32; [g_ref [k] float32: the norm's weight]; o_ref [1, bn]
+    # (or [1, 1, bn] partials). One row: the module docstring's "f16".
+    g_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
+    first = pl.program_id(1) * steps
+
+    def x_at(step):
+        cols = pl.ds(step * block_k, block_k)
+        x = x_ref[0, cols].astype(jnp.float32)
+        return x if g_ref is None else x * g_ref[cols]
+
+    top = lax.fori_loop(first, first + steps, lambda s, m: jnp.maximum(m, jnp.max(jnp.abs(x_at(s)))), 0.0)
+    e = jnp.clip(_pow2_exponent(top), -100, 100)  # [1, 2) · 2^e holds max |x| (zero rows: any e)
+    down = _pow2(-e)
+
+    def step(s, acc16):
+        w = w_ref[:, pl.ds(s * block_k, block_k)]  # [bn, bk] int8
+        return int8_dequant.fma_f16(w, (x_at(s) * down).astype(jnp.float16)[None, :], acc16, interpret)
+
+    def chunk(c, acc):
+        start = first + c * flush
+        acc16 = lax.fori_loop(start, start + flush, step, jnp.zeros(acc.shape, jnp.float16))
+        return acc + acc16.astype(jnp.float32)
+
+    acc = lax.fori_loop(0, steps // flush, chunk, jnp.zeros((w_ref.shape[0], block_k), jnp.float32))
+    factor = _pow2(e)
+    if g_ref is not None:
+        total_steps = x_ref.shape[1] // block_k
+        squares = lax.fori_loop(0, total_steps, lambda s, t: t + jnp.sum(jnp.square(
+            x_ref[0, pl.ds(s * block_k, block_k)].astype(jnp.float32))), 0.0)
+        factor = factor * lax.rsqrt(squares / x_ref.shape[1] + eps)
+    _finish(o_ref, [jnp.sum(acc, axis=1) * factor], s_ref[...][None, :], splits)
 
 
 def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, rows_per_group, k8, splits, dequant,
@@ -189,14 +244,19 @@ def _pad_rows(x, rows):
     return x if x.shape[0] == rows else jnp.pad(x, ((0, rows - x.shape[0]), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("launch", "interpret"))
-def int8_gemv(x, w, scale, *, launch: GemvLaunch | None = None, interpret: bool = False):
-    """x [m, k] @ (int8 w [n, k] * float32 scale [n])ᵀ → [m, n] in x's dtype, m ≤ a few rows."""
+@functools.partial(jax.jit, static_argnames=("eps", "launch", "interpret"))
+def int8_gemv(x, w, scale, norm_weight=None, eps: float = 0.0, *, launch: GemvLaunch | None = None,
+              interpret: bool = False):
+    """x [m, k] @ (int8 w [n, k] * float32 scale [n])ᵀ → [m, n] in x's dtype, m ≤ a few rows. With `norm_weight`
+    [k] (one row, "f16" only), x's RMS norm (that weight, `eps`) is applied first, folded into the product."""
     launch = launch or INT8
-    if launch.dequant != "cast":
-        raise ValueError(f"the int8 GEMV only casts (dequant {launch.dequant!r})")
+    if launch.dequant not in INT8_MODES:
+        raise ValueError(f"dequant {launch.dequant!r} not one of {', '.join(INT8_MODES)}")
     (m, k), n = x.shape, w.shape[0]
     rows = _rows_pad(m)
+    f16 = launch.dequant == "f16" and rows == 1 and x.dtype != jnp.float32
+    if norm_weight is not None and not f16:
+        raise ValueError("a folded norm needs one 16-bit row and the \"f16\" launch")
     block_n = plan.pow2_divisor(n, launch.block_n, 1)
     block_k = plan.pow2_divisor(k, launch.block_k, 16)
     if block_n is None or block_k is None:
@@ -204,11 +264,19 @@ def int8_gemv(x, w, scale, *, launch: GemvLaunch | None = None, interpret: bool 
     splits = _splits(n // block_n, k // block_k, launch.target_programs)
     steps = k // block_k // splits
     scale = scale.astype(jnp.float32)
-    kernel = functools.partial(_int8_kernel, rows=rows, block_k=block_k, steps=steps, splits=splits)
     specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0)), pl.BlockSpec((block_n, k), lambda j, s: (j, 0)),
              pl.BlockSpec((block_n,), lambda j, s: (j,))]
-    out = _call(kernel, (_pad_rows(x, rows), w, scale), specs, rows, n, block_n, splits, x.dtype, launch,
-                interpret, "int8_gemv")
+    inputs = (_pad_rows(x, rows), w, scale)
+    if f16:
+        flush = max(d for d in range(1, F16_FLUSH_STEPS + 1) if steps % d == 0)
+        kernel = functools.partial(_int8_f16_kernel, block_k=block_k, steps=steps, splits=splits, flush=flush,
+                                   eps=eps, interpret=interpret)
+        if norm_weight is not None:
+            inputs += (norm_weight.astype(jnp.float32),)
+            specs.append(pl.BlockSpec((k,), lambda j, s: (0,)))
+    else:
+        kernel = functools.partial(_int8_kernel, rows=rows, block_k=block_k, steps=steps, splits=splits)
+    out = _call(kernel, inputs, specs, rows, n, block_n, splits, x.dtype, launch, interpret, "int8_gemv")
     if splits > 1:
         out = (out.sum(0) * scale[None, :]).astype(x.dtype)
     return out[:m]

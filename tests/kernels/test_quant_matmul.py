@@ -108,6 +108,38 @@ def test_gemv_kernels(rng, m, k, n, group, dtype, launch):
     assert rel_err(out4, reference.int4_matmul(x, q4.packed, q4.scale, q4.zero)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("k,n,launch", [
+    (512, 64, GEMV_SPLIT),  # split along the inputs: each split's own power of two
+    (384, 48, GEMV_NO_SPLIT),  # 3 loop steps: fp16 sums flushed every step
+    (4096, 64, None),  # the default launch: 16 steps, one flush
+])
+@pytest.mark.parametrize("normed", [False, True])
+def test_int8_gemv_f16(rng, k, n, launch, normed):
+    """The one-row int8 kernel in packed fp16 ("f16"), with and without an RMS norm folded in, against the
+    float32 product of the (normalised) row and the dequantised weights, on a row with values up to ~10^4:
+    without its power-of-two scaling fp16 products would overflow."""
+    x, w = _inputs(rng, 1, k, n, jnp.bfloat16)
+    x = (x * jnp.asarray(np.where(rng.random(k) < 0.02, 4000.0, 3.0), jnp.bfloat16)).astype(jnp.bfloat16)
+    q = quant.quantize_int8(w)
+    weight = jnp.asarray(rng.uniform(0.5, 1.5, k), jnp.float32) if normed else None
+    out = quant_gemv.int8_gemv(x, q.data, q.scale, weight, 1e-5, launch=_with(launch, quant_gemv.INT8, "f16"),
+                               interpret=INTERPRET)
+    x32 = x.astype(jnp.float32)
+    if normed:
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32) + 1e-5) * weight
+    with jax.default_matmul_precision("highest"):
+        ref = x32 @ quant.dequantize(q)
+    assert out.shape == (1, n) and out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) < 5e-3
+
+
+def test_int8_gemv_folded_norm_needs_f16(rng):
+    x, w = _inputs(rng, 2, 256, 32, jnp.bfloat16)
+    q = quant.quantize_int8(w)
+    with pytest.raises(ValueError, match="folded norm"):
+        quant_gemv.int8_gemv(x, q.data, q.scale, jnp.ones((256,)), 1e-5, interpret=INTERPRET)
+
+
 def _with(launch, default, dequant):
     return dataclasses.replace(launch or default, dequant=dequant)
 

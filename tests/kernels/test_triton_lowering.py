@@ -191,6 +191,10 @@ CASES = {
     "int4_matmul": lambda: (quant_matmul.int4_matmul, (_x(48), *_int4_weight())),
     "int8_int8_matmul": _int8_int8,
     "int8_gemv": lambda: (quant_gemv.int8_gemv, (_x(1), *_int8_weight())),
+    "int8_gemv-normed": lambda: (lambda x, w, s, g: quant_gemv.int8_gemv(x, w, s, g, 1e-5),
+                                 (_x(1), *_int8_weight(), jnp.ones((512,), jnp.float32))),
+    "int8_gemv-cast": lambda: (functools.partial(quant_gemv.int8_gemv, launch=dataclasses.replace(
+        quant_gemv.INT8, dequant="cast")), (_x(1), *_int8_weight())),
     "int4_gemv": lambda: (quant_gemv.int4_gemv, (_x(1), *_int4_weight())),
     "int4_gemv-fma16": lambda: (functools.partial(quant_gemv.int4_gemv, launch=dataclasses.replace(
         quant_gemv.INT4, dequant="fma16")), (_x(1), *_int4_weight())),

@@ -17,7 +17,7 @@ from jaxllm.models import build_model, init_kv_cache, qdot, quant
 from jaxllm.models.backends import resolve_modes
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf
-from kernels.pallas import reference, two_digit_matmul
+from kernels.pallas import quant_gemv, reference, two_digit_matmul
 from tests.models.hf_oracle import prefill_meta
 from tests.models.test_llama import save_random_hf_model
 
@@ -281,3 +281,35 @@ def test_engine_serves_a_weight_mode(checkpoint):
             logits, _ = step(params, jnp.asarray(ids, jnp.int32), meta, init_kv_cache(model, 32))
             ids.append(int(np.asarray(logits)[-1].argmax()))
         assert out.token_ids == ids[len(prompt):]
+
+
+def test_one_row_w8a16_bf16_model_takes_the_int8_gemv(checkpoint, monkeypatch, request):
+    """With W8_GEMV_MAX_ROWS = 1, a one-row step of a bf16 w8a16 Llama on the GPU's path runs every int8 product
+    in the matrix-vector kernel ("f16", interpret mode here), the q/k/v and gate/up ones with their norms folded
+    in; its logits stay those of the CPU's path (float dots of the bf16 rows) to within bf16's rounding."""
+    path, config = checkpoint
+    qconfig = dataclasses.replace(config, weight_quant=quant.WeightQuant("w8a16"))
+    model = build_model(qconfig, jnp.bfloat16)
+    params = load_hf(model, path, make_mesh(1), 1)
+    tokens, meta = jnp.asarray(TOKENS[:1], jnp.int32), prefill_meta(1, 32)
+
+    def run():
+        step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
+        return np.asarray(step(params, tokens, meta, init_kv_cache(model, 32))[0], np.float32)
+
+    expected = run()
+    monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
+    monkeypatch.setattr(qdot, "W8_GEMV_MAX_ROWS", 1)
+    calls = []
+    gemv = quant_gemv.int8_gemv
+
+    def recorded(x, w, scale, norm_weight=None, eps=0.0):
+        calls.append(norm_weight is not None)
+        return gemv(x, w, scale, norm_weight, eps, interpret=True)
+
+    monkeypatch.setattr(quant_gemv, "int8_gemv", recorded)
+    jax.clear_caches()  # fresh traces under the patches, dropped after
+    request.addfinalizer(jax.clear_caches)
+    logits = run()
+    assert sorted(set(calls)) == [False, True] and len(calls) >= 4  # q/k/v, o, gate/up, down
+    assert np.linalg.norm(logits - expected) < 2e-2 * np.linalg.norm(expected)
