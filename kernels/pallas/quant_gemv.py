@@ -39,10 +39,11 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.pallas import int4_dequant, int8_dequant, plan
 
-# Up to this many rows the model uses the int4 kernel (docs/perf.md: at one row it beat the tensor-core kernel,
-# 58 against 64 µs; its work grows with the rows, one accumulator each, and at 8 it lost badly). The int8 one
-# lost to quant_matmul's kernel at one row on the H200 (2.2 against 3.1 TB/s): it stays for the side-by-side.
-MAX_ROWS = 1
+# Up to this many rows the model uses the int4 kernel: "fma16" against the tensor-core kernel on the H200
+# (docs/perf.md, session 24) at 2 rows 17.0 / 38.9 / 19.8 µs against 18.3 / 59.4 / 28.3 (qkv / gate_up / down),
+# at 4 rows 22.9 / 71.0 / 37.1 against 19.7 / 57.6 / 28.1: its work grows with the rows (a packed multiply-add per
+# row and nibble), the tensor cores' does not.
+MAX_ROWS = 2
 
 
 @dataclasses.dataclass(frozen=True)
