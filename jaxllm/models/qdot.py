@@ -53,14 +53,17 @@ def dot(x, w):
 # from 8 rows on); w4a16 runs the matrix-vector kernel up to quant_gemv.MAX_ROWS rows, our int4 tensor-core kernel
 # up to KERNEL_MAX_ROWS and XLA's dot of dequantised weights above. w8a8 and fp8 always take XLA's integer / fp8
 # GEMMs on [out, in] weights, which measured faster than our int8 × int8 kernel at every row count.
-# The fp8 GEMM's output before the scales: float32, or bf16 (half the bytes the GEMM writes and its consumer reads
-# at batch 256, one more rounding of about the output's own; not measured on the GPU yet: docs/perf.md, session 23).
-FP8_PRODUCT_DTYPE = jnp.float32
+# The fp8 GEMM's output before the scales: bf16 (half the bytes the GEMM writes and its consumer reads; one more
+# rounding, of about the output's own). H200, batch 256 (docs/perf.md, session 24): the products 10-27 % faster
+# than with a float32 output, the 32-layer step 7.21 against 7.33 ms (7.36 against 7.42 on another machine).
+FP8_PRODUCT_DTYPE = jnp.bfloat16
 W8_DIGITS_MAX_ROWS = 1
 # w8a16 rows up to this many (one at most) take the int8 matrix-vector kernel in packed fp16 instead of the digits
 # (quant_gemv's "f16": bf16 x read as it is, a norm before it folded into the kernel, no digits, no int32 sums to
 # combine); not measured in the engine yet, so off.
 W8_GEMV_MAX_ROWS = 0
+# The int4 matrix-vector kernel applies a norm before it itself (no norm kernels before q/k/v and gate/up).
+W4_GEMV_FOLDS_NORM = True
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
 # The two digits (and a norm before them) from one Pallas kernel a row instead of XLA's reductions and
@@ -112,15 +115,22 @@ def _two_digit(x, data, scale, norm: NormedRows | None = None):
 
 
 def _normed_weight_only(rows: NormedRows, w):
-    """rows' normalised values @ w when a one-row w8a16 product folds the norm in (the matrix-vector kernel, or
-    the digits), else None."""
+    """rows' normalised values @ w when a weight-only product folds the norm in (the matrix-vector kernels, or
+    the w8a16 digits), else None."""
     m, k = rows.shape
-    if not kernels_enabled() or not isinstance(w, Int8Weight) or w.in_axes != 1:
+    if not kernels_enabled() or not isinstance(w, (Int8Weight, Int4Weight)) or w.in_axes != 1:
         return None
     out_shape = w.shape[w.in_axes:]
     n = math.prod(out_shape)
+    sixteen_bit = jnp.dtype(rows.dtype).itemsize == 2
+    if isinstance(w, Int4Weight):
+        if not (W4_GEMV_FOLDS_NORM and sixteen_bit and quant_gemv.supports(k, n, m, group=w.group_size)):
+            return None
+        packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
+        out = quant_gemv.int4_gemv(rows.x.astype(rows.dtype), packed, scale, zero, rows.weight, rows.eps)
+        return out.reshape(m, *out_shape)
     data, scale = w.data.reshape(n, k), w.scale.reshape(n)
-    if _takes_int8_gemv(w, m, k, n) and jnp.dtype(rows.dtype).itemsize == 2:
+    if _takes_int8_gemv(w, m, k, n) and sixteen_bit:
         out = quant_gemv.int8_gemv(rows.x.astype(rows.dtype), data, scale, rows.weight, rows.eps)
     elif _takes_two_digits(w, m, k):
         out = _two_digit(rows.x, data, scale, rows)

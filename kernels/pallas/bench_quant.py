@@ -117,9 +117,14 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
             return two_digit_matmul.int8_matmul(normed, w, s, digits_kernel=kernel)
         return fn
 
+    norm_weight = jnp.linspace(0.5, 1.5, k, dtype=jnp.float32)
+
     def folded_gemv(launch):
-        weight = jnp.linspace(0.5, 1.5, k, dtype=jnp.float32)
-        return lambda x, w, s: quant_gemv.int8_gemv(x, w, s, weight, 1e-5, launch=launch, interpret=interpret)
+        return lambda x, w, s: quant_gemv.int8_gemv(x, w, s, norm_weight, 1e-5, launch=launch, interpret=interpret)
+
+    def folded_gemv4(launch):
+        return lambda x, p, s, z: quant_gemv.int4_gemv(x, p, s, z, norm_weight, 1e-5, launch=launch,
+                                                      interpret=interpret)
 
     table = [
         ("bf16 XLA dot", jnp.dot, "w16", b16, False),
@@ -142,6 +147,8 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
         *[(f"w4a16 ours (Triton){_describe(launch)}", ours(quant_matmul.int4_matmul, launch), "w4", b4, False)
           for launch in tc4],
         *[(f"w4a16 ours GEMV{_describe(launch)}", ours(quant_gemv.int4_gemv, launch), "w4", b4, False)
+          for launch in gemv4],
+        *[(f"w4a16 ours GEMV, RMS norm folded in{_describe(launch)}", folded_gemv4(launch), "w4", b4, False)
           for launch in gemv4],
         ("w8a8 XLA int8 dot (+ x quantisation)", w8a8_xla, "w8", b8, True),
         *[(f"w8a8 ours (Triton, + x quantisation){_describe(launch)}", w8a8_ours(launch), "w8", b8, True)

@@ -140,8 +140,10 @@ def _int8_f16_kernel(x_ref, w_ref, s_ref, *rest, block_k, steps, splits, flush, 
         x = x_ref[0, cols].astype(jnp.float32)
         return x if g_ref is None else x * g_ref[cols]
 
-    top = lax.fori_loop(first, first + steps, lambda s, m: jnp.maximum(m, jnp.max(jnp.abs(x_at(s)))), 0.0)
-    e = jnp.clip(_pow2_exponent(top), -100, 100)  # [1, 2) · 2^e holds max |x| (zero rows: any e)
+    # (elementwise over the loop, one reduction after it: a reduction a step would cost a barrier each)
+    top = lax.fori_loop(first, first + steps, lambda s, m: jnp.maximum(m, jnp.abs(x_at(s))),
+                        jnp.zeros((block_k,), jnp.float32))
+    e = jnp.clip(_pow2_exponent(jnp.max(top)), -100, 100)  # [1, 2) · 2^e holds max |x| (zero rows: any e)
     down = _pow2(-e)
 
     def step(s, acc16):
@@ -157,17 +159,34 @@ def _int8_f16_kernel(x_ref, w_ref, s_ref, *rest, block_k, steps, splits, flush, 
     factor = _pow2(e)
     if g_ref is not None:
         total_steps = x_ref.shape[1] // block_k
-        squares = lax.fori_loop(0, total_steps, lambda s, t: t + jnp.sum(jnp.square(
-            x_ref[0, pl.ds(s * block_k, block_k)].astype(jnp.float32))), 0.0)
-        factor = factor * lax.rsqrt(squares / x_ref.shape[1] + eps)
+        squares = lax.fori_loop(0, total_steps, lambda s, t: t + jnp.square(
+            x_ref[0, pl.ds(s * block_k, block_k)].astype(jnp.float32)), jnp.zeros((block_k,), jnp.float32))
+        factor = factor * lax.rsqrt(jnp.sum(squares) / x_ref.shape[1] + eps)
     _finish(o_ref, [jnp.sum(acc, axis=1) * factor], s_ref[...][None, :], splits)
 
 
-def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, rows_per_group, k8, splits, dequant,
-                 interpret):
-    # x_ref [rows, k] with input 8r + j at column j * k8 + r; w_ref [k / 8, bn] int32; s_ref, z_ref
-    # [k / group, bn]; a step covers block_r packed rows within one group (block_r divides rows_per_group).
+def _int4_kernel(x_ref, w_ref, s_ref, z_ref, *rest, rows, block_r, steps, rows_per_group, k8, splits, dequant,
+                 eps, interpret):
+    # x_ref [rows, k]; w_ref [k / 8, bn] int32 (input 8r + j at nibble j of row r); s_ref, z_ref [k / group, bn];
+    # [g_ref [k] float32: a norm's weight]; o_ref. A step covers block_r packed rows within one group (block_r
+    # divides rows_per_group); nibble j of them meets x's columns 8r + j, read with a stride of 8.
+    g_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     first = pl.program_id(1) * steps
+    inv_rms = [None] * rows
+    if g_ref is not None:  # each row's 1 / rms over all its k inputs (every program: x is small)
+        span = 8 * block_r
+        for i in range(rows):
+            squares = lax.fori_loop(0, k8 // block_r, lambda s, t, i=i: t + jnp.square(
+                x_ref[pl.ds(i, 1), pl.ds(s * span, span)][0].astype(jnp.float32)), jnp.zeros((span,), jnp.float32))
+            inv_rms[i] = lax.rsqrt(jnp.sum(squares) / (8 * k8) + eps)
+
+    def x_cols(i, j, r0):
+        """Row i's activations meeting nibble j of packed rows r0 ... r0 + block_r (normalised, if folded)."""
+        cols = pl.ds(8 * r0 + j, block_r, stride=8)
+        x = x_ref[pl.ds(i, 1), cols][0]
+        if g_ref is None:
+            return x
+        return (x.astype(jnp.float32) * inv_rms[i] * g_ref[cols]).astype(x_ref.dtype)
 
     def fma_body(step, accs):
         r0 = (first + step) * block_r
@@ -175,7 +194,7 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, row
         g = r0 // rows_per_group
         scale = s_ref[g, :].astype(jnp.float32)[None, :]
         zero = z_ref[g, :][None, :]
-        xs = [[x_ref[i, pl.ds(j * k8 + r0, block_r)] for j in range(8)] for i in range(rows)]
+        xs = [[x_cols(i, j, r0) for j in range(8)] for i in range(rows)]
         if rows == 1:  # conversion and multiply-add in one piece of PTX
             parts = [int4_dequant.dot_nibbles16(packed, zero, xs[0], interpret)]
         else:  # each nibble's tile converted once, for every row
@@ -197,7 +216,7 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, row
         parts = [None] * rows
         for j, w in enumerate(tiles):  # w = q - zero ("magic32": times 16^(j % 4), undone on x)
             for i in range(rows):
-                x = x_ref[i, pl.ds(j * k8 + r0, block_r)].astype(jnp.float32)
+                x = x_cols(i, j, r0).astype(jnp.float32)
                 if dequant == "magic32":
                     x = x * int4_dequant.nibble_weight(j)
                 term = x[:, None] * w
@@ -216,7 +235,7 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, rows, block_r, steps, row
             q = (lax.shift_right_logical(packed, jnp.int32(4 * j)) & 0xF).astype(jnp.float32)
             w = (q - zero) * scale
             for i in range(rows):
-                x = x_ref[i, pl.ds(j * k8 + r0, block_r)].astype(jnp.float32)
+                x = x_cols(i, j, r0).astype(jnp.float32)
                 accs[i] = accs[i] + x[:, None] * w
         return tuple(accs)
 
@@ -283,9 +302,12 @@ def int8_gemv(x, w, scale, norm_weight=None, eps: float = 0.0, *, launch: GemvLa
     return out[:m]
 
 
-@functools.partial(jax.jit, static_argnames=("launch", "interpret"))
-def int4_gemv(x, packed, scale, zero, *, launch: GemvLaunch | None = None, interpret: bool = False):
-    """x [m, k] @ int4 weights (packed int32 [k / 8, n], scale and zero [k / group, n]) → [m, n], m ≤ a few."""
+@functools.partial(jax.jit, static_argnames=("eps", "launch", "interpret"))
+def int4_gemv(x, packed, scale, zero, norm_weight=None, eps: float = 0.0, *, launch: GemvLaunch | None = None,
+              interpret: bool = False):
+    """x [m, k] @ int4 weights (packed int32 [k / 8, n], scale and zero [k / group, n]) → [m, n], m ≤ a few. With
+    `norm_weight` [k], x's RMS norm (that weight, `eps`) is applied first, in the kernel: the normalised rows
+    rounded to x's dtype, as the norm's own output is."""
     default, launch = launch is None, launch or INT4
     (m, k), n = x.shape, packed.shape[1]
     k8, rows_per_group = k // 8, k // 8 // scale.shape[0]
@@ -298,20 +320,22 @@ def int4_gemv(x, packed, scale, zero, *, launch: GemvLaunch | None = None, inter
     steps = k8 // block_r // splits
     if default and steps >= LONG_LOOP_STEPS:
         launch = dataclasses.replace(launch, num_warps=LONG_LOOP_WARPS)
-    x_perm = _pad_rows(x, rows).reshape(rows, k8, 8).swapaxes(1, 2).reshape(rows, k)
     if launch.dequant not in INT4_MODES:
         raise ValueError(f"dequant {launch.dequant!r} not one of {', '.join(INT4_MODES)}")
     dequant = "cast" if x.dtype == jnp.float32 else launch.dequant
     if dequant == "fma16" and x.dtype != jnp.bfloat16:
         dequant = "magic"  # a 16-bit partial sum of fp16 products could overflow (int4_dequant.py)
     kernel = functools.partial(_int4_kernel, rows=rows, block_r=block_r, steps=steps,
-                               rows_per_group=rows_per_group, k8=k8, splits=splits, dequant=dequant,
+                               rows_per_group=rows_per_group, k8=k8, splits=splits, dequant=dequant, eps=eps,
                                interpret=interpret)
     groups = scale.shape[0]
     col = lambda r: pl.BlockSpec((r, block_n), lambda j, s: (0, j))  # noqa: E731
     specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0)), col(k8), col(groups), col(groups)]
-    out = _call(kernel, (x_perm, packed, scale, zero), specs, rows, n, block_n, splits, x.dtype, launch,
-                interpret, "int4_gemv")
+    inputs = (_pad_rows(x, rows), packed, scale, zero)
+    if norm_weight is not None:
+        inputs += (norm_weight.astype(jnp.float32),)
+        specs.append(pl.BlockSpec((k,), lambda j, s: (0,)))
+    out = _call(kernel, inputs, specs, rows, n, block_n, splits, x.dtype, launch, interpret, "int4_gemv")
     if splits > 1:
         out = out.sum(0).astype(x.dtype)
     return out[:m]

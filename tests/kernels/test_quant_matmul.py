@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxllm.models import quant
+from jaxllm.models.normed import rms_normalise
 from kernels.pallas import quant_gemv, quant_matmul, reference
 
 INTERPRET = jax.default_backend() == "cpu"
@@ -131,6 +132,22 @@ def test_int8_gemv_f16(rng, k, n, launch, normed):
         ref = x32 @ quant.dequantize(q)
     assert out.shape == (1, n) and out.dtype == jnp.bfloat16
     assert rel_err(out, ref) < 5e-3
+
+
+@pytest.mark.parametrize("m,launch", [(1, GEMV_SPLIT), (2, None)])
+@pytest.mark.parametrize("dequant", ["cast", "magic", "fma16"])
+def test_int4_gemv_folds_a_norm(rng, m, launch, dequant):
+    """An RMS norm folded into the int4 matrix-vector kernel gives the product of the norm's own output (its rows
+    rounded to bf16) to within the kernel's rounding."""
+    x, w = _inputs(rng, m, 512, 64, jnp.bfloat16)
+    x = (x * 7.0).astype(jnp.bfloat16)
+    q = quant.quantize_int4(w, group_size=128, scale_dtype=jnp.bfloat16)
+    weight = jnp.asarray(rng.uniform(0.5, 1.5, 512), jnp.float32)
+    out = quant_gemv.int4_gemv(x, q.packed, q.scale, q.zero, weight, 1e-5,
+                               launch=_with(launch, quant_gemv.INT4, dequant), interpret=INTERPRET)
+    normed = rms_normalise(x.astype(jnp.float32), weight, 1e-5).astype(jnp.bfloat16)
+    assert out.shape == (m, 64) and out.dtype == jnp.bfloat16
+    assert rel_err(out, reference.int4_matmul(normed, q.packed, q.scale, q.zero)) < TOL[jnp.bfloat16]
 
 
 def test_int8_gemv_folded_norm_needs_f16(rng):

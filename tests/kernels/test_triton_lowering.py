@@ -196,6 +196,8 @@ CASES = {
     "int8_gemv-cast": lambda: (functools.partial(quant_gemv.int8_gemv, launch=dataclasses.replace(
         quant_gemv.INT8, dequant="cast")), (_x(1), *_int8_weight())),
     "int4_gemv": lambda: (quant_gemv.int4_gemv, (_x(1), *_int4_weight())),
+    "int4_gemv-normed": lambda: (lambda x, p, s, z, g: quant_gemv.int4_gemv(x, p, s, z, g, 1e-5),
+                                 (_x(2), *_int4_weight(), jnp.ones((512,), jnp.float32))),
     "int4_gemv-fma16": lambda: (functools.partial(quant_gemv.int4_gemv, launch=dataclasses.replace(
         quant_gemv.INT4, dequant="fma16")), (_x(1), *_int4_weight())),
     "int4_gemv-fma16-4-rows": lambda: (functools.partial(quant_gemv.int4_gemv, launch=dataclasses.replace(

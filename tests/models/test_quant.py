@@ -184,14 +184,15 @@ def test_per_token_schemes_fold_a_norm_into_the_row_scale(quantize, monkeypatch)
 
 
 def test_fp8_product_in_bf16_stays_within_its_rounding(monkeypatch):
-    """qdot.FP8_PRODUCT_DTYPE bf16 (the GEMM writes bf16 before the scales): the float32 product's values, rounded
-    once more to bf16."""
+    """qdot.FP8_PRODUCT_DTYPE bf16 (the default: the GEMM writes bf16 before the scales): the float32 product's
+    values, rounded once more to bf16."""
     rng = np.random.default_rng(12)
     x = jnp.asarray(rng.standard_normal((7, 128)), jnp.bfloat16)
     q = quant.quantize_fp8(jnp.asarray(rng.standard_normal((128, 80)) * 0.1, jnp.float32))
-    wide = np.asarray(qdot.dot(x, q), np.float32)
-    monkeypatch.setattr(qdot, "FP8_PRODUCT_DTYPE", jnp.bfloat16)
+    assert qdot.FP8_PRODUCT_DTYPE == jnp.bfloat16
     narrow = np.asarray(qdot.dot(x, q), np.float32)
+    monkeypatch.setattr(qdot, "FP8_PRODUCT_DTYPE", jnp.float32)
+    wide = np.asarray(qdot.dot(x, q), np.float32)
     assert not np.array_equal(wide, narrow)  # the bf16 product did run
     np.testing.assert_allclose(narrow, wide, rtol=2**-7, atol=2**-7 * np.abs(wide).max())
 
@@ -283,12 +284,13 @@ def test_engine_serves_a_weight_mode(checkpoint):
         assert out.token_ids == ids[len(prompt):]
 
 
-def test_one_row_w8a16_bf16_model_takes_the_int8_gemv(checkpoint, monkeypatch, request):
-    """With W8_GEMV_MAX_ROWS = 1, a one-row step of a bf16 w8a16 Llama on the GPU's path runs every int8 product
-    in the matrix-vector kernel ("f16", interpret mode here), the q/k/v and gate/up ones with their norms folded
+@pytest.mark.parametrize("scheme,kernel", [("w8a16", "int8_gemv"), ("w4a16", "int4_gemv")])
+def test_one_row_bf16_model_takes_the_gemv_with_its_norms_folded(checkpoint, monkeypatch, request, scheme, kernel):
+    """A one-row step of a bf16 Llama on the GPU's path runs every quantised product in the matrix-vector kernel
+    (interpret mode here; w8a16 with W8_GEMV_MAX_ROWS = 1), the q/k/v and gate/up ones with their norms folded
     in; its logits stay those of the CPU's path (float dots of the bf16 rows) to within bf16's rounding."""
     path, config = checkpoint
-    qconfig = dataclasses.replace(config, weight_quant=quant.WeightQuant("w8a16"))
+    qconfig = dataclasses.replace(config, weight_quant=quant.WeightQuant(scheme))
     model = build_model(qconfig, jnp.bfloat16)
     params = load_hf(model, path, make_mesh(1), 1)
     tokens, meta = jnp.asarray(TOKENS[:1], jnp.int32), prefill_meta(1, 32)
@@ -300,14 +302,14 @@ def test_one_row_w8a16_bf16_model_takes_the_int8_gemv(checkpoint, monkeypatch, r
     expected = run()
     monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
     monkeypatch.setattr(qdot, "W8_GEMV_MAX_ROWS", 1)
-    calls = []
-    gemv = quant_gemv.int8_gemv
+    calls = []  # whether each call folded a norm (its weight and epsilon follow the weight's arrays)
+    gemv, weight_arrays = getattr(quant_gemv, kernel), {"int8_gemv": 2, "int4_gemv": 3}[kernel]
 
-    def recorded(x, w, scale, norm_weight=None, eps=0.0):
-        calls.append(norm_weight is not None)
-        return gemv(x, w, scale, norm_weight, eps, interpret=True)
+    def recorded(*args, **kwargs):
+        calls.append(len(args) > 1 + weight_arrays)
+        return gemv(*args, **kwargs, interpret=True)
 
-    monkeypatch.setattr(quant_gemv, "int8_gemv", recorded)
+    monkeypatch.setattr(quant_gemv, kernel, recorded)
     jax.clear_caches()  # fresh traces under the patches, dropped after
     request.addfinalizer(jax.clear_caches)
     logits = run()
