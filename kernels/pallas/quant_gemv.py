@@ -169,7 +169,9 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, *rest, rows, block_r, steps, rows_p
                  eps, interpret):
     # x_ref [rows, k]; w_ref [k / 8, bn] int32 (input 8r + j at nibble j of row r); s_ref, z_ref [k / group, bn];
     # [g_ref [k] float32: a norm's weight]; o_ref. A step covers block_r packed rows within one group (block_r
-    # divides rows_per_group); nibble j of them meets x's columns 8r + j, read with a stride of 8.
+    # divides rows_per_group); nibble j of them meets x's inputs 8r + j: without a norm x comes permuted (input
+    # 8r + j at column j * k8 + r: contiguous reads), with one as it is (read with a stride of 8), as the norm's
+    # sum of squares is over the row in place.
     g_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     first = pl.program_id(1) * steps
     inv_rms = [None] * rows
@@ -182,11 +184,11 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, *rest, rows, block_r, steps, rows_p
 
     def x_cols(i, j, r0):
         """Row i's activations meeting nibble j of packed rows r0 ... r0 + block_r (normalised, if folded)."""
-        cols = pl.ds(8 * r0 + j, block_r, stride=8)
-        x = x_ref[pl.ds(i, 1), cols][0]
         if g_ref is None:
-            return x
-        return (x.astype(jnp.float32) * inv_rms[i] * g_ref[cols]).astype(x_ref.dtype)
+            return x_ref[pl.ds(i, 1), pl.ds(j * k8 + r0, block_r)][0]
+        cols = pl.ds(8 * r0 + j, block_r, stride=8)
+        x = x_ref[pl.ds(i, 1), cols][0].astype(jnp.float32)
+        return (x * inv_rms[i] * g_ref[cols]).astype(x_ref.dtype)
 
     def fma_body(step, accs):
         r0 = (first + step) * block_r
@@ -331,7 +333,10 @@ def int4_gemv(x, packed, scale, zero, norm_weight=None, eps: float = 0.0, *, lau
     groups = scale.shape[0]
     col = lambda r: pl.BlockSpec((r, block_n), lambda j, s: (0, j))  # noqa: E731
     specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0)), col(k8), col(groups), col(groups)]
-    inputs = (_pad_rows(x, rows), packed, scale, zero)
+    x = _pad_rows(x, rows)
+    if norm_weight is None:
+        x = x.reshape(rows, k8, 8).swapaxes(1, 2).reshape(rows, k)
+    inputs = (x, packed, scale, zero)
     if norm_weight is not None:
         inputs += (norm_weight.astype(jnp.float32),)
         specs.append(pl.BlockSpec((k,), lambda j, s: (0,)))
