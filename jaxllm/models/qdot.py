@@ -2,10 +2,10 @@
 
 x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA dot; a quantised weight
 (`jaxllm/models/quant.py`) runs, for the weight-only schemes, the Pallas kernels of
-`kernels/pallas/quant_gemv.py` (int4 matrix-vector, one row; int8 too where W8_GEMV_MAX_ROWS says, a norm
-before it folded in) and `kernels/pallas/quant_matmul.py`, or `kernels/pallas/two_digit_matmul.py` (w8a16, one
-row: a norm before the product, handed over unapplied as `NormedRows`, is folded into x's digits), on a single GPU
-at decode-sized row counts, and an XLA dot of the dequantised weights otherwise (larger row counts, the CPU,
+`kernels/pallas/quant_gemv.py` (int4 matrix-vector, one or two rows; int8 where W8_GEMV_MAX_ROWS says; either
+folding a norm before it where W4_GEMV_FOLDS_NORM / W8_GEMV_MAX_ROWS say) and `kernels/pallas/quant_matmul.py`,
+or `kernels/pallas/two_digit_matmul.py` (w8a16, one row: a norm before the product, handed over unapplied as
+`NormedRows`, is folded into x's digits), on a single GPU at decode-sized row counts, and an XLA dot of the dequantised weights otherwise (larger row counts, the CPU,
 and `--tp` > 1, where XLA's partitioner splits the product like its 16-bit twin's, without gathering a weight:
 the kernels under shard_map are not built yet);
 w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations (a norm handed over unapplied folds
@@ -60,10 +60,12 @@ FP8_PRODUCT_DTYPE = jnp.bfloat16
 W8_DIGITS_MAX_ROWS = 1
 # w8a16 rows up to this many (one at most) take the int8 matrix-vector kernel in packed fp16 instead of the digits
 # (quant_gemv's "f16": bf16 x read as it is, a norm before it folded into the kernel, no digits, no int32 sums to
-# combine); not measured in the engine yet, so off.
+# combine). Off: on the H200 it was 12-18 % slower than the digits per product, and the engine's one-row w8a16
+# step with it gave 234 against 325 tok/s (docs/perf.md, session 24, before its norm pass lost a barrier a step).
 W8_GEMV_MAX_ROWS = 0
-# The int4 matrix-vector kernel applies a norm before it itself (no norm kernels before q/k/v and gate/up).
-W4_GEMV_FOLDS_NORM = True
+# Whether the int4 matrix-vector kernel applies the norm before q/k/v and gate/up itself (no norm kernels there).
+# Built and tested in interpret mode, not measured on the GPU yet (docs/perf.md, session 24), so off.
+W4_GEMV_FOLDS_NORM = False
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
 # The two digits (and a norm before them) from one Pallas kernel a row instead of XLA's reductions and

@@ -9,12 +9,14 @@ scale happen once, at the end. Row counts are padded to a power of two (a handfu
 accumulator). With more than one input split (too few column blocks for the multiprocessors) the float32
 partial sums are added outside. Same definitions as `quant_matmul.py` (`reference.py`).
 
-`GemvLaunch.dequant` (int4 only): "cast", the plain shift, mask, convert, subtract, multiply per weight;
+`GemvLaunch.dequant` for int4: "cast", the plain shift, mask, convert, subtract, multiply per weight;
 "magic", `int4_dequant.py`'s 16-bit conversion of q - zero (exact) then widened to float32; "magic32", its float32
 one (q - zero times a power of two, exact; the activations take the inverse power); "fma16" (bf16 activations;
 fp16 ones take "magic"), the conversion and the multiply-add by the activation in packed bf16 over each word's
 8 inputs, widened to float32 once per word (`int4_dequant.dot_nibbles16`). These modes sum x·(q - zero) over a
 loop step (within one group) and multiply by the group's scale once per step. Float32 activations always cast.
+A norm before the product folds in as for int8 below (the normalised rows rounded to x's dtype, as the norm's
+own output is, before the conversion's multiply-adds).
 
 int8 (one row): "cast" converts each weight to float32 and multiplies-adds there; "f16" runs the products in
 packed fp16 (`int8_dequant.fma_f16`: about 2 instructions a weight where the cast takes 4 or more): each

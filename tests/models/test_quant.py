@@ -287,8 +287,9 @@ def test_engine_serves_a_weight_mode(checkpoint):
 @pytest.mark.parametrize("scheme,kernel", [("w8a16", "int8_gemv"), ("w4a16", "int4_gemv")])
 def test_one_row_bf16_model_takes_the_gemv_with_its_norms_folded(checkpoint, monkeypatch, request, scheme, kernel):
     """A one-row step of a bf16 Llama on the GPU's path runs every quantised product in the matrix-vector kernel
-    (interpret mode here; w8a16 with W8_GEMV_MAX_ROWS = 1), the q/k/v and gate/up ones with their norms folded
-    in; its logits stay those of the CPU's path (float dots of the bf16 rows) to within bf16's rounding."""
+    (interpret mode here; the switches on: W8_GEMV_MAX_ROWS = 1, W4_GEMV_FOLDS_NORM), the q/k/v and gate/up ones
+    with their norms folded in; its logits stay those of the CPU's path (float dots of the bf16 rows) to within
+    bf16's rounding."""
     path, config = checkpoint
     qconfig = dataclasses.replace(config, weight_quant=quant.WeightQuant(scheme))
     model = build_model(qconfig, jnp.bfloat16)
@@ -302,6 +303,7 @@ def test_one_row_bf16_model_takes_the_gemv_with_its_norms_folded(checkpoint, mon
     expected = run()
     monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
     monkeypatch.setattr(qdot, "W8_GEMV_MAX_ROWS", 1)
+    monkeypatch.setattr(qdot, "W4_GEMV_FOLDS_NORM", True)
     calls = []  # whether each call folded a norm (its weight and epsilon follow the weight's arrays)
     gemv, weight_arrays = getattr(quant_gemv, kernel), {"int8_gemv": 2, "int4_gemv": 3}[kernel]
 
