@@ -5,9 +5,9 @@ x [n, *in] @ w [*in, *out] → [n, *out] in x's dtype. A plain array is an XLA d
 `kernels/pallas/quant_gemv.py` (int4 matrix-vector, one or two rows; int8 where W8_GEMV_MAX_ROWS says; either
 folding a norm before it where W4_GEMV_FOLDS_NORM / W8_GEMV_MAX_ROWS say) and `kernels/pallas/quant_matmul.py`,
 or `kernels/pallas/two_digit_matmul.py` (w8a16, one row: a norm before the product, handed over unapplied as
-`NormedRows`, is folded into x's digits), on a single GPU at decode-sized row counts, and an XLA dot of the dequantised weights otherwise (larger row counts, the CPU,
-and `--tp` > 1, where XLA's partitioner splits the product like its 16-bit twin's, without gathering a weight:
-the kernels under shard_map are not built yet);
+`NormedRows`, is folded into x's digits), on a single GPU at decode-sized row counts, and an XLA dot of the
+dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits the
+product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not built yet);
 w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations (a norm handed over unapplied folds
 into the quantisation: x ⊙ weight is quantised and 1/rms joins the row's scale).
 """
