@@ -131,6 +131,22 @@ def _pow2(e):
     return lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
 
 
+def _row_inv_rms(x_ref, i: int, span: int, eps: float):
+    """Row i of x_ref [rows, k]: 1 / rms over its k inputs (squares summed elementwise over `span`-long slices,
+    reduced once after the loop: a reduction a slice would cost a barrier each)."""
+    k = x_ref.shape[1]
+    squares = lax.fori_loop(0, k // span, lambda s, t: t + jnp.square(
+        x_ref[pl.ds(i, 1), pl.ds(s * span, span)][0].astype(jnp.float32)), jnp.zeros((span,), jnp.float32))
+    return lax.rsqrt(jnp.sum(squares) / k + eps)
+
+
+def _with_norm(inputs: tuple, specs: list, norm_weight, k: int):
+    """The kernel's inputs and block specs with a folded norm's weight [k] (whole in every program) appended."""
+    if norm_weight is None:
+        return inputs, specs
+    return inputs + (norm_weight.astype(jnp.float32),), specs + [pl.BlockSpec((k,), lambda j, s: (0,))]
+
+
 def _int8_f16_kernel(x_ref, w_ref, s_ref, *rest, block_k, steps, splits, flush, eps, interpret):
     # x_ref [1, k]; w_ref [bn, k] int8; s_ref [bn] float32; [g_ref [k] float32: the norm's weight]; o_ref [1, bn]
     # (or [1, 1, bn] partials). One row: the module docstring's "f16".
@@ -158,12 +174,7 @@ def _int8_f16_kernel(x_ref, w_ref, s_ref, *rest, block_k, steps, splits, flush, 
         return acc + acc16.astype(jnp.float32)
 
     acc = lax.fori_loop(0, steps // flush, chunk, jnp.zeros((w_ref.shape[0], block_k), jnp.float32))
-    factor = _pow2(e)
-    if g_ref is not None:
-        total_steps = x_ref.shape[1] // block_k
-        squares = lax.fori_loop(0, total_steps, lambda s, t: t + jnp.square(
-            x_ref[0, pl.ds(s * block_k, block_k)].astype(jnp.float32)), jnp.zeros((block_k,), jnp.float32))
-        factor = factor * lax.rsqrt(jnp.sum(squares) / x_ref.shape[1] + eps)
+    factor = _pow2(e) if g_ref is None else _pow2(e) * _row_inv_rms(x_ref, 0, block_k, eps)
     _finish(o_ref, [jnp.sum(acc, axis=1) * factor], s_ref[...][None, :], splits)
 
 
@@ -176,13 +187,8 @@ def _int4_kernel(x_ref, w_ref, s_ref, z_ref, *rest, rows, block_r, steps, rows_p
     # sum of squares is over the row in place.
     g_ref, o_ref = rest if len(rest) == 2 else (None, rest[0])
     first = pl.program_id(1) * steps
-    inv_rms = [None] * rows
-    if g_ref is not None:  # each row's 1 / rms over all its k inputs (every program: x is small)
-        span = 8 * block_r
-        for i in range(rows):
-            squares = lax.fori_loop(0, k8 // block_r, lambda s, t, i=i: t + jnp.square(
-                x_ref[pl.ds(i, 1), pl.ds(s * span, span)][0].astype(jnp.float32)), jnp.zeros((span,), jnp.float32))
-            inv_rms[i] = lax.rsqrt(jnp.sum(squares) / (8 * k8) + eps)
+    # each row's 1 / rms over all its k inputs, in every program (x is small)
+    inv_rms = [None if g_ref is None else _row_inv_rms(x_ref, i, 8 * block_r, eps) for i in range(rows)]
 
     def x_cols(i, j, r0):
         """Row i's activations meeting nibble j of packed rows r0 ... r0 + block_r (normalised, if folded)."""
@@ -290,14 +296,11 @@ def int8_gemv(x, w, scale, norm_weight=None, eps: float = 0.0, *, launch: GemvLa
     scale = scale.astype(jnp.float32)
     specs = [pl.BlockSpec((rows, k), lambda j, s: (0, 0)), pl.BlockSpec((block_n, k), lambda j, s: (j, 0)),
              pl.BlockSpec((block_n,), lambda j, s: (j,))]
-    inputs = (_pad_rows(x, rows), w, scale)
+    inputs, specs = _with_norm((_pad_rows(x, rows), w, scale), specs, norm_weight, k)
     if f16:
         flush = max(d for d in range(1, F16_FLUSH_STEPS + 1) if steps % d == 0)
         kernel = functools.partial(_int8_f16_kernel, block_k=block_k, steps=steps, splits=splits, flush=flush,
                                    eps=eps, interpret=interpret)
-        if norm_weight is not None:
-            inputs += (norm_weight.astype(jnp.float32),)
-            specs.append(pl.BlockSpec((k,), lambda j, s: (0,)))
     else:
         kernel = functools.partial(_int8_kernel, rows=rows, block_k=block_k, steps=steps, splits=splits)
     out = _call(kernel, inputs, specs, rows, n, block_n, splits, x.dtype, launch, interpret, "int8_gemv")
@@ -338,10 +341,7 @@ def int4_gemv(x, packed, scale, zero, norm_weight=None, eps: float = 0.0, *, lau
     x = _pad_rows(x, rows)
     if norm_weight is None:
         x = x.reshape(rows, k8, 8).swapaxes(1, 2).reshape(rows, k)
-    inputs = (x, packed, scale, zero)
-    if norm_weight is not None:
-        inputs += (norm_weight.astype(jnp.float32),)
-        specs.append(pl.BlockSpec((k,), lambda j, s: (0,)))
+    inputs, specs = _with_norm((x, packed, scale, zero), specs, norm_weight, k)
     out = _call(kernel, inputs, specs, rows, n, block_n, splits, x.dtype, launch, interpret, "int4_gemv")
     if splits > 1:
         out = out.sum(0).astype(x.dtype)
