@@ -80,7 +80,7 @@ def _kernel_matmul(x, w, k: int, n: int):
     if not kernels_enabled():
         return None
     if isinstance(w, Int8Weight) and not w.int8_activations:
-        data, scale = w.data.reshape(n, k), w.scale.reshape(n)
+        data, scale = _int8_arrays(w, k, n)
         if _takes_int8_gemv(w, m, k, n):
             return quant_gemv.int8_gemv(x, data, scale)
         if _takes_two_digits(w, m, k):
@@ -88,12 +88,22 @@ def _kernel_matmul(x, w, k: int, n: int):
         if m <= W8_KERNEL_MAX_ROWS and quant_matmul.supports(k, n):
             return quant_matmul.int8_matmul(x, data, scale)
     elif isinstance(w, Int4Weight):
-        packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
+        packed, scale, zero = _int4_arrays(w, n)
         if quant_gemv.supports(k, n, m, group=w.group_size):
             return quant_gemv.int4_gemv(x, packed, scale, zero)
         if m <= KERNEL_MAX_ROWS and quant_matmul.supports(k, n, group=w.group_size):
             return quant_matmul.int4_matmul(x, packed, scale, zero)
     return None
+
+
+def _int8_arrays(w: Int8Weight, k: int, n: int):
+    """The kernels' view of an int8 weight: data [n, k], scale [n]."""
+    return w.data.reshape(n, k), w.scale.reshape(n)
+
+
+def _int4_arrays(w: Int4Weight, n: int):
+    """The kernels' view of an int4 weight: packed [k / 8, n], scale and zero [k / group, n]."""
+    return tuple(a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
 
 
 def _takes_int8_gemv(w, m: int, k: int, n: int) -> bool:
@@ -128,10 +138,10 @@ def _normed_weight_only(rows: NormedRows, w):
     if isinstance(w, Int4Weight):
         if not (W4_GEMV_FOLDS_NORM and sixteen_bit and quant_gemv.supports(k, n, m, group=w.group_size)):
             return None
-        packed, scale, zero = (a.reshape(-1, n) for a in (w.packed, w.scale, w.zero))
+        packed, scale, zero = _int4_arrays(w, n)
         out = quant_gemv.int4_gemv(rows.x.astype(rows.dtype), packed, scale, zero, rows.weight, rows.eps)
         return out.reshape(m, *out_shape)
-    data, scale = w.data.reshape(n, k), w.scale.reshape(n)
+    data, scale = _int8_arrays(w, k, n)
     if _takes_int8_gemv(w, m, k, n) and sixteen_bit:
         out = quant_gemv.int8_gemv(rows.x.astype(rows.dtype), data, scale, rows.weight, rows.eps)
     elif _takes_two_digits(w, m, k):

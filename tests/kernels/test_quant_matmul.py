@@ -127,7 +127,7 @@ def test_int8_gemv_f16(rng, k, n, launch, normed):
                                interpret=INTERPRET)
     x32 = x.astype(jnp.float32)
     if normed:
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32) + 1e-5) * weight
+        x32 = rms_normalise(x32, weight, 1e-5)
     with jax.default_matmul_precision("highest"):
         ref = x32 @ quant.dequantize(q)
     assert out.shape == (1, n) and out.dtype == jnp.bfloat16
