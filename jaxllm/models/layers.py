@@ -20,7 +20,7 @@ import numpy as np
 from jaxllm.config import ModelConfig
 from jaxllm.models import qdot, quant, rope
 from jaxllm.models.attention import AttentionBackend, AttentionMetadata, AttentionSpec
-from jaxllm.models.normed import NormedRows, rms_normalise
+from jaxllm.models.normed import GatedRows, NormedRows, rms_normalise
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _ZEROS = nn.initializers.zeros
@@ -70,10 +70,10 @@ def dense(x, w, equation: str, split_sum: bool = False):
     the all-reduce and are rounded once after it, as one device rounds its float32 accumulator once, so that tp N
     gives tp 1's numbers (16-bit partial sums each rounded before the sum changed greedy answers within a few
     tokens). A quantised product's partial sums are float32 already. x may be `NormedRows` (a norm's rows before
-    it is applied: `Norm(..., into_products=True)`)."""
+    it is applied: `Norm(..., into_products=True)`) or `GatedRows` (a gated MLP's rows before act(gate) · up)."""
     tap = _DENSE_TAP.get()
-    if isinstance(x, NormedRows) and (tap is not None or not quant.is_quantised(w)):
-        x = x.value()  # only a quantised product may fold the norm (qdot.dot)
+    if isinstance(x, (NormedRows, GatedRows)) and (tap is not None or not quant.is_quantised(w)):
+        x = x.value()  # only a quantised product may fold the step (qdot.dot)
     if tap is not None:
         tap(x, w)
     if quant.is_quantised(w):
@@ -233,7 +233,7 @@ class MLP(nn.Module):
             h = dense(x, gate_up, "nd,dsf->nsf")  # [n, 2, intermediate]
             if c.mlp_bias:
                 h = h + param(self, "gate_up_bias", (2, f), ("stack", "mlp"), self.dtype, _ZEROS)
-            h = act(h[:, 0]) * h[:, 1]
+            h = GatedRows(h, c.activation, act)  # act(gate) · up: a per-token quantised product forms it itself
         else:
             up = param(self, "up_proj", (c.hidden_size, f), ("embed", "mlp"), self.dtype)
             h = dense(x, up, "nd,df->nf")

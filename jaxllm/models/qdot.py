@@ -9,7 +9,8 @@ or `kernels/pallas/two_digit_matmul.py` (w8a16, one row: a norm before the produ
 dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where XLA's partitioner splits the
 product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not built yet);
 w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations (a norm handed over unapplied folds
-into the quantisation: x ⊙ weight is quantised and 1/rms joins the row's scale).
+into the quantisation: x ⊙ weight is quantised and 1/rms joins the row's scale; on a single GPU the quantisation,
+with that norm or a gated MLP's silu(gate) · up, is one Pallas kernel a row: `kernels/pallas/row_quant.py`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxllm.models.normed import NormedRows
-from jaxllm.models.quant import FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, is_quantised
-from kernels.pallas import quant_gemv, quant_matmul, reference, two_digit_matmul
+from jaxllm.models.normed import GatedRows, NormedRows
+from jaxllm.models.quant import Fp8Weight, Int4Weight, Int8Weight, is_quantised
+from kernels.pallas import quant_gemv, quant_matmul, reference, row_quant, two_digit_matmul
 
 
 def dot(x, w):
     """x [n, *in] @ w [*in, *out] → [n, *out] (the contraction of x's trailing axes with w's leading ones). x may
-    be `NormedRows` (rows whose RMS norm is not applied yet): the two-digit w8a16 product folds the norm into its
-    digits, every other product takes the norm's output."""
-    if isinstance(x, NormedRows):
-        out = _normed_weight_only(x, w)
-        if out is None:
-            out = _normed_per_token(x, w)
+    be `NormedRows` (rows whose RMS norm is not applied yet) or `GatedRows` (act(gate) · up not formed yet): the
+    weight-only kernels that can fold the norm into their prologue, and the per-token quantisation of w8a8 / fp8,
+    take the raw rows; every other product takes the step's output."""
+    if isinstance(x, (NormedRows, GatedRows)):
+        out = _normed_weight_only(x, w) if isinstance(x, NormedRows) else None
+        if out is None and _per_token(w) and w.in_axes == 1:  # the step folds into the rows' quantisation
+            out = _xla_matmul(x, w, x.shape[1], w.shape[1:])
         if out is not None:
             return out
         x = x.value()
@@ -72,6 +74,9 @@ KERNEL_MAX_ROWS = 64
 # concatenation, up to this many rows. Off: on the H200 the product alone was faster with it, the engine's one-row
 # step 0.29 ms slower (docs/perf.md, session 20).
 W8_DIGITS_KERNEL_MAX_ROWS = 0
+# The per-token quantisation of w8a8 / fp8 activations (with the norm or the gated activation before it) as one
+# Pallas kernel a row on a single GPU (kernels/pallas/row_quant.py), not XLA's reductions and casts.
+ROW_QUANT_KERNEL = True
 
 
 def _kernel_matmul(x, w, k: int, n: int):
@@ -156,22 +161,32 @@ def _per_token(w) -> bool:
     return isinstance(w, Fp8Weight) or (isinstance(w, Int8Weight) and w.int8_activations)
 
 
-def _normed_per_token(rows: NormedRows, w):
-    """rows' normalised values @ w for the schemes that quantise activations per token (else None): the rows
-    quantised are x ⊙ weight, and each row's 1 / rms joins its quantisation scale after the product, so the
-    normalised rows are never formed and the norm's sum of squares is a sibling of the quantisation's max |·|
-    (one reduction over x for both, where the normalised rows' max was a second)."""
-    if not _per_token(w) or w.in_axes != 1:
-        return None
-    x32 = rows.x.astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + rows.eps)
-    return _xla_matmul(x32 * rows.weight, w, rows.shape[1], w.shape[1:], row_factor=inv_rms).astype(rows.dtype)
+def _quantized_rows(x, w):
+    """x [m, k] (or the rows of NormedRows / GatedRows) quantised per token for w's scheme: (int8 or e4m3 [m, k],
+    float32 scale [m]). On a single GPU one Pallas kernel a row (kernels/pallas/row_quant.py: XLA takes two to
+    four launches); elsewhere XLA's ops, a norm's weight folded into the rows and its 1 / rms into their scale."""
+    fp8 = isinstance(w, Fp8Weight)
+    k = x.shape[1]
+    gated_silu = not isinstance(x, GatedRows) or x.activation == "silu"
+    if ROW_QUANT_KERNEL and kernels_enabled() and row_quant.supports(k) and gated_silu:
+        dtype = jnp.float8_e4m3fn if fp8 else jnp.int8
+        if isinstance(x, NormedRows):
+            return row_quant.quantize_rows(x.x, dtype, x.weight, x.eps)
+        if isinstance(x, GatedRows):
+            return row_quant.quantize_rows(x.h, dtype, gated=True)
+        return row_quant.quantize_rows(x, dtype)
+    quantise = reference.quantize_rows_fp8 if fp8 else reference.quantize_rows_int8
+    if isinstance(x, NormedRows):
+        x32 = x.x.astype(jnp.float32)
+        q, scale = quantise(x32 * x.weight)
+        return q, scale * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + x.eps)
+    return quantise(x.value() if isinstance(x, GatedRows) else x)
 
 
-def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...], row_factor=None):
+def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...]):
     """x [m, k] → [m, *out] by XLA's dots. Under --tp the output axes stay apart: merged, a weight split on a
-    minor output axis (the MLP's [2, intermediate]) would be gathered by the partitioner, whole, every step.
-    `row_factor` [m] (per-token schemes only): each output row multiplied by it, with the scales."""
+    minor output axis (the MLP's [2, intermediate]) would be gathered by the partitioner, whole, every step. The
+    per-token schemes also take NormedRows / GatedRows for x (`_quantized_rows`)."""
     if isinstance(w, Int4Weight):  # dequantised [k, *out]: the dot's usual operand layout, any number of outputs
         packed, scale, zero = (a.reshape(-1, *out_shape) for a in (w.packed, w.scale, w.zero))
         weights = reference.dequantize_int4(packed, scale, zero).astype(x.dtype)
@@ -181,9 +196,7 @@ def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...], row_factor=None):
     data = w.data.reshape(*out_shape, k) if len(out_shape) > 1 and not single_device() else w.data.reshape(-1, k)
     per_row = (x.shape[0],) + (1,) * (data.ndim - 1)  # a per-row scale's broadcast shape
     if _per_token(w):
-        x_q, x_scale = quantize_rows_fp8(x) if isinstance(w, Fp8Weight) else reference.quantize_rows_int8(x)
-        if row_factor is not None:
-            x_scale = x_scale * row_factor
+        x_q, x_scale = _quantized_rows(x, w)
         out = _dot_out_major(x_q, data, FP8_PRODUCT_DTYPE if isinstance(w, Fp8Weight) else jnp.int32)
         out = out.astype(jnp.float32) * x_scale.reshape(per_row)
     else:
@@ -199,14 +212,6 @@ def _dot_out_major(x, data, out_dtype):
         return reference.dot_nk(x, data, out_dtype)
     out = jax.lax.dot_general(data, x, (((data.ndim - 1,), (1,)), ((), ())), preferred_element_type=out_dtype)
     return jnp.moveaxis(out, -1, 0)
-
-
-def quantize_rows_fp8(x):
-    """float8 e4m3 per row: x [m, k] → (e4m3 [m, k], float32 scale [m]) with x ≈ q * scale."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1) / FP8_MAX
-    safe = jnp.where(scale > 0, scale, 1.0)
-    return (x32 / safe[:, None]).astype(jnp.float8_e4m3fn), scale
 
 
 def kernels_enabled() -> bool:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxllm.models import quant
 from jaxllm.models.layers import grouped_dense
-from jaxllm.models.qdot import kernels_enabled, quantize_rows_fp8
+from jaxllm.models.qdot import kernels_enabled
 from kernels.pallas import reference
 from kernels.pallas.grouped_matmul import grouped_matmul, supports
 
@@ -75,7 +75,7 @@ def grouped_dot(x, w, group_sizes, grouped=grouped_dense, int8_kernel: str = "au
         weights = quant.dequantize(w, x.dtype)  # [E, K, N]
         return jax.lax.ragged_dot(x, weights, group_sizes, preferred_element_type=jnp.float32).astype(x.dtype)
     if isinstance(w, quant.Fp8Weight):
-        x_q, x_scale = quantize_rows_fp8(x)
+        x_q, x_scale = reference.quantize_rows_fp8(x)
         out = _ragged(x_q, w.data, group_sizes, jnp.float32) * x_scale[:, None]
     elif w.int8_activations:
         x_q, x_scale = reference.quantize_rows_int8(x)

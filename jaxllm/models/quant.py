@@ -39,7 +39,7 @@ WEIGHT_MODES = {
 }
 SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8_w8a8")
 GROUP_SIZE = 128  # int4 inputs per scale / zero point (smaller where the input axis is not a multiple of it)
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = reference.FP8_MAX
 
 
 @dataclasses.dataclass(frozen=True)

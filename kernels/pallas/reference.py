@@ -17,6 +17,7 @@ import jax.numpy as jnp
 # Query tokens per gathered block in `paged_attention`: bounds the gathered keys to
 # block × table_width × kv_heads × head_dim elements.
 _QUERY_BLOCK = 64
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def write_kv(k_cache, v_cache, k, v, slots):
@@ -136,6 +137,14 @@ def decode_attention_int8(q, k_cache, v_cache, k_scale, v_scale, slot_table, len
 # one float32 scale per output. int4 weights are [k / 8, n]: unsigned 0..15 values, 8 consecutive inputs per
 # int32 (input 8r + j in bits 4j..4j+3 of row r, GPTQ's order), with a scale and a zero point per group of
 # `group` inputs: w = (q - zero) * scale.
+
+
+def quantize_rows_fp8(x):
+    """float8 e4m3 per row: x [m, k] → (e4m3 [m, k], float32 scale [m]) with x ≈ q * scale."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / FP8_MAX
+    safe = jnp.where(scale > 0, scale, 1.0)
+    return (x32 / safe[:, None]).astype(jnp.float8_e4m3fn), scale
 
 
 def quantize_rows_int8(x):

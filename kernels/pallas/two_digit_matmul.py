@@ -20,11 +20,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.pallas import plan, reference
+from kernels.pallas import plan, reference, row_quant
 
 DIGIT_GRID = 127 * 256 + 127  # the largest |v| whose two digits both stay within int8
 MAX_K = (2**31 - 1) // (128 * 127)  # inputs whose int32 sums cannot overflow (|digit| <= 128, |w| <= 127)
-SCALE_LANES = 16  # the kernel writes each row's scale this many times (a vector store; the caller takes one)
+SCALE_LANES = row_quant.SCALE_LANES
 CHUNK = 2048  # inputs the kernel loads at a time (the largest power of two up to this that divides k)
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
 
@@ -89,21 +89,12 @@ def _digits_kernel(*refs, chunk: int, steps: int, eps: float, normed: bool):
         x = x_ref[0, pl.ds(c * chunk, chunk)].astype(jnp.float32)
         return x, x * w_ref[pl.ds(c * chunk, chunk)] if normed else x
 
-    def stats(c, carry):
-        ss, amax = carry
-        x, z = load(c)
-        return ss + jnp.sum(x * x), jnp.maximum(amax, jnp.max(jnp.abs(z)))
-
-    ss, amax = lax.fori_loop(0, steps, stats, (jnp.float32(0.0), jnp.float32(0.0)))
-    inverse = _inverse_step(amax)
-
-    def write(c, carry):
-        hi, lo = _split(load(c)[1], inverse)
+    def write(c, z, amax):
+        hi, lo = _split(z, _inverse_step(amax))
         o_ref[0, 0, pl.ds(c * chunk, chunk)] = hi
         o_ref[1, 0, pl.ds(c * chunk, chunk)] = lo
-        return carry
 
-    lax.fori_loop(0, steps, write, 0)
+    ss, amax = row_quant.row_passes(load, steps, write)
     scale = amax / DIGIT_GRID
     if normed:
         scale = scale * lax.rsqrt(ss / (steps * chunk) + eps)

@@ -20,7 +20,7 @@ from jax.experimental.pallas import triton as pltriton
 from jaxllm.models import quant
 from jaxllm.models.attention import AttentionMetadata, AttentionSpec
 from jaxllm.models.backends import KernelConfig, PallasAttention
-from kernels.pallas import grouped_matmul, int8_dequant, quant_gemv, quant_matmul, two_digit_matmul
+from kernels.pallas import grouped_matmul, int8_dequant, quant_gemv, quant_matmul, row_quant, two_digit_matmul
 
 # The custom call a Triton kernel lowers to (its name across JAX versions): exporting it is refused by default.
 _TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
@@ -205,6 +205,11 @@ CASES = {
     "int16_digits": lambda: (two_digit_matmul.int16_digits_kernel, (_x(1, 14336),)),
     "int16_digits-normed": lambda: (lambda x, w: two_digit_matmul.int16_digits_kernel(x, w, 1e-5),
                                     (_x(1, 4096), jnp.ones((4096,), jnp.float32))),
+    "quantize_rows-int8": lambda: (lambda x: row_quant.quantize_rows(x, jnp.int8), (_x(256, 4096),)),
+    "quantize_rows-fp8-normed": lambda: (lambda x, w: row_quant.quantize_rows(x, jnp.float8_e4m3fn, w, 1e-5),
+                                         (_x(256, 4096), jnp.ones((4096,), jnp.float32))),
+    "quantize_rows-fp8-gated": lambda: (lambda x: row_quant.quantize_rows(x, jnp.float8_e4m3fn, gated=True),
+                                        (jnp.ones((256, 2, 14336), jnp.bfloat16),)),
 }
 
 

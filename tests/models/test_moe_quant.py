@@ -15,7 +15,6 @@ import pytest
 
 from jaxllm.config import ModelConfig
 from jaxllm.models import build_model, init_kv_cache, quant
-from jaxllm.models.qdot import quantize_rows_fp8
 from jaxllm.models.qgrouped import grouped_dot, merged_outputs
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf, load_params
@@ -53,7 +52,7 @@ def test_grouped_product_of_each_scheme_matches_its_plain_form(scheme, int8_kern
     w = jnp.asarray(rng.normal(size=(experts, k, f, 2)), jnp.float32)
     sizes = np.array([5, 0, 9, 3], np.int32)
     x = jnp.asarray(rng.normal(size=(int(sizes.sum()), k)), jnp.float32)
-    quantise = {"w8a8": reference.quantize_rows_int8, "fp8_w8a8": quantize_rows_fp8}.get(scheme)
+    quantise = {"w8a8": reference.quantize_rows_int8, "fp8_w8a8": reference.quantize_rows_fp8}.get(scheme)
 
     @jax.jit
     def run(w, x):

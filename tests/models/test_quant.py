@@ -17,7 +17,7 @@ from jaxllm.models import build_model, init_kv_cache, qdot, quant
 from jaxllm.models.backends import resolve_modes
 from jaxllm.parallel import make_mesh
 from jaxllm.weights import load_hf
-from kernels.pallas import quant_gemv, reference, two_digit_matmul
+from kernels.pallas import quant_gemv, reference, row_quant, two_digit_matmul
 from tests.models.hf_oracle import prefill_meta
 from tests.models.test_llama import save_random_hf_model
 
@@ -155,7 +155,7 @@ def test_dot_of_each_type_matches_its_reference():
     expected = reference.int8_int8_matmul(x_q, x_scale, q8.data.reshape(48, 128), q8.scale, jnp.float32)
     np.testing.assert_allclose(jax.jit(qdot.dot)(x, q8), expected, atol=1e-6)
     f8 = quant.quantize_fp8(w, 2)  # e4m3 activations: three mantissa bits
-    x_f8, x_f8_scale = qdot.quantize_rows_fp8(x.reshape(5, -1))
+    x_f8, x_f8_scale = reference.quantize_rows_fp8(x.reshape(5, -1))
     fake = (x_f8.astype(jnp.float32) * x_f8_scale[:, None]).reshape(x.shape)
     np.testing.assert_allclose(jax.jit(qdot.dot)(x, f8), einsum(fake, quant.dequantize(f8)), atol=1e-5)
     assert np.abs(np.asarray(jax.jit(qdot.dot)(x, f8)) - plain).max() < 0.1 * np.abs(plain).max()
@@ -173,11 +173,11 @@ def test_per_token_schemes_fold_a_norm_into_the_row_scale(quantize, monkeypatch)
     x = jnp.asarray(rng.standard_normal((6, 128)) * rng.choice([0.01, 1.0, 30.0], (6, 1)), jnp.float32)
     rows = NormedRows(x, jnp.asarray(rng.uniform(0.5, 1.5, 128), jnp.float32), 1e-5, jnp.float32)
     q = quantize(jnp.asarray(rng.standard_normal((128, 96)) * 0.1, jnp.float32))
-    factors = []
-    xla_matmul = qdot._xla_matmul
-    monkeypatch.setattr(qdot, "_xla_matmul", lambda *a, **k: factors.append(k.get("row_factor")) or xla_matmul(*a, **k))
+    kinds = []
+    quantized_rows = qdot._quantized_rows
+    monkeypatch.setattr(qdot, "_quantized_rows", lambda x, w: kinds.append(type(x).__name__) or quantized_rows(x, w))
     folded, plain = np.asarray(qdot.dot(rows, q)), np.asarray(qdot.dot(rows.value(), q))
-    assert [f is not None for f in factors] == [True, False]  # the normalised rows' product takes the plain path
+    assert kinds == ["NormedRows", "ArrayImpl"]  # the normalised rows' product takes the plain path
     np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
     exact = np.asarray(rows.value()) @ np.asarray(quant.dequantize(q))
     assert np.abs(folded - exact).max() < 0.1 * np.abs(exact).max()
@@ -317,3 +317,56 @@ def test_one_row_bf16_model_takes_the_gemv_with_its_norms_folded(checkpoint, mon
     logits = run()
     assert sorted(set(calls)) == [False, True] and len(calls) >= 4  # q/k/v, o, gate/up, down
     assert np.linalg.norm(logits - expected) < 2e-2 * np.linalg.norm(expected)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "fp8_w8a8"])
+def test_per_token_model_on_a_gpu_quantises_its_rows_in_one_kernel(checkpoint, monkeypatch, request, scheme):
+    """A bf16 w8a8 / fp8 Llama step on the GPU's path quantises every product's rows with the row kernel (interpret
+    mode here): the norms before q/k/v and gate/up folded in, the MLP's silu(gate) · up formed in it, attention's
+    output as it is; the logits stay those of the CPU's path (XLA's quantisation of the same rows) to within the
+    activations' own rounding (the kernel rounds silu(gate) · up to bf16 once, XLA after each op)."""
+    path, config = checkpoint
+    qconfig = dataclasses.replace(config, weight_quant=quant.WeightQuant(scheme))
+    model = build_model(qconfig, jnp.bfloat16)
+    params = load_hf(model, path, make_mesh(1), 1)
+    tokens, meta = jnp.asarray(TOKENS, jnp.int32), prefill_meta(len(TOKENS), 32)
+
+    def run():
+        step = jax.jit(lambda p, t, m, c: model.apply({"params": p}, t, m, c, all_logits=True))
+        return np.asarray(step(params, tokens, meta, init_kv_cache(model, 32))[0], np.float32)
+
+    expected = run()
+    monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
+    forms = []
+    kernel = row_quant.quantize_rows
+
+    def recorded(x, dtype, norm_weight=None, eps=0.0, gated=False):
+        forms.append("gated" if gated else "normed" if norm_weight is not None else "plain")
+        return kernel(x, dtype, norm_weight, eps, gated=gated, interpret=True)
+
+    monkeypatch.setattr(row_quant, "quantize_rows", recorded)
+    jax.clear_caches()  # fresh traces under the patches, dropped after
+    request.addfinalizer(jax.clear_caches)
+    logits = run()
+    # per layer traced: q/k/v and gate/up normed, o plain, down gated
+    assert sorted(set(forms)) == ["gated", "normed", "plain"]
+    assert forms.count("normed") == 2 * forms.count("gated") == 2 * forms.count("plain")
+    # e4m3 keeps 3 mantissa bits: a bf16 rounding of silu(gate) · up that differs moves a value a whole e4m3 step
+    tolerance = {"w8a8": 2e-2, "fp8_w8a8": 5e-2}[scheme]
+    assert np.linalg.norm(logits - expected) < tolerance * np.linalg.norm(expected)
+    assert (logits.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+
+
+def test_gated_rows_reach_a_per_token_product_as_their_value():
+    """GatedRows on the XLA path (the CPU, --tp): the product of act(gate) · up, exactly as if formed first."""
+    from jaxllm.models.normed import GatedRows
+
+    rng = np.random.default_rng(13)
+    h = jnp.asarray(rng.standard_normal((5, 2, 128)) * 3, jnp.bfloat16)
+    rows = GatedRows(h, "silu", jax.nn.silu)
+    assert rows.shape == (5, 128) and rows.dtype == jnp.bfloat16
+    for q in (quant.quantize_int8(jnp.asarray(rng.standard_normal((128, 48)) * 0.1, jnp.float32),
+                                  int8_activations=True),
+              quant.quantize_fp8(jnp.asarray(rng.standard_normal((128, 48)) * 0.1, jnp.float32))):
+        np.testing.assert_array_equal(np.asarray(qdot.dot(rows, q), np.float32),
+                                      np.asarray(qdot.dot(rows.value(), q), np.float32))
