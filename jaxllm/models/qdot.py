@@ -66,7 +66,8 @@ W8_DIGITS_MAX_ROWS = 1
 # step with it gave 234 against 325 tok/s (docs/perf.md, session 24, before its norm pass lost a barrier a step).
 W8_GEMV_MAX_ROWS = 0
 # Whether the int4 matrix-vector kernel applies the norm before q/k/v and gate/up itself (no norm kernels there).
-# Built and tested in interpret mode, not measured on the GPU yet (docs/perf.md, session 24), so off.
+# Off: on the H200 it saved 2.9 µs on qkv and cost 11.9 µs on gate_up at one row, more than the two norm launches
+# it removes (docs/perf.md, session 25).
 W4_GEMV_FOLDS_NORM = False
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
@@ -75,8 +76,10 @@ KERNEL_MAX_ROWS = 64
 # step 0.29 ms slower (docs/perf.md, session 20).
 W8_DIGITS_KERNEL_MAX_ROWS = 0
 # The per-token quantisation of w8a8 / fp8 activations (with the norm or the gated activation before it) as one
-# Pallas kernel a row on a single GPU (kernels/pallas/row_quant.py), not XLA's reductions and casts.
-ROW_QUANT_KERNEL = True
+# Pallas kernel a row on a single GPU (kernels/pallas/row_quant.py), not XLA's reductions and casts. Off: its first
+# form (two passes over 2,048-input chunks, 4 warps) made the batch-256 step slower on the H200, fp8 7.57 against
+# 7.09 ms and w8a8 8.75 against 8.08 (docs/perf.md, session 25); the whole-row form is not measured yet.
+ROW_QUANT_KERNEL = False
 
 
 def _kernel_matmul(x, w, k: int, n: int):

@@ -24,14 +24,17 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.pallas import plan, reference
 
-CHUNK = 2048  # inputs the kernel loads at a time (the largest power of two up to this that divides k)
+# A row of up to WHOLE_ROW inputs is loaded whole (its loads issued at once, one memory latency a row; a warp
+# per 1,024 inputs, 4 to 16); longer ones CHUNK inputs at a time (the largest power of two up to it that divides k)
+WHOLE_ROW = 16384
+CHUNK = 2048
 SCALE_LANES = 16  # the kernel writes each row's scale this many times (a vector store; the caller takes one)
 INT8_MAX = 127.0
 _DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def supports(k: int) -> bool:
-    return plan.pow2_divisor(k, CHUNK, 16) is not None
+    return _chunking(k) is not None
 
 
 def row_passes(load, steps: int, write):
@@ -73,27 +76,48 @@ def _largest(dtype) -> float:
     return INT8_MAX if dtype == jnp.int8 else reference.FP8_MAX
 
 
-def _kernel(*refs, chunk: int, steps: int, eps: float, normed: bool, gated: bool, dtype):
+def _kernel(*refs, k: int, chunk: int, steps: int, eps: float, normed: bool, gated: bool, dtype):
+    # Refs are read and written as [1, chunk] tiles through broadcast index arrays, one per axis (masked loads and
+    # stores need those in interpret mode, and Triton's lowering takes one indexer): `row` picks gate or up in a
+    # gated [1, 2, k] block, the row of a [1, k] one (the norm's weight comes as [1, k]).
     x_ref, w_ref, q_ref, s_ref = refs if normed else (refs[0], None, *refs[1:])
+    padded = chunk * steps != k  # one chunk a row, a power of two past k: masked
+
+    def tile(ref, row: int, c):
+        cols = c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+        lead = (jnp.zeros((1, 1), jnp.int32),) if len(ref.shape) == 3 else ()
+        return ref.at[(*lead, jnp.full((1, 1), row, jnp.int32), cols)], cols < k if padded else None
+
+    def read(ref, row: int, c):
+        where, mask = tile(ref, row, c)
+        return pltriton.load(where, mask=mask, other=0.0 if padded else None).astype(jnp.float32)
 
     def load(c):
-        span = pl.ds(c * chunk, chunk)
         if gated:
-            gate = x_ref[0, 0, span].astype(jnp.float32)
-            h = (gate / (1.0 + jnp.exp(-gate)) * x_ref[0, 1, span].astype(jnp.float32))
-            h = h.astype(x_ref.dtype).astype(jnp.float32)
+            gate = read(x_ref, 0, c)
+            h = (gate / (1.0 + jnp.exp(-gate)) * read(x_ref, 1, c)).astype(x_ref.dtype).astype(jnp.float32)
             return h, h
-        x = x_ref[0, span].astype(jnp.float32)
-        return x, x * w_ref[span] if normed else x
+        x = read(x_ref, 0, c)
+        return x, x * read(w_ref, 0, c) if normed else x
 
     def write(c, z, amax):
-        q_ref[0, pl.ds(c * chunk, chunk)] = _quantised(z, amax / _largest(dtype), dtype)
+        where, mask = tile(q_ref, 0, c)
+        pltriton.store(where, _quantised(z, amax / _largest(dtype), dtype), mask=mask)
 
     ss, amax = row_passes(load, steps, write)
     scale = amax / _largest(dtype)
     if normed:
-        scale = scale * lax.rsqrt(ss / (steps * chunk) + eps)
+        scale = scale * lax.rsqrt(ss / k + eps)
     s_ref[0, :] = jnp.full((SCALE_LANES,), scale, jnp.float32)
+
+
+def _chunking(k: int) -> tuple[int, int] | None:
+    """(chunk, steps) for rows of k inputs: the whole row in one chunk up to WHOLE_ROW inputs (a power of two,
+    masked past k), else the largest power of two up to CHUNK that divides k; None if none does."""
+    if k <= WHOLE_ROW:
+        return 1 << max(4, (k - 1).bit_length()), 1
+    chunk = plan.pow2_divisor(k, CHUNK, 16)
+    return None if chunk is None else (chunk, k // chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "eps", "gated", "interpret"))
@@ -109,21 +133,21 @@ def quantize_rows(x, dtype, norm_weight=None, eps: float = 0.0, *, gated: bool =
     m, k = x.shape[0], x.shape[-1]
     if x.shape != ((m, 2, k) if gated else (m, k)):
         raise ValueError(f"rows of shape {x.shape}: [m, k] expected" + (" ([m, 2, k] gated)" if gated else ""))
-    chunk = plan.pow2_divisor(k, CHUNK, 16)
-    if chunk is None:
+    if _chunking(k) is None:
         raise ValueError(f"no row quantisation kernel for rows of {k} inputs")
+    chunk, steps = _chunking(k)
     block = (1, 2, k) if gated else (1, k)
     in_specs = [pl.BlockSpec(block, lambda i: (i,) + (0,) * (len(block) - 1))]
     inputs = [x]
     if normed:
-        in_specs.append(pl.BlockSpec((k,), lambda i: (0,)))
-        inputs.append(norm_weight.astype(jnp.float32))
+        in_specs.append(pl.BlockSpec((1, k), lambda i: (0, 0)))
+        inputs.append(norm_weight.astype(jnp.float32).reshape(1, k))
     q, scale = pl.pallas_call(
-        functools.partial(_kernel, chunk=chunk, steps=k // chunk, eps=eps, normed=normed, gated=gated, dtype=dtype),
+        functools.partial(_kernel, k=k, chunk=chunk, steps=steps, eps=eps, normed=normed, gated=gated, dtype=dtype),
         out_shape=(jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, SCALE_LANES), jnp.float32)),
         grid=(m,), in_specs=in_specs,
         out_specs=(pl.BlockSpec((1, k), lambda i: (i, 0)), pl.BlockSpec((1, SCALE_LANES), lambda i: (i, 0))),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=min(16, max(4, chunk // 1024)), num_stages=1),
         interpret=interpret, name="quantize_rows",
     )(*inputs)
     return q, scale[:, 0]

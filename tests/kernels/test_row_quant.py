@@ -38,7 +38,9 @@ def plain_rows(x, norm_weight, gated: bool):
 
 @pytest.mark.parametrize("kind", sorted(QUANTISERS))
 @pytest.mark.parametrize("form", ["plain", "normed", "gated"])
+# whole rows (4096), whole rows masked past k (1792, 96), rows in chunks (20480: ten of 2048)
 @pytest.mark.parametrize("m,k,dtype", [(1, 4096, jnp.bfloat16), (5, 1792, jnp.bfloat16), (3, 96, jnp.float32),
+                                       (2, 20480, jnp.bfloat16),
                                        pytest.param(256, 14336, jnp.bfloat16, marks=pytest.mark.skipif(
                                            INTERPRET, reason="Llama-3-8B's batch 256: on the GPU only"))])
 def test_the_kernel_quantises_as_the_plain_quantisers(rng, kind, form, m, k, dtype):
@@ -80,11 +82,11 @@ def test_ties_round_to_even():
 
 
 def test_shapes_it_refuses():
-    x = jnp.ones((2, 100), jnp.bfloat16)
-    with pytest.raises(ValueError, match="100 inputs"):
+    x = jnp.ones((2, 16392), jnp.bfloat16)  # past a whole row, and no power-of-two chunk of 16 or more divides it
+    with pytest.raises(ValueError, match="16392 inputs"):
         row_quant.quantize_rows(x, jnp.int8, interpret=INTERPRET)
     with pytest.raises(ValueError, match="int8 or float8"):
         row_quant.quantize_rows(jnp.ones((2, 64)), jnp.bfloat16, interpret=True)
     with pytest.raises(ValueError, match="gated"):
         row_quant.quantize_rows(jnp.ones((2, 64)), jnp.int8, gated=True, interpret=True)
-    assert row_quant.supports(14336) and row_quant.supports(4096) and not row_quant.supports(100)
+    assert all(map(row_quant.supports, (14336, 4096, 100, 20480))) and not row_quant.supports(16392)

@@ -206,6 +206,7 @@ CASES = {
     "int16_digits-normed": lambda: (lambda x, w: two_digit_matmul.int16_digits_kernel(x, w, 1e-5),
                                     (_x(1, 4096), jnp.ones((4096,), jnp.float32))),
     "quantize_rows-int8": lambda: (lambda x: row_quant.quantize_rows(x, jnp.int8), (_x(256, 4096),)),
+    "quantize_rows-int8-chunks": lambda: (lambda x: row_quant.quantize_rows(x, jnp.int8), (_x(8, 20480),)),
     "quantize_rows-fp8-normed": lambda: (lambda x, w: row_quant.quantize_rows(x, jnp.float8_e4m3fn, w, 1e-5),
                                          (_x(256, 4096), jnp.ones((4096,), jnp.float32))),
     "quantize_rows-fp8-gated": lambda: (lambda x: row_quant.quantize_rows(x, jnp.float8_e4m3fn, gated=True),
