@@ -22,19 +22,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.pallas import plan, reference
+from kernels.pallas import reference
 
-# A row of up to WHOLE_ROW inputs is loaded whole (its loads issued at once, one memory latency a row; a warp
-# per 1,024 inputs, 4 to 16); longer ones CHUNK inputs at a time (the largest power of two up to it that divides k)
-WHOLE_ROW = 16384
-CHUNK = 2048
+# A row is loaded in as few chunks as fit a program's registers: the smallest power of two ≥ k up to MAX_CHUNK
+# inputs, the last chunk masked past k (each chunk's loads issued at once: one memory latency a chunk and pass; a
+# warp per 512 inputs of a chunk, 4 to 16, so a thread holds 16 of each row it reads). The first form, 2,048-input
+# chunks that divide k, took Llama-3-8B's 14,336-input rows in 7 chunks twice over and lost to XLA (session 25).
+MAX_CHUNK = 8192
 SCALE_LANES = 16  # the kernel writes each row's scale this many times (a vector store; the caller takes one)
 INT8_MAX = 127.0
 _DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 
 
 def supports(k: int) -> bool:
-    return _chunking(k) is not None
+    return k >= 16
 
 
 def row_passes(load, steps: int, write):
@@ -81,7 +82,7 @@ def _kernel(*refs, k: int, chunk: int, steps: int, eps: float, normed: bool, gat
     # stores need those in interpret mode, and Triton's lowering takes one indexer): `row` picks gate or up in a
     # gated [1, 2, k] block, the row of a [1, k] one (the norm's weight comes as [1, k]).
     x_ref, w_ref, q_ref, s_ref = refs if normed else (refs[0], None, *refs[1:])
-    padded = chunk * steps != k  # one chunk a row, a power of two past k: masked
+    padded = chunk * steps != k  # the last chunk reaches past k: masked
 
     def tile(ref, row: int, c):
         cols = c * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
@@ -111,13 +112,10 @@ def _kernel(*refs, k: int, chunk: int, steps: int, eps: float, normed: bool, gat
     s_ref[0, :] = jnp.full((SCALE_LANES,), scale, jnp.float32)
 
 
-def _chunking(k: int) -> tuple[int, int] | None:
-    """(chunk, steps) for rows of k inputs: the whole row in one chunk up to WHOLE_ROW inputs (a power of two,
-    masked past k), else the largest power of two up to CHUNK that divides k; None if none does."""
-    if k <= WHOLE_ROW:
-        return 1 << max(4, (k - 1).bit_length()), 1
-    chunk = plan.pow2_divisor(k, CHUNK, 16)
-    return None if chunk is None else (chunk, k // chunk)
+def _chunking(k: int) -> tuple[int, int]:
+    """(chunk, steps) for rows of k inputs: chunks of a power of two, as few as MAX_CHUNK allows."""
+    chunk = min(1 << max(4, (k - 1).bit_length()), MAX_CHUNK)
+    return chunk, -(-k // chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "eps", "gated", "interpret"))
@@ -133,7 +131,7 @@ def quantize_rows(x, dtype, norm_weight=None, eps: float = 0.0, *, gated: bool =
     m, k = x.shape[0], x.shape[-1]
     if x.shape != ((m, 2, k) if gated else (m, k)):
         raise ValueError(f"rows of shape {x.shape}: [m, k] expected" + (" ([m, 2, k] gated)" if gated else ""))
-    if _chunking(k) is None:
+    if not supports(k):
         raise ValueError(f"no row quantisation kernel for rows of {k} inputs")
     chunk, steps = _chunking(k)
     block = (1, 2, k) if gated else (1, k)
@@ -147,7 +145,7 @@ def quantize_rows(x, dtype, norm_weight=None, eps: float = 0.0, *, gated: bool =
         out_shape=(jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m, SCALE_LANES), jnp.float32)),
         grid=(m,), in_specs=in_specs,
         out_specs=(pl.BlockSpec((1, k), lambda i: (i, 0)), pl.BlockSpec((1, SCALE_LANES), lambda i: (i, 0))),
-        compiler_params=pltriton.CompilerParams(num_warps=min(16, max(4, chunk // 1024)), num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=min(16, max(4, chunk // 512)), num_stages=1),
         interpret=interpret, name="quantize_rows",
     )(*inputs)
     return q, scale[:, 0]

@@ -322,9 +322,10 @@ def test_one_row_bf16_model_takes_the_gemv_with_its_norms_folded(checkpoint, mon
 @pytest.mark.parametrize("scheme", ["w8a8", "fp8_w8a8"])
 def test_per_token_model_on_a_gpu_quantises_its_rows_in_one_kernel(checkpoint, monkeypatch, request, scheme):
     """A bf16 w8a8 / fp8 Llama step on the GPU's path (the switch on: ROW_QUANT_KERNEL) quantises every product's
-    rows with the row kernel (interpret mode here): the norms before q/k/v and gate/up folded in, the MLP's silu(gate) · up formed in it, attention's
-    output as it is; the logits stay those of the CPU's path (XLA's quantisation of the same rows) to within the
-    activations' own rounding (the kernel rounds silu(gate) · up to bf16 once, XLA after each op)."""
+    rows with the row kernel (interpret mode here): the norms before q/k/v and gate/up folded in, the MLP's
+    silu(gate) · up formed in it, attention's output as it is; the logits stay those of the CPU's path (XLA's
+    quantisation of the same rows) to within the activations' own rounding (the kernel rounds silu(gate) · up to
+    bf16 once, XLA after each op)."""
     path, config = checkpoint
     qconfig = dataclasses.replace(config, weight_quant=quant.WeightQuant(scheme))
     model = build_model(qconfig, jnp.bfloat16)
