@@ -18,7 +18,9 @@ def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, 
          all_logits, penalties, sampling, top_logprobs, typical):
     """The jitted step: table updates, model, sampler. kv and last_tokens are donated. Returns (kv, last tokens,
     sampled, logprobs, prompt logprobs, top, logits) with top = (ids, logprobs) [R, K] (K = 1, zeros, unless
-    asked) and the sampled rows' logits [R, V]: a step with constrained rows runs as the greedy step of its
+    asked), prompt logprobs = (logprob of each position's next prompt token [T],) and, with `all_logits` and
+    `top_logprobs` both, each position's (ids, logprobs) [T, MAX_TOP_LOGPROBS] too, and the sampled rows' logits
+    [R, V]: a step with constrained rows runs as the greedy step of its
     shape (compiled at start-up) and samples again from those logits with the rows' masks (`sample_masked`),
     so constrained decoding never meets a step it must compile.
     A reward model's step samples nothing: its scores [R, labels] come in place of the sampled ids.
@@ -52,10 +54,13 @@ def step(model, eos_ids, params, kv, last_tokens, words, image_slab, *, layout, 
                 jnp.zeros((1, 1), jnp.float32))
     if all_logits:  # logits [T, V]: every position's next-token logprob, then the sampled rows
         all_lp = jax.nn.log_softmax(logits, axis=-1)
-        prompt_lp = jnp.take_along_axis(all_lp, inp.target_ids[:, None], axis=-1)[:, 0]
+        prompt_lp = (jnp.take_along_axis(all_lp, inp.target_ids[:, None], axis=-1)[:, 0],)
+        if top_logprobs:  # and each position's most likely next tokens (OpenAI's echo with logprobs)
+            top_lp, top_ids = jax.lax.top_k(all_lp, MAX_TOP_LOGPROBS)
+            prompt_lp += (top_ids, top_lp)
         logits = logits[inp.logits_index]
     else:
-        prompt_lp = jnp.zeros(tokens.shape, jnp.float32)
+        prompt_lp = (jnp.zeros(tokens.shape, jnp.float32),)
     history = token_table[inp.kv_rows, :width]  # [R, width]
     new_kv = kv.replace(layers=layers, slot_table=slot_table, token_table=token_table)
     last, sampled, logprobs, top = sample_rows(eos_ids, last_tokens, logits, history, inp, None, penalties=penalties,

@@ -108,7 +108,10 @@ class EventMaker:
         if len(outputs) == 1:
             if params.prompt_logprobs:  # a group's are computed by its leader, for every member
                 members = req.group.members if req.group is not None else [req]
-                event.prompt_logprobs = next((m.prompt_logprobs for m in [req, *members] if m.prompt_logprobs), None)
+                leader = next((m for m in [req, *members] if m.prompt_logprobs), None)
+                if leader is not None:
+                    event.prompt_logprobs = leader.prompt_logprobs
+                    event.prompt_top_logprobs = leader.prompt_top_logprobs
             self._first_event_extras(req, event)
         return event
 
@@ -128,15 +131,24 @@ class EventMaker:
         return event
 
     @staticmethod
-    def add_prompt_logprobs(req: Request, start: int, count: int, logprobs: np.ndarray) -> None:
+    def add_prompt_logprobs(req: Request, start: int, count: int, logprobs: np.ndarray, top_ids=None,
+                            top_logprobs=None) -> None:
         """[[token_id, {"<next_id>": logprob}], ...] for prompt positions start.. (all but the last); positions
-        already there (a prefill recomputed after a preemption) are kept."""
+        already there (a prefill recomputed after a preemption) are kept. With `top_ids` / `top_logprobs` [count,
+        K] (a request with top_logprobs), each position's params.top_logprobs most likely next tokens too, as
+        [(id, logprob), ...] best first (req.prompt_top_logprobs, entry for entry)."""
         entries = req.prompt_logprobs if req.prompt_logprobs is not None else []
+        tops = req.prompt_top_logprobs if req.prompt_top_logprobs is not None else []
+        k = req.params.top_logprobs if top_ids is not None else 0
         prompt = req.prompt_ids
         for j, pos in enumerate(range(start, min(start + count, len(prompt) - 1))):
             if pos == len(entries):
                 entries.append([prompt[pos], {str(prompt[pos + 1]): float(logprobs[j])}])
+            if k and pos == len(tops):
+                tops.append(list(zip(top_ids[j, :k].tolist(), top_logprobs[j, :k].tolist())))
         req.prompt_logprobs = entries
+        if k:
+            req.prompt_top_logprobs = tops
 
 
 def final_event(req: Request, reason: str, error: str | None = None) -> TokenEvent:

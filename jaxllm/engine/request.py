@@ -166,6 +166,9 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None  # params.top_logprobs most likely (id, logprob), best first
     cumlogprob: float | None = None  # sum of the sequence's logprobs so far (--diverse_mode, --beam_mode details)
     score: list[float] | None = None  # a reward model's request: the score head's outputs at its last token
+    # first event only, with prompt_logprobs and top_logprobs: each prompt_logprobs entry's top_logprobs most likely
+    # next tokens, [[(id, logprob), ...], ...] best first
+    prompt_top_logprobs: list | None = None
 
 
 class RequestStatus(enum.Enum):
@@ -217,6 +220,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     prompt_logprobs: list | None = None  # filled by the first prefill when params.prompt_logprobs
+    prompt_top_logprobs: list | None = None  # with them, when params.top_logprobs too (EventMaker.add_prompt_logprobs)
     stream: Any = None  # where TokenEvents go (engine.RequestStream)
     token_text: Any = None  # TokenText, when the engine makes its text (has a tokenizer, no frontend doing it)
     # Its events carry only a token, its logprob and counts (text made by the frontend; no stops, constraint,

@@ -107,7 +107,8 @@ class StepHandle:
     batch: SchedulerOutput
     sampled: jax.Array  # [R] i32; a reward model's scores [R, labels] f32
     logprobs: jax.Array  # [R] f32
-    prompt_logprobs: jax.Array | None  # [T] f32 when the step computed all-position logits
+    # (logprobs [T] f32,) when the step computed all-position logits, + (ids [T, K], logprobs [T, K]) with top_logprobs
+    prompt_logprobs: tuple[jax.Array, ...] | None
     token_offsets: list[int]  # each chunk's first index in the packed tokens
     top: tuple[jax.Array, jax.Array] | None = None  # ([R, K] i32 ids, [R, K] f32 logprobs), best first, if asked
     # A constrained step until sample_constrained: the sampler's device inputs (logits, history, packed inputs)
@@ -138,7 +139,7 @@ class StepHandle:
 class StepResult:
     sampled: np.ndarray | None  # [rows of the batch]; None for a reward model, which samples nothing
     logprobs: np.ndarray
-    prompt_logprobs: np.ndarray | None
+    prompt_logprobs: tuple[np.ndarray, ...] | None  # as StepHandle's
     token_offsets: list[int]
     top_ids: np.ndarray | None = None  # [rows of the batch, K]: most likely tokens, when the step reports them
     top_logprobs: np.ndarray | None = None
@@ -448,7 +449,7 @@ class ModelRunner:
             prompt_lp = None
         if not step.shape.top_logprobs:
             top = None
-        for array in (sampled, logprobs, prompt_lp, *(top or ())):
+        for array in (sampled, logprobs, *(prompt_lp or ()), *(top or ())):
             if array is not None:
                 array.copy_to_host_async()
         return StepHandle(step.batch, sampled, logprobs, prompt_lp, step.offsets, top, unsampled, launched,
@@ -512,7 +513,7 @@ class ModelRunner:
             sampled=None if self.scoring else rows,
             scores=rows if self.scoring else None,
             logprobs=np.asarray(handle.logprobs)[:n],
-            prompt_logprobs=None if handle.prompt_logprobs is None else np.asarray(handle.prompt_logprobs),
+            prompt_logprobs=None if handle.prompt_logprobs is None else tuple(map(np.asarray, handle.prompt_logprobs)),
             token_offsets=handle.token_offsets,
             top_ids=top_ids,
             top_logprobs=top_lp,

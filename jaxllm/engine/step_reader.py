@@ -74,7 +74,8 @@ class StepReader:
             try:
                 if chunk.prompt_logprobs:
                     offset = result.token_offsets[i]
-                    self._events.add_prompt_logprobs(req, chunk.start, chunk.num_tokens, result.prompt_logprobs[offset:])
+                    self._events.add_prompt_logprobs(req, chunk.start, chunk.num_tokens,
+                                                     *(a[offset:] for a in result.prompt_logprobs))
                 if not chunk.samples:
                     continue
                 if req.group is not None and req.group.beam is not None:

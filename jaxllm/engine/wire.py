@@ -11,7 +11,7 @@ from jaxllm.engine.request import TokenEvent
 # Set on few events: crossed only where set (flags where true, the others where not None).
 _FLAGS = ("special", "finished")
 _OPTIONAL = ("finish_reason", "prompt_logprobs", "error", "stop_sequence", "queue_s", "cached_tokens",
-             "top_logprobs", "cumlogprob", "score")
+             "top_logprobs", "cumlogprob", "score", "prompt_top_logprobs")
 
 
 class EventColumns:

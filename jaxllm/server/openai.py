@@ -64,6 +64,33 @@ def _completion_top(state: ServerState, e: TokenEvent, token: str) -> dict:
     return top
 
 
+def _prompt_logprobs(state: ServerState, prompt_ids: list[int], seq: Sequence, top_logprobs: int) -> dict:
+    """The echoed prompt's share of a completion's logprobs: each prompt token with the logprob the model gave it
+    after the tokens before it (none for the first) and, as for generated tokens, that position's `top_logprobs`
+    most likely tokens (the token alone when none were asked for); text offsets from 0."""
+    first = seq.events[0]
+    given = [None] + [finite_logprob(next(iter(nxt.values()))) for _, nxt in first.prompt_logprobs or []]
+    alternatives = [None] + list(first.prompt_top_logprobs or [])
+    tokens, logprobs, tops, offsets, offset = [], [], [], [], 0
+    for j, token_id in enumerate(prompt_ids):
+        token = state.tokenizer.decode([token_id])
+        logprob = given[j] if j < len(given) else None
+        tokens.append(token)
+        logprobs.append(logprob)
+        if j == 0 or logprob is None:
+            tops.append(None)
+        elif top_logprobs and j < len(alternatives):
+            top: dict[str, float] = {}
+            for alt_id, alt_logprob in alternatives[j]:
+                top.setdefault(state.tokenizer.decode([alt_id]), finite_logprob(alt_logprob))
+            tops.append(top)
+        else:
+            tops.append({token: logprob})
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
 def _completion_logprobs(state: ServerState, events: list[TokenEvent], offset: int) -> dict:
     tokens, logprobs, tops, offsets = [], [], [], []
     for e in events:
@@ -123,6 +150,9 @@ def completion_body(state: ServerState, req: OpenAIRequest, sequences: list[Sequ
         logprobs = None
         if req.logprobs:
             logprobs = _completion_logprobs(state, _token_events(state, seq), len(prefix))
+            if req.echo:
+                echoed = _prompt_logprobs(state, req.prompts[p], seq, req.top_logprobs)
+                logprobs = {key: echoed[key] + logprobs[key] for key in logprobs}
         choices.append({
             "index": i,
             "text": prefix + without_stop(seq.text, seq.last),

@@ -335,6 +335,8 @@ def parse_completion(engine, body: Any) -> OpenAIRequest:
     max_tokens = 16 if f.get("max_tokens") is None else f["max_tokens"]
     names = _CHAT_NAMES if f.get("best_of") is None else _COMPLETION_NAMES  # name what the client sent
     params = _sampling(f, max_tokens=max_tokens, best_of=best_of, names=names, top_logprobs=top)
+    if echo and logprobs is not None and not stream:  # the echoed prompt's tokens with their logprobs (as vLLM's)
+        params = dataclasses.replace(params, prompt_logprobs=True)
     texts, prompts = _prompts(engine.tokenizer, require(body, "prompt", _any))
     prompts = [check_prompt(engine, ids, params, "prompt") for ids in prompts]
     return OpenAIRequest(model, prompts, texts, params, n, stream, include_usage, logprobs is not None, echo,

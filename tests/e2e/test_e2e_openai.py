@@ -126,3 +126,30 @@ def test_logit_bias_gives_what_transformers_gives_with_that_sequence_bias(client
     reply = client.completions.create(model="m", prompt=prompt, max_tokens=8, temperature=0,
                                       logit_bias={str(t): b for t, b in bias.items()})
     assert reply.choices[0].text == expected != tokenizer.decode(plain)
+
+
+def test_completions_echo_scores_the_prompt_as_transformers_does(client, tokenizer, smollm2_transformers):
+    """echo with logprobs (how lm-evaluation-harness scores a text): the echoed prompt's tokens come with the
+    logprob the model gives each after the tokens before it (none for the first) and each position's most likely
+    tokens, as transformers' logits give them, then the generated tokens'."""
+    import torch
+
+    prompt = "The capital of France is Paris, and the capital of Italy is Rome."
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        expected = torch.log_softmax(smollm2_transformers(torch.tensor([ids])).logits[0].float(), dim=-1)
+    reply = client.completions.create(model="m", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2)
+    choice, n = reply.choices[0], len(ids)
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n + 2
+    assert lp.tokens[:n] == [tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset[:n + 1] == [sum(map(len, lp.tokens[:j])) for j in range(n + 1)]
+    assert lp.token_logprobs[1:n] == pytest.approx([expected[j - 1, ids[j]].item() for j in range(1, n)], abs=0.05)
+    for j in range(1, n):
+        best = torch.topk(expected[j - 1], 3)
+        top = lp.top_logprobs[j]
+        assert len(top) == 2 and list(top.values()) == pytest.approx(best.values[:2].tolist(), abs=0.05)
+        if best.values[0] - best.values[1] > 0.1:  # no near tie: the same most likely token
+            assert next(iter(top)) == tokenizer.decode([best.indices[0].item()])
+    assert all(lp.token_logprobs[j] <= 0 and len(lp.top_logprobs[j]) == 2 for j in (n, n + 1))

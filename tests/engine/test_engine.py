@@ -220,6 +220,25 @@ def test_prompt_logprobs_cover_every_prompt_position_but_the_last(tiny_engine, r
         assert value == pytest.approx(float(logp[pos, prompt[pos + 1]]), abs=1e-4)
 
 
+def test_prompt_top_logprobs_are_each_positions_most_likely_tokens(tiny_engine, reference):
+    """prompt_logprobs with top_logprobs (OpenAI's echo with logprobs): beside each prompt position's entry, its
+    top_logprobs most likely next tokens, best first, as the reference's logits rank them."""
+    prompt = random_prompts(seed=6, count=1, max_len=20)[0] + [9, 10]
+    params = SamplingParams(max_new_tokens=2, prompt_logprobs=True, top_logprobs=3)
+    events = run_all(tiny_engine, [prompt], params)[0]
+    tops = events[0].prompt_top_logprobs
+    assert events[1].prompt_top_logprobs is None and len(tops) == len(events[0].prompt_logprobs) == len(prompt) - 1
+    logits = reference.logits(prompt)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    for pos, top in enumerate(tops):
+        best = np.argsort(-logp[pos])[:3]
+        assert [token for token, _ in top] == best.tolist()
+        assert [value for _, value in top] == pytest.approx(logp[pos, best].tolist(), abs=1e-4)
+    plain = run_all(tiny_engine, [prompt], SamplingParams(max_new_tokens=2, prompt_logprobs=True))[0]
+    assert plain[0].prompt_top_logprobs is None  # none asked, none made
+
+
 def test_streams_work_from_asyncio(tiny_engine, reference):
     prompts = random_prompts(seed=5, count=3)
 

@@ -122,8 +122,13 @@ def test_completions_with_several_prompts_echo_and_logprobs(make_client, tokeniz
     assert status == 200 and out["object"] == "text_completion" and out["id"].startswith("cmpl-")
     generated = tokenizer.decode(state.engine.script[:2])
     assert [c["text"] for c in out["choices"]] == ["Hello" + generated, "Good day" + generated]
-    lp = out["choices"][0]["logprobs"]
-    assert lp["token_logprobs"] == [-0.25, -0.5] and lp["text_offset"][0] == len("Hello")
+    # echoed prompts' tokens first, with their logprobs (the scripted engine gives -1.5 after the first token)
+    for choice, prompt in zip(out["choices"], ["Hello", "Good day"]):
+        lp, ids = choice["logprobs"], tokenizer.encode(prompt)
+        assert lp["tokens"][:len(ids)] == [tokenizer.decode([t]) for t in ids]
+        assert lp["token_logprobs"] == [None] + [-1.5] * (len(ids) - 1) + [-0.25, -0.5]
+        assert lp["top_logprobs"][0] is None and lp["text_offset"][len(ids)] == len(prompt)
+    assert [params.prompt_logprobs for _, _, params in state.engine.submitted] == [True, True]
     assert out["usage"]["prompt_tokens"] == len(tokenizer.encode("Hello")) + len(tokenizer.encode("Good day"))
 
 
