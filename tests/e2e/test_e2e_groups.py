@@ -52,17 +52,21 @@ def test_chat_streamed_n2_tags_each_chunk_with_its_choice(client):
     assert [c.message.content for c in again.choices] == [texts[0], texts[1]]
 
 
-def test_completions_logprobs_k_best_of_and_echo(client):
+def test_completions_logprobs_k_best_of_and_echo(client, tokenizer):
     reply = client.completions.create(model="m", prompt="The sky is", max_tokens=4, n=2, best_of=3,
                                       temperature=1.0, seed=5, logprobs=3, echo=True)
     assert len(reply.choices) == 2
+    n = len(tokenizer.encode("The sky is"))  # echoed: the prompt's tokens first (the first with no logprob)
     for choice in reply.choices:
         assert choice.text.startswith("The sky is")
         lp = choice.logprobs
-        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
-        assert all(1 <= len(top) <= 3 for top in lp.top_logprobs)
-    means = [np.mean(c.logprobs.token_logprobs) for c in reply.choices]
-    assert means[0] >= means[1]  # the best n of best_of, by mean logprob
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n + 4
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert all(len(top) == 3 for top in lp.top_logprobs[1:n])
+        assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[n:])
+    assert reply.choices[0].logprobs.token_logprobs[:n] == reply.choices[1].logprobs.token_logprobs[:n]  # one prompt
+    means = [np.mean(c.logprobs.token_logprobs[n:]) for c in reply.choices]
+    assert means[0] >= means[1]  # the best n of best_of, by the completion's mean logprob
 
 
 # --- beam search ---------------------------------------------------------------------------------------
