@@ -58,8 +58,13 @@ def _completion_top(state: ServerState, e: TokenEvent, token: str) -> dict:
     were asked for); of two tokens with the same text, the more likely is kept."""
     if not e.top_logprobs:
         return {token: finite_logprob(e.logprob)}
+    return _top_by_text(state, e.top_logprobs)
+
+
+def _top_by_text(state: ServerState, alternatives) -> dict[str, float]:
+    """(id, logprob) pairs, most likely first, as {text: logprob}; of two tokens with the same text, the first."""
     top: dict[str, float] = {}
-    for token_id, logprob in e.top_logprobs:
+    for token_id, logprob in alternatives:
         top.setdefault(state.tokenizer.decode([token_id]), finite_logprob(logprob))
     return top
 
@@ -80,10 +85,7 @@ def _prompt_logprobs(state: ServerState, prompt_ids: list[int], seq: Sequence, t
         if j == 0 or logprob is None:
             tops.append(None)
         elif top_logprobs and j < len(alternatives):
-            top: dict[str, float] = {}
-            for alt_id, alt_logprob in alternatives[j]:
-                top.setdefault(state.tokenizer.decode([alt_id]), finite_logprob(alt_logprob))
-            tops.append(top)
+            tops.append(_top_by_text(state, alternatives[j]))
         else:
             tops.append({token: logprob})
         offsets.append(offset)
