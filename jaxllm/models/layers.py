@@ -233,7 +233,7 @@ class MLP(nn.Module):
             h = dense(x, gate_up, "nd,dsf->nsf")  # [n, 2, intermediate]
             if c.mlp_bias:
                 h = h + param(self, "gate_up_bias", (2, f), ("stack", "mlp"), self.dtype, _ZEROS)
-            h = GatedRows(h, c.activation, act)  # act(gate) · up: a per-token quantised product forms it itself
+            h = GatedRows(h, act)  # act(gate) · up: a per-token quantised product forms it itself
         else:
             up = param(self, "up_proj", (c.hidden_size, f), ("embed", "mlp"), self.dtype)
             h = dense(x, up, "nd,df->nf")

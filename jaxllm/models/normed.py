@@ -46,11 +46,9 @@ class NormedRows:
 
 @dataclasses.dataclass(frozen=True)
 class GatedRows:
-    """A gated MLP's gate/up product h [n, 2, f] on its way into the down-projection: the rows are act(gate) · up,
-    `act` the activation that `activation` names."""
+    """A gated MLP's gate/up product h [n, 2, f] on its way into the down-projection: the rows are act(gate) · up."""
 
     h: jax.Array
-    activation: str
     act: Callable
 
     @property

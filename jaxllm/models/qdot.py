@@ -171,7 +171,7 @@ def _quantized_rows(x, w):
     four launches); elsewhere XLA's ops, a norm's weight folded into the rows and its 1 / rms into their scale."""
     fp8 = isinstance(w, Fp8Weight)
     k = x.shape[1]
-    gated_silu = not isinstance(x, GatedRows) or x.activation == "silu"
+    gated_silu = not isinstance(x, GatedRows) or x.act is jax.nn.silu  # the kernel's one activation
     if ROW_QUANT_KERNEL and kernels_enabled() and row_quant.supports(k) and gated_silu:
         dtype = jnp.float8_e4m3fn if fp8 else jnp.int8
         if isinstance(x, NormedRows):

@@ -365,7 +365,7 @@ def test_gated_rows_reach_a_per_token_product_as_their_value():
 
     rng = np.random.default_rng(13)
     h = jnp.asarray(rng.standard_normal((5, 2, 128)) * 3, jnp.bfloat16)
-    rows = GatedRows(h, "silu", jax.nn.silu)
+    rows = GatedRows(h, jax.nn.silu)
     assert rows.shape == (5, 128) and rows.dtype == jnp.bfloat16
     for q in (quant.quantize_int8(jnp.asarray(rng.standard_normal((128, 48)) * 0.1, jnp.float32),
                                   int8_activations=True),
