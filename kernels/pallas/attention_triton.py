@@ -52,6 +52,11 @@ class Launch:
 
 # Tuned on the H100 (JAX 0.11.2; docs/perf.md "## Attention kernels" has the sweeps).
 DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB/s at batch 64, context 4096
+# Short contexts (a few loop steps a program): on the H200, batch 256 / 129 keys, 32/2/3 took 57.8 µs against
+# DECODE's 73.7 (batch 512 / 192 keys: 114.5 against 116.4; docs/perf.md, session 26). Slot tables at most
+# SHORT_DECODE_WIDTH keys wide (the engine's pow2 width buckets) decode with it.
+DECODE_SHORT = Launch(block_k=32, num_warps=2, num_stages=3)
+SHORT_DECODE_WIDTH = 256
 # int8 (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes" and session 10's H200 sweep): the old
 # 32/4/5 "cast" decode runs 15.8 warp instructions per key in its loop (Triton 3.9's sm_90 SASS), "pairs" 8.3
 # (bf16 decode: 5.0). On the H200, batch 64 / 4k: "pairs" at 128/4/2 153 µs against bf16's 256 µs (1.67×; "cast"
@@ -61,6 +66,11 @@ DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB
 DECODE_INT8 = Launch(block_k=128, num_warps=4, num_stages=2, dequant="pairs")
 PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64, diagonal_mask=True)
 PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs", diagonal_mask=True)
+
+
+def decode_launch(width: int) -> Launch:
+    """The tuned decode launch for a 16-bit cache whose slot table is `width` keys wide."""
+    return DECODE_SHORT if width <= SHORT_DECODE_WIDTH else DECODE
 
 
 def _next_pow2(x: int) -> int:

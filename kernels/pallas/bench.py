@@ -104,11 +104,11 @@ class Bench:
     def decode(self, name, impl, batch, context, heads, kv_heads, head_dim, *, contiguous=True, int8=False,
                split="auto", splits=None, launch=None):
         dtype = jnp.bfloat16
-        launch = launch or (attention_triton.DECODE_INT8 if int8 else attention_triton.DECODE)
+        width = -(-context // 64) * 64
+        launch = launch or (attention_triton.DECODE_INT8 if int8 else attention_triton.decode_launch(width))
         block_k = attention_mosaic.BLOCK_K if impl == "mosaic" else launch.block_k
         slots = batch * context
         k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8, launch=launch)
-        width = -(-context // 64) * 64
         table = jnp.asarray(make_table(batch, context, width, contiguous, seed=batch))
         q = jax.random.normal(jax.random.key(7), (batch, heads, head_dim), dtype)
         positions = jnp.full((batch,), context - 1, jnp.int32)
@@ -270,6 +270,7 @@ def run(args) -> Bench:
             bench.guarded("decode", "decode b64 ctx4096", "mosaic", 64, 4096, **llama8b)
             bench.guarded("decode", "decode b64 ctx4096", "mosaic", 64, 4096, contiguous=False, **llama8b)
             bench.guarded("decode", "decode b1 ctx32768", "mosaic", 1, 32768, **llama8b)
+            bench.guarded("decode", "decode b256 ctx129", "mosaic", 256, 129, contiguous=False, **llama8b)
             bench.guarded("prefill", "prefill 1×4096", "mosaic", 1, 4096, 0, **llama8b)
             bench.guarded("prefill", "prefill 8×512 after 3584", "mosaic", 8, 512, 3584, **llama8b)
             continue
@@ -280,6 +281,10 @@ def run(args) -> Bench:
         # 512 requests decoding together leave them
         for launch in args.decode_configs:
             bench.guarded("decode", "decode b512 ctx192", "triton", 512, 192, contiguous=False, launch=launch,
+                          **llama8b)
+        # bench.step's batch-256 decode at context 128 (jaxllm.bench.step --batch 256 --context 128)
+        for launch in args.decode_configs:
+            bench.guarded("decode", "decode b256 ctx129", "triton", 256, 129, contiguous=False, launch=launch,
                           **llama8b)
         bench.guarded("decode", "decode b1 ctx32768", "triton", 1, 32768, split="never", **llama8b)
         for splits in args.b1_splits:

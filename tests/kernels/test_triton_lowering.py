@@ -95,10 +95,11 @@ def _grouped_int8(rows: int):
 
 
 def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim: int = 128, options=False,
-               dequant: str | None = None, diagonal: bool = False):
+               dequant: str | None = None, diagonal: bool = False, width: int = 128):
     """PallasAttention's launch (decode or prefill) over 3 ragged rows, GQA 8 query heads on 2 KV heads;
     `options`: a window, soft-capping and ALiBi slopes; `dequant`: the int8 launches' mode (else the default);
-    `diagonal`: the prefill launches' causal mask on the diagonal key blocks only."""
+    `diagonal`: the prefill launches' causal mask on the diagonal key blocks only; `width`: the slot table's (a
+    16-bit decode's launch depends on it)."""
     rng = _rng()
     lengths = (70, 5, 33)
     chunks = [(n - 1, 1) for n in lengths] if decode else [(0, n) for n in lengths]
@@ -107,7 +108,7 @@ def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim:
     for n in lengths:
         rows.append([int(s) for s in slots[start:start + n]])
         start += n
-    meta = AttentionMetadata.for_sequences(chunks, rows, scratch_slot=128, width=128)
+    meta = AttentionMetadata.for_sequences(chunks, rows, scratch_slot=128, width=width)
     config = KernelConfig()
     if diagonal:  # prefill's causal mask on the diagonal key blocks only
         config = dataclasses.replace(config, prefill=dataclasses.replace(config.prefill, diagonal_mask=True),
@@ -174,6 +175,7 @@ CASES = {
     "grouped_matmul-int8-decode": lambda: _grouped_int8(2),
     "grouped_matmul-int8-prefill": lambda: _grouped_int8(512),
     "paged_attention-decode": lambda: _attention(decode=True),
+    "paged_attention-decode-wide-table": lambda: _attention(decode=True, width=512),
     "paged_attention-decode-splitk": lambda: _attention(decode=True, split="always"),
     "paged_attention-prefill": lambda: _attention(decode=False),
     "paged_attention-int8-decode": lambda: _attention(decode=True, int8=True),
