@@ -109,7 +109,7 @@ class KernelConfig:
     int8 caches: the decode launch's `dequant` picks the cache layout ("pairs": int16 pairs of columns, else
     int8), and every int8 launch runs `int8_dequant.for_cache` of its own mode over that layout."""
 
-    decode: attention_triton.Launch | None = None  # None: attention_triton.decode_launch, by the table's width
+    decode: attention_triton.Launch | None = None  # None: attention_triton.decode_launch (table width, programs)
     decode_int8: attention_triton.Launch = attention_triton.DECODE_INT8
     prefill: attention_triton.Launch = attention_triton.PREFILL
     prefill_int8: attention_triton.Launch = attention_triton.PREFILL_INT8
@@ -265,7 +265,8 @@ class PallasAttention:
                 meta.query_lens, meta.slot_table, scale=scale, launch=c.prefill_int8, dequant=dequant(c.prefill_int8),
                 window=spec.window, softcap=spec.softcap, alibi_slopes=slopes, interpret=self.interpret)
         if meta.decode_only:
-            launch = c.decode_int8 if self.int8_kv else c.decode or attention_triton.decode_launch(width)
+            launch = c.decode_int8 if self.int8_kv else c.decode or attention_triton.decode_launch(width,
+                                                                                                    rows * kv_heads)
             splits = plan.decode_splits(rows * kv_heads, width, launch.block_k, self.split)
             block_q, blocks, owns_all = 1, plan.decode_blocks(rows), True
         else:

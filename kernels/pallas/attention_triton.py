@@ -54,7 +54,8 @@ class Launch:
 DECODE = Launch(block_k=64, num_warps=4, num_stages=2)  # 0.96–0.98 of 2.98 TB/s at batch 64, context 4096
 # Short contexts (a few loop steps a program): on the H200, batch 256 / 129 keys, 32/2/3 took 57.8 µs against
 # DECODE's 73.7 (batch 512 / 192 keys: 114.5 against 116.4; docs/perf.md, session 26). Slot tables at most
-# SHORT_DECODE_WIDTH keys wide (the engine's pow2 width buckets) decode with it.
+# SHORT_DECODE_WIDTH keys wide (the engine's pow2 width buckets) decode with it where the programs fill the machine
+# twice over, as there (a batch-1 step's 8 programs were not measured with it).
 DECODE_SHORT = Launch(block_k=32, num_warps=2, num_stages=3)
 SHORT_DECODE_WIDTH = 256
 # int8 (int8_dequant.py; docs/perf.md "int8 KV decode: where the time goes" and session 10's H200 sweep): the old
@@ -68,9 +69,10 @@ PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64, diagonal_mask=T
 PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs", diagonal_mask=True)
 
 
-def decode_launch(width: int) -> Launch:
-    """The tuned decode launch for a 16-bit cache whose slot table is `width` keys wide."""
-    return DECODE_SHORT if width <= SHORT_DECODE_WIDTH else DECODE
+def decode_launch(width: int, programs: int) -> Launch:
+    """The tuned decode launch for a 16-bit cache whose slot table is `width` keys wide, over `programs` = rows ×
+    KV heads."""
+    return DECODE_SHORT if width <= SHORT_DECODE_WIDTH and programs >= 2 * plan.num_sms() else DECODE
 
 
 def _next_pow2(x: int) -> int:

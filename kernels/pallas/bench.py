@@ -105,7 +105,8 @@ class Bench:
                split="auto", splits=None, launch=None):
         dtype = jnp.bfloat16
         width = -(-context // 64) * 64
-        launch = launch or (attention_triton.DECODE_INT8 if int8 else attention_triton.decode_launch(width))
+        if launch is None:
+            launch = attention_triton.DECODE_INT8 if int8 else attention_triton.decode_launch(width, batch * kv_heads)
         block_k = attention_mosaic.BLOCK_K if impl == "mosaic" else launch.block_k
         slots = batch * context
         k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8, launch=launch)

@@ -20,7 +20,9 @@ from jax.experimental.pallas import triton as pltriton
 from jaxllm.models import quant
 from jaxllm.models.attention import AttentionMetadata, AttentionSpec
 from jaxllm.models.backends import KernelConfig, PallasAttention
-from kernels.pallas import grouped_matmul, int8_dequant, quant_gemv, quant_matmul, row_quant, two_digit_matmul
+from kernels.pallas import (
+    attention_triton, grouped_matmul, int8_dequant, quant_gemv, quant_matmul, row_quant, two_digit_matmul,
+)
 
 # The custom call a Triton kernel lowers to (its name across JAX versions): exporting it is refused by default.
 _TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
@@ -95,11 +97,11 @@ def _grouped_int8(rows: int):
 
 
 def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim: int = 128, options=False,
-               dequant: str | None = None, diagonal: bool = False, width: int = 128):
+               dequant: str | None = None, diagonal: bool = False, decode_launch=None):
     """PallasAttention's launch (decode or prefill) over 3 ragged rows, GQA 8 query heads on 2 KV heads;
     `options`: a window, soft-capping and ALiBi slopes; `dequant`: the int8 launches' mode (else the default);
-    `diagonal`: the prefill launches' causal mask on the diagonal key blocks only; `width`: the slot table's (a
-    16-bit decode's launch depends on it)."""
+    `diagonal`: the prefill launches' causal mask on the diagonal key blocks only; `decode_launch`: the 16-bit
+    decode's launch (else the one attention_triton.decode_launch picks)."""
     rng = _rng()
     lengths = (70, 5, 33)
     chunks = [(n - 1, 1) for n in lengths] if decode else [(0, n) for n in lengths]
@@ -108,8 +110,8 @@ def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim:
     for n in lengths:
         rows.append([int(s) for s in slots[start:start + n]])
         start += n
-    meta = AttentionMetadata.for_sequences(chunks, rows, scratch_slot=128, width=width)
-    config = KernelConfig()
+    meta = AttentionMetadata.for_sequences(chunks, rows, scratch_slot=128, width=128)
+    config = KernelConfig(decode=decode_launch)
     if diagonal:  # prefill's causal mask on the diagonal key blocks only
         config = dataclasses.replace(config, prefill=dataclasses.replace(config.prefill, diagonal_mask=True),
                                      prefill_int8=dataclasses.replace(config.prefill_int8, diagonal_mask=True))
@@ -175,7 +177,8 @@ CASES = {
     "grouped_matmul-int8-decode": lambda: _grouped_int8(2),
     "grouped_matmul-int8-prefill": lambda: _grouped_int8(512),
     "paged_attention-decode": lambda: _attention(decode=True),
-    "paged_attention-decode-wide-table": lambda: _attention(decode=True, width=512),
+    "paged_attention-decode-short-context-launch": lambda: _attention(decode=True,
+                                                                      decode_launch=attention_triton.DECODE_SHORT),
     "paged_attention-decode-splitk": lambda: _attention(decode=True, split="always"),
     "paged_attention-prefill": lambda: _attention(decode=False),
     "paged_attention-int8-decode": lambda: _attention(decode=True, int8=True),
