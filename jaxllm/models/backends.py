@@ -265,8 +265,10 @@ class PallasAttention:
                 meta.query_lens, meta.slot_table, scale=scale, launch=c.prefill_int8, dequant=dequant(c.prefill_int8),
                 window=spec.window, softcap=spec.softcap, alibi_slopes=slopes, interpret=self.interpret)
         if meta.decode_only:
-            launch = c.decode_int8 if self.int8_kv else c.decode or attention_triton.decode_launch(width,
-                                                                                                    rows * kv_heads)
+            if self.int8_kv:
+                launch = c.decode_int8
+            else:
+                launch = c.decode or attention_triton.decode_launch(width, rows * kv_heads)
             splits = plan.decode_splits(rows * kv_heads, width, launch.block_k, self.split)
             block_q, blocks, owns_all = 1, plan.decode_blocks(rows), True
         else:
