@@ -39,7 +39,6 @@ WEIGHT_MODES = {
 }
 SCHEMES = ("w8a16", "w4a16", "w8a8", "fp8_w8a8")
 GROUP_SIZE = 128  # int4 inputs per scale / zero point (smaller where the input axis is not a multiple of it)
-FP8_MAX = reference.FP8_MAX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +229,7 @@ def quantize_int8(w, in_axes: int = 1, int8_activations: bool = False, lead_axes
 def quantize_fp8(w, in_axes: int = 1, lead_axes: int = 0) -> Fp8Weight:
     """float8 e4m3 per output channel: scale = absmax / 448."""
     w32 = w.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes, lead_axes)) / FP8_MAX
+    scale = jnp.max(jnp.abs(w32), axis=_in_axes_tuple(in_axes, lead_axes)) / reference.FP8_MAX
     safe = jnp.expand_dims(jnp.where(scale > 0, scale, 1.0), _in_axes_tuple(in_axes, lead_axes))
     data = (w32 / safe).astype(jnp.float8_e4m3fn)
     return Fp8Weight(_output_major(data, in_axes, lead_axes), scale, in_axes, lead_axes)
