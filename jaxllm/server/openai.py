@@ -82,7 +82,7 @@ def _prompt_logprobs(state: ServerState, prompt_ids: list[int], seq: Sequence, t
         logprob = given[j] if j < len(given) else None
         tokens.append(token)
         logprobs.append(logprob)
-        if j == 0 or logprob is None:
+        if logprob is None:  # the first token's (given[0]) and any past what the engine scored
             tops.append(None)
         elif top_logprobs and j < len(alternatives):
             tops.append(_top_by_text(state, alternatives[j]))
