@@ -356,7 +356,11 @@ def test_per_token_model_on_a_gpu_quantises_its_rows_in_one_kernel(checkpoint, m
     # e4m3 keeps 3 mantissa bits: a bf16 rounding of silu(gate) · up that differs moves a value a whole e4m3 step
     tolerance = {"w8a8": 2e-2, "fp8_w8a8": 5e-2}[scheme]
     assert np.linalg.norm(logits - expected) < tolerance * np.linalg.norm(expected)
-    assert (logits.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+    # a random model's near-ties (top two within a few thousandths) fall either way with the CPU's rounding:
+    # the tokens the reference picks clearly stay picked
+    top2 = np.sort(expected, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05
+    assert clear.sum() >= 5 and np.array_equal(logits.argmax(-1)[clear], expected.argmax(-1)[clear])
 
 
 def test_gated_rows_reach_a_per_token_product_as_their_value():
