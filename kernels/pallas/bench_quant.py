@@ -1,12 +1,14 @@
 """`python -m kernels.pallas.bench --quant`: quantised-weight matmuls side by side, against their limits.
 
-For each Llama-3-8B product shape and row count: the bf16 XLA dot; XLA's dot on weights dequantised
-outside a kernel; our kernels (`quant_matmul.py`, and at a few rows the matrix-vector ones of `quant_gemv.py`); jax's `hopper_mixed_type_matmul_mgpu` (int8 × bf16,
-Mosaic GPU); XLA's int8 × int8 → int32 and fp8 dots. Small row counts are memory-bound: bytes read
-(weights + scales + activations) over the measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS
-for int8) over the measured bf16 rate (and the int8 rate for int8 tensor cores). Our kernels' launches may
-name their weight conversion (`dequant`: "cast", the old one, beside "magic", int4's "magicops" and "magic32"
-(GEMV), int8's "f16"; `parse_launches`); a row appears only where the kernel takes the conversion.
+For each Llama-3-8B product shape and row count: the bf16 XLA dot; XLA's dot on weights dequantised outside a
+kernel; our kernels (`quant_matmul.py`, and at a few rows the matrix-vector ones of `quant_gemv.py`); jax's
+`hopper_mixed_type_matmul_mgpu` (int8 × bf16, Mosaic GPU); XLA's int8 × int8 → int32 and fp8 dots, also split along
+the inputs into 2 or 4 parts of one batched GEMM (more output tiles where m × n is small against k: the down-
+projection at batch 256). Small row counts are memory-bound: bytes read (weights + scales + activations) over the
+measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS for int8) over the measured bf16 rate (and the
+int8 rate for int8 tensor cores). Our kernels' launches may name their weight conversion (`dequant`: "cast", the old
+one, beside "magic", int4's "magicops" and "magic32" (GEMV), int8's "f16"; `parse_launches`); a row appears only
+where the kernel takes the conversion.
 """
 
 from __future__ import annotations
@@ -51,8 +53,32 @@ def _quantised(k: int, n: int, key):
     zero4 = jnp.full((groups, n), 8, jnp.bfloat16)
     scale_f8 = jnp.max(jnp.abs(w), axis=0) / 448.0
     w_f8 = (w / scale_f8).astype(jnp.float8_e4m3fn)
-    # int8 and fp8 weights output-major [n, k], as jaxllm stores them; int4 input-major (packed along k)
-    return dict(w16=(w.astype(jnp.bfloat16),), w8=(w8.T, scale8), w4=(packed, scale4, zero4), f8=(w_f8.T, scale_f8))
+    # int8 and fp8 weights output-major [n, k], as jaxllm stores them; int4 input-major (packed along k); the split-K
+    # forms [parts, n, k / parts] (a layout a load could store, so that no call moves a weight)
+    split = {f"{name}k{parts}": (_split_k_layout(q.T, parts), scale)
+             for name, (q, scale) in (("w8", (w8, scale8)), ("f8", (w_f8, scale_f8))) for parts in SPLIT_K_PARTS
+             if k % (parts * 128) == 0}
+    return dict(w16=(w.astype(jnp.bfloat16),), w8=(w8.T, scale8), w4=(packed, scale4, zero4), f8=(w_f8.T, scale_f8),
+                **split)
+
+
+SPLIT_K_PARTS = (2, 4)
+
+
+def _split_k_layout(w_nk, parts: int):
+    """w [n, k] → [parts, n, k / parts]: part p holds inputs p·k/parts … (p+1)·k/parts − 1 of every output."""
+    n, k = w_nk.shape
+    return w_nk.reshape(n, parts, k // parts).transpose(1, 0, 2)
+
+
+def _split_k_dot(xq, w_split, out_dtype):
+    """xq [m, k] @ the split weight [parts, n, k / parts] (its [n, k]ᵀ) as one batched GEMM over the parts, summed:
+    `parts` times the output tiles of the plain dot for the same work (a grid that fills more SMs when m × n is
+    small against k), at the cost of writing and reading `parts` partial outputs."""
+    parts, n, kp = w_split.shape
+    x3 = xq.reshape(xq.shape[0], parts, kp)
+    partial = jax.lax.dot_general(x3, w_split, (((2,), (2,)), ((1,), (0,))), preferred_element_type=out_dtype)
+    return partial.sum(0, dtype=out_dtype)  # [m, n]
 
 
 def layered(fn, layers: int):
@@ -95,6 +121,11 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
     def w8a8_xla(x, w, s):
         xq, xs = reference.quantize_rows_int8(x)
         return reference.int8_int8_matmul(xq, xs, w, s, jnp.bfloat16)
+
+    def w8a8_split(x, w_split, s):
+        xq, xs = reference.quantize_rows_int8(x)
+        acc = _split_k_dot(xq, w_split, jnp.int32)
+        return (acc.astype(jnp.float32) * xs[:, None] * s[None, :]).astype(jnp.bfloat16)
 
     def w8a8_ours(launch):
         def fn(x, w, s):
@@ -156,6 +187,10 @@ def cases(m: int, k: int, n: int, interpret: bool = False, launches=(None,), lay
         ("fp8 XLA dot (+ x quantisation)", _fp8_dot, "f8", b8, False),
         ("fp8 XLA dot, bf16 product (+ x quantisation)", functools.partial(_fp8_dot, product=jnp.bfloat16), "f8",
          b8, False),
+        *[(f"w8a8 XLA int8 dot split K in {parts} (+ x quantisation)", w8a8_split, f"w8k{parts}", b8, True)
+          for parts in SPLIT_K_PARTS if f"w8k{parts}" in weights],
+        *[(f"fp8 XLA dot split K in {parts} (+ x quantisation)", functools.partial(_fp8_dot, split=True), f"f8k{parts}",
+           b8, False) for parts in SPLIT_K_PARTS if f"f8k{parts}" in weights],
     ]
     if interpret:  # (the digits kernel is checked in interpret mode by tests/kernels/test_two_digit_matmul.py)
         table = [case for case in table if not any(w in case[0] for w in ("mgpu", "fp8", "by our kernel"))]
@@ -236,11 +271,13 @@ def hlo_summary(m: int, k: int, n: int) -> None:
               f"transposes/copies: {big or 'none'}", flush=True)
 
 
-def _fp8_dot(x, w, scale, product=jnp.float32):  # w [n, k] e4m3; `product`: the GEMM's output type
+def _fp8_dot(x, w, scale, product=jnp.float32, split=False):
+    """w [n, k] e4m3 (`split`: [parts, n, k / parts], float32 partial sums); `product`: the GEMM's output type."""
     x32 = x.astype(jnp.float32)
     xs = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / 448.0
     xq = (x32 / jnp.where(xs > 0, xs, 1.0)).astype(jnp.float8_e4m3fn)
-    return (reference.dot_nk(xq, w, product).astype(jnp.float32) * xs * scale).astype(jnp.bfloat16)
+    acc = _split_k_dot(xq, w, jnp.float32) if split else reference.dot_nk(xq, w, product)
+    return (acc.astype(jnp.float32) * xs * scale).astype(jnp.bfloat16)
 
 
 def _mgpu_int8(m: int):

@@ -10,10 +10,10 @@ def test_bench_smoke(capsys):
     bench.main(["--smoke", "--chained", "2"])  # attention rows as 2 calls chained in one program
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "smoke" in line]
-    # 5 attention (int8 prefill with its own keys through 16 bits among them), 14 quantised matmuls (our digits
-    # kernel's rows left out; at 3 rows the int4 GEMV's folded norm, not the int8 one's), 4 dense prefill (ours
-    # through the cache, jax.nn's XLA form, the splits)
-    assert len(rows) == 5 + 14 + 4 and not any("FAILED" in row or "MISMATCH" in row for row in rows)
+    # 5 attention (int8 prefill with its own keys through 16 bits among them), 15 quantised matmuls (our digits
+    # kernel's rows left out; at 3 rows the int4 GEMV's folded norm, not the int8 one's; w8a8 split K in 2: 256
+    # inputs hold two parts of 128, not four), 4 dense prefill (ours through the cache, jax.nn's XLA form, the splits)
+    assert len(rows) == 5 + 15 + 4 and not any("FAILED" in row or "MISMATCH" in row for row in rows)
 
 
 def test_quant_launches_name_their_conversion():
@@ -33,3 +33,26 @@ def test_quant_launches_name_their_conversion():
         "w4a16 ours GEMV", "w4a16 ours GEMV n128 k256 w4/3 p528 magic32",
         "w4a16 ours GEMV, RMS norm folded in", "w4a16 ours GEMV, RMS norm folded in n128 k256 w4/3 p528 magic32"]
     assert sum("w8a8 ours" in name for name in names) == 1
+
+
+def test_split_k_products_equal_the_plain_ones():
+    """The split-K rows' batched GEMM over [parts, n, k / parts] weights sums to the plain product: int8 × int8
+    exactly (int32), fp8 to float32 rounding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kernels.pallas import bench_quant
+
+    m, k, n = 5, 512, 48
+    weights = bench_quant._quantised(k, n, jax.random.key(3))
+    xq = jax.random.randint(jax.random.key(4), (m, k), -127, 128, jnp.int8)
+    plain = np.asarray(jnp.dot(xq, weights["w8"][0].T, preferred_element_type=jnp.int32))
+    for parts in bench_quant.SPLIT_K_PARTS:
+        split = weights[f"w8k{parts}"][0]
+        assert split.shape == (parts, n, k // parts)
+        np.testing.assert_array_equal(np.asarray(bench_quant._split_k_dot(xq, split, jnp.int32)), plain)
+        x = jax.random.normal(jax.random.key(parts), (m, k), jnp.bfloat16)
+        expected = bench_quant._fp8_dot(x, *weights["f8"])
+        got = bench_quant._fp8_dot(x, *weights[f"f8k{parts}"], split=True)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2e-2, atol=1e-3)
