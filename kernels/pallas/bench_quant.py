@@ -3,11 +3,11 @@
 For each Llama-3-8B product shape and row count: the bf16 XLA dot; XLA's dot on weights dequantised outside a
 kernel; our kernels (`quant_matmul.py`, and at a few rows the matrix-vector ones of `quant_gemv.py`); jax's
 `hopper_mixed_type_matmul_mgpu` (int8 × bf16, Mosaic GPU); XLA's int8 × int8 → int32 and fp8 dots, also split along
-the inputs into 2 or 4 parts of one batched GEMM (more output tiles where m × n is small against k: the down-
-projection at batch 256). Small row counts are memory-bound: bytes read (weights + scales + activations) over the
-measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS for int8) over the measured bf16 rate (and the
-int8 rate for int8 tensor cores). Our kernels' launches may name their weight conversion (`dequant`: "cast", the old
-one, beside "magic", int4's "magicops" and "magic32" (GEMV), int8's "f16"; `parse_launches`); a row appears only
+the inputs into 2 or 4 parts of one batched GEMM (more output tiles where m × n is small against k: the
+down-projection at batch 256). Small row counts are memory-bound: bytes read (weights + scales + activations) over
+the measured HBM bandwidth. Large ones are matmul-bound: TFLOP/s (TOPS for int8) over the measured bf16 rate (and
+the int8 rate for int8 tensor cores). Our kernels' launches may name their weight conversion (`dequant`: "cast", the
+old one, beside "magic", int4's "magicops" and "magic32" (GEMV), int8's "f16"; `parse_launches`); a row appears only
 where the kernel takes the conversion.
 """
 
