@@ -164,8 +164,6 @@ class StepLoop:
         waiting = self.scheduler.waiting
         if not waiting or self.scheduler.running:
             return
-        self._idle.clear()  # it has work now (wait_idle, quiet_for), and gathers once per idle spell
-        self._idle_since = None
         deadline = time.monotonic() + GATHER_MAX_S
         limits = self.scheduler.config
         tokens = counted = 0
