@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
 import queue
 import time
@@ -41,13 +40,6 @@ MAX_UNREAD = 2
 # inputs sent, before it launches (otherwise they are sent after, queue behind it on the device, and the decode
 # launches only once the prefill has finished: the device idles for a launch after each admission round).
 LOOK_AHEAD_PAST_PREFILLS = True
-# An idle engine that receives requests gathers the burst they may open before its first step: up to
-# GATHER_MAX_S after the first (LightLLM's router polls an idle queue every 10 ms, so its first batch holds what
-# came in that time), sooner once none has come for GATHER_QUIET_S or the queue holds a full prefill step. Started
-# on the first arrival, that step would hold one request and the rest would wait out its prefill and
-# --router_max_wait_tokens decode steps: one admission round more for a burst (docs/perf.md, session 27).
-GATHER_MAX_S = 0.010
-GATHER_QUIET_S = 0.002
 
 
 class PhaseClock:
@@ -93,8 +85,6 @@ class StepLoop:
             while True:
                 started = PhaseClock()
                 self._take_inbox()
-                if ready is None and not unread and self._idle_since is not None:
-                    self._gather_arrivals()
                 if self._stopping:
                     break
                 launching = None
@@ -157,26 +147,6 @@ class StepLoop:
         self._snapshot = self._take_snapshot()
         if self._sink is not None:
             self._sink.flush(self._snapshot)
-
-    def _gather_arrivals(self) -> None:
-        """On an idle engine's first arrivals: wait for the rest of their burst (GATHER_MAX_S, GATHER_QUIET_S) while
-        the queue is short of a full prefill step."""
-        waiting = self.scheduler.waiting
-        if not waiting or self.scheduler.running:
-            return
-        deadline = time.monotonic() + GATHER_MAX_S
-        limits = self.scheduler.config
-        tokens = counted = 0
-        while not self._stopping:
-            tokens += sum(len(r.prompt_ids) for r in itertools.islice(waiting, counted, None))
-            counted = len(waiting)
-            if counted >= limits.running_max_req_size or tokens >= limits.batch_max_tokens:
-                return
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._wake.wait(timeout=min(GATHER_QUIET_S, left)):
-                return
-            self._wake.clear()
-            self._take_inbox()
 
     def _take_inbox(self) -> None:
         while True:

@@ -2,7 +2,6 @@
 preemption, abort, step failures, asyncio streams, prompt logprobs, steady-state compilation, --tp."""
 
 import asyncio
-import time
 
 import jax
 import jax.monitoring
@@ -11,7 +10,6 @@ import pytest
 
 from engine_helpers import GreedyReference, make_engine, random_prompts
 from jaxllm.engine.request import SamplingParams
-from jaxllm.engine import step_loop
 from jaxllm.engine.step_loop import MAX_UNREAD
 
 
@@ -293,38 +291,6 @@ def test_a_failed_launch_while_looking_ahead_fails_the_staged_step_too(tiny_engi
     monkeypatch.undo()
     again = run_all(tiny_engine, prompts[:1], SamplingParams(max_new_tokens=3, ignore_eos=True))[0]
     assert tokens_of(again) == reference.generate(prompts[0], 3)
-    assert_idle_and_empty(tiny_engine)
-
-
-def test_an_idle_engine_gathers_a_burst_into_its_first_step(tiny_engine, monkeypatch):
-    """Requests that come one by one to an idle engine, none long after the one before, share its first prefill
-    (the window's limits raised: a loaded box may pause the submitting thread for milliseconds); a burst that
-    fills a prefill step starts at once, whatever the window."""
-    monkeypatch.setattr(step_loop, "GATHER_QUIET_S", 1.0)
-    monkeypatch.setattr(step_loop, "GATHER_MAX_S", 3.0)
-    steps = []
-    tiny_engine.add_step_listener(steps.append)
-    try:
-        assert tiny_engine.wait_idle(timeout=30)
-        prompts = random_prompts(seed=40, count=5, max_len=8)
-        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
-        streams = []
-        for prompt in prompts:
-            streams.append(tiny_engine.submit(prompt, params))
-            time.sleep(0.02)
-        assert all(len(list(s)) == 2 for s in streams)
-        assert steps[0].method == "prefill" and steps[0].prefill_requests == 5
-        del steps[:]
-        assert tiny_engine.wait_idle(timeout=30)
-        full = [[7] * 32, [9] * 32]  # batch_max_tokens 64: a full prefill step
-        started = time.monotonic()
-        streams = tiny_engine.submit_many([(p, params, None) for p in full])
-        first = [next(s) for s in streams]
-        assert time.monotonic() - started < 1.0 and all(e.count_output_tokens == 1 for e in first)
-        assert all(len(list(s)) == 1 for s in streams) and steps[0].prefill_requests == 2
-        assert tiny_engine.wait_idle(timeout=30)
-    finally:
-        tiny_engine.remove_step_listener(steps.append)
     assert_idle_and_empty(tiny_engine)
 
 
