@@ -45,14 +45,17 @@ def test_split_k_products_equal_the_plain_ones():
     from kernels.pallas import bench_quant
 
     m, k, n = 5, 512, 48
-    weights = bench_quant._quantised(k, n, jax.random.key(3))
+    one_layer = bench_quant._quantised(k, n, jax.random.key(3))
+    weights = {name: ((one_layer[name][0],), (one_layer[name][1],)) for name in ("w8", "f8")}  # as cases() holds them
     xq = jax.random.randint(jax.random.key(4), (m, k), -127, 128, jnp.int8)
-    plain = np.asarray(jnp.dot(xq, weights["w8"][0].T, preferred_element_type=jnp.int32))
+    plain = np.asarray(jnp.dot(xq, weights["w8"][0][0].T, preferred_element_type=jnp.int32))
+    assert bench_quant.split_k_parts(k) == list(bench_quant.SPLIT_K_PARTS) and bench_quant.split_k_parts(256) == [2]
     for parts in bench_quant.SPLIT_K_PARTS:
-        split = weights[f"w8k{parts}"][0]
-        assert split.shape == (parts, n, k // parts)
+        (split,), scale = bench_quant.split_k_weights(weights, f"w8k{parts}")
+        assert split.shape == (parts, n, k // parts) and scale is weights["w8"][1]  # the scales are shared
         np.testing.assert_array_equal(np.asarray(bench_quant._split_k_dot(xq, split, jnp.int32)), plain)
         x = jax.random.normal(jax.random.key(parts), (m, k), jnp.bfloat16)
-        expected = bench_quant._fp8_dot(x, *weights["f8"])
-        got = bench_quant._fp8_dot(x, *weights[f"f8k{parts}"], split=True)
+        expected = bench_quant._fp8_dot(x, weights["f8"][0][0], weights["f8"][1][0])
+        (split8,), (scale8,) = bench_quant.split_k_weights(weights, f"f8k{parts}")
+        got = bench_quant._fp8_dot(x, split8, scale8, split=True)
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2e-2, atol=1e-3)
