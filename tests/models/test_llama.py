@@ -1,6 +1,7 @@
 """Llama-family logits against Hugging Face transformers (PyTorch, float32, CPU), at tp = 1, 2 and 4."""
 
 import json
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,8 @@ HF_CLASSES = {
 
 def save_random_hf_model(raw: dict, path) -> torch.nn.Module:
     config_cls, model_cls = HF_CLASSES[raw["model_type"]]
-    torch.manual_seed(hash(json.dumps(raw, sort_keys=True)) % 2**31)
+    # crc32, not hash(): str hashes change with each process's PYTHONHASHSEED, and the model with them
+    torch.manual_seed(zlib.crc32(json.dumps(raw, sort_keys=True).encode()) % 2**31)
     fields = {k: v for k, v in raw.items() if k != "model_type"}
     model = model_cls(config_cls(**fields)).eval()
     with torch.no_grad():  # HF initialises biases to zero; make them count
