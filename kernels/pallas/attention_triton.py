@@ -93,7 +93,7 @@ def _kernel(
     q_ref,  # [n * heads, head_dim]
     k_ref,  # [(slots + 1) * kv_heads, head_dim] (int8 "pairs": int16 [.., head_dim / 2])
     v_ref,  # [(slots + 1) * kv_heads, head_dim]
-    ks_ref,  # [kv_heads * (slots + 1)] float32 (head-major), or None (float cache)
+    ks_ref,  # [(slots + 1) * kv_heads] float32, or None (float cache)
     vs_ref,  # likewise
     slopes_ref,  # [heads] float32 ALiBi slopes, or None
     limit_ref,  # [rows] int32 keys per row (table columns at or past it unseen), or None
@@ -199,7 +199,7 @@ def _kernel(
         col0 = lo + kb * block_k
         cols = col0 + jnp.arange(block_k, dtype=jnp.int32)  # [T] columns
         key_pos = cols if key_offset is None else key_offset + cols  # [T] key positions
-        kv_idx, scale_idx = kv_index(col0)
+        kv_idx = kv_index(col0)
         k_src, v_src = (own_k_ref, own_v_ref) if own else (k_ref, v_ref)
         if own or ks_ref is None:
             k_parts = gather_parts(k_src, kv_idx, own)
@@ -212,13 +212,13 @@ def _kernel(
                 k_parts = int8_dequant.split_pairs(k, compute_dtype, interpret)
                 (q0, q1), (k0, k1) = q_parts, k_parts
                 scores = pltriton.dot(q0, k0, trans_b=True) + pltriton.dot(q1, k1, trans_b=True)
-                scores = scores * ks_ref[scale_idx][None, :]
+                scores = scores * ks_ref[kv_idx][None, :]
             elif q_i8 is not None:  # int8 × int8 → int32, exact
                 scores = pltriton.dot(q_i8, k, trans_b=True).astype(jnp.float32)
-                scores = scores * (q_scale[:, None] * ks_ref[scale_idx][None, :])
+                scores = scores * (q_scale[:, None] * ks_ref[kv_idx][None, :])
             else:
                 scores = pltriton.dot(q, to_operand(k), trans_b=True, allow_tf32=False if f32 else None)
-                scores = scores * ks_ref[scale_idx][None, :]
+                scores = scores * ks_ref[kv_idx][None, :]
         scores = scores * qk_scale
         if softcap is not None:
             scores = softcap * jnp.tanh(scores / softcap)
@@ -241,7 +241,7 @@ def _kernel(
             p = p.astype(q16_parts[0].dtype if own else compute_dtype)
         else:
             v = gather(v_src, kv_idx)
-            p = p * vs_ref[scale_idx][None, :]
+            p = p * vs_ref[kv_idx][None, :]
             v_parts = int8_dequant.split_pairs(v, compute_dtype, interpret) if dequant == "pairs" else [to_operand(v)]
             p = p.astype(compute_dtype)
         pvs = [pltriton.dot(p, x, allow_tf32=False if f32 else None) for x in v_parts]  # [M, D] (or halves)
@@ -264,18 +264,13 @@ def _kernel(
 
         def own_index(col0):
             j = jnp.minimum(own_first + col0 + jnp.arange(block_k, dtype=jnp.int32), num_tokens - 1)
-            return j * kv_heads + h, None
+            return j * kv_heads + h
 
         carry = key_loop(carry, own_lo, own_hi, own_kb, first_pos + 1 - prefix, key_offset=prefix,
                          kv_index=own_index, own=True)
 
-    scale_rows = None if ks_ref is None else ks_ref.shape[0] // kv_heads  # slots + 1
-
     def cache_index(col0):
-        """(rows of the K/V buffers, of the scales) of the block's keys: a run of slots finds its scales contiguous
-        (one head's, head-major), not one a sector as slot-major [slots, kv_heads] scales were."""
-        slots = table_ref[row, pl.ds(col0, block_k)]
-        return slots * kv_heads + h, None if ks_ref is None else h * scale_rows + slots
+        return table_ref[row, pl.ds(col0, block_k)] * kv_heads + h
 
     *accs, m, l = key_loop(carry, lo, hi, num_kb, first_pos + 1, key_offset=None, kv_index=cache_index, own=False)
     safe_l = jnp.where(l > 0, l, 1.0)
@@ -307,7 +302,7 @@ def paged_attention(
     *,
     scale: float,
     block_q: int,
-    k_scale=None,  # [kv_heads, slots + 1] float32 for int8 caches (head-major: reference.py)
+    k_scale=None,  # [slots + 1, kv_heads] float32 for int8 caches
     v_scale=None,
     block_k: int = 64,
     splits: int = 1,
@@ -361,9 +356,6 @@ def paged_attention(
         raise ValueError(f"head_dim {head_dim} must be a multiple of 16 for the Triton kernel")
     if return_lse and splits > 1:
         raise ValueError("return_lse takes one key split")
-    if k_scale is not None and (k_scale.shape != (kv_heads, num_slots) or v_scale.shape != k_scale.shape):
-        raise ValueError(f"int8 cache scales are [kv_heads, slots] = {(kv_heads, num_slots)}, head-major (reference.py)"
-                         f"; got {k_scale.shape} and {v_scale.shape}")
     if num_slots * kv_heads * cache_dim >= 2**31:
         raise ValueError("a KV buffer of 2**31 elements or more overflows the kernel's int32 offsets")
     rows_m = max(16, _next_pow2(block_q * group))

@@ -86,7 +86,7 @@ def random_cache(slots: int, kv_heads: int, head_dim: int, dtype, seed: int, int
     v = jax.random.normal(jax.random.key(seed + 1), (rows, kv_heads, head_dim), dtype)
     if not int8:
         return k, v, {}
-    (k, k_scale), (v, v_scale) = reference.quantize_kv_cache(k), reference.quantize_kv_cache(v)
+    (k, k_scale), (v, v_scale) = reference.quantize_kv(k), reference.quantize_kv(v)
     if launch.dequant == "pairs":
         k, v = as_pairs(k), as_pairs(v)
     return k, v, dict(k_scale=k_scale, v_scale=v_scale)

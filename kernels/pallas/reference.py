@@ -3,9 +3,7 @@
 KV layout (one pair of buffers per layer): `k_cache`, `v_cache` are `[num_slots + 1, kv_heads, head_dim]`;
 the last slot is a scratch slot that padded tokens write to and padded table entries point at.
 A request's keys live at `slot_table[r, 0..length)`, position p at column p.
-int8 caches add one float32 scale per token per head (symmetric, round to nearest), head-major: `[kv_heads,
-num_slots + 1]`, so that one head's run of slots has its scales contiguous (the kernels read a key block's in
-one load, where a slot-major `[slots, kv_heads]` array spread them one 32-byte sector a key).
+int8 caches add one float32 scale per token per head, `[num_slots + 1, kv_heads]` (symmetric, round to nearest).
 Per-layer options of every function: `window` (a token sees keys at positions > its own - window),
 `softcap` (scores become `cap * tanh(scores / cap)`), `alibi_slopes` [heads] (scores gain
 `slope * (key position - query position)`).
@@ -37,12 +35,6 @@ def quantize_kv(x):
     return x_i8, scale
 
 
-def quantize_kv_cache(x):
-    """A whole int8 cache from x [slots, kv_heads, head_dim]: (int8 as x, scales [kv_heads, slots])."""
-    x_i8, scale = quantize_kv(x)
-    return x_i8, scale.T
-
-
 def dequantize_kv(x_i8, scale):
     """Inverse of `quantize_kv`: int8 [..., head_dim] × scale [...] → float32."""
     return x_i8.astype(jnp.float32) * scale[..., None]
@@ -58,8 +50,8 @@ def write_kv_int8(k_cache, v_cache, k_scale, v_scale, k, v, slots, pack=None):
     return (
         k_cache.at[slots].set(k_i8),
         v_cache.at[slots].set(v_i8),
-        k_scale.at[:, slots].set(ks.T),
-        v_scale.at[:, slots].set(vs.T),
+        k_scale.at[slots].set(ks),
+        v_scale.at[slots].set(vs),
     )
 
 
@@ -111,7 +103,7 @@ def paged_attention_int8(q, k_cache, v_cache, k_scale, v_scale, token_req, posit
     """`paged_attention` over an int8 cache: keys/values are dequantised with their per-token scales."""
 
     def gather(slots):
-        return dequantize_kv(k_cache[slots], k_scale[:, slots].T), dequantize_kv(v_cache[slots], v_scale[:, slots].T)
+        return dequantize_kv(k_cache[slots], k_scale[slots]), dequantize_kv(v_cache[slots], v_scale[slots])
 
     return _paged(q, gather, k_cache.shape[1], token_req, positions, slot_table, scale, **options)
 

@@ -26,7 +26,7 @@ def _prefill(rng, chunks, head_dim, dtype, dequant, options, corrupt_cache=False
     q = jnp.asarray(rng.standard_normal((n, 4, head_dim)), dtype)
     k, v = jnp.asarray(case.k), jnp.asarray(case.v)
     own_slots = np.concatenate([case.table[r, s:s + c] for r, (s, c) in enumerate(chunks)])
-    (k8, ks), (v8, vs) = reference.quantize_kv_cache(k), reference.quantize_kv_cache(v)
+    (k8, ks), (v8, vs) = reference.quantize_kv(k), reference.quantize_kv(v)
     store = int8_dequant.as_pairs if dequant == "pairs" else (lambda x: x)
     k_read, v_read = (store(-x if corrupt_cache else x) for x in (k8, v8))
     meta = [jnp.asarray(a, jnp.int32) for a in (positions, token_req, starts, lens)]
