@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxllm import prequant
@@ -80,22 +80,9 @@ def param_shardings(model, mesh: Mesh, tp: int):
 
 def placed_shapes(model, mesh: Mesh, tp: int):
     """Every weight's shape, dtype and sharding as the loaders place it: what compiling a step needs of them."""
-    return device_layouts(_declared_shapes(model, mesh, tp), mesh)
-
-
-def _declared_shapes(model, mesh: Mesh, tp: int):
-    """Every weight's shape, dtype and sharding as the model declares it (what checkpoints hold)."""
     shardings = param_shardings(model, mesh, tp)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nn.unbox(abstract_params(model)), shardings)
-
-
-def device_layouts(params, mesh: Mesh):
-    """`params` with the layouts a single GPU's products take (`quant.single_gpu_layouts`), whichever loader
-    made them; as they are on a CPU or a mesh of several devices."""
-    if mesh.size != 1 or mesh.devices.flat[0].platform != "gpu":
-        return params
-    return quant.single_gpu_layouts(params, NamedSharding(mesh, PartitionSpec()))
 
 
 def _check_quantised_split(abstract, shardings, tp: int) -> None:
@@ -120,7 +107,7 @@ def random_params(model, mesh: Mesh, tp: int, seed: int = 0):
     )
     # XLA's RngBitGenerator ("rbg"): threefry's temporaries reached 3.6x the weights (335 GB for Mixtral-8x7B's
     # 93 GB in XLA's memory analysis), rbg's stay under the largest weight.
-    return device_layouts(init(jax.random.key(seed, impl="rbg")), mesh)
+    return init(jax.random.key(seed, impl="rbg"))
 
 
 # --- Hugging Face layout (each family says where its tensors go: jaxllm/models/<family>.py) ----------
@@ -333,9 +320,9 @@ def load_orbax(model, model_dir: str | Path, mesh: Mesh, tp: int):
     """Restore an orbax checkpoint straight into the mesh's shardings."""
     import orbax.checkpoint as ocp
 
-    target = _declared_shapes(model, mesh, tp)
+    target = placed_shapes(model, mesh, tp)
     with ocp.StandardCheckpointer() as checkpointer:
-        return device_layouts(checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target), mesh)
+        return checkpointer.restore((Path(model_dir) / ORBAX_SUBDIR).resolve(), target)
 
 
 def load_params(
@@ -348,4 +335,4 @@ def load_params(
         return random_params(model, mesh, tp, seed)
     if load_format == "orbax" or (load_format == "auto" and (model_dir / ORBAX_SUBDIR).is_dir()):
         return load_orbax(model, model_dir, mesh, tp)
-    return device_layouts(load_hf(model, model_dir, mesh, tp, load_way), mesh)
+    return load_hf(model, model_dir, mesh, tp, load_way)

@@ -197,11 +197,6 @@ def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...]):
         return jnp.tensordot(x, weights, axes=1, preferred_element_type=jnp.float32).astype(x.dtype)
     if not isinstance(w, (Int8Weight, Fp8Weight)):
         raise TypeError(f"no matmul for a weight of type {type(w).__name__}")
-    if w.k_parts > 1:  # stored [parts, n, k / parts] (quant.split_k): a batched GEMM over the parts, summed
-        x_q, x_scale = _quantized_rows(x, w)
-        out = reference.dot_split_k(x_q, w.data, jnp.int32 if isinstance(w, Int8Weight) else jnp.float32)
-        out = out.astype(jnp.float32) * x_scale[:, None]
-        return (out * w.scale[None, :]).astype(x.dtype).reshape(x.shape[0], *out_shape)
     data = w.data.reshape(*out_shape, k) if len(out_shape) > 1 and not single_device() else w.data.reshape(-1, k)
     per_row = (x.shape[0],) + (1,) * (data.ndim - 1)  # a per-row scale's broadcast shape
     if _per_token(w):

@@ -17,7 +17,6 @@ first in every field and quantised each on its own), so it shards the same way u
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -122,23 +121,19 @@ def with_weight_mode(config, weight_mode: str | None, raw: dict):
 
 
 class _OutputMajor:
-    """Data stored [*lead, *out, *in] with a scale per output channel [*lead, *out] (Int8Weight, Fp8Weight); or,
-    with `k_parts` > 1 (`split_k`: one input and one output axis, no leading ones), [k_parts, out, in / k_parts]."""
+    """Data stored [*lead, *out, *in] with a scale per output channel [*lead, *out] (Int8Weight, Fp8Weight)."""
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The 16-bit twin's shape [*lead, *in, *out]."""
-        dims = self.data.shape
-        if self.k_parts > 1:
-            return (dims[0] * dims[2], dims[1])
         lead, n_out = self.lead_axes, self.data.ndim - self.lead_axes - self.in_axes
+        dims = self.data.shape
         return tuple(dims[:lead]) + tuple(dims[lead + n_out:]) + tuple(dims[lead:lead + n_out])
 
     def field_axes(self, axes):
         """Logical axes of each field, from the twin's."""
         lead, ins, outs = (tuple(a) for a in _split_axes(axes, self.lead_axes, self.in_axes))
-        data = (None,) + outs + ins if self.k_parts > 1 else lead + outs + ins
-        return {"data": data, "scale": lead + outs}
+        return {"data": lead + outs + ins, "scale": lead + outs}
 
 
 def _split_axes(seq, lead_axes: int, in_axes: int):
@@ -166,7 +161,6 @@ class Int8Weight(_OutputMajor):
     in_axes: int = struct.field(pytree_node=False, default=1)
     int8_activations: bool = struct.field(pytree_node=False, default=False)
     lead_axes: int = struct.field(pytree_node=False, default=0)
-    k_parts: int = struct.field(pytree_node=False, default=1)  # split_k
 
 
 @struct.dataclass
@@ -202,7 +196,6 @@ class Fp8Weight(_OutputMajor):
     scale: jax.Array  # float32 [*lead, *out]
     in_axes: int = struct.field(pytree_node=False, default=1)
     lead_axes: int = struct.field(pytree_node=False, default=0)
-    k_parts: int = struct.field(pytree_node=False, default=1)  # split_k
 
 
 QUANTISED_TYPES = (Int8Weight, Int4Weight, Fp8Weight)
@@ -275,7 +268,6 @@ def pack_int4(q, axis: int = 0):
 def dequantize(w, dtype=jnp.float32):
     """Any weight → a plain array of its twin's layout in `dtype`."""
     if isinstance(w, (Int8Weight, Fp8Weight)):
-        w = unsplit_k(w)
         scale = jnp.expand_dims(w.scale, _in_axes_tuple(w.in_axes, w.lead_axes))
         return (_input_major(w.data, w.in_axes, w.lead_axes).astype(jnp.float32) * scale).astype(dtype)
     if isinstance(w, Int4Weight):
@@ -311,62 +303,6 @@ def quantize_like(w, like):
     raise TypeError(f"{type(like).__name__} is not a quantised weight")
 
 
-# On a single GPU, the per-token (w8a8, fp8) products with at least SPLIT_K_MIN_RATIO times as many inputs as
-# outputs have their weights stored split along the inputs (`split_k`: [parts, n, k / parts]) and run as one
-# batched GEMM summed over the parts: Llama-3-8B's down-projection at 256 rows makes 256 × 4,096 outputs, too few
-# output tiles for 132 SMs with a 14,336-long loop each. H200, 256 rows (docs/perf.md, session 28): int8 60.9 →
-# 44.2 µs in 2 parts (45.2 in 4), fp8 46.7 → 34.4 µs in 4 (63.8 in 2, float32 partial sums); gate_up
-# (4,096 → 28,672) lost in either.
-SPLIT_K = True
-SPLIT_K_PARTS = {Int8Weight: 2, Fp8Weight: 4}
-SPLIT_K_MIN_RATIO = 2
-
-
-def split_k_parts(w) -> int:
-    """How many parts along its inputs the weight `w` is stored in on a single GPU (1: as it is)."""
-    per_token = isinstance(w, Fp8Weight) or (isinstance(w, Int8Weight) and w.int8_activations)
-    if not (SPLIT_K and per_token and w.k_parts == 1 and w.lead_axes == 0 and w.data.ndim == 2):
-        return 1
-    n, k = w.data.shape
-    parts = SPLIT_K_PARTS[type(w)]
-    return parts if k >= SPLIT_K_MIN_RATIO * n and k % (parts * 128) == 0 else 1
-
-
-def split_k(w, parts: int):
-    """An [n, k] int8 / fp8 weight stored as [parts, n, k / parts] (what `qdot` multiplies as a batched GEMM)."""
-    return w.replace(data=reference.split_k_layout(w.data, parts), k_parts=parts)
-
-
-def unsplit_k(w):
-    """`split_k` undone: the weight's data [n, k] again (as it is when not split)."""
-    if w.k_parts == 1:
-        return w
-    parts, n, kp = w.data.shape
-    return w.replace(data=w.data.transpose(1, 0, 2).reshape(n, parts * kp), k_parts=1)
-
-
-def single_gpu_layouts(params, sharding):
-    """`params` (arrays, or ShapeDtypeStructs for compiling against) with the layouts a single GPU's products
-    take (`split_k_parts`), made on the device with `sharding` after whichever load: checkpoints, random init
-    and `tools.convert` keep the plain layouts."""
-    def relayout(w):
-        parts = split_k_parts(w) if is_quantised(w) else 1
-        if parts == 1:
-            return w
-        if isinstance(w.data, jax.ShapeDtypeStruct):
-            n, k = w.data.shape
-            return w.replace(data=jax.ShapeDtypeStruct((parts, n, k // parts), w.data.dtype, sharding=sharding),
-                             k_parts=parts)
-        return _splitter(parts, sharding)(w)
-
-    return jax.tree.map(relayout, params, is_leaf=is_quantised)
-
-
-@functools.lru_cache(maxsize=None)
-def _splitter(parts: int, sharding):
-    return jax.jit(lambda w: split_k(w, parts), out_shardings=sharding, donate_argnums=0)
-
-
 # Matmul weights stored quantised, by param name → how many leading axes are inputs. Embeddings and the
 # LM head stay 16-bit (as in LightLLM's weight-only modes): a gather, and the logits' precision.
 QUANTISED_WEIGHTS = {"qkv_proj": 1, "o_proj": 2, "gate_up_proj": 1, "up_proj": 1, "down_proj": 1}
@@ -389,19 +325,13 @@ def declared_quant(module, name: str) -> tuple[WeightQuant, int, int] | None:
 
 def quantised_param(module, name, shape, axes, dtype, init, quant: WeightQuant, in_axes: int, lead_axes: int = 0):
     """Declare a quantised weight: random init is the 16-bit twin's init quantised; each field carries the
-    logical axes that follow from the twin's `axes` (so it shards like the twin). A weight given in another
-    storage layout (`single_gpu_layouts`' split along the inputs) is taken as it is: Flax would compare its
-    fields' shapes with the declared layout's."""
+    logical axes that follow from the twin's `axes` (so it shards like the twin)."""
     from flax import linen as nn
 
     def init_quantised(key, shape, dtype):
         q = quantize(init(key, shape, jnp.float32).astype(dtype), quant, in_axes, lead_axes)
         return q.replace(**{f: nn.Partitioned(getattr(q, f), names) for f, names in q.field_axes(axes).items()})
 
-    if module.has_variable("params", name):
-        given = module.get_variable("params", name)
-        if is_quantised(given) and getattr(given, "k_parts", 1) > 1:
-            return given
     return module.param(name, init_quantised, shape, dtype)
 
 

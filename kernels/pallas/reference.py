@@ -176,23 +176,6 @@ def dot_nk(x, w, out_dtype):
     return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
 
 
-def split_k_layout(w_nk, parts: int):
-    """w [n, k] → [parts, n, k / parts]: part p holds inputs p·k/parts … (p+1)·k/parts − 1 of every output."""
-    n, k = w_nk.shape
-    return w_nk.reshape(n, parts, k // parts).transpose(1, 0, 2)
-
-
-def dot_split_k(x, w_split, out_dtype):
-    """x [m, k] @ the split weight [parts, n, k / parts] (its [n, k]ᵀ, `split_k_layout`) as one batched product over
-    the parts, summed in `out_dtype`: `parts` times the output tiles of the plain product for the same work (a grid
-    that fills more SMs where m × n is small against k), at the cost of writing and reading `parts` partial
-    outputs."""
-    parts, n, kp = w_split.shape
-    x3 = x.reshape(x.shape[0], parts, kp)
-    partial = jax.lax.dot_general(x3, w_split, (((2,), (2,)), ((1,), (0,))), preferred_element_type=out_dtype)
-    return partial.sum(0, dtype=out_dtype)  # [m, n]
-
-
 def int8_matmul(x, w, scale):
     """w8a16: x [m, k] @ (int8 w [n, k] * scale [n])ᵀ → [m, n] in x's dtype (float32 accumulation)."""
     with jax.default_matmul_precision("highest"):

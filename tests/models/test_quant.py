@@ -376,35 +376,3 @@ def test_gated_rows_reach_a_per_token_product_as_their_value():
               quant.quantize_fp8(jnp.asarray(rng.standard_normal((128, 48)) * 0.1, jnp.float32))):
         np.testing.assert_array_equal(np.asarray(qdot.dot(rows, q), np.float32),
                                       np.asarray(qdot.dot(rows.value(), q), np.float32))
-
-
-@pytest.mark.parametrize("scheme", ["w8a8", "fp8_w8a8"])
-def test_single_gpu_layout_splits_long_products_along_their_inputs(checkpoint, monkeypatch, scheme):
-    """The layout a single GPU gets after loading (`quant.single_gpu_layouts`): each layer's down-projection (256
-    inputs, 64 outputs here) stored [parts, n, k / parts] and multiplied as a batched GEMM summed over the parts,
-    no other weight changed; the logits stay the plain layout's (int8: the same int32 sums; fp8: float32 partial
-    sums against the plain product's bf16), dequantising gives the same weights, and the shapes the steps compile
-    against (the layout of ShapeDtypeStructs) are the ones the load makes."""
-    monkeypatch.setitem(quant.SPLIT_K_PARTS, quant.Fp8Weight, 2)  # fp8's 4 parts need 512 inputs
-    path, config = checkpoint
-    qconfig, params = load(path, config, scheme)
-    expected = logits_of(qconfig, params)
-    plain = dequantised(params)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
-    sharding = jax.sharding.NamedSharding(make_mesh(1), jax.sharding.PartitionSpec())
-    split = quant.single_gpu_layouts(params, sharding)  # (donates the plain weights it changes)
-    leaves = jax.tree_util.tree_flatten_with_path(split, is_leaf=quant.is_quantised)[0]
-    changed = {jax.tree_util.keystr(p): w for p, w in leaves if quant.is_quantised(w) and w.k_parts > 1}
-    assert len(changed) == config.num_layers and all("down_proj" in name for name in changed)
-    for w in changed.values():
-        assert w.data.shape == (2, 64, 128) and w.shape == (256, 64)
-    split_abstract = quant.single_gpu_layouts(abstract, sharding)
-    assert jax.tree.map(lambda a: (a.shape, a.dtype), split_abstract) == jax.tree.map(lambda a: (a.shape, a.dtype),
-                                                                                       split)
-    for got, want in zip(jax.tree.leaves(dequantised(split)), jax.tree.leaves(plain)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    logits = logits_of(qconfig, split)
-    if scheme == "w8a8":
-        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    else:
-        assert np.linalg.norm(logits - expected) < 1e-2 * np.linalg.norm(expected)
