@@ -295,13 +295,13 @@ def run(args) -> Bench:
                           **llama8b)
         bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, contiguous=False,
                       **llama8b)
+        bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, splits=2, **llama8b)
         # the short contexts above, int8 (DECODE_INT8 was tuned at 4,096 keys: 128-key blocks leave the last of a
         # 129-key row's two blocks nearly empty)
         for launch in args.int8_configs:
             for batch, context in ((512, 192), (256, 129)):
                 bench.guarded("decode", f"decode int8 b{batch} ctx{context}", "triton", batch, context, int8=True,
                               contiguous=False, launch=launch, **llama8b)
-        bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, splits=2, **llama8b)
         for launch in args.int8_b1_configs:
             for splits in args.b1_splits:
                 bench.guarded("decode", "decode int8 b1 ctx32768", "triton", 1, 32768, int8=True, splits=splits,
