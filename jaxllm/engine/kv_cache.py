@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm.engine.prefix_cache import PrefixCache
 from jaxllm.engine.request import Request
 from jaxllm.models import init_kv_cache
+from jaxllm.models.backends import cache_array_spec
 
 
 class KVCacheFull(RuntimeError):
@@ -363,19 +364,11 @@ class DeviceKV:
     token_table: jax.Array  # [num_rows + 1, width] int32: row → token id of each position (penalties)
 
 
-def cache_array_spec(ndim: int, kv_spec: PartitionSpec) -> PartitionSpec:
-    """Per-layer cache arrays are [slots, kv_heads, ...]: split like kv_spec on the head axis when they
-    have one, replicated otherwise (per-slot scales of quantised caches, say)."""
-    if ndim < 2:
-        return PartitionSpec()
-    return PartitionSpec(None, kv_spec[1], *([None] * (ndim - 2)))
-
-
 def init_device_kv(model, num_slots: int, num_rows: int, width: int, mesh: Mesh, kv_spec: PartitionSpec):
     """Allocate the per-layer caches (with the scratch slot) and the two tables, placed on the mesh."""
     c = model.config
     abstract = jax.eval_shape(lambda: init_kv_cache(model, num_slots))[0]
-    layer_shardings = tuple(NamedSharding(mesh, cache_array_spec(a.ndim, kv_spec)) for a in abstract)
+    layer_shardings = tuple(NamedSharding(mesh, cache_array_spec(a.ndim, kv_spec[1])) for a in abstract)
     table = NamedSharding(mesh, PartitionSpec())
     shardings = DeviceKV(
         layers=tuple(layer_shardings for _ in range(c.num_layers)), slot_table=table, token_table=table

@@ -175,7 +175,7 @@ class PallasAttention:
             # KV heads replicated (fewer than devices): each device's query heads may straddle KV groups.
             return self._reference(q, layer_cache, meta, spec, slopes, fresh_kv)
         heads = PartitionSpec(None, TP_AXIS, None)
-        cache_specs = tuple(PartitionSpec(None, TP_AXIS, *([None] * (a.ndim - 2))) for a in layer_cache)
+        cache_specs = tuple(cache_array_spec(a.ndim, TP_AXIS) for a in layer_cache)
         meta_specs = jax.tree.map(lambda _: PartitionSpec(), meta)
         slopes_spec = None if slopes is None else PartitionSpec(TP_AXIS)  # each device's heads' slopes
         fresh_spec = None if fresh_kv is None else (heads, heads)  # [n, kv_heads, head_dim], split as the cache
@@ -287,6 +287,15 @@ class PallasAttention:
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
 def _jitted_latent(backend: "PallasAttention", q, cache, meta: AttentionMetadata, scale: float, kv_rank: int):
     return backend._latent(q, cache, meta, scale, kv_rank)
+
+
+def cache_array_spec(ndim: int, heads_axis: str | None) -> PartitionSpec:
+    """How a per-layer cache array splits its KV heads over the mesh axis `heads_axis`: K/V rows [slots, kv_heads,
+    ...] and an int8 cache's scales [slots, kv_heads] on axis 1; an array of fewer axes replicated. The one rule for
+    the engine's placement (kv_cache.py) and the backend's shard_map."""
+    if ndim < 2:
+        return PartitionSpec()
+    return PartitionSpec(None, heads_axis, *([None] * (ndim - 2)))
 
 
 def cache_bytes_per_slot(backend: AttentionBackend, kv_heads: int, head_dim: int, dtype) -> float:
