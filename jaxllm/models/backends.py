@@ -109,6 +109,7 @@ class KernelConfig:
     int8), and every int8 launch runs `int8_dequant.for_cache` of its own mode over that layout."""
 
     decode: attention_triton.Launch | None = None  # None: attention_triton.decode_launch (table width, programs)
+    # int8: the long-context launch (its dequant picks the cache layout); short tables as decode_launch says
     decode_int8: attention_triton.Launch = attention_triton.DECODE_INT8
     prefill: attention_triton.Launch = attention_triton.PREFILL
     prefill_int8: attention_triton.Launch = attention_triton.PREFILL_INT8
@@ -265,7 +266,7 @@ class PallasAttention:
                 window=spec.window, softcap=spec.softcap, alibi_slopes=slopes, interpret=self.interpret)
         if meta.decode_only:
             if self.int8_kv:
-                launch = c.decode_int8
+                launch = attention_triton.decode_launch(width, rows * kv_heads, c.decode_int8)
             else:
                 launch = c.decode or attention_triton.decode_launch(width, rows * kv_heads)
             splits = plan.decode_splits(rows * kv_heads, width, launch.block_k, self.split)

@@ -69,10 +69,15 @@ PREFILL = Launch(block_k=32, num_warps=4, num_stages=3, rows=64, diagonal_mask=T
 PREFILL_INT8 = Launch(block_k=64, num_warps=4, num_stages=2, rows=64, dequant="pairs", diagonal_mask=True)
 
 
-def decode_launch(width: int, programs: int) -> Launch:
-    """The tuned decode launch for a 16-bit cache whose slot table is `width` keys wide, over `programs` = rows ×
-    KV heads."""
-    return DECODE_SHORT if width <= SHORT_DECODE_WIDTH and programs >= 2 * plan.num_sms() else DECODE
+def decode_launch(width: int, programs: int, long: Launch = DECODE) -> Launch:
+    """The tuned decode launch for a slot table `width` keys wide, over `programs` = rows × KV heads: `long` (DECODE
+    for a 16-bit cache; an int8 cache passes its own, whose `dequant` its layout follows), or at short widths
+    DECODE_SHORT with `long`'s dequant. int8 "pairs" on the H200, keys scattered: batch 512 / 192 keys 95.7 µs
+    against DECODE_INT8's 141.8 (bf16 short 116.7), batch 256 / 129 keys 47.6 against 78.4 (bf16 59.4; docs/perf.md,
+    session 29); an int8 "cast" cache (head dims pairs do not fit) was not measured short."""
+    if width <= SHORT_DECODE_WIDTH and programs >= 2 * plan.num_sms():
+        return dataclasses.replace(DECODE_SHORT, dequant=long.dequant)
+    return long
 
 
 def _next_pow2(x: int) -> int:

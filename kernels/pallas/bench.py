@@ -106,7 +106,8 @@ class Bench:
         dtype = jnp.bfloat16
         width = -(-context // 64) * 64
         if launch is None:
-            launch = attention_triton.DECODE_INT8 if int8 else attention_triton.decode_launch(width, batch * kv_heads)
+            long = attention_triton.DECODE_INT8 if int8 else attention_triton.DECODE
+            launch = attention_triton.decode_launch(width, batch * kv_heads, long)
         block_k = attention_mosaic.BLOCK_K if impl == "mosaic" else launch.block_k
         slots = batch * context
         k, v, scales = random_cache(slots, kv_heads, head_dim, dtype, seed=batch + context, int8=int8, launch=launch)
@@ -296,8 +297,8 @@ def run(args) -> Bench:
         bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, contiguous=False,
                       **llama8b)
         bench.guarded("decode", "decode int8 b64 ctx4096", "triton", 64, 4096, int8=True, splits=2, **llama8b)
-        # the short contexts above, int8 (DECODE_INT8 was tuned at 4,096 keys: 128-key blocks leave the last of a
-        # 129-key row's two blocks nearly empty)
+        # the short contexts above, int8 (decode_launch's short rule: DECODE_INT8's 128-key blocks, tuned at 4,096
+        # keys, leave the last of a 129-key row's two blocks nearly empty)
         for launch in args.int8_configs:
             for batch, context in ((512, 192), (256, 129)):
                 bench.guarded("decode", f"decode int8 b{batch} ctx{context}", "triton", batch, context, int8=True,

@@ -255,3 +255,17 @@ def test_prefill_options_match_reference(rng, head_dim, int8, everything):
         interpret=INTERPRET, **scales, **options,
     )
     assert rel_err(out, ref) < 1e-5
+
+
+def test_decode_launch_runs_short_tables_short_keeping_the_caches_dequant():
+    """Short slot tables over enough programs take DECODE_SHORT's blocks with the long launch's dequant (an int8
+    cache's layout follows it); long tables, or too few programs to fill the machine twice, keep the long one."""
+    many, few = 2 * plan.num_sms(), 2 * plan.num_sms() - 1
+    width = attention_triton.SHORT_DECODE_WIDTH
+    short = attention_triton.decode_launch(width, many, attention_triton.DECODE_INT8)
+    assert (short.block_k, short.num_warps, short.num_stages) == (32, 2, 3)
+    assert short.dequant == attention_triton.DECODE_INT8.dequant == "pairs"
+    assert attention_triton.decode_launch(width, many) == attention_triton.DECODE_SHORT
+    assert attention_triton.decode_launch(2 * width, many, attention_triton.DECODE_INT8) == attention_triton.DECODE_INT8
+    assert attention_triton.decode_launch(width, few, attention_triton.DECODE_INT8) == attention_triton.DECODE_INT8
+    assert attention_triton.decode_launch(width, few) == attention_triton.DECODE

@@ -101,7 +101,7 @@ def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim:
     """PallasAttention's launch (decode or prefill) over 3 ragged rows, GQA 8 query heads on 2 KV heads;
     `options`: a window, soft-capping and ALiBi slopes; `dequant`: the int8 launches' mode (else the default);
     `diagonal`: the prefill launches' causal mask on the diagonal key blocks only; `decode_launch`: the 16-bit
-    decode's launch (else the one attention_triton.decode_launch picks)."""
+    decode's launch, or with `int8` the int8 decode's (else the ones attention_triton.decode_launch picks)."""
     rng = _rng()
     lengths = (70, 5, 33)
     chunks = [(n - 1, 1) for n in lengths] if decode else [(0, n) for n in lengths]
@@ -115,6 +115,8 @@ def _attention(decode: bool, int8: bool = False, split: str = "never", head_dim:
     if diagonal:  # prefill's causal mask on the diagonal key blocks only
         config = dataclasses.replace(config, prefill=dataclasses.replace(config.prefill, diagonal_mask=True),
                                      prefill_int8=dataclasses.replace(config.prefill_int8, diagonal_mask=True))
+    if int8 and decode_launch is not None:
+        config = dataclasses.replace(config, decode_int8=decode_launch)
     if dequant:
         config = dataclasses.replace(config, decode_int8=dataclasses.replace(config.decode_int8, dequant=dequant),
                                      prefill_int8=dataclasses.replace(config.prefill_int8, dequant=dequant))
@@ -182,6 +184,9 @@ CASES = {
     "paged_attention-decode-splitk": lambda: _attention(decode=True, split="always"),
     "paged_attention-prefill": lambda: _attention(decode=False),
     "paged_attention-int8-decode": lambda: _attention(decode=True, int8=True),
+    "paged_attention-int8-decode-short-context-launch": lambda: _attention(
+        decode=True, int8=True,
+        decode_launch=attention_triton.decode_launch(128, 1 << 20, attention_triton.DECODE_INT8)),
     "paged_attention-int8-prefill": lambda: _attention(decode=False, int8=True),
     "paged_attention-prefill-diagonal-mask": lambda: _attention(decode=False, diagonal=True),
     "paged_attention-int8-prefill-diagonal-mask": lambda: _attention(decode=False, int8=True, diagonal=True),
