@@ -40,6 +40,30 @@ def test_a_request_holds_one_slot_per_token_in_page_aligned_runs():
     kv.check([a, b])
 
 
+def test_a_decode_step_continues_runs_and_starts_crossing_ones_on_free_pages():
+    """allocate_one_each: a run whose next slot is free continues, across into its next page when that page is
+    wholly free; one whose next slot is taken, or whose next page is not wholly free, starts a wholly free page;
+    with none left, it takes any free slot (the top one)."""
+    kv = KVCache(num_slots=128, num_rows=8, page_size=16)
+    a, b, c, d, e = (new_request(i) for i in range(5))
+    for req, n in ((a, 5), (b, 16), (c, 16), (d, 3), (e, 16)):  # pages 0-4 in turn
+        kv.allocate(req, n)
+    assert [r.slots[0] for r in (a, b, c, d, e)] == [0, 16, 32, 48, 64]
+    kv.allocate_one_each([a, b, c, d, e])
+    # a and d continue in their pages; e into page 5 (wholly free); b (32 is c's) and c (page 3 holds d's run)
+    # start the next wholly free pages, 6 and 7
+    assert [r.slots[-1] for r in (a, b, c, d, e)] == [5, 96, 112, 51, 80]
+    kv.check([a, b, c, d, e])
+
+    kv = KVCache(num_slots=32, num_rows=2, page_size=16)
+    x, y = new_request(0), new_request(1)
+    kv.allocate(x, 16)
+    kv.allocate(y, 3)  # page 1 is y's: x's run has no wholly free page to cross into
+    kv.allocate_one_each([x, y])
+    assert x.slots[-1] == 31 and y.slots[-1] == 19
+    kv.check([x, y])
+
+
 def test_fragmented_cache_is_used_to_the_last_slot():
     kv = KVCache(num_slots=64, num_rows=64, page_size=16)
     reqs = [new_request(i) for i in range(32)]
