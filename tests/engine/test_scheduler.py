@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxllm.engine.request import RequestStatus, SamplingParams
-from jaxllm.engine.scheduler import _peak_tokens_of, check_prompt
+from jaxllm.engine.scheduler import _PeakEstimate, _peak_tokens_of, check_prompt
 from sched_helpers import EOS, dispatch, make_scheduler, request, run_step
 
 
@@ -216,3 +216,20 @@ def test_thousands_of_random_requests_finish_without_leaking():
     assert preempted > 0
     sched.kv.check([])
     assert sched.kv.num_free == 600
+
+
+def test_the_growing_peak_estimate_equals_the_sort_each_time():
+    """Admission's _PeakEstimate, grown one request or group at a time (ties in tokens left included), against
+    _peak_tokens_of over the whole set sorted anew."""
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+        n = int(rng.integers(0, 40))
+        held, left = rng.integers(0, 300, n), rng.integers(0, 20 if trial % 2 else 500, n)
+        peak = _PeakEstimate(held, left)
+        assert peak.tokens() == _peak_tokens_of(held, left) and peak.count == n
+        for _ in range(int(rng.integers(1, 6))):
+            k = int(rng.integers(1, 4))
+            more_held, more_left = rng.integers(0, 300, k), rng.integers(0, 20 if trial % 2 else 500, k)
+            peak.add(more_held, more_left)
+            held, left = np.concatenate([held, more_held]), np.concatenate([left, more_left])
+            assert peak.tokens() == _peak_tokens_of(held, left) and peak.count == len(held)
