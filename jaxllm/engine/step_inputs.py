@@ -174,12 +174,20 @@ class StepInputBuilder:
         if shape.decode_only and batch.chunks:
             return self._build_decode(batch, shape, table_rows, last_base)
         kv = self.host_kv
-        tokens, src, positions, token_row, write_slots, targets, image_rows = [], [], [], [], [], [], []
-        kv_rows, context, q_start, q_lens, logits_index, rope = [], [], [], [], [], []
-        offsets: list[int] = []
+        chunks = batch.chunks
+        real_rows = len(chunks)
+        # Only the ids and slots come as Python lists (each chunk's n tokens: its known ids, then the device's one
+        # where its last position is still there); the other per-token arrays are filled from each chunk's
+        # (start, length) in a few array operations (a prefill of 64 × 128 tokens: 2.4 ms of lists before).
+        tokens: list[int] = []
+        write_slots: list[int] = []
+        on_device: list[tuple[int, int]] = []  # (packed index, row of the last-token array)
+        targets_of: list[tuple[int, list[int]]] = []  # (packed index of the chunk, its next prompt ids)
+        images_of: list[tuple[int, np.ndarray]] = []  # (packed index of the chunk, its image rows)
+        rope, offsets, logits_index = [], [], []
         rows: dict[str, int] = {}
         last_token: dict[int, int] = {}  # id(request) → packed index of its chunk's last token
-        for i, chunk in enumerate(batch.chunks):
+        for i, chunk in enumerate(chunks):
             req: Request = chunk.request
             start, n = chunk.start, chunk.num_tokens
             stop = start + n
@@ -187,62 +195,68 @@ class StepInputBuilder:
             offsets.append(q)
             last_token[id(req)] = q + n - 1
             known = req.num_known
-            ids = self._model_ids(req, req.token_ids(start, min(stop, known)))
-            tokens += ids
-            rows_of_images = req.image_rows(start, stop) if req.images else None
-            image_rows += [-1] * n if rows_of_images is None else rows_of_images.tolist()
-            src += [-1] * len(ids)
+            tokens += self._model_ids(req, req.token_ids(start, min(stop, known)))
+            if req.images:
+                rows_of_images = req.image_rows(start, stop)
+                if rows_of_images is not None:
+                    images_of.append((q, rows_of_images))
             # The one token sampled by the previous step, still on the device (looking ahead, the one before it
             # may not be read yet either: its position's KV is computed, so only the last token is an input).
             if stop > known:
                 if stop - max(start, known) != 1 or req.request_id not in self._last_rows:
                     raise RuntimeError(f"request {req.request_id}: position {known} is neither on host nor device")
+                on_device.append((len(tokens), self._last_rows[req.request_id]))
                 tokens.append(0)
-                src.append(self._last_rows[req.request_id])
-            positions += range(start, stop)
             if self.rope is not None:
                 rope.append(self._rope_positions(req, start, stop))
-            token_row += [i] * n
             write_slots += req.slots[start:stop]
             if chunk.prompt_logprobs:
-                nxt = self._model_ids(req, req.prompt_ids[start + 1 : stop + 1])
-                targets += nxt + [0] * (n - len(nxt))
-            else:
-                targets += [0] * n
-            kv_rows.append(req.kv_row)
-            context.append(stop)
-            q_start.append(q)
-            q_lens.append(n)
+                targets_of.append((q, self._model_ids(req, req.prompt_ids[start + 1 : stop + 1])))
             logits_index.append(last_token[id(chunk.logits_from)] if chunk.logits_from is not None else q + n - 1)
             if chunk.samples:
                 rows[req.request_id] = last_base + i
-        real_tokens, real_rows = len(tokens), len(batch.chunks)
+        real_tokens = len(tokens)
         pad_tokens, pad_rows = shape.tokens - real_tokens, shape.rows - real_rows
         if pad_tokens < 0 or pad_rows < 0 or (pad_tokens and not pad_rows):
             raise ValueError(f"batch of {real_tokens} tokens, {real_rows} rows does not fit {shape}")
+        lens = np.fromiter((c.num_tokens for c in chunks), np.int32, real_rows)
+        starts = np.fromiter((c.start for c in chunks), np.int32, real_rows)
+        q_start = np.asarray(offsets, np.int32)
+        ids = np.zeros(shape.tokens, np.int32)
+        ids[:real_tokens] = tokens
+        src = np.full(shape.tokens, -1, np.int32)
+        for index, row in on_device:
+            src[index] = row
+        positions = np.zeros(shape.tokens, np.int32)
+        positions[:real_tokens] = np.arange(real_tokens, dtype=np.int32) + np.repeat(starts - q_start, lens)
         # Padding token j belongs to padding row min(j, pad_rows - 1).
-        pad_owner = [real_rows + min(j, pad_rows - 1) for j in range(pad_tokens)]
-        tokens += [0] * pad_tokens
-        src += [-1] * pad_tokens
-        positions += [0] * pad_tokens
-        token_row += pad_owner
-        write_slots += [kv.scratch_slot] * pad_tokens
-        targets += [0] * pad_tokens
-        image_rows += [-1] * pad_tokens
+        token_row = np.concatenate((np.repeat(np.arange(real_rows, dtype=np.int32), lens),
+                                    real_rows + np.minimum(np.arange(pad_tokens, dtype=np.int32), pad_rows - 1)))
+        slots = np.full(shape.tokens, kv.scratch_slot, np.int32)
+        slots[:real_tokens] = write_slots
+        targets = np.zeros(shape.tokens, np.int32)
+        for q, nxt in targets_of:
+            targets[q : q + len(nxt)] = nxt
+        image_rows = np.full(shape.tokens, -1, np.int32)
+        for q, image in images_of:
+            image_rows[q : q + len(image)] = image
+        kv_rows = [c.request.kv_row for c in chunks]
+        context = (starts + lens).tolist()
+        q_starts, q_lens = q_start.tolist(), lens.tolist()
         for r in range(pad_rows):
             first = real_tokens + r if r < pad_tokens else shape.tokens
             count = (1 if r < pad_rows - 1 else pad_tokens - r) if r < pad_tokens else 0
             kv_rows.append(kv.scratch_row)
             context.append(1)
-            q_start.append(first)
+            q_starts.append(first)
             q_lens.append(count)
             logits_index.append(min(first, shape.tokens - 1))
         i32 = functools.partial(np.asarray, dtype=np.int32)
         host = StepInputs(
-            tokens=i32(tokens), token_src=i32(src), positions=i32(positions), token_row=i32(token_row),
-            write_slots=i32(write_slots), target_ids=i32(targets), kv_rows=i32(kv_rows),
-            context_lens=i32(context), query_start=i32(q_start), query_lens=i32(q_lens),
-            logits_index=i32(logits_index), image_rows=i32(image_rows), last_base=i32([last_base]),
+            tokens=ids, token_src=src, positions=positions, token_row=token_row,
+            write_slots=slots, target_ids=targets, kv_rows=i32(kv_rows),
+            context_lens=i32(context), query_start=i32(q_starts), query_lens=i32(q_lens),
+            logits_index=i32(logits_index), image_rows=image_rows, last_base=i32([last_base]),
             sampling=self.row_values.sampling(table_rows, pad_rows, shape.bias),
             rope_positions=None if self.rope is None else np.concatenate(
                 rope + [np.zeros((3, pad_tokens), np.int32)], axis=1),
