@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 from kernels.pallas import quant_gemv, quant_matmul, reference, two_digit_matmul
 
-# (name, k, n) of Llama-3-8B's products: fused q/k/v, fused gate/up, down.
-SHAPES = (("qkv 4096×6144", 4096, 6144), ("gate_up 4096×28672", 4096, 28672), ("down 14336×4096", 14336, 4096))
+# (name, k, n) of Llama-3-8B's products: fused q/k/v, o, fused gate/up, down.
+SHAPES = (("qkv 4096×6144", 4096, 6144), ("o 4096×4096", 4096, 4096), ("gate_up 4096×28672", 4096, 28672),
+          ("down 14336×4096", 14336, 4096))
 ROWS = (1, 16, 64, 256, 2048)
 MEMORY_BOUND_ROWS = 64  # up to this many rows the table reports bytes/s
 
