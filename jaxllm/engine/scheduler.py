@@ -359,14 +359,11 @@ class Scheduler:
 def _peak_tokens_of(held: np.ndarray, left: np.ndarray) -> int:
     """Peak total KV if requests finish in order of remaining length: max_i (left_i × (i + 1) + Σ_{j≤i} held_j)
     over the requests (held[i], left[i], all [n] i64) sorted by tokens left, longest first."""
-    if len(held) == 0:
-        return 0
-    order = np.argsort(-left, kind="stable")
-    return int((left[order] * np.arange(1, len(order) + 1) + np.cumsum(held[order])).max())
+    return _PeakEstimate(held, left).tokens()
 
 
 class _PeakEstimate:
-    """_peak_tokens_of over a set of requests that grows while admission tries the queue's head (one or a group
+    """_peak_tokens_of's estimate over a set of requests that grows while admission tries the queue's head (one or a group
     at a time), kept sorted by tokens left, longest first, with each rank's term `left × rank + Σ held` kept too:
     adding a request inserts it at its rank and shifts the terms after it, O(n) in a few array operations where
     sorting anew each time took several times as long (admission rounds of 64 requests beside 512 running)."""

@@ -218,18 +218,29 @@ def test_thousands_of_random_requests_finish_without_leaking():
     assert sched.kv.num_free == 600
 
 
-def test_the_growing_peak_estimate_equals_the_sort_each_time():
-    """Admission's _PeakEstimate, grown one request or group at a time (ties in tokens left included), against
-    _peak_tokens_of over the whole set sorted anew."""
+def _peak_by_hand(held, left) -> int:
+    """LightLLM's peak, written out: requests by tokens left, longest first; at each rank the tokens held by
+    those so far plus the longest one's remaining tokens times the rank."""
+    ranked = sorted(zip(left.tolist(), held.tolist()), key=lambda p: -p[0])
+    total, best = 0, 0
+    for rank, (l, h) in enumerate(ranked, start=1):
+        total += h
+        best = max(best, l * rank + total)
+    return best
+
+
+def test_the_growing_peak_estimate_equals_the_estimate_written_out():
+    """Admission's _PeakEstimate, grown one request or group at a time (ties in tokens left included), and
+    _peak_tokens_of over the whole set, against the estimate computed by hand."""
     rng = np.random.default_rng(3)
     for trial in range(50):
         n = int(rng.integers(0, 40))
         held, left = rng.integers(0, 300, n), rng.integers(0, 20 if trial % 2 else 500, n)
         peak = _PeakEstimate(held, left)
-        assert peak.tokens() == _peak_tokens_of(held, left) and peak.count == n
+        assert peak.tokens() == _peak_tokens_of(held, left) == _peak_by_hand(held, left) and peak.count == n
         for _ in range(int(rng.integers(1, 6))):
             k = int(rng.integers(1, 4))
             more_held, more_left = rng.integers(0, 300, k), rng.integers(0, 20 if trial % 2 else 500, k)
             peak.add(more_held, more_left)
             held, left = np.concatenate([held, more_held]), np.concatenate([left, more_left])
-            assert peak.tokens() == _peak_tokens_of(held, left) and peak.count == len(held)
+            assert peak.tokens() == _peak_by_hand(held, left) and peak.count == len(held)
