@@ -225,8 +225,9 @@ def _dequant4(x, p, s, z):
 def _describe(launch) -> str:
     if launch is None:
         return ""
-    return (f" n{launch.block_n} k{launch.block_k} w{launch.num_warps}/{launch.num_stages} p{launch.target_programs}"
-            f" {launch.dequant}")
+    rows = f" m{launch.block_m}" if getattr(launch, "block_m", None) else ""
+    return (f"{rows} n{launch.block_n} k{launch.block_k} w{launch.num_warps}/{launch.num_stages}"
+            f" p{launch.target_programs} {launch.dequant}")
 
 
 def _mode(launch) -> str:
@@ -240,15 +241,19 @@ def _resolve(launch, default):
 
 
 def parse_launches(text: str, kind=quant_matmul.Launch) -> list:
-    """"block_n/block_k/warps/stages/target_programs[:dequant],..." → `kind` list; "auto" or "": None (the
-    kernels' own choice); "auto:magic": the string "magic" (the kernel's own sizes with that conversion)."""
+    """"block_n/block_k/warps/stages/target_programs[/block_m][:dequant],..." → `kind` list; "auto" or "": None
+    (the kernels' own choice); "auto:magic": the string "magic" (the kernel's own sizes with that conversion)."""
     out = []
     for item in filter(None, text.split(",")):
         sizes, _, dequant = item.partition(":")
         if sizes == "auto":
             out.append(dequant or None)
-        else:
-            out.append(kind(*[int(v) for v in sizes.split("/")], **({"dequant": dequant} if dequant else {})))
+            continue
+        values = [int(v) for v in sizes.split("/")]
+        options = {"dequant": dequant} if dequant else {}
+        if len(values) > 5:  # (block_m follows dequant among the fields)
+            options["block_m"] = values.pop(5)
+        out.append(kind(*values, **options))
     return out or [None]
 
 

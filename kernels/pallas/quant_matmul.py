@@ -48,6 +48,7 @@ class Launch:
     num_stages: int = 3
     target_programs: int = 264  # two per multiprocessor of an H100 / H200
     dequant: str = "cast"  # "cast", "magic" (int4 also "magicops", int8 "f16"): see the module docstring
+    block_m: int | None = None  # rows per program (None: the rows rounded up to a power of two, at most 128)
 
 
 SMALL = Launch()  # decode-sized row counts: memory-bound, split the inputs
@@ -66,8 +67,8 @@ def _dequant(launch: Launch, modes, x_dtype) -> str:
     return "cast" if jnp.dtype(x_dtype) == jnp.float32 else launch.dequant
 
 
-def _block_m(m: int) -> int:
-    return min(128, max(MIN_DOT, 1 << (m - 1).bit_length()))
+def _block_m(m: int, limit: int | None = None) -> int:
+    return min(limit or 128, max(MIN_DOT, 1 << (m - 1).bit_length()))
 
 
 def _largest_block(size: int, limit: int, floor: int = MIN_DOT) -> int | None:
@@ -88,7 +89,7 @@ def supports(k: int, n: int, group: int | None = None, int8_inputs: bool = False
 
 def _plan(m: int, k: int, n: int, launch: Launch, block_k_limit: int, k_floor: int = MIN_DOT):
     """Row block, column block, input block and number of input splits for an [m, k] × [k, n] product."""
-    block_m = _block_m(m)
+    block_m = _block_m(m, launch.block_m)
     block_n = _largest_block(n, launch.block_n)
     block_k = _largest_block(k, min(launch.block_k, block_k_limit), k_floor)
     if block_n is None or block_k is None:

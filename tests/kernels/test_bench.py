@@ -59,3 +59,24 @@ def test_split_k_products_equal_the_plain_ones():
         (split8,), (scale8,) = bench_quant.split_k_weights(weights, f"f8k{parts}")
         got = bench_quant._fp8_dot(x, split8, scale8, split=True)
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32), rtol=2e-2, atol=1e-3)
+
+
+def test_quant_launches_may_name_the_rows_per_program():
+    """A sixth size is the int8 × int8 / weight-only kernels' rows per program (block_m), which the default
+    rounds from the row count; the product is the same with it."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels.pallas import bench_quant, quant_matmul, reference
+
+    launch, = bench_quant.parse_launches("128/128/4/3/264/64")
+    assert (launch.block_n, launch.block_k, launch.num_warps, launch.num_stages, launch.target_programs,
+            launch.block_m) == (128, 128, 4, 3, 264, 64)
+    assert bench_quant.parse_launches("64/128/4/3/1:magic")[0].block_m is None
+    x = jax.random.normal(jax.random.key(0), (256, 256), jnp.bfloat16)
+    w = jax.random.randint(jax.random.key(1), (256, 256), -127, 128, jnp.int8)
+    scale = jax.random.uniform(jax.random.key(2), (256,), jnp.float32, 1e-3, 1e-2)
+    xq, xs = reference.quantize_rows_int8(x)
+    want = reference.int8_int8_matmul(xq, xs, w, scale, jnp.float32)
+    got = quant_matmul.int8_int8_matmul(xq, xs, w, scale, out_dtype=jnp.float32, launch=launch, interpret=True)
+    assert jnp.allclose(got, want, rtol=1e-5, atol=1e-5)
