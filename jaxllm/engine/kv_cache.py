@@ -6,6 +6,8 @@ request→token tables that the jitted steps update in place.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,16 +156,7 @@ class KVCache:
 
     def _free_page_starts(self, n: int) -> list[int]:
         """The first slots of up to n wholly free pages (not taken yet)."""
-        starts: list[int] = []
-        seen = set()  # (the stack may hold a page twice)
-        while len(starts) < n:
-            page = self._pop_free_page()
-            if page is None:
-                break
-            if page not in seen:
-                seen.add(page)
-                starts.append(page * self.page_size)
-        return starts
+        return [page * self.page_size for page in itertools.islice(self._popped_free_pages(), n)]
 
     def release(self, req: Request, *, cache: bool = True) -> None:
         """Let go of `req`'s private slots (freed unless another request of its group still holds them) and its
@@ -348,20 +341,27 @@ class KVCache:
     def _take_pages(self, n: int) -> list[int]:
         """Up to n slots from the front of wholly free pages (one page after another, as the free-page stack
         gives them: the last one partly)."""
-        pages, room = {}, 0  # (the stack may hold a page twice: it is still free when met again here)
-        while room < n:
-            page = self._pop_free_page()
-            if page is None:
+        pages, room = [], 0
+        for page in self._popped_free_pages():
+            pages.append(page)
+            room += int(self._page_size_of[page])
+            if room >= n:
                 break
-            if page not in pages:
-                pages[page] = None
-                room += int(self._page_size_of[page])
         if not pages:
             return []
         slots = (np.fromiter(pages, np.int64, len(pages))[:, None] * self.page_size + np.arange(self.page_size)).ravel()
         slots = slots[slots < self.num_slots][:n]
         self._take(slots)
         return slots.tolist()
+
+    def _popped_free_pages(self):
+        """Wholly free pages popped off the free-page stack as they are asked for, each once (the stack may hold a
+        page twice: it is still free when met again before its slots are taken)."""
+        seen = set()
+        while (page := self._pop_free_page()) is not None:
+            if page not in seen:
+                seen.add(page)
+                yield page
 
     def _pop_free_page(self) -> int | None:
         while self._free_pages:
