@@ -6,8 +6,9 @@ memory and are dequantised in registers, block by block:
 - `int4_matmul`: unsigned int4 weights packed 8 per int32 along the input (GPTQ's order), scale and zero
   point per group of inputs (w4a16).
 - `int8_int8_matmul`: int8 activations (one scale per row) × int8 weights [n, k], int32 accumulation on
-  the integer tensor cores, both scales applied in the epilogue (w8a8). XLA's int8 GEMM measured faster on
-  the H200 (docs/perf.md), so the model uses that; this kernel stays for the side-by-side.
+  the integer tensor cores, both scales applied in the epilogue (w8a8). With `int8_int8_launch`'s blocks it
+  beat XLA's int8 GEMM (cuBLAS) on every Llama-3-8B product at 256 rows on the H200 (docs/perf.md, session 30);
+  `jaxllm/models/qdot.py` says at which row counts the model runs it.
 The definitions are in `reference.py`. A program owns (row block, column block, input split); with more than
 one split (small m, where few column blocks would leave most multiprocessors idle) the float32 partial sums
 are added outside. The Triton lowering (not Mosaic GPU) because it runs in interpret mode on the CPU, which is
@@ -56,6 +57,15 @@ SMALL = Launch()  # decode-sized row counts: memory-bound, split the inputs
 # one row on the H200 (docs/perf.md, session 12); int8's "magic" measured no faster than the cast there.
 SMALL_INT4 = dataclasses.replace(SMALL, dequant="magic")
 LARGE = Launch(block_n=128, block_k=64, num_warps=8, num_stages=3, target_programs=1)
+# int8 x int8 above 64 rows, from the H200 sweep at 256 rows (docs/perf.md, session 30; LARGE took 1.4-3x these):
+# 128 x 128 blocks on 8 warps where the grid fills two programs a multiprocessor (gate_up: 66.3 µs against
+# cuBLAS's 83.2), the same splitting the inputs up to that many programs for a deep product (down, 14,336 inputs:
+# 41.2 against 60.7), and 64-row blocks on 4 warps, 4 stages otherwise (q/k/v: 23.3 against 28.5; o: 20.3 against
+# 20.1).
+INT8_WIDE = Launch(block_n=128, block_k=128, num_warps=8, num_stages=3, target_programs=1, block_m=128)
+INT8_DEEP = dataclasses.replace(INT8_WIDE, target_programs=264)
+INT8_NARROW = Launch(block_n=128, block_k=128, num_warps=4, num_stages=4, target_programs=1, block_m=64)
+DEEP_STEPS = 64  # block_k steps over the inputs from which splitting them pays (down: 112; the others: 32)
 
 
 INT8_MODES, INT4_MODES = ("cast", "magic", "f16"), ("cast", "magic", "magicops")
@@ -237,6 +247,16 @@ def pick_launch(m: int, int4: bool = False) -> Launch:
     return SMALL_INT4 if int4 else SMALL
 
 
+def int8_int8_launch(m: int, k: int, n: int) -> Launch:
+    """The int8 x int8 kernel's launch for an [m, k] × [k, n] product (see INT8_WIDE)."""
+    if m <= 64:
+        return pick_launch(m)
+    programs = -(-m // INT8_WIDE.block_m) * (n // (_largest_block(n, INT8_WIDE.block_n) or MIN_DOT))
+    if programs >= INT8_DEEP.target_programs:  # two a multiprocessor without splitting
+        return INT8_WIDE
+    return INT8_DEEP if k // INT8_WIDE.block_k >= DEEP_STEPS else INT8_NARROW
+
+
 @functools.partial(jax.jit, static_argnames=("launch", "interpret"))
 def int8_matmul(x, w, scale, *, launch: Launch | None = None, interpret: bool = False):
     """x [m, k] (16-bit or float32) @ (int8 w [n, k] * float32 scale [n])ᵀ → [m, n] in x's dtype."""
@@ -286,7 +306,7 @@ def int4_matmul(x, packed, scale, zero, *, launch: Launch | None = None, interpr
 def int8_int8_matmul(x_q, x_scale, w, w_scale, *, out_dtype, launch: Launch | None = None, interpret=False):
     """int8 x [m, k] with scale [m] @ int8 w [n, k]ᵀ with scale [n] → [m, n] in `out_dtype`."""
     (m, k), n = x_q.shape, w.shape[0]
-    launch = launch or pick_launch(m)
+    launch = launch or int8_int8_launch(m, k, n)
     block_m, block_n, block_k, splits = _plan(m, k, n, launch, max(32, launch.block_k), k_floor=32)
     steps = k // block_k // splits
     m_pad = -(-m // block_m) * block_m

@@ -79,6 +79,35 @@ def test_int8_int8_matmul(rng, m, k, n, launch):
     assert rel_err(out, ref) < 1e-2
 
 
+def test_int8_int8_launch_follows_the_products_shape():
+    """Above 64 rows: 128-row blocks where they alone give two programs a multiprocessor, the same splitting the
+    inputs for a deep product, 64-row blocks otherwise (Llama-3-8B's products at 256 rows, docs/perf.md)."""
+    launch = quant_matmul.int8_int8_launch
+    assert launch(256, 4096, 28672) == quant_matmul.INT8_WIDE  # gate_up
+    assert launch(256, 14336, 4096) == quant_matmul.INT8_DEEP  # down
+    assert launch(256, 4096, 6144) == launch(256, 4096, 4096) == quant_matmul.INT8_NARROW  # q/k/v, o
+    assert launch(2048, 4096, 4096) == quant_matmul.INT8_WIDE
+    assert launch(64, 4096, 4096) == quant_matmul.pick_launch(64)
+    m, k, n = 256, 14336, 4096
+    *_, splits = quant_matmul._plan(m, k, n, quant_matmul.INT8_DEEP, 128, k_floor=32)
+    assert splits == 4  # 64 programs → 256
+
+
+@pytest.mark.parametrize("m,k,n,launch", [(130, 256, 256, "INT8_WIDE"), (70, 512, 128, "INT8_DEEP"),
+                                          (129, 256, 192, "INT8_NARROW")])
+def test_int8_int8_matmul_launches_above_64_rows(rng, m, k, n, launch):
+    """int8_int8_launch's blocks (128-row, 64-row; split inputs) on row counts that leave a block part empty."""
+    launch = dataclasses.replace(getattr(quant_matmul, launch), target_programs=8)  # DEEP splits at these sizes
+    x, w = _inputs(rng, m, k, n, jnp.bfloat16)
+    q = quant.quantize_int8(w)
+    x_q, x_scale = reference.quantize_rows_int8(x)
+    out = quant_matmul.int8_int8_matmul(x_q, x_scale, q.data, q.scale, out_dtype=jnp.bfloat16, launch=launch,
+                                        interpret=INTERPRET)
+    ref = reference.int8_int8_matmul(x_q, x_scale, q.data, q.scale, jnp.float32)
+    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_int4_packing_round_trips(rng):
     """pack_int4 / unpack_int4 are inverse; dequantised weights are within half a step of the originals."""
     q = jnp.asarray(rng.integers(0, 16, (64, 24)), jnp.int32)

@@ -168,9 +168,10 @@ def _x(rows: int, k: int = 512):
     return jnp.asarray(_rng().standard_normal((rows, k)), jnp.bfloat16)
 
 
-def _int8_int8():
+def _int8_int8(launch=None):
     x_q, x_scale = _int8_weight(n=128)  # int8 rows of x with a scale each
-    return (lambda *a: quant_matmul.int8_int8_matmul(*a, out_dtype=jnp.bfloat16), (x_q, x_scale, *_int8_weight()))
+    return (lambda *a: quant_matmul.int8_int8_matmul(*a, out_dtype=jnp.bfloat16, launch=launch),
+            (x_q, x_scale, *_int8_weight()))
 
 
 CASES = {
@@ -200,6 +201,8 @@ CASES = {
     "int8_matmul": lambda: (quant_matmul.int8_matmul, (_x(2), *_int8_weight())),
     "int4_matmul": lambda: (quant_matmul.int4_matmul, (_x(48), *_int4_weight())),
     "int8_int8_matmul": _int8_int8,
+    **{f"int8_int8_matmul-{name}": functools.partial(_int8_int8, getattr(quant_matmul, name))
+       for name in ("INT8_WIDE", "INT8_DEEP")},  # (128 rows' own launch: INT8_NARROW)
     "int8_gemv": lambda: (quant_gemv.int8_gemv, (_x(1), *_int8_weight())),
     "int8_gemv-normed": lambda: (lambda x, w, s, g: quant_gemv.int8_gemv(x, w, s, g, 1e-5),
                                  (_x(1), *_int8_weight(), jnp.ones((512,), jnp.float32))),
