@@ -10,9 +10,7 @@ dequantised weights otherwise (larger row counts, the CPU, and `--tp` > 1, where
 product like its 16-bit twin's, without gathering a weight: the kernels under shard_map are not built yet);
 w8a8 and fp8 run XLA's int8 / fp8 GEMMs on per-token quantised activations (a norm handed over unapplied folds
 into the quantisation: x ⊙ weight is quantised and 1/rms joins the row's scale; on a single GPU the quantisation,
-with that norm or a gated MLP's silu(gate) · up, is one Pallas kernel a row: `kernels/pallas/row_quant.py`), w8a8
-on a single GPU at the row counts W8A8_KERNEL_ROWS names our int8 × int8 kernel instead
-(`quant_matmul.int8_int8_matmul`, both scales in its epilogue).
+with that norm or a gated MLP's silu(gate) · up, is one Pallas kernel a row: `kernels/pallas/row_quant.py`).
 """
 
 from __future__ import annotations
@@ -55,8 +53,8 @@ def dot(x, w):
 # session 16; more rows not measured yet), our int8 tensor-core kernel up to W8_KERNEL_MAX_ROWS rows (3.1 TB/s at
 # one row, against 2.2 for XLA's dot with the int8 → bf16 convert fused into it) and XLA's fused dot above (faster
 # from 8 rows on); w4a16 runs the matrix-vector kernel up to quant_gemv.MAX_ROWS rows, our int4 tensor-core kernel
-# up to KERNEL_MAX_ROWS and XLA's dot of dequantised weights above. fp8 takes XLA's fp8 GEMM on [out, in] weights,
-# w8a8 XLA's int8 GEMM outside W8A8_KERNEL_ROWS.
+# up to KERNEL_MAX_ROWS and XLA's dot of dequantised weights above. w8a8 and fp8 always take XLA's integer / fp8
+# GEMMs on [out, in] weights, which measured faster than our int8 × int8 kernel at every row count.
 # The fp8 GEMM's output before the scales: bf16 (half the bytes the GEMM writes and its consumer reads; one more
 # rounding, of about the output's own). H200, batch 256 (docs/perf.md, session 24): the products 10-27 % faster
 # than with a float32 output, the 32-layer step 7.21 against 7.33 ms (7.36 against 7.42 on another machine).
@@ -73,10 +71,6 @@ W8_GEMV_MAX_ROWS = 0
 W4_GEMV_FOLDS_NORM = False
 W8_KERNEL_MAX_ROWS = 4
 KERNEL_MAX_ROWS = 64
-# The row counts at which w8a8 runs our int8 × int8 kernel, not XLA's int8 GEMM (cuBLAS). H200, 256 rows, the
-# products with the activations' quantisation (docs/perf.md, session 30): q/k/v 23.3 against 28.5 µs, o 20.3 against
-# 20.1, gate_up 66.3 against 83.2, down 41.2 against 60.7 (quant_matmul.int8_int8_launch's blocks).
-W8A8_KERNEL_ROWS = range(65, 513)
 # The two digits (and a norm before them) from one Pallas kernel a row instead of XLA's reductions and
 # concatenation, up to this many rows. Off: on the H200 the product alone was faster with it, the engine's one-row
 # step 0.29 ms slower (docs/perf.md, session 20).
@@ -171,12 +165,6 @@ def _per_token(w) -> bool:
     return isinstance(w, Fp8Weight) or (isinstance(w, Int8Weight) and w.int8_activations)
 
 
-def _takes_int8_int8_kernel(w, m: int, k: int, n: int) -> bool:
-    """Whether x [m, k] @ w [k, n] (w8a8) runs our int8 × int8 kernel."""
-    return (isinstance(w, Int8Weight) and w.int8_activations and m in W8A8_KERNEL_ROWS and kernels_enabled()
-            and quant_matmul.supports(k, n, int8_inputs=True))
-
-
 def _quantized_rows(x, w):
     """x [m, k] (or the rows of NormedRows / GatedRows) quantised per token for w's scheme: (int8 or e4m3 [m, k],
     float32 scale [m]). On a single GPU one Pallas kernel a row (kernels/pallas/row_quant.py: XLA takes two to
@@ -213,10 +201,6 @@ def _xla_matmul(x, w, k: int, out_shape: tuple[int, ...]):
     per_row = (x.shape[0],) + (1,) * (data.ndim - 1)  # a per-row scale's broadcast shape
     if _per_token(w):
         x_q, x_scale = _quantized_rows(x, w)
-        if _takes_int8_int8_kernel(w, x.shape[0], k, math.prod(out_shape)):
-            out = quant_matmul.int8_int8_matmul(x_q, x_scale, w.data.reshape(-1, k), w.scale.reshape(-1),
-                                                out_dtype=x.dtype)
-            return out.reshape(x.shape[0], *out_shape)
         out = _dot_out_major(x_q, data, FP8_PRODUCT_DTYPE if isinstance(w, Fp8Weight) else jnp.int32)
         out = out.astype(jnp.float32) * x_scale.reshape(per_row)
     else:

@@ -6,9 +6,9 @@ memory and are dequantised in registers, block by block:
 - `int4_matmul`: unsigned int4 weights packed 8 per int32 along the input (GPTQ's order), scale and zero
   point per group of inputs (w4a16).
 - `int8_int8_matmul`: int8 activations (one scale per row) × int8 weights [n, k], int32 accumulation on
-  the integer tensor cores, both scales applied in the epilogue (w8a8). With `int8_int8_launch`'s blocks it
-  beat XLA's int8 GEMM (cuBLAS) on every Llama-3-8B product at 256 rows on the H200 (docs/perf.md, session 30);
-  `jaxllm/models/qdot.py` says at which row counts the model runs it.
+  the integer tensor cores, both scales applied in the epilogue (w8a8). The model runs XLA's int8 GEMM
+  (cuBLAS): in the H200's batch-256 step of Llama-3-8B, with `int8_int8_launch`'s blocks, this kernel took
+  4.09 ms a step against cuBLAS's 3.74 (docs/perf.md, session 30); it stays for the side-by-side.
 The definitions are in `reference.py`. A program owns (row block, column block, input split); with more than
 one split (small m, where few column blocks would leave most multiprocessors idle) the float32 partial sums
 are added outside. The Triton lowering (not Mosaic GPU) because it runs in interpret mode on the CPU, which is
@@ -58,10 +58,9 @@ SMALL = Launch()  # decode-sized row counts: memory-bound, split the inputs
 SMALL_INT4 = dataclasses.replace(SMALL, dequant="magic")
 LARGE = Launch(block_n=128, block_k=64, num_warps=8, num_stages=3, target_programs=1)
 # int8 x int8 above 64 rows, from the H200 sweep at 256 rows (docs/perf.md, session 30; LARGE took 1.4-3x these):
-# 128 x 128 blocks on 8 warps where the grid fills two programs a multiprocessor (gate_up: 66.3 µs against
-# cuBLAS's 83.2), the same splitting the inputs up to that many programs for a deep product (down, 14,336 inputs:
-# 41.2 against 60.7), and 64-row blocks on 4 warps, 4 stages otherwise (q/k/v: 23.3 against 28.5; o: 20.3 against
-# 20.1).
+# 128 x 128 blocks on 8 warps where the grid fills two programs a multiprocessor (gate_up: 66.3 µs against LARGE's
+# 93.2), the same splitting the inputs up to that many programs for a deep product (down, 14,336 inputs: 41.2
+# against 124.1), and 64-row blocks on 4 warps, 4 stages otherwise (q/k/v: 23.3 against 41.6; o: 20.3 against 40.2).
 INT8_WIDE = Launch(block_n=128, block_k=128, num_warps=8, num_stages=3, target_programs=1, block_m=128)
 INT8_DEEP = dataclasses.replace(INT8_WIDE, target_programs=264)
 INT8_NARROW = Launch(block_n=128, block_k=128, num_warps=4, num_stages=4, target_programs=1, block_m=64)

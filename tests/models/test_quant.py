@@ -183,42 +183,6 @@ def test_per_token_schemes_fold_a_norm_into_the_row_scale(quantize, monkeypatch)
     assert np.abs(folded - exact).max() < 0.1 * np.abs(exact).max()
 
 
-def test_w8a8_on_a_gpu_takes_the_int8_int8_kernel_at_its_row_counts(monkeypatch):
-    """On one GPU, w8a8 rows in W8A8_KERNEL_ROWS run our int8 × int8 kernel (interpret mode here) on the rows'
-    per-token quantisation, plain or with a norm folded in, through the reshapes of weights with two input or two
-    output axes; the values are XLA's int8 GEMM's to within the output's rounding. Other row counts keep XLA's."""
-    from jaxllm.models.normed import NormedRows
-    from kernels.pallas import quant_matmul
-
-    rng = np.random.default_rng(13)
-    o_like = quant.quantize_int8(jnp.asarray(rng.standard_normal((4, 32, 96)) * 0.1, jnp.float32), 2,
-                                 int8_activations=True)
-    up_like = quant.quantize_int8(jnp.asarray(rng.standard_normal((128, 2, 64)) * 0.1, jnp.float32),
-                                  int8_activations=True)
-    x_o = jnp.asarray(rng.standard_normal((70, 4, 32)), jnp.bfloat16)
-    rows = NormedRows(jnp.asarray(rng.standard_normal((70, 128)) * 3, jnp.bfloat16),
-                      jnp.asarray(rng.uniform(0.5, 1.5, 128), jnp.float32), 1e-5, jnp.bfloat16)
-    xla = [np.asarray(qdot.dot(x, w), np.float32) for x, w in ((x_o, o_like), (rows, up_like))]
-    calls = []
-    kernel = quant_matmul.int8_int8_matmul
-
-    def recorded(x_q, x_scale, w, w_scale, *, out_dtype):
-        calls.append((x_q.shape, w.shape))
-        return kernel(x_q, x_scale, w, w_scale, out_dtype=out_dtype, interpret=True)
-
-    monkeypatch.setattr(quant_matmul, "int8_int8_matmul", recorded)
-    monkeypatch.setattr(qdot, "kernels_enabled", lambda: True)
-    assert 70 in qdot.W8A8_KERNEL_ROWS
-    for (x, w), want in zip(((x_o, o_like), (rows, up_like)), xla):
-        got = qdot.dot(x, w)
-        assert got.shape == want.shape and got.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2**-7, atol=2**-7 * np.abs(want).max())
-    assert calls == [((70, 128), (96, 128)), ((70, 128), (128, 128))]
-    monkeypatch.setattr(qdot, "W8A8_KERNEL_ROWS", range(0))
-    qdot.dot(rows, up_like)
-    assert len(calls) == 2
-
-
 def test_fp8_product_in_bf16_stays_within_its_rounding(monkeypatch):
     """qdot.FP8_PRODUCT_DTYPE bf16 (the default: the GEMM writes bf16 before the scales): the float32 product's
     values, rounded once more to bf16."""
