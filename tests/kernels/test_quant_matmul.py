@@ -67,7 +67,16 @@ def test_int4_matmul(rng, m, k, n, group, dtype, launch):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("m,k,n,launch", [(1, 256, 64, SPLIT), (19, 128, 96, NO_SPLIT)])
+def _few_programs(launch):  # int8_int8_launch's blocks, splitting the inputs of the small products below too
+    return dataclasses.replace(launch, target_programs=8)
+
+
+@pytest.mark.parametrize("m,k,n,launch", [
+    (1, 256, 64, SPLIT), (19, 128, 96, NO_SPLIT),
+    # int8_int8_launch's (128-row, split, 64-row blocks) on row counts that leave a block part empty
+    (130, 256, 256, _few_programs(quant_matmul.INT8_WIDE)), (70, 512, 128, _few_programs(quant_matmul.INT8_DEEP)),
+    (129, 256, 192, _few_programs(quant_matmul.INT8_NARROW)),
+])
 def test_int8_int8_matmul(rng, m, k, n, launch):
     x, w = _inputs(rng, m, k, n, jnp.bfloat16)
     q = quant.quantize_int8(w)
@@ -91,21 +100,6 @@ def test_int8_int8_launch_follows_the_products_shape():
     m, k, n = 256, 14336, 4096
     *_, splits = quant_matmul._plan(m, k, n, quant_matmul.INT8_DEEP, 128, k_floor=32)
     assert splits == 4  # 64 programs → 256
-
-
-@pytest.mark.parametrize("m,k,n,launch", [(130, 256, 256, "INT8_WIDE"), (70, 512, 128, "INT8_DEEP"),
-                                          (129, 256, 192, "INT8_NARROW")])
-def test_int8_int8_matmul_launches_above_64_rows(rng, m, k, n, launch):
-    """int8_int8_launch's blocks (128-row, 64-row; split inputs) on row counts that leave a block part empty."""
-    launch = dataclasses.replace(getattr(quant_matmul, launch), target_programs=8)  # DEEP splits at these sizes
-    x, w = _inputs(rng, m, k, n, jnp.bfloat16)
-    q = quant.quantize_int8(w)
-    x_q, x_scale = reference.quantize_rows_int8(x)
-    out = quant_matmul.int8_int8_matmul(x_q, x_scale, q.data, q.scale, out_dtype=jnp.bfloat16, launch=launch,
-                                        interpret=INTERPRET)
-    ref = reference.int8_int8_matmul(x_q, x_scale, q.data, q.scale, jnp.float32)
-    assert out.shape == (m, n) and out.dtype == jnp.bfloat16
-    assert rel_err(out, ref) < 1e-2
 
 
 def test_int4_packing_round_trips(rng):
